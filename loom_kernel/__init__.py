@@ -1,0 +1,38 @@
+"""The Loom kernel: hook specifications, plugin manager, model manager and REST API."""
+
+from loom_kernel.errors import LoomError
+from loom_kernel.hookspecs import hookimpl
+from loom_kernel.types import (
+    Batch,
+    Capture,
+    ForwardOutput,
+    GenerationParams,
+    LayerSel,
+    LoadedModel,
+    LoadOptions,
+    ModelRef,
+    ProbeResult,
+    QuantizationPlan,
+    SequenceOutput,
+    Transport,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Capture",
+    "ForwardOutput",
+    "GenerationParams",
+    "LayerSel",
+    "LoadOptions",
+    "LoadedModel",
+    "LoomError",
+    "ModelRef",
+    "ProbeResult",
+    "QuantizationPlan",
+    "SequenceOutput",
+    "Transport",
+    "__version__",
+    "hookimpl",
+]

@@ -1,0 +1,177 @@
+"""Layer and position resolution, and the hook-based state recorder shared by loaders.
+
+Index space is transformers' ``output_hidden_states``: 0 is the embedding output, i the output of block i,
+N the output of the last block as the base model returns it (after the final norm where there is one).
+Negative indices count from the end, so -1 is N and -(N+1) is 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from loom_kernel.errors import InvalidField
+from loom_kernel.types import Capture, LayerSel, PositionSpec
+
+POSITION_NAMES = ("last", "all", "prompt", "generated")
+
+
+def resolve_layers(
+    spec: str | int | Sequence[int | str] | None, num_layers: int, field: str = "hidden_state_layers"
+) -> tuple[LayerSel, ...]:
+    """Map what the user asked for to ``LayerSel``s; keys echo the user's spelling."""
+    n = num_layers
+    allowed = f'integers from {-(n + 1)} to {n}, or "all"'
+    if spec is None:
+        spec = [-1]
+    if isinstance(spec, str):
+        if spec == "all":
+            return tuple(LayerSel(key=str(k), index=n + 1 + k) for k in range(-n, 0))
+        spec = [spec]
+    elif isinstance(spec, int):
+        spec = [spec]
+    out: dict[str, LayerSel] = {}
+    for raw in spec:
+        try:
+            k = int(raw)
+        except (TypeError, ValueError):
+            raise InvalidField(
+                f"{field}: {raw!r} is not a layer index", field=field, allowed=allowed
+            ) from None
+        if isinstance(raw, bool) or not -(n + 1) <= k <= n:
+            raise InvalidField(
+                f"{field}: layer {raw} is out of range for a model with {n} layers",
+                field=field,
+                allowed=allowed,
+            )
+        key = str(raw)
+        out.setdefault(key, LayerSel(key=key, index=k if k >= 0 else n + 1 + k))
+    return tuple(out.values())
+
+
+def check_positions(spec: Any, field: str = "positions") -> PositionSpec:
+    if isinstance(spec, str) and spec in POSITION_NAMES:
+        return spec  # type: ignore[return-value]
+    if isinstance(spec, list) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        return list(spec)
+    raise InvalidField(
+        f"{field}: {spec!r} is not a position spec",
+        field=field,
+        allowed=[*POSITION_NAMES, "a non-empty list of token indices"],
+    )
+
+
+def resolve_positions(spec: PositionSpec, total: int, prompt_len: int, field: str = "positions") -> list[int]:
+    """Token indices of the final sequence (prompt + generated) that ``spec`` selects."""
+    if spec == "last":
+        return [total - 1]
+    if spec == "all":
+        return list(range(total))
+    if spec == "prompt":
+        return list(range(prompt_len))
+    if spec == "generated":
+        return list(range(prompt_len, total))
+    out = []
+    for i in spec:
+        j = i if i >= 0 else total + i
+        if not 0 <= j < total:
+            raise InvalidField(
+                f"{field}: token index {i} is out of range for a sequence of {total} tokens",
+                field=field,
+                allowed=f"integers from {-total} to {total - 1}",
+            )
+        out.append(j)
+    return out
+
+
+def make_capture(layers: Any, positions: Any, num_layers: int) -> Capture:
+    return Capture(layers=resolve_layers(layers, num_layers), positions=check_positions(positions))
+
+
+def find_blocks(model: Any, num_layers: int) -> tuple[Any, Any]:
+    """The base model and its ModuleList of ``num_layers`` transformer blocks (the shallowest such list)."""
+    import torch
+
+    base = getattr(model, "base_model", None) or model
+    best: tuple[int, Any] | None = None
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            depth = name.count(".")
+            if best is None or depth < best[0]:
+                best = (depth, module)
+    if best is None:
+        raise ValueError(f"no list of {num_layers} blocks found in {type(model).__name__}")
+    return base, best[1]
+
+
+def _hidden(value: Any) -> Any:
+    if hasattr(value, "last_hidden_state"):
+        return value.last_hidden_state
+    if isinstance(value, tuple | list):
+        return value[0]
+    return value
+
+
+class StateRecorder:
+    """Forward hooks on the requested indices only; each call's output rows are kept as the caller selects.
+
+    Before each forward the caller sets ``rows``: None keeps every row of that call, a list of offsets keeps
+    those (e.g. ``[-1]``). With ``replace=True`` a call's rows replace what was kept (cheap "last" capture).
+    ``taken()`` returns index -> tensor [B, kept, H] on CPU.
+    """
+
+    def __init__(self, base: Any, blocks: Sequence[Any], indices: Sequence[int], final: Any = None) -> None:
+        self.rows: list[int] | None = None
+        self.replace = False
+        self.enabled = True
+        self._kept: dict[int, list[Any]] = {i: [] for i in indices}
+        self._handles: list[Any] = []
+        n = len(blocks)
+        final = base if final is None else final
+        for i in indices:
+            if i == 0:
+                self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
+            elif i == n:
+                self._handles.append(final.register_forward_hook(self._hook(i)))
+            else:
+                self._handles.append(blocks[i - 1].register_forward_hook(self._hook(i)))
+
+    def _keep(self, index: int, tensor: Any) -> None:
+        if not self.enabled:
+            return
+        t = tensor.detach()
+        if self.rows is not None:
+            t = t[:, self.rows]
+        t = t.to("cpu", copy=True)
+        if self.replace:
+            self._kept[index] = [t]
+        else:
+            self._kept[index].append(t)
+
+    def _pre_hook(self, index: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            self._keep(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def _hook(self, index: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self._keep(index, _hidden(output))
+
+        return hook
+
+    def taken(self) -> dict[int, Any]:
+        import torch
+
+        return {i: torch.cat(chunks, dim=1) for i, chunks in self._kept.items() if chunks}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> StateRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

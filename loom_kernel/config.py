@@ -1,0 +1,170 @@
+"""Settings: defaults < config file (--config, LOOM_CONFIG, ~/.config/loom/config.yaml) < environment < CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from loom_kernel.errors import BadRequest
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    except Exception:  # a broken CUDA driver should not stop the server starting on CPU
+        return "cpu"
+
+
+@attrs.define
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    unix_socket: str = "/tmp/loom.sock"
+    transports: list[str] = attrs.field(factory=lambda: ["http"])
+    max_models: int = 3
+    auto_unload_minutes: float = 20.0
+    default_device: str = "auto"
+    memory_fraction: float = 0.9
+    default_dtype: str = "auto"
+    preload: list[str] = attrs.field(factory=list)
+    allowed_paths: list[str] | None = None
+    trust_remote_code: bool = False
+    aliases: dict[str, str] = attrs.field(factory=dict)
+    default_layers: list[int] = attrs.field(factory=lambda: [-1])
+    default_precision: str = "float32"
+    default_format: str = "list"
+    max_tokens_limit: int = 4096
+    log_level: str = "info"
+    hf_token: str | None = None
+    config_file: str | None = None
+
+    def device(self) -> str:
+        return default_device() if self.default_device == "auto" else self.default_device
+
+
+# config file section.key -> Settings attribute
+FILE_KEYS: dict[str, dict[str, str]] = {
+    "server": {
+        "host": "host",
+        "http_port": "port",
+        "port": "port",
+        "unix_socket": "unix_socket",
+        "transports": "transports",
+        "log_level": "log_level",
+    },
+    "gpu": {"default_device": "default_device", "memory_fraction": "memory_fraction", "devices": ""},
+    "models": {
+        "max_loaded": "max_models",
+        "auto_unload_minutes": "auto_unload_minutes",
+        "default_dtype": "default_dtype",
+        "preload": "preload",
+        "allowed_paths": "allowed_paths",
+        "trust_remote_code": "trust_remote_code",
+        "aliases": "aliases",
+        "max_tokens_limit": "max_tokens_limit",
+    },
+    "hidden_states": {
+        "default_layers": "default_layers",
+        "precision": "default_precision",
+        "default_format": "default_format",
+    },
+}
+
+ENV_KEYS: dict[str, str] = {
+    "LOOM_HOST": "host",
+    "LOOM_PORT": "port",
+    "LOOM_UNIX_SOCKET": "unix_socket",
+    "LOOM_TRANSPORT": "transports",
+    "LOOM_MAX_MODELS": "max_models",
+    "LOOM_AUTO_UNLOAD_MINUTES": "auto_unload_minutes",
+    "LOOM_DEFAULT_DEVICE": "default_device",
+    "LOOM_MEMORY_FRACTION": "memory_fraction",
+    "LOOM_PRELOAD": "preload",
+    "LOOM_LOG_LEVEL": "log_level",
+    "HF_TOKEN": "hf_token",
+}
+
+
+class ConfigError(BadRequest):
+    title = "Configuration error"
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    field = attrs.fields_dict(Settings)[name]
+    kind = str(field.type)
+    try:
+        if name == "default_device" and isinstance(value, int):
+            return f"cuda:{value}"
+        if kind.startswith("list") or kind.startswith("list[") or "list[" in kind:
+            if value is None and "None" in kind:
+                return None
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if name == "transports" and "both" in value:
+                value = [v for v in value if v != "both"] + ["http", "unix"]
+            return [int(v) for v in value] if name == "default_layers" else [str(v) for v in value]
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind.startswith("dict"):
+            return {str(k): str(v) for k, v in dict(value).items()}
+        return None if value is None else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: bad value {value!r} for {name}: {exc}", field=name) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    out: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in FILE_KEYS:
+            raise ConfigError(
+                f"{path}: unknown section {section!r}", field=section, allowed=sorted(FILE_KEYS)
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping", field=section)
+        for key, value in values.items():
+            if key not in FILE_KEYS[section]:
+                raise ConfigError(
+                    f"{path}: unknown key {section}.{key}",
+                    field=f"{section}.{key}",
+                    allowed=sorted(FILE_KEYS[section]),
+                )
+            attr = FILE_KEYS[section][key]
+            if attr:
+                out[attr] = _coerce(attr, value, f"{path}: {section}.{key}")
+    return out
+
+
+def load_settings(config: str | None = None, env: dict[str, str] | None = None, **cli: Any) -> Settings:
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    path = config or env.get("LOOM_CONFIG")
+    if path is None and (Path.home() / ".config/loom/config.yaml").exists():
+        path = str(Path.home() / ".config/loom/config.yaml")
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist", field="config")
+        values.update(read_config_file(Path(path)))
+        values["config_file"] = str(path)
+    for var, attr in ENV_KEYS.items():
+        if env.get(var) not in (None, ""):
+            values[attr] = _coerce(attr, env[var], var)
+    for attr, value in cli.items():
+        if value is not None and value != []:
+            values[attr] = _coerce(attr, value, f"--{attr.replace('_', '-')}")
+    return Settings(**values)

@@ -1,0 +1,52 @@
+"""The hooks a Loom plugin may implement. See DESIGN.md section 2 for the full contracts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+from loom_kernel.types import (
+    Batch,
+    Capture,
+    ForwardOutput,
+    LoadedModel,
+    LoadOptions,
+    ModelRef,
+    ProbeResult,
+    QuantizationPlan,
+    Transport,
+)
+
+hookspec = pluggy.HookspecMarker("loom")
+hookimpl = pluggy.HookimplMarker("loom")
+
+
+@hookspec
+def probe(model: ModelRef) -> ProbeResult | None:
+    """Score 0..1 how well this plugin loads ``model`` from its config files alone; never raise."""
+
+
+@hookspec(firstresult=True)
+def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | None:
+    """Load ``model`` when ``loader`` names this plugin."""
+
+
+@hookspec(firstresult=True)
+def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
+    """Run a forward pass or a generation capturing the requested states, when ``model.loader`` is yours."""
+
+
+@hookspec(firstresult=True)
+def pool(output: Any, strategy: str, mask: Any) -> Any | None:
+    """Pool per-token states [B, T, H] with attention mask [B, T] by ``strategy``; None when not yours."""
+
+
+@hookspec(firstresult=True)
+def quantize(method: str, options: LoadOptions) -> QuantizationPlan | None:
+    """Turn a quantization method name into load arguments; None when the method is not yours."""
+
+
+@hookspec
+def transport(settings: Any) -> Transport | None:
+    """Offer a named transport that binds sockets for the server."""

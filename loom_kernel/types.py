@@ -1,0 +1,187 @@
+"""Plain data shared between the kernel and plugins.
+
+Tensors are typed as ``Any`` so that importing this module never imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+PositionSpec = Literal["last", "all", "prompt", "generated"] | list[int]
+
+
+@attrs.define(frozen=True)
+class ModelRef:
+    """What the kernel knows about a model before any plugin touches its weights."""
+
+    id: str
+    revision: str | None = None
+    path: Path | None = None
+    config: dict[str, Any] | None = None
+    modules: list[dict[str, Any]] | None = None
+    manifest: dict[str, Any] | None = None
+    files: tuple[str, ...] = ()
+    source: str = "local"  # local | embedded | hf-cache
+
+    @property
+    def load_target(self) -> str:
+        """What to hand ``from_pretrained``: the directory when it is complete, else the hub id."""
+        if self.path is not None and self.source != "hf-cache":
+            return str(self.path)
+        return self.id
+
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        return (self.config or {}).get("quantization_config")
+
+    @property
+    def architectures(self) -> list[str]:
+        return list((self.config or {}).get("architectures") or [])
+
+
+@attrs.define(frozen=True)
+class ProbeResult:
+    """One plugin's opinion of how well it can load a model (score 0..1) and why."""
+
+    loader: str
+    score: float
+    reason: str
+
+
+@attrs.define(frozen=True)
+class QuantizationPlan:
+    """Load arguments a quantize plugin produces for a method name."""
+
+    method: str
+    load_kwargs: dict[str, Any] = attrs.field(factory=dict)
+    provider: str = ""
+
+
+@attrs.define(frozen=True)
+class LoadOptions:
+    device: str = "cpu"
+    dtype: str = "auto"
+    quantization: str | None = None
+    quantization_plan: QuantizationPlan | None = None
+    device_map: str | None = None
+    trust_remote_code: bool = False
+
+    def key(self) -> tuple[str, str, str | None, str | None]:
+        """The options that make two loads of one model different models."""
+        return (self.device, self.dtype, self.quantization, self.device_map)
+
+
+@attrs.define
+class LoadedModel:
+    """A model in memory, as a loader plugin hands it to the kernel."""
+
+    ref: ModelRef
+    loader: str
+    model: Any
+    tokenizer: Any
+    options: LoadOptions
+    num_layers: int
+    hidden_size: int
+    kind: Literal["causal", "encoder", "embedding", "custom"] = "causal"
+    device: str = "cpu"
+    dtype: str = "float32"
+    size_bytes: int = 0
+    load_seconds: float = 0.0
+    max_context: int | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.kind == "causal"
+
+
+@attrs.define(frozen=True)
+class LayerSel:
+    """A requested layer: the key as the user wrote it and its index in ``output_hidden_states`` space."""
+
+    key: str
+    index: int
+
+
+@attrs.define(frozen=True)
+class Capture:
+    """Which layers and positions to keep, resolved against the model by the kernel."""
+
+    layers: tuple[LayerSel, ...] = ()
+    positions: PositionSpec = "last"
+
+    @property
+    def indices(self) -> list[int]:
+        return sorted({sel.index for sel in self.layers})
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.layers)
+
+
+@attrs.define(frozen=True)
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@attrs.define(frozen=True)
+class Batch:
+    """Inputs for one forward pass or one generation: texts, already-tokenized ids, or both.
+
+    ``generation`` is None for a plain forward pass (/extract, /embed).
+    """
+
+    texts: tuple[str, ...] = ()
+    token_ids: tuple[tuple[int, ...], ...] | None = None
+    generation: GenerationParams | None = None
+    add_special_tokens: bool = True
+    on_token: Any = None  # callable(row: int, token_id: int, piece: str) -> bool | None; False stops the row
+
+
+@attrs.define
+class SequenceOutput:
+    """One row of a batch after the pass: its tokens, its text and the captured states.
+
+    ``states[key]`` is a CPU float tensor [len(positions), H] whose rows are the tokens at ``positions``
+    of the final sequence (prompt + generated).
+    """
+
+    token_ids: list[int]
+    prompt_tokens: int
+    text: str = ""
+    finish_reason: str | None = None
+    positions: list[int] = attrs.field(factory=list)
+    states: dict[str, Any] = attrs.field(factory=dict)
+    pooled: Any = None
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_tokens :]
+
+
+@attrs.define
+class ForwardOutput:
+    rows: list[SequenceOutput]
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(frozen=True)
+class Transport:
+    """A named way to serve the ASGI app: ``bind()`` returns the listening sockets, ``cleanup()`` undoes it."""
+
+    name: str
+    describe: str
+    bind: Any  # callable() -> list[socket.socket]
+    cleanup: Any = None  # callable() -> None
