@@ -35,9 +35,7 @@ def resolve_layers(
         try:
             k = int(raw)
         except (TypeError, ValueError):
-            raise InvalidField(
-                f"{field}: {raw!r} is not a layer index", field=field, allowed=allowed
-            ) from None
+            raise InvalidField(f"{field}: {raw!r} is not a layer index", field=field, allowed=allowed) from None
         if isinstance(raw, bool) or not -(n + 1) <= k <= n:
             raise InvalidField(
                 f"{field}: layer {raw} is out of range for a model with {n} layers",

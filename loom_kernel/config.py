@@ -132,9 +132,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section, values in data.items():
         if section not in FILE_KEYS:
-            raise ConfigError(
-                f"{path}: unknown section {section!r}", field=section, allowed=sorted(FILE_KEYS)
-            )
+            raise ConfigError(f"{path}: unknown section {section!r}", field=section, allowed=sorted(FILE_KEYS))
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping", field=section)
         for key, value in values.items():

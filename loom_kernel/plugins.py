@@ -45,9 +45,7 @@ def create_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginMan
 
 def loader_names(pm: pluggy.PluginManager) -> list[str]:
     """Plugins that implement ``load``: the names a request's ``loader`` field may take."""
-    return sorted(
-        pm.get_name(impl.plugin) or "" for impl in pm.hook.load.get_hookimpls() if pm.get_name(impl.plugin)
-    )
+    return sorted(pm.get_name(impl.plugin) or "" for impl in pm.hook.load.get_hookimpls() if pm.get_name(impl.plugin))
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:

@@ -51,12 +51,36 @@ def _from_hf_cache(model_id: str, revision: str | None) -> Path | None:
         hit = try_to_load_from_cache(model_id, name, revision=revision)
         if isinstance(hit, str):
             return Path(hit).parent
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
         return None
     try:
         return Path(hf_hub_download(model_id, "config.json", revision=revision)).parent
     except Exception:  # offline, gated, missing: the caller reports not found
         return None
+
+
+_hub_seen: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick TCP connect to the hub, remembered for a minute, so an offline server answers 404 at once
+    instead of waiting out huggingface_hub's retries."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    now = time.monotonic()
+    if endpoint in _hub_seen and now - _hub_seen[endpoint][0] < 60.0:
+        return _hub_seen[endpoint][1]
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+        ok = True
+    except OSError:
+        ok = False
+    _hub_seen[endpoint] = (now, ok)
+    return ok
 
 
 def check_allowed(path: Path, allowed: list[str] | None) -> None:
@@ -66,9 +90,7 @@ def check_allowed(path: Path, allowed: list[str] | None) -> None:
     for root in allowed:
         if real.is_relative_to(Path(root).expanduser().resolve()):
             return
-    raise Forbidden(
-        f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed]
-    )
+    raise Forbidden(f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed])
 
 
 def resolve_model(

@@ -1,0 +1,61 @@
+"""The Litestar application: ``create_app(pm=None, settings=None)``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import pluggy
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from loom_kernel import __version__
+from loom_kernel.api.deps import provide_manager, provide_pm, provide_settings
+from loom_kernel.api.inference import InferenceController
+from loom_kernel.api.models import ModelsController
+from loom_kernel.api.problems import EXCEPTION_HANDLERS, request_id_middleware
+from loom_kernel.api.system import SystemController
+from loom_kernel.config import Settings
+from loom_kernel.models import ModelManager
+from loom_kernel.plugins import create_plugin_manager
+
+log = logging.getLogger("loom")
+
+
+def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None = None) -> Litestar:
+    pm = pm or create_plugin_manager()
+    settings = settings or Settings()
+    manager = ModelManager(pm, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await manager.start()
+        preload = asyncio.create_task(manager.preload(list(settings.preload))) if settings.preload else None
+        try:
+            yield
+        finally:
+            if preload is not None:
+                preload.cancel()
+            await manager.stop()
+
+    app = Litestar(
+        route_handlers=[SystemController, ModelsController, InferenceController],
+        dependencies={
+            "manager": Provide(provide_manager, sync_to_thread=False),
+            "pm": Provide(provide_pm, sync_to_thread=False),
+            "settings": Provide(provide_settings, sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        middleware=[request_id_middleware],
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="The Loom", version=__version__, path="/schema"),
+        state=None,
+        debug=False,
+    )
+    app.state.pm = pm
+    app.state.settings = settings
+    app.state.manager = manager
+    return app

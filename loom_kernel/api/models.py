@@ -1,0 +1,35 @@
+"""Loading, listing and unloading models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, delete, get, post
+
+from loom_kernel.api.schemas import LoadRequest
+from loom_kernel.api.system import strip_path
+from loom_kernel.models import ModelManager
+
+
+class ModelsController(Controller):
+    path = "/models"
+    tags = ["models"]
+
+    @get("/", sync_to_thread=False)
+    def list_models(self, manager: ModelManager) -> dict[str, Any]:
+        return {
+            "loaded_models": manager.describe(),
+            "max_models": manager.settings.max_models,
+            "auto_unload_minutes": manager.settings.auto_unload_minutes,
+        }
+
+    @post("/load", status_code=200)
+    async def load(self, data: LoadRequest, manager: ModelManager) -> dict[str, Any]:
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        return {"status": "loaded", "model": entry.describe(manager.auto_unload_seconds)}
+
+    @delete("/{model_id:path}", status_code=200)
+    async def unload(self, model_id: str, manager: ModelManager) -> dict[str, Any]:
+        model_id = strip_path(model_id)
+        await manager.unload(model_id)
+        return {"status": "unloaded", "model_id": model_id}

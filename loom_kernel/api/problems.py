@@ -1,0 +1,96 @@
+"""RFC 9457 problem details for every error, each naming the field at fault; tracebacks stay in the log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from loom_kernel.errors import LoomError
+
+log = logging.getLogger("loom.api")
+MEDIA_TYPE = "application/problem+json"
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Give every request an id, echoed in ``X-Request-ID`` and in problem bodies, so logs can be matched."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        rid = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid  # type: ignore[typeddict-item]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await app(scope, receive, send_with_id)
+
+    return middleware
+
+
+def _rid(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def problem(request: Request, status: int, title: str, detail: str, **extra: Any) -> Response:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    body["request_id"] = _rid(request)
+    body["instance"] = request.url.path
+    return Response(content=body, status_code=status, media_type=MEDIA_TYPE)
+
+
+def on_loom_error(request: Request, exc: LoomError) -> Response:
+    if exc.status >= 500:
+        log.error("request %s failed: %s", _rid(request), exc.detail, exc_info=exc.__cause__ or exc)
+    body = exc.problem()
+    return problem(
+        request,
+        exc.status,
+        body.pop("title"),
+        body.pop("detail"),
+        **{k: v for k, v in body.items() if k not in ("type", "status")},
+    )
+
+
+def on_validation(request: Request, exc: ValidationException) -> Response:
+    errors = exc.extra if isinstance(exc.extra, list) else []
+    if not errors:
+        # Litestar raises the same exception for a body that is not JSON at all.
+        return problem(request, 400, "Malformed request body", str(exc.detail), field="body")
+    first = errors[0] if isinstance(errors[0], dict) else {}
+    message = str(first.get("message", exc.detail))
+    field = str(first.get("key", "body"))
+    if field == "data":
+        missing = _MISSING.search(message)
+        field = missing.group(1) if missing else "body"
+    return problem(request, 422, "Invalid field", f"{field}: {message}", field=field, errors=errors)
+
+
+def on_http(request: Request, exc: HTTPException) -> Response:
+    extra = {"allowed": exc.extra} if exc.extra else {}
+    return problem(request, exc.status_code, exc.__class__.__name__, str(exc.detail), **extra)
+
+
+def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.error("request %s: unexpected error", _rid(request), exc_info=exc)
+    return problem(
+        request, 500, "Internal error", "the server hit an unexpected error; see its log for this request id"
+    )
+
+
+EXCEPTION_HANDLERS = {
+    LoomError: on_loom_error,
+    ValidationException: on_validation,
+    HTTPException: on_http,
+    Exception: on_unexpected,
+}

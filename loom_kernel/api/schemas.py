@@ -1,0 +1,63 @@
+"""Request bodies, as msgspec Structs: validated at the boundary, before any model work."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
+LayerSpec = int | str | list[int]
+PositionSpec = str | list[int]
+
+
+class LoadFields(msgspec.Struct, kw_only=True):
+    """How to load the model if it is not loaded yet (or reload it when these differ)."""
+
+    loader: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    device_map: str | None = None
+    trust_remote_code: bool | None = None
+    revision: str | None = None
+
+    def explicit(self) -> dict[str, object]:
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "device_map": self.device_map,
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+class CaptureFields(LoadFields, kw_only=True):
+    hidden_state_layers: LayerSpec | None = None
+    return_full_sequence: bool = False
+    positions: PositionSpec | None = None
+    hidden_state_format: str = "list"
+    hidden_state_dtype: str = "float32"
+
+
+class GenerateRequest(CaptureFields, kw_only=True):
+    model: NonEmpty
+    prompt: NonEmpty
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    return_hidden_states: bool = False
+    add_special_tokens: bool = True
+
+
+class ExtractRequest(CaptureFields, kw_only=True):
+    model: NonEmpty
+    text: NonEmpty
+    add_special_tokens: bool = True
+
+
+class LoadRequest(LoadFields, kw_only=True):
+    model: NonEmpty

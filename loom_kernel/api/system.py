@@ -1,0 +1,90 @@
+"""Health, plugins and loader ranking: what the server is and what it could load."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pluggy
+from litestar import Controller, get
+
+from loom_kernel import __version__
+from loom_kernel.config import Settings
+from loom_kernel.models import ModelManager
+from loom_kernel.plugins import describe_plugins, loader_names
+
+
+def strip_path(model_id: str) -> str:
+    """``{model_id:path}`` keeps the route's slash: ``/org/name`` is ``org/name``, ``//data/ckpt`` is ``/data/ckpt``."""
+    return model_id[1:] if model_id.startswith("/") else model_id
+
+
+def gpu_info() -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        return {"available": False, "count": 0, "devices": []}
+    if not torch.cuda.is_available():
+        return {"available": False, "count": 0, "devices": []}
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        devices.append(
+            {
+                "index": i,
+                "name": props.name,
+                "memory_total_bytes": props.total_memory,
+                "memory_allocated_bytes": torch.cuda.memory_allocated(i),
+                "memory_reserved_bytes": torch.cuda.memory_reserved(i),
+            }
+        )
+    return {"available": True, "count": len(devices), "devices": devices}
+
+
+class SystemController(Controller):
+    tags = ["system"]
+
+    @get("/health", sync_to_thread=False)
+    def health(self, manager: ModelManager, settings: Settings) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "default_device": settings.device(),
+            "gpu": gpu_info(),
+            "loaded_models": manager.loaded_ids(),
+            "loading_models": [k for k, e in manager.entries.items() if e.state == "loading"],
+            "uptime_seconds": round(time.monotonic() - manager.started, 3),
+        }
+
+    @get("/plugins", sync_to_thread=False)
+    def plugins(self, pm: pluggy.PluginManager) -> dict[str, Any]:
+        return {"plugins": describe_plugins(pm)}
+
+    @get("/loaders", sync_to_thread=False)
+    def loaders(self, pm: pluggy.PluginManager) -> dict[str, Any]:
+        rows = {r["name"]: r for r in describe_plugins(pm)}
+        return {
+            "loaders": [
+                {"name": name, "package": rows[name]["package"], "version": rows[name]["version"]}
+                for name in loader_names(pm)
+            ],
+            "selection": "each plugin's probe scores a model 0..1; the highest score wins, ties by loader name; "
+            "a request's `loader` field overrides the ranking",
+        }
+
+    @get("/loaders/probe/{model_id:path}", sync_to_thread=True)
+    def probe(self, model_id: str, manager: ModelManager) -> dict[str, Any]:
+        ref = manager.resolve(strip_path(model_id))
+        ranking = manager.rank(ref)
+        selected = next((r.loader for r in ranking if r.score > 0), None)
+        return {
+            "model": ref.id,
+            "path": str(ref.path) if ref.path else None,
+            "source": ref.source,
+            "selected": selected,
+            "ranking": [
+                {"loader": r.loader, "score": r.score, "reason": r.reason, "selected": r.loader == selected}
+                for r in ranking
+            ],
+            "loaders_without_opinion": sorted(set(loader_names(manager.pm)) - {r.loader for r in ranking}),
+        }

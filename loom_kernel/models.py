@@ -1,0 +1,383 @@
+"""The model manager: lazy load, preload, LRU by count, idle unload, one worker thread per model.
+
+Torch never runs on the event loop: loads and forward passes run on the model's own worker thread, and the
+API awaits them. A model with requests in flight is never unloaded, and a failed load evicts nothing (the
+new model is loaded first; LRU eviction happens only once it is in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import attrs
+import pluggy
+
+from loom_kernel.config import Settings
+from loom_kernel.errors import Conflict, InvalidField, LoadFailed, LoomError, MissingBackend, ModelNotFound, Unsupported
+from loom_kernel.plugins import loader_names
+from loom_kernel.resolve import resolve_model
+from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, ProbeResult
+
+log = logging.getLogger("loom.models")
+T = TypeVar("T")
+
+# Which distribution to pip install for a quantization method nobody implements here.
+QUANTIZATION_PACKAGES = {
+    "4bit": "loom-plugin-bitsandbytes",
+    "8bit": "loom-plugin-bitsandbytes",
+    "gptq": "loom-plugin-gptq",
+    "awq": "loom-plugin-gptq",
+}
+
+
+class Worker:
+    """One thread that runs a model's jobs in order."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"loom-worker:{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting request, which maps it to a response
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+@attrs.define(eq=False)
+class ModelEntry:
+    model_id: str
+    loader: str
+    options: LoadOptions
+    worker: Worker
+    state: str = "loading"  # loading | ready
+    loaded: LoadedModel | None = None
+    ready: asyncio.Future | None = None
+    last_used: float = attrs.field(factory=time.monotonic)
+    in_flight: int = 0
+
+    def describe(self, auto_unload_s: float | None) -> dict[str, Any]:
+        idle = 0.0 if self.in_flight else time.monotonic() - self.last_used
+        row: dict[str, Any] = {
+            "model_id": self.model_id,
+            "loader": self.loader,
+            "state": self.state,
+            "in_flight": self.in_flight,
+            "idle_seconds": round(idle, 3),
+            "auto_unload_in": None if auto_unload_s is None else round(max(0.0, auto_unload_s - idle), 3),
+            "device": self.options.device,
+            "dtype": self.options.dtype,
+            "quantization": self.options.quantization,
+        }
+        if (m := self.loaded) is not None:
+            row.update(
+                device=m.device,
+                dtype=m.dtype,
+                kind=m.kind,
+                num_layers=m.num_layers,
+                hidden_size=m.hidden_size,
+                size_bytes=m.size_bytes,
+                load_seconds=round(m.load_seconds, 3),
+                max_context=m.max_context,
+                path=str(m.ref.path) if m.ref.path else None,
+            )
+        return row
+
+
+class ModelManager:
+    def __init__(self, pm: pluggy.PluginManager, settings: Settings) -> None:
+        self.pm = pm
+        self.settings = settings
+        self.entries: dict[str, ModelEntry] = {}
+        self._reaper: asyncio.Task | None = None
+        self.started = time.monotonic()
+
+    # -- resolution and ranking -------------------------------------------------------------------------
+
+    def resolve(self, model_id: str, revision: str | None = None) -> ModelRef:
+        return resolve_model(
+            model_id, revision, aliases=self.settings.aliases, allowed_paths=self.settings.allowed_paths
+        )
+
+    def rank(self, ref: ModelRef) -> list[ProbeResult]:
+        results = [r for r in self.pm.hook.probe(model=ref) if r is not None]
+        return sorted(results, key=lambda r: (-r.score, r.loader))
+
+    def choose_loader(self, ref: ModelRef, requested: str | None) -> str:
+        known = loader_names(self.pm)
+        if requested is not None:
+            if requested not in known:
+                raise InvalidField(f"loader: unknown loader {requested!r}", field="loader", allowed=known)
+            return requested
+        ranking = [r for r in self.rank(ref) if r.score > 0]
+        if not ranking:
+            raise Unsupported(f"model: no installed loader can load {ref.id!r}", field="model", allowed=known)
+        return ranking[0].loader
+
+    def options(
+        self,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        quantization: str | None = None,
+        device_map: str | None = None,
+        trust_remote_code: bool | None = None,
+    ) -> LoadOptions:
+        opts = LoadOptions(
+            device=device or self.settings.device(),
+            dtype=dtype or self.settings.default_dtype,
+            quantization=quantization,
+            device_map=device_map,
+            trust_remote_code=bool(trust_remote_code or self.settings.trust_remote_code),
+        )
+        if quantization:
+            plan = self.pm.hook.quantize(method=quantization, options=opts)
+            if plan is None:
+                package = QUANTIZATION_PACKAGES.get(quantization)
+                hint = f"; pip install {package}" if package else ""
+                raise MissingBackend(
+                    f"quantization: no installed plugin handles {quantization!r}{hint}",
+                    field="quantization",
+                    allowed=sorted(QUANTIZATION_PACKAGES),
+                )
+            opts = attrs.evolve(opts, quantization_plan=plan)
+        return opts
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    async def get(
+        self,
+        model_id: str,
+        *,
+        loader: str | None = None,
+        revision: str | None = None,
+        explicit: dict[str, Any] | None = None,
+    ) -> ModelEntry:
+        """The ready entry for ``model_id``, loading it first if needed.
+
+        ``explicit`` holds the load options the request named; a loaded model whose options or loader differ
+        from them is reloaded rather than silently reused.
+        """
+        explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
+        entry = self.entries.get(model_id)
+        if entry is not None and not self._differs(entry, loader, explicit):
+            return await self._wait_ready(entry)
+        # Resolution may read the HF cache or ask the hub: keep it off the event loop.
+        ref = await asyncio.to_thread(self.resolve, model_id, revision)
+        chosen = self.choose_loader(ref, loader)
+        opts = self.options(**explicit)
+        entry = self.entries.get(model_id)  # another request may have started it meanwhile
+        if entry is not None and not self._differs(entry, chosen, explicit):
+            return await self._wait_ready(entry)
+        return await self._load(model_id, ref, chosen, opts, replacing=entry)
+
+    def _differs(self, entry: ModelEntry, loader: str | None, explicit: dict[str, Any]) -> bool:
+        if loader is not None and loader != entry.loader:
+            return True
+        current = attrs.asdict(entry.options, recurse=False)
+        if "device" in explicit and explicit["device"] != entry.options.device:
+            loaded = entry.loaded
+            return not (loaded is not None and explicit["device"] == loaded.device)
+        return any(current.get(k) != v for k, v in explicit.items() if k != "device")
+
+    async def _wait_ready(self, entry: ModelEntry) -> ModelEntry:
+        if entry.ready is not None and not entry.ready.done():
+            await asyncio.shield(entry.ready)
+        if entry.ready is not None and entry.ready.done() and entry.ready.exception() is not None:
+            raise entry.ready.exception()  # type: ignore[misc]
+        return entry
+
+    async def _load(
+        self, model_id: str, ref: ModelRef, loader: str, opts: LoadOptions, *, replacing: ModelEntry | None
+    ) -> ModelEntry:
+        if replacing is not None and replacing.in_flight:
+            raise Conflict(
+                f"model: {model_id!r} is serving requests with other load options; retry when it is idle",
+                field="model",
+            )
+        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=Worker(model_id))
+        entry.ready = asyncio.get_running_loop().create_future()
+        # The old entry stays listed (and usable) until the new one is in memory.
+        pending_key = model_id if replacing is None else f"{model_id} (reloading)"
+        self.entries[pending_key] = entry
+        log.info(
+            "loading %s with loader %s (device=%s dtype=%s quantization=%s) from %s",
+            model_id,
+            loader,
+            opts.device,
+            opts.dtype,
+            opts.quantization,
+            ref.path or ref.id,
+        )
+        try:
+            loaded = await asyncio.wrap_future(entry.worker.submit(lambda: self._call_load(ref, loader, opts)))
+        except BaseException as exc:
+            self.entries.pop(pending_key, None)
+            entry.worker.stop()
+            entry.ready.set_exception(exc)
+            entry.ready.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        entry.loaded = loaded
+        entry.state = "ready"
+        entry.last_used = time.monotonic()
+        if replacing is not None:
+            self.entries.pop(pending_key, None)
+            self._drop(replacing)
+        self.entries[model_id] = entry
+        entry.ready.set_result(entry)
+        log.info(
+            "loaded %s: %s on %s as %s, %.1f MiB, %.2f s",
+            model_id,
+            loaded.kind,
+            loaded.device,
+            loaded.dtype,
+            loaded.size_bytes / 2**20,
+            loaded.load_seconds,
+        )
+        self._evict_lru(keep=entry)
+        return entry
+
+    def _call_load(self, ref: ModelRef, loader: str, opts: LoadOptions) -> LoadedModel:
+        start = time.perf_counter()
+        try:
+            loaded = self.pm.hook.load(model=ref, loader=loader, options=opts)
+        except LoomError:
+            raise
+        except Exception as exc:
+            log.exception("loader %s failed on %s", loader, ref.id)
+            raise LoadFailed(f"model: loader {loader!r} failed to load {ref.id!r}: {exc}", field="model") from exc
+        if loaded is None:
+            raise Unsupported(f"loader: {loader!r} declined to load {ref.id!r}", field="loader")
+        if not loaded.load_seconds:
+            loaded.load_seconds = time.perf_counter() - start
+        return loaded
+
+    def _evict_lru(self, keep: ModelEntry) -> None:
+        while True:
+            ready = [e for e in self.entries.values() if e.state == "ready"]
+            if len(ready) <= self.settings.max_models:
+                return
+            idle = [e for e in ready if e is not keep and e.in_flight == 0]
+            if not idle:
+                log.warning("over max_models (%d) but every other model is busy", self.settings.max_models)
+                return
+            victim = min(idle, key=lambda e: e.last_used)
+            log.info("evicting least recently used model %s", victim.model_id)
+            self.entries.pop(victim.model_id, None)
+            self._drop(victim)
+
+    def _drop(self, entry: ModelEntry) -> None:
+        loaded, entry.loaded = entry.loaded, None
+        entry.state = "unloaded"
+
+        def release() -> None:
+            nonlocal loaded
+            loaded = None
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
+
+        entry.worker.submit(release)
+        entry.worker.stop()
+
+    async def unload(self, model_id: str) -> None:
+        entry = self.entries.get(model_id)
+        if entry is None or entry.state != "ready":
+            raise ModelNotFound(
+                f"model: {model_id!r} is not loaded", field="model_id", allowed=sorted(self.loaded_ids())
+            )
+        if entry.in_flight:
+            raise Conflict(f"model: {model_id!r} has {entry.in_flight} request(s) in flight", field="model_id")
+        self.entries.pop(model_id, None)
+        self._drop(entry)
+        log.info("unloaded %s", model_id)
+
+    def loaded_ids(self) -> list[str]:
+        return [k for k, e in self.entries.items() if e.state == "ready"]
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
+        """Hold ``entry`` in flight (no unload, no eviction) for the body of the block."""
+        if entry.loaded is None:
+            raise ModelNotFound(f"model: {entry.model_id!r} was unloaded", field="model")
+        entry.in_flight += 1
+        try:
+            yield entry.loaded
+        finally:
+            entry.in_flight -= 1
+            entry.last_used = time.monotonic()
+
+    async def run(self, entry: ModelEntry, fn: Callable[[LoadedModel], T]) -> T:
+        async with self.use(entry) as loaded:
+            return await asyncio.wrap_future(entry.worker.submit(lambda: fn(loaded)))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def auto_unload_seconds(self) -> float | None:
+        minutes = self.settings.auto_unload_minutes
+        return None if minutes <= 0 else minutes * 60.0
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [e.describe(self.auto_unload_seconds) for e in self.entries.values()]
+
+    async def preload(self, model_ids: list[str]) -> None:
+        for model_id in model_ids:
+            try:
+                await self.get(model_id)
+            except LoomError as exc:
+                log.error("preload of %s failed: %s", model_id, exc.detail)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            limit = self.auto_unload_seconds
+            await asyncio.sleep(1.0 if limit is None else min(30.0, max(0.2, limit / 5)))
+            if limit is None:
+                continue
+            now = time.monotonic()
+            for entry in list(self.entries.values()):
+                if entry.state == "ready" and entry.in_flight == 0 and now - entry.last_used >= limit:
+                    log.info("auto-unloading %s after %.0f s idle", entry.model_id, now - entry.last_used)
+                    self.entries.pop(entry.model_id, None)
+                    self._drop(entry)
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for entry in list(self.entries.values()):
+            self._drop(entry)
+        self.entries.clear()
