@@ -49,18 +49,21 @@ def loader_names(pm: pluggy.PluginManager) -> list[str]:
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
-    dists = {p: d for p, d in pm.list_plugin_distinfo()}
+    dists = {p: (d.project_name, d.version) for p, d in pm.list_plugin_distinfo()}
+    # create_plugin_manager registers entry points itself, so pluggy's distinfo is empty for them: ask the
+    # entry point which distribution it came from.
+    ep_dists = {ep.name: (ep.dist.name, ep.dist.version) for ep in _entry_points() if ep.dist is not None}
     rows = []
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin) or repr(plugin)
-        dist = dists.get(plugin)
+        package, version = dists.get(plugin) or ep_dists.get(name) or (None, None)
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         rows.append(
             {
                 "name": name,
                 "hooks": hooks,
-                "package": dist.project_name if dist else None,
-                "version": dist.version if dist else None,
+                "package": package,
+                "version": version,
                 "default": name in DEFAULT_PLUGINS,
             }
         )

@@ -1,0 +1,172 @@
+"""``loom serve | plugins | probe``: the command line.
+
+``loom`` alone, or ``loom --port 8080`` (the seed's spelling), means ``loom serve``. Errors the user can fix
+(bad configuration, unknown model or transport, a port in use) print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from loom_kernel import __version__
+from loom_kernel.config import Settings, load_settings
+from loom_kernel.errors import LoomError
+from loom_kernel.logs import LEVELS
+
+COMMANDS = ("serve", "plugins", "probe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom", description="The Loom: a research server that returns the hidden states of transformer models."
+    )
+    parser.add_argument("--version", action="version", version=f"loom {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server (the default command)")
+    serve.add_argument(
+        "--config", metavar="PATH", help="config file (default: LOOM_CONFIG, ~/.config/loom/config.yaml)"
+    )
+    serve.add_argument("--host", help="TCP address to bind (default 127.0.0.1; a host with ':' is IPv6)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8080; 0 picks a free one)")
+    serve.add_argument(
+        "--transport",
+        dest="transports",
+        metavar="NAME[,NAME]",
+        help="http, unix, both, or any installed transport's name; comma separated (default http)",
+    )
+    serve.add_argument(
+        "--unix-socket", metavar="PATH", help="socket path for the unix transport (default /tmp/loom.sock)"
+    )
+    serve.add_argument(
+        "--preload",
+        metavar="MODEL",
+        action="append",
+        default=[],
+        help="load MODEL at start, after those of the config file and LOOM_PRELOAD (repeatable)",
+    )
+    serve.add_argument("--max-models", type=int, help="models kept in memory before LRU eviction (default 3)")
+    serve.add_argument("--auto-unload-minutes", type=float, help="unload a model idle this long (default 20; 0 = off)")
+    serve.add_argument("--device", dest="default_device", help="default device: cpu, cuda, cuda:N, auto")
+    serve.add_argument("--log-level", choices=LEVELS, help="default info")
+
+    plugins = sub.add_parser("plugins", help="list the installed plugins and the hooks they implement")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    probe = sub.add_parser("probe", help="rank the loaders that could load MODEL, without loading it")
+    probe.add_argument("model", metavar="MODEL", help="local directory, alias, or hub id in the local HF cache")
+    probe.add_argument("--revision", help="hub revision")
+    probe.add_argument("--config", metavar="PATH", help="config file (for models.aliases and models.allowed_paths)")
+    probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def build_settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    """Defaults < config file < environment < these flags; ``--preload`` adds to the models named before it."""
+    overrides: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name in ("host", "port", "transports", "unix_socket", "max_models", "auto_unload_minutes")
+    }
+    overrides["default_device"] = getattr(args, "default_device", None)
+    overrides["log_level"] = getattr(args, "log_level", None)
+    settings = load_settings(config=args.config, env=env, **overrides)
+    extra = getattr(args, "preload", None) or []
+    settings.preload = list(dict.fromkeys([*settings.preload, *extra]))
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loom_kernel.plugins import create_plugin_manager
+    from loom_kernel.serve import serve
+
+    settings = build_settings(args)
+    return serve(settings, create_plugin_manager())
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    for line in (headers, ["-" * w for w in widths], *rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from loom_kernel.plugins import create_plugin_manager, describe_plugins
+
+    rows = describe_plugins(create_plugin_manager())
+    if args.json:
+        print(json.dumps({"plugins": rows}, indent=2))  # the body GET /plugins returns
+        return 0
+    print_table(
+        ["NAME", "PACKAGE", "VERSION", "HOOKS"],
+        [
+            [
+                r["name"] + (" (default)" if r["default"] else ""),
+                r["package"] or "-",
+                r["version"] or "-",
+                ", ".join(r["hooks"]),
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def probe_report(model: str, revision: str | None, settings: Settings) -> dict[str, Any]:
+    """What GET /loaders/probe/{model} answers, computed without a server."""
+    from loom_kernel.plugins import create_plugin_manager, loader_names
+    from loom_kernel.resolve import resolve_model
+
+    pm = create_plugin_manager()
+    ref = resolve_model(model, revision, aliases=settings.aliases, allowed_paths=settings.allowed_paths)
+    ranking = sorted((r for r in pm.hook.probe(model=ref) if r is not None), key=lambda r: (-r.score, r.loader))
+    # A score of 0 means "cannot load": the top of the ranking is selected only if it can.
+    selected = next((r.loader for r in ranking if r.score > 0), None)
+    return {
+        "model": ref.id,
+        "path": str(ref.path) if ref.path else None,
+        "source": ref.source,
+        "selected": selected,
+        "ranking": [
+            {"loader": r.loader, "score": r.score, "reason": r.reason, "selected": r.loader == selected}
+            for r in ranking
+        ],
+        "loaders_without_opinion": sorted(set(loader_names(pm)) - {r.loader for r in ranking}),
+    }
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    report = probe_report(args.model, args.revision, load_settings(config=args.config))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"model: {report['model']} ({report['source']}: {report['path']})")
+        print_table(
+            ["", "LOADER", "SCORE", "REASON"],
+            [["*" if r["selected"] else "", r["loader"], f"{r['score']:.2f}", r["reason"]] for r in report["ranking"]],
+        )
+        if report["selected"] is None:
+            print("no installed loader can load this model")
+    # Scripts can test `loom probe MODEL` for loadability; a model that cannot be found already exited 2.
+    return 0 if report["selected"] is not None else 1
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """``loom`` and ``loom --port 8080`` are ``loom serve ...``, as in the seed's documentation."""
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        return ["serve", *argv]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    handlers = {"serve": cmd_serve, "plugins": cmd_plugins, "probe": cmd_probe}
+    try:
+        return handlers[args.command](args)
+    except LoomError as exc:  # ConfigError included: the user's to fix, so a message, not a traceback
+        print(f"loom: error: {exc.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,87 @@
+"""A Unix domain listening socket: stale files removed, live servers and non-sockets left alone, mode 0600."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+
+from loom_kernel import LoomError
+
+BACKLOG = 2048  # uvicorn's default
+PROBE_TIMEOUT_S = 1.0
+
+log = logging.getLogger("loom.unix")
+
+
+def remove_stale(path: Path) -> None:
+    """Delete a socket file nobody listens on; refuse when a server answers or the path is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode  # lstat: a symlink is not ours to follow or delete
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise LoomError(f"unix: {path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT_S)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # nobody accepts on it: left behind by a server that was killed
+    except FileNotFoundError:
+        return
+    except TimeoutError:
+        # A full backlog makes connect wait: somebody is there, so do not pull the socket from under them.
+        raise LoomError(f"unix: a server on {path} does not answer in time; refusing to replace it") from None
+    except OSError as exc:
+        raise LoomError(f"unix: cannot check {path}: {exc.strerror or exc}") from None
+    else:
+        raise LoomError(f"unix: another server is listening on {path}; stop it or choose another --unix-socket")
+    finally:
+        probe.close()
+    log.info("removing stale socket %s", path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class UnixListener:
+    def __init__(self, path: str) -> None:
+        self.path = Path(path).expanduser()
+        self.sock: socket.socket | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we created
+
+    def bind(self) -> list[socket.socket]:
+        remove_stale(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # bind() creates the file with the umask applied: a 0177 umask means it never exists with looser
+        # permissions, not even between bind and chmod. The umask is process-wide, so keep the window tiny.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise LoomError(f"unix: cannot bind {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)  # explicit too, for filesystems that ignore the umask
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+        sock.listen(BACKLOG)
+        self.sock = sock
+        return [sock]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._identity is None:
+            return
+        # Remove the file only if it is still the one we bound: another server may have replaced it since.
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                self.path.unlink()
+        self._identity = None

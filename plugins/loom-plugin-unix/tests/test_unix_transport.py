@@ -1,0 +1,129 @@
+"""The unix transport: a real socket file, mode 0600, stale files replaced, live servers and other files kept."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import loom_unix
+import pytest
+from loom_unix.listener import UnixListener
+
+from loom_kernel import LoomError, Transport
+from loom_kernel.config import Settings
+
+
+@pytest.fixture
+def sock_path() -> Iterator[Path]:
+    # Unix socket paths are limited to ~100 bytes; pytest's tmp_path can be longer than that.
+    with tempfile.TemporaryDirectory(prefix="loom-") as d:
+        yield Path(d) / "loom.sock"
+
+
+def stale_socket(path: Path) -> None:
+    """A socket file with nobody listening: what a killed server leaves behind."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+
+
+def test_hook_offers_unix_without_touching_the_path(sock_path: Path) -> None:
+    t = loom_unix.transport(settings=Settings(unix_socket=str(sock_path)))
+    assert isinstance(t, Transport)
+    assert t.name == "unix"
+    assert str(sock_path) in t.describe
+    assert not sock_path.exists()
+
+
+def test_bind_creates_a_0600_socket_and_cleanup_removes_it(sock_path: Path) -> None:
+    umask_before = os.umask(0o022)
+    os.umask(umask_before)
+    t = loom_unix.transport(settings=Settings(unix_socket=str(sock_path)))
+    (sock,) = t.bind()
+    try:
+        st = os.stat(sock_path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert os.umask(umask_before) == umask_before  # bind restored the process umask
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(sock_path))
+    finally:
+        t.cleanup()
+    assert not sock_path.exists()
+    assert sock.fileno() == -1
+
+
+def test_stale_socket_is_replaced(sock_path: Path) -> None:
+    stale_socket(sock_path)
+    os.chmod(sock_path, 0o644)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client, pytest.raises(ConnectionRefusedError):
+        client.connect(str(sock_path))
+    listener = UnixListener(str(sock_path))
+    listener.bind()
+    try:
+        assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600  # ours now, not the stale 0644 file
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(sock_path))
+    finally:
+        listener.close()
+    assert not sock_path.exists()
+
+
+def test_live_server_is_not_replaced(sock_path: Path) -> None:
+    first = UnixListener(str(sock_path))
+    first.bind()
+    try:
+        inode = os.stat(sock_path).st_ino
+        with pytest.raises(LoomError, match="another server is listening"):
+            UnixListener(str(sock_path)).bind()
+        assert os.stat(sock_path).st_ino == inode  # the live server's socket is untouched
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_path_that_is_not_a_socket_is_refused(sock_path: Path, kind: str) -> None:
+    if kind == "file":
+        sock_path.write_text("precious")
+    elif kind == "dir":
+        sock_path.mkdir()
+    else:
+        target = sock_path.with_name("target.sock")
+        stale_socket(target)
+        sock_path.symlink_to(target)
+    with pytest.raises(LoomError, match="exists and is not a socket"):
+        UnixListener(str(sock_path)).bind()
+    assert sock_path.exists() or sock_path.is_symlink()
+    if kind == "file":
+        assert sock_path.read_text() == "precious"
+
+
+def test_cleanup_leaves_a_socket_another_server_put_there(sock_path: Path) -> None:
+    listener = UnixListener(str(sock_path))
+    listener.bind()
+    sock_path.unlink()  # someone removed ours and started their own server on the same path
+    successor = UnixListener(str(sock_path))
+    successor.bind()
+    try:
+        listener.close()
+        assert sock_path.exists()
+    finally:
+        successor.close()
+    assert not sock_path.exists()
+
+
+def test_missing_directory_is_a_clear_error(sock_path: Path) -> None:
+    with pytest.raises(LoomError, match=r"unix: cannot bind .*nowhere"):
+        UnixListener(str(sock_path.parent / "nowhere" / "loom.sock")).bind()
+
+
+def test_path_too_long_is_a_clear_error(sock_path: Path) -> None:
+    with pytest.raises(LoomError, match="unix: cannot bind"):
+        UnixListener(str(sock_path.parent / ("x" * 200))).bind()

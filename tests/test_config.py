@@ -1,0 +1,103 @@
+"""Configuration: config.example.yaml, the precedence defaults < file < environment < CLI, unknown keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+import yaml
+
+from loom_kernel.cli import build_parser, build_settings
+from loom_kernel.config import ENV_KEYS, FILE_KEYS, ConfigError, Settings, load_settings
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.yaml"
+
+
+@pytest.fixture(autouse=True)
+def no_user_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Neither the developer's ~/.config/loom/config.yaml nor their LOOM_* variables leak into these tests."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in [*ENV_KEYS, "LOOM_CONFIG"]:
+        monkeypatch.delenv(var, raising=False)
+
+
+def write(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_example_shows_every_key_with_its_default() -> None:
+    data = yaml.safe_load(EXAMPLE.read_text())
+    assert set(data) == set(FILE_KEYS)
+    for section, keys in FILE_KEYS.items():
+        assert set(data[section]) == set(keys), section
+    loaded = load_settings(config=str(EXAMPLE), env={})
+    assert loaded.config_file == str(EXAMPLE)
+    assert attrs.evolve(loaded, config_file=None) == Settings()
+
+
+def test_example_has_a_comment_for_every_key() -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("  ") and not line.lstrip().startswith("#"):
+            assert lines[i - 1].lstrip().startswith("#"), f"no comment above {line.strip()!r}"
+
+
+def test_precedence_defaults_file_env_cli(tmp_path: Path) -> None:
+    config = write(tmp_path, {"server": {"port": 9001, "host": "10.0.0.1"}, "models": {"max_loaded": 5}})
+    env = {"LOOM_PORT": "9002", "LOOM_MAX_MODELS": "6"}
+
+    assert load_settings(env={}).port == Settings().port == 8080
+    from_file = load_settings(config=config, env={})
+    assert (from_file.port, from_file.host, from_file.max_models) == (9001, "10.0.0.1", 5)
+    from_env = load_settings(config=config, env=env)
+    assert (from_env.port, from_env.host, from_env.max_models) == (9002, "10.0.0.1", 6)
+    from_cli = load_settings(config=config, env=env, port=9003)
+    assert (from_cli.port, from_cli.host, from_cli.max_models) == (9003, "10.0.0.1", 6)
+
+
+def test_loom_config_variable_names_the_file(tmp_path: Path) -> None:
+    config = write(tmp_path, {"server": {"unix_socket": "/run/loom.sock"}})
+    assert load_settings(env={"LOOM_CONFIG": config}).unix_socket == "/run/loom.sock"
+
+
+def test_cli_flags_win_and_preload_appends(tmp_path: Path) -> None:
+    config = write(tmp_path, {"server": {"port": 9001}, "models": {"preload": ["a"]}, "gpu": {"default_device": 1}})
+    flags = ["--port", "9003", "--transport", "both", "--preload", "b", "--preload", "a", "--device", "cpu"]
+    flags += ["--max-models", "7", "--auto-unload-minutes", "0", "--log-level", "debug"]
+    args = build_parser().parse_args(["serve", "--config", config, *flags])
+    s = build_settings(args, env={"LOOM_PORT": "9002", "LOOM_PRELOAD": "a,c", "LOOM_DEFAULT_DEVICE": "cuda:0"})
+    assert s.port == 9003
+    assert s.transports == ["http", "unix"]
+    assert s.preload == ["a", "c", "b"]  # env replaced the file's list; the flags added to it, once each
+    assert (s.default_device, s.max_models, s.auto_unload_minutes, s.log_level) == ("cpu", 7, 0.0, "debug")
+
+
+def test_cli_without_flags_keeps_file_and_env(tmp_path: Path) -> None:
+    config = write(tmp_path, {"gpu": {"default_device": 1}, "models": {"auto_unload_minutes": 5}})
+    s = build_settings(build_parser().parse_args(["serve", "--config", config]), env={"LOOM_HOST": "::1"})
+    assert (s.default_device, s.auto_unload_minutes, s.host, s.port) == ("cuda:1", 5.0, "::1", 8080)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
+    config = write(tmp_path, {"server": {"prot": 9001}})
+    with pytest.raises(ConfigError, match=r"unknown key server\.prot") as exc:
+        load_settings(config=config, env={})
+    assert exc.value.field == "server.prot"
+    assert "port" in exc.value.allowed
+
+
+def test_unknown_section_is_an_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown section 'severs'"):
+        load_settings(config=write(tmp_path, {"severs": {"port": 1}}), env={})
+
+
+def test_bad_value_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        load_settings(config=write(tmp_path, {"server": {"port": "eighty"}}), env={})
+    with pytest.raises(ConfigError, match="LOOM_MAX_MODELS"):
+        load_settings(env={"LOOM_MAX_MODELS": "many"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(config=str(tmp_path / "nope.yaml"), env={})
