@@ -116,25 +116,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def probe_report(model: str, revision: str | None, settings: Settings) -> dict[str, Any]:
     """What GET /loaders/probe/{model} answers, computed without a server."""
-    from loom_kernel.plugins import create_plugin_manager, loader_names
-    from loom_kernel.resolve import resolve_model
+    from loom_kernel.models import ModelManager
+    from loom_kernel.plugins import create_plugin_manager
 
-    pm = create_plugin_manager()
-    ref = resolve_model(model, revision, aliases=settings.aliases, allowed_paths=settings.allowed_paths)
-    ranking = sorted((r for r in pm.hook.probe(model=ref) if r is not None), key=lambda r: (-r.score, r.loader))
-    # A score of 0 means "cannot load": the top of the ranking is selected only if it can.
-    selected = next((r.loader for r in ranking if r.score > 0), None)
-    return {
-        "model": ref.id,
-        "path": str(ref.path) if ref.path else None,
-        "source": ref.source,
-        "selected": selected,
-        "ranking": [
-            {"loader": r.loader, "score": r.score, "reason": r.reason, "selected": r.loader == selected}
-            for r in ranking
-        ],
-        "loaders_without_opinion": sorted(set(loader_names(pm)) - {r.loader for r in ranking}),
-    }
+    return ModelManager(create_plugin_manager(), settings).probe_report(model, revision)
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -125,6 +125,23 @@ class ModelManager:
         results = [r for r in self.pm.hook.probe(model=ref) if r is not None]
         return sorted(results, key=lambda r: (-r.score, r.loader))
 
+    def probe_report(self, model_id: str, revision: str | None = None) -> dict[str, Any]:
+        """Every plugin's answer for a model, best first; the top loader with a score above 0 is selected."""
+        ref = self.resolve(model_id, revision)
+        ranking = self.rank(ref)
+        selected = next((r.loader for r in ranking if r.score > 0), None)
+        return {
+            "model": ref.id,
+            "path": str(ref.path) if ref.path else None,
+            "source": ref.source,
+            "selected": selected,
+            "ranking": [
+                {"loader": r.loader, "score": r.score, "reason": r.reason, "selected": r.loader == selected}
+                for r in ranking
+            ],
+            "loaders_without_opinion": sorted(set(loader_names(self.pm)) - {r.loader for r in ranking}),
+        }
+
     def choose_loader(self, ref: ModelRef, requested: str | None) -> str:
         known = loader_names(self.pm)
         if requested is not None:

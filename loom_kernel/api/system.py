@@ -74,17 +74,4 @@ class SystemController(Controller):
 
     @get("/loaders/probe/{model_id:path}", sync_to_thread=True)
     def probe(self, model_id: str, manager: ModelManager) -> dict[str, Any]:
-        ref = manager.resolve(strip_path(model_id))
-        ranking = manager.rank(ref)
-        selected = next((r.loader for r in ranking if r.score > 0), None)
-        return {
-            "model": ref.id,
-            "path": str(ref.path) if ref.path else None,
-            "source": ref.source,
-            "selected": selected,
-            "ranking": [
-                {"loader": r.loader, "score": r.score, "reason": r.reason, "selected": r.loader == selected}
-                for r in ranking
-            ],
-            "loaders_without_opinion": sorted(set(loader_names(manager.pm)) - {r.loader for r in ranking}),
-        }
+        return manager.probe_report(strip_path(model_id))
