@@ -23,8 +23,8 @@ def state_request(data: CaptureFields, settings: Settings, wanted: bool) -> Stat
         layers=data.hidden_state_layers,
         positions=data.positions,
         return_full_sequence=data.return_full_sequence,
-        fmt=data.hidden_state_format,
-        dtype=data.hidden_state_dtype,
+        fmt=data.hidden_state_format or settings.default_format,
+        dtype=data.hidden_state_dtype or settings.default_precision,
         default_layers=settings.default_layers,
     )
 

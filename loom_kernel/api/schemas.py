@@ -36,8 +36,8 @@ class CaptureFields(LoadFields, kw_only=True):
     hidden_state_layers: LayerSpec | None = None
     return_full_sequence: bool = False
     positions: PositionSpec | None = None
-    hidden_state_format: str = "list"
-    hidden_state_dtype: str = "float32"
+    hidden_state_format: str | None = None  # None: the server's hidden_states.default_format
+    hidden_state_dtype: str | None = None  # None: the server's hidden_states.precision
 
 
 class GenerateRequest(CaptureFields, kw_only=True):
