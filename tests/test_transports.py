@@ -11,13 +11,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pluggy
 import pytest
+from serverutil import server_env, wait_for
 
 from loom_kernel import LoomError, Transport, hookimpl
 from loom_kernel.config import ConfigError, Settings, load_settings
@@ -93,25 +93,6 @@ def test_failed_bind_cleans_up_the_transports_already_bound(pm: pluggy.PluginMan
 
 
 # -- a real server ----------------------------------------------------------------------------------------------
-
-
-def server_env(home: Path) -> dict[str, str]:
-    """The caller's environment without Loom settings, so the server runs with defaults and loads no model."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}  # LOOM_LOAD_PLUGINS too: all plugins
-    env.update(HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # HOME: no ~/.config/loom/config.yaml
-    return env
-
-
-def wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text()
-        if m := re.search(pattern, text):
-            return m
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode} before {pattern!r}:\n{text}")
-        time.sleep(0.05)
-    pytest.fail(f"no {pattern!r} within {timeout} s:\n{log.read_text()}")
 
 
 @pytest.mark.slow
