@@ -211,13 +211,18 @@ class ModelManager:
         return await self._load(model_id, ref, chosen, opts, replacing=entry)
 
     def _differs(self, entry: ModelEntry, loader: str | None, explicit: dict[str, Any]) -> bool:
+        """Whether the request names a loader or option the entry was not loaded with.
+
+        Device and dtype also match what the loader resolved: "float32" is the same as an "auto" that became
+        float32, so asking explicitly for what is loaded does not reload it."""
         if loader is not None and loader != entry.loader:
             return True
         current = attrs.asdict(entry.options, recurse=False)
-        if "device" in explicit and explicit["device"] != entry.options.device:
-            loaded = entry.loaded
-            return not (loaded is not None and explicit["device"] == loaded.device)
-        return any(current.get(k) != v for k, v in explicit.items() if k != "device")
+        for key, value in explicit.items():
+            actual = getattr(entry.loaded, key, None) if key in ("device", "dtype") else None
+            if value not in (current.get(key), actual):
+                return True
+        return False
 
     async def _wait_ready(self, entry: ModelEntry) -> ModelEntry:
         if entry.ready is not None and not entry.ready.done():

@@ -48,7 +48,10 @@ def _from_hf_cache(model_id: str, revision: str | None) -> Path | None:
     except ImportError:
         return None
     for name in ("config.json", "modules.json", "loom.json"):
-        hit = try_to_load_from_cache(model_id, name, revision=revision)
+        try:
+            hit = try_to_load_from_cache(model_id, name, revision=revision)
+        except Exception:  # not a valid repo id (HFValidationError): simply not in the cache
+            return None
         if isinstance(hit, str):
             return Path(hit).parent
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():

@@ -42,11 +42,17 @@ def test_list_format_rounds_through_the_wire_dtype():
 
 def test_safetensors_body_carries_json_in_metadata():
     a, b = torch.randn(1, 8), torch.randn(5, 8)
-    body = safetensors_body({"text": "hi"}, {"hidden_states": {"-1": a}, "sequence_hidden_states": {"-1": b}}, "float32")
+    body = safetensors_body(
+        {"text": "hi"}, {"hidden_states": {"-1": a}, "sequence_hidden_states": {"-1": b}}, "float32"
+    )
     tensors = load(body)
     assert torch.equal(tensors["hidden_states.-1"], a) and torch.equal(tensors["sequence_hidden_states.-1"], b)
     meta = json.loads(safetensors_metadata(body)["loom"])
-    assert meta["text"] == "hi" and meta["hidden_states"]["-1"] == {"tensor": "hidden_states.-1", "shape": [1, 8], "dtype": "float32"}
+    assert meta["text"] == "hi" and meta["hidden_states"]["-1"] == {
+        "tensor": "hidden_states.-1",
+        "shape": [1, 8],
+        "dtype": "float32",
+    }
 
 
 def test_unknown_format_names_the_allowed_ones():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, delete, get, post
+from litestar import Controller, Request, delete, get, post
 
 from loom_kernel.api.schemas import LoadRequest
-from loom_kernel.api.system import strip_path
+from loom_kernel.api.system import path_model_id
 from loom_kernel.models import ModelManager
 
 
@@ -29,7 +29,7 @@ class ModelsController(Controller):
         return {"status": "loaded", "model": entry.describe(manager.auto_unload_seconds)}
 
     @delete("/{model_id:path}", status_code=200)
-    async def unload(self, model_id: str, manager: ModelManager) -> dict[str, Any]:
-        model_id = strip_path(model_id)
+    async def unload(self, model_id: str, request: Request, manager: ModelManager) -> dict[str, Any]:
+        model_id = path_model_id(request, "/models/", model_id)
         await manager.unload(model_id)
         return {"status": "unloaded", "model_id": model_id}

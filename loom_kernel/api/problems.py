@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
@@ -77,8 +78,11 @@ def on_validation(request: Request, exc: ValidationException) -> Response:
 
 
 def on_http(request: Request, exc: HTTPException) -> Response:
-    extra = {"allowed": exc.extra} if exc.extra else {}
-    return problem(request, exc.status_code, exc.__class__.__name__, str(exc.detail), **extra)
+    extra: dict[str, Any] = {"allowed": exc.extra} if exc.extra else {}
+    detail = str(exc.detail)
+    if exc.status_code == 400 and "JSON" in detail:
+        extra["field"] = "body"
+    return problem(request, exc.status_code, HTTPStatus(exc.status_code).phrase, detail, **extra)
 
 
 def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import unquote
 
 import pluggy
-from litestar import Controller, get
+from litestar import Controller, Request, get
 
 from loom_kernel import __version__
 from loom_kernel.config import Settings
@@ -14,8 +15,15 @@ from loom_kernel.models import ModelManager
 from loom_kernel.plugins import describe_plugins, loader_names
 
 
-def strip_path(model_id: str) -> str:
-    """``{model_id:path}`` keeps the route's slash: ``/org/name`` is ``org/name``, ``//data/ckpt`` is ``/data/ckpt``."""
+def path_model_id(request: Request, prefix: str, model_id: str) -> str:
+    """Everything after ``prefix`` in the raw path: ``/models/org/name`` is ``org/name`` and an absolute path
+    arrives with its slash doubled, ``/models//data/ckpt`` is ``/data/ckpt`` (the router collapses ``//``, so
+    the path parameter alone cannot tell them apart)."""
+    raw = request.scope.get("raw_path")
+    if raw:
+        path = unquote(raw.decode("latin-1").partition("?")[0])
+        if path.startswith(prefix):
+            return path[len(prefix) :]
     return model_id[1:] if model_id.startswith("/") else model_id
 
 
@@ -73,5 +81,5 @@ class SystemController(Controller):
         }
 
     @get("/loaders/probe/{model_id:path}", sync_to_thread=True)
-    def probe(self, model_id: str, manager: ModelManager) -> dict[str, Any]:
-        return manager.probe_report(strip_path(model_id))
+    def probe(self, model_id: str, request: Request, manager: ModelManager) -> dict[str, Any]:
+        return manager.probe_report(path_model_id(request, "/loaders/probe/", model_id))

@@ -1,0 +1,147 @@
+"""Tiny models built offline, for The Loom's tests and for third-party plugins' tests.
+
+``build_tiny_model("llama", root)`` trains a small tokenizer in-process, builds a randomly initialised model with
+``from_config`` under a fixed seed, and saves both with ``save_pretrained``: a directory any loader can load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "bert")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hidden states are the activations a transformer computes at every layer.",
+    "The meaning of life is a question people have asked for a very long time.",
+    "Hello world! How are you today? I am fine, thank you for asking.",
+    "Researchers study how representations change from the first layer to the last.",
+    "A model reads a prompt, one token at a time, and writes the next token.",
+    "Embeddings place sentences with similar meaning close together in a vector space.",
+    "Interpretability and alignment research need access to the internals of models.",
+    "Numbers like 1, 2, 3, 42 and 1000 appear in text as well as words.",
+    "The Loom exposes what production inference servers hide.",
+]
+
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def train_tokenizer(arch: str) -> Any:
+    """A PreTrainedTokenizerFast with the special-token behaviour of the real family."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if arch == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if arch in ("llama", "mistral") else None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if arch in ("llama", "mistral"):  # these families prepend BOS; GPT-2 and Qwen2 add nothing
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    if arch == "llama":
+        fast.chat_template = LLAMA_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
+    import transformers
+
+    common = {"vocab_size": len(tokenizer)}
+    if arch == "bert":
+        cfg = transformers.BertConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+    else:
+        cls = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+        }
+        cfg = cls[arch](
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **common,
+        )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_tiny_model(arch: str, root: Path, name: str | None = None, **overrides: Any) -> Path:
+    """Build (once) and save a tiny ``arch`` model under ``root/name``; ``overrides`` set config attributes."""
+    import torch
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHITECTURES}")
+    out = Path(root) / (name or f"tiny-{arch}")
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    tokenizer = train_tokenizer(arch)
+    config = tiny_config(arch, tokenizer, **overrides)
+    torch.manual_seed(0)
+    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,32 @@
+"""The Loom's transformers loader: probe from config.json, load with the Auto classes, capture with hooks."""
+
+from __future__ import annotations
+
+from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
+
+NAME = "transformers"
+
+
+@hookimpl
+def probe(model: ModelRef) -> ProbeResult | None:
+    from loom_transformers.loading import probe_config
+
+    return probe_config(model.config)
+
+
+@hookimpl
+def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | None:
+    if loader != NAME:
+        return None
+    from loom_transformers.loading import load_model
+
+    return load_model(model, options)
+
+
+@hookimpl
+def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
+    if model.loader != NAME:
+        return None
+    from loom_transformers.running import run_batch
+
+    return run_batch(model, batch, capture)

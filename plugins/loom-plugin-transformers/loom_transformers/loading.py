@@ -1,0 +1,151 @@
+"""Probing a config.json and loading a model with transformers' Auto classes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
+from loom_kernel.errors import InvalidField, LoadFailed
+
+log = logging.getLogger("loom.transformers")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def probe_config(config: dict[str, Any] | None) -> ProbeResult | None:
+    if not config:
+        return None
+    archs = config.get("architectures") or []
+    if archs:
+        return ProbeResult(loader="transformers", score=0.5, reason=f"config.json with architectures {archs}")
+    if config.get("model_type"):
+        return ProbeResult(
+            loader="transformers", score=0.1, reason=f"config.json with model_type {config['model_type']!r} only"
+        )
+    return None
+
+
+def is_causal(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InvalidField(
+                f"device: {device!r} asked for, but this machine has no CUDA device", field="device", allowed=["cpu"]
+            )
+        suffix = device.partition(":")[2]
+        index = int(suffix or 0) if suffix.isdigit() or not suffix else -1
+        count = torch.cuda.device_count()
+        if not 0 <= index < count:
+            raise InvalidField(
+                f"device: {device!r} does not exist",
+                field="device",
+                allowed=["cpu", *(f"cuda:{i}" for i in range(count))],
+            )
+        return f"cuda:{index}"
+    raise InvalidField(f"device: unknown device {device!r}", field="device", allowed=["cpu", "cuda:N", "auto"])
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise InvalidField(f"dtype: unknown dtype {name!r}", field="dtype", allowed=list(DTYPES))
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        major, _ = torch.cuda.get_device_capability(torch.device(device))
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.float32
+
+
+def count_layers(config: Any) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise LoadFailed(f"config of type {type(config).__name__} names no layer count", field="model")
+
+
+def max_context(config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
+    import transformers
+
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    target = ref.load_target
+    start = time.perf_counter()
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+    if ref.revision:
+        kwargs["revision"] = ref.revision
+    if options.quantization_plan is not None:
+        kwargs.update(options.quantization_plan.load_kwargs)
+    if options.device_map:
+        kwargs["device_map"] = options.device_map
+    try:
+        config = transformers.AutoConfig.from_pretrained(target, **_only(kwargs, "revision", "trust_remote_code"))
+        causal = is_causal(config)
+        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = auto.from_pretrained(target, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(target, **_only(kwargs, "revision", "trust_remote_code"))
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise LoadFailed(f"model: transformers could not load {ref.id!r}: {exc}", field="model") from exc
+    if "device_map" not in kwargs and options.quantization_plan is None:
+        model.to(device)
+    model.eval()
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    loaded = LoadedModel(
+        ref=ref,
+        loader="transformers",
+        model=model,
+        tokenizer=tokenizer,
+        options=options,
+        num_layers=count_layers(model.config),
+        hidden_size=int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)),
+        kind="causal" if causal else "encoder",
+        device=str(model.get_input_embeddings().weight.device),
+        dtype=str(dtype).removeprefix("torch."),
+        size_bytes=size,
+        load_seconds=time.perf_counter() - start,
+        max_context=max_context(model.config),
+    )
+    log.info(
+        "transformers loaded %s (%s, %s) from %s: %.1f MiB on %s as %s in %.2f s",
+        ref.id,
+        type(model).__name__,
+        loaded.kind,
+        target,
+        size / 2**20,
+        loaded.device,
+        loaded.dtype,
+        loaded.load_seconds,
+    )
+    return loaded
+
+
+def _only(kwargs: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: kwargs[k] for k in keys if k in kwargs}

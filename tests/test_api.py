@@ -1,0 +1,293 @@
+"""The REST API against transformers' own output_hidden_states and generate, on tiny offline models."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from litestar.testing import AsyncTestClient
+from safetensors.torch import load as load_safetensors
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loom_kernel.api import create_app
+from loom_kernel.config import Settings
+
+CAUSAL = ["llama", "mistral", "qwen2", "gpt2"]
+TEXT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture
+async def client():
+    app = create_app(settings=Settings(default_device="cpu", max_models=8))
+    async with AsyncTestClient(app=app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' own model and tokenizer per directory, loaded once."""
+    cache: dict[str, tuple] = {}
+
+    def get(path):
+        key = str(path)
+        if key not in cache:
+            model = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+            cache[key] = (model, AutoTokenizer.from_pretrained(key))
+        return cache[key]
+
+    return get
+
+
+def decode(entry: dict) -> np.ndarray:
+    if entry.get("encoding") == "base64":
+        arr = np.frombuffer(base64.b64decode(entry["data"]), dtype="<f4")
+    else:
+        arr = np.asarray(entry["data"], dtype=np.float32)
+    return arr.reshape(entry["shape"])
+
+
+def rel_err(got: np.ndarray, want: torch.Tensor) -> float:
+    w = want.float().numpy()
+    return float(np.abs(got - w).max() / max(np.abs(w).max(), 1e-12))
+
+
+def hf_states(model, ids: list[int]) -> tuple:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+@pytest.mark.parametrize("fmt", ["list", "base64"])
+async def test_extract_equals_output_hidden_states(client, tiny_models, reference, arch, fmt):
+    model, tok = reference(tiny_models[arch])
+    n = model.config.num_hidden_layers
+    layers = [0, 1, -1, -2, n]
+    r = await client.post(
+        "/extract",
+        json={
+            "model": str(tiny_models[arch]),
+            "text": TEXT,
+            "hidden_state_layers": layers,
+            "return_full_sequence": True,
+            "hidden_state_format": fmt,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_ids"] == tok(TEXT)["input_ids"]
+    ref = hf_states(model, body["token_ids"])
+    for k in layers:
+        key = str(k)
+        seq = decode(body["sequence_hidden_states"][key])
+        assert seq.shape == (len(body["token_ids"]), model.config.hidden_size)
+        assert rel_err(seq, ref[k][0]) < 1e-5, key
+        last = decode(body["hidden_states"][key])
+        assert last.shape == (1, model.config.hidden_size)
+        assert rel_err(last, ref[k][0, -1:]) < 1e-5
+    assert body["layer_indices"] == {str(k): (k if k >= 0 else n + 1 + k) for k in layers}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+async def test_extract_all_layers_and_safetensors(client, tiny_models, reference, arch):
+    model, _ = reference(tiny_models[arch])
+    n = model.config.num_hidden_layers
+    r = await client.post(
+        "/extract",
+        json={
+            "model": str(tiny_models[arch]),
+            "text": TEXT,
+            "hidden_state_layers": "all",
+            "positions": "all",
+            "hidden_state_format": "safetensors",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/vnd.loom.safetensors")
+    tensors = load_safetensors(r.content)
+    size = int.from_bytes(r.content[:8], "little")
+    meta = json.loads(json.loads(r.content[8 : 8 + size])["__metadata__"]["loom"])
+    assert sorted(meta["sequence_hidden_states"], key=int) == [str(k) for k in range(-n, 0)]
+    ref = hf_states(model, meta["token_ids"])
+    for k in range(-n, 0):
+        assert rel_err(tensors[f"sequence_hidden_states.{k}"].numpy(), ref[k][0]) < 1e-5
+        assert rel_err(tensors[f"hidden_states.{k}"].numpy(), ref[k][0, -1:]) < 1e-5
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+async def test_greedy_generate_equals_transformers(client, tiny_models, reference, arch):
+    model, tok = reference(tiny_models[arch])
+    ids = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = model.generate(**ids, do_sample=False, max_new_tokens=12)[0, ids["input_ids"].shape[1] :].tolist()
+    r = await client.post(
+        "/generate",
+        json={
+            "model": str(tiny_models[arch]),
+            "prompt": TEXT,
+            "max_tokens": 12,
+            "temperature": 0,
+            "return_hidden_states": True,
+            "hidden_state_layers": [-1, 1],
+            "return_full_sequence": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_ids"] == want
+    assert body["token_count"] == len(want)
+    assert body["text"] == tok.decode(want, skip_special_tokens=True)
+    # Every row, prompt and generated, equals one forward pass over the final sequence.
+    final = ids["input_ids"][0].tolist() + want
+    ref = hf_states(model, final)
+    for key, idx in (("-1", -1), ("1", 1)):
+        seq = decode(body["sequence_hidden_states"][key])
+        assert seq.shape[0] == len(final)
+        assert rel_err(seq, ref[idx][0]) < 1e-4
+        assert rel_err(decode(body["hidden_states"][key]), ref[idx][0, -1:]) < 1e-4
+    assert body["positions"] == list(range(len(final)))
+
+
+async def test_generate_last_state_and_generated_positions(client, tiny_models, reference):
+    model, tok = reference(tiny_models["qwen2"])
+    path = str(tiny_models["qwen2"])
+    r = await client.post(
+        "/generate", json={"model": path, "prompt": TEXT, "max_tokens": 5, "return_hidden_states": True}
+    )
+    body = r.json()
+    assert "sequence_hidden_states" not in body and list(body["hidden_states"]) == ["-1"]
+    final = tok(TEXT)["input_ids"] + body["token_ids"]
+    ref = hf_states(model, final)
+    assert rel_err(decode(body["hidden_states"]["-1"]), ref[-1][0, -1:]) < 1e-4
+    r = await client.post(
+        "/generate",
+        json={
+            "model": path,
+            "prompt": TEXT,
+            "max_tokens": 5,
+            "positions": "generated",
+            "hidden_state_format": "base64",
+        },
+    )
+    body = r.json()
+    prompt_len = len(tok(TEXT)["input_ids"])
+    assert body["positions"] == list(range(prompt_len, prompt_len + 5))
+    assert rel_err(decode(body["sequence_hidden_states"]["-1"]), ref[-1][0, prompt_len:]) < 1e-4
+
+
+async def test_seeded_sampling_repeats(client, tiny_models):
+    body = {"model": str(tiny_models["llama"]), "prompt": "Hello", "max_tokens": 10, "temperature": 1.0, "seed": 7}
+    a = (await client.post("/generate", json=body)).json()
+    b = (await client.post("/generate", json=body)).json()
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) > 0
+
+
+async def test_probe_ranking_and_loader_override(client, tiny_models):
+    path = str(tiny_models["llama"])
+    r = await client.get(f"/loaders/probe/{path}")  # an absolute path: its slash doubled after the prefix
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["selected"] == "transformers"
+    assert body["ranking"][0] == {
+        "loader": "transformers",
+        "score": 0.5,
+        "reason": body["ranking"][0]["reason"],
+        "selected": True,
+    }
+    assert (await client.get(f"/loaders/probe/{path}")).json() == body
+    loaders = (await client.get("/loaders")).json()["loaders"]
+    assert "transformers" in [row["name"] for row in loaders]
+    r = await client.post("/extract", json={"model": path, "text": "hi", "loader": "transformers"})
+    assert r.status_code == 200 and r.json()["metadata"]["loader"] == "transformers"
+    r = await client.post("/extract", json={"model": path, "text": "hi", "loader": "nope"})
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["field"] == "loader" and "transformers" in r.json()["allowed"]
+
+
+async def test_models_load_list_unload_with_slashed_ids(client, tiny_models):
+    path = str(tiny_models["gpt2"])
+    r = await client.post("/models/load", json={"model": path})
+    assert r.status_code == 200, r.text
+    listed = (await client.get("/models")).json()
+    row = next(m for m in listed["loaded_models"] if m["model_id"] == path)
+    assert row["state"] == "ready" and row["idle_seconds"] >= 0 and row["auto_unload_in"] <= 20 * 60
+    assert listed["max_models"] == 8 and listed["auto_unload_minutes"] == 20
+    assert path in (await client.get("/health")).json()["loaded_models"]
+    r = await client.delete(f"/models/{path}")
+    assert r.status_code == 200, r.text
+    assert r.json()["model_id"] == path
+    r = await client.delete(f"/models/{path}")
+    assert r.status_code == 404 and r.json()["field"] == "model_id"
+    r = await client.delete("/models/org/name")
+    assert r.status_code == 404 and "'org/name'" in r.json()["detail"]
+
+
+BAD = [
+    ({"model": "no/such-model", "prompt": "hi"}, 404, "model"),
+    ({"prompt": "hi"}, 422, "model"),
+    ({"model": "M", "prompt": ""}, 422, "prompt"),
+    ({"model": "M", "prompt": "hi", "max_tokens": -1}, 422, "max_tokens"),
+    ({"model": "M", "prompt": "hi", "max_tokens": "ten"}, 422, "max_tokens"),
+    ({"model": "M", "prompt": "hi", "max_tokens": 10**6}, 422, "max_tokens"),
+    ({"model": "M", "prompt": 5}, 422, "prompt"),
+    (
+        {"model": "M", "prompt": "hi", "hidden_state_layers": [99], "return_hidden_states": True},
+        422,
+        "hidden_state_layers",
+    ),
+    (
+        {"model": "M", "prompt": "hi", "hidden_state_layers": "most", "return_hidden_states": True},
+        422,
+        "hidden_state_layers",
+    ),
+    ({"model": "M", "prompt": "hi", "hidden_state_format": "numpy"}, 422, "hidden_state_format"),
+    ({"model": "M", "prompt": "hi", "hidden_state_dtype": "int8"}, 422, "hidden_state_dtype"),
+    ({"model": "M", "prompt": "hi", "positions": "first"}, 422, "positions"),
+    ({"model": "M", "prompt": "hi", "temperature": -1}, 422, "temperature"),
+    ({"model": "M", "prompt": "hi", "dtype": "float8"}, 422, "dtype"),
+    ({"model": "M", "prompt": "hi", "device": "cuda:0"}, 422, "device"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD)
+async def test_bad_input_is_a_named_4xx_and_the_server_keeps_serving(client, tiny_models, body, status, field):
+    if body.get("model") == "M":
+        body = {**body, "model": str(tiny_models["gpt2"])}
+    if body.get("device") == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = await client.post("/generate", json=body)
+    assert r.status_code == status, r.text
+    problem = r.json()
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert problem["field"] == field and problem["status"] == status and problem["detail"]
+    assert r.headers["x-request-id"] == problem["request_id"]
+    ok = await client.post("/extract", json={"model": str(tiny_models["gpt2"]), "text": "still serving"})
+    assert ok.status_code == 200
+
+
+async def test_malformed_json_and_unknown_route(client):
+    r = await client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    r = await client.post("/generate", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert (await client.get("/nowhere")).status_code == 404
+    assert (await client.get("/health")).json()["status"] == "ok"
+
+
+async def test_encoder_cannot_generate_but_extracts(client, tiny_models):
+    r = await client.post("/generate", json={"model": str(tiny_models["bert"]), "prompt": "hi"})
+    assert r.status_code == 422 and r.json()["field"] == "model"
+    r = await client.post(
+        "/extract", json={"model": str(tiny_models["bert"]), "text": "hi", "hidden_state_layers": [0, -1]}
+    )
+    assert r.status_code == 200 and r.json()["tokens"][0] == "[CLS]"
+
+
+async def test_openapi_schema(client):
+    r = await client.get("/schema/openapi.json")
+    paths = r.json()["paths"]
+    for path in ("/generate", "/v1/generate", "/extract", "/health", "/models", "/models/load", "/loaders", "/plugins"):
+        assert path in paths

@@ -1,0 +1,150 @@
+"""One test per hookspec, through a real plugin manager, plus pluggy's check_pending."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernel import LoadOptions, ModelRef, ProbeResult, QuantizationPlan, hookimpl
+from loom_kernel.config import Settings
+from loom_kernel.errors import MissingBackend
+from loom_kernel.models import ModelManager
+from loom_kernel.plugins import ENTRY_POINT_GROUP, create_plugin_manager, describe_plugins, loader_names
+
+
+class ToyPlugin:
+    """A third-party plugin registered in-process, as a test would."""
+
+    @hookimpl
+    def probe(self, model: ModelRef) -> ProbeResult | None:
+        if (model.manifest or {}).get("toy"):
+            return ProbeResult(loader="toy", score=1.0, reason="loom.json says toy")
+        return ProbeResult(loader="toy", score=0.05, reason="last resort")
+
+    @hookimpl
+    def load(self, model: ModelRef, loader: str, options: LoadOptions) -> None:
+        return None  # never asked in these tests; implementing load makes "toy" a loader name
+
+    @hookimpl
+    def quantize(self, method: str, options: LoadOptions) -> QuantizationPlan | None:
+        return (
+            QuantizationPlan(method=method, load_kwargs={"toy_bits": 3}, provider="toy") if method == "3bit" else None
+        )
+
+    @hookimpl
+    def pool(self, output, strategy: str, mask):
+        return output.float().sum(1) if strategy == "toy_sum" else None
+
+
+@pytest.fixture
+def pm():
+    pm = create_plugin_manager()
+    toy = ToyPlugin()
+    pm.register(toy, name="toy")
+    pm.check_pending()
+    yield pm
+    pm.unregister(toy)
+
+
+def test_entry_points_are_real_installed_distributions():
+    names = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert {"transformers", "http", "unix"} <= names
+    pm = create_plugin_manager()
+    pm.check_pending()
+    rows = {r["name"]: r for r in describe_plugins(pm)}
+    assert rows["transformers"]["package"] == "loom-plugin-transformers"
+    assert "load" in rows["transformers"]["hooks"] and "probe" in rows["transformers"]["hooks"]
+    assert rows["http"]["hooks"] == ["transport"]
+
+
+def test_load_plugins_env_limits_entry_points(monkeypatch):
+    monkeypatch.setenv("LOOM_LOAD_PLUGINS", "http")
+    names = {r["name"] for r in describe_plugins(create_plugin_manager())}
+    assert "http" in names and "transformers" not in names and "unix" not in names
+    monkeypatch.setenv("LOOM_LOAD_PLUGINS", "")
+    assert loader_names(create_plugin_manager()) == []
+
+
+def test_probe(pm, tiny_models):
+    manager = ModelManager(pm, Settings())
+    ref = manager.resolve(str(tiny_models["llama"]))
+    ranking = manager.rank(ref)
+    assert [r.loader for r in ranking] == ["transformers", "toy"]
+    assert ranking[0].score == 0.5 and ranking[1].score == 0.05
+    assert manager.rank(ref) == ranking  # deterministic
+    assert manager.choose_loader(ref, None) == "transformers"
+    assert manager.choose_loader(ref, "toy") == "toy"
+
+
+def test_load(pm, tiny_models):
+    manager = ModelManager(pm, Settings())
+    ref = manager.resolve(str(tiny_models["gpt2"]))
+    loaded = pm.hook.load(model=ref, loader="transformers", options=LoadOptions())
+    assert loaded.loader == "transformers" and loaded.num_layers == loaded.model.config.n_layer
+    assert pm.hook.load(model=ref, loader="nobody", options=LoadOptions()) is None
+
+
+def test_forward_with_states(pm, tiny_models):
+    from loom_kernel import Batch
+    from loom_kernel.capture import make_capture
+
+    manager = ModelManager(pm, Settings())
+    loaded = pm.hook.load(
+        model=manager.resolve(str(tiny_models["llama"])), loader="transformers", options=LoadOptions()
+    )
+    capture = make_capture([0, -1], "all", loaded.num_layers)
+    out = pm.hook.forward_with_states(model=loaded, batch=Batch(texts=("hello world",)), capture=capture)
+    row = out.rows[0]
+    ids = torch.tensor([row.token_ids])
+    with torch.inference_mode():
+        ref = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(row.states["0"], ref[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row.states["-1"], ref[-1][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pool(pm, side):
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    lengths = [5, 3, 1]
+    mask = np.zeros((3, 5), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        if side == "right":
+            mask[i, :n] = 1
+        else:
+            mask[i, 5 - n :] = 1
+    t, m = torch.from_numpy(states), torch.from_numpy(mask)
+    for i in range(3):
+        real = states[i][mask[i] == 1]
+        expected = {
+            "mean": real.mean(0),
+            "max": real.max(0),
+            "cls": real[0],
+            "first_token": real[0],
+            "last_token": real[-1],
+        }
+        for strategy, want in expected.items():
+            got = pm.hook.pool(output=t, strategy=strategy, mask=m)[i].numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=strategy)
+    assert pm.hook.pool(output=t, strategy="none", mask=m).shape == (3, 5, 4)
+    # A plugin adds a strategy by name; unknown names fall through to None.
+    np.testing.assert_allclose(pm.hook.pool(output=t, strategy="toy_sum", mask=m).numpy(), states.sum(1), rtol=1e-6)
+    assert pm.hook.pool(output=t, strategy="nope", mask=m) is None
+
+
+def test_quantize(pm):
+    manager = ModelManager(pm, Settings(default_device="cpu"))
+    opts = manager.options(quantization="3bit")
+    assert opts.quantization_plan == QuantizationPlan(method="3bit", load_kwargs={"toy_bits": 3}, provider="toy")
+    with pytest.raises(MissingBackend) as err:
+        manager.options(quantization="gptq")
+    assert "pip install loom-plugin-gptq" in err.value.detail and err.value.status == 424
+
+
+def test_transport(pm, tmp_path):
+    settings = Settings(port=0, unix_socket=str(tmp_path / "t.sock"))
+    names = sorted(t.name for t in pm.hook.transport(settings=settings) if t is not None)
+    assert names == ["http", "unix"]
