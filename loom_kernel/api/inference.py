@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pluggy
 from litestar import Controller, Response, post
+from litestar.params import JSONBody
 
+from loom_kernel.api.deps import Config, Manager, Plugins
 from loom_kernel.api.schemas import CaptureFields, ExtractRequest, GenerateRequest
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inference import StateRequest, finish, forward, model_metadata, state_payload, timing
-from loom_kernel.models import ModelManager
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 
 
@@ -60,7 +60,7 @@ class InferenceController(Controller):
 
     @post(["/generate", "/v1/generate"], status_code=200)
     async def generate(
-        self, data: GenerateRequest, manager: ModelManager, pm: pluggy.PluginManager, settings: Settings
+        self, data: JSONBody[GenerateRequest], manager: Manager, pm: Plugins, settings: Config
     ) -> Response:
         req = state_request(data, settings, data.return_hidden_states)
         params = generation_params(data, settings)
@@ -99,7 +99,7 @@ class InferenceController(Controller):
 
     @post("/extract", status_code=200)
     async def extract(
-        self, data: ExtractRequest, manager: ModelManager, pm: pluggy.PluginManager, settings: Settings
+        self, data: JSONBody[ExtractRequest], manager: Manager, pm: Plugins, settings: Config
     ) -> Response:
         req = state_request(data, settings, True)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())

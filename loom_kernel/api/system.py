@@ -6,12 +6,11 @@ import time
 from typing import Any
 from urllib.parse import unquote
 
-import pluggy
 from litestar import Controller, Request, get
+from litestar.params import FromPath
 
 from loom_kernel import __version__
-from loom_kernel.config import Settings
-from loom_kernel.models import ModelManager
+from loom_kernel.api.deps import Config, Manager, Plugins
 from loom_kernel.plugins import describe_plugins, loader_names
 
 
@@ -53,7 +52,7 @@ class SystemController(Controller):
     tags = ["system"]
 
     @get("/health", sync_to_thread=False)
-    def health(self, manager: ModelManager, settings: Settings) -> dict[str, Any]:
+    def health(self, manager: Manager, settings: Config) -> dict[str, Any]:
         return {
             "status": "ok",
             "version": __version__,
@@ -65,11 +64,11 @@ class SystemController(Controller):
         }
 
     @get("/plugins", sync_to_thread=False)
-    def plugins(self, pm: pluggy.PluginManager) -> dict[str, Any]:
+    def plugins(self, pm: Plugins) -> dict[str, Any]:
         return {"plugins": describe_plugins(pm)}
 
     @get("/loaders", sync_to_thread=False)
-    def loaders(self, pm: pluggy.PluginManager) -> dict[str, Any]:
+    def loaders(self, pm: Plugins) -> dict[str, Any]:
         rows = {r["name"]: r for r in describe_plugins(pm)}
         return {
             "loaders": [
@@ -81,5 +80,5 @@ class SystemController(Controller):
         }
 
     @get("/loaders/probe/{model_id:path}", sync_to_thread=True)
-    def probe(self, model_id: str, request: Request, manager: ModelManager) -> dict[str, Any]:
+    def probe(self, model_id: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
         return manager.probe_report(path_model_id(request, "/loaders/probe/", model_id))
