@@ -1,0 +1,71 @@
+"""A real `loom serve` process: preload, and /health staying responsive while a long generation runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serverutil import server_env, wait_for
+
+from loom_kernel.testing import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_health_answers_within_a_second_while_a_long_generation_runs(tiny_root: Path, tmp_path: Path) -> None:
+    # Wide enough that 1500 greedy tokens take seconds on 2 CPU cores (and this seed never emits EOS).
+    model = build_tiny_model(
+        "llama",
+        tiny_root,
+        name="slow-llama",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        max_position_embeddings=4096,
+    )
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "loom_kernel", "serve", "--port", "0", "--preload", str(model)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = int(wait_for(r"listening on http://127\.0\.0\.1:(\d+)", log, proc).group(1))
+        base = f"http://127.0.0.1:{port}"
+        wait_for(r"loaded .*slow-llama", log, proc, timeout=120)
+        models = httpx.get(f"{base}/models", timeout=10).json()["loaded_models"]
+        assert [m["state"] for m in models] == ["ready"]
+
+        result: dict[str, httpx.Response] = {}
+
+        def generate() -> None:
+            body = {"model": str(model), "prompt": "Hello", "max_tokens": 1500, "return_hidden_states": True}
+            result["r"] = httpx.post(f"{base}/generate", json=body, timeout=300)
+
+        worker = threading.Thread(target=generate)
+        worker.start()
+        latencies, in_flight_seen = [], False
+        while worker.is_alive():
+            start = time.perf_counter()
+            r = httpx.get(f"{base}/health", timeout=10)
+            latencies.append(time.perf_counter() - start)
+            assert r.status_code == 200
+            rows = httpx.get(f"{base}/models", timeout=10).json()["loaded_models"]
+            in_flight_seen |= any(m["in_flight"] for m in rows)
+            time.sleep(0.05)
+        worker.join(timeout=300)
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["token_count"] == 1500
+        assert in_flight_seen and len(latencies) >= 5, latencies
+        assert max(latencies) < 1.0, latencies
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "Traceback" not in log.read_text()
