@@ -54,6 +54,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         openapi_config=OpenAPIConfig(title="The Loom", version=__version__, path="/schema"),
         state=None,
         debug=False,
+        logging_config=None,  # the CLI configures logging once (loom_kernel.logs); a second handler doubles lines
     )
     app.state.pm = pm
     app.state.settings = settings
