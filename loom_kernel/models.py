@@ -393,7 +393,18 @@ class ModelManager:
                     self._drop(entry)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._cap_gpu_memory)
         self._reaper = asyncio.create_task(self._reap_idle())
+
+    def _cap_gpu_memory(self) -> None:
+        """LOOM_MEMORY_FRACTION caps what this process may allocate on each GPU (a CPU has no such cap)."""
+        try:
+            import torch
+        except ImportError:
+            return
+        if torch.cuda.is_available() and 0 < self.settings.memory_fraction < 1:
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.set_per_process_memory_fraction(self.settings.memory_fraction, i)
 
     async def stop(self) -> None:
         if self._reaper is not None:

@@ -141,4 +141,5 @@ def resolve_model(
         manifest=found.get("loom.json"),
         files=files,
         source=source,
+        hub_id=target if source == "hf-cache" else None,
     )

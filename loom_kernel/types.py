@@ -25,13 +25,14 @@ class ModelRef:
     manifest: dict[str, Any] | None = None
     files: tuple[str, ...] = ()
     source: str = "local"  # local | embedded | hf-cache
+    hub_id: str | None = None  # the hub id behind ``id`` when that is an alias
 
     @property
     def load_target(self) -> str:
         """What to hand ``from_pretrained``: the directory when it is complete, else the hub id."""
         if self.path is not None and self.source != "hf-cache":
             return str(self.path)
-        return self.id
+        return self.hub_id or self.id
 
     @property
     def quantization_config(self) -> dict[str, Any] | None:

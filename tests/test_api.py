@@ -291,3 +291,12 @@ async def test_openapi_schema(client):
     paths = r.json()["paths"]
     for path in ("/generate", "/v1/generate", "/extract", "/health", "/models", "/models/load", "/loaders", "/plugins"):
         assert path in paths
+
+
+async def test_allowed_paths_forbid_other_directories(tiny_models, tmp_path):
+    app = create_app(settings=Settings(default_device="cpu", allowed_paths=[str(tmp_path)]))
+    async with AsyncTestClient(app=app) as c:
+        r = await c.post("/extract", json={"model": str(tiny_models["gpt2"]), "text": "hi"})
+        assert r.status_code == 403 and r.json()["field"] == "model"
+        assert r.json()["allowed"] == [str(tmp_path)]
+        assert (await c.get("/health")).status_code == 200

@@ -69,3 +69,44 @@ def test_health_answers_within_a_second_while_a_long_generation_runs(tiny_root: 
         except subprocess.TimeoutExpired:
             proc.kill()
     assert "Traceback" not in log.read_text()
+
+
+def hf_cache_layout(cache: Path, repo_id: str, source: Path) -> None:
+    """The Hugging Face hub cache's own layout: models--org--name/{refs/main, snapshots/<commit>/files}."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in source.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+
+
+@pytest.mark.slow
+def test_a_hub_id_in_the_local_cache_probes_loads_and_unloads(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    hf_cache_layout(cache, "tiny-org/tiny-gpt2", tiny_models["gpt2"])
+    log = tmp_path / "server.log"
+    env = {**server_env(tmp_path), "HF_HUB_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "loom_kernel", "serve", "--port", "0"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = int(wait_for(r"listening on http://127\.0\.0\.1:(\d+)", log, proc).group(1))
+        base = f"http://127.0.0.1:{port}"
+        wait_for(r"Application startup complete", log, proc)
+        probe = httpx.get(f"{base}/loaders/probe/tiny-org/tiny-gpt2", timeout=30).json()
+        assert probe["source"] == "hf-cache" and probe["selected"] == "transformers", probe
+        r = httpx.post(f"{base}/extract", json={"model": "tiny-org/tiny-gpt2", "text": "from the cache"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["metadata"]["num_layers"] == 3
+        assert httpx.delete(f"{base}/models/tiny-org/tiny-gpt2", timeout=30).status_code == 200
+        missing = httpx.get(f"{base}/loaders/probe/tiny-org/not-there", timeout=30)
+        assert missing.status_code == 404 and missing.json()["field"] == "model"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
