@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,28 @@ def wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 6
             pytest.fail(f"server exited with {proc.returncode} before {pattern!r}:\n{text}")
         time.sleep(0.05)
     pytest.fail(f"no {pattern!r} within {timeout} s:\n{log.read_text()}")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def loom_server(args: list[str], home: Path, **env: str) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """Run `loom serve --port 0 ARGS...` until the block ends; yields (base URL, log file, process)."""
+    import sys
+
+    log = home / "server.log"
+    cmd = [sys.executable, "-m", "loom_kernel", "serve", "--port", "0", *args]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**server_env(home), **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = int(wait_for(r"listening on http://127\.0\.0\.1:(\d+)", log, proc).group(1))
+        wait_for(r"Application startup complete", log, proc)
+        yield f"http://127.0.0.1:{port}", log, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

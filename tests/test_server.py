@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from serverutil import server_env, wait_for
+from serverutil import loom_server, wait_for
 
 from loom_kernel.testing import build_tiny_model
 
@@ -29,13 +27,7 @@ def test_health_answers_within_a_second_while_a_long_generation_runs(tiny_root: 
         num_hidden_layers=4,
         max_position_embeddings=4096,
     )
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "loom_kernel", "serve", "--port", "0", "--preload", str(model)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        port = int(wait_for(r"listening on http://127\.0\.0\.1:(\d+)", log, proc).group(1))
-        base = f"http://127.0.0.1:{port}"
+    with loom_server(["--preload", str(model)], tmp_path) as (base, log, proc):
         wait_for(r"loaded .*slow-llama", log, proc, timeout=120)
         models = httpx.get(f"{base}/models", timeout=10).json()["loaded_models"]
         assert [m["state"] for m in models] == ["ready"]
@@ -62,12 +54,6 @@ def test_health_answers_within_a_second_while_a_long_generation_runs(tiny_root: 
         assert result["r"].json()["token_count"] == 1500
         assert in_flight_seen and len(latencies) >= 5, latencies
         assert max(latencies) < 1.0, latencies
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     assert "Traceback" not in log.read_text()
 
 
@@ -87,15 +73,7 @@ def hf_cache_layout(cache: Path, repo_id: str, source: Path) -> None:
 def test_a_hub_id_in_the_local_cache_probes_loads_and_unloads(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     hf_cache_layout(cache, "tiny-org/tiny-gpt2", tiny_models["gpt2"])
-    log = tmp_path / "server.log"
-    env = {**server_env(tmp_path), "HF_HUB_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "loom_kernel", "serve", "--port", "0"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        port = int(wait_for(r"listening on http://127\.0\.0\.1:(\d+)", log, proc).group(1))
-        base = f"http://127.0.0.1:{port}"
-        wait_for(r"Application startup complete", log, proc)
+    with loom_server([], tmp_path, HF_HUB_CACHE=str(cache)) as (base, _, _):
         probe = httpx.get(f"{base}/loaders/probe/tiny-org/tiny-gpt2", timeout=30).json()
         assert probe["source"] == "hf-cache" and probe["selected"] == "transformers", probe
         r = httpx.post(f"{base}/extract", json={"model": "tiny-org/tiny-gpt2", "text": "from the cache"}, timeout=60)
@@ -104,9 +82,3 @@ def test_a_hub_id_in_the_local_cache_probes_loads_and_unloads(tiny_models: dict[
         assert httpx.delete(f"{base}/models/tiny-org/tiny-gpt2", timeout=30).status_code == 200
         missing = httpx.get(f"{base}/loaders/probe/tiny-org/not-there", timeout=30)
         assert missing.status_code == 404 and missing.json()["field"] == "model"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
