@@ -27,6 +27,15 @@ def tiny_models(tiny_root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
+def tiny_model(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Path:
+    """One tiny model; llama unless parametrized indirectly:
+
+    ``@pytest.mark.parametrize("tiny_model", ["gpt2", "bert"], indirect=True)``
+    """
+    return tiny_models[getattr(request, "param", "llama")]
+
+
+@pytest.fixture
 def pm():
     from loom_kernel.plugins import create_plugin_manager
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "bert")
+CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
