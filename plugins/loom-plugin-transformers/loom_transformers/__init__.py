@@ -11,7 +11,10 @@ NAME = "transformers"
 def probe(model: ModelRef) -> ProbeResult | None:
     from loom_transformers.loading import probe_config
 
-    return probe_config(model.config)
+    try:
+        return probe_config(model.config)
+    except Exception:  # a probe never raises: an unreadable config is simply not ours
+        return None
 
 
 @hookimpl

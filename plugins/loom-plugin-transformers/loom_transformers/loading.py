@@ -7,35 +7,37 @@ import time
 from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
-from loom_kernel.errors import InvalidField, LoadFailed
+from loom_kernel.errors import InvalidField, LoadFailed, LoomError
 
 log = logging.getLogger("loom.transformers")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def probe_config(config: dict[str, Any] | None) -> ProbeResult | None:
-    if not config:
+def probe_config(config: Any) -> ProbeResult | None:
+    """Score from config.json alone; a malformed config is no reason to raise, only a lower score."""
+    if not isinstance(config, dict) or not config:
         return None
-    archs = config.get("architectures") or []
+    archs = config.get("architectures")
+    archs = [str(a) for a in archs] if isinstance(archs, list) else []
     if archs:
         return ProbeResult(loader="transformers", score=0.5, reason=f"config.json with architectures {archs}")
-    if config.get("model_type"):
-        return ProbeResult(
-            loader="transformers", score=0.1, reason=f"config.json with model_type {config['model_type']!r} only"
-        )
-    return None
+    model_type = config.get("model_type")
+    what = f"model_type {model_type!r}" if isinstance(model_type, str) and model_type else "no model_type"
+    return ProbeResult(loader="transformers", score=0.1, reason=f"config.json without architectures ({what})")
 
 
 def is_causal(config: Any) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        return any(a.endswith(CAUSAL_SUFFIXES) for a in archs)
+    """A causal LM by its architecture name, else by its model_type (which must not also be a masked LM)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return any(a.endswith(CAUSAL_SUFFIXES) or a in causal_names for a in archs)
     kind = config.model_type
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -98,24 +100,38 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     target = ref.load_target
-    start = time.perf_counter()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
     if ref.revision:
         kwargs["revision"] = ref.revision
     if options.quantization_plan is not None:
         kwargs.update(options.quantization_plan.load_kwargs)
+    # Weights go straight to their device (no CPU copy first); a quantized model could not be moved afterwards.
     if options.device_map:
         kwargs["device_map"] = options.device_map
+    else:
+        kwargs.setdefault("device_map", device)
+    log.info(
+        "transformers loading %s from %s (device %s, dtype %s%s)",
+        ref.id,
+        target,
+        kwargs["device_map"],
+        str(dtype).removeprefix("torch."),
+        f", quantization {options.quantization_plan.method}" if options.quantization_plan else "",
+    )
+    start = time.perf_counter()
+    small = _only(kwargs, "revision", "trust_remote_code")
     try:
-        config = transformers.AutoConfig.from_pretrained(target, **_only(kwargs, "revision", "trust_remote_code"))
+        config = transformers.AutoConfig.from_pretrained(target, **small)
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model = auto.from_pretrained(target, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(target, **_only(kwargs, "revision", "trust_remote_code"))
-    except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise LoadFailed(f"model: transformers could not load {ref.id!r}: {exc}", field="model") from exc
-    if "device_map" not in kwargs and options.quantization_plan is None:
-        model.to(device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(target, **small)
+    except LoomError:
+        raise
+    except Exception as exc:  # any library failure becomes one clear 500 naming the model and the cause
+        raise LoadFailed(
+            f"model: transformers could not load {ref.id!r} from {target}: {type(exc).__name__}: {exc}", field="model"
+        ) from exc
     model.eval()
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     loaded = LoadedModel(
@@ -128,16 +144,17 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         hidden_size=int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0)),
         kind="causal" if causal else "encoder",
         device=str(model.get_input_embeddings().weight.device),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(model.dtype).removeprefix("torch."),
         size_bytes=size,
         load_seconds=time.perf_counter() - start,
         max_context=max_context(model.config),
     )
     log.info(
-        "transformers loaded %s (%s, %s) from %s: %.1f MiB on %s as %s in %.2f s",
+        "transformers loaded %s (%s, %s, %d layers) from %s: %.1f MiB on %s as %s in %.2f s",
         ref.id,
         type(model).__name__,
         loaded.kind,
+        loaded.num_layers,
         target,
         size / 2**20,
         loaded.device,

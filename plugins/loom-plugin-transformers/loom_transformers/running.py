@@ -1,7 +1,13 @@
 """Forward passes and KV-cached generation with hook-based capture of the requested layers only.
 
-Positions are those of the final sequence (prompt + generated). After generation one more cached decode step
-runs on the last generated token, so that the state of the last token of the final sequence exists.
+Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, one per input row):
+
+- ``token_ids`` is the final sequence (prompt + generated), ``prompt_tokens`` the prompt's length.
+- ``positions`` is ``[total - 1]`` when ``capture.positions == "last"``, else ``list(range(total))``;
+  empty when no layer is asked for. ``states[key]`` is a CPU tensor [len(positions), H] in the model's dtype,
+  keyed by ``LayerSel.key``; the kernel slices "prompt", "generated" and index lists from the full rows.
+- After generation one more cached decode step runs on the last generated token, so that the state of the last
+  token of the final sequence exists (only when states are asked for).
 """
 
 from __future__ import annotations
@@ -12,38 +18,64 @@ from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder, find_blocks
-from loom_kernel.errors import InvalidField
+from loom_kernel.errors import InvalidField, Unsupported
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
     import torch
 
-    field = "prompt" if batch.generation is not None else "text"
-    if batch.token_ids is not None:
-        inputs = [list(ids) for ids in batch.token_ids]
-    else:
-        tok = model.tokenizer
-        inputs = [tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"] for text in batch.texts]
+    params = batch.generation
+    if params is not None and not model.can_generate:
+        raise Unsupported(f"model: {model.ref.id!r} is an {model.kind} model and cannot generate", field="model")
+    inputs = _inputs(model, batch)
     rows = []
     with torch.inference_mode():
         for i, ids in enumerate(inputs):
-            if not ids:
-                raise InvalidField(f"{field}: tokenizes to no tokens", field=field)
-            if model.max_context and len(ids) > model.max_context:
-                raise InvalidField(
-                    f"{field}: {len(ids)} tokens exceed the model's context of {model.max_context}",
-                    field=field,
-                    allowed=f"at most {model.max_context} tokens",
-                )
-            params = batch.generation
-            if params is None or params.max_tokens == 0:
+            budget = 0 if params is None else _budget(model, len(ids), params)
+            if budget <= 0:
                 row = forward_once(model, ids, capture)
-                if params is not None:
+                if params is not None:  # nothing may be generated: max_tokens 0, or the prompt fills the context
                     row.finish_reason = "length"
             else:
-                row = generate_one(model, ids, params, capture, batch.on_token, i)
+                row = generate_one(model, ids, params, budget, capture, batch.on_token, i)
             rows.append(row)
     return ForwardOutput(rows=rows)
+
+
+def _inputs(model: LoadedModel, batch: Batch) -> list[list[int]]:
+    """Token ids per row, checked against the vocabulary and the context before any forward pass."""
+    if batch.token_ids is not None:
+        field = "token_ids"
+        inputs = [[int(t) for t in ids] for ids in batch.token_ids]
+        vocab = model.model.get_input_embeddings().num_embeddings
+        for ids in inputs:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidField(
+                    f"{field}: ids {bad[:5]} are outside the vocabulary", field=field, allowed=f"0 to {vocab - 1}"
+                )
+    else:
+        field = "prompt" if batch.generation is not None else "text"
+        tok = model.tokenizer
+        inputs = [list(tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"]) for text in batch.texts]
+    for ids in inputs:
+        if not ids:
+            raise InvalidField(f"{field}: tokenizes to no tokens", field=field)
+        if model.max_context and len(ids) > model.max_context:
+            raise InvalidField(
+                f"{field}: {len(ids)} tokens exceed the model's context of {model.max_context}",
+                field=field,
+                allowed=f"at most {model.max_context} tokens",
+            )
+    return inputs
+
+
+def _budget(model: LoadedModel, prompt_len: int, params: GenerationParams) -> int:
+    """How many tokens may be generated: max_tokens, cut to what the model's context still holds."""
+    budget = params.max_tokens
+    if model.max_context:
+        budget = min(budget, model.max_context - prompt_len)
+    return budget
 
 
 def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
@@ -52,8 +84,8 @@ def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
     if "blocks" not in model.extra:
         model.extra["base"], model.extra["blocks"] = find_blocks(model.model, model.num_layers)
     rec = StateRecorder(model.extra["base"], model.extra["blocks"], capture.indices)
-    last_only = capture.positions == "last"
-    rec.rows, rec.replace = ([-1], True) if last_only else (None, False)
+    # "last" keeps one row per layer, overwritten by every step; anything else keeps every row of every step.
+    rec.rows, rec.replace = ([-1], True) if capture.positions == "last" else (None, False)
     return rec
 
 
@@ -75,13 +107,13 @@ def _device(model: LoadedModel) -> Any:
 
 
 def forward_once(model: LoadedModel, ids: list[int], capture: Capture) -> SequenceOutput:
+    """One pass of the base model (no LM head: its logits are not needed) over the whole sequence."""
     import torch
 
     rec = _recorder(model, capture)
     try:
         if rec is not None:
-            base = model.extra["base"]
-            base(input_ids=torch.tensor([ids], device=_device(model)), use_cache=False)
+            model.extra["base"](input_ids=torch.tensor([ids], device=_device(model)), use_cache=False)
         return SequenceOutput(
             token_ids=list(ids),
             prompt_tokens=len(ids),
@@ -94,20 +126,30 @@ def forward_once(model: LoadedModel, ids: list[int], capture: Capture) -> Sequen
 
 
 def eos_ids(model: LoadedModel) -> set[int]:
+    """Every end-of-sequence id the generation config, the model config or the tokenizer names."""
+    out: set[int] = set()
     for source in (getattr(model.model, "generation_config", None), model.model.config, model.tokenizer):
         value = getattr(source, "eos_token_id", None) if source is not None else None
-        if value is not None:
-            return set(value) if isinstance(value, list | tuple) else {int(value)}
-    return set()
+        if isinstance(value, list | tuple | set):
+            out.update(int(v) for v in value)
+        elif value is not None:
+            out.add(int(value))
+    return out
 
 
-def _cache_kwarg(model: Any) -> str:
-    """transformers 5 calls the KV cache argument ``cache``; older releases ``past_key_values``."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _step_kwargs(net: Any) -> tuple[str, dict[str, Any]]:
+    """The KV-cache argument's name (``cache`` in transformers 5, ``past_key_values`` before) and extras.
+
+    ``logits_to_keep=1`` spares the [T, vocab] logits of a long prompt when only the last row is sampled.
+    """
+    params = inspect.signature(net.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return cache_arg, extra
 
 
 def choose_token(logits: Any, params: GenerationParams, generator: Any) -> int:
+    """Greedy at temperature <= 0; else temperature, then top-k, then top-p, sampled with the row's generator."""
     import torch
 
     if params.greedy:
@@ -119,62 +161,95 @@ def choose_token(logits: Any, params: GenerationParams, generator: Any) -> int:
     if params.top_p < 1.0:
         ordered, order = torch.sort(logits, descending=True)
         probs = torch.softmax(ordered, dim=-1)
-        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p
+        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p  # keep the smallest set reaching top_p
         logits = logits.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
+    # Sampling on the CPU with a per-request generator: a seed gives the same tokens on any device, in any batch.
     probs = torch.softmax(logits, dim=-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
+def streamable(text: str, stops: Sequence[str]) -> str:
+    """The part of ``text`` safe to stream now.
+
+    Held back: a trailing incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) and a
+    suffix that may be the start of a stop string (it must never reach the client if the stop completes).
+    """
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), hold, -1):
+            if text[end - k : end] == stop[:k]:
+                hold = k
+                break
+    return text[: end - hold]
+
+
 def generate_one(
-    model: LoadedModel, ids: list[int], params: GenerationParams, capture: Capture, on_token: Any, row: int
+    model: LoadedModel,
+    ids: list[int],
+    params: GenerationParams,
+    budget: int,
+    capture: Capture,
+    on_token: Any,
+    row: int,
 ) -> SequenceOutput:
+    """KV-cached decoding of one row, ``budget`` >= 1 tokens at most.
+
+    finish_reason: "stop" for an EOS token, a stop string or ``on_token`` returning False; "length" when
+    ``max_tokens`` or the model's context is reached. Generated ids keep the EOS token and the tokens that
+    completed a stop string (they were run through the model and have states); ``text`` drops both.
+    """
     import torch
 
     net, tok = model.model, model.tokenizer
     device = _device(model)
-    cache_arg = model.extra.setdefault("cache_arg", _cache_kwarg(net))
+    if "step_kwargs" not in model.extra:
+        model.extra["step_kwargs"] = _step_kwargs(net)
+    cache_arg, extra = model.extra["step_kwargs"]
     generator = torch.Generator()
     if params.seed is not None:
         generator.manual_seed(params.seed)
     else:
         generator.seed()
-    stops = eos_ids(model)
-    budget = params.max_tokens
-    if model.max_context:
-        budget = min(budget, model.max_context - len(ids))
+    stop_ids = eos_ids(model)
     generated: list[int] = []
-    text, finish = "", "length"
+    text, emitted, finish = "", "", None
     rec = _recorder(model, capture)
     try:
         step_input = torch.tensor([ids], device=device)
         cache = None
-        for _ in range(budget):
-            out = net(input_ids=step_input, use_cache=True, **{cache_arg: cache})
+        while finish is None:
+            out = net(input_ids=step_input, use_cache=True, **{cache_arg: cache}, **extra)
             cache = getattr(out, cache_arg)
             token = choose_token(out.logits[0, -1], params, generator)
             generated.append(token)
             step_input = torch.tensor([[token]], device=device)
-            new_text = tok.decode(generated, skip_special_tokens=True)
-            piece, text = new_text[len(text) :], new_text
-            if on_token is not None and on_token(row, token, piece) is False:
+            text = tok.decode(generated, skip_special_tokens=True)
+            if token in stop_ids:
                 finish = "stop"
-                break
-            if token in stops:
-                finish = "stop"
-                break
             if params.stop:
-                text, hit = _cut_at_stop(text, params.stop)
+                text, hit = cut_at_stop(text, params.stop)
                 if hit:
                     finish = "stop"
-                    break
-        if rec is not None and generated:
+            if finish is None and len(generated) >= budget:
+                finish = "length"
+            if on_token is not None:
+                safe = text if finish else streamable(text, params.stop)
+                piece = safe[len(emitted) :] if len(safe) > len(emitted) else ""
+                emitted = safe if len(safe) > len(emitted) else emitted
+                if on_token(row, token, piece) is False and finish is None:
+                    finish = "stop"
+        if rec is not None:
             # The last generated token has not been through the model yet: one more cached step gives its state.
-            net(input_ids=step_input, use_cache=True, **{cache_arg: cache})
+            net(input_ids=step_input, use_cache=True, **{cache_arg: cache}, **extra)
         return SequenceOutput(
             token_ids=[*ids, *generated],
             prompt_tokens=len(ids),
