@@ -1,149 +1,401 @@
-"""The transformers plugin through the real plugin manager (its entry point), against transformers itself."""
+"""The transformers plugin through the real plugin manager, checked against transformers' own outputs.
+
+Reference for states: ``model(input_ids, output_hidden_states=True).hidden_states``; for tokens:
+``model.generate(do_sample=False)``. Tiny models come from ``loom_kernel.testing`` (built once per session).
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from loom_kernel import Batch, Capture, GenerationParams, LoadOptions, ModelRef
-from loom_kernel.capture import make_capture
-from loom_kernel.errors import InvalidField, LoadFailed
+from loom_kernel.capture import resolve_layers
+from loom_kernel.errors import InvalidField, LoadFailed, Unsupported
+from loom_kernel.plugins import create_plugin_manager
 from loom_kernel.resolve import resolve_model
+from loom_kernel.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
 
-PROMPT = "Hidden states are the activations"
+PROMPT = "The quick brown fox jumps over the lazy dog. Hidden states"
+OTHER = "Hello world! How are you today?"
+LAYER_SPECS: list[Any] = [[0], [1], [-1], [-2], "all", [0, 2, -1], [-3, 1]]
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_models):
-    from loom_kernel.plugins import create_plugin_manager
-
-    pm = create_plugin_manager()
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            ref = resolve_model(str(tiny_models[arch]))
-            cache[arch] = pm.hook.load(model=ref, loader="transformers", options=LoadOptions())
-        return pm, cache[arch]
-
-    return get
+def hooks() -> Any:
+    pm = create_plugin_manager()  # loads the installed entry points, this plugin among them
+    pm.check_pending()
+    return pm.hook
 
 
-def run(pm, model, text=PROMPT, capture=None, **gen):
-    batch = Batch(texts=(text,), generation=GenerationParams(**gen) if gen else None)
-    return pm.hook.forward_with_states(model=model, batch=batch, capture=capture or Capture()).rows[0]
+@pytest.fixture(scope="module")
+def loaded(hooks: Any, tiny_models: dict[str, Path]) -> dict[str, Any]:
+    return {
+        arch: hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+        for arch, path in tiny_models.items()
+    }
+
+
+def hidden_states(model: Any, ids: list[int]) -> tuple[Any, ...]:
+    with torch.inference_mode():
+        return model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+
+
+def rel_err(got: Any, want: Any) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def run(hooks: Any, model: Any, capture: Capture = Capture(), **batch: Any) -> Any:
+    batch.setdefault("texts", (PROMPT,))
+    return hooks.forward_with_states(model=model, batch=Batch(**batch), capture=capture)
+
+
+def gen(max_tokens: int = 12, **kw: Any) -> GenerationParams:
+    kw.setdefault("temperature", 0.0)
+    return GenerationParams(max_tokens=max_tokens, **kw)
+
+
+# --- plugin registration and probe ----------------------------------------------------------------------------
 
 
 def test_entry_point_is_installed():
-    eps = {ep.name: ep.value for ep in metadata.entry_points(group="loom")}
-    assert eps["transformers"] == "loom_transformers"
+    eps = {ep.name: ep for ep in metadata.entry_points(group="loom")}
+    assert eps["transformers"].value == "loom_transformers"
+    assert eps["transformers"].dist.name == "loom-plugin-transformers"
 
 
-def test_probe_scores_from_config_only(pm, tiny_models):
+def _probe(hooks: Any, ref: ModelRef) -> Any:
+    mine = [r for r in hooks.probe(model=ref) if r is not None and r.loader == "transformers"]
+    assert len(mine) <= 1
+    return mine[0] if mine else None
+
+
+def test_probe_scores(hooks, tiny_models):
+    result = _probe(hooks, resolve_model(str(tiny_models["llama"])))
+    assert (result.score, result.reason) == (0.5, "config.json with architectures ['LlamaForCausalLM']")
+    assert _probe(hooks, resolve_model(str(tiny_models["llama"]))) == result  # deterministic
+    assert _probe(hooks, resolve_model(str(tiny_models["bert"]))).score == 0.5
+    bare = _probe(hooks, ModelRef(id="x", config={"model_type": "llama"}))
+    assert (bare.score, bare.reason) == (0.1, "config.json without architectures (model_type 'llama')")
+    assert _probe(hooks, ModelRef(id="x")) is None
+    # Malformed configs lower the score or give no opinion; a probe never raises.
+    assert _probe(hooks, ModelRef(id="x", config={"architectures": "Llama"})).score == 0.1
+    assert _probe(hooks, ModelRef(id="x", config={"architectures": [1, None]})).score == 0.5
+    assert _probe(hooks, ModelRef(id="x", config=["not", "a", "dict"])) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tiny_model", ARCHITECTURES, indirect=True)
+def test_every_tiny_model_probes_as_generic(hooks, tiny_model):
+    result = _probe(hooks, resolve_model(str(tiny_model)))
+    assert result.score == 0.5 and result.reason.startswith("config.json with architectures [")
+
+
+# --- load -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_load_fields(loaded, arch):
+    m = loaded[arch]
+    cfg = m.model.config
+    assert m.loader == "transformers" and m.device == "cpu" and m.dtype == "float32"
+    assert m.kind == ("encoder" if arch == "bert" else "causal")
+    assert m.num_layers == (cfg.n_layer if arch == "gpt2" else cfg.num_hidden_layers)
+    assert m.hidden_size == 64 and m.max_context == 512
+    assert m.size_bytes == sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()])
+    assert m.load_seconds > 0 and not m.model.training
+    assert type(m.model).__name__ == {"bert": "BertModel", "gpt2": "GPT2LMHeadModel"}.get(
+        arch, f"{cfg.architectures[0]}"
+    )
+
+
+def test_load_declines_other_loaders(hooks, tiny_models):
+    ref = resolve_model(str(tiny_models["gpt2"]))
+    assert hooks.load(model=ref, loader="someone-else", options=LoadOptions()) is None
+
+
+def test_load_logs_what_where_size_device_dtype_time(hooks, tiny_models, caplog):
+    path = tiny_models["qwen2"]
+    with caplog.at_level(logging.INFO, logger="loom.transformers"):
+        hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+    done = [r.getMessage() for r in caplog.records if r.name == "loom.transformers" and "loaded" in r.getMessage()]
+    assert len(done) == 1
+    assert str(path) in done[0] and "MiB on cpu as float32 in" in done[0] and "Qwen2ForCausalLM" in done[0]
+
+
+def test_load_bad_dtype_is_invalid_field(hooks, tiny_models):
     ref = resolve_model(str(tiny_models["llama"]))
-    (hit,) = [r for r in pm.hook.probe(model=ref) if r and r.loader == "transformers"]
-    assert hit.score == 0.5 and "LlamaForCausalLM" in hit.reason
-    bare = ModelRef(id="x", config={"model_type": "llama"})
-    assert [r.score for r in pm.hook.probe(model=bare) if r and r.loader == "transformers"] == [0.1]
-    assert [r for r in pm.hook.probe(model=ModelRef(id="y")) if r and r.loader == "transformers"] == []
+    with pytest.raises(InvalidField) as err:
+        hooks.load(model=ref, loader="transformers", options=LoadOptions(dtype="float8"))
+    assert err.value.field == "dtype" and err.value.status == 422
+    assert err.value.allowed == ["auto", "float32", "float16", "bfloat16"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
-def test_greedy_tokens_equal_generate(loaded, arch):
-    pm, model = loaded(arch)
-    ids = model.tokenizer(PROMPT, return_tensors="pt")
-    with torch.inference_mode():
-        want = model.model.generate(**ids, do_sample=False, max_new_tokens=16)[0, ids["input_ids"].shape[1] :]
-    row = run(pm, model, max_tokens=16, temperature=0.0)
-    assert row.generated_ids == want.tolist()
-    assert row.finish_reason in ("length", "stop")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_load_cuda_without_cuda_is_invalid_field(hooks, tiny_models, device):
+    ref = resolve_model(str(tiny_models["llama"]))
+    with pytest.raises(InvalidField) as err:
+        hooks.load(model=ref, loader="transformers", options=LoadOptions(device=device))
+    assert err.value.field == "device" and err.value.allowed == ["cpu"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
-def test_every_layer_equals_output_hidden_states(loaded, arch):
-    pm, model = loaded(arch)
-    capture = make_capture([0, *range(1, model.num_layers + 1)], "all", model.num_layers)
-    row = run(pm, model, capture=capture)
-    with torch.inference_mode():
-        ref = model.model(input_ids=torch.tensor([row.token_ids]), output_hidden_states=True).hidden_states
-    assert len(ref) == model.num_layers + 1
-    for sel in capture.layers:
-        torch.testing.assert_close(row.states[sel.key], ref[sel.index][0], rtol=1e-5, atol=1e-5)
+def test_load_unknown_device_is_invalid_field(hooks, tiny_models):
+    with pytest.raises(InvalidField) as err:
+        hooks.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions("tpu"))
+    assert err.value.field == "device"
 
 
-def test_states_after_generation_equal_one_forward_pass(loaded):
-    pm, model = loaded("mistral")
-    for positions in ("all", "last"):
-        capture = make_capture([0, 2, -1], positions, model.num_layers)
-        row = run(pm, model, capture=capture, max_tokens=9, temperature=0.0)
-        with torch.inference_mode():
-            ref = model.model(input_ids=torch.tensor([row.token_ids]), output_hidden_states=True).hidden_states
+def test_load_without_weights_is_load_failed(hooks, tiny_models, tmp_path):
+    shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
+    with pytest.raises(LoadFailed) as err:
+        hooks.load(model=resolve_model(str(tmp_path)), loader="transformers", options=LoadOptions())
+    assert err.value.status == 500 and str(tmp_path) in err.value.detail
+
+
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_keeps_states_in_model_dtype(hooks, loaded, tiny_models):
+    m = hooks.load(
+        model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions(dtype="bfloat16")
+    )
+    assert loaded["llama"].dtype == "float32"
+    assert m.dtype == "bfloat16" and m.model.dtype == torch.bfloat16
+    assert m.size_bytes * 2 == pytest.approx(loaded["llama"].size_bytes, rel=0.01)
+    row = run(hooks, m, Capture(layers=resolve_layers([-1], m.num_layers), positions="all")).rows[0]
+    assert row.states["-1"].dtype == torch.bfloat16
+    want = hidden_states(m, row.token_ids)[-1][0]
+    assert rel_err(row.states["-1"], want) < 1e-2
+
+
+# --- forward pass: states against output_hidden_states -------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_forward_states_match_output_hidden_states(hooks, loaded, arch, positions):
+    m = loaded[arch]
+    for spec in LAYER_SPECS:
+        capture = Capture(layers=resolve_layers(spec, m.num_layers), positions=positions)
+        out = run(hooks, m, capture)
+        (row,) = out.rows
         total = len(row.token_ids)
-        assert row.positions == (list(range(total)) if positions == "all" else [total - 1])
+        assert row.token_ids == m.tokenizer(PROMPT)["input_ids"] and row.prompt_tokens == total
+        assert (row.text, row.finish_reason) == ("", None)
+        assert row.positions == ([total - 1] if positions == "last" else list(range(total)))
+        assert list(row.states) == [sel.key for sel in capture.layers]
+        ref = hidden_states(m, row.token_ids)
+        assert len(ref) == m.num_layers + 1
         for sel in capture.layers:
-            torch.testing.assert_close(row.states[sel.key], ref[sel.index][0, row.positions], rtol=1e-4, atol=1e-4)
+            got = row.states[sel.key]
+            want = ref[sel.index][0][-1:] if positions == "last" else ref[sel.index][0]
+            assert got.shape == (len(row.positions), m.hidden_size) and got.device.type == "cpu"
+            assert got.dtype == torch.float32
+            assert rel_err(got, want) < 1e-5, (spec, sel)
 
 
-def test_max_tokens_zero_returns_the_prompt_states(loaded):
-    pm, model = loaded("llama")
-    row = run(pm, model, capture=make_capture([-1], "last", model.num_layers), max_tokens=0)
-    assert row.generated_ids == [] and row.finish_reason == "length"
-    assert row.states["-1"].shape == (1, model.hidden_size)
+def test_all_layers_are_keyed_from_minus_n(hooks, loaded):
+    m = loaded["llama"]
+    row = run(hooks, m, Capture(layers=resolve_layers("all", m.num_layers))).rows[0]
+    assert list(row.states) == ["-3", "-2", "-1"]
 
 
-def test_seeded_sampling_is_reproducible(loaded):
-    pm, model = loaded("qwen2")
-    a = run(pm, model, max_tokens=20, temperature=1.5, top_k=50, top_p=0.95, seed=1)
-    b = run(pm, model, max_tokens=20, temperature=1.5, top_k=50, top_p=0.95, seed=1)
-    c = run(pm, model, max_tokens=20, temperature=1.5, top_k=50, top_p=0.95, seed=2)
-    assert a.generated_ids == b.generated_ids
-    assert a.generated_ids != c.generated_ids
+@pytest.mark.parametrize(
+    ("arch", "first", "last"),
+    [
+        ("llama", "<s>", None),
+        ("mistral", "<s>", None),
+        ("qwen2", None, None),
+        ("gpt2", None, None),
+        ("bert", "[CLS]", "[SEP]"),
+    ],
+)
+def test_special_tokens_follow_the_family(hooks, loaded, arch, first, last):
+    m = loaded[arch]
+    specials = set(m.tokenizer.all_special_tokens)
+    for add in (True, False):
+        ids = run(hooks, m, add_special_tokens=add).rows[0].token_ids
+        tokens = m.tokenizer.convert_ids_to_tokens(ids)
+        if add and first:
+            assert tokens[0] == first
+        if add and last:
+            assert tokens[-1] == last
+        if not add or (not first and not last):
+            assert not specials & set(tokens)
 
 
-def test_stop_strings_cut_the_text(loaded):
-    pm, model = loaded("gpt2")
-    full = run(pm, model, max_tokens=20, temperature=0.0)
-    assert len(full.text) > 3
-    stop = full.text[2:4]
-    row = run(pm, model, max_tokens=20, temperature=0.0, stop=(stop,))
-    assert row.finish_reason == "stop"
-    assert row.text == full.text[: full.text.find(stop)]
-    assert full.generated_ids[: len(row.generated_ids)] == row.generated_ids
+def test_token_ids_input_and_vocabulary_check(hooks, loaded):
+    m = loaded["gpt2"]
+    ids = (5, 60, 300, 7)
+    capture = Capture(layers=resolve_layers([2], m.num_layers), positions="all")
+    row = run(hooks, m, capture, texts=(), token_ids=(ids,)).rows[0]
+    assert row.token_ids == list(ids)
+    assert rel_err(row.states["2"], hidden_states(m, list(ids))[2][0]) < 1e-5
+    with pytest.raises(InvalidField) as err:
+        run(hooks, m, capture, texts=(), token_ids=((1, 10_000),))
+    assert err.value.field == "token_ids"
 
 
-def test_on_token_sees_each_token_and_can_stop(loaded):
-    pm, model = loaded("llama")
-    seen = []
+def test_no_layers_means_no_states(hooks, loaded):
+    row = run(hooks, loaded["llama"]).rows[0]
+    assert row.states == {} and row.positions == [] and row.token_ids
 
-    def on_token(row, token, piece):
+
+def test_rows_of_a_batch_are_independent(hooks, loaded):
+    m = loaded["qwen2"]
+    capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="all")
+    both = run(hooks, m, capture, texts=(OTHER, PROMPT)).rows
+    alone = run(hooks, m, capture).rows[0]
+    assert both[1].token_ids == alone.token_ids and torch.equal(both[1].states["-1"], alone.states["-1"])
+    assert both[0].token_ids == m.tokenizer(OTHER)["input_ids"]
+
+
+def test_text_over_the_context_is_invalid(hooks, loaded):
+    m = loaded["gpt2"]
+    with pytest.raises(InvalidField) as err:
+        run(hooks, m, texts=(), token_ids=((5,) * 513,))
+    assert err.value.field == "token_ids"
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHITECTURES)
+def test_greedy_generation_equals_transformers_generate(hooks, loaded, arch):
+    m = loaded[arch]
+    row = run(hooks, m, generation=gen(12)).rows[0]
+    prompt = m.tokenizer(PROMPT)["input_ids"]
+    with torch.inference_mode():
+        want = m.model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=12,
+            pad_token_id=m.tokenizer.pad_token_id,
+        )[0].tolist()
+    assert row.token_ids == want and row.prompt_tokens == len(prompt)
+    assert row.finish_reason == ("length" if len(want) == len(prompt) + 12 else "stop")
+    assert row.text == m.tokenizer.decode(row.generated_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHITECTURES)
+def test_states_after_generation_equal_one_pass_over_the_final_sequence(hooks, loaded, arch):
+    m = loaded[arch]
+    layers = resolve_layers([0, 1, -2, -1], m.num_layers)
+    full = run(hooks, m, Capture(layers=layers, positions="all"), generation=gen(10)).rows[0]
+    last = run(hooks, m, Capture(layers=layers, positions="last"), generation=gen(10)).rows[0]
+    assert full.token_ids == last.token_ids and len(full.generated_ids) > 0
+    total = len(full.token_ids)
+    assert full.positions == list(range(total)) and last.positions == [total - 1]
+    ref = hidden_states(m, full.token_ids)
+    for sel in layers:
+        assert full.states[sel.key].shape == (total, m.hidden_size)
+        assert last.states[sel.key].shape == (1, m.hidden_size)
+        assert rel_err(full.states[sel.key], ref[sel.index][0]) < 1e-4, sel
+        assert rel_err(last.states[sel.key], ref[sel.index][0][-1:]) < 1e-4, sel
+
+
+def test_generation_without_layers_skips_capture(hooks, loaded):
+    row = run(hooks, loaded["llama"], generation=gen(4)).rows[0]
+    assert row.states == {} and row.positions == [] and len(row.generated_ids) == 4
+
+
+def test_seed_gives_the_same_tokens_alone_or_batched(hooks, loaded):
+    m = loaded["llama"]
+    params = gen(12, temperature=1.2, top_k=50, top_p=0.95, seed=7)
+    a = run(hooks, m, generation=params).rows[0]
+    b = run(hooks, m, generation=params).rows[0]
+    batched = run(hooks, m, texts=(OTHER, PROMPT), generation=params).rows[1]
+    assert a.token_ids == b.token_ids == batched.token_ids
+    others = {tuple(run(hooks, m, generation=gen(12, temperature=1.2, seed=s)).rows[0].token_ids) for s in range(4)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_top_k_one_is_greedy(hooks, loaded):
+    m = loaded["mistral"]
+    greedy = run(hooks, m, generation=gen(8)).rows[0]
+    sampled = run(hooks, m, generation=gen(8, temperature=0.8, top_k=1, seed=3)).rows[0]
+    assert sampled.token_ids == greedy.token_ids
+
+
+def test_stop_string_truncates_text_and_streams_nothing_of_it(hooks, loaded):
+    m = loaded["gpt2"]
+    unstopped = run(hooks, m, generation=gen(16)).rows[0]
+    full = unstopped.text
+    assert len(full) >= 6, full
+    k = len(full) // 2
+    stop = full[k : k + 3]
+    cut = full.find(stop)
+    pieces: list[str] = []
+    row = run(hooks, m, generation=gen(16, stop=(stop, "never-there")), on_token=lambda r, t, p: pieces.append(p)).rows[
+        0
+    ]
+    assert (row.text, row.finish_reason) == (full[:cut], "stop")
+    assert unstopped.generated_ids[: len(row.generated_ids)] == row.generated_ids
+    assert "".join(pieces) == row.text
+
+
+def test_on_token_sees_every_token_and_can_stop_a_row(hooks, loaded):
+    m = loaded["qwen2"]
+    seen: list[tuple[int, int, str]] = []
+
+    def on_token(row: int, token: int, piece: str) -> bool:
         seen.append((row, token, piece))
         return len(seen) < 3
 
-    batch = Batch(texts=(PROMPT,), generation=GenerationParams(max_tokens=10, temperature=0.0), on_token=on_token)
-    row = pm.hook.forward_with_states(model=model, batch=batch, capture=Capture()).rows[0]
-    assert [t for _, t, _ in seen] == row.generated_ids and len(seen) == 3
-    assert row.finish_reason == "stop" and "".join(p for _, _, p in seen) == row.text
+    row = run(hooks, m, generation=gen(10), on_token=on_token).rows[0]
+    assert row.finish_reason == "stop" and row.generated_ids == [t for _, t, _ in seen]
+    assert len(seen) == 3 and {r for r, _, _ in seen} == {0}
+    assert "".join(p for _, _, p in seen) == row.text
 
 
-def test_load_errors_name_the_field(pm, tiny_models, tmp_path):
-    ref = resolve_model(str(tiny_models["llama"]))
-    with pytest.raises(InvalidField) as err:
-        pm.hook.load(model=ref, loader="transformers", options=LoadOptions(dtype="float8"))
-    assert err.value.field == "dtype" and "bfloat16" in err.value.allowed
-    if not torch.cuda.is_available():
-        with pytest.raises(InvalidField) as err:
-            pm.hook.load(model=ref, loader="transformers", options=LoadOptions(device="cuda:0"))
-        assert err.value.field == "device"
-    (tmp_path / "config.json").write_text((tiny_models["llama"] / "config.json").read_text())
-    with pytest.raises(LoadFailed):  # a config without weights
-        pm.hook.load(model=resolve_model(str(tmp_path)), loader="transformers", options=LoadOptions())
+def test_eos_token_stops_generation(hooks, loaded):
+    m = loaded["llama"]
+    first = run(hooks, m, generation=gen(1)).rows[0].generated_ids[0]
+    saved = m.model.generation_config.eos_token_id
+    m.model.generation_config.eos_token_id = [first]
+    try:
+        capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="last")
+        row = run(hooks, m, capture, generation=gen(10)).rows[0]
+    finally:
+        m.model.generation_config.eos_token_id = saved
+    assert row.generated_ids == [first] and row.finish_reason == "stop"
+    ref = hidden_states(m, row.token_ids)
+    assert rel_err(row.states["-1"], ref[-1][0][-1:]) < 1e-4
 
 
-def test_dtype_auto_is_float32_on_cpu_and_bfloat16_when_asked(pm, tiny_models):
-    ref = resolve_model(str(tiny_models["qwen2"]))
-    auto = pm.hook.load(model=ref, loader="transformers", options=LoadOptions(device="cpu"))
-    half = pm.hook.load(model=ref, loader="transformers", options=LoadOptions(device="cpu", dtype="bfloat16"))
-    assert (auto.dtype, half.dtype) == ("float32", "bfloat16")
-    assert half.model.dtype == torch.bfloat16 and half.size_bytes * 2 == pytest.approx(auto.size_bytes, rel=0.01)
+def test_max_tokens_zero_and_encoders(hooks, loaded):
+    m = loaded["llama"]
+    row = run(hooks, m, Capture(layers=resolve_layers([-1], 3)), generation=gen(0)).rows[0]
+    assert row.generated_ids == [] and row.finish_reason == "length" and row.states["-1"].shape == (1, 64)
+    with pytest.raises(Unsupported):
+        run(hooks, loaded["bert"], generation=gen(4))
+
+
+def test_generation_stops_at_the_context_limit(hooks, tiny_root):
+    path = build_tiny_model("llama", tiny_root, name="tiny-llama-ctx16", max_position_embeddings=16)
+    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+    assert m.max_context == 16
+    capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="all")
+    row = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 15)),), generation=gen(50)).rows[0]
+    assert len(row.token_ids) == 16 and row.finish_reason == "length"
+    assert rel_err(row.states["-1"], hidden_states(m, row.token_ids)[-1][0]) < 1e-4
+    full = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 21)),), generation=gen(5)).rows[0]
+    assert full.generated_ids == [] and full.finish_reason == "length" and full.states["-1"].shape == (16, 64)
+    with pytest.raises(InvalidField):
+        run(hooks, m, texts=(), token_ids=(tuple(range(5, 22)),), generation=gen(5))
+
+
+def test_streaming_holds_back_partial_stops_and_characters():
+    from loom_transformers.running import cut_at_stop, streamable
+
+    assert streamable("hello wo", ["world"]) == "hello "
+    assert streamable("hello w", ["xyz", "wor"]) == "hello "
+    assert streamable("hello", ["world"]) == "hello"
+    assert streamable("caf\ufffd", []) == "caf"
+    assert cut_at_stop("one. two. three", [". t", "two"]) == ("one", True)
+    assert cut_at_stop("abc", ["", "z"]) == ("abc", False)
