@@ -249,6 +249,7 @@ BAD = [
     ({"model": "M", "prompt": "hi", "temperature": -1}, 422, "temperature"),
     ({"model": "M", "prompt": "hi", "dtype": "float8"}, 422, "dtype"),
     ({"model": "M", "prompt": "hi", "device": "cuda:0"}, 422, "device"),
+    ({"model": "M", "prompt": "hi", "max_token": 5}, 422, "max_token"),
 ]
 
 

@@ -16,7 +16,7 @@ from loom_kernel.errors import LoomError
 
 log = logging.getLogger("loom.api")
 MEDIA_TYPE = "application/problem+json"
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+_NAMED = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
@@ -72,8 +72,8 @@ def on_validation(request: Request, exc: ValidationException) -> Response:
     message = str(first.get("message", exc.detail))
     field = str(first.get("key", "body"))
     if field == "data":
-        missing = _MISSING.search(message)
-        field = missing.group(1) if missing else "body"
+        named = _NAMED.search(message)
+        field = named.group(1) if named else "body"
     return problem(request, 422, "Invalid field", f"{field}: {message}", field=field, errors=errors)
 
 

@@ -11,8 +11,11 @@ LayerSpec = int | str | list[int]
 PositionSpec = str | list[int]
 
 
-class LoadFields(msgspec.Struct, kw_only=True):
-    """How to load the model if it is not loaded yet (or reload it when these differ)."""
+class LoadFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to load the model if it is not loaded yet (or reload it when these differ).
+
+    Unknown fields are refused: a misspelt ``max_token`` must not silently fall back to a default.
+    """
 
     loader: str | None = None
     device: str | None = None
