@@ -8,6 +8,9 @@ Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, o
   keyed by ``LayerSel.key``; the kernel slices "prompt", "generated" and index lists from the full rows.
 - After generation one more cached decode step runs on the last generated token, so that the state of the last
   token of the final sequence exists (only when states are asked for).
+- Several rows without generation (/extract, /embed/batch) run as ONE padded forward pass with an attention
+  mask, padded on the tokenizer's side; each row's states are sliced back to its own tokens, so a row equals
+  running it alone within float tolerance.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     inputs = _inputs(model, batch)
     rows = []
     with torch.inference_mode():
+        if params is None and len(inputs) > 1:
+            return ForwardOutput(rows=forward_many(model, inputs, capture))
         for i, ids in enumerate(inputs):
             budget = 0 if params is None else _budget(model, len(ids), params)
             if budget <= 0:
@@ -123,6 +128,76 @@ def forward_once(model: LoadedModel, ids: list[int], capture: Capture) -> Sequen
     finally:
         if rec is not None:
             rec.close()
+
+
+def _pad(model: LoadedModel, inputs: list[list[int]]) -> tuple[Any, Any, bool]:
+    """(input_ids [B, T], attention_mask [B, T], left-padded?) on the model's device, padded on the tokenizer's side.
+
+    The pad id only has to be a valid embedding row: the mask keeps every real token from attending to it.
+    """
+    import torch
+
+    tok = model.tokenizer
+    left = getattr(tok, "padding_side", "right") == "left"
+    candidates = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+    pad = next((v for v in candidates if v is not None), 0)
+    width = max(len(ids) for ids in inputs)
+    ids = torch.full((len(inputs), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(inputs), width), dtype=torch.long)
+    for i, row in enumerate(inputs):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    device = _device(model)
+    return ids.to(device), mask.to(device), left
+
+
+def _position_offset(base: Any) -> int | None:
+    """Where position ids start: 0, or padding_idx + 1 for RoBERTa-style learned positions; None: no such input."""
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return None
+    for name, module in base.named_modules():
+        if name.endswith("position_embeddings") and isinstance(getattr(module, "padding_idx", None), int):
+            return module.padding_idx + 1
+    return 0
+
+
+def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) -> list[SequenceOutput]:
+    """One padded pass of the base model over several rows; each row's states are its own tokens only."""
+    rec = _recorder(model, capture)
+    if rec is None:
+        return [SequenceOutput(token_ids=list(ids), prompt_tokens=len(ids)) for ids in inputs]
+    rec.rows, rec.replace = None, False  # rows end at different columns: keep every column, slice per row below
+    try:
+        ids, mask, left = _pad(model, inputs)
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
+        if left:
+            # Left padding shifts every real token; without explicit ids the model would number pads first.
+            base = model.extra["base"]
+            if "position_offset" not in model.extra:
+                model.extra["position_offset"] = _position_offset(base)
+            if (offset := model.extra["position_offset"]) is not None:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) + offset
+        model.extra["base"](input_ids=ids, **kwargs)
+        taken = rec.taken()
+    finally:
+        rec.close()
+    width = ids.shape[1]
+    rows = []
+    for i, row in enumerate(inputs):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        if capture.positions == "last":
+            cols = slice(cols.stop - 1, cols.stop)
+        rows.append(
+            SequenceOutput(
+                token_ids=list(row),
+                prompt_tokens=len(row),
+                positions=_positions(len(row), capture),
+                # A copy per row, so that no row keeps the whole padded batch alive.
+                states={sel.key: taken[sel.index][i, cols].clone() for sel in capture.layers},
+            )
+        )
+    return rows
 
 
 def eos_ids(model: LoadedModel) -> set[int]:

@@ -254,6 +254,31 @@ def test_rows_of_a_batch_are_independent(hooks, loaded):
     assert both[0].token_ids == m.tokenizer(OTHER)["input_ids"]
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_a_padded_batch_equals_each_row_alone(hooks, loaded, arch, side, positions):
+    """Several rows run as one padded pass; each row's states equal output_hidden_states of that row alone."""
+    m = loaded[arch]
+    texts = ("Hi", PROMPT, OTHER, "Hidden states")  # mixed lengths: every row but one is padded
+    capture = Capture(layers=resolve_layers([0, 1, -1], m.num_layers), positions=positions)
+    before = m.tokenizer.padding_side
+    m.tokenizer.padding_side = side
+    try:
+        rows = run(hooks, m, capture, texts=texts).rows
+    finally:
+        m.tokenizer.padding_side = before
+    assert len({len(r.token_ids) for r in rows}) > 1
+    for text, row in zip(texts, rows, strict=True):
+        assert row.token_ids == m.tokenizer(text)["input_ids"]
+        ref = hidden_states(m, row.token_ids)
+        assert row.positions == (list(range(len(row.token_ids))) if positions == "all" else [len(row.token_ids) - 1])
+        for key, index in (("0", 0), ("1", 1), ("-1", -1)):
+            want = ref[index][0, row.positions]
+            assert row.states[key].shape == want.shape
+            torch.testing.assert_close(row.states[key], want, rtol=1e-5, atol=1e-5)
+
+
 def test_text_over_the_context_is_invalid(hooks, loaded):
     m = loaded["gpt2"]
     with pytest.raises(InvalidField) as err:
