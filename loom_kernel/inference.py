@@ -14,8 +14,8 @@ import pluggy
 
 from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
 from loom_kernel.encoding import check_dtype, check_format, encode_states, safetensors_body
-from loom_kernel.errors import Unsupported
-from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.types import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
 
 
 @attrs.define(frozen=True)
@@ -123,3 +123,41 @@ def timing(start: float, generated: int) -> dict[str, Any]:
         "inference_time_ms": round(elapsed * 1000.0, 3),
         "tokens_per_second": round(generated / elapsed, 3) if elapsed > 0 and generated else 0.0,
     }
+
+
+def check_generation(model: LoadedModel, params: GenerationParams) -> None:
+    """Refuse what this model cannot generate before any work starts."""
+    if not model.can_generate:
+        raise Unsupported(
+            f"model: {model.ref.id!r} is a {model.kind} model and cannot generate; use /extract or /embed",
+            field="model",
+        )
+    if model.max_context and params.max_tokens > model.max_context:
+        raise InvalidField(
+            f"max_tokens: {params.max_tokens} exceeds the model's context of {model.max_context} tokens",
+            field="max_tokens",
+            allowed=f"0 to {model.max_context}",
+        )
+
+
+def generate(
+    pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, req: StateRequest
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]:
+    """One prompt generated with states: the /generate payload, its tensors by group, and the raw row."""
+    assert batch.generation is not None
+    check_generation(model, batch.generation)
+    capture = req.capture(model)
+    start = time.perf_counter()
+    row = forward(pm, model, batch, capture).rows[0]
+    generated = len(row.generated_ids)
+    fields, groups = state_payload(row, req, capture)
+    payload = {
+        "text": row.text,
+        "token_count": generated,
+        "prompt_tokens": row.prompt_tokens,
+        "finish_reason": row.finish_reason,
+        "token_ids": row.generated_ids,
+        **fields,
+        "metadata": {**model_metadata(model), **timing(start, generated), "prompt_tokens": row.prompt_tokens},
+    }
+    return payload, groups, row

@@ -16,6 +16,7 @@ from loom_kernel import __version__
 from loom_kernel.api.deps import provide_manager, provide_pm, provide_settings
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.models import ModelsController
+from loom_kernel.api.openai import OpenAIController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, request_id_middleware
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
@@ -42,7 +43,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             await manager.stop()
 
     app = Litestar(
-        route_handlers=[SystemController, ModelsController, InferenceController],
+        route_handlers=[SystemController, ModelsController, InferenceController, OpenAIController],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),

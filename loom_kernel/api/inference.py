@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Controller, Response, post
+import msgspec
+from litestar import Controller, Request, Response, post
 from litestar.params import JSONBody
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from loom_kernel.api.deps import Config, Manager, Plugins
-from loom_kernel.api.schemas import CaptureFields, ExtractRequest, GenerateRequest
+from loom_kernel.api.problems import request_id
+from loom_kernel.api.schemas import (
+    BatchGenerateRequest,
+    CaptureFields,
+    ExtractRequest,
+    GenerateRequest,
+    GenerationFields,
+)
+from loom_kernel.api.streaming import TokenBridge
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inference import StateRequest, finish, forward, model_metadata, state_payload, timing
+from loom_kernel.errors import InvalidField, LoomError
+from loom_kernel.inference import (
+    StateRequest,
+    check_generation,
+    finish,
+    forward,
+    generate,
+    model_metadata,
+    state_payload,
+    timing,
+)
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 
 
@@ -35,7 +55,7 @@ def respond(body: dict[str, Any] | bytes) -> Response:
     return Response(content=body)
 
 
-def generation_params(data: GenerateRequest, settings: Settings) -> GenerationParams:
+def generation_params(data: GenerationFields, settings: Settings) -> GenerationParams:
     if data.max_tokens > settings.max_tokens_limit:
         raise InvalidField(
             f"max_tokens: {data.max_tokens} is over this server's limit",
@@ -66,36 +86,78 @@ class InferenceController(Controller):
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
+        batch = Batch(texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens)
+
         def work(model: LoadedModel) -> dict[str, Any] | bytes:
-            if not model.can_generate:
-                raise Unsupported(
-                    f"model: {data.model!r} is a {model.kind} model and cannot generate; use /extract or /embed",
-                    field="model",
-                )
-            if model.max_context and params.max_tokens > model.max_context:
-                raise InvalidField(
-                    f"max_tokens: {params.max_tokens} exceeds the model's context of {model.max_context} tokens",
-                    field="max_tokens",
-                    allowed=f"0 to {model.max_context}",
-                )
-            capture = req.capture(model)
-            start = time.perf_counter()
-            batch = Batch(texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens)
-            row = forward(pm, model, batch, capture).rows[0]
-            generated = len(row.generated_ids)
-            fields, groups = state_payload(row, req, capture)
-            payload = {
-                "text": row.text,
-                "token_count": generated,
-                "prompt_tokens": row.prompt_tokens,
-                "finish_reason": row.finish_reason,
-                "token_ids": row.generated_ids,
-                **fields,
-                "metadata": {**model_metadata(model), **timing(start, generated), "prompt_tokens": row.prompt_tokens},
-            }
+            payload, groups, _ = generate(pm, model, batch, req)
             return finish(payload, groups, req)
 
         return respond(await manager.run(entry, work))
+
+    @post("/generate/stream", status_code=200)
+    async def generate_stream(
+        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+    ) -> ServerSentEvent:
+        """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
+        req = state_request(data, settings, data.return_hidden_states)
+        if req.fmt == "safetensors":
+            raise InvalidField(
+                "hidden_state_format: safetensors is a whole-body format; a stream carries list or base64",
+                field="hidden_state_format",
+                allowed=["list", "base64"],
+            )
+        params = generation_params(data, settings)
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
+            check_generation(entry.loaded, params)
+            req.capture(entry.loaded)
+        bridge = TokenBridge()
+        batch = Batch(
+            texts=(data.prompt,),
+            generation=params,
+            add_special_tokens=data.add_special_tokens,
+            on_token=bridge.on_token,
+        )
+        job = manager.run(entry, lambda model: generate(pm, model, batch, req)[0])
+
+        async def events() -> AsyncIterator[ServerSentEventMessage]:
+            index = 0
+            async for kind, value in bridge.events(job, request_id(request)):
+                if kind == "token":
+                    value = {"index": index, "token_id": value["token_id"], "text": value["text"]}
+                    index += 1
+                yield ServerSentEventMessage(event=kind, data=msgspec.json.encode(value).decode())
+
+        return ServerSentEvent(events())
+
+    @post("/generate/batch", status_code=200)
+    async def generate_batch(
+        self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+    ) -> dict[str, Any]:
+        """Every prompt gets its own result in input order; one prompt's failure is reported in its own slot."""
+        req = state_request(data, settings, data.return_hidden_states)
+        if req.fmt == "safetensors":
+            raise InvalidField(
+                "hidden_state_format: a batch answers in JSON; use list or base64",
+                field="hidden_state_format",
+                allowed=["list", "base64"],
+            )
+        params = generation_params(data, settings)
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        rid = request_id(request)
+
+        def work(model: LoadedModel) -> list[dict[str, Any]]:
+            results = []
+            for i, prompt in enumerate(data.prompts):
+                batch = Batch(texts=(prompt,), generation=params, add_special_tokens=data.add_special_tokens)
+                try:
+                    results.append({"index": i, **generate(pm, model, batch, req)[0]})
+                except LoomError as exc:
+                    results.append({"index": i, "error": {**exc.problem(), "request_id": rid}})
+            return results
+
+        results = await manager.run(entry, work)
+        return {"model": data.model, "count": len(results), "results": results}
 
     @post("/extract", status_code=200)
     async def extract(

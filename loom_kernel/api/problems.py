@@ -39,20 +39,20 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def _rid(request: Request) -> str | None:
+def request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
 
 def problem(request: Request, status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    body["request_id"] = _rid(request)
+    body["request_id"] = request_id(request)
     body["instance"] = request.url.path
     return Response(content=body, status_code=status, media_type=MEDIA_TYPE)
 
 
 def on_loom_error(request: Request, exc: LoomError) -> Response:
     if exc.status >= 500:
-        log.error("request %s failed: %s", _rid(request), exc.detail, exc_info=exc.__cause__ or exc)
+        log.error("request %s failed: %s", request_id(request), exc.detail, exc_info=exc.__cause__ or exc)
     body = exc.problem()
     return problem(
         request,
@@ -86,7 +86,7 @@ def on_http(request: Request, exc: HTTPException) -> Response:
 
 
 def on_unexpected(request: Request, exc: Exception) -> Response:
-    log.error("request %s: unexpected error", _rid(request), exc_info=exc)
+    log.error("request %s: unexpected error", request_id(request), exc_info=exc)
     return problem(
         request, 500, "Internal error", "the server hit an unexpected error; see its log for this request id"
     )

@@ -43,9 +43,7 @@ class CaptureFields(LoadFields, kw_only=True):
     hidden_state_dtype: str | None = None  # None: the server's hidden_states.precision
 
 
-class GenerateRequest(CaptureFields, kw_only=True):
-    model: NonEmpty
-    prompt: NonEmpty
+class GenerationFields(CaptureFields, kw_only=True):
     max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 256
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
@@ -54,6 +52,19 @@ class GenerateRequest(CaptureFields, kw_only=True):
     stop: str | list[str] | None = None
     return_hidden_states: bool = False
     add_special_tokens: bool = True
+
+
+class GenerateRequest(GenerationFields, kw_only=True):
+    model: NonEmpty
+    prompt: NonEmpty
+
+
+MAX_BATCH_PROMPTS = 64
+
+
+class BatchGenerateRequest(GenerationFields, kw_only=True):
+    model: NonEmpty
+    prompts: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_BATCH_PROMPTS)]
 
 
 class ExtractRequest(CaptureFields, kw_only=True):

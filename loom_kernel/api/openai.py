@@ -1,0 +1,303 @@
+"""OpenAI-compatible chat completions, completions and model list, with The Loom's states as extra fields."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, get, post
+from litestar.params import JSONBody
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from loom_kernel.api.deps import Config, Manager, Plugins
+from loom_kernel.api.openai_schemas import (
+    MAX_STOP,
+    ROLES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    OpenAIFields,
+)
+from loom_kernel.api.problems import request_id
+from loom_kernel.api.streaming import TokenBridge
+from loom_kernel.config import Settings
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.inference import StateRequest, check_generation, generate
+from loom_kernel.models import ModelEntry
+from loom_kernel.resolve import EMBEDDED
+from loom_kernel.types import Batch, GenerationParams, LoadedModel
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def refuse_unsupported(data: OpenAIFields) -> None:
+    """Fields that would change the answer and are not implemented: refused, never silently ignored."""
+    checks: list[tuple[str, bool, Any]] = [
+        ("n", data.n != 1, [1]),
+        ("presence_penalty", data.presence_penalty != 0.0, [0]),
+        ("frequency_penalty", data.frequency_penalty != 0.0, [0]),
+        ("logit_bias", bool(data.logit_bias), None),
+        ("logprobs", bool(getattr(data, "logprobs", None)), None),
+        ("top_logprobs", bool(getattr(data, "top_logprobs", None)), None),
+        ("tools", bool(getattr(data, "tools", None)), None),
+        ("echo", bool(getattr(data, "echo", False)), [False]),
+        ("suffix", getattr(data, "suffix", None) is not None, None),
+    ]
+    rf = getattr(data, "response_format", None)
+    checks.append(("response_format", bool(rf) and rf.get("type") != "text", [{"type": "text"}]))
+    for field, bad, allowed in checks:
+        if bad:
+            raise InvalidField(f"{field}: not supported by this server", field=field, allowed=allowed)
+
+
+def params_for(data: OpenAIFields, settings: Settings) -> GenerationParams:
+    max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise InvalidField(
+            f"max_tokens: {max_tokens} is over this server's limit",
+            field="max_tokens",
+            allowed=f"0 to {settings.max_tokens_limit}",
+        )
+    stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop or ())
+    if len(stop) > MAX_STOP:
+        raise InvalidField(f"stop: at most {MAX_STOP} stop strings", field="stop", allowed=f"up to {MAX_STOP}")
+    if any(not s for s in stop):
+        raise InvalidField("stop: stop strings must be non-empty", field="stop")
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=data.temperature,
+        top_p=data.top_p,
+        top_k=data.top_k,
+        seed=data.seed,
+        stop=stop,
+    )
+
+
+def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
+    req = StateRequest.from_fields(
+        wanted=data.return_hidden_states,
+        layers=data.hidden_state_layers,
+        positions=data.positions,
+        return_full_sequence=data.return_full_sequence,
+        fmt=data.hidden_state_format or "list",
+        dtype=data.hidden_state_dtype or settings.default_precision,
+        default_layers=settings.default_layers,
+    )
+    if req.fmt == "safetensors":
+        raise InvalidField(
+            "hidden_state_format: OpenAI endpoints answer in JSON",
+            field="hidden_state_format",
+            allowed=["list", "base64"],
+        )
+    return req
+
+
+def message_text(message: ChatMessage, index: int) -> dict[str, str]:
+    if message.role not in ROLES:
+        raise InvalidField(
+            f"messages[{index}].role: unknown role {message.role!r}",
+            field=f"messages[{index}].role",
+            allowed=list(ROLES),
+        )
+    content = message.content
+    if isinstance(content, list):  # content parts: only text parts carry anything a text model can read
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidField(
+                    f"messages[{index}].content: only text parts are supported",
+                    field=f"messages[{index}].content",
+                    allowed=[{"type": "text", "text": "..."}],
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    return {"role": message.role, "content": content or ""}
+
+
+def chat_token_ids(model: LoadedModel, messages: list[dict[str, str]]) -> tuple[int, ...]:
+    """The chat template applied once, tokenized by it: nothing is added on top (no second BOS)."""
+    tok = model.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise Unsupported(
+            f"messages: {model.ref.id!r} has no chat template; use /v1/completions with a plain prompt",
+            field="messages",
+        )
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if isinstance(out, Mapping) else out
+    return tuple(int(i) for i in ids)
+
+
+def usage(payload: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = payload["prompt_tokens"], payload["token_count"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def seed_extras(payload: dict[str, Any], req: StateRequest, model_id: str) -> dict[str, Any]:
+    """The original project's extra fields: text, hidden_state{final, shape, layer, dtype}, metadata."""
+    meta = payload["metadata"]
+    extras: dict[str, Any] = {
+        "text": payload["text"],
+        "metadata": {
+            "model": model_id,
+            "latency_ms": meta["inference_time_ms"],
+            "tokens_per_second": meta["tokens_per_second"],
+        },
+    }
+    states = payload.get("hidden_states")
+    if req.wanted and states:
+        key, first = next(iter(states.items()))
+        final = first["data"][0] if first.get("encoding") != "base64" else first["data"]
+        extras["hidden_state"] = {"final": final, "shape": first["shape"], "layer": int(key), "dtype": first["dtype"]}
+        if first.get("encoding"):
+            extras["hidden_state"]["encoding"] = first["encoding"]
+        extras["hidden_states"] = states
+        for group in ("sequence_hidden_states", "positions", "layer_indices"):
+            if group in payload:
+                extras[group] = payload[group]
+    return extras
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ["openai"]
+
+    async def _prepare(
+        self, data: OpenAIFields, manager: Manager, settings: Settings
+    ) -> tuple[GenerationParams, StateRequest, ModelEntry]:
+        refuse_unsupported(data)
+        params = params_for(data, settings)
+        req = states_for(data, settings)
+        entry = await manager.get(data.model, loader=data.loader, explicit=data.explicit())
+        if entry.loaded is not None:
+            check_generation(entry.loaded, params)
+            req.capture(entry.loaded)
+        return params, req, entry
+
+    @post("/chat/completions", status_code=200)
+    async def chat(
+        self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+    ) -> Any:
+        messages = [message_text(m, i) for i, m in enumerate(data.messages)]
+        params, req, entry = await self._prepare(data, manager, settings)
+        bridge = TokenBridge() if data.stream else None
+
+        def work(model: LoadedModel) -> dict[str, Any]:
+            batch = Batch(
+                token_ids=(chat_token_ids(model, messages),),
+                generation=params,
+                on_token=bridge.on_token if bridge else None,
+            )
+            return generate(pm, model, batch, req)[0]
+
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "created": created, "model": data.model}
+        if bridge is None:
+            payload = await manager.run(entry, work)
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": payload["text"]},
+                "finish_reason": payload["finish_reason"],
+                "logprobs": None,
+            }
+            body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage(payload)}
+            return {**body, **seed_extras(payload, req, data.model)}
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+        first = chunk({"role": "assistant", "content": ""}, None)
+        return stream(
+            bridge,
+            manager.run(entry, work),
+            request,
+            first,
+            lambda piece: chunk({"content": piece}, None),
+            lambda p: {**chunk({}, p["finish_reason"]), **seed_extras(p, req, data.model)},
+            {**head, "object": "chat.completion.chunk"},
+            data,
+        )
+
+    @post("/completions", status_code=200)
+    async def completions(
+        self, data: JSONBody[CompletionRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+    ) -> Any:
+        prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
+        if len(prompts) != 1 or not prompts[0]:
+            raise InvalidField(
+                "prompt: one non-empty prompt per request (use /generate/batch for several)",
+                field="prompt",
+                allowed="a non-empty string",
+            )
+        params, req, entry = await self._prepare(data, manager, settings)
+        bridge = TokenBridge() if data.stream else None
+
+        def work(model: LoadedModel) -> dict[str, Any]:
+            batch = Batch(texts=(prompts[0],), generation=params, on_token=bridge.on_token if bridge else None)
+            return generate(pm, model, batch, req)[0]
+
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "created": created, "model": data.model, "object": "text_completion"}
+        if bridge is None:
+            payload = await manager.run(entry, work)
+            choice = {"index": 0, "text": payload["text"], "finish_reason": payload["finish_reason"], "logprobs": None}
+            return {**head, "choices": [choice], "usage": usage(payload), **seed_extras(payload, req, data.model)}
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+        return stream(
+            bridge,
+            manager.run(entry, work),
+            request,
+            None,
+            lambda piece: chunk(piece, None),
+            lambda p: {**chunk("", p["finish_reason"]), **seed_extras(p, req, data.model)},
+            head,
+            data,
+        )
+
+    @get("/models", sync_to_thread=False)
+    def models(self, manager: Manager) -> dict[str, Any]:
+        names = dict.fromkeys([*manager.loaded_ids(), *manager.settings.aliases, *EMBEDDED])
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loom"} for n in names],
+        }
+
+
+def stream(
+    bridge: TokenBridge,
+    job: Any,
+    request: Request,
+    first: dict[str, Any] | None,
+    token_chunk: Any,
+    last_chunk: Any,
+    usage_head: dict[str, Any],
+    data: OpenAIFields,
+) -> ServerSentEvent:
+    """OpenAI's stream: ``data: {chunk}`` lines, an error as ``data: {"error": ...}``, then ``data: [DONE]``."""
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+    def message(obj: Any) -> ServerSentEventMessage:
+        return ServerSentEventMessage(data=obj if isinstance(obj, str) else msgspec.json.encode(obj).decode())
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        if first is not None:
+            yield message(first)
+        async for kind, value in bridge.events(job, request_id(request)):
+            if kind == "token":
+                yield message(token_chunk(value["text"]))
+            elif kind == "done":
+                yield message(last_chunk(value))
+                if include_usage:
+                    yield message({**usage_head, "choices": [], "usage": usage(value)})
+            else:
+                yield message({"error": value})
+        yield message("[DONE]")
+
+    return ServerSentEvent(events())

@@ -1,0 +1,72 @@
+"""Request bodies of the OpenAI-compatible endpoints.
+
+Unknown fields are accepted (OpenAI clients send fields such as ``user`` that change nothing here); fields that
+would change the result and are not implemented are refused by name in ``openai.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from loom_kernel.api.schemas import LayerSpec, NonEmpty, PositionSpec
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_STOP = 4  # OpenAI's own limit
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class OpenAIFields(msgspec.Struct, kw_only=True):
+    model: NonEmpty
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # The Loom's own fields, passed with the SDK's extra_body.
+    return_hidden_states: bool = False
+    hidden_state_layers: LayerSpec | None = None
+    positions: PositionSpec | None = None
+    return_full_sequence: bool = False
+    hidden_state_format: str | None = None
+    hidden_state_dtype: str | None = None
+    loader: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+    def explicit(self) -> dict[str, object]:
+        return {"device": self.device, "dtype": self.dtype}
+
+
+class ChatCompletionRequest(OpenAIFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(OpenAIFields, kw_only=True):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None

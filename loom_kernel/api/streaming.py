@@ -1,0 +1,64 @@
+"""Carry tokens from a model's worker thread to an async response, and stop the worker when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from loom_kernel.errors import LoomError
+
+log = logging.getLogger("loom.api")
+
+
+class TokenBridge:
+    """``on_token`` runs on the worker thread; ``events()`` yields ("token", dict), then ("done", result) or
+    ("error", problem dict) on the event loop. Once the consumer stops iterating, the next ``on_token`` returns
+    False, which ends the generation and frees the worker."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._closed = threading.Event()
+
+    def on_token(self, row: int, token: int, piece: str) -> bool:
+        if self._closed.is_set():
+            return False
+        event = {"row": row, "token_id": token, "text": piece}
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, ("token", event))
+        return True
+
+    async def events(self, job: Awaitable[Any], request_id: str | None = None) -> AsyncIterator[tuple[str, Any]]:
+        task = asyncio.ensure_future(job)
+        # Tokens are queued by call_soon_threadsafe before the job's result arrives, so "end" always comes last.
+        task.add_done_callback(lambda t: self._queue.put_nowait(("end", t)))
+        try:
+            while True:
+                kind, value = await self._queue.get()
+                if kind != "end":
+                    yield kind, value
+                    continue
+                if value.cancelled():
+                    return
+                exc = value.exception()
+                if exc is None:
+                    yield "done", value.result()
+                elif isinstance(exc, LoomError):
+                    yield "error", {**exc.problem(), "request_id": request_id}
+                else:
+                    log.error("request %s: generation failed mid-stream", request_id, exc_info=exc)
+                    yield (
+                        "error",
+                        {
+                            "type": "about:blank",
+                            "title": "Internal error",
+                            "status": 500,
+                            "detail": "generation failed; see the server log for this request id",
+                            "request_id": request_id,
+                        },
+                    )
+                return
+        finally:
+            self._closed.set()

@@ -1,0 +1,198 @@
+"""/generate/stream, /generate/batch and the OpenAI endpoints, against /generate and transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
+from loom_kernel.api import create_app
+from loom_kernel.config import Settings
+from loom_kernel.plugins import create_plugin_manager
+
+
+@pytest.fixture
+async def client():
+    async with AsyncTestClient(app=create_app(settings=Settings(default_device="cpu"))) as c:
+        yield c
+
+
+def sse(text: str) -> list[tuple[str | None, str]]:
+    """(event, data) pairs of an SSE body."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        event, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        if data:
+            out.append((event, "\n".join(data)))
+    return out
+
+
+async def test_stream_tokens_and_done_match_generate(client, tiny_models):
+    body = {
+        "model": str(tiny_models["llama"]),
+        "prompt": "The quick brown fox",
+        "max_tokens": 8,
+        "return_hidden_states": True,
+        "hidden_state_layers": [-1, 1],
+    }
+    plain = (await client.post("/generate", json=body)).json()
+    r = await client.post("/generate/stream", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r.text)
+    tokens = [json.loads(d) for e, d in events if e == "token"]
+    (done,) = [json.loads(d) for e, d in events if e == "done"]
+    assert [t["token_id"] for t in tokens] == plain["token_ids"]
+    assert [t["index"] for t in tokens] == list(range(len(tokens)))
+    assert "".join(t["text"] for t in tokens) == plain["text"] == done["text"]
+    assert done["hidden_states"] == plain["hidden_states"]
+    assert done["finish_reason"] == plain["finish_reason"] == "length"
+
+
+async def test_stream_refuses_bad_fields_before_streaming(client, tiny_models):
+    path = str(tiny_models["llama"])
+    for extra, field in (
+        ({"hidden_state_layers": [42], "return_hidden_states": True}, "hidden_state_layers"),
+        ({"hidden_state_format": "safetensors"}, "hidden_state_format"),
+        ({"max_tokens": -3}, "max_tokens"),
+    ):
+        r = await client.post("/generate/stream", json={"model": path, "prompt": "x", **extra})
+        assert r.status_code == 422 and r.json()["field"] == field
+
+
+class FailsMidStream:
+    """A loader whose generation raises after two tokens, as an out-of-memory error would."""
+
+    @hookimpl(tryfirst=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
+        if batch.generation is None or batch.texts != ("boom",):
+            return None
+        for i in range(2):
+            batch.on_token(0, 100 + i, f"t{i}")
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+async def test_a_failure_mid_stream_ends_with_an_error_event(tiny_models):
+    pm = create_plugin_manager()
+    pm.register(FailsMidStream(), name="fails")
+    async with AsyncTestClient(app=create_app(pm=pm, settings=Settings(default_device="cpu"))) as c:
+        path = str(tiny_models["gpt2"])
+        r = await c.post("/generate/stream", json={"model": path, "prompt": "boom", "max_tokens": 5})
+        events = sse(r.text)
+        assert [e for e, _ in events] == ["token", "token", "error"]
+        problem = json.loads(events[-1][1])
+        assert problem["status"] == 500 and "out of memory" not in problem["detail"] and problem["request_id"]
+        ok = await c.post("/generate", json={"model": path, "prompt": "fine", "max_tokens": 2})
+        assert ok.status_code == 200  # the worker is free and the server keeps serving
+
+
+async def test_batch_equals_one_by_one(client, tiny_models):
+    path = str(tiny_models["qwen2"])
+    prompts = ["Hello", "The meaning of life is a question", "Numbers like 1, 2"]
+    common = {"model": path, "max_tokens": 6, "return_hidden_states": True, "hidden_state_layers": [0, -1]}
+    r = await client.post("/generate/batch", json={**common, "prompts": prompts})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == [0, 1, 2]
+    for prompt, got in zip(prompts, results, strict=True):
+        alone = (await client.post("/generate", json={**common, "prompt": prompt})).json()
+        assert got["token_ids"] == alone["token_ids"] and got["text"] == alone["text"]
+        assert got["hidden_states"] == alone["hidden_states"]
+    r = await client.post("/generate/batch", json={**common, "prompts": []})
+    assert r.status_code == 422 and r.json()["field"] == "prompts"
+
+
+async def test_chat_template_applied_once(client, tiny_models):
+    path = str(tiny_models["llama"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    r = await client.post(
+        "/v1/chat/completions", json={"model": path, "messages": messages, "max_tokens": 5, "temperature": 0}
+    )
+    body = r.json()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids.count(tok.bos_token_id) == 1
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert "hidden_state" not in body
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"max_tokens": 600}, "max_tokens"),  # over the tiny model's 512-token context
+    ],
+)
+async def test_chat_bad_input(client, tiny_models, extra, field):
+    body = {"model": str(tiny_models["llama"]), "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field
+
+
+async def test_chat_without_template_is_a_422(client, tiny_models):
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"model": str(tiny_models["gpt2"]), "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert r.status_code == 422 and r.json()["field"] == "messages"
+
+
+def test_openai_client_against_a_real_server(tiny_models, tmp_path):
+    """The official openai SDK, unchanged, over a real socket: chat and completions, streaming and not."""
+    import openai
+    from serverutil import loom_server
+
+    path = str(tiny_models["llama"])
+    with loom_server(["--preload", path], tmp_path) as (base, _, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        chat = client.chat.completions.create(
+            model=path, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, seed=1
+        )
+        assert chat.choices[0].finish_reason in ("length", "stop") and chat.usage.completion_tokens > 0
+        pieces = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=path, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True
+            )
+            if c.choices
+        ]
+        assert "".join(pieces) == chat.choices[0].message.content
+        with_states = client.chat.completions.create(
+            model=path,
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"return_hidden_states": True},
+        ).model_dump()
+        hs = with_states["hidden_state"]
+        assert hs["layer"] == -1 and hs["shape"] == [1, 64] and len(hs["final"]) == 64
+        prompt = with_states["usage"]["prompt_tokens"]
+        assert prompt == chat.usage.prompt_tokens and with_states["text"] == chat.choices[0].message.content
+        completion = client.completions.create(model=path, prompt="The quick brown fox", max_tokens=5, temperature=0)
+        streamed = "".join(
+            c.choices[0].text
+            for c in client.completions.create(
+                model=path, prompt="The quick brown fox", max_tokens=5, temperature=0, stream=True
+            )
+            if c.choices
+        )
+        assert streamed == completion.choices[0].text and completion.usage.completion_tokens == 5
+        assert path in [m.id for m in client.models.list().data]
+        with pytest.raises(openai.UnprocessableEntityError):
+            client.chat.completions.create(model=path, messages=[{"role": "user", "content": "x"}], n=3)
