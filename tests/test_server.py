@@ -82,3 +82,34 @@ def test_a_hub_id_in_the_local_cache_probes_loads_and_unloads(tiny_models: dict[
         assert httpx.delete(f"{base}/models/tiny-org/tiny-gpt2", timeout=30).status_code == 200
         missing = httpx.get(f"{base}/loaders/probe/tiny-org/not-there", timeout=30)
         assert missing.status_code == 404 and missing.json()["field"] == "model"
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_mid_stream_frees_the_worker(tiny_root: Path, tmp_path: Path) -> None:
+    model = build_tiny_model(
+        "llama",
+        tiny_root,
+        name="slow-llama",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        max_position_embeddings=4096,
+    )
+    with loom_server(["--preload", str(model)], tmp_path) as (base, log, proc):
+        wait_for(r"loaded .*slow-llama", log, proc, timeout=120)
+        body = {"model": str(model), "prompt": "Hello", "max_tokens": 3000}
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{base}/generate/stream", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("event:")) == "event: token"
+        # The connection is closed after the first token. 3000 tokens take well over 5 s here (1500 take ~4 s),
+        # so a worker free within 5 s was stopped, not finished.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            rows = httpx.get(f"{base}/models", timeout=10).json()["loaded_models"]
+            if not rows[0]["in_flight"]:
+                break
+            time.sleep(0.1)
+        assert rows[0]["in_flight"] == 0
+        r = httpx.post(f"{base}/generate", json={**body, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["token_count"] == 3
