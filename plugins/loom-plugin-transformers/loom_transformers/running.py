@@ -30,25 +30,33 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     params = batch.generation
     if params is not None and not model.can_generate:
         raise Unsupported(f"model: {model.ref.id!r} is an {model.kind} model and cannot generate", field="model")
-    inputs = _inputs(model, batch)
-    rows = []
+    inputs, truncated = _inputs(model, batch)
     with torch.inference_mode():
         if params is None and len(inputs) > 1:
-            return ForwardOutput(rows=forward_many(model, inputs, capture))
-        for i, ids in enumerate(inputs):
-            budget = 0 if params is None else _budget(model, len(ids), params)
-            if budget <= 0:
-                row = forward_once(model, ids, capture)
-                if params is not None:  # nothing may be generated: max_tokens 0, or the prompt fills the context
-                    row.finish_reason = "length"
-            else:
-                row = generate_one(model, ids, params, budget, capture, batch.on_token, i)
-            rows.append(row)
+            rows = forward_many(model, inputs, capture)
+        else:
+            rows = [_run_row(model, ids, params, capture, batch.on_token, i) for i, ids in enumerate(inputs)]
+    for row, cut in zip(rows, truncated, strict=True):
+        row.truncated = cut
     return ForwardOutput(rows=rows)
 
 
-def _inputs(model: LoadedModel, batch: Batch) -> list[list[int]]:
-    """Token ids per row, checked against the vocabulary and the context before any forward pass."""
+def _run_row(
+    model: LoadedModel, ids: list[int], params: GenerationParams | None, capture: Capture, on_token: Any, i: int
+) -> SequenceOutput:
+    budget = 0 if params is None else _budget(model, len(ids), params)
+    if budget <= 0:
+        row = forward_once(model, ids, capture)
+        if params is not None:  # nothing may be generated: max_tokens 0, or the prompt fills the context
+            row.finish_reason = "length"
+        return row
+    return generate_one(model, ids, params, budget, capture, on_token, i)
+
+
+def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
+    """Token ids per row, checked against the vocabulary and the context before any forward pass, and which rows
+    were cut to the context (only when ``batch.truncate`` allows it; otherwise a too-long row is InvalidField)."""
+    tok = model.tokenizer
     if batch.token_ids is not None:
         field = "token_ids"
         inputs = [[int(t) for t in ids] for ids in batch.token_ids]
@@ -61,18 +69,32 @@ def _inputs(model: LoadedModel, batch: Batch) -> list[list[int]]:
                 )
     else:
         field = "prompt" if batch.generation is not None else "text"
-        tok = model.tokenizer
         inputs = [list(tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"]) for text in batch.texts]
-    for ids in inputs:
+    limit = model.max_context
+    truncated = [False] * len(inputs)
+    for i, ids in enumerate(inputs):
+        where = {"row": i} if len(inputs) > 1 else {}
         if not ids:
-            raise InvalidField(f"{field}: tokenizes to no tokens", field=field)
-        if model.max_context and len(ids) > model.max_context:
-            raise InvalidField(
-                f"{field}: {len(ids)} tokens exceed the model's context of {model.max_context}",
-                field=field,
-                allowed=f"at most {model.max_context} tokens",
-            )
-    return inputs
+            raise InvalidField(f"{field}: tokenizes to no tokens", field=field, **where)
+        if limit and len(ids) > limit:
+            if not batch.truncate:
+                raise InvalidField(
+                    f"{field}: {len(ids)} tokens exceed the model's context of {limit}",
+                    field=field,
+                    allowed=f"at most {limit} tokens",
+                    **where,
+                )
+            truncated[i] = True
+            if batch.token_ids is not None:
+                inputs[i] = ids[:limit]
+            else:  # the tokenizer cuts the text and keeps its closing special tokens ([SEP], ...) where it adds them
+                text = batch.texts[i]
+                inputs[i] = list(
+                    tok(text, add_special_tokens=batch.add_special_tokens, truncation=True, max_length=limit)[
+                        "input_ids"
+                    ]
+                )
+    return inputs, truncated
 
 
 def _budget(model: LoadedModel, prompt_len: int, params: GenerationParams) -> int:

@@ -286,6 +286,22 @@ def test_text_over_the_context_is_invalid(hooks, loaded):
     assert err.value.field == "token_ids"
 
 
+def test_truncate_cuts_a_row_to_the_context_instead_of_failing(hooks, loaded):
+    m = loaded["bert"]  # context 512
+    long = "hello world " * 400
+    with pytest.raises(InvalidField) as err:
+        run(hooks, m, texts=("short", long))
+    assert err.value.field == "text" and err.value.extra == {"row": 1}
+    capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="all")
+    rows = run(hooks, m, capture, texts=("short", long), truncate=True).rows
+    assert [r.truncated for r in rows] == [False, True]
+    want = m.tokenizer(long, truncation=True, max_length=512)["input_ids"]
+    assert rows[1].token_ids == want and len(want) == 512 and want[-1] == m.tokenizer.sep_token_id
+    assert rel_err(rows[1].states["-1"], hidden_states(m, want)[-1][0]) < 1e-5
+    (cut,) = run(hooks, m, texts=(), token_ids=((5,) * 600,), truncate=True).rows
+    assert cut.truncated and cut.token_ids == [5] * 512
+
+
 # --- generation ---------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,147 @@
+"""One batched pass through a SentenceTransformer: the model's own pooled output, plus hook-captured states of the
+underlying transformer.
+
+Contract of ``run_batch`` (one ``SequenceOutput`` per input row):
+
+- ``pooled`` is the pipeline's ``sentence_embedding`` (Pooling, Dense, Normalize as configured) as a CPU float32
+  tensor [D]: what ``SentenceTransformer.encode`` returns for the row.
+- ``states[key]`` holds the row's own tokens only (either padding side), rows selected as ``capture.positions``
+  asks ("last" keeps the last real token, anything else every token), in the index space of transformers'
+  ``output_hidden_states``: 0 the embedding output, N the last block's output.
+- Inputs go through the model's own preprocessing (its default prompt, special tokens, and its ``max_seq_length``,
+  which is ``LoadedModel.max_context``); a row longer than that is InvalidField unless ``batch.truncate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
+from loom_kernel.capture import StateRecorder, find_blocks
+from loom_kernel.errors import InvalidField, Unsupported
+
+
+def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+    import torch
+
+    if batch.generation is not None:
+        raise Unsupported(
+            f"model: {model.ref.id!r} is an embedding model and cannot generate; use /embed or /extract",
+            field="model",
+        )
+    st = model.model
+    features, truncated = _features(model, batch)
+    rec = _recorder(model, capture)
+    try:
+        with torch.inference_mode():
+            out = st(dict(features))
+        taken = rec.taken() if rec is not None else {}
+    finally:
+        if rec is not None:
+            rec.close()
+    if model.num_layers in capture.indices:
+        # sentence-transformers calls the transformer's forward() directly, so a hook on the model itself never
+        # fires; index N is its last_hidden_state, which the pipeline hands on as token_embeddings.
+        taken[model.num_layers] = out["token_embeddings"].detach().cpu()
+    mask = features["attention_mask"].bool().cpu()
+    ids = features["input_ids"].cpu()
+    pooled = out["sentence_embedding"].detach().float().cpu()
+    rows = []
+    for i in range(len(truncated)):
+        real = mask[i].nonzero().flatten()  # this row's own columns, whichever side the padding is on
+        cols = real[-1:] if capture.positions == "last" else real
+        rows.append(
+            SequenceOutput(
+                token_ids=ids[i, real].tolist(),
+                prompt_tokens=len(real),
+                positions=_positions(len(real), capture),
+                # A copy per row, so that no row keeps the whole padded batch alive.
+                states={sel.key: taken[sel.index][i].index_select(0, cols) for sel in capture.layers},
+                pooled=pooled[i].clone(),
+                truncated=truncated[i],
+            )
+        )
+    return ForwardOutput(rows=rows, metadata={"pipeline": model.extra.get("pipeline")})
+
+
+def _positions(total: int, capture: Capture) -> list[int]:
+    if not capture.wanted:
+        return []
+    return [total - 1] if capture.positions == "last" else list(range(total))
+
+
+def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
+    if not capture.wanted:
+        return None
+    if "blocks" not in model.extra:
+        hf = model.model.transformers_model
+        if hf is None or not model.num_layers:
+            raise Unsupported(
+                f"hidden_state_layers: {model.ref.id!r} has no transformer layers to capture",
+                field="hidden_state_layers",
+            )
+        model.extra["base"], model.extra["blocks"] = find_blocks(hf, model.num_layers)
+    inner = [i for i in capture.indices if i != model.num_layers]  # index N comes from the pipeline's output
+    if not inner:
+        return None
+    rec = StateRecorder(model.extra["base"], model.extra["blocks"], inner)
+    rec.rows, rec.replace = None, False  # rows end at different columns: keep every column, slice per row
+    return rec
+
+
+def _too_long(field: str, n: int, limit: int, row: int, rows: int) -> InvalidField:
+    return InvalidField(
+        f"{field}: {n} tokens exceed the model's limit of {limit} tokens (its max_seq_length)",
+        field=field,
+        allowed=f"at most {limit} tokens",
+        **({"row": row} if rows > 1 else {}),
+    )
+
+
+def _features(model: LoadedModel, batch: Batch) -> tuple[dict[str, Any], list[bool]]:
+    """Model-ready tensors for the batch, on the model's device, and which rows were cut to the limit."""
+    st, tok = model.model, model.tokenizer
+    limit = model.max_context
+    if batch.token_ids is None and batch.add_special_tokens:
+        # The model's own preprocessing, as encode() does it: default prompt, special tokens, max_seq_length.
+        resolve = getattr(st, "_resolve_prompt", None)
+        prompt = resolve(None, None) if resolve is not None else None
+        texts = list(batch.texts)
+        features = dict(st.preprocess(texts, prompt=prompt) if prompt else st.preprocess(texts))
+        lengths = features["attention_mask"].sum(1).tolist()
+        truncated = [False] * len(texts)
+        for i, n in enumerate(lengths):
+            if limit and n >= limit:  # at the limit: only the untruncated count says whether it was cut
+                full = len(tok((prompt or "") + texts[i], verbose=False)["input_ids"])
+                truncated[i] = full > limit
+                if truncated[i] and not batch.truncate:
+                    raise _too_long("text", full, limit, i, len(texts))
+    else:
+        field = "token_ids" if batch.token_ids is not None else "text"
+        if batch.token_ids is not None:
+            inputs = [[int(t) for t in row] for row in batch.token_ids]
+            vocab = len(tok)
+            for row in inputs:
+                if bad := [t for t in row if not 0 <= t < vocab]:
+                    raise InvalidField(
+                        f"{field}: ids {bad[:5]} are outside the vocabulary", field=field, allowed=f"0 to {vocab - 1}"
+                    )
+        else:
+            inputs = [list(tok(text, add_special_tokens=False, verbose=False)["input_ids"]) for text in batch.texts]
+        truncated = [bool(limit) and len(row) > limit for row in inputs]
+        for i, row in enumerate(inputs):
+            if truncated[i] and not batch.truncate:
+                raise _too_long(field, len(row), limit or 0, i, len(inputs))
+        inputs = [row[:limit] if cut else row for row, cut in zip(inputs, truncated, strict=True)]
+        for i, row in enumerate(inputs):
+            if not row:
+                raise InvalidField(
+                    f"{field}: tokenizes to no tokens", field=field, **({"row": i} if len(inputs) > 1 else {})
+                )
+        features = dict(tok.pad({"input_ids": inputs}, padding=True, return_tensors="pt"))
+        if "token_type_ids" in getattr(tok, "model_input_names", ()) and "token_type_ids" not in features:
+            import torch
+
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+    device = model.model.device
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}, truncated

