@@ -15,10 +15,10 @@ from loom_kernel.testing import build_tiny_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_health_answers_within_a_second_while_a_long_generation_runs(tiny_root: Path, tmp_path: Path) -> None:
-    # Wide enough that 1500 greedy tokens take seconds on 2 CPU cores (and this seed never emits EOS).
-    model = build_tiny_model(
+@pytest.fixture(scope="module")
+def slow_llama(tiny_root: Path) -> Path:
+    """Wide enough that 1500 greedy tokens take seconds on 2 CPU cores (and this seed never emits EOS)."""
+    return build_tiny_model(
         "llama",
         tiny_root,
         name="slow-llama",
@@ -27,6 +27,11 @@ def test_health_answers_within_a_second_while_a_long_generation_runs(tiny_root: 
         num_hidden_layers=4,
         max_position_embeddings=4096,
     )
+
+
+@pytest.mark.slow
+def test_health_answers_within_a_second_while_a_long_generation_runs(slow_llama: Path, tmp_path: Path) -> None:
+    model = slow_llama
     with loom_server(["--preload", str(model)], tmp_path) as (base, log, proc):
         wait_for(r"loaded .*slow-llama", log, proc, timeout=120)
         models = httpx.get(f"{base}/models", timeout=10).json()["loaded_models"]
@@ -85,16 +90,8 @@ def test_a_hub_id_in_the_local_cache_probes_loads_and_unloads(tiny_models: dict[
 
 
 @pytest.mark.slow
-def test_a_client_that_disconnects_mid_stream_frees_the_worker(tiny_root: Path, tmp_path: Path) -> None:
-    model = build_tiny_model(
-        "llama",
-        tiny_root,
-        name="slow-llama",
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        max_position_embeddings=4096,
-    )
+def test_a_client_that_disconnects_mid_stream_frees_the_worker(slow_llama: Path, tmp_path: Path) -> None:
+    model = slow_llama
     with loom_server(["--preload", str(model)], tmp_path) as (base, log, proc):
         wait_for(r"loaded .*slow-llama", log, proc, timeout=120)
         body = {"model": str(model), "prompt": "Hello", "max_tokens": 3000}

@@ -49,6 +49,17 @@ def state_request(data: CaptureFields, settings: Settings, wanted: bool) -> Stat
     )
 
 
+def json_formats_only(req: StateRequest, what: str) -> StateRequest:
+    """Safetensors is a whole-body format: endpoints that answer in JSON (or events) carry list or base64."""
+    if req.fmt == "safetensors":
+        raise InvalidField(
+            f"hidden_state_format: {what} answers in JSON; use list or base64",
+            field="hidden_state_format",
+            allowed=["list", "base64"],
+        )
+    return req
+
+
 def respond(body: dict[str, Any] | bytes) -> Response:
     if isinstance(body, bytes):
         return Response(content=body, media_type=SAFETENSORS_MEDIA_TYPE)
@@ -99,13 +110,7 @@ class InferenceController(Controller):
         self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> ServerSentEvent:
         """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
-        req = state_request(data, settings, data.return_hidden_states)
-        if req.fmt == "safetensors":
-            raise InvalidField(
-                "hidden_state_format: safetensors is a whole-body format; a stream carries list or base64",
-                field="hidden_state_format",
-                allowed=["list", "base64"],
-            )
+        req = json_formats_only(state_request(data, settings, data.return_hidden_states), "a stream")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
@@ -135,13 +140,7 @@ class InferenceController(Controller):
         self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> dict[str, Any]:
         """Every prompt gets its own result in input order; one prompt's failure is reported in its own slot."""
-        req = state_request(data, settings, data.return_hidden_states)
-        if req.fmt == "safetensors":
-            raise InvalidField(
-                "hidden_state_format: a batch answers in JSON; use list or base64",
-                field="hidden_state_format",
-                allowed=["list", "base64"],
-            )
+        req = json_formats_only(state_request(data, settings, data.return_hidden_states), "a batch")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         rid = request_id(request)
