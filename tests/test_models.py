@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -33,6 +35,17 @@ class BrokenLoader:
 
 def app_with(pm=None, **settings):
     return create_app(pm=pm, settings=Settings(default_device="cpu", **settings))
+
+
+@contextlib.asynccontextmanager
+async def concurrent_client(app):
+    """Requests that really overlap: Litestar's test client runs each request to completion on a portal thread,
+    so concurrency tests talk to the ASGI app directly."""
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loom") as c:
+            yield c
+    finally:
+        await app.state.manager.stop()
 
 
 async def test_lru_evicts_least_recently_used(tiny_models):
@@ -108,13 +121,27 @@ async def test_other_load_options_reload_instead_of_reusing(tiny_models):
         assert [r["dtype"] for r in rows] == ["bfloat16"]
 
 
+class CountLoads:
+    """Counts calls of the real load hook without changing them."""
+
+    calls = 0
+
+    @hookimpl(wrapper=True)
+    def load(self, model: ModelRef, loader: str, options: LoadOptions):
+        CountLoads.calls += 1
+        return (yield)
+
+
 async def test_concurrent_requests_load_a_model_once(tiny_models):
-    app = app_with()
-    async with AsyncTestClient(app=app) as c:
+    pm = create_plugin_manager()
+    pm.register(CountLoads(), name="count")
+    app = app_with(pm=pm)
+    async with concurrent_client(app) as c:
         path = str(tiny_models["mistral"])
         results = await asyncio.gather(*(c.post("/extract", json={"model": path, "text": f"t{i}"}) for i in range(4)))
         assert all(r.status_code == 200 for r in results)
         assert len((await c.get("/models")).json()["loaded_models"]) == 1
+        assert CountLoads.calls == 1
 
 
 @pytest.mark.parametrize("bad", [{"model": ""}, {"model": "x", "dtype": 3}, {}])
@@ -123,3 +150,40 @@ async def test_load_request_validation(tiny_models, bad):
         r = await c.post("/models/load", json=bad)
         assert r.status_code == 422
         assert r.json()["field"] in ("model", "dtype")
+
+
+class SlowLoader:
+    """Takes its time, then loads through the transformers plugin: long enough to watch a load in progress."""
+
+    def __init__(self, pm) -> None:
+        self.pm = pm
+
+    @hookimpl
+    def load(self, model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | None:
+        if loader != "slow":
+            return None
+        import time
+
+        time.sleep(1.0)
+        loaded = self.pm.hook.load(model=model, loader="transformers", options=options)
+        loaded.loader = "transformers"
+        return loaded
+
+
+async def test_a_loading_model_is_listed_as_loading(tiny_models):
+    pm = create_plugin_manager()
+    pm.register(SlowLoader(pm), name="slow")
+    app = app_with(pm=pm)
+    async with concurrent_client(app) as c:
+        path = str(tiny_models["gpt2"])
+        load = asyncio.ensure_future(c.post("/models/load", json={"model": path, "loader": "slow"}))
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            rows = (await c.get("/models")).json()["loaded_models"]
+            if rows:
+                break
+        assert [(r["model_id"], r["state"]) for r in rows] == [(path, "loading")]
+        assert (await c.get("/health")).json()["loading_models"] == [path]
+        assert (await load).status_code == 200
+        rows = (await c.get("/models")).json()["loaded_models"]
+        assert [(r["model_id"], r["state"]) for r in rows] == [(path, "ready")]
