@@ -92,6 +92,7 @@ class LoadedModel:
     size_bytes: int = 0
     load_seconds: float = 0.0
     max_context: int | None = None
+    # kind "embedding": the loader has the model's own pooling pipeline and fills ``SequenceOutput.pooled``.
     # The pool strategy the model was trained with (a sentence-transformers Pooling module's mode, as a name the
     # pool hook knows); /embed uses it when a request names none. None: the kernel's default for ``kind``.
     default_pooling: str | None = None

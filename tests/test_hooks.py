@@ -116,6 +116,7 @@ def test_pool(pm, side):
             mask[i, :n] = 1
         else:
             mask[i, 5 - n :] = 1
+    states[mask == 0] = 1e4  # padding that leaked into any strategy would dominate its result
     t, m = torch.from_numpy(states), torch.from_numpy(mask)
     for i in range(3):
         real = states[i][mask[i] == 1]
@@ -129,7 +130,10 @@ def test_pool(pm, side):
         for strategy, want in expected.items():
             got = pm.hook.pool(output=t, strategy=strategy, mask=m)[i].numpy()
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=strategy)
-    assert pm.hook.pool(output=t, strategy="none", mask=m).shape == (3, 5, 4)
+    per_token = pm.hook.pool(output=t, strategy="none", mask=m)
+    assert per_token.shape == (3, 5, 4)
+    for i in range(3):  # "none" keeps every token's state; a row's own tokens are where its mask is set
+        np.testing.assert_array_equal(per_token[i].numpy()[mask[i] == 1], states[i][mask[i] == 1])
     # A plugin adds a strategy by name; unknown names fall through to None.
     np.testing.assert_allclose(pm.hook.pool(output=t, strategy="toy_sum", mask=m).numpy(), states.sum(1), rtol=1e-6)
     assert pm.hook.pool(output=t, strategy="nope", mask=m) is None

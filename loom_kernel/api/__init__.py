@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 
 from loom_kernel import __version__
 from loom_kernel.api.deps import provide_manager, provide_pm, provide_settings
+from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
@@ -43,7 +44,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             await manager.stop()
 
     app = Litestar(
-        route_handlers=[SystemController, ModelsController, InferenceController, OpenAIController],
+        route_handlers=[SystemController, ModelsController, InferenceController, OpenAIController, EmbedController],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),

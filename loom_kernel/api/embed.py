@@ -1,0 +1,171 @@
+"""POST /embed, /embed/batch and the OpenAI-compatible /v1/embeddings.
+
+Every field is checked before any model work; the batch runs as one forward pass on the model's worker thread
+(``loom_kernel.embedding.embed``). Pooling and normalization rules are in ``loom_kernel.embedding``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, post
+from litestar.params import JSONBody
+
+from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.embedding import MAX_BATCH_TEXTS, EmbedSpec, declared_strategies, embed, pool_answers
+from loom_kernel.errors import InvalidField
+from loom_kernel.inference import model_metadata, timing
+from loom_kernel.types import LoadedModel
+
+Texts = Annotated[
+    list[NonEmpty],
+    msgspec.Meta(min_length=1, max_length=MAX_BATCH_TEXTS, description=f"1 to {MAX_BATCH_TEXTS} non-empty texts"),
+]
+Dimensions = Annotated[int, msgspec.Meta(ge=1, description="keep the first N dimensions (Matryoshka)")]
+
+
+class EmbedFields(LoadFields, kw_only=True):
+    pooling: str | None = None  # None: the model's own pooling (see loom_kernel.embedding)
+    normalize: bool | None = None  # None: the model's convention
+    layer: int = -1
+    truncate: bool = True
+    dimensions: Dimensions | None = None
+
+    def spec(self, field: str, listed: bool) -> EmbedSpec:
+        return EmbedSpec(
+            pooling=self.pooling,
+            normalize=self.normalize,
+            layer=self.layer,
+            truncate=self.truncate,
+            dimensions=self.dimensions,
+            field=field,
+            listed=listed,
+        )
+
+
+class EmbedRequest(EmbedFields, kw_only=True):
+    model: NonEmpty
+    text: NonEmpty
+
+
+class EmbedBatchRequest(EmbedFields, kw_only=True):
+    model: NonEmpty
+    texts: Texts
+
+
+class OpenAIEmbeddingRequest(EmbedFields, kw_only=True):
+    """OpenAI's fields, plus The Loom's embedding and load fields (an OpenAI client passes them in extra_body)."""
+
+    model: NonEmpty
+    input: NonEmpty | Texts
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
+
+
+async def check_pooling(pm: Any, name: str | None) -> None:
+    """An unknown strategy is a 422 before any model loads; an undeclared name is asked of the pool hook."""
+    if name is None:
+        return
+    known = declared_strategies(pm)
+    if name in known or await asyncio.to_thread(pool_answers, pm, name):
+        return
+    raise InvalidField(f"pooling: unknown strategy {name!r}", field="pooling", allowed=known)
+
+
+def b64_float32(vector: Any) -> str:
+    """Little-endian float32 bytes, base64: what the openai client decodes with numpy.frombuffer."""
+    return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+class EmbedController(Controller):
+    tags = ["embeddings"]
+
+    async def _embed(self, data: EmbedFields, texts: list[str], field: str, listed: bool, manager: Any, pm: Any):
+        await check_pooling(pm, data.pooling)
+        spec = data.spec(field, listed)
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+
+        def work(model: LoadedModel) -> tuple[Any, dict[str, Any]]:
+            start = time.perf_counter()
+            result = embed(pm, model, texts, spec)
+            meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
+            if "pipeline" in model.extra:
+                meta["pipeline"] = model.extra["pipeline"]
+            return result, meta
+
+        return await manager.run(entry, work)
+
+    @post("/embed", status_code=200)
+    async def embed_one(self, data: JSONBody[EmbedRequest], manager: Manager, pm: Plugins) -> dict[str, Any]:
+        """One text's embedding: ``shape`` [D] (or [T, D] for pooling "none")."""
+        result, meta = await self._embed(data, [data.text], "text", False, manager, pm)
+        vector = result.vectors[0]
+        return {
+            "model": data.model,
+            "embedding": vector.tolist(),
+            "shape": list(vector.shape),
+            "dtype": "float32",
+            "normalized": result.normalized,
+            "l2_norm": result.norms()[0],
+            "pooling": result.pooling,
+            "layer": data.layer,
+            "layer_index": result.layer.index,
+            "dimensions": result.dimensions,
+            "token_count": result.token_counts[0],
+            "truncated": result.truncated[0],
+            "metadata": meta,
+        }
+
+    @post("/embed/batch", status_code=200)
+    async def embed_batch(self, data: JSONBody[EmbedBatchRequest], manager: Manager, pm: Plugins) -> dict[str, Any]:
+        """Every text in one forward pass: ``shape`` [n, D]; for pooling "none" ``shape`` is null and
+        ``shapes`` lists each text's [T_i, D]."""
+        result, meta = await self._embed(data, data.texts, "texts", True, manager, pm)
+        ragged = isinstance(result.vectors, list)
+        body: dict[str, Any] = {
+            "model": data.model,
+            "embeddings": [v.tolist() for v in result.vectors] if ragged else result.vectors.tolist(),
+            "shape": None if ragged else list(result.vectors.shape),
+            "dtype": "float32",
+            "normalized": result.normalized,
+            "l2_norms": result.norms(),
+            "pooling": result.pooling,
+            "layer": data.layer,
+            "layer_index": result.layer.index,
+            "dimensions": result.dimensions,
+            "token_counts": result.token_counts,
+            "total_tokens": sum(result.token_counts),
+            "truncated": result.truncated,
+            "metadata": meta,
+        }
+        if ragged:
+            body["shapes"] = [list(v.shape) for v in result.vectors]
+        return body
+
+    @post("/v1/embeddings", status_code=200)
+    async def openai_embeddings(
+        self, data: JSONBody[OpenAIEmbeddingRequest], manager: Manager, pm: Plugins
+    ) -> dict[str, Any]:
+        """OpenAI's embeddings response; ``encoding_format: base64`` carries little-endian float32 bytes."""
+        if data.pooling == "none":
+            raise InvalidField(
+                "pooling: /v1/embeddings returns one vector per input; use /embed/batch for per-token states",
+                field="pooling",
+                allowed=[p for p in declared_strategies(pm) if p != "none"],
+            )
+        listed = isinstance(data.input, list)
+        texts = data.input if isinstance(data.input, list) else [data.input]
+        result, _ = await self._embed(data, texts, "input", listed, manager, pm)
+        encode = b64_float32 if data.encoding_format == "base64" else (lambda v: v.tolist())
+        total = sum(result.token_counts)
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
+            "model": data.model,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }

@@ -1,0 +1,216 @@
+"""Embeddings: which pooling a request gets, one batched forward pass, then pooling, Matryoshka truncation and
+normalization, with what was actually done reported back.
+
+Pooling rules (the README's "Embeddings" section says the same for users):
+
+- ``"model"``: the model's own pipeline (sentence-transformers Pooling, Dense, Normalize as configured), over its
+  last layer; what ``SentenceTransformer.encode`` returns. Only for models whose loader has one (kind "embedding").
+- No pooling named: ``"model"`` when the model has a pipeline and the layer is the last; otherwise the strategy
+  the model was trained with (``LoadedModel.default_pooling``), else ``last_token`` for decoders and ``mean``
+  for every other model.
+- A named strategy goes through the ``pool`` hook: the kernel's default plugin answers ``mean``, ``cls``,
+  ``first_token``, ``last_token``, ``max`` and ``none`` (per-token states); a third-party plugin adds a name by
+  returning a tensor for it from its ``pool`` hookimpl (and lists it in a module-level ``POOLING_STRATEGIES``
+  tuple so that 422s and GET /plugins can name it).
+
+Normalization: ``normalize: null`` (default) keeps the model's convention: unit vectors when its pipeline ends in
+Normalize (renormalized after ``dimensions`` cuts them), raw vectors otherwise. ``true`` always returns unit
+vectors; ``false`` adds no normalization (a pipeline's own Normalize still applies, and is reported).
+
+Everything that touches tensors runs on the model's worker thread (the API passes ``embed`` to
+``ModelManager.run``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import pluggy
+
+from loom_kernel.capture import resolve_layers
+from loom_kernel.default_plugins.pooling import STRATEGIES
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.inference import forward
+from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel
+
+MAX_BATCH_TEXTS = 256  # texts per /embed/batch or /v1/embeddings request: one forward pass must fit in memory
+MODEL_POOLING = "model"
+
+
+def declared_strategies(pm: pluggy.PluginManager) -> list[str]:
+    """Every pooling name known without running anything: "model", the defaults, and plugins' declared names."""
+    names = [MODEL_POOLING, *STRATEGIES]
+    for impl in pm.hook.pool.get_hookimpls():
+        for name in getattr(impl.plugin, "POOLING_STRATEGIES", ()):
+            if name not in names:
+                names.append(str(name))
+    return names
+
+
+def pool_answers(pm: pluggy.PluginManager, strategy: str) -> bool:
+    """Whether some plugin's ``pool`` returns a tensor for ``strategy`` (asked with a 1x1x1 state; uses torch)."""
+    import torch
+
+    try:
+        return pm.hook.pool(output=torch.zeros(1, 1, 1), strategy=strategy, mask=torch.ones(1, 1)) is not None
+    except Exception:  # a plugin that fails on the probe does not get the name
+        return False
+
+
+@attrs.define(frozen=True)
+class EmbedSpec:
+    """The embedding fields of a request, checked at the boundary; ``field`` names where its texts are."""
+
+    pooling: str | None = None
+    normalize: bool | None = None
+    layer: int = -1
+    truncate: bool = True
+    dimensions: int | None = None
+    field: str = "text"
+    listed: bool = False  # the texts came as a list (errors name "texts[3]"), not as one string
+
+
+@attrs.define
+class Embedded:
+    """The pooled vectors of a batch and what was done to get them.
+
+    ``vectors`` is a float32 tensor [n, D], or for pooling "none" a list of n tensors [T_i, D].
+    """
+
+    vectors: Any
+    pooling: str
+    layer: LayerSel
+    normalized: bool
+    token_counts: list[int]
+    truncated: list[bool]
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.vectors[0].shape[-1])
+
+    def norms(self) -> list[Any]:
+        """One L2 norm per row, or per token of each row for pooling "none"."""
+        if isinstance(self.vectors, list):
+            return [v.norm(dim=-1).tolist() for v in self.vectors]
+        return self.vectors.norm(dim=-1).tolist()
+
+
+def choose_pooling(model: LoadedModel, requested: str | None, layer: LayerSel) -> str:
+    last = layer.index == model.num_layers
+    own = model.kind == "embedding"
+    if requested == MODEL_POOLING:
+        if not own:
+            raise Unsupported(
+                f'pooling: "model" is a sentence-transformers pipeline; {model.ref.id!r} (loader '
+                f"{model.loader!r}) has none, so name a strategy",
+                field="pooling",
+                allowed=list(STRATEGIES),
+            )
+        if not last:
+            raise InvalidField(
+                f'layer: pooling "model" runs the model\'s pipeline on its last layer ({model.num_layers}); name a '
+                "strategy to pool another layer",
+                field="layer",
+                allowed=[-1, model.num_layers],
+            )
+        return MODEL_POOLING
+    if requested is not None:
+        return requested
+    if own and last:
+        return MODEL_POOLING
+    return model.default_pooling or ("last_token" if model.kind == "causal" else "mean")
+
+
+def _renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
+    """A plugin names the input "text"; say which field (and which row of it) the request used."""
+    extra = dict(exc.extra)
+    row = extra.pop("row", None)
+    if row is None and spec.listed:  # a list of one: its plugin named no row
+        row = 0
+    where = spec.field if row is None else f"{spec.field}[{row}]"
+    detail = exc.detail.split(": ", 1)[-1]
+    if "exceed" in detail and not spec.truncate:
+        detail += "; truncate: true cuts it to the model's limit"
+    if row is not None:
+        extra["row"] = row
+    return InvalidField(f"{where}: {detail}", field=spec.field, allowed=exc.allowed, **extra)
+
+
+def _pool(pm: pluggy.PluginManager, states: list[Any], strategy: str) -> Any:
+    """Pool rows of different lengths: right-padded into one [n, T, H] tensor with its mask, one hook call."""
+    import torch
+
+    lengths = [s.shape[0] for s in states]
+    width = max(lengths)
+    padded = torch.zeros(len(states), width, states[0].shape[-1], dtype=torch.float32)
+    mask = torch.zeros(len(states), width, dtype=torch.long)
+    for i, s in enumerate(states):
+        padded[i, : lengths[i]] = s.float()
+        mask[i, : lengths[i]] = 1
+    pooled = pm.hook.pool(output=padded, strategy=strategy, mask=mask)
+    if pooled is None:  # checked at the boundary; a plugin unregistered since then
+        raise InvalidField(f"pooling: no plugin pools {strategy!r}", field="pooling", allowed=declared_strategies(pm))
+    if strategy == "none":
+        return [pooled[i, : lengths[i]].float() for i in range(len(states))]
+    return pooled.float()
+
+
+def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
+    """One forward pass over ``texts`` and the pooled, cut, normalized vectors (on the worker thread)."""
+    import torch
+
+    n = model.num_layers
+    if not -(n + 1) <= spec.layer <= n:
+        raise InvalidField(
+            f"layer: {spec.layer} is out of range for a model with {n} layers",
+            field="layer",
+            allowed=f"integers from {-(n + 1)} to {n}",
+        )
+    (layer,) = resolve_layers([spec.layer], n, field="layer")
+    strategy = choose_pooling(model, spec.pooling, layer)
+    capture = Capture() if strategy == MODEL_POOLING else Capture(layers=(layer,), positions="all")
+    batch = Batch(texts=tuple(texts), truncate=spec.truncate)
+    try:
+        rows = forward(pm, model, batch, capture).rows
+    except InvalidField as exc:
+        if exc.field != "text":
+            raise
+        raise _renamed(exc, spec) from None
+    if strategy == MODEL_POOLING:
+        if any(row.pooled is None for row in rows):
+            raise Unsupported(
+                f"pooling: loader {model.loader!r} returned no pooled output for {model.ref.id!r}", field="pooling"
+            )
+        vectors: Any = torch.stack([row.pooled.float() for row in rows])
+        unit = model.pooled_normalized
+    else:
+        vectors = _pool(pm, [row.states[layer.key] for row in rows], strategy)
+        unit = False
+    width = int(vectors[0].shape[-1])
+    if spec.dimensions is not None and spec.dimensions < width:
+        vectors = (
+            [v[..., : spec.dimensions] for v in vectors] if isinstance(vectors, list) else vectors[:, : spec.dimensions]
+        )
+        cut = True
+    elif spec.dimensions is not None and spec.dimensions > width:
+        raise InvalidField(
+            f"dimensions: {spec.dimensions} is more than the {width} this embedding has",
+            field="dimensions",
+            allowed=f"1 to {width}",
+        )
+    else:
+        cut = False
+    want_unit = spec.normalize if spec.normalize is not None else unit
+    if want_unit:
+        normalize = torch.nn.functional.normalize
+        vectors = [normalize(v, dim=-1) for v in vectors] if isinstance(vectors, list) else normalize(vectors, dim=-1)
+    return Embedded(
+        vectors=vectors,
+        pooling=strategy,
+        layer=layer,
+        normalized=bool(want_unit or (unit and not cut)),
+        token_counts=[len(row.token_ids) for row in rows],
+        truncated=[row.truncated for row in rows],
+    )
