@@ -1,0 +1,160 @@
+"""Generation with hidden states against raw transformers, in one run on this machine.
+
+    python bench/generate.py [--tokens 64] [--repeats 3]
+
+A GPT-2-small-sized model (12 layers, 768 wide) is built offline. The reference is transformers' own
+``generate`` (greedy, no states) in-process; The Loom is measured over HTTP against a real ``loom serve`` with
+the last layer, all layers, and all layers over the full sequence in safetensors. Peak memory of a 256-token
+generation with last-layer capture is compared with ``generate(output_hidden_states=True)``, each in its own
+process (ru_maxrss). Prints ratios; no absolute numbers are asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+PROMPT = "The meaning of life is a question people have asked for a very long time, and"
+
+MEMORY_CHILD = r"""
+import os, sys, threading, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(path)
+ids = tok("Hello", return_tensors="pt")
+if mode == "transformers":
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    run = lambda: model.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 output_hidden_states=True, return_dict_in_generate=True)
+else:
+    from loom_kernel import Batch, GenerationParams, LoadOptions
+    from loom_kernel.capture import make_capture
+    from loom_kernel.plugins import create_plugin_manager
+    from loom_kernel.resolve import resolve_model
+    pm = create_plugin_manager()
+    loaded = pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions())
+    batch = Batch(texts=("Hello",), generation=GenerationParams(max_tokens=n, temperature=0))
+    capture = make_capture([-1], "last", loaded.num_layers)
+    run = lambda: pm.hook.forward_with_states(model=loaded, batch=batch, capture=capture)
+with torch.inference_mode():
+    run()  # warm-up: allocator arenas and thread pools are not what is being measured
+before, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.001)
+threading.Thread(target=sample, daemon=True).start()
+with torch.inference_mode():
+    result = run()
+done.set()
+print(max(peak[0], rss()) - before)
+"""
+
+
+def build(root: Path) -> Path:
+    from loom_kernel.testing import build_tiny_model
+
+    # EOS never wins in this seed's greedy run, so every measurement generates the full token count.
+    return build_tiny_model(
+        "gpt2",
+        root,
+        name="gpt2-small-sized",
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_positions=1024,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+
+
+def reference_seconds(path: Path, tokens: int, repeats: int) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok(PROMPT, return_tensors="pt")
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model.generate(**ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+            times.append(time.perf_counter() - start)
+    return times[1:]  # the first run warms up
+
+
+def loom_seconds(base: str, body: dict, repeats: int) -> list[float]:
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=600) as c:
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            r = c.post(f"{base}/generate", json=body)
+            r.raise_for_status()
+            times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def peak_bytes(path: Path, mode: str, tokens: int) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(path), mode, str(tokens)], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from serverutil import loom_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(Path(tmp))
+        ref = statistics.median(reference_seconds(path, args.tokens, args.repeats))
+        common = {"model": str(path), "prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0}
+        cases = {
+            "last layer": {"return_hidden_states": True, "hidden_state_layers": [-1]},
+            "all layers": {"return_hidden_states": True, "hidden_state_layers": "all"},
+            "all layers, full sequence, safetensors": {
+                "hidden_state_layers": "all",
+                "return_full_sequence": True,
+                "hidden_state_format": "safetensors",
+            },
+        }
+        rows = [("transformers generate (reference, in-process)", ref, 1.0)]
+        with loom_server(["--preload", str(path)], Path(tmp)) as (base, _, _):
+            for name, extra in cases.items():
+                t = statistics.median(loom_seconds(base, {**common, **extra}, args.repeats))
+                rows.append((f"The Loom /generate over HTTP, {name}", t, t / ref))
+        mem_ref = peak_bytes(path, "transformers", 256)
+        mem_loom = peak_bytes(path, "loom", 256)
+    print(f"\n{args.tokens} new tokens, median of {args.repeats}, GPT-2-small-sized (12 x 768), CPU")
+    print(f"{'case':58} {'seconds':>9} {'ratio':>7}")
+    for name, t, ratio in rows:
+        print(f"{name:58} {t:9.3f} {ratio:7.2f}")
+    print("\npeak memory growth during a 256-token generation")
+    print(f"  transformers generate(output_hidden_states=True): {mem_ref / 2**20:8.1f} MiB")
+    print(f"  The Loom, last layer captured:                    {mem_loom / 2**20:8.1f} MiB")
+    print(f"  ratio (The Loom / transformers):                  {mem_loom / max(mem_ref, 1):8.2f}")
+    print(json.dumps({"ratios": {n: round(r, 3) for n, _, r in rows}, "memory_ratio": mem_loom / max(mem_ref, 1)}))
+
+
+if __name__ == "__main__":
+    main()
