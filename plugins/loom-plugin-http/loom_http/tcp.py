@@ -32,7 +32,9 @@ class TcpListener:
         return format_url(self.host, port)
 
     def bind(self) -> list[socket.socket]:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP; without it every
+        # response whose headers and body go out in two writes waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(self.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             # A restarted server must not wait out TIME_WAIT connections of the previous one.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -70,3 +70,26 @@ def test_port_out_of_range_is_a_clear_error() -> None:
 def test_format_url() -> None:
     assert format_url("0.0.0.0", 8080) == "http://0.0.0.0:8080"
     assert format_url("::", 8080) == "http://[::]:8080"
+
+
+async def test_accepted_connections_get_tcp_nodelay() -> None:
+    """asyncio turns Nagle off only for sockets that say they are TCP; with Nagle on, a response written as headers
+    then body waits ~40 ms for the client's delayed ACK on every request."""
+    import asyncio
+
+    t = loom_http.transport(settings=Settings(host="127.0.0.1", port=0))
+    (sock,) = t.bind()
+    accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        t.cleanup()
