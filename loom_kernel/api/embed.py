@@ -12,14 +12,16 @@ import time
 from typing import Annotated, Any, Literal
 
 import msgspec
+import pluggy
 from litestar import Controller, post
 from litestar.params import JSONBody
 
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.embedding import MAX_BATCH_TEXTS, EmbedSpec, declared_strategies, embed, pool_answers
+from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.errors import InvalidField
 from loom_kernel.inference import model_metadata, timing
+from loom_kernel.models import ModelManager
 from loom_kernel.types import LoadedModel
 
 Texts = Annotated[
@@ -67,7 +69,7 @@ class OpenAIEmbeddingRequest(EmbedFields, kw_only=True):
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
 
 
-async def check_pooling(pm: Any, name: str | None) -> None:
+async def check_pooling(pm: pluggy.PluginManager, name: str | None) -> None:
     """An unknown strategy is a 422 before any model loads; an undeclared name is asked of the pool hook."""
     if name is None:
         return
@@ -85,12 +87,21 @@ def b64_float32(vector: Any) -> str:
 class EmbedController(Controller):
     tags = ["embeddings"]
 
-    async def _embed(self, data: EmbedFields, texts: list[str], field: str, listed: bool, manager: Any, pm: Any):
+    async def _embed(
+        self,
+        data: EmbedFields,
+        texts: list[str],
+        field: str,
+        listed: bool,
+        manager: ModelManager,
+        pm: pluggy.PluginManager,
+    ) -> tuple[Embedded, dict[str, Any]]:
+        """Check, load (if needed) and run the batch on the model's worker thread: (vectors, metadata)."""
         await check_pooling(pm, data.pooling)
         spec = data.spec(field, listed)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
-        def work(model: LoadedModel) -> tuple[Any, dict[str, Any]]:
+        def work(model: LoadedModel) -> tuple[Embedded, dict[str, Any]]:
             start = time.perf_counter()
             result = embed(pm, model, texts, spec)
             meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
