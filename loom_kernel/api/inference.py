@@ -66,23 +66,43 @@ def respond(body: dict[str, Any] | bytes) -> Response:
     return Response(content=body)
 
 
-def generation_params(data: GenerationFields, settings: Settings) -> GenerationParams:
-    if data.max_tokens > settings.max_tokens_limit:
+def checked_params(
+    settings: Settings,
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: str | list[str] | None,
+    max_stop: int | None = None,
+) -> GenerationParams:
+    """Generation parameters after the checks every generating endpoint shares."""
+    if max_tokens > settings.max_tokens_limit:
         raise InvalidField(
-            f"max_tokens: {data.max_tokens} is over this server's limit",
+            f"max_tokens: {max_tokens} is over this server's limit",
             field="max_tokens",
             allowed=f"0 to {settings.max_tokens_limit}",
         )
-    stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop or ())
-    if any(not s for s in stop):
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if max_stop is not None and len(stops) > max_stop:
+        raise InvalidField(f"stop: at most {max_stop} stop strings", field="stop", allowed=f"up to {max_stop}")
+    if any(not s for s in stops):
         raise InvalidField("stop: stop strings must be non-empty", field="stop")
     return GenerationParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops
+    )
+
+
+def generation_params(data: GenerationFields, settings: Settings) -> GenerationParams:
+    return checked_params(
+        settings,
         max_tokens=data.max_tokens,
         temperature=data.temperature,
         top_p=data.top_p,
         top_k=data.top_k,
         seed=data.seed,
-        stop=stop,
+        stop=data.stop,
     )
 
 

@@ -13,6 +13,7 @@ from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from loom_kernel.api.deps import Config, Manager, Plugins
+from loom_kernel.api.inference import checked_params
 from loom_kernel.api.openai_schemas import (
     MAX_STOP,
     ROLES,
@@ -55,25 +56,15 @@ def refuse_unsupported(data: OpenAIFields) -> None:
 
 def params_for(data: OpenAIFields, settings: Settings) -> GenerationParams:
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    if max_tokens > settings.max_tokens_limit:
-        raise InvalidField(
-            f"max_tokens: {max_tokens} is over this server's limit",
-            field="max_tokens",
-            allowed=f"0 to {settings.max_tokens_limit}",
-        )
-    stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop or ())
-    if len(stop) > MAX_STOP:
-        raise InvalidField(f"stop: at most {MAX_STOP} stop strings", field="stop", allowed=f"up to {MAX_STOP}")
-    if any(not s for s in stop):
-        raise InvalidField("stop: stop strings must be non-empty", field="stop")
-    return GenerationParams(
-        max_tokens=max_tokens,
+    return checked_params(
+        settings,
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         temperature=data.temperature,
         top_p=data.top_p,
         top_k=data.top_k,
         seed=data.seed,
-        stop=stop,
+        stop=data.stop,
+        max_stop=MAX_STOP,
     )
 
 
