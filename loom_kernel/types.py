@@ -115,10 +115,22 @@ class LayerSel:
 
 @attrs.define(frozen=True)
 class Capture:
-    """Which layers and positions to keep, resolved against the model by the kernel."""
+    """What to keep besides the tokens, resolved against the model by the kernel.
+
+    ``layers`` and ``positions`` select hidden states (when ``states``) and attention weights (when
+    ``attention``: the attention of the block that produces each layer, for the same query positions; index 0,
+    the embedding output, has none). ``top_logprobs``: per generated step, the chosen token's log-probability
+    and the ``top_logprobs`` most likely alternatives (None: no log-probabilities). ``logits``: keep each
+    generated step's raw logits. ``stream_states``: pass each generated token's states to ``Batch.on_token``.
+    """
 
     layers: tuple[LayerSel, ...] = ()
     positions: PositionSpec = "last"
+    states: bool = True
+    attention: bool = False
+    top_logprobs: int | None = None
+    logits: bool = False
+    stream_states: bool = False
 
     @property
     def indices(self) -> list[int]:
@@ -126,7 +138,16 @@ class Capture:
 
     @property
     def wanted(self) -> bool:
-        return bool(self.layers)
+        """Whether any per-position tensor (states or attention) is asked for."""
+        return bool(self.layers) and (self.states or self.attention)
+
+    @property
+    def wants_states(self) -> bool:
+        return bool(self.layers) and self.states
+
+    @property
+    def attention_layers(self) -> tuple[LayerSel, ...]:
+        return tuple(sel for sel in self.layers if sel.index > 0) if self.attention else ()
 
 
 @attrs.define(frozen=True)
@@ -156,7 +177,9 @@ class Batch:
     token_ids: tuple[tuple[int, ...], ...] | None = None
     generation: GenerationParams | None = None
     add_special_tokens: bool = True
-    on_token: Any = None  # callable(row: int, token_id: int, piece: str) -> bool | None; False stops the row
+    # callable(row: int, token_id: int, piece: str, extras: dict) -> bool | None; False stops the row. ``extras``
+    # holds "states" ({key: tensor [1, H]}, with Capture.stream_states) and "logprob" (with Capture.top_logprobs).
+    on_token: Any = None
     truncate: bool = False
 
 
@@ -165,7 +188,10 @@ class SequenceOutput:
     """One row of a batch after the pass: its tokens, its text and the captured states.
 
     ``states[key]`` is a CPU float tensor [len(positions), H] whose rows are the tokens at ``positions``
-    of the final sequence (prompt + generated). ``pooled`` is the model's own sentence embedding (a CPU float
+    of the final sequence (prompt + generated); ``attentions[key]`` is [heads, len(positions), len(token_ids)]
+    for the same rows (zero above the causal diagonal). ``logprobs``: one entry per generated token,
+    ``{"token_id", "logprob", "top": [[id, logprob], ...]}`` (log-softmax of the raw logits, before temperature or
+    top-k/p); ``logits`` a CPU float tensor [generated, vocab]. ``pooled`` is the model's own sentence embedding (a CPU float
     tensor [D]) when its loader has a pooling pipeline (sentence-transformers), else None. ``truncated``: the
     input was cut to the model's limit (only when ``Batch.truncate`` allowed it).
     """
@@ -178,6 +204,9 @@ class SequenceOutput:
     states: dict[str, Any] = attrs.field(factory=dict)
     pooled: Any = None
     truncated: bool = False
+    attentions: dict[str, Any] = attrs.field(factory=dict)
+    logprobs: list[dict[str, Any]] = attrs.field(factory=list)
+    logits: Any = None
 
     @property
     def generated_ids(self) -> list[int]:

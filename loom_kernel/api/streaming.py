@@ -23,10 +23,10 @@ class TokenBridge:
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._closed = threading.Event()
 
-    def on_token(self, row: int, token: int, piece: str) -> bool:
+    def on_token(self, row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
         if self._closed.is_set():
             return False
-        event = {"row": row, "token_id": token, "text": piece}
+        event = {"row": row, "token_id": token, "text": piece, **(extras or {})}
         self._loop.call_soon_threadsafe(self._queue.put_nowait, ("token", event))
         return True
 

@@ -5,9 +5,10 @@ Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, o
 - ``token_ids`` is the final sequence (prompt + generated), ``prompt_tokens`` the prompt's length.
 - ``positions`` is ``[total - 1]`` when ``capture.positions == "last"``, else ``list(range(total))``;
   empty when no layer is asked for. ``states[key]`` is a CPU tensor [len(positions), H] in the model's dtype,
-  keyed by ``LayerSel.key``; the kernel slices "prompt", "generated" and index lists from the full rows.
-- After generation one more cached decode step runs on the last generated token, so that the state of the last
-  token of the final sequence exists (only when states are asked for).
+  keyed by ``LayerSel.key``; ``attentions[key]`` [heads, len(positions), total] under eager attention for the
+  request (``attention.py``). The kernel slices "prompt", "generated" and index lists from the full rows.
+- Generation (``generation.py``) runs every row of the batch in one left-padded KV-cached loop; after a row's last
+  token is chosen one more pass feeds it, so that the last token's state exists (only when states are asked for).
 - Several rows without generation (/extract, /embed/batch) run as ONE padded forward pass with an attention
   mask, padded on the tokenizer's side; each row's states are sliced back to its own tokens, so a row equals
   running it alone within float tolerance.
@@ -27,30 +28,27 @@ from loom_kernel.errors import InvalidField, Unsupported
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
     import torch
 
+    from loom_transformers.attention import eager_attention
+    from loom_transformers.generation import Generation
+
     params = batch.generation
     if params is not None and not model.can_generate:
         raise Unsupported(f"model: {model.ref.id!r} is an {model.kind} model and cannot generate", field="model")
     inputs, truncated = _inputs(model, batch)
+    if capture.wanted:
+        _blocks(model)
     with torch.inference_mode():
-        if params is None and len(inputs) > 1:
-            rows = forward_many(model, inputs, capture)
+        if params is not None:
+            budgets = [_budget(model, len(ids), params) for ids in inputs]
+            rows = Generation(model, inputs, params, budgets, capture, batch.on_token).run()
+        elif capture.attention_layers:
+            with eager_attention(model.model):
+                rows = forward_many(model, inputs, capture)
         else:
-            rows = [_run_row(model, ids, params, capture, batch.on_token, i) for i, ids in enumerate(inputs)]
+            rows = forward_many(model, inputs, capture)
     for row, cut in zip(rows, truncated, strict=True):
         row.truncated = cut
     return ForwardOutput(rows=rows)
-
-
-def _run_row(
-    model: LoadedModel, ids: list[int], params: GenerationParams | None, capture: Capture, on_token: Any, i: int
-) -> SequenceOutput:
-    budget = 0 if params is None else _budget(model, len(ids), params)
-    if budget <= 0:
-        row = forward_once(model, ids, capture)
-        if params is not None:  # nothing may be generated: max_tokens 0, or the prompt fills the context
-            row.finish_reason = "length"
-        return row
-    return generate_one(model, ids, params, budget, capture, on_token, i)
 
 
 def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
@@ -105,22 +103,17 @@ def _budget(model: LoadedModel, prompt_len: int, params: GenerationParams) -> in
     return budget
 
 
-def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
-    if not capture.wanted:
-        return None
+def _blocks(model: LoadedModel) -> Any:
     if "blocks" not in model.extra:
         model.extra["base"], model.extra["blocks"] = find_blocks(model.model, model.num_layers)
-    rec = StateRecorder(model.extra["base"], model.extra["blocks"], capture.indices)
-    # "last" keeps one row per layer, overwritten by every step; anything else keeps every row of every step.
-    rec.rows, rec.replace = ([-1], True) if capture.positions == "last" else (None, False)
-    return rec
+    return model.extra["blocks"]
 
 
-def _states(rec: StateRecorder | None, capture: Capture) -> dict[str, Any]:
-    if rec is None:
-        return {}
-    taken = rec.taken()
-    return {sel.key: taken[sel.index][0] for sel in capture.layers}
+def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
+    """Hooks for the requested hidden states; the caller sets ``rows`` / ``replace`` per pass."""
+    if not capture.wants_states:
+        return None
+    return StateRecorder(model.extra["base"], _blocks(model), capture.indices)
 
 
 def _positions(total: int, capture: Capture) -> list[int]:
@@ -131,25 +124,6 @@ def _positions(total: int, capture: Capture) -> list[int]:
 
 def _device(model: LoadedModel) -> Any:
     return model.model.get_input_embeddings().weight.device
-
-
-def forward_once(model: LoadedModel, ids: list[int], capture: Capture) -> SequenceOutput:
-    """One pass of the base model (no LM head: its logits are not needed) over the whole sequence."""
-    import torch
-
-    rec = _recorder(model, capture)
-    try:
-        if rec is not None:
-            model.extra["base"](input_ids=torch.tensor([ids], device=_device(model)), use_cache=False)
-        return SequenceOutput(
-            token_ids=list(ids),
-            prompt_tokens=len(ids),
-            positions=_positions(len(ids), capture),
-            states=_states(rec, capture),
-        )
-    finally:
-        if rec is not None:
-            rec.close()
 
 
 def _pad(model: LoadedModel, inputs: list[list[int]]) -> tuple[Any, Any, bool]:
@@ -185,13 +159,25 @@ def _position_offset(base: Any) -> int | None:
 
 
 def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) -> list[SequenceOutput]:
-    """One padded pass of the base model over several rows; each row's states are its own tokens only."""
-    rec = _recorder(model, capture)
-    if rec is None:
+    """One pass of the base model (no LM head: its logits are not needed) over one row, or several rows padded on
+    the tokenizer's side; each row's states and attention are its own tokens only."""
+    from loom_transformers.attention import AttentionRecorder
+
+    if not capture.wanted:
         return [SequenceOutput(token_ids=list(ids), prompt_tokens=len(ids)) for ids in inputs]
-    rec.rows, rec.replace = None, False  # rows end at different columns: keep every column, slice per row below
+    rec = _recorder(model, capture)
+    att_idx = sorted({sel.index for sel in capture.attention_layers})
+    attn = AttentionRecorder(model.model, _blocks(model), att_idx) if att_idx else None
     try:
         ids, mask, left = _pad(model, inputs)
+        # Every row ends in the last column when there is one row or the padding is on the left: keep that column
+        # only for "last". Otherwise rows end at different columns: keep every column, slice per row below.
+        narrow = capture.positions == "last" and (left or len(inputs) == 1)
+        for r in (rec, attn):
+            if r is not None:
+                r.rows = [-1] if narrow else None
+        if rec is not None:
+            rec.replace = True
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
         if left:
             # Left padding shifts every real token; without explicit ids the model would number pads first.
@@ -201,22 +187,30 @@ def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) 
             if (offset := model.extra["position_offset"]) is not None:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) + offset
         model.extra["base"](input_ids=ids, **kwargs)
-        taken = rec.taken()
+        taken = rec.taken() if rec is not None else {}
+        weights = attn.latest if attn is not None else {}
     finally:
-        rec.close()
+        for r in (rec, attn):
+            if r is not None:
+                r.close()
     width = ids.shape[1]
     rows = []
     for i, row in enumerate(inputs):
         cols = slice(width - len(row), width) if left else slice(0, len(row))
-        if capture.positions == "last":
-            cols = slice(cols.stop - 1, cols.stop)
+        if narrow:
+            queries = slice(0, 1)
+        else:
+            queries = slice(cols.stop - 1, cols.stop) if capture.positions == "last" else cols
         rows.append(
             SequenceOutput(
                 token_ids=list(row),
                 prompt_tokens=len(row),
                 positions=_positions(len(row), capture),
                 # A copy per row, so that no row keeps the whole padded batch alive.
-                states={sel.key: taken[sel.index][i, cols].clone() for sel in capture.layers},
+                states={sel.key: taken[sel.index][i, queries].clone() for sel in capture.layers if taken},
+                attentions={
+                    sel.key: weights[sel.index][i, :, queries, cols].clone() for sel in capture.attention_layers
+                },
             )
         )
     return rows
@@ -287,74 +281,3 @@ def streamable(text: str, stops: Sequence[str]) -> str:
                 hold = k
                 break
     return text[: end - hold]
-
-
-def generate_one(
-    model: LoadedModel,
-    ids: list[int],
-    params: GenerationParams,
-    budget: int,
-    capture: Capture,
-    on_token: Any,
-    row: int,
-) -> SequenceOutput:
-    """KV-cached decoding of one row, ``budget`` >= 1 tokens at most.
-
-    finish_reason: "stop" for an EOS token, a stop string or ``on_token`` returning False; "length" when
-    ``max_tokens`` or the model's context is reached. Generated ids keep the EOS token and the tokens that
-    completed a stop string (they were run through the model and have states); ``text`` drops both.
-    """
-    import torch
-
-    net, tok = model.model, model.tokenizer
-    device = _device(model)
-    if "step_kwargs" not in model.extra:
-        model.extra["step_kwargs"] = _step_kwargs(net)
-    cache_arg, extra = model.extra["step_kwargs"]
-    generator = torch.Generator()
-    if params.seed is not None:
-        generator.manual_seed(params.seed)
-    else:
-        generator.seed()
-    stop_ids = eos_ids(model)
-    generated: list[int] = []
-    text, emitted, finish = "", "", None
-    rec = _recorder(model, capture)
-    try:
-        step_input = torch.tensor([ids], device=device)
-        cache = None
-        while finish is None:
-            out = net(input_ids=step_input, use_cache=True, **{cache_arg: cache}, **extra)
-            cache = getattr(out, cache_arg)
-            token = choose_token(out.logits[0, -1], params, generator)
-            generated.append(token)
-            step_input = torch.tensor([[token]], device=device)
-            text = tok.decode(generated, skip_special_tokens=True)
-            if token in stop_ids:
-                finish = "stop"
-            if params.stop:
-                text, hit = cut_at_stop(text, params.stop)
-                if hit:
-                    finish = "stop"
-            if finish is None and len(generated) >= budget:
-                finish = "length"
-            if on_token is not None:
-                safe = text if finish else streamable(text, params.stop)
-                piece = safe[len(emitted) :] if len(safe) > len(emitted) else ""
-                emitted = safe if len(safe) > len(emitted) else emitted
-                if on_token(row, token, piece) is False and finish is None:
-                    finish = "stop"
-        if rec is not None:
-            # The last generated token has not been through the model yet: one more cached step gives its state.
-            net(input_ids=step_input, use_cache=True, **{cache_arg: cache}, **extra)
-        return SequenceOutput(
-            token_ids=[*ids, *generated],
-            prompt_tokens=len(ids),
-            text=text,
-            finish_reason=finish,
-            positions=_positions(len(ids) + len(generated), capture),
-            states=_states(rec, capture),
-        )
-    finally:
-        if rec is not None:
-            rec.close()

@@ -372,7 +372,7 @@ def test_stop_string_truncates_text_and_streams_nothing_of_it(hooks, loaded):
     stop = full[k : k + 3]
     cut = full.find(stop)
     pieces: list[str] = []
-    row = run(hooks, m, generation=gen(16, stop=(stop, "never-there")), on_token=lambda r, t, p: pieces.append(p)).rows[
+    row = run(hooks, m, generation=gen(16, stop=(stop, "never-there")), on_token=lambda r, t, p, x: pieces.append(p)).rows[
         0
     ]
     assert (row.text, row.finish_reason) == (full[:cut], "stop")
@@ -384,7 +384,7 @@ def test_on_token_sees_every_token_and_can_stop_a_row(hooks, loaded):
     m = loaded["qwen2"]
     seen: list[tuple[int, int, str]] = []
 
-    def on_token(row: int, token: int, piece: str) -> bool:
+    def on_token(row: int, token: int, piece: str, extras: dict) -> bool:
         seen.append((row, token, piece))
         return len(seen) < 3
 
