@@ -440,3 +440,109 @@ def test_streaming_holds_back_partial_stops_and_characters():
     assert streamable("caf\ufffd", []) == "caf"
     assert cut_at_stop("one. two. three", [". t", "two"]) == ("one", True)
     assert cut_at_stop("abc", ["", "z"]) == ("abc", False)
+
+
+# --- batched generation, streamed states, attention, log-probabilities -----------------------------------------
+
+BATCH_TEXTS = ("Hi", PROMPT, OTHER, "Hidden states are")
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHITECTURES)
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(hooks, loaded, arch):
+    """One batched generation (left padding, explicit positions) equals greedy generation of each prompt alone."""
+    m = loaded[arch]
+    capture = Capture(layers=resolve_layers([0, 1, -1], m.num_layers), positions="all")
+    alone = [run(hooks, m, capture, texts=(t,), generation=gen(8)).rows[0] for t in BATCH_TEXTS]
+    # An end-of-sequence token that one row meets early: rows of the batch stop at different steps.
+    saved = m.model.generation_config.eos_token_id
+    m.model.generation_config.eos_token_id = alone[1].generated_ids[2]
+    try:
+        alone = [run(hooks, m, capture, texts=(t,), generation=gen(8)).rows[0] for t in BATCH_TEXTS]
+        batched = run(hooks, m, capture, texts=BATCH_TEXTS, generation=gen(8)).rows
+    finally:
+        m.model.generation_config.eos_token_id = saved
+    assert len({len(r.generated_ids) for r in alone}) > 1 and len({r.prompt_tokens for r in alone}) > 1
+    for one, row in zip(alone, batched, strict=True):
+        assert row.token_ids == one.token_ids and row.finish_reason == one.finish_reason and row.text == one.text
+        ref = hidden_states(m, row.token_ids)
+        for sel in capture.layers:
+            assert rel_err(row.states[sel.key], ref[sel.index][0]) < 1e-4, sel
+
+
+def test_a_batch_seeds_one_generator_per_row(hooks, loaded):
+    m = loaded["gpt2"]
+    params = gen(10, temperature=1.0, seed=11)
+    alone = [run(hooks, m, texts=(t,), generation=params).rows[0].token_ids for t in BATCH_TEXTS]
+    assert [r.token_ids for r in run(hooks, m, texts=BATCH_TEXTS, generation=params).rows] == alone
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streamed_states_are_rows_of_one_pass_over_the_final_sequence(hooks, loaded, arch):
+    m = loaded[arch]
+    layers = resolve_layers([0, 2, -1], m.num_layers)
+    streamed: list[tuple[int, dict[str, Any]]] = []
+    capture = Capture(layers=layers, positions="last", stream_states=True)
+    row = run(
+        hooks, m, capture, generation=gen(9), on_token=lambda r, t, p, x: streamed.append((t, x["states"]))
+    ).rows[0]
+    assert [t for t, _ in streamed] == row.generated_ids and len(streamed) == 9
+    ref = hidden_states(m, row.token_ids)
+    for i, (_, states) in enumerate(streamed):
+        for sel in layers:
+            assert states[sel.key].shape == (1, m.hidden_size)
+            assert rel_err(states[sel.key], ref[sel.index][0, row.prompt_tokens + i : row.prompt_tokens + i + 1]) < 1e-4
+    for sel in layers:  # the final state is the last streamed one
+        assert torch.equal(row.states[sel.key], streamed[-1][1][sel.key])
+
+
+def eager_attentions(model: Any, ids: list[int]) -> tuple[Any, ...]:
+    net = model.model
+    before = net.config._attn_implementation
+    net.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            return net(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        net.set_attn_implementation(before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_attention_equals_eager_output_attentions(hooks, loaded, arch, positions):
+    m = loaded[arch]
+    assert m.model.config._attn_implementation == "sdpa"
+    layers = resolve_layers("all", m.num_layers)
+    capture = Capture(layers=layers, positions=positions, states=False, attention=True)
+    generation = gen(7) if m.can_generate else None
+    rows = run(hooks, m, capture, texts=BATCH_TEXTS, generation=generation).rows
+    assert m.model.config._attn_implementation == "sdpa"  # switched back after the request
+    for row in rows:
+        total = len(row.token_ids)
+        ref = eager_attentions(m, row.token_ids)
+        assert row.states == {} and set(row.attentions) == {s.key for s in layers if s.index > 0}
+        for sel in layers[1:]:
+            want = ref[sel.index - 1][0]  # block i produces hidden state i
+            want = want[:, -1:] if positions == "last" else want
+            got = row.attentions[sel.key]
+            assert got.shape == want.shape and got.shape[-1] == total
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_top_logprobs_and_logits_equal_log_softmax_of_transformers_logits(hooks, loaded, arch):
+    m = loaded[arch]
+    capture = Capture(top_logprobs=5, logits=True)
+    rows = run(hooks, m, capture, texts=BATCH_TEXTS[:2], generation=gen(6, temperature=0.8, seed=3)).rows
+    for row in rows:
+        with torch.inference_mode():
+            logits = m.model(input_ids=torch.tensor([row.token_ids])).logits[0].float()
+        steps = logits[row.prompt_tokens - 1 : len(row.token_ids) - 1]
+        want = torch.log_softmax(steps, dim=-1)
+        assert len(row.logprobs) == len(row.generated_ids) and row.logits.shape == steps.shape
+        torch.testing.assert_close(row.logits, steps, rtol=1e-4, atol=1e-4)
+        for i, (entry, token) in enumerate(zip(row.logprobs, row.generated_ids, strict=True)):
+            assert entry["token_id"] == token
+            assert abs(entry["logprob"] - float(want[i, token])) < 1e-4
+            values, ids = torch.topk(want[i], 5)
+            assert [t for t, _ in entry["top"]] == ids.tolist()
+            assert max(abs(v - w) for (_, v), w in zip(entry["top"], values.tolist(), strict=True)) < 1e-4
