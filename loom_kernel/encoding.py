@@ -61,8 +61,9 @@ def encode_states(states: dict[str, Any], dtype: str, fmt: str) -> dict[str, dic
     return {key: encode_tensor(t, dtype, fmt) for key, t in states.items()}
 
 
-def safetensors_body(payload: dict[str, Any], groups: dict[str, dict[str, Any]], dtype: str) -> bytes:
-    """A safetensors file holding ``groups[group][key]`` as tensor ``"group.key"``.
+def safetensors_body(payload: dict[str, Any], groups: dict[str, Any], dtype: str) -> bytes:
+    """A safetensors file holding ``groups[group][key]`` as tensor ``"group.key"`` (a group that is one tensor, such
+    as ``logits``, as tensor ``"group"``).
 
     The JSON part of the response travels in ``__metadata__["loom"]``; each group in it maps key to
     ``{tensor, shape, dtype}`` so a reader knows which tensor is which.
@@ -72,6 +73,10 @@ def safetensors_body(payload: dict[str, Any], groups: dict[str, dict[str, Any]],
     tensors: dict[str, Any] = {}
     meta = dict(payload)
     for group, states in groups.items():
+        if not isinstance(states, dict):
+            tensors[group] = to_wire_dtype(states, dtype)
+            meta[group] = {"tensor": group, "shape": list(states.shape), "dtype": dtype}
+            continue
         described = {}
         for key, t in states.items():
             name = f"{group}.{key}"

@@ -13,20 +13,29 @@ import attrs
 import pluggy
 
 from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
-from loom_kernel.encoding import check_dtype, check_format, encode_states, safetensors_body
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
+from loom_kernel.errors import InvalidField, LoomError, Unsupported
 from loom_kernel.types import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
 
 
 @attrs.define(frozen=True)
 class StateRequest:
-    """The capture fields of a request, checked before any model work."""
+    """The capture fields of a request, checked before any model work.
+
+    ``wanted``: hidden states; ``attention``: attention weights of the same layers and positions; ``stream``:
+    each generated token's states in its stream event; ``top_logprobs``: None, or how many alternatives to give
+    with each generated token's log-probability; ``logits``: each generated step's raw logits.
+    """
 
     wanted: bool
     layers: Any
     positions: Any
     fmt: str
     dtype: str
+    attention: bool = False
+    stream: bool = False
+    top_logprobs: int | None = None
+    logits: bool = False
 
     @classmethod
     def from_fields(
@@ -39,24 +48,47 @@ class StateRequest:
         fmt: str,
         dtype: str,
         default_layers: list[int],
+        attention: bool = False,
+        stream: bool = False,
+        top_logprobs: int | None = None,
+        logits: bool = False,
     ) -> StateRequest:
         if positions is None:
             positions = "all" if return_full_sequence else "last"
         positions = check_positions(positions)
         return cls(
-            wanted=wanted or return_full_sequence or positions != "last",
+            wanted=wanted or stream or return_full_sequence or (positions != "last" and not attention),
             layers=default_layers if layers is None else layers,
             positions=positions,
             fmt=check_format(fmt),
             dtype=check_dtype(dtype),
+            attention=attention,
+            stream=stream,
+            top_logprobs=top_logprobs,
+            logits=logits,
         )
 
     def capture(self, model: LoadedModel) -> Capture:
         """Resolve against the model; raises InvalidField for an out-of-range layer."""
-        if not self.wanted:
-            return Capture()
+        extras = {"top_logprobs": self.top_logprobs, "logits": self.logits}
+        if not (self.wanted or self.attention):
+            return Capture(**extras)
+        layers = resolve_layers(self.layers, model.num_layers)
+        if self.attention and all(sel.index == 0 for sel in layers):
+            raise InvalidField(
+                "hidden_state_layers: layer 0 is the embedding output and has no attention",
+                field="hidden_state_layers",
+                allowed=f"layers 1 to {model.num_layers} (or -1 to -{model.num_layers})",
+            )
         # The last token is always returned as hidden_states, so anything but "last" needs every row.
-        return Capture(layers=resolve_layers(self.layers, model.num_layers), positions=self.positions)
+        return Capture(
+            layers=layers,
+            positions=self.positions,
+            states=self.wanted,
+            attention=self.attention,
+            stream_states=self.stream,
+            **extras,
+        )
 
 
 def forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -72,32 +104,82 @@ def split_states(row: SequenceOutput, positions: Any) -> tuple[dict[str, Any], d
     if positions == "last":
         last = {k: t[-1:] for k, t in row.states.items()}
         return last, None, [total - 1]
-    wanted = resolve_positions(positions, total, row.prompt_tokens)
+    wanted, rows = _selected(row, positions)
     where = {p: i for i, p in enumerate(row.positions)}
-    import torch
-
-    rows = torch.tensor([where[p] for p in wanted], dtype=torch.long)
     last = {k: t[where[total - 1]].unsqueeze(0) for k, t in row.states.items()}
     return last, {k: t.index_select(0, rows) for k, t in row.states.items()}, wanted
+
+
+def _selected(row: SequenceOutput, positions: Any) -> tuple[list[int], Any]:
+    """The positions a spec selects, and their row numbers in the plugin's tensors."""
+    import torch
+
+    wanted = resolve_positions(positions, len(row.token_ids), row.prompt_tokens)
+    where = {p: i for i, p in enumerate(row.positions)}
+    return wanted, torch.tensor([where[p] for p in wanted], dtype=torch.long)
+
+
+def _attentions(row: SequenceOutput, positions: Any) -> dict[str, Any]:
+    if positions == "last":
+        return {k: t[:, -1:] for k, t in row.attentions.items()}
+    _, rows = _selected(row, positions)
+    return {k: t.index_select(1, rows) for k, t in row.attentions.items()}
+
+
+def logprob_entries(tokenizer: Any, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The plugin's per-step log-probabilities with each token's text."""
+
+    def text(token: int) -> str:
+        return tokenizer.decode([token]) if tokenizer is not None else ""
+
+    return [
+        {
+            "token_id": e["token_id"],
+            "token": text(e["token_id"]),
+            "logprob": e["logprob"],
+            "top_logprobs": [{"token_id": t, "token": text(t), "logprob": lp} for t, lp in e["top"]],
+        }
+        for e in entries
+    ]
 
 
 def state_payload(
     row: SequenceOutput, req: StateRequest, capture: Capture
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """JSON fields for the states of one row, and the raw tensors by group (for safetensors)."""
-    if not capture.wanted:
-        return {}, {}
-    last, seq, positions = split_states(row, req.positions)
-    groups = {"hidden_states": last}
-    if seq is not None:
-        groups["sequence_hidden_states"] = seq
-    fields: dict[str, Any] = {"layer_indices": {sel.key: sel.index for sel in capture.layers}}
-    if seq is not None:
-        fields["positions"] = positions
+    """JSON fields for the tensors of one row, and the raw tensors by group (for safetensors)."""
+    groups: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    if capture.wanted:
+        fields["layer_indices"] = {sel.key: sel.index for sel in capture.layers}
+    if capture.wants_states:
+        last, seq, positions = split_states(row, req.positions)
+        groups["hidden_states"] = last
+        if seq is not None:
+            groups["sequence_hidden_states"] = seq
+            fields["positions"] = positions
+    if capture.attention_layers:
+        groups["attentions"] = _attentions(row, req.positions)
+        if req.positions != "last":
+            fields["positions"] = _selected(row, req.positions)[0]
+    if capture.logits and row.logits is not None:
+        groups["logits"] = row.logits
     if req.fmt != "safetensors":
-        for group, states in groups.items():
-            fields[group] = encode_states(states, req.dtype, req.fmt)
+        for group, tensors in groups.items():
+            if isinstance(tensors, dict):
+                fields[group] = encode_states(tensors, req.dtype, req.fmt)
+            else:
+                fields[group] = encode_tensor(tensors, req.dtype, req.fmt)
     return fields, groups
+
+
+def stream_extras(extras: dict[str, Any] | None, req: StateRequest, tokenizer: Any) -> dict[str, Any]:
+    """What a stream's token event adds to its id and text: the token's states and log-probability, as JSON."""
+    out: dict[str, Any] = {}
+    if extras and "states" in extras:
+        out["hidden_states"] = encode_states(extras["states"], req.dtype, req.fmt)
+    if extras and "logprob" in extras:
+        out["logprob"] = logprob_entries(tokenizer, [extras["logprob"]])[0]
+    return out
 
 
 def finish(payload: dict[str, Any], groups: dict[str, dict[str, Any]], req: StateRequest) -> dict[str, Any] | bytes:
@@ -140,24 +222,76 @@ def check_generation(model: LoadedModel, params: GenerationParams) -> None:
         )
 
 
-def generate(
+def generate_rows(
     pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, req: StateRequest
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]:
-    """One prompt generated with states: the /generate payload, its tensors by group, and the raw row."""
+) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput] | LoomError]:
+    """Every prompt of ``batch`` generated in one call: a /generate payload, its tensors and the raw row per prompt.
+
+    A prompt the plugin refuses on its own (InvalidField naming its ``row``: too long, no tokens, ...) gets that
+    error in its slot and the others run without it; any other error fails the whole call.
+    """
     assert batch.generation is not None
     check_generation(model, batch.generation)
     capture = req.capture(model)
+    n = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
+    results: dict[int, Any] = {}
+    todo = list(range(n))
     start = time.perf_counter()
-    row = forward(pm, model, batch, capture).rows[0]
-    generated = len(row.generated_ids)
+    while todo:
+        sub = attrs.evolve(
+            batch,
+            texts=tuple(batch.texts[i] for i in todo) if batch.token_ids is None else (),
+            token_ids=tuple(batch.token_ids[i] for i in todo) if batch.token_ids is not None else None,
+            on_token=_renumbered(batch.on_token, todo),
+        )
+        try:
+            rows = forward(pm, model, sub, capture).rows
+        except InvalidField as exc:
+            where = exc.extra.get("row", 0 if len(todo) == 1 else None)
+            if where is None:
+                raise
+            exc.extra.pop("row", None)
+            results[todo.pop(where)] = exc
+            continue
+        for i, row in zip(todo, rows, strict=True):
+            results[i] = row
+        break
+    timings = timing(start, sum(len(r.generated_ids) for r in results.values() if isinstance(r, SequenceOutput)))
+    return [_row_result(model, results[i], req, capture, timings) for i in range(n)]
+
+
+def _renumbered(on_token: Any, todo: list[int]) -> Any:
+    """``on_token`` with the sub-batch's row numbers mapped back to the request's."""
+    if on_token is None:
+        return None
+    return lambda row, token, piece, extras=None: on_token(todo[row], token, piece, extras or {})
+
+
+def _row_result(
+    model: LoadedModel, row: SequenceOutput | LoomError, req: StateRequest, capture: Capture, timings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput] | LoomError:
+    if isinstance(row, LoomError):
+        return row
     fields, groups = state_payload(row, req, capture)
     payload = {
         "text": row.text,
-        "token_count": generated,
+        "token_count": len(row.generated_ids),
         "prompt_tokens": row.prompt_tokens,
         "finish_reason": row.finish_reason,
         "token_ids": row.generated_ids,
         **fields,
-        "metadata": {**model_metadata(model), **timing(start, generated), "prompt_tokens": row.prompt_tokens},
     }
+    if capture.top_logprobs is not None:
+        payload["logprobs"] = logprob_entries(model.tokenizer, row.logprobs)
+    payload["metadata"] = {**model_metadata(model), **timings, "prompt_tokens": row.prompt_tokens}
     return payload, groups, row
+
+
+def generate(
+    pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, req: StateRequest
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]:
+    """One prompt generated with states: the /generate payload, its tensors by group, and the raw row."""
+    (result,) = generate_rows(pm, model, batch, req)
+    if isinstance(result, LoomError):
+        raise result
+    return result

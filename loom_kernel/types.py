@@ -191,9 +191,9 @@ class SequenceOutput:
     of the final sequence (prompt + generated); ``attentions[key]`` is [heads, len(positions), len(token_ids)]
     for the same rows (zero above the causal diagonal). ``logprobs``: one entry per generated token,
     ``{"token_id", "logprob", "top": [[id, logprob], ...]}`` (log-softmax of the raw logits, before temperature or
-    top-k/p); ``logits`` a CPU float tensor [generated, vocab]. ``pooled`` is the model's own sentence embedding (a CPU float
-    tensor [D]) when its loader has a pooling pipeline (sentence-transformers), else None. ``truncated``: the
-    input was cut to the model's limit (only when ``Batch.truncate`` allowed it).
+    top-k/p); ``logits`` a CPU float tensor [generated, vocab]. ``pooled`` is the model's own sentence embedding
+    (a CPU float tensor [D]) when its loader has a pooling pipeline (sentence-transformers), else None.
+    ``truncated``: the input was cut to the model's limit (only when ``Batch.truncate`` allowed it).
     """
 
     token_ids: list[int]

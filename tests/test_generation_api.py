@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from litestar.testing import AsyncTestClient
 
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
@@ -93,17 +94,30 @@ async def test_a_failure_mid_stream_ends_with_an_error_event(tiny_models):
 
 
 async def test_batch_equals_one_by_one(client, tiny_models):
+    """One left-padded batched generation gives each prompt the tokens and states it gets alone."""
     path = str(tiny_models["qwen2"])
     prompts = ["Hello", "The meaning of life is a question", "Numbers like 1, 2"]
-    common = {"model": path, "max_tokens": 6, "return_hidden_states": True, "hidden_state_layers": [0, -1]}
+    common = {
+        "model": path,
+        "max_tokens": 6,
+        "return_hidden_states": True,
+        "hidden_state_layers": [0, 1, -1],
+        "positions": "all",
+    }
     r = await client.post("/generate/batch", json={**common, "prompts": prompts})
     assert r.status_code == 200
     results = r.json()["results"]
     assert [x["index"] for x in results] == [0, 1, 2]
+    assert len({x["prompt_tokens"] for x in results}) == 3
     for prompt, got in zip(prompts, results, strict=True):
         alone = (await client.post("/generate", json={**common, "prompt": prompt})).json()
         assert got["token_ids"] == alone["token_ids"] and got["text"] == alone["text"]
-        assert got["hidden_states"] == alone["hidden_states"]
+        assert got["finish_reason"] == alone["finish_reason"] and got["positions"] == alone["positions"]
+        for group in ("hidden_states", "sequence_hidden_states"):
+            for key, state in alone[group].items():
+                want, have = torch.tensor(state["data"]), torch.tensor(got[group][key]["data"])
+                assert have.shape == want.shape
+                assert float((have - want).abs().max() / want.abs().max()) < 1e-4
     r = await client.post("/generate/batch", json={**common, "prompts": []})
     assert r.status_code == 422 and r.json()["field"] == "prompts"
 

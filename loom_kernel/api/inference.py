@@ -30,22 +30,34 @@ from loom_kernel.inference import (
     finish,
     forward,
     generate,
+    generate_rows,
     model_metadata,
     state_payload,
+    stream_extras,
     timing,
 )
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 
 
-def state_request(data: CaptureFields, settings: Settings, wanted: bool) -> StateRequest:
+def state_request(data: CaptureFields, settings: Settings, wanted: bool, stream: bool = False) -> StateRequest:
+    """``stream``: the endpoint streams, so ``stream_hidden_states`` puts states in token events; elsewhere it
+    asks for the states of the response."""
+    streamed = bool(getattr(data, "stream_hidden_states", False))
+    top = getattr(data, "top_logprobs", None)
+    if top is None and getattr(data, "logprobs", False):
+        top = 0
     return StateRequest.from_fields(
-        wanted=wanted,
+        wanted=wanted or streamed,
         layers=data.hidden_state_layers,
         positions=data.positions,
         return_full_sequence=data.return_full_sequence,
         fmt=data.hidden_state_format or settings.default_format,
         dtype=data.hidden_state_dtype or settings.default_precision,
         default_layers=settings.default_layers,
+        attention=data.return_attention,
+        stream=stream and streamed,
+        top_logprobs=top,
+        logits=bool(getattr(data, "return_logits", False)),
     )
 
 
@@ -130,26 +142,31 @@ class InferenceController(Controller):
         self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> ServerSentEvent:
         """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
-        req = json_formats_only(state_request(data, settings, data.return_hidden_states), "a stream")
+        req = json_formats_only(state_request(data, settings, data.return_hidden_states, stream=True), "a stream")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
             check_generation(entry.loaded, params)
             req.capture(entry.loaded)
         bridge = TokenBridge()
-        batch = Batch(
-            texts=(data.prompt,),
-            generation=params,
-            add_special_tokens=data.add_special_tokens,
-            on_token=bridge.on_token,
-        )
-        job = manager.run(entry, lambda model: generate(pm, model, batch, req)[0])
+
+        def work(model: LoadedModel) -> dict[str, Any]:
+            def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
+                # Tensors become JSON here, on the worker thread, not on the event loop.
+                return bridge.on_token(row, token, piece, stream_extras(extras, req, model.tokenizer))
+
+            batch = Batch(
+                texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens, on_token=on_token
+            )
+            return generate(pm, model, batch, req)[0]
+
+        job = manager.run(entry, work)
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
             index = 0
             async for kind, value in bridge.events(job, request_id(request)):
                 if kind == "token":
-                    value = {"index": index, "token_id": value["token_id"], "text": value["text"]}
+                    value = {"index": index, **{k: v for k, v in value.items() if k != "row"}}
                     index += 1
                 yield ServerSentEventMessage(event=kind, data=msgspec.json.encode(value).decode())
 
@@ -159,21 +176,21 @@ class InferenceController(Controller):
     async def generate_batch(
         self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> dict[str, Any]:
-        """Every prompt gets its own result in input order; one prompt's failure is reported in its own slot."""
+        """One batched generation; every prompt gets its own result in input order, and a prompt refused on its
+        own (too long, no tokens) is reported in its own slot while the others run."""
         req = json_formats_only(state_request(data, settings, data.return_hidden_states), "a batch")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         rid = request_id(request)
 
         def work(model: LoadedModel) -> list[dict[str, Any]]:
-            results = []
-            for i, prompt in enumerate(data.prompts):
-                batch = Batch(texts=(prompt,), generation=params, add_special_tokens=data.add_special_tokens)
-                try:
-                    results.append({"index": i, **generate(pm, model, batch, req)[0]})
-                except LoomError as exc:
-                    results.append({"index": i, "error": {**exc.problem(), "request_id": rid}})
-            return results
+            batch = Batch(texts=tuple(data.prompts), generation=params, add_special_tokens=data.add_special_tokens)
+            return [
+                {"index": i, "error": {**r.problem(), "request_id": rid}}
+                if isinstance(r, LoomError)
+                else {"index": i, **r[0]}
+                for i, r in enumerate(generate_rows(pm, model, batch, req))
+            ]
 
         results = await manager.run(entry, work)
         return {"model": data.model, "count": len(results), "results": results}

@@ -8,6 +8,7 @@ import msgspec
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
 LayerSpec = int | str | list[int]
+MAX_TOP_LOGPROBS = 20
 PositionSpec = str | list[int]
 
 
@@ -41,6 +42,7 @@ class CaptureFields(LoadFields, kw_only=True):
     positions: PositionSpec | None = None
     hidden_state_format: str | None = None  # None: the server's hidden_states.default_format
     hidden_state_dtype: str | None = None  # None: the server's hidden_states.precision
+    return_attention: bool = False
 
 
 class GenerationFields(CaptureFields, kw_only=True):
@@ -52,6 +54,10 @@ class GenerationFields(CaptureFields, kw_only=True):
     stop: str | list[str] | None = None
     return_hidden_states: bool = False
     add_special_tokens: bool = True
+    stream_hidden_states: bool = False  # /generate/stream: each token event carries its states
+    logprobs: bool = False
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    return_logits: bool = False
 
 
 class GenerateRequest(GenerationFields, kw_only=True):
