@@ -29,6 +29,12 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
             f"model: {model.ref.id!r} is an embedding model and cannot generate; use /embed or /extract",
             field="model",
         )
+    if capture.attention:
+        raise Unsupported(
+            "return_attention: the sentence-transformers loader does not capture attention weights; "
+            'load the model with loader "transformers" for them',
+            field="return_attention",
+        )
     st = model.model
     features, truncated = _features(model, batch)
     rec = _recorder(model, capture)

@@ -372,9 +372,8 @@ def test_stop_string_truncates_text_and_streams_nothing_of_it(hooks, loaded):
     stop = full[k : k + 3]
     cut = full.find(stop)
     pieces: list[str] = []
-    row = run(hooks, m, generation=gen(16, stop=(stop, "never-there")), on_token=lambda r, t, p, x: pieces.append(p)).rows[
-        0
-    ]
+    params = gen(16, stop=(stop, "never-there"))
+    row = run(hooks, m, generation=params, on_token=lambda r, t, p, x: pieces.append(p)).rows[0]
     assert (row.text, row.finish_reason) == (full[:cut], "stop")
     assert unstopped.generated_ids[: len(row.generated_ids)] == row.generated_ids
     assert "".join(pieces) == row.text
@@ -482,9 +481,9 @@ def test_streamed_states_are_rows_of_one_pass_over_the_final_sequence(hooks, loa
     layers = resolve_layers([0, 2, -1], m.num_layers)
     streamed: list[tuple[int, dict[str, Any]]] = []
     capture = Capture(layers=layers, positions="last", stream_states=True)
-    row = run(
-        hooks, m, capture, generation=gen(9), on_token=lambda r, t, p, x: streamed.append((t, x["states"]))
-    ).rows[0]
+    row = run(hooks, m, capture, generation=gen(9), on_token=lambda r, t, p, x: streamed.append((t, x["states"]))).rows[
+        0
+    ]
     assert [t for t, _ in streamed] == row.generated_ids and len(streamed) == 9
     ref = hidden_states(m, row.token_ids)
     for i, (_, states) in enumerate(streamed):
