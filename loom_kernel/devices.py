@@ -14,6 +14,8 @@ from typing import Any
 from loom_kernel.errors import InvalidField
 
 LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# accelerate's placements of one model over every visible device (CPU RAM after the GPUs).
+DEVICE_MAPS = ["auto", "balanced", "balanced_low_0", "sequential"]
 
 
 def resolve_device(device: str) -> str:

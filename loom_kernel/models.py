@@ -22,7 +22,18 @@ import attrs
 import pluggy
 
 from loom_kernel.config import Settings
-from loom_kernel.errors import Conflict, InvalidField, LoadFailed, LoomError, MissingBackend, ModelNotFound, Unsupported
+from loom_kernel.devices import DEVICE_MAPS, resolve_device
+from loom_kernel.errors import (
+    Conflict,
+    InsufficientStorage,
+    InvalidField,
+    LoadFailed,
+    LoomError,
+    MissingBackend,
+    ModelNotFound,
+    Unsupported,
+)
+from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
 from loom_kernel.plugins import loader_names
 from loom_kernel.resolve import resolve_model
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, ProbeResult
@@ -90,6 +101,7 @@ class ModelEntry:
             "device": self.options.device,
             "dtype": self.options.dtype,
             "quantization": self.options.quantization,
+            "device_map": self.options.device_map,
         }
         if (m := self.loaded) is not None:
             row.update(
@@ -162,6 +174,8 @@ class ModelManager:
         device_map: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> LoadOptions:
+        if device_map is not None and device_map not in DEVICE_MAPS:
+            raise InvalidField(f"device_map: unknown placement {device_map!r}", field="device_map", allowed=DEVICE_MAPS)
         opts = LoadOptions(
             device=device or self.settings.device(),
             dtype=dtype or self.settings.default_dtype,
@@ -239,6 +253,7 @@ class ModelManager:
                 f"model: {model_id!r} is serving requests with other load options; retry when it is idle",
                 field="model",
             )
+        victims = self._make_room(model_id, ref, opts)
         entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=Worker(model_id))
         entry.ready = asyncio.get_running_loop().create_future()
         # The old entry stays listed (and usable) until the new one is in memory.
@@ -254,7 +269,16 @@ class ModelManager:
             ref.path or ref.id,
         )
         try:
-            loaded = await asyncio.wrap_future(entry.worker.submit(lambda: self._call_load(ref, loader, opts)))
+            try:
+                loaded = await asyncio.wrap_future(entry.worker.submit(lambda: self._call_load(ref, loader, opts)))
+            except LoadFailed as exc:
+                if not (victims and _out_of_memory(exc)):
+                    raise
+                # The estimate kept the victims while loading; the device disagreed. Free them and try once more.
+                log.warning("loading %s ran out of memory; evicting %s and retrying", model_id, _ids(victims))
+                self._drop_victims(victims)
+                victims = []
+                loaded = await asyncio.wrap_future(entry.worker.submit(lambda: self._call_load(ref, loader, opts)))
         except BaseException as exc:
             self.entries.pop(pending_key, None)
             entry.worker.stop()
@@ -278,8 +302,54 @@ class ModelManager:
             loaded.size_bytes / 2**20,
             loaded.load_seconds,
         )
+        self._drop_victims(victims)
         self._evict_lru(keep=entry)
         return entry
+
+    def _make_room(self, model_id: str, ref: ModelRef, opts: LoadOptions) -> list[ModelEntry]:
+        """The least recently used idle models to evict so that ``ref`` fits under ``memory_fraction`` of its
+        device, estimated from its files. They are dropped only once the new model is loaded, so a load that fails
+        evicts nothing. InsufficientStorage (507) when the model can never fit, or busy models hold the rest."""
+        device = resolve_device(opts.device)
+        need = estimate_bytes(ref, opts, device)
+        budget = budget_bytes(device, self.settings.memory_fraction)
+        if need is None or budget is None:
+            return []
+        fraction = self.settings.memory_fraction
+        if need > budget:
+            raise InsufficientStorage(
+                f"model: {model_id!r} needs about {_mib(need)} MiB on {device}, more than the {_mib(budget)} MiB "
+                f"that memory_fraction {fraction} of {_mib(device_total_bytes(device) or 0)} MiB allows",
+                field="model",
+                needed_bytes=need,
+                budget_bytes=budget,
+            )
+        resident = [e for e in self.entries.values() if e.state == "ready" and e.loaded and e.loaded.device == device]
+        used = sum(e.loaded.size_bytes for e in resident if e.loaded)
+        victims: list[ModelEntry] = []
+        for e in sorted((e for e in resident if e.in_flight == 0), key=lambda e: e.last_used):
+            if used + need <= budget:
+                break
+            victims.append(e)
+            used -= e.loaded.size_bytes if e.loaded else 0
+        if used + need > budget:
+            raise InsufficientStorage(
+                f"model: {model_id!r} needs about {_mib(need)} MiB on {device}; the models serving requests there "
+                f"hold the rest of the {_mib(budget)} MiB budget; retry when they are idle",
+                field="model",
+                needed_bytes=need,
+                budget_bytes=budget,
+            )
+        return victims
+
+    def _drop_victims(self, victims: list[ModelEntry]) -> None:
+        for victim in victims:
+            if victim.state != "ready" or victim.in_flight:
+                continue  # a request took it up during the load: it stays, and the budget is exceeded for now
+            log.info("evicting %s to make room (memory_fraction %s)", victim.model_id, self.settings.memory_fraction)
+            if self.entries.get(victim.model_id) is victim:
+                self.entries.pop(victim.model_id)
+            self._drop(victim)
 
     def _call_load(self, ref: ModelRef, loader: str, opts: LoadOptions) -> LoadedModel:
         start = time.perf_counter()
@@ -340,6 +410,24 @@ class ModelManager:
         self.entries.pop(model_id, None)
         self._drop(entry)
         log.info("unloaded %s", model_id)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Per device that holds models (and the default one): the budget, what the loaded models take."""
+        devices = {resolve_device(self.settings.device())}
+        devices.update(e.loaded.device for e in self.entries.values() if e.state == "ready" and e.loaded)
+        report = {}
+        for device in sorted(devices):
+            used = sum(
+                e.loaded.size_bytes
+                for e in self.entries.values()
+                if e.state == "ready" and e.loaded and e.loaded.device == device
+            )
+            report[device] = {
+                "total_bytes": device_total_bytes(device),
+                "budget_bytes": budget_bytes(device, self.settings.memory_fraction),
+                "used_by_models_bytes": used,
+            }
+        return {"memory_fraction": self.settings.memory_fraction, "devices": report}
 
     def loaded_ids(self) -> list[str]:
         return [k for k, e in self.entries.items() if e.state == "ready"]
@@ -414,3 +502,16 @@ class ModelManager:
         for entry in list(self.entries.values()):
             self._drop(entry)
         self.entries.clear()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _ids(entries: list[ModelEntry]) -> str:
+    return ", ".join(e.model_id for e in entries)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = f"{exc} {exc.__cause__}".lower()
+    return "out of memory" in text or "outofmemory" in text

@@ -53,11 +53,17 @@ class SystemController(Controller):
 
     @get("/health", sync_to_thread=False)
     def health(self, manager: Manager, settings: Config) -> dict[str, Any]:
+        gpu = gpu_info()
+        notes = []
+        if settings.default_device == "auto" and not gpu["available"]:
+            notes.append("default_device is auto and no CUDA device is available: models load on cpu")
         return {
             "status": "ok",
             "version": __version__,
             "default_device": settings.device(),
-            "gpu": gpu_info(),
+            "notes": notes,
+            "gpu": gpu,
+            "memory": manager.memory_report(),
             "loaded_models": manager.loaded_ids(),
             "loading_models": [k for k, e in manager.entries.items() if e.state == "loading"],
             "uptime_seconds": round(time.monotonic() - manager.started, 3),

@@ -1,0 +1,78 @@
+"""How much memory a model will take before it is loaded, and how much a device lets models take.
+
+The estimate reads only what is on disk: the weight files' size, rescaled from the checkpoint's dtype to the
+dtype asked for (and to 8 or 4 bits for a quantized load), or, without weight files, a parameter count from
+config.json. It is meant to be right within tens of percent: enough to decide what to evict before a load and to
+refuse a model that can never fit, not to account bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from loom_kernel.types import LoadOptions, ModelRef
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "float64": 8.0, "int8": 1.0}
+# Bytes per parameter after a bitsandbytes load: 8-bit weights, or 4-bit with per-block scales (nf4, double
+# quantization), layers that stay unquantized (embeddings, norms, LM head) averaged in.
+QUANTIZED_BYTES = {"8bit": 1.1, "4bit": 0.6}
+
+
+def weight_bytes(ref: ModelRef) -> int:
+    """Bytes of weight files in the model's directory; 0 when none are known (a hub id not yet downloaded)."""
+    if ref.path is None or not ref.path.is_dir():
+        return 0
+    total = 0
+    for root, _, files in os.walk(ref.path):
+        for name in files:
+            if name.endswith(WEIGHT_SUFFIXES):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def _config_params(config: dict[str, Any]) -> int:
+    """A parameter count from the usual config keys: embeddings plus ~12 H^2 per block (attention + 4x MLP)."""
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 0
+    vocab = config.get("vocab_size") or 0
+    inter = config.get("intermediate_size") or 4 * hidden
+    return int(vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter))
+
+
+def estimate_bytes(ref: ModelRef, options: LoadOptions, device: str) -> int | None:
+    """The model's expected size in memory once loaded with ``options`` on ``device``; None when unknown."""
+    config = ref.config or {}
+    if ref.quantization_config:  # a pre-quantized checkpoint takes about what it takes on disk
+        return weight_bytes(ref) or None
+    source = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    on_disk = weight_bytes(ref)
+    params = on_disk / DTYPE_BYTES.get(source, 4.0) if on_disk else _config_params(config)
+    if not params:
+        return None
+    if options.quantization in QUANTIZED_BYTES:
+        per = QUANTIZED_BYTES[options.quantization]
+    elif options.dtype == "auto":
+        per = 2.0 if device.startswith("cuda") else 4.0
+    else:
+        per = DTYPE_BYTES.get(options.dtype, 4.0)
+    return int(params * per)
+
+
+def device_total_bytes(device: str) -> int | None:
+    """Physical memory behind a device: the GPU's, or the machine's RAM for ``cpu``."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def budget_bytes(device: str, fraction: float) -> int | None:
+    total = device_total_bytes(device)
+    return None if total is None else int(total * fraction)

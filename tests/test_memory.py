@@ -1,0 +1,132 @@
+"""Memory-aware loading: estimates from the files on disk, eviction under memory_fraction, refusals with 507."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from loom_kernel.api import create_app
+from loom_kernel.config import Settings
+from loom_kernel.memory import device_total_bytes, estimate_bytes
+from loom_kernel.resolve import resolve_model
+from loom_kernel.testing import build_tiny_model
+from loom_kernel.types import LoadOptions
+
+
+def param_bytes(path: Path) -> int:
+    """What transformers itself allocates for the model's parameters and buffers (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_estimate_is_close_to_what_transformers_allocates(tiny_models, arch):
+    ref = resolve_model(str(tiny_models[arch]))
+    actual = param_bytes(tiny_models[arch])
+    fp32 = estimate_bytes(ref, LoadOptions(dtype="float32"), "cpu")
+    assert fp32 is not None and 0.7 < fp32 / actual < 1.3
+    half = estimate_bytes(ref, LoadOptions(dtype="bfloat16"), "cpu")
+    assert half is not None and abs(half / fp32 - 0.5) < 0.01
+    assert estimate_bytes(ref, LoadOptions(dtype="auto"), "cuda:0") == half  # auto is 16-bit on a GPU
+    q4 = estimate_bytes(ref, LoadOptions(quantization="4bit"), "cpu")
+    assert q4 is not None and q4 < half
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> dict[str, Path]:
+    """Two models of the same size, one four times larger, and one whose weights are corrupt."""
+    root = tmp_path_factory.mktemp("memory")
+    a = build_tiny_model("llama", root, name="a")
+    b = build_tiny_model("llama", root, name="b")
+    big = build_tiny_model("llama", root, name="big", hidden_size=128, intermediate_size=512, num_hidden_layers=6)
+    broken = root / "broken"
+    shutil.copytree(a, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)
+    return {"a": a, "b": b, "big": big, "broken": broken}
+
+
+def fraction_for(models: int, path: Path) -> float:
+    """A memory_fraction whose budget holds ``models`` copies of the model at ``path`` and a half."""
+    need = estimate_bytes(resolve_model(str(path)), LoadOptions(dtype="float32"), "cpu")
+    total = device_total_bytes("cpu")
+    assert need and total
+    return (models + 0.5) * need / total
+
+
+@pytest.fixture
+async def client(twins):
+    settings = Settings(default_device="cpu", default_dtype="float32", memory_fraction=fraction_for(1, twins["a"]))
+    async with AsyncTestClient(app=create_app(settings=settings)) as c:
+        yield c
+
+
+async def loaded(client) -> list[str]:
+    return [m["model_id"] for m in (await client.get("/models")).json()["loaded_models"] if m["state"] == "ready"]
+
+
+async def test_the_older_model_is_evicted_to_make_room(client, twins):
+    a, b = str(twins["a"]), str(twins["b"])
+    assert (await client.post("/models/load", json={"model": a})).status_code in (200, 201)
+    assert await loaded(client) == [a]
+    r = await client.post("/extract", json={"model": b, "text": "Hello"})
+    assert r.status_code == 200
+    assert await loaded(client) == [b]  # max_models (3) alone would have kept both
+    health = (await client.get("/health")).json()
+    cpu = health["memory"]["devices"]["cpu"]
+    assert cpu["used_by_models_bytes"] <= cpu["budget_bytes"] and cpu["used_by_models_bytes"] > 0
+
+
+async def test_a_model_that_can_never_fit_is_refused_with_507_and_evicts_nothing(client, twins):
+    a = str(twins["a"])
+    await client.post("/models/load", json={"model": a})
+    r = await client.post("/models/load", json={"model": str(twins["big"])})
+    assert r.status_code == 507
+    problem = r.json()
+    assert problem["field"] == "model" and "memory_fraction" in problem["detail"]
+    assert problem["needed_bytes"] > problem["budget_bytes"]
+    assert await loaded(client) == [a]
+
+
+async def test_a_load_that_fails_evicts_nothing(client, twins):
+    a = str(twins["a"])
+    await client.post("/models/load", json={"model": a})
+    r = await client.post("/models/load", json={"model": str(twins["broken"])})
+    assert r.status_code == 500 and r.json()["field"] == "model"
+    assert await loaded(client) == [a]
+    assert (await client.post("/extract", json={"model": a, "text": "still here"})).status_code == 200
+
+
+async def test_health_notes_auto_device_falling_back_to_cpu():
+    import torch
+
+    async with AsyncTestClient(app=create_app(settings=Settings(default_device="auto"))) as c:
+        health = (await c.get("/health")).json()
+    if torch.cuda.is_available():
+        assert health["default_device"].startswith("cuda") and health["notes"] == []
+    else:
+        assert health["default_device"] == "cpu" and any("auto" in n and "cpu" in n for n in health["notes"])
+
+
+@pytest.mark.parametrize(
+    ("body", "field"), [({"device_map": "everywhere"}, "device_map"), ({"device": "tpu"}, "device")]
+)
+async def test_bad_placement_is_a_422_naming_the_field(client, twins, body, field):
+    r = await client.post("/models/load", json={"model": str(twins["a"]), **body})
+    assert r.status_code == 422 and r.json()["field"] == field and r.json()["allowed"]
+
+
+async def test_device_map_auto_places_the_model(client, twins):
+    """accelerate's "auto" placement on a machine without CUDA puts every weight in CPU RAM, and serves states."""
+    a = str(twins["a"])
+    r = await client.post("/models/load", json={"model": a, "device_map": "auto"})
+    assert r.status_code in (200, 201), r.text
+    (entry,) = [m for m in (await client.get("/models")).json()["loaded_models"] if m["model_id"] == a]
+    assert entry["device_map"] == "auto"
+    r = await client.post("/extract", json={"model": a, "text": "Hello", "device_map": "auto"})
+    assert r.status_code == 200 and r.json()["hidden_states"]["-1"]["shape"] == [1, 64]
