@@ -301,3 +301,18 @@ async def test_allowed_paths_forbid_other_directories(tiny_models, tmp_path):
         assert r.status_code == 403 and r.json()["field"] == "model"
         assert r.json()["allowed"] == [str(tmp_path)]
         assert (await c.get("/health")).status_code == 200
+
+
+@pytest.mark.slow
+async def test_the_same_model_through_two_loaders_gives_the_same_states(client):
+    """MiniLM through sentence-transformers (its default) and through transformers: one BertModel underneath."""
+    body = {"model": "minilm", "text": "Two loaders, one model.", "hidden_state_layers": "all", "positions": "all"}
+    by_st = (await client.post("/extract", json={**body, "loader": "sentence_transformers"})).json()
+    by_tf = (await client.post("/extract", json={**body, "loader": "transformers"})).json()
+    assert by_st["metadata"]["loader"] == "sentence_transformers" and by_tf["metadata"]["loader"] == "transformers"
+    assert by_st["token_ids"] == by_tf["token_ids"] and set(by_st["sequence_hidden_states"]) == set(
+        by_tf["sequence_hidden_states"]
+    )
+    for key, state in by_st["sequence_hidden_states"].items():
+        a, b = torch.tensor(state["data"]), torch.tensor(by_tf["sequence_hidden_states"][key]["data"])
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4, key
