@@ -15,6 +15,8 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from loom_kernel.api.deps import Config, Manager, Plugins
 from loom_kernel.api.inference import checked_params
 from loom_kernel.api.openai_schemas import (
+    MAX_CHAT_TOP_LOGPROBS,
+    MAX_COMPLETION_LOGPROBS,
     MAX_STOP,
     ROLES,
     ChatCompletionRequest,
@@ -26,7 +28,7 @@ from loom_kernel.api.problems import request_id
 from loom_kernel.api.streaming import TokenBridge
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inference import StateRequest, check_generation, generate
+from loom_kernel.inference import StateRequest, check_generation, generate, stream_extras
 from loom_kernel.models import ModelEntry
 from loom_kernel.resolve import EMBEDDED
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
@@ -41,8 +43,6 @@ def refuse_unsupported(data: OpenAIFields) -> None:
         ("presence_penalty", data.presence_penalty != 0.0, [0]),
         ("frequency_penalty", data.frequency_penalty != 0.0, [0]),
         ("logit_bias", bool(data.logit_bias), None),
-        ("logprobs", bool(getattr(data, "logprobs", None)), None),
-        ("top_logprobs", bool(getattr(data, "top_logprobs", None)), None),
         ("tools", bool(getattr(data, "tools", None)), None),
         ("echo", bool(getattr(data, "echo", False)), [False]),
         ("suffix", getattr(data, "suffix", None) is not None, None),
@@ -68,6 +68,32 @@ def params_for(data: OpenAIFields, settings: Settings) -> GenerationParams:
     )
 
 
+def top_logprobs_for(data: OpenAIFields) -> int | None:
+    """How many alternatives each generated token's log-probability comes with; None: no log-probabilities."""
+    if isinstance(data, ChatCompletionRequest):
+        if data.top_logprobs is not None and not data.logprobs:
+            # OpenAI refuses this too rather than guess which of the two fields the client meant.
+            raise InvalidField(
+                "top_logprobs: only with logprobs: true", field="top_logprobs", allowed="logprobs: true first"
+            )
+        if data.top_logprobs is not None and not 0 <= data.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
+            raise InvalidField(
+                f"top_logprobs: {data.top_logprobs} is out of range",
+                field="top_logprobs",
+                allowed=f"0 to {MAX_CHAT_TOP_LOGPROBS}",
+            )
+        return (data.top_logprobs or 0) if data.logprobs else None
+    if isinstance(data, CompletionRequest) and data.logprobs is not None:
+        if not 0 <= data.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidField(
+                f"logprobs: {data.logprobs} is out of range",
+                field="logprobs",
+                allowed=f"0 to {MAX_COMPLETION_LOGPROBS}",
+            )
+        return data.logprobs
+    return None
+
+
 def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
     req = StateRequest.from_fields(
         wanted=data.return_hidden_states,
@@ -77,6 +103,7 @@ def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
         fmt=data.hidden_state_format or "list",
         dtype=data.hidden_state_dtype or settings.default_precision,
         default_layers=settings.default_layers,
+        top_logprobs=top_logprobs_for(data),
     )
     if req.fmt == "safetensors":
         raise InvalidField(
@@ -122,6 +149,62 @@ def chat_token_ids(model: LoadedModel, messages: list[dict[str, str]]) -> tuple[
     return tuple(int(i) for i in ids)
 
 
+def chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    """One token of chat's ``logprobs.content``. ``bytes`` encodes the token's decoded text, so a token that is
+    one byte of a split character carries U+FFFD's bytes, not its own."""
+
+    def one(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+
+    return {**one(entry), "top_logprobs": [one(t) for t in entry["top_logprobs"]]}
+
+
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": [chat_logprob(e) for e in entries]}
+
+
+def top_by_text(entry: dict[str, Any]) -> dict[str, float]:
+    """The legacy format's alternatives, keyed by text, with the chosen token as OpenAI adds it (up to k + 1).
+
+    Two ids can decode to the same text; the more likely one keeps the key, as it comes first.
+    """
+    top: dict[str, float] = {}
+    for alt in entry["top_logprobs"]:
+        top.setdefault(alt["token"], alt["logprob"])
+    top.setdefault(entry["token"], entry["logprob"])
+    return top
+
+
+def completion_logprobs(entries: list[dict[str, Any]] | None, offsets: list[int]) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [top_by_text(e) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def decoded_length(tokenizer: Any, token_ids: list[int]) -> int:
+    """Characters of text ``token_ids`` decode to, as the plugin decodes its completion (special tokens skipped).
+
+    A token's own decoded text is not its share of the completion (a byte of a split character decodes alone
+    as U+FFFD), so offsets come from decoding the tokens before it. Without a tokenizer every token's text is
+    empty (see ``logprob_entries``), and so is every prefix.
+    """
+    if not token_ids or tokenizer is None:
+        return 0
+    return len(tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
+    """Where each generated token's text starts in the completion text; a stop string's cut can end the text
+    before the token that completed it starts, so offsets never pass its end."""
+    ids, text = payload["token_ids"], payload["text"]
+    return [min(decoded_length(tokenizer, ids[:i]), len(text)) for i in range(len(ids))]
+
+
 def usage(payload: dict[str, Any]) -> dict[str, int]:
     prompt, completion = payload["prompt_tokens"], payload["token_count"]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -152,6 +235,25 @@ def seed_extras(payload: dict[str, Any], req: StateRequest, model_id: str) -> di
     return extras
 
 
+def streamed_token(bridge: TokenBridge, req: StateRequest, model: LoadedModel, offsets: bool = False) -> Any:
+    """The Batch's ``on_token``: the plugin's raw extras become JSON here, on the worker thread, not on the event
+    loop; ``offsets`` adds where each token's text starts in the completion (the legacy format's text_offset).
+
+    The stream cannot know where a stop string will cut the text, so unlike the full response a stream's last
+    offset is not clipped to it.
+    """
+    ids: list[int] = []
+
+    def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
+        out = stream_extras(extras, req, model.tokenizer)
+        if offsets and "logprob" in out:
+            out["text_offset"] = decoded_length(model.tokenizer, ids)
+            ids.append(token)
+        return bridge.on_token(row, token, piece, out)
+
+    return on_token
+
+
 class OpenAIController(Controller):
     path = "/v1"
     tags = ["openai"]
@@ -180,7 +282,7 @@ class OpenAIController(Controller):
             batch = Batch(
                 token_ids=(chat_token_ids(model, messages),),
                 generation=params,
-                on_token=bridge.on_token if bridge else None,
+                on_token=streamed_token(bridge, req, model) if bridge else None,
             )
             return generate(pm, model, batch, req)[0]
 
@@ -192,14 +294,18 @@ class OpenAIController(Controller):
                 "index": 0,
                 "message": {"role": "assistant", "content": payload["text"]},
                 "finish_reason": payload["finish_reason"],
-                "logprobs": None,
+                "logprobs": chat_logprobs(payload.get("logprobs")),
             }
             body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage(payload)}
             return {**body, **seed_extras(payload, req, data.model)}
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+        def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
+            entry = event.get("logprob")
+            return chunk({"content": event["text"]}, None, chat_logprobs(None if entry is None else [entry]))
 
         first = chunk({"role": "assistant", "content": ""}, None)
         return stream(
@@ -207,7 +313,7 @@ class OpenAIController(Controller):
             manager.run(entry, work),
             request,
             first,
-            lambda piece: chunk({"content": piece}, None),
+            token_chunk,
             lambda p: {**chunk({}, p["finish_reason"]), **seed_extras(p, req, data.model)},
             {**head, "object": "chat.completion.chunk"},
             data,
@@ -228,25 +334,38 @@ class OpenAIController(Controller):
         bridge = TokenBridge() if data.stream else None
 
         def work(model: LoadedModel) -> dict[str, Any]:
-            batch = Batch(texts=(prompts[0],), generation=params, on_token=bridge.on_token if bridge else None)
-            return generate(pm, model, batch, req)[0]
+            on_token = streamed_token(bridge, req, model, offsets=True) if bridge else None
+            payload = generate(pm, model, Batch(texts=(prompts[0],), generation=params, on_token=on_token), req)[0]
+            if bridge is None and "logprobs" in payload:  # decoded here, on the worker thread
+                payload["text_offset"] = text_offsets(model.tokenizer, payload)
+            return payload
 
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model, "object": "text_completion"}
         if bridge is None:
             payload = await manager.run(entry, work)
-            choice = {"index": 0, "text": payload["text"], "finish_reason": payload["finish_reason"], "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": payload["text"],
+                "finish_reason": payload["finish_reason"],
+                "logprobs": completion_logprobs(payload.get("logprobs"), payload.get("text_offset", [])),
+            }
             return {**head, "choices": [choice], "usage": usage(payload), **seed_extras(payload, req, data.model)}
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        def chunk(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+
+        def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
+            entry = event.get("logprob")
+            logprobs = None if entry is None else completion_logprobs([entry], [event["text_offset"]])
+            return chunk(event["text"], None, logprobs)
 
         return stream(
             bridge,
             manager.run(entry, work),
             request,
             None,
-            lambda piece: chunk(piece, None),
+            token_chunk,
             lambda p: {**chunk("", p["finish_reason"]), **seed_extras(p, req, data.model)},
             head,
             data,
@@ -266,7 +385,7 @@ def stream(
     job: Any,
     request: Request,
     first: dict[str, Any] | None,
-    token_chunk: Any,
+    token_chunk: Any,  # a token event (its text, and its "logprob" when asked) -> one chunk
     last_chunk: Any,
     usage_head: dict[str, Any],
     data: OpenAIFields,
@@ -282,7 +401,7 @@ def stream(
             yield message(first)
         async for kind, value in bridge.events(job, request_id(request)):
             if kind == "token":
-                yield message(token_chunk(value["text"]))
+                yield message(token_chunk(value))
             elif kind == "done":
                 yield message(last_chunk(value))
                 if include_usage:

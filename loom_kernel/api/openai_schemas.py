@@ -14,6 +14,8 @@ from loom_kernel.api.schemas import LayerSpec, NonEmpty, PositionSpec
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's own limit
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on the legacy completions' logprobs
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
