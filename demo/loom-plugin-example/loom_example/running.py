@@ -1,0 +1,100 @@
+"""One forward pass over a batch with hidden-state capture, following the kernel's ``forward_with_states`` contract.
+
+What the kernel expects back, per input row (``SequenceOutput``):
+
+- ``token_ids``: the row's tokens; ``prompt_tokens``: all of them (no generation here).
+- ``positions``: ``[total - 1]`` when ``capture.positions == "last"``, else every position; the kernel slices
+  "prompt", "generated" and explicit index lists out of the full rows itself. Empty when no layer is asked for.
+- ``states[sel.key]``: a CPU float tensor [len(positions), H] for each requested ``LayerSel``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from loom_example.toy import VOCAB_SIZE
+from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
+from loom_kernel.capture import StateRecorder
+from loom_kernel.errors import InvalidField, Unsupported
+
+
+def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+    # Refuse by field name what the toy cannot do, so the client gets a 422 that says which field to drop.
+    if batch.generation is not None:
+        raise Unsupported(f"model: {model.ref.id!r} has no language-model head and cannot generate", field="model")
+    if capture.attention:
+        raise Unsupported("return_attention: the toy architecture has no attention", field="return_attention")
+    inputs, truncated = _inputs(model, batch)
+    toy = model.model
+    device = next(toy.parameters()).device
+    width = max(len(ids) for ids in inputs)
+    # Right padding with id 0 is safe: every block is causal, so a row's real tokens never see the padding.
+    ids = torch.zeros(len(inputs), width, dtype=torch.long)
+    for i, row in enumerate(inputs):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    recorder = StateRecorder(toy, toy.blocks, capture.indices) if capture.wants_states else None
+    try:
+        with torch.inference_mode():
+            toy(ids.to(device))
+        taken = recorder.taken() if recorder is not None else {}
+    finally:
+        # Hooks must not outlive the request: the next request may ask for other layers.
+        if recorder is not None:
+            recorder.close()
+    rows = []
+    for i, row in enumerate(inputs):
+        total = len(row)
+        positions = _positions(total, capture)
+        states = {sel.key: taken[sel.index][i, positions].float() for sel in capture.layers if sel.index in taken}
+        rows.append(
+            SequenceOutput(
+                token_ids=row,
+                prompt_tokens=total,
+                text=batch.texts[i] if batch.texts else model.tokenizer.decode(row),
+                positions=positions,
+                states=states,
+                truncated=truncated[i],
+            )
+        )
+    return ForwardOutput(rows=rows)
+
+
+def _positions(total: int, capture: Capture) -> list[int]:
+    if not capture.wanted:
+        return []
+    return [total - 1] if capture.positions == "last" else list(range(total))
+
+
+def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
+    """Token ids per row, checked before any forward pass, and which rows were cut to the context."""
+    tok: Any = model.tokenizer
+    if batch.token_ids is not None:
+        field = "token_ids"
+        inputs = [[int(t) for t in ids] for ids in batch.token_ids]
+        for ids in inputs:
+            bad = [t for t in ids if not 0 <= t < VOCAB_SIZE]
+            if bad:
+                raise InvalidField(
+                    f"{field}: ids {bad[:5]} are outside the vocabulary", field=field, allowed=f"0 to {VOCAB_SIZE - 1}"
+                )
+    else:
+        field = "text"
+        inputs = [tok.encode(text, add_special_tokens=batch.add_special_tokens) for text in batch.texts]
+    limit = model.max_context
+    truncated = [False] * len(inputs)
+    for i, ids in enumerate(inputs):
+        where = {"row": i} if len(inputs) > 1 else {}  # the kernel names the row of a batch request
+        if not ids:
+            raise InvalidField(f"{field}: tokenizes to no tokens", field=field, **where)
+        if limit and len(ids) > limit:
+            if not batch.truncate:
+                raise InvalidField(
+                    f"{field}: {len(ids)} tokens exceed the model's context of {limit}",
+                    field=field,
+                    allowed=f"at most {limit} tokens",
+                    **where,
+                )
+            inputs[i], truncated[i] = ids[:limit], True
+    return inputs, truncated

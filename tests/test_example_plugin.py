@@ -1,0 +1,127 @@
+"""The third-party plugin template (demo/loom-plugin-example), installed for real with pip and served.
+
+The package is installed non-editable from a copy (so its build leaves nothing in the checkout) and uninstalled
+in ``finally``, so the suite passes on a clean clone where it never was installed and leaves none behind. The
+reference states come from running the toy network by hand on the saved weights, not from the plugin's code.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+from serverutil import REPO, loom_server
+
+DEMO = REPO / "demo" / "loom-plugin-example"
+DIST = "loom-plugin-example"
+TEXT = "Toy models, ça va?"  # a multi-byte character: the byte tokenizer gives it two ids
+BOS = 256
+
+
+def pip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
+
+
+def hand_states(model_dir: Path, ids: list[int]) -> list[torch.Tensor]:
+    """[T, H] per index 0..N: the embedding output, each block's output, and (index N) the final norm's output."""
+    w = torch.load(model_dir / "weights.pt", weights_only=True)
+    n = len({key.split(".")[1] for key in w if key.startswith("blocks.")})
+
+    def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    t = torch.tensor(ids)
+    x = w["embed.weight"][t] + w["positions.weight"][: len(ids)]
+    states = [x]
+    for i in range(n):
+        b = f"blocks.{i}"
+        h = norm(x, f"{b}.norm")
+        prefix_mean = h.cumsum(0) / torch.arange(1, len(ids) + 1, dtype=h.dtype).unsqueeze(1)
+        x = x + linear(prefix_mean, f"{b}.mix") + linear(F.gelu(linear(h, f"{b}.up")), f"{b}.down")
+        states.append(x)
+    states[n] = norm(x, "norm")  # index N is what the model returns, after the final norm (as in transformers)
+    return states
+
+
+def close(got: list, want: torch.Tensor) -> None:
+    got_t = torch.tensor(got, dtype=torch.float32)
+    assert got_t.shape == want.shape, (got_t.shape, want.shape)
+    assert float((got_t - want).abs().max()) < 1e-6
+
+
+@pytest.mark.slow
+def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None:
+    model = tmp_path / "toy-model"
+    try:
+        src = tmp_path / "src"
+        shutil.copytree(DEMO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        done = pip("install", "--no-deps", "--quiet", str(src))
+        assert done.returncode == 0, done.stderr
+        # A fresh interpreter imports the package from site-packages, as a user of the template would.
+        made = subprocess.run(
+            [sys.executable, "-c", "import sys, loom_example; loom_example.make_toy_model(sys.argv[1], seed=7)", model],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        assert made.returncode == 0, made.stderr
+        (tmp_path / "on").mkdir()
+        with loom_server([], tmp_path / "on") as (base, _, _):
+            loaders = httpx.get(f"{base}/loaders", timeout=10).json()["loaders"]
+            assert {"name": "example", "package": DIST, "version": "0.1.0"} in loaders
+
+            report = httpx.get(f"{base}/loaders/probe/{model}", timeout=10).json()  # "//tmp/...": absolute path
+            assert report["selected"] == "example"
+            assert report["ranking"][0]["loader"] == "example" and report["ranking"][0]["score"] == 1.0
+            assert all(r["score"] < 1.0 for r in report["ranking"][1:])
+
+            ids = [BOS, *TEXT.encode("utf-8")]
+            want = hand_states(model, ids)
+            n = len(want) - 1
+            body = {"model": str(model), "text": TEXT, "hidden_state_layers": "all", "positions": "all"}
+            r = httpx.post(f"{base}/extract", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["metadata"]["loader"] == "example" and out["token_ids"] == ids
+            assert out["tokens"][:3] == ["<bos>", "T", "o"]
+            assert sorted(out["sequence_hidden_states"], key=int) == [str(k) for k in range(-n, 0)]
+            for k in range(-n, 0):
+                close(out["sequence_hidden_states"][str(k)]["data"], want[n + 1 + k])
+                close(out["hidden_states"][str(k)]["data"], want[n + 1 + k][-1:])
+
+            # Index 0 (the embedding output) and explicit positions, sliced by the kernel from the plugin's rows.
+            body = {"model": str(model), "text": TEXT, "hidden_state_layers": [0, 2], "positions": [0, -1]}
+            out = httpx.post(f"{base}/extract", json=body, timeout=60).json()
+            for k in (0, 2):
+                close(out["sequence_hidden_states"][str(k)]["data"], want[k][[0, -1]])
+
+            r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "first_last_mean"})
+            assert r.status_code == 200, r.text
+            assert r.json()["pooling"] == "first_last_mean"
+            close(r.json()["embedding"], (want[n][0] + want[n][-1]) / 2)
+
+            r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "no_such_pooling"})
+            assert r.status_code == 422 and "first_last_mean" in r.json()["allowed"]
+    finally:
+        pip("uninstall", "-y", DIST)
+    assert pip("show", DIST).returncode != 0
+
+    (tmp_path / "off").mkdir()
+    with loom_server([], tmp_path / "off") as (base, _, _):
+        loaders = httpx.get(f"{base}/loaders", timeout=10).json()["loaders"]
+        assert "example" not in [row["name"] for row in loaders]
+        report = httpx.get(f"{base}/loaders/probe/{model}", timeout=10).json()
+        assert "example" not in [row["loader"] for row in report["ranking"]]
+        assert report["selected"] != "example"
+        r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "first_last_mean"})
+        assert r.status_code == 422, r.text
