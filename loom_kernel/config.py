@@ -34,7 +34,10 @@ class Settings:
     preload: list[str] = attrs.field(factory=list)
     allowed_paths: list[str] | None = None
     trust_remote_code: bool = False
-    aliases: dict[str, str] = attrs.field(factory=dict)
+    # id -> a directory or hub id; after __attrs_post_init__ also id -> manifest for each custom_models entry.
+    aliases: dict[str, str | dict[str, Any]] = attrs.field(factory=dict)
+    # id -> manifest (the fields of a loom.json, plus "path"): architectures a loader plugin builds from a factory.
+    custom_models: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     default_layers: list[int] = attrs.field(factory=lambda: [-1])
     default_precision: str = "float32"
     default_format: str = "list"
@@ -42,6 +45,19 @@ class Settings:
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        # The model manager hands the resolver ``aliases`` only, so a custom model travels as an alias whose target
+        # is its manifest (a dict) rather than a directory; resolve.py builds its ModelRef from it. Mapping-valued
+        # aliases are always derived from ``custom_models`` (rebuilt here, so attrs.evolve cannot keep stale ones).
+        plain = {k: v for k, v in self.aliases.items() if not isinstance(v, dict)}
+        both = sorted(set(plain) & set(self.custom_models))
+        if both:
+            raise ConfigError(
+                f"models.aliases and custom_models both name {both[0]!r}; a model id may be only one of them",
+                field="custom_models",
+            )
+        self.aliases = {**plain, **self.custom_models}
 
     def device(self) -> str:
         return default_device() if self.default_device == "auto" else self.default_device
@@ -73,7 +89,11 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "precision": "default_precision",
         "default_format": "default_format",
     },
+    # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
+    "custom_models": {},
 }
+# Sections whose keys the user chooses, each read whole into one Settings attribute.
+SECTIONS: dict[str, str] = {"custom_models": "custom_models"}
 
 ENV_KEYS: dict[str, str] = {
     "LOOM_HOST": "host",
@@ -100,6 +120,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if name == "default_device" and isinstance(value, int):
             return f"cuda:{value}"
+        if name == "custom_models":
+            return _manifests(value, source)
         if kind.startswith("list") or kind.startswith("list[") or "list[" in kind:
             if value is None and "None" in kind:
                 return None
@@ -123,6 +145,24 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value {value!r} for {name}: {exc}", field=name) from None
 
 
+def _manifests(value: Any, source: str) -> dict[str, dict[str, Any]]:
+    """custom_models: model id -> a mapping of manifest fields. The fields themselves are the loader plugin's to
+    check (loom-plugin-custom names a bad one when the model loads); here only the shape is."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: must map model ids to manifests", field="custom_models")
+    out: dict[str, dict[str, Any]] = {}
+    for model_id, manifest in value.items():
+        if not isinstance(manifest, dict) or not all(isinstance(k, str) for k in manifest):
+            raise ConfigError(
+                f"{source}: the entry for {model_id!r} must be a mapping of manifest fields (factory, path, ...)",
+                field=f"custom_models.{model_id}",
+            )
+        out[str(model_id)] = dict(manifest)
+    return out
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -133,6 +173,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for section, values in data.items():
         if section not in FILE_KEYS:
             raise ConfigError(f"{path}: unknown section {section!r}", field=section, allowed=sorted(FILE_KEYS))
+        if section in SECTIONS:
+            out[SECTIONS[section]] = _coerce(SECTIONS[section], values, f"{path}: {section}")
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping", field=section)
         for key, value in values.items():

@@ -1,4 +1,5 @@
-"""Build a ``ModelRef`` from a model id: a local directory, an alias, or a hub id in the local HF cache.
+"""Build a ``ModelRef`` from a model id: a local directory, an alias, a hub id in the local HF cache, or a
+``custom_models`` entry of the server config.
 
 Only small JSON files are read (config.json, modules.json, loom.json); weights are never touched.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +98,54 @@ def check_allowed(path: Path, allowed: list[str] | None) -> None:
     raise Forbidden(f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed])
 
 
+def _small_files(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    found = {name: _read_json(path / name) for name in SMALL_FILES if (path / name).exists()}
+    try:
+        files = tuple(sorted(p.name for p in path.iterdir()))
+    except OSError:
+        files = ()
+    return found, files
+
+
+def custom_model_ref(
+    model_id: str, manifest: Mapping[str, Any], revision: str | None, allowed_paths: list[str] | None
+) -> ModelRef:
+    """A ``custom_models`` entry of the server config: its manifest is the entry itself (a loom.json in its
+    ``path`` is not read), and ``source`` "config" tells loaders that the operator, not a checkpoint, wrote it."""
+    path: Path | None = None
+    found: dict[str, Any] = {}
+    files: tuple[str, ...] = ()
+    where = manifest.get("path")
+    if where is not None:
+        path = Path(str(where)).expanduser()
+        if not path.is_dir():
+            raise ModelNotFound(f"model: custom_models.{model_id}.path: no directory {where}", field="model")
+        check_allowed(path, allowed_paths)
+        found, files = _small_files(path)
+    return ModelRef(
+        id=model_id,
+        revision=revision,
+        path=path,
+        config=found.get("config.json"),
+        manifest=dict(manifest),
+        files=files,
+        source="config",
+    )
+
+
 def resolve_model(
     model_id: str,
     revision: str | None = None,
     *,
-    aliases: dict[str, str] | None = None,
+    aliases: Mapping[str, str | Mapping[str, Any]] | None = None,
     allowed_paths: list[str] | None = None,
 ) -> ModelRef:
+    """``aliases`` maps an id to a directory or hub id, or (Settings folds ``custom_models`` in) to a manifest."""
     if not model_id or not model_id.strip():
         raise ModelNotFound("model: an empty model id", field="model")
     target = (aliases or {}).get(model_id, model_id)
+    if isinstance(target, Mapping):
+        return custom_model_ref(model_id, target, revision, allowed_paths)
     path: Path | None = None
     source = "local"
     local = Path(target).expanduser()
@@ -127,11 +167,7 @@ def resolve_model(
             "(and the hub is not reachable)",
             field="model",
         )
-    found = {name: _read_json(path / name) for name in SMALL_FILES if (path / name).exists()}
-    try:
-        files = tuple(sorted(p.name for p in path.iterdir()))
-    except OSError:
-        files = ()
+    found, files = _small_files(path)
     return ModelRef(
         id=model_id,
         revision=revision,
