@@ -34,8 +34,7 @@ class Settings:
     preload: list[str] = attrs.field(factory=list)
     allowed_paths: list[str] | None = None
     trust_remote_code: bool = False
-    # id -> a directory or hub id; after __attrs_post_init__ also id -> manifest for each custom_models entry.
-    aliases: dict[str, str | dict[str, Any]] = attrs.field(factory=dict)
+    aliases: dict[str, str] = attrs.field(factory=dict)
     # id -> manifest (the fields of a loom.json, plus "path"): architectures a loader plugin builds from a factory.
     custom_models: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     default_layers: list[int] = attrs.field(factory=lambda: [-1])
@@ -47,17 +46,12 @@ class Settings:
     config_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        # The model manager hands the resolver ``aliases`` only, so a custom model travels as an alias whose target
-        # is its manifest (a dict) rather than a directory; resolve.py builds its ModelRef from it. Mapping-valued
-        # aliases are always derived from ``custom_models`` (rebuilt here, so attrs.evolve cannot keep stale ones).
-        plain = {k: v for k, v in self.aliases.items() if not isinstance(v, dict)}
-        both = sorted(set(plain) & set(self.custom_models))
+        both = sorted(set(self.aliases) & set(self.custom_models))
         if both:
             raise ConfigError(
                 f"models.aliases and custom_models both name {both[0]!r}; a model id may be only one of them",
                 field="custom_models",
             )
-        self.aliases = {**plain, **self.custom_models}
 
     def device(self) -> str:
         return default_device() if self.default_device == "auto" else self.default_device

@@ -130,7 +130,11 @@ class ModelManager:
 
     def resolve(self, model_id: str, revision: str | None = None) -> ModelRef:
         return resolve_model(
-            model_id, revision, aliases=self.settings.aliases, allowed_paths=self.settings.allowed_paths
+            model_id,
+            revision,
+            aliases=self.settings.aliases,
+            allowed_paths=self.settings.allowed_paths,
+            custom_models=self.settings.custom_models,
         )
 
     def rank(self, ref: ModelRef) -> list[ProbeResult]:

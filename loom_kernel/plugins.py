@@ -65,6 +65,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
                 "package": package,
                 "version": version,
                 "default": name in DEFAULT_PLUGINS,
+                "pooling_strategies": list(getattr(plugin, "POOLING_STRATEGIES", ())),
             }
         )
     return sorted(rows, key=lambda r: r["name"])

@@ -137,15 +137,17 @@ def resolve_model(
     model_id: str,
     revision: str | None = None,
     *,
-    aliases: Mapping[str, str | Mapping[str, Any]] | None = None,
+    aliases: Mapping[str, str] | None = None,
     allowed_paths: list[str] | None = None,
+    custom_models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ModelRef:
-    """``aliases`` maps an id to a directory or hub id, or (Settings folds ``custom_models`` in) to a manifest."""
+    """``aliases`` maps an id to a directory or hub id; ``custom_models`` an id to a manifest (the config file's
+    section of that name)."""
     if not model_id or not model_id.strip():
         raise ModelNotFound("model: an empty model id", field="model")
+    if custom_models and model_id in custom_models:
+        return custom_model_ref(model_id, custom_models[model_id], revision, allowed_paths)
     target = (aliases or {}).get(model_id, model_id)
-    if isinstance(target, Mapping):
-        return custom_model_ref(model_id, target, revision, allowed_paths)
     path: Path | None = None
     source = "local"
     local = Path(target).expanduser()

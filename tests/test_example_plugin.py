@@ -79,6 +79,8 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
         with loom_server([], tmp_path / "on") as (base, _, _):
             loaders = httpx.get(f"{base}/loaders", timeout=10).json()["loaders"]
             assert {"name": "example", "package": DIST, "version": "0.1.0"} in loaders
+            plugins = {row["name"]: row for row in httpx.get(f"{base}/plugins", timeout=10).json()["plugins"]}
+            assert plugins["example"]["pooling_strategies"] == ["first_last_mean"]
 
             report = httpx.get(f"{base}/loaders/probe/{model}", timeout=10).json()  # "//tmp/...": absolute path
             assert report["selected"] == "example"

@@ -373,7 +373,8 @@ class OpenAIController(Controller):
 
     @get("/models", sync_to_thread=False)
     def models(self, manager: Manager) -> dict[str, Any]:
-        names = dict.fromkeys([*manager.loaded_ids(), *manager.settings.aliases, *EMBEDDED])
+        settings = manager.settings
+        names = dict.fromkeys([*manager.loaded_ids(), *settings.aliases, *settings.custom_models, *EMBEDDED])
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loom"} for n in names],

@@ -360,20 +360,18 @@ async def test_config_custom_models_without_a_directory(reference, installed) ->
     assert sorted(body["hidden_states"], key=int) == ["-3", "-2", "-1"]
 
 
-def test_settings_fold_custom_models_into_aliases_for_the_resolver(tmp_path: Path) -> None:
+def test_custom_models_resolve_to_their_manifest(tmp_path: Path) -> None:
     entry = {"factory": "pkg:build", "path": str(tmp_path)}
     settings = Settings(aliases={"short": "/data/x"}, custom_models={"toy": entry})
-    assert settings.aliases == {"short": "/data/x", "toy": entry}
-    assert attrs.evolve(settings, custom_models={}).aliases == {"short": "/data/x"}  # no stale manifest survives
-    ref = resolve_model("toy", aliases=settings.aliases)
+    ref = resolve_model("toy", aliases=settings.aliases, custom_models=settings.custom_models)
     assert (ref.source, ref.path, ref.manifest) == ("config", tmp_path, entry)
     with pytest.raises(ConfigError) as err:
         Settings(aliases={"toy": "/data/x"}, custom_models={"toy": entry})
     assert err.value.field == "custom_models"
     with pytest.raises(ModelNotFound):
-        resolve_model("toy", aliases={"toy": {"factory": "pkg:build", "path": str(tmp_path / "missing")}})
+        resolve_model("toy", custom_models={"toy": {"factory": "pkg:build", "path": str(tmp_path / "missing")}})
     with pytest.raises(Forbidden):
-        resolve_model("toy", aliases=settings.aliases, allowed_paths=[str(tmp_path / "elsewhere")])
+        resolve_model("toy", custom_models=settings.custom_models, allowed_paths=[str(tmp_path / "elsewhere")])
 
 
 def test_config_file_custom_models_section_is_checked(tmp_path: Path) -> None:
