@@ -34,7 +34,7 @@ from loom_kernel.errors import (
     Unsupported,
 )
 from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
-from loom_kernel.plugins import loader_names
+from loom_kernel.plugins import describe_plugins, loader_names
 from loom_kernel.resolve import resolve_model
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, ProbeResult
 
@@ -47,6 +47,13 @@ QUANTIZATION_PACKAGES = {
     "8bit": "loom-plugin-bitsandbytes",
     "gptq": "loom-plugin-gptq",
     "awq": "loom-plugin-gptq",
+}
+# Which distribution provides a loader that is not installed.
+LOADER_PACKAGES = {
+    "transformers": "loom-plugin-transformers",
+    "sentence_transformers": "loom-plugin-sentence-transformers",
+    "custom": "loom-plugin-custom",
+    "gptq": "loom-plugin-gptq",
 }
 
 
@@ -162,12 +169,30 @@ class ModelManager:
         known = loader_names(self.pm)
         if requested is not None:
             if requested not in known:
+                if requested in LOADER_PACKAGES:
+                    raise MissingBackend(
+                        f"loader: {requested!r} is not installed; pip install {LOADER_PACKAGES[requested]}",
+                        field="loader",
+                        allowed=known,
+                    )
                 raise InvalidField(f"loader: unknown loader {requested!r}", field="loader", allowed=known)
             return requested
+        method = str((ref.quantization_config or {}).get("quant_method", ""))
+        owner = QUANTIZATION_PACKAGES.get(method)
+        if owner is not None and owner not in self._installed_distributions():
+            # The generic loader would take it (any config.json) and fail deep inside transformers: say what to add.
+            raise MissingBackend(
+                f"model: {ref.id!r} is a {method} checkpoint and no installed plugin reads it; pip install {owner}",
+                field="model",
+                allowed=known,
+            )
         ranking = [r for r in self.rank(ref) if r.score > 0]
         if not ranking:
             raise Unsupported(f"model: no installed loader can load {ref.id!r}", field="model", allowed=known)
         return ranking[0].loader
+
+    def _installed_distributions(self) -> set[str]:
+        return {row["package"] for row in describe_plugins(self.pm) if row["package"]}
 
     def options(
         self,

@@ -152,3 +152,34 @@ def test_transport(pm, tmp_path):
     settings = Settings(port=0, unix_socket=str(tmp_path / "t.sock"))
     names = sorted(t.name for t in pm.hook.transport(settings=settings) if t is not None)
     assert names == ["http", "unix"]
+
+
+async def test_missing_loaders_name_the_package_to_install(tmp_path, tiny_models):
+    """A loader or a checkpoint format whose plugin is not installed is a 424 that says what to pip install."""
+    import json
+    import shutil
+
+    from litestar.testing import AsyncTestClient
+
+    from loom_kernel.api import create_app
+    from loom_kernel.config import Settings
+    from loom_kernel.plugins import create_plugin_manager
+
+    pm = create_plugin_manager()
+    for name in ("gptq", "custom"):
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+    gptq = tmp_path / "gptq-checkpoint"
+    shutil.copytree(tiny_models["llama"], gptq)
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (gptq / "config.json").write_text(json.dumps(config))
+    async with AsyncTestClient(app=create_app(settings=Settings(default_device="cpu"), pm=pm)) as client:
+        r = await client.post("/extract", json={"model": str(tiny_models["llama"]), "text": "hi", "loader": "custom"})
+        assert r.status_code == 424 and r.json()["field"] == "loader"
+        assert "pip install loom-plugin-custom" in r.json()["detail"]
+        r = await client.post("/extract", json={"model": str(gptq), "text": "hi"})
+        assert r.status_code == 424 and r.json()["field"] == "model"
+        assert "pip install loom-plugin-gptq" in r.json()["detail"]
+        r = await client.post("/extract", json={"model": str(tiny_models["llama"]), "text": "hi", "loader": "nope"})
+        assert r.status_code == 422 and r.json()["field"] == "loader"
