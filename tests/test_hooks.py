@@ -10,7 +10,7 @@ import torch
 
 from loom_kernel import LoadOptions, ModelRef, ProbeResult, QuantizationPlan, hookimpl
 from loom_kernel.config import Settings
-from loom_kernel.errors import MissingBackend
+from loom_kernel.errors import InvalidField, MissingBackend
 from loom_kernel.models import ModelManager
 from loom_kernel.plugins import ENTRY_POINT_GROUP, create_plugin_manager, describe_plugins, loader_names
 
@@ -143,9 +143,19 @@ def test_quantize(pm):
     manager = ModelManager(pm, Settings(default_device="cpu"))
     opts = manager.options(quantization="3bit")
     assert opts.quantization_plan == QuantizationPlan(method="3bit", load_kwargs={"toy_bits": 3}, provider="toy")
-    with pytest.raises(MissingBackend) as err:
-        manager.options(quantization="gptq")
-    assert "pip install loom-plugin-gptq" in err.value.detail and err.value.status == 424
+    gptq = pm.get_plugin("gptq")
+    if gptq is not None:  # installed: it reads gptq checkpoints but does not quantize at load time
+        with pytest.raises(InvalidField) as bad:
+            manager.options(quantization="gptq")
+        assert bad.value.field == "quantization" and "offline" in bad.value.detail
+        pm.unregister(gptq)
+    try:
+        with pytest.raises(MissingBackend) as err:
+            manager.options(quantization="gptq")
+        assert "pip install loom-plugin-gptq" in err.value.detail and err.value.status == 424
+    finally:
+        if gptq is not None:
+            pm.register(gptq, name="gptq")
 
 
 def test_transport(pm, tmp_path):

@@ -9,6 +9,7 @@ quantization_config, as downloaded ones do.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -74,7 +75,8 @@ def quantize_awq(src: Path, out: Path) -> Path:
     # sym=False: asymmetric groups, saved as "zero_point": true (the AutoAWQ GEMM layout). No disk offload: the
     # tiny model fits in memory and offloading leaves a temporary directory behind.
     qc = QuantizeConfig(bits=4, group_size=GROUP_SIZE, method="awq", format="gemm", sym=False, offload_to_disk=False)
-    with one_torch_thread():
+    # The quantizer writes a logs/ directory into the working directory: keep it out of the checkout.
+    with contextlib.chdir(out.parent), one_torch_thread():
         model = GPTQModel.load(str(src), qc, device="cpu")
         # The AUTO backend looks for the CUDA GEMM kernel and refuses without CUDA; AWQ_TORCH packs the same
         # GEMM layout with plain torch.
