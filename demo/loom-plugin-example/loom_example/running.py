@@ -17,7 +17,8 @@ import torch
 from loom_example.toy import VOCAB_SIZE
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.errors import Unsupported
+from loom_kernel.inputs import batch_inputs
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -68,33 +69,12 @@ def _positions(total: int, capture: Capture) -> list[int]:
 
 
 def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
-    """Token ids per row, checked before any forward pass, and which rows were cut to the context."""
+    """Token ids per row, checked before any forward pass (the kernel's helper names the field and row of a bad
+    one), and which rows were cut to the context."""
     tok: Any = model.tokenizer
-    if batch.token_ids is not None:
-        field = "token_ids"
-        inputs = [[int(t) for t in ids] for ids in batch.token_ids]
-        for ids in inputs:
-            bad = [t for t in ids if not 0 <= t < VOCAB_SIZE]
-            if bad:
-                raise InvalidField(
-                    f"{field}: ids {bad[:5]} are outside the vocabulary", field=field, allowed=f"0 to {VOCAB_SIZE - 1}"
-                )
-    else:
-        field = "text"
-        inputs = [tok.encode(text, add_special_tokens=batch.add_special_tokens) for text in batch.texts]
-    limit = model.max_context
-    truncated = [False] * len(inputs)
-    for i, ids in enumerate(inputs):
-        where = {"row": i} if len(inputs) > 1 else {}  # the kernel names the row of a batch request
-        if not ids:
-            raise InvalidField(f"{field}: tokenizes to no tokens", field=field, **where)
-        if limit and len(ids) > limit:
-            if not batch.truncate:
-                raise InvalidField(
-                    f"{field}: {len(ids)} tokens exceed the model's context of {limit}",
-                    field=field,
-                    allowed=f"at most {limit} tokens",
-                    **where,
-                )
-            inputs[i], truncated[i] = ids[:limit], True
-    return inputs, truncated
+    return batch_inputs(
+        batch,
+        tokenize=lambda text: tok.encode(text, add_special_tokens=batch.add_special_tokens),
+        vocab_size=VOCAB_SIZE,
+        max_context=model.max_context,
+    )

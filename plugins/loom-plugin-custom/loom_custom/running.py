@@ -14,7 +14,8 @@ from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder
-from loom_kernel.errors import InvalidField, LoomError, Unsupported
+from loom_kernel.errors import LoomError, Unsupported
+from loom_kernel.inputs import batch_inputs
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -40,41 +41,14 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
 
 
 def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
-    """Token ids per row, checked against the vocabulary and the context before any forward pass, and which rows
-    were cut to the context (only when ``batch.truncate`` allows it; otherwise a too-long row is InvalidField)."""
-    vocab = model.extra.get("vocab_size")
-    if batch.token_ids is not None:
-        field = "token_ids"
-        inputs = [[int(t) for t in ids] for ids in batch.token_ids]
-        for ids in inputs:
-            bad = [t for t in ids if vocab is not None and not 0 <= t < vocab]
-            if bad:
-                raise InvalidField(
-                    f"{field}: ids {bad[:5]} are outside the vocabulary", field=field, allowed=f"0 to {vocab - 1}"
-                )
-    else:
-        field = "prompt" if batch.generation is not None else "text"
-        tok = model.tokenizer
-        inputs = [
-            [int(t) for t in tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"]]
-            for text in batch.texts
-        ]
-    limit = model.max_context
-    truncated = [False] * len(inputs)
-    for i, ids in enumerate(inputs):
-        where = {"row": i} if len(inputs) > 1 else {}
-        if not ids:
-            raise InvalidField(f"{field}: tokenizes to no tokens", field=field, **where)
-        if limit and len(ids) > limit:
-            if not batch.truncate:
-                raise InvalidField(
-                    f"{field}: {len(ids)} tokens exceed the model's context of {limit}",
-                    field=field,
-                    allowed=f"at most {limit} tokens",
-                    **where,
-                )
-            truncated[i], inputs[i] = True, ids[:limit]
-    return inputs, truncated
+    """Token ids per row, checked against the vocabulary and the context before any forward pass."""
+    tok = model.tokenizer
+    return batch_inputs(
+        batch,
+        tokenize=lambda text: tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"],
+        vocab_size=model.extra.get("vocab_size"),
+        max_context=model.max_context,
+    )
 
 
 def _forward(model: LoadedModel, ids: list[int], capture: Capture) -> SequenceOutput:

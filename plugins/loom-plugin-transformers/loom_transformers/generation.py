@@ -21,6 +21,7 @@ from loom_kernel import Capture, GenerationParams, LoadedModel, SequenceOutput
 from loom_transformers.attention import AttentionRecorder, eager_attention
 from loom_transformers.running import (
     _device,
+    _pad,
     _position_offset,
     _positions,
     _recorder,
@@ -28,6 +29,7 @@ from loom_transformers.running import (
     choose_token,
     cut_at_stop,
     eos_ids,
+    pad_id,
     streamable,
 )
 
@@ -61,21 +63,6 @@ def _generator(seed: int | None) -> Any:
     else:
         g.seed()
     return g
-
-
-def _left_pad(model: LoadedModel, prompts: Sequence[list[int]]) -> tuple[Any, Any, int]:
-    import torch
-
-    tok = model.tokenizer
-    candidates = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
-    pad = next((v for v in candidates if v is not None), 0)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask, int(pad)
 
 
 def _logprob_entry(logits: Any, token: int, k: int) -> dict[str, Any]:
@@ -145,7 +132,8 @@ class Generation:
             model.extra["causal_position_offset"] = _position_offset(net)
         offset = model.extra["causal_position_offset"]
         device = _device(model)
-        ids, mask, pad = _left_pad(model, [r.prompt for r in self.rows])
+        pad = pad_id(model)
+        ids, mask, _ = _pad(model, [r.prompt for r in self.rows], left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         step_ids, full_mask, step_pos = ids, mask, positions
         cache, first = None, True
@@ -153,10 +141,10 @@ class Generation:
             if rec is not None:
                 rec.rows = [-1] if self.keep_last else None
         while not all(r.complete for r in self.rows):
-            kwargs: dict[str, Any] = {"attention_mask": full_mask.to(device), cache_arg: cache, **extra}
+            kwargs: dict[str, Any] = {"attention_mask": full_mask, cache_arg: cache, **extra}
             if offset is not None:
-                kwargs["position_ids"] = (step_pos + offset).to(device)
-            out = net(input_ids=step_ids.to(device), use_cache=True, **kwargs)
+                kwargs["position_ids"] = step_pos + offset
+            out = net(input_ids=step_ids, use_cache=True, **kwargs)
             cache = getattr(out, cache_arg)
             taken_states = self.states.taken() if self.states is not None else {}
             taken_attn = self.attention.latest if self.attention is not None else {}
@@ -169,8 +157,11 @@ class Generation:
                 self._advance(row, out.logits[b, -1])
             # Next step: every unfinished row feeds its last token; finished rows feed a pad nobody attends to.
             live = [not r.complete for r in self.rows]
-            step_ids = torch.tensor([[r.generated[-1] if ok else pad] for r, ok in zip(self.rows, live, strict=True)])
-            full_mask = torch.cat([full_mask, torch.tensor([[int(ok)] for ok in live], dtype=torch.long)], dim=1)
+            step_ids = torch.tensor(
+                [[r.generated[-1] if ok else pad] for r, ok in zip(self.rows, live, strict=True)], device=device
+            )
+            column = torch.tensor([[int(ok)] for ok in live], dtype=torch.long, device=device)
+            full_mask = torch.cat([full_mask, column], dim=1)
             step_pos = step_pos[:, -1:] + 1
             first = False
 

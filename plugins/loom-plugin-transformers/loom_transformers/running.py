@@ -22,7 +22,8 @@ from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder, find_blocks
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.errors import Unsupported
+from loom_kernel.inputs import batch_inputs
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -52,47 +53,19 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
 
 
 def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
-    """Token ids per row, checked against the vocabulary and the context before any forward pass, and which rows
-    were cut to the context (only when ``batch.truncate`` allows it; otherwise a too-long row is InvalidField)."""
+    """Token ids per row, checked against the vocabulary and the context before any forward pass."""
     tok = model.tokenizer
-    if batch.token_ids is not None:
-        field = "token_ids"
-        inputs = [[int(t) for t in ids] for ids in batch.token_ids]
-        vocab = model.model.get_input_embeddings().num_embeddings
-        for ids in inputs:
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidField(
-                    f"{field}: ids {bad[:5]} are outside the vocabulary", field=field, allowed=f"0 to {vocab - 1}"
-                )
-    else:
-        field = "prompt" if batch.generation is not None else "text"
-        inputs = [list(tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"]) for text in batch.texts]
-    limit = model.max_context
-    truncated = [False] * len(inputs)
-    for i, ids in enumerate(inputs):
-        where = {"row": i} if len(inputs) > 1 else {}
-        if not ids:
-            raise InvalidField(f"{field}: tokenizes to no tokens", field=field, **where)
-        if limit and len(ids) > limit:
-            if not batch.truncate:
-                raise InvalidField(
-                    f"{field}: {len(ids)} tokens exceed the model's context of {limit}",
-                    field=field,
-                    allowed=f"at most {limit} tokens",
-                    **where,
-                )
-            truncated[i] = True
-            if batch.token_ids is not None:
-                inputs[i] = ids[:limit]
-            else:  # the tokenizer cuts the text and keeps its closing special tokens ([SEP], ...) where it adds them
-                text = batch.texts[i]
-                inputs[i] = list(
-                    tok(text, add_special_tokens=batch.add_special_tokens, truncation=True, max_length=limit)[
-                        "input_ids"
-                    ]
-                )
-    return inputs, truncated
+    special = batch.add_special_tokens
+    return batch_inputs(
+        batch,
+        tokenize=lambda text: tok(text, add_special_tokens=special)["input_ids"],
+        vocab_size=model.model.get_input_embeddings().num_embeddings,
+        max_context=model.max_context,
+        # The tokenizer cuts the text and keeps its closing special tokens ([SEP], ...) where it adds them.
+        cut_text=lambda text, limit: tok(text, add_special_tokens=special, truncation=True, max_length=limit)[
+            "input_ids"
+        ],
+    )
 
 
 def _budget(model: LoadedModel, prompt_len: int, params: GenerationParams) -> int:
@@ -126,19 +99,23 @@ def _device(model: LoadedModel) -> Any:
     return model.model.get_input_embeddings().weight.device
 
 
-def _pad(model: LoadedModel, inputs: list[list[int]]) -> tuple[Any, Any, bool]:
-    """(input_ids [B, T], attention_mask [B, T], left-padded?) on the model's device, padded on the tokenizer's side.
+def pad_id(model: LoadedModel) -> int:
+    """The id padding uses: it only has to be a valid embedding row, since the mask keeps every real token from
+    attending to it."""
+    tok = model.tokenizer
+    candidates = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+    return int(next((v for v in candidates if v is not None), 0))
 
-    The pad id only has to be a valid embedding row: the mask keeps every real token from attending to it.
-    """
+
+def _pad(model: LoadedModel, inputs: list[list[int]], left: bool | None = None) -> tuple[Any, Any, bool]:
+    """(input_ids [B, T], attention_mask [B, T], left-padded?) on the model's device, padded on the tokenizer's side
+    unless ``left`` says which."""
     import torch
 
-    tok = model.tokenizer
-    left = getattr(tok, "padding_side", "right") == "left"
-    candidates = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
-    pad = next((v for v in candidates if v is not None), 0)
+    if left is None:
+        left = getattr(model.tokenizer, "padding_side", "right") == "left"
     width = max(len(ids) for ids in inputs)
-    ids = torch.full((len(inputs), width), int(pad), dtype=torch.long)
+    ids = torch.full((len(inputs), width), pad_id(model), dtype=torch.long)
     mask = torch.zeros((len(inputs), width), dtype=torch.long)
     for i, row in enumerate(inputs):
         cols = slice(width - len(row), width) if left else slice(0, len(row))
