@@ -136,14 +136,19 @@ class Generation:
         ids, mask, _ = _pad(model, [r.prompt for r in self.rows], left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         step_ids, full_mask, step_pos = ids, mask, positions
+        padded = len(self.rows) > 1
         cache, first = None, True
         for rec in (self.states, self.attention):
             if rec is not None:
                 rec.rows = [-1] if self.keep_last else None
+        if self.states is not None:
+            self.states.replace = True  # each step's rows are filed per row below; the recorder keeps one step
         while not all(r.complete for r in self.rows):
-            kwargs: dict[str, Any] = {"attention_mask": full_mask, cache_arg: cache, **extra}
-            if offset is not None:
-                kwargs["position_ids"] = step_pos + offset
+            kwargs: dict[str, Any] = {cache_arg: cache, **extra}
+            if padded:  # one row has no padding: the model's own causal path is faster than an explicit mask
+                kwargs["attention_mask"] = full_mask
+                if offset is not None:
+                    kwargs["position_ids"] = step_pos + offset
             out = net(input_ids=step_ids, use_cache=True, **kwargs)
             cache = getattr(out, cache_arg)
             taken_states = self.states.taken() if self.states is not None else {}
