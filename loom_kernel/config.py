@@ -41,11 +41,23 @@ class Settings:
     default_precision: str = "float32"
     default_format: str = "list"
     max_tokens_limit: int = 4096
+    # Dynamic batching per model (loom_kernel.batching) and backpressure.
+    max_batch_size: int = 32
+    max_batch_tokens: int = 16384
+    batch_window_ms: float = 5.0
+    max_queue: int = 64
+    request_timeout: float = 600.0
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1", field=name)
+        for name in ("batch_window_ms", "max_queue", "request_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
         both = sorted(set(self.aliases) & set(self.custom_models))
         if both:
             raise ConfigError(
@@ -66,6 +78,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "unix_socket": "unix_socket",
         "transports": "transports",
         "log_level": "log_level",
+        "request_timeout": "request_timeout",
     },
     "gpu": {"default_device": "default_device", "memory_fraction": "memory_fraction", "devices": ""},
     "models": {
@@ -82,6 +95,12 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "default_layers": "default_layers",
         "precision": "default_precision",
         "default_format": "default_format",
+    },
+    "batching": {
+        "max_batch_size": "max_batch_size",
+        "max_batch_tokens": "max_batch_tokens",
+        "window_ms": "batch_window_ms",
+        "max_queue": "max_queue",
     },
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
@@ -100,6 +119,11 @@ ENV_KEYS: dict[str, str] = {
     "LOOM_MEMORY_FRACTION": "memory_fraction",
     "LOOM_PRELOAD": "preload",
     "LOOM_LOG_LEVEL": "log_level",
+    "LOOM_MAX_BATCH_SIZE": "max_batch_size",
+    "LOOM_MAX_BATCH_TOKENS": "max_batch_tokens",
+    "LOOM_BATCH_WINDOW_MS": "batch_window_ms",
+    "LOOM_MAX_QUEUE": "max_queue",
+    "LOOM_REQUEST_TIMEOUT": "request_timeout",
     "HF_TOKEN": "hf_token",
 }
 

@@ -16,6 +16,10 @@ class LoomError(Exception):
         self.allowed = allowed
         self.extra = extra
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the response carries besides the problem body."""
+        return {}
+
     def problem(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status}
         body["detail"] = self.detail
@@ -81,3 +85,20 @@ class InsufficientStorage(LoomError):
 class ServiceUnavailable(LoomError):
     status = 503
     title = "Service unavailable"
+
+
+class TooManyRequests(LoomError):
+    """A model's queue is full; ``retry_after`` seconds is when it is likely to have room."""
+
+    status = 429
+    title = "Too many requests"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.extra.get("retry_after", 1))}
+
+
+class RequestTimeout(LoomError):
+    """The request ran past the server's ``request_timeout``; its work was stopped."""
+
+    status = 504
+    title = "Request timed out"

@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import pluggy
 
+from loom_kernel.batching import call_forward, current_ticket
 from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
@@ -92,10 +93,12 @@ class StateRequest:
 
 
 def forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
-    out = pm.hook.forward_with_states(model=model, batch=batch, capture=capture)
-    if out is None:
-        raise Unsupported(f"loader: no plugin runs forward passes for loader {model.loader!r}", field="loader")
-    return out
+    """The hook call, through the model's thread when a server request runs this (where it may be merged with
+    other requests' calls: ``loom_kernel.batching``), directly otherwise."""
+    ticket = current_ticket()
+    if ticket is not None:
+        return ticket.thread.forward(pm, model, batch, capture)
+    return call_forward(pm, model, batch, capture)
 
 
 def split_states(row: SequenceOutput, positions: Any) -> tuple[dict[str, Any], dict[str, Any] | None, list[int]]:

@@ -12,8 +12,7 @@ import concurrent.futures
 import contextlib
 import gc
 import logging
-import queue
-import threading
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 import attrs
 import pluggy
 
+from loom_kernel.batching import BatchLimits, ModelThread, Ticket, run_with_ticket
 from loom_kernel.config import Settings
 from loom_kernel.devices import DEVICE_MAPS, resolve_device
 from loom_kernel.errors import (
@@ -31,6 +31,8 @@ from loom_kernel.errors import (
     LoomError,
     MissingBackend,
     ModelNotFound,
+    RequestTimeout,
+    TooManyRequests,
     Unsupported,
 )
 from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
@@ -57,39 +59,12 @@ LOADER_PACKAGES = {
 }
 
 
-class Worker:
-    """One thread that runs a model's jobs in order."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"loom-worker:{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, fut = job
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed to the awaiting request, which maps it to a response
-                fut.set_exception(exc)
-
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((fn, fut))
-        return fut
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-
 @attrs.define(eq=False)
 class ModelEntry:
     model_id: str
     loader: str
     options: LoadOptions
-    worker: Worker
+    worker: ModelThread
     state: str = "loading"  # loading | ready
     loaded: LoadedModel | None = None
     ready: asyncio.Future | None = None
@@ -103,6 +78,7 @@ class ModelEntry:
             "loader": self.loader,
             "state": self.state,
             "in_flight": self.in_flight,
+            "queued": self.worker.queued,
             "idle_seconds": round(idle, 3),
             "auto_unload_in": None if auto_unload_s is None else round(max(0.0, auto_unload_s - idle), 3),
             "device": self.options.device,
@@ -132,6 +108,11 @@ class ModelManager:
         self.entries: dict[str, ModelEntry] = {}
         self._reaper: asyncio.Task | None = None
         self.started = time.monotonic()
+        # Request threads: each request's own work runs here, its forward calls on its model's thread. Enough for
+        # every admitted request of every model, so none waits for a thread behind another model's queue.
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, settings.max_queue * max(1, settings.max_models)), thread_name_prefix="loom-request"
+        )
 
     # -- resolution and ranking -------------------------------------------------------------------------
 
@@ -290,7 +271,7 @@ class ModelManager:
                 field="model",
             )
         victims = self._make_room(model_id, ref, opts)
-        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=Worker(model_id))
+        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=ModelThread(model_id, self.limits()))
         entry.ready = asyncio.get_running_loop().create_future()
         # The old entry stays listed (and usable) until the new one is in memory.
         pending_key = model_id if replacing is None else f"{model_id} (reloading)"
@@ -482,9 +463,66 @@ class ModelManager:
             entry.in_flight -= 1
             entry.last_used = time.monotonic()
 
+    def limits(self) -> BatchLimits:
+        s = self.settings
+        return BatchLimits(
+            max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens, window_s=s.batch_window_ms / 1000.0
+        )
+
     async def run(self, entry: ModelEntry, fn: Callable[[LoadedModel], T]) -> T:
-        async with self.use(entry) as loaded:
-            return await asyncio.wrap_future(entry.worker.submit(lambda: fn(loaded)))
+        """``fn(model)`` on a request thread, its forward calls batched on the model's thread.
+
+        At most ``max_queue`` requests per model are admitted at once (queued or running); the next is a 429 with
+        a Retry-After estimated from recent batches. A request past ``request_timeout`` is a 504, and it is
+        cancelled, as it is when its client goes away: dropped if still queued, its generated rows stopped. The
+        model stays in flight (never unloaded) until the request's thread is done with it.
+        """
+        loaded = entry.loaded
+        if loaded is None:
+            raise ModelNotFound(f"model: {entry.model_id!r} was unloaded", field="model")
+        limit = self.settings.max_queue
+        if limit and entry.in_flight >= limit:
+            wait = entry.worker.seconds_per_call * entry.in_flight / max(1, self.settings.max_batch_size)
+            retry = max(1, math.ceil(wait))
+            raise TooManyRequests(
+                f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "
+                f"(max_queue {limit}); retry after {retry} s",
+                field="model",
+                retry_after=retry,
+                max_queue=limit,
+            )
+        loop = asyncio.get_running_loop()
+        ticket = entry.worker.ticket()
+        entry.in_flight += 1
+
+        def done(_: concurrent.futures.Future) -> None:
+            def release() -> None:
+                entry.in_flight -= 1
+                entry.last_used = time.monotonic()
+
+            loop.call_soon_threadsafe(release)
+
+        job = self._threads.submit(run_with_ticket, ticket, lambda: fn(loaded))
+        job.add_done_callback(done)  # before the awaiting side's: in_flight drops before the response goes out
+        timeout = self.settings.request_timeout or None
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
+        except TimeoutError:
+            self._cancel(ticket, job)
+            raise RequestTimeout(
+                f"request: took longer than this server's request_timeout of {timeout:g} s; it was stopped",
+                field="request_timeout",
+                allowed=f"up to {timeout:g} s",
+            ) from None
+        except asyncio.CancelledError:
+            self._cancel(ticket, job)
+            raise
+
+    @staticmethod
+    def _cancel(ticket: Ticket, job: concurrent.futures.Future) -> None:
+        ticket.cancel()
+        if job.cancel():  # never started: its thread will not report arriving
+            ticket.arrive()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -538,6 +576,7 @@ class ModelManager:
         for entry in list(self.entries.values()):
             self._drop(entry)
         self.entries.clear()
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _mib(n: int) -> str:

@@ -98,6 +98,8 @@ class LoadedModel:
     default_pooling: str | None = None
     # Whether ``SequenceOutput.pooled`` comes out unit-length (the model's own pipeline ends in Normalize).
     pooled_normalized: bool = False
+    # The loader honours ``Batch.row_generation``: the kernel may then batch generations whose parameters differ.
+    row_params: bool = False
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -168,7 +170,9 @@ class GenerationParams:
 class Batch:
     """Inputs for one forward pass or one generation: texts, already-tokenized ids, or both.
 
-    ``generation`` is None for a plain forward pass (/extract, /embed). ``truncate``: cut a row longer than the
+    ``generation`` is None for a plain forward pass (/extract, /embed). ``row_generation``: one GenerationParams per
+    row when the rows of a generation differ (requests merged by the kernel; only for a model whose loader sets
+    ``LoadedModel.row_params``), else None and every row uses ``generation``. ``truncate``: cut a row longer than the
     model's limit (``LoadedModel.max_context``) to it and mark it ``SequenceOutput.truncated``, instead of the
     InvalidField a too-long row otherwise is (the embedding endpoints' ``truncate`` field).
     """
@@ -181,6 +185,12 @@ class Batch:
     # holds "states" ({key: tensor [1, H]}, with Capture.stream_states) and "logprob" (with Capture.top_logprobs).
     on_token: Any = None
     truncate: bool = False
+    row_generation: tuple[GenerationParams, ...] | None = None
+
+    def params(self, row: int) -> GenerationParams:
+        """Row ``row``'s generation parameters (a generation only)."""
+        assert self.generation is not None
+        return self.row_generation[row] if self.row_generation is not None else self.generation
 
 
 @attrs.define

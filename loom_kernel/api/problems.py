@@ -43,11 +43,13 @@ def request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
 
-def problem(request: Request, status: int, title: str, detail: str, **extra: Any) -> Response:
+def problem(
+    request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     body["request_id"] = request_id(request)
     body["instance"] = request.url.path
-    return Response(content=body, status_code=status, media_type=MEDIA_TYPE)
+    return Response(content=body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
 def on_loom_error(request: Request, exc: LoomError) -> Response:
@@ -59,6 +61,7 @@ def on_loom_error(request: Request, exc: LoomError) -> Response:
         exc.status,
         body.pop("title"),
         body.pop("detail"),
+        exc.headers() or None,
         **{k: v for k, v in body.items() if k not in ("type", "status")},
     )
 

@@ -77,13 +77,13 @@ def _logprob_entry(logits: Any, token: int, k: int) -> dict[str, Any]:
 
 
 class Generation:
-    """One batched generation; ``run()`` returns a SequenceOutput per prompt, in order."""
+    """One batched generation (one GenerationParams per prompt); ``run()`` returns a SequenceOutput per prompt."""
 
     def __init__(
         self,
         model: LoadedModel,
         prompts: Sequence[list[int]],
-        params: GenerationParams,
+        params: Sequence[GenerationParams],
         budgets: Sequence[int],
         capture: Capture,
         on_token: Any,
@@ -92,8 +92,8 @@ class Generation:
         self.tok = model.tokenizer
         self.stop_ids = eos_ids(model)
         self.rows = [
-            Row(slot=i, prompt=list(p), params=params, budget=b, generator=_generator(params.seed))
-            for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))
+            Row(slot=i, prompt=list(p), params=rp, budget=b, generator=_generator(rp.seed))
+            for i, (p, rp, b) in enumerate(zip(prompts, params, budgets, strict=True))
         ]
         for row in self.rows:
             if row.budget <= 0:  # nothing may be generated: max_tokens 0, or the prompt fills the context

@@ -110,6 +110,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         size_bytes=size,
         load_seconds=time.perf_counter() - start,
         max_context=max_context(model.config),
+        row_params=causal,
     )
     log.info(
         "transformers loaded %s (%s, %s, %d layers) from %s: %.1f MiB on %s as %s in %.2f s",

@@ -40,8 +40,9 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
         _blocks(model)
     with torch.inference_mode():
         if params is not None:
-            budgets = [_budget(model, len(ids), params) for ids in inputs]
-            rows = Generation(model, inputs, params, budgets, capture, batch.on_token).run()
+            row_params = [batch.params(i) for i in range(len(inputs))]
+            budgets = [_budget(model, len(ids), p) for ids, p in zip(inputs, row_params, strict=True)]
+            rows = Generation(model, inputs, row_params, budgets, capture, batch.on_token).run()
         elif capture.attention_layers:
             with eager_attention(model.model):
                 rows = forward_many(model, inputs, capture)

@@ -1,0 +1,406 @@
+"""Dynamic batching: the forward passes and generations of concurrent requests for one model, run as one call.
+
+A request's own work (checking, tokenizing a chat, pooling, encoding the response) runs on a request thread; only its
+``forward_with_states`` call goes to the model's thread (``ModelThread``). That thread takes the first waiting call
+and every compatible call queued behind it (up to ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens),
+merges them into one Batch and one Capture, runs the hook once, and hands each call its own rows restricted to
+what it asked for. Each call gets what it would have alone: rows are padded so that padding changes nothing
+(the loader's contract), every generated row keeps its own parameters and generator, and the merged capture is
+a superset (the union of layers; every position when the specs differ) that is cut back per call.
+
+Compatible: same model, both plain passes or both generations, texts or token ids alike, the same
+``add_special_tokens`` and ``truncate``, and the same ``attention`` (attention weights switch the model to eager
+attention). Generations with different parameters merge only when the loader honours ``Batch.row_generation``
+(``LoadedModel.row_params``).
+
+Failures stay with their request: a row the plugin refuses (InvalidField naming its ``row``) fails its own call
+and the rest run again without it; any other error in a merged call reruns each call alone. A call whose request
+was cancelled (client gone, timeout) is dropped while queued, and its generated rows stop at their next token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import pluggy
+
+from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
+from loom_kernel.types import Batch, Capture, ForwardOutput, LayerSel, LoadedModel, SequenceOutput
+
+log = logging.getLogger("loom.batching")
+T = TypeVar("T")
+
+
+class Cancelled(LoomError):
+    """The request went away before its call ran (never sent: nobody is listening)."""
+
+    status = 499
+    title = "Client closed request"
+
+
+@attrs.define(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 32  # rows per merged call
+    max_batch_tokens: int = 16384  # rows x longest row (prompt + max_tokens for a generation)
+    window_s: float = 0.005  # how long to wait for more calls while requests are known to be on their way
+
+
+@attrs.define(eq=False)
+class Ticket:
+    """One request on its way through a model: cancelled when its client leaves or its time runs out."""
+
+    thread: ModelThread
+    cancelled: threading.Event = attrs.field(factory=threading.Event)
+    arrived: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def arrive(self) -> None:
+        """The request reached the model's queue (or finished without needing it)."""
+        if not self.arrived:
+            self.arrived = True
+            self.thread.arriving_done()
+
+
+_local = threading.local()
+
+
+def run_with_ticket(ticket: Ticket, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on this (request) thread with its forward calls routed through ``ticket``'s model thread."""
+    _local.ticket = ticket
+    try:
+        return fn()
+    finally:
+        _local.ticket = None
+        ticket.arrive()
+
+
+def current_ticket() -> Ticket | None:
+    return getattr(_local, "ticket", None)
+
+
+@attrs.define(eq=False)
+class Call:
+    """One request's forward_with_states call, waiting for the model thread."""
+
+    pm: pluggy.PluginManager
+    model: LoadedModel
+    batch: Batch
+    capture: Capture
+    ticket: Ticket
+    future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
+    _width: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.batch.token_ids) if self.batch.token_ids is not None else len(self.batch.texts)
+
+    def key(self) -> tuple[Any, ...]:
+        b, params = self.batch, self.batch.generation
+        same_params = params is None or self.model.row_params
+        return (
+            id(self.model),
+            params is None,
+            b.token_ids is None,
+            b.add_special_tokens,
+            b.truncate,
+            self.capture.attention,
+            None if same_params else params,
+        )
+
+    def width(self) -> int:
+        """The longest row in tokens (plus what it may generate): the padded length it brings to a batch."""
+        if self._width is None:
+            b = self.batch
+            if b.token_ids is not None:
+                lengths = [len(ids) for ids in b.token_ids]
+            else:
+                lengths = _token_lengths(self.model, b)
+            width = max(lengths, default=0)
+            if self.model.max_context and b.truncate:
+                width = min(width, self.model.max_context)
+            self._width = width + (b.generation.max_tokens if b.generation is not None else 0)
+        return self._width
+
+
+def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
+    try:
+        ids = model.tokenizer(list(batch.texts), add_special_tokens=batch.add_special_tokens)["input_ids"]
+        return [len(row) for row in ids]
+    except Exception:  # a tokenizer of another shape: characters bound the tokens of any subword vocabulary
+        return [len(text) + 2 for text in batch.texts]
+
+
+class ModelThread:
+    """The one thread that runs a model's torch work: loads, releases and (merged) forward calls, in order."""
+
+    def __init__(self, name: str, limits: BatchLimits | None = None) -> None:
+        self.limits = limits or BatchLimits()
+        self._cv = threading.Condition()
+        self._items: deque[Call | tuple[Callable[[], Any], concurrent.futures.Future] | None] = deque()
+        self._stopped = False
+        self._arriving = 0  # admitted requests that have not reached the queue yet
+        self._last_calls = 1  # calls in the last merged batch: >1 means requests come concurrently
+        self.seconds_per_call = 0.0  # moving average, for Retry-After
+        self.batches = 0
+        self.merged_calls = 0
+        self._thread = threading.Thread(target=self._run, name=f"loom-model:{name}", daemon=True)
+        self._thread.start()
+
+    # -- submitting --------------------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the model thread after what is queued (loads and releases)."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._cv:
+            self._items.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def ticket(self) -> Ticket:
+        with self._cv:
+            self._arriving += 1
+        return Ticket(self)
+
+    def arriving_done(self) -> None:
+        with self._cv:
+            self._arriving -= 1
+            self._cv.notify()
+
+    def forward(self, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+        """One request's call, from its request thread: queued, maybe merged, and waited for."""
+        ticket = current_ticket()
+        if ticket is None or ticket.thread is not self:
+            ticket = Ticket(self, arrived=True)
+        call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket)
+        with self._cv:
+            if self._stopped:
+                raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
+            self._items.append(call)
+            self._cv.notify()
+        ticket.arrive()
+        return call.future.result()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._items.append(None)
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        with self._cv:
+            return sum(isinstance(item, Call) for item in self._items)
+
+    # -- the thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._items:
+                    self._cv.wait()
+                item = self._items.popleft()
+            if item is None:
+                break
+            if isinstance(item, Call):
+                group = self._gather(item)
+                start = time.perf_counter()
+                self._execute(group)
+                self._record(len(group), time.perf_counter() - start)
+                continue
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to whoever waits on it
+                    fut.set_exception(exc)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        with self._cv:
+            items, self._items = list(self._items), deque()
+        for item in items:
+            if isinstance(item, Call):
+                item.future.set_exception(ModelNotFound("model: the model was unloaded", field="model"))
+
+    def _record(self, calls: int, seconds: float) -> None:
+        self._last_calls = calls
+        self.batches += 1
+        self.merged_calls += calls
+        self.seconds_per_call = seconds if not self.seconds_per_call else 0.8 * self.seconds_per_call + 0.2 * seconds
+
+    def _gather(self, first: Call) -> list[Call]:
+        """``first`` and the compatible calls queued behind it, waiting up to the window while more may come."""
+        limits = self.limits
+        group, key = [first], first.key()
+        rows, width = first.rows, first.width()
+        deadline = time.monotonic() + limits.window_s
+        with self._cv:
+            while True:
+                for item in list(self._items):
+                    if item is None or not isinstance(item, Call) or item.key() != key:
+                        continue
+                    wide = max(width, item.width())
+                    if rows + item.rows > limits.max_batch_size or (rows + item.rows) * wide > limits.max_batch_tokens:
+                        continue
+                    self._items.remove(item)
+                    group.append(item)
+                    rows, width = rows + item.rows, wide
+                if rows >= limits.max_batch_size:
+                    break
+                # Wait only while more requests are known to be coming: a lone client never waits.
+                left = deadline - time.monotonic()
+                if left <= 0 or not (self._arriving > 0 or self._last_calls > 1):
+                    break
+                self._cv.wait(left)
+        return group
+
+    def _execute(self, calls: list[Call]) -> None:
+        live = []
+        for call in calls:
+            if call.ticket.cancelled.is_set():
+                call.future.set_exception(Cancelled("request: cancelled before it ran"))
+            else:
+                live.append(call)
+        while live:
+            merged_batch, merged_capture, starts = merge(live)
+            try:
+                out = call_forward(live[0].pm, live[0].model, merged_batch, merged_capture)
+            except InvalidField as exc:
+                row = exc.extra.get("row")
+                if len(live) == 1 or row is None:
+                    self._fail_alone(live, exc)
+                    return
+                i = max(j for j, s in enumerate(starts) if s <= row)
+                extra = {**exc.extra, "row": row - starts[i]}
+                own = InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra)
+                live.pop(i).future.set_exception(own)
+                continue
+            except BaseException as exc:
+                self._fail_alone(live, exc)
+                return
+            for call, start in zip(live, starts, strict=True):
+                rows = out.rows[start : start + call.rows]
+                if len(live) > 1:
+                    rows = [restrict(row, call.capture, merged_capture) for row in rows]
+                call.future.set_result(ForwardOutput(rows=rows, metadata=dict(out.metadata)))
+            return
+
+    def _fail_alone(self, live: list[Call], exc: BaseException) -> None:
+        """One call: its error. Several: each runs again alone, so only the one at fault fails."""
+        if len(live) == 1:
+            live[0].future.set_exception(exc)
+            return
+        log.info("a merged call of %d requests failed (%s); running each alone", len(live), exc)
+        for call in live:
+            self._execute([call])
+
+
+def call_forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+    """The forward_with_states hook, here on the model thread (or in-process, outside a server)."""
+    out = pm.hook.forward_with_states(model=model, batch=batch, capture=capture)
+    if out is None:
+        raise Unsupported(f"loader: no plugin runs forward passes for loader {model.loader!r}", field="loader")
+    return out
+
+
+# -- merging and splitting ---------------------------------------------------------------------------------
+
+
+def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
+    """One Batch and one Capture for ``calls`` (each call's first row number in it); a lone call as it is, with
+    only a cancellation check added to its generation."""
+    starts, at = [], 0
+    for call in calls:
+        starts.append(at)
+        at += call.rows
+    first = calls[0].batch
+    on_token = _merged_on_token(calls, starts) if first.generation is not None else first.on_token
+    if len(calls) == 1:
+        return attrs.evolve(first, on_token=on_token), calls[0].capture, starts
+    params = [c.batch.generation for c in calls for _ in range(c.rows)]
+    texts = first.token_ids is None
+    batch = attrs.evolve(
+        first,
+        texts=tuple(t for c in calls for t in c.batch.texts) if texts else (),
+        token_ids=None if texts else tuple(ids for c in calls for ids in c.batch.token_ids or ()),
+        row_generation=None if first.generation is None or len(set(params)) == 1 else tuple(params),
+        on_token=on_token,
+    )
+    return batch, merge_captures([c.capture for c in calls]), starts
+
+
+def merge_captures(captures: list[Capture]) -> Capture:
+    """A capture that holds every one of ``captures``: the union of their layers (keyed by index), every position
+    when their positions differ, the most alternatives any asks for."""
+    if all(c == captures[0] for c in captures):
+        return captures[0]
+    indices = sorted({sel.index for c in captures if c.wanted for sel in c.layers})
+    positions = captures[0].positions
+    if any(c.positions != positions for c in captures if c.wanted):
+        positions = "all"
+    tops = [c.top_logprobs for c in captures if c.top_logprobs is not None]
+    return Capture(
+        layers=tuple(LayerSel(key=str(i), index=i) for i in indices),
+        positions=positions,
+        states=any(c.wants_states for c in captures),
+        attention=any(c.attention for c in captures),
+        top_logprobs=max(tops) if tops else None,
+        logits=any(c.logits for c in captures),
+        stream_states=any(c.stream_states for c in captures),
+    )
+
+
+def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> SequenceOutput:
+    """``row`` of a merged call cut back to what ``capture`` asked for."""
+    if capture == merged:
+        return row
+    keys = {sel.index: sel.key for sel in merged.layers}
+    return attrs.evolve(
+        row,
+        states={s.key: row.states[keys[s.index]] for s in capture.layers} if capture.wants_states else {},
+        attentions={s.key: row.attentions[keys[s.index]] for s in capture.attention_layers},
+        logprobs=[_top(e, capture.top_logprobs) for e in row.logprobs] if capture.top_logprobs is not None else [],
+        logits=row.logits if capture.logits else None,
+    )
+
+
+def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:
+    return {**entry, "top": entry["top"][:k]}
+
+
+def _merged_on_token(calls: list[Call], starts: list[int]) -> Callable[..., bool]:
+    """Route each row's tokens to its own call's ``on_token`` (row renumbered, extras cut to what it asked for);
+    a row whose request was cancelled stops."""
+    owner = [(call, row) for call in calls for row in range(call.rows)]
+    merged = merge_captures([c.capture for c in calls]) if len(calls) > 1 else calls[0].capture
+
+    def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
+        call, local = owner[row]
+        if call.ticket.cancelled.is_set():
+            return False
+        if call.batch.on_token is None:
+            return True
+        return call.batch.on_token(local, token, piece, _extras(extras or {}, call.capture, merged)) is not False
+
+    return on_token
+
+
+def _extras(extras: dict[str, Any], capture: Capture, merged: Capture) -> dict[str, Any]:
+    if capture == merged:
+        return extras
+    out: dict[str, Any] = {}
+    if capture.stream_states and "states" in extras:
+        keys = {sel.index: sel.key for sel in merged.layers}
+        out["states"] = {s.key: extras["states"][keys[s.index]] for s in capture.layers}
+    if capture.top_logprobs is not None and "logprob" in extras:
+        out["logprob"] = _top(extras["logprob"], capture.top_logprobs)
+    return out

@@ -1,0 +1,360 @@
+"""Dynamic batching: concurrent requests merged into one call give each what it gets alone.
+
+The model's thread is held by a gate while the requests queue up, so that they are merged for certain; each result
+is then compared with the same request run alone (states within 1e-5 in float32, tokens identical), and the
+merge itself is checked from the calls the loader plugin received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from test_models import app_with, concurrent_client
+
+from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
+from loom_kernel.plugins import create_plugin_manager
+
+
+class Calls:
+    """Records every forward_with_states call the loader receives: (rows, generation?, its output)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, ForwardOutput | None]] = []
+
+    @hookimpl(wrapper=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> Any:
+        out = yield
+        rows = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
+        self.seen.append((rows, batch.generation is not None, out))
+        return out
+
+
+class Boom:
+    """A plugin that fails every call holding a text with "boom" in it (as a bug in a loader would)."""
+
+    @hookimpl(tryfirst=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
+        if any("boom" in t for t in batch.texts):
+            raise RuntimeError("boom")
+        return None
+
+
+def arrays(body: dict[str, Any], group: str) -> dict[str, np.ndarray]:
+    out = {}
+    for key, entry in (body.get(group) or {}).items():
+        if entry.get("encoding") == "base64":
+            out[key] = np.frombuffer(base64.b64decode(entry["data"]), dtype="<f4").reshape(entry["shape"])
+        else:
+            out[key] = np.asarray(entry["data"], dtype=np.float32)
+    return out
+
+
+def assert_same(batched: dict[str, Any], alone: dict[str, Any]) -> None:
+    for field in ("token_ids", "text", "finish_reason", "positions", "layer_indices", "tokens"):
+        assert batched.get(field) == alone.get(field), field
+    for group in ("hidden_states", "sequence_hidden_states", "attentions"):
+        a, b = arrays(batched, group), arrays(alone, group)
+        assert a.keys() == b.keys(), group
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0, err_msg=f"{group}.{key}")
+    if "logprobs" in alone:
+        got, want = batched["logprobs"], alone["logprobs"]
+        assert [e["token_id"] for e in got] == [e["token_id"] for e in want]
+        assert [[t["token_id"] for t in e["top_logprobs"]] for e in got] == [
+            [t["token_id"] for t in e["top_logprobs"]] for e in want
+        ]
+        np.testing.assert_allclose([e["logprob"] for e in got], [e["logprob"] for e in want], atol=1e-5)
+    else:
+        assert "logprobs" not in batched
+
+
+class Gate:
+    """Holds a model's thread until opened, so that requests queue up behind it."""
+
+    def __init__(self, app: Any, model: str) -> None:
+        self.entry = app.state.manager.entries[model]
+        self.event = threading.Event()
+        self.entry.worker.submit(self.event.wait)
+
+    async def open_when_queued(self, n: int) -> None:
+        for _ in range(400):
+            if self.entry.worker.queued >= n:
+                break
+            await asyncio.sleep(0.01)
+        assert self.entry.worker.queued == n
+        self.event.set()
+
+
+PROMPTS = ["hello", "the cat sat on the mat and looked at the", "one two three four five six seven", "a b"]
+
+EXTRACTS = [
+    {"text": PROMPTS[0]},
+    {"text": PROMPTS[1], "hidden_state_layers": [0, 2], "positions": "all"},
+    {"text": PROMPTS[2], "hidden_state_layers": "all", "positions": [0, -1], "hidden_state_format": "base64"},
+    {"text": PROMPTS[3], "hidden_state_layers": [-1, 1], "return_full_sequence": True},
+]
+
+GENERATES = [
+    {"prompt": PROMPTS[0], "max_tokens": 7, "temperature": 0, "return_hidden_states": True},
+    {
+        "prompt": PROMPTS[1],
+        "max_tokens": 4,
+        "temperature": 0.9,
+        "seed": 7,
+        "hidden_state_layers": [1],
+        "positions": "all",
+    },
+    {"prompt": PROMPTS[2], "max_tokens": 5, "temperature": 1.2, "top_k": 5, "seed": 3, "top_logprobs": 3},
+    {"prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0.7, "top_p": 0.9, "seed": 11, "positions": "generated"},
+    {"prompt": PROMPTS[1], "max_tokens": 3, "temperature": 0, "logprobs": True},
+]
+
+
+@pytest.fixture
+async def served(tiny_models):
+    """A server with the tiny Llama loaded and a recorder of the loader's calls."""
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm)
+    model = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+        yield app, c, model, calls
+
+
+async def alone(c: Any, path: str, model: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for body in bodies:
+        r = await c.post(path, json={"model": model, **body})
+        assert r.status_code == 200, r.text
+        out.append(r.json())
+    return out
+
+
+async def together(app: Any, c: Any, model: str, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    gate = Gate(app, model)
+    tasks = [asyncio.ensure_future(c.post(path, json={"model": model, **body})) for path, body in requests]
+    await gate.open_when_queued(len(requests))
+    return await asyncio.gather(*tasks)
+
+
+async def test_mixed_extractions_merge_into_one_pass_and_match_alone(served):
+    app, c, model, calls = served
+    single = await alone(c, "/extract", model, EXTRACTS)
+    calls.seen.clear()
+    results = await together(app, c, model, [("/extract", body) for body in EXTRACTS])
+    assert [rows for rows, _, _ in calls.seen] == [len(EXTRACTS)]  # one padded pass for all four
+    for r, want in zip(results, single, strict=True):
+        assert r.status_code == 200, r.text
+        assert_same(r.json(), want)
+
+
+async def test_extraction_in_a_batch_matches_transformers(served):
+    """The merged pass against the library itself, not only against our own single path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    app, c, model, _ = served
+    results = await together(
+        app, c, model, [("/extract", {"text": t, "hidden_state_layers": "all", "positions": "all"}) for t in PROMPTS]
+    )
+    net = AutoModelForCausalLM.from_pretrained(model).eval()
+    tok = AutoTokenizer.from_pretrained(model)
+    for text, r in zip(PROMPTS, results, strict=True):
+        with torch.inference_mode():
+            ref = net(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+        got = arrays(r.json(), "sequence_hidden_states")
+        n = len(ref) - 1
+        for key, state in got.items():
+            np.testing.assert_allclose(state, ref[int(key) + n + 1][0].numpy(), atol=1e-5, rtol=0)
+
+
+async def test_mixed_generations_merge_and_give_identical_tokens(served):
+    app, c, model, calls = served
+    single = await alone(c, "/generate", model, GENERATES)
+    calls.seen.clear()
+    results = await together(app, c, model, [("/generate", body) for body in GENERATES])
+    assert [(rows, gen) for rows, gen, _ in calls.seen] == [(len(GENERATES), True)]
+    for r, want in zip(results, single, strict=True):
+        assert r.status_code == 200, r.text
+        assert_same(r.json(), want)
+
+
+async def test_generations_and_extractions_run_as_separate_calls(served):
+    app, c, model, calls = served
+    calls.seen.clear()
+    requests = [("/generate", GENERATES[0]), ("/extract", EXTRACTS[0]), ("/generate", GENERATES[2])]
+    results = await together(app, c, model, requests)
+    assert all(r.status_code == 200 for r in results)
+    assert sorted((rows, gen) for rows, gen, _ in calls.seen) == [(1, False), (2, True)]
+
+
+async def test_openai_and_embedding_endpoints_batch_too(served):
+    app, c, model, calls = served
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    completion = {"prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    embed = {"text": "the cat sat"}
+    single = [
+        (await c.post("/v1/chat/completions", json={"model": model, **chat})).json(),
+        (await c.post("/v1/completions", json={"model": model, **completion})).json(),
+        (await c.post("/embed", json={"model": model, **embed})).json(),
+    ]
+    calls.seen.clear()
+    requests = [
+        ("/v1/chat/completions", chat),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "tell me more"}]}),
+        ("/v1/completions", completion),
+        ("/v1/completions", {**completion, "prompt": "a b c d e f"}),
+        ("/embed", embed),
+        ("/embed", {"text": "another text to embed here"}),
+    ]
+    results = await together(app, c, model, requests)
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    # Chat sends token ids and completions texts: two generations, and one pass for the two embeddings.
+    assert sorted((rows, gen) for rows, gen, _ in calls.seen) == [(2, False), (2, True), (2, True)]
+    got = [results[0].json(), results[2].json(), results[4].json()]
+    assert got[0]["choices"][0]["message"] == single[0]["choices"][0]["message"]
+    assert got[1]["choices"][0]["text"] == single[1]["choices"][0]["text"]
+    np.testing.assert_allclose(got[2]["embedding"], single[2]["embedding"], atol=1e-5)
+
+
+async def test_a_refused_prompt_fails_alone(served):
+    """A prompt the model cannot take fails with its own 422; the calls merged with it run without it."""
+    app, c, model, calls = served
+    good = [GENERATES[0], GENERATES[2]]
+    single = await alone(c, "/generate", model, good)
+    too_long = {"prompt": "word " * 600, "max_tokens": 2}
+    calls.seen.clear()
+    results = await together(app, c, model, [("/generate", good[0]), ("/generate", too_long), ("/generate", good[1])])
+    assert [(rows, gen) for rows, gen, _ in calls.seen] == [(2, True)]  # refused while merged; the two ran on
+    assert results[1].status_code == 422 and results[1].json()["field"] == "prompt"
+    for r, want in zip([results[0], results[2]], single, strict=True):
+        assert r.status_code == 200
+        assert_same(r.json(), want)
+
+
+async def test_a_failing_request_fails_alone(tiny_models):
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(Boom(), name="boom")
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm)
+    model = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        single = await alone(c, "/extract", model, EXTRACTS[:2])
+        results = await together(
+            app, c, model, [("/extract", EXTRACTS[0]), ("/extract", {"text": "boom"}), ("/extract", EXTRACTS[1])]
+        )
+        assert results[1].status_code == 500 and "traceback" not in results[1].text.lower()
+        for r, want in zip([results[0], results[2]], single, strict=True):
+            assert r.status_code == 200
+            assert_same(r.json(), want)
+        assert (await c.post("/extract", json={"model": model, **EXTRACTS[0]})).status_code == 200
+
+
+async def test_queue_overflow_is_a_429_with_retry_after(tiny_models):
+    app = app_with(max_queue=2)
+    model = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+        gate = Gate(app, model)
+        first = [asyncio.ensure_future(c.post("/extract", json={"model": model, **b})) for b in EXTRACTS[:2]]
+        while gate.entry.in_flight < 2:
+            await asyncio.sleep(0.01)
+        over = await c.post("/extract", json={"model": model, **EXTRACTS[2]})
+        assert over.status_code == 429
+        assert int(over.headers["retry-after"]) >= 1
+        problem = over.json()
+        assert problem["field"] == "model" and problem["max_queue"] == 2
+        assert over.headers["content-type"].startswith("application/problem+json")
+        await gate.open_when_queued(2)
+        assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
+        # Room again: the next request is served.
+        assert (await c.post("/extract", json={"model": model, **EXTRACTS[2]})).status_code == 200
+
+
+async def test_a_cancelled_request_leaves_the_queue(served):
+    app, c, model, calls = served
+    (want,) = await alone(c, "/generate", model, [GENERATES[1]])
+    calls.seen.clear()
+    gate = Gate(app, model)
+    leaving = asyncio.ensure_future(c.post("/generate", json={"model": model, **GENERATES[0]}))
+    staying = asyncio.ensure_future(c.post("/generate", json={"model": model, **GENERATES[1]}))
+    while gate.entry.worker.queued < 2:
+        await asyncio.sleep(0.01)
+    leaving.cancel()
+    await asyncio.sleep(0.05)
+    gate.event.set()
+    r = await staying
+    assert r.status_code == 200
+    assert_same(r.json(), want)
+    assert [(rows, gen) for rows, gen, _ in calls.seen] == [(1, True)]  # the cancelled one never ran
+    while gate.entry.in_flight:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_cancelled_request_stops_its_rows_mid_generation(served):
+    """Cancelled while its generation runs: its row stops at the next token, the other rows run to the end."""
+    app, c, model, calls = served
+    long = {"max_tokens": 40, "temperature": 0, "stop": []}
+    (want,) = await alone(c, "/generate", model, [{"prompt": PROMPTS[2], **long}])
+    entry = app.state.manager.entries[model]
+    started = threading.Event()
+
+    def slow(module: Any, args: Any) -> None:
+        started.set()
+        time.sleep(0.02)
+
+    handle = entry.loaded.model.register_forward_pre_hook(slow)
+    try:
+        calls.seen.clear()
+        gate = Gate(app, model)
+        leaving = asyncio.ensure_future(c.post("/generate", json={"model": model, "prompt": PROMPTS[0], **long}))
+        staying = asyncio.ensure_future(c.post("/generate", json={"model": model, "prompt": PROMPTS[2], **long}))
+        await gate.open_when_queued(2)
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        leaving.cancel()
+        r = await staying
+    finally:
+        handle.remove()
+    assert r.status_code == 200
+    assert_same(r.json(), want)
+    ((rows, _, out),) = calls.seen
+    assert rows == 2
+    cut, full = out.rows
+    assert cut.finish_reason == "stop" and len(cut.generated_ids) < 40
+    assert len(full.generated_ids) == len(want["token_ids"])
+
+
+async def test_request_timeout_is_a_504_and_the_server_goes_on(tiny_models):
+    app = app_with(request_timeout=0.2)
+    model = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+        gate = Gate(app, model)
+        r = await c.post("/extract", json={"model": model, "text": "hello"})
+        assert r.status_code == 504 and r.json()["field"] == "request_timeout"
+        gate.event.set()
+        assert (await c.post("/extract", json={"model": model, "text": "hello"})).status_code == 200
+
+
+async def test_max_batch_size_one_serves_one_request_at_a_time(tiny_models):
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm, max_batch_size=1)
+    model = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+        results = await together(app, c, model, [("/extract", body) for body in EXTRACTS])
+        assert all(r.status_code == 200 for r in results)
+        assert [rows for rows, _, _ in calls.seen] == [1, 1, 1, 1]
