@@ -13,46 +13,14 @@ either. Prints ratios; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # `python bench/embed.py` as well as `python -m bench.embed`
 
-WORDS = (
-    "the model reads each token and writes a hidden state at every layer while researchers compare how meaning "
-    "moves through attention heads residual streams and feed forward blocks from the embedding to the last layer"
-)
-
-
-def corpus(n: int, seed: int = 0) -> list[str]:
-    """``n`` sentences of 4 to 60 words: mixed lengths, as a real batch has."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS.split(), k=rng.randint(4, 60))).capitalize() + "." for _ in range(n)]
-
-
-def best_of(repeats: int, fn: Callable[[], object]) -> float:
-    """The fastest of ``repeats`` runs, in seconds (the least disturbed by the rest of the machine)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def latencies(n: int, fn: Callable[[], object]) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+from bench.common import best_of, corpus, latencies, serve  # noqa: E402
 
 
 def main() -> None:
@@ -66,7 +34,6 @@ def main() -> None:
     import httpx
     import torch
     from sentence_transformers import SentenceTransformer
-    from serverutil import loom_server, wait_for
 
     from loom_kernel.resolve import embedded_path
 
@@ -75,36 +42,34 @@ def main() -> None:
     one = texts[1]
 
     st = SentenceTransformer(str(embedded_path("minilm")), device="cpu")
-    with tempfile.TemporaryDirectory() as home, loom_server(["--preload", "minilm"], Path(home)) as (base, log, proc):
-        wait_for(r"loaded minilm", log, proc, timeout=180)
-        with httpx.Client(base_url=base, timeout=300) as client:
+    with serve(["minilm"]) as base, httpx.Client(base_url=base, timeout=300) as client:
 
-            def post(path: str, **body: object) -> None:
-                r = client.post(path, json={"model": "minilm", **body})
-                r.raise_for_status()
+        def post(path: str, **body: object) -> None:
+            r = client.post(path, json={"model": "minilm", **body})
+            r.raise_for_status()
 
-            def encode_all() -> None:
-                for b in batches:
-                    st.encode(b, batch_size=args.batch)
+        def encode_all() -> None:
+            for b in batches:
+                st.encode(b, batch_size=args.batch)
 
-            def post_all() -> None:
-                for b in batches:
-                    post("/embed/batch", texts=b)
+        def post_all() -> None:
+            for b in batches:
+                post("/embed/batch", texts=b)
 
-            for _ in range(3):  # warm-up, both sides
-                st.encode(batches[0], batch_size=args.batch)
-                post("/embed/batch", texts=batches[0])
-                st.encode(one)
-                post("/embed", text=one)
-            # Interleaved, so that a busy moment on a shared machine slows both sides rather than one.
-            ref_runs, loom_runs = [], []
-            for _ in range(args.repeats):
-                ref_runs.append(best_of(1, encode_all))
-                loom_runs.append(best_of(1, post_all))
-            ref_lat, loom_lat = [], []
-            for _ in range(max(1, args.single // 10)):
-                ref_lat += latencies(10, lambda: st.encode(one))
-                loom_lat += latencies(10, lambda: post("/embed", text=one))
+        for _ in range(3):  # warm-up, both sides
+            st.encode(batches[0], batch_size=args.batch)
+            post("/embed/batch", texts=batches[0])
+            st.encode(one)
+            post("/embed", text=one)
+        # Interleaved, so that a busy moment on a shared machine slows both sides rather than one.
+        ref_runs, loom_runs = [], []
+        for _ in range(args.repeats):
+            ref_runs.append(best_of(1, encode_all))
+            loom_runs.append(best_of(1, post_all))
+        ref_lat, loom_lat = [], []
+        for _ in range(max(1, args.single // 10)):
+            ref_lat += latencies(10, lambda: st.encode(one))
+            loom_lat += latencies(10, lambda: post("/embed", text=one))
     ref_s, loom_s = min(ref_runs), min(loom_runs)
 
     ref_tput, loom_tput = len(texts) / ref_s, len(texts) / loom_s

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # `python bench/generate.py` as well as `python -m bench.generate`
+
+from bench.common import build, serve  # noqa: E402
 
 PROMPT = "The meaning of life is a question people have asked for a very long time, and"
 
@@ -65,23 +67,6 @@ with torch.inference_mode():
 done.set()
 print(max(peak[0], rss()) - before)
 """
-
-
-def build(root: Path) -> Path:
-    from loom_kernel.testing import build_tiny_model
-
-    # EOS never wins in this seed's greedy run, so every measurement generates the full token count.
-    return build_tiny_model(
-        "gpt2",
-        root,
-        name="gpt2-small-sized",
-        n_embd=768,
-        n_layer=12,
-        n_head=12,
-        n_positions=1024,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
 
 
 def reference_seconds(path: Path, tokens: int, repeats: int) -> list[float]:
@@ -164,8 +149,6 @@ def main() -> None:
     # Long enough that the states transformers keeps (13 layers x tokens x 768 floats) stand out of allocator noise.
     parser.add_argument("--memory-tokens", type=int, default=768)
     args = parser.parse_args()
-    from serverutil import loom_server
-
     with tempfile.TemporaryDirectory() as tmp:
         path = build(Path(tmp))
         ref = statistics.median(reference_seconds(path, args.tokens, args.repeats))
@@ -180,7 +163,7 @@ def main() -> None:
             },
         }
         rows = [("transformers generate (reference, in-process)", ref, 1.0)]
-        with loom_server(["--preload", str(path)], Path(tmp)) as (base, _, _):
+        with serve([str(path)]) as base:
             for name, extra in cases.items():
                 t = statistics.median(loom_seconds(base, {**common, **extra}, args.repeats))
                 rows.append((f"The Loom /generate over HTTP, {name}", t, t / ref))

@@ -1,0 +1,401 @@
+"""The Loom's performance targets, every one measured in one run on this machine.
+
+    python -m bench [--quick] [--only embed,health,generate,extract] [--json PATH]
+
+Starts real ``loom serve`` processes on free loopback ports: one with the defaults ("batched") and, for the
+throughput rows, one started with ``LOOM_MAX_BATCH_SIZE=1`` ("one at a time": the server runs one request's work
+at a time). Both preload the models they serve. Prints one table (case | measured | baseline | ratio | target |
+pass?) and, with ``--json PATH``, writes its rows there too. Nothing is asserted: the command exits 0 whatever the
+ratios are (it fails only if a server or a request does).
+
+Rows (benchmark name for ``--only`` in brackets):
+
+- ``embed: 16 clients, batched vs 1-at-a-time`` [embed]: the real all-MiniLM-L6-v2 (``--preload minilm``). 16 client
+  threads, each on its own keep-alive connection, send single texts of 3-8 words as ``POST /embed``, one request
+  after another, a fixed number of requests in all. Measured: texts/s of the batched server; baseline: the same
+  clients against the one-at-a-time server. Target >= 3.
+- ``embed: 16 clients vs encode(batch 32)`` [embed]: the same batched throughput against in-process
+  ``SentenceTransformer.encode`` of the same texts at ``batch_size=32``. Target >= 0.7.
+- ``health: median under embed load`` and ``health: p95 ...`` [health]: while 16 clients send ``/embed`` in a loop to
+  the batched server, another process calls ``GET /health`` 50 times, 20 ms apart. Measured: median latency;
+  baseline: the 50 ms budget; ratio median / 50 ms. Target < 1. The p95 row gives the 95th percentile, with no
+  target.
+- ``generate: 8 clients, batched vs 1-at-a-time`` [generate]: a GPT-2-small-sized model (12 layers x 768, built
+  offline). 8 client threads send ``POST /generate`` with prompts of about 16 tokens, 32 new tokens, greedy, with the
+  last layer's hidden states (``return_hidden_states: true``, default layers). Measured: generated tokens/s of the
+  batched server; baseline: the one-at-a-time server. Target >= 3.
+- ``generate: identical tokens to alone`` [generate]: whether every answer of the batched server under that load has
+  the ``token_ids`` that the same prompt gets from one ``/generate`` with nobody else. Target: yes.
+- ``extract: all layers x all positions, safetensors vs forward`` [extract]: one ``POST /extract`` of a 128-token
+  text with every hidden state (``hidden_state_layers`` 0..12, ``positions: "all"``) on the batched server, end to
+  end: the client sends, receives and decodes the body (``safetensors.torch.load``). Baseline: in the bench process,
+  the model loaded by ``AutoModelForCausalLM.from_pretrained`` from the same directory and run as ``model(**inputs,
+  output_hidden_states=True)`` under ``torch.inference_mode``. Median of runs each. Target <= 1.2.
+- ``extract: ..., list (JSON) vs forward`` and ``..., base64 vs forward``: the same extraction in the other two wire
+  formats, decoded to tensors by the client (``torch.tensor`` of the lists; ``base64`` decoded and
+  ``numpy.frombuffer``). No target.
+
+Runs alternate (batched, one at a time, in-process; forward and the three formats) so that a busy moment of a
+shared machine slows every side rather than one. Throughputs are the best of the runs, times the median. Neither
+the server nor this process sets torch's thread count: both use torch's default (the machine's cores), printed
+above the table with the machine's load average before and after (other work on the machine skews every ratio;
+the table says so when the load exceeded the CPU count). Under the table, one line a benchmark tells its sizes.
+``--quick`` sends fewer requests and repeats less: about 2 minutes against about 5, noisier ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import WORDS, background_load, best_of, build, corpus, percentile, probe_health, run_clients, serve
+
+BENCHMARKS = ("embed", "health", "generate", "extract")
+ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
+HEALTH_BUDGET_MS = 50.0
+
+
+Row = dict[str, Any]  # case, measured, baseline, unit, ratio, target (text), passed (True, False, None), note
+
+
+def row(
+    case: str,
+    measured: float | str,
+    baseline: float | str | None,
+    unit: str,
+    target: str | None = None,
+    check: Callable[[Any], bool] | None = None,
+    note: str | None = None,
+) -> Row:
+    """A row; ``check`` takes the ratio (the measured value where there is no ratio) and says whether it passes."""
+    ratio = measured / baseline if isinstance(measured, float) and isinstance(baseline, float) else None
+    passed = None
+    if check is not None:
+        passed = check(ratio if ratio is not None else measured)
+    return dict(
+        case=case, measured=measured, baseline=baseline, unit=unit, ratio=ratio, target=target, passed=passed, note=note
+    )
+
+
+# -- embeddings --------------------------------------------------------------------------------------------------
+
+
+def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
+    from sentence_transformers import SentenceTransformer
+
+    from loom_kernel.resolve import embedded_path
+
+    clients, requests, repeats = 16, 128 if quick else 512, 2 if quick else 3
+    texts = corpus(requests, seed=1, words=(3, 8))
+    bodies = [{"model": "minilm", "text": t} for t in texts]
+    st = SentenceTransformer(str(embedded_path("minilm")), device="cpu")
+    for base in (batched, single):  # warm-up: first requests, thread pools, allocator
+        run_clients(base, "/embed", bodies[: 2 * clients], clients)
+    st.encode(texts[:64], batch_size=32)
+    served, one_by_one, encoded, client_cpu = [], [], [], 0.0
+    for _ in range(repeats):
+        cpu = time.process_time()
+        served.append(run_clients(batched, "/embed", bodies, clients)[0])
+        client_cpu += time.process_time() - cpu
+        one_by_one.append(run_clients(single, "/embed", bodies, clients)[0])
+        encoded.append(best_of(1, lambda: st.encode(texts, batch_size=32)))
+    tput = requests / min(served)
+    note = (
+        f"{requests} POST /embed of one text of 3-8 words per run, best of {repeats} runs each; the client threads "
+        f"used {client_cpu / sum(served):.2f} CPU cores of the machine's while the batched server ran"
+    )
+    return [
+        row(
+            f"embed: {clients} clients, batched vs 1-at-a-time",
+            tput,
+            requests / min(one_by_one),
+            "texts/s",
+            ">= 3",
+            lambda r: r >= 3,
+            note,
+        ),
+        row(
+            f"embed: {clients} clients vs encode(batch 32)",
+            tput,
+            requests / min(encoded),
+            "texts/s",
+            ">= 0.7",
+            lambda r: r >= 0.7,
+        ),
+    ]
+
+
+def bench_health(batched: str) -> list[Row]:
+    clients, calls = 16, 50
+    bodies = [{"model": "minilm", "text": t} for t in corpus(256, seed=2, words=(3, 8))]
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        pool.submit(time.sleep, 0).result()  # the prober's process is up before the load starts
+        with background_load(batched, "/embed", bodies, clients) as done:
+            time.sleep(1.0)  # the load is on
+            before, t0 = sum(done), time.perf_counter()
+            seconds = pool.submit(probe_health, batched, calls, 0.02).result()
+            rate = (sum(done) - before) / (time.perf_counter() - t0)
+    ms = [s * 1e3 for s in seconds]
+    note = (
+        f"{calls} GET /health 20 ms apart from a process of their own, while {clients} clients sent /embed "
+        f"({rate:.0f} texts/s meanwhile); baseline is the 50 ms budget"
+    )
+    return [
+        row(
+            "health: median under embed load",
+            statistics.median(ms),
+            HEALTH_BUDGET_MS,
+            "ms",
+            "< 1",
+            lambda r: r < 1,
+            note,
+        ),
+        row("health: p95 under embed load", percentile(ms, 95), None, "ms"),
+    ]
+
+
+# -- generation and extraction on the GPT-2-small-sized model ------------------------------------------------
+
+
+def prompts(tok: Any, n: int, tokens: int) -> list[str]:
+    """``n`` different prompts of about ``tokens`` tokens (words added until the count is reached)."""
+    out = []
+    for i in range(n):
+        words = WORDS.split()[i:] + WORDS.split()[:i]
+        text = words[0].capitalize()
+        for w in words[1:]:
+            if len(tok(text).input_ids) >= tokens:
+                break
+            text += " " + w
+        out.append(text)
+    return out
+
+
+def bench_generate(batched: str, single: str, model: str, quick: bool) -> list[Row]:
+    import httpx
+    from transformers import AutoTokenizer
+
+    clients, per_client, repeats, new = 8, 1 if quick else 2, 1 if quick else 3, 32
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = prompts(tok, clients, 16)
+    lengths = sorted(len(tok(t).input_ids) for t in texts)
+    common = {"model": model, "max_tokens": new, "temperature": 0, "return_hidden_states": True}
+    bodies = [{**common, "prompt": texts[i % clients]} for i in range(clients * per_client)]
+    with httpx.Client(base_url=batched, timeout=600) as c:  # each prompt alone; also the warm-up
+        alone = {t: c.post("/generate", json={**common, "prompt": t}).raise_for_status().json() for t in texts}
+    run_clients(single, "/generate", bodies[:clients], clients)  # warm-up
+    served, one_by_one, same = [], [], True
+    for _ in range(repeats):
+        seconds, answers = run_clients(batched, "/generate", bodies, clients)
+        served.append(seconds)
+        same = same and all(
+            a["token_ids"] == alone[b["prompt"]]["token_ids"] for a, b in zip(answers, bodies, strict=True)
+        )
+        one_by_one.append(run_clients(single, "/generate", bodies, clients)[0])
+    total = sum(alone[b["prompt"]]["token_count"] for b in bodies)
+    note = (
+        f"{len(bodies)} POST /generate per run ({clients} prompts of {lengths[0]}-{lengths[-1]} tokens), {new} new "
+        f"tokens each, greedy, last-layer states; best of {repeats} runs each"
+    )
+    return [
+        row(
+            f"generate: {clients} clients, batched vs 1-at-a-time",
+            total / min(served),
+            total / min(one_by_one),
+            "tok/s",
+            ">= 3",
+            lambda r: r >= 3,
+            note,
+        ),
+        row("generate: identical tokens to alone", "yes" if same else "no", None, "", "yes", lambda v: v == "yes"),
+    ]
+
+
+def decode(fmt: str, r: Any) -> dict[str, Any]:
+    """The tensors of an /extract answer in format ``fmt``, decoded as a client would."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load
+
+    if fmt == "safetensors":
+        return load(r.content)
+    body = r.json()
+    out = {}
+    for part in ("hidden_states", "sequence_hidden_states"):
+        for key, e in body[part].items():
+            if fmt == "base64":
+                data = np.frombuffer(bytearray(base64.b64decode(e["data"])), dtype="<f4").reshape(e["shape"])
+                out[f"{part}.{key}"] = torch.from_numpy(data)
+            else:
+                out[f"{part}.{key}"] = torch.tensor(e["data"])
+    return out
+
+
+def compare(got: dict[str, Any], reference: tuple[Any, ...], layers: list[int]) -> str | None:
+    """What is wrong with the decoded sequence states ``got`` against the forward pass's ``reference``, if anything."""
+    for i in layers:
+        mine, theirs = got.get(f"sequence_hidden_states.{i}"), reference[i][0]
+        if mine is None or mine.shape != theirs.shape:
+            return f"layer {i}: shape {None if mine is None else tuple(mine.shape)}, forward pass {tuple(theirs.shape)}"
+        if (worst := float((mine - theirs).abs().max())) > 1e-3:
+            return f"layer {i} differs from the forward pass by up to {worst:.2g}"
+    return None
+
+
+def bench_extract(batched: str, model_dir: str, quick: bool) -> list[Row]:
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    repeats = 3 if quick else 9
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = tok.decode(tok(" ".join(corpus(40, seed=3))).input_ids[:128])
+    inputs = tok(text, return_tensors="pt")
+    n_tokens = inputs["input_ids"].shape[1]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    layers = list(range(hf.config.n_layer + 1))
+    body = {"model": model_dir, "text": text, "hidden_state_layers": layers, "positions": "all"}
+    formats = ("safetensors", "list", "base64")
+
+    def forward() -> Any:
+        with torch.inference_mode():
+            return hf(**inputs, output_hidden_states=True)
+
+    with httpx.Client(base_url=batched, timeout=600) as c:
+
+        def extract(fmt: str) -> dict[str, Any]:
+            return decode(fmt, c.post("/extract", json={**body, "hidden_state_format": fmt}).raise_for_status())
+
+        reference = forward().hidden_states
+        for fmt in formats:  # warm-up, and a check that every format carries the forward pass's states
+            got = extract(fmt)
+            if problem := compare(got, reference, layers):
+                print(f"warning: /extract ({fmt}): {problem}", file=sys.stderr, flush=True)
+        times: dict[str, list[float]] = {f: [] for f in ("forward", *formats)}
+        for _ in range(repeats):
+            times["forward"].append(best_of(1, forward))
+            for fmt in formats:
+                times[fmt].append(best_of(1, lambda fmt=fmt: extract(fmt)))
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ms["list (JSON)"] = ms.pop("list")
+    note = (
+        f"POST /extract of {n_tokens} tokens, layers 0-{layers[-1]}, every position, float32, sent, received and "
+        f"decoded to tensors; against model(**inputs, output_hidden_states=True) in-process; median of {repeats}"
+    )
+    name = "extract: all layers x all positions"
+    out = [
+        row(
+            f"{name}, safetensors vs forward",
+            ms["safetensors"],
+            ms["forward"],
+            "ms",
+            "<= 1.2",
+            lambda r: r <= 1.2,
+            note,
+        ),
+    ]
+    out += [row(f"{name}, {fmt} vs forward", ms[fmt], ms["forward"], "ms") for fmt in ("list (JSON)", "base64")]
+    return out
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+
+
+def cell(value: float | str | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.1f} {unit}".strip() if unit else f"{value:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("case", "measured", "baseline", "ratio", "target", "pass?")
+    lines = [
+        (
+            r["case"],
+            cell(r["measured"], r["unit"]),
+            cell(r["baseline"], r["unit"]),
+            cell(r["ratio"]),
+            r["target"] or "-",
+            {True: "yes", False: "NO", None: "-"}[r["passed"]],
+        )
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    fmt = " | ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    notes = [f"- {r['case'].split(':')[0]}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(
+        [fmt.format(*head), "-+-".join("-" * w for w in widths), *(fmt.format(*x) for x in lines), "", *notes]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {','.join(BENCHMARKS)}")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table's rows as JSON here")
+    args = parser.parse_args()
+    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    if unknown := sorted(set(chosen) - set(BENCHMARKS)):
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+
+    import torch
+
+    started = time.perf_counter()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        gpt = str(build(Path(tmp))) if {"generate", "extract"} & set(chosen) else None
+        models = (["minilm"] if {"embed", "health"} & set(chosen) else []) + ([gpt] if gpt else [])
+        batched = stack.enter_context(serve(models))
+        baseline_models = (["minilm"] if "embed" in chosen else []) + ([gpt] if "generate" in chosen else [])
+        single = stack.enter_context(serve(baseline_models, **ONE_AT_A_TIME)) if baseline_models else None
+        load_before = os.getloadavg()[0]
+        run = "quick" if args.quick else "full"
+        print(
+            f"servers up after {time.perf_counter() - started:.0f} s; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {run} run",
+            flush=True,
+        )
+        for name in BENCHMARKS:
+            if name not in chosen:
+                continue
+            t0 = time.perf_counter()
+            if name == "embed":
+                rows += bench_embed(batched, single, args.quick)
+            elif name == "health":
+                rows += bench_health(batched)
+            elif name == "generate":
+                rows += bench_generate(batched, single, gpt, args.quick)
+            else:
+                rows += bench_extract(batched, gpt, args.quick)
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    total = time.perf_counter() - started
+    load = (load_before, os.getloadavg()[0])
+    print()
+    print(table(rows))
+    print(f"total {total:.0f} s; 1-minute load average {load[0]:.1f} before the benchmarks, {load[1]:.1f} after")
+    if max(load) > (os.cpu_count() or 1):
+        print("the machine was busy with other work (load average above its CPU count): ratios are unreliable")
+    if args.json:
+        summary = {"quick": args.quick, "seconds": round(total, 1), "load_average": load, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

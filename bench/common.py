@@ -1,0 +1,174 @@
+"""What the benchmarks share: texts, timing, the offline GPT-2-small-sized model, servers and concurrent clients."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # serverutil: the tests' `loom serve` runner
+
+WORDS = (
+    "the model reads each token and writes a hidden state at every layer while researchers compare how meaning "
+    "moves through attention heads residual streams and feed forward blocks from the embedding to the last layer"
+)
+
+
+def corpus(n: int, seed: int = 0, words: tuple[int, int] = (4, 60)) -> list[str]:
+    """``n`` sentences of ``words`` (lowest, highest) words: mixed lengths, as a real batch has."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS.split(), k=rng.randint(*words))).capitalize() + "." for _ in range(n)]
+
+
+def best_of(repeats: int, fn: Callable[[], object]) -> float:
+    """The fastest of ``repeats`` runs, in seconds (the least disturbed by the rest of the machine)."""
+    return min(latencies(repeats, fn))
+
+
+def latencies(n: int, fn: Callable[[], object]) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``."""
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), interpolated between the nearest ranks."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(q) - 1))]
+
+
+def build(root: Path) -> Path:
+    """A GPT-2-small-sized model (12 layers, 768 wide, 512-token vocabulary) built offline under ``root``."""
+    from loom_kernel.testing import build_tiny_model
+
+    # EOS never wins in this seed's greedy run, so every measurement generates the full token count.
+    return build_tiny_model(
+        "gpt2",
+        root,
+        name="gpt2-small-sized",
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_positions=1024,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+
+
+@contextlib.contextmanager
+def serve(models: list[str], **env: str) -> Iterator[str]:
+    """A real ``loom serve`` on a free loopback port with ``models`` preloaded (and loaded); yields its base URL.
+
+    ``env`` adds environment variables (the server otherwise runs with defaults: no LOOM_* of the caller's).
+    """
+    from serverutil import loom_server, wait_for
+
+    args = [a for m in models for a in ("--preload", m)]
+    with tempfile.TemporaryDirectory() as home, loom_server(args, Path(home), **env) as (base, log, proc):
+        for m in models:
+            wait_for(rf"loaded {re.escape(m)}:", log, proc, timeout=300)
+        yield base
+
+
+def run_clients(base: str, path: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, list[dict[str, Any]]]:
+    """POST ``bodies`` to ``path`` from ``clients`` threads at once, each on its own keep-alive connection.
+
+    Client ``i`` sends bodies ``i``, ``i + clients``, ... one after another. Returns the seconds from the common
+    start to the last answer, and the JSON answers in the order of ``bodies``.
+    """
+    import httpx
+
+    answers: list[Any] = [None] * len(bodies)
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=base, timeout=600) as c:
+            c.get("/health").raise_for_status()  # the connection is open before the clock starts
+            start.wait()
+            try:
+                for j in range(i, len(bodies), clients):
+                    r = c.post(path, json=bodies[j])
+                    r.raise_for_status()
+                    answers[j] = r.json()
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return elapsed, answers
+
+
+@contextlib.contextmanager
+def background_load(base: str, path: str, bodies: list[dict[str, Any]], clients: int) -> Iterator[list[int]]:
+    """``clients`` threads POST ``bodies`` (round and round) to ``path`` until the block ends; yields the count of
+    answers so far (one counter a client), which the block may read to see that the load runs."""
+    import httpx
+
+    stop = threading.Event()
+    done = [0] * clients
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=base, timeout=600) as c:
+            j = i
+            while not stop.is_set():
+                try:
+                    c.post(path, json=bodies[j % len(bodies)]).raise_for_status()
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                done[i] += 1
+                j += clients
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield done
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+def probe_health(base: str, calls: int, interval: float) -> list[float]:
+    """Seconds of ``calls`` GET /health on one keep-alive connection, ``interval`` seconds apart.
+
+    Runs in a process of its own in the suite, so that the load's client threads do not delay it.
+    """
+    import httpx
+
+    out = []
+    with httpx.Client(base_url=base, timeout=60) as c:
+        c.get("/health").raise_for_status()
+        for _ in range(calls):
+            time.sleep(interval)
+            t0 = time.perf_counter()
+            c.get("/health").raise_for_status()
+            out.append(time.perf_counter() - t0)
+    return out
