@@ -7,11 +7,11 @@ Every field is checked before any model work; the batch runs as one forward pass
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from typing import Annotated, Any, Literal
 
 import msgspec
+import numpy as np
 import pluggy
 from litestar import Controller, post
 from litestar.params import JSONBody
@@ -19,6 +19,7 @@ from litestar.params import JSONBody
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
+from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
 from loom_kernel.inference import model_metadata, timing
 from loom_kernel.models import ModelManager
@@ -79,9 +80,9 @@ async def check_pooling(pm: pluggy.PluginManager, name: str | None) -> None:
     raise InvalidField(f"pooling: unknown strategy {name!r}", field="pooling", allowed=known)
 
 
-def b64_float32(vector: Any) -> str:
-    """Little-endian float32 bytes, base64: what the openai client decodes with numpy.frombuffer."""
-    return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+def b64_float32(vector: Any) -> msgspec.Raw:
+    """Little-endian float32 bytes, base64 (a JSON string): what the openai client decodes with numpy.frombuffer."""
+    return b64_raw(np.ascontiguousarray(vector.detach().cpu().numpy(), dtype="<f4"))
 
 
 class EmbedController(Controller):
@@ -118,7 +119,7 @@ class EmbedController(Controller):
         vector = result.vectors[0]
         return {
             "model": data.model,
-            "embedding": vector.tolist(),
+            "embedding": json_raw(vector),
             "shape": list(vector.shape),
             "dtype": "float32",
             "normalized": result.normalized,
@@ -140,7 +141,7 @@ class EmbedController(Controller):
         ragged = isinstance(result.vectors, list)
         body: dict[str, Any] = {
             "model": data.model,
-            "embeddings": [v.tolist() for v in result.vectors] if ragged else result.vectors.tolist(),
+            "embeddings": [json_raw(v) for v in result.vectors] if ragged else json_raw(result.vectors),
             "shape": None if ragged else list(result.vectors.shape),
             "dtype": "float32",
             "normalized": result.normalized,
@@ -172,7 +173,7 @@ class EmbedController(Controller):
         listed = isinstance(data.input, list)
         texts = data.input if isinstance(data.input, list) else [data.input]
         result, _ = await self._embed(data, texts, "input", listed, manager, pm)
-        encode = b64_float32 if data.encoding_format == "base64" else (lambda v: v.tolist())
+        encode = b64_float32 if data.encoding_format == "base64" else json_raw
         total = sum(result.token_counts)
         return {
             "object": "list",
