@@ -358,3 +358,44 @@ async def test_max_batch_size_one_serves_one_request_at_a_time(tiny_models):
         results = await together(app, c, model, [("/extract", body) for body in EXTRACTS])
         assert all(r.status_code == 200 for r in results)
         assert [rows for rows, _, _ in calls.seen] == [1, 1, 1, 1]
+
+
+def test_a_client_that_disconnects_leaves_a_real_server(tiny_models, tmp_path):
+    """Over a real socket: a client that gives up on a long generation cancels it (logged; the model is free long
+    before the generation would have ended), while another client's request, sent beside it, completes."""
+    import httpx
+    from serverutil import loom_server
+
+    model = str(tiny_models["llama"])
+    long = {"model": model, "prompt": "hello", "max_tokens": 480, "temperature": 0}
+    with loom_server(["--preload", model], tmp_path) as (base, log, _), httpx.Client(base_url=base, timeout=60) as c:
+        c.post("/generate", json=long)  # warm-up: the first pass of a fresh process is slower
+        wait = time.perf_counter()
+        full = c.post("/generate", json=long).json()
+        alone_s = time.perf_counter() - wait
+        short = {"model": model, "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0}
+        want = c.post("/generate", json=short).json()
+
+        outcome: list[BaseException] = []
+
+        def leave() -> None:
+            with httpx.Client(base_url=base, timeout=alone_s / 5) as quitter:
+                try:
+                    quitter.post("/generate", json=long)
+                except httpx.TimeoutException as exc:
+                    outcome.append(exc)
+
+        leaving = threading.Thread(target=leave)
+        leaving.start()
+        got = c.post("/generate", json=short).json()
+        leaving.join()
+        assert len(outcome) == 1  # the client gave up before the answer
+        assert got["token_ids"] == want["token_ids"]
+        deadline = time.monotonic() + alone_s / 2
+        while "the client went away" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.01)
+        while c.get("/models").json()["loaded_models"][0]["in_flight"]:
+            assert time.monotonic() < deadline, "the cancelled generation ran on"
+            time.sleep(0.01)
+        assert c.post("/generate", json=long).json()["token_ids"] == full["token_ids"]

@@ -20,7 +20,7 @@ from loom_kernel.api.schemas import (
     GenerateRequest,
     GenerationFields,
 )
-from loom_kernel.api.streaming import TokenBridge
+from loom_kernel.api.streaming import TokenBridge, unless_gone
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
@@ -123,7 +123,7 @@ class InferenceController(Controller):
 
     @post(["/generate", "/v1/generate"], status_code=200)
     async def generate(
-        self, data: JSONBody[GenerateRequest], manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> Response:
         req = state_request(data, settings, data.return_hidden_states)
         params = generation_params(data, settings)
@@ -135,7 +135,7 @@ class InferenceController(Controller):
             payload, groups, _ = generate(pm, model, batch, req)
             return finish(payload, groups, req)
 
-        return respond(await manager.run(entry, work))
+        return respond(await unless_gone(request, manager.run(entry, work)))
 
     @post("/generate/stream", status_code=200)
     async def generate_stream(
@@ -192,12 +192,12 @@ class InferenceController(Controller):
                 for i, r in enumerate(generate_rows(pm, model, batch, req))
             ]
 
-        results = await manager.run(entry, work)
+        results = await unless_gone(request, manager.run(entry, work))
         return {"model": data.model, "count": len(results), "results": results}
 
     @post("/extract", status_code=200)
     async def extract(
-        self, data: JSONBody[ExtractRequest], manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[ExtractRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> Response:
         req = state_request(data, settings, True)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
@@ -219,4 +219,4 @@ class InferenceController(Controller):
             }
             return finish(payload, groups, req)
 
-        return respond(await manager.run(entry, work))
+        return respond(await unless_gone(request, manager.run(entry, work)))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
+from litestar import Request
+
+from loom_kernel.api.problems import request_id
+from loom_kernel.batching import Cancelled as ClientGone
 from loom_kernel.errors import LoomError
+
+T = TypeVar("T")
 
 log = logging.getLogger("loom.api")
 
@@ -62,3 +69,32 @@ class TokenBridge:
                 return
         finally:
             self._closed.set()
+
+
+async def unless_gone(request: Request, job: Awaitable[T]) -> T:
+    """Await ``job`` while watching the connection: when the client goes away first, ``job`` is cancelled (its
+    call leaves the model's queue, its generated rows stop) instead of running on for nobody.
+
+    The body has been read by then, so the next ASGI message is ``http.disconnect``: the client left, or the
+    response was sent (after ``job`` is done, when nobody waits for it any more)."""
+    task = asyncio.ensure_future(job)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself was cancelled: so is its job
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        log.info("request %s: the client went away; its work was cancelled", request_id(request))
+        raise ClientGone("request: the client closed the connection")
+    return task.result()
