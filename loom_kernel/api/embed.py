@@ -13,11 +13,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 import pluggy
-from litestar import Controller, post
+from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.api.streaming import unless_gone
 from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
@@ -94,10 +95,12 @@ class EmbedController(Controller):
         texts: list[str],
         field: str,
         listed: bool,
+        request: Request,
         manager: ModelManager,
         pm: pluggy.PluginManager,
     ) -> tuple[Embedded, dict[str, Any]]:
-        """Check, load (if needed) and run the batch on the model's worker thread: (vectors, metadata)."""
+        """Check, load (if needed) and run the batch (merged with other requests' on the model's thread):
+        (vectors, metadata)."""
         await check_pooling(pm, data.pooling)
         spec = data.spec(field, listed)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
@@ -110,12 +113,14 @@ class EmbedController(Controller):
                 meta["pipeline"] = model.extra["pipeline"]
             return result, meta
 
-        return await manager.run(entry, work)
+        return await unless_gone(request, manager.run(entry, work))
 
     @post("/embed", status_code=200)
-    async def embed_one(self, data: JSONBody[EmbedRequest], manager: Manager, pm: Plugins) -> dict[str, Any]:
+    async def embed_one(
+        self, data: JSONBody[EmbedRequest], request: Request, manager: Manager, pm: Plugins
+    ) -> dict[str, Any]:
         """One text's embedding: ``shape`` [D] (or [T, D] for pooling "none")."""
-        result, meta = await self._embed(data, [data.text], "text", False, manager, pm)
+        result, meta = await self._embed(data, [data.text], "text", False, request, manager, pm)
         vector = result.vectors[0]
         return {
             "model": data.model,
@@ -134,10 +139,12 @@ class EmbedController(Controller):
         }
 
     @post("/embed/batch", status_code=200)
-    async def embed_batch(self, data: JSONBody[EmbedBatchRequest], manager: Manager, pm: Plugins) -> dict[str, Any]:
+    async def embed_batch(
+        self, data: JSONBody[EmbedBatchRequest], request: Request, manager: Manager, pm: Plugins
+    ) -> dict[str, Any]:
         """Every text in one forward pass: ``shape`` [n, D]; for pooling "none" ``shape`` is null and
         ``shapes`` lists each text's [T_i, D]."""
-        result, meta = await self._embed(data, data.texts, "texts", True, manager, pm)
+        result, meta = await self._embed(data, data.texts, "texts", True, request, manager, pm)
         ragged = isinstance(result.vectors, list)
         body: dict[str, Any] = {
             "model": data.model,
@@ -161,7 +168,7 @@ class EmbedController(Controller):
 
     @post("/v1/embeddings", status_code=200)
     async def openai_embeddings(
-        self, data: JSONBody[OpenAIEmbeddingRequest], manager: Manager, pm: Plugins
+        self, data: JSONBody[OpenAIEmbeddingRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """OpenAI's embeddings response; ``encoding_format: base64`` carries little-endian float32 bytes."""
         if data.pooling == "none":
@@ -172,7 +179,7 @@ class EmbedController(Controller):
             )
         listed = isinstance(data.input, list)
         texts = data.input if isinstance(data.input, list) else [data.input]
-        result, _ = await self._embed(data, texts, "input", listed, manager, pm)
+        result, _ = await self._embed(data, texts, "input", listed, request, manager, pm)
         encode = b64_float32 if data.encoding_format == "base64" else json_raw
         total = sum(result.token_counts)
         return {
