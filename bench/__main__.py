@@ -89,6 +89,10 @@ def row(
     )
 
 
+def runs(n: int) -> str:
+    return "1 run" if n == 1 else f"{n} runs"
+
+
 # -- embeddings --------------------------------------------------------------------------------------------------
 
 
@@ -106,15 +110,15 @@ def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
     st.encode(texts[:64], batch_size=32)
     served, one_by_one, encoded, client_cpu = [], [], [], 0.0
     for _ in range(repeats):
-        cpu = time.process_time()
-        served.append(run_clients(batched, "/embed", bodies, clients)[0])
-        client_cpu += time.process_time() - cpu
+        seconds, _, cpu = run_clients(batched, "/embed", bodies, clients)
+        served.append(seconds)
+        client_cpu += cpu
         one_by_one.append(run_clients(single, "/embed", bodies, clients)[0])
         encoded.append(best_of(1, lambda: st.encode(texts, batch_size=32)))
     tput = requests / min(served)
     note = (
-        f"{requests} POST /embed of one text of 3-8 words per run, best of {repeats} runs each; the client threads "
-        f"used {client_cpu / sum(served):.2f} CPU cores of the machine's while the batched server ran"
+        f"{requests} POST /embed of one text of 3-8 words per run, {runs(repeats)} each, the best counts; the "
+        f"client threads used {client_cpu / sum(served):.2f} CPU cores of the machine's while the batched server ran"
     )
     return [
         row(
@@ -199,7 +203,7 @@ def bench_generate(batched: str, single: str, model: str, quick: bool) -> list[R
     run_clients(single, "/generate", bodies[:clients], clients)  # warm-up
     served, one_by_one, same = [], [], True
     for _ in range(repeats):
-        seconds, answers = run_clients(batched, "/generate", bodies, clients)
+        seconds, answers, _ = run_clients(batched, "/generate", bodies, clients)
         served.append(seconds)
         same = same and all(
             a["token_ids"] == alone[b["prompt"]]["token_ids"] for a, b in zip(answers, bodies, strict=True)
@@ -208,7 +212,7 @@ def bench_generate(batched: str, single: str, model: str, quick: bool) -> list[R
     total = sum(alone[b["prompt"]]["token_count"] for b in bodies)
     note = (
         f"{len(bodies)} POST /generate per run ({clients} prompts of {lengths[0]}-{lengths[-1]} tokens), {new} new "
-        f"tokens each, greedy, last-layer states; best of {repeats} runs each"
+        f"tokens each, greedy, last-layer states; {runs(repeats)} each, the best counts"
     )
     return [
         row(
@@ -293,7 +297,8 @@ def bench_extract(batched: str, model_dir: str, quick: bool) -> list[Row]:
     ms["list (JSON)"] = ms.pop("list")
     note = (
         f"POST /extract of {n_tokens} tokens, layers 0-{layers[-1]}, every position, float32, sent, received and "
-        f"decoded to tensors; against model(**inputs, output_hidden_states=True) in-process; median of {repeats}"
+        f"decoded to tensors; against model(**inputs, output_hidden_states=True) in-process; {runs(repeats)} each, "
+        "the median counts"
     )
     name = "extract: all layers x all positions"
     out = [

@@ -84,11 +84,14 @@ def serve(models: list[str], **env: str) -> Iterator[str]:
         yield base
 
 
-def run_clients(base: str, path: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, list[dict[str, Any]]]:
+def run_clients(
+    base: str, path: str, bodies: list[dict[str, Any]], clients: int
+) -> tuple[float, list[dict[str, Any]], float]:
     """POST ``bodies`` to ``path`` from ``clients`` threads at once, each on its own keep-alive connection.
 
     Client ``i`` sends bodies ``i``, ``i + clients``, ... one after another. Returns the seconds from the common
-    start to the last answer, and the JSON answers in the order of ``bodies``.
+    start to the last answer, the JSON answers in the order of ``bodies``, and the CPU seconds this process (the
+    clients) spent meanwhile.
     """
     import httpx
 
@@ -112,13 +115,13 @@ def run_clients(base: str, path: str, bodies: list[dict[str, Any]], clients: int
     for t in threads:
         t.start()
     start.wait()
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu
     if errors:
         raise errors[0]
-    return elapsed, answers
+    return elapsed, answers, cpu
 
 
 @contextlib.contextmanager
