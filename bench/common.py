@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import statistics
@@ -175,3 +176,39 @@ def probe_health(base: str, calls: int, interval: float) -> list[float]:
             c.get("/health").raise_for_status()
             out.append(time.perf_counter() - t0)
     return out
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(clock ticks the machine's CPUs were busy, ticks this process and its descendants used) since boot, or None
+    where /proc does not tell. Two readings tell how much other work shared the machine in between."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
+        parents, used = {}, {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            parents[int(pid)] = int(fields[1])
+            used[int(pid)] = int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+    mine, todo = {os.getpid()}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        for child in [c for c, p in parents.items() if p == pid and c not in mine]:
+            mine.add(child)
+            todo.append(child)
+    t = os.times()
+    waited = round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))  # descendants that ended
+    return user + nice + system + irq + softirq, sum(used.get(p, 0) for p in mine) + waited
+
+
+def others_cpus(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float | None:
+    """CPUs that other processes kept busy on average between two ``cpu_ticks`` readings ``seconds`` apart."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    busy, mine = after[0] - before[0], after[1] - before[1]
+    return max(0.0, busy - mine) / os.sysconf("SC_CLK_TCK") / seconds
