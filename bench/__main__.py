@@ -11,11 +11,14 @@ ratios are (it fails only if a server or a request does).
 Rows (benchmark name for ``--only`` in brackets):
 
 - ``embed: 16 clients, batched vs 1-at-a-time`` [embed]: the real all-MiniLM-L6-v2 (``--preload minilm``). 16 client
-  threads, each on its own keep-alive connection, send single texts of 3-8 words as ``POST /embed``, one request
+  threads, each on its own keep-alive connection, send single texts of 6-14 words as ``POST /embed``, one request
   after another, a fixed number of requests in all. Measured: texts/s of the batched server; baseline: the same
   clients against the one-at-a-time server. Target >= 3.
 - ``embed: 16 clients vs encode(batch 32)`` [embed]: the same batched throughput against in-process
   ``SentenceTransformer.encode`` of the same texts at ``batch_size=32``. Target >= 0.7.
+- ``embed: 16 clients vs encode of the same 16-text groups`` [embed]: against ``encode`` of the texts in the
+  groups of 16 a server of single texts can form (arrival order, each padded to its longest), no target:
+  ``encode(texts, batch_size=32)`` sorts the whole corpus by length first, which no server of single texts can.
 - ``health: median under embed load`` and ``health: p95 ...`` [health]: while 16 clients send ``/embed`` in a loop to
   the batched server, another process calls ``GET /health`` 50 times, 20 ms apart. Measured: median latency;
   baseline: the 50 ms budget; ratio median / 50 ms. Target < 1. The p95 row gives the 95th percentile, with no
@@ -117,22 +120,28 @@ def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
     from loom_kernel.resolve import embedded_path
 
     clients, requests, repeats = 16, 128 if quick else 512, 2 if quick else 3
-    texts = corpus(requests, seed=1, words=(3, 8))
+    # Sentences of 6-14 words: in-process encode at batch 32 runs them at about 370 texts/s on the 2-core build
+    # machine, the reference figure of the issue that set the target (3-8 words run at about 530).
+    texts = corpus(requests, seed=1, words=(6, 14))
     bodies = [{"model": "minilm", "text": t} for t in texts]
     st = SentenceTransformer(str(embedded_path("minilm")), device="cpu")
     for base in (batched, single):  # warm-up: first requests, thread pools, allocator
         run_clients(base, "/embed", bodies[: 2 * clients], clients)
     st.encode(texts[:64], batch_size=32)
-    served, one_by_one, encoded, client_cpu = [], [], [], 0.0
+    # What a server of single texts can batch: groups of 16 in arrival order, each padded to its longest text.
+    # encode(texts, batch_size=32) sorts all of them by length first, so its batches carry almost no padding.
+    arrival = [texts[i : i + clients] for i in range(0, requests, clients)]
+    served, one_by_one, encoded, in_order, client_cpu = [], [], [], [], 0.0
     for _ in range(repeats):
         seconds, _, cpu = run_clients(batched, "/embed", bodies, clients)
         served.append(seconds)
         client_cpu += cpu
         one_by_one.append(run_clients(single, "/embed", bodies, clients)[0])
         encoded.append(best_of(1, lambda: st.encode(texts, batch_size=32)))
+        in_order.append(best_of(1, lambda: [st.encode(group, batch_size=clients) for group in arrival]))
     tput = requests / min(served)
     note = (
-        f"{requests} POST /embed of one text of 3-8 words per run, {runs(repeats)} each, the best counts; the "
+        f"{requests} POST /embed of one text of 6-14 words per run, {runs(repeats)} each, the best counts; the "
         f"client threads used {client_cpu / sum(served):.2f} CPU cores of the machine's while the batched server ran"
     )
     return [
@@ -152,6 +161,14 @@ def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
             "texts/s",
             ">= 0.7",
             lambda r: r >= 0.7,
+        ),
+        row(
+            f"embed: {clients} clients vs encode of the same {clients}-text groups",
+            tput,
+            requests / min(in_order),
+            "texts/s",
+            "-",
+            None,
         ),
     ]
 

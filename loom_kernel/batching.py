@@ -116,15 +116,18 @@ class Call:
             None if same_params else params,
         )
 
-    def width(self) -> int:
+    def width(self, limits: BatchLimits) -> int:
         """The longest row in tokens (plus what it may generate): the padded length it brings to a batch."""
         if self._width is None:
             b = self.batch
             if b.token_ids is not None:
-                lengths = [len(ids) for ids in b.token_ids]
+                width = max(map(len, b.token_ids), default=0)
             else:
-                lengths = _token_lengths(self.model, b)
-            width = max(lengths, default=0)
+                # Characters (+2 special tokens) bound the tokens of any subword vocabulary: tokenize only when
+                # the bound could break the token budget of a full batch.
+                width = max(map(len, b.texts), default=0) + 2
+                if width * limits.max_batch_size > limits.max_batch_tokens:
+                    width = max(_token_lengths(self.model, b), default=0)
             if self.model.max_context and b.truncate:
                 width = min(width, self.model.max_context)
             self._width = width + (b.generation.max_tokens if b.generation is not None else 0)
@@ -232,23 +235,28 @@ class ModelThread:
                 item.future.set_exception(ModelNotFound("model: the model was unloaded", field="model"))
 
     def _record(self, calls: int, seconds: float) -> None:
+        log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)
         self._last_calls = calls
         self.batches += 1
         self.merged_calls += calls
         self.seconds_per_call = seconds if not self.seconds_per_call else 0.8 * self.seconds_per_call + 0.2 * seconds
 
     def _gather(self, first: Call) -> list[Call]:
-        """``first`` and the compatible calls queued behind it, waiting up to the window while more may come."""
+        """``first`` and the compatible calls queued behind it, waiting while more are known to be coming: up to
+        the window after the last one joined, and at most four windows in all."""
         limits = self.limits
         group, key = [first], first.key()
-        rows, width = first.rows, first.width()
-        deadline = time.monotonic() + limits.window_s
+        rows, width = first.rows, first.width(limits)
+        generation = first.batch.generation is not None
+        start = time.monotonic()
+        deadline = start + limits.window_s
         with self._cv:
             while True:
+                joined = len(group)
                 for item in list(self._items):
                     if item is None or not isinstance(item, Call) or item.key() != key:
                         continue
-                    wide = max(width, item.width())
+                    wide = max(width, item.width(limits))
                     if rows + item.rows > limits.max_batch_size or (rows + item.rows) * wide > limits.max_batch_tokens:
                         continue
                     self._items.remove(item)
@@ -256,11 +264,17 @@ class ModelThread:
                     rows, width = rows + item.rows, wide
                 if rows >= limits.max_batch_size:
                     break
-                # Wait only while more requests are known to be coming: a lone client never waits.
-                left = deadline - time.monotonic()
-                if left <= 0 or not (self._arriving > 0 or self._last_calls > 1):
+                now = time.monotonic()
+                if len(group) > joined:
+                    deadline = min(start + 4 * limits.window_s, now + limits.window_s)
+                # A generation (hundreds of milliseconds) always waits the window for company: its companions may
+                # still be in the HTTP layer. A forward pass waits only while more are known to be coming: admitted
+                # requests that have not reached the queue, or fewer joined than the last batch merged (its
+                # clients send again); so a lone client's /embed or /extract never waits.
+                expected = generation or self._arriving > 0 or len(group) < self._last_calls
+                if now >= deadline or not expected:
                     break
-                self._cv.wait(left)
+                self._cv.wait(deadline - now)
         return group
 
     def _execute(self, calls: list[Call]) -> None:

@@ -14,13 +14,13 @@ import gc
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
 import pluggy
 
-from loom_kernel.batching import BatchLimits, ModelThread, Ticket, run_with_ticket
+from loom_kernel.batching import BatchLimits, Cancelled, ModelThread, Ticket, run_with_ticket
 from loom_kernel.config import Settings
 from loom_kernel.devices import DEVICE_MAPS, resolve_device
 from loom_kernel.errors import (
@@ -79,6 +79,8 @@ class ModelEntry:
             "state": self.state,
             "in_flight": self.in_flight,
             "queued": self.worker.queued,
+            "batches": self.worker.batches,
+            "batched_requests": self.worker.merged_calls,
             "idle_seconds": round(idle, 3),
             "auto_unload_in": None if auto_unload_s is None else round(max(0.0, auto_unload_s - idle), 3),
             "device": self.options.device,
@@ -469,19 +471,26 @@ class ModelManager:
             max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens, window_s=s.batch_window_ms / 1000.0
         )
 
-    async def run(self, entry: ModelEntry, fn: Callable[[LoadedModel], T]) -> T:
+    async def run(
+        self, entry: ModelEntry, fn: Callable[[LoadedModel], T], until: Coroutine[Any, Any, None] | None = None
+    ) -> T:
         """``fn(model)`` on a request thread, its forward calls batched on the model's thread.
 
         At most ``max_queue`` requests per model are admitted at once (queued or running); the next is a 429 with
-        a Retry-After estimated from recent batches. A request past ``request_timeout`` is a 504, and it is
-        cancelled, as it is when its client goes away: dropped if still queued, its generated rows stopped. The
-        model stays in flight (never unloaded) until the request's thread is done with it.
+        a Retry-After estimated from recent batches. The request is cancelled (dropped if still queued, its
+        generated rows stopped) when ``until`` returns first (the client went away) and when it runs past
+        ``request_timeout`` (a 504). The model stays in flight (never unloaded) until the request's thread is done
+        with it.
         """
         loaded = entry.loaded
         if loaded is None:
+            if until is not None:
+                until.close()
             raise ModelNotFound(f"model: {entry.model_id!r} was unloaded", field="model")
         limit = self.settings.max_queue
         if limit and entry.in_flight >= limit:
+            if until is not None:
+                until.close()
             wait = entry.worker.seconds_per_call * entry.in_flight / max(1, self.settings.max_batch_size)
             retry = max(1, math.ceil(wait))
             raise TooManyRequests(
@@ -504,19 +513,30 @@ class ModelManager:
 
         job = self._threads.submit(run_with_ticket, ticket, lambda: fn(loaded))
         job.add_done_callback(done)  # before the awaiting side's: in_flight drops before the response goes out
+        result = asyncio.wrap_future(job)
+        watcher = asyncio.ensure_future(until) if until is not None else None
         timeout = self.settings.request_timeout or None
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
-        except TimeoutError:
-            self._cancel(ticket, job)
-            raise RequestTimeout(
-                f"request: took longer than this server's request_timeout of {timeout:g} s; it was stopped",
-                field="request_timeout",
-                allowed=f"up to {timeout:g} s",
-            ) from None
+            finished, _ = await asyncio.wait(
+                {result} if watcher is None else {result, watcher}, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
         except asyncio.CancelledError:
             self._cancel(ticket, job)
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if result in finished:
+            return result.result()
+        self._cancel(ticket, job)
+        if watcher is not None and watcher in finished:
+            log.info("%s: the client went away; its request was cancelled", entry.model_id)
+            raise Cancelled("request: the client closed the connection")
+        raise RequestTimeout(
+            f"request: took longer than this server's request_timeout of {timeout:g} s; it was stopped",
+            field="request_timeout",
+            allowed=f"up to {timeout:g} s",
+        )
 
     @staticmethod
     def _cancel(ticket: Ticket, job: concurrent.futures.Future) -> None:

@@ -18,7 +18,7 @@ from litestar.params import JSONBody
 
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.streaming import unless_gone
+from loom_kernel.api.streaming import client_gone
 from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
@@ -113,7 +113,7 @@ class EmbedController(Controller):
                 meta["pipeline"] = model.extra["pipeline"]
             return result, meta
 
-        return await unless_gone(request, manager.run(entry, work))
+        return await manager.run(entry, work, until=client_gone(request))
 
     @post("/embed", status_code=200)
     async def embed_one(

@@ -20,7 +20,7 @@ from loom_kernel.api.schemas import (
     GenerateRequest,
     GenerationFields,
 )
-from loom_kernel.api.streaming import TokenBridge, unless_gone
+from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
@@ -135,7 +135,7 @@ class InferenceController(Controller):
             payload, groups, _ = generate(pm, model, batch, req)
             return finish(payload, groups, req)
 
-        return respond(await unless_gone(request, manager.run(entry, work)))
+        return respond(await manager.run(entry, work, until=client_gone(request)))
 
     @post("/generate/stream", status_code=200)
     async def generate_stream(
@@ -192,7 +192,7 @@ class InferenceController(Controller):
                 for i, r in enumerate(generate_rows(pm, model, batch, req))
             ]
 
-        results = await unless_gone(request, manager.run(entry, work))
+        results = await manager.run(entry, work, until=client_gone(request))
         return {"model": data.model, "count": len(results), "results": results}
 
     @post("/extract", status_code=200)
@@ -219,4 +219,4 @@ class InferenceController(Controller):
             }
             return finish(payload, groups, req)
 
-        return respond(await unless_gone(request, manager.run(entry, work)))
+        return respond(await manager.run(entry, work, until=client_gone(request)))

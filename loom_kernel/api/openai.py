@@ -25,7 +25,7 @@ from loom_kernel.api.openai_schemas import (
     OpenAIFields,
 )
 from loom_kernel.api.problems import request_id
-from loom_kernel.api.streaming import TokenBridge, unless_gone
+from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inference import StateRequest, check_generation, generate, stream_extras
@@ -289,7 +289,7 @@ class OpenAIController(Controller):
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model}
         if bridge is None:
-            payload = await unless_gone(request, manager.run(entry, work))
+            payload = await manager.run(entry, work, until=client_gone(request))
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": payload["text"]},
@@ -343,7 +343,7 @@ class OpenAIController(Controller):
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model, "object": "text_completion"}
         if bridge is None:
-            payload = await unless_gone(request, manager.run(entry, work))
+            payload = await manager.run(entry, work, until=client_gone(request))
             choice = {
                 "index": 0,
                 "text": payload["text"],

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from litestar import Request
 
-from loom_kernel.api.problems import request_id
-from loom_kernel.batching import Cancelled as ClientGone
 from loom_kernel.errors import LoomError
-
-T = TypeVar("T")
 
 log = logging.getLogger("loom.api")
 
@@ -71,30 +66,10 @@ class TokenBridge:
             self._closed.set()
 
 
-async def unless_gone(request: Request, job: Awaitable[T]) -> T:
-    """Await ``job`` while watching the connection: when the client goes away first, ``job`` is cancelled (its
-    call leaves the model's queue, its generated rows stop) instead of running on for nobody.
+async def client_gone(request: Request) -> None:
+    """Return once the client has closed the connection (pass to ``ModelManager.run`` as ``until``).
 
     The body has been read by then, so the next ASGI message is ``http.disconnect``: the client left, or the
-    response was sent (after ``job`` is done, when nobody waits for it any more)."""
-    task = asyncio.ensure_future(job)
-
-    async def gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the handler itself was cancelled: so is its job
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        log.info("request %s: the client went away; its work was cancelled", request_id(request))
-        raise ClientGone("request: the client closed the connection")
-    return task.result()
+    response was sent (when nobody waits for this any more)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
