@@ -32,6 +32,7 @@ import attrs
 import pluggy
 
 from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
+from loom_kernel.metrics import ModelCounters
 from loom_kernel.types import Batch, Capture, ForwardOutput, LayerSel, LoadedModel, SequenceOutput
 
 log = logging.getLogger("loom.batching")
@@ -145,8 +146,9 @@ def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
 class ModelThread:
     """The one thread that runs a model's torch work: loads, releases and (merged) forward calls, in order."""
 
-    def __init__(self, name: str, limits: BatchLimits | None = None) -> None:
+    def __init__(self, name: str, limits: BatchLimits | None = None, counters: ModelCounters | None = None) -> None:
         self.limits = limits or BatchLimits()
+        self.counters = counters or ModelCounters()
         self._cv = threading.Condition()
         self._items: deque[Call | tuple[Callable[[], Any], concurrent.futures.Future] | None] = deque()
         self._stopped = False
@@ -239,6 +241,8 @@ class ModelThread:
         self._last_calls = calls
         self.batches += 1
         self.merged_calls += calls
+        self.counters.batches += 1
+        self.counters.batched_requests += calls
         self.seconds_per_call = seconds if not self.seconds_per_call else 0.8 * self.seconds_per_call + 0.2 * seconds
 
     def _gather(self, first: Call) -> list[Call]:
@@ -301,6 +305,8 @@ class ModelThread:
             except BaseException as exc:
                 self._fail_alone(live, exc)
                 return
+            self.counters.prompt_tokens += sum(row.prompt_tokens for row in out.rows)
+            self.counters.generated_tokens += sum(len(row.token_ids) - row.prompt_tokens for row in out.rows)
             for call, start in zip(live, starts, strict=True):
                 rows = out.rows[start : start + call.rows]
                 if len(live) > 1:

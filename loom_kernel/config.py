@@ -47,6 +47,11 @@ class Settings:
     batch_window_ms: float = 5.0
     max_queue: int = 64
     request_timeout: float = 600.0
+    # Security: an API key every endpoint but /health needs; origins allowed cross-origin (None: CORS off);
+    # the largest request body accepted (413 beyond).
+    api_key: str | None = None
+    cors_origins: list[str] | None = None
+    max_body_mb: float = 10.0
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -55,6 +60,8 @@ class Settings:
         for name in ("max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1", field=name)
+        if self.max_body_mb <= 0:
+            raise ConfigError("max_body_mb: must be more than 0", field="max_body_mb")
         for name in ("batch_window_ms", "max_queue", "request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
@@ -79,6 +86,9 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "transports": "transports",
         "log_level": "log_level",
         "request_timeout": "request_timeout",
+        "api_key": "api_key",
+        "cors_origins": "cors_origins",
+        "max_body_mb": "max_body_mb",
     },
     "gpu": {"default_device": "default_device", "memory_fraction": "memory_fraction", "devices": ""},
     "models": {
@@ -124,6 +134,9 @@ ENV_KEYS: dict[str, str] = {
     "LOOM_BATCH_WINDOW_MS": "batch_window_ms",
     "LOOM_MAX_QUEUE": "max_queue",
     "LOOM_REQUEST_TIMEOUT": "request_timeout",
+    "LOOM_API_KEY": "api_key",
+    "LOOM_CORS_ORIGINS": "cors_origins",
+    "LOOM_MAX_BODY_MB": "max_body_mb",
     "HF_TOKEN": "hf_token",
 }
 

@@ -36,6 +36,7 @@ from loom_kernel.errors import (
     Unsupported,
 )
 from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
+from loom_kernel.metrics import Metrics
 from loom_kernel.plugins import describe_plugins, loader_names
 from loom_kernel.resolve import resolve_model
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, ProbeResult
@@ -110,6 +111,7 @@ class ModelManager:
         self.entries: dict[str, ModelEntry] = {}
         self._reaper: asyncio.Task | None = None
         self.started = time.monotonic()
+        self.metrics = Metrics()
         # Request threads: each request's own work runs here, its forward calls on its model's thread. Enough for
         # every admitted request of every model, so none waits for a thread behind another model's queue.
         self._threads = concurrent.futures.ThreadPoolExecutor(
@@ -273,7 +275,8 @@ class ModelManager:
                 field="model",
             )
         victims = self._make_room(model_id, ref, opts)
-        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=ModelThread(model_id, self.limits()))
+        thread = ModelThread(model_id, self.limits(), self.metrics.model(model_id))
+        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=thread)
         entry.ready = asyncio.get_running_loop().create_future()
         # The old entry stays listed (and usable) until the new one is in memory.
         pending_key = model_id if replacing is None else f"{model_id} (reloading)"
@@ -299,11 +302,13 @@ class ModelManager:
                 victims = []
                 loaded = await asyncio.wrap_future(entry.worker.submit(lambda: self._call_load(ref, loader, opts)))
         except BaseException as exc:
+            self.metrics.model(model_id).load_failures += 1
             self.entries.pop(pending_key, None)
             entry.worker.stop()
             entry.ready.set_exception(exc)
             entry.ready.exception()  # mark retrieved: waiters re-raise it themselves
             raise
+        self.metrics.model(model_id).loads += 1
         entry.loaded = loaded
         entry.state = "ready"
         entry.last_used = time.monotonic()
@@ -610,3 +615,12 @@ def _ids(entries: list[ModelEntry]) -> str:
 def _out_of_memory(exc: BaseException) -> bool:
     text = f"{exc} {exc.__cause__}".lower()
     return "out of memory" in text or "outofmemory" in text
+
+
+def gauges(manager: ModelManager) -> list[dict[str, Any]]:
+    """What /metrics reports per ready model right now."""
+    return [
+        {"model": e.model_id, "in_flight": e.in_flight, "queued": e.worker.queued}
+        for e in manager.entries.values()
+        if e.state == "ready"
+    ]

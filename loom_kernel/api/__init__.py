@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pluggy
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
@@ -16,9 +17,11 @@ from loom_kernel import __version__
 from loom_kernel.api.deps import provide_manager, provide_pm, provide_settings
 from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
+from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, request_id_middleware
+from loom_kernel.api.security import api_key_middleware
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
 from loom_kernel.models import ModelManager
@@ -43,15 +46,22 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
                 preload.cancel()
             await manager.stop()
 
+    middleware = [request_id_middleware]
+    if settings.api_key:
+        middleware.append(api_key_middleware(settings.api_key))
+    controllers = [SystemController, MetricsController, ModelsController, InferenceController, OpenAIController]
     app = Litestar(
-        route_handlers=[SystemController, ModelsController, InferenceController, OpenAIController, EmbedController],
+        route_handlers=[*controllers, EmbedController],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),
             "settings": Provide(provide_settings, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        middleware=[request_id_middleware],
+        middleware=middleware,
+        before_send=[count_response],
+        cors_config=CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None,
+        request_max_body_size=int(settings.max_body_mb * 2**20),
         lifespan=[lifespan],
         openapi_config=OpenAPIConfig(title="The Loom", version=__version__, path="/schema"),
         state=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -27,7 +28,9 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
         rid = uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = rid  # type: ignore[typeddict-item]
+        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+        state["request_id"] = rid
+        state["started"] = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
