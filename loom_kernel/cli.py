@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auto-unload-minutes", type=float, help="unload a model idle this long (default 20; 0 = off)")
     serve.add_argument("--device", dest="default_device", help="default device: cpu, cuda, cuda:N, auto")
     serve.add_argument("--log-level", choices=LEVELS, help="default info")
+    add_plugins_dir(serve)
 
     plugins = sub.add_parser("plugins", help="list the installed plugins and the hooks they implement")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_plugins_dir(plugins)
 
     probe = sub.add_parser("probe", help="rank the loaders that could load MODEL, without loading it")
     probe.add_argument("model", metavar="MODEL", help="local directory, alias, or hub id in the local HF cache")
@@ -62,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--config", metavar="PATH", help="config file (for models.aliases and models.allowed_paths)")
     probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def add_plugins_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugins-dir",
+        metavar="DIR",
+        help="also register every *.py file in DIR as a plugin named after the file (default: LOOM_PLUGINS_DIR)",
+    )
 
 
 def build_settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
@@ -83,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loom_kernel.serve import serve
 
     settings = build_settings(args)
-    return serve(settings, create_plugin_manager())
+    return serve(settings, create_plugin_manager(plugins_dir=args.plugins_dir))
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -95,7 +105,7 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from loom_kernel.plugins import create_plugin_manager, describe_plugins
 
-    rows = describe_plugins(create_plugin_manager())
+    rows = describe_plugins(create_plugin_manager(plugins_dir=args.plugins_dir))
     if args.json:
         print(json.dumps({"plugins": rows}, indent=2))  # the body GET /plugins returns
         return 0
