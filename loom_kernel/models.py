@@ -1,7 +1,8 @@
-"""The model manager: lazy load, preload, LRU by count, idle unload, one worker thread per model.
+"""The model manager: lazy load, preload, LRU by count, idle unload, one thread per model, admission (429).
 
-Torch never runs on the event loop: loads and forward passes run on the model's own worker thread, and the
-API awaits them. A model with requests in flight is never unloaded, and a failed load evicts nothing (the
+Torch never runs on the event loop: loads and forward passes run on the model's own thread (where concurrent
+requests' calls are merged: ``loom_kernel.batching``), each request's own work on a request thread, and the API
+awaits them. A model with requests in flight is never unloaded, and a failed load evicts nothing (the
 new model is loaded first; LRU eviction happens only once it is in memory).
 """
 
