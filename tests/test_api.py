@@ -294,6 +294,19 @@ async def test_openapi_schema(client):
         assert path in paths
 
 
+async def test_openapi_documents_what_the_server_sends(client):
+    """Found by schemathesis: the stream was documented as JSON, a malformed body's 400 as Litestar's
+    ``{status_code, detail}`` JSON; the server sends SSE and an RFC 9457 problem."""
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+    assert list(paths["/generate/stream"]["post"]["responses"]["200"]["content"]) == ["text/event-stream"]
+    for path in ("/generate", "/extract", "/embed", "/models/load", "/v1/chat/completions"):
+        content = paths[path]["post"]["responses"]["400"]["content"]
+        assert list(content) == ["application/problem+json"], path
+    r = await client.post("/models/load", content=b"\x00", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["field"] == "body"
+
+
 async def test_allowed_paths_forbid_other_directories(tiny_models, tmp_path):
     app = create_app(settings=Settings(default_device="cpu", allowed_paths=[str(tmp_path)]))
     async with AsyncTestClient(app=app) as c:

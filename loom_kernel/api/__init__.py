@@ -20,7 +20,7 @@ from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
-from loom_kernel.api.problems import EXCEPTION_HANDLERS, request_id_middleware
+from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems, request_id_middleware
 from loom_kernel.api.security import api_key_middleware
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
@@ -68,6 +68,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         debug=False,
         logging_config=None,  # the CLI configures logging once (loom_kernel.logs); a second handler doubles lines
     )
+    document_problems(app)
     app.state.pm = pm
     app.state.settings = settings
     app.state.manager = manager

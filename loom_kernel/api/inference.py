@@ -137,7 +137,7 @@ class InferenceController(Controller):
 
         return respond(await manager.run(entry, work, until=client_gone(request)))
 
-    @post("/generate/stream", status_code=200)
+    @post("/generate/stream", status_code=200, media_type="text/event-stream")
     async def generate_stream(
         self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
     ) -> ServerSentEvent:

@@ -9,8 +9,10 @@ import uuid
 from http import HTTPStatus
 from typing import Any
 
-from litestar import Request, Response
+import msgspec
+from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from loom_kernel.errors import LoomError
@@ -18,6 +20,28 @@ from loom_kernel.errors import LoomError
 log = logging.getLogger("loom.api")
 MEDIA_TYPE = "application/problem+json"
 _NAMED = re.compile(r"(?:missing required|unknown) field `([^`]+)`")
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """An RFC 9457 problem, the body of every error response (``application/problem+json``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    request_id: str | None = None
+    field: str | None = None
+
+
+def document_problems(app: Litestar) -> None:
+    """Document the 400 (malformed body) that Litestar adds to every route with a body as the problem it is,
+    not Litestar's default ``{status_code, detail}`` JSON."""
+    spec = ResponseSpec(data_container=Problem, media_type=MEDIA_TYPE, description="Malformed request")
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if "data" in handler.parsed_fn_signature.parameters:
+                handler.responses = {**(handler.responses or {}), 400: spec}
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
