@@ -5,6 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a device running out of memory (torch's OutOfMemoryError or its text)."""
+    text = f"{type(exc).__name__} {exc} {exc.__cause__!r}".lower()
+    return "out of memory" in text or "outofmemory" in text
+
+
 class LoomError(Exception):
     status = 500
     title = "Internal error"

@@ -35,6 +35,7 @@ from loom_kernel.errors import (
     RequestTimeout,
     TooManyRequests,
     Unsupported,
+    out_of_memory,
 )
 from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
 from loom_kernel.metrics import Metrics
@@ -295,7 +296,7 @@ class ModelManager:
             try:
                 loaded = await asyncio.wrap_future(entry.worker.submit(lambda: self._call_load(ref, loader, opts)))
             except LoadFailed as exc:
-                if not (victims and _out_of_memory(exc)):
+                if not (victims and out_of_memory(exc)):
                     raise
                 # The estimate kept the victims while loading; the device disagreed. Free them and try once more.
                 log.warning("loading %s ran out of memory; evicting %s and retrying", model_id, _ids(victims))
@@ -611,11 +612,6 @@ def _mib(n: int) -> str:
 
 def _ids(entries: list[ModelEntry]) -> str:
     return ", ".join(e.model_id for e in entries)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    text = f"{exc} {exc.__cause__}".lower()
-    return "out of memory" in text or "outofmemory" in text
 
 
 def gauges(manager: ModelManager) -> list[dict[str, Any]]:

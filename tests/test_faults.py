@@ -213,8 +213,9 @@ def test_a_forward_pass_that_runs_out_of_memory_fails_only_its_request(tiny_mode
         with ThreadPoolExecutor(len(bodies)) as pool:
             results = list(pool.map(lambda b: c.post("/extract", json=b), bodies))
         failed = results.pop(2)
-        assert failed.status_code >= 500
+        assert failed.status_code == 503 and failed.headers["retry-after"] == "1"
         assert_problem(failed)
+        assert failed.json()["title"] == "Out of memory"
         text = log.read_text()
         at = text.index(f"request {failed.headers['x-request-id']}")
         assert "OutOfMemoryError" in text[at:] and "Traceback" in text[at:]

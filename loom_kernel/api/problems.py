@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from loom_kernel.errors import LoomError
+from loom_kernel.errors import LoomError, out_of_memory
 
 log = logging.getLogger("loom.api")
 MEDIA_TYPE = "application/problem+json"
@@ -116,6 +116,17 @@ def on_http(request: Request, exc: HTTPException) -> Response:
 
 
 def on_unexpected(request: Request, exc: Exception) -> Response:
+    if out_of_memory(exc):
+        # The request was valid and another try (alone, or smaller) may fit: a 503 that says so, not a bare 500.
+        log.error("request %s: out of memory", request_id(request), exc_info=exc)
+        return problem(
+            request,
+            503,
+            "Out of memory",
+            "the device ran out of memory running this request; retry, or send fewer or shorter inputs "
+            "(fewer layers or positions, a smaller max_tokens)",
+            headers={"Retry-After": "1"},
+        )
     log.error("request %s: unexpected error", request_id(request), exc_info=exc)
     return problem(
         request, 500, "Internal error", "the server hit an unexpected error; see its log for this request id"
