@@ -14,6 +14,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from loom_kernel import __version__
+from loom_kernel.api.analyze import AnalyzeController
 from loom_kernel.api.deps import provide_manager, provide_pm, provide_settings
 from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
@@ -51,7 +52,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         middleware.append(api_key_middleware(settings.api_key))
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, OpenAIController]
     app = Litestar(
-        route_handlers=[*controllers, EmbedController],
+        route_handlers=[*controllers, EmbedController, AnalyzeController],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),

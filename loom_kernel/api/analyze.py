@@ -1,0 +1,75 @@
+"""POST /analyze: the geometry of a set of texts' hidden states, per layer, computed on the server.
+
+Which rows make a layer's matrix (``rows``): ``"last"`` (default) one row per text, its last token's state, as the
+original project's demo computes D_eff from one vector per prompt; ``"mean"`` one row per text, the mean over its
+tokens; ``"tokens"`` every token of every text. The metrics are those of ``loom_kernel.geometry``, in float64
+whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, post
+from litestar.params import JSONBody
+
+from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.api.schemas import LayerSpec, LoadFields, NonEmpty
+from loom_kernel.api.streaming import client_gone
+from loom_kernel.capture import resolve_layers
+from loom_kernel.geometry import layer_metrics
+from loom_kernel.inference import forward, model_metadata, timing
+from loom_kernel.types import Batch, Capture, LoadedModel
+
+MAX_ANALYZE_TEXTS = 256
+
+
+class AnalyzeRequest(LoadFields, kw_only=True):
+    model: NonEmpty
+    texts: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_ANALYZE_TEXTS)]
+    hidden_state_layers: LayerSpec | None = "all"
+    rows: Literal["last", "mean", "tokens"] = "last"
+    add_special_tokens: bool = True
+
+
+def analyze(pm: Any, model: LoadedModel, data: AnalyzeRequest) -> dict[str, Any]:
+    import torch
+
+    start = time.perf_counter()
+    layers = resolve_layers(data.hidden_state_layers, model.num_layers)
+    positions = "last" if data.rows == "last" else "all"
+    capture = Capture(layers=layers, positions=positions)
+    batch = Batch(texts=tuple(data.texts), add_special_tokens=data.add_special_tokens)
+    out = forward(pm, model, batch, capture).rows
+    metrics = {}
+    for sel in layers:
+        per_text = [row.states[sel.key].float() for row in out]
+        if data.rows == "last":
+            matrix = torch.cat([s[-1:] for s in per_text])
+        elif data.rows == "mean":
+            matrix = torch.stack([s.mean(dim=0) for s in per_text])
+        else:
+            matrix = torch.cat(per_text)
+        metrics[sel.key] = {"layer_index": sel.index, "rows": int(matrix.shape[0]), **layer_metrics(matrix)}
+    return {
+        "model": data.model,
+        "rows": data.rows,
+        "hidden_size": model.hidden_size,
+        "token_counts": [len(row.token_ids) for row in out],
+        "layers": metrics,
+        "metadata": {**model_metadata(model), **timing(start, 0)},
+    }
+
+
+class AnalyzeController(Controller):
+    tags = ["analysis"]
+
+    @post("/analyze", status_code=200)
+    async def analyze(
+        self, data: JSONBody[AnalyzeRequest], request: Request, manager: Manager, pm: Plugins
+    ) -> dict[str, Any]:
+        """Per layer: D_eff (entropy and 90%-variance forms), beta and row norms of the texts' states."""
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        return await manager.run(entry, lambda model: analyze(pm, model, data), until=client_gone(request))

@@ -1,0 +1,125 @@
+"""D_eff (entropy and 90%-variance forms), beta and norms against values worked out by hand on small matrices."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernel.geometry import beta, deff_90, deff_entropy, layer_metrics, spectrum
+
+
+def with_singular_values(values: list[float], width: int, seed: int = 0) -> np.ndarray:
+    """A matrix [len(values), width] whose singular values are exactly ``values`` (random orthogonal U, V)."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    u, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(width, n)))
+    return u @ np.diag(values) @ v.T
+
+
+def test_rank_one_uses_one_dimension():
+    row = np.arange(1.0, 9.0)
+    m = layer_metrics(np.stack([row, 2 * row, -3 * row]))
+    assert m["rank"] == 1
+    assert m["deff_entropy"] == pytest.approx(1.0)
+    assert m["deff_90"] == 1
+    assert m["beta"] == math.inf
+
+
+def test_isotropic_uses_every_dimension():
+    m = layer_metrics(np.eye(10) * 3.0)
+    assert m["deff_entropy"] == pytest.approx(10.0)
+    assert m["deff_90"] == 9  # 9 of 10 equal directions hold exactly 90%
+    assert m["beta"] == pytest.approx(0.0, abs=1e-9)
+    assert m["norm_mean"] == pytest.approx(3.0) and m["norm_std"] == pytest.approx(0.0)
+
+
+def test_a_known_power_law_spectrum():
+    # s_i = i^-1, so s_i^2 = i^-2: beta 2; p_i = i^-2 / sum_j j^-2.
+    n = 8
+    s = [1.0 / i for i in range(1, n + 1)]
+    p = np.array([x * x for x in s]) / sum(x * x for x in s)
+    want_entropy = math.exp(-sum(q * math.log(q) for q in p))
+    want_90 = next(k for k in range(1, n + 1) if p[:k].sum() >= 0.9)
+    s2 = spectrum(with_singular_values(s, width=32))
+    np.testing.assert_allclose(s2, [x * x for x in s], rtol=1e-9)
+    assert deff_entropy(s2) == pytest.approx(want_entropy, rel=1e-9)
+    assert deff_90(s2) == want_90 == 4  # 1 + 1/4 + 1/9 = 1.361 of 1.527 is 0.891 < 0.9; with 1/16, 0.932
+    assert beta(s2) == pytest.approx(2.0, rel=1e-9)
+
+
+def test_two_equal_directions():
+    s2 = spectrum(with_singular_values([2.0, 2.0], width=5))
+    assert deff_entropy(s2) == pytest.approx(2.0)
+    assert deff_90(s2) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_tensors_are_computed_in_float64(dtype):
+    x = torch.tensor(with_singular_values([3.0, 1.0, 0.5], width=16), dtype=dtype)
+    m = layer_metrics(x)
+    ref = layer_metrics(x.float().numpy())
+    assert m == pytest.approx(ref)
+    assert all(math.isfinite(v) for k, v in m.items() if k != "beta")
+
+
+def test_a_single_vector_and_bad_shapes():
+    assert layer_metrics(np.ones(4))["deff_entropy"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        spectrum(np.zeros((2, 3, 4)))
+    assert layer_metrics(np.zeros((3, 4)))["deff_entropy"] == 0.0
+
+
+@pytest.mark.parametrize("rows", ["last", "mean", "tokens"])
+async def test_analyze_matches_metrics_of_transformers_own_states(tiny_models, rows):
+    """POST /analyze against the metrics of the states transformers itself returns, row choice by row choice."""
+    from litestar.testing import AsyncTestClient
+    from test_models import app_with
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = str(tiny_models["llama"])
+    texts = ["the cat sat on the mat", "hello", "one two three four five", "a b c"]
+    async with AsyncTestClient(app=app_with()) as c:
+        r = await c.post(
+            "/analyze", json={"model": model, "texts": texts, "hidden_state_layers": [0, -1], "rows": rows}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+    net = AutoModelForCausalLM.from_pretrained(model).eval()
+    tok = AutoTokenizer.from_pretrained(model)
+    with torch.inference_mode():
+        states = [net(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states for t in texts]
+    for key, index in (("0", 0), ("-1", len(states[0]) - 1)):
+        per_text = [s[index][0] for s in states]
+        if rows == "last":
+            matrix = torch.stack([s[-1] for s in per_text])
+        elif rows == "mean":
+            matrix = torch.stack([s.mean(0) for s in per_text])
+        else:
+            matrix = torch.cat(per_text)
+        want = layer_metrics(matrix)
+        got = body["layers"][key]
+        assert got["rows"] == matrix.shape[0] and got["layer_index"] == index
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+async def test_analyze_in_bfloat16_and_bad_fields(tiny_models):
+    from litestar.testing import AsyncTestClient
+    from test_models import app_with
+
+    model = str(tiny_models["llama"])
+    async with AsyncTestClient(app=app_with()) as c:
+        r = await c.post("/analyze", json={"model": model, "texts": ["a b c", "hello there"], "dtype": "bfloat16"})
+        assert r.status_code == 200, r.text
+        layers = r.json()["layers"]
+        assert len(layers) == r.json()["metadata"]["num_layers"]
+        assert all(math.isfinite(m["deff_entropy"]) and m["deff_entropy"] >= 1 for m in layers.values())
+        bad = await c.post("/analyze", json={"model": model, "texts": ["x"], "hidden_state_layers": [99]})
+        assert bad.status_code == 422 and bad.json()["field"] == "hidden_state_layers"
+        bad = await c.post("/analyze", json={"model": model, "texts": ["x"], "rows": "some"})
+        assert bad.status_code == 422 and bad.json()["field"] == "rows"
+        assert (await c.post("/analyze", json={"model": model, "texts": []})).status_code == 422
