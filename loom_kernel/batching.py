@@ -99,23 +99,27 @@ class Call:
     ticket: Ticket
     future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
     _width: int | None = None
+    _key: tuple[Any, ...] | None = None
 
     @property
     def rows(self) -> int:
         return len(self.batch.token_ids) if self.batch.token_ids is not None else len(self.batch.texts)
 
     def key(self) -> tuple[Any, ...]:
-        b, params = self.batch, self.batch.generation
-        same_params = params is None or self.model.row_params
-        return (
-            id(self.model),
-            params is None,
-            b.token_ids is None,
-            b.add_special_tokens,
-            b.truncate,
-            self.capture.attention,
-            None if same_params else params,
-        )
+        """Calls with equal keys may be merged (computed once: the model thread compares it on every scan)."""
+        if self._key is None:
+            b, params = self.batch, self.batch.generation
+            same_params = params is None or self.model.row_params
+            self._key = (
+                id(self.model),
+                params is None,
+                b.token_ids is None,
+                b.add_special_tokens,
+                b.truncate,
+                self.capture.attention,
+                None if same_params else params,
+            )
+        return self._key
 
     def width(self, limits: BatchLimits) -> int:
         """The longest row in tokens (plus what it may generate): the padded length it brings to a batch."""
@@ -154,9 +158,7 @@ class ModelThread:
         self._stopped = False
         self._arriving = 0  # admitted requests that have not reached the queue yet
         self._last_calls = 1  # calls in the last merged batch: >1 means requests come concurrently
-        self.seconds_per_call = 0.0  # moving average, for Retry-After
-        self.batches = 0
-        self.merged_calls = 0
+        self.seconds_per_batch = 0.0  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._run, name=f"loom-model:{name}", daemon=True)
         self._thread.start()
 
@@ -180,11 +182,10 @@ class ModelThread:
             self._arriving -= 1
             self._cv.notify()
 
-    def forward(self, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+    def forward(
+        self, ticket: Ticket, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture
+    ) -> ForwardOutput:
         """One request's call, from its request thread: queued, maybe merged, and waited for."""
-        ticket = current_ticket()
-        if ticket is None or ticket.thread is not self:
-            ticket = Ticket(self, arrived=True)
         call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket)
         with self._cv:
             if self._stopped:
@@ -239,11 +240,10 @@ class ModelThread:
     def _record(self, calls: int, seconds: float) -> None:
         log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)
         self._last_calls = calls
-        self.batches += 1
-        self.merged_calls += calls
         self.counters.batches += 1
         self.counters.batched_requests += calls
-        self.seconds_per_call = seconds if not self.seconds_per_call else 0.8 * self.seconds_per_call + 0.2 * seconds
+        previous = self.seconds_per_batch
+        self.seconds_per_batch = seconds if not previous else 0.8 * previous + 0.2 * seconds
 
     def _gather(self, first: Call) -> list[Call]:
         """``first`` and the compatible calls queued behind it, waiting while more are known to be coming: up to
@@ -343,9 +343,10 @@ def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
         starts.append(at)
         at += call.rows
     first = calls[0].batch
-    on_token = _merged_on_token(calls, starts) if first.generation is not None else first.on_token
+    capture = merge_captures([c.capture for c in calls])
+    on_token = _merged_on_token(calls, capture) if first.generation is not None else first.on_token
     if len(calls) == 1:
-        return attrs.evolve(first, on_token=on_token), calls[0].capture, starts
+        return attrs.evolve(first, on_token=on_token), capture, starts
     params = [c.batch.generation for c in calls for _ in range(c.rows)]
     texts = first.token_ids is None
     batch = attrs.evolve(
@@ -355,7 +356,7 @@ def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
         row_generation=None if first.generation is None or len(set(params)) == 1 else tuple(params),
         on_token=on_token,
     )
-    return batch, merge_captures([c.capture for c in calls]), starts
+    return batch, capture, starts
 
 
 def merge_captures(captures: list[Capture]) -> Capture:
@@ -397,11 +398,10 @@ def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:
     return {**entry, "top": entry["top"][:k]}
 
 
-def _merged_on_token(calls: list[Call], starts: list[int]) -> Callable[..., bool]:
+def _merged_on_token(calls: list[Call], merged: Capture) -> Callable[..., bool]:
     """Route each row's tokens to its own call's ``on_token`` (row renumbered, extras cut to what it asked for);
     a row whose request was cancelled stops."""
     owner = [(call, row) for call in calls for row in range(call.rows)]
-    merged = merge_captures([c.capture for c in calls]) if len(calls) > 1 else calls[0].capture
 
     def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
         call, local = owner[row]

@@ -97,7 +97,7 @@ def forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture:
     other requests' calls: ``loom_kernel.batching``), directly otherwise."""
     ticket = current_ticket()
     if ticket is not None:
-        return ticket.thread.forward(pm, model, batch, capture)
+        return ticket.thread.forward(ticket, pm, model, batch, capture)
     return call_forward(pm, model, batch, capture)
 
 

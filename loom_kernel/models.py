@@ -82,8 +82,9 @@ class ModelEntry:
             "state": self.state,
             "in_flight": self.in_flight,
             "queued": self.worker.queued,
-            "batches": self.worker.batches,
-            "batched_requests": self.worker.merged_calls,
+            # Cumulative for this model id, across reloads (the counters /metrics reports).
+            "batches": self.worker.counters.batches,
+            "batched_requests": self.worker.counters.batched_requests,
             "idle_seconds": round(idle, 3),
             "auto_unload_in": None if auto_unload_s is None else round(max(0.0, auto_unload_s - idle), 3),
             "device": self.options.device,
@@ -498,7 +499,7 @@ class ModelManager:
         if limit and entry.in_flight >= limit:
             if until is not None:
                 until.close()
-            wait = entry.worker.seconds_per_call * entry.in_flight / max(1, self.settings.max_batch_size)
+            wait = entry.worker.seconds_per_batch * entry.in_flight / max(1, self.settings.max_batch_size)
             retry = max(1, math.ceil(wait))
             raise TooManyRequests(
                 f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "

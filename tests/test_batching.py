@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -116,17 +118,26 @@ GENERATES = [
 ]
 
 
-@pytest.fixture
-async def served(tiny_models):
-    """A server with the tiny Llama loaded and a recorder of the loader's calls."""
+@contextlib.asynccontextmanager
+async def serving(tiny_models: dict[str, Any], *plugins: Any, **settings: Any) -> AsyncIterator[tuple[Any, ...]]:
+    """An app with ``plugins`` and ``settings``, the tiny Llama loaded, and a recorder of the loader's calls:
+    yields (app, client, model, calls)."""
     pm = create_plugin_manager()
+    for plugin in plugins:
+        pm.register(plugin)
     calls = Calls()
     pm.register(calls, name="calls")
-    app = app_with(pm=pm)
+    app = app_with(pm=pm, **settings)
     model = str(tiny_models["llama"])
     async with concurrent_client(app) as c:
         assert (await c.post("/models/load", json={"model": model})).status_code == 200
         yield app, c, model, calls
+
+
+@pytest.fixture
+async def served(tiny_models):
+    async with serving(tiny_models) as server:
+        yield server
 
 
 async def alone(c: Any, path: str, model: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,13 +252,7 @@ async def test_a_refused_prompt_fails_alone(served):
 
 
 async def test_a_failing_request_fails_alone(tiny_models):
-    pm = create_plugin_manager()
-    calls = Calls()
-    pm.register(Boom(), name="boom")
-    pm.register(calls, name="calls")
-    app = app_with(pm=pm)
-    model = str(tiny_models["llama"])
-    async with concurrent_client(app) as c:
+    async with serving(tiny_models, Boom()) as (app, c, model, _):
         single = await alone(c, "/extract", model, EXTRACTS[:2])
         results = await together(
             app, c, model, [("/extract", EXTRACTS[0]), ("/extract", {"text": "boom"}), ("/extract", EXTRACTS[1])]
@@ -260,10 +265,7 @@ async def test_a_failing_request_fails_alone(tiny_models):
 
 
 async def test_queue_overflow_is_a_429_with_retry_after(tiny_models):
-    app = app_with(max_queue=2)
-    model = str(tiny_models["llama"])
-    async with concurrent_client(app) as c:
-        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+    async with serving(tiny_models, max_queue=2) as (app, c, model, _):
         gate = Gate(app, model)
         first = [asyncio.ensure_future(c.post("/extract", json={"model": model, **b})) for b in EXTRACTS[:2]]
         while gate.entry.in_flight < 2:
@@ -336,10 +338,7 @@ async def test_a_cancelled_request_stops_its_rows_mid_generation(served):
 
 
 async def test_request_timeout_is_a_504_and_the_server_goes_on(tiny_models):
-    app = app_with(request_timeout=0.2)
-    model = str(tiny_models["llama"])
-    async with concurrent_client(app) as c:
-        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+    async with serving(tiny_models, request_timeout=0.2) as (app, c, model, _):
         gate = Gate(app, model)
         r = await c.post("/extract", json={"model": model, "text": "hello"})
         assert r.status_code == 504 and r.json()["field"] == "request_timeout"
@@ -348,13 +347,8 @@ async def test_request_timeout_is_a_504_and_the_server_goes_on(tiny_models):
 
 
 async def test_max_batch_size_one_serves_one_request_at_a_time(tiny_models):
-    pm = create_plugin_manager()
-    calls = Calls()
-    pm.register(calls, name="calls")
-    app = app_with(pm=pm, max_batch_size=1)
-    model = str(tiny_models["llama"])
-    async with concurrent_client(app) as c:
-        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+    async with serving(tiny_models, max_batch_size=1) as (app, c, model, calls):
+        calls.seen.clear()
         results = await together(app, c, model, [("/extract", body) for body in EXTRACTS])
         assert all(r.status_code == 200 for r in results)
         assert [rows for rows, _, _ in calls.seen] == [1, 1, 1, 1]
