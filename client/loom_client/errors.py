@@ -1,0 +1,121 @@
+"""Problem details (RFC 9457) as typed exceptions: one class per status the server documents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class LoomError(Exception):
+    """A request The Loom refused or failed; ``problem`` is the whole problem+json body."""
+
+    status: int | None = None
+
+    def __init__(self, problem: dict[str, Any], retry_after: float | None = None) -> None:
+        self.problem = problem
+        self.status = problem.get("status", self.status)
+        self.title: str = problem.get("title", "")
+        self.detail: str = problem.get("detail", "")
+        self.field: str | None = problem.get("field")
+        self.allowed: Any = problem.get("allowed")
+        self.request_id: str | None = problem.get("request_id")
+        self.retry_after = retry_after
+        super().__init__(f"{self.status} {self.title}: {self.detail}" if self.detail else f"{self.status} {self.title}")
+
+
+class BadRequest(LoomError):
+    status = 400
+
+
+class Unauthorized(LoomError):
+    status = 401
+
+
+class NotFound(LoomError):
+    status = 404
+
+
+class Conflict(LoomError):
+    status = 409
+
+
+class PayloadTooLarge(LoomError):
+    status = 413
+
+
+class InvalidField(LoomError):
+    status = 422
+
+
+class BackendMissing(LoomError):
+    status = 424
+
+
+class TooManyRequests(LoomError):
+    status = 429
+
+
+class ServerError(LoomError):
+    status = 500
+
+
+class ServiceUnavailable(LoomError):
+    status = 503
+
+
+class RequestTimeout(LoomError):
+    status = 504
+
+
+class InsufficientMemory(LoomError):
+    status = 507
+
+
+class LoomConnectionError(LoomError):
+    """The server could not be reached or the connection broke (the httpx error is the ``__cause__``)."""
+
+
+BY_STATUS: dict[int, type[LoomError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        InvalidField,
+        BackendMissing,
+        TooManyRequests,
+        ServerError,
+        ServiceUnavailable,
+        RequestTimeout,
+        InsufficientMemory,
+    )
+    if cls.status is not None
+}
+
+
+def problem_error(problem: dict[str, Any], retry_after: float | None = None) -> LoomError:
+    status = problem.get("status")
+    cls = BY_STATUS.get(status) if isinstance(status, int) else None
+    if cls is None:
+        cls = ServerError if isinstance(status, int) and status >= 500 else LoomError
+    return cls(problem, retry_after)
+
+
+def response_error(response: httpx.Response) -> LoomError:
+    """The exception for a 4xx/5xx response (its body read), whatever its content type."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"title": response.reason_phrase, "detail": response.text[:500]}
+    body.setdefault("status", response.status_code)
+    retry = response.headers.get("retry-after")
+    try:
+        retry_after = float(retry) if retry is not None else None
+    except ValueError:
+        retry_after = None
+    return problem_error(body, retry_after)
