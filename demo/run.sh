@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The geometric-analysis demo: trains the small causal model once (demo/.cache, ~3.5 minutes on 2 CPU cores), then
+# measures MiniLM and it layer by layer against a running server ($LOOM_URL, default http://127.0.0.1:8080).
+#   bash scripts/dev.sh serve      # in another terminal
+#   bash demo/run.sh               # extra arguments go to geometric_analysis.py, e.g. --rows last
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+CAUSAL="$PWD/demo/.cache/pydoc-gpt2"
+if [ ! -f "$CAUSAL/config.json" ]; then
+  "$PY" demo/train_causal.py --out "$CAUSAL"
+fi
+exec "$PY" demo/geometric_analysis.py --server "${LOOM_URL:-http://127.0.0.1:8080}" \
+  --model minilm --model "$CAUSAL" --out demo/outputs "$@"

@@ -1,0 +1,68 @@
+"""The geometric-analysis demo (demo/geometric_analysis.py) end to end: a real server, two tiny models, every output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serverutil import REPO, loom_server
+
+pytestmark = pytest.mark.slow
+
+PNGS = ("deff_by_layer.png", "beta_by_layer.png", "norms_by_layer.png", "model_comparison.png")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hidden states are the activations a transformer computes at every layer.",
+    "Numbers like 1, 2, 3 and 42 appear in text as well as words.",
+    "Hello world! How are you today?",
+]
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("geometric_analysis", REPO / "demo" / "geometric_analysis.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_runs_end_to_end_on_tiny_models(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    demo = load_demo()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment line\n\n" + "\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out"
+    models = {"bert": str(tiny_models["bert"]), "llama": str(tiny_models["llama"])}
+    with loom_server([], tmp_path) as (base, _, _):
+        argv = ["--server", base, "--out", str(out), "--prompts", str(prompts)]
+        assert demo.main([*argv, "--model", models["bert"], "--model", models["llama"]]) == 0
+
+    for name in PNGS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["rows"] == "tokens" and report["prompts"] == PROMPTS
+    assert [m["label"] for m in report["models"]] == [Path(p).name for p in models.values()]
+    states = np.load(out / "states.npz")
+    for m in report["models"]:
+        n, h = m["num_layers"], m["hidden_size"]
+        assert [x["layer_index"] for x in m["layers"]] == list(range(n + 1))  # 0 (embeddings) included
+        assert m["rows"] == sum(m["token_counts"]) > len(PROMPTS)  # tokens: more rows than prompts
+        assert m["cross_check"]["agrees"], m["cross_check"]
+        for x in m["layers"]:
+            values = [x[k] for k in ("deff_entropy", "deff_90", "beta", "norm_mean", "norm_std")]
+            assert all(v is not None and math.isfinite(v) for v in values), x
+            assert 1.0 <= x["deff_entropy"] <= x["rank"] + 1e-9 and 1 <= x["deff_90"] <= x["rank"] <= min(m["rows"], h)
+            assert x["normalized_depth"] == x["layer_index"] / n
+            matrix = states[f"{m['label']}/layer_{x['layer_index']:02d}"]
+            assert matrix.shape == (m["rows"], h) and matrix.dtype == np.float16
+        assert states[f"{m['label']}/row_tokens"].shape == (m["rows"],)
+
+    summary = (out / "summary.md").read_text()
+    assert all(f"## {m['label']}" in summary for m in report["models"])
