@@ -14,11 +14,15 @@ Contract of ``run_batch`` (one ``SequenceOutput`` per input row):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder, find_blocks
 from loom_kernel.errors import InvalidField, Unsupported
+from loom_sentence_transformers.packing import Layout, agrees, packable, run_packed
+
+log = logging.getLogger("loom.sentence_transformers")
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -37,14 +41,17 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
         )
     st = model.model
     features, truncated = _features(model, batch)
+    layout = _layout(model, features)
     rec = _recorder(model, capture)
     try:
         with torch.inference_mode():
-            out = st(dict(features))
+            out = st(dict(features)) if layout is None else run_packed(st, features, layout)
         taken = rec.taken() if rec is not None else {}
     finally:
         if rec is not None:
             rec.close()
+    if layout is not None:
+        taken = {index: layout.unpack(states) for index, states in taken.items()}
     if model.num_layers in capture.indices:
         # sentence-transformers calls the transformer's forward() directly, so a hook on the model itself never
         # fires; index N is its last_hidden_state, which the pipeline hands on as token_embeddings.
@@ -68,6 +75,31 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
             )
         )
     return ForwardOutput(rows=rows, metadata={"pipeline": model.extra.get("pipeline")})
+
+
+def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
+    """How to pack this batch, or None to run it padded (one row, little padding, or a model that cannot pack)."""
+    import torch
+
+    if model.extra.get("packing") is False or not packable(model.model):
+        return None
+    mask = features["attention_mask"].cpu()
+    # Left padding shifts the rows' positions (BERT numbers padded columns too): packing, which counts every row
+    # from 0, would change what such a batch computes, so only right-padded batches pack.
+    if not bool((mask.cumprod(1).sum(1) == mask.sum(1)).all()):
+        return None
+    layout = Layout(mask)
+    if not layout.worth_it:
+        return None
+    if "packing" not in model.extra:
+        try:
+            with torch.inference_mode():
+                model.extra["packing"] = agrees(model.model, features, layout)
+        except Exception:  # a model that rejects position_ids or a 4D mask
+            model.extra["packing"] = False
+        how = "packed" if model.extra["packing"] else "padded (packed rows did not match padded ones)"
+        log.info("%s: merged batches of texts run %s", model.ref.id, how)
+    return layout if model.extra["packing"] else None
 
 
 def _positions(total: int, capture: Capture) -> list[int]:

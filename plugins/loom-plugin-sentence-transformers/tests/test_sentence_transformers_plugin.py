@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from loom_sentence_transformers.packing import Layout
+from loom_sentence_transformers.running import _features
 
 from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
 from loom_kernel.capture import resolve_layers
@@ -73,6 +75,7 @@ def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
     - "dense": modules.json with Transformer -> Pooling(cls) -> Dense(64 -> 32) -> Normalize
     - "config_only": the BERT directory plus config_sentence_transformers.json, no modules.json
+    - "causal": the tiny GPT-2 -> Pooling(mean), right padding (a model whose rows cannot be packed)
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
@@ -86,7 +89,10 @@ def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
     (root / "config_only" / "config_sentence_transformers.json").write_text(
         json.dumps({"__version__": {"sentence_transformers": "5.0.0"}})
     )
-    return {"dense": root / "dense", "config_only": root / "config_only"}
+    causal = Transformer(str(tiny_models["gpt2"]))
+    causal.tokenizer.padding_side = "right"
+    SentenceTransformer(modules=[causal, Pooling(64, pooling_mode="mean")], device="cpu").save(str(root / "causal"))
+    return {"dense": root / "dense", "config_only": root / "config_only", "causal": root / "causal"}
 
 
 # --- registration and probe -----------------------------------------------------------------------------------
@@ -247,3 +253,70 @@ def test_bfloat16_load(hooks):
     assert half.dtype == "bfloat16" and half.model.transformers_model.dtype == torch.bfloat16
     (row,) = run(hooks, half, ["hello"], capture=Capture(layers=resolve_layers([-1], 6), positions="last"))
     assert row.pooled.dtype == torch.float32 and row.states["-1"].shape == (1, 384)
+
+
+# --- packed batches -----------------------------------------------------------------------------------------------
+
+MIXED = (*TEXTS, *(f"Sentence number {i} says {'more and ' * (i % 5)}something." for i in range(12)))
+
+
+def right_padded(lengths: list[int]) -> torch.Tensor:
+    width = max(lengths)
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def test_layout_moves_every_row_into_its_own_block_and_back():
+    lengths = [5, 1, 3, 7, 2, 6]
+    mask = right_padded(lengths)
+    layout = Layout(mask, cap=8)
+    assert layout.packs == 3 and layout.worth_it  # ceil(24 / 8) packs, filled evenly: 8 tokens each
+    assert layout.packs * layout.length < mask.numel()
+    ids = (torch.arange(mask.numel()).view(mask.shape) + 1) * mask
+    packed = layout.pack({"input_ids": ids, "attention_mask": mask, "modality": "text"}, torch.float32, "cpu")
+    assert set(packed) == {"input_ids", "attention_mask", "position_ids"}
+    flat_ids, flat_pos = packed["input_ids"].flatten(), packed["position_ids"].flatten()
+    allowed = packed["attention_mask"][:, 0] == 0  # [P, L, L]: who attends to whom
+    for i, n in enumerate(lengths):
+        at = (flat_ids[:, None] == ids[i, :n][None, :]).nonzero()[:, 0]  # where row i's tokens went, in order
+        assert len(at) == n and torch.equal(flat_pos[at], torch.arange(n))  # contiguous, counted from 0
+        pack, cols = at // layout.length, at % layout.length
+        assert (pack == pack[0]).all() and torch.equal(cols, cols[0] + torch.arange(n))
+        sees = allowed[pack[0]][cols]  # [n, L]: exactly this row's own columns
+        assert sees[:, cols].all() and sees.sum() == n * n
+    states = torch.randn(*mask.shape, 4) * mask[..., None]
+    flat = torch.zeros(layout.packs * layout.length, 4)
+    flat[layout.packed_index] = states.reshape(-1, 4)[layout.padded_index]
+    assert torch.equal(layout.unpack(flat.view(layout.packs, layout.length, 4)), states)
+    assert not Layout(right_padded([4, 4, 3])).worth_it and not Layout(right_padded([9])).worth_it
+
+
+def test_packed_batch_equals_each_row_alone(hooks, minilm, reference):
+    """A merged batch of mixed lengths runs packed (MiniLM passes the check), and every row still gets what it gets
+    alone: pooled as encode, states as transformers' output_hidden_states of the text by itself."""
+    features, _ = _features(minilm, Batch(texts=MIXED))
+    assert Layout(features["attention_mask"]).worth_it
+    capture = Capture(layers=resolve_layers([0, 3, 6], minilm.num_layers), positions="all")
+    rows = run(hooks, minilm, MIXED, capture=capture)
+    assert minilm.extra["packing"] is True
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), reference.encode(list(MIXED)))
+    hf = minilm.model.transformers_model
+    for row in rows:
+        with torch.inference_mode():
+            ref = hf(input_ids=torch.tensor([row.token_ids]), output_hidden_states=True).hidden_states
+        for k in (0, 3, 6):
+            torch.testing.assert_close(row.states[str(k)], ref[k][0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_whose_rows_cannot_be_packed_runs_padded(hooks, tiny_pipelines):
+    """GPT-2 is causal: a block-diagonal mask would let tokens see ahead, so the check fails and batches pad."""
+    from sentence_transformers import SentenceTransformer
+
+    causal = hooks.load(
+        model=resolve_model(str(tiny_pipelines["causal"])), loader="sentence_transformers", options=LoadOptions()
+    )
+    texts = ["hello", "the quick brown fox jumps over the lazy dog and the cat", "a b", "hidden states"]
+    rows = run(hooks, causal, texts, capture=Capture(layers=resolve_layers([-1], causal.num_layers), positions="all"))
+    assert causal.extra["packing"] is False
+    want = SentenceTransformer(str(tiny_pipelines["causal"]), device="cpu").encode(texts)
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), want)
+    assert [r.states["-1"].shape[0] for r in rows] == [len(r.token_ids) for r in rows]
