@@ -14,11 +14,15 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from test_models import app_with
 
 TINY = "tiny"
-CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
+CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance, status_code_conformance]
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +74,24 @@ def test_api_conforms_to_its_schema(api_schema):
         except Exception as exc:
             failures[f"{operation.label} ({mode.value})"] = exc
     assert not failures, "\n\n".join(f"{label}: {exc}" for label, exc in failures.items())
+
+
+@pytest.mark.parametrize("api_key", [None, "secret"])
+def test_every_operation_documents_its_problems(api_key):
+    """Every operation lists 500 and 503; one with a body the body's problems and the model's; 401 with a key."""
+    from litestar.testing import TestClient
+
+    app = app_with(api_key=api_key)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with TestClient(app) as client:
+        doc = client.get("/schema/openapi.json", headers=headers).json()
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            codes = {int(c) for c in op["responses"] if c.isdigit()}
+            assert {500, 503} <= codes, (method, path)
+            assert (401 in codes) == bool(api_key), (method, path)
+            if "requestBody" in op:
+                assert {400, 404, 413, 422, 429} <= codes, (method, path)
+            for code in codes - {200, 201, 204}:
+                content = op["responses"][str(code)]["content"]
+                assert list(content) == ["application/problem+json"], (method, path, code)

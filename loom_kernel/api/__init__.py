@@ -69,7 +69,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         debug=False,
         logging_config=None,  # the CLI configures logging once (loom_kernel.logs); a second handler doubles lines
     )
-    document_problems(app)
+    document_problems(app, api_key=bool(settings.api_key))
     app.state.pm = pm
     app.state.settings = settings
     app.state.manager = manager

@@ -34,14 +34,38 @@ class Problem(msgspec.Struct, kw_only=True):
     field: str | None = None
 
 
-def document_problems(app: Litestar) -> None:
-    """Document the 400 (malformed body) that Litestar adds to every route with a body as the problem it is,
-    not Litestar's default ``{status_code, detail}`` JSON."""
-    spec = ResponseSpec(data_container=Problem, media_type=MEDIA_TYPE, description="Malformed request")
+# What each kind of route may answer besides its success, all as problem+json (the OpenAPI document lists them so
+# that a client, and the schemathesis test, can rely on the list).
+ANY_ROUTE = {500: "Internal error", 503: "Out of memory or shutting down (Retry-After)"}
+WITH_BODY = {400: "Malformed request body", 413: "Request body too large", 422: "Invalid field"}
+NAMING_A_MODEL = {
+    403: "Refused by the server's policy",
+    404: "No such model, alias or path",
+    409: "Conflicts with the model's state",
+    422: "Invalid field",
+    424: "A backend the model needs is not installed",
+    429: "The model's queue is full (Retry-After)",
+    504: "Past request_timeout",
+    507: "Not enough memory to load the model",
+}
+
+
+def document_problems(app: Litestar, api_key: bool = False) -> None:
+    """Declare every problem a route can answer, with the problem body, instead of Litestar's default 400."""
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
+            statuses = dict(ANY_ROUTE)
             if "data" in handler.parsed_fn_signature.parameters:
-                handler.responses = {**(handler.responses or {}), 400: spec}
+                statuses |= WITH_BODY | NAMING_A_MODEL
+            elif getattr(route, "path_parameters", None):
+                statuses |= NAMING_A_MODEL | {400: "Malformed path or query parameter"}
+            if api_key:
+                statuses[401] = "Missing or wrong API key"
+            specs = {
+                code: ResponseSpec(data_container=Problem, media_type=MEDIA_TYPE, description=text)
+                for code, text in statuses.items()
+            }
+            handler.responses = {**specs, **(handler.responses or {})}
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
