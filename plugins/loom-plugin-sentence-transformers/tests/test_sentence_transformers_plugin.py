@@ -320,3 +320,16 @@ def test_a_model_whose_rows_cannot_be_packed_runs_padded(hooks, tiny_pipelines):
     want = SentenceTransformer(str(tiny_pipelines["causal"]), device="cpu").encode(texts)
     assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), want)
     assert [r.states["-1"].shape[0] for r in rows] == [len(r.token_ids) for r in rows]
+
+
+def test_half_precision_batches_pack_within_their_precision(hooks, reference):
+    half = hooks.load(
+        model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions(dtype="bfloat16")
+    )
+    packed = torch.stack([r.pooled for r in run(hooks, half, MIXED)])
+    assert half.extra["packing"] is True
+    half.extra["packing"] = False  # the same batch padded
+    padded = torch.stack([r.pooled for r in run(hooks, half, MIXED)])
+    assert (packed - padded).abs().max() < 1e-2  # bfloat16 keeps 8 bits: ~4e-3 per unit
+    cos = torch.nn.functional.cosine_similarity(packed, torch.from_numpy(reference.encode(list(MIXED))))
+    assert cos.min() > 0.999, cos
