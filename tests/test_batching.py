@@ -393,3 +393,30 @@ def test_a_client_that_disconnects_leaves_a_real_server(tiny_models, tmp_path):
             assert time.monotonic() < deadline, "the cancelled generation ran on"
             time.sleep(0.01)
         assert c.post("/generate", json=long).json()["token_ids"] == full["token_ids"]
+
+
+async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_and_encode():
+    """Sixteen /embed requests of mixed lengths merge into one call that the sentence-transformers loader packs;
+    each answer equals the same request alone and SentenceTransformer.encode of its text."""
+    from sentence_transformers import SentenceTransformer
+
+    from loom_kernel.resolve import embedded_path
+
+    texts = [f"Text {i}: {'hidden states move through the layers ' * (1 + i % 6)}" for i in range(16)]
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm)
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": "minilm"})).status_code == 200
+        single = await alone(c, "/embed", "minilm", [{"text": t} for t in texts])
+        calls.seen.clear()
+        results = await together(app, c, "minilm", [("/embed", {"text": t}) for t in texts])
+        entry = app.state.manager.entries["minilm"]
+        assert entry.loaded.extra["packing"] is True
+    assert [rows for rows, _, _ in calls.seen] == [len(texts)]
+    want = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(texts)
+    for r, alone_, ref in zip(results, single, want, strict=True):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["embedding"], alone_["embedding"], atol=1e-5)
+        np.testing.assert_allclose(r.json()["embedding"], ref, atol=1e-5)
