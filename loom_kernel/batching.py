@@ -37,6 +37,7 @@ from loom_kernel.types import Batch, Capture, ForwardOutput, LayerSel, LoadedMod
 
 log = logging.getLogger("loom.batching")
 T = TypeVar("T")
+RECENT_S = 1.0  # how far back the batching window looks for the clients' concurrency
 
 
 class Cancelled(LoomError):
@@ -157,7 +158,7 @@ class ModelThread:
         self._items: deque[Call | tuple[Callable[[], Any], concurrent.futures.Future] | None] = deque()
         self._stopped = False
         self._arriving = 0  # admitted requests that have not reached the queue yet
-        self._last_calls = 1  # calls in the last merged batch: >1 means requests come concurrently
+        self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (when, calls) of recent merged batches
         self.seconds_per_batch = 0.0  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._run, name=f"loom-model:{name}", daemon=True)
         self._thread.start()
@@ -239,7 +240,7 @@ class ModelThread:
 
     def _record(self, calls: int, seconds: float) -> None:
         log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)
-        self._last_calls = calls
+        self._recent.append((time.monotonic(), calls))
         self.counters.batches += 1
         self.counters.batched_requests += calls
         previous = self.seconds_per_batch
@@ -273,13 +274,19 @@ class ModelThread:
                     deadline = min(start + 4 * limits.window_s, now + limits.window_s)
                 # A generation (hundreds of milliseconds) always waits the window for company: its companions may
                 # still be in the HTTP layer. A forward pass waits only while more are known to be coming: admitted
-                # requests that have not reached the queue, or fewer joined than the last batch merged (its
-                # clients send again); so a lone client's /embed or /extract never waits.
-                expected = generation or self._arriving > 0 or len(group) < self._last_calls
+                # requests that have not reached the queue, or fewer joined than the largest batch of the last
+                # second (its clients send again). The largest, not the last: a forward pass costs nearly as much
+                # for one row as for sixteen (the weights are read once either way), so a batch that left without
+                # its stragglers would leave them a batch of their own. A lone client's /embed never waits.
+                expected = generation or self._arriving > 0 or len(group) < self._recent_peak(now)
                 if now >= deadline or not expected:
                     break
                 self._cv.wait(deadline - now)
         return group
+
+    def _recent_peak(self, now: float) -> int:
+        """The most calls one merged batch held in the last second (1 when none ran)."""
+        return max((calls for when, calls in self._recent if when > now - RECENT_S), default=1)
 
     def _execute(self, calls: list[Call]) -> None:
         live = []
