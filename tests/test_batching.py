@@ -420,3 +420,51 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["embedding"], alone_["embedding"], atol=1e-5)
         np.testing.assert_allclose(r.json()["embedding"], ref, atol=1e-5)
+
+
+def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(tiny_models, monkeypatch):
+    """After a batch of four, three calls and a straggler 0.1 s behind them still make one batch (a pass costs
+    about as much for one row as for four); once that batch is out of the recent past, a lone call runs at once."""
+    import concurrent.futures
+
+    from loom_kernel import LoadOptions, batching
+    from loom_kernel.resolve import resolve_model
+
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
+    window = 0.5
+    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=window))
+    monkeypatch.setattr(batching, "RECENT_S", 30.0)
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+
+    def send(text: str) -> concurrent.futures.Future:
+        ticket = thread.ticket()  # what the server does when it admits a request
+        batch = Batch(texts=(text,))
+        work = lambda: thread.forward(ticket, pm, model, batch, Capture())  # noqa: E731
+        return pool.submit(batching.run_with_ticket, ticket, work)
+
+    try:
+        gate = threading.Event()
+        thread.submit(gate.wait)
+        first = [send(f"text number {i}") for i in range(4)]
+        while thread.queued < 4:
+            time.sleep(0.01)
+        gate.set()
+        concurrent.futures.wait(first)
+        send("a lone call").result()  # waits one window for the company the batch of four suggests, then runs
+        together = [send(f"again {i}") for i in range(3)]
+        time.sleep(0.1)
+        together.append(send("the straggler"))
+        concurrent.futures.wait(together)
+        assert [rows for rows, _, _ in calls.seen] == [4, 1, 4]
+
+        monkeypatch.setattr(batching, "RECENT_S", 0.0)  # the batches of four are in the past now
+        start = time.perf_counter()
+        send("alone again").result()
+        assert time.perf_counter() - start < window  # it did not wait for company
+        assert [rows for rows, _, _ in calls.seen] == [4, 1, 4, 1]
+    finally:
+        thread.stop()
+        pool.shutdown()
