@@ -333,3 +333,14 @@ def test_half_precision_batches_pack_within_their_precision(hooks, reference):
     assert (packed - padded).abs().max() < 1e-2  # bfloat16 keeps 8 bits: ~4e-3 per unit
     cos = torch.nn.functional.cosine_similarity(packed, torch.from_numpy(reference.encode(list(MIXED))))
     assert cos.min() > 0.999, cos
+
+
+def test_a_truncated_row_packs_with_short_ones(hooks, minilm, reference):
+    """A row cut to max_seq_length (256 tokens, a pack of its own) packs beside short rows, positions from 0 each."""
+    texts = (LONG, *MIXED[:8])
+    features, _ = _features(minilm, Batch(texts=texts, truncate=True))
+    layout = Layout(features["attention_mask"])
+    assert layout.worth_it and layout.packs == 2 and layout.length == 256
+    rows = run(hooks, minilm, texts, truncate=True)
+    assert minilm.extra["packing"] is True and rows[0].truncated and len(rows[0].token_ids) == 256
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), reference.encode(list(texts)))
