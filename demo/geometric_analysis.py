@@ -183,6 +183,13 @@ def save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def label_axes(ax: Any, xlabel: str = "layer index (0 = embedding output)", **labels: Any) -> None:
+    """Title, axis labels, a light grid (minor ticks too, on a log axis) and the legend: every plot's finish."""
+    ax.set(xlabel=xlabel, **labels)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+
+
 def series(report: dict[str, Any], key: str, x: str = "layer_index") -> tuple[list[float], list[float]]:
     layers = report["layers"]
     return [layer[x] for layer in layers], [math.nan if layer[key] is None else layer[key] for layer in layers]
@@ -198,9 +205,7 @@ def plot_deff(reports: list[dict[str, Any]], path: Path) -> None:
     ):
         for r in reports:
             ax.plot(*series(r, key), marker="o", label=f"{r['label']} (H={r['hidden_size']})")
-        ax.set(title=title, xlabel="layer index (0 = embedding output)", ylabel="D_eff")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        label_axes(ax, title=title, ylabel="D_eff")
     save(fig, path)
 
 
@@ -210,9 +215,7 @@ def plot_beta(reports: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in reports:
         ax.plot(*series(r, "beta"), marker="o", label=r["label"])
-    ax.set(title="beta: spectral decay, s_i² ~ i^-beta", xlabel="layer index (0 = embedding output)", ylabel="beta")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    label_axes(ax, title="beta: spectral decay, s_i² ~ i^-beta", ylabel="beta")
     save(fig, path)
 
 
@@ -224,10 +227,8 @@ def plot_norms(reports: list[dict[str, Any]], path: Path) -> None:
         x, mean = series(r, "norm_mean")
         _, std = series(r, "norm_std")
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=r["label"])
-    ax.set(title="L2 norm of the rows (mean ± std)", xlabel="layer index (0 = embedding output)", ylabel="norm")
     ax.set_yscale("log")  # the models' scales differ by orders of magnitude
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    label_axes(ax, title="L2 norm of the rows (mean ± std)", ylabel="norm")
     save(fig, path)
 
 
@@ -248,9 +249,7 @@ def plot_comparison(reports: list[dict[str, Any]], path: Path) -> None:
         (axes[1], "D_eff (entropy) / rank of the matrix", "fraction of rank"),
         (axes[2], "beta", "beta"),
     ):
-        ax.set(title=title, xlabel="normalized depth (layer index / N)", ylabel=ylabel, xlim=(-0.03, 1.03))
-        ax.grid(alpha=0.3)
-        ax.legend()
+        label_axes(ax, title=title, ylabel=ylabel, xlabel="normalized depth (layer index / N)", xlim=(-0.03, 1.03))
     save(fig, path)
 
 

@@ -81,7 +81,9 @@ def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
     """How to pack this batch, or None to run it padded (one row, little padding, or a model that cannot pack)."""
     import torch
 
-    if model.extra.get("packing") is False or not packable(model.model):
+    if "packing" not in model.extra and not packable(model.model):
+        model.extra["packing"] = False  # decided once: the pipeline's modules do not change
+    if model.extra.get("packing") is False:
         return None
     mask = features["attention_mask"].cpu()
     # Left padding shifts the rows' positions (BERT numbers padded columns too): packing, which counts every row
