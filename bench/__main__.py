@@ -11,7 +11,8 @@ ratios are (it fails only if a server or a request does).
 Rows (benchmark name for ``--only`` in brackets):
 
 - ``embed: 16 clients, batched vs 1-at-a-time`` [embed]: the real all-MiniLM-L6-v2 (``--preload minilm``). 16 client
-  threads, each on its own keep-alive connection, send single texts of 6-14 words as ``POST /embed``, one request
+  threads, each on its own keep-alive connection (the standard library's ``http.client``: a lean load generator,
+  see ``bench.common.Connection``), send single texts of 6-14 words as ``POST /embed``, one request
   after another, a fixed number of requests in all. Measured: texts/s of the batched server; baseline: the same
   clients against the one-at-a-time server. Target >= 3.
 - ``embed: 16 clients vs encode(batch 32)`` [embed]: the same batched throughput against in-process
@@ -19,6 +20,9 @@ Rows (benchmark name for ``--only`` in brackets):
 - ``embed: 16 clients vs encode of the same 16-text groups`` [embed]: against ``encode`` of the texts in the
   groups of 16 a server of single texts can form (arrival order, each padded to its longest), no target:
   ``encode(texts, batch_size=32)`` sorts the whole corpus by length first, which no server of single texts can.
+- ``embed: 16 httpx clients vs encode(batch 32)`` [embed]: the first row's load sent by httpx clients instead, no
+  target: what a load generator that takes 0.8 ms of CPU a request (16 times the standard library's) leaves the
+  server of a 2-core machine.
 - ``health: median under embed load`` and ``health: p95 ...`` [health]: while 16 clients send ``/embed`` in a loop to
   the batched server, another process calls ``GET /health`` 50 times, 20 ms apart. Measured: median latency;
   baseline: the 50 ms budget; ratio median / 50 ms. Target < 1. The p95 row gives the 95th percentile, with no
@@ -131,18 +135,22 @@ def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
     # What a server of single texts can batch: groups of 16 in arrival order, each padded to its longest text.
     # encode(texts, batch_size=32) sorts all of them by length first, so its batches carry almost no padding.
     arrival = [texts[i : i + clients] for i in range(0, requests, clients)]
-    served, one_by_one, encoded, in_order, client_cpu = [], [], [], [], 0.0
+    served, one_by_one, encoded, in_order, with_httpx, client_cpu, httpx_cpu = [], [], [], [], [], 0.0, 0.0
     for _ in range(repeats):
         seconds, _, cpu = run_clients(batched, "/embed", bodies, clients)
         served.append(seconds)
         client_cpu += cpu
+        seconds, _, cpu = run_clients(batched, "/embed", bodies, clients, kind="httpx")
+        with_httpx.append(seconds)
+        httpx_cpu += cpu
         one_by_one.append(run_clients(single, "/embed", bodies, clients)[0])
         encoded.append(best_of(1, lambda: st.encode(texts, batch_size=32)))
         in_order.append(best_of(1, lambda: [st.encode(group, batch_size=clients) for group in arrival]))
     tput = requests / min(served)
     note = (
         f"{requests} POST /embed of one text of 6-14 words per run, {runs(repeats)} each, the best counts; the "
-        f"client threads used {client_cpu / sum(served):.2f} CPU cores of the machine's while the batched server ran"
+        f"client threads (http.client) used {client_cpu / sum(served):.2f} CPU cores of the machine's while the "
+        f"batched server ran, httpx ones {httpx_cpu / sum(with_httpx):.2f}"
     )
     return [
         row(
@@ -166,6 +174,14 @@ def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
             f"embed: {clients} clients vs encode of the same {clients}-text groups",
             tput,
             requests / min(in_order),
+            "texts/s",
+            "-",
+            None,
+        ),
+        row(
+            f"embed: {clients} httpx clients vs encode(batch 32)",
+            requests / min(with_httpx),
+            requests / min(encoded),
             "texts/s",
             "-",
             None,

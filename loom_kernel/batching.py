@@ -248,13 +248,21 @@ class ModelThread:
 
     def _gather(self, first: Call) -> list[Call]:
         """``first`` and the compatible calls queued behind it, waiting while more are known to be coming: up to
-        the window after the last one joined, and at most four windows in all."""
+        the window after the last one joined (four windows in all), or up to one pass for the clients of the
+        largest recent batch."""
         limits = self.limits
         group, key = [first], first.key()
         rows, width = first.rows, first.width(limits)
         generation = first.batch.generation is not None
         start = time.monotonic()
         deadline = start + limits.window_s
+        # A forward pass costs nearly as much for one row as for sixteen (the weights are read once either way), so
+        # a batch that leaves without the clients of the largest batch of the last second (they send again) leaves
+        # them a pass of their own: waiting for them up to one pass never costs throughput. The largest and not the
+        # last, or one batch that left short would make the next leave short too. Generations (hundreds of
+        # milliseconds) wait only the window: their companions may still be in the HTTP layer.
+        peak = 1 if generation else self._recent_peak(start)
+        patience = start + max(limits.window_s, self.seconds_per_batch)
         with self._cv:
             while True:
                 joined = len(group)
@@ -272,16 +280,14 @@ class ModelThread:
                 now = time.monotonic()
                 if len(group) > joined:
                     deadline = min(start + 4 * limits.window_s, now + limits.window_s)
-                # A generation (hundreds of milliseconds) always waits the window for company: its companions may
-                # still be in the HTTP layer. A forward pass waits only while more are known to be coming: admitted
-                # requests that have not reached the queue, or fewer joined than the largest batch of the last
-                # second (its clients send again). The largest, not the last: a forward pass costs nearly as much
-                # for one row as for sixteen (the weights are read once either way), so a batch that left without
-                # its stragglers would leave them a batch of their own. A lone client's /embed never waits.
-                expected = generation or self._arriving > 0 or len(group) < self._recent_peak(now)
-                if now >= deadline or not expected:
+                # Known to be coming: admitted requests that have not reached the queue (a lone client's /embed
+                # never waits), a generation's possible companions, the clients of the recent peak.
+                until = deadline if generation or self._arriving > 0 else now
+                if len(group) < peak:
+                    until = max(until, patience)
+                if now >= until:
                     break
-                self._cv.wait(deadline - now)
+                self._cv.wait(until - now)
         return group
 
     def _recent_peak(self, now: float) -> int:
