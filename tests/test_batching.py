@@ -453,7 +453,7 @@ def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(tiny_mod
             time.sleep(0.01)
         gate.set()
         concurrent.futures.wait(first)
-        send("a lone call").result()  # waits one window for the company the batch of four suggests, then runs
+        send("a lone call").result()  # waits (a window: longer than a pass here) for the company of the four
         together = [send(f"again {i}") for i in range(3)]
         time.sleep(0.1)
         together.append(send("the straggler"))
@@ -465,6 +465,61 @@ def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(tiny_mod
         send("alone again").result()
         assert time.perf_counter() - start < window  # it did not wait for company
         assert [rows for rows, _, _ in calls.seen] == [4, 1, 4, 1]
+    finally:
+        thread.stop()
+        pool.shutdown()
+
+
+class Slow:
+    """Makes every forward pass take ``seconds`` longer, as a big model's would."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @hookimpl(wrapper=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> Any:
+        time.sleep(self.seconds)
+        return (yield)
+
+
+def test_the_clients_of_the_largest_recent_batch_are_waited_for_up_to_one_pass(tiny_models, monkeypatch):
+    """With passes of 0.4 s, a straggler 0.2 s behind three calls (far past four 20 ms windows) still joins them:
+    running without it would cost it a pass of its own. Rows as the old window rule would run them: [4, 3, 1]."""
+    import concurrent.futures
+
+    from loom_kernel import LoadOptions, batching
+    from loom_kernel.resolve import resolve_model
+
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    pm.register(Slow(0.4), name="slow")
+    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
+    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=0.02))
+    monkeypatch.setattr(batching, "RECENT_S", 30.0)
+    pool = concurrent.futures.ThreadPoolExecutor(8)
+
+    def send(text: str) -> concurrent.futures.Future:
+        ticket = thread.ticket()
+        batch = Batch(texts=(text,))
+        work = lambda: thread.forward(ticket, pm, model, batch, Capture())  # noqa: E731
+        return pool.submit(batching.run_with_ticket, ticket, work)
+
+    try:
+        gate = threading.Event()
+        thread.submit(gate.wait)
+        first = [send(f"text number {i}") for i in range(4)]
+        while thread.queued < 4:
+            time.sleep(0.01)
+        gate.set()
+        concurrent.futures.wait(first)
+        assert thread.seconds_per_batch >= 0.4
+        together = [send(f"again {i}") for i in range(3)]
+        time.sleep(0.2)
+        together.append(send("the straggler"))
+        concurrent.futures.wait(together)
+        assert [rows for rows, _, _ in calls.seen] == [4, 4]
+        assert all(f.result().rows[0].token_ids for f in together)
     finally:
         thread.stop()
         pool.shutdown()
