@@ -158,8 +158,11 @@ class ModelThread:
         self._items: deque[Call | tuple[Callable[[], Any], concurrent.futures.Future] | None] = deque()
         self._stopped = False
         self._arriving = 0  # admitted requests that have not reached the queue yet
-        self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (when, calls) of recent merged batches
+        # Per key of plain passes: (when, most compatible calls queued or running at once); see _gather.
+        self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}
+        self._running: tuple[tuple[Any, ...] | None, int] = (None, 0)  # (key, calls) of the merged call running
         self.seconds_per_batch = 0.0  # moving average, for Retry-After
+        self.seconds_per_pass = 0.0  # moving average of plain (not generating) passes
         self._thread = threading.Thread(target=self._run, name=f"loom-model:{name}", daemon=True)
         self._thread.start()
 
@@ -187,14 +190,25 @@ class ModelThread:
         self, ticket: Ticket, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture
     ) -> ForwardOutput:
         """One request's call, from its request thread: queued, maybe merged, and waited for."""
+        return self.enqueue(ticket, pm, model, batch, capture).result()
+
+    def enqueue(
+        self, ticket: Ticket, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture
+    ) -> concurrent.futures.Future[ForwardOutput]:
+        """One request's call queued (maybe merged); its future holds the rows. Never cancel the future: cancel the
+        ticket, and the call leaves the queue."""
         call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket)
-        with self._cv:
-            if self._stopped:
-                raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
-            self._items.append(call)
-            self._cv.notify()
-        ticket.arrive()
-        return call.future.result()
+        try:
+            with self._cv:
+                if self._stopped:
+                    raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
+                if batch.generation is None:
+                    self._note_company(call.key())
+                self._items.append(call)
+                self._cv.notify()
+        finally:
+            ticket.arrive()
+        return call.future
 
     def stop(self) -> None:
         with self._cv:
@@ -221,7 +235,9 @@ class ModelThread:
                 group = self._gather(item)
                 start = time.perf_counter()
                 self._execute(group)
-                self._record(len(group), time.perf_counter() - start)
+                with self._cv:
+                    self._running = (None, 0)
+                self._record(len(group), time.perf_counter() - start, item.batch.generation is None)
                 continue
             fn, fut = item
             if fut.set_running_or_notify_cancel():
@@ -238,18 +254,33 @@ class ModelThread:
             if isinstance(item, Call):
                 item.future.set_exception(ModelNotFound("model: the model was unloaded", field="model"))
 
-    def _record(self, calls: int, seconds: float) -> None:
+    def _record(self, calls: int, seconds: float, plain: bool) -> None:
         log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)
-        self._recent.append((time.monotonic(), calls))
         self.counters.batches += 1
         self.counters.batched_requests += calls
-        previous = self.seconds_per_batch
-        self.seconds_per_batch = seconds if not previous else 0.8 * previous + 0.2 * seconds
+        self.seconds_per_batch = _average(self.seconds_per_batch, seconds)
+        if plain:
+            self.seconds_per_pass = _average(self.seconds_per_pass, seconds)
+
+    def _note_company(self, key: tuple[Any, ...]) -> None:
+        """Under the lock, as a plain pass is queued: how many compatible calls are queued or running with it."""
+        running, calls = self._running
+        queued = sum(isinstance(item, Call) and item.key() == key for item in self._items)
+        company = 1 + queued + (calls if running == key else 0)
+        now = time.monotonic()
+        when, peak = self._peaks.get(key, (0.0, 0))
+        if company >= peak or now - when > RECENT_S:
+            self._peaks[key] = (now, company)
+
+    def _recent_peak(self, key: tuple[Any, ...], now: float) -> int:
+        """The most compatible calls queued or running at once in the last second (1 when none)."""
+        when, peak = self._peaks.get(key, (0.0, 1))
+        return peak if now - when <= RECENT_S else 1
 
     def _gather(self, first: Call) -> list[Call]:
         """``first`` and the compatible calls queued behind it, waiting while more are known to be coming: up to
-        the window after the last one joined (four windows in all), or up to one pass for the clients of the
-        largest recent batch."""
+        the window after the last one joined (four windows in all), or up to one pass for as many calls as were
+        recently queued or running at once."""
         limits = self.limits
         group, key = [first], first.key()
         rows, width = first.rows, first.width(limits)
@@ -257,25 +288,28 @@ class ModelThread:
         start = time.monotonic()
         deadline = start + limits.window_s
         # A forward pass costs nearly as much for one row as for sixteen (the weights are read once either way), so
-        # a batch that leaves without the clients of the largest batch of the last second (they send again) leaves
-        # them a pass of their own: waiting for them up to one pass never costs throughput. The largest and not the
-        # last, or one batch that left short would make the next leave short too. Generations (hundreds of
-        # milliseconds) wait only the window: their companions may still be in the HTTP layer.
-        peak = 1 if generation else self._recent_peak(start)
-        patience = start + max(limits.window_s, self.seconds_per_batch)
+        # a batch that leaves without the clients that were recently queued or running beside these (they send
+        # again) leaves them a pass of their own: waiting for them up to one pass never costs throughput. Counted
+        # as calls queued or running at once, not as the last batch: clients split into two groups that take
+        # turns (each sends while the other's pass runs) would otherwise keep running half batches, each pass
+        # slowed by the other group's HTTP work. Generations (hundreds of milliseconds) wait only the window:
+        # their companions may still be in the HTTP layer.
+        peak = 1 if generation else self._recent_peak(key, start)
+        patience = start + max(limits.window_s, self.seconds_per_pass)
         with self._cv:
             while True:
-                joined = len(group)
+                joined, full = len(group), rows >= limits.max_batch_size
                 for item in list(self._items):
                     if item is None or not isinstance(item, Call) or item.key() != key:
                         continue
                     wide = max(width, item.width(limits))
                     if rows + item.rows > limits.max_batch_size or (rows + item.rows) * wide > limits.max_batch_tokens:
+                        full = True  # a companion waits that does not fit: more waiting cannot grow this batch
                         continue
                     self._items.remove(item)
                     group.append(item)
                     rows, width = rows + item.rows, wide
-                if rows >= limits.max_batch_size:
+                if full or rows >= limits.max_batch_size:
                     break
                 now = time.monotonic()
                 if len(group) > joined:
@@ -288,11 +322,8 @@ class ModelThread:
                 if now >= until:
                     break
                 self._cv.wait(until - now)
+            self._running = (key, len(group))
         return group
-
-    def _recent_peak(self, now: float) -> int:
-        """The most calls one merged batch held in the last second (1 when none ran)."""
-        return max((calls for when, calls in self._recent if when > now - RECENT_S), default=1)
 
     def _execute(self, calls: list[Call]) -> None:
         live = []
@@ -335,6 +366,10 @@ class ModelThread:
         log.info("a merged call of %d requests failed (%s); running each alone", len(live), exc)
         for call in live:
             self._execute([call])
+
+
+def _average(previous: float, seconds: float) -> float:
+    return seconds if not previous else 0.8 * previous + 0.2 * seconds
 
 
 def call_forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:

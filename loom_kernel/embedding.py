@@ -33,7 +33,7 @@ from loom_kernel.capture import resolve_layers
 from loom_kernel.default_plugins.pooling import STRATEGIES
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inference import forward
-from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel
+from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
 
 MAX_BATCH_TEXTS = 256  # texts per /embed/batch or /v1/embeddings request: one forward pass must fit in memory
 MODEL_POOLING = "model"
@@ -157,10 +157,23 @@ def _pool(pm: pluggy.PluginManager, states: list[Any], strategy: str) -> Any:
     return pooled.float()
 
 
-def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
-    """One forward pass over ``texts`` and the pooled, cut, normalized vectors (on the worker thread)."""
-    import torch
+@attrs.define(frozen=True)
+class EmbedPlan:
+    """What one embedding request runs: its forward call and how its rows are pooled."""
 
+    batch: Batch
+    capture: Capture
+    layer: LayerSel
+    strategy: str
+
+    def light(self, model: LoadedModel) -> bool:
+        """Whether what follows the pass is a few small tensor operations (the model's own pooled vectors, fewer
+        elements than torch's smallest parallel grain): cheap enough for the event loop, and never parallel."""
+        return self.strategy == MODEL_POOLING and len(self.batch.texts) * max(1, model.hidden_size) < 32768
+
+
+def plan_embed(model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> EmbedPlan:
+    """The forward call for ``texts``, checked: a bad layer or pooling is a 4xx before any model work."""
     n = model.num_layers
     if not -(n + 1) <= spec.layer <= n:
         raise InvalidField(
@@ -171,13 +184,31 @@ def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], sp
     (layer,) = resolve_layers([spec.layer], n, field="layer")
     strategy = choose_pooling(model, spec.pooling, layer)
     capture = Capture() if strategy == MODEL_POOLING else Capture(layers=(layer,), positions="all")
-    batch = Batch(texts=tuple(texts), truncate=spec.truncate)
+    return EmbedPlan(Batch(texts=tuple(texts), truncate=spec.truncate), capture, layer, strategy)
+
+
+def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
+    """A plugin's InvalidField about the texts, naming the request's own field (and row); others as they are."""
+    return _renamed(exc, spec) if exc.field == "text" else exc
+
+
+def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
+    """One forward pass over ``texts`` and the pooled, cut, normalized vectors (on a request thread)."""
+    plan = plan_embed(model, texts, spec)
     try:
-        rows = forward(pm, model, batch, capture).rows
+        rows = forward(pm, model, plan.batch, plan.capture).rows
     except InvalidField as exc:
-        if exc.field != "text":
-            raise
-        raise _renamed(exc, spec) from None
+        raise renamed(exc, spec) from None
+    return finish_embed(pm, model, plan, rows, spec)
+
+
+def finish_embed(
+    pm: pluggy.PluginManager, model: LoadedModel, plan: EmbedPlan, rows: Sequence[SequenceOutput], spec: EmbedSpec
+) -> Embedded:
+    """The rows of ``plan``'s pass pooled, cut to ``spec.dimensions`` and normalized as asked."""
+    import torch
+
+    layer, strategy = plan.layer, plan.strategy
     if strategy == MODEL_POOLING:
         if any(row.pooled is None for row in rows):
             raise Unsupported(

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import attrs
 import pluggy
 
-from loom_kernel.batching import BatchLimits, Cancelled, ModelThread, Ticket, run_with_ticket
+from loom_kernel.batching import BatchLimits, Cancelled, ModelThread, run_with_ticket
 from loom_kernel.config import Settings
 from loom_kernel.devices import DEVICE_MAPS, resolve_device
 from loom_kernel.errors import (
@@ -41,7 +41,7 @@ from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
 from loom_kernel.metrics import Metrics
 from loom_kernel.plugins import describe_plugins, loader_names
 from loom_kernel.resolve import resolve_model
-from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, ProbeResult
+from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, LoadOptions, ModelRef, ProbeResult
 
 log = logging.getLogger("loom.models")
 T = TypeVar("T")
@@ -490,27 +490,68 @@ class ModelManager:
         ``request_timeout`` (a 504). The model stays in flight (never unloaded) until the request's thread is done
         with it.
         """
-        loaded = entry.loaded
-        if loaded is None:
-            if until is not None:
-                until.close()
-            raise ModelNotFound(f"model: {entry.model_id!r} was unloaded", field="model")
-        limit = self.settings.max_queue
-        if limit and entry.in_flight >= limit:
-            if until is not None:
-                until.close()
-            wait = entry.worker.seconds_per_batch * entry.in_flight / max(1, self.settings.max_batch_size)
-            retry = max(1, math.ceil(wait))
-            raise TooManyRequests(
-                f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "
-                f"(max_queue {limit}); retry after {retry} s",
-                field="model",
-                retry_after=retry,
-                max_queue=limit,
-            )
-        loop = asyncio.get_running_loop()
+        loaded = self._admit(entry, until)
         ticket = entry.worker.ticket()
         entry.in_flight += 1
+        job = self._threads.submit(run_with_ticket, ticket, lambda: fn(loaded))
+        job.add_done_callback(self._release(entry))  # before the awaiting side's: in_flight drops before the answer
+
+        def cancel() -> None:
+            ticket.cancel()
+            if job.cancel():  # never started: its thread will not report arriving
+                ticket.arrive()
+
+        return await self._wait(entry, job, cancel, until)
+
+    async def forward(
+        self, entry: ModelEntry, batch: Batch, capture: Capture, until: Coroutine[Any, Any, None] | None = None
+    ) -> ForwardOutput:
+        """One forward call queued on the model's thread straight from the event loop, with no request thread: for
+        requests whose own work is a few small tensor operations (embeddings). Admission, cancellation and
+        timeout as in ``run``."""
+        loaded = self._admit(entry, until)
+        ticket = entry.worker.ticket()
+        entry.in_flight += 1
+        try:
+            job = entry.worker.enqueue(ticket, self.pm, loaded, batch, capture)
+        except BaseException:
+            entry.in_flight -= 1
+            if until is not None:
+                until.close()
+            raise
+        job.add_done_callback(self._release(entry))
+        return await self._wait(entry, job, ticket.cancel, until)
+
+    def loaded(self, entry: ModelEntry) -> LoadedModel:
+        if entry.loaded is None:
+            raise ModelNotFound(f"model: {entry.model_id!r} was unloaded", field="model")
+        return entry.loaded
+
+    def _admit(self, entry: ModelEntry, until: Coroutine[Any, Any, None] | None) -> LoadedModel:
+        """The model, if it is loaded and its queue has room (else ModelNotFound, or the 429)."""
+        try:
+            loaded = self.loaded(entry)
+            limit = self.settings.max_queue
+            if limit and entry.in_flight >= limit:
+                wait = entry.worker.seconds_per_batch * entry.in_flight / max(1, self.settings.max_batch_size)
+                retry = max(1, math.ceil(wait))
+                raise TooManyRequests(
+                    f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "
+                    f"(max_queue {limit}); retry after {retry} s",
+                    field="model",
+                    retry_after=retry,
+                    max_queue=limit,
+                )
+        except LoomError:
+            if until is not None:
+                until.close()
+            raise
+        return loaded
+
+    @staticmethod
+    def _release(entry: ModelEntry) -> Callable[[concurrent.futures.Future], None]:
+        """A done callback (on whichever thread finishes the job) that ends the request's hold on the model."""
+        loop = asyncio.get_running_loop()
 
         def done(_: concurrent.futures.Future) -> None:
             def release() -> None:
@@ -519,8 +560,16 @@ class ModelManager:
 
             loop.call_soon_threadsafe(release)
 
-        job = self._threads.submit(run_with_ticket, ticket, lambda: fn(loaded))
-        job.add_done_callback(done)  # before the awaiting side's: in_flight drops before the response goes out
+        return done
+
+    async def _wait(
+        self,
+        entry: ModelEntry,
+        job: concurrent.futures.Future[T],
+        cancel: Callable[[], None],
+        until: Coroutine[Any, Any, None] | None,
+    ) -> T:
+        """``job``'s result; ``cancel()`` and Cancelled when ``until`` returns first, RequestTimeout past the limit."""
         result = asyncio.wrap_future(job)
         watcher = asyncio.ensure_future(until) if until is not None else None
         timeout = self.settings.request_timeout or None
@@ -529,14 +578,14 @@ class ModelManager:
                 {result} if watcher is None else {result, watcher}, timeout=timeout, return_when="FIRST_COMPLETED"
             )
         except asyncio.CancelledError:
-            self._cancel(ticket, job)
+            cancel()
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
         if result in finished:
             return result.result()
-        self._cancel(ticket, job)
+        cancel()
         if watcher is not None and watcher in finished:
             log.info("%s: the client went away; its request was cancelled", entry.model_id)
             raise Cancelled("request: the client closed the connection")
@@ -545,12 +594,6 @@ class ModelManager:
             field="request_timeout",
             allowed=f"up to {timeout:g} s",
         )
-
-    @staticmethod
-    def _cancel(ticket: Ticket, job: concurrent.futures.Future) -> None:
-        ticket.cancel()
-        if job.cancel():  # never started: its thread will not report arriving
-            ticket.arrive()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 

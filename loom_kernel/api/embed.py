@@ -19,7 +19,17 @@ from litestar.params import JSONBody
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
-from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
+from loom_kernel.embedding import (
+    MAX_BATCH_TEXTS,
+    Embedded,
+    EmbedSpec,
+    declared_strategies,
+    embed,
+    finish_embed,
+    plan_embed,
+    pool_answers,
+    renamed,
+)
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
 from loom_kernel.inference import model_metadata, timing
@@ -100,20 +110,35 @@ class EmbedController(Controller):
         pm: pluggy.PluginManager,
     ) -> tuple[Embedded, dict[str, Any]]:
         """Check, load (if needed) and run the batch (merged with other requests' on the model's thread):
-        (vectors, metadata)."""
+        (vectors, metadata). The model's own pooled vectors of a few texts are finished on the event loop, with
+        no request thread in between; other pooling runs on a request thread."""
         await check_pooling(pm, data.pooling)
         spec = data.spec(field, listed)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        model = manager.loaded(entry)
+        plan = plan_embed(model, texts, spec)
 
-        def work(model: LoadedModel) -> tuple[Embedded, dict[str, Any]]:
-            start = time.perf_counter()
-            result = embed(pm, model, texts, spec)
-            meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
+        def meta(result: Embedded, start: float) -> dict[str, Any]:
+            out = {**model_metadata(model), **timing(start, sum(result.token_counts))}
             if "pipeline" in model.extra:
-                meta["pipeline"] = model.extra["pipeline"]
-            return result, meta
+                out["pipeline"] = model.extra["pipeline"]
+            return out
 
-        return await manager.run(entry, work, until=client_gone(request))
+        if not plan.light(model):
+
+            def work(model: LoadedModel) -> tuple[Embedded, dict[str, Any]]:
+                start = time.perf_counter()
+                result = embed(pm, model, texts, spec)
+                return result, meta(result, start)
+
+            return await manager.run(entry, work, until=client_gone(request))
+        start = time.perf_counter()
+        try:
+            out = await manager.forward(entry, plan.batch, plan.capture, until=client_gone(request))
+        except InvalidField as exc:
+            raise renamed(exc, spec) from None
+        result = finish_embed(pm, model, plan, out.rows, spec)
+        return result, meta(result, start)
 
     @post("/embed", status_code=200)
     async def embed_one(
