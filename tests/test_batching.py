@@ -422,6 +422,89 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         np.testing.assert_allclose(r.json()["embedding"], ref, atol=1e-5)
 
 
+async def test_embeddings_of_the_models_own_pooling_queue_from_the_event_loop_with_the_same_guarantees():
+    """A sentence-transformers /embed (the model's own pooled vectors) goes from the event loop straight to the
+    model's queue, with no request thread: a cancelled one leaves the queue unrun while the one beside it gets what
+    it gets alone, a full queue is a 429, a request past request_timeout is a 504, and nothing stays in flight."""
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm, max_queue=2, request_timeout=5)
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": "minilm"})).status_code == 200
+        (want,) = await alone(c, "/embed", "minilm", [{"text": "the one that stays"}])
+        calls.seen.clear()
+        gate = Gate(app, "minilm")
+        leaving = asyncio.ensure_future(c.post("/embed", json={"model": "minilm", "text": "the one that leaves"}))
+        staying = asyncio.ensure_future(c.post("/embed", json={"model": "minilm", "text": "the one that stays"}))
+        while gate.entry.worker.queued < 2:
+            await asyncio.sleep(0.01)
+        over = await c.post("/embed", json={"model": "minilm", "text": "one too many"})
+        assert over.status_code == 429 and over.json()["field"] == "model"
+        leaving.cancel()
+        await asyncio.sleep(0.05)
+        gate.event.set()
+        r = await staying
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["embedding"], want["embedding"], atol=1e-6)
+        assert [rows for rows, _, _ in calls.seen] == [1]  # the cancelled one never ran
+        while gate.entry.in_flight:
+            await asyncio.sleep(0.01)
+
+        app.state.settings.request_timeout = 0.2
+        gate = Gate(app, "minilm")
+        late = await c.post("/embed", json={"model": "minilm", "text": "too late"})
+        assert late.status_code == 504 and late.json()["field"] == "request_timeout"
+        gate.event.set()
+        assert (await c.post("/embed", json={"model": "minilm", "text": "in time"})).status_code == 200
+        while gate.entry.in_flight:
+            await asyncio.sleep(0.01)
+
+
+def test_calls_queued_while_others_run_count_as_company(tiny_models, monkeypatch):
+    """Two groups of clients taking turns (one group's calls queue while the other's pass runs) merge into one
+    batch: four calls queued behind a running pass of four wait, up to one pass, for the four that pass frees.
+    Counting the largest batch instead, each group would keep its own half batch: [4, 4, 4]."""
+    import concurrent.futures
+
+    from loom_kernel import LoadOptions, batching
+    from loom_kernel.resolve import resolve_model
+
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    pm.register(Slow(0.4), name="slow")
+    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
+    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=0.02))
+    monkeypatch.setattr(batching, "RECENT_S", 30.0)
+    pool = concurrent.futures.ThreadPoolExecutor(12)
+
+    def send(text: str) -> concurrent.futures.Future:
+        ticket = thread.ticket()
+        batch = Batch(texts=(text,))
+        work = lambda: thread.forward(ticket, pm, model, batch, Capture())  # noqa: E731
+        return pool.submit(batching.run_with_ticket, ticket, work)
+
+    try:
+        gate = threading.Event()
+        thread.submit(gate.wait)
+        first = [send(f"group a {i}") for i in range(4)]
+        while thread.queued < 4:
+            time.sleep(0.01)
+        gate.set()
+        while thread.queued:  # the pass of group a has started
+            time.sleep(0.01)
+        second = [send(f"group b {i}") for i in range(4)]  # queued while group a's pass runs
+        concurrent.futures.wait(first)
+        time.sleep(0.1)  # group a sends again
+        again = [send(f"group a again {i}") for i in range(4)]
+        concurrent.futures.wait(second + again)
+        assert [rows for rows, _, _ in calls.seen] == [4, 8]
+    finally:
+        thread.stop()
+        pool.shutdown()
+
+
 def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(tiny_models, monkeypatch):
     """After a batch of four, three calls and a straggler 0.1 s behind them still make one batch (a pass costs
     about as much for one row as for four); once that batch is out of the recent past, a lone call runs at once."""
