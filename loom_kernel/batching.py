@@ -98,6 +98,7 @@ class Call:
     batch: Batch
     capture: Capture
     ticket: Ticket
+    then: Callable[[ForwardOutput], Any] | None = None  # run on the model thread on its rows; its value is the result
     future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
     _width: int | None = None
     _key: tuple[Any, ...] | None = None
@@ -193,11 +194,17 @@ class ModelThread:
         return self.enqueue(ticket, pm, model, batch, capture).result()
 
     def enqueue(
-        self, ticket: Ticket, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture
-    ) -> concurrent.futures.Future[ForwardOutput]:
-        """One request's call queued (maybe merged); its future holds the rows. Never cancel the future: cancel the
-        ticket, and the call leaves the queue."""
-        call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket)
+        self,
+        ticket: Ticket,
+        pm: pluggy.PluginManager,
+        model: LoadedModel,
+        batch: Batch,
+        capture: Capture,
+        then: Callable[[ForwardOutput], T] | None = None,
+    ) -> concurrent.futures.Future[T]:
+        """One request's call queued (maybe merged); its future holds the rows, or ``then(rows)`` computed on the
+        model's thread. Never cancel the future: cancel the ticket, and the call leaves the queue."""
+        call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket, then=then)
         try:
             with self._cv:
                 if self._stopped:
@@ -355,7 +362,14 @@ class ModelThread:
                 rows = out.rows[start : start + call.rows]
                 if len(live) > 1:
                     rows = [restrict(row, call.capture, merged_capture) for row in rows]
-                call.future.set_result(ForwardOutput(rows=rows, metadata=dict(out.metadata)))
+                own = ForwardOutput(rows=rows, metadata=dict(out.metadata))
+                if call.then is None:
+                    call.future.set_result(own)
+                    continue
+                try:
+                    call.future.set_result(call.then(own))
+                except BaseException as exc:  # its own request's error, not the batch's
+                    call.future.set_exception(exc)
             return
 
     def _fail_alone(self, live: list[Call], exc: BaseException) -> None:

@@ -85,16 +85,20 @@ class Embedded:
     normalized: bool
     token_counts: list[int]
     truncated: list[bool]
+    _norms: list[Any] | None = None
 
     @property
     def dimensions(self) -> int:
         return int(self.vectors[0].shape[-1])
 
     def norms(self) -> list[Any]:
-        """One L2 norm per row, or per token of each row for pooling "none"."""
-        if isinstance(self.vectors, list):
-            return [v.norm(dim=-1).tolist() for v in self.vectors]
-        return self.vectors.norm(dim=-1).tolist()
+        """One L2 norm per row, or per token of each row for pooling "none" (computed once)."""
+        if self._norms is None:
+            if isinstance(self.vectors, list):
+                self._norms = [v.norm(dim=-1).tolist() for v in self.vectors]
+            else:
+                self._norms = self.vectors.norm(dim=-1).tolist()
+        return self._norms
 
 
 def choose_pooling(model: LoadedModel, requested: str | None, layer: LayerSel) -> str:
@@ -168,7 +172,7 @@ class EmbedPlan:
 
     def light(self, model: LoadedModel) -> bool:
         """Whether what follows the pass is a few small tensor operations (the model's own pooled vectors, fewer
-        elements than torch's smallest parallel grain): cheap enough for the event loop, and never parallel."""
+        elements than torch's smallest parallel grain): cheap enough to run on the model's thread after its pass."""
         return self.strategy == MODEL_POOLING and len(self.batch.texts) * max(1, model.hidden_size) < 32768
 
 

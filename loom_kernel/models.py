@@ -1,9 +1,10 @@
 """The model manager: lazy load, preload, LRU by count, idle unload, one thread per model, admission (429).
 
 Torch never runs on the event loop: loads and forward passes run on the model's own thread (where concurrent
-requests' calls are merged: ``loom_kernel.batching``), each request's own work on a request thread, and the API
-awaits them. A model with requests in flight is never unloaded, and a failed load evicts nothing (the
-new model is loaded first; LRU eviction happens only once it is in memory).
+requests' calls are merged: ``loom_kernel.batching``), each request's own work on a request thread (or, when it is
+a few small tensor operations, on the model's thread after its pass: ``forward``), and the API awaits them. A model
+with requests in flight is never unloaded, and a failed load evicts nothing (the new model is loaded first; LRU
+eviction happens only once it is in memory).
 """
 
 from __future__ import annotations
@@ -504,16 +505,21 @@ class ModelManager:
         return await self._wait(entry, job, cancel, until)
 
     async def forward(
-        self, entry: ModelEntry, batch: Batch, capture: Capture, until: Coroutine[Any, Any, None] | None = None
-    ) -> ForwardOutput:
-        """One forward call queued on the model's thread straight from the event loop, with no request thread: for
-        requests whose own work is a few small tensor operations (embeddings). Admission, cancellation and
-        timeout as in ``run``."""
+        self,
+        entry: ModelEntry,
+        batch: Batch,
+        capture: Capture,
+        then: Callable[[ForwardOutput], T],
+        until: Coroutine[Any, Any, None] | None = None,
+    ) -> T:
+        """``then(rows)`` of one forward call, queued on the model's thread straight from the event loop and
+        finished there, with no request thread: for requests whose own work is a few small tensor operations
+        (light embeddings). Admission, cancellation and timeout as in ``run``."""
         loaded = self._admit(entry, until)
         ticket = entry.worker.ticket()
         entry.in_flight += 1
         try:
-            job = entry.worker.enqueue(ticket, self.pm, loaded, batch, capture)
+            job = entry.worker.enqueue(ticket, self.pm, loaded, batch, capture, then)
         except BaseException:
             entry.in_flight -= 1
             if until is not None:

@@ -34,7 +34,7 @@ from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
 from loom_kernel.inference import model_metadata, timing
 from loom_kernel.models import ModelManager
-from loom_kernel.types import LoadedModel
+from loom_kernel.types import ForwardOutput, LoadedModel
 
 Texts = Annotated[
     list[NonEmpty],
@@ -110,8 +110,8 @@ class EmbedController(Controller):
         pm: pluggy.PluginManager,
     ) -> tuple[Embedded, dict[str, Any]]:
         """Check, load (if needed) and run the batch (merged with other requests' on the model's thread):
-        (vectors, metadata). The model's own pooled vectors of a few texts are finished on the event loop, with
-        no request thread in between; other pooling runs on a request thread."""
+        (vectors, metadata). The model's own pooled vectors of a few texts are finished on the model's thread right
+        after its pass, with no request thread in between; other pooling runs on a request thread."""
         await check_pooling(pm, data.pooling)
         spec = data.spec(field, listed)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
@@ -132,12 +132,17 @@ class EmbedController(Controller):
                 return result, meta(result, start)
 
             return await manager.run(entry, work, until=client_gone(request))
+
+        def finish(out: ForwardOutput) -> Embedded:
+            result = finish_embed(pm, model, plan, out.rows, spec)
+            result.norms()  # computed (and kept) here, on the model's thread
+            return result
+
         start = time.perf_counter()
         try:
-            out = await manager.forward(entry, plan.batch, plan.capture, until=client_gone(request))
+            result = await manager.forward(entry, plan.batch, plan.capture, finish, until=client_gone(request))
         except InvalidField as exc:
             raise renamed(exc, spec) from None
-        result = finish_embed(pm, model, plan, out.rows, spec)
         return result, meta(result, start)
 
     @post("/embed", status_code=200)
