@@ -161,7 +161,7 @@ class ModelThread:
         self._arriving = 0  # admitted requests that have not reached the queue yet
         # Per key of plain passes: (when, most compatible calls queued or running at once); see _gather.
         self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}
-        self._running: tuple[tuple[Any, ...] | None, int] = (None, 0)  # (key, calls) of the merged call running
+        self._running: list[Call] = []  # the calls of the merged call running
         self.seconds_per_batch = 0.0  # moving average, for Retry-After
         self.seconds_per_pass = 0.0  # moving average of plain (not generating) passes
         self._thread = threading.Thread(target=self._run, name=f"loom-model:{name}", daemon=True)
@@ -243,7 +243,7 @@ class ModelThread:
                 start = time.perf_counter()
                 self._execute(group)
                 with self._cv:
-                    self._running = (None, 0)
+                    self._running = []
                 self._record(len(group), time.perf_counter() - start, item.batch.generation is None)
                 continue
             fn, fut = item
@@ -271,9 +271,10 @@ class ModelThread:
 
     def _note_company(self, key: tuple[Any, ...]) -> None:
         """Under the lock, as a plain pass is queued: how many compatible calls are queued or running with it."""
-        running, calls = self._running
         queued = sum(isinstance(item, Call) and item.key() == key for item in self._items)
-        company = 1 + queued + (calls if running == key else 0)
+        # A running call stops counting once it has its answer: its client may be sending again already.
+        running = sum(call.key() == key and not call.future.done() for call in self._running)
+        company = 1 + queued + running
         now = time.monotonic()
         when, peak = self._peaks.get(key, (0.0, 0))
         if company >= peak or now - when > RECENT_S:
@@ -329,7 +330,7 @@ class ModelThread:
                 if now >= until:
                     break
                 self._cv.wait(until - now)
-            self._running = (key, len(group))
+            self._running = group
         return group
 
     def _execute(self, calls: list[Call]) -> None:
