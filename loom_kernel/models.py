@@ -40,6 +40,7 @@ from loom_kernel.errors import (
 )
 from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
 from loom_kernel.metrics import Metrics
+from loom_kernel.openmp import one_torch_thread
 from loom_kernel.plugins import describe_plugins, loader_names
 from loom_kernel.resolve import resolve_model
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, LoadOptions, ModelRef, ProbeResult
@@ -117,9 +118,12 @@ class ModelManager:
         self.started = time.monotonic()
         self.metrics = Metrics()
         # Request threads: each request's own work runs here, its forward calls on its model's thread. Enough for
-        # every admitted request of every model, so none waits for a thread behind another model's queue.
+        # every admitted request of every model, so none waits for a thread behind another model's queue. Torch runs
+        # single-threaded on them (loom_kernel.openmp: their OpenMP teams would slow the model threads' passes).
         self._threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(8, settings.max_queue * max(1, settings.max_models)), thread_name_prefix="loom-request"
+            max_workers=max(8, settings.max_queue * max(1, settings.max_models)),
+            thread_name_prefix="loom-request",
+            initializer=one_torch_thread,
         )
 
     # -- resolution and ranking -------------------------------------------------------------------------

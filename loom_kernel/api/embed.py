@@ -129,6 +129,7 @@ class EmbedController(Controller):
             def work(model: LoadedModel) -> tuple[Embedded, dict[str, Any]]:
                 start = time.perf_counter()
                 result = embed(pm, model, texts, spec)
+                result.norms()  # here, not on the event loop
                 return result, meta(result, start)
 
             return await manager.run(entry, work, until=client_gone(request))
