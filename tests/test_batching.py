@@ -606,3 +606,63 @@ def test_the_clients_of_the_largest_recent_batch_are_waited_for_up_to_one_pass(t
     finally:
         thread.stop()
         pool.shutdown()
+
+
+class Stamps:
+    """Records when each forward_with_states call starts and ends."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    @hookimpl(wrapper=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> Any:
+        start = time.perf_counter()
+        out = yield
+        self.spans.append((start, time.perf_counter()))
+        return out
+
+
+def test_an_answered_call_stops_counting_as_company(tiny_models, monkeypatch):
+    """Four clients whose answers are finished one by one on the model's thread (0.1 s each) send again as soon as
+    theirs is out. The first to send again must not count the three still being finished as well as itself, or
+    the next batch would wait a whole pass (longer than 0.4 s here) for a fifth client that does not exist."""
+    import concurrent.futures
+
+    from loom_kernel import LoadOptions, batching
+    from loom_kernel.resolve import resolve_model
+
+    pm = create_plugin_manager()
+    calls, stamps = Calls(), Stamps()
+    pm.register(calls, name="calls")
+    pm.register(stamps, name="stamps")
+    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
+    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=0.02))
+    monkeypatch.setattr(batching, "RECENT_S", 30.0)
+    gate = threading.Event()
+
+    def finish(out: ForwardOutput) -> ForwardOutput:
+        time.sleep(0.1)
+        return out
+
+    def client(i: int) -> None:
+        for round_ in range(2):
+            ticket = thread.ticket()
+            batch = Batch(texts=(f"client {i} round {round_}",))
+            assert thread.enqueue(ticket, pm, model, batch, Capture(), finish).result().rows[0].token_ids
+
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    try:
+        thread.submit(gate.wait)
+        clients = [pool.submit(client, i) for i in range(4)]
+        while thread.queued < 4:
+            time.sleep(0.01)
+        gate.set()
+        for c in clients:
+            c.result()
+        assert [rows for rows, _, _ in calls.seen] == [4, 4]
+        (_, first_end), (second_start, _) = stamps.spans
+        # The first pass's answers take 0.4 s to finish; the second pass starts right after them, not a pass later.
+        assert second_start - first_end < 0.4 + 0.25
+    finally:
+        thread.stop()
+        pool.shutdown()
