@@ -461,96 +461,110 @@ async def test_embeddings_of_the_models_own_pooling_queue_from_the_event_loop_wi
             await asyncio.sleep(0.01)
 
 
-def test_calls_queued_while_others_run_count_as_company(tiny_models, monkeypatch):
+class OnModelThread:
+    """A ModelThread for the tiny Llama with a recorder of its loader's calls, fed as the server feeds it (a ticket
+    at admission, the call from a request thread); ``plugins`` shape its passes."""
+
+    def __init__(self, tiny_models: dict[str, Any], window: float, *plugins: Any) -> None:
+        import concurrent.futures
+
+        from loom_kernel import LoadOptions, batching
+        from loom_kernel.resolve import resolve_model
+
+        self.pm = create_plugin_manager()
+        self.calls = Calls()
+        for plugin in (self.calls, *plugins):
+            self.pm.register(plugin)
+        path = str(tiny_models["llama"])
+        self.model = self.pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions())
+        self.thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=window))
+        self.pool = concurrent.futures.ThreadPoolExecutor(12)
+
+    def send(self, text: str) -> Any:
+        """One request's call, from a request thread: a future of its ForwardOutput."""
+        from loom_kernel import batching
+
+        ticket = self.thread.ticket()
+        batch = Batch(texts=(text,))
+        work = lambda: self.thread.forward(ticket, self.pm, self.model, batch, Capture())  # noqa: E731
+        return self.pool.submit(batching.run_with_ticket, ticket, work)
+
+    def behind_a_gate(self, send: Any, n: int) -> list[Any]:
+        """``n`` calls of ``send(i)`` queued behind a held model thread, then let go at once (one batch)."""
+        gate = threading.Event()
+        self.thread.submit(gate.wait)
+        futures = [send(i) for i in range(n)]
+        while self.thread.queued < n:
+            time.sleep(0.01)
+        gate.set()
+        return futures
+
+    @property
+    def rows(self) -> list[int]:
+        return [rows for rows, _, _ in self.calls.seen]
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.pool.shutdown()
+
+
+@pytest.fixture
+def on_model_thread(tiny_models, monkeypatch):
+    """Makes OnModelThread(window, *plugins) objects, with the recent past reaching back 30 s; closes them."""
+    from loom_kernel import batching
+
+    monkeypatch.setattr(batching, "RECENT_S", 30.0)
+    made: list[OnModelThread] = []
+
+    def make(window: float, *plugins: Any) -> OnModelThread:
+        made.append(OnModelThread(tiny_models, window, *plugins))
+        return made[-1]
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def test_calls_queued_while_others_run_count_as_company(on_model_thread):
     """Two groups of clients taking turns (one group's calls queue while the other's pass runs) merge into one
     batch: four calls queued behind a running pass of four wait, up to one pass, for the four that pass frees.
     Counting the largest batch instead, each group would keep its own half batch: [4, 4, 4]."""
     import concurrent.futures
 
-    from loom_kernel import LoadOptions, batching
-    from loom_kernel.resolve import resolve_model
-
-    pm = create_plugin_manager()
-    calls = Calls()
-    pm.register(calls, name="calls")
-    pm.register(Slow(0.4), name="slow")
-    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
-    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=0.02))
-    monkeypatch.setattr(batching, "RECENT_S", 30.0)
-    pool = concurrent.futures.ThreadPoolExecutor(12)
-
-    def send(text: str) -> concurrent.futures.Future:
-        ticket = thread.ticket()
-        batch = Batch(texts=(text,))
-        work = lambda: thread.forward(ticket, pm, model, batch, Capture())  # noqa: E731
-        return pool.submit(batching.run_with_ticket, ticket, work)
-
-    try:
-        gate = threading.Event()
-        thread.submit(gate.wait)
-        first = [send(f"group a {i}") for i in range(4)]
-        while thread.queued < 4:
-            time.sleep(0.01)
-        gate.set()
-        while thread.queued:  # the pass of group a has started
-            time.sleep(0.01)
-        second = [send(f"group b {i}") for i in range(4)]  # queued while group a's pass runs
-        concurrent.futures.wait(first)
-        time.sleep(0.1)  # group a sends again
-        again = [send(f"group a again {i}") for i in range(4)]
-        concurrent.futures.wait(second + again)
-        assert [rows for rows, _, _ in calls.seen] == [4, 8]
-    finally:
-        thread.stop()
-        pool.shutdown()
+    m = on_model_thread(0.02, Slow(0.4))
+    first = m.behind_a_gate(lambda i: m.send(f"group a {i}"), 4)
+    while m.thread.queued:  # the pass of group a has started
+        time.sleep(0.01)
+    second = [m.send(f"group b {i}") for i in range(4)]  # queued while group a's pass runs
+    concurrent.futures.wait(first)
+    time.sleep(0.1)  # group a sends again
+    again = [m.send(f"group a again {i}") for i in range(4)]
+    concurrent.futures.wait(second + again)
+    assert m.rows == [4, 8]
 
 
-def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(tiny_models, monkeypatch):
+def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(on_model_thread, monkeypatch):
     """After a batch of four, three calls and a straggler 0.1 s behind them still make one batch (a pass costs
     about as much for one row as for four); once that batch is out of the recent past, a lone call runs at once."""
     import concurrent.futures
 
-    from loom_kernel import LoadOptions, batching
-    from loom_kernel.resolve import resolve_model
+    from loom_kernel import batching
 
-    pm = create_plugin_manager()
-    calls = Calls()
-    pm.register(calls, name="calls")
-    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
     window = 0.5
-    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=window))
-    monkeypatch.setattr(batching, "RECENT_S", 30.0)
-    pool = concurrent.futures.ThreadPoolExecutor(8)
+    m = on_model_thread(window)
+    concurrent.futures.wait(m.behind_a_gate(lambda i: m.send(f"text number {i}"), 4))
+    m.send("a lone call").result()  # waits (a window: longer than a pass here) for the company of the four
+    together = [m.send(f"again {i}") for i in range(3)]
+    time.sleep(0.1)
+    together.append(m.send("the straggler"))
+    concurrent.futures.wait(together)
+    assert m.rows == [4, 1, 4]
 
-    def send(text: str) -> concurrent.futures.Future:
-        ticket = thread.ticket()  # what the server does when it admits a request
-        batch = Batch(texts=(text,))
-        work = lambda: thread.forward(ticket, pm, model, batch, Capture())  # noqa: E731
-        return pool.submit(batching.run_with_ticket, ticket, work)
-
-    try:
-        gate = threading.Event()
-        thread.submit(gate.wait)
-        first = [send(f"text number {i}") for i in range(4)]
-        while thread.queued < 4:
-            time.sleep(0.01)
-        gate.set()
-        concurrent.futures.wait(first)
-        send("a lone call").result()  # waits (a window: longer than a pass here) for the company of the four
-        together = [send(f"again {i}") for i in range(3)]
-        time.sleep(0.1)
-        together.append(send("the straggler"))
-        concurrent.futures.wait(together)
-        assert [rows for rows, _, _ in calls.seen] == [4, 1, 4]
-
-        monkeypatch.setattr(batching, "RECENT_S", 0.0)  # the batches of four are in the past now
-        start = time.perf_counter()
-        send("alone again").result()
-        assert time.perf_counter() - start < window  # it did not wait for company
-        assert [rows for rows, _, _ in calls.seen] == [4, 1, 4, 1]
-    finally:
-        thread.stop()
-        pool.shutdown()
+    monkeypatch.setattr(batching, "RECENT_S", 0.0)  # the batches of four are in the past now
+    start = time.perf_counter()
+    m.send("alone again").result()
+    assert time.perf_counter() - start < window  # it did not wait for company
+    assert m.rows == [4, 1, 4, 1]
 
 
 class Slow:
@@ -565,47 +579,20 @@ class Slow:
         return (yield)
 
 
-def test_the_clients_of_the_largest_recent_batch_are_waited_for_up_to_one_pass(tiny_models, monkeypatch):
+def test_the_clients_of_the_largest_recent_batch_are_waited_for_up_to_one_pass(on_model_thread):
     """With passes of 0.4 s, a straggler 0.2 s behind three calls (far past four 20 ms windows) still joins them:
     running without it would cost it a pass of its own. Rows as the old window rule would run them: [4, 3, 1]."""
     import concurrent.futures
 
-    from loom_kernel import LoadOptions, batching
-    from loom_kernel.resolve import resolve_model
-
-    pm = create_plugin_manager()
-    calls = Calls()
-    pm.register(calls, name="calls")
-    pm.register(Slow(0.4), name="slow")
-    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
-    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=0.02))
-    monkeypatch.setattr(batching, "RECENT_S", 30.0)
-    pool = concurrent.futures.ThreadPoolExecutor(8)
-
-    def send(text: str) -> concurrent.futures.Future:
-        ticket = thread.ticket()
-        batch = Batch(texts=(text,))
-        work = lambda: thread.forward(ticket, pm, model, batch, Capture())  # noqa: E731
-        return pool.submit(batching.run_with_ticket, ticket, work)
-
-    try:
-        gate = threading.Event()
-        thread.submit(gate.wait)
-        first = [send(f"text number {i}") for i in range(4)]
-        while thread.queued < 4:
-            time.sleep(0.01)
-        gate.set()
-        concurrent.futures.wait(first)
-        assert thread.seconds_per_batch >= 0.4
-        together = [send(f"again {i}") for i in range(3)]
-        time.sleep(0.2)
-        together.append(send("the straggler"))
-        concurrent.futures.wait(together)
-        assert [rows for rows, _, _ in calls.seen] == [4, 4]
-        assert all(f.result().rows[0].token_ids for f in together)
-    finally:
-        thread.stop()
-        pool.shutdown()
+    m = on_model_thread(0.02, Slow(0.4))
+    concurrent.futures.wait(m.behind_a_gate(lambda i: m.send(f"text number {i}"), 4))
+    assert m.thread.seconds_per_batch >= 0.4
+    together = [m.send(f"again {i}") for i in range(3)]
+    time.sleep(0.2)
+    together.append(m.send("the straggler"))
+    concurrent.futures.wait(together)
+    assert m.rows == [4, 4]
+    assert all(f.result().rows[0].token_ids for f in together)
 
 
 class Stamps:
@@ -622,47 +609,30 @@ class Stamps:
         return out
 
 
-def test_an_answered_call_stops_counting_as_company(tiny_models, monkeypatch):
+def test_an_answered_call_stops_counting_as_company(on_model_thread):
     """Four clients whose answers are finished one by one on the model's thread (0.1 s each) send again as soon as
     theirs is out. The first to send again must not count the three still being finished as well as itself, or
     the next batch would wait a whole pass (longer than 0.4 s here) for a fifth client that does not exist."""
-    import concurrent.futures
-
-    from loom_kernel import LoadOptions, batching
-    from loom_kernel.resolve import resolve_model
-
-    pm = create_plugin_manager()
-    calls, stamps = Calls(), Stamps()
-    pm.register(calls, name="calls")
-    pm.register(stamps, name="stamps")
-    model = pm.hook.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions())
-    thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=0.02))
-    monkeypatch.setattr(batching, "RECENT_S", 30.0)
-    gate = threading.Event()
+    stamps = Stamps()
+    m = on_model_thread(0.02, stamps)
 
     def finish(out: ForwardOutput) -> ForwardOutput:
         time.sleep(0.1)
         return out
 
-    def client(i: int) -> None:
-        for round_ in range(2):
-            ticket = thread.ticket()
-            batch = Batch(texts=(f"client {i} round {round_}",))
-            assert thread.enqueue(ticket, pm, model, batch, Capture(), finish).result().rows[0].token_ids
+    def send(i: int, round_: int) -> Any:
+        ticket = m.thread.ticket()
+        batch = Batch(texts=(f"client {i} round {round_}",))
+        return m.thread.enqueue(ticket, m.pm, m.model, batch, Capture(), finish)
 
-    pool = concurrent.futures.ThreadPoolExecutor(4)
-    try:
-        thread.submit(gate.wait)
-        clients = [pool.submit(client, i) for i in range(4)]
-        while thread.queued < 4:
-            time.sleep(0.01)
-        gate.set()
-        for c in clients:
-            c.result()
-        assert [rows for rows, _, _ in calls.seen] == [4, 4]
-        (_, first_end), (second_start, _) = stamps.spans
-        # The first pass's answers take 0.4 s to finish; the second pass starts right after them, not a pass later.
-        assert second_start - first_end < 0.4 + 0.25
-    finally:
-        thread.stop()
-        pool.shutdown()
+    def again(i: int, first: Any) -> None:
+        assert first.result().rows[0].token_ids
+        assert send(i, 1).result().rows[0].token_ids
+
+    firsts = m.behind_a_gate(lambda i: send(i, 0), 4)
+    for c in [m.pool.submit(again, i, first) for i, first in enumerate(firsts)]:
+        c.result()
+    assert m.rows == [4, 4]
+    (_, first_end), (second_start, _) = stamps.spans
+    # The first pass's answers take 0.4 s to finish; the second pass starts right after them, not a pass later.
+    assert second_start - first_end < 0.4 + 0.25
