@@ -12,19 +12,25 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 
 log = logging.getLogger("loom")
 
 
 @functools.cache
 def _runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch loaded (GNU or Intel), found among the process's mapped libraries."""
+    """The OpenMP runtime torch loaded (GNU or Intel), found among the process's mapped libraries: the one in
+    torch's own directory, since other wheels (scikit-learn, ...) map runtimes of their own beside it."""
+    import torch
+
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/libgomp" in line or "/libiomp" in line}
     except OSError:  # no /proc (not Linux): leave the default
         return None
-    for path in sorted(paths):
+    home = os.path.dirname(torch.__file__) + os.sep
+    mine = [p for p in paths if p.startswith(home)] or (sorted(paths) if len(paths) == 1 else [])
+    for path in mine:
         try:
             lib = ctypes.CDLL(path)  # already loaded: dlopen hands back the same library
         except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import sklearn  # noqa: F401  # maps an OpenMP runtime of its own beside torch's, as sentence-transformers does
 import torch
 
 from loom_kernel.config import Settings
