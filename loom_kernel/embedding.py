@@ -17,8 +17,9 @@ Normalization: ``normalize: null`` (default) keeps the model's convention: unit 
 Normalize (renormalized after ``dimensions`` cuts them), raw vectors otherwise. ``true`` always returns unit
 vectors; ``false`` adds no normalization (a pipeline's own Normalize still applies, and is reported).
 
-Everything that touches tensors runs on the model's worker thread (the API passes ``embed`` to
-``ModelManager.run``).
+A request runs ``plan_embed`` (checks, the forward call), its forward call on the model's thread, then
+``finish_embed`` (pooling, cut, normalization): on the model's thread right after the pass when ``EmbedPlan.light``,
+else on a request thread (``loom_kernel.api.embed``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import pluggy
 from loom_kernel.capture import resolve_layers
 from loom_kernel.default_plugins.pooling import STRATEGIES
 from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inference import forward
 from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
 
 MAX_BATCH_TEXTS = 256  # texts per /embed/batch or /v1/embeddings request: one forward pass must fit in memory
@@ -194,16 +194,6 @@ def plan_embed(model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Emb
 def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
     """A plugin's InvalidField about the texts, naming the request's own field (and row); others as they are."""
     return _renamed(exc, spec) if exc.field == "text" else exc
-
-
-def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
-    """One forward pass over ``texts`` and the pooled, cut, normalized vectors (on a request thread)."""
-    plan = plan_embed(model, texts, spec)
-    try:
-        rows = forward(pm, model, plan.batch, plan.capture).rows
-    except InvalidField as exc:
-        raise renamed(exc, spec) from None
-    return finish_embed(pm, model, plan, rows, spec)
 
 
 def finish_embed(

@@ -513,12 +513,12 @@ class ModelManager:
         entry: ModelEntry,
         batch: Batch,
         capture: Capture,
-        then: Callable[[ForwardOutput], T],
+        then: Callable[[ForwardOutput], Any] | None = None,
         until: Coroutine[Any, Any, None] | None = None,
-    ) -> T:
-        """``then(rows)`` of one forward call, queued on the model's thread straight from the event loop and
-        finished there, with no request thread: for requests whose own work is a few small tensor operations
-        (light embeddings). Admission, cancellation and timeout as in ``run``."""
+    ) -> Any:
+        """One forward call queued on the model's thread straight from the event loop, with no request thread: its
+        rows, or ``then(rows)`` computed on the model's thread right after its pass (for a few small tensor
+        operations). Admission, cancellation and timeout as in ``run``."""
         loaded = self._admit(entry, until)
         ticket = entry.worker.ticket()
         entry.in_flight += 1
@@ -531,6 +531,10 @@ class ModelManager:
             raise
         job.add_done_callback(self._release(entry))
         return await self._wait(entry, job, ticket.cancel, until)
+
+    async def on_request_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a request thread (torch single-threaded there), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
     def loaded(self, entry: ModelEntry) -> LoadedModel:
         if entry.loaded is None:

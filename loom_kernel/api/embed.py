@@ -24,7 +24,6 @@ from loom_kernel.embedding import (
     Embedded,
     EmbedSpec,
     declared_strategies,
-    embed,
     finish_embed,
     plan_embed,
     pool_answers,
@@ -34,7 +33,7 @@ from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
 from loom_kernel.inference import model_metadata, timing
 from loom_kernel.models import ModelManager
-from loom_kernel.types import ForwardOutput, LoadedModel
+from loom_kernel.types import ForwardOutput
 
 Texts = Annotated[
     list[NonEmpty],
@@ -110,41 +109,32 @@ class EmbedController(Controller):
         pm: pluggy.PluginManager,
     ) -> tuple[Embedded, dict[str, Any]]:
         """Check, load (if needed) and run the batch (merged with other requests' on the model's thread):
-        (vectors, metadata). The model's own pooled vectors of a few texts are finished on the model's thread right
-        after its pass, with no request thread in between; other pooling runs on a request thread."""
+        (vectors, metadata). Pooling follows the pass on the model's thread when it is a few small tensor
+        operations (the model's own vectors of a few texts), else on a request thread."""
         await check_pooling(pm, data.pooling)
         spec = data.spec(field, listed)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         model = manager.loaded(entry)
         plan = plan_embed(model, texts, spec)
 
-        def meta(result: Embedded, start: float) -> dict[str, Any]:
-            out = {**model_metadata(model), **timing(start, sum(result.token_counts))}
-            if "pipeline" in model.extra:
-                out["pipeline"] = model.extra["pipeline"]
-            return out
-
-        if not plan.light(model):
-
-            def work(model: LoadedModel) -> tuple[Embedded, dict[str, Any]]:
-                start = time.perf_counter()
-                result = embed(pm, model, texts, spec)
-                result.norms()  # here, not on the event loop
-                return result, meta(result, start)
-
-            return await manager.run(entry, work, until=client_gone(request))
-
         def finish(out: ForwardOutput) -> Embedded:
             result = finish_embed(pm, model, plan, out.rows, spec)
-            result.norms()  # computed (and kept) here, on the model's thread
+            result.norms()  # computed and kept here, off the event loop
             return result
 
         start = time.perf_counter()
+        light = plan.light(model)
         try:
-            result = await manager.forward(entry, plan.batch, plan.capture, finish, until=client_gone(request))
+            done = await manager.forward(
+                entry, plan.batch, plan.capture, finish if light else None, client_gone(request)
+            )
         except InvalidField as exc:
             raise renamed(exc, spec) from None
-        return result, meta(result, start)
+        result = done if light else await manager.on_request_thread(finish, done)
+        meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
+        if "pipeline" in model.extra:
+            meta["pipeline"] = model.extra["pipeline"]
+        return result, meta
 
     @post("/embed", status_code=200)
     async def embed_one(
