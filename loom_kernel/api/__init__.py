@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 
 from loom_kernel import __version__
 from loom_kernel.api.analyze import AnalyzeController
-from loom_kernel.api.deps import provide_manager, provide_pm, provide_settings
+from loom_kernel.api.deps import provide_manager, provide_pm
 from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
@@ -56,7 +56,6 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),
-            "settings": Provide(provide_settings, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         middleware=middleware,

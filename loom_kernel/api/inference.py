@@ -11,7 +11,7 @@ from litestar import Controller, Request, Response, post
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from loom_kernel.api.deps import Config, Manager, Plugins
+from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.problems import request_id
 from loom_kernel.api.schemas import (
     BatchGenerateRequest,
@@ -123,8 +123,9 @@ class InferenceController(Controller):
 
     @post(["/generate", "/v1/generate"], status_code=200)
     async def generate(
-        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins
     ) -> Response:
+        settings = manager.settings
         req = state_request(data, settings, data.return_hidden_states)
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
@@ -139,9 +140,10 @@ class InferenceController(Controller):
 
     @post("/generate/stream", status_code=200, media_type="text/event-stream")
     async def generate_stream(
-        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins
     ) -> ServerSentEvent:
         """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
+        settings = manager.settings
         req = json_formats_only(state_request(data, settings, data.return_hidden_states, stream=True), "a stream")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
@@ -174,10 +176,11 @@ class InferenceController(Controller):
 
     @post("/generate/batch", status_code=200)
     async def generate_batch(
-        self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """One batched generation; every prompt gets its own result in input order, and a prompt refused on its
         own (too long, no tokens) is reported in its own slot while the others run."""
+        settings = manager.settings
         req = json_formats_only(state_request(data, settings, data.return_hidden_states), "a batch")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
@@ -197,8 +200,9 @@ class InferenceController(Controller):
 
     @post("/extract", status_code=200)
     async def extract(
-        self, data: JSONBody[ExtractRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[ExtractRequest], request: Request, manager: Manager, pm: Plugins
     ) -> Response:
+        settings = manager.settings
         req = state_request(data, settings, True)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 

@@ -12,7 +12,7 @@ from litestar import Controller, Request, get, post
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from loom_kernel.api.deps import Config, Manager, Plugins
+from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.inference import checked_params
 from loom_kernel.api.openai_schemas import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -271,9 +271,8 @@ class OpenAIController(Controller):
         return params, req, entry
 
     @post("/chat/completions", status_code=200)
-    async def chat(
-        self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
-    ) -> Any:
+    async def chat(self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager, pm: Plugins) -> Any:
+        settings = manager.settings
         messages = [message_text(m, i) for i, m in enumerate(data.messages)]
         params, req, entry = await self._prepare(data, manager, settings)
         bridge = TokenBridge() if data.stream else None
@@ -321,8 +320,9 @@ class OpenAIController(Controller):
 
     @post("/completions", status_code=200)
     async def completions(
-        self, data: JSONBody[CompletionRequest], request: Request, manager: Manager, pm: Plugins, settings: Config
+        self, data: JSONBody[CompletionRequest], request: Request, manager: Manager, pm: Plugins
     ) -> Any:
+        settings = manager.settings
         prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
         if len(prompts) != 1 or not prompts[0]:
             raise InvalidField(

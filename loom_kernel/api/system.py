@@ -10,7 +10,7 @@ from litestar import Controller, Request, get
 from litestar.params import FromPath
 
 from loom_kernel import __version__
-from loom_kernel.api.deps import Config, Manager, Plugins
+from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.plugins import describe_plugins, loader_names
 
 
@@ -52,7 +52,8 @@ class SystemController(Controller):
     tags = ["system"]
 
     @get("/health", sync_to_thread=False)
-    def health(self, manager: Manager, settings: Config) -> dict[str, Any]:
+    def health(self, manager: Manager) -> dict[str, Any]:
+        settings = manager.settings
         gpu = gpu_info()
         notes = []
         if settings.default_device == "auto" and not gpu["available"]:
