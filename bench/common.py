@@ -90,9 +90,9 @@ class Connection:
     """One keep-alive HTTP/1.1 connection of a benchmark client: ``http.client``, the standard library's, or httpx.
 
     The load generator runs on the machine it measures: on 2 cores every millisecond of CPU a client spends on a
-    request is one the server does not get. A ``http.client`` round trip of an /embed takes about 0.05 ms of the
-    client's CPU, an httpx one about 0.8 ms (README, Performance), so the throughput rows use ``http.client``
-    and one row shows what httpx clients get.
+    request is one the server does not get. An ``http.client`` round trip of an /embed takes about 0.2 ms of the
+    client's CPU, an httpx one about 0.7 ms (``python -m bench`` prints the clients' cores), so the throughput rows
+    use ``http.client`` and one row shows what httpx clients get. Answers are decoded after the clock stops.
     """
 
     def __init__(self, base: str, kind: str = "stdlib") -> None:
@@ -108,20 +108,22 @@ class Connection:
             url = urlsplit(base)
             self._conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=600)
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        """The JSON answer; an HTTP error status raises."""
+    def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        """The answer's body, undecoded (a caller decodes what it needs once the clock stops: on this machine
+        ``json.loads`` of an /embed answer costs the client more CPU than the HTTP round trip); an HTTP error status
+        raises."""
         if self.kind == "httpx":
             headers = {"Content-Type": "application/json"} if body is not None else {}
             r = self._httpx.request(method, path, content=body, headers=headers)
             r.raise_for_status()
-            return r.json()
+            return r.content
         headers = {"Content-Type": "application/json"} if body is not None else {}
         self._conn.request(method, path, body=body, headers=headers)
         r = self._conn.getresponse()
         data = r.read()
         if r.status >= 400:
             raise RuntimeError(f"{method} {path}: {r.status} {data[:500]!r}")
-        return json.loads(data)
+        return data
 
     def close(self) -> None:
         (self._httpx if self.kind == "httpx" else self._conn).close()
@@ -137,7 +139,7 @@ def run_clients(
     start to the last answer, the JSON answers in the order of ``bodies``, and the CPU seconds this process (the
     clients) spent meanwhile.
     """
-    answers: list[Any] = [None] * len(bodies)
+    answers: list[bytes] = [b""] * len(bodies)
     errors: list[BaseException] = []
     start = threading.Barrier(clients + 1)
     encoded = [json.dumps(b).encode() for b in bodies]
@@ -164,7 +166,7 @@ def run_clients(
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu
     if errors:
         raise errors[0]
-    return elapsed, answers, cpu
+    return elapsed, [json.loads(a) for a in answers], cpu
 
 
 @contextlib.contextmanager
