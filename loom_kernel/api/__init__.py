@@ -18,6 +18,7 @@ from loom_kernel.api.analyze import AnalyzeController
 from loom_kernel.api.deps import provide_manager, provide_pm
 from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
+from loom_kernel.api.lane import LoomApp
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
@@ -51,7 +52,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
     if settings.api_key:
         middleware.append(api_key_middleware(settings.api_key))
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, OpenAIController]
-    app = Litestar(
+    app = LoomApp(
         route_handlers=[*controllers, EmbedController, AnalyzeController],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),

@@ -23,5 +23,5 @@ def provide_manager(state: State) -> ModelManager:
     return state.manager
 
 
-def provide_pm(manager: ModelManager) -> pluggy.PluginManager:
+def provide_pm(manager: Manager) -> pluggy.PluginManager:
     return manager.pm

@@ -1,15 +1,19 @@
 """POST /embed, /embed/batch and the OpenAI-compatible /v1/embeddings.
 
-Every field is checked before any model work; the batch runs as one forward pass on the model's worker thread
-(``loom_kernel.embedding.embed``). Pooling and normalization rules are in ``loom_kernel.embedding``.
+Every field is checked before any model work; the batch runs as one forward pass on the model's thread, merged
+with other requests'. Pooling and normalization rules are in ``loom_kernel.embedding``. Each route is an
+``EmbedRoute`` (its body's type, its texts, its answer), which the controller and the embedding lane
+(``loom_kernel.api.lane``, the same routes without Litestar's per-request machinery) both serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
+import attrs
 import msgspec
 import numpy as np
 import pluggy
@@ -95,69 +99,155 @@ def b64_float32(vector: Any) -> msgspec.Raw:
     return b64_raw(np.ascontiguousarray(vector.detach().cpu().numpy(), dtype="<f4"))
 
 
-class EmbedController(Controller):
-    tags = ["embeddings"]
-
-    async def _embed(
-        self,
-        data: EmbedFields,
-        texts: list[str],
-        field: str,
-        listed: bool,
-        request: Request,
-        manager: ModelManager,
-        pm: pluggy.PluginManager,
-    ) -> tuple[Embedded, dict[str, Any]]:
-        """Check, load (if needed) and run the batch (merged with other requests' on the model's thread):
-        (vectors, metadata). Pooling follows the pass on the model's thread when it is a few small tensor
-        operations (the model's own vectors of a few texts), else on a request thread."""
+async def embed_texts(
+    manager: ModelManager,
+    pm: pluggy.PluginManager,
+    data: EmbedFields,
+    texts: list[str],
+    field: str,
+    listed: bool,
+    until: Coroutine[Any, Any, None] | None,
+) -> tuple[Embedded, dict[str, Any]]:
+    """Check, load (if needed) and run the batch (merged with other requests' on the model's thread): (vectors,
+    metadata). Pooling follows the pass on the model's thread when it is a few small tensor operations (the model's
+    own vectors of a few texts), else on a request thread. ``until``: returns when the client has gone."""
+    try:
         await check_pooling(pm, data.pooling)
         spec = data.spec(field, listed)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         model = manager.loaded(entry)
         plan = plan_embed(model, texts, spec)
+    except BaseException:
+        if until is not None:
+            until.close()
+        raise
 
-        def finish(out: ForwardOutput) -> Embedded:
-            result = finish_embed(pm, model, plan, out.rows, spec)
-            result.norms()  # computed and kept here, off the event loop
-            return result
+    def finish(out: ForwardOutput) -> Embedded:
+        result = finish_embed(pm, model, plan, out.rows, spec)
+        result.norms()  # computed and kept here, off the event loop
+        return result
 
-        start = time.perf_counter()
-        light = plan.light(model)
+    start = time.perf_counter()
+    light = plan.light(model)
+    try:
+        done = await manager.forward(entry, plan.batch, plan.capture, finish if light else None, until)
+    except InvalidField as exc:
+        raise renamed(exc, spec) from None
+    result = done if light else await manager.on_request_thread(finish, done)
+    meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
+    if "pipeline" in model.extra:
+        meta["pipeline"] = model.extra["pipeline"]
+    return result, meta
+
+
+def one_texts(data: EmbedRequest, pm: pluggy.PluginManager) -> tuple[list[str], str, bool]:
+    return [data.text], "text", False
+
+
+def one_answer(data: EmbedRequest, result: Embedded, meta: dict[str, Any]) -> dict[str, Any]:
+    vector = result.vectors[0]
+    return {
+        "model": data.model,
+        "embedding": json_raw(vector),
+        "shape": list(vector.shape),
+        "dtype": "float32",
+        "normalized": result.normalized,
+        "l2_norm": result.norms()[0],
+        "pooling": result.pooling,
+        "layer": data.layer,
+        "layer_index": result.layer.index,
+        "dimensions": result.dimensions,
+        "token_count": result.token_counts[0],
+        "truncated": result.truncated[0],
+        "metadata": meta,
+    }
+
+
+def batch_texts(data: EmbedBatchRequest, pm: pluggy.PluginManager) -> tuple[list[str], str, bool]:
+    return data.texts, "texts", True
+
+
+def batch_answer(data: EmbedBatchRequest, result: Embedded, meta: dict[str, Any]) -> dict[str, Any]:
+    ragged = isinstance(result.vectors, list)
+    body: dict[str, Any] = {
+        "model": data.model,
+        "embeddings": [json_raw(v) for v in result.vectors] if ragged else json_raw(result.vectors),
+        "shape": None if ragged else list(result.vectors.shape),
+        "dtype": "float32",
+        "normalized": result.normalized,
+        "l2_norms": result.norms(),
+        "pooling": result.pooling,
+        "layer": data.layer,
+        "layer_index": result.layer.index,
+        "dimensions": result.dimensions,
+        "token_counts": result.token_counts,
+        "total_tokens": sum(result.token_counts),
+        "truncated": result.truncated,
+        "metadata": meta,
+    }
+    if ragged:
+        body["shapes"] = [list(v.shape) for v in result.vectors]
+    return body
+
+
+def openai_texts(data: OpenAIEmbeddingRequest, pm: pluggy.PluginManager) -> tuple[list[str], str, bool]:
+    if data.pooling == "none":
+        raise InvalidField(
+            "pooling: /v1/embeddings returns one vector per input; use /embed/batch for per-token states",
+            field="pooling",
+            allowed=[p for p in declared_strategies(pm) if p != "none"],
+        )
+    listed = isinstance(data.input, list)
+    return (data.input if isinstance(data.input, list) else [data.input]), "input", listed
+
+
+def openai_answer(data: OpenAIEmbeddingRequest, result: Embedded, meta: dict[str, Any]) -> dict[str, Any]:
+    encode = b64_float32 if data.encoding_format == "base64" else json_raw
+    total = sum(result.token_counts)
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
+        "model": data.model,
+        "usage": {"prompt_tokens": total, "total_tokens": total},
+    }
+
+
+@attrs.frozen
+class EmbedRoute:
+    """One embedding endpoint: the type of its body, its texts (texts, field, listed; checked), its answer."""
+
+    body: type[EmbedFields]
+    texts: Callable[[Any, pluggy.PluginManager], tuple[list[str], str, bool]]
+    answer: Callable[[Any, Embedded, dict[str, Any]], dict[str, Any]]
+
+    async def serve(
+        self, data: Any, manager: ModelManager, pm: pluggy.PluginManager, until: Coroutine[Any, Any, None]
+    ) -> dict[str, Any]:
         try:
-            done = await manager.forward(
-                entry, plan.batch, plan.capture, finish if light else None, client_gone(request)
-            )
-        except InvalidField as exc:
-            raise renamed(exc, spec) from None
-        result = done if light else await manager.on_request_thread(finish, done)
-        meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
-        if "pipeline" in model.extra:
-            meta["pipeline"] = model.extra["pipeline"]
-        return result, meta
+            texts, field, listed = self.texts(data, pm)
+        except BaseException:
+            until.close()
+            raise
+        result, meta = await embed_texts(manager, pm, data, texts, field, listed, until)
+        return self.answer(data, result, meta)
+
+
+EMBED_ROUTES = {
+    "/embed": EmbedRoute(EmbedRequest, one_texts, one_answer),
+    "/embed/batch": EmbedRoute(EmbedBatchRequest, batch_texts, batch_answer),
+    "/v1/embeddings": EmbedRoute(OpenAIEmbeddingRequest, openai_texts, openai_answer),
+}
+
+
+class EmbedController(Controller):
+    tags = ["embeddings"]
 
     @post("/embed", status_code=200)
     async def embed_one(
         self, data: JSONBody[EmbedRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """One text's embedding: ``shape`` [D] (or [T, D] for pooling "none")."""
-        result, meta = await self._embed(data, [data.text], "text", False, request, manager, pm)
-        vector = result.vectors[0]
-        return {
-            "model": data.model,
-            "embedding": json_raw(vector),
-            "shape": list(vector.shape),
-            "dtype": "float32",
-            "normalized": result.normalized,
-            "l2_norm": result.norms()[0],
-            "pooling": result.pooling,
-            "layer": data.layer,
-            "layer_index": result.layer.index,
-            "dimensions": result.dimensions,
-            "token_count": result.token_counts[0],
-            "truncated": result.truncated[0],
-            "metadata": meta,
-        }
+        return await EMBED_ROUTES["/embed"].serve(data, manager, pm, client_gone(request))
 
     @post("/embed/batch", status_code=200)
     async def embed_batch(
@@ -165,47 +255,11 @@ class EmbedController(Controller):
     ) -> dict[str, Any]:
         """Every text in one forward pass: ``shape`` [n, D]; for pooling "none" ``shape`` is null and
         ``shapes`` lists each text's [T_i, D]."""
-        result, meta = await self._embed(data, data.texts, "texts", True, request, manager, pm)
-        ragged = isinstance(result.vectors, list)
-        body: dict[str, Any] = {
-            "model": data.model,
-            "embeddings": [json_raw(v) for v in result.vectors] if ragged else json_raw(result.vectors),
-            "shape": None if ragged else list(result.vectors.shape),
-            "dtype": "float32",
-            "normalized": result.normalized,
-            "l2_norms": result.norms(),
-            "pooling": result.pooling,
-            "layer": data.layer,
-            "layer_index": result.layer.index,
-            "dimensions": result.dimensions,
-            "token_counts": result.token_counts,
-            "total_tokens": sum(result.token_counts),
-            "truncated": result.truncated,
-            "metadata": meta,
-        }
-        if ragged:
-            body["shapes"] = [list(v.shape) for v in result.vectors]
-        return body
+        return await EMBED_ROUTES["/embed/batch"].serve(data, manager, pm, client_gone(request))
 
     @post("/v1/embeddings", status_code=200)
     async def openai_embeddings(
         self, data: JSONBody[OpenAIEmbeddingRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """OpenAI's embeddings response; ``encoding_format: base64`` carries little-endian float32 bytes."""
-        if data.pooling == "none":
-            raise InvalidField(
-                "pooling: /v1/embeddings returns one vector per input; use /embed/batch for per-token states",
-                field="pooling",
-                allowed=[p for p in declared_strategies(pm) if p != "none"],
-            )
-        listed = isinstance(data.input, list)
-        texts = data.input if isinstance(data.input, list) else [data.input]
-        result, _ = await self._embed(data, texts, "input", listed, request, manager, pm)
-        encode = b64_float32 if data.encoding_format == "base64" else json_raw
-        total = sum(result.token_counts)
-        return {
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
-            "model": data.model,
-            "usage": {"prompt_tokens": total, "total_tokens": total},
-        }
+        return await EMBED_ROUTES["/v1/embeddings"].serve(data, manager, pm, client_gone(request))

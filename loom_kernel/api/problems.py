@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,6 +68,26 @@ def document_problems(app: Litestar, api_key: bool = False) -> None:
             handler.responses = {**specs, **(handler.responses or {})}
 
 
+def begin_request(scope: Scope) -> str:
+    """A new request's id, kept with its start time in the scope's state (problem bodies, metrics, the log)."""
+    rid = os.urandom(8).hex()  # uuid4().hex[:16]'s format, without building a UUID
+    state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    state["request_id"] = rid
+    state["started"] = time.perf_counter()
+    return rid
+
+
+def with_request_id(send: Send, rid: str) -> Send:
+    """``send`` that adds ``X-Request-ID`` to the response's headers."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+        await send(message)
+
+    return send_with_id
+
+
 def request_id_middleware(app: ASGIApp) -> ASGIApp:
     """Give every request an id, echoed in ``X-Request-ID`` and in problem bodies, so logs can be matched."""
 
@@ -75,17 +95,8 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        rid = os.urandom(8).hex()  # uuid4().hex[:16]'s format, without building a UUID
-        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
-        state["request_id"] = rid
-        state["started"] = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
-        await app(scope, receive, send_with_id)
+        rid = begin_request(scope)
+        await app(scope, receive, with_request_id(send, rid))
 
     return middleware
 
@@ -134,7 +145,8 @@ def on_validation(request: Request, exc: ValidationException) -> Response:
 def on_http(request: Request, exc: HTTPException) -> Response:
     extra: dict[str, Any] = {"allowed": exc.extra} if exc.extra else {}
     detail = str(exc.detail)
-    if exc.status_code == 400 and "JSON" in detail:
+    # A body that is not JSON (or stops short) is Litestar's SerializationException, re-raised as a 400.
+    if exc.status_code == 400 and ("JSON" in detail or isinstance(exc.__cause__, SerializationException)):
         extra["field"] = "body"
     return problem(request, exc.status_code, HTTPStatus(exc.status_code).phrase, detail, **extra)
 
@@ -163,3 +175,9 @@ EXCEPTION_HANDLERS = {
     HTTPException: on_http,
     Exception: on_unexpected,
 }
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The problem response the app's exception handlers give ``exc`` (the nearest class in its MRO)."""
+    handler = next(EXCEPTION_HANDLERS[c] for c in type(exc).__mro__ if c in EXCEPTION_HANDLERS)
+    return handler(request, exc)  # type: ignore[operator]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any
 
 from litestar import Request
+from litestar.types import Receive
 
 from loom_kernel.errors import LoomError
 
@@ -66,10 +67,13 @@ class TokenBridge:
             self._closed.set()
 
 
-async def client_gone(request: Request) -> None:
-    """Return once the client has closed the connection (pass to ``ModelManager.run`` as ``until``).
+def client_gone(request: Request) -> Coroutine[Any, Any, None]:
+    """Returns once the client has closed the connection (pass to ``ModelManager.run`` as ``until``)."""
+    return disconnected(request.receive)
 
-    The body has been read by then, so the next ASGI message is ``http.disconnect``: the client left, or the
-    response was sent (when nobody waits for this any more)."""
-    while (await request.receive())["type"] != "http.disconnect":
+
+async def disconnected(receive: Receive) -> None:
+    """Return once ``receive`` gives ``http.disconnect``. The body has been read by then, so that is the next
+    message: the client left, or the response was sent (when nobody waits for this any more)."""
+    while (await receive())["type"] != "http.disconnect":
         pass
