@@ -38,6 +38,11 @@ from loom_kernel.types import Batch, Capture, ForwardOutput, LayerSel, LoadedMod
 log = logging.getLogger("loom.batching")
 T = TypeVar("T")
 RECENT_S = 1.0  # how far back the batching window looks for the clients' concurrency
+# A model's thread ends after this long with nothing to do; the next call or load starts another. Its OpenMP team
+# (torch's intra-op threads) ends with it: libgomp counts every team's threads, and once they outnumber the CPUs
+# it stops letting any worker spin between parallel regions, which slowed the passes of the model in use by
+# 6-14% while a second, idle model's team merely existed (README, Performance).
+IDLE_S = 2.0
 
 
 class Cancelled(LoomError):
@@ -150,7 +155,8 @@ def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
 
 
 class ModelThread:
-    """The one thread that runs a model's torch work: loads, releases and (merged) forward calls, in order."""
+    """The one thread that runs a model's torch work: loads, releases and (merged) forward calls, in order. The OS
+    thread behind it ends when idle for ``IDLE_S`` and another starts with the next item, so at most one runs."""
 
     def __init__(self, name: str, limits: BatchLimits | None = None, counters: ModelCounters | None = None) -> None:
         self.limits = limits or BatchLimits()
@@ -164,8 +170,8 @@ class ModelThread:
         self._running: list[Call] = []  # the calls of the merged call running
         self.seconds_per_batch = 0.0  # moving average, for Retry-After
         self.seconds_per_pass = 0.0  # moving average of plain (not generating) passes
-        self._thread = threading.Thread(target=self._run, name=f"loom-model:{name}", daemon=True)
-        self._thread.start()
+        self._name = f"loom-model:{name}"
+        self._thread: threading.Thread | None = None  # the OS thread, while it runs (under the lock)
 
     # -- submitting --------------------------------------------------------------------------------------
 
@@ -173,8 +179,7 @@ class ModelThread:
         """Run ``fn`` on the model thread after what is queued (loads and releases)."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cv:
-            self._items.append((fn, fut))
-            self._cv.notify()
+            self._append((fn, fut))
         return fut
 
     def ticket(self) -> Ticket:
@@ -211,8 +216,7 @@ class ModelThread:
                     raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
                 if batch.generation is None:
                     self._note_company(call.key())
-                self._items.append(call)
-                self._cv.notify()
+                self._append(call)
         finally:
             ticket.arrive()
         return call.future
@@ -220,7 +224,15 @@ class ModelThread:
     def stop(self) -> None:
         with self._cv:
             self._stopped = True
-            self._items.append(None)
+            self._append(None)
+
+    def _append(self, item: Call | tuple[Callable[[], Any], concurrent.futures.Future] | None) -> None:
+        """Under the lock: queue ``item`` and wake the thread, or start one."""
+        self._items.append(item)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        else:
             self._cv.notify()
 
     @property
@@ -233,10 +245,17 @@ class ModelThread:
     def _run(self) -> None:
         while True:
             with self._cv:
+                idle_until = time.monotonic() + IDLE_S
                 while not self._items:
-                    self._cv.wait()
+                    left = idle_until - time.monotonic()
+                    if left <= 0:
+                        self._thread = None  # under the lock: the next _append starts another
+                        return
+                    self._cv.wait(left)
                 item = self._items.popleft()
             if item is None:
+                with self._cv:
+                    self._thread = None
                 break
             if isinstance(item, Call):
                 group = self._gather(item)

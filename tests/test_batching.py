@@ -12,6 +12,7 @@ import base64
 import contextlib
 import threading
 import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from test_models import app_with, concurrent_client
 
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
+from loom_kernel.errors import ModelNotFound
 from loom_kernel.plugins import create_plugin_manager
 
 
@@ -636,3 +638,45 @@ def test_an_answered_call_stops_counting_as_company(on_model_thread):
     (_, first_end), (second_start, _) = stamps.spans
     # The first pass's answers take 0.4 s to finish; the second pass starts right after them, not a pass later.
     assert second_start - first_end < 0.4 + 0.25
+
+
+def test_an_idle_model_thread_ends_with_its_openmp_team_and_the_next_call_starts_another(monkeypatch):
+    """libgomp counts every OpenMP team's threads, and once they outnumber the CPUs no worker spins between parallel
+    regions: a second model's idle team slowed the passes of the model in use. An idle model thread now ends, and
+    its team with it (the process has its threads back); the next item starts a new one, and stop() still works."""
+    import os
+
+    import torch
+
+    from loom_kernel import batching
+
+    monkeypatch.setattr(batching, "IDLE_S", 0.2)
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def parallel_work() -> int:
+        x = torch.randn(256, 256)
+        for _ in range(20):
+            x = torch.tanh(x @ x / 256)  # large enough for torch's intra-op threads
+        return threading.get_ident()
+
+    before = threads()
+    worker = batching.ModelThread("idle-test")
+    first = worker.submit(parallel_work).result(timeout=30)
+    assert threads() > before  # the model thread, and its OpenMP worker(s) when torch runs more than one
+    deadline = time.monotonic() + 10
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threads() == before, "the idle model thread (or its OpenMP team) is still there"
+    assert not [t for t in threading.enumerate() if t.name == "loom-model:idle-test"]
+    second = worker.submit(parallel_work).result(timeout=30)
+    assert second != first or threads() > before  # a new thread ran it (an ident may be reused)
+    worker.stop()  # with no thread running: the stop starts one, which ends at once
+    model = types.SimpleNamespace(ref=types.SimpleNamespace(id="idle-test"))
+    with pytest.raises(ModelNotFound, match="unloaded"):
+        worker.enqueue(worker.ticket(), create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
+    deadline = time.monotonic() + 10
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threads() == before
