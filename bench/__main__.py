@@ -14,7 +14,8 @@ Rows (benchmark name for ``--only`` in brackets):
   threads, each on its own keep-alive connection (the standard library's ``http.client``: a lean load generator,
   see ``bench.common.Connection``), send single texts of 6-14 words as ``POST /embed``, one request
   after another, a fixed number of requests in all. Measured: texts/s of the batched server; baseline: the same
-  clients against the one-at-a-time server. Target >= 3.
+  clients against the one-at-a-time server. Target >= 3. Five runs of each (two with ``--quick``), the best
+  counting; each batched run sits between the runs of its two baselines, which come just before and after it.
 - ``embed: 16 clients vs encode(batch 32)`` [embed]: the same batched throughput against in-process
   ``SentenceTransformer.encode`` of the same texts at ``batch_size=32``. Target >= 0.7.
 - ``embed: 16 clients vs encode of the same 16-text groups`` [embed]: against ``encode`` of the texts in the
