@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import attrs
@@ -19,10 +19,11 @@ import numpy as np
 import pluggy
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
+from litestar.types import Receive
 
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.streaming import client_gone
+from loom_kernel.api.streaming import disconnected
 from loom_kernel.embedding import (
     MAX_BATCH_TEXTS,
     Embedded,
@@ -106,21 +107,16 @@ async def embed_texts(
     texts: list[str],
     field: str,
     listed: bool,
-    until: Coroutine[Any, Any, None] | None,
+    receive: Receive,
 ) -> tuple[Embedded, dict[str, Any]]:
     """Check, load (if needed) and run the batch (merged with other requests' on the model's thread): (vectors,
     metadata). Pooling follows the pass on the model's thread when it is a few small tensor operations (the model's
-    own vectors of a few texts), else on a request thread. ``until``: returns when the client has gone."""
-    try:
-        await check_pooling(pm, data.pooling)
-        spec = data.spec(field, listed)
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
-        model = manager.loaded(entry)
-        plan = plan_embed(model, texts, spec)
-    except BaseException:
-        if until is not None:
-            until.close()
-        raise
+    own vectors of a few texts), else on a request thread. ``receive``: the request's, to see the client leave."""
+    await check_pooling(pm, data.pooling)
+    spec = data.spec(field, listed)
+    entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+    model = manager.loaded(entry)
+    plan = plan_embed(model, texts, spec)
 
     def finish(out: ForwardOutput) -> Embedded:
         result = finish_embed(pm, model, plan, out.rows, spec)
@@ -130,7 +126,7 @@ async def embed_texts(
     start = time.perf_counter()
     light = plan.light(model)
     try:
-        done = await manager.forward(entry, plan.batch, plan.capture, finish if light else None, until)
+        done = await manager.forward(entry, plan.batch, plan.capture, finish if light else None, disconnected(receive))
     except InvalidField as exc:
         raise renamed(exc, spec) from None
     result = done if light else await manager.on_request_thread(finish, done)
@@ -221,14 +217,10 @@ class EmbedRoute:
     answer: Callable[[Any, Embedded, dict[str, Any]], dict[str, Any]]
 
     async def serve(
-        self, data: Any, manager: ModelManager, pm: pluggy.PluginManager, until: Coroutine[Any, Any, None]
+        self, data: Any, manager: ModelManager, pm: pluggy.PluginManager, receive: Receive
     ) -> dict[str, Any]:
-        try:
-            texts, field, listed = self.texts(data, pm)
-        except BaseException:
-            until.close()
-            raise
-        result, meta = await embed_texts(manager, pm, data, texts, field, listed, until)
+        texts, field, listed = self.texts(data, pm)
+        result, meta = await embed_texts(manager, pm, data, texts, field, listed, receive)
         return self.answer(data, result, meta)
 
 
@@ -247,7 +239,7 @@ class EmbedController(Controller):
         self, data: JSONBody[EmbedRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """One text's embedding: ``shape`` [D] (or [T, D] for pooling "none")."""
-        return await EMBED_ROUTES["/embed"].serve(data, manager, pm, client_gone(request))
+        return await EMBED_ROUTES["/embed"].serve(data, manager, pm, request.receive)
 
     @post("/embed/batch", status_code=200)
     async def embed_batch(
@@ -255,11 +247,11 @@ class EmbedController(Controller):
     ) -> dict[str, Any]:
         """Every text in one forward pass: ``shape`` [n, D]; for pooling "none" ``shape`` is null and
         ``shapes`` lists each text's [T_i, D]."""
-        return await EMBED_ROUTES["/embed/batch"].serve(data, manager, pm, client_gone(request))
+        return await EMBED_ROUTES["/embed/batch"].serve(data, manager, pm, request.receive)
 
     @post("/v1/embeddings", status_code=200)
     async def openai_embeddings(
         self, data: JSONBody[OpenAIEmbeddingRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """OpenAI's embeddings response; ``encoding_format: base64`` carries little-endian float32 bytes."""
-        return await EMBED_ROUTES["/v1/embeddings"].serve(data, manager, pm, client_gone(request))
+        return await EMBED_ROUTES["/v1/embeddings"].serve(data, manager, pm, request.receive)

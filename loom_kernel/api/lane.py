@@ -23,7 +23,6 @@ from litestar.types import Message, Receive, Scope, Send
 from loom_kernel.api.embed import EMBED_ROUTES
 from loom_kernel.api.problems import begin_request, error_response, with_request_id
 from loom_kernel.api.security import authorized
-from loom_kernel.api.streaming import disconnected
 
 
 class LoomApp(Litestar):
@@ -50,7 +49,7 @@ class LoomApp(Litestar):
         send = self._hooked(send, scope)
         manager = self.state.manager
         try:
-            answer = await route.serve(data, manager, manager.pm, disconnected(receive))
+            answer = await route.serve(data, manager, manager.pm, receive)
         except Exception as exc:
             request: Request = Request(scope, receive, send)
             response = error_response(request, exc).to_asgi_response(app=None, request=request)
@@ -77,7 +76,8 @@ class LoomApp(Litestar):
                 content_type = value
             elif name == b"authorization":
                 authorization = value
-        if length is None or not length.isdigit() or int(length) > settings.max_body_mb * 2**20:
+        limit = self.request_max_body_size  # the limit Litestar enforces (max_body_mb)
+        if length is None or not length.isdigit() or (limit is not None and int(length) > limit):
             return False
         if content_type is None or content_type.split(b";")[0].strip().lower() != b"application/json":
             return False
