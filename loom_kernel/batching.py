@@ -32,6 +32,7 @@ import attrs
 import pluggy
 
 from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
+from loom_kernel.inputs import fit_texts
 from loom_kernel.metrics import ModelCounters
 from loom_kernel.types import Batch, Capture, ForwardOutput, LayerSel, LoadedModel, SequenceOutput
 
@@ -209,6 +210,11 @@ class ModelThread:
     ) -> concurrent.futures.Future[T]:
         """One request's call queued (maybe merged); its future holds the rows, or ``then(rows)`` computed on the
         model's thread. Never cancel the future: cancel the ticket, and the call leaves the queue."""
+        try:
+            batch = fit_texts(model, batch)  # here, before the queue: the model's thread never sees a huge text
+        except BaseException:
+            ticket.arrive()
+            raise
         call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket, then=then)
         try:
             with self._cv:

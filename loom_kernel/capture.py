@@ -47,10 +47,22 @@ def resolve_layers(
     return tuple(out.values())
 
 
-def check_positions(spec: Any, field: str = "positions") -> PositionSpec:
+def check_positions(spec: Any, field: str = "positions", max_context: int | None = None) -> PositionSpec:
+    """A position spec as written, checked as far as it can be before the sequence is known: a list holds
+    distinct integers, at most ``max_context`` of them (a sequence has no more tokens)."""
     if isinstance(spec, str) and spec in POSITION_NAMES:
         return spec  # type: ignore[return-value]
     if isinstance(spec, list) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        if max_context is not None and len(spec) > max_context:
+            raise InvalidField(
+                f"{field}: {len(spec)} positions, more than the model's context of {max_context} tokens",
+                field=field,
+                allowed=f"at most {max_context} distinct token indices",
+            )
+        if len(set(spec)) < len(spec):
+            raise InvalidField(
+                f"{field}: token index {_first_repeat(spec)} is listed twice", field=field, allowed="distinct indices"
+            )
         return list(spec)
     raise InvalidField(
         f"{field}: {spec!r} is not a position spec",
@@ -79,7 +91,22 @@ def resolve_positions(spec: PositionSpec, total: int, prompt_len: int, field: st
                 allowed=f"integers from {-total} to {total - 1}",
             )
         out.append(j)
+    if len(set(out)) < len(out):
+        raise InvalidField(
+            f"{field}: {list(spec)} names token {_first_repeat(out)} twice in a sequence of {total} tokens",
+            field=field,
+            allowed="distinct indices (a negative index counts from the end)",
+        )
     return out
+
+
+def _first_repeat(values: Sequence[int]) -> int | None:
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
 
 
 def make_capture(layers: Any, positions: Any, num_layers: int) -> Capture:

@@ -52,6 +52,12 @@ class Settings:
     api_key: str | None = None
     cors_origins: list[str] | None = None
     max_body_mb: float = 10.0
+    # Host names besides loopback and the bound address that requests may be addressed to ("*": any); the largest
+    # answer a request may ask for, estimated from its shapes before any work; whether a request's own
+    # trust_remote_code is honoured (otherwise only the server's models.trust_remote_code counts).
+    allowed_hosts: list[str] = attrs.field(factory=list)
+    max_response_mb: float = 256.0
+    allow_remote_code_requests: bool = False
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -60,8 +66,9 @@ class Settings:
         for name in ("max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1", field=name)
-        if self.max_body_mb <= 0:
-            raise ConfigError("max_body_mb: must be more than 0", field="max_body_mb")
+        for name in ("max_body_mb", "max_response_mb"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be more than 0", field=name)
         for name in ("batch_window_ms", "max_queue", "request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
@@ -89,6 +96,8 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "api_key": "api_key",
         "cors_origins": "cors_origins",
         "max_body_mb": "max_body_mb",
+        "max_response_mb": "max_response_mb",
+        "allowed_hosts": "allowed_hosts",
     },
     "gpu": {"default_device": "default_device", "memory_fraction": "memory_fraction", "devices": ""},
     "models": {
@@ -98,6 +107,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "preload": "preload",
         "allowed_paths": "allowed_paths",
         "trust_remote_code": "trust_remote_code",
+        "allow_remote_code_requests": "allow_remote_code_requests",
         "aliases": "aliases",
         "max_tokens_limit": "max_tokens_limit",
     },
@@ -137,6 +147,8 @@ ENV_KEYS: dict[str, str] = {
     "LOOM_API_KEY": "api_key",
     "LOOM_CORS_ORIGINS": "cors_origins",
     "LOOM_MAX_BODY_MB": "max_body_mb",
+    "LOOM_MAX_RESPONSE_MB": "max_response_mb",
+    "LOOM_ALLOWED_HOSTS": "allowed_hosts",
     "HF_TOKEN": "hf_token",
 }
 

@@ -108,3 +108,58 @@ class RequestTimeout(LoomError):
 
     status = 504
     title = "Request timed out"
+
+
+def load_error(exc: BaseException, what: str) -> LoomError:
+    """The error a load that raised ``exc`` answers with; ``what`` names the load ("transformers could not load
+    'org/name' from /path"). Loaders call it on what their library raised, and the model manager on what a loader let
+    through, so that a load failure means the same status whichever loader met it.
+
+    What the model's own files cause is a 4xx naming ``model``: a config.json the library rejects, weights that do
+    not match the config or cannot be read (422), code the model would run without trust_remote_code (403), a pickle
+    that holds more than tensors (422, and it is never unpickled). A library that is not installed is a 424; the rest,
+    running out of memory included (the manager evicts and retries that one), is a 500."""
+    chain: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        e = pending.pop(0)
+        if e is not None and all(e is not seen for seen in chain):
+            chain.append(e)
+            pending += [e.__cause__, e.__context__]
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    text = "\n".join(str(e) for e in chain)
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if out_of_memory(exc):
+        return LoadFailed(f"model: {what}: {cause}", field="model")
+    if "trust_remote_code" in text and "ValueError" in names:
+        return Forbidden(
+            f"model: {what}: refused: the model needs code from its own files to load (an auto_map in its "
+            "config files), which this server runs only when told to: set models.trust_remote_code: true in the "
+            "server's config file, for models whose code you trust",
+            field="model",
+        )
+    if "Weights only load failed" in text:
+        blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+        return Unsupported(
+            f"model: {what}: refused as unsafe: its checkpoint is a pickle that holds more than tensors, and "
+            f"unpickling it could run code ({blocked or 'weights_only refused it'}); only plain tensors are read "
+            "from pickles: convert the checkpoint to safetensors",
+            field="model",
+        )
+    if "StrictDataclassError" in names:  # transformers 5 checks each config field's type
+        return InvalidField(f"model: {what}: its config.json is invalid: {cause}", field="model")
+    if "JSONDecodeError" in names:
+        return InvalidField(f"model: {what}: one of its JSON files is invalid: {cause}", field="model")
+    if "size mismatch" in text:
+        return InvalidField(f"model: {what}: the checkpoint does not match its config: {cause}", field="model")
+    if "ignore_mismatched_sizes" in text:  # transformers 5 logs the tensors and raises only this
+        return InvalidField(
+            f"model: {what}: the checkpoint does not match its config: tensors in its weights have other shapes "
+            "than its config.json describes",
+            field="model",
+        )
+    if names & {"SafetensorError", "UnpicklingError"}:
+        return InvalidField(f"model: {what}: a weights file cannot be read: {cause}", field="model")
+    if isinstance(exc, ImportError):
+        return MissingBackend(f"model: {what}: a library it needs is not installed: {cause}", field="model")
+    return LoadFailed(f"model: {what}: {cause}", field="model")

@@ -18,6 +18,20 @@ from loom_kernel.encoding import check_dtype, check_format, encode_states, encod
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
 from loom_kernel.types import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
 
+# Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
+NUMBER_BYTES = {
+    "list": {"float32": 20.0, "float16": 14.0, "bfloat16": 12.0},
+    "base64": {"float32": 16 / 3, "float16": 8 / 3, "bfloat16": 8 / 3},
+    "safetensors": {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0},
+}
+LOGPROB_BYTES = 80  # one {"token_id", "token", "logprob"} entry in JSON
+TOKEN_BYTES = 16  # a token's id and text in the answer
+ROW_BYTES = 2048  # what an answer's row carries besides: text, metadata, and an OpenAI answer's envelope
+
+
+class AnswerTooLarge(InvalidField):
+    title = "Answer too large"
+
 
 @attrs.define(frozen=True)
 class StateRequest:
@@ -37,6 +51,7 @@ class StateRequest:
     stream: bool = False
     top_logprobs: int | None = None
     logits: bool = False
+    max_response_bytes: int | None = None
 
     @classmethod
     def from_fields(
@@ -53,6 +68,7 @@ class StateRequest:
         stream: bool = False,
         top_logprobs: int | None = None,
         logits: bool = False,
+        max_response_bytes: int | None = None,
     ) -> StateRequest:
         if positions is None:
             positions = "all" if return_full_sequence else "last"
@@ -67,13 +83,22 @@ class StateRequest:
             stream=stream,
             top_logprobs=top_logprobs,
             logits=logits,
+            max_response_bytes=max_response_bytes,
         )
 
-    def capture(self, model: LoadedModel) -> Capture:
-        """Resolve against the model; raises InvalidField for an out-of-range layer."""
+    def capture(self, model: LoadedModel, batch: Batch | None = None) -> Capture:
+        """Resolve against the model; raises InvalidField for an out-of-range layer, and AnswerTooLarge when the
+        answer ``batch`` would get is estimated over ``max_response_bytes``."""
+        capture = self._resolve(model)
+        if batch is not None and self.max_response_bytes is not None:
+            self._check_size(model, batch, capture)
+        return capture
+
+    def _resolve(self, model: LoadedModel) -> Capture:
         extras = {"top_logprobs": self.top_logprobs, "logits": self.logits}
         if not (self.wanted or self.attention):
             return Capture(**extras)
+        check_positions(self.positions, max_context=model.max_context)
         layers = resolve_layers(self.layers, model.num_layers)
         if self.attention and all(sel.index == 0 for sel in layers):
             raise InvalidField(
@@ -90,6 +115,69 @@ class StateRequest:
             stream_states=self.stream,
             **extras,
         )
+
+    def _check_size(self, model: LoadedModel, batch: Batch, capture: Capture) -> None:
+        parts = answer_bytes(model, batch, capture, self.positions, self.fmt, self.dtype)
+        total = sum(parts.values())
+        limit = self.max_response_bytes or 0
+        if total <= limit:
+            return
+        fields = {"states": "hidden_state_layers", "attentions": "return_attention", "logits": "return_logits"}
+        largest = max(parts, key=parts.__getitem__)
+        cheaper = "; base64 or safetensors answers are 3-10x smaller than list" if self.fmt == "list" else ""
+        raise AnswerTooLarge(
+            f"{fields.get(largest, 'max_tokens')}: the answer would be about {total / 2**20:.1f} MiB, over this "
+            f"server's max_response_mb of {limit / 2**20:g}; ask for fewer layers, positions, rows or tokens{cheaper}",
+            field=fields.get(largest, "max_tokens"),
+            estimate_bytes=total,
+            limit_bytes=limit,
+            parts=parts,
+        )
+
+
+def answer_bytes(
+    model: LoadedModel, batch: Batch, capture: Capture, positions: Any, fmt: str, dtype: str
+) -> dict[str, int]:
+    """An upper estimate of the answer's bytes by part, from shapes alone, before any work: a text counts as one
+    token per character (plus two special tokens), at most the model's context."""
+    per = NUMBER_BYTES[fmt][dtype]
+    new = batch.generation.max_tokens if batch.generation is not None else 0
+    config = model.ref.config or {}
+    heads = _config_int(config, "num_attention_heads", "n_head", "num_heads") or max(1, model.hidden_size // 64)
+    vocab = _config_int(config, "vocab_size") or _tokenizer_size(model.tokenizer)
+    texts = batch.texts
+    lengths = [len(ids) for ids in batch.token_ids] if batch.token_ids is not None else [len(t) + 2 for t in texts]
+    parts = {"states": 0.0, "attentions": 0.0, "logits": 0.0, "tokens": 0.0}
+    for prompt in lengths:
+        if model.max_context:
+            prompt = min(prompt, model.max_context)
+        total = prompt + new
+        named = {"last": 0, "all": total, "prompt": prompt, "generated": new}
+        selected = named[positions] if isinstance(positions, str) else len(positions)
+        if capture.wants_states:
+            rows = 1 + selected + (new if capture.stream_states else 0)
+            parts["states"] += len(capture.layers) * rows * model.hidden_size * per
+        if capture.attention_layers:
+            parts["attentions"] += len(capture.attention_layers) * heads * max(1, selected) * total * per
+        if capture.logits:
+            parts["logits"] += new * vocab * per
+        parts["tokens"] += ROW_BYTES + total * TOKEN_BYTES + new * (1 + (capture.top_logprobs or 0)) * LOGPROB_BYTES
+    return {k: int(v) for k, v in parts.items()}
+
+
+def _tokenizer_size(tokenizer: Any) -> int:
+    try:
+        return len(tokenizer)
+    except TypeError:  # a loader's own tokenizer without a size (a byte tokenizer): its model says it in config
+        return 256
+
+
+def _config_int(config: dict[str, Any], *keys: str) -> int:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
 
 
 def forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -235,7 +323,7 @@ def generate_rows(
     """
     assert batch.generation is not None
     check_generation(model, batch.generation)
-    capture = req.capture(model)
+    capture = req.capture(model, batch)
     n = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
     results: dict[int, Any] = {}
     todo = list(range(n))

@@ -1,12 +1,58 @@
 """A batch's rows as token ids, checked before any forward pass: shared by loader plugins so that every loader
-names the same field and row for the same mistake."""
+names the same field and row for the same mistake; and texts cut to what a model can read before any tokenizer
+sees them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+import attrs
 
 from loom_kernel.errors import InvalidField
-from loom_kernel.types import Batch
+from loom_kernel.types import Batch, LoadedModel
+
+# The fewest characters a token is assumed to cover at most, when the vocabulary's longest entry is shorter: a
+# WordPiece [UNK] stands for a whole word, and whitespace may cover no token at all.
+MIN_CHARS_PER_TOKEN = 32
+
+
+def char_limit(model: LoadedModel) -> int | None:
+    """The most characters of a text that can matter to ``model``: its context times the longest token's length
+    (at least MIN_CHARS_PER_TOKEN); None when the model states no context. Computed once per model."""
+    if not model.max_context:
+        return None
+    if "char_limit" not in model.extra:
+        model.extra["char_limit"] = model.max_context * max(MIN_CHARS_PER_TOKEN, _longest_token(model.tokenizer))
+    return model.extra["char_limit"]
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """Characters of the vocabulary's longest entry: no fewer than the text characters the token covers (a
+    byte-level entry has one character per byte; a SentencePiece one writes its space as one)."""
+    try:
+        return max(map(len, tokenizer.get_vocab()), default=0)
+    except Exception:  # not a transformers tokenizer (a loader's own): the floor applies
+        return 0
+
+
+def fit_texts(model: LoadedModel, batch: Batch) -> Batch:
+    """``batch`` with every text cut to ``char_limit`` (with ``batch.truncate``), else InvalidField for a text past
+    it: a many-megabyte text is never tokenized whole, on any thread."""
+    limit = char_limit(model)
+    if limit is None or batch.token_ids is not None or all(len(t) <= limit for t in batch.texts):
+        return batch
+    if batch.truncate:
+        return attrs.evolve(batch, texts=tuple(t[:limit] for t in batch.texts))
+    row = next(i for i, t in enumerate(batch.texts) if len(t) > limit)
+    field = "prompt" if batch.generation is not None else "text"
+    raise InvalidField(
+        f"{field}: {len(batch.texts[row])} characters exceed what the model can read: its context is "
+        f"{model.max_context} tokens, at most {limit} characters",
+        field=field,
+        allowed=f"at most {limit} characters",
+        **({"row": row} if len(batch.texts) > 1 else {}),
+    )
 
 
 def batch_inputs(

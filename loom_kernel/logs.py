@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import logging
+import re
+
+from uvicorn.logging import TRACE_LOG_LEVEL, DefaultFormatter
 
 LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# C0 and C1 control characters and DEL: a model id or text that carries them must not write lines of its own
+# (a fake "ERROR:" line) or terminal escapes into the log.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class LoomFormatter(DefaultFormatter):
+    """uvicorn's level prefix, the time, and the message with its control characters escaped (a traceback, which
+    logging adds after the message, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 def configure_logging(level: str) -> None:
     """Send ``loom.*`` records to stderr at ``level``; idempotent, so serve() may be called more than once."""
-    from uvicorn.logging import TRACE_LOG_LEVEL, DefaultFormatter
-
     logger = logging.getLogger("loom")
     logger.setLevel(TRACE_LOG_LEVEL if level == "trace" else level.upper())
     if not any(getattr(h, "_loom", False) for h in logger.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        handler.setFormatter(LoomFormatter("%(levelprefix)s %(asctime)s %(message)s", "%H:%M:%S"))
         handler._loom = True  # type: ignore[attr-defined]  # marks our handler so a second call adds none
         logger.addHandler(handler)

@@ -1,14 +1,22 @@
 """How much memory a model will take before it is loaded, and how much a device lets models take.
 
 The estimate reads only what is on disk: the weight files' size, rescaled from the checkpoint's dtype to the
-dtype asked for (and to 8 or 4 bits for a quantized load), or, without weight files, a parameter count from
-config.json. It is meant to be right within tens of percent: enough to decide what to evict before a load and to
-refuse a model that can never fit, not to account bytes.
+dtype asked for (and to 8 or 4 bits for a quantized load), and a parameter count from config.json; the larger of
+the two counts, because the loader allocates what the config describes before it reads any weight, so a config
+that claims a huge vocabulary beside a tiny weights file costs what the config says. It is meant to be right within
+tens of percent: enough to decide what to evict before a load and to refuse a model that can never fit, not to
+account bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import os
+import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 from loom_kernel.types import LoadOptions, ModelRef
@@ -32,23 +40,33 @@ def weight_bytes(ref: ModelRef) -> int:
     return total
 
 
+def _count(config: dict[str, Any], *keys: str) -> int:
+    """The first of ``keys`` that holds a positive number; 0 when none does (a string or a list counts as absent:
+    the loader, not the estimate, reports a malformed config)."""
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 and value != float("inf"):
+            return int(value)
+    return 0
+
+
 def _config_params(config: dict[str, Any]) -> int:
     """A parameter count from the usual config keys: embeddings plus ~12 H^2 per block (attention + 4x MLP)."""
-    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0
-    layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 0
-    vocab = config.get("vocab_size") or 0
-    inter = config.get("intermediate_size") or 4 * hidden
-    return int(vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter))
+    hidden = _count(config, "hidden_size", "n_embd", "d_model")
+    layers = _count(config, "num_hidden_layers", "n_layer", "num_layers")
+    vocab = _count(config, "vocab_size")
+    inter = _count(config, "intermediate_size", "n_inner") or 4 * hidden
+    return vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
 
 
 def estimate_bytes(ref: ModelRef, options: LoadOptions, device: str) -> int | None:
     """The model's expected size in memory once loaded with ``options`` on ``device``; None when unknown."""
-    config = ref.config or {}
+    config = ref.config if isinstance(ref.config, dict) else {}
     if ref.quantization_config:  # a pre-quantized checkpoint takes about what it takes on disk
         return weight_bytes(ref) or None
     source = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     on_disk = weight_bytes(ref)
-    params = on_disk / DTYPE_BYTES.get(source, 4.0) if on_disk else _config_params(config)
+    params = max(on_disk / DTYPE_BYTES.get(source, 4.0), _config_params(config))
     if not params:
         return None
     if options.quantization in QUANTIZED_BYTES:
@@ -76,3 +94,36 @@ def device_total_bytes(device: str) -> int | None:
 def budget_bytes(device: str, fraction: float) -> int | None:
     total = device_total_bytes(device)
     return None if total is None else int(total * fraction)
+
+
+def release_memory(failure: BaseException | None = None) -> None:
+    """Give back what a dropped model, or a load that failed, held.
+
+    A failed load's exception keeps every frame it passed through, and with them the half-built model: ``failure``
+    and the exceptions chained to it keep their tracebacks for the log but lose those frames' locals. Then the
+    cycles are collected, the CUDA cache is emptied and glibc returns its freed heap pages to the system (without
+    that the process's resident size would not fall after a large load)."""
+    pending: list[BaseException | None] = [failure]
+    seen: set[int] = set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # skips frames still running (the caller's)
+        pending += [exc.__cause__, exc.__context__]
+    gc.collect()
+    torch = sys.modules.get("torch")  # never imported just to release: without torch there is nothing to empty
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

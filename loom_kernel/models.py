@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import gc
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from loom_kernel.config import Settings
 from loom_kernel.devices import DEVICE_MAPS, resolve_device
 from loom_kernel.errors import (
     Conflict,
+    Forbidden,
     InsufficientStorage,
     InvalidField,
     LoadFailed,
@@ -36,9 +36,10 @@ from loom_kernel.errors import (
     RequestTimeout,
     TooManyRequests,
     Unsupported,
+    load_error,
     out_of_memory,
 )
-from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
+from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes, release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.openmp import one_torch_thread
 from loom_kernel.plugins import describe_plugins, loader_names
@@ -198,6 +199,14 @@ class ModelManager:
     ) -> LoadOptions:
         if device_map is not None and device_map not in DEVICE_MAPS:
             raise InvalidField(f"device_map: unknown placement {device_map!r}", field="device_map", allowed=DEVICE_MAPS)
+        if trust_remote_code and not self.settings.allow_remote_code_requests:
+            raise Forbidden(
+                "trust_remote_code: this server does not let requests ask to run a model's code; its operator can "
+                "trust models in the config file (models.trust_remote_code) or let requests ask "
+                "(models.allow_remote_code_requests)",
+                field="trust_remote_code",
+                allowed=[False],
+            )
         opts = LoadOptions(
             device=device or self.settings.device(),
             dtype=dtype or self.settings.default_dtype,
@@ -241,17 +250,36 @@ class ModelManager:
         from them is reloaded rather than silently reused.
         """
         explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
-        entry = self.entries.get(model_id)
+        entry = self._pending(model_id) or self.entries.get(model_id)
         if entry is not None and not self._differs(entry, loader, explicit):
             return await self._wait_ready(entry)
         # Resolution may read the HF cache or ask the hub: keep it off the event loop.
         ref = await asyncio.to_thread(self.resolve, model_id, revision)
         chosen = self.choose_loader(ref, loader)
         opts = self.options(**explicit)
-        entry = self.entries.get(model_id)  # another request may have started it meanwhile
+        # Another request may have started a load meanwhile. One load per model id at a time: the same options
+        # wait for it, others are a 409 (ten requests with ten dtypes must not load ten copies at once).
+        if (pending := self._pending(model_id)) is not None:
+            if self._differs(pending, chosen, explicit):
+                raise Conflict(
+                    f"model: {model_id!r} is being loaded with other options (dtype={pending.options.dtype}, "
+                    f"device={pending.options.device}, quantization={pending.options.quantization}); retry when "
+                    "it has loaded",
+                    field="model",
+                )
+            return await self._wait_ready(pending)
+        entry = self.entries.get(model_id)
         if entry is not None and not self._differs(entry, chosen, explicit):
             return await self._wait_ready(entry)
         return await self._load(model_id, ref, chosen, opts, replacing=entry)
+
+    def _pending(self, model_id: str) -> ModelEntry | None:
+        """The load of ``model_id`` in progress, first or replacing a loaded one, if any."""
+        for key in (model_id, f"{model_id} (reloading)"):
+            entry = self.entries.get(key)
+            if entry is not None and entry.state == "loading":
+                return entry
+        return None
 
     def _differs(self, entry: ModelEntry, loader: str | None, explicit: dict[str, Any]) -> bool:
         """Whether the request names a loader or option the entry was not loaded with.
@@ -384,14 +412,24 @@ class ModelManager:
             self._drop(victim)
 
     def _call_load(self, ref: ModelRef, loader: str, opts: LoadOptions) -> LoadedModel:
+        """Run the loader (on the model's thread). A failure is classified once, here or by the loader through
+        ``load_error`` (what the model's files cause is a 4xx, the server's own faults a 500), and everything the
+        failed load allocated is released before the error leaves this thread: its traceback would otherwise keep
+        the half-built model alive for as long as anyone holds the error."""
         start = time.perf_counter()
         try:
             loaded = self.pm.hook.load(model=ref, loader=loader, options=opts)
-        except LoomError:
-            raise
         except Exception as exc:
-            log.exception("loader %s failed on %s", loader, ref.id)
-            raise LoadFailed(f"model: loader {loader!r} failed to load {ref.id!r}: {exc}", field="model") from exc
+            what = f"loader {loader!r} could not load {ref.id!r}"
+            error = exc if isinstance(exc, LoomError) else load_error(exc, what)
+            if error.status < 500:
+                log.warning("loader %s could not load %s: %s", loader, ref.id, error.detail)
+            elif error is not exc:  # a loader's own LoomError is logged where the request fails
+                log.error("loader %s failed on %s", loader, ref.id, exc_info=exc)
+            release_memory(exc)
+            if error is exc:
+                raise
+            raise error from exc
         if loaded is None:
             raise Unsupported(f"loader: {loader!r} declined to load {ref.id!r}", field="loader")
         if not loaded.load_seconds:
@@ -419,19 +457,14 @@ class ModelManager:
         def release() -> None:
             nonlocal loaded
             loaded = None
-            gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except ImportError:
-                pass
+            release_memory()
 
         entry.worker.submit(release)
         entry.worker.stop()
 
     async def unload(self, model_id: str) -> None:
+        if self._pending(model_id) is not None:
+            raise Conflict(f"model: {model_id!r} is loading; unload it once it has loaded", field="model_id")
         entry = self.entries.get(model_id)
         if entry is None or entry.state != "ready":
             raise ModelNotFound(

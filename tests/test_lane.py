@@ -125,8 +125,9 @@ def test_errors_are_the_full_paths(app, client, monkeypatch, path, fields, statu
 
 
 def test_what_the_lane_hands_on(app, client, monkeypatch):
-    """JSON that stops short, another content type, a body of no declared length (chunked): Litestar serves them,
-    with the body the lane already read handed on, and answers as it does with the lane off."""
+    """JSON that stops short, a body of no declared length (chunked): Litestar serves them, with the body the lane
+    already read handed on, and answers as it does with the lane off. Another content type is refused before
+    either path (the guard)."""
     reached = Reached(monkeypatch)
     truncated = b'{"model": "minilm", "text": '
     lane, full, taken = both(
@@ -136,13 +137,14 @@ def test_what_the_lane_hands_on(app, client, monkeypatch):
     assert comparable(lane.json()) == comparable(full.json()) and lane.json()["field"] == "body"
     plain = b'{"model": "minilm", "text": "sent as text/plain"}'
     lane, full, taken = both(app, client, reached, "/embed", content=plain, headers={"content-type": "text/plain"})
-    assert taken == 1 and lane.status_code == full.status_code == 200  # Litestar reads JSON whatever the type
-    assert comparable(lane.json()) == comparable(full.json())
+    assert taken == 0 and lane.status_code == full.status_code == 415
+    assert comparable(lane.json()) == comparable(full.json()) and lane.json()["field"] == "content-type"
     before = reached.count
     chunks = iter([b'{"model": "minilm", ', b'"text": "sent as text/plain"}'])
     r = client.post("/embed", content=chunks, headers={"content-type": "application/json"})
     assert reached.count == before + 1 and "content-length" not in r.request.headers
-    assert r.status_code == 200 and r.json()["embedding"] == lane.json()["embedding"]
+    alone = client.post("/embed", json={"model": "minilm", "text": "sent as text/plain"})
+    assert r.status_code == 200 and r.json()["embedding"] == alone.json()["embedding"]
 
 
 def test_an_api_key_is_checked_on_the_lane_too(monkeypatch):

@@ -23,7 +23,7 @@ from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems, request_id_middleware
-from loom_kernel.api.security import api_key_middleware
+from loom_kernel.api.security import Guard, api_key_middleware
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
 from loom_kernel.models import ModelManager
@@ -70,6 +70,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         logging_config=None,  # the CLI configures logging once (loom_kernel.logs); a second handler doubles lines
     )
     document_problems(app, api_key=bool(settings.api_key))
+    app.guard = Guard.of(settings.host, settings.allowed_hosts, settings.cors_origins)
     app.state.pm = pm
     app.state.settings = settings
     app.state.manager = manager

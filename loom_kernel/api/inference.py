@@ -58,6 +58,7 @@ def state_request(data: CaptureFields, settings: Settings, wanted: bool, stream:
         stream=stream and streamed,
         top_logprobs=top,
         logits=bool(getattr(data, "return_logits", False)),
+        max_response_bytes=int(settings.max_response_mb * 2**20),
     )
 
 
@@ -149,7 +150,7 @@ class InferenceController(Controller):
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
             check_generation(entry.loaded, params)
-            req.capture(entry.loaded)
+            req.capture(entry.loaded, Batch(texts=(data.prompt,), generation=params))
         bridge = TokenBridge()
 
         def work(model: LoadedModel) -> dict[str, Any]:
@@ -207,9 +208,9 @@ class InferenceController(Controller):
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
         def work(model: LoadedModel) -> dict[str, Any] | bytes:
-            capture = req.capture(model)
-            start = time.perf_counter()
             batch = Batch(texts=(data.text,), add_special_tokens=data.add_special_tokens)
+            capture = req.capture(model, batch)
+            start = time.perf_counter()
             row = forward(pm, model, batch, capture).rows[0]
             fields, groups = state_payload(row, req, capture)
             tokens = model.tokenizer.convert_ids_to_tokens(row.token_ids) if model.tokenizer is not None else None

@@ -22,15 +22,21 @@ from litestar.types import Message, Receive, Scope, Send
 
 from loom_kernel.api.embed import EMBED_ROUTES
 from loom_kernel.api.problems import begin_request, error_response, with_request_id
-from loom_kernel.api.security import authorized
+from loom_kernel.api.security import Guard, authorized
 
 
 class LoomApp(Litestar):
-    """The Loom's Litestar app: the embedding routes take the lane when they can."""
+    """The Loom's Litestar app: every request passes the guard first (before routing, so that an unknown path is
+    refused alike), and the embedding routes take the lane when they can."""
 
     embedding_lane = True  # False sends every request through Litestar (the tests compare the two)
+    guard: Guard | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        if scope["type"] == "http" and self.guard is not None and (refused := self.guard.refusal(scope)) is not None:
+            scope["app"] = scope["litestar_app"] = self
+            await self._problem(scope, receive, self._hooked(send, scope), refused, begin_request(scope))
+            return
         route = EMBED_ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if route is None or not self.embedding_lane or not self._lane_open(scope):
             await super().__call__(scope, receive, send)
@@ -40,7 +46,7 @@ class LoomApp(Litestar):
             return  # the client left before sending its body: nobody to answer
         try:
             data = msgspec.json.decode(body, type=route.body)
-        except msgspec.MsgspecError:
+        except (msgspec.MsgspecError, RecursionError):
             await super().__call__(scope, replay(body, receive), send)
             return
         scope["app"] = scope["litestar_app"] = self
@@ -51,9 +57,7 @@ class LoomApp(Litestar):
         try:
             answer = await route.serve(data, manager, manager.pm, receive)
         except Exception as exc:
-            request: Request = Request(scope, receive, send)
-            response = error_response(request, exc).to_asgi_response(app=None, request=request)
-            await response(scope, receive, with_request_id(send, rid))
+            await self._problem(scope, receive, send, exc, rid)
             return
         content = msgspec.json.encode(answer)
         headers = [
@@ -63,6 +67,13 @@ class LoomApp(Litestar):
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+
+    @staticmethod
+    async def _problem(scope: Scope, receive: Receive, send: Send, exc: Exception, rid: str) -> None:
+        """The app's own problem response for ``exc``, with the request's id."""
+        request: Request = Request(scope, receive, send)
+        response = error_response(request, exc).to_asgi_response(app=None, request=request)
+        await response(scope, receive, with_request_id(send, rid))
 
     def _lane_open(self, scope: Scope) -> bool:
         if self.cors_config is not None:

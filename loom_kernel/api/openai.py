@@ -104,6 +104,7 @@ def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
         dtype=data.hidden_state_dtype or settings.default_precision,
         default_layers=settings.default_layers,
         top_logprobs=top_logprobs_for(data),
+        max_response_bytes=int(settings.max_response_mb * 2**20),
     )
     if req.fmt == "safetensors":
         raise InvalidField(
@@ -259,22 +260,25 @@ class OpenAIController(Controller):
     tags = ["openai"]
 
     async def _prepare(
-        self, data: OpenAIFields, manager: Manager, settings: Settings
+        self, data: OpenAIFields, manager: Manager, settings: Settings, text: str
     ) -> tuple[GenerationParams, StateRequest, ModelEntry]:
+        """Checks before any work or stream starts; ``text`` is the prompt (or the chat's texts) for the answer's
+        size estimate."""
         refuse_unsupported(data)
         params = params_for(data, settings)
         req = states_for(data, settings)
         entry = await manager.get(data.model, loader=data.loader, explicit=data.explicit())
         if entry.loaded is not None:
             check_generation(entry.loaded, params)
-            req.capture(entry.loaded)
+            req.capture(entry.loaded, Batch(texts=(text,), generation=params))
         return params, req, entry
 
     @post("/chat/completions", status_code=200)
     async def chat(self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager, pm: Plugins) -> Any:
         settings = manager.settings
         messages = [message_text(m, i) for i, m in enumerate(data.messages)]
-        params, req, entry = await self._prepare(data, manager, settings)
+        text = "".join(m["role"] + m["content"] for m in messages)
+        params, req, entry = await self._prepare(data, manager, settings, text)
         bridge = TokenBridge() if data.stream else None
 
         def work(model: LoadedModel) -> dict[str, Any]:
@@ -330,7 +334,7 @@ class OpenAIController(Controller):
                 field="prompt",
                 allowed="a non-empty string",
             )
-        params, req, entry = await self._prepare(data, manager, settings)
+        params, req, entry = await self._prepare(data, manager, settings, prompts[0])
         bridge = TokenBridge() if data.stream else None
 
         def work(model: LoadedModel) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from loom_kernel.api.schemas import LayerSpec, NonEmpty, PositionSpec
+from loom_kernel.api.schemas import LayerSpec, NonEmpty, PositionSpec, Seed
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's own limit
@@ -36,7 +36,7 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0

@@ -169,8 +169,16 @@ def on_unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+def on_recursion(request: Request, exc: RecursionError) -> Response:
+    # msgspec gives up on JSON nested deeper than the interpreter's recursion limit: the body's fault, not ours.
+    if "deserializ" in str(exc):
+        return problem(request, 400, "Malformed request body", "body: the JSON is nested too deeply", field="body")
+    return on_unexpected(request, exc)
+
+
 EXCEPTION_HANDLERS = {
     LoomError: on_loom_error,
+    RecursionError: on_recursion,
     ValidationException: on_validation,
     HTTPException: on_http,
     Exception: on_unexpected,

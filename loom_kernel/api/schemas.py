@@ -9,6 +9,8 @@ import msgspec
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
 LayerSpec = int | str | list[int]
 MAX_TOP_LOGPROBS = 20
+# A seed is a non-negative int64: torch reads seeds modulo 2**64, so -1 and 2**64 - 1 would give the same tokens.
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="0 to 2**63 - 1")]
 PositionSpec = str | list[int]
 
 
@@ -50,7 +52,7 @@ class GenerationFields(CaptureFields, kw_only=True):
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     return_hidden_states: bool = False
     add_special_tokens: bool = True

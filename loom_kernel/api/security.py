@@ -1,19 +1,117 @@
-"""The optional API key: with ``api_key`` set, every endpoint but /health needs ``Authorization: Bearer <key>``.
+"""What stands between a web page and the server: the request guard, and the optional API key.
 
-The key is compared in constant time (``hmac.compare_digest``) so that response timing does not reveal how much
-of a guess was right. /health stays open so that a load balancer or a supervisor can check the process.
+The threat is a server on loopback that any page the user's browser opens can reach. A page may send "simple"
+cross-origin requests (a POST with a ``text/plain`` body, no preflight) and, by rebinding a name of its own to
+127.0.0.1, even read the answers. ``Guard`` refuses, before any routing:
+
+- a ``Host`` that is not one of the server's own names (loopback names, the address the connection came in on, the
+  configured ``host``, ``server.allowed_hosts``): a rebound name is the attacker's, never ours (403, field ``host``);
+- on a state-changing request (POST, PUT, PATCH, DELETE), a browser ``Origin`` that is neither the server's own
+  origin nor one of ``server.cors_origins`` (403, field ``origin``);
+- a body that is not ``application/json``: the only type a cross-origin page cannot send without a preflight
+  that CORS then refuses (415, field ``content-type``).
+
+A Unix socket is exempt from the ``Host`` rule: no browser can open one.
+
+With ``api_key`` set, every endpoint but /health needs ``Authorization: Bearer <key>``. The key is compared in
+constant time (``hmac.compare_digest``) so that response timing does not reveal how much of a guess was right.
+/health stays open so that a load balancer or a supervisor can check the process.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import attrs
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from loom_kernel.errors import LoomError
+from loom_kernel.errors import Forbidden, LoomError
 
 OPEN_PATHS = frozenset({"/health"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+BODY_TYPES = frozenset({b"application/json"})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
+class UnsupportedMediaType(LoomError):
+    status = 415
+    title = "Unsupported media type"
+
+
+@attrs.define(frozen=True)
+class Guard:
+    """The Host, Origin and Content-Type rules; ``refusal(scope)`` is the error for a request they refuse."""
+
+    hosts: frozenset[str]
+    origins: frozenset[str]
+
+    @classmethod
+    def of(cls, host: str, allowed_hosts: Iterable[str], cors_origins: Iterable[str] | None) -> Guard:
+        names = set(LOOPBACK_NAMES) | {_bare(h) for h in allowed_hosts}
+        if host not in ANY_ADDRESS:
+            names.add(_bare(host))
+        return cls(hosts=frozenset(names), origins=frozenset(o.rstrip("/").lower() for o in cors_origins or ()))
+
+    def refusal(self, scope: Scope) -> LoomError | None:
+        host = origin = content_type = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = value
+        server = scope.get("server")
+        over_socket = server is not None and server[1] is None  # a Unix socket: (path, None)
+        if host is not None and not over_socket and not self._own_host(host, server):
+            return Forbidden(
+                f"host: {host!r} is not a name of this server; a browser sends a name it does not own after DNS "
+                "rebinding. Add it to server.allowed_hosts (LOOM_ALLOWED_HOSTS) if it is really this server's",
+                field="host",
+                allowed=sorted(self.hosts),
+            )
+        method = scope["method"]
+        if origin is not None and method in STATE_CHANGING and not self._own_origin(origin, host):
+            return Forbidden(
+                f"origin: requests from {origin!r} may not change anything here; allow the page's origin with "
+                "server.cors_origins (LOOM_CORS_ORIGINS)",
+                field="origin",
+                allowed=sorted(self.origins),
+            )
+        if method in WITH_BODY:
+            media = (content_type or b"").split(b";")[0].strip().lower()
+            if media not in BODY_TYPES:
+                return UnsupportedMediaType(
+                    f"content-type: {media.decode('latin-1') or 'none'!r} is not accepted; send the body as JSON "
+                    "with Content-Type: application/json",
+                    field="content-type",
+                    allowed=sorted(t.decode() for t in BODY_TYPES),
+                )
+        return None
+
+    def _own_host(self, host: str, server: tuple[str, int | None] | None) -> bool:
+        name = _bare(host)
+        return "*" in self.hosts or name in self.hosts or (server is not None and name == _bare(server[0]))
+
+    def _own_origin(self, origin: str, host: str | None) -> bool:
+        origin = origin.rstrip("/").lower()
+        if "*" in self.origins or origin in self.origins:
+            return True
+        scheme, _, netloc = origin.partition("://")
+        return host is not None and scheme in ("http", "https") and netloc == host.lower()
+
+
+def _bare(host: str) -> str:
+    """A Host header's name, without port, brackets or a trailing dot, in lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 class Unauthorized(LoomError):

@@ -42,7 +42,10 @@ def lives_in(directory: Path, module: str) -> bool:
 def check_trust(manifest: Manifest, field: str, target: str, in_directory: bool, trusted: bool) -> None:
     if trusted:
         return
-    how = "trust_remote_code: true in the request, or models.trust_remote_code: true in the server config"
+    how = (
+        "models.trust_remote_code: true in the server config (or trust_remote_code: true in the request, where the "
+        "config's models.allow_remote_code_requests lets requests ask)"
+    )
     if in_directory:
         raise Forbidden(
             f"model: {manifest.where}: {field} {target!r} is code shipped in the model directory "

@@ -234,7 +234,7 @@ def test_probe_never_imports_the_factory(checkpoint: Path) -> None:
 
 async def test_forward_with_states_every_layer_equals_the_blocks_run_by_hand(checkpoint: Path, reference) -> None:
     ids = list(TEXT.encode())
-    async with client_for() as client:
+    async with client_for(allow_remote_code_requests=True) as client:
         r = await extract(client, str(checkpoint), trust_remote_code=True)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -292,7 +292,7 @@ async def test_embed_pools_each_text_alone(checkpoint: Path, reference) -> None:
 
 
 async def test_load_refuses_checkpoint_code_without_trust_remote_code(checkpoint: Path, reference) -> None:
-    async with client_for() as client:
+    async with client_for(allow_remote_code_requests=True) as client:
         r = await extract(client, str(checkpoint))
         assert r.status_code == 403, r.text
         problem = r.json()
@@ -309,7 +309,7 @@ async def test_load_refuses_checkpoint_code_without_trust_remote_code(checkpoint
 
 async def test_loom_json_naming_an_installed_factory_needs_trust_too(tmp_path: Path, reference, installed) -> None:
     path = write_model(tmp_path / "named", reference, {**MANIFEST, "factory": f"{installed}:build"}, code=False)
-    async with client_for() as client:
+    async with client_for(allow_remote_code_requests=True) as client:
         r = await extract(client, str(path))
         assert r.status_code == 403 and r.json()["field"] == "trust_remote_code"
         assert "custom_models" in r.json()["detail"]  # says how the operator can vouch for it instead
@@ -340,7 +340,9 @@ async def test_config_custom_models_trusts_an_installed_factory(tmp_path: Path, 
 
 async def test_config_custom_models_factory_from_the_model_directory_needs_trust(tmp_path: Path, reference) -> None:
     path = write_model(tmp_path / "with-code", reference, manifest=None, code=True)
-    async with client_for(custom_models={"toy-dir": {**MANIFEST, "path": str(path)}}) as client:
+    async with client_for(
+        allow_remote_code_requests=True, custom_models={"toy-dir": {**MANIFEST, "path": str(path)}}
+    ) as client:
         r = await extract(client, "toy-dir")
         assert r.status_code == 403 and r.json()["field"] == "trust_remote_code"
         assert "model directory" in r.json()["detail"]

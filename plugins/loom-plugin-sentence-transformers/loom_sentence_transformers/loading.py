@@ -8,7 +8,7 @@ from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef
 from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoadFailed, LoomError
+from loom_kernel.errors import LoadFailed, LoomError, load_error
 
 log = logging.getLogger("loom.sentence_transformers")
 
@@ -74,11 +74,8 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         )
     except LoomError:
         raise
-    except Exception as exc:  # any library failure becomes one clear 500 naming the model and the cause
-        raise LoadFailed(
-            f"model: sentence-transformers could not load {ref.id!r} from {target}: {type(exc).__name__}: {exc}",
-            field="model",
-        ) from exc
+    except Exception as exc:  # named, and classified: a 4xx when the model's files are at fault, else a 500
+        raise load_error(exc, f"sentence-transformers could not load {ref.id!r} from {target}") from exc
     st.eval()
     first = st[0]
     if hasattr(first, "unpad_inputs"):

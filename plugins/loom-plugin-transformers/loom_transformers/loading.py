@@ -8,7 +8,7 @@ from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
 from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoadFailed, LoomError
+from loom_kernel.errors import LoadFailed, LoomError, load_error
 
 log = logging.getLogger("loom.transformers")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -90,10 +90,8 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         tokenizer = transformers.AutoTokenizer.from_pretrained(target, **small)
     except LoomError:
         raise
-    except Exception as exc:  # any library failure becomes one clear 500 naming the model and the cause
-        raise LoadFailed(
-            f"model: transformers could not load {ref.id!r} from {target}: {type(exc).__name__}: {exc}", field="model"
-        ) from exc
+    except Exception as exc:  # named, and classified: a 4xx when the model's files are at fault, else a 500
+        raise load_error(exc, f"transformers could not load {ref.id!r} from {target}") from exc
     model.eval()
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     loaded = LoadedModel(

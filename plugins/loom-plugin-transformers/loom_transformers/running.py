@@ -223,7 +223,12 @@ def choose_token(logits: Any, params: GenerationParams, generator: Any) -> int:
 
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
+    # (greedy in the limit) instead of overflowing to inf - inf = nan; one below float32's smallest normal value
+    # would become 0 (0 / 0 = nan) and divides as that value instead, the same limit.
+    logits = logits.float()
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.max()) / temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
