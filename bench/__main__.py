@@ -43,6 +43,15 @@ Rows (benchmark name for ``--only`` in brackets):
   formats, decoded to tensors by the client (``torch.tensor`` of the lists; ``base64`` decoded and
   ``numpy.frombuffer``). No target.
 
+- ``huge: /embed of a 9.9 MB text vs a max-length text`` [huge]: the median latency of ``POST /embed`` of a 9.9 MB
+  text (which the server cuts to what MiniLM can read before tokenizing) over that of a text at MiniLM's 256-token
+  limit, on the batched server. Target <= 3: about the time of a max-length text (the 9.9 MB body's transfer and
+  JSON decoding included).
+- ``huge: a small /embed beside three 9.9 MB ones vs beside three max-length ones`` [huge]: the latency of a
+  one-sentence ``/embed`` sent while three 9.9 MB ones are in flight, over its latency while three max-length ones
+  are. Target <= 2: a huge text holds others up no longer than a text the model reads whole (before the cut, the
+  small request waited for three whole-text tokenizations, about 2 minutes).
+
 Runs alternate (batched, one at a time, in-process; forward and the three formats) so that a busy moment of a
 shared machine slows every side rather than one. Throughputs are the best of the runs, times the median. Neither
 the server nor this process sets torch's thread count: both use torch's default (the machine's cores), printed
@@ -77,6 +86,7 @@ from bench.common import (
     build,
     corpus,
     cpu_ticks,
+    latencies,
     others_cpus,
     percentile,
     probe_health,
@@ -84,7 +94,7 @@ from bench.common import (
     serve,
 )
 
-BENCHMARKS = ("embed", "health", "generate", "extract")
+BENCHMARKS = ("embed", "health", "generate", "extract", "huge")
 ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
 HEALTH_BUDGET_MS = 50.0
 OTHERS_NOISY = 0.2  # CPUs of other processes' work, on average, above which a benchmark's ratios are unreliable
@@ -373,6 +383,65 @@ def bench_extract(batched: str, model_dir: str, quick: bool) -> list[Row]:
 # -- the table ---------------------------------------------------------------------------------------------------
 
 
+# -- huge texts ---------------------------------------------------------------------------------------------------
+
+
+def bench_huge(batched: str, quick: bool) -> list[Row]:
+    import httpx
+
+    repeats = 3 if quick else 7
+    sentence = "The quick brown fox jumps over the lazy dog while the cat watches. "
+    huge = (sentence * (9_900_000 // len(sentence) + 1))[:9_900_000]
+    longest = sentence * 20  # past MiniLM's 256 tokens: what the model reads of either text is the same length
+    small = "A small request."
+    with httpx.Client(base_url=batched, timeout=300) as c:
+
+        def embed(text: str) -> None:
+            c.post("/embed", json={"model": "minilm", "text": text}).raise_for_status()
+
+        def send(text: str) -> None:
+            with httpx.Client(base_url=batched, timeout=300) as own:
+                own.post("/embed", json={"model": "minilm", "text": text}).raise_for_status()
+
+        def beside(text: str) -> list[float]:
+            """The small request's latency, sent right after three of ``text``."""
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                flying = [pool.submit(send, text) for _ in range(3)]
+                seconds = latencies(1, lambda: embed(small))
+                for f in flying:
+                    f.result()
+            return seconds
+
+        for text in (huge, longest, small):
+            embed(text)  # warm-up
+        big, capped, near_huge, near_longest = [], [], [], []
+        for _ in range(repeats):
+            big += latencies(1, lambda: embed(huge))
+            capped += latencies(1, lambda: embed(longest))
+            near_huge += beside(huge)
+            near_longest += beside(longest)
+    note = f"{runs(repeats)} of each, alternating, medians; the small request goes out right after the three huge ones"
+    return [
+        row(
+            "huge: /embed of a 9.9 MB text vs a max-length text",
+            statistics.median(big) * 1000,
+            statistics.median(capped) * 1000,
+            "ms",
+            "<= 3",
+            lambda r: r <= 3,
+            note,
+        ),
+        row(
+            "huge: a small /embed beside three 9.9 MB ones vs beside three max-length ones",
+            statistics.median(near_huge) * 1000,
+            statistics.median(near_longest) * 1000,
+            "ms",
+            "<= 2",
+            lambda r: r <= 2,
+        ),
+    ]
+
+
 def cell(value: float | str | None, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -420,7 +489,7 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         gpt = str(build(Path(tmp))) if {"generate", "extract"} & set(chosen) else None
-        models = (["minilm"] if {"embed", "health"} & set(chosen) else []) + ([gpt] if gpt else [])
+        models = (["minilm"] if {"embed", "health", "huge"} & set(chosen) else []) + ([gpt] if gpt else [])
         batched = stack.enter_context(serve(models))
         baseline_models = (["minilm"] if "embed" in chosen else []) + ([gpt] if "generate" in chosen else [])
         single = stack.enter_context(serve(baseline_models, **ONE_AT_A_TIME)) if baseline_models else None
@@ -441,8 +510,10 @@ def main() -> None:
                 rows += bench_health(batched)
             elif name == "generate":
                 rows += bench_generate(batched, single, gpt, args.quick)
-            else:
+            elif name == "extract":
                 rows += bench_extract(batched, gpt, args.quick)
+            else:
+                rows += bench_huge(batched, args.quick)
             seconds = time.perf_counter() - t0
             others[name] = others_cpus(ticks, cpu_ticks(), seconds)
             print(f"{name}: {seconds:.0f} s", flush=True)
