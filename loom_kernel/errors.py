@@ -83,6 +83,12 @@ class LoadFailed(LoomError):
     title = "Model failed to load"
 
 
+class BadModel(InvalidField):
+    """The model's own files are at fault (its config, weights or manifest): no retry will load it."""
+
+    title = "Model cannot be loaded"
+
+
 class InsufficientStorage(LoomError):
     status = 507
     title = "Insufficient storage"
@@ -140,26 +146,28 @@ def load_error(exc: BaseException, what: str) -> LoomError:
         )
     if "Weights only load failed" in text:
         blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
-        return Unsupported(
+        return BadModel(
             f"model: {what}: refused as unsafe: its checkpoint is a pickle that holds more than tensors, and "
             f"unpickling it could run code ({blocked or 'weights_only refused it'}); only plain tensors are read "
             "from pickles: convert the checkpoint to safetensors",
             field="model",
         )
     if "StrictDataclassError" in names:  # transformers 5 checks each config field's type
-        return InvalidField(f"model: {what}: its config.json is invalid: {cause}", field="model")
+        return BadModel(f"model: {what}: its config.json is invalid: {cause}", field="model")
     if "JSONDecodeError" in names:
-        return InvalidField(f"model: {what}: one of its JSON files is invalid: {cause}", field="model")
+        return BadModel(f"model: {what}: one of its JSON files is invalid: {cause}", field="model")
     if "size mismatch" in text:
-        return InvalidField(f"model: {what}: the checkpoint does not match its config: {cause}", field="model")
+        return BadModel(f"model: {what}: the checkpoint does not match its config: {cause}", field="model")
     if "ignore_mismatched_sizes" in text:  # transformers 5 logs the tensors and raises only this
-        return InvalidField(
+        return BadModel(
             f"model: {what}: the checkpoint does not match its config: tensors in its weights have other shapes "
             "than its config.json describes",
             field="model",
         )
     if names & {"SafetensorError", "UnpicklingError"}:
-        return InvalidField(f"model: {what}: a weights file cannot be read: {cause}", field="model")
+        return BadModel(f"model: {what}: a weights file cannot be read: {cause}", field="model")
+    if "no file named" in text:  # a config.json without the weights it describes
+        return BadModel(f"model: {what}: no weights file beside its config: {cause}", field="model")
     if isinstance(exc, ImportError):
         return MissingBackend(f"model: {what}: a library it needs is not installed: {cause}", field="model")
     return LoadFailed(f"model: {what}: {cause}", field="model")

@@ -78,7 +78,7 @@ def import_from_directory(directory: Path, module: str) -> ModuleType:
 
 
 def load_callable(manifest: Manifest, field: str, target: str, trusted: bool) -> Callable[..., Any]:
-    """The callable ``target`` ("module:attr.path") names, after the trust rule; LoadFailed naming ``field`` when
+    """The callable ``target`` ("module:attr.path") names, after the trust rule; BadModel naming ``field`` when
     it cannot be imported or is not callable."""
     module_name, _, attr_path = target.partition(":")
     in_directory = manifest.directory is not None and lives_in(manifest.directory, module_name)

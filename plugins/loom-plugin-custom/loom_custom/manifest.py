@@ -1,7 +1,7 @@
 """The manifest: what a loom.json in a model directory, or a ``custom_models`` entry of the server config, says
 about a model. Reading it imports nothing (no torch, no factory code).
 
-Every problem is a ``LoadFailed`` whose ``field`` is the manifest field at fault and whose ``manifest`` says which
+Every problem is a ``BadModel`` whose ``field`` is the manifest field at fault and whose ``manifest`` says which
 manifest it is (``/data/toy/loom.json`` or ``custom_models.toy``), so a typo never falls back to a default.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 import attrs
 
 from loom_kernel import ModelRef, ProbeResult
-from loom_kernel.errors import LoadFailed, Unsupported
+from loom_kernel.errors import BadModel, Unsupported
 
 NAME = "custom"
 FIELDS = (
@@ -61,8 +61,8 @@ class Manifest:
     weights: str | None = None
     max_context: int | None = None
 
-    def error(self, field: str, detail: str, **extra: Any) -> LoadFailed:
-        return LoadFailed(f"model: {self.where}: {field} {detail}", field=field, manifest=self.where, **extra)
+    def error(self, field: str, detail: str, **extra: Any) -> BadModel:
+        return BadModel(f"model: {self.where}: {field} {detail}", field=field, manifest=self.where, **extra)
 
     def local_file(self, field: str, value: str) -> Path:
         """A file the manifest names, relative to the model directory. A checkpoint's manifest may not reach
@@ -115,7 +115,7 @@ def probe_manifest(ref: ModelRef) -> ProbeResult | None:
 
 
 def read_manifest(ref: ModelRef) -> Manifest:
-    """The checked manifest of ``ref``; LoadFailed naming the field for anything malformed."""
+    """The checked manifest of ``ref``; BadModel naming the field for anything malformed."""
     where = _where(ref)
     origin: Origin = "config" if ref.source == "config" else "checkpoint"
     raw = ref.manifest
@@ -126,16 +126,16 @@ def read_manifest(ref: ModelRef) -> Manifest:
             field="loader",
         )
     if not isinstance(raw, dict):
-        raise LoadFailed(f"model: {where} is not a JSON object of manifest fields", field="manifest", manifest=where)
+        raise BadModel(f"model: {where} is not a JSON object of manifest fields", field="manifest", manifest=where)
     unknown = sorted(k for k in raw if k not in FIELDS or (k == "path" and origin == "checkpoint"))
     if unknown:
         allowed = [f for f in FIELDS if origin == "config" or f != "path"]
-        raise LoadFailed(
+        raise BadModel(
             f"model: {where}: unknown field {unknown[0]!r}", field=unknown[0], manifest=where, allowed=allowed
         )
 
-    def bad(field: str, detail: str) -> LoadFailed:
-        return LoadFailed(f"model: {where}: {field} {detail}", field=field, manifest=where)
+    def bad(field: str, detail: str) -> BadModel:
+        return BadModel(f"model: {where}: {field} {detail}", field=field, manifest=where)
 
     factory = raw.get("factory")
     if factory is None:
@@ -155,7 +155,7 @@ def read_manifest(ref: ModelRef) -> Manifest:
             raise bad(field, f"{value!r} must be a positive integer")
     kind = raw.get("kind", "causal")
     if kind not in KINDS:
-        raise LoadFailed(f"model: {where}: kind {kind!r} is unknown", field="kind", manifest=where, allowed=list(KINDS))
+        raise BadModel(f"model: {where}: kind {kind!r} is unknown", field="kind", manifest=where, allowed=list(KINDS))
     for field in ("tokenizer", "weights", "path"):
         value = raw.get(field)
         if value is not None and (not isinstance(value, str) or not value):

@@ -82,7 +82,7 @@ class TokensFromDecode:
 
 
 def adapt(manifest: Manifest, tokenizer: Any) -> Any:
-    """``tokenizer`` behind the kernel's interface; LoadFailed naming ``tokenizer`` when it cannot be."""
+    """``tokenizer`` behind the kernel's interface; BadModel naming ``tokenizer`` when it cannot be."""
     try:
         import tokenizers
 

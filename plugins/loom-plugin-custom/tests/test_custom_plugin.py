@@ -415,9 +415,9 @@ async def test_load_names_the_bad_manifest_field(tmp_path: Path, reference, chan
     path = write_model(tmp_path / "bad", reference, manifest)
     async with client_for(trust_remote_code=True) as client:
         r = await extract(client, str(path))
-    assert r.status_code == 500, r.text
+    assert r.status_code == 422, r.text  # the model directory's fault, not the server's
     problem = r.json()
-    assert (problem["title"], problem["field"]) == ("Model failed to load", field), problem
+    assert (problem["title"], problem["field"]) == ("Model cannot be loaded", field), problem
     assert says in problem["detail"] and problem["manifest"] == f"{path}/loom.json", problem
 
 
@@ -427,7 +427,7 @@ async def test_loom_json_that_is_not_json_is_still_ours_and_named(tmp_path: Path
     async with client_for(trust_remote_code=True) as client:
         assert (await client.get(f"/loaders/probe/{path}")).json()["selected"] == "custom"
         r = await extract(client, str(path))
-    assert r.status_code == 500 and r.json()["field"] == "manifest"
+    assert r.status_code == 422 and r.json()["field"] == "manifest"
 
 
 async def test_custom_loader_on_a_model_without_manifest_is_refused(tiny_models: dict[str, Path]) -> None:

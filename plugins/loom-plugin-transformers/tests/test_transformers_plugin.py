@@ -17,7 +17,7 @@ import torch
 
 from loom_kernel import Batch, Capture, GenerationParams, LoadOptions, ModelRef
 from loom_kernel.capture import resolve_layers
-from loom_kernel.errors import InvalidField, LoadFailed, Unsupported
+from loom_kernel.errors import BadModel, InvalidField, Unsupported
 from loom_kernel.plugins import create_plugin_manager
 from loom_kernel.resolve import resolve_model
 from loom_kernel.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
@@ -152,11 +152,11 @@ def test_load_unknown_device_is_invalid_field(hooks, tiny_models):
     assert err.value.field == "device"
 
 
-def test_load_without_weights_is_load_failed(hooks, tiny_models, tmp_path):
+def test_load_without_weights_is_the_models_fault(hooks, tiny_models, tmp_path):
     shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
-    with pytest.raises(LoadFailed) as err:
+    with pytest.raises(BadModel) as err:
         hooks.load(model=resolve_model(str(tmp_path)), loader="transformers", options=LoadOptions())
-    assert err.value.status == 500 and str(tmp_path) in err.value.detail
+    assert err.value.status == 422 and str(tmp_path) in err.value.detail and "no weights file" in err.value.detail
 
 
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_keeps_states_in_model_dtype(hooks, loaded, tiny_models):
