@@ -34,6 +34,14 @@ Rows (benchmark name for ``--only`` in brackets):
   batched server; baseline: the one-at-a-time server. Target >= 3.
 - ``generate: identical tokens to alone`` [generate]: whether every answer of the batched server under that load has
   the ``token_ids`` that the same prompt gets from one ``/generate`` with nobody else. Target: yes.
+- ``scheduler: late arrival`` [scheduler]: on the GPT-2-small-sized model, a 16-token prompt with ``max_tokens`` 8
+  sent while a 384-token generation runs (once that generation's row is running): its latency over its latency
+  alone. Target <= 3.
+- ``scheduler: extract during generation`` [scheduler]: ``/extract`` of 16 tokens sent while that generation runs,
+  over alone. Target <= 3.
+- ``scheduler: staggered mixed lengths`` [scheduler]: 8 clients arriving 0.25 s apart with ``max_tokens`` 8, 16, 24,
+  32, 48, 64, 96 and 128 in a shuffled order: total generated tokens/s against the same requests sent one at a time
+  (target >= 2), and the mean of each request's latency over its latency alone (target <= 2).
 - ``extract: all layers x all positions, safetensors vs forward`` [extract]: one ``POST /extract`` of a 128-token
   text with every hidden state (``hidden_state_layers`` 0..12, ``positions: "all"``) on the batched server, end to
   end: the client sends, receives and decodes the body (``safetensors.torch.load``). Baseline: in the bench process,
@@ -94,7 +102,7 @@ from bench.common import (
     serve,
 )
 
-BENCHMARKS = ("embed", "health", "generate", "extract", "huge")
+BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge")
 ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
 HEALTH_BUDGET_MS = 50.0
 OTHERS_NOISY = 0.2  # CPUs of other processes' work, on average, above which a benchmark's ratios are unreliable
@@ -290,6 +298,117 @@ def bench_generate(batched: str, single: str, model: str, quick: bool) -> list[R
         ),
         row("generate: identical tokens to alone", "yes" if same else "no", None, "", "yes", lambda v: v == "yes"),
     ]
+
+
+def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
+    import random
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    (short_prompt, long_prompt, *stagger_prompts) = prompts(tok, 10, 16)
+    short = {"model": model, "prompt": short_prompt, "max_tokens": 8, "temperature": 0}
+    long = {"model": model, "prompt": long_prompt, "max_tokens": 384, "temperature": 0}
+    extract = {"model": model, "text": short_prompt}
+    repeats = 1 if quick else 3
+    with httpx.Client(base_url=batched, timeout=600) as c:
+
+        def timed(path: str, body: dict[str, Any]) -> float:
+            start = time.perf_counter()
+            c.post(path, json=body).raise_for_status()
+            return time.perf_counter() - start
+
+        def running_rows() -> int:
+            return sum(m.get("running_rows", 0) for m in c.get("/models").json()["loaded_models"])
+
+        def beside_long(path: str, body: dict[str, Any]) -> float:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                job = pool.submit(httpx.post, f"{batched}/generate", json=long, timeout=600)
+                while running_rows() < 1:
+                    time.sleep(0.01)
+                seconds = timed(path, body)
+                job.result().raise_for_status()
+            return seconds
+
+        for _ in range(2):  # warm-up
+            timed("/generate", short)
+            timed("/extract", extract)
+        late, late_alone, during, during_alone = [], [], [], []
+        for _ in range(repeats):
+            late_alone.append(timed("/generate", short))
+            late.append(beside_long("/generate", short))
+            during_alone.append(timed("/extract", extract))
+            during.append(beside_long("/extract", extract))
+
+        lengths = [8, 16, 24, 32, 48, 64, 96, 128]
+        random.Random(0).shuffle(lengths)
+        bodies = [
+            {"model": model, "prompt": p, "max_tokens": n, "temperature": 0}
+            for p, n in zip(stagger_prompts, lengths, strict=True)
+        ]
+        alone = [timed("/generate", b) for b in bodies]  # one at a time, each alone
+        sequential = sum(alone)
+        staggered_s, ratios = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+                jobs = []
+                for i, b in enumerate(bodies):
+                    if i:
+                        time.sleep(0.25)  # the bench's own arrival schedule
+                    jobs.append(pool.submit(timed_post, batched, b))
+                latencies_ = [j.result() for j in jobs]
+            staggered_s.append(time.perf_counter() - start)
+            ratios.append(statistics.mean(t / a for t, a in zip(latencies_, alone, strict=True)))
+    tokens = sum(lengths)
+    note = (
+        f"a {len(tok(long_prompt).input_ids)}-token prompt generating 384 tokens; prompts of about 16 tokens; "
+        f"{runs(repeats)} each, medians (throughput: the best)"
+    )
+    return [
+        row(
+            "scheduler: late arrival (8 tokens beside a 384-token generation) vs alone",
+            statistics.median(late) * 1000,
+            statistics.median(late_alone) * 1000,
+            "ms",
+            "<= 3",
+            lambda r: r <= 3,
+            note,
+        ),
+        row(
+            "scheduler: extract during generation vs alone",
+            statistics.median(during) * 1000,
+            statistics.median(during_alone) * 1000,
+            "ms",
+            "<= 3",
+            lambda r: r <= 3,
+        ),
+        row(
+            "scheduler: staggered mixed lengths, 8 clients vs one at a time",
+            tokens / min(staggered_s),
+            tokens / sequential,
+            "tok/s",
+            ">= 2",
+            lambda r: r >= 2,
+        ),
+        row(
+            "scheduler: staggered mixed lengths, mean latency over alone",
+            statistics.median(ratios),
+            None,
+            "x",
+            "<= 2",
+            lambda v: v <= 2,
+        ),
+    ]
+
+
+def timed_post(base: str, body: dict[str, Any]) -> float:
+    import httpx
+
+    start = time.perf_counter()
+    httpx.post(f"{base}/generate", json=body, timeout=600).raise_for_status()
+    return time.perf_counter() - start
 
 
 def decode(fmt: str, r: Any) -> dict[str, Any]:
@@ -488,7 +607,7 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        gpt = str(build(Path(tmp))) if {"generate", "extract"} & set(chosen) else None
+        gpt = str(build(Path(tmp))) if {"generate", "scheduler", "extract"} & set(chosen) else None
         models = (["minilm"] if {"embed", "health", "huge"} & set(chosen) else []) + ([gpt] if gpt else [])
         batched = stack.enter_context(serve(models))
         baseline_models = (["minilm"] if "embed" in chosen else []) + ([gpt] if "generate" in chosen else [])
@@ -510,6 +629,8 @@ def main() -> None:
                 rows += bench_health(batched)
             elif name == "generate":
                 rows += bench_generate(batched, single, gpt, args.quick)
+            elif name == "scheduler":
+                rows += bench_scheduler(batched, gpt, args.quick)
             elif name == "extract":
                 rows += bench_extract(batched, gpt, args.quick)
             else:

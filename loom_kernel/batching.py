@@ -1,17 +1,21 @@
-"""Dynamic batching: the forward passes and generations of concurrent requests for one model, run as one call.
+"""The scheduler of one model: its thread runs loads, forward passes and generations, step by step.
 
-A request's own work (checking, tokenizing a chat, pooling, encoding the response) runs on a request thread; only its
-``forward_with_states`` call goes to the model's thread (``ModelThread``). That thread takes the first waiting call
-and every compatible call queued behind it (up to ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens),
-merges them into one Batch and one Capture, runs the hook once, and hands each call its own rows restricted to
-what it asked for. Each call gets what it would have alone: rows are padded so that padding changes nothing
-(the loader's contract), every generated row keeps its own parameters and generator, and the merged capture is
-a superset (the union of layers; every position when the specs differ) that is cut back per call.
+Each step the model's thread decides what runs: every queued forward pass (/extract, /embed, /analyze) first,
+merged with the compatible calls queued behind it (up to ``max_batch_size`` rows and ``max_batch_tokens`` padded
+tokens) into one Batch and one Capture; then the generations that arrived join the running batch (a prefill pass);
+then one decoding step of every running row. So a forward pass never waits for a generation, and a late generation
+joins the running ones at the next step instead of waiting for them (continuous batching; the loader's
+``LoadedModel.decoder``). A finished row leaves at once and frees its place. A model whose loader runs only whole
+generations gets them through ``forward_with_states``, merged as forward passes are, while its other calls wait.
+
+Each call gets what it would have alone: rows are padded so that padding changes nothing (the loader's contract),
+every generated row keeps its own parameters and generator, and a merged capture is a superset (the union of
+layers; every position when the specs differ) that is cut back per call.
 
 Compatible: same model, both plain passes or both generations, texts or token ids alike, the same
 ``add_special_tokens`` and ``truncate``, and the same ``attention`` (attention weights switch the model to eager
-attention). Generations with different parameters merge only when the loader honours ``Batch.row_generation``
-(``LoadedModel.row_params``).
+attention: such generations run in a decoder of their own). Generations with different parameters merge only when
+the loader honours ``Batch.row_generation`` (``LoadedModel.row_params``).
 
 Failures stay with their request: a row the plugin refuses (InvalidField naming its ``row``) fails its own call
 and the rest run again without it; any other error in a merged call reruns each call alone. A call whose request
@@ -34,7 +38,7 @@ import pluggy
 from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
 from loom_kernel.inputs import fit_texts
 from loom_kernel.metrics import ModelCounters
-from loom_kernel.types import Batch, Capture, ForwardOutput, LayerSel, LoadedModel, SequenceOutput
+from loom_kernel.types import Batch, Capture, Decoder, ForwardOutput, LayerSel, LoadedModel, SequenceOutput
 
 log = logging.getLogger("loom.batching")
 T = TypeVar("T")
@@ -147,6 +151,32 @@ class Call:
         return self._width
 
 
+@attrs.define(eq=False)
+class Joined:
+    """Calls whose rows joined a decoder together, each waiting for all of its rows to finish."""
+
+    decoder: Decoder
+    calls: list[Call]
+    ids: list[list[int]]  # per call, its rows' ids in the decoder
+    merged: Capture
+
+    def deliver(self, counters: ModelCounters) -> bool:
+        """Answer every call whose rows are all done; whether every call is answered."""
+        done = self.decoder.done
+        for call, ids in zip(self.calls, self.ids, strict=True):
+            if call.future.done() or not all(i in done for i in ids):
+                continue
+            rows = [done.pop(i) for i in ids]
+            counters.prompt_tokens += sum(row.prompt_tokens for row in rows)
+            counters.generated_tokens += sum(len(row.token_ids) - row.prompt_tokens for row in rows)
+            call.future.set_result(ForwardOutput(rows=[restrict(row, call.capture, self.merged) for row in rows]))
+        return all(call.future.done() for call in self.calls)
+
+
+STEP = object()  # what the model's thread takes when nothing is queued but rows are generating
+STOPPED = object()  # ... when it has been idle for IDLE_S: its OS thread ends
+
+
 def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
     try:
         ids = model.tokenizer(list(batch.texts), add_special_tokens=batch.add_special_tokens)["input_ids"]
@@ -173,6 +203,11 @@ class ModelThread:
         self.seconds_per_pass = 0.0  # moving average of plain (not generating) passes
         self._name = f"loom-model:{name}"
         self._thread: threading.Thread | None = None  # the OS thread, while it runs (under the lock)
+        # Generations, on the model's thread only: one decoder per attention mode, the calls waiting to join one,
+        # and the calls whose rows are running.
+        self._decoders: dict[bool, Decoder] = {}
+        self._waiting: deque[Call] = deque()
+        self._joined: list[Joined] = []
 
     # -- submitting --------------------------------------------------------------------------------------
 
@@ -244,47 +279,171 @@ class ModelThread:
     @property
     def queued(self) -> int:
         with self._cv:
-            return sum(isinstance(item, Call) for item in self._items)
+            return sum(isinstance(item, Call) for item in self._items) + len(self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return sum(d.running for d in list(self._decoders.values()))
 
     # -- the thread --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                idle_until = time.monotonic() + IDLE_S
-                while not self._items:
-                    left = idle_until - time.monotonic()
-                    if left <= 0:
-                        self._thread = None  # under the lock: the next _append starts another
-                        return
-                    self._cv.wait(left)
-                item = self._items.popleft()
+            item = self._next()
+            if item is STOPPED:
+                return
             if item is None:
                 with self._cv:
                     self._thread = None
                 break
-            if isinstance(item, Call):
+            if item is STEP:
+                self._generate()
+            elif isinstance(item, Call):
+                if item.batch.generation is not None and item.model.decoder is not None:
+                    self._waiting.append(item)  # joins at the next step boundary, after the queued passes
+                    continue
                 group = self._gather(item)
                 start = time.perf_counter()
                 self._execute(group)
                 with self._cv:
                     self._running = []
                 self._record(len(group), time.perf_counter() - start, item.batch.generation is None)
-                continue
-            fn, fut = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as exc:  # handed to whoever waits on it
-                    fut.set_exception(exc)
+            else:
+                fn, fut = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # handed to whoever waits on it
+                        fut.set_exception(exc)
         self._fail_queued()
+
+    def _next(self) -> Any:
+        """The next queued item; STEP when none is queued and rows are generating or waiting to; None once
+        stopped, or after IDLE_S with nothing to do (the OS thread then ends)."""
+        with self._cv:
+            idle_until = time.monotonic() + IDLE_S
+            while not self._items:
+                if self._waiting or any(d.busy for d in self._decoders.values()):
+                    return STEP
+                left = idle_until - time.monotonic()
+                if left <= 0:
+                    self._thread = None  # under the lock: the next _append starts another
+                    return STOPPED
+                self._cv.wait(left)
+            return self._items.popleft()
+
+    # -- generations -------------------------------------------------------------------------------------------
+
+    def _generate(self) -> None:
+        """One step boundary: the waiting generations join, then every running row takes one decoding step."""
+        self._join_waiting()
+        for attention, decoder in list(self._decoders.items()):
+            if not decoder.busy:
+                continue
+            start = time.perf_counter()
+            try:
+                decoder.step()
+            except BaseException as exc:
+                self._fail_decoder(attention, exc)
+                continue
+            self.counters.decode_steps += 1
+            self.seconds_per_batch = _average(self.seconds_per_batch, time.perf_counter() - start)
+            self._deliver()
+
+    def _join_waiting(self) -> None:
+        """Every waiting call that fits (``max_batch_size`` rows running) joins its decoder, in arrival order."""
+        pending, self._waiting = list(self._waiting), deque()
+        groups: dict[tuple[Any, ...], list[Call]] = {}
+        for call in pending:
+            if call.ticket.cancelled.is_set():
+                call.future.set_exception(Cancelled("request: cancelled before it ran"))
+            else:
+                groups.setdefault(call.key(), []).append(call)
+        for calls in groups.values():
+            decoder = self._decoder(calls[0])
+            rows, admitted = decoder.running, []
+            for i, call in enumerate(calls):
+                fits = rows + call.rows <= self.limits.max_batch_size or not (rows or admitted)
+                if not decoder.joinable or not fits:
+                    self._waiting.extend(calls[i:])
+                    break
+                admitted.append(call)
+                rows += call.rows
+            if admitted:
+                self._join(decoder, admitted)
+
+    def _decoder(self, call: Call) -> Decoder:
+        attention = call.capture.attention
+        if attention not in self._decoders:
+            assert call.model.decoder is not None
+            self._decoders[attention] = call.model.decoder(attention)
+        return self._decoders[attention]
+
+    def _join(self, decoder: Decoder, calls: list[Call]) -> None:
+        """``calls`` prefilled into ``decoder`` as one batch; a prompt refused alone fails its own call."""
+        while calls:
+            batch, capture, starts = merge(calls)
+            running = decoder.running
+            try:
+                ids = decoder.join(batch, capture)
+            except InvalidField as exc:
+                row = exc.extra.get("row")
+                if len(calls) == 1 or row is None:
+                    self._join_alone(decoder, calls, exc)
+                    return
+                i = max(j for j, s in enumerate(starts) if s <= row)
+                extra = {**exc.extra, "row": row - starts[i]}
+                calls.pop(i).future.set_exception(
+                    InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra)
+                )
+                continue
+            except BaseException as exc:
+                self._join_alone(decoder, calls, exc)
+                return
+            if running:
+                self.counters.joined_running += len(ids)
+            self.counters.batches += 1
+            self.counters.batched_requests += len(calls)
+            per_call = [ids[s : s + c.rows] for c, s in zip(calls, starts, strict=True)]
+            self._joined.append(Joined(decoder, calls, per_call, capture))
+            self._deliver()
+            return
+
+    def _join_alone(self, decoder: Decoder, calls: list[Call], exc: BaseException) -> None:
+        if len(calls) == 1:
+            calls[0].future.set_exception(exc)
+            return
+        log.info("%d generations failed to join together (%s); joining each alone", len(calls), exc)
+        for call in calls:
+            self._join(decoder, [call])
+
+    def _deliver(self) -> None:
+        self._joined = [j for j in self._joined if not j.deliver(self.counters)]
+
+    def _fail_decoder(self, attention: bool, exc: BaseException) -> None:
+        """A step failed: every call with rows in that decoder fails with it, and the next join starts afresh."""
+        decoder = self._decoders.pop(attention)
+        log.error("a decoding step failed; %d running row(s) fail with it", decoder.running, exc_info=exc)
+        for joined in [j for j in self._joined if j.decoder is decoder]:
+            for call in joined.calls:
+                if not call.future.done():
+                    call.future.set_exception(exc)
+        self._joined = [j for j in self._joined if j.decoder is not decoder]
+        decoder.close()
 
     def _fail_queued(self) -> None:
         with self._cv:
             items, self._items = list(self._items), deque()
-        for item in items:
-            if isinstance(item, Call):
-                item.future.set_exception(ModelNotFound("model: the model was unloaded", field="model"))
+        calls = [item for item in items if isinstance(item, Call)] + list(self._waiting)
+        calls += [call for joined in self._joined for call in joined.calls]
+        for call in calls:
+            if not call.future.done():
+                call.future.set_exception(ModelNotFound("model: the model was unloaded", field="model"))
+        self._waiting.clear()
+        self._joined.clear()
+        for decoder in self._decoders.values():
+            decoder.close()
+        self._decoders.clear()
 
     def _record(self, calls: int, seconds: float, plain: bool) -> None:
         log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)

@@ -25,6 +25,8 @@ class ModelCounters:
     load_failures: int = 0
     batches: int = 0
     batched_requests: int = 0
+    decode_steps: int = 0
+    joined_running: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
@@ -87,6 +89,8 @@ class Metrics:
                 "loom_model_load_failures_total": ("load_failures", "Failed loads of a model."),
                 "loom_batches_total": ("batches", "Merged forward calls run (one per batch)."),
                 "loom_batched_requests_total": ("batched_requests", "Requests' forward calls run in those batches."),
+                "loom_decode_steps_total": ("decode_steps", "Decoding steps of running generations."),
+                "loom_joined_running_total": ("joined_running", "Generated rows that joined a running batch."),
                 "loom_prompt_tokens_total": ("prompt_tokens", "Tokens of the inputs run through a model."),
                 "loom_generated_tokens_total": ("generated_tokens", "Tokens generated."),
             }

@@ -88,6 +88,9 @@ class ModelEntry:
             # Cumulative for this model id, across reloads (the counters /metrics reports).
             "batches": self.worker.counters.batches,
             "batched_requests": self.worker.counters.batched_requests,
+            "decode_steps": self.worker.counters.decode_steps,
+            "joined_running": self.worker.counters.joined_running,
+            "running_rows": self.worker.running_rows,
             "idle_seconds": round(idle, 3),
             "auto_unload_in": None if auto_unload_s is None else round(max(0.0, auto_unload_s - idle), 3),
             "device": self.options.device,

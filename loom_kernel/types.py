@@ -5,8 +5,9 @@ Tensors are typed as ``Any`` so that importing this module never imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -100,11 +101,44 @@ class LoadedModel:
     pooled_normalized: bool = False
     # The loader honours ``Batch.row_generation``: the kernel may then batch generations whose parameters differ.
     row_params: bool = False
+    # ``decoder(attention: bool) -> Decoder``: the loader runs generations step by step, and the kernel's scheduler
+    # lets requests join a running generation (continuous batching). None: each generation runs whole through
+    # ``forward_with_states``, and the model's other requests wait for it.
+    decoder: Callable[[bool], Decoder] | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def can_generate(self) -> bool:
         return self.kind == "causal"
+
+
+class Decoder(Protocol):
+    """A model's running generation, owned by the loader: rows join (``join`` prefills a batch's prompts and returns
+    their row ids) and leave (finished, their ``SequenceOutput`` in ``done`` under their id) at step boundaries;
+    ``step`` runs one decoding step of every running row. Every row gets exactly what it gets alone."""
+
+    done: dict[int, SequenceOutput]
+
+    @property
+    def busy(self) -> bool:
+        """Rows are running."""
+
+    @property
+    def joinable(self) -> bool:
+        """Rows may join now (some caches let rows join only an empty batch)."""
+
+    @property
+    def running(self) -> int:
+        """Rows running."""
+
+    def join(self, batch: Batch, capture: Capture) -> list[int]:
+        """Prefill ``batch`` into the running rows; InvalidField naming the ``row`` of a refused prompt."""
+
+    def step(self) -> None:
+        """One decoding step of every running row."""
+
+    def close(self) -> None:
+        """Release hooks and the cache."""
 
 
 @attrs.define(frozen=True)

@@ -26,10 +26,12 @@ from loom_kernel.plugins import create_plugin_manager
 
 
 class Calls:
-    """Records every forward_with_states call the loader receives: (rows, generation?, its output)."""
+    """Records every call the loader receives: (rows, generation?, its output). Forward passes through the
+    forward_with_states hook; generations as the kernel's scheduler runs them, through the model's decoder: one
+    record for each batch of rows that joins it, whose output fills in as its rows finish."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[int, bool, ForwardOutput | None]] = []
+        self.seen: list[tuple[int, bool, Any]] = []
 
     @hookimpl(wrapper=True)
     def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> Any:
@@ -37,6 +39,43 @@ class Calls:
         rows = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
         self.seen.append((rows, batch.generation is not None, out))
         return out
+
+    @hookimpl(wrapper=True)
+    def load(self, model: Any, loader: str, options: Any) -> Any:
+        loaded = yield
+        if loaded is not None and loaded.decoder is not None:
+            make = loaded.decoder
+            loaded.decoder = lambda attention: RecordingDecoder(make(attention), self.seen)
+        return loaded
+
+
+class Joined:
+    """The rows of one join, as the decoder finishes them (``rows`` once all are done)."""
+
+    def __init__(self, ids: list[int], finished: dict[int, Any]) -> None:
+        self.ids, self.finished = ids, finished
+
+    @property
+    def rows(self) -> list[Any]:
+        return [self.finished[i] for i in self.ids]
+
+
+class RecordingDecoder:
+    def __init__(self, real: Any, seen: list[tuple[int, bool, Any]]) -> None:
+        self.real, self.seen, self.finished = real, seen, {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def join(self, batch: Batch, capture: Capture) -> list[int]:
+        ids = self.real.join(batch, capture)
+        self.seen.append((len(ids), True, Joined(ids, self.finished)))
+        self.finished.update(self.real.done)
+        return ids
+
+    def step(self) -> None:
+        self.real.step()
+        self.finished.update(self.real.done)
 
 
 class Boom:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any
 
 import pytest
 import torch
 from litestar.testing import AsyncTestClient
 
-from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
+from loom_kernel import hookimpl
 from loom_kernel.api import create_app
 from loom_kernel.config import Settings
 from loom_kernel.plugins import create_plugin_manager
@@ -68,15 +70,31 @@ async def test_stream_refuses_bad_fields_before_streaming(client, tiny_models):
 
 
 class FailsMidStream:
-    """A loader whose generation raises after two tokens, as an out-of-memory error would."""
+    """A loader whose running generation raises at its second decoding step, as an out-of-memory error would, once."""
 
-    @hookimpl(tryfirst=True)
-    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
-        if batch.generation is None or batch.texts != ("boom",):
-            return None
-        for i in range(2):
-            batch.on_token(0, 100 + i, f"t{i}")
-        raise RuntimeError("CUDA out of memory (simulated)")
+    failed = False
+
+    @hookimpl(hookwrapper=True)
+    def load(self, model: Any, loader: str, options: Any) -> Any:
+        outcome = yield
+        loaded = outcome.get_result()
+        if loaded is not None and loaded.decoder is not None:
+            loaded.decoder = functools.partial(self.decoder, loaded.decoder)
+
+    def decoder(self, make: Any, attention: bool) -> Any:
+        real, owner = make(attention), self
+
+        class Failing:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def step(self) -> None:
+                if not owner.failed and real.rows[0].generated and len(real.rows[0].generated) >= 2:
+                    owner.failed = True
+                    raise RuntimeError("CUDA out of memory (simulated)")
+                real.step()
+
+        return Failing()
 
 
 async def test_a_failure_mid_stream_ends_with_an_error_event(tiny_models):

@@ -36,6 +36,6 @@ def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> F
         return None
     # A quantized checkpoint is the same transformers model with QuantLinear modules in its blocks: the
     # transformers plugin's hook-based capture finds the blocks and runs it unchanged.
-    from loom_transformers.running import run_batch
+    from loom_transformers import run
 
-    return run_batch(model, batch, capture)
+    return run(model, batch, capture)

@@ -1,46 +1,58 @@
-"""Batched KV-cached generation: left padding, one generator and one stop rule per row, and the states, attention
-weights and log-probabilities captured in the same passes that generate.
+"""Continuous batching: a model's running generation, which rows join (a prefill pass) and leave (finished) at
+step boundaries, over one left-padded KV cache.
 
-Each step feeds every unfinished row its last token (the first step feeds the left-padded prompts) with explicit
-position ids, so that a padded row computes what it would alone. A row whose last token is chosen needs one more
-pass for that token's own states and attention; it rides along with the next step of the others (or runs as the
-final step), then feeds pads under a zero mask until the batch is done.
+Every row keeps its own parameters, generator, stop rule, capture, log-probabilities and stream. Rows are right
+aligned in the cache: each pass appends one column to every row, a joining row's prefill cache is padded on the
+left to the running width (or the running rows' to its), and a row that leaves is cut out of the batch; columns
+that no row attends to any more are dropped. Each row's position ids count its own tokens, and the attention mask
+hides every pad, so a row computes what it would alone.
 
-With ``Capture.stream_states`` a token's event waits for the pass that feeds it, which is what computes its states:
-events then trail the tokens by one step.
+A row whose last token is chosen needs one more pass for that token's own states (and attention): it rides along
+with the next step of the others, then leaves. With ``Capture.stream_states`` a token's event waits for the pass
+that feeds it, which is what computes its states: events then trail the tokens by one step.
+
+A cache of another kind than transformers' ``DynamicCache`` of plain layers (sliding windows, quantized caches)
+cannot be padded and joined: such a model's rows join only an empty batch (``Decoder.joinable``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
 from typing import Any
 
 import attrs
 
-from loom_kernel import Capture, GenerationParams, LoadedModel, SequenceOutput
+from loom_kernel import Batch, Capture, GenerationParams, LoadedModel, SequenceOutput
+from loom_kernel.capture import StateRecorder
 from loom_transformers.attention import AttentionRecorder, eager_attention
 from loom_transformers.running import (
+    _blocks,
+    _budget,
     _device,
+    _inputs,
     _pad,
     _position_offset,
     _positions,
-    _recorder,
     _step_kwargs,
     choose_token,
     cut_at_stop,
     eos_ids,
-    pad_id,
     streamable,
 )
 
 
 @attrs.define(eq=False)
 class Row:
-    slot: int
+    id: int
+    slot: int  # the row's number in the batch it joined with (its on_token's row)
     prompt: list[int]
     params: GenerationParams
     budget: int
     generator: Any
+    capture: Capture
+    on_token: Any
+    stop_ids: set[int]
+    truncated: bool = False
     generated: list[int] = attrs.field(factory=list)
     text: str = ""
     emitted: str = ""
@@ -52,6 +64,15 @@ class Row:
     logprobs: list[dict[str, Any]] = attrs.field(factory=list)
     logits: list[Any] = attrs.field(factory=list)
     held: tuple[int, str, dict[str, Any]] | None = None
+
+    @property
+    def keep_last(self) -> bool:
+        return self.capture.positions == "last"
+
+    @property
+    def final_pass(self) -> bool:
+        """Whether the last token needs a pass of its own: only when something of it is kept."""
+        return self.capture.wants_states or bool(self.capture.attention_layers)
 
 
 def _generator(seed: int | None) -> Any:
@@ -76,119 +97,194 @@ def _logprob_entry(logits: Any, token: int, k: int) -> dict[str, Any]:
     return entry
 
 
-class Generation:
-    """One batched generation (one GenerationParams per prompt); ``run()`` returns a SequenceOutput per prompt."""
+class Decoder:
+    """The running generation of one model (all of its rows capture attention, or none do: attention switches the
+    model to eager attention for a whole pass). ``join`` prefills a batch's prompts and returns their row ids,
+    ``step`` runs one decoding step of every running row; finished rows' outputs wait in ``done``."""
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        prompts: Sequence[list[int]],
-        params: Sequence[GenerationParams],
-        budgets: Sequence[int],
-        capture: Capture,
-        on_token: Any,
-    ) -> None:
-        self.model, self.capture, self.on_token = model, capture, on_token
-        self.tok = model.tokenizer
-        self.stop_ids = eos_ids(model)
-        self.rows = [
-            Row(slot=i, prompt=list(p), params=rp, budget=b, generator=_generator(rp.seed))
-            for i, (p, rp, b) in enumerate(zip(prompts, params, budgets, strict=True))
-        ]
-        for row in self.rows:
-            if row.budget <= 0:  # nothing may be generated: max_tokens 0, or the prompt fills the context
-                row.finish = "length"
-        self.keep_last = capture.positions == "last"
-        self.states = _recorder(model, capture) if capture.wants_states else None
-        self.attention: AttentionRecorder | None = None
-        if capture.attention_layers:
-            _, blocks = model.extra["base"], model.extra["blocks"]
-            self.attention = AttentionRecorder(model.model, blocks, sorted({s.index for s in capture.attention_layers}))
-        # A row with a last token chosen needs one more pass for that token only when something of it is kept.
-        self.final_pass = self.states is not None or self.attention is not None
-
-    def run(self) -> list[SequenceOutput]:
-        try:
-            if self.attention is not None:
-                with eager_attention(self.model.model):
-                    self._loop()
-            else:
-                self._loop()
-        finally:
-            for rec in (self.states, self.attention):
-                if rec is not None:
-                    rec.close()
-        return [self._output(row) for row in self.rows]
-
-    def _loop(self) -> None:
-        import torch
-
-        model = self.model
+    def __init__(self, model: LoadedModel, attention: bool = False) -> None:
+        self.model, self.attention = model, attention
+        self.rows: list[Row] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [rows, columns]: 1 for a row's real tokens, 0 for pads
+        self.done: dict[int, SequenceOutput] = {}
+        self.plain_cache = True  # whether the caches seen so far can be padded and joined
+        self._ids = 0
         net = model.model
         if "step_kwargs" not in model.extra:
             model.extra["step_kwargs"] = _step_kwargs(net)
-        cache_arg, extra = model.extra["step_kwargs"]
         if "causal_position_offset" not in model.extra:
             model.extra["causal_position_offset"] = _position_offset(net)
-        offset = model.extra["causal_position_offset"]
-        device = _device(model)
-        pad = pad_id(model)
-        ids, mask, _ = _pad(model, [r.prompt for r in self.rows], left=True)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_ids, full_mask, step_pos = ids, mask, positions
-        padded = len(self.rows) > 1
-        cache, first = None, True
-        for rec in (self.states, self.attention):
-            if rec is not None:
-                rec.rows = [-1] if self.keep_last else None
-        if self.states is not None:
-            self.states.replace = True  # each step's rows are filed per row below; the recorder keeps one step
-        while not all(r.complete for r in self.rows):
-            kwargs: dict[str, Any] = {cache_arg: cache, **extra}
-            if padded:  # one row has no padding: the model's own causal path is faster than an explicit mask
-                kwargs["attention_mask"] = full_mask
-                if offset is not None:
-                    kwargs["position_ids"] = step_pos + offset
-            out = net(input_ids=step_ids, use_cache=True, **kwargs)
-            cache = getattr(out, cache_arg)
-            taken_states = self.states.taken() if self.states is not None else {}
-            taken_attn = self.attention.latest if self.attention is not None else {}
-            for b, row in enumerate(self.rows):
-                if row.complete:
-                    continue
-                fresh = len(row.prompt) if first else 1
-                row.fed += fresh
-                self._keep(row, b, fresh, taken_states, taken_attn)
-                self._advance(row, out.logits[b, -1])
-            # Next step: every unfinished row feeds its last token; finished rows feed a pad nobody attends to.
-            live = [not r.complete for r in self.rows]
-            step_ids = torch.tensor(
-                [[r.generated[-1] if ok else pad] for r, ok in zip(self.rows, live, strict=True)], device=device
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows may join now: into an empty batch always, into a running one when its cache can be
+        padded."""
+        return not self.rows or self.plain_cache
+
+    def join(self, batch: Batch, capture: Capture) -> list[int]:
+        """Prefill ``batch``'s prompts and add them to the running rows; InvalidField (naming the ``row``) for a
+        prompt refused before any pass."""
+        import torch
+
+        inputs, truncated = _inputs(self.model, batch)
+        if capture.wanted:
+            _blocks(self.model)
+        rows = []
+        stop_ids = eos_ids(self.model)
+        for i, ids in enumerate(inputs):
+            params = batch.params(i)
+            row = Row(
+                id=self._ids,
+                slot=i,
+                prompt=list(ids),
+                params=params,
+                budget=_budget(self.model, len(ids), params),
+                generator=_generator(params.seed),
+                capture=capture,
+                on_token=batch.on_token,
+                stop_ids=stop_ids,
+                truncated=truncated[i],
             )
-            column = torch.tensor([[int(ok)] for ok in live], dtype=torch.long, device=device)
-            full_mask = torch.cat([full_mask, column], dim=1)
-            step_pos = step_pos[:, -1:] + 1
-            first = False
+            if row.budget <= 0:  # nothing may be generated: max_tokens 0, or the prompt fills the context
+                row.finish = "length"
+            self._ids += 1
+            rows.append(row)
+        ids_t, mask, _ = _pad(self.model, [r.prompt for r in rows], left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            cache = self._pass(rows, ids_t, mask, positions, None, [len(r.prompt) for r in rows])
+        self._add(rows, cache, mask)
+        self._collect()
+        return [r.id for r in rows]
+
+    def step(self) -> None:
+        """One decoding step: every running row feeds its last token."""
+        import torch
+
+        device = _device(self.model)
+        ids = torch.tensor([[r.generated[-1]] for r in self.rows], device=device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long, device=device)], dim=1)
+        positions = torch.tensor([[r.fed] for r in self.rows], device=device)
+        with torch.inference_mode():
+            self.cache = self._pass(self.rows, ids, self.mask, positions, self.cache, [1] * len(self.rows))
+        self._collect()
+
+    def close(self) -> None:
+        self.rows, self.cache, self.mask = [], None, None
+
+    # -- passes ------------------------------------------------------------------------------------------------
+
+    def _pass(self, rows: list[Row], ids: Any, mask: Any, positions: Any, cache: Any, fresh: list[int]) -> Any:
+        """One pass of ``rows`` (their new tokens ``ids``); files each row's states and advances it. The cache."""
+        model = self.model
+        cache_arg, extra = model.extra["step_kwargs"]
+        offset = model.extra["causal_position_offset"]
+        kwargs: dict[str, Any] = {cache_arg: cache, **extra}
+        if not bool(mask.all()):  # unpadded rows: the model's own causal path is faster than an explicit mask
+            kwargs["attention_mask"] = mask
+            if offset is not None:
+                kwargs["position_ids"] = positions + offset
+        # Hooks for this pass only: another decoder of the model (or a forward pass) runs between two steps.
+        states, attn = self._recorders(rows, ids.shape[1])
+        try:
+            with eager_attention(model.model) if self.attention else contextlib.nullcontext():
+                out = model.model(input_ids=ids, use_cache=True, **kwargs)
+            taken_states = states.taken() if states is not None else {}
+            taken_attn = attn.latest if attn is not None else {}
+        finally:
+            for rec in (states, attn):
+                if rec is not None:
+                    rec.close()
+        for b, row in enumerate(rows):
+            row.fed += fresh[b]
+            self._keep(row, b, fresh[b], taken_states, taken_attn)
+            self._advance(row, out.logits[b, -1])
+        return getattr(out, cache_arg)
+
+    def _recorders(self, rows: list[Row], width: int) -> tuple[StateRecorder | None, AttentionRecorder | None]:
+        """Hooks on the union of what ``rows`` capture."""
+        indices = sorted({i for r in rows if r.capture.wants_states for i in r.capture.indices})
+        attn_indices = sorted({s.index for r in rows for s in r.capture.attention_layers})
+        blocks = _blocks(self.model) if indices or attn_indices else None
+        states = StateRecorder(self.model.extra["base"], blocks, indices) if indices else None
+        attn = AttentionRecorder(self.model.model, blocks, attn_indices) if attn_indices else None
+        if states is not None:
+            states.replace = True  # each pass's rows are filed per row by _keep
+        # A long prefill keeps only its last column when no row needs more.
+        narrow = width > 1 and all(r.keep_last for r in rows)
+        for rec in (states, attn):
+            if rec is not None:
+                rec.rows = [-1] if narrow else None
+        return states, attn
 
     def _keep(self, row: Row, b: int, fresh: int, states: dict[int, Any], attn: dict[int, Any]) -> None:
-        """File this step's rows of states and attention under ``row`` (its real columns are the rightmost)."""
-        for index, t in states.items():
-            part = t[b, -min(fresh, t.shape[1]) :]
-            if self.keep_last:
-                row.states[index] = [part]
-            else:
-                row.states.setdefault(index, []).append(part)
-        for index, a in attn.items():
-            part = a[b, :, -min(fresh, a.shape[2]) :, a.shape[3] - row.fed :]
-            if self.keep_last:
-                row.attn[index] = [part]
-            else:
-                row.attn.setdefault(index, []).append(part)
+        """File this pass's rows of states and attention under ``row`` (its real columns are the rightmost)."""
+        for index in row.capture.indices if row.capture.wants_states else ():
+            t = states[index]
+            part = t[b, -min(fresh, t.shape[1]) :].clone()
+            row.states[index] = [part] if row.keep_last else [*row.states.get(index, []), part]
+        for sel in row.capture.attention_layers:
+            a = attn[sel.index]
+            part = a[b, :, -min(fresh, a.shape[2]) :, a.shape[3] - row.fed :].clone()
+            row.attn[sel.index] = [part] if row.keep_last else [*row.attn.get(sel.index, []), part]
+
+    # -- joining and leaving -------------------------------------------------------------------------------------
+
+    def _add(self, rows: list[Row], cache: Any, mask: Any) -> None:
+        """The prefilled ``rows`` (their ``cache`` and ``mask``) appended to the running batch, right aligned."""
+        import torch
+
+        self.plain_cache = self.plain_cache and _plain(cache)
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)], dim=0)
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)], dim=0)
+        self.rows.extend(rows)
+
+    def _collect(self) -> None:
+        """Finished rows leave: their outputs to ``done``, their rows out of the cache and the mask."""
+        import torch
+
+        keep = [i for i, r in enumerate(self.rows) if not r.complete]
+        if len(keep) == len(self.rows):
+            return
+        for row in self.rows:
+            if row.complete:
+                self.done[row.id] = self._output(row)
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = self.mask.index_select(0, index)
+        if not self.plain_cache:  # its layers keep columns their own way: only the rows go
+            self.cache.batch_select_indices(index)
+            return
+        first = int((self.mask.sum(0) > 0).nonzero()[0])  # columns before it are pads of every row left
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[..., first:, :]
+            layer.values = layer.values.index_select(0, index)[..., first:, :]
+
+    # -- tokens --------------------------------------------------------------------------------------------------
 
     def _emit(self, row: Row, token: int, piece: str, extras: dict[str, Any]) -> None:
-        if self.on_token is None:
+        if row.on_token is None:
             return
-        if self.on_token(row.slot, token, piece, extras) is False and row.finish is None:
+        if row.on_token(row.slot, token, piece, extras) is False and row.finish is None:
             row.finish = "stop"
 
     def _advance(self, row: Row, logits: Any) -> None:
@@ -196,7 +292,7 @@ class Generation:
         if row.held is not None:
             token, piece, extras = row.held
             row.held = None
-            extras["states"] = {sel.key: row.states[sel.index][-1][-1:] for sel in self.capture.layers}
+            extras["states"] = {sel.key: row.states[sel.index][-1][-1:] for sel in row.capture.layers}
             self._emit(row, token, piece, extras)
         if row.finish is not None:
             row.complete = True
@@ -204,14 +300,15 @@ class Generation:
         token = choose_token(logits, row.params, row.generator)
         row.generated.append(token)
         extras: dict[str, Any] = {}
-        if self.capture.top_logprobs is not None:
-            entry = _logprob_entry(logits, token, self.capture.top_logprobs)
+        if row.capture.top_logprobs is not None:
+            entry = _logprob_entry(logits, token, row.capture.top_logprobs)
             row.logprobs.append(entry)
             extras["logprob"] = entry
-        if self.capture.logits:
+        if row.capture.logits:
             row.logits.append(logits.float().cpu())
-        row.text = self.tok.decode(row.generated, skip_special_tokens=True)
-        if token in self.stop_ids:
+        tok = self.model.tokenizer
+        row.text = tok.decode(row.generated, skip_special_tokens=True)
+        if token in row.stop_ids:
             row.finish = "stop"
         if row.params.stop:
             row.text, hit = cut_at_stop(row.text, row.params.stop)
@@ -220,15 +317,15 @@ class Generation:
         if row.finish is None and len(row.generated) >= row.budget:
             row.finish = "length"
         piece = ""
-        if self.on_token is not None:
+        if row.on_token is not None:
             safe = row.text if row.finish else streamable(row.text, row.params.stop)
             if len(safe) > len(row.emitted):
                 piece, row.emitted = safe[len(row.emitted) :], safe
-        if self.capture.stream_states and self.states is not None:
+        if row.capture.stream_states and row.capture.wants_states:
             row.held = (token, piece, extras)  # its states come with the next pass
         else:
             self._emit(row, token, piece, extras)
-        if row.finish is not None and not self.final_pass:
+        if row.finish is not None and not row.final_pass:
             row.complete = True
 
     def _output(self, row: Row) -> SequenceOutput:
@@ -237,10 +334,10 @@ class Generation:
         total = len(row.prompt) + len(row.generated)
         states = {}
         attentions = {}
-        for sel in self.capture.layers:
-            if self.states is not None:
+        if row.capture.wants_states:
+            for sel in row.capture.layers:
                 states[sel.key] = torch.cat(row.states[sel.index], dim=0)
-        for sel in self.capture.attention_layers:
+        for sel in row.capture.attention_layers:
             chunks = row.attn[sel.index]
             heads = chunks[0].shape[0]
             full = torch.zeros((heads, sum(c.shape[1] for c in chunks), total), dtype=chunks[0].dtype)
@@ -254,9 +351,39 @@ class Generation:
             prompt_tokens=len(row.prompt),
             text=row.text,
             finish_reason=row.finish,
-            positions=_positions(total, self.capture) if self.final_pass else [],
+            positions=_positions(total, row.capture) if row.final_pass else [],
             states=states,
             attentions=attentions,
             logprobs=row.logprobs,
             logits=torch.stack(row.logits) if row.logits else None,
+            truncated=row.truncated,
         )
+
+
+def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> list[SequenceOutput]:
+    """Every row of ``batch`` generated to its end, alone in a decoder of its own."""
+    decoder = Decoder(model, attention=bool(capture.attention_layers))
+    ids = decoder.join(batch, capture)
+    while decoder.busy:
+        decoder.step()
+    return [decoder.done.pop(i) for i in ids]
+
+
+def _plain(cache: Any) -> bool:
+    """Whether ``cache`` is a DynamicCache of plain layers, whose tensors can be padded and joined."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _left_pad(t: Any, width: int, dim: int) -> Any:
+    """``t`` padded with zeros on the left of ``dim`` to ``width``."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)

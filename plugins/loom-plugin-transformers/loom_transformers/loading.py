@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -110,6 +111,10 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         max_context=max_context(model.config),
         row_params=causal,
     )
+    if causal:
+        from loom_transformers.generation import Decoder
+
+        loaded.decoder = functools.partial(Decoder, loaded)
     log.info(
         "transformers loaded %s (%s, %s, %d layers) from %s: %.1f MiB on %s as %s in %.2f s",
         ref.id,

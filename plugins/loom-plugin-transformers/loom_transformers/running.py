@@ -7,8 +7,9 @@ Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, o
   empty when no layer is asked for. ``states[key]`` is a CPU tensor [len(positions), H] in the model's dtype,
   keyed by ``LayerSel.key``; ``attentions[key]`` [heads, len(positions), total] under eager attention for the
   request (``attention.py``). The kernel slices "prompt", "generated" and index lists from the full rows.
-- Generation (``generation.py``) runs every row of the batch in one left-padded KV-cached loop; after a row's last
-  token is chosen one more pass feeds it, so that the last token's state exists (only when states are asked for).
+- Generation (``generation.py``) runs rows in one left-padded KV-cached loop that rows join and leave at step
+  boundaries; after a row's last token is chosen one more pass feeds it, so that the last token's state exists
+  (only when states are asked for).
 - Several rows without generation (/extract, /embed/batch) run as ONE padded forward pass with an attention
   mask, padded on the tokenizer's side; each row's states are sliced back to its own tokens, so a row equals
   running it alone within float tolerance.
@@ -22,28 +23,20 @@ from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder, find_blocks
-from loom_kernel.errors import Unsupported
 from loom_kernel.inputs import batch_inputs
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+    """Rows without generation: one padded forward pass (generations: ``generation.Decoder``)."""
     import torch
 
     from loom_transformers.attention import eager_attention
-    from loom_transformers.generation import Generation
 
-    params = batch.generation
-    if params is not None and not model.can_generate:
-        raise Unsupported(f"model: {model.ref.id!r} is an {model.kind} model and cannot generate", field="model")
     inputs, truncated = _inputs(model, batch)
     if capture.wanted:
         _blocks(model)
     with torch.inference_mode():
-        if params is not None:
-            row_params = [batch.params(i) for i in range(len(inputs))]
-            budgets = [_budget(model, len(ids), p) for ids, p in zip(inputs, row_params, strict=True)]
-            rows = Generation(model, inputs, row_params, budgets, capture, batch.on_token).run()
-        elif capture.attention_layers:
+        if capture.attention_layers:
             with eager_attention(model.model):
                 rows = forward_many(model, inputs, capture)
         else:

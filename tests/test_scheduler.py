@@ -1,0 +1,240 @@
+"""Continuous batching: requests join a running generation at step boundaries and leave it when done; forward
+passes run between decoding steps. Orderings are staged with the model's own passes (a pre-hook that holds a
+chosen pass until the test has seen what it waits for), never with sleeps or clocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from test_batching import assert_same, serving
+
+LONG = {"prompt": "one two three four five six seven", "max_tokens": 200, "temperature": 0}
+
+
+class Passes:
+    """Counts the generating model's passes on its thread; before pass ``n`` it runs what ``at(n, ...)`` set."""
+
+    def __init__(self, net: Any) -> None:
+        self.count = 0
+        self.before: dict[int, Callable[[], None]] = {}
+        self.handle = net.register_forward_pre_hook(self._hook)
+
+    def at(self, n: int, wait: Callable[[], Any]) -> None:
+        self.before[n] = wait
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.count += 1
+        if (wait := self.before.pop(self.count, None)) is not None:
+            wait()
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def until(condition: Callable[[], bool]) -> None:
+    """Wait, on the model's thread, until ``condition`` holds (what the test sends has reached the scheduler)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.002)
+
+
+def arrived(entry: Any, n: int) -> Callable[[], bool]:
+    """Whether ``n`` requests have reached the model's scheduler: run (joined, or passed through) or waiting."""
+    return lambda: entry.worker.counters.batched_requests + entry.worker.queued >= n
+
+
+async def answered(task: asyncio.Future, release: threading.Event) -> Any:
+    """``task``'s answer; a held pass is released either way, so that a failure does not hang the model."""
+    try:
+        return await asyncio.wait_for(task, 120)
+    finally:
+        release.set()
+
+
+async def post(c: Any, path: str, model: str, body: dict[str, Any]) -> Any:
+    r = await c.post(path, json={"model": model, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture
+async def running(tiny_models):
+    async with serving(tiny_models) as (app, c, model, _):
+        entry = app.state.manager.entries[model]
+        passes = Passes(entry.loaded.model)
+        try:
+            yield c, model, entry, passes
+        finally:
+            passes.close()
+
+
+async def test_a_short_request_joins_a_long_generation_and_finishes_first(running):
+    c, model, entry, passes = running
+    short = {"prompt": "the cat sat", "max_tokens": 8, "temperature": 0, "hidden_state_layers": "all"}
+    short = {**short, "positions": "all", "return_hidden_states": True}
+    long_alone = await post(c, "/generate", model, LONG)
+    short_alone = await post(c, "/generate", model, short)
+    assert long_alone["finish_reason"] == "length" and long_alone["token_count"] == 200
+    before = entry.worker.counters.joined_running
+    release = threading.Event()
+    start, sent = passes.count, entry.worker.counters.batched_requests
+    passes.at(start + 5, lambda: until(arrived(entry, sent + 2)))  # the short request has reached the scheduler
+    passes.at(start + 100, lambda: release.wait(120))  # the long one holds here until the short is answered
+    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
+    while passes.count < start + 1:
+        await asyncio.sleep(0.01)
+    short_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **short}))
+    got = (await answered(short_task, release)).json()
+    assert not long_task.done()  # answered while the long generation still runs (held at its 100th pass)
+    assert_same(got, short_alone)
+    assert entry.worker.counters.joined_running == before + 1
+    long = (await long_task).json()
+    assert long["token_ids"] == long_alone["token_ids"]  # the company changed nothing
+
+    # The joined row's states equal one transformers forward pass over its final sequence.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(model).eval()
+    sequence = [*entry.loaded.tokenizer(short["prompt"])["input_ids"], *got["token_ids"]]
+    assert got["positions"] == list(range(len(sequence)))
+    with torch.inference_mode():
+        ref = net(input_ids=torch.tensor([sequence]), output_hidden_states=True).hidden_states
+    n = len(ref) - 1
+    for key, entry_ in got["sequence_hidden_states"].items():
+        state = np.asarray(entry_["data"], dtype=np.float32)
+        np.testing.assert_allclose(state, ref[int(key) + n + 1][0].numpy(), atol=1e-5, rtol=0)
+
+
+async def test_a_finished_row_frees_its_place_for_a_waiting_request(tiny_models):
+    async with serving(tiny_models, max_batch_size=2) as (app, c, model, calls):
+        entry = app.state.manager.entries[model]
+        passes = Passes(entry.loaded.model)
+        try:
+            brief = {"prompt": "a b", "max_tokens": 3, "temperature": 0}
+            waiting = {"prompt": "the cat sat on", "max_tokens": 6, "temperature": 0.8, "seed": 5}
+            alone = [await post(c, "/generate", model, body) for body in (LONG, brief, waiting)]
+            calls.seen.clear()
+            release = threading.Event()
+            start = passes.count
+            # The long and the brief rows fill the batch; the third request must wait for the brief one to leave.
+            passes.at(start + 2, lambda: until(lambda: entry.worker.queued >= 1))
+            passes.at(start + 120, lambda: release.wait(120))
+            first = [asyncio.ensure_future(c.post("/generate", json={"model": model, **b})) for b in (LONG, brief)]
+            while entry.worker.running_rows < 2:
+                await asyncio.sleep(0.01)
+            third = asyncio.ensure_future(c.post("/generate", json={"model": model, **waiting}))
+            got = (await answered(third, release)).json()
+            assert not first[0].done()
+            results = [(await t).json() for t in first]
+            for r, want in zip([*results, got], alone, strict=True):
+                assert_same(r, want)
+            assert [rows for rows, gen, _ in calls.seen if gen] == [2, 1]  # the third joined on its own, later
+            assert entry.describe(None)["joined_running"] >= 1
+        finally:
+            passes.close()
+
+
+async def test_mixed_parameters_join_at_different_steps_and_each_equals_alone(running):
+    c, model, entry, passes = running
+    late = [
+        {"prompt": "hello there", "max_tokens": 6, "temperature": 0.9, "seed": 7, "top_logprobs": 3},
+        {"prompt": "a b c", "max_tokens": 9, "temperature": 1.2, "top_k": 5, "seed": 3, "stop": ["zz"]},
+        {"prompt": "the mat", "max_tokens": 5, "temperature": 0.7, "top_p": 0.9, "seed": 11, "positions": "generated"},
+        {"prompt": "one", "max_tokens": 4, "temperature": 0, "return_hidden_states": True, "logprobs": True},
+    ]
+    alone = [await post(c, "/generate", model, body) for body in late]
+    long_alone = await post(c, "/generate", model, LONG)
+    release = threading.Event()
+    start, sent = passes.count, entry.worker.counters.batched_requests
+    for k in range(len(late)):  # pass 3(k + 1) waits for late request k: they join about three passes apart
+        passes.at(start + 3 * (k + 1), lambda k=k: until(arrived(entry, sent + k + 2)))
+    passes.at(start + 150, lambda: release.wait(120))
+    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
+    tasks = []
+    for k, body in enumerate(late):
+        while passes.count < start + 3 * k + 1:
+            await asyncio.sleep(0.01)
+        tasks.append(asyncio.ensure_future(c.post("/generate", json={"model": model, **body})))
+    try:
+        results = [(await asyncio.wait_for(t, 120)).json() for t in tasks]
+    finally:
+        release.set()
+    for got, want in zip(results, alone, strict=True):
+        assert_same(got, want)
+    assert (await long_task).json()["token_ids"] == long_alone["token_ids"]
+
+
+async def test_a_stream_that_joins_late_streams_what_it_streams_alone(running):
+    c, model, entry, passes = running
+    body = {"prompt": "the cat", "max_tokens": 6, "temperature": 0, "stream_hidden_states": True}
+    alone = (await c.post("/generate/stream", json={"model": model, **body})).text
+    release = threading.Event()
+    start, sent = passes.count, entry.worker.counters.batched_requests
+    passes.at(start + 4, lambda: until(arrived(entry, sent + 2)))
+    passes.at(start + 80, lambda: release.wait(120))
+    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
+    while passes.count < start + 1:
+        await asyncio.sleep(0.01)
+    stream = asyncio.ensure_future(c.post("/generate/stream", json={"model": model, **body}))
+    got = (await answered(stream, release)).text
+    tokens, want = token_events(got), token_events(alone)
+    assert [(e["token_id"], e["text"]) for e in tokens] == [(e["token_id"], e["text"]) for e in want]
+    assert len(tokens) == 6 and "event: done" in got
+    for a, b in zip(tokens, want, strict=True):
+        np.testing.assert_allclose(a["hidden_states"]["-1"]["data"], b["hidden_states"]["-1"]["data"], atol=1e-5)
+    await long_task
+
+
+def token_events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and '"token_id"' in line]
+
+
+async def test_forward_passes_run_between_decoding_steps(running):
+    c, model, entry, passes = running
+    extract = {"text": "the cat sat on the mat", "hidden_state_layers": "all", "positions": "all"}
+    embed = {"text": "the cat sat on the mat"}
+    alone_extract = await post(c, "/extract", model, extract)
+    alone_embed = await post(c, "/embed", model, embed)
+    release = threading.Event()
+    start, sent = passes.count, entry.worker.counters.batched_requests
+    passes.at(start + 5, lambda: until(arrived(entry, sent + 3)))
+    passes.at(start + 60, lambda: release.wait(120))
+    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
+    while passes.count < start + 1:
+        await asyncio.sleep(0.01)
+    tasks = [
+        asyncio.ensure_future(c.post("/extract", json={"model": model, **extract})),
+        asyncio.ensure_future(c.post("/embed", json={"model": model, **embed})),
+    ]
+    try:
+        got = [(await asyncio.wait_for(t, 120)).json() for t in tasks]
+        assert not long_task.done()  # both answered while the generation is held mid-way
+    finally:
+        release.set()
+    assert_same(got[0], alone_extract)
+    np.testing.assert_allclose(got[1]["embedding"], alone_embed["embedding"], atol=1e-5)
+    assert (await long_task).status_code == 200
+
+
+async def test_a_prompt_refused_while_others_run_fails_alone(running):
+    c, model, entry, passes = running
+    long_alone = await post(c, "/generate", model, LONG)
+    start = passes.count
+    refused: list[asyncio.Future] = []
+    passes.at(start + 3, lambda: until(lambda: entry.worker.queued >= 1 or (refused and refused[0].done())))
+    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
+    while passes.count < start + 1:
+        await asyncio.sleep(0.01)
+    refused.append(asyncio.ensure_future(c.post("/generate", json={"model": model, "prompt": "word " * 600})))
+    r = await asyncio.wait_for(refused[0], 120)
+    assert r.status_code == 422 and r.json()["field"] == "prompt"
+    assert (await long_task).json()["token_ids"] == long_alone["token_ids"]
