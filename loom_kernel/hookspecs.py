@@ -34,7 +34,10 @@ def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | No
 
 @hookspec(firstresult=True)
 def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
-    """Run a forward pass or a generation capturing the requested states, when ``model.loader`` is yours."""
+    """Run a forward pass or a whole generation capturing the requested states, when ``model.loader`` is yours.
+
+    The server's scheduler steps generations through ``LoadedModel.decoder`` when the loader sets one, so that
+    requests join a running batch; a loader without one has its generations run whole through this hook."""
 
 
 @hookspec(firstresult=True)
