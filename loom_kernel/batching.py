@@ -547,7 +547,7 @@ class ModelThread:
                 rows = out.rows[start : start + call.rows]
                 if len(live) > 1:
                     rows = [restrict(row, call.capture, merged_capture) for row in rows]
-                own = ForwardOutput(rows=rows, metadata=dict(out.metadata))
+                own = ForwardOutput(rows=rows)
                 if call.then is None:
                     call.future.set_result(own)
                     continue

@@ -94,11 +94,6 @@ class InsufficientStorage(LoomError):
     title = "Insufficient storage"
 
 
-class ServiceUnavailable(LoomError):
-    status = 503
-    title = "Service unavailable"
-
-
 class TooManyRequests(LoomError):
     """A model's queue is full; ``retry_after`` seconds is when it is likely to have room."""
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
@@ -501,18 +501,6 @@ class ModelManager:
         return [k for k, e in self.entries.items() if e.state == "ready"]
 
     # -- running -----------------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def use(self, entry: ModelEntry) -> AsyncIterator[LoadedModel]:
-        """Hold ``entry`` in flight (no unload, no eviction) for the body of the block."""
-        if entry.loaded is None:
-            raise ModelNotFound(f"model: {entry.model_id!r} was unloaded", field="model")
-        entry.in_flight += 1
-        try:
-            yield entry.loaded
-        finally:
-            entry.in_flight -= 1
-            entry.last_used = time.monotonic()
 
     def limits(self) -> BatchLimits:
         s = self.settings

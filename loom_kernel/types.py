@@ -71,10 +71,6 @@ class LoadOptions:
     device_map: str | None = None
     trust_remote_code: bool = False
 
-    def key(self) -> tuple[str, str, str | None, str | None]:
-        """The options that make two loads of one model different models."""
-        return (self.device, self.dtype, self.quantization, self.device_map)
-
 
 @attrs.define
 class LoadedModel:
@@ -260,7 +256,6 @@ class SequenceOutput:
 @attrs.define
 class ForwardOutput:
     rows: list[SequenceOutput]
-    metadata: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define(frozen=True)

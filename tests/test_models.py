@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 
 import httpx
 import pytest
@@ -93,17 +94,27 @@ async def test_failed_load_evicts_nothing(tiny_models, tmp_path):
 
 async def test_unload_refused_while_a_request_is_in_flight(tiny_models):
     app = app_with()
-    async with AsyncTestClient(app=app) as c:
+    async with concurrent_client(app) as c:
         path = str(tiny_models["llama"])
         await c.post("/models/load", json={"model": path})
         manager = app.state.manager
         entry = manager.entries[path]
-        async with manager.use(entry):
+        held = threading.Event()
+        entry.worker.submit(held.wait)  # the model's thread is busy: the next request stays in flight
+        request = asyncio.ensure_future(c.post("/extract", json={"model": path, "text": "hi"}))
+        try:
+            while entry.in_flight < 1:
+                await asyncio.sleep(0.01)
             r = await c.delete(f"/models/{path}")
             assert r.status_code == 409 and r.json()["field"] == "model_id"
             app.state.settings.max_models = 0  # LRU must skip it too
             manager._evict_lru(keep=None)
             assert path in manager.loaded_ids()
+        finally:
+            held.set()
+        assert (await request).status_code == 200
+        while entry.in_flight:
+            await asyncio.sleep(0.01)
         assert (await c.delete(f"/models/{path}")).status_code == 200
 
 

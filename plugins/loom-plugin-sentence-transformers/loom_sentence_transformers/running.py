@@ -74,7 +74,7 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
                 truncated=truncated[i],
             )
         )
-    return ForwardOutput(rows=rows, metadata={"pipeline": model.extra.get("pipeline")})
+    return ForwardOutput(rows=rows)
 
 
 def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
