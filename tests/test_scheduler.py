@@ -19,17 +19,21 @@ LONG = {"prompt": "one two three four five six seven", "max_tokens": 200, "tempe
 
 
 class Passes:
-    """Counts the generating model's passes on its thread; before pass ``n`` it runs what ``at(n, ...)`` set."""
+    """Counts the generating model's decoding steps (passes of one new token a row; a prefill is not one) on its
+    thread; before step ``n`` it runs what ``at(n, ...)`` set. Holding a step, never a prefill, means no request is
+    half-joined while the test waits."""
 
     def __init__(self, net: Any) -> None:
         self.count = 0
         self.before: dict[int, Callable[[], None]] = {}
-        self.handle = net.register_forward_pre_hook(self._hook)
+        self.handle = net.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def at(self, n: int, wait: Callable[[], Any]) -> None:
         self.before[n] = wait
 
-    def _hook(self, module: Any, args: Any) -> None:
+    def _hook(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape[1] != 1:
+            return
         self.count += 1
         if (wait := self.before.pop(self.count, None)) is not None:
             wait()

@@ -18,12 +18,11 @@ from loom_kernel.api.analyze import AnalyzeController
 from loom_kernel.api.deps import provide_manager, provide_pm
 from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
-from loom_kernel.api.lane import LoomApp
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems, request_id_middleware
-from loom_kernel.api.security import Guard, api_key_middleware
+from loom_kernel.api.security import Guard, api_key_middleware, guarded
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
 from loom_kernel.models import ModelManager
@@ -52,7 +51,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
     if settings.api_key:
         middleware.append(api_key_middleware(settings.api_key))
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, OpenAIController]
-    app = LoomApp(
+    app = Litestar(
         route_handlers=[*controllers, EmbedController, AnalyzeController],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
@@ -70,7 +69,8 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
         logging_config=None,  # the CLI configures logging once (loom_kernel.logs); a second handler doubles lines
     )
     document_problems(app, api_key=bool(settings.api_key))
-    app.guard = Guard.of(settings.host, settings.allowed_hosts, settings.cors_origins)
+    # The guard sits outside the router: an ASGI wrapper of the app's handler, so that it sees every request.
+    app.asgi_handler = guarded(app.asgi_handler, Guard.of(settings.host, settings.allowed_hosts, settings.cors_origins))
     app.state.pm = pm
     app.state.settings = settings
     app.state.manager = manager

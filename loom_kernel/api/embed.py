@@ -1,9 +1,8 @@
 """POST /embed, /embed/batch and the OpenAI-compatible /v1/embeddings.
 
 Every field is checked before any model work; the batch runs as one forward pass on the model's thread, merged
-with other requests'. Pooling and normalization rules are in ``loom_kernel.embedding``. Each route is an
-``EmbedRoute`` (its body's type, its texts, its answer), which the controller and the embedding lane
-(``loom_kernel.api.lane``, the same routes without Litestar's per-request machinery) both serve.
+with other requests'. Pooling and normalization rules are in ``loom_kernel.embedding``. Each route is its texts
+(what it reads from its body) and its answer (what it returns), around the same embedding.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-import attrs
 import msgspec
 import numpy as np
 import pluggy
@@ -208,27 +206,18 @@ def openai_answer(data: OpenAIEmbeddingRequest, result: Embedded, meta: dict[str
     }
 
 
-@attrs.frozen
-class EmbedRoute:
-    """One embedding endpoint: the type of its body, its texts (texts, field, listed; checked), its answer."""
-
-    body: type[EmbedFields]
-    texts: Callable[[Any, pluggy.PluginManager], tuple[list[str], str, bool]]
-    answer: Callable[[Any, Embedded, dict[str, Any]], dict[str, Any]]
-
-    async def serve(
-        self, data: Any, manager: ModelManager, pm: pluggy.PluginManager, receive: Receive
-    ) -> dict[str, Any]:
-        texts, field, listed = self.texts(data, pm)
-        result, meta = await embed_texts(manager, pm, data, texts, field, listed, receive)
-        return self.answer(data, result, meta)
-
-
-EMBED_ROUTES = {
-    "/embed": EmbedRoute(EmbedRequest, one_texts, one_answer),
-    "/embed/batch": EmbedRoute(EmbedBatchRequest, batch_texts, batch_answer),
-    "/v1/embeddings": EmbedRoute(OpenAIEmbeddingRequest, openai_texts, openai_answer),
-}
+async def serve(
+    data: Any,
+    texts: Callable[[Any, pluggy.PluginManager], tuple[list[str], str, bool]],
+    answer: Callable[[Any, Embedded, dict[str, Any]], dict[str, Any]],
+    request: Request,
+    manager: ModelManager,
+    pm: pluggy.PluginManager,
+) -> dict[str, Any]:
+    """One embedding endpoint: its texts (checked: texts, field, listed), embedded, then its answer."""
+    items, field, listed = texts(data, pm)
+    result, meta = await embed_texts(manager, pm, data, items, field, listed, request.receive)
+    return answer(data, result, meta)
 
 
 class EmbedController(Controller):
@@ -239,7 +228,7 @@ class EmbedController(Controller):
         self, data: JSONBody[EmbedRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """One text's embedding: ``shape`` [D] (or [T, D] for pooling "none")."""
-        return await EMBED_ROUTES["/embed"].serve(data, manager, pm, request.receive)
+        return await serve(data, one_texts, one_answer, request, manager, pm)
 
     @post("/embed/batch", status_code=200)
     async def embed_batch(
@@ -247,11 +236,11 @@ class EmbedController(Controller):
     ) -> dict[str, Any]:
         """Every text in one forward pass: ``shape`` [n, D]; for pooling "none" ``shape`` is null and
         ``shapes`` lists each text's [T_i, D]."""
-        return await EMBED_ROUTES["/embed/batch"].serve(data, manager, pm, request.receive)
+        return await serve(data, batch_texts, batch_answer, request, manager, pm)
 
     @post("/v1/embeddings", status_code=200)
     async def openai_embeddings(
         self, data: JSONBody[OpenAIEmbeddingRequest], request: Request, manager: Manager, pm: Plugins
     ) -> dict[str, Any]:
         """OpenAI's embeddings response; ``encoding_format: base64`` carries little-endian float32 bytes."""
-        return await EMBED_ROUTES["/v1/embeddings"].serve(data, manager, pm, request.receive)
+        return await serve(data, openai_texts, openai_answer, request, manager, pm)

@@ -24,8 +24,10 @@ import hmac
 from collections.abc import Callable, Iterable
 
 import attrs
+from litestar import Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from loom_kernel.api.problems import begin_request, error_response, with_request_id
 from loom_kernel.errors import Forbidden, LoomError
 
 OPEN_PATHS = frozenset({"/health"})
@@ -102,6 +104,23 @@ class Guard:
             return True
         scheme, _, netloc = origin.partition("://")
         return host is not None and scheme in ("http", "https") and netloc == host.lower()
+
+
+def guarded(handler: ASGIApp, guard: Guard) -> ASGIApp:
+    """The app's ASGI handler behind ``guard``: a refused request gets the app's own problem response, before any
+    routing (so an unknown path is refused alike)."""
+
+    async def guarded_handler(scope: Scope, receive: Receive, send: Send) -> None:
+        refused = guard.refusal(scope) if scope["type"] == "http" else None
+        if refused is None:
+            await handler(scope, receive, send)
+            return
+        rid = begin_request(scope)
+        request: Request = Request(scope, receive, send)
+        response = error_response(request, refused).to_asgi_response(app=None, request=request)
+        await response(scope, receive, with_request_id(send, rid))
+
+    return guarded_handler
 
 
 def _bare(host: str) -> str:
