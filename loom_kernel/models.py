@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import enum
 import logging
 import math
 import time
@@ -65,13 +66,19 @@ LOADER_PACKAGES = {
 }
 
 
+class State(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADED = "unloaded"
+
+
 @attrs.define(eq=False)
 class ModelEntry:
     model_id: str
     loader: str
     options: LoadOptions
     worker: ModelThread
-    state: str = "loading"  # loading | ready
+    state: State = State.LOADING
     loaded: LoadedModel | None = None
     ready: asyncio.Future | None = None
     last_used: float = attrs.field(factory=time.monotonic)
@@ -280,7 +287,7 @@ class ModelManager:
         """The load of ``model_id`` in progress, first or replacing a loaded one, if any."""
         for key in (model_id, f"{model_id} (reloading)"):
             entry = self.entries.get(key)
-            if entry is not None and entry.state == "loading":
+            if entry is not None and entry.state == State.LOADING:
                 return entry
         return None
 
@@ -349,7 +356,7 @@ class ModelManager:
             raise
         self.metrics.model(model_id).loads += 1
         entry.loaded = loaded
-        entry.state = "ready"
+        entry.state = State.READY
         entry.last_used = time.monotonic()
         if replacing is not None:
             self.entries.pop(pending_key, None)
@@ -387,7 +394,9 @@ class ModelManager:
                 needed_bytes=need,
                 budget_bytes=budget,
             )
-        resident = [e for e in self.entries.values() if e.state == "ready" and e.loaded and e.loaded.device == device]
+        resident = [
+            e for e in self.entries.values() if e.state == State.READY and e.loaded and e.loaded.device == device
+        ]
         used = sum(e.loaded.size_bytes for e in resident if e.loaded)
         victims: list[ModelEntry] = []
         for e in sorted((e for e in resident if e.in_flight == 0), key=lambda e: e.last_used):
@@ -407,12 +416,10 @@ class ModelManager:
 
     def _drop_victims(self, victims: list[ModelEntry]) -> None:
         for victim in victims:
-            if victim.state != "ready" or victim.in_flight:
+            if victim.state != State.READY or victim.in_flight:
                 continue  # a request took it up during the load: it stays, and the budget is exceeded for now
             log.info("evicting %s to make room (memory_fraction %s)", victim.model_id, self.settings.memory_fraction)
-            if self.entries.get(victim.model_id) is victim:
-                self.entries.pop(victim.model_id)
-            self._drop(victim)
+            self._remove(victim)
 
     def _call_load(self, ref: ModelRef, loader: str, opts: LoadOptions) -> LoadedModel:
         """Run the loader (on the model's thread). A failure is classified once, here or by the loader through
@@ -441,7 +448,7 @@ class ModelManager:
 
     def _evict_lru(self, keep: ModelEntry) -> None:
         while True:
-            ready = [e for e in self.entries.values() if e.state == "ready"]
+            ready = [e for e in self.entries.values() if e.state == State.READY]
             if len(ready) <= self.settings.max_models:
                 return
             idle = [e for e in ready if e is not keep and e.in_flight == 0]
@@ -450,12 +457,18 @@ class ModelManager:
                 return
             victim = min(idle, key=lambda e: e.last_used)
             log.info("evicting least recently used model %s", victim.model_id)
-            self.entries.pop(victim.model_id, None)
-            self._drop(victim)
+            self._remove(victim)
+
+    def _remove(self, entry: ModelEntry) -> None:
+        """Forget ``entry`` (if it is still the one listed under its id) and free its model."""
+        if self.entries.get(entry.model_id) is entry:
+            del self.entries[entry.model_id]
+        self._drop(entry)
 
     def _drop(self, entry: ModelEntry) -> None:
+        """Free ``entry``'s model on its own thread, then end that thread."""
         loaded, entry.loaded = entry.loaded, None
-        entry.state = "unloaded"
+        entry.state = State.UNLOADED
 
         def release() -> None:
             nonlocal loaded
@@ -469,26 +482,25 @@ class ModelManager:
         if self._pending(model_id) is not None:
             raise Conflict(f"model: {model_id!r} is loading; unload it once it has loaded", field="model_id")
         entry = self.entries.get(model_id)
-        if entry is None or entry.state != "ready":
+        if entry is None or entry.state != State.READY:
             raise ModelNotFound(
                 f"model: {model_id!r} is not loaded", field="model_id", allowed=sorted(self.loaded_ids())
             )
         if entry.in_flight:
             raise Conflict(f"model: {model_id!r} has {entry.in_flight} request(s) in flight", field="model_id")
-        self.entries.pop(model_id, None)
-        self._drop(entry)
+        self._remove(entry)
         log.info("unloaded %s", model_id)
 
     def memory_report(self) -> dict[str, Any]:
         """Per device that holds models (and the default one): the budget, what the loaded models take."""
         devices = {resolve_device(self.settings.device())}
-        devices.update(e.loaded.device for e in self.entries.values() if e.state == "ready" and e.loaded)
+        devices.update(e.loaded.device for e in self.entries.values() if e.state == State.READY and e.loaded)
         report = {}
         for device in sorted(devices):
             used = sum(
                 e.loaded.size_bytes
                 for e in self.entries.values()
-                if e.state == "ready" and e.loaded and e.loaded.device == device
+                if e.state == State.READY and e.loaded and e.loaded.device == device
             )
             report[device] = {
                 "total_bytes": device_total_bytes(device),
@@ -498,7 +510,7 @@ class ModelManager:
         return {"memory_fraction": self.settings.memory_fraction, "devices": report}
 
     def loaded_ids(self) -> list[str]:
-        return [k for k, e in self.entries.items() if e.state == "ready"]
+        return [k for k, e in self.entries.items() if e.state == State.READY]
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -658,10 +670,9 @@ class ModelManager:
                 continue
             now = time.monotonic()
             for entry in list(self.entries.values()):
-                if entry.state == "ready" and entry.in_flight == 0 and now - entry.last_used >= limit:
+                if entry.state == State.READY and entry.in_flight == 0 and now - entry.last_used >= limit:
                     log.info("auto-unloading %s after %.0f s idle", entry.model_id, now - entry.last_used)
-                    self.entries.pop(entry.model_id, None)
-                    self._drop(entry)
+                    self._remove(entry)
 
     async def start(self) -> None:
         await asyncio.to_thread(self._cap_gpu_memory)
@@ -701,5 +712,5 @@ def gauges(manager: ModelManager) -> list[dict[str, Any]]:
     return [
         {"model": e.model_id, "in_flight": e.in_flight, "queued": e.worker.queued}
         for e in manager.entries.values()
-        if e.state == "ready"
+        if e.state == State.READY
     ]

@@ -177,6 +177,13 @@ class Capture:
     def wants_states(self) -> bool:
         return bool(self.layers) and self.states
 
+    def kept_positions(self, total: int) -> list[int]:
+        """The positions a loader returns rows for in a sequence of ``total`` tokens: the last for "last", every
+        one otherwise (the kernel slices the rest), none when nothing per position is asked for."""
+        if not self.wanted:
+            return []
+        return [total - 1] if self.positions == "last" else list(range(total))
+
     @property
     def attention_layers(self) -> tuple[LayerSel, ...]:
         return tuple(sel for sel in self.layers if sel.index > 0) if self.attention else ()

@@ -20,6 +20,7 @@ from litestar.params import JSONBody
 from litestar.types import Receive
 
 from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import disconnected
 from loom_kernel.embedding import (
@@ -34,7 +35,6 @@ from loom_kernel.embedding import (
 )
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
-from loom_kernel.inference import model_metadata, timing
 from loom_kernel.models import ModelManager
 from loom_kernel.types import ForwardOutput
 

@@ -12,6 +12,18 @@ from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.api.payloads import (
+    StateRequest,
+    check_generation,
+    finish,
+    forward,
+    generate,
+    generate_rows,
+    model_metadata,
+    state_payload,
+    stream_extras,
+    timing,
+)
 from loom_kernel.api.problems import request_id
 from loom_kernel.api.schemas import (
     BatchGenerateRequest,
@@ -24,18 +36,6 @@ from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
-from loom_kernel.inference import (
-    StateRequest,
-    check_generation,
-    finish,
-    forward,
-    generate,
-    generate_rows,
-    model_metadata,
-    state_payload,
-    stream_extras,
-    timing,
-)
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 
 

@@ -24,11 +24,11 @@ from loom_kernel.api.openai_schemas import (
     CompletionRequest,
     OpenAIFields,
 )
+from loom_kernel.api.payloads import StateRequest, check_generation, generate, stream_extras
 from loom_kernel.api.problems import request_id
 from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inference import StateRequest, check_generation, generate, stream_extras
 from loom_kernel.models import ModelEntry
 from loom_kernel.resolve import EMBEDDED
 from loom_kernel.types import Batch, GenerationParams, LoadedModel

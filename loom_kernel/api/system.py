@@ -11,6 +11,7 @@ from litestar.params import FromPath
 
 from loom_kernel import __version__
 from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.models import State
 from loom_kernel.plugins import describe_plugins, loader_names
 
 
@@ -66,7 +67,7 @@ class SystemController(Controller):
             "gpu": gpu,
             "memory": manager.memory_report(),
             "loaded_models": manager.loaded_ids(),
-            "loading_models": [k for k, e in manager.entries.items() if e.state == "loading"],
+            "loading_models": [k for k, e in manager.entries.items() if e.state == State.LOADING],
             "uptime_seconds": round(time.monotonic() - manager.started, 3),
         }
 

@@ -13,6 +13,7 @@ from loom_custom.tokenizing import adapt, call_factory, load_tokenizer
 from loom_kernel import LoadedModel, LoadOptions, ModelRef
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import LoomError, Unsupported
+from loom_kernel.loading import module_bytes
 
 log = logging.getLogger("loom.custom")
 
@@ -59,7 +60,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         adapt(manifest, tokenizer) if tokenizer is not None else load_tokenizer(manifest, options.trust_remote_code)
     )
     first = next((p for p in net.parameters() if p.is_floating_point()), None)
-    size = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    size = module_bytes(net)
     loaded = LoadedModel(
         ref=ref,
         loader=NAME,

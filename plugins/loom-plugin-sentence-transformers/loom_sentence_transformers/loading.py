@@ -8,20 +8,14 @@ from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef
 from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoadFailed, LoomError, load_error
+from loom_kernel.errors import LoomError, load_error
+from loom_kernel.loading import count_layers
 
 log = logging.getLogger("loom.sentence_transformers")
 
 # sentence-transformers' Pooling modes, as the names of the kernel's pool strategies (modes without one, such as
 # weightedmean or a combination, leave the kernel's default in place when a request pools another layer).
 POOLING_NAMES = {"mean": "mean", "cls": "cls", "max": "max", "lasttoken": "last_token"}
-
-
-def count_layers(config: Any) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    raise LoadFailed(f"model: config of type {type(config).__name__} names no layer count", field="model")
 
 
 def hidden_width(config: Any) -> int:

@@ -67,7 +67,7 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
             SequenceOutput(
                 token_ids=ids[i, real].tolist(),
                 prompt_tokens=len(real),
-                positions=_positions(len(real), capture),
+                positions=capture.kept_positions(len(real)),
                 # A copy per row, so that no row keeps the whole padded batch alive.
                 states={sel.key: taken[sel.index][i].index_select(0, cols) for sel in capture.layers},
                 pooled=pooled[i].clone(),
@@ -102,12 +102,6 @@ def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
         how = "packed" if model.extra["packing"] else "padded (packed rows did not match padded ones)"
         log.info("%s: merged batches of texts run %s", model.ref.id, how)
     return layout if model.extra["packing"] else None
-
-
-def _positions(total: int, capture: Capture) -> list[int]:
-    if not capture.wanted:
-        return []
-    return [total - 1] if capture.positions == "last" else list(range(total))
 
 
 def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:

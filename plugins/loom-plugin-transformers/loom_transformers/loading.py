@@ -9,7 +9,8 @@ from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
 from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoadFailed, LoomError, load_error
+from loom_kernel.errors import LoomError, load_error
+from loom_kernel.loading import count_layers, module_bytes
 
 log = logging.getLogger("loom.transformers")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -41,13 +42,6 @@ def is_causal(config: Any) -> bool:
         return any(a.endswith(CAUSAL_SUFFIXES) or a in causal_names for a in archs)
     kind = config.model_type
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def count_layers(config: Any) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    raise LoadFailed(f"config of type {type(config).__name__} names no layer count", field="model")
 
 
 def max_context(config: Any) -> int | None:
@@ -94,7 +88,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     except Exception as exc:  # named, and classified: a 4xx when the model's files are at fault, else a 500
         raise load_error(exc, f"transformers could not load {ref.id!r} from {target}") from exc
     model.eval()
-    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    size = module_bytes(model)
     loaded = LoadedModel(
         ref=ref,
         loader="transformers",

@@ -83,12 +83,6 @@ def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
     return StateRecorder(model.extra["base"], _blocks(model), capture.indices)
 
 
-def _positions(total: int, capture: Capture) -> list[int]:
-    if not capture.wanted:
-        return []
-    return [total - 1] if capture.positions == "last" else list(range(total))
-
-
 def _device(model: LoadedModel) -> Any:
     return model.model.get_input_embeddings().weight.device
 
@@ -176,7 +170,7 @@ def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) 
             SequenceOutput(
                 token_ids=list(row),
                 prompt_tokens=len(row),
-                positions=_positions(len(row), capture),
+                positions=capture.kept_positions(len(row)),
                 # A copy per row, so that no row keeps the whole padded batch alive.
                 states={sel.key: taken[sel.index][i, queries].clone() for sel in capture.layers if taken},
                 attentions={
