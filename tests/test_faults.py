@@ -59,6 +59,33 @@ def load(model, loader, options):
     raise RuntimeError(f"the faults loader gave up on {model.id} holding {held.numel()} floats")
 
 
+def stall(texts):
+    if m := re.search(r"SLOW(\\d+(?:\\.\\d+)?)", texts):
+        time.sleep(float(m.group(1)))
+
+
+@hookimpl(wrapper=True, specname="load")
+def slow_generations(model, loader, options):
+    """Generations run through the model's decoder: a prompt with SLOW<n> stalls its join as it would a pass."""
+    loaded = yield
+    if loaded is not None and loaded.decoder is not None:
+        make = loaded.decoder
+
+        def decoder(attention):
+            real = make(attention)
+            join = real.join
+
+            def slow_join(batch, capture):
+                stall(" ".join(batch.texts))
+                return join(batch, capture)
+
+            real.join = slow_join
+            return real
+
+        loaded.decoder = decoder
+    return loaded
+
+
 @hookimpl(tryfirst=True)
 def forward_with_states(model, batch, capture):
     texts = " ".join(batch.texts)
@@ -68,8 +95,7 @@ def forward_with_states(model, batch, capture):
     if "OOM!" in texts:
         held = ballast()
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB (holding {held.numel()})")
-    if m := re.search(r"SLOW(\\d+(?:\\.\\d+)?)", texts):
-        time.sleep(float(m.group(1)))
+    stall(texts)
     return None  # the model's own loader runs the pass
 '''
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_batching import assert_same, serving
+from test_batching import Gate, assert_same, serving
 
 LONG = {"prompt": "one two three four five six seven", "max_tokens": 200, "temperature": 0}
 
@@ -132,7 +132,9 @@ async def test_a_finished_row_frees_its_place_for_a_waiting_request(tiny_models)
             # The long and the brief rows fill the batch; the third request must wait for the brief one to leave.
             passes.at(start + 2, lambda: until(lambda: entry.worker.queued >= 1))
             passes.at(start + 120, lambda: release.wait(120))
+            gate = Gate(app, model)  # the two arrive together and join as one batch
             first = [asyncio.ensure_future(c.post("/generate", json={"model": model, **b})) for b in (LONG, brief)]
+            await gate.open_when_queued(2)
             while entry.worker.running_rows < 2:
                 await asyncio.sleep(0.01)
             third = asyncio.ensure_future(c.post("/generate", json={"model": model, **waiting}))
