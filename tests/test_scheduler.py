@@ -55,6 +55,15 @@ def arrived(entry: Any, n: int) -> Callable[[], bool]:
     return lambda: entry.worker.counters.batched_requests + entry.worker.queued >= n
 
 
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait, on the event loop, until ``condition`` holds (bounded, so that a regression fails instead of hanging)."""
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
 async def answered(task: asyncio.Future, release: threading.Event) -> Any:
     """``task``'s answer; a held pass is released either way, so that a failure does not hang the model."""
     try:
@@ -93,8 +102,7 @@ async def test_a_short_request_joins_a_long_generation_and_finishes_first(runnin
     passes.at(start + 5, lambda: until(arrived(entry, sent + 2)))  # the short request has reached the scheduler
     passes.at(start + 100, lambda: release.wait(120))  # the long one holds here until the short is answered
     long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    while passes.count < start + 1:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: passes.count >= start + 1)
     short_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **short}))
     got = (await answered(short_task, release)).json()
     assert not long_task.done()  # answered while the long generation still runs (held at its 100th pass)
@@ -118,31 +126,45 @@ async def test_a_short_request_joins_a_long_generation_and_finishes_first(runnin
         np.testing.assert_allclose(state, ref[int(key) + n + 1][0].numpy(), atol=1e-5, rtol=0)
 
 
-async def test_a_finished_row_frees_its_place_for_a_waiting_request(tiny_models):
+@pytest.mark.parametrize("leaves", ["max_tokens", "stop string", "disconnect"])
+async def test_a_row_that_leaves_frees_its_place_for_a_waiting_request(tiny_models, leaves):
     async with serving(tiny_models, max_batch_size=2) as (app, c, model, calls):
         entry = app.state.manager.entries[model]
         passes = Passes(entry.loaded.model)
         try:
             brief = {"prompt": "a b", "max_tokens": 3, "temperature": 0}
+            if leaves != "max_tokens":
+                brief["max_tokens"] = 150  # leaves long before that: at its stop string, or when its client does
             waiting = {"prompt": "the cat sat on", "max_tokens": 6, "temperature": 0.8, "seed": 5}
             alone = [await post(c, "/generate", model, body) for body in (LONG, brief, waiting)]
+            if leaves == "stop string":  # a piece of what it generates alone, first seen past its sixth token
+                text, ids = alone[1]["text"], alone[1]["token_ids"]
+                at = len(entry.loaded.tokenizer.decode(ids[:6], skip_special_tokens=True))
+                brief["stop"] = [
+                    next(text[i : i + 3] for i in range(at, len(text) - 3) if text.find(text[i : i + 3]) >= at)
+                ]
+                alone[1] = await post(c, "/generate", model, brief)
+                assert alone[1]["finish_reason"] == "stop" and alone[1]["token_count"] > 6
             calls.seen.clear()
             release = threading.Event()
             start = passes.count
             # The long and the brief rows fill the batch; the third request must wait for the brief one to leave.
             passes.at(start + 2, lambda: until(lambda: entry.worker.queued >= 1))
-            passes.at(start + 120, lambda: release.wait(120))
+            passes.at(start + 140, lambda: release.wait(120))
             gate = Gate(app, model)  # the two arrive together and join as one batch
             first = [asyncio.ensure_future(c.post("/generate", json={"model": model, **b})) for b in (LONG, brief)]
             await gate.open_when_queued(2)
-            while entry.worker.running_rows < 2:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: entry.worker.running_rows >= 2)
             third = asyncio.ensure_future(c.post("/generate", json={"model": model, **waiting}))
+            if leaves == "disconnect":
+                await eventually(lambda: entry.worker.queued >= 1)
+                first[1].cancel()  # the brief request's client goes away
             got = (await answered(third, release)).json()
             assert not first[0].done()
-            results = [(await t).json() for t in first]
-            for r, want in zip([*results, got], alone, strict=True):
-                assert_same(r, want)
+            assert_same(got, alone[2])
+            assert_same((await first[0]).json(), alone[0])
+            if leaves != "disconnect":
+                assert_same((await first[1]).json(), alone[1])
             assert [rows for rows, gen, _ in calls.seen if gen] == [2, 1]  # the third joined on its own, later
             assert entry.describe(None)["joined_running"] >= 1
         finally:
@@ -167,8 +189,7 @@ async def test_mixed_parameters_join_at_different_steps_and_each_equals_alone(ru
     long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
     tasks = []
     for k, body in enumerate(late):
-        while passes.count < start + 3 * k + 1:
-            await asyncio.sleep(0.01)
+        await eventually(lambda k=k: passes.count >= start + 3 * k + 1)
         tasks.append(asyncio.ensure_future(c.post("/generate", json={"model": model, **body})))
     try:
         results = [(await asyncio.wait_for(t, 120)).json() for t in tasks]
@@ -188,8 +209,7 @@ async def test_a_stream_that_joins_late_streams_what_it_streams_alone(running):
     passes.at(start + 4, lambda: until(arrived(entry, sent + 2)))
     passes.at(start + 80, lambda: release.wait(120))
     long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    while passes.count < start + 1:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: passes.count >= start + 1)
     stream = asyncio.ensure_future(c.post("/generate/stream", json={"model": model, **body}))
     got = (await answered(stream, release)).text
     tokens, want = token_events(got), token_events(alone)
@@ -215,8 +235,7 @@ async def test_forward_passes_run_between_decoding_steps(running):
     passes.at(start + 5, lambda: until(arrived(entry, sent + 3)))
     passes.at(start + 60, lambda: release.wait(120))
     long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    while passes.count < start + 1:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: passes.count >= start + 1)
     tasks = [
         asyncio.ensure_future(c.post("/extract", json={"model": model, **extract})),
         asyncio.ensure_future(c.post("/embed", json={"model": model, **embed})),
@@ -238,8 +257,7 @@ async def test_a_prompt_refused_while_others_run_fails_alone(running):
     refused: list[asyncio.Future] = []
     passes.at(start + 3, lambda: until(lambda: entry.worker.queued >= 1 or (refused and refused[0].done())))
     long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    while passes.count < start + 1:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: passes.count >= start + 1)
     refused.append(asyncio.ensure_future(c.post("/generate", json={"model": model, "prompt": "word " * 600})))
     r = await asyncio.wait_for(refused[0], 120)
     assert r.status_code == 422 and r.json()["field"] == "prompt"
