@@ -116,7 +116,7 @@ async def test_metrics_count_requests_tokens_loads_and_batches(tiny_models):
         assert (await c.post("/extract", json={"model": model, "text": ""})).status_code == 422
         await c.get("/no/such/path")
         r = await c.get("/metrics")
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        assert r.status_code == 200 and r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         series = parse(r.text)
         label = f'model="{model}"'
         assert series['loom_http_requests_total{method="POST",route="/generate",status="200"}'] == 3

@@ -10,7 +10,7 @@ from litestar.types import Message, Scope
 from loom_kernel.api.deps import Manager
 from loom_kernel.models import gauges
 
-PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4"  # Litestar adds the charset (once)
 
 
 async def count_response(message: Message, scope: Scope) -> None:
