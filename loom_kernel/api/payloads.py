@@ -302,7 +302,8 @@ def check_generation(model: LoadedModel, params: GenerationParams) -> None:
     """Refuse what this model cannot generate before any work starts."""
     if not model.can_generate:
         raise Unsupported(
-            f"model: {model.ref.id!r} is a {model.kind} model and cannot generate; use /extract or /embed",
+            f"model: {model.ref.id!r} is {_article(model.kind)} {model.kind} model and cannot generate; "
+            "use /extract or /embed",
             field="model",
         )
     if model.max_context and params.max_tokens > model.max_context:
@@ -311,6 +312,10 @@ def check_generation(model: LoadedModel, params: GenerationParams) -> None:
             field="max_tokens",
             allowed=f"0 to {model.max_context}",
         )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def generate_rows(

@@ -42,7 +42,7 @@ def run(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
 
         return run_batch(model, batch, capture)
     if not model.can_generate:
-        raise Unsupported(f"model: {model.ref.id!r} is an {model.kind} model and cannot generate", field="model")
+        raise Unsupported(f"model: {model.ref.id!r} is not a causal model and cannot generate", field="model")
     from loom_transformers.generation import generate_whole
 
     return ForwardOutput(rows=generate_whole(model, batch, capture))
