@@ -64,6 +64,20 @@ async def eventually(condition: Callable[[], bool]) -> None:
     raise AssertionError("the condition never held")
 
 
+async def start_long(
+    c: Any, model: str, entry: Any, passes: Passes, *, wait_at: int, joining: int, hold_at: int
+) -> tuple[asyncio.Future, threading.Event]:
+    """Start the long generation and return once it decodes: its step ``wait_at`` waits until ``joining`` more
+    requests have reached the scheduler, its step ``hold_at`` until the returned event is set."""
+    release = threading.Event()
+    start, sent = passes.count, entry.worker.counters.batched_requests
+    passes.at(start + wait_at, lambda: until(arrived(entry, sent + 1 + joining)))
+    passes.at(start + hold_at, lambda: release.wait(120))
+    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
+    await eventually(lambda: passes.count >= start + 1)
+    return long_task, release
+
+
 async def answered(task: asyncio.Future, release: threading.Event) -> Any:
     """``task``'s answer; a held pass is released either way, so that a failure does not hang the model."""
     try:
@@ -97,12 +111,8 @@ async def test_a_short_request_joins_a_long_generation_and_finishes_first(runnin
     short_alone = await post(c, "/generate", model, short)
     assert long_alone["finish_reason"] == "length" and long_alone["token_count"] == 200
     before = entry.worker.counters.joined_running
-    release = threading.Event()
-    start, sent = passes.count, entry.worker.counters.batched_requests
-    passes.at(start + 5, lambda: until(arrived(entry, sent + 2)))  # the short request has reached the scheduler
-    passes.at(start + 100, lambda: release.wait(120))  # the long one holds here until the short is answered
-    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    await eventually(lambda: passes.count >= start + 1)
+    # The long generation holds at its 100th step until the short request is answered.
+    long_task, release = await start_long(c, model, entry, passes, wait_at=5, joining=1, hold_at=100)
     short_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **short}))
     got = (await answered(short_task, release)).json()
     assert not long_task.done()  # answered while the long generation still runs (held at its 100th pass)
@@ -204,12 +214,7 @@ async def test_a_stream_that_joins_late_streams_what_it_streams_alone(running):
     c, model, entry, passes = running
     body = {"prompt": "the cat", "max_tokens": 6, "temperature": 0, "stream_hidden_states": True}
     alone = (await c.post("/generate/stream", json={"model": model, **body})).text
-    release = threading.Event()
-    start, sent = passes.count, entry.worker.counters.batched_requests
-    passes.at(start + 4, lambda: until(arrived(entry, sent + 2)))
-    passes.at(start + 80, lambda: release.wait(120))
-    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    await eventually(lambda: passes.count >= start + 1)
+    long_task, release = await start_long(c, model, entry, passes, wait_at=4, joining=1, hold_at=80)
     stream = asyncio.ensure_future(c.post("/generate/stream", json={"model": model, **body}))
     got = (await answered(stream, release)).text
     tokens, want = token_events(got), token_events(alone)
@@ -230,12 +235,7 @@ async def test_forward_passes_run_between_decoding_steps(running):
     embed = {"text": "the cat sat on the mat"}
     alone_extract = await post(c, "/extract", model, extract)
     alone_embed = await post(c, "/embed", model, embed)
-    release = threading.Event()
-    start, sent = passes.count, entry.worker.counters.batched_requests
-    passes.at(start + 5, lambda: until(arrived(entry, sent + 3)))
-    passes.at(start + 60, lambda: release.wait(120))
-    long_task = asyncio.ensure_future(c.post("/generate", json={"model": model, **LONG}))
-    await eventually(lambda: passes.count >= start + 1)
+    long_task, release = await start_long(c, model, entry, passes, wait_at=5, joining=2, hold_at=60)
     tasks = [
         asyncio.ensure_future(c.post("/extract", json={"model": model, **extract})),
         asyncio.ensure_future(c.post("/embed", json={"model": model, **embed})),
