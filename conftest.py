@@ -21,7 +21,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_root: Path) -> dict[str, Path]:
     """arch -> directory of a tiny saved model (llama, mistral, qwen2, gpt2, bert), built once per session."""
-    from loom_kernel.testing import ARCHITECTURES, build_tiny_model
+    from loom_transformers.testing import ARCHITECTURES, build_tiny_model
 
     return {arch: build_tiny_model(arch, tiny_root) for arch in ARCHITECTURES}
 

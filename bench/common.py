@@ -55,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def build(root: Path) -> Path:
     """A GPT-2-small-sized model (12 layers, 768 wide, 512-token vocabulary) built offline under ``root``."""
-    from loom_kernel.testing import build_tiny_model
+    from loom_transformers.testing import build_tiny_model
 
     # EOS never wins in this seed's greedy run, so every measurement generates the full token count.
     return build_tiny_model(

@@ -1,12 +1,14 @@
 """The scheduler of one model: its thread runs loads, forward passes and generations, step by step.
 
-Each step the model's thread decides what runs: every queued forward pass (/extract, /embed, /analyze) first,
-merged with the compatible calls queued behind it (up to ``max_batch_size`` rows and ``max_batch_tokens`` padded
-tokens) into one Batch and one Capture; then the generations that arrived join the running batch (a prefill pass);
-then one decoding step of every running row. So a forward pass never waits for a generation, and a late generation
-joins the running ones at the next step instead of waiting for them (continuous batching; the loader's
-``LoadedModel.decoder``). A finished row leaves at once and frees its place. A model whose loader runs only whole
-generations gets them through ``forward_with_states``, merged as forward passes are, while its other calls wait.
+Each time round, the model's thread takes what comes next: a queued forward pass (/extract, /embed, /analyze),
+merged with every compatible call queued behind it (up to ``max_batch_size`` rows and ``max_batch_tokens`` padded
+tokens) into one Batch and one Capture; or, while rows are generating, one step boundary: the generations that
+arrived join the running batch (a prefill pass), then every running row takes one decoding step (continuous
+batching, through the loader's ``LoadedModel.decoder``). Queued passes and steps take turns, so a forward pass never
+waits for a generation and a generation never waits for a stream of passes. A generation waits for no company: it
+joins the running batch at the next boundary. A plain pass may wait, up to the time of one pass, for as many calls
+as were recently queued or running at once (``_gather``). A finished row leaves at once and frees its place. A
+model whose loader runs only whole generations gets them through ``forward_with_states``, merged as passes are.
 
 Each call gets what it would have alone: rows are padded so that padding changes nothing (the loader's contract),
 every generated row keeps its own parameters and generator, and a merged capture is a superset (the union of
@@ -37,17 +39,18 @@ import pluggy
 
 from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
 from loom_kernel.inputs import fit_texts
+from loom_kernel.merging import merge, restrict
 from loom_kernel.metrics import ModelCounters
-from loom_kernel.types import Batch, Capture, Decoder, ForwardOutput, LayerSel, LoadedModel, SequenceOutput
+from loom_kernel.types import Batch, Capture, Decoder, ForwardOutput, LoadedModel
 
 log = logging.getLogger("loom.batching")
 T = TypeVar("T")
-RECENT_S = 1.0  # how far back the batching window looks for the clients' concurrency
 # A model's thread ends after this long with nothing to do; the next call or load starts another. Its OpenMP team
 # (torch's intra-op threads) ends with it: libgomp counts every team's threads, and once they outnumber the CPUs
 # it stops letting any worker spin between parallel regions, which slowed the passes of the model in use by
 # 6-14% while a second, idle model's team merely existed (README, Performance).
 IDLE_S = 2.0
+RECENT_S = 1.0  # how far back a plain pass looks for the most calls queued or running at once (_gather)
 
 
 class Cancelled(LoomError):
@@ -61,7 +64,6 @@ class Cancelled(LoomError):
 class BatchLimits:
     max_batch_size: int = 32  # rows per merged call
     max_batch_tokens: int = 16384  # rows x longest row (prompt + max_tokens for a generation)
-    window_s: float = 0.005  # how long to wait for more calls while requests are known to be on their way
 
 
 @attrs.define(eq=False)
@@ -70,16 +72,9 @@ class Ticket:
 
     thread: ModelThread
     cancelled: threading.Event = attrs.field(factory=threading.Event)
-    arrived: bool = False
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-    def arrive(self) -> None:
-        """The request reached the model's queue (or finished without needing it)."""
-        if not self.arrived:
-            self.arrived = True
-            self.thread.arriving_done()
 
 
 _local = threading.local()
@@ -92,11 +87,24 @@ def run_with_ticket(ticket: Ticket, fn: Callable[[], T]) -> T:
         return fn()
     finally:
         _local.ticket = None
-        ticket.arrive()
 
 
-def current_ticket() -> Ticket | None:
-    return getattr(_local, "ticket", None)
+def forward(
+    pm: pluggy.PluginManager,
+    model: LoadedModel,
+    batch: Batch,
+    capture: Capture,
+    then: Callable[[ForwardOutput], Any] | None = None,
+) -> Any:
+    """The forward_with_states hook: through the model's thread when a server request runs this (where it may be
+    merged with other requests' calls), directly otherwise (in-process use, tests). ``then(rows)``, if given, runs
+    right after the pass on the same thread and its value is returned: for a few small tensor operations on the
+    rows (pooling), which a request thread would otherwise wake up for while the next pass runs."""
+    ticket: Ticket | None = getattr(_local, "ticket", None)
+    if ticket is not None:
+        return ticket.thread.forward(ticket, pm, model, batch, capture, then)
+    out = call_forward(pm, model, batch, capture)
+    return out if then is None else then(out)
 
 
 @attrs.define(eq=False)
@@ -108,10 +116,21 @@ class Call:
     batch: Batch
     capture: Capture
     ticket: Ticket
-    then: Callable[[ForwardOutput], Any] | None = None  # run on the model thread on its rows; its value is the result
+    then: Callable[[ForwardOutput], Any] | None = None
     future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
     _width: int | None = None
     _key: tuple[Any, ...] | None = None
+
+    def answer(self, out: ForwardOutput) -> None:
+        try:
+            self.future.set_result(out if self.then is None else self.then(out))
+        except BaseException as exc:  # its own request's error, not the batch's
+            self.future.set_exception(exc)
+
+    @property
+    def joins(self) -> bool:
+        """A generation that joins the model's running batch (its loader steps generations)."""
+        return self.batch.generation is not None and self.model.decoder is not None
 
     @property
     def rows(self) -> int:
@@ -169,7 +188,7 @@ class Joined:
             rows = [done.pop(i) for i in ids]
             counters.prompt_tokens += sum(row.prompt_tokens for row in rows)
             counters.generated_tokens += sum(len(row.token_ids) - row.prompt_tokens for row in rows)
-            call.future.set_result(ForwardOutput(rows=[restrict(row, call.capture, self.merged) for row in rows]))
+            call.answer(ForwardOutput(rows=[restrict(row, call.capture, self.merged) for row in rows]))
         return all(call.future.done() for call in self.calls)
 
 
@@ -195,12 +214,12 @@ class ModelThread:
         self._cv = threading.Condition()
         self._items: deque[Call | tuple[Callable[[], Any], concurrent.futures.Future] | None] = deque()
         self._stopped = False
-        self._arriving = 0  # admitted requests that have not reached the queue yet
-        # Per key of plain passes: (when, most compatible calls queued or running at once); see _gather.
-        self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}
-        self._running: list[Call] = []  # the calls of the merged call running
+        self._stepped = False  # whether the last thing run was a step boundary: passes and steps take turns
         self.seconds_per_batch = 0.0  # moving average, for Retry-After
-        self.seconds_per_pass = 0.0  # moving average of plain (not generating) passes
+        self.seconds_per_pass = 0.0  # moving average of plain passes: how long _gather may wait for company
+        # Per key of plain passes: (when, the most compatible calls queued or running at once); see _gather.
+        self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}
+        self._running: list[Call] = []  # the calls of the plain pass running
         self._name = f"loom-model:{name}"
         self._thread: threading.Thread | None = None  # the OS thread, while it runs (under the lock)
         # Generations, on the model's thread only: one decoder per attention mode, the calls waiting to join one,
@@ -218,49 +237,26 @@ class ModelThread:
             self._append((fn, fut))
         return fut
 
-    def ticket(self) -> Ticket:
-        with self._cv:
-            self._arriving += 1
-        return Ticket(self)
-
-    def arriving_done(self) -> None:
-        with self._cv:
-            self._arriving -= 1
-            self._cv.notify()
-
     def forward(
-        self, ticket: Ticket, pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture
-    ) -> ForwardOutput:
-        """One request's call, from its request thread: queued, maybe merged, and waited for."""
-        return self.enqueue(ticket, pm, model, batch, capture).result()
-
-    def enqueue(
         self,
         ticket: Ticket,
         pm: pluggy.PluginManager,
         model: LoadedModel,
         batch: Batch,
         capture: Capture,
-        then: Callable[[ForwardOutput], T] | None = None,
-    ) -> concurrent.futures.Future[T]:
-        """One request's call queued (maybe merged); its future holds the rows, or ``then(rows)`` computed on the
-        model's thread. Never cancel the future: cancel the ticket, and the call leaves the queue."""
-        try:
-            batch = fit_texts(model, batch)  # here, before the queue: the model's thread never sees a huge text
-        except BaseException:
-            ticket.arrive()
-            raise
+        then: Callable[[ForwardOutput], Any] | None = None,
+    ) -> Any:
+        """One request's call, from its request thread: queued, maybe merged, and waited for. Cancel the ticket,
+        never the future: the call then leaves the queue, or its rows stop."""
+        batch = fit_texts(model, batch)  # here, before the queue: the model's thread never sees a huge text
         call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket, then=then)
-        try:
-            with self._cv:
-                if self._stopped:
-                    raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
-                if batch.generation is None:
-                    self._note_company(call.key())
-                self._append(call)
-        finally:
-            ticket.arrive()
-        return call.future
+        with self._cv:
+            if self._stopped:
+                raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
+            if batch.generation is None:
+                self._note_company(call)
+            self._append(call)
+        return call.future.result()
 
     def stop(self) -> None:
         with self._cv:
@@ -296,12 +292,10 @@ class ModelThread:
                 with self._cv:
                     self._thread = None
                 break
+            self._stepped = item is STEP
             if item is STEP:
                 self._generate()
             elif isinstance(item, Call):
-                if item.batch.generation is not None and item.model.decoder is not None:
-                    self._waiting.append(item)  # joins at the next step boundary, after the queued passes
-                    continue
                 group = self._gather(item)
                 start = time.perf_counter()
                 self._execute(group)
@@ -318,19 +312,33 @@ class ModelThread:
         self._fail_queued()
 
     def _next(self) -> Any:
-        """The next queued item; STEP when none is queued and rows are generating or waiting to; None once
-        stopped, or after IDLE_S with nothing to do (the OS thread then ends)."""
+        """STEP while rows are generating (or waiting to) and either nothing is queued or the last item was not a
+        step; else the next queued item; None once stopped; STOPPED after IDLE_S with nothing to do. Queued
+        generations do not wait in the queue behind passes: they wait to join at the next step boundary."""
         with self._cv:
             idle_until = time.monotonic() + IDLE_S
-            while not self._items:
-                if self._waiting or any(d.busy for d in self._decoders.values()):
+            while True:
+                self._take_generations()
+                generating = bool(self._waiting) or any(d.busy for d in self._decoders.values())
+                if generating and not (self._stepped and self._items):
                     return STEP
+                if self._items:
+                    return self._items.popleft()
                 left = idle_until - time.monotonic()
                 if left <= 0:
                     self._thread = None  # under the lock: the next _append starts another
                     return STOPPED
                 self._cv.wait(left)
-            return self._items.popleft()
+
+    def _take_generations(self) -> None:
+        """Under the lock: the queued generations move to the calls waiting to join, up to the first queued item
+        that is not a call (a load, a release, a stop): what was submitted after one runs after it."""
+        for item in list(self._items):
+            if not isinstance(item, Call):
+                return
+            if item.joins:
+                self._items.remove(item)
+                self._waiting.append(item)
 
     # -- generations -------------------------------------------------------------------------------------------
 
@@ -387,16 +395,10 @@ class ModelThread:
             try:
                 ids = decoder.join(batch, capture)
             except InvalidField as exc:
-                row = exc.extra.get("row")
-                if len(calls) == 1 or row is None:
-                    self._join_alone(decoder, calls, exc)
-                    return
-                i = max(j for j, s in enumerate(starts) if s <= row)
-                extra = {**exc.extra, "row": row - starts[i]}
-                calls.pop(i).future.set_exception(
-                    InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra)
-                )
-                continue
+                if _fail_refused(calls, starts, exc):
+                    continue
+                self._join_alone(decoder, calls, exc)
+                return
             except BaseException as exc:
                 self._join_alone(decoder, calls, exc)
                 return
@@ -453,46 +455,37 @@ class ModelThread:
         if plain:
             self.seconds_per_pass = _average(self.seconds_per_pass, seconds)
 
-    def _note_company(self, key: tuple[Any, ...]) -> None:
-        """Under the lock, as a plain pass is queued: how many compatible calls are queued or running with it."""
+    def _note_company(self, call: Call) -> None:
+        """Under the lock, as a plain pass is queued: how many compatible calls are queued or running with it (a
+        running call stops counting once answered: its client may be sending again already)."""
+        key = call.key()
         queued = sum(isinstance(item, Call) and item.key() == key for item in self._items)
-        # A running call stops counting once it has its answer: its client may be sending again already.
-        running = sum(call.key() == key and not call.future.done() for call in self._running)
-        company = 1 + queued + running
-        now = time.monotonic()
+        running = sum(c.key() == key and not c.future.done() for c in self._running)
+        now, company = time.monotonic(), 1 + queued + running
         when, peak = self._peaks.get(key, (0.0, 0))
         if company >= peak or now - when > RECENT_S:
             self._peaks[key] = (now, company)
 
-    def _recent_peak(self, key: tuple[Any, ...], now: float) -> int:
-        """The most compatible calls queued or running at once in the last second (1 when none)."""
-        when, peak = self._peaks.get(key, (0.0, 1))
-        return peak if now - when <= RECENT_S else 1
-
     def _gather(self, first: Call) -> list[Call]:
-        """``first`` and the compatible calls queued behind it, waiting while more are known to be coming: up to
-        the window after the last one joined (four windows in all), or up to one pass for as many calls as were
-        recently queued or running at once."""
+        """``first`` and the compatible calls queued behind it that fit in one batch. A plain pass also waits, up
+        to the time one pass takes, until as many calls have joined as were queued or running at once in the last
+        second: a pass costs nearly as much for one row as for sixteen, and clients that take turns (one group
+        sending while the other's pass runs) would otherwise keep running half batches. A lone client never
+        waits, nor does anything while rows are generating."""
         limits = self.limits
         group, key = [first], first.key()
         rows, width = first.rows, first.width(limits)
-        generation = first.batch.generation is not None
-        start = time.monotonic()
-        deadline = start + limits.window_s
-        # A forward pass costs nearly as much for one row as for sixteen (the weights are read once either way), so
-        # a batch that leaves without the clients that were recently queued or running beside these (they send
-        # again) leaves them a pass of their own: waiting for them up to one pass never costs throughput. Counted
-        # as calls queued or running at once, not as the last batch: clients split into two groups that take
-        # turns (each sends while the other's pass runs) would otherwise keep running half batches, each pass
-        # slowed by the other group's HTTP work. Generations (hundreds of milliseconds) wait only the window:
-        # their companions may still be in the HTTP layer.
-        peak = 1 if generation else self._recent_peak(key, start)
-        patience = start + max(limits.window_s, self.seconds_per_pass)
+        when, peak = self._peaks.get(key, (0.0, 1))
+        now = time.monotonic()
+        generating = bool(self._waiting) or any(d.busy for d in self._decoders.values())
+        if first.batch.generation is not None or generating or now - when > RECENT_S:
+            peak = 1
+        patience = now + self.seconds_per_pass
         with self._cv:
             while True:
-                joined, full = len(group), rows >= limits.max_batch_size
+                full = rows >= limits.max_batch_size
                 for item in list(self._items):
-                    if item is None or not isinstance(item, Call) or item.key() != key:
+                    if full or not isinstance(item, Call) or item.key() != key:
                         continue
                     wide = max(width, item.width(limits))
                     if rows + item.rows > limits.max_batch_size or (rows + item.rows) * wide > limits.max_batch_tokens:
@@ -501,20 +494,12 @@ class ModelThread:
                     self._items.remove(item)
                     group.append(item)
                     rows, width = rows + item.rows, wide
-                if full or rows >= limits.max_batch_size:
+                left = patience - time.monotonic()
+                if full or rows >= limits.max_batch_size or len(group) >= peak or left <= 0:
                     break
-                now = time.monotonic()
-                if len(group) > joined:
-                    deadline = min(start + 4 * limits.window_s, now + limits.window_s)
-                # Known to be coming: admitted requests that have not reached the queue (a lone client's /embed
-                # never waits), a generation's possible companions, the clients of the recent peak.
-                until = deadline if generation or self._arriving > 0 else now
-                if len(group) < peak:
-                    until = max(until, patience)
-                if now >= until:
-                    break
-                self._cv.wait(until - now)
-            self._running = group
+                self._cv.wait(left)
+            if first.batch.generation is None:
+                self._running = group
         return group
 
     def _execute(self, calls: list[Call]) -> None:
@@ -529,15 +514,10 @@ class ModelThread:
             try:
                 out = call_forward(live[0].pm, live[0].model, merged_batch, merged_capture)
             except InvalidField as exc:
-                row = exc.extra.get("row")
-                if len(live) == 1 or row is None:
-                    self._fail_alone(live, exc)
-                    return
-                i = max(j for j, s in enumerate(starts) if s <= row)
-                extra = {**exc.extra, "row": row - starts[i]}
-                own = InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra)
-                live.pop(i).future.set_exception(own)
-                continue
+                if _fail_refused(live, starts, exc):
+                    continue
+                self._fail_alone(live, exc)
+                return
             except BaseException as exc:
                 self._fail_alone(live, exc)
                 return
@@ -547,14 +527,7 @@ class ModelThread:
                 rows = out.rows[start : start + call.rows]
                 if len(live) > 1:
                     rows = [restrict(row, call.capture, merged_capture) for row in rows]
-                own = ForwardOutput(rows=rows)
-                if call.then is None:
-                    call.future.set_result(own)
-                    continue
-                try:
-                    call.future.set_result(call.then(own))
-                except BaseException as exc:  # its own request's error, not the batch's
-                    call.future.set_exception(exc)
+                call.answer(ForwardOutput(rows=rows))
             return
 
     def _fail_alone(self, live: list[Call], exc: BaseException) -> None:
@@ -567,6 +540,18 @@ class ModelThread:
             self._execute([call])
 
 
+def _fail_refused(calls: list[Call], starts: list[int], exc: InvalidField) -> bool:
+    """A row the plugin refused in a merged call: its own call (taken out of ``calls``) fails with the error, its
+    row renumbered; False when the error names no row or there is only one call."""
+    row = exc.extra.get("row")
+    if len(calls) == 1 or row is None:
+        return False
+    i = max(j for j, s in enumerate(starts) if s <= row)
+    extra = {**exc.extra, "row": row - starts[i]}
+    calls.pop(i).future.set_exception(InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra))
+    return True
+
+
 def _average(previous: float, seconds: float) -> float:
     return seconds if not previous else 0.8 * previous + 0.2 * seconds
 
@@ -576,98 +561,4 @@ def call_forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, cap
     out = pm.hook.forward_with_states(model=model, batch=batch, capture=capture)
     if out is None:
         raise Unsupported(f"loader: no plugin runs forward passes for loader {model.loader!r}", field="loader")
-    return out
-
-
-# -- merging and splitting ---------------------------------------------------------------------------------
-
-
-def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
-    """One Batch and one Capture for ``calls`` (each call's first row number in it); a lone call as it is, with
-    only a cancellation check added to its generation."""
-    starts, at = [], 0
-    for call in calls:
-        starts.append(at)
-        at += call.rows
-    first = calls[0].batch
-    capture = merge_captures([c.capture for c in calls])
-    on_token = _merged_on_token(calls, capture) if first.generation is not None else first.on_token
-    if len(calls) == 1:
-        return attrs.evolve(first, on_token=on_token), capture, starts
-    params = [c.batch.generation for c in calls for _ in range(c.rows)]
-    texts = first.token_ids is None
-    batch = attrs.evolve(
-        first,
-        texts=tuple(t for c in calls for t in c.batch.texts) if texts else (),
-        token_ids=None if texts else tuple(ids for c in calls for ids in c.batch.token_ids or ()),
-        row_generation=None if first.generation is None or len(set(params)) == 1 else tuple(params),
-        on_token=on_token,
-    )
-    return batch, capture, starts
-
-
-def merge_captures(captures: list[Capture]) -> Capture:
-    """A capture that holds every one of ``captures``: the union of their layers (keyed by index), every position
-    when their positions differ, the most alternatives any asks for."""
-    if all(c == captures[0] for c in captures):
-        return captures[0]
-    indices = sorted({sel.index for c in captures if c.wanted for sel in c.layers})
-    positions = captures[0].positions
-    if any(c.positions != positions for c in captures if c.wanted):
-        positions = "all"
-    tops = [c.top_logprobs for c in captures if c.top_logprobs is not None]
-    return Capture(
-        layers=tuple(LayerSel(key=str(i), index=i) for i in indices),
-        positions=positions,
-        states=any(c.wants_states for c in captures),
-        attention=any(c.attention for c in captures),
-        top_logprobs=max(tops) if tops else None,
-        logits=any(c.logits for c in captures),
-        stream_states=any(c.stream_states for c in captures),
-    )
-
-
-def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> SequenceOutput:
-    """``row`` of a merged call cut back to what ``capture`` asked for."""
-    if capture == merged:
-        return row
-    keys = {sel.index: sel.key for sel in merged.layers}
-    return attrs.evolve(
-        row,
-        states={s.key: row.states[keys[s.index]] for s in capture.layers} if capture.wants_states else {},
-        attentions={s.key: row.attentions[keys[s.index]] for s in capture.attention_layers},
-        logprobs=[_top(e, capture.top_logprobs) for e in row.logprobs] if capture.top_logprobs is not None else [],
-        logits=row.logits if capture.logits else None,
-    )
-
-
-def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:
-    return {**entry, "top": entry["top"][:k]}
-
-
-def _merged_on_token(calls: list[Call], merged: Capture) -> Callable[..., bool]:
-    """Route each row's tokens to its own call's ``on_token`` (row renumbered, extras cut to what it asked for);
-    a row whose request was cancelled stops."""
-    owner = [(call, row) for call in calls for row in range(call.rows)]
-
-    def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
-        call, local = owner[row]
-        if call.ticket.cancelled.is_set():
-            return False
-        if call.batch.on_token is None:
-            return True
-        return call.batch.on_token(local, token, piece, _extras(extras or {}, call.capture, merged)) is not False
-
-    return on_token
-
-
-def _extras(extras: dict[str, Any], capture: Capture, merged: Capture) -> dict[str, Any]:
-    if capture == merged:
-        return extras
-    out: dict[str, Any] = {}
-    if capture.stream_states and "states" in extras:
-        keys = {sel.index: sel.key for sel in merged.layers}
-        out["states"] = {s.key: extras["states"][keys[s.index]] for s in capture.layers}
-    if capture.top_logprobs is not None and "logprob" in extras:
-        out["logprob"] = _top(extras["logprob"], capture.top_logprobs)
     return out

@@ -41,10 +41,9 @@ class Settings:
     default_precision: str = "float32"
     default_format: str = "list"
     max_tokens_limit: int = 4096
-    # Dynamic batching per model (loom_kernel.batching) and backpressure.
+    # Batching per model (loom_kernel.batching) and backpressure.
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
-    batch_window_ms: float = 5.0
     max_queue: int = 64
     request_timeout: float = 600.0
     # Security: an API key every endpoint but /health needs; origins allowed cross-origin (None: CORS off);
@@ -69,7 +68,7 @@ class Settings:
         for name in ("max_body_mb", "max_response_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be more than 0", field=name)
-        for name in ("batch_window_ms", "max_queue", "request_timeout"):
+        for name in ("max_queue", "request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
         both = sorted(set(self.aliases) & set(self.custom_models))
@@ -119,7 +118,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "batching": {
         "max_batch_size": "max_batch_size",
         "max_batch_tokens": "max_batch_tokens",
-        "window_ms": "batch_window_ms",
+        "window_ms": "",  # nothing waits for company any more; older config files still load
         "max_queue": "max_queue",
     },
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
@@ -141,7 +140,6 @@ ENV_KEYS: dict[str, str] = {
     "LOOM_LOG_LEVEL": "log_level",
     "LOOM_MAX_BATCH_SIZE": "max_batch_size",
     "LOOM_MAX_BATCH_TOKENS": "max_batch_tokens",
-    "LOOM_BATCH_WINDOW_MS": "batch_window_ms",
     "LOOM_MAX_QUEUE": "max_queue",
     "LOOM_REQUEST_TIMEOUT": "request_timeout",
     "LOOM_API_KEY": "api_key",

@@ -17,9 +17,8 @@ Normalization: ``normalize: null`` (default) keeps the model's convention: unit 
 Normalize (renormalized after ``dimensions`` cuts them), raw vectors otherwise. ``true`` always returns unit
 vectors; ``false`` adds no normalization (a pipeline's own Normalize still applies, and is reported).
 
-A request runs ``plan_embed`` (checks, the forward call), its forward call on the model's thread, then
-``finish_embed`` (pooling, cut, normalization): on the model's thread right after the pass when ``EmbedPlan.light``,
-else on a request thread (``loom_kernel.api.embed``).
+A request runs ``embed`` on its request thread: the checks, one forward call (on the model's thread, merged with
+other requests'), then pooling, cut and normalization.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from typing import Any
 import attrs
 import pluggy
 
+from loom_kernel.batching import forward
 from loom_kernel.capture import resolve_layers
 from loom_kernel.default_plugins.pooling import STRATEGIES
 from loom_kernel.errors import InvalidField, Unsupported
@@ -161,23 +161,15 @@ def _pool(pm: pluggy.PluginManager, states: list[Any], strategy: str) -> Any:
     return pooled.float()
 
 
-@attrs.define(frozen=True)
-class EmbedPlan:
-    """What one embedding request runs: its forward call and how its rows are pooled."""
-
-    batch: Batch
-    capture: Capture
-    layer: LayerSel
-    strategy: str
-
-    def light(self, model: LoadedModel) -> bool:
-        """Whether what follows the pass is a few small tensor operations (the model's own pooled vectors, fewer
-        elements than torch's smallest parallel grain): cheap enough to run on the model's thread after its pass."""
-        return self.strategy == MODEL_POOLING and len(self.batch.texts) * max(1, model.hidden_size) < 32768
+def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
+    """A plugin's InvalidField about the texts, naming the request's own field (and row); others as they are."""
+    return _renamed(exc, spec) if exc.field == "text" else exc
 
 
-def plan_embed(model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> EmbedPlan:
-    """The forward call for ``texts``, checked: a bad layer or pooling is a 4xx before any model work."""
+def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
+    """``texts`` through one forward call, pooled, cut to ``spec.dimensions`` and normalized as asked (a bad layer
+    or pooling is a 4xx before any model work)."""
+
     n = model.num_layers
     if not -(n + 1) <= spec.layer <= n:
         raise InvalidField(
@@ -188,21 +180,26 @@ def plan_embed(model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Emb
     (layer,) = resolve_layers([spec.layer], n, field="layer")
     strategy = choose_pooling(model, spec.pooling, layer)
     capture = Capture() if strategy == MODEL_POOLING else Capture(layers=(layer,), positions="all")
-    return EmbedPlan(Batch(texts=tuple(texts), truncate=spec.truncate), capture, layer, strategy)
+    batch = Batch(texts=tuple(texts), truncate=spec.truncate)
+    try:
+        # Pooling runs on the model's thread right after the pass: a few small tensor operations, cheaper there
+        # than a request thread's wake-up while the next pass runs (README, Concurrency and batching).
+        return forward(pm, model, batch, capture, then=lambda out: _pooled(pm, model, out.rows, layer, strategy, spec))
+    except InvalidField as exc:
+        raise renamed(exc, spec) from None
 
 
-def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
-    """A plugin's InvalidField about the texts, naming the request's own field (and row); others as they are."""
-    return _renamed(exc, spec) if exc.field == "text" else exc
-
-
-def finish_embed(
-    pm: pluggy.PluginManager, model: LoadedModel, plan: EmbedPlan, rows: Sequence[SequenceOutput], spec: EmbedSpec
+def _pooled(
+    pm: pluggy.PluginManager,
+    model: LoadedModel,
+    rows: Sequence[SequenceOutput],
+    layer: LayerSel,
+    strategy: str,
+    spec: EmbedSpec,
 ) -> Embedded:
-    """The rows of ``plan``'s pass pooled, cut to ``spec.dimensions`` and normalized as asked."""
+    """The rows of the pass pooled, cut to ``spec.dimensions`` and normalized as asked."""
     import torch
 
-    layer, strategy = plan.layer, plan.strategy
     if strategy == MODEL_POOLING:
         if any(row.pooled is None for row in rows):
             raise Unsupported(
@@ -231,7 +228,7 @@ def finish_embed(
     if want_unit:
         normalize = torch.nn.functional.normalize
         vectors = [normalize(v, dim=-1) for v in vectors] if isinstance(vectors, list) else normalize(vectors, dim=-1)
-    return Embedded(
+    result = Embedded(
         vectors=vectors,
         pooling=strategy,
         layer=layer,
@@ -239,3 +236,5 @@ def finish_embed(
         token_counts=[len(row.token_ids) for row in rows],
         truncated=[row.truncated for row in rows],
     )
+    result.norms()  # computed and kept here, off the event loop
+    return result

@@ -333,7 +333,7 @@ async def test_a_cancelled_request_leaves_the_queue(served):
     while gate.entry.worker.queued < 2:
         await asyncio.sleep(0.01)
     leaving.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.wait([leaving])  # the request's handler has run its cancellation
     gate.event.set()
     r = await staying
     assert r.status_code == 200
@@ -349,32 +349,36 @@ async def test_a_cancelled_request_stops_its_rows_mid_generation(served):
     long = {"max_tokens": 40, "temperature": 0, "stop": []}
     (want,) = await alone(c, "/generate", model, [{"prompt": PROMPTS[2], **long}])
     entry = app.state.manager.entries[model]
-    started = threading.Event()
+    passes, held, resume = 0, threading.Event(), threading.Event()
 
-    def slow(module: Any, args: Any) -> None:
-        started.set()
-        time.sleep(0.02)
+    def hold_the_fourth(module: Any, args: Any) -> None:  # the prefill and three decoding steps have run
+        nonlocal passes
+        passes += 1
+        if passes == 4:
+            held.set()
+            resume.wait(30)
 
-    handle = entry.loaded.model.register_forward_pre_hook(slow)
+    handle = entry.loaded.model.register_forward_pre_hook(hold_the_fourth)
     try:
         calls.seen.clear()
         gate = Gate(app, model)
         leaving = asyncio.ensure_future(c.post("/generate", json={"model": model, "prompt": PROMPTS[0], **long}))
         staying = asyncio.ensure_future(c.post("/generate", json={"model": model, "prompt": PROMPTS[2], **long}))
         await gate.open_when_queued(2)
-        while not started.is_set():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
+        await asyncio.to_thread(held.wait, 30)
         leaving.cancel()
+        await asyncio.wait([leaving])  # the request's handler has run its cancellation
+        resume.set()
         r = await staying
     finally:
+        resume.set()
         handle.remove()
     assert r.status_code == 200
     assert_same(r.json(), want)
     ((rows, _, out),) = calls.seen
     assert rows == 2
     cut, full = out.rows
-    assert cut.finish_reason == "stop" and len(cut.generated_ids) < 40
+    assert cut.finish_reason == "stop" and len(cut.generated_ids) == 4
     assert len(full.generated_ids) == len(want["token_ids"])
 
 
@@ -463,10 +467,10 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         np.testing.assert_allclose(r.json()["embedding"], ref, atol=1e-5)
 
 
-async def test_embeddings_of_the_models_own_pooling_queue_from_the_event_loop_with_the_same_guarantees():
-    """A sentence-transformers /embed (the model's own pooled vectors) goes from the event loop straight to the
-    model's queue, with no request thread: a cancelled one leaves the queue unrun while the one beside it gets what
-    it gets alone, a full queue is a 429, a request past request_timeout is a 504, and nothing stays in flight."""
+async def test_embeddings_take_the_one_way_into_a_model_with_its_guarantees():
+    """A sentence-transformers /embed takes the same way in as every request: a cancelled one leaves the queue
+    unrun while the one beside it gets what it gets alone, a full queue is a 429, a request past request_timeout is
+    a 504, and nothing stays in flight."""
     pm = create_plugin_manager()
     calls = Calls()
     pm.register(calls, name="calls")
@@ -483,7 +487,7 @@ async def test_embeddings_of_the_models_own_pooling_queue_from_the_event_loop_wi
         over = await c.post("/embed", json={"model": "minilm", "text": "one too many"})
         assert over.status_code == 429 and over.json()["field"] == "model"
         leaving.cancel()
-        await asyncio.sleep(0.05)
+        await asyncio.wait([leaving])  # the request's handler has run its cancellation
         gate.event.set()
         r = await staying
         assert r.status_code == 200, r.text
@@ -503,10 +507,10 @@ async def test_embeddings_of_the_models_own_pooling_queue_from_the_event_loop_wi
 
 
 class OnModelThread:
-    """A ModelThread for the tiny Llama with a recorder of its loader's calls, fed as the server feeds it (a ticket
-    at admission, the call from a request thread); ``plugins`` shape its passes."""
+    """A ModelThread for the tiny Llama with a recorder of its loader's calls, fed as the server feeds it (each call
+    from a request thread of its own); ``appended`` counts the calls that reached its queue."""
 
-    def __init__(self, tiny_models: dict[str, Any], window: float, *plugins: Any) -> None:
+    def __init__(self, tiny_models: dict[str, Any]) -> None:
         import concurrent.futures
 
         from loom_kernel import LoadOptions, batching
@@ -514,31 +518,27 @@ class OnModelThread:
 
         self.pm = create_plugin_manager()
         self.calls = Calls()
-        for plugin in (self.calls, *plugins):
-            self.pm.register(plugin)
+        self.pm.register(self.calls)
         path = str(tiny_models["llama"])
         self.model = self.pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions())
-        self.thread = batching.ModelThread("tiny", batching.BatchLimits(window_s=window))
+        self.thread = batching.ModelThread("tiny")
         self.pool = concurrent.futures.ThreadPoolExecutor(12)
+        self.appended = 0
+        append = self.thread._append
+
+        def counted(item: Any) -> None:
+            self.appended += isinstance(item, batching.Call)
+            append(item)
+
+        self.thread._append = counted  # type: ignore[method-assign]
 
     def send(self, text: str) -> Any:
         """One request's call, from a request thread: a future of its ForwardOutput."""
         from loom_kernel import batching
 
-        ticket = self.thread.ticket()
-        batch = Batch(texts=(text,))
-        work = lambda: self.thread.forward(ticket, self.pm, self.model, batch, Capture())  # noqa: E731
+        ticket = batching.Ticket(self.thread)
+        work = lambda: self.thread.forward(ticket, self.pm, self.model, Batch(texts=(text,)), Capture())  # noqa: E731
         return self.pool.submit(batching.run_with_ticket, ticket, work)
-
-    def behind_a_gate(self, send: Any, n: int) -> list[Any]:
-        """``n`` calls of ``send(i)`` queued behind a held model thread, then let go at once (one batch)."""
-        gate = threading.Event()
-        self.thread.submit(gate.wait)
-        futures = [send(i) for i in range(n)]
-        while self.thread.queued < n:
-            time.sleep(0.01)
-        gate.set()
-        return futures
 
     @property
     def rows(self) -> list[int]:
@@ -549,134 +549,46 @@ class OnModelThread:
         self.pool.shutdown()
 
 
-@pytest.fixture
-def on_model_thread(tiny_models, monkeypatch):
-    """Makes OnModelThread(window, *plugins) objects, with the recent past reaching back 30 s; closes them."""
+def until(condition: Any) -> None:
+    """Wait (bounded) for something another thread does."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_plain_pass_waits_up_to_one_pass_for_the_clients_of_its_recent_peak(tiny_models, monkeypatch):
+    """Four calls ran as one batch; three that follow wait for the fourth, which comes late (a pass costs about as
+    much for one row as for four), and run with it. Once that batch is out of the recent past, a lone call runs at
+    once: a pass here is made to look 60 s long, so waiting for company would outlast the 30 s bound."""
+    import concurrent.futures
+
     from loom_kernel import batching
 
-    monkeypatch.setattr(batching, "RECENT_S", 30.0)
-    made: list[OnModelThread] = []
+    m = OnModelThread(tiny_models)
+    try:
+        gate = threading.Event()
+        m.thread.submit(gate.wait)
+        first = [m.send(f"text number {i}") for i in range(4)]
+        until(lambda: m.thread.queued == 4)
+        gate.set()
+        concurrent.futures.wait(first)
+        assert m.rows == [4]
+        m.thread.seconds_per_pass = 60.0
+        together = [m.send(f"again {i}") for i in range(3)]
+        until(lambda: m.appended == 7 and m.thread.queued == 0)  # the three are gathered, waiting for company
+        assert m.rows == [4]
+        together.append(m.send("the straggler"))
+        concurrent.futures.wait(together, timeout=30)
+        assert m.rows == [4, 4]
+        assert all(f.result().rows[0].token_ids for f in together)
 
-    def make(window: float, *plugins: Any) -> OnModelThread:
-        made.append(OnModelThread(tiny_models, window, *plugins))
-        return made[-1]
-
-    yield make
-    for m in made:
+        monkeypatch.setattr(batching, "RECENT_S", 0.0)  # the batches of four are in the past now
+        m.thread.seconds_per_pass = 60.0
+        assert m.send("alone again").result(timeout=30).rows[0].token_ids
+        assert m.rows == [4, 4, 1]
+    finally:
         m.close()
-
-
-def test_calls_queued_while_others_run_count_as_company(on_model_thread):
-    """Two groups of clients taking turns (one group's calls queue while the other's pass runs) merge into one
-    batch: four calls queued behind a running pass of four wait, up to one pass, for the four that pass frees.
-    Counting the largest batch instead, each group would keep its own half batch: [4, 4, 4]."""
-    import concurrent.futures
-
-    m = on_model_thread(0.02, Slow(0.4))
-    first = m.behind_a_gate(lambda i: m.send(f"group a {i}"), 4)
-    while m.thread.queued:  # the pass of group a has started
-        time.sleep(0.01)
-    second = [m.send(f"group b {i}") for i in range(4)]  # queued while group a's pass runs
-    concurrent.futures.wait(first)
-    time.sleep(0.1)  # group a sends again
-    again = [m.send(f"group a again {i}") for i in range(4)]
-    concurrent.futures.wait(second + again)
-    assert m.rows == [4, 8]
-
-
-def test_the_window_waits_for_as_many_calls_as_the_largest_recent_batch(on_model_thread, monkeypatch):
-    """After a batch of four, three calls and a straggler 0.1 s behind them still make one batch (a pass costs
-    about as much for one row as for four); once that batch is out of the recent past, a lone call runs at once."""
-    import concurrent.futures
-
-    from loom_kernel import batching
-
-    window = 0.5
-    m = on_model_thread(window)
-    concurrent.futures.wait(m.behind_a_gate(lambda i: m.send(f"text number {i}"), 4))
-    m.send("a lone call").result()  # waits (a window: longer than a pass here) for the company of the four
-    together = [m.send(f"again {i}") for i in range(3)]
-    time.sleep(0.1)
-    together.append(m.send("the straggler"))
-    concurrent.futures.wait(together)
-    assert m.rows == [4, 1, 4]
-
-    monkeypatch.setattr(batching, "RECENT_S", 0.0)  # the batches of four are in the past now
-    start = time.perf_counter()
-    m.send("alone again").result()
-    assert time.perf_counter() - start < window  # it did not wait for company
-    assert m.rows == [4, 1, 4, 1]
-
-
-class Slow:
-    """Makes every forward pass take ``seconds`` longer, as a big model's would."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    @hookimpl(wrapper=True)
-    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> Any:
-        time.sleep(self.seconds)
-        return (yield)
-
-
-def test_the_clients_of_the_largest_recent_batch_are_waited_for_up_to_one_pass(on_model_thread):
-    """With passes of 0.4 s, a straggler 0.2 s behind three calls (far past four 20 ms windows) still joins them:
-    running without it would cost it a pass of its own. Rows as the old window rule would run them: [4, 3, 1]."""
-    import concurrent.futures
-
-    m = on_model_thread(0.02, Slow(0.4))
-    concurrent.futures.wait(m.behind_a_gate(lambda i: m.send(f"text number {i}"), 4))
-    assert m.thread.seconds_per_batch >= 0.4
-    together = [m.send(f"again {i}") for i in range(3)]
-    time.sleep(0.2)
-    together.append(m.send("the straggler"))
-    concurrent.futures.wait(together)
-    assert m.rows == [4, 4]
-    assert all(f.result().rows[0].token_ids for f in together)
-
-
-class Stamps:
-    """Records when each forward_with_states call starts and ends."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[float, float]] = []
-
-    @hookimpl(wrapper=True)
-    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> Any:
-        start = time.perf_counter()
-        out = yield
-        self.spans.append((start, time.perf_counter()))
-        return out
-
-
-def test_an_answered_call_stops_counting_as_company(on_model_thread):
-    """Four clients whose answers are finished one by one on the model's thread (0.1 s each) send again as soon as
-    theirs is out. The first to send again must not count the three still being finished as well as itself, or
-    the next batch would wait a whole pass (longer than 0.4 s here) for a fifth client that does not exist."""
-    stamps = Stamps()
-    m = on_model_thread(0.02, stamps)
-
-    def finish(out: ForwardOutput) -> ForwardOutput:
-        time.sleep(0.1)
-        return out
-
-    def send(i: int, round_: int) -> Any:
-        ticket = m.thread.ticket()
-        batch = Batch(texts=(f"client {i} round {round_}",))
-        return m.thread.enqueue(ticket, m.pm, m.model, batch, Capture(), finish)
-
-    def again(i: int, first: Any) -> None:
-        assert first.result().rows[0].token_ids
-        assert send(i, 1).result().rows[0].token_ids
-
-    firsts = m.behind_a_gate(lambda i: send(i, 0), 4)
-    for c in [m.pool.submit(again, i, first) for i, first in enumerate(firsts)]:
-        c.result()
-    assert m.rows == [4, 4]
-    (_, first_end), (second_start, _) = stamps.spans
-    # The first pass's answers take 0.4 s to finish; the second pass starts right after them, not a pass later.
-    assert second_start - first_end < 0.4 + 0.25
 
 
 def test_an_idle_model_thread_ends_with_its_openmp_team_and_the_next_call_starts_another(monkeypatch):
@@ -721,5 +633,6 @@ def test_an_idle_model_thread_ends_with_its_openmp_team_and_the_next_call_starts
     worker.stop()
     model = types.SimpleNamespace(ref=types.SimpleNamespace(id="idle-test"), max_context=None)
     with pytest.raises(ModelNotFound, match="unloaded"):
-        worker.enqueue(worker.ticket(), create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
+        ticket = batching.Ticket(worker)
+        worker.forward(ticket, create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
     assert gone(tids() - again)

@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from loom_transformers.testing import build_tiny_model
 from serverutil import loom_server, rss_bytes
-
-from loom_kernel.testing import build_tiny_model
 
 MiB = 2**20
 PROBLEM = "application/problem+json"

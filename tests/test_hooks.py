@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom_kernel import LoadOptions, ModelRef, ProbeResult, QuantizationPlan, hookimpl
+from loom_kernel import LoadOptions, ModelRef, ProbeResult, QuantizationPlan, choosing, hookimpl
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, MissingBackend
 from loom_kernel.models import ModelManager
@@ -71,12 +71,12 @@ def test_load_plugins_env_limits_entry_points(monkeypatch):
 def test_probe(pm, tiny_models):
     manager = ModelManager(pm, Settings())
     ref = manager.resolve(str(tiny_models["llama"]))
-    ranking = manager.rank(ref)
+    ranking = choosing.rank(pm, ref)
     assert [r.loader for r in ranking] == ["transformers", "toy"]
     assert ranking[0].score == 0.5 and ranking[1].score == 0.05
-    assert manager.rank(ref) == ranking  # deterministic
-    assert manager.choose_loader(ref, None) == "transformers"
-    assert manager.choose_loader(ref, "toy") == "toy"
+    assert choosing.rank(pm, ref) == ranking  # deterministic
+    assert choosing.choose_loader(pm, ref, None) == "transformers"
+    assert choosing.choose_loader(pm, ref, "toy") == "toy"
 
 
 def test_load(pm, tiny_models):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from litestar.testing import AsyncTestClient
+from loom_transformers.testing import build_tiny_model
 
 from loom_kernel.api import create_app
 from loom_kernel.config import Settings
 from loom_kernel.memory import device_total_bytes, estimate_bytes
 from loom_kernel.resolve import resolve_model
-from loom_kernel.testing import build_tiny_model
 from loom_kernel.types import LoadOptions
 
 

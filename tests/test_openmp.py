@@ -38,6 +38,6 @@ def test_one_torch_thread_sets_only_the_calling_thread():
 def test_the_managers_request_threads_run_torch_on_one_thread():
     manager = ModelManager(create_plugin_manager(), Settings(default_device="cpu"))
     try:
-        assert manager._threads.submit(torch.get_num_threads).result() == 1
+        assert manager.admission.threads.submit(torch.get_num_threads).result() == 1
     finally:
-        manager._threads.shutdown()
+        manager.admission.threads.shutdown()

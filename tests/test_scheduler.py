@@ -176,7 +176,7 @@ async def test_a_row_that_leaves_frees_its_place_for_a_waiting_request(tiny_mode
             if leaves != "disconnect":
                 assert_same((await first[1]).json(), alone[1])
             assert [rows for rows, gen, _ in calls.seen if gen] == [2, 1]  # the third joined on its own, later
-            assert entry.describe(None)["joined_running"] >= 1
+            assert (await c.get("/models")).json()["loaded_models"][0]["joined_running"] >= 1
         finally:
             passes.close()
 

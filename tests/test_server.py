@@ -8,9 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from loom_transformers.testing import build_tiny_model
 from serverutil import loom_server, wait_for
-
-from loom_kernel.testing import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

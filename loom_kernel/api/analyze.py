@@ -16,9 +16,10 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_kernel.api.deps import Manager, Plugins
-from loom_kernel.api.payloads import forward, model_metadata, timing
+from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LayerSpec, LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
+from loom_kernel.batching import forward
 from loom_kernel.capture import resolve_layers
 from loom_kernel.geometry import layer_metrics
 from loom_kernel.types import Batch, Capture, LoadedModel

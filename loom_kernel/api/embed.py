@@ -1,6 +1,6 @@
 """POST /embed, /embed/batch and the OpenAI-compatible /v1/embeddings.
 
-Every field is checked before any model work; the batch runs as one forward pass on the model's thread, merged
+Every field is checked before any model work; the batch runs as one forward call on the model's thread, merged
 with other requests'. Pooling and normalization rules are in ``loom_kernel.embedding``. Each route is its texts
 (what it reads from its body) and its answer (what it returns), around the same embedding.
 """
@@ -17,26 +17,15 @@ import numpy as np
 import pluggy
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
-from litestar.types import Receive
 
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.streaming import disconnected
-from loom_kernel.embedding import (
-    MAX_BATCH_TEXTS,
-    Embedded,
-    EmbedSpec,
-    declared_strategies,
-    finish_embed,
-    plan_embed,
-    pool_answers,
-    renamed,
-)
+from loom_kernel.api.streaming import client_gone
+from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
 from loom_kernel.models import ModelManager
-from loom_kernel.types import ForwardOutput
 
 Texts = Annotated[
     list[NonEmpty],
@@ -105,29 +94,16 @@ async def embed_texts(
     texts: list[str],
     field: str,
     listed: bool,
-    receive: Receive,
+    request: Request,
 ) -> tuple[Embedded, dict[str, Any]]:
-    """Check, load (if needed) and run the batch (merged with other requests' on the model's thread): (vectors,
-    metadata). Pooling follows the pass on the model's thread when it is a few small tensor operations (the model's
-    own vectors of a few texts), else on a request thread. ``receive``: the request's, to see the client leave."""
+    """Check, load (if needed) and embed (one forward call, merged with other requests' on the model's thread):
+    (vectors, metadata)."""
     await check_pooling(pm, data.pooling)
     spec = data.spec(field, listed)
     entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
-    model = manager.loaded(entry)
-    plan = plan_embed(model, texts, spec)
-
-    def finish(out: ForwardOutput) -> Embedded:
-        result = finish_embed(pm, model, plan, out.rows, spec)
-        result.norms()  # computed and kept here, off the event loop
-        return result
-
     start = time.perf_counter()
-    light = plan.light(model)
-    try:
-        done = await manager.forward(entry, plan.batch, plan.capture, finish if light else None, disconnected(receive))
-    except InvalidField as exc:
-        raise renamed(exc, spec) from None
-    result = done if light else await manager.on_request_thread(finish, done)
+    result = await manager.run(entry, lambda model: embed(pm, model, texts, spec), until=client_gone(request))
+    model = entry.model()
     meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
     if "pipeline" in model.extra:
         meta["pipeline"] = model.extra["pipeline"]
@@ -216,7 +192,7 @@ async def serve(
 ) -> dict[str, Any]:
     """One embedding endpoint: its texts (checked: texts, field, listed), embedded, then its answer."""
     items, field, listed = texts(data, pm)
-    result, meta = await embed_texts(manager, pm, data, items, field, listed, request.receive)
+    result, meta = await embed_texts(manager, pm, data, items, field, listed, request)
     return answer(data, result, meta)
 
 

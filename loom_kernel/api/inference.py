@@ -16,7 +16,6 @@ from loom_kernel.api.payloads import (
     StateRequest,
     check_generation,
     finish,
-    forward,
     generate,
     generate_rows,
     model_metadata,
@@ -33,6 +32,7 @@ from loom_kernel.api.schemas import (
     GenerationFields,
 )
 from loom_kernel.api.streaming import TokenBridge, client_gone
+from loom_kernel.batching import forward
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError

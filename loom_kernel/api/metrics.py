@@ -8,7 +8,7 @@ from litestar import Controller, Response, get
 from litestar.types import Message, Scope
 
 from loom_kernel.api.deps import Manager
-from loom_kernel.models import gauges
+from loom_kernel.reports import gauges
 
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4"  # Litestar adds the charset (once)
 
@@ -30,5 +30,5 @@ class MetricsController(Controller):
     @get("/metrics", sync_to_thread=False, media_type=PROMETHEUS_MEDIA_TYPE)
     def metrics(self, manager: Manager) -> Response[str]:
         """Requests, latency, tokens, loads, batches and queue depth, per route and per model."""
-        body = manager.metrics.exposition(gauges(manager))
+        body = manager.metrics.exposition(gauges(manager.ready()))
         return Response(content=body, media_type=PROMETHEUS_MEDIA_TYPE)

@@ -10,6 +10,7 @@ from litestar.params import FromPath, JSONBody
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.schemas import LoadRequest
 from loom_kernel.api.system import path_model_id
+from loom_kernel.reports import describe
 
 
 class ModelsController(Controller):
@@ -27,7 +28,7 @@ class ModelsController(Controller):
     @post("/load", status_code=200)
     async def load(self, data: JSONBody[LoadRequest], manager: Manager) -> dict[str, Any]:
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
-        return {"status": "loaded", "model": entry.describe(manager.auto_unload_seconds)}
+        return {"status": "loaded", "model": describe(entry, manager.auto_unload_seconds)}
 
     @delete("/{model_id:path}", status_code=200)
     async def unload(self, model_id: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:

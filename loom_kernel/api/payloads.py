@@ -1,7 +1,7 @@
 """What a request asks of a loaded model, turned into one hook call and a response payload.
 
-Shared by the HTTP endpoints; nothing here knows about Litestar. Everything that touches tensors runs on the
-model's worker thread (the API passes these functions to ``ModelManager.run``).
+Shared by the HTTP endpoints; nothing here knows about Litestar. These run on a request's own thread (the API
+passes them to ``ModelManager.run``), their forward calls on the model's thread.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 import attrs
 import pluggy
 
-from loom_kernel.batching import call_forward, current_ticket
+from loom_kernel.batching import forward
 from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
-from loom_kernel.types import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
+from loom_kernel.types import Batch, Capture, GenerationParams, LoadedModel, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
 NUMBER_BYTES = {
@@ -178,15 +178,6 @@ def _config_int(config: dict[str, Any], *keys: str) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 0
-
-
-def forward(pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
-    """The hook call, through the model's thread when a server request runs this (where it may be merged with
-    other requests' calls: ``loom_kernel.batching``), directly otherwise."""
-    ticket = current_ticket()
-    if ticket is not None:
-        return ticket.thread.forward(ticket, pm, model, batch, capture)
-    return call_forward(pm, model, batch, capture)
 
 
 def split_states(row: SequenceOutput, positions: Any) -> tuple[dict[str, Any], dict[str, Any] | None, list[int]]:

@@ -1,7 +1,7 @@
 """The transformers plugin through the real plugin manager, checked against transformers' own outputs.
 
 Reference for states: ``model(input_ids, output_hidden_states=True).hidden_states``; for tokens:
-``model.generate(do_sample=False)``. Tiny models come from ``loom_kernel.testing`` (built once per session).
+``model.generate(do_sample=False)``. Tiny models come from ``loom_transformers.testing`` (built once per session).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from loom_kernel.capture import resolve_layers
 from loom_kernel.errors import BadModel, InvalidField, Unsupported
 from loom_kernel.plugins import create_plugin_manager
 from loom_kernel.resolve import resolve_model
-from loom_kernel.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
+from loom_transformers.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Hidden states"
 OTHER = "Hello world! How are you today?"

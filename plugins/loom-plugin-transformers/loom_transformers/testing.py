@@ -1,4 +1,5 @@
-"""Tiny models built offline, for The Loom's tests and for third-party plugins' tests.
+"""Tiny models built offline, for The Loom's tests and for third-party plugins' tests (a transformers dependency,
+so it lives with the transformers plugin).
 
 ``build_tiny_model("llama", root)`` trains a small tokenizer in-process, builds a randomly initialised model with
 ``from_config`` under a fixed seed, and saves both with ``save_pretrained``: a directory any loader can load.

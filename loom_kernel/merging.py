@@ -1,0 +1,108 @@
+"""Merging compatible calls into one Batch and one Capture, and cutting each call's rows back out of the result.
+
+A merged capture is a superset: the union of the layers (keyed by index), every position when the specs differ,
+the most ``top_logprobs`` any asks for. Each row (and each streamed token) is cut back to what its call asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from loom_kernel.types import Batch, Capture, LayerSel, SequenceOutput
+
+if TYPE_CHECKING:
+    from loom_kernel.batching import Call
+
+
+def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
+    """One Batch and one Capture for ``calls`` (each call's first row number in it); a lone call as it is, with
+    only a cancellation check added to its generation."""
+    starts, at = [], 0
+    for call in calls:
+        starts.append(at)
+        at += call.rows
+    first = calls[0].batch
+    capture = merge_captures([c.capture for c in calls])
+    on_token = _merged_on_token(calls, capture) if first.generation is not None else first.on_token
+    if len(calls) == 1:
+        return attrs.evolve(first, on_token=on_token), capture, starts
+    params = [c.batch.generation for c in calls for _ in range(c.rows)]
+    texts = first.token_ids is None
+    batch = attrs.evolve(
+        first,
+        texts=tuple(t for c in calls for t in c.batch.texts) if texts else (),
+        token_ids=None if texts else tuple(ids for c in calls for ids in c.batch.token_ids or ()),
+        row_generation=None if first.generation is None or len(set(params)) == 1 else tuple(params),
+        on_token=on_token,
+    )
+    return batch, capture, starts
+
+
+def merge_captures(captures: list[Capture]) -> Capture:
+    """A capture that holds every one of ``captures``: the union of their layers (keyed by index), every position
+    when their positions differ, the most alternatives any asks for."""
+    if all(c == captures[0] for c in captures):
+        return captures[0]
+    indices = sorted({sel.index for c in captures if c.wanted for sel in c.layers})
+    positions = captures[0].positions
+    if any(c.positions != positions for c in captures if c.wanted):
+        positions = "all"
+    tops = [c.top_logprobs for c in captures if c.top_logprobs is not None]
+    return Capture(
+        layers=tuple(LayerSel(key=str(i), index=i) for i in indices),
+        positions=positions,
+        states=any(c.wants_states for c in captures),
+        attention=any(c.attention for c in captures),
+        top_logprobs=max(tops) if tops else None,
+        logits=any(c.logits for c in captures),
+        stream_states=any(c.stream_states for c in captures),
+    )
+
+
+def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> SequenceOutput:
+    """``row`` of a merged call cut back to what ``capture`` asked for."""
+    if capture == merged:
+        return row
+    keys = {sel.index: sel.key for sel in merged.layers}
+    return attrs.evolve(
+        row,
+        states={s.key: row.states[keys[s.index]] for s in capture.layers} if capture.wants_states else {},
+        attentions={s.key: row.attentions[keys[s.index]] for s in capture.attention_layers},
+        logprobs=[_top(e, capture.top_logprobs) for e in row.logprobs] if capture.top_logprobs is not None else [],
+        logits=row.logits if capture.logits else None,
+    )
+
+
+def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:
+    return {**entry, "top": entry["top"][:k]}
+
+
+def _merged_on_token(calls: list[Call], merged: Capture) -> Callable[..., bool]:
+    """Route each row's tokens to its own call's ``on_token`` (row renumbered, extras cut to what it asked for);
+    a row whose request was cancelled stops."""
+    owner = [(call, row) for call in calls for row in range(call.rows)]
+
+    def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
+        call, local = owner[row]
+        if call.ticket.cancelled.is_set():
+            return False
+        if call.batch.on_token is None:
+            return True
+        return call.batch.on_token(local, token, piece, _extras(extras or {}, call.capture, merged)) is not False
+
+    return on_token
+
+
+def _extras(extras: dict[str, Any], capture: Capture, merged: Capture) -> dict[str, Any]:
+    if capture == merged:
+        return extras
+    out: dict[str, Any] = {}
+    if capture.stream_states and "states" in extras:
+        keys = {sel.index: sel.key for sel in merged.layers}
+        out["states"] = {s.key: extras["states"][keys[s.index]] for s in capture.layers}
+    if capture.top_logprobs is not None and "logprob" in extras:
+        out["logprob"] = _top(extras["logprob"], capture.top_logprobs)
+    return out
