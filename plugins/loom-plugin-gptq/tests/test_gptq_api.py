@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 from litestar.testing import AsyncTestClient
+from loom_transformers.testing import CORPUS, build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
 from loom_kernel.api import create_app
 from loom_kernel.config import Settings
-from loom_transformers.testing import CORPUS, build_tiny_model
 
 pytest.importorskip("gptqmodel", reason="loom-plugin-gptq's backend: pip install gptqmodel==7.6.0 optimum")
 pytest.importorskip("optimum", reason="loom-plugin-gptq's backend: pip install optimum")

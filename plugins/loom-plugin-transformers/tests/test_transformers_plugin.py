@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from loom_transformers.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
 
 from loom_kernel import Batch, Capture, GenerationParams, LoadOptions, ModelRef
 from loom_kernel.capture import resolve_layers
 from loom_kernel.errors import BadModel, InvalidField, Unsupported
 from loom_kernel.plugins import create_plugin_manager
 from loom_kernel.resolve import resolve_model
-from loom_transformers.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Hidden states"
 OTHER = "Hello world! How are you today?"
