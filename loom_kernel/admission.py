@@ -1,5 +1,6 @@
-"""Admission: every request reaches its model here. At most ``max_queue`` requests per model at once (the next is
-a 429), each on a request thread of its own, cancelled when its client leaves or its time runs out (a 504)."""
+"""Admission: the one way a request reaches its model. At most ``max_queue`` requests per model at once (the next
+is a 429); each gets a ``Session`` through which its forward calls queue on the model's thread and its own CPU
+work runs on a request thread; it is cancelled when its client leaves or its time runs out (a 504)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import concurrent.futures
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loom_kernel.batching import Cancelled, Ticket, run_with_ticket
+import attrs
+import pluggy
+
+from loom_kernel.batching import Cancelled, Ticket
 from loom_kernel.config import Settings
 from loom_kernel.errors import LoomError, RequestTimeout, TooManyRequests
 from loom_kernel.openmp import one_torch_thread
-from loom_kernel.types import LoadedModel
+from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel
 
 if TYPE_CHECKING:
     from loom_kernel.models import ModelEntry
@@ -24,12 +28,37 @@ log = logging.getLogger("loom.models")
 T = TypeVar("T")
 
 
+@attrs.define(eq=False)
+class Session:
+    """One admitted request's way to its model: ``forward`` queues a call on the model's thread (merged there with
+    other requests'), ``thread`` runs the request's own CPU work (encoding, metrics) off the event loop."""
+
+    pm: pluggy.PluginManager
+    model: LoadedModel
+    ticket: Ticket
+    threads: concurrent.futures.Executor
+    calls: list[concurrent.futures.Future] = attrs.field(factory=list)
+
+    async def forward(self, batch: Batch, capture: Capture, then: Callable[[ForwardOutput], T] | None = None) -> Any:
+        """The call's rows, or ``then(rows)`` computed on the model's thread right after its pass (for a few small
+        tensor operations, which a request thread would otherwise wake up for while the next pass runs)."""
+        future = self.ticket.thread.enqueue(self.ticket, self.pm, self.model, batch, capture, then)
+        self.calls.append(future)
+        # Shielded: a cancelled request cancels its ticket (its call leaves the queue, its rows stop), never the
+        # future the model's thread answers.
+        return await asyncio.shield(asyncio.wrap_future(future))
+
+    async def thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
+
+
 class Admission:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, pm: pluggy.PluginManager, settings: Settings) -> None:
+        self.pm = pm
         self.settings = settings
-        # Request threads: each request's own work runs here, its forward calls on its model's thread. Enough for
-        # every admitted request of every model, so none waits for a thread behind another model's queue. Torch runs
-        # single-threaded on them (loom_kernel.openmp: their OpenMP teams would slow the model threads' passes).
+        # Request threads: a request's own CPU work. Enough for every admitted request of every model, so none waits
+        # for a thread behind another model's queue. Torch runs single-threaded on them (loom_kernel.openmp: their
+        # OpenMP teams would slow the model threads' passes).
         self.threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(8, settings.max_queue * max(1, settings.max_models)),
             thread_name_prefix="loom-request",
@@ -37,27 +66,29 @@ class Admission:
         )
 
     async def run(
-        self, entry: ModelEntry, fn: Callable[[LoadedModel], T], until: Coroutine[Any, Any, None] | None = None
+        self,
+        entry: ModelEntry,
+        work: Callable[[Session], Awaitable[T]],
+        until: Coroutine[Any, Any, None] | None = None,
     ) -> T:
-        """``fn(model)`` on a request thread, its forward calls batched on the model's thread.
-
-        At most ``max_queue`` requests per model are admitted at once (queued or running); the next is a 429 with
-        a Retry-After estimated from recent batches. The request is cancelled (dropped if still queued, its
-        generated rows stopped) when ``until`` returns first (the client went away) and when it runs past
-        ``request_timeout`` (a 504). The model stays in flight (never unloaded) until the request's thread is done
-        with it.
-        """
+        """``work(session)`` for one request, admitted: at most ``max_queue`` requests per model at once (queued or
+        running); the next is a 429 with a Retry-After estimated from recent batches. The request is cancelled
+        (its queued calls dropped, its generated rows stopped) when ``until`` returns first (the client went away)
+        and when it runs past ``request_timeout`` (a 504). The model stays in flight (never unloaded) until every
+        call the request queued is done."""
         loaded = self._admit(entry, until)
-        ticket = Ticket(entry.worker)
+        session = Session(self.pm, loaded, Ticket(entry.worker), self.threads)
         entry.in_flight += 1
-        job = self.threads.submit(run_with_ticket, ticket, lambda: fn(loaded))
-        job.add_done_callback(self._release(entry))  # before the awaiting side's: in_flight drops before the answer
+        task = asyncio.ensure_future(work(session))
 
         def cancel() -> None:
-            ticket.cancel()
-            job.cancel()
+            session.ticket.cancel()
+            task.cancel()
 
-        return await self._wait(entry, job, cancel, until)
+        try:
+            return await self._wait(entry, task, cancel, until)
+        finally:
+            _release(entry, task, session.calls)
 
     def _admit(self, entry: ModelEntry, until: Coroutine[Any, Any, None] | None) -> LoadedModel:
         """The model, if it is loaded and its queue has room (else ModelNotFound, or the 429)."""
@@ -80,34 +111,20 @@ class Admission:
             raise
         return loaded
 
-    @staticmethod
-    def _release(entry: ModelEntry) -> Callable[[concurrent.futures.Future], None]:
-        """A done callback (on whichever thread finishes the job) that ends the request's hold on the model."""
-        loop = asyncio.get_running_loop()
-
-        def done(_: concurrent.futures.Future) -> None:
-            def release() -> None:
-                entry.in_flight -= 1
-                entry.last_used = time.monotonic()
-
-            loop.call_soon_threadsafe(release)
-
-        return done
-
     async def _wait(
         self,
         entry: ModelEntry,
-        job: concurrent.futures.Future[T],
+        task: asyncio.Future[T],
         cancel: Callable[[], None],
         until: Coroutine[Any, Any, None] | None,
     ) -> T:
-        """``job``'s result; ``cancel()`` and Cancelled when ``until`` returns first, RequestTimeout past the limit."""
-        result = asyncio.wrap_future(job)
+        """``task``'s result; ``cancel()`` and Cancelled when ``until`` returns first, RequestTimeout past the
+        limit."""
         watcher = asyncio.ensure_future(until) if until is not None else None
         timeout = self.settings.request_timeout or None
         try:
             finished, _ = await asyncio.wait(
-                {result} if watcher is None else {result, watcher}, timeout=timeout, return_when="FIRST_COMPLETED"
+                {task} if watcher is None else {task, watcher}, timeout=timeout, return_when="FIRST_COMPLETED"
             )
         except asyncio.CancelledError:
             cancel()
@@ -115,8 +132,8 @@ class Admission:
         finally:
             if watcher is not None:
                 watcher.cancel()
-        if result in finished:
-            return result.result()
+        if task in finished:
+            return task.result()
         cancel()
         if watcher is not None and watcher in finished:
             log.info("%s: the client went away; its request was cancelled", entry.model_id)
@@ -126,3 +143,25 @@ class Admission:
             field="request_timeout",
             allowed=f"up to {timeout:g} s",
         )
+
+
+def _release(entry: ModelEntry, task: asyncio.Future, calls: list[concurrent.futures.Future]) -> None:
+    """End the request's hold on the model once its work and every call it queued are done (at once when they
+    are: in_flight drops before the answer leaves)."""
+    loop = asyncio.get_running_loop()
+    left = [task, *calls]
+
+    def done(item: Any = None) -> None:
+        if item in left:
+            left.remove(item)
+        if not left:
+            entry.in_flight -= 1
+            entry.last_used = time.monotonic()
+
+    for item in list(left):
+        if item.done():
+            done(item)
+        elif isinstance(item, asyncio.Future):
+            item.add_done_callback(done)
+        else:
+            item.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))

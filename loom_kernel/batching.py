@@ -77,36 +77,6 @@ class Ticket:
         self.cancelled.set()
 
 
-_local = threading.local()
-
-
-def run_with_ticket(ticket: Ticket, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on this (request) thread with its forward calls routed through ``ticket``'s model thread."""
-    _local.ticket = ticket
-    try:
-        return fn()
-    finally:
-        _local.ticket = None
-
-
-def forward(
-    pm: pluggy.PluginManager,
-    model: LoadedModel,
-    batch: Batch,
-    capture: Capture,
-    then: Callable[[ForwardOutput], Any] | None = None,
-) -> Any:
-    """The forward_with_states hook: through the model's thread when a server request runs this (where it may be
-    merged with other requests' calls), directly otherwise (in-process use, tests). ``then(rows)``, if given, runs
-    right after the pass on the same thread and its value is returned: for a few small tensor operations on the
-    rows (pooling), which a request thread would otherwise wake up for while the next pass runs."""
-    ticket: Ticket | None = getattr(_local, "ticket", None)
-    if ticket is not None:
-        return ticket.thread.forward(ticket, pm, model, batch, capture, then)
-    out = call_forward(pm, model, batch, capture)
-    return out if then is None else then(out)
-
-
 @attrs.define(eq=False)
 class Call:
     """One request's forward_with_states call, waiting for the model thread."""
@@ -237,7 +207,7 @@ class ModelThread:
             self._append((fn, fut))
         return fut
 
-    def forward(
+    def enqueue(
         self,
         ticket: Ticket,
         pm: pluggy.PluginManager,
@@ -245,9 +215,10 @@ class ModelThread:
         batch: Batch,
         capture: Capture,
         then: Callable[[ForwardOutput], Any] | None = None,
-    ) -> Any:
-        """One request's call, from its request thread: queued, maybe merged, and waited for. Cancel the ticket,
-        never the future: the call then leaves the queue, or its rows stop."""
+    ) -> concurrent.futures.Future:
+        """One request's call queued (maybe merged): its future holds the rows, or ``then(rows)`` computed on this
+        thread right after the pass. Cancel the ticket, never the future: the call then leaves the queue, or its
+        rows stop."""
         batch = fit_texts(model, batch)  # here, before the queue: the model's thread never sees a huge text
         call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket, then=then)
         with self._cv:
@@ -256,7 +227,7 @@ class ModelThread:
             if batch.generation is None:
                 self._note_company(call)
             self._append(call)
-        return call.future.result()
+        return call.future
 
     def stop(self) -> None:
         with self._cv:

@@ -17,23 +17,25 @@ Normalization: ``normalize: null`` (default) keeps the model's convention: unit 
 Normalize (renormalized after ``dimensions`` cuts them), raw vectors otherwise. ``true`` always returns unit
 vectors; ``false`` adds no normalization (a pipeline's own Normalize still applies, and is reported).
 
-A request runs ``embed`` on its request thread: the checks, one forward call (on the model's thread, merged with
-other requests'), then pooling, cut and normalization.
+A request runs ``embed``: the checks, then one forward call on the model's thread (merged with other requests'),
+whose rows are pooled, cut and normalized there right after the pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pluggy
 
-from loom_kernel.batching import forward
 from loom_kernel.capture import resolve_layers
 from loom_kernel.default_plugins.pooling import STRATEGIES
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
+
+if TYPE_CHECKING:
+    from loom_kernel.admission import Session
 
 MAX_BATCH_TEXTS = 256  # texts per /embed/batch or /v1/embeddings request: one forward pass must fit in memory
 MODEL_POOLING = "model"
@@ -166,10 +168,10 @@ def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
     return _renamed(exc, spec) if exc.field == "text" else exc
 
 
-def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
+async def embed(session: Session, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
     """``texts`` through one forward call, pooled, cut to ``spec.dimensions`` and normalized as asked (a bad layer
     or pooling is a 4xx before any model work)."""
-
+    pm, model = session.pm, session.model
     n = model.num_layers
     if not -(n + 1) <= spec.layer <= n:
         raise InvalidField(
@@ -183,8 +185,10 @@ def embed(pm: pluggy.PluginManager, model: LoadedModel, texts: Sequence[str], sp
     batch = Batch(texts=tuple(texts), truncate=spec.truncate)
     try:
         # Pooling runs on the model's thread right after the pass: a few small tensor operations, cheaper there
-        # than a request thread's wake-up while the next pass runs (README, Concurrency and batching).
-        return forward(pm, model, batch, capture, then=lambda out: _pooled(pm, model, out.rows, layer, strategy, spec))
+        # than a request thread's wake-up while the next pass runs.
+        return await session.forward(
+            batch, capture, then=lambda out: _pooled(pm, model, out.rows, layer, strategy, spec)
+        )
     except InvalidField as exc:
         raise renamed(exc, spec) from None
 

@@ -14,18 +14,19 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
 import pluggy
 
 from loom_kernel import choosing
-from loom_kernel.admission import Admission
+from loom_kernel.admission import Admission, Session
 from loom_kernel.batching import BatchLimits, ModelThread
 from loom_kernel.budget import make_room, memory_report
 from loom_kernel.config import Settings
 from loom_kernel.errors import Conflict, LoadFailed, LoomError, ModelNotFound, Unsupported, load_error, out_of_memory
+from loom_kernel.inputs import char_limit
 from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
@@ -69,7 +70,7 @@ class ModelManager:
         self._reaper: asyncio.Task | None = None
         self.started = time.monotonic()
         self.metrics = Metrics()
-        self.admission = Admission(settings)
+        self.admission = Admission(pm, settings)
 
     # -- resolution and ranking -------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class ModelManager:
             raise Unsupported(f"loader: {loader!r} declined to load {ref.id!r}", field="loader")
         if not loaded.load_seconds:
             loaded.load_seconds = time.perf_counter() - start
+        char_limit(loaded)  # read the vocabulary here, once, not on the event loop of the first request
         return loaded
 
     def _evict_lru(self, keep: ModelEntry) -> None:
@@ -313,11 +315,13 @@ class ModelManager:
         return BatchLimits(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
 
     async def run(
-        self, entry: ModelEntry, fn: Callable[[LoadedModel], T], until: Coroutine[Any, Any, None] | None = None
+        self,
+        entry: ModelEntry,
+        work: Callable[[Session], Awaitable[T]],
+        until: Coroutine[Any, Any, None] | None = None,
     ) -> T:
-        """``fn(model)`` on a request thread, its forward calls merged on the model's thread (the one way in:
-        ``Admission.run``)."""
-        return await self.admission.run(entry, fn, until)
+        """``work(session)`` for one request: the one way into a model (``Admission.run``)."""
+        return await self.admission.run(entry, work, until)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 

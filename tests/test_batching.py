@@ -507,11 +507,9 @@ async def test_embeddings_take_the_one_way_into_a_model_with_its_guarantees():
 
 
 class OnModelThread:
-    """A ModelThread for the tiny Llama with a recorder of its loader's calls, fed as the server feeds it (each call
-    from a request thread of its own); ``appended`` counts the calls that reached its queue."""
+    """A ModelThread for the tiny Llama with a recorder of its loader's calls, fed as the server feeds it."""
 
     def __init__(self, tiny_models: dict[str, Any]) -> None:
-        import concurrent.futures
 
         from loom_kernel import LoadOptions, batching
         from loom_kernel.resolve import resolve_model
@@ -522,23 +520,12 @@ class OnModelThread:
         path = str(tiny_models["llama"])
         self.model = self.pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions())
         self.thread = batching.ModelThread("tiny")
-        self.pool = concurrent.futures.ThreadPoolExecutor(12)
-        self.appended = 0
-        append = self.thread._append
-
-        def counted(item: Any) -> None:
-            self.appended += isinstance(item, batching.Call)
-            append(item)
-
-        self.thread._append = counted  # type: ignore[method-assign]
 
     def send(self, text: str) -> Any:
-        """One request's call, from a request thread: a future of its ForwardOutput."""
+        """One request's call queued: a future of its ForwardOutput."""
         from loom_kernel import batching
 
-        ticket = batching.Ticket(self.thread)
-        work = lambda: self.thread.forward(ticket, self.pm, self.model, Batch(texts=(text,)), Capture())  # noqa: E731
-        return self.pool.submit(batching.run_with_ticket, ticket, work)
+        return self.thread.enqueue(batching.Ticket(self.thread), self.pm, self.model, Batch(texts=(text,)), Capture())
 
     @property
     def rows(self) -> list[int]:
@@ -546,7 +533,6 @@ class OnModelThread:
 
     def close(self) -> None:
         self.thread.stop()
-        self.pool.shutdown()
 
 
 def until(condition: Any) -> None:
@@ -576,7 +562,7 @@ def test_a_plain_pass_waits_up_to_one_pass_for_the_clients_of_its_recent_peak(ti
         assert m.rows == [4]
         m.thread.seconds_per_pass = 60.0
         together = [m.send(f"again {i}") for i in range(3)]
-        until(lambda: m.appended == 7 and m.thread.queued == 0)  # the three are gathered, waiting for company
+        until(lambda: m.thread.queued == 0)  # the three are gathered, waiting for company
         assert m.rows == [4]
         together.append(m.send("the straggler"))
         concurrent.futures.wait(together, timeout=30)
@@ -634,5 +620,5 @@ def test_an_idle_model_thread_ends_with_its_openmp_team_and_the_next_call_starts
     model = types.SimpleNamespace(ref=types.SimpleNamespace(id="idle-test"), max_context=None)
     with pytest.raises(ModelNotFound, match="unloaded"):
         ticket = batching.Ticket(worker)
-        worker.forward(ticket, create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
+        worker.enqueue(ticket, create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
     assert gone(tids() - again)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from typing import Any
 
 import pytest
@@ -173,16 +174,17 @@ async def test_chat_template_applied_once(client, tiny_models):
 async def test_chat_bad_input(client, tiny_models, extra, field):
     body = {"model": str(tiny_models["llama"]), "messages": [{"role": "user", "content": "hi"}], **extra}
     r = await client.post("/v1/chat/completions", json=body)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text  # OpenAI's status for a bad parameter; 422 on The Loom's own routes
     assert r.json()["field"] == field
+    assert r.json()["error"]["param"] == field and r.json()["error"]["message"].startswith(field)
 
 
-async def test_chat_without_template_is_a_422(client, tiny_models):
+async def test_chat_without_template_is_a_400(client, tiny_models):
     r = await client.post(
         "/v1/chat/completions",
         json={"model": str(tiny_models["gpt2"]), "messages": [{"role": "user", "content": "hi"}]},
     )
-    assert r.status_code == 422 and r.json()["field"] == "messages"
+    assert r.status_code == 400 and r.json()["field"] == "messages"
 
 
 def test_openai_client_against_a_real_server(tiny_models, tmp_path):
@@ -226,5 +228,37 @@ def test_openai_client_against_a_real_server(tiny_models, tmp_path):
         )
         assert streamed == completion.choices[0].text and completion.usage.completion_tokens == 5
         assert path in [m.id for m in client.models.list().data]
-        with pytest.raises(openai.UnprocessableEntityError):
-            client.chat.completions.create(model=path, messages=[{"role": "user", "content": "x"}], n=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # pydantic's serializer warns when a field is not of its declared type
+            plain = chat.model_dump()
+        assert plain.get("metadata") is None and "hidden_state" not in plain  # OpenAI's schema alone
+        hello = [{"role": "user", "content": "x"}]
+        with pytest.raises(openai.BadRequestError) as bad:  # a 422 elsewhere: OpenAI's status on /v1
+            client.chat.completions.create(model=path, messages=hello, logprobs=True, top_logprobs=99)
+        assert "top_logprobs" in bad.value.message and bad.value.param == "top_logprobs"
+        assert bad.value.type == "invalid_request_error"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="no-such-model", messages=hello)
+        assert "no-such-model" in missing.value.message and missing.value.param == "model"
+
+
+async def test_an_error_mid_stream_reaches_the_openai_sdk_with_its_message(tiny_models):
+    import openai
+    from test_models import app_with, concurrent_client
+
+    pm = create_plugin_manager()
+    pm.register(FailsMidStream(), name="fails")
+    app = app_with(pm=pm)
+    path = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        client = openai.AsyncOpenAI(base_url="http://loom/v1", api_key="x", http_client=c)
+        stream = await client.chat.completions.create(
+            model=path, messages=[{"role": "user", "content": "Hello"}], max_tokens=20, temperature=0, stream=True
+        )
+        seen = []
+        with pytest.raises(openai.APIError) as failed:
+            async for chunk in stream:
+                seen.append(chunk)
+        assert "see the server log" in failed.value.message and failed.value.body["type"] == "server_error"
+        assert len(seen) >= 3  # the role chunk and the tokens streamed before the failure

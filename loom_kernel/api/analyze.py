@@ -15,14 +15,14 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
-from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.admission import Session
+from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LayerSpec, LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
-from loom_kernel.batching import forward
 from loom_kernel.capture import resolve_layers
 from loom_kernel.geometry import layer_metrics
-from loom_kernel.types import Batch, Capture, LoadedModel
+from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
 
 MAX_ANALYZE_TEXTS = 256
 
@@ -35,15 +35,21 @@ class AnalyzeRequest(LoadFields, kw_only=True):
     add_special_tokens: bool = True
 
 
-def analyze(pm: Any, model: LoadedModel, data: AnalyzeRequest) -> dict[str, Any]:
+async def analyze(session: Session, data: AnalyzeRequest) -> dict[str, Any]:
+    start = time.perf_counter()
+    layers = resolve_layers(data.hidden_state_layers, session.model.num_layers)
+    capture = Capture(layers=layers, positions="last" if data.rows == "last" else "all")
+    batch = Batch(texts=tuple(data.texts), add_special_tokens=data.add_special_tokens)
+    out = (await session.forward(batch, capture)).rows
+    return await session.thread(metrics, session.model, data, layers, out, start)
+
+
+def metrics(
+    model: LoadedModel, data: AnalyzeRequest, layers: tuple[LayerSel, ...], out: list[SequenceOutput], start: float
+) -> dict[str, Any]:
+    """The answer: each layer's matrix of rows and its geometry (on a request thread)."""
     import torch
 
-    start = time.perf_counter()
-    layers = resolve_layers(data.hidden_state_layers, model.num_layers)
-    positions = "last" if data.rows == "last" else "all"
-    capture = Capture(layers=layers, positions=positions)
-    batch = Batch(texts=tuple(data.texts), add_special_tokens=data.add_special_tokens)
-    out = forward(pm, model, batch, capture).rows
     metrics = {}
     for sel in layers:
         per_text = [row.states[sel.key].float() for row in out]
@@ -68,9 +74,7 @@ class AnalyzeController(Controller):
     tags = ["analysis"]
 
     @post("/analyze", status_code=200)
-    async def analyze(
-        self, data: JSONBody[AnalyzeRequest], request: Request, manager: Manager, pm: Plugins
-    ) -> dict[str, Any]:
+    async def analyze(self, data: JSONBody[AnalyzeRequest], request: Request, manager: Manager) -> dict[str, Any]:
         """Per layer: D_eff (entropy and 90%-variance forms), beta and row norms of the texts' states."""
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
-        return await manager.run(entry, lambda model: analyze(pm, model, data), until=client_gone(request))
+        return await manager.run(entry, lambda s: analyze(s, data), until=client_gone(request))

@@ -102,7 +102,7 @@ async def embed_texts(
     spec = data.spec(field, listed)
     entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
     start = time.perf_counter()
-    result = await manager.run(entry, lambda model: embed(pm, model, texts, spec), until=client_gone(request))
+    result = await manager.run(entry, lambda s: embed(s, texts, spec), until=client_gone(request))
     model = entry.model()
     meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
     if "pipeline" in model.extra:

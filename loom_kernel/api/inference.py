@@ -11,7 +11,8 @@ from litestar import Controller, Request, Response, post
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.admission import Session
+from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import (
     StateRequest,
     check_generation,
@@ -32,11 +33,10 @@ from loom_kernel.api.schemas import (
     GenerationFields,
 )
 from loom_kernel.api.streaming import TokenBridge, client_gone
-from loom_kernel.batching import forward
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
-from loom_kernel.types import Batch, GenerationParams, LoadedModel
+from loom_kernel.types import Batch, GenerationParams
 
 
 def state_request(data: CaptureFields, settings: Settings, wanted: bool, stream: bool = False) -> StateRequest:
@@ -123,9 +123,7 @@ class InferenceController(Controller):
     tags = ["inference"]
 
     @post(["/generate", "/v1/generate"], status_code=200)
-    async def generate(
-        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins
-    ) -> Response:
+    async def generate(self, data: JSONBody[GenerateRequest], request: Request, manager: Manager) -> Response:
         settings = manager.settings
         req = state_request(data, settings, data.return_hidden_states)
         params = generation_params(data, settings)
@@ -133,15 +131,15 @@ class InferenceController(Controller):
 
         batch = Batch(texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens)
 
-        def work(model: LoadedModel) -> dict[str, Any] | bytes:
-            payload, groups, _ = generate(pm, model, batch, req)
-            return finish(payload, groups, req)
+        async def work(s: Session) -> dict[str, Any] | bytes:
+            payload, groups, _ = await generate(s, batch, req)
+            return payload if req.fmt != "safetensors" else await s.thread(finish, payload, groups, req)
 
         return respond(await manager.run(entry, work, until=client_gone(request)))
 
     @post("/generate/stream", status_code=200, media_type="text/event-stream")
     async def generate_stream(
-        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager, pm: Plugins
+        self, data: JSONBody[GenerateRequest], request: Request, manager: Manager
     ) -> ServerSentEvent:
         """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
         settings = manager.settings
@@ -153,15 +151,15 @@ class InferenceController(Controller):
             req.capture(entry.loaded, Batch(texts=(data.prompt,), generation=params))
         bridge = TokenBridge()
 
-        def work(model: LoadedModel) -> dict[str, Any]:
+        async def work(s: Session) -> dict[str, Any]:
             def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
-                # Tensors become JSON here, on the worker thread, not on the event loop.
-                return bridge.on_token(row, token, piece, stream_extras(extras, req, model.tokenizer))
+                # Tensors become JSON here, on the model's thread, not on the event loop.
+                return bridge.on_token(row, token, piece, stream_extras(extras, req, s.model.tokenizer))
 
             batch = Batch(
                 texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens, on_token=on_token
             )
-            return generate(pm, model, batch, req)[0]
+            return (await generate(s, batch, req))[0]
 
         job = manager.run(entry, work)
 
@@ -177,7 +175,7 @@ class InferenceController(Controller):
 
     @post("/generate/batch", status_code=200)
     async def generate_batch(
-        self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager, pm: Plugins
+        self, data: JSONBody[BatchGenerateRequest], request: Request, manager: Manager
     ) -> dict[str, Any]:
         """One batched generation; every prompt gets its own result in input order, and a prompt refused on its
         own (too long, no tokens) is reported in its own slot while the others run."""
@@ -187,41 +185,44 @@ class InferenceController(Controller):
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         rid = request_id(request)
 
-        def work(model: LoadedModel) -> list[dict[str, Any]]:
+        async def work(s: Session) -> list[dict[str, Any]]:
             batch = Batch(texts=tuple(data.prompts), generation=params, add_special_tokens=data.add_special_tokens)
             return [
                 {"index": i, "error": {**r.problem(), "request_id": rid}}
                 if isinstance(r, LoomError)
                 else {"index": i, **r[0]}
-                for i, r in enumerate(generate_rows(pm, model, batch, req))
+                for i, r in enumerate(await generate_rows(s, batch, req))
             ]
 
         results = await manager.run(entry, work, until=client_gone(request))
         return {"model": data.model, "count": len(results), "results": results}
 
     @post("/extract", status_code=200)
-    async def extract(
-        self, data: JSONBody[ExtractRequest], request: Request, manager: Manager, pm: Plugins
-    ) -> Response:
+    async def extract(self, data: JSONBody[ExtractRequest], request: Request, manager: Manager) -> Response:
         settings = manager.settings
         req = state_request(data, settings, True)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
-        def work(model: LoadedModel) -> dict[str, Any] | bytes:
+        async def work(s: Session) -> dict[str, Any] | bytes:
+            model = s.model
             batch = Batch(texts=(data.text,), add_special_tokens=data.add_special_tokens)
             capture = req.capture(model, batch)
             start = time.perf_counter()
-            row = forward(pm, model, batch, capture).rows[0]
-            fields, groups = state_payload(row, req, capture)
-            tokens = model.tokenizer.convert_ids_to_tokens(row.token_ids) if model.tokenizer is not None else None
-            payload = {
-                "model": data.model,
-                "token_ids": row.token_ids,
-                "tokens": tokens,
-                "token_count": len(row.token_ids),
-                **fields,
-                "metadata": {**model_metadata(model), **timing(start, 0)},
-            }
-            return finish(payload, groups, req)
+            row = (await s.forward(batch, capture)).rows[0]
+
+            def answer() -> dict[str, Any] | bytes:  # tensors encoded on a request thread
+                fields, groups = state_payload(row, req, capture)
+                tokens = model.tokenizer.convert_ids_to_tokens(row.token_ids) if model.tokenizer else None
+                payload = {
+                    "model": data.model,
+                    "token_ids": row.token_ids,
+                    "tokens": tokens,
+                    "token_count": len(row.token_ids),
+                    **fields,
+                    "metadata": {**model_metadata(model), **timing(start, 0)},
+                }
+                return finish(payload, groups, req)
+
+            return await s.thread(answer)
 
         return respond(await manager.run(entry, work, until=client_gone(request)))

@@ -12,7 +12,8 @@ from litestar import Controller, Request, get, post
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from loom_kernel.api.deps import Manager, Plugins
+from loom_kernel.admission import Session
+from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import checked_params
 from loom_kernel.api.openai_schemas import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -25,7 +26,7 @@ from loom_kernel.api.openai_schemas import (
     OpenAIFields,
 )
 from loom_kernel.api.payloads import StateRequest, check_generation, generate, stream_extras
-from loom_kernel.api.problems import request_id
+from loom_kernel.api.problems import openai_error, request_id
 from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
@@ -212,7 +213,11 @@ def usage(payload: dict[str, Any]) -> dict[str, int]:
 
 
 def seed_extras(payload: dict[str, Any], req: StateRequest, model_id: str) -> dict[str, Any]:
-    """The original project's extra fields: text, hidden_state{final, shape, layer, dtype}, metadata."""
+    """The original project's extra fields (text, hidden_state{final, shape, layer, dtype}, metadata), only with
+    ``return_hidden_states`` as it documents them: OpenAI's SDK types ``metadata`` as strings only, and a plain
+    answer must be OpenAI's schema alone."""
+    if not req.wanted:
+        return {}
     meta = payload["metadata"]
     extras: dict[str, Any] = {
         "text": payload["text"],
@@ -237,7 +242,7 @@ def seed_extras(payload: dict[str, Any], req: StateRequest, model_id: str) -> di
 
 
 def streamed_token(bridge: TokenBridge, req: StateRequest, model: LoadedModel, offsets: bool = False) -> Any:
-    """The Batch's ``on_token``: the plugin's raw extras become JSON here, on the worker thread, not on the event
+    """The Batch's ``on_token``: the plugin's raw extras become JSON here, on the model's thread, not on the event
     loop; ``offsets`` adds where each token's text starts in the completion (the legacy format's text_offset).
 
     The stream cannot know where a stop string will cut the text, so unlike the full response a stream's last
@@ -274,20 +279,20 @@ class OpenAIController(Controller):
         return params, req, entry
 
     @post("/chat/completions", status_code=200)
-    async def chat(self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager, pm: Plugins) -> Any:
+    async def chat(self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager) -> Any:
         settings = manager.settings
         messages = [message_text(m, i) for i, m in enumerate(data.messages)]
         text = "".join(m["role"] + m["content"] for m in messages)
         params, req, entry = await self._prepare(data, manager, settings, text)
         bridge = TokenBridge() if data.stream else None
 
-        def work(model: LoadedModel) -> dict[str, Any]:
+        async def work(s: Session) -> dict[str, Any]:
             batch = Batch(
-                token_ids=(chat_token_ids(model, messages),),
+                token_ids=(await s.thread(chat_token_ids, s.model, messages),),
                 generation=params,
-                on_token=streamed_token(bridge, req, model) if bridge else None,
+                on_token=streamed_token(bridge, req, s.model) if bridge else None,
             )
-            return generate(pm, model, batch, req)[0]
+            return (await generate(s, batch, req))[0]
 
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model}
@@ -323,9 +328,7 @@ class OpenAIController(Controller):
         )
 
     @post("/completions", status_code=200)
-    async def completions(
-        self, data: JSONBody[CompletionRequest], request: Request, manager: Manager, pm: Plugins
-    ) -> Any:
+    async def completions(self, data: JSONBody[CompletionRequest], request: Request, manager: Manager) -> Any:
         settings = manager.settings
         prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
         if len(prompts) != 1 or not prompts[0]:
@@ -337,11 +340,11 @@ class OpenAIController(Controller):
         params, req, entry = await self._prepare(data, manager, settings, prompts[0])
         bridge = TokenBridge() if data.stream else None
 
-        def work(model: LoadedModel) -> dict[str, Any]:
-            on_token = streamed_token(bridge, req, model, offsets=True) if bridge else None
-            payload = generate(pm, model, Batch(texts=(prompts[0],), generation=params, on_token=on_token), req)[0]
-            if bridge is None and "logprobs" in payload:  # decoded here, on the worker thread
-                payload["text_offset"] = text_offsets(model.tokenizer, payload)
+        async def work(s: Session) -> dict[str, Any]:
+            on_token = streamed_token(bridge, req, s.model, offsets=True) if bridge else None
+            payload = (await generate(s, Batch(texts=(prompts[0],), generation=params, on_token=on_token), req))[0]
+            if bridge is None and "logprobs" in payload:  # decoded on a request thread
+                payload["text_offset"] = await s.thread(text_offsets, s.model.tokenizer, payload)
             return payload
 
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -412,7 +415,8 @@ def stream(
                 if include_usage:
                     yield message({**usage_head, "choices": [], "usage": usage(value)})
             else:
-                yield message({"error": value})
+                error = openai_error(value["status"], value["title"], value["detail"], value.get("field"))
+                yield message({"error": {**error, "request_id": value.get("request_id")}})
         yield message("[DONE]")
 
     return ServerSentEvent(events())

@@ -1,7 +1,7 @@
 """What a request asks of a loaded model, turned into one hook call and a response payload.
 
-Shared by the HTTP endpoints; nothing here knows about Litestar. These run on a request's own thread (the API
-passes them to ``ModelManager.run``), their forward calls on the model's thread.
+Shared by the HTTP endpoints; nothing here knows about Litestar. A request's work runs through its ``Session``
+(``ModelManager.run``): forward calls on the model's thread, tensor encoding on a request thread.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import time
 from typing import Any
 
 import attrs
-import pluggy
 
-from loom_kernel.batching import forward
+from loom_kernel.admission import Session
 from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
@@ -309,14 +308,16 @@ def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
-def generate_rows(
-    pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, req: StateRequest
+async def generate_rows(
+    session: Session, batch: Batch, req: StateRequest
 ) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput] | LoomError]:
     """Every prompt of ``batch`` generated in one call: a /generate payload, its tensors and the raw row per prompt.
 
     A prompt the plugin refuses on its own (InvalidField naming its ``row``: too long, no tokens, ...) gets that
-    error in its slot and the others run without it; any other error fails the whole call.
+    error in its slot and the others run without it; any other error fails the whole call. The payloads (tensors
+    encoded) are made on a request thread.
     """
+    model = session.model
     assert batch.generation is not None
     check_generation(model, batch.generation)
     capture = req.capture(model, batch)
@@ -332,7 +333,7 @@ def generate_rows(
             on_token=_renumbered(batch.on_token, todo),
         )
         try:
-            rows = forward(pm, model, sub, capture).rows
+            rows = (await session.forward(sub, capture)).rows
         except InvalidField as exc:
             where = exc.extra.get("row", 0 if len(todo) == 1 else None)
             if where is None:
@@ -344,7 +345,7 @@ def generate_rows(
             results[i] = row
         break
     timings = timing(start, sum(len(r.generated_ids) for r in results.values() if isinstance(r, SequenceOutput)))
-    return [_row_result(model, results[i], req, capture, timings) for i in range(n)]
+    return await session.thread(lambda: [_row_result(model, results[i], req, capture, timings) for i in range(n)])
 
 
 def _renumbered(on_token: Any, todo: list[int]) -> Any:
@@ -374,11 +375,11 @@ def _row_result(
     return payload, groups, row
 
 
-def generate(
-    pm: pluggy.PluginManager, model: LoadedModel, batch: Batch, req: StateRequest
+async def generate(
+    session: Session, batch: Batch, req: StateRequest
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]:
     """One prompt generated with states: the /generate payload, its tensors by group, and the raw row."""
-    (result,) = generate_rows(pm, model, batch, req)
+    (result,) = await generate_rows(session, batch, req)
     if isinstance(result, LoomError):
         raise result
     return result

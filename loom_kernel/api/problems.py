@@ -108,10 +108,35 @@ def request_id(request: Request) -> str | None:
 def problem(
     request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
+    path = request.url.path
+    if path.startswith("/v1/"):  # OpenAI's clients: OpenAI's statuses, and its error object beside the problem
+        status = OPENAI_STATUS.get(status, status)
+        extra["error"] = openai_error(status, title, detail, extra.get("field"))
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     body["request_id"] = request_id(request)
-    body["instance"] = request.url.path
+    body["instance"] = path
     return Response(content=body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+# OpenAI answers a bad parameter with 400 (the SDK's BadRequestError, which clients catch); statuses it never sends
+# become the nearest one it does.
+OPENAI_STATUS = {413: 400, 415: 400, 422: 400, 424: 400, 507: 503}
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+    499: "request_cancelled",
+    504: "timeout_error",
+}
+
+
+def openai_error(status: int, title: str, detail: str, field: Any = None) -> dict[str, Any]:
+    """OpenAI's ``error`` object for a problem: what its SDK, LangChain, llm and litellm show the user."""
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"message": detail, "type": kind, "param": field, "code": title.lower().replace(" ", "_")}
 
 
 def on_loom_error(request: Request, exc: LoomError) -> Response:
