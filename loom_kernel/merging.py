@@ -29,7 +29,7 @@ def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
     on_token = _merged_on_token(calls, capture) if first.generation is not None else first.on_token
     if len(calls) == 1:
         return attrs.evolve(first, on_token=on_token), capture, starts
-    params = [c.batch.generation for c in calls for _ in range(c.rows)]
+    params = [c.batch.params(i) for c in calls for i in range(c.rows)] if first.generation is not None else []
     texts = first.token_ids is None
     batch = attrs.evolve(
         first,

@@ -164,7 +164,7 @@ async def test_chat_template_applied_once(client, tiny_models):
     [
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),  # 1 to 16 choices
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"max_tokens": 100000}, "max_tokens"),
@@ -262,3 +262,55 @@ async def test_an_error_mid_stream_reaches_the_openai_sdk_with_its_message(tiny_
                 seen.append(chunk)
         assert "see the server log" in failed.value.message and failed.value.body["type"] == "server_error"
         assert len(seen) >= 3  # the role chunk and the tokens streamed before the failure
+
+
+async def test_n_choices_are_rows_of_one_batch_each_equal_to_a_request_with_its_derived_seed(tiny_models):
+    """``n`` = 3 with a seed through the official SDK: one batch of three rows; every choice is what a single
+    request with seed + i gets, again on a second try; streamed, the chunks of each index make the same texts."""
+    import openai
+    from test_batching import Calls
+    from test_models import app_with, concurrent_client
+
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm)
+    path = str(tiny_models["llama"])
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        client = openai.AsyncOpenAI(base_url="http://loom/v1", api_key="x", http_client=c)
+        ask: dict[str, Any] = {
+            "model": path,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 8,
+            "temperature": 1.0,
+            "seed": 11,
+        }
+        calls.seen.clear()
+        three = await client.chat.completions.create(n=3, **ask)
+        assert [(rows, generation) for rows, generation, _ in calls.seen] == [(3, True)]
+        texts = [choice.message.content for choice in three.choices]
+        assert [choice.index for choice in three.choices] == [0, 1, 2] and len(set(texts)) > 1
+        alone = [await client.chat.completions.create(**{**ask, "seed": 11 + i}) for i in range(3)]
+        assert texts == [a.choices[0].message.content for a in alone]
+        assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+        assert three.usage.prompt_tokens == alone[0].usage.prompt_tokens
+        assert [
+            choice.message.content for choice in (await client.chat.completions.create(n=3, **ask)).choices
+        ] == texts
+        streamed = ["", "", ""]
+        async for chunk in await client.chat.completions.create(n=3, stream=True, **ask):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        assert streamed == texts
+        prompt = {"model": path, "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0.9, "seed": 5}
+        two = await client.completions.create(n=2, **prompt)
+        singles = [(await client.completions.create(**{**prompt, "seed": 5 + i})).choices[0].text for i in range(2)]
+        assert [choice.text for choice in two.choices] == singles
+        own = {"model": path, "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0.9, "seed": 5}
+        body = (await c.post("/generate", json={**own, "n": 2, "return_hidden_states": True})).json()
+        for i, choice in enumerate(body["choices"]):
+            single = (await c.post("/generate", json={**own, "seed": 5 + i, "return_hidden_states": True})).json()
+            assert choice["index"] == i and choice["token_ids"] == single["token_ids"]
+            assert choice["hidden_states"].keys() == single["hidden_states"].keys()
+        assert body["token_ids"] == body["choices"][0]["token_ids"]

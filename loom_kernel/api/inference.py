@@ -17,7 +17,7 @@ from loom_kernel.api.payloads import (
     StateRequest,
     check_generation,
     finish,
-    generate,
+    generate_choices,
     generate_rows,
     model_metadata,
     state_payload,
@@ -107,6 +107,11 @@ def checked_params(
     )
 
 
+def with_choices(results: list[tuple[dict[str, Any], Any, Any]]) -> dict[str, Any]:
+    """The answer for ``n`` > 1: the first choice's fields, and every choice (``index``, its own fields)."""
+    return {**results[0][0], "choices": [{"index": i, **payload} for i, (payload, _, _) in enumerate(results)]}
+
+
 def generation_params(data: GenerationFields, settings: Settings) -> GenerationParams:
     return checked_params(
         settings,
@@ -131,8 +136,14 @@ class InferenceController(Controller):
 
         batch = Batch(texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens)
 
+        if data.n > 1:
+            json_formats_only(req, "n > 1")
+
         async def work(s: Session) -> dict[str, Any] | bytes:
-            payload, groups, _ = await generate(s, batch, req)
+            results = await generate_choices(s, batch, req, data.n)
+            payload, groups, _ = results[0]
+            if data.n > 1:
+                payload = with_choices(results)
             return payload if req.fmt != "safetensors" else await s.thread(finish, payload, groups, req)
 
         return respond(await manager.run(entry, work, until=client_gone(request)))
@@ -159,7 +170,8 @@ class InferenceController(Controller):
             batch = Batch(
                 texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens, on_token=on_token
             )
-            return (await generate(s, batch, req))[0]
+            results = await generate_choices(s, batch, req, data.n)
+            return results[0][0] if data.n == 1 else with_choices(results)
 
         job = manager.run(entry, work)
 
@@ -167,7 +179,8 @@ class InferenceController(Controller):
             index = 0
             async for kind, value in bridge.events(job, request_id(request)):
                 if kind == "token":
-                    value = {"index": index, **{k: v for k, v in value.items() if k != "row"}}
+                    choice = {"choice": value["row"]} if data.n > 1 else {}
+                    value = {"index": index, **choice, **{k: v for k, v in value.items() if k != "row"}}
                     index += 1
                 yield ServerSentEventMessage(event=kind, data=msgspec.json.encode(value).decode())
 

@@ -25,7 +25,7 @@ from loom_kernel.api.openai_schemas import (
     CompletionRequest,
     OpenAIFields,
 )
-from loom_kernel.api.payloads import StateRequest, check_generation, generate, stream_extras
+from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
 from loom_kernel.api.problems import openai_error, request_id
 from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
@@ -40,7 +40,6 @@ DEFAULT_MAX_TOKENS = 256
 def refuse_unsupported(data: OpenAIFields) -> None:
     """Fields that would change the answer and are not implemented: refused, never silently ignored."""
     checks: list[tuple[str, bool, Any]] = [
-        ("n", data.n != 1, [1]),
         ("presence_penalty", data.presence_penalty != 0.0, [0]),
         ("frequency_penalty", data.frequency_penalty != 0.0, [0]),
         ("logit_bias", bool(data.logit_bias), None),
@@ -207,8 +206,9 @@ def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
     return [min(decoded_length(tokenizer, ids[:i]), len(text)) for i in range(len(ids))]
 
 
-def usage(payload: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = payload["prompt_tokens"], payload["token_count"]
+def usage(payloads: list[dict[str, Any]]) -> dict[str, int]:
+    """The prompt once, every choice's tokens."""
+    prompt, completion = payloads[0]["prompt_tokens"], sum(p["token_count"] for p in payloads)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -248,13 +248,13 @@ def streamed_token(bridge: TokenBridge, req: StateRequest, model: LoadedModel, o
     The stream cannot know where a stop string will cut the text, so unlike the full response a stream's last
     offset is not clipped to it.
     """
-    ids: list[int] = []
+    ids: dict[int, list[int]] = {}  # per choice
 
     def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
         out = stream_extras(extras, req, model.tokenizer)
         if offsets and "logprob" in out:
-            out["text_offset"] = decoded_length(model.tokenizer, ids)
-            ids.append(token)
+            out["text_offset"] = decoded_length(model.tokenizer, ids.setdefault(row, []))
+            ids[row].append(token)
         return bridge.on_token(row, token, piece, out)
 
     return on_token
@@ -286,45 +286,49 @@ class OpenAIController(Controller):
         params, req, entry = await self._prepare(data, manager, settings, text)
         bridge = TokenBridge() if data.stream else None
 
-        async def work(s: Session) -> dict[str, Any]:
+        async def work(s: Session) -> list[dict[str, Any]]:
             batch = Batch(
                 token_ids=(await s.thread(chat_token_ids, s.model, messages),),
                 generation=params,
                 on_token=streamed_token(bridge, req, s.model) if bridge else None,
             )
-            return (await generate(s, batch, req))[0]
+            return [payload for payload, _, _ in await generate_choices(s, batch, req, data.n)]
 
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model}
         if bridge is None:
-            payload = await manager.run(entry, work, until=client_gone(request))
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": payload["text"]},
-                "finish_reason": payload["finish_reason"],
-                "logprobs": chat_logprobs(payload.get("logprobs")),
-            }
-            body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage(payload)}
-            return {**body, **seed_extras(payload, req, data.model)}
+            payloads = await manager.run(entry, work, until=client_gone(request))
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": payload["text"]},
+                    "finish_reason": payload["finish_reason"],
+                    "logprobs": chat_logprobs(payload.get("logprobs")),
+                }
+                for i, payload in enumerate(payloads)
+            ]
+            body = {**head, "object": "chat.completion", "choices": choices, "usage": usage(payloads)}
+            return {**body, **seed_extras(payloads[0], req, data.model)}
 
-        def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
             entry = event.get("logprob")
-            return chunk({"content": event["text"]}, None, chat_logprobs(None if entry is None else [entry]))
+            logprobs = chat_logprobs(None if entry is None else [entry])
+            return chunk(event["row"], {"content": event["text"]}, None, logprobs)
 
-        first = chunk({"role": "assistant", "content": ""}, None)
         return stream(
             bridge,
             manager.run(entry, work),
             request,
-            first,
+            [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(data.n)],
             token_chunk,
-            lambda p: {**chunk({}, p["finish_reason"]), **seed_extras(p, req, data.model)},
+            lambda i, p: chunk(i, {}, p["finish_reason"]),
             {**head, "object": "chat.completion.chunk"},
             data,
+            lambda p: seed_extras(p, req, data.model),
         )
 
     @post("/completions", status_code=200)
@@ -340,42 +344,48 @@ class OpenAIController(Controller):
         params, req, entry = await self._prepare(data, manager, settings, prompts[0])
         bridge = TokenBridge() if data.stream else None
 
-        async def work(s: Session) -> dict[str, Any]:
+        async def work(s: Session) -> list[dict[str, Any]]:
             on_token = streamed_token(bridge, req, s.model, offsets=True) if bridge else None
-            payload = (await generate(s, Batch(texts=(prompts[0],), generation=params, on_token=on_token), req))[0]
-            if bridge is None and "logprobs" in payload:  # decoded on a request thread
-                payload["text_offset"] = await s.thread(text_offsets, s.model.tokenizer, payload)
-            return payload
+            batch = Batch(texts=(prompts[0],), generation=params, on_token=on_token)
+            payloads = [payload for payload, _, _ in await generate_choices(s, batch, req, data.n)]
+            for payload in payloads:
+                if bridge is None and "logprobs" in payload:  # decoded on a request thread
+                    payload["text_offset"] = await s.thread(text_offsets, s.model.tokenizer, payload)
+            return payloads
 
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model, "object": "text_completion"}
         if bridge is None:
-            payload = await manager.run(entry, work, until=client_gone(request))
-            choice = {
-                "index": 0,
-                "text": payload["text"],
-                "finish_reason": payload["finish_reason"],
-                "logprobs": completion_logprobs(payload.get("logprobs"), payload.get("text_offset", [])),
-            }
-            return {**head, "choices": [choice], "usage": usage(payload), **seed_extras(payload, req, data.model)}
+            payloads = await manager.run(entry, work, until=client_gone(request))
+            choices = [
+                {
+                    "index": i,
+                    "text": payload["text"],
+                    "finish_reason": payload["finish_reason"],
+                    "logprobs": completion_logprobs(payload.get("logprobs"), payload.get("text_offset", [])),
+                }
+                for i, payload in enumerate(payloads)
+            ]
+            return {**head, "choices": choices, "usage": usage(payloads), **seed_extras(payloads[0], req, data.model)}
 
-        def chunk(text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
-            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+        def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+            return {**head, "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
             entry = event.get("logprob")
             logprobs = None if entry is None else completion_logprobs([entry], [event["text_offset"]])
-            return chunk(event["text"], None, logprobs)
+            return chunk(event["row"], event["text"], None, logprobs)
 
         return stream(
             bridge,
             manager.run(entry, work),
             request,
-            None,
+            [],
             token_chunk,
-            lambda p: {**chunk("", p["finish_reason"]), **seed_extras(p, req, data.model)},
+            lambda i, p: chunk(i, "", p["finish_reason"]),
             head,
             data,
+            lambda p: seed_extras(p, req, data.model),
         )
 
     @get("/models", sync_to_thread=False)
@@ -392,11 +402,12 @@ def stream(
     bridge: TokenBridge,
     job: Any,
     request: Request,
-    first: dict[str, Any] | None,
-    token_chunk: Any,  # a token event (its text, and its "logprob" when asked) -> one chunk
-    last_chunk: Any,
+    first: list[dict[str, Any]],
+    token_chunk: Any,  # a token event (its row: the choice, its text, its "logprob" when asked) -> one chunk
+    last_chunk: Any,  # (choice, its payload) -> the chunk with its finish_reason
     usage_head: dict[str, Any],
     data: OpenAIFields,
+    extras: Any,  # the first choice's payload -> fields the last chunk also carries
 ) -> ServerSentEvent:
     """OpenAI's stream: ``data: {chunk}`` lines, an error as ``data: {"error": ...}``, then ``data: [DONE]``."""
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
@@ -405,13 +416,14 @@ def stream(
         return ServerSentEventMessage(data=obj if isinstance(obj, str) else msgspec.json.encode(obj).decode())
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
-        if first is not None:
-            yield message(first)
+        for opening in first:
+            yield message(opening)
         async for kind, value in bridge.events(job, request_id(request)):
             if kind == "token":
                 yield message(token_chunk(value))
             elif kind == "done":
-                yield message(last_chunk(value))
+                for i, payload in enumerate(value):
+                    yield message({**last_chunk(i, payload), **(extras(value[0]) if i == len(value) - 1 else {})})
                 if include_usage:
                     yield message({**usage_head, "choices": [], "usage": usage(value)})
             else:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from loom_kernel.api.schemas import LayerSpec, NonEmpty, PositionSpec, Seed
+from loom_kernel.api.schemas import MAX_N, LayerSpec, NonEmpty, PositionSpec, Seed
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's own limit
@@ -34,7 +34,7 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    n: int = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
     stop: str | list[str] | None = None
     seed: Seed | None = None
     stream: bool = False

@@ -6,6 +6,7 @@ Shared by the HTTP endpoints; nothing here knows about Litestar. A request's wor
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -331,6 +332,7 @@ async def generate_rows(
             texts=tuple(batch.texts[i] for i in todo) if batch.token_ids is None else (),
             token_ids=tuple(batch.token_ids[i] for i in todo) if batch.token_ids is not None else None,
             on_token=_renumbered(batch.on_token, todo),
+            row_generation=tuple(batch.row_generation[i] for i in todo) if batch.row_generation else None,
         )
         try:
             rows = (await session.forward(sub, capture)).rows
@@ -373,6 +375,43 @@ def _row_result(
         payload["logprobs"] = logprob_entries(model.tokenizer, row.logprobs)
     payload["metadata"] = {**model_metadata(model), **timings, "prompt_tokens": row.prompt_tokens}
     return payload, groups, row
+
+
+async def generate_choices(
+    session: Session, batch: Batch, req: StateRequest, n: int
+) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]]:
+    """``n`` choices of ``batch``'s one prompt, as ``n`` rows of one batch, each with its own generator: with a seed
+    ``s``, choice ``i`` uses seed ``s + i`` (choice 0 is what ``n`` = 1 gives); ``on_token`` gets the choice as its
+    row. A loader that cannot give rows their own parameters gets the choices as ``n`` calls (merged when it can)."""
+    assert batch.generation is not None
+    if n == 1:
+        return [await generate(session, batch, req)]
+    params = tuple(choice_params(batch.generation, i) for i in range(n))
+    if session.model.row_params:
+        many = attrs.evolve(
+            batch,
+            texts=batch.texts * n,
+            token_ids=batch.token_ids * n if batch.token_ids is not None else None,
+            row_generation=params,
+        )
+        results = await generate_rows(session, many, req)
+        for result in results:
+            if isinstance(result, LoomError):
+                raise result
+        return results  # type: ignore[return-value]
+    return list(
+        await asyncio.gather(
+            *(
+                generate(session, attrs.evolve(batch, generation=p, on_token=_renumbered(batch.on_token, [i])), req)
+                for i, p in enumerate(params)
+            )
+        )
+    )
+
+
+def choice_params(params: GenerationParams, i: int) -> GenerationParams:
+    """Choice ``i``'s parameters: its own seed, derived from the request's, so that every choice is reproducible."""
+    return params if params.seed is None else attrs.evolve(params, seed=(params.seed + i) % 2**63)
 
 
 async def generate(

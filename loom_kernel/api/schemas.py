@@ -62,9 +62,13 @@ class GenerationFields(CaptureFields, kw_only=True):
     return_logits: bool = False
 
 
+MAX_N = 16  # choices of one prompt a request may ask for: rows of one batch
+
+
 class GenerateRequest(GenerationFields, kw_only=True):
     model: NonEmpty
     prompt: NonEmpty
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
 
 
 MAX_BATCH_PROMPTS = 64
