@@ -347,3 +347,10 @@ def test_handlers_resolve_their_dependencies_one_after_another():
             assert all(len(batch) == 1 for batch in batches), (route.path, method, batches)
             seen += bool(batches)
     assert seen >= 10  # the check saw the handlers that take manager, pm or settings
+
+
+async def test_a_404_and_a_405_from_the_router_carry_their_request_id(client):
+    for method, path, status in [("GET", "/no/such/path", 404), ("GET", "/generate", 405)]:
+        r = await client.request(method, path)
+        assert r.status_code == status, r.text
+        assert r.json()["request_id"] and r.headers["x-request-id"] == r.json()["request_id"]

@@ -21,7 +21,7 @@ from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
-from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems, request_id_middleware
+from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
 from loom_kernel.api.security import Guard, api_key_middleware, guarded
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
@@ -47,9 +47,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
                 preload.cancel()
             await manager.stop()
 
-    middleware = [request_id_middleware]
-    if settings.api_key:
-        middleware.append(api_key_middleware(settings.api_key))
+    middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, OpenAIController]
     app = Litestar(
         route_handlers=[*controllers, EmbedController, AnalyzeController],

@@ -13,7 +13,7 @@ import msgspec
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi import ResponseSpec
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Message, Scope, Send
 
 from loom_kernel.errors import LoomError, out_of_memory
 
@@ -86,19 +86,6 @@ def with_request_id(send: Send, rid: str) -> Send:
         await send(message)
 
     return send_with_id
-
-
-def request_id_middleware(app: ASGIApp) -> ASGIApp:
-    """Give every request an id, echoed in ``X-Request-ID`` and in problem bodies, so logs can be matched."""
-
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        rid = begin_request(scope)
-        await app(scope, receive, with_request_id(send, rid))
-
-    return middleware
 
 
 def request_id(request: Request) -> str | None:

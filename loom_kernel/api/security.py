@@ -107,18 +107,22 @@ class Guard:
 
 
 def guarded(handler: ASGIApp, guard: Guard) -> ASGIApp:
-    """The app's ASGI handler behind ``guard``: a refused request gets the app's own problem response, before any
-    routing (so an unknown path is refused alike)."""
+    """The app's ASGI handler behind ``guard``: every HTTP request gets its id here (so a 404 or 405 from the router
+    carries it too), and a refused request gets the app's own problem response before any routing (so an unknown
+    path is refused alike)."""
 
     async def guarded_handler(scope: Scope, receive: Receive, send: Send) -> None:
-        refused = guard.refusal(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await handler(scope, receive, send)
+            return
+        send = with_request_id(send, begin_request(scope))
+        refused = guard.refusal(scope)
         if refused is None:
             await handler(scope, receive, send)
             return
-        rid = begin_request(scope)
         request: Request = Request(scope, receive, send)
         response = error_response(request, refused).to_asgi_response(app=None, request=request)
-        await response(scope, receive, with_request_id(send, rid))
+        await response(scope, receive, send)
 
     return guarded_handler
 
