@@ -32,6 +32,7 @@ import pluggy
 from loom_kernel.capture import resolve_layers
 from loom_kernel.default_plugins.pooling import STRATEGIES
 from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.inputs import check_vocabulary, vocabulary_size
 from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
 
 if TYPE_CHECKING:
@@ -165,10 +166,10 @@ def _pool(pm: pluggy.PluginManager, states: list[Any], strategy: str) -> Any:
 
 def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
     """A plugin's InvalidField about the texts, naming the request's own field (and row); others as they are."""
-    return _renamed(exc, spec) if exc.field == "text" else exc
+    return _renamed(exc, spec) if exc.field in ("text", "token_ids") else exc
 
 
-async def embed(session: Session, texts: Sequence[str], spec: EmbedSpec) -> Embedded:
+async def embed(session: Session, texts: Sequence[str] | Sequence[list[int]], spec: EmbedSpec) -> Embedded:
     """``texts`` through one forward call, pooled, cut to ``spec.dimensions`` and normalized as asked (a bad layer
     or pooling is a 4xx before any model work)."""
     pm, model = session.pm, session.model
@@ -182,7 +183,12 @@ async def embed(session: Session, texts: Sequence[str], spec: EmbedSpec) -> Embe
     (layer,) = resolve_layers([spec.layer], n, field="layer")
     strategy = choose_pooling(model, spec.pooling, layer)
     capture = Capture() if strategy == MODEL_POOLING else Capture(layers=(layer,), positions="all")
-    batch = Batch(texts=tuple(texts), truncate=spec.truncate)
+    if texts and not isinstance(texts[0], str):  # the model's own token ids
+        rows = [list(row) for row in texts]
+        check_vocabulary(rows, vocabulary_size(model), spec.field, flat=not spec.listed)
+        batch = Batch(token_ids=tuple(tuple(row) for row in rows), truncate=spec.truncate)
+    else:
+        batch = Batch(texts=tuple(texts), truncate=spec.truncate)  # type: ignore[arg-type]
     try:
         # Pooling runs on the model's thread right after the pass: a few small tensor operations, cheaper there
         # than a request thread's wake-up while the next pass runs.

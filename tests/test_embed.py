@@ -380,3 +380,23 @@ def test_openai_client_embeddings_against_a_real_server(tmp_path, st):
         assert bad.value.param == "input" and "input" in bad.value.message
         assert client.embeddings.create(model="minilm", input="still serving").data[0].embedding
     assert "Traceback" not in log.read_text()
+
+
+def test_v1_embeddings_of_token_ids_equal_those_of_the_texts(client, st):
+    """OpenAI's token-id inputs are the model's own ids (here from its tokenizer): a list of lists, or one flat
+    list, embeds as its texts do; an id outside the vocabulary is a 400 naming where it is."""
+    ids = [st.tokenizer(t)["input_ids"] for t in TEXTS[:3]]
+    by_text = post(client, "/v1/embeddings", model="minilm", input=TEXTS[:3])
+    by_ids = post(client, "/v1/embeddings", model="minilm", input=ids)
+    for got, want in zip(by_ids["data"], by_text["data"], strict=True):
+        assert_same_vectors(got["embedding"], want["embedding"])
+    assert by_ids["usage"]["prompt_tokens"] == sum(map(len, ids))
+    flat = post(client, "/v1/embeddings", model="minilm", input=ids[0])
+    assert_same_vectors(flat["data"][0]["embedding"], by_text["data"][0]["embedding"])
+    vocab = st.tokenizer.vocab_size
+    for body, where in [({"input": [[101, vocab, 102]]}, "input[0][1]"), ({"input": [101, -1]}, "input[1]")]:
+        r = client.post("/v1/embeddings", json={"model": "minilm", **body})
+        assert r.status_code == 400 and r.json()["field"] == where, r.text
+        assert r.json()["error"]["param"] == where and str(vocab) in r.json()["detail"]
+    mixed = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a text", [101, 102]]})
+    assert mixed.status_code == 400 and mixed.json()["field"] == "input"

@@ -314,3 +314,20 @@ async def test_n_choices_are_rows_of_one_batch_each_equal_to_a_request_with_its_
             assert choice["index"] == i and choice["token_ids"] == single["token_ids"]
             assert choice["hidden_states"].keys() == single["hidden_states"].keys()
         assert body["token_ids"] == body["choices"][0]["token_ids"]
+
+
+async def test_completions_take_the_models_own_token_ids(client, tiny_models):
+    from transformers import AutoTokenizer
+
+    path = str(tiny_models["llama"])
+    ids = AutoTokenizer.from_pretrained(path)("The quick brown fox")["input_ids"]
+    ask = {"model": path, "max_tokens": 5, "temperature": 0}
+    by_text = (await client.post("/v1/completions", json={**ask, "prompt": "The quick brown fox"})).json()
+    for prompt in (ids, [ids]):
+        by_ids = (await client.post("/v1/completions", json={**ask, "prompt": prompt})).json()
+        assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+        assert by_ids["usage"]["prompt_tokens"] == len(ids) == by_text["usage"]["prompt_tokens"]
+    r = await client.post("/v1/completions", json={**ask, "prompt": [*ids[:3], 512]})  # the tiny vocabulary: 512
+    assert r.status_code == 400 and r.json()["field"] == "prompt[3]" and "512" in r.json()["detail"], r.text
+    two = await client.post("/v1/completions", json={**ask, "prompt": [ids, ids]})
+    assert two.status_code == 400 and two.json()["field"] == "prompt"

@@ -25,6 +25,7 @@ from loom_kernel.api.streaming import client_gone
 from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
+from loom_kernel.inputs import openai_inputs
 from loom_kernel.models import ModelManager
 
 Texts = Annotated[
@@ -67,7 +68,7 @@ class OpenAIEmbeddingRequest(EmbedFields, kw_only=True):
     """OpenAI's fields, plus The Loom's embedding and load fields (an OpenAI client passes them in extra_body)."""
 
     model: NonEmpty
-    input: NonEmpty | Texts
+    input: str | list[Any]  # a text, texts, token ids, or lists of token ids (loom_kernel.inputs.openai_inputs)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
 
@@ -91,7 +92,7 @@ async def embed_texts(
     manager: ModelManager,
     pm: pluggy.PluginManager,
     data: EmbedFields,
-    texts: list[str],
+    texts: list[Any],
     field: str,
     listed: bool,
     request: Request,
@@ -160,15 +161,20 @@ def batch_answer(data: EmbedBatchRequest, result: Embedded, meta: dict[str, Any]
     return body
 
 
-def openai_texts(data: OpenAIEmbeddingRequest, pm: pluggy.PluginManager) -> tuple[list[str], str, bool]:
+def openai_texts(data: OpenAIEmbeddingRequest, pm: pluggy.PluginManager) -> tuple[list[Any], str, bool]:
     if data.pooling == "none":
         raise InvalidField(
             "pooling: /v1/embeddings returns one vector per input; use /embed/batch for per-token states",
             field="pooling",
             allowed=[p for p in declared_strategies(pm) if p != "none"],
         )
-    listed = isinstance(data.input, list)
-    return (data.input if isinstance(data.input, list) else [data.input]), "input", listed
+    texts, rows = openai_inputs(data.input, "input")
+    items: list[Any] = texts if rows is None else rows
+    if len(items) > MAX_BATCH_TEXTS:
+        raise InvalidField(
+            f"input: {len(items)} inputs, more than {MAX_BATCH_TEXTS}", field="input", allowed=f"1 to {MAX_BATCH_TEXTS}"
+        )
+    return items, "input", isinstance(data.input, list) and (rows is None or isinstance(data.input[0], list))
 
 
 def openai_answer(data: OpenAIEmbeddingRequest, result: Embedded, meta: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +190,7 @@ def openai_answer(data: OpenAIEmbeddingRequest, result: Embedded, meta: dict[str
 
 async def serve(
     data: Any,
-    texts: Callable[[Any, pluggy.PluginManager], tuple[list[str], str, bool]],
+    texts: Callable[[Any, pluggy.PluginManager], tuple[list[Any], str, bool]],
     answer: Callable[[Any, Embedded, dict[str, Any]], dict[str, Any]],
     request: Request,
     manager: ModelManager,

@@ -30,6 +30,7 @@ from loom_kernel.api.problems import openai_error, request_id
 from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.inputs import check_vocabulary, openai_inputs, vocabulary_size
 from loom_kernel.models import ModelEntry
 from loom_kernel.resolve import EMBEDDED
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
@@ -334,19 +335,24 @@ class OpenAIController(Controller):
     @post("/completions", status_code=200)
     async def completions(self, data: JSONBody[CompletionRequest], request: Request, manager: Manager) -> Any:
         settings = manager.settings
-        prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
-        if len(prompts) != 1 or not prompts[0]:
+        texts, rows = openai_inputs(data.prompt, "prompt")
+        if len(texts or rows or ()) != 1:
             raise InvalidField(
-                "prompt: one non-empty prompt per request (use /generate/batch for several)",
+                "prompt: one prompt per request (use /generate/batch for several)",
                 field="prompt",
-                allowed="a non-empty string",
+                allowed="a non-empty string, or one list of token ids",
             )
-        params, req, entry = await self._prepare(data, manager, settings, prompts[0])
+        text = texts[0] if texts else " " * len(rows[0])  # type: ignore[index]  # for the answer's size estimate
+        params, req, entry = await self._prepare(data, manager, settings, text)
         bridge = TokenBridge() if data.stream else None
 
         async def work(s: Session) -> list[dict[str, Any]]:
             on_token = streamed_token(bridge, req, s.model, offsets=True) if bridge else None
-            batch = Batch(texts=(prompts[0],), generation=params, on_token=on_token)
+            if rows is None:
+                batch = Batch(texts=(texts[0],), generation=params, on_token=on_token)
+            else:  # the model's own token ids, as they are
+                check_vocabulary(rows, vocabulary_size(s.model), "prompt", flat=not isinstance(data.prompt[0], list))
+                batch = Batch(token_ids=(tuple(rows[0]),), generation=params, on_token=on_token)
             payloads = [payload for payload, _, _ in await generate_choices(s, batch, req, data.n)]
             for payload in payloads:
                 if bridge is None and "logprobs" in payload:  # decoded on a request thread

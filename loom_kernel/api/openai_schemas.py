@@ -68,7 +68,7 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
 
 
 class CompletionRequest(OpenAIFields, kw_only=True):
-    prompt: str | list[str]
+    prompt: str | list[Any]  # a text, or token ids (loom_kernel.inputs.openai_inputs): one prompt a request
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
