@@ -48,7 +48,7 @@ T = TypeVar("T")
 # A model's thread ends after this long with nothing to do; the next call or load starts another. Its OpenMP team
 # (torch's intra-op threads) ends with it: libgomp counts every team's threads, and once they outnumber the CPUs
 # it stops letting any worker spin between parallel regions, which slowed the passes of the model in use by
-# 6-14% while a second, idle model's team merely existed (README, Performance).
+# 6-14% while a second, idle model's team merely existed (docs/performance.md).
 IDLE_S = 2.0
 RECENT_S = 1.0  # how far back a plain pass looks for the most calls queued or running at once (_gather)
 

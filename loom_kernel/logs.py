@@ -26,8 +26,16 @@ class LoomFormatter(DefaultFormatter):
         return super().formatMessage(record)
 
 
+# Libraries that warn at import about what is not the user's to fix and reads as an error: torchao (pulled in by
+# gptqmodel) about kernels built for other CUDA versions, torch's pytree about a registration torchao makes.
+QUIET = ("torchao", "torch.utils._pytree")
+
+
 def configure_logging(level: str) -> None:
-    """Send ``loom.*`` records to stderr at ``level``; idempotent, so serve() may be called more than once."""
+    """Send ``loom.*`` records to stderr at ``level``, and quiet ``QUIET``'s warnings (errors still show, and
+    ``--log-level debug`` shows them all); idempotent, so serve() may be called more than once."""
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR if level not in ("debug", "trace") else logging.DEBUG)
     logger = logging.getLogger("loom")
     logger.setLevel(TRACE_LOG_LEVEL if level == "trace" else level.upper())
     if not any(getattr(h, "_loom", False) for h in logger.handlers):

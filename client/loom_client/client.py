@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Self
 
@@ -30,7 +31,13 @@ def connection(url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
 
 
 def transport_error(exc: httpx.TransportError, url: str) -> LoomConnectionError:
-    error = LoomConnectionError({"title": "Connection error", "detail": f"{url}: {exc!r}"})
+    detail = f"{url}: {exc!r}"
+    if url.startswith("unix://") and not os.path.exists(url.removeprefix("unix://")):
+        detail = (
+            f"{url}: no such socket; is a server listening there? (`loom serve --transport both --unix-socket "
+            f"{url.removeprefix('unix://')}`; a plain `loom serve` listens on TCP only)"
+        )
+    error = LoomConnectionError({"status": None, "title": "Connection error", "detail": detail})
     error.__cause__ = exc
     return error
 

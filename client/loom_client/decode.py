@@ -41,9 +41,17 @@ def is_tensor(value: Any) -> bool:
 
 
 def arrays(value: Any) -> Any:
-    """``value`` (decoded JSON) with every tensor entry replaced by its array, at any depth."""
+    """``value`` (decoded JSON) with every tensor entry replaced by its array, at any depth; the original project's
+    ``hidden_state`` (``final``: the last token's state) gets ``final`` as an array of its ``shape[-1]`` values."""
     if is_tensor(value):
         return tensor(value)
+    if isinstance(value, dict) and {"final", "shape", "layer"} <= value.keys() and value.get("dtype") in WIRE_DTYPES:
+        entry = {"shape": value["shape"], "dtype": value["dtype"], "data": value["final"]}
+        if value.get("encoding") == "base64":
+            entry["encoding"] = "base64"
+        else:
+            entry["shape"] = value["shape"][-1:]
+        return {**value, "final": tensor(entry).reshape(-1)}
     if isinstance(value, dict):
         return {k: arrays(v) for k, v in value.items()}
     if isinstance(value, list) and value and isinstance(value[0], (dict, list)):

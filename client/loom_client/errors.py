@@ -21,7 +21,8 @@ class LoomError(Exception):
         self.allowed: Any = problem.get("allowed")
         self.request_id: str | None = problem.get("request_id")
         self.retry_after = retry_after
-        super().__init__(f"{self.status} {self.title}: {self.detail}" if self.detail else f"{self.status} {self.title}")
+        head = self.title if self.status is None else f"{self.status} {self.title}"
+        super().__init__(f"{head}: {self.detail}" if self.detail else head)
 
 
 class BadRequest(LoomError):

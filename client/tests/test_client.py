@@ -219,6 +219,7 @@ def test_connection_errors_are_loom_errors(tmp_path: Path) -> None:
     with LoomClient(f"unix://{tmp_path}/nobody.sock") as c, pytest.raises(LoomConnectionError) as exc:
         c.health()
     assert isinstance(exc.value, LoomError) and exc.value.__cause__ is not None
+    assert str(exc.value).startswith("Connection error: ") and "--transport both" in str(exc.value)
     with pytest.raises(ValueError, match="unix:///path"):
         LoomClient("localhost:8080")
 
@@ -238,6 +239,12 @@ def test_every_other_endpoint(client: LoomClient, server) -> None:
     )
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert streamed == chat["choices"][0]["message"]["content"]
+    with_state = client.chat_completions(
+        llama, [{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0, return_hidden_states=True
+    )
+    final = with_state["hidden_state"]["final"]  # the original project's field, an array like every tensor
+    assert isinstance(final, np.ndarray) and final.shape == (with_state["hidden_state"]["shape"][-1],)
+    np.testing.assert_allclose(final, with_state["hidden_states"]["-1"][0], atol=1e-6)
     done = client.completions(llama, "Hello", max_tokens=3, temperature=0, return_hidden_states=True)
     assert done["choices"][0]["text"] == client.generate(llama, "Hello", max_tokens=3)["text"]
     texts = ["one text", "another text here"]
