@@ -354,3 +354,21 @@ async def test_a_404_and_a_405_from_the_router_carry_their_request_id(client):
         r = await client.request(method, path)
         assert r.status_code == status, r.text
         assert r.json()["request_id"] and r.headers["x-request-id"] == r.json()["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/generate", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+        ("/generate", {"prompt": "hi", "add_special_tokens": "no"}, "add_special_tokens"),
+        ("/generate", {"prompt": "hi", "return_hidden_states": "true"}, "return_hidden_states"),
+        ("/extract", {"text": "hi", "hidden_state_layers": ["1"]}, "hidden_state_layers"),
+        ("/embed", {"text": "hi", "layer": "3"}, "layer"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ],
+)
+async def test_numbers_and_flags_sent_as_strings_are_refused_naming_the_field(client, tiny_models, path, body, field):
+    """Strict everywhere, as the README promises: no field takes "5" for 5 or "true" for true."""
+    r = await client.post(path, json={"model": str(tiny_models["llama"]), **body})
+    assert r.status_code == (400 if path.startswith("/v1/") else 422), r.text
+    assert r.json()["field"].startswith(field) and "str" in r.json()["detail"], r.text

@@ -22,6 +22,7 @@ from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.openai import OpenAIController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
+from loom_kernel.api.schemas import strict_fields
 from loom_kernel.api.security import Guard, api_key_middleware, guarded
 from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
@@ -56,6 +57,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             "pm": Provide(provide_pm, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        before_request=strict_fields,
         middleware=middleware,
         before_send=[count_response],
         cors_config=CORSConfig(allow_origins=settings.cors_origins) if settings.cors_origins else None,
