@@ -1,6 +1,6 @@
 """The Loom's performance targets, every one measured in one run on this machine.
 
-    python -m bench [--quick] [--only embed,health,generate,extract] [--json PATH]
+    python -m bench [--quick] [--only embed,health,generate,extract] [--json PATH] [--device cuda]
 
 Starts real ``loom serve`` processes on free loopback ports: one with the defaults ("batched") and, for the
 throughput rows, one started with ``LOOM_MAX_BATCH_SIZE=1`` ("one at a time": the server runs one request's work
@@ -68,7 +68,9 @@ the server nor this process sets torch's thread count: both use torch's default 
 above the table. Under the table, one line a benchmark tells its sizes, and the last lines how many CPUs other
 processes (not this one, not its servers) kept busy during each benchmark, from ``/proc``: other work on a 2-core
 machine skews every ratio, and the table says which benchmarks to run again.
-``--quick`` sends fewer requests and repeats less: about 1.5 minutes against about 4 on an idle 2-core machine, with
+``--device cuda`` (or ``cuda:N``) runs the servers (``LOOM_DEFAULT_DEVICE``) and the in-process baselines (``encode``,
+the forward pass, synchronized before the clock stops) there instead of on the CPU; it refuses when torch sees no
+CUDA device. ``--quick`` sends fewer requests and repeats less: about 1.5 minutes against about 4 on an idle 2-core machine, with
 noisier ratios.
 """
 
@@ -106,6 +108,7 @@ from bench.common import (
 
 BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge")
 ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
+DEVICE = "cpu"  # --device: where the servers and the in-process baselines run
 HEALTH_BUDGET_MS = 50.0
 OTHERS_NOISY = 0.2  # CPUs of other processes' work, on average, above which a benchmark's ratios are unreliable
 
@@ -149,7 +152,7 @@ def bench_embed(batched: str, single: str, quick: bool) -> list[Row]:
     # machine, the reference figure of the issue that set the target (3-8 words run at about 530).
     texts = corpus(requests, seed=1, words=(6, 14))
     bodies = [{"model": "minilm", "text": t} for t in texts]
-    st = SentenceTransformer(str(embedded_path("minilm")), device="cpu")
+    st = SentenceTransformer(str(embedded_path("minilm")), device=DEVICE)
     for base in (batched, single):  # warm-up: first requests, thread pools, allocator
         run_clients(base, "/embed", bodies[: 2 * clients], clients)
     st.encode(texts[:64], batch_size=32)
@@ -460,16 +463,19 @@ def bench_extract(batched: str, model_dir: str, quick: bool) -> list[Row]:
     repeats = 5 if quick else 9
     tok = AutoTokenizer.from_pretrained(model_dir)
     text = tok.decode(tok(" ".join(corpus(40, seed=3))).input_ids[:128])
-    inputs = tok(text, return_tensors="pt")
+    inputs = tok(text, return_tensors="pt").to(DEVICE)
     n_tokens = inputs["input_ids"].shape[1]
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE).eval()
     layers = list(range(hf.config.n_layer + 1))
     body = {"model": model_dir, "text": text, "hidden_state_layers": layers, "positions": "all"}
     formats = ("safetensors", "list", "base64")
 
     def forward() -> Any:
         with torch.inference_mode():
-            return hf(**inputs, output_hidden_states=True)
+            out = hf(**inputs, output_hidden_states=True)
+            if DEVICE.startswith("cuda"):
+                torch.cuda.synchronize()  # the pass has run, not only been queued
+            return out
 
     with httpx.Client(base_url=batched, timeout=600) as c:
 
@@ -607,25 +613,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (about 3 minutes)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {','.join(BENCHMARKS)}")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table's rows as JSON here")
+    parser.add_argument("--device", default="cpu", help="where the servers and the in-process baselines run (cuda)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     if unknown := sorted(set(chosen) - set(BENCHMARKS)):
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
 
     import torch
 
+    if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {DEVICE}: torch sees no CUDA device here")
     started = time.perf_counter()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         gpt = str(build(Path(tmp))) if {"generate", "scheduler", "extract"} & set(chosen) else None
         models = (["minilm"] if {"embed", "health", "huge"} & set(chosen) else []) + ([gpt] if gpt else [])
-        batched = stack.enter_context(serve(models))
+        on = {"LOOM_DEFAULT_DEVICE": DEVICE}
+        batched = stack.enter_context(serve(models, **on))
         baseline_models = (["minilm"] if "embed" in chosen else []) + ([gpt] if "generate" in chosen else [])
-        single = stack.enter_context(serve(baseline_models, **ONE_AT_A_TIME)) if baseline_models else None
+        single = stack.enter_context(serve(baseline_models, **ONE_AT_A_TIME, **on)) if baseline_models else None
         run = "quick" if args.quick else "full"
         print(
             f"servers up after {time.perf_counter() - started:.0f} s; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {run} run",
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {run} run on {DEVICE}",
             flush=True,
         )
         others: dict[str, float | None] = {}
