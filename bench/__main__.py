@@ -70,8 +70,8 @@ processes (not this one, not its servers) kept busy during each benchmark, from 
 machine skews every ratio, and the table says which benchmarks to run again.
 ``--device cuda`` (or ``cuda:N``) runs the servers (``LOOM_DEFAULT_DEVICE``) and the in-process baselines (``encode``,
 the forward pass, synchronized before the clock stops) there instead of on the CPU; it refuses when torch sees no
-CUDA device. ``--quick`` sends fewer requests and repeats less: about 1.5 minutes against about 4 on an idle 2-core machine, with
-noisier ratios.
+CUDA device. ``--quick`` sends fewer requests and repeats less: about 1.5 minutes against about 4 on an idle 2-core
+machine, with noisier ratios.
 """
 
 from __future__ import annotations
