@@ -14,14 +14,13 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import attrs
 import pluggy
 
 from loom_kernel import choosing
-from loom_kernel.admission import Admission, Session
+from loom_kernel.admission import Admission
 from loom_kernel.batching import BatchLimits, ModelThread
 from loom_kernel.budget import make_room, memory_report
 from loom_kernel.config import Settings
@@ -71,6 +70,7 @@ class ModelManager:
         self.started = time.monotonic()
         self.metrics = Metrics()
         self.admission = Admission(pm, settings)
+        self.run = self.admission.run  # the one way a request reaches a model: run(entry, work, until)
 
     # -- resolution and ranking -------------------------------------------------------------------------
 
@@ -313,15 +313,6 @@ class ModelManager:
     def limits(self) -> BatchLimits:
         s = self.settings
         return BatchLimits(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
-
-    async def run(
-        self,
-        entry: ModelEntry,
-        work: Callable[[Session], Awaitable[T]],
-        until: Coroutine[Any, Any, None] | None = None,
-    ) -> T:
-        """``work(session)`` for one request: the one way into a model (``Admission.run``)."""
-        return await self.admission.run(entry, work, until)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
