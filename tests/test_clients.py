@@ -1,0 +1,72 @@
+"""The clients people already use, unchanged, against a real server: LangChain's OpenAIEmbeddings and ChatOpenAI,
+and the ``llm`` command line with an ``extra-openai-models.yaml``; OpenAI's model names reach the embedded MiniLM
+through ``models.aliases``, as the README's client section shows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serverutil import loom_server
+
+TEXTS = ["The Loom exposes hidden states.", "Embeddings place similar sentences close together."]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("clients-home")
+    config = home / "loom.yaml"
+    config.write_text("models:\n  aliases:\n    text-embedding-3-small: minilm\n")
+    llama = str(tiny_models["llama"])
+    with loom_server(["--config", str(config), "--preload", llama], home) as (base, _, _):
+        yield base, llama
+
+
+def test_langchain_embeddings_and_chat(server) -> None:
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+    from sentence_transformers import SentenceTransformer
+
+    from loom_kernel.resolve import embedded_path
+
+    base, llama = server
+    # Without check_embedding_ctx_length=False LangChain sends tiktoken's ids, which are not the model's.
+    embeddings = OpenAIEmbeddings(
+        model="text-embedding-3-small", base_url=f"{base}/v1", api_key="unused", check_embedding_ctx_length=False
+    )
+    want = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(embeddings.embed_documents(TEXTS), want, atol=1e-5)
+    np.testing.assert_allclose(embeddings.embed_query(TEXTS[0]), want[0], atol=1e-5)
+
+    import openai
+
+    direct = openai.OpenAI(base_url=f"{base}/v1", api_key="unused").chat.completions.create(
+        model=llama, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0
+    )
+    chat = ChatOpenAI(model=llama, base_url=f"{base}/v1", api_key="unused", max_tokens=6, temperature=0)
+    assert chat.invoke("Hello").content == direct.choices[0].message.content
+
+
+def test_llm_with_extra_openai_models(server, tmp_path: Path) -> None:
+    import openai
+
+    base, llama = server
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: loom-llama\n  model_name: {llama}\n  api_base: {base}/v1\n"
+    )
+    env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "unused"}
+    run = subprocess.run(
+        [sys.executable, "-m", "llm", "-m", "loom-llama", "Hello", "-o", "max_tokens", "6", "-o", "temperature", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    direct = openai.OpenAI(base_url=f"{base}/v1", api_key="unused").chat.completions.create(
+        model=llama, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0
+    )
+    assert run.stdout.rstrip("\n") == direct.choices[0].message.content.rstrip("\n")
