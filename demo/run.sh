@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The geometric-analysis demo: trains the small causal model once (demo/.cache, ~3.5 minutes on 2 idle CPU cores,
+# The geometric-analysis demo: trains the small causal model once (~/.cache/loom, ~3.5 minutes on 2 idle CPU cores,
 # longer on a busy machine), then measures MiniLM and it layer by layer against a running server ($LOOM_URL, default
 # http://127.0.0.1:8080). Writes demo/.cache/outputs ($LOOM_DEMO_OUT): the committed demo/outputs stay as they are.
 #   bash scripts/dev.sh serve      # in another terminal
@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-CAUSAL="$PWD/demo/.cache/pydoc-gpt2"
+CAUSAL="${LOOM_CACHE:-$HOME/.cache/loom}/pydoc-gpt2"
 if [ ! -f "$CAUSAL/config.json" ]; then
   "$PY" demo/train_causal.py --out "$CAUSAL"
 fi

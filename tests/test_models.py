@@ -198,3 +198,18 @@ async def test_a_loading_model_is_listed_as_loading(tiny_models):
         assert (await load).status_code == 200
         rows = (await c.get("/models")).json()["loaded_models"]
         assert [(r["model_id"], r["state"]) for r in rows] == [(path, "ready")]
+
+
+async def test_a_model_built_by_one_command_is_served_by_its_name(tiny_models, tmp_path, monkeypatch):
+    """``pydoc-gpt2`` (demo/train_causal.py's model) is found by name in the Loom cache; before it is built, the 404
+    says which command builds it."""
+    import shutil
+
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    app = app_with()
+    async with AsyncTestClient(app=app) as c:
+        missing = await c.post("/generate", json={"model": "pydoc-gpt2", "prompt": "Hello", "max_tokens": 2})
+        assert missing.status_code == 404 and "python demo/train_causal.py" in missing.json()["detail"]
+        shutil.copytree(tiny_models["gpt2"], tmp_path / "pydoc-gpt2")
+        built = await c.post("/generate", json={"model": "pydoc-gpt2", "prompt": "Hello", "max_tokens": 2})
+        assert built.status_code == 200 and built.json()["token_count"] == 2, built.text
