@@ -22,6 +22,11 @@ from typing import Any
 
 DEFAULT_OUT = Path(os.environ.get("LOOM_CACHE") or "~/.cache/loom").expanduser() / "pydoc-gpt2"
 EOS = "<|endoftext|>"
+# Plain "role: content" lines, so that /v1/chat/completions serves the model too (it was not trained on chats).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def corpus() -> list[str]:
@@ -43,7 +48,9 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Any:
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(docs, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def token_blocks(tokenizer: Any, docs: list[str], block: int) -> Any:
