@@ -231,6 +231,9 @@ def test_openai_client_against_a_real_server(tiny_models, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # pydantic's serializer warns when a field is not of its declared type
             plain = chat.model_dump()
+            hello = [{"role": "user", "content": "Hello"}]
+            for chunk in client.chat.completions.create(model=path, messages=hello, max_tokens=4, stream=True):
+                assert chunk.model_dump().get("metadata") is None
         assert plain.get("metadata") is None and "hidden_state" not in plain  # OpenAI's schema alone
         hello = [{"role": "user", "content": "x"}]
         with pytest.raises(openai.BadRequestError) as bad:  # a 422 elsewhere: OpenAI's status on /v1
