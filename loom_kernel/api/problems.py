@@ -51,7 +51,12 @@ NAMING_A_MODEL = {
 
 
 def document_problems(app: Litestar, api_key: bool = False) -> None:
-    """Declare every problem a route can answer, with the problem body, instead of Litestar's default 400."""
+    """Declare every problem a route can answer, with the problem body, instead of Litestar's default 400. A
+    handler served only under /v1/ answers OpenAI's statuses (``problem``)."""
+    paths: dict[Any, set[str]] = {}
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            paths.setdefault(handler, set()).add(route.path)
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
             statuses = dict(ANY_ROUTE)
@@ -61,6 +66,9 @@ def document_problems(app: Litestar, api_key: bool = False) -> None:
                 statuses |= NAMING_A_MODEL | {400: "Malformed path or query parameter"}
             if api_key:
                 statuses[401] = "Missing or wrong API key"
+            if all(p.startswith("/v1/") for p in paths[handler]):
+                for status in set(statuses) & set(OPENAI_STATUS):
+                    statuses.setdefault(OPENAI_STATUS[status], statuses.pop(status))
             specs = {
                 code: ResponseSpec(data_container=Problem, media_type=MEDIA_TYPE, description=text)
                 for code, text in statuses.items()
