@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import threading
 import time
 from typing import Any, TypeVar
 
@@ -33,6 +34,10 @@ from loom_kernel.resolve import resolve_model
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef
 
 log = logging.getLogger("loom.models")
+# One load at a time in the process: two model threads importing a library's lazy modules at once race inside it
+# (transformers: "module 'transformers' has no attribute 'AutoConfig'"), and two loads at once would also peak
+# above the memory budget that each was checked against alone.
+LOADING = threading.Lock()
 T = TypeVar("T")
 
 
@@ -235,7 +240,8 @@ class ModelManager:
         the half-built model alive for as long as anyone holds the error."""
         start = time.perf_counter()
         try:
-            loaded = self.pm.hook.load(model=ref, loader=loader, options=opts)
+            with LOADING:
+                loaded = self.pm.hook.load(model=ref, loader=loader, options=opts)
         except Exception as exc:
             what = f"loader {loader!r} could not load {ref.id!r}"
             error = exc if isinstance(exc, LoomError) else load_error(exc, what)

@@ -109,3 +109,24 @@ def test_a_client_that_disconnects_mid_stream_frees_the_worker(slow_llama: Path,
         assert rows[0]["in_flight"] == 0
         r = httpx.post(f"{base}/generate", json={**body, "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["token_count"] == 3
+
+
+def test_two_models_loading_at_once_on_a_fresh_server(tiny_models, tmp_path):
+    """A fresh process imports the model libraries on its first loads: two models loading at once (a preload and a
+    request for another model) must not race inside transformers' lazy imports ("module 'transformers' has no
+    attribute 'AutoConfig'")."""
+    import concurrent.futures
+
+    import httpx
+    from serverutil import loom_server
+
+    with loom_server(["--preload", "minilm"], tmp_path) as (base, log, _):
+        bodies = [
+            ("/generate", {"model": str(tiny_models["gpt2"]), "prompt": "Hello", "max_tokens": 2}),
+            ("/extract", {"model": str(tiny_models["llama"]), "text": "Hello"}),
+            ("/embed", {"model": "minilm", "text": "Hello"}),
+        ]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda pb: httpx.post(f"{base}{pb[0]}", json=pb[1], timeout=120), bodies))
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        assert "has no attribute" not in log.read_text()
