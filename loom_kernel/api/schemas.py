@@ -96,14 +96,15 @@ _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
 async def strict_fields(request: Request) -> None:
-    """Litestar converts bodies leniently ("5" for 5, "true" for true); the README promises strict types: the body
-    is decoded once more into its Struct without coercion, and a string where a number or a flag belongs is a 422
-    naming the field. A body that is not JSON at all is left to Litestar's own 400."""
+    """Litestar converts bodies leniently ("5" for 5, "true" for true); the README promises strict types. So the
+    body is decoded here, once, straight into its Struct without coercion (a string where a number or a flag belongs
+    is a 422 naming the field), and kept as the request's JSON: Litestar's own conversion then finds the Struct
+    already made and passes it through. A body that is not JSON at all is left to Litestar's own 400."""
     data = request.route_handler.parsed_fn_signature.parameters.get("data")
     if data is None:
         return
     try:
-        msgspec.json.decode(await request.body(), type=data.annotation, strict=True)
+        request._connection_state.json = msgspec.json.decode(await request.body(), type=data.annotation, strict=True)
     except msgspec.ValidationError as exc:
         parts = _AT.match(str(exc))
         path = (parts.group("path") or "").lstrip(".") if parts else ""
