@@ -2,7 +2,7 @@
 
 For each model, every prompt goes through ``POST /extract`` with every layer index 0..N (0 is the embedding output)
 and every token position. Per layer, the rows (``--rows``: every token of every prompt by default; or the last
-token, or the token mean, one row per prompt) are stacked into a matrix whose geometry ``loom_kernel.geometry``
+token, or the token mean, one row per prompt) are stacked into a matrix whose geometry ``loom_geometry.metrics``
 measures: D_eff in its entropy form and its 90%-variance form, the spectral decay exponent beta, the rows' norms.
 The same texts then go through the server's ``POST /analyze``, and the two computations must agree.
 
@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from loom_kernel.geometry import layer_metrics
+from loom_geometry.metrics import layer_metrics
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("deff_entropy", "deff_90", "beta", "norm_mean", "norm_std", "rank")
@@ -311,7 +310,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "# Geometric analysis of hidden states",
         "",
         f"{len(report['prompts'])} prompts, rows = `{report['rows']}` ({report['rows_note']}). The Loom "
-        f"{report['server_version']}, {report['date']}. Metrics from `loom_kernel.geometry` on the "
+        f"{report['server_version']}, {report['date']}. Metrics from `loom_geometry.metrics` on the "
         "states fetched with POST /extract, checked against the server's POST /analyze.",
         "",
     ]

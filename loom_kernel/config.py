@@ -82,71 +82,43 @@ class Settings:
         return default_device() if self.default_device == "auto" else self.default_device
 
 
-# config file section.key -> Settings attribute
+def _same(names: str) -> dict[str, str]:
+    return {name: name for name in names.split()}
+
+
+# config file section.key -> Settings attribute ("": accepted and ignored)
 FILE_KEYS: dict[str, dict[str, str]] = {
     "server": {
-        "host": "host",
+        **_same("host port unix_socket transports log_level request_timeout api_key cors_origins max_body_mb"),
+        **_same("max_response_mb allowed_hosts"),
         "http_port": "port",
-        "port": "port",
-        "unix_socket": "unix_socket",
-        "transports": "transports",
-        "log_level": "log_level",
-        "request_timeout": "request_timeout",
-        "api_key": "api_key",
-        "cors_origins": "cors_origins",
-        "max_body_mb": "max_body_mb",
-        "max_response_mb": "max_response_mb",
-        "allowed_hosts": "allowed_hosts",
     },
-    "gpu": {"default_device": "default_device", "memory_fraction": "memory_fraction", "devices": ""},
+    "gpu": {**_same("default_device memory_fraction"), "devices": ""},
     "models": {
+        **_same("auto_unload_minutes default_dtype preload allowed_paths trust_remote_code aliases max_tokens_limit"),
+        **_same("allow_remote_code_requests"),
         "max_loaded": "max_models",
-        "auto_unload_minutes": "auto_unload_minutes",
-        "default_dtype": "default_dtype",
-        "preload": "preload",
-        "allowed_paths": "allowed_paths",
-        "trust_remote_code": "trust_remote_code",
-        "allow_remote_code_requests": "allow_remote_code_requests",
-        "aliases": "aliases",
-        "max_tokens_limit": "max_tokens_limit",
     },
-    "hidden_states": {
-        "default_layers": "default_layers",
-        "precision": "default_precision",
-        "default_format": "default_format",
-    },
-    "batching": {
-        "max_batch_size": "max_batch_size",
-        "max_batch_tokens": "max_batch_tokens",
-        "window_ms": "",  # nothing waits for company any more; older config files still load
-        "max_queue": "max_queue",
-    },
+    "hidden_states": {**_same("default_layers default_format"), "precision": "default_precision"},
+    # window_ms: nothing waits for company any more; older config files still load.
+    "batching": {**_same("max_batch_size max_batch_tokens max_queue"), "window_ms": ""},
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
 }
 # Sections whose keys the user chooses, each read whole into one Settings attribute.
 SECTIONS: dict[str, str] = {"custom_models": "custom_models"}
 
+# LOOM_<SETTING> for these settings, and two names of their own.
 ENV_KEYS: dict[str, str] = {
-    "LOOM_HOST": "host",
-    "LOOM_PORT": "port",
-    "LOOM_UNIX_SOCKET": "unix_socket",
+    **{
+        f"LOOM_{name.upper()}": name
+        for name in _same(
+            "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
+            "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
+            "max_response_mb allowed_hosts"
+        )
+    },
     "LOOM_TRANSPORT": "transports",
-    "LOOM_MAX_MODELS": "max_models",
-    "LOOM_AUTO_UNLOAD_MINUTES": "auto_unload_minutes",
-    "LOOM_DEFAULT_DEVICE": "default_device",
-    "LOOM_MEMORY_FRACTION": "memory_fraction",
-    "LOOM_PRELOAD": "preload",
-    "LOOM_LOG_LEVEL": "log_level",
-    "LOOM_MAX_BATCH_SIZE": "max_batch_size",
-    "LOOM_MAX_BATCH_TOKENS": "max_batch_tokens",
-    "LOOM_MAX_QUEUE": "max_queue",
-    "LOOM_REQUEST_TIMEOUT": "request_timeout",
-    "LOOM_API_KEY": "api_key",
-    "LOOM_CORS_ORIGINS": "cors_origins",
-    "LOOM_MAX_BODY_MB": "max_body_mb",
-    "LOOM_MAX_RESPONSE_MB": "max_response_mb",
-    "LOOM_ALLOWED_HOSTS": "allowed_hosts",
     "HF_TOKEN": "hf_token",
 }
 

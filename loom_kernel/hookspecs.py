@@ -53,3 +53,8 @@ def quantize(method: str, options: LoadOptions) -> QuantizationPlan | None:
 @hookspec
 def transport(settings: Any) -> Transport | None:
     """Offer a named transport that binds sockets for the server."""
+
+
+@hookspec
+def routes() -> list[Any] | None:
+    """Litestar Controllers or route handlers this plugin adds to the API."""

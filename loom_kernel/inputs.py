@@ -105,26 +105,6 @@ def batch_inputs(
     return inputs, truncated
 
 
-def openai_inputs(value: Any, field: str) -> tuple[list[str], list[list[int]] | None]:
-    """OpenAI's shapes of ``input`` or ``prompt``: a string, strings, token ids, or lists of token ids. Returns
-    (texts, None) or ([], token id rows); anything else is InvalidField naming ``field``. A flat list of ids is
-    one row."""
-    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
-    if isinstance(value, str) and value:
-        return [value], None
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return list(value), None
-    if isinstance(value, list) and value and all(_is_id(v) for v in value):
-        return [], [list(value)]
-    if isinstance(value, list) and value and all(isinstance(r, list) and r and all(map(_is_id, r)) for r in value):
-        return [], [list(r) for r in value]
-    raise InvalidField(f"{field}: must be {shapes}, none of them empty", field=field, allowed=shapes)
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_vocabulary(rows: list[list[int]], vocab: int | None, field: str, flat: bool = False) -> None:
     """Token ids are the model's own: one outside its vocabulary is InvalidField naming ``field[i][j]`` (``field[j]``
     for a flat list of ids)."""

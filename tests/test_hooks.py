@@ -193,3 +193,38 @@ async def test_missing_loaders_name_the_package_to_install(tmp_path, tiny_models
         assert "pip install loom-plugin-gptq" in r.json()["detail"]
         r = await client.post("/extract", json={"model": str(tiny_models["llama"]), "text": "hi", "loader": "nope"})
         assert r.status_code == 422 and r.json()["field"] == "loader"
+
+
+def test_routes(monkeypatch):
+    """A plugin's routes join the API beside the kernel's, behind the same guard, and a restricted plugin set
+    leaves the OpenAI routes (a plugin of their own) out."""
+    from litestar import get
+    from litestar.params import FromQuery
+    from litestar.testing import TestClient
+
+    from loom_kernel.api import create_app
+    from loom_kernel.errors import InvalidField as Invalid
+
+    @get("/toy", sync_to_thread=False)
+    def toy_route(n: FromQuery[int]) -> dict[str, int]:
+        if n < 0:
+            raise Invalid("n: must not be negative", field="n", allowed="0 or more")
+        return {"twice": 2 * n}
+
+    class Routes:
+        @hookimpl
+        def routes(self):
+            return [toy_route]
+
+    pm = create_plugin_manager()
+    pm.register(Routes(), name="toy-routes")
+    with TestClient(create_app(pm, Settings(default_device="cpu"))) as c:
+        assert c.get("/toy?n=21").json() == {"twice": 42}
+        bad = c.get("/toy?n=-1")
+        assert bad.status_code == 422 and bad.json()["field"] == "n"
+        assert c.get("/toy?n=1", headers={"Host": "evil.example"}).status_code == 403  # the guard sees plugin routes
+        assert c.get("/v1/models").status_code == 200
+    monkeypatch.setenv("LOOM_LOAD_PLUGINS", "transformers")
+    with TestClient(create_app(create_plugin_manager(), Settings(default_device="cpu"))) as c:
+        assert c.get("/v1/models").status_code == 404
+        assert c.get("/health").status_code == 200

@@ -14,13 +14,11 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from loom_kernel import __version__
-from loom_kernel.api.analyze import AnalyzeController
 from loom_kernel.api.deps import provide_manager, provide_pm
 from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
-from loom_kernel.api.openai import OpenAIController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
 from loom_kernel.api.schemas import strict_fields
 from loom_kernel.api.security import Guard, api_key_middleware, guarded
@@ -49,9 +47,10 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             await manager.stop()
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
-    controllers = [SystemController, MetricsController, ModelsController, InferenceController, OpenAIController]
+    controllers = [SystemController, MetricsController, ModelsController, InferenceController, EmbedController]
+    added = [handler for handlers in pm.hook.routes() for handler in handlers or ()]
     app = Litestar(
-        route_handlers=[*controllers, EmbedController, AnalyzeController],
+        route_handlers=[*controllers, *added],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),

@@ -1,4 +1,4 @@
-"""POST /embed, /embed/batch and the OpenAI-compatible /v1/embeddings.
+"""POST /embed and /embed/batch (the openai plugin serves /v1/embeddings through ``serve`` too).
 
 Every field is checked before any model work; the batch runs as one forward call on the model's thread, merged
 with other requests'. Pooling and normalization rules are in ``loom_kernel.embedding``. Each route is its texts
@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
-import numpy as np
 import pluggy
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
@@ -23,9 +22,8 @@ from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
-from loom_kernel.encoding import b64_raw, json_raw
+from loom_kernel.encoding import json_raw
 from loom_kernel.errors import InvalidField
-from loom_kernel.inputs import openai_inputs
 from loom_kernel.models import ModelManager
 
 Texts = Annotated[
@@ -64,15 +62,6 @@ class EmbedBatchRequest(EmbedFields, kw_only=True):
     texts: Texts
 
 
-class OpenAIEmbeddingRequest(EmbedFields, kw_only=True):
-    """OpenAI's fields, plus The Loom's embedding and load fields (an OpenAI client passes them in extra_body)."""
-
-    model: NonEmpty
-    input: str | list[Any]  # a text, texts, token ids, or lists of token ids (loom_kernel.inputs.openai_inputs)
-    encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
-
-
 async def check_pooling(pm: pluggy.PluginManager, name: str | None) -> None:
     """An unknown strategy is a 422 before any model loads; an undeclared name is asked of the pool hook."""
     if name is None:
@@ -81,11 +70,6 @@ async def check_pooling(pm: pluggy.PluginManager, name: str | None) -> None:
     if name in known or await asyncio.to_thread(pool_answers, pm, name):
         return
     raise InvalidField(f"pooling: unknown strategy {name!r}", field="pooling", allowed=known)
-
-
-def b64_float32(vector: Any) -> msgspec.Raw:
-    """Little-endian float32 bytes, base64 (a JSON string): what the openai client decodes with numpy.frombuffer."""
-    return b64_raw(np.ascontiguousarray(vector.detach().cpu().numpy(), dtype="<f4"))
 
 
 async def embed_texts(
@@ -161,33 +145,6 @@ def batch_answer(data: EmbedBatchRequest, result: Embedded, meta: dict[str, Any]
     return body
 
 
-def openai_texts(data: OpenAIEmbeddingRequest, pm: pluggy.PluginManager) -> tuple[list[Any], str, bool]:
-    if data.pooling == "none":
-        raise InvalidField(
-            "pooling: /v1/embeddings returns one vector per input; use /embed/batch for per-token states",
-            field="pooling",
-            allowed=[p for p in declared_strategies(pm) if p != "none"],
-        )
-    texts, rows = openai_inputs(data.input, "input")
-    items: list[Any] = texts if rows is None else rows
-    if len(items) > MAX_BATCH_TEXTS:
-        raise InvalidField(
-            f"input: {len(items)} inputs, more than {MAX_BATCH_TEXTS}", field="input", allowed=f"1 to {MAX_BATCH_TEXTS}"
-        )
-    return items, "input", isinstance(data.input, list) and (rows is None or isinstance(data.input[0], list))
-
-
-def openai_answer(data: OpenAIEmbeddingRequest, result: Embedded, meta: dict[str, Any]) -> dict[str, Any]:
-    encode = b64_float32 if data.encoding_format == "base64" else json_raw
-    total = sum(result.token_counts)
-    return {
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(result.vectors)],
-        "model": data.model,
-        "usage": {"prompt_tokens": total, "total_tokens": total},
-    }
-
-
 async def serve(
     data: Any,
     texts: Callable[[Any, pluggy.PluginManager], tuple[list[Any], str, bool]],
@@ -219,10 +176,3 @@ class EmbedController(Controller):
         """Every text in one forward pass: ``shape`` [n, D]; for pooling "none" ``shape`` is null and
         ``shapes`` lists each text's [T_i, D]."""
         return await serve(data, batch_texts, batch_answer, request, manager, pm)
-
-    @post("/v1/embeddings", status_code=200)
-    async def openai_embeddings(
-        self, data: JSONBody[OpenAIEmbeddingRequest], request: Request, manager: Manager, pm: Plugins
-    ) -> dict[str, Any]:
-        """OpenAI's embeddings response; ``encoding_format: base64`` carries little-endian float32 bytes."""
-        return await serve(data, openai_texts, openai_answer, request, manager, pm)

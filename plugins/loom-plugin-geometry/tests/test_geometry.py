@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from loom_kernel.geometry import beta, deff_90, deff_entropy, layer_metrics, spectrum
+from loom_geometry.metrics import beta, deff_90, deff_entropy, layer_metrics, spectrum
 
 
 def with_singular_values(values: list[float], width: int, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,16 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import checked_params
-from loom_kernel.api.openai_schemas import (
+from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
+from loom_kernel.api.problems import openai_error, request_id
+from loom_kernel.api.streaming import TokenBridge, client_gone
+from loom_kernel.config import Settings
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.inputs import check_vocabulary, vocabulary_size
+from loom_kernel.models import ModelEntry
+from loom_kernel.resolve import EMBEDDED
+from loom_kernel.types import Batch, GenerationParams, LoadedModel
+from loom_openai.schemas import (
     MAX_CHAT_TOP_LOGPROBS,
     MAX_COMPLETION_LOGPROBS,
     MAX_STOP,
@@ -24,16 +33,8 @@ from loom_kernel.api.openai_schemas import (
     ChatMessage,
     CompletionRequest,
     OpenAIFields,
+    openai_inputs,
 )
-from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
-from loom_kernel.api.problems import openai_error, request_id
-from loom_kernel.api.streaming import TokenBridge, client_gone
-from loom_kernel.config import Settings
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inputs import check_vocabulary, openai_inputs, vocabulary_size
-from loom_kernel.models import ModelEntry
-from loom_kernel.resolve import EMBEDDED
-from loom_kernel.types import Batch, GenerationParams, LoadedModel
 
 DEFAULT_MAX_TOKENS = 256
 

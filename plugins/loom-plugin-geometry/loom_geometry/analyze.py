@@ -2,7 +2,7 @@
 
 Which rows make a layer's matrix (``rows``): ``"last"`` (default) one row per text, its last token's state, as the
 original project's demo computes D_eff from one vector per prompt; ``"mean"`` one row per text, the mean over its
-tokens; ``"tokens"`` every token of every text. The metrics are those of ``loom_kernel.geometry``, in float64
+tokens; ``"tokens"`` every token of every text. The metrics are those of ``loom_geometry.metrics``, in float64
 whatever the model's dtype.
 """
 
@@ -15,13 +15,13 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from loom_geometry.metrics import layer_metrics
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LayerSpec, LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import resolve_layers
-from loom_kernel.geometry import layer_metrics
 from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
 
 MAX_ANALYZE_TEXTS = 256

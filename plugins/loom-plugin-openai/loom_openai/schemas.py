@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints.
 
 Unknown fields are accepted (OpenAI clients send fields such as ``user`` that change nothing here); fields that
-would change the result and are not implemented are refused by name in ``openai.py``.
+would change the result and are not implemented are refused by name in ``completions.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import msgspec
 
 from loom_kernel.api.schemas import MAX_N, LayerSpec, NonEmpty, PositionSpec, Seed
+from loom_kernel.errors import InvalidField
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's own limit
@@ -68,7 +69,27 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
 
 
 class CompletionRequest(OpenAIFields, kw_only=True):
-    prompt: str | list[Any]  # a text, or token ids (loom_kernel.inputs.openai_inputs): one prompt a request
+    prompt: str | list[Any]  # a text, or token ids (openai_inputs): one prompt a request
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
+
+
+def openai_inputs(value: Any, field: str) -> tuple[list[str], list[list[int]] | None]:
+    """OpenAI's shapes of ``input`` or ``prompt``: a string, strings, token ids, or lists of token ids. Returns
+    (texts, None) or ([], token id rows); anything else is InvalidField naming ``field``. A flat list of ids is
+    one row."""
+    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str) and value:
+        return [value], None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value), None
+    if isinstance(value, list) and value and all(_is_id(v) for v in value):
+        return [], [list(value)]
+    if isinstance(value, list) and value and all(isinstance(r, list) and r and all(map(_is_id, r)) for r in value):
+        return [], [list(r) for r in value]
+    raise InvalidField(f"{field}: must be {shapes}, none of them empty", field=field, allowed=shapes)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
