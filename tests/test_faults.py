@@ -50,23 +50,34 @@ def ballast():
     return torch.ones(BALLAST_MIB * 2**20 // 4)  # written, so resident until freed
 
 
+def gate(name):
+    """Wait until the test opens gate ``name`` (creates FAULTS_GATES/name), saying first that it waits there."""
+    root = os.environ["FAULTS_GATES"]
+    open(os.path.join(root, name + ".waiting"), "a").close()
+    deadline = time.monotonic() + 120  # only against a hang: the test opens every gate it closes
+    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 @hookimpl
 def load(model, loader, options):
     if loader != "faults":
-        time.sleep(float(os.environ.get("FAULTS_LOAD_DELAY", "0")))  # then the real loader loads it
-        return None
+        if os.environ.get("FAULTS_LOAD_GATE"):
+            gate("load")
+        return None  # the real loader loads it
     held = ballast()
     raise RuntimeError(f"the faults loader gave up on {model.id} holding {held.numel()} floats")
 
 
 def stall(texts):
-    if m := re.search(r"SLOW(\\d+(?:\\.\\d+)?)", texts):
-        time.sleep(float(m.group(1)))
+    if m := re.search(r"GATE(\\w+)", texts):
+        gate(m.group(1))
 
 
 @hookimpl(wrapper=True, specname="load")
 def slow_generations(model, loader, options):
-    """Generations run through the model's decoder: a prompt with SLOW<n> stalls its join as it would a pass."""
+    """Generations run through the model's decoder: a prompt with GATE<name> waits at its join until the test
+    opens that gate, as a pass would."""
     loaded = yield
     if loaded is not None and loaded.decoder is not None:
         make = loaded.decoder
@@ -110,6 +121,8 @@ def faults_server(
     plugins = tmp_path / "plugins"
     plugins.mkdir(exist_ok=True)
     (plugins / "faults.py").write_text(FAULTS)
+    (tmp_path / "gates").mkdir(exist_ok=True)
+    env = {"FAULTS_GATES": str(tmp_path / "gates"), **env}
     with (
         loom_server(["--plugins-dir", str(plugins), *args], tmp_path, **env) as (base, log, proc),
         httpx.Client(base_url=base, timeout=60) as client,
@@ -156,12 +169,16 @@ def models(c: httpx.Client) -> list[dict[str, Any]]:
     return c.get("/models").json()["loaded_models"]
 
 
-def poll(cond: Any, timeout: float, what: str) -> float:
+def poll(cond: Any, what: str, hang: float = 120) -> None:
+    """Wait for ``cond``; ``hang`` only bounds a test that would otherwise never end."""
     start = time.monotonic()
     while not cond():
-        assert time.monotonic() - start < timeout, f"not within {timeout:.1f} s: {what}"
+        assert time.monotonic() - start < hang, f"never happened: {what}"
         time.sleep(0.02)
-    return time.monotonic() - start
+
+
+def open_gate(gates: Path, name: str) -> None:
+    (gates / name).touch()
 
 
 EXTRACT = {"text": "the cat sat on the mat", "hidden_state_layers": [0, -1], "positions": "all"}
@@ -276,7 +293,7 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(tiny_models, tmp_pat
                     break
         # Closing the response mid-body closes the connection; the generation stops well before it would end (the
         # decoding-step counter; the poll's bound only guards against a hang).
-        poll(lambda: models(c)[0]["in_flight"] == 0, 120, "the generation stopped")
+        poll(lambda: models(c)[0]["in_flight"] == 0, "the generation stopped")
         assert models(c)[0]["decode_steps"] - steps < full["token_count"] - 100
 
         assert c.post("/generate", json=long).json()["token_ids"] == full["token_ids"]
@@ -285,38 +302,51 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(tiny_models, tmp_pat
 
 def test_unloading_a_model_in_flight_is_a_409_and_its_generation_completes(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
-    slow = {"model": model, "prompt": "SLOW1 the cat", "max_tokens": 6, "temperature": 0}
+    gates = tmp_path / "gates"
+    held = {"model": model, "prompt": "GATEunload the cat", "max_tokens": 6, "temperature": 0}
     with faults_server(tmp_path, ["--preload", model]) as (c, _, proc):
         warm(c, model)
         before = settled_rss(c, model, proc.pid)
 
         with ThreadPoolExecutor(1) as pool:
-            generation = pool.submit(c.post, "/generate", json=slow)
-            poll(lambda: models(c)[0]["in_flight"] == 1, 5, "the generation is in flight")
+            generation = pool.submit(c.post, "/generate", json=held)
+            poll(lambda: (gates / "unload.waiting").exists(), "the generation reached its gate")
+            assert models(c)[0]["in_flight"] == 1
             r = c.delete(f"/models/{model}")
             body = assert_problem(r, 409)
             assert "in flight" in body["detail"]
+            open_gate(gates, "unload")
             done = generation.result()
         assert done.status_code == 200 and done.json()["token_count"] > 0
 
         assert c.delete(f"/models/{model}").status_code == 200
         assert models(c) == []
-        again = c.post("/generate", json=slow).json()  # loaded again on demand
+        again = c.post("/generate", json=held).json()  # loaded again on demand
         assert again["token_ids"] == done.json()["token_ids"]
         assert_memory_back(before, settled_rss(c, model, proc.pid))
 
 
 def test_two_concurrent_loads_of_a_model_load_it_once(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
-    # Every load takes half a second longer, so the second request surely arrives while the first one loads.
-    with faults_server(tmp_path, [], FAULTS_LOAD_DELAY="0.5") as (c, log, proc):
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    open_gate(gates, "load")
+    # Every load waits at the load gate: with it closed, the second request arrives while the first one loads.
+    with faults_server(tmp_path, [], FAULTS_LOAD_GATE="1") as (c, log, proc):
         assert c.post("/models/load", json={"model": model}).status_code == 200
         want = warm(c, model)
         before = settled_rss(c, model, proc.pid)
         assert c.delete(f"/models/{model}").status_code == 200
 
+        (gates / "load").unlink()
+        (gates / "load.waiting").unlink()
         with ThreadPoolExecutor(2) as pool:
-            loads = list(pool.map(lambda _: c.post("/models/load", json={"model": model}), range(2)))
+            first = pool.submit(c.post, "/models/load", json={"model": model})
+            poll(lambda: (gates / "load.waiting").exists(), "the first load reached the gate")
+            second = pool.submit(c.post, "/models/load", json={"model": model})
+            assert [(m["model_id"], m["state"]) for m in models(c)] == [(model, "loading")]
+            open_gate(gates, "load")
+            loads = [first.result(), second.result()]
         assert [r.status_code for r in loads] == [200, 200], [r.text for r in loads]
         assert [m["model_id"] for m in models(c)] == [model]
         assert len(re.findall(rf"loading {re.escape(model)} with loader", log.read_text())) == 2  # first + this one
@@ -327,26 +357,29 @@ def test_two_concurrent_loads_of_a_model_load_it_once(tiny_models, tmp_path):
 
 def test_the_idle_timer_waits_for_a_long_request(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
-    slow = {"model": model, "prompt": "SLOW2 the cat", "max_tokens": 4, "temperature": 0}
-    # Unload after 1.2 s idle; the reaper looks every 0.24 s. The request below runs 2 s.
+    gates = tmp_path / "gates"
+    held = {"model": model, "prompt": "GATEidle the cat", "max_tokens": 4, "temperature": 0}
+    # Unload after 1.2 s idle; the reaper looks every 0.24 s. The request below is held at its gate while the test
+    # watches the model stay loaded across several of the reaper's looks.
     with faults_server(tmp_path, [], LOOM_AUTO_UNLOAD_MINUTES="0.02") as (c, log, proc):
         want = warm(c, model)
         before = settled_rss(c, model, proc.pid)
 
         with ThreadPoolExecutor(1) as pool:
-            generation = pool.submit(c.post, "/generate", json=slow)
-            while not generation.done():
+            generation = pool.submit(c.post, "/generate", json=held)
+            poll(lambda: (gates / "idle.waiting").exists(), "the request reached its gate")
+            watch_until = time.monotonic() + 2.5  # how long to watch, not a bound on the server
+            while time.monotonic() < watch_until:
                 listed = models(c)
                 assert [(m["model_id"], m["state"]) for m in listed] == [(model, "ready")], listed
                 time.sleep(0.1)
+            open_gate(gates, "idle")
             assert generation.result().status_code == 200
-        ended = time.monotonic()
-        idle_s = poll(lambda: models(c) == [], 5, "the idle model was unloaded")
-        assert idle_s >= 0.8  # not before it was idle for (about) 1.2 s
-        assert "auto-unloading" in log.read_text()
+        poll(lambda: models(c) == [], "the idle model was unloaded")
+        idle = re.findall(rf"auto-unloading {re.escape(model)} after (\d+) s idle", log.read_text())
+        assert idle and int(idle[-1]) >= 1  # by the server's own clock: not before it was idle for 1.2 s
 
         assert_same_states(c.post("/extract", json={"model": model, **EXTRACT}).json(), want)  # loaded again
-        assert time.monotonic() - ended < 10
         assert_memory_back(before, settled_rss(c, model, proc.pid))
 
 

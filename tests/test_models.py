@@ -163,19 +163,20 @@ async def test_load_request_validation(tiny_models, bad):
         assert r.json()["field"] in ("model", "dtype")
 
 
-class SlowLoader:
-    """Takes its time, then loads through the transformers plugin: long enough to watch a load in progress."""
+class GatedLoader:
+    """Waits at a gate, then loads through the transformers plugin: a load the test can watch in progress."""
 
     def __init__(self, pm) -> None:
         self.pm = pm
+        self.entered = threading.Event()
+        self.gate = threading.Event()
 
     @hookimpl
     def load(self, model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | None:
-        if loader != "slow":
+        if loader != "gated":
             return None
-        import time
-
-        time.sleep(1.0)
+        self.entered.set()
+        assert self.gate.wait(120), "the test never opened the gate"
         loaded = self.pm.hook.load(model=model, loader="transformers", options=options)
         loaded.loader = "transformers"
         return loaded
@@ -183,18 +184,17 @@ class SlowLoader:
 
 async def test_a_loading_model_is_listed_as_loading(tiny_models):
     pm = create_plugin_manager()
-    pm.register(SlowLoader(pm), name="slow")
+    gated = GatedLoader(pm)
+    pm.register(gated, name="gated")
     app = app_with(pm=pm)
     async with concurrent_client(app) as c:
         path = str(tiny_models["gpt2"])
-        load = asyncio.ensure_future(c.post("/models/load", json={"model": path, "loader": "slow"}))
-        for _ in range(50):
-            await asyncio.sleep(0.05)
-            rows = (await c.get("/models")).json()["loaded_models"]
-            if rows:
-                break
+        load = asyncio.ensure_future(c.post("/models/load", json={"model": path, "loader": "gated"}))
+        assert await asyncio.to_thread(gated.entered.wait, 120)
+        rows = (await c.get("/models")).json()["loaded_models"]
         assert [(r["model_id"], r["state"]) for r in rows] == [(path, "loading")]
         assert (await c.get("/health")).json()["loading_models"] == [path]
+        gated.gate.set()
         assert (await load).status_code == 200
         rows = (await c.get("/models")).json()["loaded_models"]
         assert [(r["model_id"], r["state"]) for r in rows] == [(path, "ready")]
