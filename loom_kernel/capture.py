@@ -47,6 +47,16 @@ def resolve_layers(
     return tuple(out.values())
 
 
+def split_sites(spec: Any) -> tuple[Any, list[str]]:
+    """(the layer indices of a ``hidden_state_layers`` spec, the hook-point names in it: those with a dot)."""
+    if isinstance(spec, str) and "." in spec:
+        return [], [spec]
+    if isinstance(spec, list):
+        names = [s for s in spec if isinstance(s, str) and "." in s]
+        return ([s for s in spec if s not in names] if names else spec), names
+    return spec, []
+
+
 def check_positions(spec: Any, field: str = "positions", max_context: int | None = None) -> PositionSpec:
     """A position spec as written, checked as far as it can be before the sequence is known: a list holds
     distinct integers, at most ``max_context`` of them (a sequence has no more tokens)."""

@@ -36,6 +36,9 @@ def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
         texts=tuple(t for c in calls for t in c.batch.texts) if texts else (),
         token_ids=None if texts else tuple(ids for c in calls for ids in c.batch.token_ids or ()),
         row_generation=None if first.generation is None or len(set(params)) == 1 else tuple(params),
+        interventions=tuple(c.batch.edits(i) for c in calls for i in range(c.rows))
+        if any(c.batch.interventions for c in calls)
+        else (),
         on_token=on_token,
     )
     return batch, capture, starts
@@ -53,6 +56,7 @@ def merge_captures(captures: list[Capture]) -> Capture:
     tops = [c.top_logprobs for c in captures if c.top_logprobs is not None]
     return Capture(
         layers=tuple(LayerSel(key=str(i), index=i) for i in indices),
+        sites=tuple(dict.fromkeys(site for c in captures if c.wanted for site in c.sites)),
         positions=positions,
         states=any(c.wants_states for c in captures),
         attention=any(c.attention for c in captures),
@@ -69,11 +73,16 @@ def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> Sequence
     keys = {sel.index: sel.key for sel in merged.layers}
     return attrs.evolve(
         row,
-        states={s.key: row.states[keys[s.index]] for s in capture.layers} if capture.wants_states else {},
+        states=_states(row.states, capture, keys) if capture.wants_states else {},
         attentions={s.key: row.attentions[keys[s.index]] for s in capture.attention_layers},
         logprobs=[_top(e, capture.top_logprobs) for e in row.logprobs] if capture.top_logprobs is not None else [],
         logits=row.logits if capture.logits else None,
     )
+
+
+def _states(states: dict[str, Any], capture: Capture, keys: dict[int, str]) -> dict[str, Any]:
+    """``capture``'s states out of a merged capture's (``keys``: the merged key of each layer index)."""
+    return {**{s.key: states[keys[s.index]] for s in capture.layers}, **{site: states[site] for site in capture.sites}}
 
 
 def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:
@@ -101,8 +110,7 @@ def _extras(extras: dict[str, Any], capture: Capture, merged: Capture) -> dict[s
         return extras
     out: dict[str, Any] = {}
     if capture.stream_states and "states" in extras:
-        keys = {sel.index: sel.key for sel in merged.layers}
-        out["states"] = {s.key: extras["states"][keys[s.index]] for s in capture.layers}
+        out["states"] = _states(extras["states"], capture, {sel.index: sel.key for sel in merged.layers})
     if capture.top_logprobs is not None and "logprob" in extras:
         out["logprob"] = _top(extras["logprob"], capture.top_logprobs)
     return out

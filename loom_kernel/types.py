@@ -101,6 +101,9 @@ class LoadedModel:
     # lets requests join a running generation (continuous batching). None: each generation runs whole through
     # ``forward_with_states``, and the model's other requests wait for it.
     decoder: Callable[[bool], Decoder] | None = None
+    # Hook points beyond the hidden-state indices, by TransformerLens's names (``blocks.3.hook_attn_out``), each with
+    # its per-token shape; the loader then captures them and applies ``Batch.interventions``. None: neither.
+    sites: dict[str, tuple[int, ...]] | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -145,6 +148,26 @@ class LayerSel:
     index: int
 
 
+@attrs.define(frozen=True, eq=False)
+class Intervention:
+    """One edit of the activation at ``site`` as it flows on: an int is a hidden-state index (0..N, the state that
+    index reports, on its way to the next block), a str a name of ``LoadedModel.sites``.
+
+    ``op``: add (h + scale * vector), set (vector), scale (scale * h), ablate (h minus its projection on the rows of
+    ``vector``, an orthonormal basis [k, D]), zero. ``vector`` is a CPU float32 tensor [D], or [P, D] with one row
+    per entry of a list of ``positions``; D is the site's last dimension. ``positions``: "all", "prompt",
+    "generated" or token indices of the final sequence (negative: from the end of the prompt). ``heads``: the heads
+    an ``attn.hook_z`` edit touches (None: all).
+    """
+
+    site: int | str
+    op: str
+    vector: Any = None
+    scale: float = 1.0
+    positions: PositionSpec = "all"
+    heads: tuple[int, ...] | None = None
+
+
 @attrs.define(frozen=True)
 class Capture:
     """What to keep besides the tokens, resolved against the model by the kernel.
@@ -157,6 +180,7 @@ class Capture:
     """
 
     layers: tuple[LayerSel, ...] = ()
+    sites: tuple[str, ...] = ()  # names of LoadedModel.sites, captured like layers (states keyed by the name)
     positions: PositionSpec = "last"
     states: bool = True
     attention: bool = False
@@ -171,11 +195,11 @@ class Capture:
     @property
     def wanted(self) -> bool:
         """Whether any per-position tensor (states or attention) is asked for."""
-        return bool(self.layers) and (self.states or self.attention)
+        return bool(self.layers or self.sites) and (self.states or self.attention)
 
     @property
     def wants_states(self) -> bool:
-        return bool(self.layers) and self.states
+        return bool(self.layers or self.sites) and self.states
 
     def kept_positions(self, total: int) -> list[int]:
         """The positions a loader returns rows for in a sequence of ``total`` tokens: the last for "last", every
@@ -223,11 +247,21 @@ class Batch:
     on_token: Any = None
     truncate: bool = False
     row_generation: tuple[GenerationParams, ...] | None = None
+    # One tuple of edits per row, applied in order (only for a model whose loader sets ``LoadedModel.sites``); empty:
+    # no row is edited.
+    interventions: tuple[tuple[Intervention, ...], ...] = ()
 
     def params(self, row: int) -> GenerationParams:
         """Row ``row``'s generation parameters (a generation only)."""
         assert self.generation is not None
         return self.row_generation[row] if self.row_generation is not None else self.generation
+
+    def edits(self, row: int) -> tuple[Intervention, ...]:
+        return self.interventions[row] if self.interventions else ()
+
+    @property
+    def size(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else len(self.texts)
 
 
 @attrs.define

@@ -59,6 +59,7 @@ def state_request(data: CaptureFields, settings: Settings, wanted: bool, stream:
         top_logprobs=top,
         logits=bool(getattr(data, "return_logits", False)),
         max_response_bytes=int(settings.max_response_mb * 2**20),
+        interventions=data.interventions,
     )
 
 
@@ -220,6 +221,7 @@ class InferenceController(Controller):
             model = s.model
             batch = Batch(texts=(data.text,), add_special_tokens=data.add_special_tokens)
             capture = req.capture(model, batch)
+            batch = req.edited(model, batch)
             start = time.perf_counter()
             row = (await s.forward(batch, capture)).rows[0]
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
 from loom_kernel.admission import Session
-from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
+from loom_kernel.capture import check_positions, resolve_layers, resolve_positions, split_sites
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
-from loom_kernel.types import Batch, Capture, GenerationParams, LoadedModel, SequenceOutput
+from loom_kernel.interventions import check_site, resolve_interventions
+from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LoadedModel, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
 NUMBER_BYTES = {
@@ -52,6 +54,8 @@ class StateRequest:
     top_logprobs: int | None = None
     logits: bool = False
     max_response_bytes: int | None = None
+    interventions: tuple[Any, ...] = ()  # the request's items, checked against the model by ``edited``
+    vectors: Callable[[str], Any] | None = None  # a stored vector by name
 
     @classmethod
     def from_fields(
@@ -69,6 +73,8 @@ class StateRequest:
         top_logprobs: int | None = None,
         logits: bool = False,
         max_response_bytes: int | None = None,
+        interventions: Sequence[Any] | None = None,
+        vectors: Callable[[str], Any] | None = None,
     ) -> StateRequest:
         if positions is None:
             positions = "all" if return_full_sequence else "last"
@@ -84,6 +90,8 @@ class StateRequest:
             top_logprobs=top_logprobs,
             logits=logits,
             max_response_bytes=max_response_bytes,
+            interventions=tuple(interventions or ()),
+            vectors=vectors,
         )
 
     def capture(self, model: LoadedModel, batch: Batch | None = None) -> Capture:
@@ -92,23 +100,37 @@ class StateRequest:
         capture = self._resolve(model)
         if batch is not None and self.max_response_bytes is not None:
             self._check_size(model, batch, capture)
+        self._edits(model)
         return capture
+
+    def edited(self, model: LoadedModel, batch: Batch) -> Batch:
+        """``batch`` with the request's interventions on every row."""
+        edits = self._edits(model)
+        return attrs.evolve(batch, interventions=(edits,) * batch.size) if edits else batch
+
+    def _edits(self, model: LoadedModel) -> tuple[Intervention, ...]:
+        if not self.interventions:
+            return ()
+        return resolve_interventions(self.interventions, model, self.vectors)
 
     def _resolve(self, model: LoadedModel) -> Capture:
         extras = {"top_logprobs": self.top_logprobs, "logits": self.logits}
         if not (self.wanted or self.attention):
             return Capture(**extras)
         check_positions(self.positions, max_context=model.max_context)
-        layers = resolve_layers(self.layers, model.num_layers)
+        spec, names = split_sites(self.layers)
+        layers = resolve_layers(spec, model.num_layers)
+        sites = tuple(dict.fromkeys(str(check_site(name, model, "hidden_state_layers")[0]) for name in names))
         if self.attention and all(sel.index == 0 for sel in layers):
             raise InvalidField(
-                "hidden_state_layers: layer 0 is the embedding output and has no attention",
+                "hidden_state_layers: layer 0 is the embedding output and hook points have no attention",
                 field="hidden_state_layers",
                 allowed=f"layers 1 to {model.num_layers} (or -1 to -{model.num_layers})",
             )
         # The last token is always returned as hidden_states, so anything but "last" needs every row.
         return Capture(
             layers=layers,
+            sites=sites,
             positions=self.positions,
             states=self.wanted,
             attention=self.attention,
@@ -232,7 +254,7 @@ def state_payload(
     groups: dict[str, Any] = {}
     fields: dict[str, Any] = {}
     if capture.wanted:
-        fields["layer_indices"] = {sel.key: sel.index for sel in capture.layers}
+        fields["layer_indices"] = {sel.key: sel.index for sel in capture.layers} | {s: s for s in capture.sites}
     if capture.wants_states:
         last, seq, positions = split_states(row, req.positions)
         groups["hidden_states"] = last
@@ -322,6 +344,7 @@ async def generate_rows(
     assert batch.generation is not None
     check_generation(model, batch.generation)
     capture = req.capture(model, batch)
+    batch = req.edited(model, batch)
     n = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
     results: dict[int, Any] = {}
     todo = list(range(n))
@@ -333,6 +356,7 @@ async def generate_rows(
             token_ids=tuple(batch.token_ids[i] for i in todo) if batch.token_ids is not None else None,
             on_token=_renumbered(batch.on_token, todo),
             row_generation=tuple(batch.row_generation[i] for i in todo) if batch.row_generation else None,
+            interventions=tuple(batch.edits(i) for i in todo) if batch.interventions else (),
         )
         try:
             rows = (await session.forward(sub, capture)).rows

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request
 from litestar.exceptions import ValidationException
 
+from loom_kernel.interventions import MAX_INTERVENTIONS
+
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
-LayerSpec = int | str | list[int]
+LayerSpec = int | str | list[int | str]
 MAX_TOP_LOGPROBS = 20
 # A seed is a non-negative int64: torch reads seeds modulo 2**64, so -1 and 2**64 - 1 would give the same tokens.
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="0 to 2**63 - 1")]
@@ -41,8 +43,23 @@ class LoadFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         }
 
 
+class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One edit (loom_kernel.interventions): ``vector`` is a list, a list of lists, a wire tensor or a stored name."""
+
+    site: int | str
+    op: str
+    vector: list[Any] | dict[str, Any] | str | None = None
+    scale: float = 1.0
+    positions: str | list[int] = "all"
+    heads: list[int] | None = None
+
+
+Interventions = Annotated[list[InterventionSpec], msgspec.Meta(max_length=MAX_INTERVENTIONS)]
+
+
 class CaptureFields(LoadFields, kw_only=True):
     hidden_state_layers: LayerSpec | None = None
+    interventions: Interventions | None = None
     return_full_sequence: bool = False
     positions: PositionSpec | None = None
     hidden_state_format: str | None = None  # None: the server's hidden_states.default_format

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Batch, Capture, GenerationParams, LoadedModel, SequenceOutput
+from loom_kernel import Batch, Capture, GenerationParams, Intervention, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder
 from loom_transformers.attention import AttentionRecorder, eager_attention
 from loom_transformers.running import (
@@ -38,6 +38,7 @@ from loom_transformers.running import (
     eos_ids,
     streamable,
 )
+from loom_transformers.sites import Layout, SiteHooks
 
 
 @attrs.define(eq=False)
@@ -51,6 +52,7 @@ class Row:
     capture: Capture
     on_token: Any
     stop_ids: set[int]
+    edits: tuple[Intervention, ...] = ()
     truncated: bool = False
     generated: list[int] = attrs.field(factory=list)
     text: str = ""
@@ -58,7 +60,7 @@ class Row:
     finish: str | None = None
     complete: bool = False
     fed: int = 0  # tokens of this row the model has seen (its real key columns are the last ``fed``)
-    states: dict[int, list[Any]] = attrs.field(factory=dict)
+    states: dict[int | str, list[Any]] = attrs.field(factory=dict)  # by layer index, and by site name
     attn: dict[int, list[Any]] = attrs.field(factory=dict)
     logprobs: list[dict[str, Any]] = attrs.field(factory=list)
     logits: list[Any] = attrs.field(factory=list)
@@ -151,6 +153,7 @@ class Decoder:
                 capture=capture,
                 on_token=batch.on_token,
                 stop_ids=stop_ids,
+                edits=batch.edits(i),
                 truncated=truncated[i],
             )
             if row.budget <= 0:  # nothing may be generated: max_tokens 0, or the prompt fills the context
@@ -192,15 +195,24 @@ class Decoder:
             kwargs["attention_mask"] = mask
             if offset is not None:
                 kwargs["position_ids"] = positions + offset
-        # Hooks for this pass only: another decoder of the model (or a forward pass) runs between two steps.
-        states, attn = self._recorders(rows, ids.shape[1])
+        # Hooks for this pass only: another decoder of the model (or a forward pass) runs between two steps. Edits and
+        # named sites first, so that the recorders see edited values.
+        width = ids.shape[1]
+        layout = [Layout(width - fresh[b], r.fed, fresh[b], len(r.prompt)) for b, r in enumerate(rows)]
+        names = list(dict.fromkeys(n for r in rows if r.capture.wants_states for n in r.capture.sites))
+        sites = (
+            SiteHooks(model, [r.edits for r in rows], layout, names) if names or any(r.edits for r in rows) else None
+        )
+        states, attn = self._recorders(rows, width)
+        if sites is not None:
+            sites.rows = [-1] if width > 1 and all(r.keep_last for r in rows) else None
         try:
             with eager_attention(model.model) if self.attention else contextlib.nullcontext():
                 out = model.model(input_ids=ids, use_cache=True, **kwargs)
-            taken_states = states.taken() if states is not None else {}
+            taken_states = {**(states.taken() if states is not None else {}), **(sites.kept if sites else {})}
             taken_attn = attn.latest if attn is not None else {}
         finally:
-            for rec in (states, attn):
+            for rec in (sites, states, attn):
                 if rec is not None:
                     rec.close()
         for b, row in enumerate(rows):
@@ -227,7 +239,7 @@ class Decoder:
 
     def _keep(self, row: Row, b: int, fresh: int, states: dict[int, Any], attn: dict[int, Any]) -> None:
         """File this pass's rows of states and attention under ``row`` (its real columns are the rightmost)."""
-        for index in row.capture.indices if row.capture.wants_states else ():
+        for index in [*row.capture.indices, *row.capture.sites] if row.capture.wants_states else ():
             t = states[index]
             part = t[b, -min(fresh, t.shape[1]) :].clone()
             row.states[index] = [part] if row.keep_last else [*row.states.get(index, []), part]
@@ -291,7 +303,7 @@ class Decoder:
         if row.held is not None:
             token, piece, extras = row.held
             row.held = None
-            extras["states"] = {sel.key: row.states[sel.index][-1][-1:] for sel in row.capture.layers}
+            extras["states"] = {key: row.states[at][-1][-1:] for key, at in _keys(row.capture)}
             self._emit(row, token, piece, extras)
         if row.finish is not None:
             row.complete = True
@@ -334,8 +346,8 @@ class Decoder:
         states = {}
         attentions = {}
         if row.capture.wants_states:
-            for sel in row.capture.layers:
-                states[sel.key] = torch.cat(row.states[sel.index], dim=0)
+            for key, at in _keys(row.capture):
+                states[key] = torch.cat(row.states[at], dim=0)
         for sel in row.capture.attention_layers:
             chunks = row.attn[sel.index]
             heads = chunks[0].shape[0]
@@ -366,6 +378,11 @@ def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> list[S
     while decoder.busy:
         decoder.step()
     return [decoder.done.pop(i) for i in ids]
+
+
+def _keys(capture: Capture) -> list[tuple[str, int | str]]:
+    """(answer key, where the row keeps it) for every layer and site ``capture`` asks for."""
+    return [(sel.key, sel.index) for sel in capture.layers] + [(name, name) for name in capture.sites]
 
 
 def _plain(cache: Any) -> bool:

@@ -11,6 +11,7 @@ from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import LoomError, load_error
 from loom_kernel.loading import count_layers, module_bytes
+from loom_transformers.sites import site_shapes
 
 log = logging.getLogger("loom.transformers")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -109,6 +110,10 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         from loom_transformers.generation import Decoder
 
         loaded.decoder = functools.partial(Decoder, loaded)
+    try:
+        loaded.sites = site_shapes(loaded)
+    except ValueError:  # no list of blocks to hook: the model serves without hook points
+        loaded.sites = None
     log.info(
         "transformers loaded %s (%s, %s, %d layers) from %s: %.1f MiB on %s as %s in %.2f s",
         ref.id,

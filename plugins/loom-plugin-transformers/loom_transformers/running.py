@@ -21,9 +21,10 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, LoadedModel, SequenceOutput
+from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, Intervention, LoadedModel, SequenceOutput
 from loom_kernel.capture import StateRecorder, find_blocks
 from loom_kernel.inputs import batch_inputs
+from loom_transformers.sites import Layout, SiteHooks
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -36,11 +37,12 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     if capture.wanted:
         _blocks(model)
     with torch.inference_mode():
+        edits = [batch.edits(i) for i in range(len(inputs))]
         if capture.attention_layers:
             with eager_attention(model.model):
-                rows = forward_many(model, inputs, capture)
+                rows = forward_many(model, inputs, capture, edits)
         else:
-            rows = forward_many(model, inputs, capture)
+            rows = forward_many(model, inputs, capture, edits)
     for row, cut in zip(rows, truncated, strict=True):
         row.truncated = cut
     return ForwardOutput(rows=rows)
@@ -123,22 +125,29 @@ def _position_offset(base: Any) -> int | None:
     return 0
 
 
-def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) -> list[SequenceOutput]:
+def forward_many(
+    model: LoadedModel, inputs: list[list[int]], capture: Capture, edits: Sequence[Sequence[Intervention]] = ()
+) -> list[SequenceOutput]:
     """One pass of the base model (no LM head: its logits are not needed) over one row, or several rows padded on
-    the tokenizer's side; each row's states and attention are its own tokens only."""
+    the tokenizer's side, each row with its own ``edits``; each row's states and attention are its own tokens
+    only."""
     from loom_transformers.attention import AttentionRecorder
 
     if not capture.wanted:
         return [SequenceOutput(token_ids=list(ids), prompt_tokens=len(ids)) for ids in inputs]
+    ids, mask, left = _pad(model, inputs)
+    width = ids.shape[1]
+    layout = [Layout(col=width - len(row) if left else 0, tok=0, count=len(row), prompt=len(row)) for row in inputs]
+    # Edits and named sites first: the recorders below then see edited values at their points.
+    sites = SiteHooks(model, edits, layout, capture.sites) if any(edits) or capture.sites else None
     rec = _recorder(model, capture)
     att_idx = sorted({sel.index for sel in capture.attention_layers})
     attn = AttentionRecorder(model.model, _blocks(model), att_idx) if att_idx else None
     try:
-        ids, mask, left = _pad(model, inputs)
         # Every row ends in the last column when there is one row or the padding is on the left: keep that column
         # only for "last". Otherwise rows end at different columns: keep every column, slice per row below.
         narrow = capture.positions == "last" and (left or len(inputs) == 1)
-        for r in (rec, attn):
+        for r in (rec, attn, sites):
             if r is not None:
                 r.rows = [-1] if narrow else None
         if rec is not None:
@@ -153,12 +162,12 @@ def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) 
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) + offset
         model.extra["base"](input_ids=ids, **kwargs)
         taken = rec.taken() if rec is not None else {}
+        named = sites.kept if sites is not None else {}
         weights = attn.latest if attn is not None else {}
     finally:
-        for r in (rec, attn):
+        for r in (rec, attn, sites):
             if r is not None:
                 r.close()
-    width = ids.shape[1]
     rows = []
     for i, row in enumerate(inputs):
         cols = slice(width - len(row), width) if left else slice(0, len(row))
@@ -172,7 +181,10 @@ def forward_many(model: LoadedModel, inputs: list[list[int]], capture: Capture) 
                 prompt_tokens=len(row),
                 positions=capture.kept_positions(len(row)),
                 # A copy per row, so that no row keeps the whole padded batch alive.
-                states={sel.key: taken[sel.index][i, queries].clone() for sel in capture.layers if taken},
+                states={
+                    **{sel.key: taken[sel.index][i, queries].clone() for sel in capture.layers if taken},
+                    **{name: named[name][i, queries].clone() for name in capture.sites},
+                },
                 attentions={
                     sel.key: weights[sel.index][i, :, queries, cols].clone() for sel in capture.attention_layers
                 },

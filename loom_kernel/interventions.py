@@ -1,0 +1,231 @@
+"""Hook-point names and the ``interventions`` field: each item checked against the loaded model, before any work,
+and turned into an ``Intervention`` the loader applies.
+
+Sites follow TransformerLens's names (``blocks.{i}.hook_resid_pre``, ``blocks.{i}.attn.hook_z``,
+``ln_final.hook_normalized``, ...); the loader says which a model has, with each one's per-token shape, in
+``LoadedModel.sites`` (a string there says why the model has no such site). An integer site is a hidden-state
+index, as ``hidden_state_layers`` reads it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.types import Intervention, LoadedModel, PositionSpec
+
+OPS = ("add", "set", "scale", "ablate", "zero")
+NEEDS_VECTOR = ("add", "set", "ablate")
+MAX_INTERVENTIONS = 32
+EDIT_POSITIONS = ("all", "prompt", "generated")
+SITE_FAMILIES = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+    "attn.hook_z",
+)
+WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def is_site_name(value: Any) -> bool:
+    return isinstance(value, str) and "." in value
+
+
+def site_names_allowed(model: LoadedModel) -> str:
+    n = model.num_layers
+    return (
+        f"a hidden-state index from {-(n + 1)} to {n}, blocks.{{0..{n - 1}}}.{{{','.join(SITE_FAMILIES)}}} "
+        "or ln_final.hook_normalized (GET /models/{id}/sites lists them)"
+    )
+
+
+def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tuple[int, ...]]:
+    """(the site as the loader reads it, its per-token shape): an index made non-negative, or a name the model has."""
+    n = model.num_layers
+    if model.sites is None:
+        raise Unsupported(
+            f"{field}: the {model.loader} loader has no hook points for interventions or named sites",
+            field=field,
+        )
+    if isinstance(site, str) and not is_site_name(site):
+        try:
+            site = int(site)
+        except ValueError:
+            raise InvalidField(
+                f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model)
+            ) from None
+    if isinstance(site, int) and not isinstance(site, bool):
+        if not -(n + 1) <= site <= n:
+            raise InvalidField(
+                f"{field}: layer {site} is out of range for a model with {n} layers",
+                field=field,
+                allowed=site_names_allowed(model),
+            )
+        return (site if site >= 0 else n + 1 + site), (model.hidden_size,)
+    known = model.sites.get(site) if isinstance(site, str) else None
+    if isinstance(known, str):
+        raise InvalidField(f"{field}: {site}: {known}", field=field, allowed=site_names_allowed(model))
+    if known is None:
+        raise InvalidField(f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model))
+    return site, tuple(known)
+
+
+def resolve_interventions(
+    specs: Sequence[Any], model: LoadedModel, lookup: Callable[[str], Any] | None = None, field: str = "interventions"
+) -> tuple[Intervention, ...]:
+    """Every item of the field checked (site, op, positions, heads, vector and its shape) and resolved."""
+    if len(specs) > MAX_INTERVENTIONS:
+        raise InvalidField(
+            f"{field}: {len(specs)} items, more than {MAX_INTERVENTIONS}",
+            field=field,
+            allowed=f"at most {MAX_INTERVENTIONS}",
+        )
+    return tuple(_one(spec, model, lookup, f"{field}[{k}]") for k, spec in enumerate(specs))
+
+
+def _one(spec: Any, model: LoadedModel, lookup: Callable[[str], Any] | None, at: str) -> Intervention:
+    site, shape = check_site(spec.site, model, f"{at}.site")
+    if spec.op not in OPS:
+        raise InvalidField(f"{at}.op: unknown op {spec.op!r}", field=f"{at}.op", allowed=list(OPS))
+    if not math.isfinite(spec.scale):
+        raise InvalidField(f"{at}.scale: must be a finite number", field=f"{at}.scale", allowed="a finite number")
+    positions = _positions(spec.positions, f"{at}.positions")
+    heads = _heads(spec.heads, site, shape, f"{at}.heads")
+    vector = None
+    if spec.op in NEEDS_VECTOR:
+        if spec.vector is None:
+            raise InvalidField(
+                f"{at}.vector: op {spec.op!r} needs a vector", field=f"{at}.vector", allowed=_shapes(shape)
+            )
+        vector = _shaped(read_vector(spec.vector, lookup, f"{at}.vector"), spec.op, positions, shape, f"{at}.vector")
+    elif spec.vector is not None:
+        raise InvalidField(
+            f"{at}.vector: op {spec.op!r} takes no vector", field=f"{at}.vector", allowed="no vector for scale and zero"
+        )
+    return Intervention(site=site, op=spec.op, vector=vector, scale=float(spec.scale), positions=positions, heads=heads)
+
+
+def _positions(spec: Any, field: str) -> PositionSpec:
+    if isinstance(spec, str) and spec in EDIT_POSITIONS:
+        return spec  # type: ignore[return-value]
+    ints = isinstance(spec, list) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
+    if ints and len(set(spec)) == len(spec):
+        return list(spec)
+    raise InvalidField(
+        f"{field}: {spec!r} is not a position spec for an edit",
+        field=field,
+        allowed=[*EDIT_POSITIONS, "a non-empty list of distinct token indices (negative: from the end of the prompt)"],
+    )
+
+
+def _heads(heads: Any, site: int | str, shape: tuple[int, ...], field: str) -> tuple[int, ...] | None:
+    if heads is None:
+        return None
+    if not (isinstance(site, str) and site.endswith("attn.hook_z")):
+        raise InvalidField(f"{field}: heads apply to attn.hook_z sites only", field=field, allowed=None)
+    count = shape[0]
+    bad = [h for h in heads if not 0 <= h < count]
+    if not heads or bad or len(set(heads)) < len(heads):
+        raise InvalidField(
+            f"{field}: {heads!r} is not a list of distinct heads of this model",
+            field=field,
+            allowed=f"distinct integers from 0 to {count - 1}",
+        )
+    return tuple(heads)
+
+
+def read_vector(value: Any, lookup: Callable[[str], Any] | None, field: str) -> Any:
+    """A vector as a float32 CPU tensor: a JSON list (or list of lists), a wire tensor as the server returns them
+    (``{data, shape, dtype[, encoding: "base64"]}``) or the name of a stored vector."""
+    import torch
+
+    if isinstance(value, str):
+        if lookup is None:
+            raise InvalidField(f"{field}: no stored vectors on this server", field=field, allowed="a list of numbers")
+        return lookup(value)
+    if isinstance(value, dict):
+        return _wire(value, field)
+    try:
+        t = torch.tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise InvalidField(
+            f"{field}: not a list of numbers or a rectangular list of lists of numbers",
+            field=field,
+            allowed="[D] or [P, D] numbers, a wire tensor or a stored vector's name",
+        ) from None
+    return _finite(t, field)
+
+
+def _wire(value: dict[str, Any], field: str) -> Any:
+    import numpy as np
+    import torch
+
+    allowed = '{"data", "shape", "dtype": float32|float16|bfloat16, "encoding": "base64" (optional)}'
+    shape, dtype, data = value.get("shape"), value.get("dtype", "float32"), value.get("data")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape) or dtype not in WIRE_DTYPES:
+        raise InvalidField(f"{field}: not a wire tensor", field=field, allowed=allowed)
+    count = math.prod(shape)
+    try:
+        if value.get("encoding") == "base64":
+            raw = base64.b64decode(data, validate=True)
+            if len(raw) != count * WIRE_DTYPES[dtype]:
+                raise ValueError(f"{len(raw)} bytes for shape {shape} in {dtype}")
+            if dtype == "bfloat16":  # the top half of a float32's bits
+                bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+                array = bits.view(np.float32)
+            else:
+                array = np.frombuffer(raw, dtype="<f4" if dtype == "float32" else "<f2").astype(np.float32)
+            t = torch.from_numpy(array.copy()).reshape(shape)
+        else:
+            t = torch.tensor(data, dtype=torch.float32).reshape(shape)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidField(f"{field}: not a wire tensor: {exc}", field=field, allowed=allowed) from None
+    return _finite(t, field)
+
+
+def _finite(t: Any, field: str) -> Any:
+    import torch
+
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidField(f"{field}: holds NaN or infinity", field=field, allowed="finite numbers")
+    return t
+
+
+def _shapes(shape: tuple[int, ...]) -> str:
+    d = shape[-1]
+    return f"[{d}], or [P, {d}] with a list of P positions ([k, {d}] for ablate)"
+
+
+def _shaped(v: Any, op: str, positions: PositionSpec, shape: tuple[int, ...], field: str) -> Any:
+    """``v`` checked against the site's last dimension; for ablate, its rows' orthonormal basis."""
+    import torch
+
+    d = shape[-1]
+    if v.ndim not in (1, 2) or v.shape[-1] != d:
+        raise InvalidField(
+            f"{field}: shape {list(v.shape)} does not fit the site's {d} dimensions",
+            field=field,
+            allowed=_shapes(shape),
+        )
+    if op == "ablate":
+        rows = v.reshape(-1, d).double()
+        if rows.shape[0] > d or bool((rows.norm(dim=1) == 0).any()):
+            raise InvalidField(
+                f"{field}: ablate needs at most {d} non-zero directions", field=field, allowed=_shapes(shape)
+            )
+        q, r = torch.linalg.qr(rows.T)
+        if bool((r.diagonal().abs() < 1e-10 * rows.norm(dim=1).max()).any()):
+            raise InvalidField(f"{field}: the directions are linearly dependent", field=field, allowed=_shapes(shape))
+        return q.T.float().contiguous()
+    if v.ndim == 2 and (not isinstance(positions, list) or len(positions) != v.shape[0]):
+        raise InvalidField(
+            f"{field}: {v.shape[0]} rows need a list of {v.shape[0]} positions",
+            field=field,
+            allowed=_shapes(shape),
+        )
+    return v.contiguous()
