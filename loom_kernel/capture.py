@@ -32,6 +32,10 @@ def resolve_layers(
         spec = [spec]
     out: dict[str, LayerSel] = {}
     for raw in spec:
+        if isinstance(raw, str):  # a list holds indices or hook-point names (with a dot), never numbers as text
+            raise InvalidField(
+                f"{field}: {raw!r} is a str, neither a layer index nor a hook-point name", field=field, allowed=allowed
+            )
         try:
             k = int(raw)
         except (TypeError, ValueError):

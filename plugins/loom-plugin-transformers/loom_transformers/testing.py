@@ -12,6 +12,8 @@ from typing import Any
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
+# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms.
+MORE_ARCHITECTURES = ("gpt_neox", "gemma2")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -105,11 +107,26 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             pad_token_id=tokenizer.pad_token_id,
             **common,
         )
+    elif arch == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            use_parallel_residual=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **common,
+        )
     else:
         cls = {
             "llama": transformers.LlamaConfig,
             "mistral": transformers.MistralConfig,
             "qwen2": transformers.Qwen2Config,
+            "gemma2": transformers.Gemma2Config,
         }
         cfg = cls[arch](
             hidden_size=64,
@@ -124,6 +141,8 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
+    if arch == "gemma2":
+        cfg.head_dim = 16  # its default (256) would make a tiny model's attention 16 times wider than its stream
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -134,8 +153,8 @@ def build_tiny_model(arch: str, root: Path, name: str | None = None, **overrides
     import torch
     import transformers
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHITECTURES}")
+    if arch not in ARCHITECTURES + MORE_ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHITECTURES + MORE_ARCHITECTURES}")
     out = Path(root) / (name or f"tiny-{arch}")
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
