@@ -70,3 +70,23 @@ def test_llm_with_extra_openai_models(server, tmp_path: Path) -> None:
         model=llama, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0
     )
     assert run.stdout.rstrip("\n") == direct.choices[0].message.content.rstrip("\n")
+
+
+def test_openai_client_interventions_in_extra_body_change_the_completion_as_generate_does(server) -> None:
+    import httpx
+    import openai
+
+    base, llama = server
+    vector = np.random.default_rng(0).standard_normal(64).round(4).tolist()
+    edits = [{"site": "blocks.1.hook_resid_post", "op": "add", "vector": vector, "scale": 8.0}]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": llama, "prompt": "The cat sat on", "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(**ask)
+    steered = client.completions.create(**ask, extra_body={"interventions": edits})
+    direct = httpx.post(f"{base}/generate", json={**ask, "interventions": edits}, timeout=60).json()
+    assert steered.choices[0].text == direct["text"]
+    assert steered.choices[0].text != plain.choices[0].text
+    bad = {"interventions": [{"site": "blocks.1.hook_resid_post", "op": "add", "vector": [1.0]}]}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**ask, extra_body=bad)
+    assert err.value.body["param"] == "interventions[0].vector"

@@ -107,6 +107,7 @@ def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
         default_layers=settings.default_layers,
         top_logprobs=top_logprobs_for(data),
         max_response_bytes=int(settings.max_response_mb * 2**20),
+        interventions=data.interventions,
     )
     if req.fmt == "safetensors":
         raise InvalidField(

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from loom_kernel.api.schemas import MAX_N, LayerSpec, NonEmpty, PositionSpec, Seed
+from loom_kernel.api.schemas import MAX_N, Interventions, LayerSpec, NonEmpty, PositionSpec, Seed
 from loom_kernel.errors import InvalidField
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -47,6 +47,7 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     # The Loom's own fields, passed with the SDK's extra_body.
     return_hidden_states: bool = False
     hidden_state_layers: LayerSpec | None = None
+    interventions: Interventions | None = None
     positions: PositionSpec | None = None
     return_full_sequence: bool = False
     hidden_state_format: str | None = None
