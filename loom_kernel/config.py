@@ -57,6 +57,9 @@ class Settings:
     allowed_hosts: list[str] = attrs.field(factory=list)
     max_response_mb: float = 256.0
     allow_remote_code_requests: bool = False
+    # Stored steering vectors (loom_kernel.store): a directory makes them persist across restarts.
+    vectors_directory: str | None = None
+    vectors_max_mb: float = 64.0
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -65,7 +68,7 @@ class Settings:
         for name in ("max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1", field=name)
-        for name in ("max_body_mb", "max_response_mb"):
+        for name in ("max_body_mb", "max_response_mb", "vectors_max_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be more than 0", field=name)
         for name in ("max_queue", "request_timeout"):
@@ -102,6 +105,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "hidden_states": {**_same("default_layers default_format"), "precision": "default_precision"},
     # window_ms: nothing waits for company any more; older config files still load.
     "batching": {**_same("max_batch_size max_batch_tokens max_queue"), "window_ms": ""},
+    "vectors": {"directory": "vectors_directory", "max_mb": "vectors_max_mb"},
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
 }
@@ -115,7 +119,7 @@ ENV_KEYS: dict[str, str] = {
         for name in _same(
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
-            "max_response_mb allowed_hosts"
+            "max_response_mb allowed_hosts vectors_directory vectors_max_mb"
         )
     },
     "LOOM_TRANSPORT": "transports",

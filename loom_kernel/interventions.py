@@ -145,9 +145,14 @@ def read_vector(value: Any, lookup: Callable[[str], Any] | None, field: str) -> 
     import torch
 
     if isinstance(value, str):
-        if lookup is None:
-            raise InvalidField(f"{field}: no stored vectors on this server", field=field, allowed="a list of numbers")
-        return lookup(value)
+        stored = lookup(value) if lookup is not None else None
+        if stored is None:
+            raise InvalidField(
+                f"{field}: no stored vector named {value!r}",
+                field=field,
+                allowed="a stored vector's name (GET /vectors)",
+            )
+        return stored
     if isinstance(value, dict):
         return _wire(value, field)
     try:

@@ -31,6 +31,7 @@ from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
 from loom_kernel.resolve import resolve_model
+from loom_kernel.store import TensorStore
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef
 
 log = logging.getLogger("loom.models")
@@ -76,6 +77,7 @@ class ModelManager:
         self.metrics = Metrics()
         self.admission = Admission(pm, settings)
         self.run = self.admission.run  # the one way a request reaches a model: run(entry, work, until)
+        self.vectors = TensorStore("vector", int(settings.vectors_max_mb * 2**20), settings.vectors_directory)
 
     # -- resolution and ranking -------------------------------------------------------------------------
 

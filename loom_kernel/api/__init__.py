@@ -23,6 +23,7 @@ from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
 from loom_kernel.api.schemas import strict_fields
 from loom_kernel.api.security import Guard, api_key_middleware, guarded
 from loom_kernel.api.system import SystemController
+from loom_kernel.api.vectors import VectorsController
 from loom_kernel.config import Settings
 from loom_kernel.models import ModelManager
 from loom_kernel.plugins import create_plugin_manager
@@ -48,6 +49,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, EmbedController]
+    controllers.append(VectorsController)
     added = [handler for handlers in pm.hook.routes() for handler in handlers or ()]
     app = Litestar(
         route_handlers=[*controllers, *added],

@@ -36,12 +36,14 @@ from loom_kernel.api.streaming import TokenBridge, client_gone
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
+from loom_kernel.models import ModelManager
 from loom_kernel.types import Batch, GenerationParams
 
 
-def state_request(data: CaptureFields, settings: Settings, wanted: bool, stream: bool = False) -> StateRequest:
+def state_request(data: CaptureFields, manager: ModelManager, wanted: bool, stream: bool = False) -> StateRequest:
     """``stream``: the endpoint streams, so ``stream_hidden_states`` puts states in token events; elsewhere it
     asks for the states of the response."""
+    settings = manager.settings
     streamed = bool(getattr(data, "stream_hidden_states", False))
     top = getattr(data, "top_logprobs", None)
     if top is None and getattr(data, "logprobs", False):
@@ -60,6 +62,7 @@ def state_request(data: CaptureFields, settings: Settings, wanted: bool, stream:
         logits=bool(getattr(data, "return_logits", False)),
         max_response_bytes=int(settings.max_response_mb * 2**20),
         interventions=data.interventions,
+        vectors=manager.vectors.tensor,
     )
 
 
@@ -131,7 +134,7 @@ class InferenceController(Controller):
     @post(["/generate", "/v1/generate"], status_code=200)
     async def generate(self, data: JSONBody[GenerateRequest], request: Request, manager: Manager) -> Response:
         settings = manager.settings
-        req = state_request(data, settings, data.return_hidden_states)
+        req = state_request(data, manager, data.return_hidden_states)
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
@@ -155,7 +158,7 @@ class InferenceController(Controller):
     ) -> ServerSentEvent:
         """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
         settings = manager.settings
-        req = json_formats_only(state_request(data, settings, data.return_hidden_states, stream=True), "a stream")
+        req = json_formats_only(state_request(data, manager, data.return_hidden_states, stream=True), "a stream")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
@@ -194,7 +197,7 @@ class InferenceController(Controller):
         """One batched generation; every prompt gets its own result in input order, and a prompt refused on its
         own (too long, no tokens) is reported in its own slot while the others run."""
         settings = manager.settings
-        req = json_formats_only(state_request(data, settings, data.return_hidden_states), "a batch")
+        req = json_formats_only(state_request(data, manager, data.return_hidden_states), "a batch")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         rid = request_id(request)
@@ -213,8 +216,7 @@ class InferenceController(Controller):
 
     @post("/extract", status_code=200)
     async def extract(self, data: JSONBody[ExtractRequest], request: Request, manager: Manager) -> Response:
-        settings = manager.settings
-        req = state_request(data, settings, True)
+        req = state_request(data, manager, True)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
         async def work(s: Session) -> dict[str, Any] | bytes:

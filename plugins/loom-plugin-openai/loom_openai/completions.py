@@ -96,7 +96,7 @@ def top_logprobs_for(data: OpenAIFields) -> int | None:
     return None
 
 
-def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
+def states_for(data: OpenAIFields, settings: Settings, vectors: Any = None) -> StateRequest:
     req = StateRequest.from_fields(
         wanted=data.return_hidden_states,
         layers=data.hidden_state_layers,
@@ -108,6 +108,7 @@ def states_for(data: OpenAIFields, settings: Settings) -> StateRequest:
         top_logprobs=top_logprobs_for(data),
         max_response_bytes=int(settings.max_response_mb * 2**20),
         interventions=data.interventions,
+        vectors=vectors,
     )
     if req.fmt == "safetensors":
         raise InvalidField(
@@ -274,7 +275,7 @@ class OpenAIController(Controller):
         size estimate."""
         refuse_unsupported(data)
         params = params_for(data, settings)
-        req = states_for(data, settings)
+        req = states_for(data, settings, manager.vectors.tensor)
         entry = await manager.get(data.model, loader=data.loader, explicit=data.explicit())
         if entry.loaded is not None:
             check_generation(entry.loaded, params)

@@ -1,0 +1,139 @@
+"""Stored vectors (``/vectors``), which an intervention names instead of sending its numbers, and
+``/vectors/contrast``: the difference of two sets of texts' mean states at a site (contrastive activation addition).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from loom_kernel.admission import Session
+from loom_kernel.api.deps import Manager
+from loom_kernel.api.payloads import StateRequest, model_metadata
+from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.api.streaming import client_gone
+from loom_kernel.encoding import encode_tensor
+from loom_kernel.interventions import read_vector
+from loom_kernel.types import Batch
+
+MAX_CONTRAST_TEXTS = 256
+ContrastTexts = Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_CONTRAST_TEXTS)]
+
+
+class VectorRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: NonEmpty
+    vector: list[Any] | dict[str, Any]  # numbers, rows of numbers, or a wire tensor as the server returns them
+    model: str | None = None
+    site: int | str | None = None
+    description: str | None = None
+    replace: bool = False
+
+
+class ContrastRequest(LoadFields, kw_only=True):
+    model: NonEmpty
+    site: int | str
+    positive: ContrastTexts
+    negative: ContrastTexts
+    positions: Literal["last", "mean"] = "last"
+    name: str | None = None  # store the vector under this name
+    description: str | None = None
+    replace: bool = False
+
+
+async def contrast(session: Session, data: ContrastRequest, req: StateRequest) -> dict[str, Any]:
+    """Every text's state at the site in one batched pass; the difference of the two sets' means."""
+    model = session.model
+    texts = (*data.positive, *data.negative)
+    capture = req.capture(model)
+    rows = (await session.forward(Batch(texts=texts), capture)).rows
+
+    def answer() -> dict[str, Any]:
+        import torch
+
+        key = str(data.site)
+        each = torch.stack([r.states[key].double().mean(0) for r in rows])
+        pos, neg = each[: len(data.positive)], each[len(data.positive) :]
+        vector = pos.mean(0) - neg.mean(0)
+        norm = float(vector.norm())
+        unit = vector / norm if norm > 0 else vector
+        return {
+            "vector": vector.float(),
+            "norm": norm,
+            "separation": {
+                "positive_mean_projection": float((pos @ unit).mean()),
+                "negative_mean_projection": float((neg @ unit).mean()),
+            },
+        }
+
+    return await session.thread(answer)
+
+
+def _site_meta(data: Any) -> dict[str, str | None]:
+    return {
+        "model": data.model,
+        "site": None if data.site is None else str(data.site),
+        "description": data.description,
+    }
+
+
+class VectorsController(Controller):
+    path = "/vectors"
+    tags = ["interventions"]
+
+    @post("/", status_code=201)
+    async def put(self, data: JSONBody[VectorRequest], manager: Manager) -> dict[str, Any]:
+        """Store a vector under ``name`` (409 if the name exists unless ``replace``; 507 past the byte budget)."""
+        tensor = read_vector(data.vector, None, "vector")
+        return manager.vectors.put(data.name, tensor, _site_meta(data), replace=data.replace).describe()
+
+    @get("/", sync_to_thread=False)
+    def list_vectors(self, manager: Manager) -> dict[str, Any]:
+        store = manager.vectors
+        return {
+            "vectors": [item.describe() for item in store.items.values()],
+            "bytes": store.used,
+            "max_bytes": store.max_bytes,
+            "persistent": store.directory is not None,
+        }
+
+    @get("/{name:str}", sync_to_thread=False)
+    def get_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
+        item = manager.vectors.get(name)
+        return {**item.describe(), "vector": encode_tensor(item.tensor, "float32", "list")}
+
+    @delete("/{name:str}", status_code=200)
+    async def delete_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
+        manager.vectors.delete(name)
+        return {"status": "deleted", "name": name}
+
+    @post("/contrast", status_code=200)
+    async def contrast(self, data: JSONBody[ContrastRequest], request: Request, manager: Manager) -> dict[str, Any]:
+        """The mean state of ``positive`` minus that of ``negative`` at ``site`` (each text's last token, or the mean
+        of its tokens), its norm, and each set's mean projection on its direction; stored when ``name`` is given."""
+        settings = manager.settings
+        req = StateRequest.from_fields(
+            wanted=True,
+            layers=[data.site],
+            positions="last" if data.positions == "last" else "all",
+            return_full_sequence=False,
+            fmt="list",
+            dtype="float32",
+            default_layers=settings.default_layers,
+        )
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        result = await manager.run(entry, lambda s: contrast(s, data, req), until=client_gone(request))
+        vector = result.pop("vector")
+        stored = None
+        if data.name is not None:
+            stored = manager.vectors.put(data.name, vector, _site_meta(data), replace=data.replace).describe()
+        return {
+            **result,
+            "vector": encode_tensor(vector, "float32", "list"),
+            "stored": stored,
+            "site": data.site,
+            "counts": {"positive": len(data.positive), "negative": len(data.negative)},
+            "metadata": model_metadata(entry.model()),
+        }

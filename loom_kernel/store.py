@@ -1,0 +1,136 @@
+"""Named tensors with metadata (steering vectors now, probes next), bounded by a byte budget.
+
+With a directory each tensor is one safetensors file, written under a temporary name, flushed to disk and renamed
+over the old one, so that a crash leaves the old file or the new one, never half of one; the store reads them back
+at start-up. Without a directory it lives in memory only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from loom_kernel.errors import Conflict, InsufficientStorage, InvalidField, LoomError
+
+log = logging.getLogger("loom")
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class NotFound(LoomError):
+    status = 404
+    title = "Not found"
+
+
+@attrs.define
+class Stored:
+    name: str
+    tensor: Any  # a float32 CPU tensor
+    meta: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.numel()) * 4
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.tensor.shape),
+            "dtype": "float32",
+            "norm": float(self.tensor.double().norm()),
+            "bytes": self.nbytes,
+            **self.meta,
+        }
+
+
+class TensorStore:
+    def __init__(self, kind: str, max_bytes: int, directory: str | os.PathLike[str] | None = None) -> None:
+        self.kind, self.max_bytes = kind, max_bytes
+        self.directory = Path(directory) if directory else None
+        self.items: dict[str, Stored] = {}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._read_all()
+
+    @property
+    def used(self) -> int:
+        return sum(item.nbytes for item in self.items.values())
+
+    def put(self, name: str, tensor: Any, meta: dict[str, str | None], replace: bool = False) -> Stored:
+        if not NAME.match(name):
+            raise InvalidField(f"name: {name!r} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
+        if name in self.items and not replace:
+            raise Conflict(
+                f"name: a {self.kind} named {name!r} exists; send replace: true to overwrite it", field="name"
+            )
+        item = Stored(name, tensor.detach().float().cpu().contiguous(), {k: v for k, v in meta.items() if v})
+        item.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        freed = self.items[name].nbytes if name in self.items else 0
+        if self.used - freed + item.nbytes > self.max_bytes:
+            raise InsufficientStorage(
+                f"{self.kind}s: storing {name!r} ({item.nbytes} bytes) would pass the budget of {self.max_bytes} bytes "
+                f"({self.used} used); delete some or raise the server's {self.kind}s.max_mb",
+                field="vector",
+            )
+        if self.directory is not None:
+            self._write(item)
+        self.items[name] = item
+        return item
+
+    def get(self, name: str) -> Stored:
+        item = self.items.get(name)
+        if item is None:
+            raise NotFound(f"name: no {self.kind} named {name!r}", field="name", allowed=sorted(self.items))
+        return item
+
+    def tensor(self, name: str) -> Any | None:
+        item = self.items.get(name)
+        return None if item is None else item.tensor
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        if self.directory is not None:
+            (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
+        del self.items[name]
+
+    def _write(self, item: Stored) -> None:
+        from safetensors.torch import save_file
+
+        assert self.directory is not None
+        final = self.directory / f"{item.name}.safetensors"
+        temporary = self.directory / f".{item.name}.{os.getpid()}.tmp"
+        try:
+            save_file({self.kind: item.tensor}, str(temporary), metadata=item.meta)
+            with open(temporary, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(temporary, final)
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def _read_all(self) -> None:
+        from safetensors import safe_open
+
+        assert self.directory is not None
+        for leftover in self.directory.glob(".*.tmp"):  # a write a crash interrupted: its old file is intact
+            leftover.unlink(missing_ok=True)
+        for path in sorted(self.directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    item = Stored(path.stem, f.get_tensor(self.kind).float(), dict(f.metadata() or {}))
+            except Exception as exc:  # one unreadable file must not stop the server or hide the others
+                log.error("%s store: cannot read %s: %s", self.kind, path, exc)
+                continue
+            self.items[item.name] = item
+        log.info("%s store: %d read from %s (%d bytes)", self.kind, len(self.items), self.directory, self.used)

@@ -1,0 +1,163 @@
+"""Stored vectors: round trip, persistence across a restart, a crash mid-write, the byte budget, bad vectors, and
+/vectors/contrast against the mean difference computed in-process from transformers' own hidden states."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from litestar.testing import TestClient
+from test_batching import arrays
+from test_models import app_with
+
+from loom_kernel.store import TensorStore
+
+POSITIVE = ["I love this, it is wonderful", "What a great and happy day", "Thank you, this is lovely"]
+NEGATIVE = ["I hate this, it is awful", "What a terrible and sad day", "This is bad and I am angry"]
+
+
+def b64(values: np.ndarray) -> dict:
+    return {
+        "data": base64.b64encode(values.astype("<f4").tobytes()).decode(),
+        "shape": list(values.shape),
+        "dtype": "float32",
+        "encoding": "base64",
+    }
+
+
+def test_round_trip_listing_and_deletion(tmp_path: Path) -> None:
+    values = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    with TestClient(app_with()) as c:
+        r = c.post("/vectors", json={"name": "joy", "vector": values.tolist(), "site": 2, "description": "a test"})
+        assert r.status_code == 201, r.text
+        assert r.json()["shape"] == [64] and r.json()["site"] == "2"
+        assert abs(r.json()["norm"] - float(np.linalg.norm(values.astype(np.float64)))) < 1e-4
+        assert c.post("/vectors", json={"name": "wire", "vector": b64(values)}).status_code == 201
+        listed = c.get("/vectors").json()
+        assert sorted(v["name"] for v in listed["vectors"]) == ["joy", "wire"] and listed["bytes"] == 2 * 64 * 4
+        for name in ("joy", "wire"):
+            got = c.get(f"/vectors/{name}").json()
+            np.testing.assert_array_equal(np.asarray(got["vector"]["data"], dtype=np.float32), values)
+        again = c.post("/vectors", json={"name": "joy", "vector": values.tolist()})
+        assert again.status_code == 409 and again.json()["field"] == "name"
+        assert c.post("/vectors", json={"name": "joy", "vector": [1.0], "replace": True}).json()["shape"] == [1]
+        assert c.delete("/vectors/joy").status_code == 200
+        gone = c.get("/vectors/joy")
+        assert gone.status_code == 404 and gone.json()["allowed"] == ["wire"]
+        assert c.delete("/vectors/joy").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "../etc", "vector": [1.0]}, "name"),
+        ({"name": "x", "vector": [[1.0, 2.0], [3.0]]}, "vector"),
+        ('{"name": "x", "vector": [1e400]}', "vector"),
+        ({"name": "x", "vector": {"data": "AAAA", "shape": [2], "dtype": "float32", "encoding": "base64"}}, "vector"),
+        ({"name": "x", "vector": {"data": [1.0], "shape": [2], "dtype": "float64"}}, "vector"),
+        ({"name": "x", "vector": ["a"]}, "vector"),
+    ],
+)
+def test_bad_vectors_are_422_naming_the_field(body: dict | str, field: str) -> None:
+    with TestClient(app_with()) as c:
+        sent = (
+            {"content": body, "headers": {"content-type": "application/json"}}
+            if isinstance(body, str)
+            else {"json": body}
+        )
+        r = c.post("/vectors", **sent)
+        assert r.status_code == 422 and r.json()["field"].startswith(field), r.text
+        assert c.get("/vectors").json()["vectors"] == []
+
+
+def test_the_byte_budget_is_a_507_and_a_replacement_counts_what_it_frees() -> None:
+    with TestClient(app_with(vectors_max_mb=1000 / 2**20)) as c:  # 1000 bytes: 250 floats
+        assert c.post("/vectors", json={"name": "a", "vector": [0.5] * 200}).status_code == 201
+        r = c.post("/vectors", json={"name": "b", "vector": [0.5] * 100})
+        assert r.status_code == 507 and "budget of 1000 bytes" in r.json()["detail"], r.text
+        assert c.post("/vectors", json={"name": "a", "vector": [0.5] * 250, "replace": True}).status_code == 201
+        assert [v["name"] for v in c.get("/vectors").json()["vectors"]] == ["a"]
+
+
+def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    directory = tmp_path / "vectors"
+    values = np.arange(64, dtype=np.float32) / 7
+    with TestClient(app_with(vectors_directory=str(directory))) as c:
+        assert c.post("/vectors", json={"name": "steady", "vector": values.tolist(), "model": "m"}).status_code == 201
+    assert oct(directory.stat().st_mode & 0o777) == "0o700"
+
+    import safetensors.torch
+
+    def crash(tensors, path, metadata=None):  # the process dies with half a file written under its temporary name
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    store = TensorStore("vector", 2**20, directory)
+    with pytest.raises(KeyboardInterrupt):
+        store.put("steady", torch.zeros(64), {}, replace=True)
+    (directory / ".steady.999.tmp").write_bytes(b"left by a crash")  # a kill -9 leaves its temporary file
+    monkeypatch.undo()
+
+    with TestClient(app_with(vectors_directory=str(directory))) as c:  # the restart
+        listed = c.get("/vectors").json()["vectors"]
+        assert [(v["name"], v["model"]) for v in listed] == [("steady", "m")]
+        got = c.get("/vectors/steady").json()["vector"]
+        np.testing.assert_array_equal(np.asarray(got["data"], dtype=np.float32), values)
+    assert sorted(p.name for p in directory.iterdir()) == ["steady.safetensors"]
+
+
+@pytest.mark.parametrize(("site", "positions"), [(2, "last"), ("blocks.1.hook_mlp_out", "mean")])
+def test_contrast_is_the_in_process_mean_difference(tiny_models, site, positions) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tiny_models["llama"])
+    net = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    kept: dict[str, torch.Tensor] = {}
+    handle = None
+    if site != 2:
+        handle = net.model.layers[1].mlp.register_forward_hook(lambda m, a, out: kept.update(h=out.detach()))
+
+    def state(text: str) -> torch.Tensor:
+        with torch.inference_mode():
+            out = net(**tok(text, return_tensors="pt"), output_hidden_states=True)
+        h = (out.hidden_states[2] if site == 2 else kept["h"])[0].double()
+        return h[-1] if positions == "last" else h.mean(0)
+
+    pos = torch.stack([state(t) for t in POSITIVE])
+    neg = torch.stack([state(t) for t in NEGATIVE])
+    if handle is not None:
+        handle.remove()
+    want = pos.mean(0) - neg.mean(0)
+    unit = want / want.norm()
+    with TestClient(app_with()) as c:
+        body = {"model": path, "site": site, "positive": POSITIVE, "negative": NEGATIVE, "positions": positions}
+        r = c.post("/vectors/contrast", json={**body, "name": "mood"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        np.testing.assert_allclose(np.asarray(answer["vector"]["data"]), want.numpy(), atol=1e-5, rtol=0)
+        assert abs(answer["norm"] - float(want.norm())) < 1e-5
+        assert abs(answer["separation"]["positive_mean_projection"] - float((pos @ unit).mean())) < 1e-5
+        assert abs(answer["separation"]["negative_mean_projection"] - float((neg @ unit).mean())) < 1e-5
+        assert answer["stored"]["name"] == "mood" and answer["stored"]["site"] == str(site)
+
+        # Steering by the stored name is steering by its numbers.
+        ask = {"model": path, "prompt": "Today I feel", "max_tokens": 10, "temperature": 0}
+        by_name = c.post("/generate", json={**ask, "interventions": [{"site": site, "op": "add", "vector": "mood"}]})
+        literal = {"site": site, "op": "add", "vector": answer["vector"]}
+        by_value = c.post("/generate", json={**ask, "interventions": [literal]})
+        assert by_name.status_code == 200, by_name.text
+        assert by_name.json()["token_ids"] == by_value.json()["token_ids"]
+        extract = {"model": path, "text": "hello there", "hidden_state_layers": [site, -1], "positions": "all"}
+        named, valued = (
+            arrays(c.post("/extract", json={**extract, "interventions": [edit]}).json(), "sequence_hidden_states")
+            for edit in ({"site": site, "op": "add", "vector": "mood"}, literal)
+        )
+        for key in named:
+            np.testing.assert_array_equal(named[key], valued[key])
+        missing = c.post("/generate", json={**ask, "interventions": [{"site": site, "op": "add", "vector": "nope"}]})
+        assert missing.status_code == 422 and missing.json()["field"] == "interventions[0].vector"
