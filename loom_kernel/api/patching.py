@@ -1,0 +1,188 @@
+"""POST /patch: activation patching (causal tracing) in one call.
+
+The clean text runs once with its states kept at every site; then the clean run, the corrupted run and one corrupted
+run per (site, position), with the clean state set there, go through the scheduler as rows of a few batched calls
+(one-token generations whose first logits give the metric at the last position), as TransformerLens's ``patching``
+module and the ROME paper compute it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, Request, post
+from litestar.params import JSONBody
+
+from loom_kernel.admission import Session
+from loom_kernel.api.deps import Manager
+from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata
+from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.api.streaming import client_gone
+from loom_kernel.errors import InvalidField
+from loom_kernel.interventions import check_site
+from loom_kernel.types import Batch, Capture, GenerationParams, Intervention
+
+FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+class Metric(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["logit_diff", "logprob"]
+    correct: str | None = None
+    incorrect: str | None = None
+    token: str | None = None
+
+
+class PatchRequest(LoadFields, kw_only=True):
+    model: NonEmpty
+    clean: NonEmpty
+    corrupted: NonEmpty
+    sites: str | list[int | str]  # a family (every block's hook of that name), or sites
+    metric: Metric
+    positions: Literal["all"] | list[int] = "all"
+    add_special_tokens: bool = True
+
+
+def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | str]:
+    if isinstance(sites, list):
+        if not sites:
+            raise InvalidField("sites: empty", field="sites", allowed=[*FAMILIES, "a list of sites"])
+        return list(dict.fromkeys(sites))
+    if sites not in FAMILIES:
+        raise InvalidField(f"sites: unknown family {sites!r}", field="sites", allowed=[*FAMILIES, "a list of sites"])
+    return [f"blocks.{i}.hook_{sites}" for i in range(num_layers)]
+
+
+def token_id(tokenizer: Any, text: str | None, field: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if len(ids) != 1:
+        raise InvalidField(
+            f"{field}: {text!r} is {len(ids)} tokens for this model's tokenizer ({ids}), not one",
+            field=field,
+            allowed="the text of one token, with its leading space where the tokenizer has one",
+        )
+    return int(ids[0])
+
+
+def scorer(tokenizer: Any, metric: Metric) -> Any:
+    """The metric of one row's logits at the last position."""
+    import torch
+
+    if metric.type == "logit_diff":
+        good = token_id(tokenizer, metric.correct, "metric.correct")
+        bad = token_id(tokenizer, metric.incorrect, "metric.incorrect")
+        return lambda logits: float(logits[good] - logits[bad])
+    want = token_id(tokenizer, metric.token, "metric.token")
+    return lambda logits: float(torch.log_softmax(logits.double(), dim=-1)[want])
+
+
+async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: int) -> dict[str, Any]:
+    model, tok = session.model, session.model.tokenizer
+    one = GenerationParams(max_tokens=1, temperature=0.0)
+    check_generation(model, one)
+    sites = expand_sites(data.sites, model.num_layers)
+    checked = []
+    for k, site in enumerate(sites):
+        at, shape = check_site(site, model, f"sites[{k}]")
+        if len(shape) != 1:
+            raise InvalidField(
+                f"sites[{k}]: {site} holds one vector per head; patch it through its block's hook_attn_out",
+                field=f"sites[{k}]",
+                allowed=list(FAMILIES),
+            )
+        checked.append(at)
+    clean, corrupt = (
+        tuple(tok(t, add_special_tokens=data.add_special_tokens)["input_ids"]) for t in (data.clean, data.corrupted)
+    )
+    if len(clean) != len(corrupt):
+        raise InvalidField(
+            f"corrupted: {len(corrupt)} tokens, the clean text {len(clean)}; patching needs the same count",
+            field="corrupted",
+            allowed=f"a text of {len(clean)} tokens",
+            clean_tokens=len(clean),
+            corrupted_tokens=len(corrupt),
+        )
+    total = len(clean)
+    positions = list(range(total)) if data.positions == "all" else [p if p >= 0 else total + p for p in data.positions]
+    if not positions or any(not 0 <= p < total for p in positions) or len(set(positions)) < len(positions):
+        raise InvalidField(
+            f"positions: {data.positions} does not name distinct tokens of a {total}-token text",
+            field="positions",
+            allowed=f'"all" or distinct integers from {-total} to {total - 1}',
+        )
+    rows = 2 + len(checked) * len(positions)
+    if rows > max_rows:
+        raise InvalidField(
+            f"sites: {len(checked)} sites x {len(positions)} positions is {rows} runs, more than this server's "
+            f"limit of {max_rows} (interventions.patch_max_rows)",
+            field="sites",
+            allowed=f"at most {max_rows - 2} sites x positions",
+        )
+    score = scorer(tok, data.metric)
+    layers = [s for s in checked if isinstance(s, int)]
+    req = StateRequest.from_fields(
+        wanted=True,
+        layers=[*layers, *(s for s in checked if isinstance(s, str))],
+        positions="all",
+        return_full_sequence=False,
+        fmt="list",
+        dtype="float32",
+        default_layers=[],
+    )
+    (kept,) = (await session.forward(Batch(token_ids=(clean,)), req.capture(model))).rows
+
+    edits: list[tuple[Intervention, ...]] = [(), ()]
+    for site in checked:
+        states = kept.states[str(site)]
+        edits += [
+            (Intervention(site=site, op="set", vector=states[p : p + 1].float(), positions=[p]),) for p in positions
+        ]
+    inputs = [clean] + [corrupt] * (rows - 1)
+    chunks = [range(i, min(i + max_batch, rows)) for i in range(0, rows, max_batch)]
+    outputs = await asyncio.gather(
+        *(
+            session.forward(
+                Batch(
+                    token_ids=tuple(inputs[i] for i in chunk),
+                    generation=one,
+                    interventions=tuple(edits[i] for i in chunk),
+                ),
+                Capture(logits=True),
+            )
+            for chunk in chunks
+        )
+    )
+    metrics = [score(row.logits[0]) for out in outputs for row in out.rows]
+    clean_m, corrupt_m = metrics[0], metrics[1]
+    matrix = [metrics[2 + s * len(positions) : 2 + (s + 1) * len(positions)] for s in range(len(checked))]
+    gap = clean_m - corrupt_m
+    return {
+        "model": data.model,
+        "metric": {"type": data.metric.type, "clean": clean_m, "corrupted": corrupt_m},
+        "sites": [str(s) for s in sites],
+        "positions": positions,
+        "tokens": {
+            "clean": tok.convert_ids_to_tokens(list(clean)),
+            "corrupted": tok.convert_ids_to_tokens(list(corrupt)),
+        },
+        "patched": matrix,
+        "normalized": [[(m - corrupt_m) / gap if gap and math.isfinite(gap) else None for m in row] for row in matrix],
+        "runs": rows,
+        "calls": len(chunks),
+        "metadata": model_metadata(model),
+    }
+
+
+class PatchController(Controller):
+    tags = ["interventions"]
+
+    @post("/patch", status_code=200)
+    async def patch(self, data: JSONBody[PatchRequest], request: Request, manager: Manager) -> dict[str, Any]:
+        """The metric for the clean run, the corrupted run, and each (site, position) of the corrupted run with the
+        clean state patched in, with its normalized form (patched - corrupted) / (clean - corrupted)."""
+        s = manager.settings
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        work = lambda session: patch(session, data, s.patch_max_rows, s.max_batch_size)  # noqa: E731
+        return await manager.run(entry, work, until=client_gone(request))

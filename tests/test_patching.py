@@ -1,0 +1,165 @@
+"""POST /patch against an in-process loop of patched forward passes on transformers' own modules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from test_interventions import first, load, reference_points
+from test_models import app_with, concurrent_client
+
+CLEAN, CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"  # the same token count in both tokenizers
+
+
+def in_process(path: str, arch: str, sites: list[Any], positions: list[int] | None, metric: dict) -> dict[str, Any]:
+    """The clean run with each site's output kept, then one corrupted forward pass per (site, position) with a hook
+    that writes the clean value there."""
+    net, tok = load(path, arch)
+    points, _, _ = reference_points(net, arch)
+    clean = tok(CLEAN, return_tensors="pt")["input_ids"]
+    corrupt = tok(CORRUPTED, return_tensors="pt")["input_ids"]
+    total = clean.shape[1]
+    positions = list(range(total)) if positions is None else [p % total for p in positions]
+
+    def score(logits: torch.Tensor) -> float:
+        if metric["type"] == "logit_diff":
+            good, bad = (tok(metric[k], add_special_tokens=False)["input_ids"][0] for k in ("correct", "incorrect"))
+            return float(logits[good] - logits[bad])
+        token = tok(metric["token"], add_special_tokens=False)["input_ids"][0]
+        return float(torch.log_softmax(logits.double(), -1)[token])
+
+    kept: dict[Any, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        module, side = points[site]
+        if side == "in":
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, kw, s=site: kept.__setitem__(s, (a[0] if a else kw["hidden_states"]).clone()),
+                    with_kwargs=True,
+                )
+            )
+        else:
+            handles.append(
+                module.register_forward_hook(lambda m, a, out, s=site: kept.__setitem__(s, first(out).clone()))
+            )
+    with torch.inference_mode():
+        clean_m = score(net(clean).logits[0, -1])
+    for h in handles:
+        h.remove()
+    with torch.inference_mode():
+        corrupt_m = score(net(corrupt).logits[0, -1])
+    matrix = []
+    for site in sites:
+        module, side = points[site]
+        mid = str(site).endswith("hook_resid_mid")
+        block_input: dict[str, torch.Tensor] = {}
+        if mid:  # the stream between the sublayers is set through what attention adds to it: clean - resid_pre
+            module, side = points[site.replace("hook_resid_mid", "hook_attn_out")]
+            block = points[site.replace("hook_resid_mid", "hook_resid_pre")][0]
+            stash = block.register_forward_pre_hook(
+                lambda m, a, kw, s=block_input: s.__setitem__("x", a[0] if a else kw["hidden_states"]),
+                with_kwargs=True,
+            )
+        row = []
+        for p in positions:
+
+            def put(
+                h: torch.Tensor, site: Any = site, p: int = p, mid: bool = mid, s: dict = block_input
+            ) -> torch.Tensor:
+                h = h.clone()
+                h[0, p] = kept[site][0, p] - (s["x"][0, p] if mid else 0)
+                return h
+
+            if side == "in":
+                handle = module.register_forward_pre_hook(
+                    lambda m, a, kw, put=put: (
+                        ((put(a[0]), *a[1:]), kw) if a else (a, {**kw, "hidden_states": put(kw["hidden_states"])})
+                    ),
+                    with_kwargs=True,
+                )
+            else:
+                handle = module.register_forward_hook(
+                    lambda m, a, out, put=put: (put(out[0]), *out[1:]) if isinstance(out, tuple) else put(out)
+                )
+            with torch.inference_mode():
+                row.append(score(net(corrupt).logits[0, -1]))
+            handle.remove()
+        if mid:
+            stash.remove()
+        matrix.append(row)
+    return {"clean": clean_m, "corrupted": corrupt_m, "patched": matrix, "positions": positions}
+
+
+@pytest.mark.parametrize(
+    ("arch", "sites", "positions", "metric"),
+    [
+        ("llama", "resid_pre", None, {"type": "logprob", "token": "."}),
+        (
+            "gpt2",
+            ["blocks.0.hook_attn_out", "blocks.1.hook_mlp_out", 2],
+            [4, -1],
+            {"type": "logit_diff", "correct": " the", "incorrect": "."},
+        ),
+        ("llama", "resid_mid", [3, 4, 5], {"type": "logit_diff", "correct": " the", "incorrect": "."}),
+    ],
+)
+async def test_patch_matrix_matches_an_in_process_loop_and_runs_batched(tiny_models, arch, sites, positions, metric):
+    path = str(tiny_models[arch])
+    net_sites = [f"blocks.{i}.hook_{sites}" for i in range(3)] if isinstance(sites, str) else sites
+    want = in_process(path, arch, net_sites, positions, metric)
+    app = app_with(max_batch_size=8)
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        before = (await c.get("/models")).json()["loaded_models"][0]["batches"]
+        body = {"model": path, "clean": CLEAN, "corrupted": CORRUPTED, "sites": sites, "metric": metric}
+        if positions is not None:
+            body["positions"] = positions
+        r = await c.post("/patch", json=body)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        after = (await c.get("/models")).json()["loaded_models"][0]["batches"]
+    assert got["sites"] == [str(s) for s in net_sites] and got["positions"] == want["positions"]
+    assert abs(got["metric"]["clean"] - want["clean"]) < 1e-5
+    assert abs(got["metric"]["corrupted"] - want["corrupted"]) < 1e-5
+    for got_row, want_row in zip(got["patched"], want["patched"], strict=True):
+        assert max(abs(a - b) for a, b in zip(got_row, want_row, strict=True)) < 1e-5, (got_row, want_row)
+    gap = want["clean"] - want["corrupted"]
+    for got_row, want_row in zip(got["normalized"], want["patched"], strict=True):
+        for a, b in zip(got_row, want_row, strict=True):
+            assert abs(a - (b - want["corrupted"]) / gap) < 1e-4
+    runs = 2 + len(net_sites) * len(want["positions"])
+    assert got["runs"] == runs and got["calls"] == math.ceil(runs / 8)
+    assert after - before == 1 + got["calls"] < runs  # the clean capture, then the runs in batches of 8 rows
+
+
+async def test_patch_refusals_name_the_field(tiny_models):
+    path = str(tiny_models["llama"])
+    base = {
+        "model": path,
+        "clean": CLEAN,
+        "corrupted": CORRUPTED,
+        "sites": "resid_pre",
+        "metric": {"type": "logprob", "token": "."},
+    }
+    async with concurrent_client(app_with(patch_max_rows=10)) as c:
+        cases = [
+            ({"corrupted": "The dog sat on the mat"}, "corrupted", "tokens"),
+            ({}, "sites", "limit of 10"),
+            ({"sites": "resid_side"}, "sites", "unknown family"),
+            ({"sites": ["blocks.0.attn.hook_z"]}, "sites[0]", "per head"),
+            ({"positions": [99]}, "positions", "distinct tokens"),
+            (
+                {"sites": [1], "positions": [1], "metric": {"type": "logprob", "token": "the cat"}},
+                "metric.token",
+                "not one",
+            ),
+        ]
+        for change, field, words in cases:
+            r = await c.post("/patch", json={**base, **change})
+            assert r.status_code == 422, r.text
+            assert r.json()["field"] == field and words in r.json()["detail"], r.json()
+        bert = await c.post("/patch", json={**base, "model": str(tiny_models["bert"]), "sites": [1]})
+        assert bert.status_code == 422 and bert.json()["field"] == "model"
