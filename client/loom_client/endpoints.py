@@ -3,12 +3,14 @@ in how they send it."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import numpy as np
 
 from loom_client import decode
 
@@ -29,6 +31,24 @@ def embeddings_body(response: httpx.Response) -> dict[str, Any]:
 
 def text_body(response: httpx.Response) -> str:
     return response.text
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every numpy array (a steering vector, a wire tensor's worth of numbers) as a float32 wire
+    tensor in base64, which the server reads exactly as it writes them."""
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value, dtype="<f4")
+        return {
+            "data": base64.b64encode(data.tobytes()).decode(),
+            "shape": list(data.shape),
+            "dtype": "float32",
+            "encoding": "base64",
+        }
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,39 @@ class Endpoints:
     def analyze(self, model: str, texts: list[str], **fields: Any) -> Any:
         """POST /analyze: D_eff (both forms), beta and norms per layer of the texts' states."""
         return self._call(Call("POST", "/analyze", {"model": model, "texts": texts, **fields}))
+
+    # -- interventions -----------------------------------------------------------------------------------------------
+    # ``interventions=[{"site": ..., "op": ..., "vector": ...}]`` goes with extract, generate, stream and the OpenAI
+    # methods; a vector may be a numpy array, a list, a wire tensor or a stored vector's name.
+    def sites(self, model: str) -> Any:
+        """GET /models/{model}/sites: a loaded model's hook points with their per-token shapes."""
+        return self._call(Call("GET", model_path("/models/", model) + "/sites"))
+
+    def put_vector(self, name: str, vector: Any, **fields: Any) -> Any:
+        """POST /vectors: store ``vector`` (``model``, ``site``, ``description``, ``replace``)."""
+        return self._call(Call("POST", "/vectors", {"name": name, "vector": vector, **fields}))
+
+    def vectors(self) -> Any:
+        """GET /vectors: every stored vector's name, shape, norm and metadata, and the store's bytes."""
+        return self._call(Call("GET", "/vectors"))
+
+    def vector(self, name: str) -> Any:
+        """GET /vectors/{name}: its metadata and ``vector`` as an array."""
+        return self._call(Call("GET", "/vectors/" + quote(name, safe=""), read=states_body))
+
+    def delete_vector(self, name: str) -> Any:
+        """DELETE /vectors/{name}."""
+        return self._call(Call("DELETE", "/vectors/" + quote(name, safe="")))
+
+    def contrast(self, model: str, site: int | str, positive: list[str], negative: list[str], **fields: Any) -> Any:
+        """POST /vectors/contrast: mean(positive) - mean(negative) at ``site`` as an array (``name=`` stores it)."""
+        body = {"model": model, "site": site, "positive": positive, "negative": negative, **fields}
+        return self._call(Call("POST", "/vectors/contrast", body, states_body))
+
+    def patch(self, model: str, clean: str, corrupted: str, sites: Any, metric: dict[str, Any], **fields: Any) -> Any:
+        """POST /patch: the metric for clean, corrupted, and each (site, position) patched, raw and normalized."""
+        body = {"model": model, "clean": clean, "corrupted": corrupted, "sites": sites, "metric": metric, **fields}
+        return self._call(Call("POST", "/patch", body))
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def embed(self, model: str, text: str, **fields: Any) -> Any:

@@ -285,7 +285,35 @@ def test_a_method_for_every_endpoint(server) -> None:
         spec = c.openapi()["paths"]
     for path, operations in spec.items():
         # /v1/generate is the same operation as /generate under the original project's path
-        concrete = {"/v1/generate": "/generate"}.get(path, path).replace("{model_id}", "org/model")
+        concrete = (
+            {"/v1/generate": "/generate"}.get(path, path).replace("{model_id}", "org/model").replace("{name}", "x")
+        )
         for verb in operations:
+            sent_as = (
+                concrete + "/sites" if (path, verb) == ("/models/{model_id}", "get") else concrete
+            )  # only .../sites
             if verb in {"get", "post", "delete"} and not path.startswith("/schema"):
-                assert (verb.upper(), concrete) in sent, f"no client method for {verb.upper()} {path}"
+                assert (verb.upper(), sent_as) in sent, f"no client method for {verb.upper()} {path}"
+
+
+def test_interventions_take_numpy_vectors_and_the_new_endpoints_decode(client: LoomClient, server) -> None:
+    llama = server["llama"]
+    sites = client.sites(llama)
+    assert sites["sites"]["blocks.0.attn.hook_z"] == [4, 16]
+    vector = np.random.default_rng(3).standard_normal(64).astype(np.float32)
+    edit = [{"site": "blocks.1.hook_resid_post", "op": "add", "vector": vector, "scale": 6.0}]
+    as_list = [{**edit[0], "vector": vector.tolist()}]
+    steered = client.generate(llama, "The cat", max_tokens=8, interventions=edit)
+    assert steered["token_ids"] == client.generate(llama, "The cat", max_tokens=8, interventions=as_list)["token_ids"]
+    assert steered["token_ids"] != client.generate(llama, "The cat", max_tokens=8)["token_ids"]
+    client.put_vector("client-test", vector, site="blocks.1.hook_resid_post", replace=True)
+    stored = client.vector("client-test")
+    np.testing.assert_array_equal(stored["vector"], vector)
+    assert "client-test" in {v["name"] for v in client.vectors()["vectors"]}
+    by_name = client.generate(llama, "The cat", max_tokens=8, interventions=[{**edit[0], "vector": "client-test"}])
+    assert by_name["token_ids"] == steered["token_ids"]
+    made = client.contrast(llama, 2, ["I love it"], ["I hate it"])
+    assert isinstance(made["vector"], np.ndarray) and made["vector"].shape == (64,)
+    patched = client.patch(llama, "The cat sat", "The cap sat", [1], {"type": "logprob", "token": "."}, positions=[-1])
+    assert len(patched["patched"]) == 1 and len(patched["patched"][0]) == 1
+    assert client.delete_vector("client-test")["name"] == "client-test"
