@@ -196,6 +196,8 @@ def _wire(value: dict[str, Any], field: str) -> Any:
 def _finite(t: Any, field: str) -> Any:
     import torch
 
+    if t.numel() == 0:
+        raise InvalidField(f"{field}: holds no numbers", field=field, allowed="a non-empty vector")
     if not bool(torch.isfinite(t).all()):
         raise InvalidField(f"{field}: holds NaN or infinity", field=field, allowed="finite numbers")
     return t

@@ -16,7 +16,7 @@ from loom_kernel.api.payloads import StateRequest, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.encoding import encode_tensor
-from loom_kernel.interventions import read_vector
+from loom_kernel.interventions import check_site, read_vector
 from loom_kernel.types import Batch
 
 MAX_CONTRAST_TEXTS = 256
@@ -46,6 +46,7 @@ class ContrastRequest(LoadFields, kw_only=True):
 async def contrast(session: Session, data: ContrastRequest, req: StateRequest) -> dict[str, Any]:
     """Every text's state at the site in one batched pass; the difference of the two sets' means."""
     model = session.model
+    check_site(data.site, model, "site")
     texts = (*data.positive, *data.negative)
     capture = req.capture(model)
     rows = (await session.forward(Batch(texts=texts), capture)).rows
