@@ -1,0 +1,216 @@
+"""Steering, ablation and activation patching over HTTP, against a running Loom, with ``loom_client``.
+
+1. Steering: a contrast vector (file-handling sentences minus arithmetic sentences, token mean, at a layer) added at
+   growing scales while the model reads a neutral prompt: the log-probability of " file" as the next token, and the
+   greedy continuation.
+2. Ablation: the same direction projected out at every block's input (directional ablation) and each attention head
+   of every block zeroed in turn (``attn.hook_z``): the same log-probability after a file-related prompt.
+3. Patching: a clean and a corrupted prompt differing in one word, the clean residual stream patched into the
+   corrupted run at every block's input and position, metric the logit difference between the two prompts'
+   preferred next tokens.
+
+    python demo/interventions.py --server http://127.0.0.1:8080 --model pydoc-gpt2 --out demo/outputs/interventions
+
+Writes interventions.json, interventions.md and patching.png to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loom_client import LoomClient
+
+FILE_TEXTS = [
+    "Open the file for reading and writing.",
+    "The file object has a read() method.",
+    "Write the data to the file and close it.",
+    "A file opened in binary mode returns bytes.",
+    "The file is closed when the with block ends.",
+]
+NUMBER_TEXTS = [
+    "Return the sum of two numbers.",
+    "The integer is converted to a float.",
+    "Compute the square root of x.",
+    "Add one to the counter and return it.",
+    "The number is rounded to the nearest integer.",
+]
+NEUTRAL, FILE_PROMPT = "The function returns", "Open the"
+CLEAN, CORRUPTED = "The file object has a", "The list object has a"
+STEER_TOKEN = " file"
+PATCH_METRIC = {"type": "logit_diff", "correct": " string", "incorrect": " class"}
+SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
+
+
+def next_logprob(client: LoomClient, model: str, prompt: str, token: str, edits: list[dict[str, Any]]) -> float:
+    """log p(token | prompt) under ``edits``, from the raw logits of one generated step."""
+    answer = client.generate(model, prompt, max_tokens=1, return_logits=True, interventions=edits)
+    logits = answer["logits"][0].astype(np.float64)
+    logits -= logits.max()
+    logp = logits - np.log(np.exp(logits).sum())
+    return float(logp[token_id(client, model, token)])
+
+
+def token_id(client: LoomClient, model: str, token: str) -> int:
+    ids = client.extract(model, token, add_special_tokens=False)["token_ids"]
+    if len(ids) != 1:
+        raise SystemExit(f"{token!r} is {len(ids)} tokens for {model}")
+    return ids[0]
+
+
+def steering(client: LoomClient, model: str, layer: int) -> dict[str, Any]:
+    made = client.contrast(
+        model, layer, FILE_TEXTS, NUMBER_TEXTS, positions="mean", name="file-vs-number", replace=True
+    )
+    rows = []
+    for scale in SCALES:
+        edits = [{"site": layer, "op": "add", "vector": "file-vs-number", "scale": scale}] if scale else []
+        text = client.generate(model, NEUTRAL, max_tokens=16, interventions=edits)["text"]
+        rows.append(
+            {"scale": scale, "logprob_file": next_logprob(client, model, NEUTRAL, STEER_TOKEN, edits), "text": text}
+        )
+    return {"layer": layer, "norm": made["norm"], "separation": made["separation"], "rows": rows}
+
+
+def ablation(client: LoomClient, model: str) -> dict[str, Any]:
+    sites = client.sites(model)
+    n = sites["num_layers"]
+    heads = sites["sites"]["blocks.0.attn.hook_z"][0]
+    direction = client.vector("file-vs-number")["vector"]
+    every_block = [{"site": f"blocks.{i}.hook_resid_pre", "op": "ablate", "vector": direction} for i in range(n)]
+    baseline = next_logprob(client, model, FILE_PROMPT, STEER_TOKEN, [])
+    ablated = next_logprob(client, model, FILE_PROMPT, STEER_TOKEN, every_block)
+    unit = direction / np.linalg.norm(direction)
+    states = client.extract(
+        model,
+        FILE_PROMPT,
+        hidden_state_layers=[f"blocks.{n - 1}.hook_resid_pre"],
+        positions="all",
+        interventions=every_block,
+    )["sequence_hidden_states"][f"blocks.{n - 1}.hook_resid_pre"]
+    heads_effect = [
+        [
+            next_logprob(
+                client,
+                model,
+                FILE_PROMPT,
+                STEER_TOKEN,
+                [{"site": f"blocks.{b}.attn.hook_z", "op": "zero", "heads": [h]}],
+            )
+            - baseline
+            for h in range(heads)
+        ]
+        for b in range(n)
+    ]
+    return {
+        "baseline_logprob_file": baseline,
+        "direction_ablated_logprob_file": ablated,
+        "max_projection_after_ablation": float(np.abs(states @ unit).max()),
+        "head_zeroed_change": heads_effect,
+    }
+
+
+def patching(client: LoomClient, model: str) -> dict[str, Any]:
+    return client.patch(model, CLEAN, CORRUPTED, "resid_pre", PATCH_METRIC)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in result["normalized"]])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * matrix.shape[1], 1.0 + 0.5 * matrix.shape[0]))
+    image = ax.imshow(matrix, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), result["tokens"]["corrupted"], rotation=45, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), result["sites"])
+    ax.set_title("clean resid_pre patched into the corrupted run (normalized)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(report: dict[str, Any]) -> str:
+    s, a, p = report["steering"], report["ablation"], report["patching"]
+    lines = [
+        f"# Interventions on {report['model']}",
+        "",
+        f"The Loom {report['server_version']}, {report['date']}. Produced by `demo/interventions.py`.",
+        "",
+        f"## Steering (contrast vector at layer {s['layer']}, norm {s['norm']:.3f})",
+        "",
+        f"Mean projection on the direction: file texts {s['separation']['positive_mean_projection']:.3f}, "
+        f"number texts {s['separation']['negative_mean_projection']:.3f}.",
+        "",
+        f"| scale | log p({STEER_TOKEN!r} \\| {NEUTRAL!r}) | greedy continuation |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {r['scale']:g} | {r['logprob_file']:.3f} | {json.dumps(r['text'])} |" for r in s["rows"]]
+    lines += [
+        "",
+        "## Ablation",
+        "",
+        f"log p({STEER_TOKEN!r} | {FILE_PROMPT!r}): {a['baseline_logprob_file']:.3f}; with the file direction "
+        f"projected out at every block's input: {a['direction_ablated_logprob_file']:.3f} (largest projection left: "
+        f"{a['max_projection_after_ablation']:.1e}).",
+        "",
+        "Change in that log-probability when one head is zeroed (rows: blocks, columns: heads):",
+        "",
+        "| block | " + " | ".join(f"head {h}" for h in range(len(a["head_zeroed_change"][0]))) + " |",
+        "| --- | " + " | ".join("---" for _ in a["head_zeroed_change"][0]) + " |",
+    ]
+    lines += [
+        f"| {b} | " + " | ".join(f"{v:+.3f}" for v in row) + " |" for b, row in enumerate(a["head_zeroed_change"])
+    ]
+    lines += [
+        "",
+        f'## Patching ("{CLEAN}" into "{CORRUPTED}")',
+        "",
+        f"Metric: logit({PATCH_METRIC['correct']!r}) - logit({PATCH_METRIC['incorrect']!r}) at the last position: "
+        f"clean {p['metric']['clean']:.3f}, corrupted "
+        f"{p['metric']['corrupted']:.3f}; {p['runs']} runs in {p['calls']} batched calls. Normalized effect of "
+        "patching the clean residual stream at each block's input and position (`patching.png`):",
+        "",
+        "| site | " + " | ".join(t.replace("\u0120", "\u00b7") for t in p["tokens"]["corrupted"]) + " |",
+        "| --- | " + " | ".join("---" for _ in p["positions"]) + " |",
+    ]
+    lines += [
+        f"| {site} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |"
+        for site, row in zip(p["sites"], p["normalized"], strict=True)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="http://127.0.0.1:8080")
+    parser.add_argument("--model", default="pydoc-gpt2")
+    parser.add_argument("--layer", type=int, default=2, help="where the steering vector is made and added")
+    parser.add_argument("--out", type=Path, default=Path("demo/.cache/outputs/interventions"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with LoomClient(args.server, timeout=600) as client:
+        report = {
+            "model": args.model,
+            "server_version": client.health()["version"],
+            "date": datetime.date.today().isoformat(),
+            "steering": steering(client, args.model, args.layer),
+            "ablation": ablation(client, args.model),
+            "patching": patching(client, args.model),
+        }
+        client.delete_vector("file-vs-number")
+    (args.out / "interventions.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "interventions.md").write_text(summary(report))
+    plot(report["patching"], args.out / "patching.png")
+    print(summary(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
