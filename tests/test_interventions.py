@@ -7,6 +7,7 @@ per forward call, as a researcher's hooks around ``generate`` would.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -372,7 +373,28 @@ async def test_an_edit_on_generated_positions_edits_every_decoding_step_and_only
         ids = tok(TEXT, return_tensors="pt")["input_ids"]
         full = torch.cat([ids, torch.tensor([edited["token_ids"]])], dim=1)
         ref = net(full, output_hidden_states=True).hidden_states[2][0]
-    np.testing.assert_allclose(b["2"][prompt], 3.0 * ref[prompt].numpy(), atol=1e-5, rtol=0)
+    # Every generated position's state is three times what the same sequence gives without the edit (index 2 is
+    # computed from unedited layers below it), and every prompt position is untouched.
+    np.testing.assert_allclose(b["2"][prompt:], 3.0 * ref[prompt:].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b["2"][:prompt], ref[:prompt].numpy(), atol=1e-5, rtol=0)
+
+
+async def test_streams_and_batches_carry_the_same_edits(paths):
+    path = paths["llama"]
+    edit = [{"site": "blocks.1.hook_mlp_out", "op": "scale", "scale": 4.0}]
+    ask = {"model": path, "max_tokens": 10, "temperature": 0, "interventions": edit}
+    async with concurrent_client(app_with()) as c:
+        alone = (await c.post("/generate", json={**ask, "prompt": TEXT})).json()
+        plain = (await c.post("/generate", json={**ask, "prompt": TEXT, "interventions": []})).json()
+        assert alone["token_ids"] != plain["token_ids"]
+        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()
+        assert batch["results"][0]["token_ids"] == alone["token_ids"]
+        streamed = []
+        async with c.stream("POST", "/generate/stream", json={**ask, "prompt": TEXT}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data:") and '"token_id"' in line:
+                    streamed.append(json.loads(line[5:])["token_id"])
+        assert streamed == alone["token_ids"]
 
 
 @pytest.mark.parametrize(
