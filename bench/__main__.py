@@ -61,6 +61,15 @@ Rows (benchmark name for ``--only`` in brackets):
   one-sentence ``/embed`` sent while three 9.9 MB ones are in flight, over its latency while three max-length ones
   are. Target <= 2: a huge text holds others up no longer than a text the model reads whole (before the cut, the
   small request waited for three whole-text tokenizations, about 2 minutes).
+- ``interventions: /extract with a steering edit vs without`` [interventions]: on the GPT-2-small-sized model, the
+  median latency of a 16-token ``/extract`` (last layer, every position) with one ``add`` of a 768-vector at block
+  6's output over the same request without it, alternating. Target <= 1.2.
+- ``interventions: 8 clients with 8 different edits vs without edits`` [interventions]: 8 concurrent 32-token greedy
+  ``/generate`` requests, each with its own edit, against the same 8 without edits: generated tokens/s. Target
+  >= 0.8: requests with different edits still share one batch.
+- ``interventions: /patch of N runs vs the same runs one request each`` [interventions]: a ``/patch`` of 4 sites x 8
+  positions against the same 34 one-token generations, each with its one ``set`` edit, sent one after another.
+  Target <= 0.5.
 
 Runs alternate (batched, one at a time, in-process; forward and the three formats) so that a busy moment of a
 shared machine slows every side rather than one. Throughputs are the best of the runs, times the median. Neither
@@ -105,8 +114,9 @@ from bench.common import (
     run_clients,
     serve,
 )
+from bench.interventions import bench_interventions
 
-BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge")
+BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge", "interventions")
 ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
 DEVICE = "cpu"  # --device: where the servers and the in-process baselines run
 HEALTH_BUDGET_MS = 50.0
@@ -628,7 +638,7 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        gpt = str(build(Path(tmp))) if {"generate", "scheduler", "extract"} & set(chosen) else None
+        gpt = str(build(Path(tmp))) if {"generate", "scheduler", "extract", "interventions"} & set(chosen) else None
         models = (["minilm"] if {"embed", "health", "huge"} & set(chosen) else []) + ([gpt] if gpt else [])
         on = {"LOOM_DEFAULT_DEVICE": DEVICE}
         batched = stack.enter_context(serve(models, **on))
@@ -655,6 +665,8 @@ def main() -> None:
                 rows += bench_scheduler(batched, gpt, args.quick)
             elif name == "extract":
                 rows += bench_extract(batched, gpt, args.quick)
+            elif name == "interventions":
+                rows += bench_interventions(batched, gpt, args.quick, row, prompts)
             else:
                 rows += bench_huge(batched, args.quick)
             seconds = time.perf_counter() - t0
