@@ -112,7 +112,8 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         loaded.decoder = functools.partial(Decoder, loaded)
     try:
         loaded.sites = site_shapes(loaded)
-    except ValueError:  # no list of blocks to hook: the model serves without hook points
+    except Exception as exc:  # a module tree the discovery does not know: the model serves without hook points
+        log.warning("%s: no hook points (%s: %s)", ref.id, type(exc).__name__, exc)
         loaded.sites = None
     log.info(
         "transformers loaded %s (%s, %s, %d layers) from %s: %.1f MiB on %s as %s in %.2f s",

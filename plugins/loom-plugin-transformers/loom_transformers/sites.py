@@ -105,8 +105,6 @@ def site_map(model: LoadedModel) -> dict[int | str, Site | str]:
 
 def site_shapes(model: LoadedModel) -> dict[str, tuple[int, ...] | str]:
     """``LoadedModel.sites``: each name's per-token shape, or why the model has none."""
-    import torch
-
     shapes: dict[str, tuple[int, ...] | str] = {}
     for name, site in site_map(model).items():
         if isinstance(name, int):
@@ -114,10 +112,21 @@ def site_shapes(model: LoadedModel) -> dict[str, tuple[int, ...] | str]:
         if isinstance(site, str) or site.kind != "z":
             shapes[name] = site if isinstance(site, str) else (model.hidden_size,)
             continue
-        weight = site.module.weight
-        width = site.module.in_features if isinstance(site.module, torch.nn.Linear) else int(weight.shape[0])
-        shapes[name] = (site.heads, width // site.heads)
+        shapes[name] = (site.heads, _in_width(site.module, model) // site.heads)
     return shapes
+
+
+def _in_width(module: Any, model: LoadedModel) -> int:
+    """The output projection's input width: a Linear's (quantized ones keep ``in_features``), GPT-2's Conv1D's
+    (weight [in, out]), else the config's heads x head_dim."""
+    if isinstance(getattr(module, "in_features", None), int):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if weight is not None and weight.ndim == 2:
+        return int(weight.shape[0])
+    config = model.model.config
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
+    return heads * int(getattr(config, "head_dim", 0) or model.hidden_size // heads)
 
 
 class SiteHooks:
