@@ -60,7 +60,10 @@ class Settings:
     # Stored steering vectors (loom_kernel.store): a directory makes them persist across restarts.
     vectors_directory: str | None = None
     vectors_max_mb: float = 64.0
-    patch_max_rows: int = 2048  # runs one POST /patch may ask for (sites x positions + 2)
+    patch_max_rows: int = 2048
+    # Stored probes and sparse autoencoders (loom_kernel.readouts), kept like vectors.
+    probes_directory: str | None = None
+    probes_max_mb: float = 512.0  # runs one POST /patch may ask for (sites x positions + 2)
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -69,7 +72,7 @@ class Settings:
         for name in ("max_batch_size", "max_batch_tokens", "patch_max_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1", field=name)
-        for name in ("max_body_mb", "max_response_mb", "vectors_max_mb"):
+        for name in ("max_body_mb", "max_response_mb", "vectors_max_mb", "probes_max_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be more than 0", field=name)
         for name in ("max_queue", "request_timeout"):
@@ -108,6 +111,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "batching": {**_same("max_batch_size max_batch_tokens max_queue"), "window_ms": ""},
     "vectors": {"directory": "vectors_directory", "max_mb": "vectors_max_mb"},
     "interventions": _same("patch_max_rows"),
+    "probes": {"directory": "probes_directory", "max_mb": "probes_max_mb"},
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
 }
@@ -121,7 +125,8 @@ ENV_KEYS: dict[str, str] = {
         for name in _same(
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
-            "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows"
+            "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows probes_directory "
+            "probes_max_mb"
         )
     },
     "LOOM_TRANSPORT": "transports",

@@ -76,20 +76,35 @@ def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tu
 
 
 def resolve_interventions(
-    specs: Sequence[Any], model: LoadedModel, lookup: Callable[[str], Any] | None = None, field: str = "interventions"
+    specs: Sequence[Any],
+    model: LoadedModel,
+    lookup: Callable[[str], Any] | None = None,
+    features: Callable[[str, int, str], tuple[int | str, Any]] | None = None,
+    field: str = "interventions",
 ) -> tuple[Intervention, ...]:
-    """Every item of the field checked (site, op, positions, heads, vector and its shape) and resolved."""
+    """Every item of the field checked (site, op, positions, heads, vector and its shape) and resolved; ``lookup``
+    finds a stored vector by name, ``features`` an SAE feature's (site, decoder row)."""
     if len(specs) > MAX_INTERVENTIONS:
         raise InvalidField(
             f"{field}: {len(specs)} items, more than {MAX_INTERVENTIONS}",
             field=field,
             allowed=f"at most {MAX_INTERVENTIONS}",
         )
-    return tuple(_one(spec, model, lookup, f"{field}[{k}]") for k, spec in enumerate(specs))
+    return tuple(_one(spec, model, lookup, features, f"{field}[{k}]") for k, spec in enumerate(specs))
 
 
-def _one(spec: Any, model: LoadedModel, lookup: Callable[[str], Any] | None, at: str) -> Intervention:
-    site, shape = check_site(spec.site, model, f"{at}.site")
+def _one(spec: Any, model: LoadedModel, lookup: Any, features: Any, at: str) -> Intervention:
+    site_spec, feature = spec.site, None
+    if spec.feature is not None:
+        if spec.op != "add" or spec.vector is not None or features is None:
+            raise InvalidField(
+                f"{at}.feature: a feature is added (op add, no vector)", field=f"{at}.feature", allowed=None
+            )
+        feature_site, feature = features(spec.feature.probe, spec.feature.index, f"{at}.feature")
+        site_spec = feature_site if site_spec is None else site_spec
+    if site_spec is None:
+        raise InvalidField(f"{at}.site: required", field=f"{at}.site", allowed=site_names_allowed(model))
+    site, shape = check_site(site_spec, model, f"{at}.site")
     if spec.op not in OPS:
         raise InvalidField(f"{at}.op: unknown op {spec.op!r}", field=f"{at}.op", allowed=list(OPS))
     if not math.isfinite(spec.scale):
@@ -97,7 +112,9 @@ def _one(spec: Any, model: LoadedModel, lookup: Callable[[str], Any] | None, at:
     positions = _positions(spec.positions, f"{at}.positions")
     heads = _heads(spec.heads, site, shape, f"{at}.heads")
     vector = None
-    if spec.op in NEEDS_VECTOR:
+    if feature is not None:
+        vector = _shaped(feature.float(), "add", positions, shape, f"{at}.feature")
+    elif spec.op in NEEDS_VECTOR:
         if spec.vector is None:
             raise InvalidField(
                 f"{at}.vector: op {spec.op!r} needs a vector", field=f"{at}.vector", allowed=_shapes(shape)

@@ -89,18 +89,19 @@ def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:
     return {**entry, "top": entry["top"][:k]}
 
 
-def _merged_on_token(calls: list[Call], merged: Capture) -> Callable[..., bool]:
+def _merged_on_token(calls: list[Call], merged: Capture) -> Callable[..., bool | str]:
     """Route each row's tokens to its own call's ``on_token`` (row renumbered, extras cut to what it asked for);
     a row whose request was cancelled stops."""
     owner = [(call, row) for call in calls for row in range(call.rows)]
 
-    def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
+    def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool | str:
         call, local = owner[row]
         if call.ticket.cancelled.is_set():
             return False
         if call.batch.on_token is None:
             return True
-        return call.batch.on_token(local, token, piece, _extras(extras or {}, call.capture, merged)) is not False
+        result = call.batch.on_token(local, token, piece, _extras(extras or {}, call.capture, merged))
+        return result if isinstance(result, str) else result is not False
 
     return on_token
 

@@ -78,6 +78,7 @@ class ModelManager:
         self.admission = Admission(pm, settings)
         self.run = self.admission.run  # the one way a request reaches a model: run(entry, work, until)
         self.vectors = TensorStore("vector", int(settings.vectors_max_mb * 2**20), settings.vectors_directory)
+        self.probes = TensorStore("probe", int(settings.probes_max_mb * 2**20), settings.probes_directory)
 
     # -- resolution and ranking -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Named tensors with metadata (steering vectors now, probes next), bounded by a byte budget.
+"""Named groups of tensors with metadata (steering vectors, probes, sparse autoencoders), bounded by a byte budget.
 
 With a directory each tensor is one safetensors file, written under a temporary name, flushed to disk and renamed
 over the old one, so that a crash leaves the old file or the new one, never half of one; the store reads them back
@@ -32,22 +32,27 @@ class NotFound(LoomError):
 @attrs.define
 class Stored:
     name: str
-    tensor: Any  # a float32 CPU tensor
+    tensors: dict[str, Any]  # float32 CPU tensors by role ("vector"; "weight", "bias"; "W_enc", ...)
     meta: dict[str, str]
 
     @property
+    def tensor(self) -> Any:
+        """The one tensor of a single-tensor entry (a vector)."""
+        (only,) = self.tensors.values()
+        return only
+
+    @property
     def nbytes(self) -> int:
-        return int(self.tensor.numel()) * 4
+        return sum(int(t.numel()) * 4 for t in self.tensors.values())
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.tensor.shape),
-            "dtype": "float32",
-            "norm": float(self.tensor.double().norm()),
-            "bytes": self.nbytes,
-            **self.meta,
-        }
+        shapes = {role: list(t.shape) for role, t in self.tensors.items()}
+        out: dict[str, Any] = {"name": self.name, "dtype": "float32", "bytes": self.nbytes, **self.meta}
+        if len(self.tensors) == 1:
+            out.update(shape=next(iter(shapes.values())), norm=float(self.tensor.double().norm()))
+        else:
+            out["shapes"] = shapes
+        return out
 
 
 class TensorStore:
@@ -63,21 +68,27 @@ class TensorStore:
     def used(self) -> int:
         return sum(item.nbytes for item in self.items.values())
 
-    def put(self, name: str, tensor: Any, meta: dict[str, str | None], replace: bool = False) -> Stored:
+    def put(self, name: str, tensors: Any, meta: dict[str, str | None], replace: bool = False) -> Stored:
+        """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``name``."""
         if not NAME.match(name):
             raise InvalidField(f"name: {name!r} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
         if name in self.items and not replace:
             raise Conflict(
                 f"name: a {self.kind} named {name!r} exists; send replace: true to overwrite it", field="name"
             )
-        item = Stored(name, tensor.detach().float().cpu().contiguous(), {k: v for k, v in meta.items() if v})
+        group = tensors if isinstance(tensors, dict) else {self.kind: tensors}
+        item = Stored(
+            name,
+            {role: t.detach().float().cpu().contiguous() for role, t in group.items()},
+            {k: v for k, v in meta.items() if v},
+        )
         item.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         freed = self.items[name].nbytes if name in self.items else 0
         if self.used - freed + item.nbytes > self.max_bytes:
             raise InsufficientStorage(
                 f"{self.kind}s: storing {name!r} ({item.nbytes} bytes) would pass the budget of {self.max_bytes} bytes "
                 f"({self.used} used); delete some or raise the server's {self.kind}s.max_mb",
-                field="vector",
+                field=self.kind,
             )
         if self.directory is not None:
             self._write(item)
@@ -94,6 +105,9 @@ class TensorStore:
         item = self.items.get(name)
         return None if item is None else item.tensor
 
+    def find(self, name: str) -> Stored | None:
+        return self.items.get(name)
+
     def delete(self, name: str) -> None:
         self.get(name)
         if self.directory is not None:
@@ -107,7 +121,7 @@ class TensorStore:
         final = self.directory / f"{item.name}.safetensors"
         temporary = self.directory / f".{item.name}.{os.getpid()}.tmp"
         try:
-            save_file({self.kind: item.tensor}, str(temporary), metadata=item.meta)
+            save_file(item.tensors, str(temporary), metadata=item.meta)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(temporary, final)
@@ -128,7 +142,8 @@ class TensorStore:
         for path in sorted(self.directory.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    item = Stored(path.stem, f.get_tensor(self.kind).float(), dict(f.metadata() or {}))
+                    tensors = {role: f.get_tensor(role).float() for role in f.keys()}  # noqa: SIM118
+                    item = Stored(path.stem, tensors, dict(f.metadata() or {}))
             except Exception as exc:  # one unreadable file must not stop the server or hide the others
                 log.error("%s store: cannot read %s: %s", self.kind, path, exc)
                 continue

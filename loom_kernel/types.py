@@ -104,6 +104,9 @@ class LoadedModel:
     # Hook points beyond the hidden-state indices, by TransformerLens's names (``blocks.3.hook_attn_out``), each with
     # its per-token shape; the loader then captures them and applies ``Batch.interventions``. None: neither.
     sites: dict[str, tuple[int, ...]] | None = None
+    # ``unembed(states [P, H], normalized) -> logits [P, V]``: the model's own final norm (skipped when
+    # ``normalized``) and LM head, soft-capping included, on CPU float tensors (the logit lens). None: no LM head.
+    unembed: Callable[[Any, bool], Any] | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -242,7 +245,8 @@ class Batch:
     token_ids: tuple[tuple[int, ...], ...] | None = None
     generation: GenerationParams | None = None
     add_special_tokens: bool = True
-    # callable(row: int, token_id: int, piece: str, extras: dict) -> bool | None; False stops the row. ``extras``
+    # callable(row: int, token_id: int, piece: str, extras: dict) -> bool | str | None; False stops the row, a string
+    # stops it with that finish reason. ``extras``
     # holds "states" ({key: tensor [1, H]}, with Capture.stream_states) and "logprob" (with Capture.top_logprobs).
     on_token: Any = None
     truncate: bool = False

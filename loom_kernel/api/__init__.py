@@ -20,6 +20,7 @@ from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.patching import PatchController
+from loom_kernel.api.probes import ProbesController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
 from loom_kernel.api.schemas import strict_fields
 from loom_kernel.api.security import Guard, api_key_middleware, guarded
@@ -50,7 +51,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, EmbedController]
-    controllers += [VectorsController, PatchController]
+    controllers += [VectorsController, PatchController, ProbesController]
     added = [handler for handlers in pm.hook.routes() for handler in handlers or ()]
     app = Litestar(
         route_handlers=[*controllers, *added],

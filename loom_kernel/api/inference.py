@@ -37,6 +37,7 @@ from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
 from loom_kernel.models import ModelManager
+from loom_kernel.readouts import Readouts
 from loom_kernel.types import Batch, GenerationParams
 
 
@@ -63,6 +64,13 @@ def state_request(data: CaptureFields, manager: ModelManager, wanted: bool, stre
         max_response_bytes=int(settings.max_response_mb * 2**20),
         interventions=data.interventions,
         vectors=manager.vectors.tensor,
+        readouts=Readouts(
+            lens=data.logit_lens,
+            probes=tuple(data.probes or ()),
+            stop_when=tuple(getattr(data, "stop_when", None) or ()),
+            store=manager.probes,
+        ),
+        streaming=stream,
     )
 
 
@@ -169,7 +177,7 @@ class InferenceController(Controller):
         async def work(s: Session) -> dict[str, Any]:
             def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
                 # Tensors become JSON here, on the model's thread, not on the event loop.
-                return bridge.on_token(row, token, piece, stream_extras(extras, req, s.model.tokenizer))
+                return bridge.on_token(row, token, piece, stream_extras(extras, req, s.model))
 
             batch = Batch(
                 texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens, on_token=on_token
@@ -228,7 +236,7 @@ class InferenceController(Controller):
             row = (await s.forward(batch, capture)).rows[0]
 
             def answer() -> dict[str, Any] | bytes:  # tensors encoded on a request thread
-                fields, groups = state_payload(row, req, capture)
+                fields, groups = state_payload(row, req, capture, model)
                 tokens = model.tokenizer.convert_ids_to_tokens(row.token_ids) if model.tokenizer else None
                 payload = {
                     "model": data.model,

@@ -7,6 +7,7 @@ Shared by the HTTP endpoints; nothing here knows about Litestar. A request's wor
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +19,8 @@ from loom_kernel.capture import check_positions, resolve_layers, resolve_positio
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
 from loom_kernel.interventions import check_site, resolve_interventions
-from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LoadedModel, SequenceOutput
+from loom_kernel.readouts import Plan, Readouts, feature_vector
+from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LayerSel, LoadedModel, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
 NUMBER_BYTES = {
@@ -56,6 +58,8 @@ class StateRequest:
     max_response_bytes: int | None = None
     interventions: tuple[Any, ...] = ()  # the request's items, checked against the model by ``edited``
     vectors: Callable[[str], Any] | None = None  # a stored vector by name
+    readouts: Readouts = attrs.field(factory=Readouts)  # logit lens, probes and stop rules (loom_kernel.readouts)
+    streaming: bool = False  # the endpoint streams: readouts also go in each token's event
 
     @classmethod
     def from_fields(
@@ -75,6 +79,8 @@ class StateRequest:
         max_response_bytes: int | None = None,
         interventions: Sequence[Any] | None = None,
         vectors: Callable[[str], Any] | None = None,
+        readouts: Readouts | None = None,
+        streaming: bool = False,
     ) -> StateRequest:
         if positions is None:
             positions = "all" if return_full_sequence else "last"
@@ -92,6 +98,8 @@ class StateRequest:
             max_response_bytes=max_response_bytes,
             interventions=tuple(interventions or ()),
             vectors=vectors,
+            readouts=readouts if readouts is not None else Readouts(),
+            streaming=streaming,
         )
 
     def capture(self, model: LoadedModel, batch: Batch | None = None) -> Capture:
@@ -111,30 +119,50 @@ class StateRequest:
     def _edits(self, model: LoadedModel) -> tuple[Intervention, ...]:
         if not self.interventions:
             return ()
-        return resolve_interventions(self.interventions, model, self.vectors)
+        store = self.readouts.store
+        features = functools.partial(feature_vector, store) if store is not None else None
+        return resolve_interventions(self.interventions, model, self.vectors, features)
+
+    def plan(self, model: LoadedModel) -> Plan | None:
+        return self.readouts.plan(model) if self.readouts else None
+
+    def output_keys(self, capture: Capture) -> set[str]:
+        """The states the answer's ``hidden_states`` carry: those asked for, not those only the readouts need."""
+        if not self.wanted:
+            return set()
+        asked = set(split_sites(self.layers)[1])
+        return {sel.key for sel in capture.layers if not sel.key.startswith("~")} | set(capture.sites) & asked
 
     def _resolve(self, model: LoadedModel) -> Capture:
         extras = {"top_logprobs": self.top_logprobs, "logits": self.logits}
-        if not (self.wanted or self.attention):
+        plan = self.plan(model)
+        if not (self.wanted or self.attention or plan):
             return Capture(**extras)
         check_positions(self.positions, max_context=model.max_context)
-        spec, names = split_sites(self.layers)
-        layers = resolve_layers(spec, model.num_layers)
-        sites = tuple(dict.fromkeys(str(check_site(name, model, "hidden_state_layers")[0]) for name in names))
+        layers: tuple[LayerSel, ...] = ()
+        sites: tuple[str, ...] = ()
+        if self.wanted or self.attention:
+            spec, names = split_sites(self.layers)
+            layers = resolve_layers(spec, model.num_layers)
+            sites = tuple(dict.fromkeys(str(check_site(name, model, "hidden_state_layers")[0]) for name in names))
         if self.attention and all(sel.index == 0 for sel in layers):
             raise InvalidField(
                 "hidden_state_layers: layer 0 is the embedding output and hook points have no attention",
                 field="hidden_state_layers",
                 allowed=f"layers 1 to {model.num_layers} (or -1 to -{model.num_layers})",
             )
-        # The last token is always returned as hidden_states, so anything but "last" needs every row.
+        stream = self.stream
+        if plan is not None:
+            layers += tuple(plan.layers)
+            sites = tuple(dict.fromkeys([*sites, *plan.sites]))
+            stream = stream or bool(plan.stops) or (self.streaming and plan.streams)
         return Capture(
             layers=layers,
             sites=sites,
             positions=self.positions,
-            states=self.wanted,
+            states=self.wanted or plan is not None,
             attention=self.attention,
-            stream_states=self.stream,
+            stream_states=stream,
             **extras,
         )
 
@@ -248,15 +276,17 @@ def logprob_entries(tokenizer: Any, entries: list[dict[str, Any]]) -> list[dict[
 
 
 def state_payload(
-    row: SequenceOutput, req: StateRequest, capture: Capture
+    row: SequenceOutput, req: StateRequest, capture: Capture, model: LoadedModel
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """JSON fields for the tensors of one row, and the raw tensors by group (for safetensors)."""
+    """JSON fields for the tensors of one row (and its readouts), and the raw tensors by group (for safetensors)."""
     groups: dict[str, Any] = {}
     fields: dict[str, Any] = {}
-    if capture.wanted:
-        fields["layer_indices"] = {sel.key: sel.index for sel in capture.layers} | {s: s for s in capture.sites}
-    if capture.wants_states:
-        last, seq, positions = split_states(row, req.positions)
+    keys = req.output_keys(capture)
+    if capture.wanted and (keys or capture.attention_layers):
+        indices = {sel.key: sel.index for sel in capture.layers} | {s: s for s in capture.sites}
+        fields["layer_indices"] = {k: v for k, v in indices.items() if k in keys or k in row.attentions}
+    if keys:
+        last, seq, positions = split_states(attrs.evolve(row, states={k: row.states[k] for k in keys}), req.positions)
         groups["hidden_states"] = last
         if seq is not None:
             groups["sequence_hidden_states"] = seq
@@ -267,6 +297,9 @@ def state_payload(
             fields["positions"] = _selected(row, req.positions)[0]
     if capture.logits and row.logits is not None:
         groups["logits"] = row.logits
+    if (plan := req.plan(model)) is not None and row.positions:
+        last, seq, positions = split_states(attrs.evolve(row, states=readout_states(row, plan)), req.positions)
+        fields.update(plan.read(model, seq if seq is not None else last, positions))
     if req.fmt != "safetensors":
         for group, tensors in groups.items():
             if isinstance(tensors, dict):
@@ -276,13 +309,24 @@ def state_payload(
     return fields, groups
 
 
-def stream_extras(extras: dict[str, Any] | None, req: StateRequest, tokenizer: Any) -> dict[str, Any]:
-    """What a stream's token event adds to its id and text: the token's states and log-probability, as JSON."""
+def readout_states(row: SequenceOutput, plan: Plan) -> dict[str, Any]:
+    return {k: row.states[k] for k in [*(sel.key for sel in plan.layers), *plan.sites]}
+
+
+def stream_extras(extras: dict[str, Any] | None, req: StateRequest, model: LoadedModel) -> dict[str, Any]:
+    """What a stream's token event adds to its id and text: the token's states (those asked for), readouts and
+    log-probability, as JSON."""
     out: dict[str, Any] = {}
     if extras and "states" in extras:
-        out["hidden_states"] = encode_states(extras["states"], req.dtype, req.fmt)
+        states = extras["states"]
+        if req.stream:
+            asked = set(split_sites(req.layers)[1])
+            shown = {k: v for k, v in states.items() if not k.startswith("~") and ("." not in k or k in asked)}
+            out["hidden_states"] = encode_states(shown, req.dtype, req.fmt)
+        if req.streaming and (plan := req.plan(model)) is not None and plan.streams:
+            out.update(plan.read(model, readout_states(SequenceOutput([], 0, states=states), plan), None))
     if extras and "logprob" in extras:
-        out["logprob"] = logprob_entries(tokenizer, [extras["logprob"]])[0]
+        out["logprob"] = logprob_entries(model.tokenizer, [extras["logprob"]])[0]
     return out
 
 
@@ -345,6 +389,9 @@ async def generate_rows(
     check_generation(model, batch.generation)
     capture = req.capture(model, batch)
     batch = req.edited(model, batch)
+    stopped: dict[int, dict[str, Any]] = {}  # row -> the stop rule that ended it
+    if (plan := req.plan(model)) is not None and plan.stops:
+        batch = attrs.evolve(batch, on_token=_stopping(batch.on_token, plan, stopped))
     n = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
     results: dict[int, Any] = {}
     todo = list(range(n))
@@ -371,7 +418,23 @@ async def generate_rows(
             results[i] = row
         break
     timings = timing(start, sum(len(r.generated_ids) for r in results.values() if isinstance(r, SequenceOutput)))
-    return await session.thread(lambda: [_row_result(model, results[i], req, capture, timings) for i in range(n)])
+    return await session.thread(
+        lambda: [_row_result(model, results[i], req, capture, timings, stopped.get(i)) for i in range(n)]
+    )
+
+
+def _stopping(on_token: Any, plan: Plan, stopped: dict[int, dict[str, Any]]) -> Any:
+    """``on_token`` that ends a row, with finish reason "probe", at the first token whose states cross a stop
+    rule (the loader passes each token's states with its event, one pass after the token)."""
+
+    def wrapped(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> Any:
+        fired = plan.stop(extras["states"]) if extras and "states" in extras else None
+        if fired is not None:
+            stopped.setdefault(row, fired)
+        result = on_token(row, token, piece, extras) if on_token is not None else True
+        return "probe" if fired is not None else result
+
+    return wrapped
 
 
 def _renumbered(on_token: Any, todo: list[int]) -> Any:
@@ -382,11 +445,16 @@ def _renumbered(on_token: Any, todo: list[int]) -> Any:
 
 
 def _row_result(
-    model: LoadedModel, row: SequenceOutput | LoomError, req: StateRequest, capture: Capture, timings: dict[str, Any]
+    model: LoadedModel,
+    row: SequenceOutput | LoomError,
+    req: StateRequest,
+    capture: Capture,
+    timings: dict[str, Any],
+    stopped: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput] | LoomError:
     if isinstance(row, LoomError):
         return row
-    fields, groups = state_payload(row, req, capture)
+    fields, groups = state_payload(row, req, capture, model)
     payload = {
         "text": row.text,
         "token_count": len(row.generated_ids),
@@ -397,6 +465,8 @@ def _row_result(
     }
     if capture.top_logprobs is not None:
         payload["logprobs"] = logprob_entries(model.tokenizer, row.logprobs)
+    if stopped is not None and row.finish_reason == "probe":
+        payload["stopped_by"] = stopped
     payload["metadata"] = {**model_metadata(model), **timings, "prompt_tokens": row.prompt_tokens}
     return payload, groups, row
 

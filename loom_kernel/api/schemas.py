@@ -43,11 +43,18 @@ class LoadFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         }
 
 
-class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One edit (loom_kernel.interventions): ``vector`` is a list, a list of lists, a wire tensor or a stored name."""
+class FeatureRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    probe: str
+    index: int
 
-    site: int | str
+
+class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One edit (loom_kernel.interventions): ``vector`` is a list, a list of lists, a wire tensor or a stored name;
+    ``feature`` names row ``index`` of a stored SAE's decoder instead (its site unless ``site`` says otherwise)."""
+
+    site: int | str | None = None
     op: str
+    feature: FeatureRef | None = None
     vector: list[Any] | dict[str, Any] | str | None = None
     scale: float = 1.0
     positions: str | list[int] = "all"
@@ -57,9 +64,26 @@ class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 Interventions = Annotated[list[InterventionSpec], msgspec.Meta(max_length=MAX_INTERVENTIONS)]
 
 
+class LensFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    layers: LayerSpec = "all"
+    top_k: int = 5
+    tokens: Annotated[list[str], msgspec.Meta(max_length=32)] = []
+
+
+class StopRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    probe: str
+    label: str | int
+    above: float
+
+
+Probes = Annotated[list[NonEmpty], msgspec.Meta(max_length=16)]
+
+
 class CaptureFields(LoadFields, kw_only=True):
     hidden_state_layers: LayerSpec | None = None
     interventions: Interventions | None = None
+    logit_lens: LensFields | None = None
+    probes: Probes | None = None
     return_full_sequence: bool = False
     positions: PositionSpec | None = None
     hidden_state_format: str | None = None  # None: the server's hidden_states.default_format
@@ -80,6 +104,7 @@ class GenerationFields(CaptureFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     return_logits: bool = False
+    stop_when: Annotated[list[StopRule], msgspec.Meta(max_length=8)] | None = None
 
 
 MAX_N = 16  # choices of one prompt a request may ask for: rows of one batch

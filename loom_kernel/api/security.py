@@ -8,8 +8,8 @@ cross-origin requests (a POST with a ``text/plain`` body, no preflight) and, by 
   configured ``host``, ``server.allowed_hosts``): a rebound name is the attacker's, never ours (403, field ``host``);
 - on a state-changing request (POST, PUT, PATCH, DELETE), a browser ``Origin`` that is neither the server's own
   origin nor one of ``server.cors_origins`` (403, field ``origin``);
-- a body that is not ``application/json``: the only type a cross-origin page cannot send without a preflight
-  that CORS then refuses (415, field ``content-type``).
+- a body that is not ``application/json`` (or a safetensors file's type, for ``POST /probes/{name}``): types a
+  cross-origin page cannot send without a preflight that CORS then refuses (415, field ``content-type``).
 
 A Unix socket is exempt from the ``Host`` rule: no browser can open one.
 
@@ -33,7 +33,8 @@ from loom_kernel.errors import Forbidden, LoomError
 OPEN_PATHS = frozenset({"/health"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
-BODY_TYPES = frozenset({b"application/json"})
+# None of them is a CORS "simple" type (text/plain, a form): a page must ask first, and CORS refuses it.
+BODY_TYPES = frozenset({b"application/json", b"application/vnd.loom.safetensors", b"application/octet-stream"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 

@@ -22,6 +22,7 @@ from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inputs import check_vocabulary, vocabulary_size
 from loom_kernel.models import ModelEntry
+from loom_kernel.readouts import Readouts
 from loom_kernel.resolve import EMBEDDED
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 from loom_openai.schemas import (
@@ -96,7 +97,7 @@ def top_logprobs_for(data: OpenAIFields) -> int | None:
     return None
 
 
-def states_for(data: OpenAIFields, settings: Settings, vectors: Any = None) -> StateRequest:
+def states_for(data: OpenAIFields, settings: Settings, manager: Any = None) -> StateRequest:
     req = StateRequest.from_fields(
         wanted=data.return_hidden_states,
         layers=data.hidden_state_layers,
@@ -108,7 +109,11 @@ def states_for(data: OpenAIFields, settings: Settings, vectors: Any = None) -> S
         top_logprobs=top_logprobs_for(data),
         max_response_bytes=int(settings.max_response_mb * 2**20),
         interventions=data.interventions,
-        vectors=vectors,
+        vectors=manager.vectors.tensor if manager is not None else None,
+        readouts=Readouts(lens=data.logit_lens, probes=tuple(data.probes or ()), store=manager.probes)
+        if manager is not None
+        else None,
+        streaming=data.stream,
     )
     if req.fmt == "safetensors":
         raise InvalidField(
@@ -255,7 +260,7 @@ def streamed_token(bridge: TokenBridge, req: StateRequest, model: LoadedModel, o
     ids: dict[int, list[int]] = {}  # per choice
 
     def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
-        out = stream_extras(extras, req, model.tokenizer)
+        out = stream_extras(extras, req, model)
         if offsets and "logprob" in out:
             out["text_offset"] = decoded_length(model.tokenizer, ids.setdefault(row, []))
             ids[row].append(token)
@@ -275,7 +280,7 @@ class OpenAIController(Controller):
         size estimate."""
         refuse_unsupported(data)
         params = params_for(data, settings)
-        req = states_for(data, settings, manager.vectors.tensor)
+        req = states_for(data, settings, manager)
         entry = await manager.get(data.model, loader=data.loader, explicit=data.explicit())
         if entry.loaded is not None:
             check_generation(entry.loaded, params)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from loom_kernel.api.schemas import MAX_N, Interventions, LayerSpec, NonEmpty, PositionSpec, Seed
+from loom_kernel.api.schemas import MAX_N, Interventions, LayerSpec, LensFields, NonEmpty, PositionSpec, Probes, Seed
 from loom_kernel.errors import InvalidField
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -48,6 +48,8 @@ class OpenAIFields(msgspec.Struct, kw_only=True):
     return_hidden_states: bool = False
     hidden_state_layers: LayerSpec | None = None
     interventions: Interventions | None = None
+    logit_lens: LensFields | None = None
+    probes: Probes | None = None
     positions: PositionSpec | None = None
     return_full_sequence: bool = False
     hidden_state_format: str | None = None

@@ -295,8 +295,9 @@ class Decoder:
     def _emit(self, row: Row, token: int, piece: str, extras: dict[str, Any]) -> None:
         if row.on_token is None:
             return
-        if row.on_token(row.slot, token, piece, extras) is False and row.finish is None:
-            row.finish = "stop"
+        result = row.on_token(row.slot, token, piece, extras)
+        if row.finish is None and (result is False or isinstance(result, str)):
+            row.finish = result or "stop"  # a string is the finish reason (a stop rule's "probe")
 
     def _advance(self, row: Row, logits: Any) -> None:
         """After a pass that fed ``row``: release its held event, then choose its next token or complete it."""

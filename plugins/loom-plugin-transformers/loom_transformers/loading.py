@@ -11,7 +11,7 @@ from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import LoomError, load_error
 from loom_kernel.loading import count_layers, module_bytes
-from loom_transformers.sites import site_shapes
+from loom_transformers.sites import site_shapes, unembed
 
 log = logging.getLogger("loom.transformers")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -110,6 +110,8 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         from loom_transformers.generation import Decoder
 
         loaded.decoder = functools.partial(Decoder, loaded)
+        if model.get_output_embeddings() is not None:
+            loaded.unembed = functools.partial(unembed, loaded)
     try:
         loaded.sites = site_shapes(loaded)
     except Exception as exc:  # a module tree the discovery does not know: the model serves without hook points

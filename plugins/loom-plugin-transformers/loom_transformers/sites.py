@@ -276,3 +276,22 @@ def _apply(x: Any, edit: Intervention, rows: list[int] | None) -> Any:
     if edit.op == "ablate":
         return xf - (xf @ v.T) @ v
     return xf.zero_()
+
+
+def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:
+    """``LoadedModel.unembed``: the model's own final norm (unless ``normalized``), LM head and final logit
+    soft-capping (Gemma 2) applied to CPU states [P, H]; float32 CPU logits [P, V]."""
+    import torch
+
+    net = model.model
+    final = site_map(model).get("ln_final.hook_normalized")
+    head = net.get_output_embeddings()
+    with torch.inference_mode():
+        x = states.to(head.weight.device, net.dtype)  # the model's compute dtype (a quantized head's weight is not)
+        if not normalized and not isinstance(final, str):
+            x = final.module(x)
+        logits = head(x)
+        cap = getattr(net.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+    return logits.float().cpu()
