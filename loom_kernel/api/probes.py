@@ -169,7 +169,7 @@ class ProbesController(Controller):
         tensors = {r: read_vector(getattr(data, r), None, r) for r in roles if getattr(data, r) is not None}
         return store(manager, data.name, tensors, meta_of(data, data.kind, data.activation), data.replace)
 
-    @post("/{name:str}", status_code=201, request_max_body_size=None)
+    @post("/{name:str}", status_code=201, request_max_body_size=None, opt={"raw_body": True})
     async def upload(
         self,
         name: FromPath[str],

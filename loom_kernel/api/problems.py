@@ -37,7 +37,12 @@ class Problem(msgspec.Struct, kw_only=True):
 # What each kind of route may answer besides its success, all as problem+json (the OpenAPI document lists them so
 # that a client, and the schemathesis test, can rely on the list).
 ANY_ROUTE = {500: "Internal error", 503: "Out of memory or shutting down (Retry-After)"}
-WITH_BODY = {400: "Malformed request body", 413: "Request body too large", 422: "Invalid field"}
+WITH_BODY = {
+    400: "Malformed request body",
+    413: "Request body too large",
+    415: "Not a body type this server accepts",
+    422: "Invalid field",
+}
 NAMING_A_MODEL = {
     403: "Refused by the server's policy",
     404: "No such model, alias or path",
@@ -60,7 +65,7 @@ def document_problems(app: Litestar, api_key: bool = False) -> None:
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
             statuses = dict(ANY_ROUTE)
-            if "data" in handler.parsed_fn_signature.parameters:
+            if "data" in handler.parsed_fn_signature.parameters or handler.opt.get("raw_body"):
                 statuses |= WITH_BODY | NAMING_A_MODEL
             elif getattr(route, "path_parameters", None):
                 statuses |= NAMING_A_MODEL | {400: "Malformed path or query parameter"}
