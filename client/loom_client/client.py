@@ -8,7 +8,7 @@ from typing import Any, Self
 
 import httpx
 
-from loom_client.endpoints import Call, Endpoints, jsonable
+from loom_client.endpoints import Call, Endpoints, request_args
 from loom_client.errors import LoomConnectionError, response_error
 from loom_client.sse import DONE, EventParser
 
@@ -65,7 +65,7 @@ class LoomClient(Endpoints):
 
     def _call(self, call: Call) -> Any:
         try:
-            response = self._http.request(call.method, call.path, json=jsonable(call.body))
+            response = self._http.request(call.method, call.path, **request_args(call))
         except httpx.TransportError as exc:
             raise transport_error(exc, self.url) from exc
         if response.status_code >= 400:
@@ -74,7 +74,7 @@ class LoomClient(Endpoints):
 
     def _stream(self, call: Call) -> Iterator[Any]:
         try:
-            with self._http.stream(call.method, call.path, json=jsonable(call.body)) as response:
+            with self._http.stream(call.method, call.path, **request_args(call)) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise response_error(response)
@@ -117,7 +117,7 @@ class AsyncLoomClient(Endpoints):
 
     async def _call(self, call: Call) -> Any:
         try:
-            response = await self._http.request(call.method, call.path, json=jsonable(call.body))
+            response = await self._http.request(call.method, call.path, **request_args(call))
         except httpx.TransportError as exc:
             raise transport_error(exc, self.url) from exc
         if response.status_code >= 400:
@@ -126,7 +126,7 @@ class AsyncLoomClient(Endpoints):
 
     async def _stream(self, call: Call) -> AsyncIterator[Any]:
         try:
-            async with self._http.stream(call.method, call.path, json=jsonable(call.body)) as response:
+            async with self._http.stream(call.method, call.path, **request_args(call)) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise response_error(response)

@@ -59,6 +59,15 @@ class Call:
     read: Callable[[httpx.Response], Any] = json_body
     stream: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    content: bytes | None = None  # a raw body (a safetensors file) instead of ``body``
+
+
+def request_args(call: Call) -> dict[str, Any]:
+    """What httpx sends for ``call``: its JSON body (numpy arrays as wire tensors), or its raw bytes; its query."""
+    args: dict[str, Any] = {"params": {k: v for k, v in call.params.items() if v is not None}}
+    if call.content is not None:
+        return {**args, "content": call.content, "headers": {"content-type": "application/octet-stream"}}
+    return {**args, "json": jsonable(call.body)}
 
 
 def model_path(prefix: str, model: str) -> str:
@@ -145,6 +154,37 @@ class Endpoints:
         """POST /patch: the metric for clean, corrupted, and each (site, position) patched, raw and normalized."""
         body = {"model": model, "clean": clean, "corrupted": corrupted, "sites": sites, "metric": metric, **fields}
         return self._call(Call("POST", "/patch", body))
+
+    # -- readouts: logit lens, probes, sparse autoencoders -----------------------------------------------------------
+    # ``logit_lens={"layers": "all", "top_k": 5, "tokens": [" Paris"]}``, ``probes=["name"]`` and (generation)
+    # ``stop_when=[{"probe", "label", "above"}]`` go with extract, generate, stream and the OpenAI methods.
+    def put_probe(self, name: str, site: int | str, **fields: Any) -> Any:
+        """POST /probes: a linear probe (``weight``, ``bias``, ``labels``, ``activation``) or, with ``kind="sae"``,
+        a sparse autoencoder (``W_enc``, ``b_enc``, ``b_dec``, ...); tensors may be numpy arrays."""
+        return self._call(Call("POST", "/probes", {"name": name, "site": site, **fields}))
+
+    def upload_probe(self, name: str, safetensors: bytes, **params: Any) -> Any:
+        """POST /probes/{name}: an SAE as a safetensors file's bytes (``site``, ``activation``, ``k`` as keywords,
+        else from the file's metadata)."""
+        call = Call("POST", "/probes/" + quote(name, safe=""), params=params, content=safetensors)
+        return self._call(call)
+
+    def fit_probe(self, name: str, model: str, site: int | str, texts: list[str], labels: list[str], **f: Any) -> Any:
+        """POST /probes/fit: LogisticRegression on the texts' states at ``site``; training and CV accuracy."""
+        body = {"name": name, "model": model, "site": site, "texts": texts, "labels": labels, **f}
+        return self._call(Call("POST", "/probes/fit", body))
+
+    def probes(self) -> Any:
+        """GET /probes: every stored probe's kind, site, activation, shapes and metadata."""
+        return self._call(Call("GET", "/probes"))
+
+    def probe_info(self, name: str) -> Any:
+        """GET /probes/{name}."""
+        return self._call(Call("GET", "/probes/" + quote(name, safe="")))
+
+    def delete_probe(self, name: str) -> Any:
+        """DELETE /probes/{name}."""
+        return self._call(Call("DELETE", "/probes/" + quote(name, safe="")))
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def embed(self, model: str, text: str, **fields: Any) -> Any:

@@ -317,3 +317,30 @@ def test_interventions_take_numpy_vectors_and_the_new_endpoints_decode(client: L
     patched = client.patch(llama, "The cat sat", "The cap sat", [1], {"type": "logprob", "token": "."}, positions=[-1])
     assert len(patched["patched"]) == 1 and len(patched["patched"][0]) == 1
     assert client.delete_vector("client-test")["name"] == "client-test"
+
+
+def test_readouts_through_the_client(client: LoomClient, server) -> None:
+    import safetensors.numpy
+
+    llama = server["llama"]
+    rng = np.random.default_rng(5)
+    weight, bias = rng.standard_normal((2, 64)).astype(np.float32), np.zeros(2, dtype=np.float32)
+    client.put_probe("client-probe", 2, weight=weight, bias=bias, labels=["x", "y"], activation="softmax", replace=True)
+    r = client.extract(llama, "The cat sat", probes=["client-probe"], logit_lens={"layers": [-1], "top_k": 3})
+    x = client.extract(llama, "The cat sat", hidden_state_layers=[2])["hidden_states"]["2"].astype(np.float64)
+    z = x @ weight.T.astype(np.float64)
+    want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    np.testing.assert_allclose(r["probe_scores"]["client-probe"]["data"], want, atol=1e-6)
+    assert len(r["logit_lens"]["-1"]["top_k"][0]) == 3
+    sae = {"W_enc": rng.standard_normal((64, 16)).astype(np.float32), "b_enc": np.zeros(16, np.float32)}
+    sae["b_dec"] = np.zeros(64, np.float32)
+    stored = client.upload_probe("client-sae", safetensors.numpy.save(sae), site=2, activation="relu", replace=True)
+    assert stored["kind"] == "sae" and stored["shapes"]["W_enc"] == [64, 16]
+    assert "client-sae" in {p["name"] for p in client.probes()["probes"]}
+    assert client.probe_info("client-sae")["activation"] == "relu"
+    fitted = client.fit_probe(
+        "client-fit", llama, 2, ["a cat", "a dog", "one two", "three four"], ["pet", "pet", "num", "num"]
+    )
+    assert fitted["labels"] == ["num", "pet"] and 0 <= fitted["cv_accuracy"] <= 1
+    for name in ("client-probe", "client-sae", "client-fit"):
+        assert client.delete_probe(name)["name"] == name
