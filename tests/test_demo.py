@@ -91,3 +91,24 @@ def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_pa
     patch = report["patching"]
     assert patch["sites"] == [f"blocks.{i}.hook_resid_pre" for i in range(3)] and patch["calls"] >= 1
     assert json.loads((out / "interventions.json").read_text())["patching"]["runs"] == patch["runs"]
+
+
+def test_readouts_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """demo/readouts.py against a real server: a lens row per block, the probe's accuracies, a stop by the probe."""
+    spec = importlib.util.spec_from_file_location("readouts_demo", REPO / "demo" / "readouts.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.ANSWER = " the"  # a token of the tiny tokenizer
+    model = str(tiny_models["llama"])
+    out = tmp_path / "out"
+    with loom_server(["--preload", model], tmp_path) as (base, _, _):
+        report = demo.main(["--server", base, "--model", model, "--layer", "2", "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["logit_lens.png", "readouts.json", "readouts.md"]
+    assert (out / "logit_lens.png").read_bytes().startswith(PNG_MAGIC)
+    lens = report["lens"]
+    assert lens["layers"] == [1, 2, 3] and all(len(row) == len(lens["tokens"]) for row in lens["top"])
+    probe = report["probe"]
+    assert 0 <= probe["cv_accuracy"] <= 1 and probe["train_accuracy"] >= probe["cv_accuracy"] - 1e-9
+    stopped = probe["stopped"]
+    assert stopped["finish_reason"] == "probe"  # the bound is the median of the generated tokens' scores
+    assert stopped["stopped_by"]["score"] > probe["stop_above"]
