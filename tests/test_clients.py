@@ -90,3 +90,25 @@ def test_openai_client_interventions_in_extra_body_change_the_completion_as_gene
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(**ask, extra_body=bad)
     assert err.value.body["param"] == "interventions[0].vector"
+
+
+def test_openai_client_probes_in_extra_body_score_as_extract_does(server) -> None:
+    import httpx
+    import openai
+
+    base, llama = server
+    weight = np.random.default_rng(1).standard_normal((2, 64)).round(4).tolist()
+    probe = {"name": "oa", "site": 2, "weight": weight, "bias": [0.0, 0.0], "activation": "softmax", "replace": True}
+    assert httpx.post(f"{base}/probes", json=probe, timeout=30).status_code == 201
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+    ask = {"model": llama, "prompt": "The cat sat on", "max_tokens": 4, "temperature": 0}
+    done = client.completions.create(**ask, extra_body={"probes": ["oa"], "positions": "all"})
+    scores = done.choices[0].model_extra["probe_scores"]["oa"]
+    direct = httpx.post(f"{base}/generate", json={**ask, "probes": ["oa"], "positions": "all"}, timeout=60).json()
+    np.testing.assert_allclose(scores["data"], direct["probe_scores"]["oa"]["data"], atol=1e-9)
+    streamed = [
+        chunk.choices[0].model_extra["probe_scores"]["oa"]["data"][0]
+        for chunk in client.completions.create(**ask, stream=True, extra_body={"probes": ["oa"]})
+        if chunk.choices and chunk.choices[0].text and chunk.choices[0].model_extra.get("probe_scores")
+    ]
+    np.testing.assert_allclose(streamed, direct["probe_scores"]["oa"]["data"][-len(streamed) :], atol=1e-9)

@@ -125,16 +125,38 @@ async def test_probe_scores_match_numpy_on_the_served_states_and_streams_agree(p
 
         gen = {"model": path, "prompt": TEXT, "max_tokens": 6, "temperature": 0, "probes": ["mood"]}
         whole = (await c.post("/generate", json={**gen, "positions": "generated"})).json()
-        events = []
-        async with c.stream("POST", "/generate/stream", json=gen) as s:
-            async for line in s.aiter_lines():
-                if line.startswith("data:") and '"token_id"' in line:
-                    events.append(json.loads(line[5:]))
+        events = await token_events(c, gen)
         assert [e["token_id"] for e in events] == whole["token_ids"]
         np.testing.assert_allclose(
             [e["probe_scores"]["mood"]["data"][0] for e in events], whole["probe_scores"]["mood"]["data"], atol=1e-6
         )
         assert all("hidden_states" not in e for e in events)  # the probe's states are not the client's to see
+
+        lens = {"layers": [1, -1], "top_k": 3}
+        whole = (await c.post("/generate", json={**gen, "logit_lens": lens, "positions": "generated"})).json()
+        events = await token_events(c, {**gen, "logit_lens": lens})
+        assert [e["token_id"] for e in events] == whole["token_ids"]
+        for key in ("1", "-1"):
+            streamed = [e["logit_lens"][key]["top_k"][0] for e in events]
+            want = whole["logit_lens"][key]["top_k"]
+            assert [[t["token_id"] for t in row] for row in streamed] == [[t["token_id"] for t in row] for row in want]
+            np.testing.assert_allclose(
+                [[t["logprob"] for t in row] for row in streamed],
+                [[t["logprob"] for t in row] for row in want],
+                atol=1e-5,
+            )
+
+
+async def token_events(c: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The token events of a /generate/stream (not its done event, whose body also holds token ids)."""
+    events, kind = [], None
+    async with c.stream("POST", "/generate/stream", json=body) as s:
+        async for line in s.aiter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind == "token":
+                events.append(json.loads(line[5:]))
+    return events
 
 
 def sae_reference(x: np.ndarray, t: dict[str, np.ndarray], act: str, k: int = 0) -> np.ndarray:

@@ -215,6 +215,11 @@ def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
     return [min(decoded_length(tokenizer, ids[:i]), len(text)) for i in range(len(ids))]
 
 
+def readout_fields(source: dict[str, Any]) -> dict[str, Any]:
+    """A choice's (or a token chunk's) logit lens and probe scores, as The Loom's extra fields."""
+    return {key: source[key] for key in ("logit_lens", "probe_scores", "stopped_by") if key in source}
+
+
 def usage(payloads: list[dict[str, Any]]) -> dict[str, int]:
     """The prompt once, every choice's tokens."""
     prompt, completion = payloads[0]["prompt_tokens"], sum(p["token_count"] for p in payloads)
@@ -313,6 +318,7 @@ class OpenAIController(Controller):
                     "message": {"role": "assistant", "content": payload["text"]},
                     "finish_reason": payload["finish_reason"],
                     "logprobs": chat_logprobs(payload.get("logprobs")),
+                    **readout_fields(payload),
                 }
                 for i, payload in enumerate(payloads)
             ]
@@ -326,7 +332,9 @@ class OpenAIController(Controller):
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
             entry = event.get("logprob")
             logprobs = chat_logprobs(None if entry is None else [entry])
-            return chunk(event["row"], {"content": event["text"]}, None, logprobs)
+            out = chunk(event["row"], {"content": event["text"]}, None, logprobs)
+            out["choices"][0].update(readout_fields(event))
+            return out
 
         return stream(
             bridge,
@@ -377,6 +385,7 @@ class OpenAIController(Controller):
                     "text": payload["text"],
                     "finish_reason": payload["finish_reason"],
                     "logprobs": completion_logprobs(payload.get("logprobs"), payload.get("text_offset", [])),
+                    **readout_fields(payload),
                 }
                 for i, payload in enumerate(payloads)
             ]
@@ -388,7 +397,9 @@ class OpenAIController(Controller):
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
             entry = event.get("logprob")
             logprobs = None if entry is None else completion_logprobs([entry], [event["text_offset"]])
-            return chunk(event["row"], event["text"], None, logprobs)
+            out = chunk(event["row"], event["text"], None, logprobs)
+            out["choices"][0].update(readout_fields(event))
+            return out
 
         return stream(
             bridge,
