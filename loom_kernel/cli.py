@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auto-unload-minutes", type=float, help="unload a model idle this long (default 20; 0 = off)")
     serve.add_argument("--device", dest="default_device", help="default device: cpu, cuda, cuda:N, auto")
     serve.add_argument("--log-level", choices=LEVELS, help="default info")
+    serve.add_argument(
+        "--ray-address", help="--transport ray: the Ray cluster to join (auto, ray://...; default local)"
+    )
+    serve.add_argument("--replicas", dest="ray_replicas", type=int, help="--transport ray: replicas (default 1)")
     add_plugins_dir(serve)
 
     plugins = sub.add_parser("plugins", help="list the installed plugins and the hooks they implement")
@@ -78,7 +82,16 @@ def build_settings(args: argparse.Namespace, env: dict[str, str] | None = None) 
     """Defaults < config file < environment < these flags; ``--preload`` adds to the models named before it."""
     overrides: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("host", "port", "transports", "unix_socket", "max_models", "auto_unload_minutes")
+        for name in [
+            "host",
+            "port",
+            "transports",
+            "unix_socket",
+            "max_models",
+            "auto_unload_minutes",
+            "ray_address",
+            "ray_replicas",
+        ]
     }
     overrides["default_device"] = getattr(args, "default_device", None)
     overrides["log_level"] = getattr(args, "log_level", None)

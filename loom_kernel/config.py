@@ -63,7 +63,13 @@ class Settings:
     patch_max_rows: int = 2048
     # Stored probes and sparse autoencoders (loom_kernel.readouts), kept like vectors.
     probes_directory: str | None = None
-    probes_max_mb: float = 512.0  # runs one POST /patch may ask for (sites x positions + 2)
+    probes_max_mb: float = 512.0
+    # The ray transport (loom-plugin-ray): the cluster to join (None: start a local Ray; "auto"; "ray://..."), its
+    # replicas and what each reserves. Ray's HTTP proxy listens on ``host``:``port``.
+    ray_address: str | None = None
+    ray_replicas: int = 1
+    ray_cpus_per_replica: float = 1.0
+    ray_gpus_per_replica: float = 0.0  # runs one POST /patch may ask for (sites x positions + 2)
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -112,6 +118,12 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "vectors": {"directory": "vectors_directory", "max_mb": "vectors_max_mb"},
     "interventions": _same("patch_max_rows"),
     "probes": {"directory": "probes_directory", "max_mb": "probes_max_mb"},
+    "ray": {
+        "address": "ray_address",
+        "replicas": "ray_replicas",
+        "cpus_per_replica": "ray_cpus_per_replica",
+        "gpus_per_replica": "ray_gpus_per_replica",
+    },
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
 }
@@ -126,7 +138,7 @@ ENV_KEYS: dict[str, str] = {
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
             "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows probes_directory "
-            "probes_max_mb"
+            "probes_max_mb ray_address ray_replicas ray_cpus_per_replica ray_gpus_per_replica"
         )
     },
     "LOOM_TRANSPORT": "transports",

@@ -122,6 +122,15 @@ def serve(settings: Settings, pm: pluggy.PluginManager | None = None) -> int:
     configure_logging(settings.log_level)
     pm = pm or create_plugin_manager()
     transports = select_transports(settings, pm)
+    elsewhere = [t.name for t in transports if t.serve is not None]
+    if elsewhere:
+        if len(transports) > 1:
+            raise ConfigError(
+                f"transports: {elsewhere[0]} runs the app on its own and cannot be combined with others",
+                field="transports",
+                allowed=elsewhere[:1],
+            )
+        return int(transports[0].serve() or 0)
     bound: list[Transport] = []
     with _Signals().installed() as signals:
         try:

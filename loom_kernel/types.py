@@ -305,9 +305,13 @@ class ForwardOutput:
 
 @attrs.define(frozen=True)
 class Transport:
-    """A named way to serve the ASGI app: ``bind()`` returns the listening sockets, ``cleanup()`` undoes it."""
+    """A named way to serve the ASGI app: ``bind()`` returns the listening sockets for this process's server,
+    ``cleanup()`` undoes it; or ``serve()`` runs the app somewhere else."""
 
     name: str
     describe: str
-    bind: Any  # callable() -> list[socket.socket]
+    bind: Any = None  # callable() -> list[socket.socket]
     cleanup: Any = None  # callable() -> None
+    # callable() -> int: a transport that runs the app itself, elsewhere (Ray Serve's replicas), until a signal;
+    # it serves alone and ``bind`` is not called.
+    serve: Any = None

@@ -1,0 +1,72 @@
+"""``loom serve --transport ray``: join (or start) Ray, deploy the router and the replicas, wait for a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import attrs
+
+log = logging.getLogger("loom")
+
+
+def application(settings: Any) -> Any:
+    """The Ray Serve application: ``ray_replicas`` replicas of The Loom behind one router."""
+    import ray
+    from ray import serve
+
+    from loom_ray.replica import replica_class
+    from loom_ray.router import LoomRouter, Registry
+
+    registry = ray.remote(Registry).options(name="loom-registry", get_if_exists=True, num_cpus=0).remote()
+    options = attrs.asdict(settings)
+    replicas = serve.deployment(
+        replica_class(settings.max_models),
+        name="LoomReplica",
+        num_replicas=settings.ray_replicas,
+        ray_actor_options={"num_cpus": settings.ray_cpus_per_replica, "num_gpus": settings.ray_gpus_per_replica},
+        max_ongoing_requests=max(settings.max_queue, 1) if settings.max_queue else 1024,
+        health_check_period_s=2.0,
+    ).bind(options, registry)
+    router = serve.deployment(LoomRouter, name="LoomRouter", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return router.bind(replicas, registry, options)
+
+
+def start(settings: Any) -> None:
+    """Ray up (joined or local) and the application deployed, Ray's proxy on ``host``:``port``."""
+    import ray
+    from ray import serve
+
+    from loom_ray.router import APP
+
+    ray.init(address=settings.ray_address, namespace="loom", ignore_reinit_error=True, include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application(settings), name=APP, route_prefix="/")
+    log.info("serving on Ray at http://%s:%d (%d replica(s))", settings.host, settings.port, settings.ray_replicas)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run(settings: Any) -> int:
+    """The transport's ``serve``: deploy, then hold until SIGTERM or SIGINT."""
+    from loom_kernel.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        start(settings)
+        done.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop()
+    return 0

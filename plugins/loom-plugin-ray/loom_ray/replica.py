@@ -1,0 +1,138 @@
+"""A replica: The Loom's whole app (its own plugin manager and model manager) inside a Ray Serve replica.
+
+The router hands each request over as a plain dict (method, path, query, headers, body) with the request's model as
+Ray Serve's multiplexed model id; the replica registers that model with Ray's multiplexing (so later requests for it
+come here), runs the request through its app, and streams the app's ASGI messages back. It tells the registry
+what it holds after every request and every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+REPORT_EVERY_S = 2.0
+
+
+class Loaded:
+    """What Ray's multiplexing keeps per model id: the id (the model itself stays in the replica's manager)."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+
+def replica_class(max_models: int) -> type:
+    """The deployment's class, its multiplexing bounded by the manager's ``max_models``."""
+
+    class LoomReplica:
+        async def __init__(self, settings: dict[str, Any], registry: Any) -> None:
+            from loom_kernel.api import create_app
+            from loom_kernel.config import Settings
+            from loom_kernel.logs import configure_logging
+
+            configure_logging(settings.get("log_level", "info"))
+            self.app = create_app(settings=Settings(**settings))
+            self.manager = self.app.state.manager
+            self.registry = registry
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            await self.manager.start()
+            # Every replica loads the preloaded models; Ray learns where they are as requests for them arrive.
+            await self.manager.preload(list(self.manager.settings.preload))
+            self._reporter = asyncio.create_task(self._report_forever())
+
+        @serve.multiplexed(max_num_models_per_replica=max_models)
+        async def load(self, model_id: str) -> Loaded:
+            await self.manager.get(model_id)
+            return Loaded(model_id)
+
+        async def __call__(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            model_id = serve.get_multiplexed_model_id()
+            if model_id:
+                # Registered with Ray's routing when it loads; a model that fails to load is answered by the app
+                # itself below, with the same problem details as on one process.
+                with contextlib.suppress(Exception):
+                    await self.load(model_id)
+            async for message in run_asgi(self.app, request, self.replica):
+                yield message
+            await self._report()
+
+        async def state(self) -> dict[str, Any]:
+            return self._snapshot()
+
+        def _snapshot(self) -> dict[str, Any]:
+            from loom_kernel.reports import gauges
+
+            manager = self.manager
+            return {
+                "replica": self.replica,
+                "loaded_models": manager.describe(),
+                "metrics": manager.metrics.exposition(gauges(manager.ready())),
+                "time": time.time(),
+            }
+
+        async def _report(self) -> None:
+            with contextlib.suppress(Exception):  # the registry is bookkeeping: serving goes on without it
+                await self.registry.report.remote(self._snapshot())
+
+        async def _report_forever(self) -> None:
+            while True:
+                await self._report()
+                await asyncio.sleep(REPORT_EVERY_S)
+
+    return LoomReplica
+
+
+async def run_asgi(app: Any, request: dict[str, Any], replica: str) -> AsyncIterator[dict[str, Any]]:
+    """``request`` through ``app``: its ASGI send messages as they come (a stream's events one by one), each
+    response marked with the replica that answered."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": request["method"],
+        "scheme": "http",
+        "path": request["path"],
+        "raw_path": request["raw_path"],
+        "root_path": "",
+        "query_string": request["query_string"],
+        "headers": request["headers"],
+        "client": request["client"],
+        "server": request["server"],
+    }
+    messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    delivered = False
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": request["body"], "more_body": False}
+        await gone.wait()  # the router stopped listening: the client left
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"x-loom-replica", replica.encode())]}
+        await messages.put(message)
+
+    async def call() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            await messages.put(None)
+
+    task = asyncio.create_task(call())
+    try:
+        while (message := await messages.get()) is not None:
+            yield message
+        await task
+    finally:
+        gone.set()
+        if not task.done():
+            task.cancel()

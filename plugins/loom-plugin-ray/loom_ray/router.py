@@ -1,0 +1,162 @@
+"""The ingress: an ASGI app in front of the replicas that reads each request's model (its JSON body's ``model``,
+or the id in ``/models/{id}``) and sends the request to a replica that has that model, through Ray Serve's model
+multiplexing. ``GET /health``, ``GET /models`` and ``GET /metrics`` answer for the whole application from the
+registry the replicas report to. A replica that dies mid-request is a 503 with Retry-After, never a hang."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from ray import serve
+
+APP = "loom"
+STALE_S = 10.0  # a replica that has not reported for this long is gone (killed, or replaced by Ray)
+PROBLEM = b"application/problem+json"
+AGGREGATED = {"/health", "/models", "/models/", "/metrics"}
+
+
+def model_of(method: str, path: str, body: bytes) -> str:
+    """The model a request is for: ``model`` of a JSON body, or the id of ``/models/{id}[/sites]``; "" for none."""
+    if path.startswith("/models/") and path not in ("/models/", "/models/load"):
+        return path[len("/models/") :].removesuffix("/sites")
+    if method == "POST" and body[:1] == b"{":
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            return ""  # the replica's app answers a malformed body with its own problem details
+        return model if isinstance(model, str) else ""
+    return ""
+
+
+class Registry:
+    """What each replica last reported: its models and its metrics."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, dict[str, Any]] = {}
+
+    def report(self, snapshot: dict[str, Any]) -> None:
+        self.replicas[snapshot["replica"]] = snapshot
+
+    def live(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return sorted((s for s in self.replicas.values() if now - s["time"] < STALE_S), key=lambda s: s["replica"])
+
+
+@serve.ingress()
+class LoomRouter:
+    """The ingress deployment: Ray Serve builds its ASGI app after the constructor, on the router's replica."""
+
+    def __init__(self, replicas: Any, registry: Any, settings: dict[str, Any]) -> None:
+        self.replicas, self.registry, self.settings = replicas, registry, settings
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_router(self.replicas, self.registry, self.settings)
+
+
+def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
+    """The ingress ASGI app: ``handle`` reaches the replicas, ``registry`` knows what they hold."""
+    from loom_kernel import __version__
+    from loom_kernel.api.problems import begin_request
+    from loom_kernel.api.security import Guard
+
+    guard = Guard.of(settings["host"], settings["allowed_hosts"], settings["cors_origins"])
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        method, path = scope["method"], scope["path"]
+        if method == "GET" and path in AGGREGATED and authorized(scope, settings):
+            refused = guard.refusal(scope)
+            if refused is not None:
+                problem = {**refused.problem(), "request_id": begin_request(scope), "instance": path}
+                await answer(send, refused.status, problem)
+                return
+            live = await registry.live.remote()
+            await answer(send, 200, aggregate(path, live, __version__), path == "/metrics")
+            return
+        request = {
+            "method": method,
+            "path": path,
+            "raw_path": scope.get("raw_path") or path.encode(),
+            "query_string": scope.get("query_string", b""),
+            "headers": [(bytes(k), bytes(v)) for k, v in scope["headers"]],
+            "client": scope.get("client"),
+            "server": scope.get("server"),
+            "body": body,
+        }
+        started = False
+        try:
+            stream = handle.options(stream=True, multiplexed_model_id=model_of(method, path, body)).remote(request)
+            async for message in stream:
+                started = True
+                await send(message)
+        except Exception as exc:  # a replica that died (or is being replaced) under the request
+            if started:
+                raise
+            detail = f"the replica serving this request is gone ({type(exc).__name__}); Ray is replacing it: retry"
+            problem = {"type": "about:blank", "title": "Service unavailable", "status": 503, "detail": detail}
+            await answer(send, 503, problem, headers=[(b"retry-after", b"1")])
+
+    return app
+
+
+def authorized(scope: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """The aggregated views need the API key as the app's own routes do (/health never)."""
+    key = settings.get("api_key")
+    if not key or scope["path"] == "/health":
+        return True
+    import hmac
+
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
+
+
+def aggregate(path: str, live: list[dict[str, Any]], version: str) -> Any:
+    rows = [{**row, "replica": s["replica"]} for s in live for row in s["loaded_models"]]
+    if path == "/metrics":
+        return "".join(labelled(s["metrics"], s["replica"]) for s in live)
+    if path.startswith("/models"):
+        return {"loaded_models": rows, "replicas": [s["replica"] for s in live]}
+    return {
+        "status": "ok" if live else "starting",
+        "version": version,
+        "replicas": [
+            {"replica": s["replica"], "loaded_models": [r["model_id"] for r in s["loaded_models"]]} for s in live
+        ],
+        "loaded_models": sorted({r["model_id"] for r in rows if r["state"] == "ready"}),
+        "loading_models": sorted({r["model_id"] for r in rows if r["state"] == "loading"}),
+    }
+
+
+def labelled(text: str, replica: str) -> str:
+    """A replica's Prometheus text with ``replica="..."`` on every sample."""
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, rest = re.match(r"([^{\s]+)(.*)", line).groups()  # type: ignore[union-attr]
+            if rest.startswith("{"):
+                line = f'{name}{{replica="{replica}",{rest[1:]}'
+            else:
+                line = f'{name}{{replica="{replica}"}}{rest}'
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+async def answer(send: Any, status: int, body: Any, text: bool = False, headers: list | None = None) -> None:
+    data = body.encode() if text else json.dumps(body).encode()
+    kind = b"text/plain; version=0.0.4" if text else PROBLEM if status >= 400 else b"application/json"
+    head = [(b"content-type", kind), (b"content-length", str(len(data)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": data})
