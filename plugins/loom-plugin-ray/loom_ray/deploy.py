@@ -61,9 +61,11 @@ def run(settings: Any) -> int:
 
     configure_logging(settings.log_level)
     done = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, Any] = {}
     try:
         start(settings)
+        # After ray.init, which installs handlers of its own: these must be the ones that answer.
+        previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         done.wait()
     finally:
         for sig, handler in previous.items():
