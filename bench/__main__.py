@@ -70,6 +70,10 @@ Rows (benchmark name for ``--only`` in brackets):
 - ``interventions: /patch of N runs vs the same runs one request each`` [interventions]: a ``/patch`` of 4 sites x 8
   positions against the same 34 one-token generations, each with its one ``set`` edit, sent one after another.
   Target <= 0.5.
+- ``ray: 16 /embed clients, 2 replicas vs one process`` and ``ray: 8 /generate clients, ...`` [ray]: ``loom serve
+  --transport ray --replicas 2`` on the same machine against the batched server, alternating runs: throughput
+  ratios. Two replicas on 2 cores cannot be faster; the rows show what Ray's proxy, the router and the hand-off to
+  a replica cost. Target >= 0.75.
 
 Runs alternate (batched, one at a time, in-process; forward and the three formats) so that a busy moment of a
 shared machine slows every side rather than one. Throughputs are the best of the runs, times the median. Neither
@@ -115,8 +119,9 @@ from bench.common import (
     serve,
 )
 from bench.interventions import bench_interventions
+from bench.ray_serve import bench_ray
 
-BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge", "interventions")
+BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge", "interventions", "ray")
 ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
 DEVICE = "cpu"  # --device: where the servers and the in-process baselines run
 HEALTH_BUDGET_MS = 50.0
@@ -638,8 +643,12 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        gpt = str(build(Path(tmp))) if {"generate", "scheduler", "extract", "interventions"} & set(chosen) else None
-        models = (["minilm"] if {"embed", "health", "huge"} & set(chosen) else []) + ([gpt] if gpt else [])
+        gpt = (
+            str(build(Path(tmp)))
+            if {"generate", "scheduler", "extract", "interventions", "ray"} & set(chosen)
+            else None
+        )
+        models = (["minilm"] if {"embed", "health", "huge", "ray"} & set(chosen) else []) + ([gpt] if gpt else [])
         on = {"LOOM_DEFAULT_DEVICE": DEVICE}
         batched = stack.enter_context(serve(models, **on))
         baseline_models = (["minilm"] if "embed" in chosen else []) + ([gpt] if "generate" in chosen else [])
@@ -667,6 +676,8 @@ def main() -> None:
                 rows += bench_extract(batched, gpt, args.quick)
             elif name == "interventions":
                 rows += bench_interventions(batched, gpt, args.quick, row, prompts)
+            elif name == "ray":
+                rows += bench_ray(batched, gpt, args.quick, row, prompts)
             else:
                 rows += bench_huge(batched, args.quick)
             seconds = time.perf_counter() - t0

@@ -27,10 +27,13 @@ def application(settings: Any) -> Any:
         name="LoomReplica",
         num_replicas=settings.ray_replicas,
         ray_actor_options={"num_cpus": settings.ray_cpus_per_replica, "num_gpus": settings.ray_gpus_per_replica},
+        # The replica's own admission (max_queue, 429) decides; Ray's default of 5 would queue in front of it.
         max_ongoing_requests=max(settings.max_queue, 1) if settings.max_queue else 1024,
         health_check_period_s=2.0,
     ).bind(options, registry)
-    router = serve.deployment(LoomRouter, name="LoomRouter", num_replicas=1, ray_actor_options={"num_cpus": 0})
+    router = serve.deployment(
+        LoomRouter, name="LoomRouter", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
+    )
     return router.bind(replicas, registry, options)
 
 

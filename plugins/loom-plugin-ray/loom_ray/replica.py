@@ -43,6 +43,7 @@ def replica_class(max_models: int) -> type:
             await self.manager.start()
             # Every replica loads the preloaded models; Ray learns where they are as requests for them arrive.
             await self.manager.preload(list(self.manager.settings.preload))
+            self._dirty = False
             self._reporter = asyncio.create_task(self._report_forever())
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
@@ -50,7 +51,12 @@ def replica_class(max_models: int) -> type:
             await self.manager.get(model_id)
             return Loaded(model_id)
 
-        async def __call__(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async def __call__(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+            """The whole answer's ASGI messages at once."""
+            return [message async for message in self.stream(request)]
+
+        async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            """The answer's ASGI messages as the app sends them (a stream's events one by one)."""
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 # Registered with Ray's routing when it loads; a model that fails to load is answered by the app
@@ -59,7 +65,7 @@ def replica_class(max_models: int) -> type:
                     await self.load(model_id)
             async for message in run_asgi(self.app, request, self.replica):
                 yield message
-            await self._report()
+            self._dirty = True
 
         async def state(self) -> dict[str, Any]:
             return self._snapshot()
@@ -80,9 +86,14 @@ def replica_class(max_models: int) -> type:
                 await self.registry.report.remote(self._snapshot())
 
         async def _report_forever(self) -> None:
+            """Every ``REPORT_EVERY_S``, and soon after a request changed something (a model loaded, a count)."""
             while True:
                 await self._report()
-                await asyncio.sleep(REPORT_EVERY_S)
+                for _ in range(int(REPORT_EVERY_S / 0.1)):
+                    await asyncio.sleep(0.1)
+                    if self._dirty:
+                        break
+                self._dirty = False
 
     return LoomReplica
 

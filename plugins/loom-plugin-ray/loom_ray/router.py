@@ -96,12 +96,19 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
             "server": scope.get("server"),
             "body": body,
         }
+        model = model_of(method, path, body)
+        streams = path.endswith("/stream") or b'"stream":true' in body.replace(b" ", b"")
         started = False
         try:
-            stream = handle.options(stream=True, multiplexed_model_id=model_of(method, path, body)).remote(request)
-            async for message in stream:
-                started = True
-                await send(message)
+            if streams:  # events as the replica makes them
+                call = handle.options(stream=True, multiplexed_model_id=model, method_name="stream")
+                async for message in call.remote(request):
+                    started = True
+                    await send(message)
+            else:  # the whole answer in one hand-off: a streaming call costs Ray a round trip per message
+                for message in await handle.options(multiplexed_model_id=model).remote(request):
+                    started = True
+                    await send(message)
         except Exception as exc:  # a replica that died (or is being replaced) under the request
             if started:
                 raise
