@@ -68,6 +68,7 @@ class Settings:
     # replicas and what each reserves. Ray's HTTP proxy listens on ``host``:``port``.
     ray_address: str | None = None
     ray_replicas: int = 1
+    ray_max_replicas: int = 0  # above ray_replicas: Ray Serve autoscales between the two by ongoing requests
     ray_cpus_per_replica: float = 1.0
     ray_gpus_per_replica: float = 0.0  # runs one POST /patch may ask for (sites x positions + 2)
     log_level: str = "info"
@@ -121,6 +122,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "ray": {
         "address": "ray_address",
         "replicas": "ray_replicas",
+        "max_replicas": "ray_max_replicas",
         "cpus_per_replica": "ray_cpus_per_replica",
         "gpus_per_replica": "ray_gpus_per_replica",
     },
@@ -138,7 +140,7 @@ ENV_KEYS: dict[str, str] = {
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
             "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows probes_directory "
-            "probes_max_mb ray_address ray_replicas ray_cpus_per_replica ray_gpus_per_replica"
+            "probes_max_mb ray_address ray_replicas ray_max_replicas ray_cpus_per_replica ray_gpus_per_replica"
         )
     },
     "LOOM_TRANSPORT": "transports",

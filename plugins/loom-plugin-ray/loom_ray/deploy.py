@@ -22,10 +22,19 @@ def application(settings: Any) -> Any:
 
     registry = ray.remote(Registry).options(name="loom-registry", get_if_exists=True, num_cpus=0).remote()
     options = attrs.asdict(settings)
+    scaling: dict[str, Any] = {"num_replicas": settings.ray_replicas}
+    if settings.ray_max_replicas > settings.ray_replicas:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": settings.ray_replicas,
+                "max_replicas": settings.ray_max_replicas,
+                "target_ongoing_requests": max(2, settings.max_batch_size // 2),
+            }
+        }
     replicas = serve.deployment(
         replica_class(settings.max_models),
         name="LoomReplica",
-        num_replicas=settings.ray_replicas,
+        **scaling,
         ray_actor_options={"num_cpus": settings.ray_cpus_per_replica, "num_gpus": settings.ray_gpus_per_replica},
         # The replica's own admission (max_queue, 429) decides; Ray's default of 5 would queue in front of it.
         max_ongoing_requests=max(settings.max_queue, 1) if settings.max_queue else 1024,
