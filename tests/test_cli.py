@@ -122,7 +122,7 @@ def test_probe_without_a_capable_loader_exits_1(
 
 def test_serve_unknown_transport_exits_2(tmp_path: Path) -> None:
     result = loom("serve", "--transport", "http,carrier-pigeon", home=tmp_path)
-    assert_one_line_error(result, "unknown transport 'carrier-pigeon'", "known transports: http, unix")
+    assert_one_line_error(result, "unknown transport 'carrier-pigeon'", "known transports: http, ray, unix")
 
 
 def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def test_quantize(pm):
 def test_transport(pm, tmp_path):
     settings = Settings(port=0, unix_socket=str(tmp_path / "t.sock"))
     names = sorted(t.name for t in pm.hook.transport(settings=settings) if t is not None)
-    assert names == ["http", "unix"]
+    assert names == ["http", "ray", "unix"]
 
 
 async def test_missing_loaders_name_the_package_to_install(tmp_path, tiny_models):

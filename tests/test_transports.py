@@ -65,9 +65,9 @@ def test_select_both_binds_http_and_unix(pm: pluggy.PluginManager, short_dir: Pa
 
 
 def test_unknown_transport_lists_the_known_ones(pm: pluggy.PluginManager) -> None:
-    with pytest.raises(ConfigError, match=r"unknown transport 'carrier-pigeon'; known transports: http, unix") as exc:
+    with pytest.raises(ConfigError, match=r"unknown transport 'carrier-pigeon'; known transports: http, ray, unix") as exc:
         select_transports(Settings(transports=["http", "carrier-pigeon"]), pm)
-    assert exc.value.allowed == ["http", "unix"]
+    assert exc.value.allowed == ["http", "ray", "unix"]
 
 
 def test_third_party_transport_is_selectable(pm: pluggy.PluginManager) -> None:

@@ -22,8 +22,6 @@ from serverutil import REPO, server_env, wait_for
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
-pytestmark = pytest.mark.slow
-
 STARTUP_S = 240  # against a hang only: Ray and two replicas start in about 30 s on 2 idle cores
 
 
@@ -84,6 +82,7 @@ def replica_of(r: httpx.Response) -> str:
     return r.headers["x-loom-replica"]
 
 
+@pytest.mark.slow
 async def test_each_models_requests_land_on_one_replica_and_answer_as_one_process(served, tiny_models):
     base, _ = served
     llama, gpt2 = str(tiny_models["llama"]), str(tiny_models["gpt2"])
@@ -120,6 +119,7 @@ async def test_each_models_requests_land_on_one_replica_and_answer_as_one_proces
             )
 
 
+@pytest.mark.slow
 async def test_bad_input_is_the_same_problem_as_without_ray(served, tiny_models):
     base, _ = served
     llama = str(tiny_models["llama"])
@@ -143,6 +143,7 @@ async def test_bad_input_is_the_same_problem_as_without_ray(served, tiny_models)
             assert 'replica="' in metrics and "loom_http_requests_total" in metrics
 
 
+@pytest.mark.slow
 def test_a_killed_replica_is_replaced_and_no_request_hangs(served, tiny_models):
     base, _ = served
     body = {"model": str(tiny_models["llama"]), "text": "the cat sat"}
@@ -161,3 +162,13 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(served, tiny_models):
             "Ray replaced the killed replica",
         )
         assert all(c.post("/extract", json=body).status_code == 200 for _ in range(4))
+
+
+@pytest.mark.parametrize("names", [["ray", "http"], ["unix", "ray"]])
+def test_the_ray_transport_serves_alone(names: list[str]) -> None:
+    from loom_kernel.config import ConfigError, Settings
+    from loom_kernel.serve import serve
+
+    with pytest.raises(ConfigError, match="ray runs the app on its own") as err:
+        serve(Settings(transports=names))
+    assert err.value.field == "transports" and err.value.allowed == ["ray"]
