@@ -108,6 +108,15 @@ class TensorStore:
     def find(self, name: str) -> Stored | None:
         return self.items.get(name)
 
+    def listing(self) -> dict[str, Any]:
+        """What ``GET /vectors`` or ``GET /probes`` answers: every item, and the store's bytes."""
+        return {
+            f"{self.kind}s": [item.describe() for item in self.items.values()],
+            "bytes": self.used,
+            "max_bytes": self.max_bytes,
+            "persistent": self.directory is not None,
+        }
+
     def delete(self, name: str) -> None:
         self.get(name)
         if self.directory is not None:

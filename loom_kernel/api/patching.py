@@ -23,7 +23,8 @@ from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.errors import InvalidField
 from loom_kernel.interventions import check_site
-from loom_kernel.types import Batch, Capture, GenerationParams, Intervention
+from loom_kernel.readouts import one_token
+from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LoadedModel
 
 FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -55,26 +56,15 @@ def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | st
     return [f"blocks.{i}.hook_{sites}" for i in range(num_layers)]
 
 
-def token_id(tokenizer: Any, text: str | None, field: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-    if len(ids) != 1:
-        raise InvalidField(
-            f"{field}: {text!r} is {len(ids)} tokens for this model's tokenizer ({ids}), not one",
-            field=field,
-            allowed="the text of one token, with its leading space where the tokenizer has one",
-        )
-    return int(ids[0])
-
-
-def scorer(tokenizer: Any, metric: Metric) -> Any:
+def scorer(model: LoadedModel, metric: Metric) -> Any:
     """The metric of one row's logits at the last position."""
     import torch
 
     if metric.type == "logit_diff":
-        good = token_id(tokenizer, metric.correct, "metric.correct")
-        bad = token_id(tokenizer, metric.incorrect, "metric.incorrect")
+        good = one_token(model, metric.correct or "", "metric.correct")
+        bad = one_token(model, metric.incorrect or "", "metric.incorrect")
         return lambda logits: float(logits[good] - logits[bad])
-    want = token_id(tokenizer, metric.token, "metric.token")
+    want = one_token(model, metric.token or "", "metric.token")
     return lambda logits: float(torch.log_softmax(logits.double(), dim=-1)[want])
 
 
@@ -120,7 +110,7 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             field="sites",
             allowed=f"at most {max_rows - 2} sites x positions",
         )
-    score = scorer(tok, data.metric)
+    score = scorer(model, data.metric)
     layers = [s for s in checked if isinstance(s, int)]
     req = StateRequest.from_fields(
         wanted=True,

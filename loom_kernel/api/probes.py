@@ -210,13 +210,7 @@ class ProbesController(Controller):
 
     @get("/", sync_to_thread=False)
     def list_probes(self, manager: Manager) -> dict[str, Any]:
-        probes = manager.probes
-        return {
-            "probes": [item.describe() for item in probes.items.values()],
-            "bytes": probes.used,
-            "max_bytes": probes.max_bytes,
-            "persistent": probes.directory is not None,
-        }
+        return manager.probes.listing()
 
     @get("/{name:str}", sync_to_thread=False)
     def get_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:

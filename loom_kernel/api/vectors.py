@@ -92,13 +92,7 @@ class VectorsController(Controller):
 
     @get("/", sync_to_thread=False)
     def list_vectors(self, manager: Manager) -> dict[str, Any]:
-        store = manager.vectors
-        return {
-            "vectors": [item.describe() for item in store.items.values()],
-            "bytes": store.used,
-            "max_bytes": store.max_bytes,
-            "persistent": store.directory is not None,
-        }
+        return manager.vectors.listing()
 
     @get("/{name:str}", sync_to_thread=False)
     def get_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
