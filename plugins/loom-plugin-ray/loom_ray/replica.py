@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import serve
 
-REPORT_EVERY_S = 2.0
+REPORT_EVERY_S = 3.0
 
 
 class Loaded:
@@ -86,13 +86,14 @@ def replica_class(max_models: int) -> type:
                 await self.registry.report.remote(self._snapshot())
 
         async def _report_forever(self) -> None:
-            """Every ``REPORT_EVERY_S``, and soon after a request changed something (a model loaded, a count)."""
+            """Every ``REPORT_EVERY_S``, or a second after a request (a model loaded, a count moved): often enough
+            for /models to follow, seldom enough that reporting costs a busy replica nothing it would notice."""
             while True:
                 await self._report()
-                for _ in range(int(REPORT_EVERY_S / 0.1)):
-                    await asyncio.sleep(0.1)
-                    if self._dirty:
-                        break
+                waited = 0.0
+                while waited < REPORT_EVERY_S and not (self._dirty and waited >= 1.0):
+                    await asyncio.sleep(0.25)
+                    waited += 0.25
                 self._dirty = False
 
     return LoomReplica

@@ -93,8 +93,11 @@ async def test_each_models_requests_land_on_one_replica_and_answer_as_one_proces
             m: {replica_of(c.post("/extract", json={"model": m, **extract})) for _ in range(4)} for m in (llama, gpt2)
         }
         assert all(len(replicas) == 1 for replicas in seen.values()), seen
-        rows = c.get("/models").json()["loaded_models"]
-        assert sorted((r["model_id"], r["replica"]) for r in rows) == sorted((m, *s) for m, s in seen.items())
+        want = sorted((m, *s) for m, s in seen.items())  # the replicas report what they hold within seconds
+        until(
+            lambda: sorted((r["model_id"], r["replica"]) for r in c.get("/models").json()["loaded_models"]) == want,
+            "/models shows each model on its replica",
+        )
         via_ray = {
             m: (
                 c.post("/extract", json={"model": m, **extract}).json(),
