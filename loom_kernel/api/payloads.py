@@ -60,6 +60,7 @@ class StateRequest:
     vectors: Callable[[str], Any] | None = None  # a stored vector by name
     readouts: Readouts = attrs.field(factory=Readouts)  # logit lens, probes and stop rules (loom_kernel.readouts)
     streaming: bool = False  # the endpoint streams: readouts also go in each token's event
+    _plans: dict[int, Plan] = attrs.field(factory=dict, eq=False, repr=False)
 
     @classmethod
     def from_fields(
@@ -124,7 +125,12 @@ class StateRequest:
         return resolve_interventions(self.interventions, model, self.vectors, features)
 
     def plan(self, model: LoadedModel) -> Plan | None:
-        return self.readouts.plan(model) if self.readouts else None
+        """The readouts resolved against ``model``, once: a stream reads them at every token."""
+        if not self.readouts:
+            return None
+        if id(model) not in self._plans:
+            self._plans[id(model)] = self.readouts.plan(model)
+        return self._plans[id(model)]
 
     def output_keys(self, capture: Capture) -> set[str]:
         """The states the answer's ``hidden_states`` carry: those asked for, not those only the readouts need."""
