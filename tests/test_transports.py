@@ -65,7 +65,8 @@ def test_select_both_binds_http_and_unix(pm: pluggy.PluginManager, short_dir: Pa
 
 
 def test_unknown_transport_lists_the_known_ones(pm: pluggy.PluginManager) -> None:
-    with pytest.raises(ConfigError, match=r"unknown transport 'carrier-pigeon'; known transports: http, ray, unix") as exc:
+    known = r"unknown transport 'carrier-pigeon'; known transports: http, ray, unix"
+    with pytest.raises(ConfigError, match=known) as exc:
         select_transports(Settings(transports=["http", "carrier-pigeon"]), pm)
     assert exc.value.allowed == ["http", "ray", "unix"]
 
