@@ -220,6 +220,12 @@ def readout_fields(source: dict[str, Any]) -> dict[str, Any]:
     return {key: source[key] for key in ("logit_lens", "probe_scores", "stopped_by") if key in source}
 
 
+def with_readouts(chunk: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """A token chunk whose choice carries that token's readouts."""
+    chunk["choices"][0].update(readout_fields(event))
+    return chunk
+
+
 def usage(payloads: list[dict[str, Any]]) -> dict[str, int]:
     """The prompt once, every choice's tokens."""
     prompt, completion = payloads[0]["prompt_tokens"], sum(p["token_count"] for p in payloads)
@@ -332,9 +338,7 @@ class OpenAIController(Controller):
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
             entry = event.get("logprob")
             logprobs = chat_logprobs(None if entry is None else [entry])
-            out = chunk(event["row"], {"content": event["text"]}, None, logprobs)
-            out["choices"][0].update(readout_fields(event))
-            return out
+            return with_readouts(chunk(event["row"], {"content": event["text"]}, None, logprobs), event)
 
         return stream(
             bridge,
@@ -397,9 +401,7 @@ class OpenAIController(Controller):
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
             entry = event.get("logprob")
             logprobs = None if entry is None else completion_logprobs([entry], [event["text_offset"]])
-            out = chunk(event["row"], event["text"], None, logprobs)
-            out["choices"][0].update(readout_fields(event))
-            return out
+            return with_readouts(chunk(event["row"], event["text"], None, logprobs), event)
 
         return stream(
             bridge,
