@@ -14,6 +14,7 @@ from loom_kernel.types import (
     ModelRef,
     ProbeResult,
     QuantizationPlan,
+    Reading,
     SequenceOutput,
     Transport,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ModelRef",
     "ProbeResult",
     "QuantizationPlan",
+    "Reading",
     "SequenceOutput",
     "Transport",
     "__version__",

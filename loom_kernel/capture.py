@@ -1,8 +1,11 @@
-"""Layer and position resolution, and the hook-based state recorder shared by loaders.
+"""Layer, site and position resolution, and the hook-based state recorder shared by loaders.
 
 Index space is transformers' ``output_hidden_states``: 0 is the embedding output, i the output of block i,
 N the output of the last block as the base model returns it (after the final norm where there is one).
-Negative indices count from the end, so -1 is N and -(N+1) is 0.
+Negative indices count from the end, so -1 is N and -(N+1) is 0. A site is such an index or a hook point named as
+TransformerLens names them (``blocks.{i}.hook_resid_pre``, ``blocks.{i}.attn.hook_z``, ``ln_final.hook_normalized``,
+...); the loader says which a model has, with each one's per-token shape, in ``LoadedModel.sites`` (a string there
+says why the model has no such site).
 """
 
 from __future__ import annotations
@@ -10,10 +13,61 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loom_kernel.errors import InvalidField
-from loom_kernel.types import Capture, LayerSel, PositionSpec
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.types import Capture, LayerSel, LoadedModel, PositionSpec
 
 POSITION_NAMES = ("last", "all", "prompt", "generated")
+SITE_FAMILIES = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+    "attn.hook_z",
+)
+
+
+def is_site_name(value: Any) -> bool:
+    return isinstance(value, str) and "." in value
+
+
+def site_names_allowed(model: LoadedModel) -> str:
+    n = model.num_layers
+    return (
+        f"a hidden-state index from {-(n + 1)} to {n}, blocks.{{0..{n - 1}}}.{{{','.join(SITE_FAMILIES)}}} "
+        "or ln_final.hook_normalized (GET /models/{id}/sites lists them)"
+    )
+
+
+def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tuple[int, ...]]:
+    """(the site as the loader reads it, its per-token shape): an index made non-negative, or a name the model has."""
+    n = model.num_layers
+    if model.sites is None:
+        raise Unsupported(
+            f"{field}: the {model.loader} loader has no hook points for interventions or named sites",
+            field=field,
+        )
+    if isinstance(site, str) and not is_site_name(site):
+        try:
+            site = int(site)
+        except ValueError:
+            raise InvalidField(
+                f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model)
+            ) from None
+    if isinstance(site, int) and not isinstance(site, bool):
+        if not -(n + 1) <= site <= n:
+            raise InvalidField(
+                f"{field}: layer {site} is out of range for a model with {n} layers",
+                field=field,
+                allowed=site_names_allowed(model),
+            )
+        return (site if site >= 0 else n + 1 + site), (model.hidden_size,)
+    known = model.sites.get(site) if isinstance(site, str) else None
+    if isinstance(known, str):
+        raise InvalidField(f"{field}: {site}: {known}", field=field, allowed=site_names_allowed(model))
+    if known is None:
+        raise InvalidField(f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model))
+    return site, tuple(known)
 
 
 def resolve_layers(

@@ -15,6 +15,7 @@ from loom_kernel.types import (
     ModelRef,
     ProbeResult,
     QuantizationPlan,
+    Reading,
     Transport,
 )
 
@@ -58,3 +59,8 @@ def transport(settings: Any) -> Transport | None:
 @hookspec
 def routes() -> list[Any] | None:
     """Litestar Controllers or route handlers this plugin adds to the API."""
+
+
+@hookspec(firstresult=True)
+def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any) -> Reading | None:
+    """Resolve the ``interventions``, ``logit_lens``, ``probes`` and ``stop_when`` a request gives on ``model``."""

@@ -31,8 +31,7 @@ from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
 from loom_kernel.resolve import resolve_model
-from loom_kernel.store import TensorStore
-from loom_kernel.types import LoadedModel, LoadOptions, ModelRef
+from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, Reading
 
 log = logging.getLogger("loom.models")
 # One load at a time in the process: two model threads importing a library's lazy modules at once race inside it
@@ -77,8 +76,6 @@ class ModelManager:
         self.metrics = Metrics()
         self.admission = Admission(pm, settings)
         self.run = self.admission.run  # the one way a request reaches a model: run(entry, work, until)
-        self.vectors = TensorStore("vector", int(settings.vectors_max_mb * 2**20), settings.vectors_directory)
-        self.probes = TensorStore("probe", int(settings.probes_max_mb * 2**20), settings.probes_directory)
 
     # -- resolution and ranking -------------------------------------------------------------------------
 
@@ -96,6 +93,10 @@ class ModelManager:
 
     def options(self, **explicit: Any) -> LoadOptions:
         return choosing.load_options(self.pm, self.settings, **explicit)
+
+    def reading(self, model: LoadedModel, fields: dict[str, Any]) -> Reading | None:
+        """A request's interventions and readouts resolved on ``model`` by the plugin that reads them."""
+        return self.pm.hook.readouts(model=model, fields=fields, manager=self)
 
     # -- loading -----------------------------------------------------------------------------------------
 

@@ -268,6 +268,28 @@ class Batch:
         return len(self.token_ids) if self.token_ids is not None else len(self.texts)
 
 
+@attrs.define(frozen=True)
+class Reading:
+    """What a request's ``interventions`` and readouts (``logit_lens``, ``probes``, ``stop_when``) ask of one model,
+    resolved by the plugin that implements the ``readouts`` hook: the edits for every row, the extra states to
+    capture (layer indices keyed ``~i`` so they never mix with the answer's ``hidden_states``, hook points by name),
+    ``read(states, positions)``: answer fields from one row's captured states [P, ...] at those positions (a token
+    event's one state has no positions), and ``stop(states)``: the stop rule a generated token's states fire, or
+    None."""
+
+    edits: tuple[Intervention, ...] = ()
+    layers: tuple[LayerSel, ...] = ()
+    sites: tuple[str, ...] = ()
+    read: Callable[[dict[str, Any], list[int] | None], dict[str, Any]] | None = None
+    stop: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+    streams: bool = False  # ``read`` also goes in each streamed token's event
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys of the states ``read`` and ``stop`` take."""
+        return [*(sel.key for sel in self.layers), *self.sites]
+
+
 @attrs.define
 class SequenceOutput:
     """One row of a batch after the pass: its tokens, its text and the captured states.

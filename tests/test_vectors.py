@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 from litestar.testing import TestClient
+from loom_interp.stores import TensorStore
 from test_batching import arrays
 from test_models import app_with
-
-from loom_kernel.store import TensorStore
 
 POSITIVE = ["I love this, it is wonderful", "What a great and happy day", "Thank you, this is lovely"]
 NEGATIVE = ["I hate this, it is awful", "What a terrible and sad day", "This is bad and I am angry"]

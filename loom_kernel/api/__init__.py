@@ -19,13 +19,10 @@ from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
-from loom_kernel.api.patching import PatchController
-from loom_kernel.api.probes import ProbesController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
 from loom_kernel.api.schemas import strict_fields
 from loom_kernel.api.security import Guard, api_key_middleware, guarded
 from loom_kernel.api.system import SystemController
-from loom_kernel.api.vectors import VectorsController
 from loom_kernel.config import Settings
 from loom_kernel.models import ModelManager
 from loom_kernel.plugins import create_plugin_manager
@@ -51,7 +48,6 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
     controllers = [SystemController, MetricsController, ModelsController, InferenceController, EmbedController]
-    controllers += [VectorsController, PatchController, ProbesController]
     added = [handler for handlers in pm.hook.routes() for handler in handlers or ()]
     app = Litestar(
         route_handlers=[*controllers, *added],

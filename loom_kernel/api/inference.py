@@ -37,8 +37,9 @@ from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
 from loom_kernel.models import ModelManager
-from loom_kernel.readouts import Readouts
 from loom_kernel.types import Batch, GenerationParams
+
+READOUT_FIELDS = ("interventions", "logit_lens", "probes", "stop_when")
 
 
 def state_request(data: CaptureFields, manager: ModelManager, wanted: bool, stream: bool = False) -> StateRequest:
@@ -62,16 +63,15 @@ def state_request(data: CaptureFields, manager: ModelManager, wanted: bool, stre
         top_logprobs=top,
         logits=bool(getattr(data, "return_logits", False)),
         max_response_bytes=int(settings.max_response_mb * 2**20),
-        interventions=data.interventions,
-        vectors=manager.vectors.tensor,
-        readouts=Readouts(
-            lens=data.logit_lens,
-            probes=tuple(data.probes or ()),
-            stop_when=tuple(getattr(data, "stop_when", None) or ()),
-            store=manager.probes,
-        ),
+        asked=asked_fields(data),
+        resolver=manager.reading,
         streaming=stream,
     )
+
+
+def asked_fields(data: Any) -> dict[str, Any]:
+    """The interventions and readouts fields a request gives (the ``readouts`` hook resolves them)."""
+    return {name: value for name in READOUT_FIELDS if (value := getattr(data, name, None))}
 
 
 def json_formats_only(req: StateRequest, what: str) -> StateRequest:

@@ -7,20 +7,17 @@ Shared by the HTTP endpoints; nothing here knows about Litestar. A request's wor
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from loom_kernel.admission import Session
-from loom_kernel.capture import check_positions, resolve_layers, resolve_positions, split_sites
+from loom_kernel.capture import check_positions, check_site, resolve_layers, resolve_positions, split_sites
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
-from loom_kernel.interventions import check_site, resolve_interventions
-from loom_kernel.readouts import Plan, Readouts, feature_vector
-from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LayerSel, LoadedModel, SequenceOutput
+from loom_kernel.types import Batch, Capture, GenerationParams, LayerSel, LoadedModel, Reading, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
 NUMBER_BYTES = {
@@ -56,11 +53,12 @@ class StateRequest:
     top_logprobs: int | None = None
     logits: bool = False
     max_response_bytes: int | None = None
-    interventions: tuple[Any, ...] = ()  # the request's items, checked against the model by ``edited``
-    vectors: Callable[[str], Any] | None = None  # a stored vector by name
-    readouts: Readouts = attrs.field(factory=Readouts)  # logit lens, probes and stop rules (loom_kernel.readouts)
+    # The request's interventions and readouts fields (those given), and what resolves them on a model (the
+    # ``readouts`` hook, through ``ModelManager.reading``).
+    asked: dict[str, Any] = attrs.field(factory=dict)
+    resolver: Callable[[LoadedModel, dict[str, Any]], Reading | None] | None = None
     streaming: bool = False  # the endpoint streams: readouts also go in each token's event
-    _plans: dict[int, Plan] = attrs.field(factory=dict, eq=False, repr=False)
+    _readings: dict[int, Reading] = attrs.field(factory=dict, eq=False, repr=False)
 
     @classmethod
     def from_fields(
@@ -78,9 +76,8 @@ class StateRequest:
         top_logprobs: int | None = None,
         logits: bool = False,
         max_response_bytes: int | None = None,
-        interventions: Sequence[Any] | None = None,
-        vectors: Callable[[str], Any] | None = None,
-        readouts: Readouts | None = None,
+        asked: dict[str, Any] | None = None,
+        resolver: Callable[[LoadedModel, dict[str, Any]], Reading | None] | None = None,
         streaming: bool = False,
     ) -> StateRequest:
         if positions is None:
@@ -97,9 +94,8 @@ class StateRequest:
             top_logprobs=top_logprobs,
             logits=logits,
             max_response_bytes=max_response_bytes,
-            interventions=tuple(interventions or ()),
-            vectors=vectors,
-            readouts=readouts if readouts is not None else Readouts(),
+            asked=asked or {},
+            resolver=resolver,
             streaming=streaming,
         )
 
@@ -109,28 +105,24 @@ class StateRequest:
         capture = self._resolve(model)
         if batch is not None and self.max_response_bytes is not None:
             self._check_size(model, batch, capture)
-        self._edits(model)
         return capture
 
     def edited(self, model: LoadedModel, batch: Batch) -> Batch:
         """``batch`` with the request's interventions on every row."""
-        edits = self._edits(model)
-        return attrs.evolve(batch, interventions=(edits,) * batch.size) if edits else batch
+        reading = self.reading(model)
+        return attrs.evolve(batch, interventions=(reading.edits,) * batch.size) if reading and reading.edits else batch
 
-    def _edits(self, model: LoadedModel) -> tuple[Intervention, ...]:
-        if not self.interventions:
-            return ()
-        store = self.readouts.store
-        features = functools.partial(feature_vector, store) if store is not None else None
-        return resolve_interventions(self.interventions, model, self.vectors, features)
-
-    def plan(self, model: LoadedModel) -> Plan | None:
-        """The readouts resolved against ``model``, once: a stream reads them at every token."""
-        if not self.readouts:
+    def reading(self, model: LoadedModel) -> Reading | None:
+        """The interventions and readouts resolved against ``model``, once: a stream reads them at every token."""
+        if not self.asked:
             return None
-        if id(model) not in self._plans:
-            self._plans[id(model)] = self.readouts.plan(model)
-        return self._plans[id(model)]
+        if id(model) not in self._readings:
+            found = self.resolver(model, self.asked) if self.resolver is not None else None
+            if found is None:
+                field = next(iter(self.asked))
+                raise Unsupported(f"{field}: no plugin on this server reads it (loom-plugin-interp does)", field=field)
+            self._readings[id(model)] = found
+        return self._readings[id(model)]
 
     def output_keys(self, capture: Capture) -> set[str]:
         """The states the answer's ``hidden_states`` carry: those asked for, not those only the readouts need."""
@@ -141,8 +133,9 @@ class StateRequest:
 
     def _resolve(self, model: LoadedModel) -> Capture:
         extras = {"top_logprobs": self.top_logprobs, "logits": self.logits}
-        plan = self.plan(model)
-        if not (self.wanted or self.attention or plan):
+        reading = self.reading(model)
+        reads = reading is not None and bool(reading.keys)
+        if not (self.wanted or self.attention or reads):
             return Capture(**extras)
         check_positions(self.positions, max_context=model.max_context)
         layers: tuple[LayerSel, ...] = ()
@@ -158,15 +151,15 @@ class StateRequest:
                 allowed=f"layers 1 to {model.num_layers} (or -1 to -{model.num_layers})",
             )
         stream = self.stream
-        if plan is not None:
-            layers += tuple(plan.layers)
-            sites = tuple(dict.fromkeys([*sites, *plan.sites]))
-            stream = stream or bool(plan.stops) or (self.streaming and plan.streams)
+        if reading is not None and reads:
+            layers += reading.layers
+            sites = tuple(dict.fromkeys([*sites, *reading.sites]))
+            stream = stream or reading.stop is not None or (self.streaming and reading.streams)
         return Capture(
             layers=layers,
             sites=sites,
             positions=self.positions,
-            states=self.wanted or plan is not None,
+            states=self.wanted or reads,
             attention=self.attention,
             stream_states=stream,
             **extras,
@@ -303,9 +296,10 @@ def state_payload(
             fields["positions"] = _selected(row, req.positions)[0]
     if capture.logits and row.logits is not None:
         groups["logits"] = row.logits
-    if (plan := req.plan(model)) is not None and row.positions:
-        last, seq, positions = split_states(attrs.evolve(row, states=readout_states(row, plan)), req.positions)
-        fields.update(plan.read(model, seq if seq is not None else last, positions))
+    if (reading := req.reading(model)) is not None and reading.read is not None and row.positions:
+        read = {k: row.states[k] for k in reading.keys}
+        last, seq, positions = split_states(attrs.evolve(row, states=read), req.positions)
+        fields.update(reading.read(seq if seq is not None else last, positions))
     if req.fmt != "safetensors":
         for group, tensors in groups.items():
             if isinstance(tensors, dict):
@@ -313,10 +307,6 @@ def state_payload(
             else:
                 fields[group] = encode_tensor(tensors, req.dtype, req.fmt)
     return fields, groups
-
-
-def readout_states(row: SequenceOutput, plan: Plan) -> dict[str, Any]:
-    return {k: row.states[k] for k in [*(sel.key for sel in plan.layers), *plan.sites]}
 
 
 def stream_extras(extras: dict[str, Any] | None, req: StateRequest, model: LoadedModel) -> dict[str, Any]:
@@ -329,8 +319,9 @@ def stream_extras(extras: dict[str, Any] | None, req: StateRequest, model: Loade
             asked = set(split_sites(req.layers)[1])
             shown = {k: v for k, v in states.items() if not k.startswith("~") and ("." not in k or k in asked)}
             out["hidden_states"] = encode_states(shown, req.dtype, req.fmt)
-        if req.streaming and (plan := req.plan(model)) is not None and plan.streams:
-            out.update(plan.read(model, readout_states(SequenceOutput([], 0, states=states), plan), None))
+        reading = req.reading(model) if req.streaming else None
+        if reading is not None and reading.streams and reading.read is not None:
+            out.update(reading.read({k: states[k] for k in reading.keys}, None))
     if extras and "logprob" in extras:
         out["logprob"] = logprob_entries(model.tokenizer, [extras["logprob"]])[0]
     return out
@@ -396,8 +387,8 @@ async def generate_rows(
     capture = req.capture(model, batch)
     batch = req.edited(model, batch)
     stopped: dict[int, dict[str, Any]] = {}  # row -> the stop rule that ended it
-    if (plan := req.plan(model)) is not None and plan.stops:
-        batch = attrs.evolve(batch, on_token=_stopping(batch.on_token, plan, stopped))
+    if (reading := req.reading(model)) is not None and reading.stop is not None:
+        batch = attrs.evolve(batch, on_token=_stopping(batch.on_token, reading.stop, stopped))
     n = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
     results: dict[int, Any] = {}
     todo = list(range(n))
@@ -429,12 +420,12 @@ async def generate_rows(
     )
 
 
-def _stopping(on_token: Any, plan: Plan, stopped: dict[int, dict[str, Any]]) -> Any:
+def _stopping(on_token: Any, stop: Callable[[dict[str, Any]], Any], stopped: dict[int, dict[str, Any]]) -> Any:
     """``on_token`` that ends a row, with finish reason "probe", at the first token whose states cross a stop
     rule (the loader passes each token's states with its event, one pass after the token)."""
 
     def wrapped(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> Any:
-        fired = plan.stop(extras["states"]) if extras and "states" in extras else None
+        fired = stop(extras["states"]) if extras and "states" in extras else None
         if fired is not None:
             stopped.setdefault(row, fired)
         result = on_token(row, token, piece, extras) if on_token is not None else True

@@ -9,11 +9,10 @@ import msgspec
 from litestar import Request
 from litestar.exceptions import ValidationException
 
-from loom_kernel.interventions import MAX_INTERVENTIONS
-
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
 LayerSpec = int | str | list[int | str]
 MAX_TOP_LOGPROBS = 20
+MAX_INTERVENTIONS = 32
 # A seed is a non-negative int64: torch reads seeds modulo 2**64, so -1 and 2**64 - 1 would give the same tokens.
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="0 to 2**63 - 1")]
 PositionSpec = str | list[int]
@@ -49,8 +48,8 @@ class FeatureRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One edit (loom_kernel.interventions): ``vector`` is a list, a list of lists, a wire tensor or a stored name;
-    ``feature`` names row ``index`` of a stored SAE's decoder instead (its site unless ``site`` says otherwise)."""
+    """One edit (the ``readouts`` hook resolves it): ``vector`` is a list, a list of lists, a wire tensor or a stored
+    name; ``feature`` names row ``index`` of a stored SAE's decoder instead (its site unless ``site`` says so)."""
 
     site: int | str | None = None
     op: str

@@ -14,7 +14,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
-from loom_kernel.api.inference import checked_params
+from loom_kernel.api.inference import asked_fields, checked_params
 from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
 from loom_kernel.api.problems import openai_error, request_id
 from loom_kernel.api.streaming import TokenBridge, client_gone
@@ -22,7 +22,6 @@ from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inputs import check_vocabulary, vocabulary_size
 from loom_kernel.models import ModelEntry
-from loom_kernel.readouts import Readouts
 from loom_kernel.resolve import EMBEDDED
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 from loom_openai.schemas import (
@@ -108,11 +107,8 @@ def states_for(data: OpenAIFields, settings: Settings, manager: Any = None) -> S
         default_layers=settings.default_layers,
         top_logprobs=top_logprobs_for(data),
         max_response_bytes=int(settings.max_response_mb * 2**20),
-        interventions=data.interventions,
-        vectors=manager.vectors.tensor if manager is not None else None,
-        readouts=Readouts(lens=data.logit_lens, probes=tuple(data.probes or ()), store=manager.probes)
-        if manager is not None
-        else None,
+        asked=asked_fields(data),
+        resolver=manager.reading if manager is not None else None,
         streaming=data.stream,
     )
     if req.fmt == "safetensors":

@@ -16,14 +16,14 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from loom_interp.readouts import one_token
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
+from loom_kernel.capture import check_site
 from loom_kernel.errors import InvalidField
-from loom_kernel.interventions import check_site
-from loom_kernel.readouts import one_token
 from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LoadedModel
 
 FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")

@@ -1,11 +1,5 @@
-"""Hook-point names and the ``interventions`` field: each item checked against the loaded model, before any work,
-and turned into an ``Intervention`` the loader applies.
-
-Sites follow TransformerLens's names (``blocks.{i}.hook_resid_pre``, ``blocks.{i}.attn.hook_z``,
-``ln_final.hook_normalized``, ...); the loader says which a model has, with each one's per-token shape, in
-``LoadedModel.sites`` (a string there says why the model has no such site). An integer site is a hidden-state
-index, as ``hidden_state_layers`` reads it.
-"""
+"""The ``interventions`` field: each item checked against the loaded model, before any work, and turned into an
+``Intervention`` the loader applies at its site (``loom_kernel.capture.check_site``)."""
 
 from __future__ import annotations
 
@@ -14,65 +8,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.capture import check_site, site_names_allowed
+from loom_kernel.errors import InvalidField
 from loom_kernel.types import Intervention, LoadedModel, PositionSpec
 
 OPS = ("add", "set", "scale", "ablate", "zero")
 NEEDS_VECTOR = ("add", "set", "ablate")
-MAX_INTERVENTIONS = 32
 EDIT_POSITIONS = ("all", "prompt", "generated")
-SITE_FAMILIES = (
-    "hook_resid_pre",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "hook_mlp_out",
-    "hook_resid_post",
-    "attn.hook_z",
-)
 WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def is_site_name(value: Any) -> bool:
-    return isinstance(value, str) and "." in value
-
-
-def site_names_allowed(model: LoadedModel) -> str:
-    n = model.num_layers
-    return (
-        f"a hidden-state index from {-(n + 1)} to {n}, blocks.{{0..{n - 1}}}.{{{','.join(SITE_FAMILIES)}}} "
-        "or ln_final.hook_normalized (GET /models/{id}/sites lists them)"
-    )
-
-
-def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tuple[int, ...]]:
-    """(the site as the loader reads it, its per-token shape): an index made non-negative, or a name the model has."""
-    n = model.num_layers
-    if model.sites is None:
-        raise Unsupported(
-            f"{field}: the {model.loader} loader has no hook points for interventions or named sites",
-            field=field,
-        )
-    if isinstance(site, str) and not is_site_name(site):
-        try:
-            site = int(site)
-        except ValueError:
-            raise InvalidField(
-                f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model)
-            ) from None
-    if isinstance(site, int) and not isinstance(site, bool):
-        if not -(n + 1) <= site <= n:
-            raise InvalidField(
-                f"{field}: layer {site} is out of range for a model with {n} layers",
-                field=field,
-                allowed=site_names_allowed(model),
-            )
-        return (site if site >= 0 else n + 1 + site), (model.hidden_size,)
-    known = model.sites.get(site) if isinstance(site, str) else None
-    if isinstance(known, str):
-        raise InvalidField(f"{field}: {site}: {known}", field=field, allowed=site_names_allowed(model))
-    if known is None:
-        raise InvalidField(f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model))
-    return site, tuple(known)
 
 
 def resolve_interventions(
@@ -84,12 +27,6 @@ def resolve_interventions(
 ) -> tuple[Intervention, ...]:
     """Every item of the field checked (site, op, positions, heads, vector and its shape) and resolved; ``lookup``
     finds a stored vector by name, ``features`` an SAE feature's (site, decoder row)."""
-    if len(specs) > MAX_INTERVENTIONS:
-        raise InvalidField(
-            f"{field}: {len(specs)} items, more than {MAX_INTERVENTIONS}",
-            field=field,
-            allowed=f"at most {MAX_INTERVENTIONS}",
-        )
     return tuple(_one(spec, model, lookup, features, f"{field}[{k}]") for k, spec in enumerate(specs))
 
 

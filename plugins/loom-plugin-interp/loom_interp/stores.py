@@ -2,7 +2,8 @@
 
 With a directory each tensor is one safetensors file, written under a temporary name, flushed to disk and renamed
 over the old one, so that a crash leaves the old file or the new one, never half of one; the store reads them back
-at start-up. Without a directory it lives in memory only.
+when the server first uses it. Without a directory it lives in memory only. A server (its model manager) has one
+store of vectors and one of probes, under the settings ``vectors.*`` and ``probes.*``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +161,26 @@ class TensorStore:
                 continue
             self.items[item.name] = item
         log.info("%s store: %d read from %s (%d bytes)", self.kind, len(self.items), self.directory, self.used)
+
+
+@attrs.define(frozen=True)
+class Stores:
+    vectors: TensorStore
+    probes: TensorStore
+
+
+_STORES: weakref.WeakKeyDictionary[Any, Stores] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def stores(manager: Any) -> Stores:
+    """The stores of the server ``manager`` runs (one pair per app), made from its settings on first use."""
+    with _LOCK:
+        found = _STORES.get(manager)
+        if found is None:
+            s = manager.settings
+            found = _STORES[manager] = Stores(
+                vectors=TensorStore("vector", int(s.vectors_max_mb * 2**20), s.vectors_directory),
+                probes=TensorStore("probe", int(s.probes_max_mb * 2**20), s.probes_directory),
+            )
+        return found

@@ -11,14 +11,16 @@ import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 
+from loom_interp.interventions import read_vector
+from loom_interp.readouts import check_probe
+from loom_interp.stores import stores
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
+from loom_kernel.capture import check_site
 from loom_kernel.errors import InvalidField
-from loom_kernel.interventions import check_site, read_vector
-from loom_kernel.readouts import check_probe
 from loom_kernel.types import Batch
 
 SAFETENSORS_TYPES = ("application/vnd.loom.safetensors", "application/octet-stream")
@@ -77,7 +79,7 @@ def meta_of(data: Any, kind: str, activation: str) -> dict[str, Any]:
 def store(manager: Any, name: str, tensors: dict[str, Any], meta: dict[str, Any], replace: bool) -> dict[str, Any]:
     check_probe(tensors, meta)
     meta = {k: v for k, v in meta.items() if v is not None and not isinstance(v, int | list)}
-    return manager.probes.put(name, tensors, meta, replace=replace).describe()
+    return stores(manager).probes.put(name, tensors, meta, replace=replace).describe()
 
 
 def read_safetensors(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
@@ -190,7 +192,7 @@ class ProbesController(Controller):
             raise InvalidField(
                 f"content-type: {media!r}; send the file's bytes", field="content-type", allowed=list(SAFETENSORS_TYPES)
             )
-        tensors, file_meta = read_safetensors(await bounded_body(request, manager.probes.max_bytes + 2**20))
+        tensors, file_meta = read_safetensors(await bounded_body(request, stores(manager).probes.max_bytes + 2**20))
         unknown = sorted(set(tensors) - set(SAE_ROLES))
         if unknown:
             raise InvalidField(
@@ -210,15 +212,15 @@ class ProbesController(Controller):
 
     @get("/", sync_to_thread=False)
     def list_probes(self, manager: Manager) -> dict[str, Any]:
-        return manager.probes.listing()
+        return stores(manager).probes.listing()
 
     @get("/{name:str}", sync_to_thread=False)
     def get_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        return manager.probes.get(name).describe()
+        return stores(manager).probes.get(name).describe()
 
     @delete("/{name:str}", status_code=200)
     async def delete_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        manager.probes.delete(name)
+        stores(manager).probes.delete(name)
         return {"status": "deleted", "name": name}
 
     @post("/fit", status_code=201)

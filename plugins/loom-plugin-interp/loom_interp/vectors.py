@@ -10,13 +10,15 @@ import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 
+from loom_interp.interventions import read_vector
+from loom_interp.stores import stores
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
+from loom_kernel.capture import check_site
 from loom_kernel.encoding import encode_tensor
-from loom_kernel.interventions import check_site, read_vector
 from loom_kernel.types import Batch
 
 MAX_CONTRAST_TEXTS = 256
@@ -88,20 +90,20 @@ class VectorsController(Controller):
     async def put(self, data: JSONBody[VectorRequest], manager: Manager) -> dict[str, Any]:
         """Store a vector under ``name`` (409 if the name exists unless ``replace``; 507 past the byte budget)."""
         tensor = read_vector(data.vector, None, "vector")
-        return manager.vectors.put(data.name, tensor, _site_meta(data), replace=data.replace).describe()
+        return stores(manager).vectors.put(data.name, tensor, _site_meta(data), replace=data.replace).describe()
 
     @get("/", sync_to_thread=False)
     def list_vectors(self, manager: Manager) -> dict[str, Any]:
-        return manager.vectors.listing()
+        return stores(manager).vectors.listing()
 
     @get("/{name:str}", sync_to_thread=False)
     def get_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        item = manager.vectors.get(name)
+        item = stores(manager).vectors.get(name)
         return {**item.describe(), "vector": encode_tensor(item.tensor, "float32", "list")}
 
     @delete("/{name:str}", status_code=200)
     async def delete_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        manager.vectors.delete(name)
+        stores(manager).vectors.delete(name)
         return {"status": "deleted", "name": name}
 
     @post("/contrast", status_code=200)
@@ -123,7 +125,7 @@ class VectorsController(Controller):
         vector = result.pop("vector")
         stored = None
         if data.name is not None:
-            stored = manager.vectors.put(data.name, vector, _site_meta(data), replace=data.replace).describe()
+            stored = stores(manager).vectors.put(data.name, vector, _site_meta(data), replace=data.replace).describe()
         return {
             **result,
             "vector": encode_tensor(vector, "float32", "list"),

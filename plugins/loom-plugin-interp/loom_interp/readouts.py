@@ -14,10 +14,9 @@ from typing import Any
 
 import attrs
 
-from loom_kernel.capture import resolve_layers, split_sites
+from loom_interp.stores import Stored, TensorStore
+from loom_kernel.capture import check_site, resolve_layers, split_sites
 from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.interventions import check_site
-from loom_kernel.store import Stored, TensorStore
 from loom_kernel.types import LayerSel, LoadedModel
 
 LINEAR_ACTIVATIONS = ("linear", "sigmoid", "softmax")

@@ -1,0 +1,42 @@
+"""The ``interp`` plugin: interventions and readouts (the logit lens, probes, sparse autoencoders, stop rules) on
+the kernel's requests, the stores of vectors and probes, and the routes /vectors, /vectors/contrast, /patch,
+/probes and /probes/fit."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from loom_interp.interventions import resolve_interventions
+from loom_interp.patching import PatchController
+from loom_interp.probes import ProbesController
+from loom_interp.readouts import Readouts, feature_vector
+from loom_interp.stores import stores
+from loom_interp.vectors import VectorsController
+from loom_kernel import LoadedModel, Reading, hookimpl
+
+
+@hookimpl
+def routes() -> list[Any]:
+    return [VectorsController, PatchController, ProbesController]
+
+
+@hookimpl
+def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any) -> Reading:
+    kept = stores(manager)
+    plan = Readouts(
+        lens=fields.get("logit_lens"),
+        probes=tuple(fields.get("probes") or ()),
+        stop_when=tuple(fields.get("stop_when") or ()),
+        store=kept.probes,
+    ).plan(model)
+    features = functools.partial(feature_vector, kept.probes)
+    edits = resolve_interventions(fields.get("interventions") or (), model, kept.vectors.tensor, features)
+    return Reading(
+        edits=edits,
+        layers=tuple(plan.layers),
+        sites=tuple(plan.sites),
+        read=functools.partial(plan.read, model) if plan.streams else None,
+        stop=plan.stop if plan.stops else None,
+        streams=plan.streams,
+    )
