@@ -449,3 +449,22 @@ async def test_a_wire_tensor_from_an_answer_is_a_vector(paths):
         assert by_wire.status_code == 200, by_wire.text
         got = arrays(by_wire.json(), "sequence_hidden_states")["1"]
         np.testing.assert_array_equal(got[-1], vector)
+
+
+async def test_without_the_interp_plugin_its_fields_are_a_422_naming_them(paths):
+    """The kernel keeps the fields; the interp plugin reads them. Without it a request that gives one is refused
+    by name, and one that gives none is served as before."""
+    from loom_kernel.plugins import create_plugin_manager
+
+    pm = create_plugin_manager()
+    pm.unregister(name="interp")
+    app = app_with(pm=pm)
+    async with concurrent_client(app) as c:
+        edit = {"site": 1, "op": "zero"}
+        for field, value in (("interventions", [edit]), ("logit_lens", {"layers": [1]}), ("probes", ["p"])):
+            r = await c.post("/extract", json={"model": paths["gpt2"], "text": TEXT, field: value})
+            assert r.status_code == 422, r.text
+            assert r.json()["field"] == field
+        r = await c.post("/extract", json={"model": paths["gpt2"], "text": TEXT, "hidden_state_layers": [1]})
+        assert r.status_code == 200
+        assert (await c.get("/vectors")).status_code == 404
