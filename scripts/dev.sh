@@ -32,6 +32,7 @@ install() {
     -e plugins/loom-plugin-gptq \
     -e plugins/loom-plugin-http \
     -e plugins/loom-plugin-unix \
+    -e plugins/loom-plugin-embeddings \
     -e plugins/loom-plugin-openai \
     -e plugins/loom-plugin-geometry \
     -e plugins/loom-plugin-interp \

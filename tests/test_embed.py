@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from litestar.testing import TestClient
+from loom_embeddings.embed import MAX_BATCH_TEXTS
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
 from loom_kernel.api import create_app
 from loom_kernel.config import Settings
-from loom_kernel.embedding import MAX_BATCH_TEXTS
 from loom_kernel.plugins import create_plugin_manager
 from loom_kernel.resolve import embedded_path
 

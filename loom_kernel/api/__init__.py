@@ -15,7 +15,6 @@ from litestar.openapi import OpenAPIConfig
 
 from loom_kernel import __version__
 from loom_kernel.api.deps import provide_manager, provide_pm
-from loom_kernel.api.embed import EmbedController
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
@@ -47,7 +46,7 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             await manager.stop()
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
-    controllers = [SystemController, MetricsController, ModelsController, InferenceController, EmbedController]
+    controllers = [SystemController, MetricsController, ModelsController, InferenceController]
     added = [handler for handlers in pm.hook.routes() for handler in handlers or ()]
     app = Litestar(
         route_handlers=[*controllers, *added],

@@ -1,4 +1,4 @@
-"""POST /v1/embeddings: OpenAI's texts and answer around the kernel's embedding endpoint (``api.embed.serve``)."""
+"""POST /v1/embeddings: OpenAI's texts and answer around the embeddings plugin's endpoint (``routes.serve``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pluggy
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
+from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, declared_strategies
+from loom_embeddings.routes import EmbedFields, serve
 
 from loom_kernel.api.deps import Manager, Plugins
-from loom_kernel.api.embed import EmbedFields, serve
 from loom_kernel.api.schemas import NonEmpty
-from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, declared_strategies
 from loom_kernel.encoding import b64_raw, json_raw
 from loom_kernel.errors import InvalidField
 from loom_openai.schemas import openai_inputs

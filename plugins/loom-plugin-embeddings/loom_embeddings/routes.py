@@ -1,7 +1,7 @@
 """POST /embed and /embed/batch (the openai plugin serves /v1/embeddings through ``serve`` too).
 
 Every field is checked before any model work; the batch runs as one forward call on the model's thread, merged
-with other requests'. Pooling and normalization rules are in ``loom_kernel.embedding``. Each route is its texts
+with other requests'. Pooling and normalization rules are in ``loom_embeddings.embed``. Each route is its texts
 (what it reads from its body) and its answer (what it returns), around the same embedding.
 """
 
@@ -17,11 +17,11 @@ import pluggy
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
-from loom_kernel.embedding import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel.encoding import json_raw
 from loom_kernel.errors import InvalidField
 from loom_kernel.models import ModelManager
@@ -34,7 +34,7 @@ Dimensions = Annotated[int, msgspec.Meta(ge=1, description="keep the first N dim
 
 
 class EmbedFields(LoadFields, kw_only=True):
-    pooling: str | None = None  # None: the model's own pooling (see loom_kernel.embedding)
+    pooling: str | None = None  # None: the model's own pooling (see loom_embeddings.embed)
     normalize: bool | None = None  # None: the model's convention
     layer: int = -1
     truncate: bool = True
