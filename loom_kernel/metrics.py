@@ -51,6 +51,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self._models: dict[str, ModelCounters] = {}
+        self.idle_checks = 0  # looks of the idle-unload timer (tests count them instead of watching a clock)
 
     def model(self, model_id: str) -> ModelCounters:
         """The counters of ``model_id`` (those of "other" once MAX_MODELS ids have their own)."""
@@ -98,6 +99,8 @@ class Metrics:
                 family(name, "counter", help_)
                 for model_id, c in sorted(self._models.items()):
                     lines.append(f"{name}{_labels(model=model_id)} {getattr(c, attr)}")
+        family("loom_idle_checks_total", "counter", "Looks of the idle-unload timer at the loaded models.")
+        lines.append(f"loom_idle_checks_total {self.idle_checks}")
         family("loom_models_loaded", "gauge", "Models in memory and ready.")
         lines.append(f"loom_models_loaded {len(gauges)}")
         family("loom_requests_in_flight", "gauge", "Requests admitted for a model (queued or running).")

@@ -352,6 +352,7 @@ class ModelManager:
                 if entry.state == State.READY and entry.in_flight == 0 and now - entry.last_used >= limit:
                     log.info("auto-unloading %s after %.0f s idle", entry.model_id, now - entry.last_used)
                     self._remove(entry)
+            self.metrics.idle_checks += 1
 
     async def start(self) -> None:
         await asyncio.to_thread(self._cap_gpu_memory)

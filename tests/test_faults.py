@@ -355,12 +355,18 @@ def test_two_concurrent_loads_of_a_model_load_it_once(tiny_models, tmp_path):
         assert_memory_back(before, settled_rss(c, model, proc.pid))
 
 
+def idle_checks(c) -> int:
+    text = c.get("/metrics").text
+    return int(re.search(r"^loom_idle_checks_total (\d+)$", text, re.M).group(1))
+
+
 def test_the_idle_timer_waits_for_a_long_request(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
     gates = tmp_path / "gates"
     held = {"model": model, "prompt": "GATEidle the cat", "max_tokens": 4, "temperature": 0}
-    # Unload after 1.2 s idle; the reaper looks every 0.24 s. The request below is held at its gate while the test
-    # watches the model stay loaded across several of the reaper's looks.
+    # Unload after 1.2 s idle; the reaper looks every 0.24 s (at least: it sleeps in between). The request below is
+    # held at its gate while the reaper looks 8 times, so that at least 1.9 s of the server's own clock pass after
+    # the request began, and the model must stay loaded through every look.
     with faults_server(tmp_path, [], LOOM_AUTO_UNLOAD_MINUTES="0.02") as (c, log, proc):
         want = warm(c, model)
         before = settled_rss(c, model, proc.pid)
@@ -368,11 +374,11 @@ def test_the_idle_timer_waits_for_a_long_request(tiny_models, tmp_path):
         with ThreadPoolExecutor(1) as pool:
             generation = pool.submit(c.post, "/generate", json=held)
             poll(lambda: (gates / "idle.waiting").exists(), "the request reached its gate")
-            watch_until = time.monotonic() + 2.5  # how long to watch, not a bound on the server
-            while time.monotonic() < watch_until:
-                listed = models(c)
-                assert [(m["model_id"], m["state"]) for m in listed] == [(model, "ready")], listed
-                time.sleep(0.1)
+            looked = idle_checks(c)
+            poll(lambda: idle_checks(c) >= looked + 8, "the reaper looked 8 times")
+            listed = models(c)
+            assert [(m["model_id"], m["state"]) for m in listed] == [(model, "ready")], listed
+            assert "auto-unloading" not in log.read_text()
             open_gate(gates, "idle")
             assert generation.result().status_code == 200
         poll(lambda: models(c) == [], "the idle model was unloaded")
