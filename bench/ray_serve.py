@@ -21,9 +21,10 @@ def ray_app(models: list[str], replicas: int = 2) -> Iterator[str]:
     """``loom serve --transport ray`` with ``replicas`` replicas on a free port, after one request for each model
     has loaded it where the router sends it; yields the base URL."""
     import httpx
-    from serverutil import REPO, server_env
+    from serverutil import REPO, free_port, server_env
 
-    with socket_port() as port, tempfile.TemporaryDirectory() as home:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as home:
         env = {**server_env(Path(home)), "LOOM_RAY_CPUS_PER_REPLICA": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
         cmd = [sys.executable, "-m", "loom_kernel", "serve", "--transport", "ray", "--replicas", str(replicas)]
         proc = subprocess.Popen(
@@ -54,16 +55,6 @@ def ray_app(models: list[str], replicas: int = 2) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
             subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
-
-
-@contextlib.contextmanager
-def socket_port() -> Iterator[int]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    yield port
 
 
 def bench_ray(batched: str, gpt: str, quick: bool, row: Any, prompts: Any) -> list[dict[str, Any]]:

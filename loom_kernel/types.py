@@ -274,15 +274,14 @@ class Reading:
     resolved by the plugin that implements the ``readouts`` hook: the edits for every row, the extra states to
     capture (layer indices keyed ``~i`` so they never mix with the answer's ``hidden_states``, hook points by name),
     ``read(states, positions)``: answer fields from one row's captured states [P, ...] at those positions (a token
-    event's one state has no positions), and ``stop(states)``: the stop rule a generated token's states fire, or
-    None."""
+    event's one state has no positions; a stream puts them in every token's event), and ``stop(states)``: the stop
+    rule a generated token's states fire, or None."""
 
     edits: tuple[Intervention, ...] = ()
     layers: tuple[LayerSel, ...] = ()
     sites: tuple[str, ...] = ()
     read: Callable[[dict[str, Any], list[int] | None], dict[str, Any]] | None = None
     stop: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
-    streams: bool = False  # ``read`` also goes in each streamed token's event
 
     @property
     def keys(self) -> list[str]:

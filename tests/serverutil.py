@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,13 @@ def server_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}  # LOOM_LOAD_PLUGINS too: all plugins
     env.update(HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # HOME: no ~/.config/loom/config.yaml
     return env
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server that must be told its port (Ray's proxy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> re.Match:

@@ -24,8 +24,9 @@ PROMPTS = [
 ]
 
 
-def load_demo():
-    spec = importlib.util.spec_from_file_location("geometric_analysis", REPO / "demo" / "geometric_analysis.py")
+def load_demo(name: str = "geometric_analysis"):
+    """A demo script, imported fresh as a module so that a test may change its constants."""
+    spec = importlib.util.spec_from_file_location(f"{name}_demo", REPO / "demo" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -71,9 +72,7 @@ def test_demo_runs_end_to_end_on_tiny_models(tiny_models: dict[str, Path], tmp_p
 def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """demo/interventions.py against a real server: steering moves the target token's log-probability monotonically
     with the scale, the ablated direction leaves no projection, and the patch table has a row per block."""
-    spec = importlib.util.spec_from_file_location("interventions_demo", REPO / "demo" / "interventions.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_demo("interventions")
     demo.STEER_TOKEN = " the"  # tokens of the tiny tokenizer
     demo.CLEAN, demo.CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"
     demo.PATCH_METRIC = {"type": "logit_diff", "correct": " the", "incorrect": "."}
@@ -95,9 +94,7 @@ def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_pa
 
 def test_readouts_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """demo/readouts.py against a real server: a lens row per block, the probe's accuracies, a stop by the probe."""
-    spec = importlib.util.spec_from_file_location("readouts_demo", REPO / "demo" / "readouts.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_demo("readouts")
     demo.ANSWER = " the"  # a token of the tiny tokenizer
     model = str(tiny_models["llama"])
     out = tmp_path / "out"

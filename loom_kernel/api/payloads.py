@@ -154,7 +154,7 @@ class StateRequest:
         if reading is not None and reads:
             layers += reading.layers
             sites = tuple(dict.fromkeys([*sites, *reading.sites]))
-            stream = stream or reading.stop is not None or (self.streaming and reading.streams)
+            stream = stream or reading.stop is not None or (self.streaming and reading.read is not None)
         return Capture(
             layers=layers,
             sites=sites,
@@ -320,7 +320,7 @@ def stream_extras(extras: dict[str, Any] | None, req: StateRequest, model: Loade
             shown = {k: v for k, v in states.items() if not k.startswith("~") and ("." not in k or k in asked)}
             out["hidden_states"] = encode_states(shown, req.dtype, req.fmt)
         reading = req.reading(model) if req.streaming else None
-        if reading is not None and reading.streams and reading.read is not None:
+        if reading is not None and reading.read is not None:
             out.update(reading.read({k: states[k] for k in reading.keys}, None))
     if extras and "logprob" in extras:
         out["logprob"] = logprob_entries(model.tokenizer, [extras["logprob"]])[0]

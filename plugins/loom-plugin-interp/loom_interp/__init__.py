@@ -38,5 +38,4 @@ def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any) -> Readin
         sites=tuple(plan.sites),
         read=functools.partial(plan.read, model) if plan.streams else None,
         stop=plan.stop if plan.stops else None,
-        streams=plan.streams,
     )

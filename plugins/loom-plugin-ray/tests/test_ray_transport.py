@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from serverutil import REPO, server_env, wait_for
+from serverutil import REPO, free_port, server_env, wait_for
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
 STARTUP_S = 240  # against a hang only: Ray and two replicas start in about 30 s on 2 idle cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def until(condition: Any, what: str, hang: float = STARTUP_S) -> Any:
