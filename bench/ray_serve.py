@@ -21,11 +21,11 @@ def ray_app(models: list[str], replicas: int = 2) -> Iterator[str]:
     """``loom serve --transport ray`` with ``replicas`` replicas on a free port, after one request for each model
     has loaded it where the router sends it; yields the base URL."""
     import httpx
-    from serverutil import REPO, free_port, server_env
+    from serverutil import RAY_ENV, REPO, free_port, server_env
 
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
-        env = {**server_env(Path(home)), "LOOM_RAY_CPUS_PER_REPLICA": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**server_env(Path(home)), **RAY_ENV}
         cmd = [sys.executable, "-m", "loom_kernel", "serve", "--transport", "ray", "--replicas", str(replicas)]
         proc = subprocess.Popen(
             [*cmd, "--port", str(port)],

@@ -60,7 +60,7 @@ class Settings:
     # Stored steering vectors (loom_kernel.store): a directory makes them persist across restarts.
     vectors_directory: str | None = None
     vectors_max_mb: float = 64.0
-    patch_max_rows: int = 2048
+    patch_max_rows: int = 2048  # runs one POST /patch may ask for (sites x positions + 2)
     # Stored probes and sparse autoencoders (loom_kernel.readouts), kept like vectors.
     probes_directory: str | None = None
     probes_max_mb: float = 512.0
@@ -70,7 +70,9 @@ class Settings:
     ray_replicas: int = 1
     ray_max_replicas: int = 0  # above ray_replicas: Ray Serve autoscales between the two by ongoing requests
     ray_cpus_per_replica: float = 1.0
-    ray_gpus_per_replica: float = 0.0  # runs one POST /patch may ask for (sites x positions + 2)
+    ray_gpus_per_replica: float = 0.0
+    # torch's threads in each replica; 0: Ray's rule (the CPUs the replica reserves, at least 1).
+    ray_threads_per_replica: int = 0
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -85,6 +87,10 @@ class Settings:
         for name in ("max_queue", "request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
+        if self.ray_threads_per_replica < 0:
+            raise ConfigError(
+                "ray_threads_per_replica: must not be negative (0: Ray's rule)", field="ray_threads_per_replica"
+            )
         both = sorted(set(self.aliases) & set(self.custom_models))
         if both:
             raise ConfigError(
@@ -125,6 +131,7 @@ FILE_KEYS: dict[str, dict[str, str]] = {
         "max_replicas": "ray_max_replicas",
         "cpus_per_replica": "ray_cpus_per_replica",
         "gpus_per_replica": "ray_gpus_per_replica",
+        "threads_per_replica": "ray_threads_per_replica",
     },
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
@@ -140,7 +147,8 @@ ENV_KEYS: dict[str, str] = {
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
             "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows probes_directory "
-            "probes_max_mb ray_address ray_replicas ray_max_replicas ray_cpus_per_replica ray_gpus_per_replica"
+            "probes_max_mb ray_address ray_replicas ray_max_replicas ray_cpus_per_replica ray_gpus_per_replica "
+            "ray_threads_per_replica"
         )
     },
     "LOOM_TRANSPORT": "transports",

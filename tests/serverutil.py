@@ -21,6 +21,11 @@ def server_env(home: Path) -> dict[str, str]:
     return env
 
 
+# `loom serve --transport ray` on this 2-core machine: half a CPU reserved per replica, so two fit beside Ray's own
+# actors, yet two torch threads each, as one process has (Ray's rule would give each 1).
+RAY_ENV = {"LOOM_RAY_CPUS_PER_REPLICA": "0.5", "LOOM_RAY_THREADS_PER_REPLICA": "2", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def free_port() -> int:
     """A loopback port free now, for a server that must be told its port (Ray's proxy)."""
     with socket.socket() as s:

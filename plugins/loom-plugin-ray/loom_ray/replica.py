@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from ray import serve
 
 REPORT_EVERY_S = 3.0
@@ -36,6 +37,9 @@ def replica_class(max_models: int) -> type:
             from loom_kernel.logs import configure_logging
 
             configure_logging(settings.get("log_level", "info"))
+            if settings.get("ray_threads_per_replica"):
+                # Before the model threads start: each takes torch's count when it first runs torch.
+                torch.set_num_threads(settings["ray_threads_per_replica"])
             self.app = create_app(settings=Settings(**settings))
             self.manager = self.app.state.manager
             self.registry = registry
@@ -76,6 +80,7 @@ def replica_class(max_models: int) -> type:
             manager = self.manager
             return {
                 "replica": self.replica,
+                "torch_threads": torch.get_num_threads(),
                 "loaded_models": manager.describe(),
                 "metrics": manager.metrics.exposition(gauges(manager.ready())),
                 "time": time.time(),

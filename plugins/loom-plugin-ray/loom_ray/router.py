@@ -140,7 +140,12 @@ def aggregate(path: str, live: list[dict[str, Any]], version: str) -> Any:
         "status": "ok" if live else "starting",
         "version": version,
         "replicas": [
-            {"replica": s["replica"], "loaded_models": [r["model_id"] for r in s["loaded_models"]]} for s in live
+            {
+                "replica": s["replica"],
+                "torch_threads": s["torch_threads"],
+                "loaded_models": [r["model_id"] for r in s["loaded_models"]],
+            }
+            for s in live
         ],
         "loaded_models": sorted({r["model_id"] for r in rows if r["state"] == "ready"}),
         "loading_models": sorted({r["model_id"] for r in rows if r["state"] == "loading"}),

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from serverutil import REPO, free_port, server_env, wait_for
+from serverutil import RAY_ENV, REPO, free_port, server_env, wait_for
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
@@ -44,7 +44,7 @@ def ray_server(home: Path, replicas: int = 2) -> Iterator[tuple[str, Path, subpr
     port = free_port()
     log = home / "ray-server.log"
     cmd = [sys.executable, "-m", "loom_kernel", "serve", "--transport", "ray", "--replicas", str(replicas)]
-    env = {**server_env(home), "LOOM_RAY_CPUS_PER_REPLICA": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**server_env(home), **RAY_ENV}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [*cmd, "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -86,6 +86,7 @@ async def test_each_models_requests_land_on_one_replica_and_answer_as_one_proces
             m: {replica_of(c.post("/extract", json={"model": m, **extract})) for _ in range(4)} for m in (llama, gpt2)
         }
         assert all(len(replicas) == 1 for replicas in seen.values()), seen
+        assert [r["torch_threads"] for r in c.get("/health").json()["replicas"]] == [2, 2]
         want = sorted((m, *s) for m, s in seen.items())  # the replicas report what they hold within seconds
         until(
             lambda: sorted((r["model_id"], r["replica"]) for r in c.get("/models").json()["loaded_models"]) == want,
