@@ -73,7 +73,9 @@ Rows (benchmark name for ``--only`` in brackets):
 - ``ray: 16 /embed clients, 2 replicas vs one process`` and ``ray: 8 /generate clients, ...`` [ray]: ``loom serve
   --transport ray --replicas 2`` on the same machine against the batched server, alternating runs: throughput
   ratios. Two replicas on 2 cores cannot be faster; the rows show what Ray's proxy, the router and the hand-off to
-  a replica cost. Target >= 0.75.
+  a replica cost. Target >= 0.75. Each replica reserves half a CPU and runs torch on two threads, as one process does.
+- ``ray: Ray Serve alone ...`` [ray]: a deployment beside The Loom's on the same Ray and proxy that reads each
+  ``/embed`` body and answers ``{}``: its throughput over one process's ``/embed``, the ceiling of the ``/embed`` row.
 
 Runs alternate (batched, one at a time, in-process; forward and the three formats) so that a busy moment of a
 shared machine slows every side rather than one. Throughputs are the best of the runs, times the median. Neither

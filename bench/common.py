@@ -228,26 +228,51 @@ def cpu_ticks() -> tuple[int, int] | None:
     try:
         with open("/proc/stat") as f:
             user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f.readline().split()[1:8])
-        parents, used = {}, {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # gone meanwhile
-            parents[int(pid)] = int(fields[1])
-            used[int(pid)] = int(fields[11]) + int(fields[12])  # utime + stime
+        used = tree_ticks(os.getpid())
     except (OSError, ValueError, IndexError):
         return None
-    mine, todo = {os.getpid()}, [os.getpid()]
+    return user + nice + system + irq + softirq, used + reaped_ticks() + RETIRED[0]
+
+
+# Ticks of descendants that ended without this process reaping them (Ray's processes, stopped by `ray stop`): read
+# by ``stopping`` just before they go, or their work would count as other processes'.
+RETIRED = [0]
+
+
+def reaped_ticks() -> int:
+    """Clock ticks of the descendants this process has reaped."""
+    t = os.times()
+    return round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
+
+
+@contextlib.contextmanager
+def stopping(root: int) -> Iterator[None]:
+    """Around stopping ``root``: its tree's ticks so far count as this process's (less what reaping it counts)."""
+    tree, reaped = tree_ticks(root), reaped_ticks()
+    try:
+        yield
+    finally:
+        RETIRED[0] += max(0, tree - (reaped_ticks() - reaped))
+
+
+def tree_ticks(root: int) -> int:
+    """Clock ticks (user + system) that ``root`` and its live descendants have used."""
+    parents, used = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(pid)] = int(fields[1])
+        used[int(pid)] = int(fields[11]) + int(fields[12])  # utime + stime
+    tree, todo = {root}, [root]
     while todo:
         pid = todo.pop()
-        for child in [c for c, p in parents.items() if p == pid and c not in mine]:
-            mine.add(child)
+        for child in [c for c, p in parents.items() if p == pid and c not in tree]:
+            tree.add(child)
             todo.append(child)
-    t = os.times()
-    waited = round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))  # descendants that ended
-    return user + nice + system + irq + softirq, sum(used.get(p, 0) for p in mine) + waited
+    return sum(used.get(p, 0) for p in tree)
 
 
 def others_cpus(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float | None:

@@ -4,6 +4,7 @@ hand-offs cost (two replicas on 2 cores cannot be faster than one process)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -13,13 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import corpus, run_clients
+from bench.common import corpus, run_clients, stopping
 
 
 @contextlib.contextmanager
-def ray_app(models: list[str], replicas: int = 2) -> Iterator[str]:
+def ray_app(models: list[str], replicas: int = 2) -> Iterator[tuple[str, Path]]:
     """``loom serve --transport ray`` with ``replicas`` replicas on a free port, after one request for each model
-    has loaded it where the router sends it; yields the base URL."""
+    has loaded it where the router sends it; yields the base URL and the server's home (Ray's token is there)."""
     import httpx
     from serverutil import RAY_ENV, REPO, free_port, server_env
 
@@ -47,14 +48,41 @@ def ray_app(models: list[str], replicas: int = 2) -> Iterator[str]:
                 time.sleep(0.5)
             for m in models:
                 httpx.post(f"{base}/models/load", json={"model": m}, timeout=600).raise_for_status()
-            yield base
+            yield base, Path(home)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+            with stopping(proc.pid):
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+
+
+FLOOR = "/ray-floor"
+
+
+@contextlib.contextmanager
+def floor(home: Path) -> Iterator[None]:
+    """Beside The Loom's application, on the same Ray and proxy: a deployment that reads each request's body and
+    answers ``{}``, doing none of The Loom's work. Its throughput is what Ray Serve's proxy and one hand-off to a
+    replica allow here, whatever the replicas run."""
+    import ray
+    from ray import serve
+
+    @serve.deployment(name="Floor", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+    class Floor:
+        async def __call__(self, request: Any) -> dict[str, Any]:
+            await request.body()
+            return {}
+
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / ".ray" / "auth_token")
+    ray.init(address="auto", namespace="loom", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.run(Floor.bind(), name="floor", route_prefix=FLOOR)
+        yield
+    finally:
+        ray.shutdown()
 
 
 def bench_ray(batched: str, gpt: str, quick: bool, row: Any, prompts: Any) -> list[dict[str, Any]]:
@@ -64,7 +92,7 @@ def bench_ray(batched: str, gpt: str, quick: bool, row: Any, prompts: Any) -> li
     embeds = [{"model": "minilm", "text": t} for t in corpus(requests, seed=4, words=(6, 14))]
     tok = AutoTokenizer.from_pretrained(gpt)
     gens = [{"model": gpt, "prompt": p, "max_tokens": 32, "temperature": 0} for p in prompts(tok, 16, 16)]
-    with ray_app(["minilm", gpt]) as on_ray:
+    with ray_app(["minilm", gpt]) as (on_ray, home):
         for base in (batched, on_ray):  # warm-up
             run_clients(base, "/embed", embeds[:32], 16)
             run_clients(base, "/generate", gens[:8], 8)
@@ -74,8 +102,18 @@ def bench_ray(batched: str, gpt: str, quick: bool, row: Any, prompts: Any) -> li
                 out = one if name == "one" else ray
                 out["embed"].append(len(embeds) / run_clients(base, "/embed", embeds, 16)[0])
                 out["generate"].append(len(gens) * 32 / run_clients(base, "/generate", gens, 8)[0])
+        # Last, so that this process's own Ray connection cannot slow the rows above.
+        with floor(home):
+            run_clients(on_ray, FLOOR, embeds[:32], 16)
+            alone, beside = [], []
+            for _ in range(repeats):
+                alone.append(len(embeds) / run_clients(on_ray, FLOOR, embeds, 16)[0])
+                beside.append(len(embeds) / run_clients(batched, "/embed", embeds, 16)[0])
+    # Ray's hand-off and The Loom's own work share the same 2 cores: at best their costs per text add up.
+    ceiling = 1 / (1 / max(alone) + 1 / max(beside))
     note = (
-        f"loom serve --transport ray --replicas 2 (0.5 CPU reserved each) against one loom serve, both preloaded; "
+        "loom serve --transport ray --replicas 2 (0.5 CPU reserved, 2 torch threads each) against one loom serve, "
+        "both preloaded; "
         f"{requests} /embed from 16 clients and 16 /generate of 32 tokens from 8 clients, best of {repeats}"
     )
     return [
@@ -87,6 +125,23 @@ def bench_ray(batched: str, gpt: str, quick: bool, row: Any, prompts: Any) -> li
             ">= 0.75",
             lambda r: r >= 0.75,
             note,
+        ),
+        row(
+            "ray: Ray Serve alone (reads each /embed body, answers {}) vs one process's /embed",
+            max(alone),
+            max(beside),
+            "texts/s",
+            "-",
+            None,
+        ),
+        row(
+            "ray: the most /embed through Ray can reach here vs one process",
+            ceiling,
+            max(beside),
+            "texts/s",
+            "-",
+            None,
+            "Ray Serve's own cost per request plus one process's cost per text, on the same 2 cores",
         ),
         row(
             "ray: 8 /generate clients, 2 replicas vs one process",
