@@ -1,5 +1,6 @@
 """The Loom kernel: hook specifications, plugin manager, model manager and REST API."""
 
+from loom_kernel.config import Option
 from loom_kernel.errors import LoomError
 from loom_kernel.hookspecs import hookimpl
 from loom_kernel.types import (
@@ -32,6 +33,7 @@ __all__ = [
     "LoadedModel",
     "LoomError",
     "ModelRef",
+    "Option",
     "ProbeResult",
     "QuantizationPlan",
     "Reading",

@@ -9,17 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+from pluggy import PluginManager
+
 from loom_kernel import __version__
-from loom_kernel.config import Settings, load_settings
+from loom_kernel.config import Option, Settings, load_settings
 from loom_kernel.errors import LoomError
 from loom_kernel.logs import LEVELS
+from loom_kernel.plugins import create_plugin_manager, plugin_options
 
 COMMANDS = ("serve", "plugins", "probe")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(options: Sequence[Option] = ()) -> argparse.ArgumentParser:
+    """``options``: the installed plugins' settings; those with a flag are ``loom serve`` flags too."""
     parser = argparse.ArgumentParser(
         prog="loom", description="The Loom: a research server that returns the hidden states of transformer models."
     )
@@ -52,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auto-unload-minutes", type=float, help="unload a model idle this long (default 20; 0 = off)")
     serve.add_argument("--device", dest="default_device", help="default device: cpu, cuda, cuda:N, auto")
     serve.add_argument("--log-level", choices=LEVELS, help="default info")
-    serve.add_argument(
-        "--ray-address", help="--transport ray: the Ray cluster to join (auto, ray://...; default local)"
-    )
-    serve.add_argument("--replicas", dest="ray_replicas", type=int, help="--transport ray: replicas (default 1)")
+    for option in options:
+        if option.flag:
+            serve.add_argument(f"--{option.flag}", dest=option.name, metavar=option.key.upper(), help=option.help)
     add_plugins_dir(serve)
 
     plugins = sub.add_parser("plugins", help="list the installed plugins and the hooks they implement")
@@ -78,35 +82,31 @@ def add_plugins_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_settings(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+def build_settings(
+    args: argparse.Namespace, env: dict[str, str] | None = None, options: Sequence[Option] = ()
+) -> Settings:
     """Defaults < config file < environment < these flags; ``--preload`` adds to the models named before it."""
-    overrides: dict[str, Any] = {
-        name: getattr(args, name, None)
-        for name in [
-            "host",
-            "port",
-            "transports",
-            "unix_socket",
-            "max_models",
-            "auto_unload_minutes",
-            "ray_address",
-            "ray_replicas",
-        ]
-    }
-    overrides["default_device"] = getattr(args, "default_device", None)
-    overrides["log_level"] = getattr(args, "log_level", None)
-    settings = load_settings(config=args.config, env=env, **overrides)
+    names = [
+        "host",
+        "port",
+        "transports",
+        "unix_socket",
+        "max_models",
+        "auto_unload_minutes",
+        "default_device",
+        "log_level",
+    ]
+    overrides: dict[str, Any] = {name: getattr(args, name, None) for name in names + [o.name for o in options]}
+    settings = load_settings(config=args.config, env=env, options=options, **overrides)
     extra = getattr(args, "preload", None) or []
     settings.preload = list(dict.fromkeys([*settings.preload, *extra]))
     return settings
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from loom_kernel.plugins import create_plugin_manager
+def cmd_serve(args: argparse.Namespace, pm: PluginManager) -> int:
     from loom_kernel.serve import serve
 
-    settings = build_settings(args)
-    return serve(settings, create_plugin_manager(plugins_dir=args.plugins_dir))
+    return serve(build_settings(args, options=plugin_options(pm)), pm)
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -115,10 +115,10 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
 
 
-def cmd_plugins(args: argparse.Namespace) -> int:
-    from loom_kernel.plugins import create_plugin_manager, describe_plugins
+def cmd_plugins(args: argparse.Namespace, pm: PluginManager) -> int:
+    from loom_kernel.plugins import describe_plugins
 
-    rows = describe_plugins(create_plugin_manager(plugins_dir=args.plugins_dir))
+    rows = describe_plugins(pm)
     if args.json:
         print(json.dumps({"plugins": rows}, indent=2))  # the body GET /plugins returns
         return 0
@@ -137,16 +137,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def probe_report(model: str, revision: str | None, settings: Settings) -> dict[str, Any]:
+def cmd_probe(args: argparse.Namespace, pm: PluginManager) -> int:
     """What GET /loaders/probe/{model} answers, computed without a server."""
     from loom_kernel.models import ModelManager
-    from loom_kernel.plugins import create_plugin_manager
 
-    return ModelManager(create_plugin_manager(), settings).probe_report(model, revision)
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    report = probe_report(args.model, args.revision, load_settings(config=args.config))
+    settings = load_settings(config=args.config, options=plugin_options(pm))
+    report = ModelManager(pm, settings).probe_report(args.model, args.revision)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -169,10 +165,15 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     handlers = {"serve": cmd_serve, "plugins": cmd_plugins, "probe": cmd_probe}
     try:
-        return handlers[args.command](args)
+        # The plugins first: their settings are flags of ``loom serve``.
+        early = argparse.ArgumentParser(add_help=False)
+        early.add_argument("--plugins-dir")
+        pm = create_plugin_manager(plugins_dir=early.parse_known_args(argv)[0].plugins_dir)
+        args = build_parser(plugin_options(pm)).parse_args(argv)
+        return handlers[args.command](args, pm)
     except LoomError as exc:  # ConfigError included: the user's to fix, so a message, not a traceback
         print(f"loom: error: {exc.detail}", file=sys.stderr)
         return 2

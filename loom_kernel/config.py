@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,11 @@ class Settings:
     # Stored probes and sparse autoencoders (loom_kernel.readouts), kept like vectors.
     probes_directory: str | None = None
     probes_max_mb: float = 512.0
-    # The ray transport (loom-plugin-ray): the cluster to join (None: start a local Ray; "auto"; "ray://..."), its
-    # replicas and what each reserves. Ray's HTTP proxy listens on ``host``:``port``.
-    ray_address: str | None = None
-    ray_replicas: int = 1
-    ray_max_replicas: int = 0  # above ray_replicas: Ray Serve autoscales between the two by ongoing requests
-    ray_cpus_per_replica: float = 1.0
-    ray_gpus_per_replica: float = 0.0
-    # torch's threads in each replica; 0: Ray's rule (the CPUs the replica reserves, at least 1).
-    ray_threads_per_replica: int = 0
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
+    # Plugins' own settings (``Option``), by ``Option.name``: only those given; ``Option.of`` adds the default.
+    options: dict[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "patch_max_rows"):
@@ -87,10 +81,6 @@ class Settings:
         for name in ("max_queue", "request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
-        if self.ray_threads_per_replica < 0:
-            raise ConfigError(
-                "ray_threads_per_replica: must not be negative (0: Ray's rule)", field="ray_threads_per_replica"
-            )
         both = sorted(set(self.aliases) & set(self.custom_models))
         if both:
             raise ConfigError(
@@ -100,6 +90,44 @@ class Settings:
 
     def device(self) -> str:
         return default_device() if self.default_device == "auto" else self.default_device
+
+
+@attrs.frozen
+class Option:
+    """A plugin's own setting: ``section.key`` in the config file, ``LOOM_<SECTION>_<KEY>`` in the environment and,
+    with a ``flag``, ``loom serve --flag``; its type is its default's (a None default: text)."""
+
+    section: str
+    key: str
+    default: Any
+    help: str
+    flag: str | None = None
+    minimum: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}_{self.key}"
+
+    def of(self, settings: Settings) -> Any:
+        """This option's value in ``settings``: given, or the default."""
+        return settings.options.get(self.name, self.default)
+
+    def coerce(self, value: Any, source: str) -> Any:
+        kind = type(self.default)
+        try:
+            if self.default is None or value is None:
+                out = None if value is None else str(value)
+            elif kind is bool:
+                out = value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
+            else:
+                out = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{source}: bad value {value!r} for {self.name}: must be {kind.__name__}", field=self.name
+            ) from None
+        if self.minimum is not None and out is not None and out < self.minimum:
+            raise ConfigError(f"{source}: {self.name} must be at least {self.minimum:g}", field=self.name)
+        return out
 
 
 def _same(names: str) -> dict[str, str]:
@@ -125,14 +153,6 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "vectors": {"directory": "vectors_directory", "max_mb": "vectors_max_mb"},
     "interventions": _same("patch_max_rows"),
     "probes": {"directory": "probes_directory", "max_mb": "probes_max_mb"},
-    "ray": {
-        "address": "ray_address",
-        "replicas": "ray_replicas",
-        "max_replicas": "ray_max_replicas",
-        "cpus_per_replica": "ray_cpus_per_replica",
-        "gpus_per_replica": "ray_gpus_per_replica",
-        "threads_per_replica": "ray_threads_per_replica",
-    },
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
 }
@@ -147,8 +167,7 @@ ENV_KEYS: dict[str, str] = {
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
             "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows probes_directory "
-            "probes_max_mb ray_address ray_replicas ray_max_replicas ray_cpus_per_replica ray_gpus_per_replica "
-            "ray_threads_per_replica"
+            "probes_max_mb"
         )
     },
     "LOOM_TRANSPORT": "transports",
@@ -209,49 +228,66 @@ def _manifests(value: Any, source: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, options: Sequence[Option] = ()) -> dict[str, Any]:
+    """The file's settings; plugins' ``options`` land in ``options``, by name."""
     import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    out: dict[str, Any] = {}
+    keys = {section: dict(keys) for section, keys in FILE_KEYS.items()}
+    declared = {(o.section, o.key): o for o in options}
+    for section, key in declared:
+        keys.setdefault(section, {})[key] = ""
+    out: dict[str, Any] = {"options": {}}
     for section, values in data.items():
-        if section not in FILE_KEYS:
-            raise ConfigError(f"{path}: unknown section {section!r}", field=section, allowed=sorted(FILE_KEYS))
+        if section not in keys:
+            raise ConfigError(f"{path}: unknown section {section!r}", field=section, allowed=sorted(keys))
         if section in SECTIONS:
             out[SECTIONS[section]] = _coerce(SECTIONS[section], values, f"{path}: {section}")
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping", field=section)
         for key, value in values.items():
-            if key not in FILE_KEYS[section]:
+            if key not in keys[section]:
                 raise ConfigError(
-                    f"{path}: unknown key {section}.{key}",
-                    field=f"{section}.{key}",
-                    allowed=sorted(FILE_KEYS[section]),
+                    f"{path}: unknown key {section}.{key}", field=f"{section}.{key}", allowed=sorted(keys[section])
                 )
+            if option := declared.get((section, key)):
+                out["options"][option.name] = option.coerce(value, f"{path}: {section}.{key}")
+                continue
             attr = FILE_KEYS[section][key]
             if attr:
                 out[attr] = _coerce(attr, value, f"{path}: {section}.{key}")
     return out
 
 
-def load_settings(config: str | None = None, env: dict[str, str] | None = None, **cli: Any) -> Settings:
+def load_settings(
+    config: str | None = None, env: dict[str, str] | None = None, options: Sequence[Option] = (), **cli: Any
+) -> Settings:
+    """``options``: the plugins' own settings (``plugin_options(pm)``); ``cli`` may set them by name too."""
     env = dict(os.environ) if env is None else env
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"options": {}}
     path = config or env.get("LOOM_CONFIG")
     if path is None and (Path.home() / ".config/loom/config.yaml").exists():
         path = str(Path.home() / ".config/loom/config.yaml")
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist", field="config")
-        values.update(read_config_file(Path(path)))
+        values.update(read_config_file(Path(path), options))
         values["config_file"] = str(path)
     for var, attr in ENV_KEYS.items():
         if env.get(var) not in (None, ""):
             values[attr] = _coerce(attr, env[var], var)
+    for option in options:
+        if env.get(var := f"LOOM_{option.name.upper()}") not in (None, ""):
+            values["options"][option.name] = option.coerce(env[var], var)
+    named = {o.name: o for o in options}
     for attr, value in cli.items():
-        if value is not None and value != []:
+        if value is None or value == []:
+            continue
+        if attr in named:
+            values["options"][attr] = named[attr].coerce(value, f"--{named[attr].flag}")
+        else:
             values[attr] = _coerce(attr, value, f"--{attr.replace('_', '-')}")
     return Settings(**values)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pluggy
 
+from loom_kernel.config import Option
 from loom_kernel.types import (
     Batch,
     Capture,
@@ -49,6 +50,11 @@ def pool(output: Any, strategy: str, mask: Any) -> Any | None:
 @hookspec(firstresult=True)
 def quantize(method: str, options: LoadOptions) -> QuantizationPlan | None:
     """Turn a quantization method name into load arguments; None when the method is not yours."""
+
+
+@hookspec
+def options() -> list[Option] | None:
+    """The settings this plugin reads: config file section, environment variables, ``loom serve`` flags."""
 
 
 @hookspec

@@ -19,7 +19,7 @@ from typing import Any
 import pluggy
 
 from loom_kernel import hookspecs
-from loom_kernel.config import ConfigError
+from loom_kernel.config import ConfigError, Option
 
 ENTRY_POINT_GROUP = "loom"
 DEFAULT_PLUGINS = ("loom_kernel.default_plugins.pooling",)
@@ -87,6 +87,15 @@ def load_plugins_dir(pm: pluggy.PluginManager, directory: Path) -> list[str]:
             raise ConfigError(f"plugins_dir: {str(path)!r} is not a valid plugin: {exc}", field="plugins_dir") from exc
         names.append(name)
     return names
+
+
+def plugin_options(pm: pluggy.PluginManager) -> list[Option]:
+    """Every plugin's own settings; two plugins may not claim one name."""
+    out: dict[str, Option] = {}
+    for option in (o for declared in pm.hook.options() for o in declared or []):
+        if out.setdefault(option.name, option) is not option:
+            raise ConfigError(f"two plugins declare the setting {option.name}", field=option.name)
+    return list(out.values())
 
 
 def loader_names(pm: pluggy.PluginManager) -> list[str]:

@@ -93,7 +93,7 @@ def test_probe_ranks_by_score_then_name(
     model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOME", str(model_dir))
-    monkeypatch.setattr("loom_kernel.plugins.create_plugin_manager", lambda: fake_pm(Hopeless(), Confident(), Tied()))
+    monkeypatch.setattr("loom_kernel.cli.create_plugin_manager", lambda **_: fake_pm(Hopeless(), Confident(), Tied()))
     assert main(["probe", str(model_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["selected"] == "alpha"
@@ -115,7 +115,7 @@ def test_probe_without_a_capable_loader_exits_1(
     model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOME", str(model_dir))
-    monkeypatch.setattr("loom_kernel.plugins.create_plugin_manager", lambda: fake_pm(Hopeless()))
+    monkeypatch.setattr("loom_kernel.cli.create_plugin_manager", lambda **_: fake_pm(Hopeless()))
     assert main(["probe", str(model_dir)]) == 1
     assert "no installed loader can load this model" in capsys.readouterr().out
 

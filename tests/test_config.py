@@ -8,8 +8,10 @@ import attrs
 import pytest
 import yaml
 
+from loom_kernel import Option, hookimpl
 from loom_kernel.cli import build_parser, build_settings
 from loom_kernel.config import ENV_KEYS, FILE_KEYS, ConfigError, Settings, load_settings
+from loom_kernel.plugins import create_plugin_manager, plugin_options
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.yaml"
 
@@ -29,13 +31,19 @@ def write(tmp_path: Path, data: dict) -> str:
 
 
 def test_example_shows_every_key_with_its_default() -> None:
+    """The kernel's keys and those of the plugins dev.sh installs (their ``options`` hook)."""
     data = yaml.safe_load(EXAMPLE.read_text())
-    assert set(data) == set(FILE_KEYS)
-    for section, keys in FILE_KEYS.items():
-        assert set(data[section]) == set(keys), section
-    loaded = load_settings(config=str(EXAMPLE), env={})
+    options = plugin_options(create_plugin_manager())
+    keys = {section: set(names) for section, names in FILE_KEYS.items()}
+    for option in options:
+        keys.setdefault(option.section, set()).add(option.key)
+    assert set(data) == set(keys)
+    for section, names in keys.items():
+        assert set(data[section]) == names, section
+    loaded = load_settings(config=str(EXAMPLE), env={}, options=options)
     assert loaded.config_file == str(EXAMPLE)
-    assert attrs.evolve(loaded, config_file=None) == Settings()
+    assert loaded.options == {o.name: o.default for o in options}
+    assert attrs.evolve(loaded, config_file=None, options={}) == Settings()
 
 
 def test_example_has_a_comment_for_every_key() -> None:
@@ -101,3 +109,56 @@ def test_bad_value_and_missing_file_are_config_errors(tmp_path: Path) -> None:
         load_settings(env={"LOOM_MAX_MODELS": "many"})
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(config=str(tmp_path / "nope.yaml"), env={})
+
+
+class Knobs:
+    """A plugin with settings of its own, registered in-process."""
+
+    @hookimpl
+    def options(self) -> list[Option]:
+        return [
+            Option("knobs", "level", 1, "a level", "knob-level", minimum=1),
+            Option("knobs", "target", None, "where to"),
+            Option("knobs", "ratio", 0.5, "a ratio"),
+        ]
+
+
+def test_a_plugins_options_come_from_file_env_and_flag(tmp_path: Path) -> None:
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(Knobs(), name="knobs")
+    options = plugin_options(pm)
+    level, target, ratio = options
+    config = write(tmp_path, {"knobs": {"level": 3, "target": "there"}, "server": {"port": 9001}})
+
+    defaults = load_settings(env={}, options=options)
+    assert (level.of(defaults), target.of(defaults), ratio.of(defaults)) == (1, None, 0.5)
+    from_file = load_settings(config=config, env={}, options=options)
+    assert (level.of(from_file), target.of(from_file), from_file.port) == (3, "there", 9001)
+    env = {"LOOM_KNOBS_LEVEL": "4", "LOOM_KNOBS_RATIO": "0.25"}
+    from_env = load_settings(config=config, env=env, options=options)
+    assert (level.of(from_env), target.of(from_env), ratio.of(from_env)) == (4, "there", 0.25)
+    args = build_parser(options).parse_args(["serve", "--config", config, "--knob-level", "5"])
+    from_flag = build_settings(args, env=env, options=options)
+    assert (level.of(from_flag), ratio.of(from_flag)) == (5, 0.25)
+    # A replica or a worker rebuilds the same settings from their fields.
+    assert Settings(**attrs.asdict(from_flag)) == from_flag
+
+    with pytest.raises(ConfigError) as bad:
+        load_settings(env={"LOOM_KNOBS_LEVEL": "many"}, options=options)
+    assert bad.value.field == "knobs_level" and "int" in bad.value.detail
+    with pytest.raises(ConfigError) as low:
+        load_settings(env={"LOOM_KNOBS_LEVEL": "0"}, options=options)
+    assert low.value.field == "knobs_level" and "at least 1" in low.value.detail
+    with pytest.raises(ConfigError) as unknown:
+        load_settings(config=write(tmp_path, {"knobs": {"levle": 2}}), env={}, options=options)
+    assert unknown.value.field == "knobs.levle" and unknown.value.allowed == ["level", "ratio", "target"]
+    with pytest.raises(ConfigError):  # without the plugin, its section is unknown
+        load_settings(config=config, env={})
+
+
+def test_two_plugins_may_not_declare_one_setting() -> None:
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(Knobs(), name="knobs")
+    pm.register(Knobs(), name="knobs-again")
+    with pytest.raises(ConfigError, match="knobs_level"):
+        plugin_options(pm)

@@ -13,37 +13,39 @@ log = logging.getLogger("loom")
 
 
 def application(settings: Any) -> Any:
-    """The Ray Serve application: ``ray_replicas`` replicas of The Loom behind one router."""
+    """The Ray Serve application: ``ray.replicas`` replicas of The Loom behind one router."""
     import ray
     from ray import serve
 
+    from loom_ray import CPUS, GPUS, MAX_REPLICAS, REPLICAS
     from loom_ray.replica import replica_class
     from loom_ray.router import LoomRouter, Registry
 
     registry = ray.remote(Registry).options(name="loom-registry", get_if_exists=True, num_cpus=0).remote()
-    options = attrs.asdict(settings)
-    scaling: dict[str, Any] = {"num_replicas": settings.ray_replicas}
-    if settings.ray_max_replicas > settings.ray_replicas:
+    fields = attrs.asdict(settings)
+    replicas, most = REPLICAS.of(settings), MAX_REPLICAS.of(settings)
+    scaling: dict[str, Any] = {"num_replicas": replicas}
+    if most > replicas:
         scaling = {
             "autoscaling_config": {
-                "min_replicas": settings.ray_replicas,
-                "max_replicas": settings.ray_max_replicas,
+                "min_replicas": replicas,
+                "max_replicas": most,
                 "target_ongoing_requests": max(2, settings.max_batch_size // 2),
             }
         }
-    replicas = serve.deployment(
+    loom = serve.deployment(
         replica_class(settings.max_models),
         name="LoomReplica",
         **scaling,
-        ray_actor_options={"num_cpus": settings.ray_cpus_per_replica, "num_gpus": settings.ray_gpus_per_replica},
+        ray_actor_options={"num_cpus": CPUS.of(settings), "num_gpus": GPUS.of(settings)},
         # The replica's own admission (max_queue, 429) decides; Ray's default of 5 would queue in front of it.
         max_ongoing_requests=max(settings.max_queue, 1) if settings.max_queue else 1024,
         health_check_period_s=2.0,
-    ).bind(options, registry)
+    ).bind(fields, registry)
     router = serve.deployment(
         LoomRouter, name="LoomRouter", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
     )
-    return router.bind(replicas, registry, options)
+    return router.bind(loom, registry, fields)
 
 
 def start(settings: Any) -> None:
@@ -51,12 +53,13 @@ def start(settings: Any) -> None:
     import ray
     from ray import serve
 
+    from loom_ray import ADDRESS, REPLICAS
     from loom_ray.router import APP
 
-    ray.init(address=settings.ray_address, namespace="loom", ignore_reinit_error=True, include_dashboard=False)
+    ray.init(address=ADDRESS.of(settings), namespace="loom", ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=APP, route_prefix="/")
-    log.info("serving on Ray at http://%s:%d (%d replica(s))", settings.host, settings.port, settings.ray_replicas)
+    log.info("serving on Ray at http://%s:%d (%d replica(s))", settings.host, settings.port, REPLICAS.of(settings))
 
 
 def stop() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from ray import serve
 
+from loom_ray import THREADS
+
 REPORT_EVERY_S = 3.0
 
 
@@ -37,9 +39,9 @@ def replica_class(max_models: int) -> type:
             from loom_kernel.logs import configure_logging
 
             configure_logging(settings.get("log_level", "info"))
-            if settings.get("ray_threads_per_replica"):
+            if threads := settings["options"].get(THREADS.name):
                 # Before the model threads start: each takes torch's count when it first runs torch.
-                torch.set_num_threads(settings["ray_threads_per_replica"])
+                torch.set_num_threads(threads)
             self.app = create_app(settings=Settings(**settings))
             self.manager = self.app.state.manager
             self.registry = registry
