@@ -239,7 +239,7 @@ def read_config_file(path: Path, options: Sequence[Option] = ()) -> dict[str, An
     declared = {(o.section, o.key): o for o in options}
     for section, key in declared:
         keys.setdefault(section, {})[key] = ""
-    out: dict[str, Any] = {"options": {}}
+    out: dict[str, Any] = {}
     for section, values in data.items():
         if section not in keys:
             raise ConfigError(f"{path}: unknown section {section!r}", field=section, allowed=sorted(keys))
@@ -254,7 +254,7 @@ def read_config_file(path: Path, options: Sequence[Option] = ()) -> dict[str, An
                     f"{path}: unknown key {section}.{key}", field=f"{section}.{key}", allowed=sorted(keys[section])
                 )
             if option := declared.get((section, key)):
-                out["options"][option.name] = option.coerce(value, f"{path}: {section}.{key}")
+                out.setdefault("options", {})[option.name] = option.coerce(value, f"{path}: {section}.{key}")
                 continue
             attr = FILE_KEYS[section][key]
             if attr:
