@@ -58,13 +58,6 @@ class Settings:
     allowed_hosts: list[str] = attrs.field(factory=list)
     max_response_mb: float = 256.0
     allow_remote_code_requests: bool = False
-    # Stored steering vectors (loom_kernel.store): a directory makes them persist across restarts.
-    vectors_directory: str | None = None
-    vectors_max_mb: float = 64.0
-    patch_max_rows: int = 2048  # runs one POST /patch may ask for (sites x positions + 2)
-    # Stored probes and sparse autoencoders (loom_kernel.readouts), kept like vectors.
-    probes_directory: str | None = None
-    probes_max_mb: float = 512.0
     log_level: str = "info"
     hf_token: str | None = None
     config_file: str | None = None
@@ -72,10 +65,10 @@ class Settings:
     options: dict[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "patch_max_rows"):
+        for name in ("max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1", field=name)
-        for name in ("max_body_mb", "max_response_mb", "vectors_max_mb", "probes_max_mb"):
+        for name in ("max_body_mb", "max_response_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be more than 0", field=name)
         for name in ("max_queue", "request_timeout"):
@@ -150,9 +143,6 @@ FILE_KEYS: dict[str, dict[str, str]] = {
     "hidden_states": {**_same("default_layers default_format"), "precision": "default_precision"},
     # window_ms: nothing waits for company any more; older config files still load.
     "batching": {**_same("max_batch_size max_batch_tokens max_queue"), "window_ms": ""},
-    "vectors": {"directory": "vectors_directory", "max_mb": "vectors_max_mb"},
-    "interventions": _same("patch_max_rows"),
-    "probes": {"directory": "probes_directory", "max_mb": "probes_max_mb"},
     # Keys are the user's model ids, not fixed names: the section is read whole into one setting (SECTIONS).
     "custom_models": {},
 }
@@ -166,8 +156,7 @@ ENV_KEYS: dict[str, str] = {
         for name in _same(
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
-            "max_response_mb allowed_hosts vectors_directory vectors_max_mb patch_max_rows probes_directory "
-            "probes_max_mb"
+            "max_response_mb allowed_hosts"
         )
     },
     "LOOM_TRANSPORT": "transports",

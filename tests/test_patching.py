@@ -144,7 +144,7 @@ async def test_patch_refusals_name_the_field(tiny_models):
         "sites": "resid_pre",
         "metric": {"type": "logprob", "token": "."},
     }
-    async with concurrent_client(app_with(patch_max_rows=10)) as c:
+    async with concurrent_client(app_with(options={"interventions_patch_max_rows": 10})) as c:
         cases = [
             ({"corrupted": "The dog sat on the mat"}, "corrupted", "tokens"),
             ({}, "sites", "limit of 10"),

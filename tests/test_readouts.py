@@ -307,7 +307,7 @@ async def test_fit_matches_scikit_learn_on_transformers_states(paths):
 async def test_bad_probes_are_4xx_naming_the_field(paths, tmp_path):
     path = paths["llama"]
     ok = {"name": "p", "site": 2, "weight": [[0.1] * 64] * 2, "bias": [0.0, 0.0]}
-    async with concurrent_client(app_with(probes_max_mb=0.01)) as c:
+    async with concurrent_client(app_with(options={"probes_max_mb": 0.01})) as c:
         for change, status, field in [
             ({"bias": [0.0, 0.0, 0.0]}, 422, "bias"),
             ({"labels": ["only one"]}, 422, "labels"),
@@ -350,9 +350,9 @@ def test_probes_persist_across_a_restart(tmp_path):
 
     directory = str(tmp_path / "probes")
     probe = {"name": "kept", "site": "blocks.0.hook_mlp_out", "weight": [[0.5] * 64], "bias": [1.0], "labels": ["x"]}
-    with TestClient(app_with(probes_directory=directory)) as c:
+    with TestClient(app_with(options={"probes_directory": directory})) as c:
         assert c.post("/probes", json={**probe, "activation": "sigmoid"}).status_code == 201
-    with TestClient(app_with(probes_directory=directory)) as c:
+    with TestClient(app_with(options={"probes_directory": directory})) as c:
         listed = c.get("/probes").json()["probes"]
         assert [(p["name"], p["site"], p["activation"], p["shapes"]["weight"]) for p in listed] == [
             ("kept", "blocks.0.hook_mlp_out", "sigmoid", [1, 64])

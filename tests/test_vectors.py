@@ -73,7 +73,7 @@ def test_bad_vectors_are_422_naming_the_field(body: dict | str, field: str) -> N
 
 
 def test_the_byte_budget_is_a_507_and_a_replacement_counts_what_it_frees() -> None:
-    with TestClient(app_with(vectors_max_mb=1000 / 2**20)) as c:  # 1000 bytes: 250 floats
+    with TestClient(app_with(options={"vectors_max_mb": 1000 / 2**20})) as c:  # 1000 bytes: 250 floats
         assert c.post("/vectors", json={"name": "a", "vector": [0.5] * 200}).status_code == 201
         r = c.post("/vectors", json={"name": "b", "vector": [0.5] * 100})
         assert r.status_code == 507 and "budget of 1000 bytes" in r.json()["detail"], r.text
@@ -84,7 +84,7 @@ def test_the_byte_budget_is_a_507_and_a_replacement_counts_what_it_frees() -> No
 def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tmp_path: Path, monkeypatch) -> None:
     directory = tmp_path / "vectors"
     values = np.arange(64, dtype=np.float32) / 7
-    with TestClient(app_with(vectors_directory=str(directory))) as c:
+    with TestClient(app_with(options={"vectors_directory": str(directory)})) as c:
         assert c.post("/vectors", json={"name": "steady", "vector": values.tolist(), "model": "m"}).status_code == 201
     assert oct(directory.stat().st_mode & 0o777) == "0o700"
 
@@ -101,7 +101,7 @@ def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tm
     (directory / ".steady.999.tmp").write_bytes(b"left by a crash")  # a kill -9 leaves its temporary file
     monkeypatch.undo()
 
-    with TestClient(app_with(vectors_directory=str(directory))) as c:  # the restart
+    with TestClient(app_with(options={"vectors_directory": str(directory)})) as c:  # the restart
         listed = c.get("/vectors").json()["vectors"]
         assert [(v["name"], v["model"]) for v in listed] == [("steady", "m")]
         got = c.get("/vectors/steady").json()["vector"]

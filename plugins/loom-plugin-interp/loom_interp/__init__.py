@@ -8,12 +8,17 @@ import functools
 from typing import Any
 
 from loom_interp.interventions import resolve_interventions
-from loom_interp.patching import PatchController
+from loom_interp.patching import PATCH_MAX_ROWS, PatchController
 from loom_interp.probes import ProbesController
 from loom_interp.readouts import Readouts, feature_vector
-from loom_interp.stores import stores
+from loom_interp.stores import PROBES_DIRECTORY, PROBES_MAX_MB, VECTORS_DIRECTORY, VECTORS_MAX_MB, stores
 from loom_interp.vectors import VectorsController
-from loom_kernel import LoadedModel, Reading, hookimpl
+from loom_kernel import LoadedModel, Option, Reading, hookimpl
+
+
+@hookimpl
+def options() -> list[Option]:
+    return [VECTORS_DIRECTORY, VECTORS_MAX_MB, PATCH_MAX_ROWS, PROBES_DIRECTORY, PROBES_MAX_MB]
 
 
 @hookimpl

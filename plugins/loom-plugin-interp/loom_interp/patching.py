@@ -17,6 +17,7 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_interp.readouts import one_token
+from loom_kernel import Option
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata
@@ -26,6 +27,9 @@ from loom_kernel.capture import check_site
 from loom_kernel.errors import InvalidField
 from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LoadedModel
 
+PATCH_MAX_ROWS = Option(
+    "interventions", "patch_max_rows", 2048, "runs one POST /patch may ask for (sites x positions + 2)", minimum=1
+)
 FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
@@ -174,5 +178,5 @@ class PatchController(Controller):
         clean state patched in, with its normalized form (patched - corrupted) / (clean - corrupted)."""
         s = manager.settings
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
-        work = lambda session: patch(session, data, s.patch_max_rows, s.max_batch_size)  # noqa: E731
+        work = lambda session: patch(session, data, PATCH_MAX_ROWS.of(s), s.max_batch_size)  # noqa: E731
         return await manager.run(entry, work, until=client_gone(request))

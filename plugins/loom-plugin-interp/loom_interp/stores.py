@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from loom_kernel import Option
 from loom_kernel.errors import Conflict, InsufficientStorage, InvalidField, LoomError
 
 log = logging.getLogger("loom")
@@ -169,6 +170,12 @@ class Stores:
     probes: TensorStore
 
 
+# A directory keeps a store across restarts (one safetensors file per entry); unset, it lives in memory.
+VECTORS_DIRECTORY = Option("vectors", "directory", None, "where stored steering vectors persist")
+VECTORS_MAX_MB = Option("vectors", "max_mb", 64.0, "MiB all stored vectors may take (beyond: 507)", minimum=0)
+PROBES_DIRECTORY = Option("probes", "directory", None, "where stored probes and sparse autoencoders persist")
+PROBES_MAX_MB = Option("probes", "max_mb", 512.0, "MiB all stored probes may take (beyond: 507)", minimum=0)
+
 _STORES: weakref.WeakKeyDictionary[Any, Stores] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -180,7 +187,7 @@ def stores(manager: Any) -> Stores:
         if found is None:
             s = manager.settings
             found = _STORES[manager] = Stores(
-                vectors=TensorStore("vector", int(s.vectors_max_mb * 2**20), s.vectors_directory),
-                probes=TensorStore("probe", int(s.probes_max_mb * 2**20), s.probes_directory),
+                vectors=TensorStore("vector", int(VECTORS_MAX_MB.of(s) * 2**20), VECTORS_DIRECTORY.of(s)),
+                probes=TensorStore("probe", int(PROBES_MAX_MB.of(s) * 2**20), PROBES_DIRECTORY.of(s)),
             )
         return found
