@@ -231,7 +231,12 @@ def read_config_file(path: Path, options: Sequence[Option] = ()) -> dict[str, An
     out: dict[str, Any] = {}
     for section, values in data.items():
         if section not in keys:
-            raise ConfigError(f"{path}: unknown section {section!r}", field=section, allowed=sorted(keys))
+            raise ConfigError(
+                f"{path}: unknown section {section!r} (known: {', '.join(sorted(keys))}; a plugin's section needs the "
+                "plugin installed)",
+                field=section,
+                allowed=sorted(keys),
+            )
         if section in SECTIONS:
             out[SECTIONS[section]] = _coerce(SECTIONS[section], values, f"{path}: {section}")
             continue
@@ -240,7 +245,9 @@ def read_config_file(path: Path, options: Sequence[Option] = ()) -> dict[str, An
         for key, value in values.items():
             if key not in keys[section]:
                 raise ConfigError(
-                    f"{path}: unknown key {section}.{key}", field=f"{section}.{key}", allowed=sorted(keys[section])
+                    f"{path}: unknown key {section}.{key} (known: {', '.join(sorted(keys[section]))})",
+                    field=f"{section}.{key}",
+                    allowed=sorted(keys[section]),
                 )
             if option := declared.get((section, key)):
                 out.setdefault("options", {})[option.name] = option.coerce(value, f"{path}: {section}.{key}")

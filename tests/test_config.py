@@ -152,8 +152,10 @@ def test_a_plugins_options_come_from_file_env_and_flag(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as unknown:
         load_settings(config=write(tmp_path, {"knobs": {"levle": 2}}), env={}, options=options)
     assert unknown.value.field == "knobs.levle" and unknown.value.allowed == ["level", "ratio", "target"]
-    with pytest.raises(ConfigError):  # without the plugin, its section is unknown
+    assert "(known: level, ratio, target)" in unknown.value.detail  # what `loom serve` prints
+    with pytest.raises(ConfigError) as missing:  # without the plugin, its section is unknown
         load_settings(config=config, env={})
+    assert missing.value.field == "knobs" and "plugin installed" in missing.value.detail
 
 
 def test_two_plugins_may_not_declare_one_setting() -> None:
