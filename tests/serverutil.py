@@ -8,10 +8,13 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 def server_env(home: Path) -> dict[str, str]:
@@ -31,6 +34,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def until(condition: Callable[[], T], what: str = "the condition", hang: float = 120, every: float = 0.01) -> T:
+    """Wait for ``condition`` to hold (something another thread or process does) and return its value; ``hang``
+    only bounds a test that would otherwise never end, it is no claim about time."""
+    start = time.monotonic()
+    while not (value := condition()):
+        assert time.monotonic() - start < hang, f"never happened: {what}"
+        time.sleep(every)
+    return value
 
 
 def wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 60.0) -> re.Match:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from serverutil import until
 from test_models import app_with, concurrent_client
 
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
@@ -421,22 +422,16 @@ def test_a_client_that_disconnects_leaves_a_real_server(tiny_models, tmp_path):
         def row() -> dict[str, Any]:
             return c.get("/models").json()["loaded_models"][0]
 
-        def until(condition: Any) -> None:  # a guard against a hang, not a time claim
-            deadline = time.monotonic() + 120
-            while not condition():
-                assert time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.01)
-
         steps = row()["decode_steps"]
         url = urlsplit(base)
         body = json.dumps(long).encode()
         quitter = socket.create_connection((url.hostname, url.port))
         head = f"POST /generate HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
         quitter.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        until(lambda: row()["running_rows"] >= 1)  # the long generation is running
+        until(lambda: row()["running_rows"] >= 1, "the long generation is running")
         got = c.post("/generate", json=short).json()  # sent beside it
         quitter.close()  # the client goes away
-        until(lambda: "the client went away" in log.read_text() and row()["in_flight"] == 0)
+        until(lambda: "the client went away" in log.read_text() and row()["in_flight"] == 0, "the client's row left")
         assert got["token_ids"] == want["token_ids"]
         assert row()["decode_steps"] - steps < full["token_count"] - 100, "the cancelled generation ran on"
         assert c.post("/generate", json=long).json()["token_ids"] == full["token_ids"]
@@ -535,14 +530,6 @@ class OnModelThread:
 
     def close(self) -> None:
         self.thread.stop()
-
-
-def until(condition: Any) -> None:
-    """Wait (bounded) for something another thread does."""
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_a_plain_pass_waits_up_to_one_pass_for_the_clients_of_its_recent_peak(tiny_models, monkeypatch):

@@ -20,7 +20,6 @@ import contextlib
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from serverutil import REPO, loom_server, server_env
+from serverutil import REPO, loom_server, server_env, until
 
 FAULTS = '''\
 """Faults on purpose for tests/test_faults.py: a loader that raises, forward passes that fail or stall."""
@@ -169,14 +168,6 @@ def models(c: httpx.Client) -> list[dict[str, Any]]:
     return c.get("/models").json()["loaded_models"]
 
 
-def poll(cond: Any, what: str, hang: float = 120) -> None:
-    """Wait for ``cond``; ``hang`` only bounds a test that would otherwise never end."""
-    start = time.monotonic()
-    while not cond():
-        assert time.monotonic() - start < hang, f"never happened: {what}"
-        time.sleep(0.02)
-
-
 def open_gate(gates: Path, name: str) -> None:
     (gates / name).touch()
 
@@ -293,7 +284,7 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(tiny_models, tmp_pat
                     break
         # Closing the response mid-body closes the connection; the generation stops well before it would end (the
         # decoding-step counter; the poll's bound only guards against a hang).
-        poll(lambda: models(c)[0]["in_flight"] == 0, "the generation stopped")
+        until(lambda: models(c)[0]["in_flight"] == 0, "the generation stopped")
         assert models(c)[0]["decode_steps"] - steps < full["token_count"] - 100
 
         assert c.post("/generate", json=long).json()["token_ids"] == full["token_ids"]
@@ -310,7 +301,7 @@ def test_unloading_a_model_in_flight_is_a_409_and_its_generation_completes(tiny_
 
         with ThreadPoolExecutor(1) as pool:
             generation = pool.submit(c.post, "/generate", json=held)
-            poll(lambda: (gates / "unload.waiting").exists(), "the generation reached its gate")
+            until(lambda: (gates / "unload.waiting").exists(), "the generation reached its gate")
             assert models(c)[0]["in_flight"] == 1
             r = c.delete(f"/models/{model}")
             body = assert_problem(r, 409)
@@ -342,7 +333,7 @@ def test_two_concurrent_loads_of_a_model_load_it_once(tiny_models, tmp_path):
         (gates / "load.waiting").unlink()
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(c.post, "/models/load", json={"model": model})
-            poll(lambda: (gates / "load.waiting").exists(), "the first load reached the gate")
+            until(lambda: (gates / "load.waiting").exists(), "the first load reached the gate")
             second = pool.submit(c.post, "/models/load", json={"model": model})
             assert [(m["model_id"], m["state"]) for m in models(c)] == [(model, "loading")]
             open_gate(gates, "load")
@@ -373,15 +364,15 @@ def test_the_idle_timer_waits_for_a_long_request(tiny_models, tmp_path):
 
         with ThreadPoolExecutor(1) as pool:
             generation = pool.submit(c.post, "/generate", json=held)
-            poll(lambda: (gates / "idle.waiting").exists(), "the request reached its gate")
+            until(lambda: (gates / "idle.waiting").exists(), "the request reached its gate")
             looked = idle_checks(c)
-            poll(lambda: idle_checks(c) >= looked + 8, "the reaper looked 8 times")
+            until(lambda: idle_checks(c) >= looked + 8, "the reaper looked 8 times")
             listed = models(c)
             assert [(m["model_id"], m["state"]) for m in listed] == [(model, "ready")], listed
             assert "auto-unloading" not in log.read_text()
             open_gate(gates, "idle")
             assert generation.result().status_code == 200
-        poll(lambda: models(c) == [], "the idle model was unloaded")
+        until(lambda: models(c) == [], "the idle model was unloaded")
         idle = re.findall(rf"auto-unloading {re.escape(model)} after (\d+) s idle", log.read_text())
         assert idle and int(idle[-1]) >= 1  # by the server's own clock: not before it was idle for 1.2 s
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
+from serverutil import until
 from test_batching import Gate, assert_same, serving
 
 LONG = {"prompt": "one two three four five six seven", "max_tokens": 200, "temperature": 0}
@@ -40,14 +40,6 @@ class Passes:
 
     def close(self) -> None:
         self.handle.remove()
-
-
-def until(condition: Callable[[], bool]) -> None:
-    """Wait, on the model's thread, until ``condition`` holds (what the test sends has reached the scheduler)."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.002)
 
 
 def arrived(entry: Any, n: int) -> Callable[[], bool]:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from serverutil import RAY_ENV, REPO, free_port, server_env, wait_for
+from serverutil import RAY_ENV, REPO, free_port, server_env, until, wait_for
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
 STARTUP_S = 240  # against a hang only: Ray and two replicas start in about 30 s on 2 idle cores
-
-
-def until(condition: Any, what: str, hang: float = STARTUP_S) -> Any:
-    start = time.monotonic()
-    while not (value := condition()):
-        assert time.monotonic() - start < hang, f"never happened: {what}"
-        time.sleep(0.2)
-    return value
 
 
 def health(base: str) -> dict[str, Any]:
@@ -52,7 +43,7 @@ def ray_server(home: Path, replicas: int = 2) -> Iterator[tuple[str, Path, subpr
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(r"serving on Ray at", log, proc, timeout=STARTUP_S)
-        until(lambda: len(health(base).get("replicas", [])) == replicas, "every replica reported")
+        until(lambda: len(health(base).get("replicas", [])) == replicas, "every replica reported", STARTUP_S, 0.2)
         yield base, log, proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -91,6 +82,8 @@ async def test_each_models_requests_land_on_one_replica_and_answer_as_one_proces
         until(
             lambda: sorted((r["model_id"], r["replica"]) for r in c.get("/models").json()["loaded_models"]) == want,
             "/models shows each model on its replica",
+            STARTUP_S,
+            0.2,
         )
         via_ray = {
             m: (
@@ -157,6 +150,8 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(served, tiny_models):
         until(
             lambda: (now := {s["replica"] for s in health(base).get("replicas", [])}) != before and len(now) == 2,
             "Ray replaced the killed replica",
+            STARTUP_S,
+            0.2,
         )
         assert all(c.post("/extract", json=body).status_code == 200 for _ in range(4))
 
