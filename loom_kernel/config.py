@@ -106,17 +106,12 @@ class Option:
         return settings.options.get(self.name, self.default)
 
     def coerce(self, value: Any, source: str) -> Any:
-        kind = type(self.default)
+        kind = "str" if self.default is None or value is None else type(self.default).__name__
         try:
-            if self.default is None or value is None:
-                out = None if value is None else str(value)
-            elif kind is bool:
-                out = value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
-            else:
-                out = kind(value)
+            out = _scalar(kind, value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"{source}: bad value {value!r} for {self.name}: must be {kind.__name__}", field=self.name
+                f"{source}: bad value {value!r} for {self.name}: must be {kind}", field=self.name
             ) from None
         if self.minimum is not None and out is not None and out < self.minimum:
             raise ConfigError(f"{source}: {self.name} must be at least {self.minimum:g}", field=self.name)
@@ -184,19 +179,22 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if name == "transports" and "both" in value:
                 value = [v for v in value if v != "both"] + ["http", "unix"]
             return [int(v) for v in value] if name == "default_layers" else [str(v) for v in value]
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
         if kind.startswith("dict"):
             return {str(k): str(v) for k, v in dict(value).items()}
-        return None if value is None else str(value)
+        return _scalar(kind, value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: bad value {value!r} for {name}: {exc}", field=name) from None
+
+
+def _scalar(kind: str, value: Any) -> Any:
+    """``value`` (from YAML, the environment or a flag) as an int, float or bool, or as text (None stays None)."""
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    if kind == "bool":
+        return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
+    return None if value is None else str(value)
 
 
 def _manifests(value: Any, source: str) -> dict[str, dict[str, Any]]:

@@ -38,11 +38,12 @@ def replica_class(max_models: int) -> type:
             from loom_kernel.config import Settings
             from loom_kernel.logs import configure_logging
 
-            configure_logging(settings.get("log_level", "info"))
-            if threads := settings["options"].get(THREADS.name):
+            mine = Settings(**settings)
+            configure_logging(mine.log_level)
+            if threads := THREADS.of(mine):
                 # Before the model threads start: each takes torch's count when it first runs torch.
                 torch.set_num_threads(threads)
-            self.app = create_app(settings=Settings(**settings))
+            self.app = create_app(settings=mine)
             self.manager = self.app.state.manager
             self.registry = registry
             self.replica = serve.get_replica_context().replica_id.unique_id
