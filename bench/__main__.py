@@ -107,6 +107,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    STAGGER_GAP_S,
     WORDS,
     background_load,
     best_of,
@@ -119,6 +120,7 @@ from bench.common import (
     probe_health,
     run_clients,
     serve,
+    staggered_lengths,
 )
 from bench.interventions import bench_interventions
 from bench.ray_serve import bench_ray
@@ -323,8 +325,6 @@ def bench_generate(batched: str, single: str, model: str, quick: bool) -> list[R
 
 
 def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
-    import random
-
     import httpx
     from transformers import AutoTokenizer
 
@@ -363,8 +363,7 @@ def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
             during_alone.append(timed("/extract", extract))
             during.append(beside_long("/extract", extract))
 
-        lengths = [8, 16, 24, 32, 48, 64, 96, 128]
-        random.Random(0).shuffle(lengths)
+        lengths = staggered_lengths()
         bodies = [
             {"model": model, "prompt": p, "max_tokens": n, "temperature": 0}
             for p, n in zip(stagger_prompts, lengths, strict=True)
@@ -378,7 +377,7 @@ def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
                 jobs = []
                 for i, b in enumerate(bodies):
                     if i:
-                        time.sleep(0.25)  # the bench's own arrival schedule
+                        time.sleep(STAGGER_GAP_S)  # the bench's own arrival schedule
                     jobs.append(pool.submit(timed_post, batched, b))
                 latencies_ = [j.result() for j in jobs]
             staggered_s.append(time.perf_counter() - start)
@@ -417,7 +416,7 @@ def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
         row(
             "scheduler: staggered mixed lengths, 8 clients vs what their arrival order allows",
             tokens / min(staggered_s),
-            tokens / max(0.25 * i + a for i, a in enumerate(alone)),
+            tokens / max(STAGGER_GAP_S * i + a for i, a in enumerate(alone)),
             "tok/s",
             "-",
             None,

@@ -31,6 +31,16 @@ def corpus(n: int, seed: int = 0, words: tuple[int, int] = (4, 60)) -> list[str]
     return [" ".join(rng.choices(WORDS.split(), k=rng.randint(*words))).capitalize() + "." for _ in range(n)]
 
 
+STAGGER_GAP_S = 0.25  # the staggered clients arrive this far apart
+
+
+def staggered_lengths() -> list[int]:
+    """The staggered clients' ``max_tokens``, in the order they arrive (shuffled once, the same in every run)."""
+    lengths = [8, 16, 24, 32, 48, 64, 96, 128]
+    random.Random(0).shuffle(lengths)
+    return lengths
+
+
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
     """The fastest of ``repeats`` runs, in seconds (the least disturbed by the rest of the machine)."""
     return min(latencies(repeats, fn))

@@ -254,7 +254,11 @@ class Decoder:
         """The prefilled ``rows`` (their ``cache`` and ``mask``) appended to the running batch, right aligned."""
         import torch
 
-        self.plain_cache = self.plain_cache and _plain(cache)
+        from loom_transformers.cache import plain, roomy
+
+        self.plain_cache = self.plain_cache and plain(cache)
+        if self.plain_cache:
+            cache = roomy(cache)
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
@@ -384,14 +388,6 @@ def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> list[S
 def _keys(capture: Capture) -> list[tuple[str, int | str]]:
     """(answer key, where the row keeps it) for every layer and site ``capture`` asks for."""
     return [(sel.key, sel.index) for sel in capture.layers] + [(name, name) for name in capture.sites]
-
-
-def _plain(cache: Any) -> bool:
-    """Whether ``cache`` is a DynamicCache of plain layers, whose tensors can be padded and joined."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _left_pad(t: Any, width: int, dim: int) -> Any:

@@ -340,6 +340,32 @@ def test_states_after_generation_equal_one_pass_over_the_final_sequence(hooks, l
         assert rel_err(last.states[sel.key], ref[sel.index][0][-1:]) < 1e-4, sel
 
 
+@pytest.mark.parametrize("arch", CAUSAL_ARCHITECTURES)
+def test_the_roomy_cache_equals_transformers_dynamic_cache_and_appends_in_place(loaded, arch):
+    from loom_transformers.cache import RoomyLayer, plain, roomy
+
+    m = loaded[arch]
+    ids = torch.tensor([m.tokenizer(PROMPT)["input_ids"], m.tokenizer(PROMPT)["input_ids"][::-1]])
+    with torch.inference_mode():
+        first = m.model(input_ids=ids, use_cache=True)
+        dynamic = first.past_key_values
+        room = roomy(m.model(input_ids=ids, use_cache=True).past_key_values)
+        if not plain(dynamic):  # sliding windows keep their own layers, which the decoder never joins
+            assert [type(layer) for layer in room.layers] == [type(layer) for layer in dynamic.layers]
+            return
+        assert all(type(layer) is RoomyLayer for layer in room.layers)
+        token, buffers = first.logits[:, -1:].argmax(-1), set()
+        for _ in range(40):
+            want = m.model(input_ids=token, past_key_values=dynamic, use_cache=True)
+            got = m.model(input_ids=token, past_key_values=room, use_cache=True)
+            assert torch.equal(got.logits, want.logits)
+            for mine, theirs in zip(room.layers, dynamic.layers, strict=True):
+                assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+            buffers.add(room.layers[0].keys.data_ptr())
+            token = want.logits[:, -1:].argmax(-1)
+    assert len(buffers) <= 3  # copied only when the room ran out, not at each of the 40 steps
+
+
 def test_generation_without_layers_skips_capture(hooks, loaded):
     row = run(hooks, loaded["llama"], generation=gen(4)).rows[0]
     assert row.states == {} and row.positions == [] and len(row.generated_ids) == 4

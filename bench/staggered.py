@@ -1,0 +1,97 @@
+"""What the staggered row of ``python -m bench`` could reach on this machine with a scheduler that costs nothing.
+
+    python bench/staggered.py [--steps 20]
+
+Measures, in-process on the GPT-2-small-sized model, the transformers plugin's decoder: a prefill pass of one
+16-token prompt and a decoding step of 1 to 8 running rows (medians of ``--steps``). Then plays the bench's
+staggered schedule (8 clients ``STAGGER_GAP_S`` apart, ``staggered_lengths()``) through a scheduler that spends
+nothing beyond those passes: at each step boundary the arrived requests join (one prefill each), then every running
+row steps. Prints the throughput this ideal server reaches over the same requests one at a time, and what it would
+reach if a step of many rows cost what a step of one does (the bound of the arrival order alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import STAGGER_GAP_S, build, staggered_lengths
+
+
+def play(lengths: list[int], prefill: float, step: Callable[[int], float]) -> float:
+    """Seconds until the last of ``lengths`` finishes when they arrive STAGGER_GAP_S apart (the prefill gives each
+    request its first token; each later token takes one step of all running rows)."""
+    now, arrived, left = 0.0, 0, {}
+    while arrived < len(lengths) or left:
+        while arrived < len(lengths) and STAGGER_GAP_S * arrived <= now:
+            now += prefill
+            left[arrived], arrived = lengths[arrived] - 1, arrived + 1
+        if not left:
+            now = STAGGER_GAP_S * arrived
+            continue
+        now += step(len(left))
+        left = {k: n - 1 for k, n in left.items() if n > 1}
+    return now
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size (the median counts)")
+    args = parser.parse_args()
+
+    import torch
+
+    from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
+    from loom_kernel.plugins import create_plugin_manager
+    from loom_kernel.resolve import resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(Path(tmp))
+        hooks = create_plugin_manager().hook
+        model = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+    prompt = tuple(range(3, 19))  # 16 tokens
+    params = GenerationParams(max_tokens=10_000, temperature=0)
+
+    def batch(rows: int) -> Batch:
+        return Batch(texts=(), token_ids=(prompt,) * rows, generation=params)
+
+    def seconds(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        prefills = []
+        for _ in range(args.steps):
+            decoder = model.decoder(False)
+            prefills.append(seconds(lambda decoder=decoder: decoder.join(batch(1), Capture())))
+        steps = {}
+        for rows in range(1, 9):
+            decoder = model.decoder(False)
+            decoder.join(batch(rows), Capture())
+            for _ in range(48):  # to the middle of the contexts the staggered requests reach
+                decoder.step()
+            steps[rows] = statistics.median(seconds(decoder.step) for _ in range(args.steps))
+    prefill = statistics.median(prefills)
+    lengths = staggered_lengths()
+    alone = sum(prefill + (n - 1) * steps[1] for n in lengths)
+    print(f"GPT-2-small-sized, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"prefill of 16 tokens: {prefill * 1000:.1f} ms")
+    print("step of n rows:      " + ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in steps.items()))
+    print(f"arrival order (max_tokens): {lengths}, {STAGGER_GAP_S} s apart")
+    ideal = play(lengths, prefill, lambda n: steps[n])
+    free = play(lengths, prefill, lambda n: steps[1])
+    print(f"one at a time: {alone:.2f} s")
+    print(f"an ideal scheduler with these steps: {ideal:.2f} s, {alone / ideal:.2f}x one at a time")
+    print(f"... if n rows stepped as fast as one: {free:.2f} s, {alone / free:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
