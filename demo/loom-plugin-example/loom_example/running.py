@@ -47,7 +47,7 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     rows = []
     for i, row in enumerate(inputs):
         total = len(row)
-        positions = _positions(total, capture)
+        positions = capture.kept_positions(total)
         states = {sel.key: taken[sel.index][i, positions].float() for sel in capture.layers if sel.index in taken}
         rows.append(
             SequenceOutput(
@@ -60,12 +60,6 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
             )
         )
     return ForwardOutput(rows=rows)
-
-
-def _positions(total: int, capture: Capture) -> list[int]:
-    if not capture.wanted:
-        return []
-    return [total - 1] if capture.positions == "last" else list(range(total))
 
 
 def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[bool]]:
