@@ -43,7 +43,10 @@ Rows (benchmark name for ``--only`` in brackets):
   32, 48, 64, 96 and 128 in a shuffled order: total generated tokens/s against the same requests sent one at a time
   (target >= 2), and the mean of each request's latency over its latency alone (target <= 2). A third row, with no
   target, compares the throughput with the most this arrival order allows: every request done at its arrival plus
-  its time alone (the order puts the 128-token request seventh, 1.5 s in, so that bound is near 2x here).
+  its time alone (the order puts the 128-token request seventh, 1.5 s in, so that bound is near 2x here). A fourth,
+  with no target, compares it with an ideal scheduler on this machine (``bench/staggered.py``): the transformers
+  plugin's decoder measured in the bench's process (a 16-token prefill; a step of 1-8 rows) and the same schedule
+  played with nothing spent beyond those passes.
 - ``extract: all layers x all positions, safetensors vs forward`` [extract]: one ``POST /extract`` of a 128-token
   text with every hidden state (``hidden_state_layers`` 0..12, ``positions: "all"``) on the batched server, end to
   end: the client sends, receives and decodes the body (``safetensors.torch.load``). Baseline: in the bench process,
@@ -106,6 +109,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import staggered
 from bench.common import (
     STAGGER_GAP_S,
     WORDS,
@@ -383,6 +387,7 @@ def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
             staggered_s.append(time.perf_counter() - start)
             ratios.append(statistics.mean(t / a for t, a in zip(latencies_, alone, strict=True)))
     tokens = sum(lengths)
+    bound = staggered.measure(model, 5 if quick else 20)
     note = (
         f"a {len(tok(long_prompt).input_ids)}-token prompt generating 384 tokens; prompts of about 16 tokens; "
         f"{runs(repeats)} each, medians (throughput: the best)"
@@ -420,6 +425,16 @@ def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
             "tok/s",
             "-",
             None,
+        ),
+        row(
+            "scheduler: staggered mixed lengths, 8 clients vs an ideal scheduler with this machine's steps",
+            tokens / min(staggered_s),
+            tokens / bound.ideal,
+            "tok/s",
+            "-",
+            None,
+            f"the ideal scheduler: {bound.alone / bound.ideal:.2f}x one at a time, "
+            f"{bound.alone / bound.free:.2f}x if a step of 8 rows cost what a step of one does",
         ),
         row(
             "scheduler: staggered mixed lengths, mean latency over alone",

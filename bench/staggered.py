@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import STAGGER_GAP_S, build, staggered_lengths
@@ -41,21 +43,26 @@ def play(lengths: list[int], prefill: float, step: Callable[[int], float]) -> fl
     return now
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size (the median counts)")
-    args = parser.parse_args()
+@attrs.define(frozen=True)
+class Bound:
+    prefill: float  # seconds of one 16-token prompt's prefill
+    steps: dict[int, float]  # seconds of a step of n running rows
+    alone: float  # the staggered requests one at a time
+    ideal: float  # ... through a scheduler that costs nothing beyond the passes
+    free: float  # ... if a step of n rows cost what a step of one does
 
+
+def measure(model_dir: str, repeats: int = 20) -> Bound:
+    """The decoder's passes on the model at ``model_dir`` (medians of ``repeats``), and the schedule played with
+    them."""
     import torch
 
     from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
     from loom_kernel.plugins import create_plugin_manager
     from loom_kernel.resolve import resolve_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = build(Path(tmp))
-        hooks = create_plugin_manager().hook
-        model = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+    hooks = create_plugin_manager().hook
+    model = hooks.load(model=resolve_model(model_dir), loader="transformers", options=LoadOptions())
     prompt = tuple(range(3, 19))  # 16 tokens
     params = GenerationParams(max_tokens=10_000, temperature=0)
 
@@ -68,29 +75,40 @@ def main() -> None:
         return time.perf_counter() - start
 
     with torch.inference_mode():
-        prefills = []
-        for _ in range(args.steps):
-            decoder = model.decoder(False)
-            prefills.append(seconds(lambda decoder=decoder: decoder.join(batch(1), Capture())))
+        prefills = [seconds(lambda: model.decoder(False).join(batch(1), Capture())) for _ in range(repeats)]
         steps = {}
         for rows in range(1, 9):
             decoder = model.decoder(False)
             decoder.join(batch(rows), Capture())
             for _ in range(48):  # to the middle of the contexts the staggered requests reach
                 decoder.step()
-            steps[rows] = statistics.median(seconds(decoder.step) for _ in range(args.steps))
-    prefill = statistics.median(prefills)
-    lengths = staggered_lengths()
-    alone = sum(prefill + (n - 1) * steps[1] for n in lengths)
+            steps[rows] = statistics.median(seconds(decoder.step) for _ in range(repeats))
+    prefill, lengths = statistics.median(prefills), staggered_lengths()
+    return Bound(
+        prefill=prefill,
+        steps=steps,
+        alone=sum(prefill + (n - 1) * steps[1] for n in lengths),
+        ideal=play(lengths, prefill, lambda n: steps[n]),
+        free=play(lengths, prefill, lambda n: steps[1]),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed passes of each kind (the median counts)")
+    args = parser.parse_args()
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        b = measure(str(build(Path(tmp))), args.steps)
     print(f"GPT-2-small-sized, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"prefill of 16 tokens: {prefill * 1000:.1f} ms")
-    print("step of n rows:      " + ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in steps.items()))
-    print(f"arrival order (max_tokens): {lengths}, {STAGGER_GAP_S} s apart")
-    ideal = play(lengths, prefill, lambda n: steps[n])
-    free = play(lengths, prefill, lambda n: steps[1])
-    print(f"one at a time: {alone:.2f} s")
-    print(f"an ideal scheduler with these steps: {ideal:.2f} s, {alone / ideal:.2f}x one at a time")
-    print(f"... if n rows stepped as fast as one: {free:.2f} s, {alone / free:.2f}x")
+    print(f"prefill of 16 tokens: {b.prefill * 1000:.1f} ms")
+    print("step of n rows:      " + ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in b.steps.items()))
+    print(f"arrival order (max_tokens): {staggered_lengths()}, {STAGGER_GAP_S} s apart")
+    print(f"one at a time: {b.alone:.2f} s")
+    print(f"an ideal scheduler with these steps: {b.ideal:.2f} s, {b.alone / b.ideal:.2f}x one at a time")
+    print(f"... if n rows stepped as fast as one: {b.free:.2f} s, {b.alone / b.free:.2f}x")
 
 
 if __name__ == "__main__":
