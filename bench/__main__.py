@@ -387,7 +387,7 @@ def bench_scheduler(batched: str, model: str, quick: bool) -> list[Row]:
             staggered_s.append(time.perf_counter() - start)
             ratios.append(statistics.mean(t / a for t, a in zip(latencies_, alone, strict=True)))
     tokens = sum(lengths)
-    bound = staggered.measure(model, 5 if quick else 20)
+    bound = staggered.measure(model, 5 if quick else 20, DEVICE)
     note = (
         f"a {len(tok(long_prompt).input_ids)}-token prompt generating 384 tokens; prompts of about 16 tokens; "
         f"{runs(repeats)} each, medians (throughput: the best)"

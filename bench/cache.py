@@ -1,6 +1,6 @@
 """The running batch's KV cache with room to grow against transformers' concatenating one, in-process.
 
-    python bench/cache.py [--rows 8] [--tokens 256] [--repeats 5]
+    python bench/cache.py [--rows 8] [--tokens 256] [--repeats 5] [--device cuda]
 
 ``--rows`` greedy generations of ``--tokens`` tokens each run as one batch of the transformers plugin's decoder on the
 GPT-2-small-sized model, once with its ``RoomyLayer`` cache and once with transformers' ``DynamicLayer`` (which
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="generations in the batch")
     parser.add_argument("--tokens", type=int, default=256, help="tokens each generates")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each (the best counts)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda)")
     args = parser.parse_args()
 
     import loom_transformers.cache as cache
@@ -39,7 +40,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build(Path(tmp))
         hooks = create_plugin_manager().hook
-        model = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+        model = hooks.load(
+            model=resolve_model(str(path)), loader="transformers", options=LoadOptions(device=args.device)
+        )
     print(f"GPT-2-small-sized, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'rows':<5} | {'roomy':>13} | {'concatenating':>13} | ratio")
     params = GenerationParams(max_tokens=args.tokens, temperature=0)

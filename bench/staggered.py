@@ -1,6 +1,6 @@
 """What the staggered row of ``python -m bench`` could reach on this machine with a scheduler that costs nothing.
 
-    python bench/staggered.py [--steps 20]
+    python bench/staggered.py [--steps 20] [--device cuda]
 
 Measures, in-process on the GPT-2-small-sized model, the transformers plugin's decoder: a prefill pass of one
 16-token prompt and a decoding step of 1 to 8 running rows (medians of ``--steps``). Then plays the bench's
@@ -52,8 +52,9 @@ class Bound:
     free: float  # ... if a step of n rows cost what a step of one does
 
 
-def measure(model_dir: str, repeats: int = 20) -> Bound:
-    """The decoder's passes on the model at ``model_dir`` (medians of ``repeats``), and the schedule played with
+def measure(model_dir: str, repeats: int = 20, device: str = "cpu") -> Bound:
+    """The decoder's passes on the model at ``model_dir`` on ``device`` (medians of ``repeats``; each pass ends
+    with its tokens chosen on the CPU, so a GPU's work is done when it is timed), and the schedule played with
     them."""
     import torch
 
@@ -62,7 +63,7 @@ def measure(model_dir: str, repeats: int = 20) -> Bound:
     from loom_kernel.resolve import resolve_model
 
     hooks = create_plugin_manager().hook
-    model = hooks.load(model=resolve_model(model_dir), loader="transformers", options=LoadOptions())
+    model = hooks.load(model=resolve_model(model_dir), loader="transformers", options=LoadOptions(device=device))
     prompt = tuple(range(3, 19))  # 16 tokens
     params = GenerationParams(max_tokens=10_000, temperature=0)
 
@@ -96,12 +97,13 @@ def measure(model_dir: str, repeats: int = 20) -> Bound:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed passes of each kind (the median counts)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda)")
     args = parser.parse_args()
 
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        b = measure(str(build(Path(tmp))), args.steps)
+        b = measure(str(build(Path(tmp))), args.steps, args.device)
     print(f"GPT-2-small-sized, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"prefill of 16 tokens: {b.prefill * 1000:.1f} ms")
     print("step of n rows:      " + ", ".join(f"{n}: {s * 1000:.1f} ms" for n, s in b.steps.items()))
