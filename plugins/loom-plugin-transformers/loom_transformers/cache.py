@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-MIN_ROOM = 16  # columns of room at least; a quarter of the columns held, when more
+# Columns of room a new buffer gets: a quarter of the columns it holds, at least 16 (short prompts grow fast) and at
+# most 256 (a long context's room would otherwise hold gigabytes on a GPU; 256 still copies 256x less than concat).
+MIN_ROOM, MAX_ROOM = 16, 256
 
 
 class RoomyLayer(DynamicLayer):
@@ -33,7 +35,7 @@ class RoomyLayer(DynamicLayer):
         total = held + key_states.shape[-2]
         room = self._room
         if room is None or self.keys is not self._view or total > room[0].shape[-2]:
-            shape = (*key_states.shape[:-2], total + max(MIN_ROOM, total // 4), key_states.shape[-1])
+            shape = (*key_states.shape[:-2], total + min(MAX_ROOM, max(MIN_ROOM, total // 4)), key_states.shape[-1])
             room = (key_states.new_empty(shape), value_states.new_empty(shape))
             if held:
                 room[0][..., :held, :] = self.keys
