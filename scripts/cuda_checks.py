@@ -1,7 +1,7 @@
 """The GPU paths through the real app, against transformers itself on the same device: dtypes, bitsandbytes,
 placement.
 
-    python scripts/cuda_checks.py [--device cuda] [--root DIR]
+    python scripts/cuda_checks.py [--device cuda] [--root DIR] [--cases float32,8bit] [--archs llama,gpt2]
 
 For each tiny causal model (``loom_transformers.testing``) and each case (float32, float16, bfloat16, 8bit, 4bit,
 ``device_map: auto``), the app (``create_app``, default device ``--device``) answers ``/extract`` of every layer
@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="the app's default device")
     parser.add_argument("--root", type=Path, default=None, help="where the tiny models are built (a temp dir)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"some of {','.join(CASES)}")
+    parser.add_argument("--archs", default=None, help="some of the tiny causal architectures (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per layer and pass: the casts are expected
 
@@ -121,7 +122,7 @@ def main() -> None:
     print(f"torch {torch.__version__} on {name}")
     failed = 0
     with TestClient(app=create_app(settings=Settings(default_device=args.device, max_models=1))) as client:
-        for arch in CAUSAL_ARCHITECTURES:
+        for arch in args.archs.split(",") if args.archs else CAUSAL_ARCHITECTURES:
             path = build_tiny_model(arch, root)
             print(f"\n{arch}\ncase       | device  | dtype    | max diff  | tokens | pass")
             for case in args.cases.split(","):
