@@ -16,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import STAGGER_GAP_S, build, staggered_lengths
+from bench.common import STAGGER_GAP_S, build, latencies, staggered_lengths
 
 
 def play(lengths: list[int], prefill: float, step: Callable[[int], float]) -> float:
@@ -70,20 +69,15 @@ def measure(model_dir: str, repeats: int = 20, device: str = "cpu") -> Bound:
     def batch(rows: int) -> Batch:
         return Batch(texts=(), token_ids=(prompt,) * rows, generation=params)
 
-    def seconds(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
     with torch.inference_mode():
-        prefills = [seconds(lambda: model.decoder(False).join(batch(1), Capture())) for _ in range(repeats)]
+        prefills = latencies(repeats, lambda: model.decoder(False).join(batch(1), Capture()))
         steps = {}
         for rows in range(1, 9):
             decoder = model.decoder(False)
             decoder.join(batch(rows), Capture())
             for _ in range(48):  # to the middle of the contexts the staggered requests reach
                 decoder.step()
-            steps[rows] = statistics.median(seconds(decoder.step) for _ in range(repeats))
+            steps[rows] = statistics.median(latencies(repeats, decoder.step))
     prefill, lengths = statistics.median(prefills), staggered_lengths()
     return Bound(
         prefill=prefill,

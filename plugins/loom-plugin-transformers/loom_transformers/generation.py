@@ -257,10 +257,8 @@ class Decoder:
         from loom_transformers.cache import plain, roomy
 
         self.plain_cache = self.plain_cache and plain(cache)
-        if self.plain_cache:
-            cache = roomy(cache)
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
+        if not self.rows:  # the prefill's cache becomes the running one; else its tensors join the running layers
+            self.rows, self.cache, self.mask = list(rows), roomy(cache) if self.plain_cache else cache, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
         self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)], dim=0)
