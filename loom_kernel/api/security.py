@@ -15,7 +15,9 @@ A Unix socket is exempt from the ``Host`` rule: no browser can open one.
 
 With ``api_key`` set, every endpoint but /health needs ``Authorization: Bearer <key>``. The key is compared in
 constant time (``hmac.compare_digest``) so that response timing does not reveal how much of a guess was right.
-/health stays open so that a load balancer or a supervisor can check the process.
+/health stays open so that a load balancer or a supervisor can check the process, and so does a route handler whose
+``opt`` has ``"public": True``: files that hold no data, such as the viewer's page, which a browser opens without
+sending a key (the page then asks for it and sends it on every request it makes).
 """
 
 from __future__ import annotations
@@ -152,12 +154,18 @@ def authorized(header: bytes, key: bytes) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
+def public(scope: Scope) -> bool:
+    """Whether the route handler the request reached is marked ``opt={"public": True}`` (served without the key)."""
+    handler = scope.get("route_handler")
+    return handler is not None and handler.opt.get("public") is True
+
+
 def api_key_middleware(key: str) -> Callable[[ASGIApp], ASGIApp]:
     expected = key.encode()
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not public(scope):
                 header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
                 if not authorized(header, expected):
                     raise Unauthorized(
