@@ -192,6 +192,16 @@ def test_attention(browser: Any, base: str, api: httpx.Client, model: str) -> No
     check("1", 3)
     assert_clean(browser, base)
 
+    # a pattern under an edit: block 0's attention output zeroed changes what block 2 attends to
+    edit = [{"site": "blocks.0.hook_attn_out", "op": "zero"}]
+    open_view(browser, base, model=model, text=TEXT, view="attention", layer="2", interventions=json.dumps(edit))
+    edited = {**body, "interventions": edit}
+    assert shown_requests(browser) == [(f"{base}/extract", edited)]
+    plain = post(api, "/extract", body)["attentions"]["2"]["data"][0]
+    answer = post(api, "/extract", edited)
+    assert answer["attentions"]["2"]["data"][0] != plain
+    check("2", 0)
+
 
 def test_steering_side_by_side(browser: Any, base: str, api: httpx.Client, model: str) -> None:
     import torch

@@ -9,7 +9,8 @@ function draw(ctx) {
   const { ans, keys, target } = shown;
   const lens = ans.logit_lens;
   const positions = lens[keys[0]].positions;
-  const picked = ctx.params.position === "" ? positions.length - 1 : positions.indexOf(Number(ctx.params.position));
+  const asked = ctx.params.position === "" ? -1 : positions.indexOf(Number(ctx.params.position));
+  const picked = asked >= 0 ? asked : positions.length - 1; // the last position unless one of these is asked for
   const fig = clear(ctx.figure);
   const map = heatmap({
     rows: keys,
