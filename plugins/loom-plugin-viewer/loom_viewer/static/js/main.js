@@ -167,6 +167,9 @@ async function fillModels() {
     const list = clear($("models"));
     for (const m of answer.loaded_models || []) list.append(h("option", { value: m.model_id, text: `${m.kind || ""} · ${m.state}` }));
     document.body.dataset.models = String(list.children.length);
+    // no model in the URL: offer the first loaded causal model (every view needs an LM head or generation)
+    const causal = (answer.loaded_models || []).find((m) => m.kind === "causal" && m.state === "ready");
+    if (!$("model").value && causal) $("model").value = causal.model_id;
   } catch (err) {
     status.error(err);
   }
