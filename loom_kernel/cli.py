@@ -44,7 +44,9 @@ def build_parser(options: Sequence[Option] = ()) -> argparse.ArgumentParser:
         help="http, unix, both, or any installed transport's name; comma separated (default http)",
     )
     serve.add_argument(
-        "--unix-socket", metavar="PATH", help="socket path for the unix transport (default /tmp/loom.sock)"
+        "--unix-socket",
+        metavar="PATH",
+        help="socket path for the unix transport (default $XDG_RUNTIME_DIR/loom.sock, else a private directory)",
     )
     serve.add_argument(
         "--preload",

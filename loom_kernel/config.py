@@ -25,7 +25,8 @@ def default_device() -> str:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
-    unix_socket: str = "/tmp/loom.sock"
+    # None: the unix transport's default, $XDG_RUNTIME_DIR/loom.sock or a private directory of this user's.
+    unix_socket: str | None = None
     transports: list[str] = attrs.field(factory=lambda: ["http"])
     max_models: int = 3
     auto_unload_minutes: float = 20.0

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 from loom_kernel import LoomError
@@ -15,6 +16,26 @@ BACKLOG = 2048  # uvicorn's default
 PROBE_TIMEOUT_S = 1.0
 
 log = logging.getLogger("loom.unix")
+
+
+def default_unix_socket() -> str:
+    """Where the socket goes unless the user names a path: ``$XDG_RUNTIME_DIR/loom.sock`` where the session has a
+    private runtime directory, else ``loom.sock`` in ``loom-<uid>`` under the temporary directory, which ``bind``
+    makes (mode 0700) and refuses to use unless it is this user's own. Never a name in a shared directory such as
+    /tmp: another local user could bind it first and receive the clients' requests, API key included."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and private_directory(runtime):
+        return os.path.join(runtime, "loom.sock")
+    return os.path.join(tempfile.gettempdir(), f"loom-{os.getuid()}", "loom.sock")
+
+
+def private_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory (not a symlink) owned by this user that no other user may enter."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 def remove_stale(path: Path) -> None:
@@ -47,13 +68,29 @@ def remove_stale(path: Path) -> None:
         path.unlink()
 
 
+def make_private_directory(path: Path) -> None:
+    """``path`` as a directory only this user may enter (mode 0700), made if missing; refused when it exists as
+    anything else: another local user who made it first could replace the socket in it."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    if not private_directory(path):
+        st = os.lstat(path)
+        raise LoomError(
+            f"unix: {path} is not a private directory of this user (owner uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); another user may have made it. Remove it, or choose --unix-socket"
+        )
+
+
 class UnixListener:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, make_directory: bool = False) -> None:
         self.path = Path(path).expanduser()
+        self.make_directory = make_directory
         self.sock: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we created
 
     def bind(self) -> list[socket.socket]:
+        if self.make_directory:
+            make_private_directory(self.path.parent)
         remove_stale(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # bind() creates the file with the umask applied: a 0177 umask means it never exists with looser

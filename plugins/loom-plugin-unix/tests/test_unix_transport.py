@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import loom_unix
 import pytest
-from loom_unix.listener import UnixListener
+from loom_unix.listener import UnixListener, default_unix_socket
 
 from loom_kernel import LoomError, Transport
 from loom_kernel.config import Settings
@@ -127,3 +131,77 @@ def test_missing_directory_is_a_clear_error(sock_path: Path) -> None:
 def test_path_too_long_is_a_clear_error(sock_path: Path) -> None:
     with pytest.raises(LoomError, match="unix: cannot bind"):
         UnixListener(str(sock_path.parent / ("x" * 200))).bind()
+
+
+# -- the default path ------------------------------------------------------------------------------------------
+
+
+def test_the_default_path_is_never_in_a_shared_directory(sock_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = sock_path.parent / "runtime"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert default_unix_socket() == str(runtime / "loom.sock")
+    assert str(runtime / "loom.sock") in loom_unix.transport(settings=Settings()).describe
+    runtime.chmod(0o755)  # not private: a session without a proper runtime directory
+    fallback = Path(tempfile.gettempdir()) / f"loom-{os.getuid()}" / "loom.sock"
+    assert default_unix_socket() == str(fallback)
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_unix_socket() == str(fallback)
+
+
+def serve_unix(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    from serverutil import REPO, server_env
+
+    log = home / "server.log"
+    environment = {k: v for k, v in server_env(home).items() if k != "XDG_RUNTIME_DIR"} | env
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loom_kernel", "serve", "--transport", "unix"],
+            cwd=REPO,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
+@pytest.mark.slow
+def test_a_server_without_a_runtime_directory_listens_in_a_private_one(sock_path: Path) -> None:
+    """No XDG_RUNTIME_DIR: the socket goes in ``loom-<uid>`` (0700) under the temporary directory."""
+    from serverutil import wait_for
+
+    temp = sock_path.parent
+    proc, log = serve_unix(temp, {"TMPDIR": str(temp)})
+    private = temp / f"loom-{os.getuid()}"
+    try:
+        wait_for(re.escape(f"listening on unix:{private / 'loom.sock'} (unix transport)"), log, proc)
+        wait_for(r"Application startup complete", log, proc)
+        assert stat.S_IMODE(os.lstat(private).st_mode) == 0o700 and os.lstat(private).st_uid == os.getuid()
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(private / "loom.sock")), base_url="http://loom") as c:
+            assert c.get("/health", timeout=60).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert not (private / "loom.sock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("taken", ["another user's", "world-writable", "a symlink"])
+def test_a_private_directory_another_user_made_first_is_refused(sock_path: Path, taken: str) -> None:
+    """Another local user who made ``loom-<uid>`` first could swap the socket in it: the server will not start."""
+    temp = sock_path.parent
+    private = temp / f"loom-{os.getuid()}"
+    if taken == "a symlink":
+        (temp / "elsewhere").mkdir(mode=0o700)
+        private.symlink_to(temp / "elsewhere")
+    else:
+        private.mkdir(mode=0o700 if taken == "another user's" else 0o777)
+        private.chmod(0o700 if taken == "another user's" else 0o777)
+        if taken == "another user's":
+            if os.getuid() != 0:
+                pytest.skip("giving a directory to another user needs root")
+            os.chown(private, 65534, 65534)
+    proc, log = serve_unix(temp, {"TMPDIR": str(temp)})
+    assert proc.wait(timeout=120) != 0
+    assert f"unix: {private} is not a private directory of this user" in log.read_text()
+    assert not (private / "loom.sock").exists() and not (temp / "elsewhere" / "loom.sock").exists()
