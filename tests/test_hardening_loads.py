@@ -63,6 +63,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     (remote / "evil.py").write_text(f"open({str(root / 'remote_code_ran')!r}, 'w').close()\n")
     out["remote_code"] = remote
+    # The same auto_map on a model type transformers knows: its own class loads, the code beside it never runs.
+    known = edited(good, root / "known_auto_map", auto_map=json.loads((remote / "config.json").read_text())["auto_map"])
+    (known / "evil.py").write_text(f"open({str(root / 'known_auto_map_ran')!r}, 'w').close()\n")
+    out["known_auto_map"] = known
+    # A config saying 400 layers beside 4 layers of weights (396 blocks would be random), and one saying fewer.
+    layers = json.loads((good / "config.json").read_text())["num_hidden_layers"]
+    out["claims_400_layers"] = edited(good, root / "claims_400_layers", num_hidden_layers=400)
+    out["claims_fewer_layers"] = edited(good, root / "claims_fewer_layers", num_hidden_layers=layers - 1)
     state = load_file(str(good / "model.safetensors"))
     for name, extra in (("pickled", {}), ("unsafe_pickle", {"x": OpensAFile(root / "pickle_ran")})):
         shutil.copytree(good, root / name)
@@ -140,6 +148,8 @@ def test_loads_that_fail_after_allocating_give_the_memory_back(server, models):
         ("bad_config", 422, "config.json is invalid"),
         ("remote_code", 403, "models.trust_remote_code"),
         ("unsafe_pickle", 422, "refused as unsafe"),
+        ("claims_400_layers", 422, "weights its config.json describes are missing from the checkpoint"),
+        ("claims_fewer_layers", 422, "weights in the checkpoint have no place in the model"),
     ],
 )
 def test_bad_model_ids_and_directories_are_4xx_naming_the_model(server, models, model, status, says):
@@ -165,6 +175,41 @@ def test_no_code_from_a_refused_model_runs(server, models):
         assert load(base, str(models[name])).status_code in (403, 422)
     root = models["good"].parent
     assert not (root / "remote_code_ran").exists() and not (root / "pickle_ran").exists()
+
+
+def test_an_auto_map_on_a_model_type_transformers_knows_loads_without_its_code(server, models):
+    """transformers' own class for the model type; the module the auto_map names is never imported."""
+    base, _ = server
+    assert load(base, str(models["known_auto_map"])).status_code == 200
+    assert_still_serving(base, models["known_auto_map"])
+    assert not (models["good"].parent / "known_auto_map_ran").exists()
+
+
+def test_a_masked_lm_checkpoint_loads_as_its_encoder(server, tmp_path):
+    """Its task head (cls.*) has no place in the encoder and its pooler is missing: neither is a state Loom reports,
+    so the load is no mismatch, and the states equal transformers' own."""
+    import numpy as np
+    import torch
+    import transformers
+    from loom_transformers.testing import train_tokenizer
+
+    tokenizer = train_tokenizer("bert")
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    tokenizer.save_pretrained(tmp_path / "mlm")
+    base, _ = server
+    body = {"model": str(tmp_path / "mlm"), "text": "the quick brown fox", "hidden_state_layers": [1, 2]}
+    r = httpx.post(f"{base}/extract", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    encoder = transformers.AutoModel.from_pretrained(tmp_path / "mlm")
+    with torch.no_grad():
+        want = encoder(**tokenizer("the quick brown fox", return_tensors="pt"), output_hidden_states=True)
+    for layer in (1, 2):
+        got = np.asarray(r.json()["hidden_states"][str(layer)]["data"])
+        np.testing.assert_allclose(got, want.hidden_states[layer][0, -1:].numpy(), atol=1e-5)
 
 
 def test_a_pickle_of_plain_tensors_still_loads(server, models):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from typing import Any
 
 from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
 from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoomError, load_error
+from loom_kernel.errors import BadModel, LoomError, load_error
 from loom_kernel.loading import count_layers, module_bytes
 from loom_transformers.sites import site_shapes, unembed
 
@@ -82,7 +83,8 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(target, **small)
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model = auto.from_pretrained(target, **kwargs)
+        model, info = auto.from_pretrained(target, output_loading_info=True, **kwargs)
+        check_weights(model, info, f"transformers could not load {ref.id!r} from {target}")
         tokenizer = transformers.AutoTokenizer.from_pretrained(target, **small)
     except LoomError:
         raise
@@ -130,6 +132,37 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         loaded.load_seconds,
     )
     return loaded
+
+
+# Weights a checkpoint may lack without changing a state Loom reports: an encoder's pooler (a masked-LM checkpoint has
+# none; no endpoint reads it).
+OPTIONAL_WEIGHTS = ("pooler.",)
+
+
+def check_weights(model: Any, info: dict[str, Any], what: str) -> None:
+    """BadModel when the checkpoint does not hold the model its config describes: a weight the model has and the
+    checkpoint lacks (transformers would fill it with random numbers: a config saying 400 layers beside 4 layers of
+    weights gives 396 random blocks), or a weight of the same kind as the model's that it has no place for (a config
+    saying fewer layers than the checkpoint holds drops the rest). A task head the base model does not use (a
+    masked-LM checkpoint's ``cls.*`` under ``AutoModel``) is no mismatch."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def kind(key: str) -> str:  # one weight of every block alike: "model.layers.#.mlp.up_proj.weight"
+        return re.sub(r"\.\d+(?=\.|$)", ".#", key.removeprefix(prefix))
+
+    missing = sorted(k for k in info.get("missing_keys") or () if not kind(k).startswith(OPTIONAL_WEIGHTS))
+    kinds = {kind(k) for k in model.state_dict()}
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if kind(k) in kinds)
+    if missing or unexpected:
+        said = [
+            f"{len(keys)} {label} (such as {keys[0]!r})"
+            for label, keys in (
+                ("weights its config.json describes are missing from the checkpoint", missing),
+                ("weights in the checkpoint have no place in the model its config.json describes", unexpected),
+            )
+            if keys
+        ]
+        raise BadModel(f"model: {what}: the checkpoint does not match its config: {'; '.join(said)}", field="model")
 
 
 def _only(kwargs: dict[str, Any], *keys: str) -> dict[str, Any]:
