@@ -1,8 +1,9 @@
 """The Loom kernel: hook specifications, plugin manager, model manager and REST API."""
 
 from loom_kernel.config import Option
-from loom_kernel.errors import LoomError
+from loom_kernel.errors import LoomError, echo
 from loom_kernel.hookspecs import hookimpl
+from loom_kernel.inputs import fit_text
 from loom_kernel.types import (
     Batch,
     Capture,
@@ -40,5 +41,7 @@ __all__ = [
     "SequenceOutput",
     "Transport",
     "__version__",
+    "echo",
+    "fit_text",
     "hookimpl",
 ]

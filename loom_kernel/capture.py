@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.errors import InvalidField, Unsupported, echo
 from loom_kernel.types import Capture, LayerSel, LoadedModel, PositionSpec
 
 POSITION_NAMES = ("last", "all", "prompt", "generated")
@@ -52,7 +52,7 @@ def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tu
             site = int(site)
         except ValueError:
             raise InvalidField(
-                f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model)
+                f"{field}: unknown site {echo(site)}", field=field, allowed=site_names_allowed(model)
             ) from None
     if isinstance(site, int) and not isinstance(site, bool):
         if not -(n + 1) <= site <= n:
@@ -66,7 +66,7 @@ def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tu
     if isinstance(known, str):
         raise InvalidField(f"{field}: {site}: {known}", field=field, allowed=site_names_allowed(model))
     if known is None:
-        raise InvalidField(f"{field}: unknown site {site!r}", field=field, allowed=site_names_allowed(model))
+        raise InvalidField(f"{field}: unknown site {echo(site)}", field=field, allowed=site_names_allowed(model))
     return site, tuple(known)
 
 
@@ -109,9 +109,9 @@ def split_sites(spec: Any) -> tuple[Any, list[str]]:
     """(the layer indices of a ``hidden_state_layers`` spec, the hook-point names in it: those with a dot)."""
     if isinstance(spec, str) and "." in spec:
         return [], [spec]
-    if isinstance(spec, list):
-        names = [s for s in spec if isinstance(s, str) and "." in s]
-        return ([s for s in spec if s not in names] if names else spec), names
+    if isinstance(spec, list):  # duplicates folded: a site named 10,000 times is read once
+        names = list(dict.fromkeys(s for s in spec if isinstance(s, str) and "." in s))
+        return ([s for s in spec if not (isinstance(s, str) and "." in s)] if names else spec), names
     return spec, []
 
 
@@ -133,7 +133,7 @@ def check_positions(spec: Any, field: str = "positions", max_context: int | None
             )
         return list(spec)
     raise InvalidField(
-        f"{field}: {spec!r} is not a position spec",
+        f"{field}: {echo(spec)} is not a position spec",
         field=field,
         allowed=[*POSITION_NAMES, "a non-empty list of token indices"],
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom_kernel.errors import InvalidField
+from loom_kernel.errors import InvalidField, echo
 
 LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # accelerate's placements of one model over every visible device (CPU RAM after the GPUs).
@@ -49,7 +49,7 @@ def resolve_dtype(name: str, device: str) -> Any:
     import torch
 
     if name not in LOAD_DTYPES:
-        raise InvalidField(f"dtype: unknown dtype {name!r}", field="dtype", allowed=list(LOAD_DTYPES))
+        raise InvalidField(f"dtype: unknown dtype {echo(name)}", field="dtype", allowed=list(LOAD_DTYPES))
     if name != "auto":
         return getattr(torch, name)
     if device.startswith("cuda"):

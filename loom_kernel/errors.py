@@ -4,6 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
+# An error detail repeats at most this much of an input (a text, a list, a name): a 5 MB text must not come back
+# as a 5 MB error, nor fill the log.
+ECHO_CHARS = 80
+# ... and is at most this long in all (the backstop for a detail that repeats an input without ``echo``).
+MAX_DETAIL_CHARS = 2048
+
+
+def echo(value: Any) -> str:
+    """``value`` as an error detail shows it: its repr, cut to ``ECHO_CHARS`` with the whole length said."""
+    text = repr(value)
+    if len(text) <= ECHO_CHARS:
+        return text
+    size = f"{len(value)} items" if isinstance(value, list | tuple | dict) else f"{len(text)} characters"
+    if isinstance(value, str):
+        size = f"{len(value)} characters"
+    return f"{text[:ECHO_CHARS]}... ({size})"
+
+
+def clip(detail: str) -> str:
+    """``detail`` cut to ``MAX_DETAIL_CHARS``."""
+    if len(detail) <= MAX_DETAIL_CHARS:
+        return detail
+    return f"{detail[:MAX_DETAIL_CHARS]}... (cut from {len(detail)} characters)"
+
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` (or its cause) is a device running out of memory (torch's OutOfMemoryError or its text)."""
@@ -28,7 +52,7 @@ class LoomError(Exception):
 
     def problem(self) -> dict[str, Any]:
         body: dict[str, Any] = {"type": "about:blank", "title": self.title, "status": self.status}
-        body["detail"] = self.detail
+        body["detail"] = clip(self.detail)
         if self.field is not None:
             body["field"] = self.field
         if self.allowed is not None:

@@ -17,14 +17,19 @@ from loom_kernel.types import Batch, LoadedModel
 MIN_CHARS_PER_TOKEN = 32
 
 
-def char_limit(model: LoadedModel) -> int | None:
-    """The most characters of a text that can matter to ``model``: its context times the longest token's length
-    (at least MIN_CHARS_PER_TOKEN); None when the model states no context. Computed once per model."""
-    if not model.max_context:
-        return None
-    if "char_limit" not in model.extra:
-        model.extra["char_limit"] = model.max_context * max(MIN_CHARS_PER_TOKEN, _longest_token(model.tokenizer))
-    return model.extra["char_limit"]
+def chars_per_token(model: LoadedModel) -> int:
+    """The most characters one token of ``model`` can cover: its vocabulary's longest entry, at least
+    MIN_CHARS_PER_TOKEN. Computed once per model."""
+    if "chars_per_token" not in model.extra:
+        model.extra["chars_per_token"] = max(MIN_CHARS_PER_TOKEN, _longest_token(model.tokenizer))
+    return model.extra["chars_per_token"]
+
+
+def char_limit(model: LoadedModel, tokens: int | None = None) -> int | None:
+    """The most characters of a text that can matter to ``model`` when ``tokens`` tokens of it are read (default its
+    context): that many tokens times ``chars_per_token``; None when the model states no context."""
+    tokens = tokens or model.max_context
+    return tokens * chars_per_token(model) if tokens else None
 
 
 def _longest_token(tokenizer: Any) -> int:
@@ -36,23 +41,44 @@ def _longest_token(tokenizer: Any) -> int:
         return 0
 
 
+def fit_text(
+    model: LoadedModel, text: str, field: str, *, truncate: bool = False, tokens: int | None = None, **where: Any
+) -> str:
+    """``text`` as a tokenizer may see it: every caller that tokenizes a request's text passes it through here first
+    (the scheduler's batches through ``fit_texts``), so that a many-megabyte text is never tokenized whole, on any
+    thread. Longer than ``tokens`` tokens (default the model's context) could cover, it is cut (``truncate``) or
+    InvalidField naming ``field`` (and ``where``, such as the ``row``), which repeats none of it."""
+    limit = char_limit(model, tokens)
+    if limit is None or len(text) <= limit:
+        return text
+    if truncate:
+        return text[:limit]
+    if tokens == 1:
+        what = "are longer than any one token of this model"
+    elif tokens:
+        what = f"exceed what {tokens} tokens of this model can hold"
+    else:
+        what = f"exceed what the model can read: its context is {model.max_context} tokens"
+    raise InvalidField(
+        f"{field}: {len(text)} characters {what}, at most {limit} characters",
+        field=field,
+        allowed=f"at most {limit} characters",
+        **where,
+    )
+
+
 def fit_texts(model: LoadedModel, batch: Batch) -> Batch:
-    """``batch`` with every text cut to ``char_limit`` (with ``batch.truncate``), else InvalidField for a text past
-    it: a many-megabyte text is never tokenized whole, on any thread."""
+    """``batch`` with every text through ``fit_text`` (cut with ``batch.truncate``)."""
     limit = char_limit(model)
     if limit is None or batch.token_ids is not None or all(len(t) <= limit for t in batch.texts):
         return batch
-    if batch.truncate:
-        return attrs.evolve(batch, texts=tuple(t[:limit] for t in batch.texts))
-    row = next(i for i, t in enumerate(batch.texts) if len(t) > limit)
     field = "prompt" if batch.generation is not None else "text"
-    raise InvalidField(
-        f"{field}: {len(batch.texts[row])} characters exceed what the model can read: its context is "
-        f"{model.max_context} tokens, at most {limit} characters",
-        field=field,
-        allowed=f"at most {limit} characters",
-        **({"row": row} if len(batch.texts) > 1 else {}),
+    several = len(batch.texts) > 1
+    texts = tuple(
+        fit_text(model, t, field, truncate=batch.truncate, **({"row": i} if several else {}))
+        for i, t in enumerate(batch.texts)
     )
+    return attrs.evolve(batch, texts=texts)
 
 
 def batch_inputs(
@@ -102,7 +128,29 @@ def batch_inputs(
                 inputs[i] = [int(t) for t in cut_text(batch.texts[i], max_context)]
             else:
                 inputs[i] = ids[:max_context]
+    check_edit_positions(batch, inputs)
     return inputs, truncated
+
+
+def check_edit_positions(batch: Batch, inputs: list[list[int]]) -> None:
+    """Every explicit position of a row's edits inside its final sequence (its prompt and what it may generate; a
+    negative index counts from the end of the prompt): one outside is InvalidField naming
+    ``interventions[k].positions`` (k the edit's place in the row's list), never an edit silently skipped."""
+    for i, ids in enumerate(inputs):
+        longest = len(ids) + (batch.params(i).max_tokens if batch.generation is not None else 0)
+        for k, edit in enumerate(batch.edits(i)):
+            if isinstance(edit.positions, str):
+                continue
+            outside = [p for p in edit.positions if not -len(ids) <= p < longest]
+            if outside:
+                field = f"interventions[{k}].positions"
+                raise InvalidField(
+                    f"{field}: {outside[:3]} outside a sequence of {len(ids)} prompt tokens"
+                    + (f" and up to {longest - len(ids)} generated" if longest > len(ids) else ""),
+                    field=field,
+                    allowed=f"integers from {-len(ids)} to {longest - 1}",
+                    **({"row": i} if len(inputs) > 1 else {}),
+                )
 
 
 def check_vocabulary(rows: list[list[int]], vocab: int | None, field: str, flat: bool = False) -> None:

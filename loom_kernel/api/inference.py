@@ -26,6 +26,7 @@ from loom_kernel.api.payloads import (
 )
 from loom_kernel.api.problems import request_id
 from loom_kernel.api.schemas import (
+    MAX_STOPS,
     BatchGenerateRequest,
     CaptureFields,
     ExtractRequest,
@@ -133,6 +134,7 @@ def generation_params(data: GenerationFields, settings: Settings) -> GenerationP
         top_k=data.top_k,
         seed=data.seed,
         stop=data.stop,
+        max_stop=MAX_STOPS,
     )
 
 
@@ -171,7 +173,7 @@ class InferenceController(Controller):
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
             check_generation(entry.loaded, params)
-            req.capture(entry.loaded, Batch(texts=(data.prompt,), generation=params))
+            await req.resolved(entry.loaded, Batch(texts=(data.prompt,), generation=params))
         bridge = TokenBridge()
 
         async def work(s: Session) -> dict[str, Any]:
@@ -230,7 +232,7 @@ class InferenceController(Controller):
         async def work(s: Session) -> dict[str, Any] | bytes:
             model = s.model
             batch = Batch(texts=(data.text,), add_special_tokens=data.add_special_tokens)
-            capture = req.capture(model, batch)
+            capture = await req.resolved(model, batch, s.thread)
             batch = req.edited(model, batch)
             start = time.perf_counter()
             row = (await s.forward(batch, capture)).rows[0]

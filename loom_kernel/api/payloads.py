@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -106,6 +106,15 @@ class StateRequest:
         if batch is not None and self.max_response_bytes is not None:
             self._check_size(model, batch, capture)
         return capture
+
+    async def resolved(
+        self, model: LoadedModel, batch: Batch | None = None, run: Callable[..., Awaitable[Any]] | None = None
+    ) -> Capture:
+        """``capture``, on a request thread (``run``, else asyncio's) when the request's interventions or readouts
+        must be resolved: their vectors built, a lens's token texts tokenized. Never on the event loop."""
+        if not self.asked:
+            return self.capture(model, batch)
+        return await (run or asyncio.to_thread)(self.capture, model, batch)
 
     def edited(self, model: LoadedModel, batch: Batch) -> Batch:
         """``batch`` with the request's interventions on every row."""
@@ -384,7 +393,7 @@ async def generate_rows(
     model = session.model
     assert batch.generation is not None
     check_generation(model, batch.generation)
-    capture = req.capture(model, batch)
+    capture = await req.resolved(model, batch, session.thread)
     batch = req.edited(model, batch)
     stopped: dict[int, dict[str, Any]] = {}  # row -> the stop rule that ended it
     if (reading := req.reading(model)) is not None and reading.stop is not None:

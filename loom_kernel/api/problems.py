@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException, SerializationException, Validatio
 from litestar.openapi import ResponseSpec
 from litestar.types import Message, Scope, Send
 
-from loom_kernel.errors import LoomError, out_of_memory
+from loom_kernel.errors import LoomError, clip, out_of_memory
 
 log = logging.getLogger("loom.api")
 MEDIA_TYPE = "application/problem+json"
@@ -109,6 +109,7 @@ def problem(
     request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response:
     path = request.url.path
+    detail = clip(detail)
     if path.startswith("/v1/"):  # OpenAI's clients: OpenAI's statuses, and its error object beside the problem
         status = OPENAI_STATUS.get(status, status)
         extra["error"] = openai_error(status, title, detail, extra.get("field"))

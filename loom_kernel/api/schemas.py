@@ -10,7 +10,11 @@ from litestar import Request
 from litestar.exceptions import ValidationException
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
-LayerSpec = int | str | list[int | str]
+# Entries of a list that names layers or sites: more than any model has (duplicates are folded, so each costs once).
+MAX_SITES = 4096
+Sites = Annotated[list[int | str], msgspec.Meta(max_length=MAX_SITES)]
+LayerSpec = int | str | Sites
+MAX_STOPS = 16  # stop strings a generation may have (each is looked for after every token)
 MAX_TOP_LOGPROBS = 20
 MAX_INTERVENTIONS = 32
 # A seed is a non-negative int64: torch reads seeds modulo 2**64, so -1 and 2**64 - 1 would give the same tokens.

@@ -18,6 +18,7 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
+from loom_kernel import echo
 from loom_kernel.api.deps import Manager, Plugins
 from loom_kernel.api.payloads import model_metadata, timing
 from loom_kernel.api.schemas import LoadFields, NonEmpty
@@ -69,7 +70,7 @@ async def check_pooling(pm: pluggy.PluginManager, name: str | None) -> None:
     known = declared_strategies(pm)
     if name in known or await asyncio.to_thread(pool_answers, pm, name):
         return
-    raise InvalidField(f"pooling: unknown strategy {name!r}", field="pooling", allowed=known)
+    raise InvalidField(f"pooling: unknown strategy {echo(name)}", field="pooling", allowed=known)
 
 
 async def embed_texts(

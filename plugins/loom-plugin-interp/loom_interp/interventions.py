@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from loom_kernel import echo
 from loom_kernel.capture import check_site, site_names_allowed
 from loom_kernel.errors import InvalidField
 from loom_kernel.types import Intervention, LoadedModel, PositionSpec
@@ -43,10 +44,10 @@ def _one(spec: Any, model: LoadedModel, lookup: Any, features: Any, at: str) -> 
         raise InvalidField(f"{at}.site: required", field=f"{at}.site", allowed=site_names_allowed(model))
     site, shape = check_site(site_spec, model, f"{at}.site")
     if spec.op not in OPS:
-        raise InvalidField(f"{at}.op: unknown op {spec.op!r}", field=f"{at}.op", allowed=list(OPS))
+        raise InvalidField(f"{at}.op: unknown op {echo(spec.op)}", field=f"{at}.op", allowed=list(OPS))
     if not math.isfinite(spec.scale):
         raise InvalidField(f"{at}.scale: must be a finite number", field=f"{at}.scale", allowed="a finite number")
-    positions = _positions(spec.positions, f"{at}.positions")
+    positions = _positions(spec.positions, model.max_context, f"{at}.positions")
     heads = _heads(spec.heads, site, shape, f"{at}.heads")
     vector = None
     if feature is not None:
@@ -54,26 +55,34 @@ def _one(spec: Any, model: LoadedModel, lookup: Any, features: Any, at: str) -> 
     elif spec.op in NEEDS_VECTOR:
         if spec.vector is None:
             raise InvalidField(
-                f"{at}.vector: op {spec.op!r} needs a vector", field=f"{at}.vector", allowed=_shapes(shape)
+                f"{at}.vector: op {echo(spec.op)} needs a vector", field=f"{at}.vector", allowed=_shapes(shape)
             )
         vector = _shaped(read_vector(spec.vector, lookup, f"{at}.vector"), spec.op, positions, shape, f"{at}.vector")
     elif spec.vector is not None:
         raise InvalidField(
-            f"{at}.vector: op {spec.op!r} takes no vector", field=f"{at}.vector", allowed="no vector for scale and zero"
+            f"{at}.vector: op {echo(spec.op)} takes no vector",
+            field=f"{at}.vector",
+            allowed="no vector for scale and zero",
         )
     return Intervention(site=site, op=spec.op, vector=vector, scale=float(spec.scale), positions=positions, heads=heads)
 
 
-def _positions(spec: Any, field: str) -> PositionSpec:
+def _positions(spec: Any, context: int | None, field: str) -> PositionSpec:
+    """The edit's positions; a list is checked against the model's context here (no sequence is longer), and
+    against each row's own sequence once it is tokenized (``loom_kernel.inputs.check_edit_positions``)."""
     if isinstance(spec, str) and spec in EDIT_POSITIONS:
         return spec  # type: ignore[return-value]
     ints = isinstance(spec, list) and spec and all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
-    if ints and len(set(spec)) == len(spec):
+    if ints and len(set(spec)) == len(spec) and (not context or all(-context <= p < context for p in spec)):
         return list(spec)
+    within = f" from {-context} to {context - 1}, the model's context," if context else ""
     raise InvalidField(
-        f"{field}: {spec!r} is not a position spec for an edit",
+        f"{field}: {echo(spec)} is not a position spec for an edit",
         field=field,
-        allowed=[*EDIT_POSITIONS, "a non-empty list of distinct token indices (negative: from the end of the prompt)"],
+        allowed=[
+            *EDIT_POSITIONS,
+            f"a non-empty list of distinct token indices{within} (negative: from the end of the prompt)",
+        ],
     )
 
 
@@ -86,7 +95,7 @@ def _heads(heads: Any, site: int | str, shape: tuple[int, ...], field: str) -> t
     bad = [h for h in heads if not 0 <= h < count]
     if not heads or bad or len(set(heads)) < len(heads):
         raise InvalidField(
-            f"{field}: {heads!r} is not a list of distinct heads of this model",
+            f"{field}: {echo(heads)} is not a list of distinct heads of this model",
             field=field,
             allowed=f"distinct integers from 0 to {count - 1}",
         )
@@ -102,7 +111,7 @@ def read_vector(value: Any, lookup: Callable[[str], Any] | None, field: str) -> 
         stored = lookup(value) if lookup is not None else None
         if stored is None:
             raise InvalidField(
-                f"{field}: no stored vector named {value!r}",
+                f"{field}: no stored vector named {echo(value)}",
                 field=field,
                 allowed="a stored vector's name (GET /vectors)",
             )

@@ -17,11 +17,11 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_interp.readouts import one_token
-from loom_kernel import Option
+from loom_kernel import Option, echo, fit_text
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata
-from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.api.schemas import LoadFields, NonEmpty, Sites
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import check_site
 from loom_kernel.errors import InvalidField
@@ -44,7 +44,7 @@ class PatchRequest(LoadFields, kw_only=True):
     model: NonEmpty
     clean: NonEmpty
     corrupted: NonEmpty
-    sites: str | list[int | str]  # a family (every block's hook of that name), or sites
+    sites: str | Sites  # a family (every block's hook of that name), or sites
     metric: Metric
     positions: Literal["all"] | list[int] = "all"
     add_special_tokens: bool = True
@@ -56,7 +56,9 @@ def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | st
             raise InvalidField("sites: empty", field="sites", allowed=[*FAMILIES, "a list of sites"])
         return list(dict.fromkeys(sites))
     if sites not in FAMILIES:
-        raise InvalidField(f"sites: unknown family {sites!r}", field="sites", allowed=[*FAMILIES, "a list of sites"])
+        raise InvalidField(
+            f"sites: unknown family {echo(sites)}", field="sites", allowed=[*FAMILIES, "a list of sites"]
+        )
     return [f"blocks.{i}.hook_{sites}" for i in range(num_layers)]
 
 
@@ -87,9 +89,16 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
                 allowed=list(FAMILIES),
             )
         checked.append(at)
-    clean, corrupt = (
-        tuple(tok(t, add_special_tokens=data.add_special_tokens)["input_ids"]) for t in (data.clean, data.corrupted)
-    )
+
+    def tokenized() -> tuple[tuple[int, ...], tuple[int, ...], Any]:
+        """Both texts' ids and the metric, on a request thread (texts cut to the model's context first)."""
+        ids = (
+            tuple(tok(fit_text(model, text, field), add_special_tokens=data.add_special_tokens)["input_ids"])
+            for field, text in (("clean", data.clean), ("corrupted", data.corrupted))
+        )
+        return *ids, scorer(model, data.metric)
+
+    clean, corrupt, score = await session.thread(tokenized)
     if len(clean) != len(corrupt):
         raise InvalidField(
             f"corrupted: {len(corrupt)} tokens, the clean text {len(clean)}; patching needs the same count",
@@ -102,7 +111,7 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
     positions = list(range(total)) if data.positions == "all" else [p if p >= 0 else total + p for p in data.positions]
     if not positions or any(not 0 <= p < total for p in positions) or len(set(positions)) < len(positions):
         raise InvalidField(
-            f"positions: {data.positions} does not name distinct tokens of a {total}-token text",
+            f"positions: {echo(data.positions)} does not name distinct tokens of a {total}-token text",
             field="positions",
             allowed=f'"all" or distinct integers from {-total} to {total - 1}',
         )
@@ -114,7 +123,6 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             field="sites",
             allowed=f"at most {max_rows - 2} sites x positions",
         )
-    score = scorer(model, data.metric)
     layers = [s for s in checked if isinstance(s, int)]
     req = StateRequest.from_fields(
         wanted=True,

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from loom_interp.stores import Stored, TensorStore
+from loom_kernel import echo, fit_text
 from loom_kernel.capture import check_site, resolve_layers, split_sites
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.types import LayerSel, LoadedModel
@@ -45,6 +46,8 @@ class Readouts:
         if self.lens is not None:
             plan.add_lens(model, self.lens)
         for i, name in enumerate(self.probes):
+            if name in plan.items:  # named twice: read once
+                continue
             item = plan.items[name] = self.find(name, f"probes[{i}]")
             plan.probes.append((name, plan.state_for(probe_site(item, model, f"probes[{i}]"))))
         for i, rule in enumerate(self.stop_when):
@@ -58,7 +61,7 @@ class Readouts:
         item = self.store.find(name) if self.store is not None else None
         if item is None:
             known = sorted(self.store.items) if self.store is not None else []
-            raise InvalidField(f"{field}: no probe named {name!r}", field=field, allowed=known)
+            raise InvalidField(f"{field}: no probe named {echo(name)}", field=field, allowed=known)
         return item
 
 
@@ -176,10 +179,11 @@ def has_final_norm(model: LoadedModel) -> bool:
 
 def one_token(model: LoadedModel, text: str, field: str) -> int:
     tok = model.tokenizer
+    text = fit_text(model, text, field, tokens=1)
     ids = tok(text, add_special_tokens=False)["input_ids"] if tok is not None and text else []
     if len(ids) != 1:
         raise InvalidField(
-            f"{field}: {text!r} is {len(ids)} tokens for this model's tokenizer ({ids}), not one",
+            f"{field}: {echo(text)} is {len(ids)} tokens for this model's tokenizer ({echo(ids)}), not one",
             field=field,
             allowed="the text of one token, with its leading space where the tokenizer has one",
         )
@@ -224,7 +228,7 @@ def column(item: Stored, label: str | int, field: str) -> int:
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < count:
         return label
     raise InvalidField(
-        f"{field}: {label!r} is not a label of probe {item.name!r}",
+        f"{field}: {echo(label)} is not a label of probe {item.name!r}",
         field=field,
         allowed=labels if labels and item.meta["kind"] != "sae" else f"0 to {count - 1}",
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Option
+from loom_kernel import Option, echo
 from loom_kernel.errors import Conflict, InsufficientStorage, InvalidField, LoomError
 
 log = logging.getLogger("loom")
@@ -75,7 +75,7 @@ class TensorStore:
     def put(self, name: str, tensors: Any, meta: dict[str, str | None], replace: bool = False) -> Stored:
         """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``name``."""
         if not NAME.match(name):
-            raise InvalidField(f"name: {name!r} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
+            raise InvalidField(f"name: {echo(name)} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
         if name in self.items and not replace:
             raise Conflict(
                 f"name: a {self.kind} named {name!r} exists; send replace: true to overwrite it", field="name"
@@ -102,7 +102,7 @@ class TensorStore:
     def get(self, name: str) -> Stored:
         item = self.items.get(name)
         if item is None:
-            raise NotFound(f"name: no {self.kind} named {name!r}", field="name", allowed=sorted(self.items))
+            raise NotFound(f"name: no {self.kind} named {echo(name)}", field="name", allowed=sorted(self.items))
         return item
 
     def tensor(self, name: str) -> Any | None:

@@ -12,6 +12,7 @@ from litestar import Controller, Request, get, post
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from loom_kernel import fit_text
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import asked_fields, checked_params
@@ -150,6 +151,8 @@ def chat_token_ids(model: LoadedModel, messages: list[dict[str, str]]) -> tuple[
             f"messages: {model.ref.id!r} has no chat template; use /v1/completions with a plain prompt",
             field="messages",
         )
+    # Nothing may be cut from a chat: contents longer than the whole context could hold are refused untokenized.
+    fit_text(model, "".join(m["content"] for m in messages), "messages")
     out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = out["input_ids"] if isinstance(out, Mapping) else out
     return tuple(int(i) for i in ids)
@@ -291,7 +294,7 @@ class OpenAIController(Controller):
         entry = await manager.get(data.model, loader=data.loader, explicit=data.explicit())
         if entry.loaded is not None:
             check_generation(entry.loaded, params)
-            req.capture(entry.loaded, Batch(texts=(text,), generation=params))
+            await req.resolved(entry.loaded, Batch(texts=(text,), generation=params))
         return params, req, entry
 
     @post("/chat/completions", status_code=200)
