@@ -3,7 +3,7 @@
 from loom_kernel.config import Option
 from loom_kernel.errors import LoomError, echo
 from loom_kernel.hookspecs import hookimpl
-from loom_kernel.inputs import fit_text
+from loom_kernel.inputs import chars_per_token, fit_text
 from loom_kernel.types import (
     Batch,
     Capture,
@@ -41,6 +41,7 @@ __all__ = [
     "SequenceOutput",
     "Transport",
     "__version__",
+    "chars_per_token",
     "echo",
     "fit_text",
     "hookimpl",

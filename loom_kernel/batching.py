@@ -156,6 +156,10 @@ class Joined:
             if call.future.done() or not all(i in done for i in ids):
                 continue
             rows = [done.pop(i) for i in ids]
+            failed = next((row for row in rows if isinstance(row, BaseException)), None)
+            if failed is not None:  # a row the decoder ended with an error (its logits not finite): its call fails
+                call.future.set_exception(failed)
+                continue
             counters.prompt_tokens += sum(row.prompt_tokens for row in rows)
             counters.generated_tokens += sum(len(row.token_ids) - row.prompt_tokens for row in rows)
             call.answer(ForwardOutput(rows=[restrict(row, call.capture, self.merged) for row in rows]))

@@ -11,6 +11,8 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
+from loom_kernel.errors import LoomError
+
 PositionSpec = Literal["last", "all", "prompt", "generated"] | list[int]
 
 
@@ -116,10 +118,11 @@ class LoadedModel:
 
 class Decoder(Protocol):
     """A model's running generation, owned by the loader: rows join (``join`` prefills a batch's prompts and returns
-    their row ids) and leave (finished, their ``SequenceOutput`` in ``done`` under their id) at step boundaries;
-    ``step`` runs one decoding step of every running row. Every row gets exactly what it gets alone."""
+    their row ids) and leave (finished, their ``SequenceOutput`` in ``done`` under their id, or the LoomError that
+    ended that row alone, such as logits that are not finite) at step boundaries; ``step`` runs one decoding step
+    of every running row. Every row gets exactly what it gets alone."""
 
-    done: dict[int, SequenceOutput]
+    done: dict[int, SequenceOutput | LoomError]
 
     @property
     def busy(self) -> bool:
@@ -282,6 +285,8 @@ class Reading:
     sites: tuple[str, ...] = ()
     read: Callable[[dict[str, Any], list[int] | None], dict[str, Any]] | None = None
     stop: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+    # An upper bound of the JSON bytes ``read`` adds to an answer for one position (the answer's size estimate).
+    bytes_per_position: int = 0
 
     @property
     def keys(self) -> list[str]:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,9 @@ def test_round_trip_listing_and_deletion(tmp_path: Path) -> None:
         assert abs(r.json()["norm"] - float(np.linalg.norm(values.astype(np.float64)))) < 1e-4
         assert c.post("/vectors", json={"name": "wire", "vector": b64(values)}).status_code == 201
         listed = c.get("/vectors").json()
-        assert sorted(v["name"] for v in listed["vectors"]) == ["joy", "wire"] and listed["bytes"] == 2 * 64 * 4
+        assert sorted(v["name"] for v in listed["vectors"]) == ["joy", "wire"]
+        assert listed["bytes"] == sum(v["bytes"] for v in listed["vectors"]) and listed["entries"] == 2
+        assert all(v["bytes"] > 64 * 4 for v in listed["vectors"])  # the numbers, and what is kept beside them
         for name in ("joy", "wire"):
             got = c.get(f"/vectors/{name}").json()
             np.testing.assert_array_equal(np.asarray(got["vector"]["data"], dtype=np.float32), values)
@@ -73,11 +77,11 @@ def test_bad_vectors_are_422_naming_the_field(body: dict | str, field: str) -> N
 
 
 def test_the_byte_budget_is_a_507_and_a_replacement_counts_what_it_frees() -> None:
-    with TestClient(app_with(options={"vectors_max_mb": 1000 / 2**20})) as c:  # 1000 bytes: 250 floats
+    with TestClient(app_with(options={"vectors_max_mb": 12_000 / 2**20})) as c:  # an entry costs 4 KiB besides
         assert c.post("/vectors", json={"name": "a", "vector": [0.5] * 200}).status_code == 201
-        r = c.post("/vectors", json={"name": "b", "vector": [0.5] * 100})
-        assert r.status_code == 507 and "budget of 1000 bytes" in r.json()["detail"], r.text
-        assert c.post("/vectors", json={"name": "a", "vector": [0.5] * 250, "replace": True}).status_code == 201
+        r = c.post("/vectors", json={"name": "b", "vector": [0.5] * 900})
+        assert r.status_code == 507 and "budget of 12000 bytes" in r.json()["detail"], r.text
+        assert c.post("/vectors", json={"name": "a", "vector": [0.5] * 1000, "replace": True}).status_code == 201
         assert [v["name"] for v in c.get("/vectors").json()["vectors"]] == ["a"]
 
 
@@ -98,7 +102,14 @@ def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tm
     store = TensorStore("vector", 2**20, directory)
     with pytest.raises(KeyboardInterrupt):
         store.put("steady", torch.zeros(64), {}, replace=True)
-    (directory / ".steady.999.tmp").write_bytes(b"left by a crash")  # a kill -9 leaves its temporary file
+    from loom_interp.stores import _HOST
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid nobody has now
+    (directory / f".steady.{_HOST}.{dead.pid}.0a1b.tmp").write_bytes(b"left by a crash")  # what a kill -9 leaves
+    # Another process's write in progress (it is alive), and another host's: not this store's to remove.
+    (directory / f".steady.{_HOST}.{os.getppid()}.2c3d.tmp").write_bytes(b"being written")
+    (directory / f".steady.otherhost.{dead.pid}.4e5f.tmp").write_bytes(b"another machine's")
     monkeypatch.undo()
 
     with TestClient(app_with(options={"vectors_directory": str(directory)})) as c:  # the restart
@@ -106,7 +117,8 @@ def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tm
         assert [(v["name"], v["model"]) for v in listed] == [("steady", "m")]
         got = c.get("/vectors/steady").json()["vector"]
         np.testing.assert_array_equal(np.asarray(got["data"], dtype=np.float32), values)
-    assert sorted(p.name for p in directory.iterdir()) == ["steady.safetensors"]
+    left = {f".steady.{_HOST}.{os.getppid()}.2c3d.tmp", f".steady.otherhost.{dead.pid}.4e5f.tmp"}
+    assert {p.name for p in directory.iterdir()} - {".lock"} == {*left, "steady.safetensors"}
 
 
 @pytest.mark.parametrize(("site", "positions"), [(2, "last"), ("blocks.1.hook_mlp_out", "mean")])

@@ -175,12 +175,20 @@ class StateRequest:
         )
 
     def _check_size(self, model: LoadedModel, batch: Batch, capture: Capture) -> None:
-        parts = answer_bytes(model, batch, capture, self.positions, self.fmt, self.dtype)
+        reading = self.reading(model)
+        per = reading.bytes_per_position if reading is not None and reading.read is not None else 0
+        streamed = self.streaming and per > 0
+        parts = answer_bytes(model, batch, capture, self.positions, self.fmt, self.dtype, per, streamed)
         total = sum(parts.values())
         limit = self.max_response_bytes or 0
         if total <= limit:
             return
-        fields = {"states": "hidden_state_layers", "attentions": "return_attention", "logits": "return_logits"}
+        fields = {
+            "states": "hidden_state_layers",
+            "attentions": "return_attention",
+            "logits": "return_logits",
+            "readouts": next((k for k in self.asked if k in ("logit_lens", "probes")), "probes"),
+        }
         largest = max(parts, key=parts.__getitem__)
         cheaper = "; base64 or safetensors answers are 3-10x smaller than list" if self.fmt == "list" else ""
         raise AnswerTooLarge(
@@ -194,10 +202,19 @@ class StateRequest:
 
 
 def answer_bytes(
-    model: LoadedModel, batch: Batch, capture: Capture, positions: Any, fmt: str, dtype: str
+    model: LoadedModel,
+    batch: Batch,
+    capture: Capture,
+    positions: Any,
+    fmt: str,
+    dtype: str,
+    readout_bytes: int = 0,
+    streamed: bool = False,
 ) -> dict[str, int]:
     """An upper estimate of the answer's bytes by part, from shapes alone, before any work: a text counts as one
-    token per character (plus two special tokens), at most the model's context."""
+    token per character (plus two special tokens), at most the model's context. ``readout_bytes``: what the
+    request's readouts (lens, probe scores, SAE features) add per position read, and per generated token when
+    ``streamed`` (each token event carries them)."""
     per = NUMBER_BYTES[fmt][dtype]
     new = batch.generation.max_tokens if batch.generation is not None else 0
     config = model.ref.config or {}
@@ -205,7 +222,7 @@ def answer_bytes(
     vocab = _config_int(config, "vocab_size") or _tokenizer_size(model.tokenizer)
     texts = batch.texts
     lengths = [len(ids) for ids in batch.token_ids] if batch.token_ids is not None else [len(t) + 2 for t in texts]
-    parts = {"states": 0.0, "attentions": 0.0, "logits": 0.0, "tokens": 0.0}
+    parts = {"states": 0.0, "attentions": 0.0, "logits": 0.0, "readouts": 0.0, "tokens": 0.0}
     for prompt in lengths:
         if model.max_context:
             prompt = min(prompt, model.max_context)
@@ -219,6 +236,7 @@ def answer_bytes(
             parts["attentions"] += len(capture.attention_layers) * heads * max(1, selected) * total * per
         if capture.logits:
             parts["logits"] += new * vocab * per
+        parts["readouts"] += ((selected if positions != "last" else 1) + (new if streamed else 0)) * readout_bytes
         parts["tokens"] += ROW_BYTES + total * TOKEN_BYTES + new * (1 + (capture.top_logprobs or 0)) * LOGPROB_BYTES
     return {k: int(v) for k, v in parts.items()}
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
-from litestar import Request
+from litestar import Litestar, Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from loom_kernel.api.problems import begin_request, error_response, with_request_id
@@ -123,11 +124,34 @@ def guarded(handler: ASGIApp, guard: Guard) -> ASGIApp:
         if refused is None:
             await handler(scope, receive, send)
             return
-        request: Request = Request(scope, receive, send)
-        response = error_response(request, refused).to_asgi_response(app=None, request=request)
-        await response(scope, receive, send)
+        await refuse(scope, receive, send, refused)
 
     return guarded_handler
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+    """The app's own problem response for ``exc`` (an OpenAI error object on /v1 included), sent without routing:
+    what the guard answers here, and what a front end (the Ray router) answers for the app."""
+    request: Request = Request(scope, receive, send)
+    response = error_response(request, exc).to_asgi_response(app=None, request=request)
+    await response(scope, receive, send)
+
+
+def route_of(app: Litestar, method: str, path: str) -> Any:
+    """The route handler ``method`` and ``path`` reach in ``app``, found as the app's router finds it; None for no
+    route (the app answers 404 or 405). What a front end that runs before the app (the Ray router) asks of it."""
+    try:
+        return app.asgi_router.handle_routing(path, method)[1]
+    except Exception:
+        return None
+
+
+def body_limit(app: Litestar, handler: Any) -> int:
+    """The most bytes a request's body may have on the route of ``handler``: the route's own
+    ``opt["max_body"](settings)`` where it declares one (a file upload), else ``max_body_mb``."""
+    settings = app.state.settings
+    limit = handler.opt.get("max_body") if handler is not None else None
+    return int(limit(settings)) if callable(limit) else int(settings.max_body_mb * 2**20)
 
 
 def _bare(host: str) -> str:
@@ -154,26 +178,32 @@ def authorized(header: bytes, key: bytes) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
-def public(scope: Scope) -> bool:
-    """Whether the route handler the request reached is marked ``opt={"public": True}`` (served without the key)."""
-    handler = scope.get("route_handler")
+def public(handler: Any) -> bool:
+    """Whether a route handler is marked ``opt={"public": True}`` (served without the key)."""
     return handler is not None and handler.opt.get("public") is True
 
 
-def api_key_middleware(key: str) -> Callable[[ASGIApp], ASGIApp]:
-    expected = key.encode()
+def key_refusal(scope: Scope, key: str | None, handler: Any = None) -> Unauthorized | None:
+    """The 401 for a request without the API key ``key`` (None: no key, nothing refused) to a route that needs it
+    (every one but /health and those ``public``; ``handler``: the route's, where it is known)."""
+    if not key or scope["path"] in OPEN_PATHS or public(handler or scope.get("route_handler")):
+        return None
+    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+    if authorized(header, key.encode()):
+        return None
+    return Unauthorized(
+        "authorization: this server needs an API key: send Authorization: Bearer <key>"
+        if not header
+        else "authorization: the API key is not valid",
+        field="authorization",
+    )
 
+
+def api_key_middleware(key: str) -> Callable[[ASGIApp], ASGIApp]:
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not public(scope):
-                header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-                if not authorized(header, expected):
-                    raise Unauthorized(
-                        "authorization: this server needs an API key: send Authorization: Bearer <key>"
-                        if not header
-                        else "authorization: the API key is not valid",
-                        field="authorization",
-                    )
+            if scope["type"] == "http" and (refused := key_refusal(scope, key)) is not None:
+                raise refused
             await app(scope, receive, send)
 
         return middleware

@@ -7,18 +7,36 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from loom_interp.fitting import FIT_OPTIONS
 from loom_interp.interventions import resolve_interventions
 from loom_interp.patching import PATCH_MAX_ROWS, PatchController
 from loom_interp.probes import ProbesController
 from loom_interp.readouts import Readouts, feature_vector
-from loom_interp.stores import PROBES_DIRECTORY, PROBES_MAX_MB, VECTORS_DIRECTORY, VECTORS_MAX_MB, stores
+from loom_interp.stores import (
+    PROBES_DIRECTORY,
+    PROBES_MAX_ENTRIES,
+    PROBES_MAX_MB,
+    VECTORS_DIRECTORY,
+    VECTORS_MAX_ENTRIES,
+    VECTORS_MAX_MB,
+    stores,
+)
 from loom_interp.vectors import VectorsController
 from loom_kernel import LoadedModel, Option, Reading, hookimpl
 
 
 @hookimpl
 def options() -> list[Option]:
-    return [VECTORS_DIRECTORY, VECTORS_MAX_MB, PATCH_MAX_ROWS, PROBES_DIRECTORY, PROBES_MAX_MB]
+    return [
+        VECTORS_DIRECTORY,
+        VECTORS_MAX_MB,
+        VECTORS_MAX_ENTRIES,
+        PATCH_MAX_ROWS,
+        PROBES_DIRECTORY,
+        PROBES_MAX_MB,
+        PROBES_MAX_ENTRIES,
+        *FIT_OPTIONS,
+    ]
 
 
 @hookimpl
@@ -43,4 +61,5 @@ def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any) -> Readin
         sites=tuple(plan.sites),
         read=functools.partial(plan.read, model) if plan.streams else None,
         stop=plan.stop if plan.stops else None,
+        bytes_per_position=plan.bytes_per_position(model),
     )

@@ -4,30 +4,58 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
+import threading
+import weakref
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 
+from loom_interp.fitting import fitter, train
 from loom_interp.interventions import read_vector
-from loom_interp.readouts import check_probe
-from loom_interp.stores import stores
+from loom_interp.readouts import check_probe, typed_meta
+from loom_interp.stores import PROBES_MAX_MB, stores
+from loom_kernel import echo
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import check_site
-from loom_kernel.errors import InvalidField
+from loom_kernel.errors import InsufficientStorage, InvalidField
 from loom_kernel.types import Batch
 
 SAFETENSORS_TYPES = ("application/vnd.loom.safetensors", "application/octet-stream")
 SAE_ROLES = ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")
 MAX_FIT_TEXTS = 4096
+MAX_FIT_CLASSES = 256
 FIT_BATCH = 32
+MAX_UPLOADS = 2  # SAE files read and parsed at once (the next waits before its body is read)
+# What a safetensors file's tensors may hold: numbers the store keeps as float32 (a BOOL or int tensor is no SAE,
+# and would grow 4 to 8 times as float32).
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 Tensor = list[Any] | dict[str, Any]  # numbers, rows of numbers, or a wire tensor
+
+
+MAX_HEADER_BYTES = 16 * 2**20  # a safetensors header's own limit (100 MB in the library) is far above any SAE's
+
+_UPLOADS: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+_UPLOADS_LOCK = threading.Lock()
+
+
+@contextlib.asynccontextmanager
+async def uploads(manager: Any) -> AsyncIterator[None]:
+    """One of the ``MAX_UPLOADS`` upload slots of the server ``manager`` runs."""
+    with _UPLOADS_LOCK:
+        slots = _UPLOADS.setdefault(manager, asyncio.Semaphore(MAX_UPLOADS))
+    async with slots:
+        yield
 
 
 class ProbeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -44,7 +72,7 @@ class ProbeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     threshold: Tensor | None = None  # jumprelu: [F]
     W_dec: Tensor | None = None  # optional [F, H]: reconstruction error, feature steering
     k: int | None = None  # topk
-    top_features: int | None = None  # features an answer lists per position (default 16)
+    top_features: int | None = None  # features an answer lists per position (default 16, at most the SAE's width)
     model: str | None = None
     description: str | None = None
     replace: bool = False
@@ -62,7 +90,7 @@ class FitRequest(LoadFields, kw_only=True):
 
 
 def meta_of(data: Any, kind: str, activation: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {
+    return {
         "kind": kind,
         "activation": activation,
         "site": str(data.site),
@@ -70,16 +98,42 @@ def meta_of(data: Any, kind: str, activation: str) -> dict[str, Any]:
         "description": data.description,
         "labels": getattr(data, "labels", None),
         "k": data.k,
+        "top_features": data.top_features,
     }
-    if data.top_features is not None:
-        meta["top_features"] = str(data.top_features)
-    return meta
 
 
 def store(manager: Any, name: str, tensors: dict[str, Any], meta: dict[str, Any], replace: bool) -> dict[str, Any]:
+    """Checked and stored (on a request thread: a directory's write is flushed to disk)."""
     check_probe(tensors, meta)
     meta = {k: v for k, v in meta.items() if v is not None and not isinstance(v, int | list)}
     return stores(manager).probes.put(name, tensors, meta, replace=replace).describe()
+
+
+def header_of(head: bytes, limit: int) -> tuple[int, dict[str, Any]]:
+    """(the whole file's length, its header) from a safetensors file's first bytes: refused (422) when its tensors
+    are not floats, and (507) when as float32 they would pass ``limit`` bytes, before its tensors are read."""
+    allowed = "a safetensors file of float tensors (F32, F16, BF16, F64)"
+    try:
+        length = int.from_bytes(head[:8], "little")
+        header = json.loads(head[8 : 8 + length])
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        dtypes = {k: v["dtype"] for k, v in tensors.items()}
+        numbers = sum(math.prod(int(d) for d in v["shape"]) for v in tensors.values())
+    except Exception as exc:
+        raise InvalidField(
+            f"body: not a safetensors file: {type(exc).__name__}: {echo(str(exc))}", field="body", allowed=allowed
+        ) from None
+    bad = next((k for k, d in dtypes.items() if d not in FLOAT_DTYPES), None)
+    if bad is not None:
+        raise InvalidField(f"body: tensor {echo(bad)} holds {echo(dtypes[bad])}", field="body", allowed=allowed)
+    if numbers * 4 > limit:
+        raise InsufficientStorage(
+            f"body: its tensors would take {numbers * 4} bytes as float32, more than the probe budget of {limit} "
+            "bytes (probes.max_mb)",
+            field="body",
+        )
+    return 8 + length + end, header
 
 
 def read_safetensors(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
@@ -92,29 +146,73 @@ def read_safetensors(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
         tensors = safetensors.torch.load(body)
     except Exception as exc:
         raise InvalidField(
-            f"body: not a safetensors file: {type(exc).__name__}: {exc}", field="body", allowed="a safetensors file"
+            f"body: not a safetensors file: {type(exc).__name__}: {echo(str(exc))}",
+            field="body",
+            allowed="a safetensors file",
         ) from None
     return {k: v.float() for k, v in tensors.items()}, dict(header.get("__metadata__") or {})
 
 
-async def bounded_body(request: Request, limit: int) -> bytes:
-    """The body, read as it arrives and refused (413) once it passes ``limit``: the probe budget, not the server's
-    max_body_mb, bounds an upload, and nothing past the budget is held in memory."""
+def upload_limit(settings: Any) -> int:
+    """The largest SAE file ``POST /probes/{name}`` reads: the probe budget's tensors and their header."""
+    return int(PROBES_MAX_MB.of(settings) * 2**20) + MAX_HEADER_BYTES
+
+
+async def safetensors_body(request: Request, limit: int) -> bytes:
+    """An SAE file's bytes, read as they arrive: its header first (``header_of``: sized and typed before any tensor is
+    read), then no more than it says the file holds, and never more than ``limit`` (the probe budget, not the
+    server's max_body_mb) plus the header; refused (413) past either."""
     from litestar.exceptions import HTTPException
 
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size, expected = 0, None
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(status_code=413, detail=f"body: more than the probe budget of {limit} bytes")
         chunks.append(chunk)
+        size += len(chunk)
+        if expected is None and size >= 8:
+            head = b"".join(chunks)
+            length = int.from_bytes(head[:8], "little")
+            if length > MAX_HEADER_BYTES:
+                raise InvalidField(f"body: a header of {length} bytes", field="body", allowed="a safetensors file")
+            if size >= 8 + length:
+                expected, _ = header_of(head, limit)
+                chunks = [head]
+        if size > (expected if expected is not None else limit + MAX_HEADER_BYTES):
+            raise HTTPException(status_code=413, detail=f"body: more than its header says, or than {limit} bytes")
     return b"".join(chunks)
 
 
-async def fit(session: Session, data: FitRequest, req: StateRequest) -> dict[str, Any]:
-    """States of every text at the site (through the scheduler, ``FIT_BATCH`` texts a call), then the fit."""
+def fit_classes(data: FitRequest) -> tuple[list[str], list[int], int]:
+    """(the classes, sorted; each text's class index; the cross-validation folds), checked before any work."""
+    if len(data.labels) != len(data.texts):
+        raise InvalidField(
+            f"labels: {len(data.labels)} labels for {len(data.texts)} texts",
+            field="labels",
+            allowed=f"{len(data.texts)} labels, one per text",
+        )
+    classes = sorted(set(data.labels))
+    if len(classes) > MAX_FIT_CLASSES:
+        raise InvalidField(
+            f"labels: {len(classes)} classes", field="labels", allowed=f"at most {MAX_FIT_CLASSES} classes"
+        )
+    index = {label: i for i, label in enumerate(classes)}
+    y = [index[label] for label in data.labels]
+    folds = min(5, min(y.count(i) for i in range(len(classes))))
+    if len(classes) < 2 or folds < 2:
+        raise InvalidField(
+            "labels: fitting needs two classes or more, each on at least two texts",
+            field="labels",
+            allowed="two or more class names, each given to two texts or more",
+        )
+    return classes, y, folds
+
+
+async def fit(session: Session, data: FitRequest, req: StateRequest, manager: Any) -> dict[str, Any]:
+    """States of every text at the site (through the scheduler, ``FIT_BATCH`` texts a call), then the fit, in a
+    worker process (``fitting``): stopped past ``probes.fit_seconds``, or when the client leaves."""
     import asyncio
 
+    classes, y, folds = fit_classes(data)
     model = session.model
     check_site(data.site, model, "site")
     capture = req.capture(model)
@@ -122,40 +220,21 @@ async def fit(session: Session, data: FitRequest, req: StateRequest) -> dict[str
     outputs = await asyncio.gather(*(session.forward(Batch(texts=tuple(c)), capture) for c in chunks))
     key = str(data.site)
 
-    def train() -> dict[str, Any]:
+    def states() -> Any:
         import numpy as np
-        import torch
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-        x = np.stack([r.states[key].double().mean(0).numpy() for out in outputs for r in out.rows])
-        classes = sorted(set(data.labels))
-        y = np.array([classes.index(label) for label in data.labels])
-        folds = min(5, int(np.bincount(y).min()))
-        if len(classes) < 2 or folds < 2:
-            raise InvalidField(
-                "labels: fitting needs two classes or more, each on at least two texts",
-                field="labels",
-                allowed="two or more class names, each given to two texts or more",
-            )
-        clf = LogisticRegression(max_iter=2000)
-        cv = cross_val_score(
-            LogisticRegression(max_iter=2000), x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0)
-        )
-        clf.fit(x, y)
-        coef, intercept = torch.from_numpy(clf.coef_), torch.from_numpy(clf.intercept_)
-        if len(classes) == 2:  # sklearn's binary model is one logit: softmax([0, z]) gives the same probabilities
-            coef = torch.cat([torch.zeros_like(coef), coef])
-            intercept = torch.cat([torch.zeros_like(intercept), intercept])
-        return {
-            "tensors": {"weight": coef.float(), "bias": intercept.float()},
-            "labels": classes,
-            "train_accuracy": float(clf.score(x, y)),
-            "cv_accuracy": float(cv.mean()),
-            "cv_folds": folds,
-        }
+        return np.stack([r.states[key].double().mean(0).numpy() for out in outputs for r in out.rows])
 
-    return await session.thread(train)
+    x = await session.thread(states)
+    result = await fitter(manager).run(train, x, y, classes, folds)
+    import torch
+
+    return {
+        "tensors": {"weight": torch.from_numpy(result.pop("weight")), "bias": torch.from_numpy(result.pop("bias"))},
+        "labels": classes,
+        **result,
+        "cv_folds": folds,
+    }
 
 
 class ProbesController(Controller):
@@ -168,10 +247,14 @@ class ProbesController(Controller):
         "sae": ``W_enc``, ``b_enc``, ``b_dec``, ``activation`` relu, jumprelu with ``threshold``, or topk with
         ``k``; optional ``W_dec``), as JSON."""
         roles = ("weight", "bias") if data.kind == "linear" else SAE_ROLES
-        tensors = {r: read_vector(getattr(data, r), None, r) for r in roles if getattr(data, r) is not None}
-        return store(manager, data.name, tensors, meta_of(data, data.kind, data.activation), data.replace)
 
-    @post("/{name:str}", status_code=201, request_max_body_size=None, opt={"raw_body": True})
+        def put() -> dict[str, Any]:
+            tensors = {r: read_vector(getattr(data, r), None, r) for r in roles if getattr(data, r) is not None}
+            return store(manager, data.name, tensors, meta_of(data, data.kind, data.activation), data.replace)
+
+        return await asyncio.to_thread(put)
+
+    @post("/{name:str}", status_code=201, request_max_body_size=None, opt={"raw_body": True, "max_body": upload_limit})
     async def upload(
         self,
         name: FromPath[str],
@@ -192,34 +275,45 @@ class ProbesController(Controller):
             raise InvalidField(
                 f"content-type: {media!r}; send the file's bytes", field="content-type", allowed=list(SAFETENSORS_TYPES)
             )
-        tensors, file_meta = read_safetensors(await bounded_body(request, stores(manager).probes.max_bytes + 2**20))
-        unknown = sorted(set(tensors) - set(SAE_ROLES))
-        if unknown:
-            raise InvalidField(
-                f"body: tensor {unknown[0]!r} is not part of an SAE", field="body", allowed=list(SAE_ROLES)
-            )
-        site = site or file_meta.get("site") or file_meta.get("hook_name")
-        if site is None:
-            raise InvalidField("site: required (in the query, or the file's metadata)", field="site", allowed=None)
-        act = activation or file_meta.get("activation") or "relu"
-        k = k if k is not None else int(file_meta["k"]) if "k" in file_meta else None
-        fields = msgspec.structs.replace(
-            ProbeRequest(name=name, site=site), k=k, model=model, description=description, top_features=top_features
-        )
-        if isinstance(fields.site, str) and fields.site.lstrip("-").isdigit():
-            fields = msgspec.structs.replace(fields, site=int(fields.site))
-        return store(manager, name, tensors, meta_of(fields, "sae", act), replace)
+        async with uploads(manager):  # at most MAX_UPLOADS bodies read and parsed at once
+            body = await safetensors_body(request, stores(manager).probes.max_bytes)
 
-    @get("/", sync_to_thread=False)
+            def put() -> dict[str, Any]:  # parsing and the flushed write, on a request thread
+                tensors, file_meta = read_safetensors(body)
+                unknown = sorted(set(tensors) - set(SAE_ROLES))
+                if unknown:
+                    raise InvalidField(
+                        f"body: tensor {echo(unknown[0])} is not part of an SAE", field="body", allowed=list(SAE_ROLES)
+                    )
+                typed = typed_meta({key: file_meta[key] for key in ("k", "top_features") if key in file_meta})
+                where = site or file_meta.get("site") or file_meta.get("hook_name")
+                if where is None:
+                    raise InvalidField("site: required (in the query, or the file's metadata)", field="site")
+                act = activation or file_meta.get("activation") or "relu"
+                fields = msgspec.structs.replace(
+                    ProbeRequest(name=name, site=where),
+                    k=k if k is not None else typed.get("k"),
+                    model=model,
+                    description=description,
+                    top_features=top_features if top_features is not None else typed.get("top_features"),
+                )
+                if isinstance(fields.site, str) and fields.site.lstrip("-").isdigit():
+                    fields = msgspec.structs.replace(fields, site=int(fields.site))
+                return store(manager, name, tensors, meta_of(fields, "sae", act), replace)
+
+            return await asyncio.to_thread(put)
+
+    # A store over a shared directory may read what other replicas wrote: on a request thread.
+    @get("/", sync_to_thread=True)
     def list_probes(self, manager: Manager) -> dict[str, Any]:
         return stores(manager).probes.listing()
 
-    @get("/{name:str}", sync_to_thread=False)
+    @get("/{name:str}", sync_to_thread=True)
     def get_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
         return stores(manager).probes.get(name).describe()
 
-    @delete("/{name:str}", status_code=200)
-    async def delete_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
+    @delete("/{name:str}", status_code=200, sync_to_thread=True)
+    def delete_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
         stores(manager).probes.delete(name)
         return {"status": "deleted", "name": name}
 
@@ -227,12 +321,7 @@ class ProbesController(Controller):
     async def fit(self, data: JSONBody[FitRequest], request: Request, manager: Manager) -> dict[str, Any]:
         """Fit scikit-learn's LogisticRegression on the texts' states at ``site`` (each text's last token or token
         mean), report training and 5-fold cross-validated accuracy, and store it as a softmax probe."""
-        if len(data.labels) != len(data.texts):
-            raise InvalidField(
-                f"labels: {len(data.labels)} labels for {len(data.texts)} texts",
-                field="labels",
-                allowed=f"{len(data.texts)} labels, one per text",
-            )
+        fit_classes(data)
         req = StateRequest.from_fields(
             wanted=True,
             layers=[data.site],
@@ -243,8 +332,8 @@ class ProbesController(Controller):
             default_layers=[],
         )
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
-        result = await manager.run(entry, lambda s: fit(s, data, req), until=client_gone(request))
+        result = await manager.run(entry, lambda s: fit(s, data, req, manager), until=client_gone(request))
         meta = {"kind": "linear", "activation": "softmax", "site": str(data.site), "model": data.model}
         meta |= {"description": data.description, "labels": result["labels"]}
-        stored = store(manager, data.name, result.pop("tensors"), meta, data.replace)
+        stored = await asyncio.to_thread(store, manager, data.name, result.pop("tensors"), meta, data.replace)
         return {**result, "stored": stored, "metadata": model_metadata(entry.model())}

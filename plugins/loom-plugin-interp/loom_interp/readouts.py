@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from loom_interp.stores import Stored, TensorStore
-from loom_kernel import echo, fit_text
+from loom_kernel import chars_per_token, echo, fit_text
 from loom_kernel.capture import check_site, resolve_layers, split_sites
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.types import LayerSel, LoadedModel
@@ -23,7 +23,12 @@ from loom_kernel.types import LayerSel, LoadedModel
 LINEAR_ACTIVATIONS = ("linear", "sigmoid", "softmax")
 SAE_ACTIVATIONS = ("relu", "jumprelu", "topk")
 DEFAULT_TOP_FEATURES = 16
+MAX_LABEL_CHARS = 128
+LABEL_RULE = f"a name of at most {MAX_LABEL_CHARS} characters"
+MAX_TOP_FEATURES = 1024  # features an SAE's answer may list per position
 MAX_LENS_TOP_K = 100
+NUMBER_BYTES = 24  # a float in JSON, with its separator
+ENTRY_BYTES = 64  # {"token_id": ..., "logprob": ...} or {"index": ..., "value": ...} without a token's text
 
 
 @attrs.define(frozen=True)
@@ -60,7 +65,7 @@ class Readouts:
     def find(self, name: str, field: str) -> Stored:
         item = self.store.find(name) if self.store is not None else None
         if item is None:
-            known = sorted(self.store.items) if self.store is not None else []
+            known = self.store.names() if self.store is not None else []
             raise InvalidField(f"{field}: no probe named {echo(name)}", field=field, allowed=known)
         return item
 
@@ -120,6 +125,21 @@ class Plan:
     @property
     def streams(self) -> bool:
         return bool(self.lens or self.probes)
+
+    def bytes_per_position(self, model: LoadedModel) -> int:
+        """An upper bound of the JSON bytes ``read`` gives one position: every lens entry (its ``top_k`` tokens,
+        each with a text of up to the vocabulary's longest, and the tokens it follows), every probe's scores, every
+        SAE's listed features with their values (its ``top_features``, at most its width) and errors."""
+        text = 2 * chars_per_token(model)  # a token's text in JSON, escapes included
+        lens = (self.lens_top_k * (ENTRY_BYTES + text) + len(self.lens_tokens) * 2 * NUMBER_BYTES) * len(self.lens)
+        probes = 0
+        for name, _ in self.probes:
+            item = self.items[name]
+            if item.meta["kind"] == "sae":
+                probes += top_features(item) * ENTRY_BYTES + 3 * NUMBER_BYTES
+            else:
+                probes += int(item.tensors["weight"].shape[0]) * NUMBER_BYTES
+        return lens + probes + (len(self.lens) + len(self.probes)) * NUMBER_BYTES  # each entry's position
 
     def read(self, model: LoadedModel, states: dict[str, Any], positions: list[int] | None) -> dict[str, Any]:
         """``logit_lens`` and ``probe_scores`` of one row's states at ``positions`` (each state [P, ...]; a token
@@ -259,7 +279,7 @@ def score(item: Stored, x: Any) -> dict[str, Any]:
         return {"labels": labels_of(item), "data": scores.tolist()}
     import torch
 
-    k = min(int(item.meta.get("top_features", DEFAULT_TOP_FEATURES)), scores.shape[-1])
+    k = min(top_features(item), scores.shape[-1])
     values, ids = torch.topk(scores, k, dim=-1)
     out: dict[str, Any] = {
         "top_features": [
@@ -276,9 +296,18 @@ def score(item: Stored, x: Any) -> dict[str, Any]:
     return out
 
 
+def top_features(item: Stored) -> int:
+    """Features an SAE's answer lists per position: its stored ``top_features`` (checked on the way in), at most its
+    width."""
+    return min(int(item.meta.get("top_features", DEFAULT_TOP_FEATURES)), int(item.tensors["W_enc"].shape[1]))
+
+
 def check_probe(tensors: dict[str, Any], meta: dict[str, Any], field: str = "") -> None:
-    """A probe's tensors against its kind and activation; 422s name the tensor or field at fault."""
+    """A probe's tensors and fields against its kind and activation, made ready to store (``labels``, ``k`` and
+    ``top_features`` as text); 422s name the tensor or field at fault."""
     kind, act = meta["kind"], meta["activation"]
+    if kind not in ("linear", "sae"):
+        raise InvalidField(f"kind: {echo(kind)} is not a kind of probe", field="kind", allowed=["linear", "sae"])
     if kind == "linear":
         need = {"weight": 2, "bias": 1}
         allowed = list(LINEAR_ACTIVATIONS)
@@ -287,7 +316,7 @@ def check_probe(tensors: dict[str, Any], meta: dict[str, Any], field: str = "") 
         allowed = list(SAE_ACTIVATIONS)
     if act not in allowed:
         raise InvalidField(
-            f"activation: {act!r} is not one of the {kind} activations", field="activation", allowed=allowed
+            f"activation: {echo(act)} is not one of the {kind} activations", field="activation", allowed=allowed
         )
     for role, ndim in need.items():
         if role not in tensors:
@@ -297,12 +326,21 @@ def check_probe(tensors: dict[str, Any], meta: dict[str, Any], field: str = "") 
                 f"{role}: {tensors[role].ndim}-D, must be {ndim}-D", field=role, allowed=f"a {ndim}-D tensor"
             )
     if kind == "linear":
+        if meta.get("top_features") is not None:
+            raise InvalidField(
+                "top_features: a linear probe answers every class; top_features is an SAE's", field="top_features"
+            )
         c, h = tensors["weight"].shape
         _dim(tensors["bias"], 0, c, "bias", "[C], C the weight's rows")
         labels = meta.get("labels") or [str(i) for i in range(c)]
         if len(labels) != c or len(set(labels)) != c:
             raise InvalidField(
                 f"labels: {len(labels)} distinct names for {c} classes", field="labels", allowed=f"{c} distinct names"
+            )
+        long = next((i for i, label in enumerate(labels) if len(label) > MAX_LABEL_CHARS), None)
+        if long is not None:
+            raise InvalidField(
+                f"labels[{long}]: {len(labels[long])} characters", field=f"labels[{long}]", allowed=LABEL_RULE
             )
         meta["labels"] = json.dumps(labels)
         return
@@ -315,10 +353,57 @@ def check_probe(tensors: dict[str, Any], meta: dict[str, Any], field: str = "") 
         raise InvalidField(f"W_dec: shape {list(tensors['W_dec'].shape)}", field="W_dec", allowed=f"[{f}, {h}]")
     if act == "topk":
         k = meta.get("k")
-        if not isinstance(k, int) or not 1 <= k <= f:
-            raise InvalidField(f"k: {k!r} for a topk SAE of {f} features", field="k", allowed=f"1 to {f}")
+        if not _count(k, f):
+            raise InvalidField(f"k: {echo(k)} for a topk SAE of {f} features", field="k", allowed=f"1 to {f}")
         meta["k"] = str(k)
+    top = meta.get("top_features")
+    if top is not None:
+        most = min(f, MAX_TOP_FEATURES)
+        if not _count(top, most):
+            raise InvalidField(
+                f"top_features: {echo(top)} for an SAE of {f} features",
+                field="top_features",
+                allowed=f"1 to {most} (the SAE's width, at most {MAX_TOP_FEATURES})",
+            )
+        meta["top_features"] = str(top)
     meta.pop("labels", None)
+
+
+def _count(value: Any, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+
+
+def typed_meta(meta: dict[str, str]) -> dict[str, Any]:
+    """A probe's metadata as a file keeps it (text) back to the types ``check_probe`` takes: ``k`` and
+    ``top_features`` integers (as decimal digits, else a 422 naming them), ``labels`` a list."""
+    out: dict[str, Any] = dict(meta)
+    for key in ("k", "top_features"):
+        if key in meta:
+            text = meta[key].strip()
+            if not text.isdecimal():
+                raise InvalidField(
+                    f"{key}: {echo(meta[key])} in the file's metadata is not a whole number",
+                    field=key,
+                    allowed="a positive integer",
+                )
+            out[key] = int(text)
+    if "labels" in meta:
+        try:
+            labels = json.loads(meta["labels"])
+        except ValueError:
+            labels = None
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise InvalidField("labels: not a JSON list of names", field="labels", allowed="a JSON list of names")
+        out["labels"] = labels
+    return out
+
+
+def check_stored_probe(item: Stored) -> None:
+    """An entry read from the probes' directory, checked as one stored through the API is: a file that would fail
+    every request naming it (a ``top_features`` of -5, a ``k`` of "abc") is not served."""
+    if "kind" not in item.meta or "activation" not in item.meta or "site" not in item.meta:
+        raise InvalidField("kind, activation and site: missing from the file's metadata", field="body")
+    check_probe(dict(item.tensors), typed_meta(item.meta))
 
 
 def _dim(t: Any, axis: int, want: int, role: str, allowed: str) -> None:

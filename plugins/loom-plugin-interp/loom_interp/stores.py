@@ -8,12 +8,16 @@ store of vectors and one of probes, under the settings ``vectors.*`` and ``probe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import secrets
+import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,13 @@ log = logging.getLogger("loom")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+SUFFIX = ".safetensors"
+# What an entry costs beside its numbers and metadata: its file's header and its block on disk.
+ENTRY_OVERHEAD = 4096
+DEFAULT_MAX_ENTRIES = 4096
+MAX_META_CHARS = 1024  # a description, a model id, a site: what an entry keeps beside its numbers (labels aside)
+RECENT_NS = 2_000_000_000  # a directory changed this recently is looked at in full on every read
+_HOST = socket.gethostname().replace(".", "_") or "host"
 
 
 class NotFound(LoomError):
@@ -47,7 +58,10 @@ class Stored:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(t.numel()) * 4 for t in self.tensors.values())
+        """Every byte the entry keeps: its numbers, its metadata, and ``ENTRY_OVERHEAD``."""
+        numbers = sum(int(t.numel()) * 4 for t in self.tensors.values())
+        meta = sum(len(k.encode()) + len(v.encode()) for k, v in self.meta.items())
+        return numbers + meta + sum(len(role) for role in self.tensors) + ENTRY_OVERHEAD
 
     def describe(self) -> dict[str, Any]:
         shapes = {role: list(t.shape) for role, t in self.tensors.items()}
@@ -60,13 +74,37 @@ class Stored:
 
 
 class TensorStore:
-    def __init__(self, kind: str, max_bytes: int, directory: str | os.PathLike[str] | None = None) -> None:
-        self.kind, self.max_bytes = kind, max_bytes
+    """A store in memory, or over a directory that several processes (Ray replicas) may share.
+
+    Over a directory, the files are the truth: every read first looks whether the directory changed (one ``stat``;
+    a full look while its time stamp is recent, finer than the file system's clock) and reads what other processes
+    wrote, replaced or deleted; every write holds the directory's lock file (``flock``) from the budget check to the
+    rename, so two processes never pass the budget together or clobber each other's files. Temporary files carry the
+    host and process that write them; a starting store removes only those of its own host's dead processes.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        max_bytes: int,
+        directory: str | os.PathLike[str] | None = None,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        check: Callable[[Stored], None] | None = None,
+    ) -> None:
+        self.kind, self.max_bytes, self.max_entries = kind, max_bytes, max_entries
         self.directory = Path(directory) if directory else None
+        # Validates an entry read from the directory (a file written by hand, or by an older version).
+        self.check = check
         self.items: dict[str, Stored] = {}
+        self._lock = threading.RLock()
+        self._seen: dict[str, tuple[int, int, int]] = {}  # name -> (mtime_ns, size, inode) of the file last read
+        self._looked: int | None = None  # the directory's mtime_ns at the last full look
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._read_all()
+            self._remove_leftovers()
+            with self._lock:
+                self._refresh(force=True)
+            log.info("%s store: %d read from %s (%d bytes)", self.kind, len(self.items), self.directory, self.used)
 
     @property
     def used(self) -> int:
@@ -76,9 +114,10 @@ class TensorStore:
         """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``name``."""
         if not NAME.match(name):
             raise InvalidField(f"name: {echo(name)} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
-        if name in self.items and not replace:
-            raise Conflict(
-                f"name: a {self.kind} named {name!r} exists; send replace: true to overwrite it", field="name"
+        long = next((k for k, v in meta.items() if v and k != "labels" and len(v) > MAX_META_CHARS), None)
+        if long is not None:
+            raise InvalidField(
+                f"{long}: {len(str(meta[long]))} characters", field=long, allowed=f"at most {MAX_META_CHARS} characters"
             )
         group = tensors if isinstance(tensors, dict) else {self.kind: tensors}
         item = Stored(
@@ -87,52 +126,142 @@ class TensorStore:
             {k: v for k, v in meta.items() if v},
         )
         item.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        freed = self.items[name].nbytes if name in self.items else 0
-        if self.used - freed + item.nbytes > self.max_bytes:
-            raise InsufficientStorage(
-                f"{self.kind}s: storing {name!r} ({item.nbytes} bytes) would pass the budget of {self.max_bytes} bytes "
-                f"({self.used} used); delete some or raise the server's {self.kind}s.max_mb",
-                field=self.kind,
-            )
-        if self.directory is not None:
-            self._write(item)
-        self.items[name] = item
+        with self._lock, self._directory_lock():
+            self._refresh(force=True)
+            if name in self.items and not replace:
+                raise Conflict(
+                    f"name: a {self.kind} named {name!r} exists; send replace: true to overwrite it", field="name"
+                )
+            if name not in self.items and len(self.items) >= self.max_entries:
+                raise InsufficientStorage(
+                    f"{self.kind}s: the store holds its limit of {self.max_entries} entries; delete some or raise "
+                    f"the server's {self.kind}s.max_entries",
+                    field=self.kind,
+                )
+            freed = self.items[name].nbytes if name in self.items else 0
+            if self.used - freed + item.nbytes > self.max_bytes:
+                raise InsufficientStorage(
+                    f"{self.kind}s: storing {name!r} ({item.nbytes} bytes, its metadata included) would pass the "
+                    f"budget of {self.max_bytes} bytes ({self.used} used); delete some or raise the server's "
+                    f"{self.kind}s.max_mb",
+                    field=self.kind,
+                )
+            if self.directory is not None:
+                self._seen[name] = self._write(item)
+            self.items[name] = item
         return item
 
     def get(self, name: str) -> Stored:
-        item = self.items.get(name)
+        item = self.find(name)
         if item is None:
-            raise NotFound(f"name: no {self.kind} named {echo(name)}", field="name", allowed=sorted(self.items))
+            raise NotFound(f"name: no {self.kind} named {echo(name)}", field="name", allowed=self.names())
         return item
 
     def tensor(self, name: str) -> Any | None:
-        item = self.items.get(name)
+        item = self.find(name)
         return None if item is None else item.tensor
 
     def find(self, name: str) -> Stored | None:
-        return self.items.get(name)
+        with self._lock:
+            self._refresh()
+            return self.items.get(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            self._refresh()
+            return sorted(self.items)
 
     def listing(self) -> dict[str, Any]:
         """What ``GET /vectors`` or ``GET /probes`` answers: every item, and the store's bytes."""
-        return {
-            f"{self.kind}s": [item.describe() for item in self.items.values()],
-            "bytes": self.used,
-            "max_bytes": self.max_bytes,
-            "persistent": self.directory is not None,
-        }
+        with self._lock:
+            self._refresh()
+            return {
+                f"{self.kind}s": [item.describe() for item in self.items.values()],
+                "bytes": self.used,
+                "max_bytes": self.max_bytes,
+                "entries": len(self.items),
+                "max_entries": self.max_entries,
+                "persistent": self.directory is not None,
+            }
 
     def delete(self, name: str) -> None:
-        self.get(name)
-        if self.directory is not None:
-            (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
-        del self.items[name]
+        with self._lock, self._directory_lock():
+            self._refresh(force=True)
+            self.get(name)
+            if self.directory is not None:
+                (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
+                self._seen.pop(name, None)
+            del self.items[name]
 
-    def _write(self, item: Stored) -> None:
+    # -- the directory ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _directory_lock(self) -> Iterator[None]:
+        """The directory's lock, across processes (none in memory)."""
+        if self.directory is None:
+            yield
+            return
+        import fcntl
+
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _refresh(self, force: bool = False) -> None:
+        """Under ``_lock``: the entries as the directory holds them now."""
+        if self.directory is None:
+            return
+        stamp = os.stat(self.directory).st_mtime_ns
+        recent = time.time_ns() - stamp < RECENT_NS  # changes within one tick of a coarse clock share a stamp
+        if not force and stamp == self._looked and not recent:
+            return
+        self._looked = stamp
+        present: dict[str, tuple[int, int, int]] = {}
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):  # deleted since the listing
+                        st = entry.stat()
+                        present[entry.name[: -len(SUFFIX)]] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        for name in [n for n in self.items if n not in present]:
+            del self.items[name]
+        for name in [n for n in self._seen if n not in present]:
+            del self._seen[name]
+        for name, seen in present.items():
+            if self._seen.get(name) != seen:
+                self._seen[name] = seen  # read once per version, also when it cannot be read
+                self._read(name)
+
+    def _read(self, name: str) -> None:
+        from safetensors import safe_open
+
+        assert self.directory is not None
+        path = self.directory / f"{name}{SUFFIX}"
+        self.items.pop(name, None)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {role: f.get_tensor(role).float() for role in f.keys()}  # noqa: SIM118
+                item = Stored(name, tensors, dict(f.metadata() or {}))
+            if self.check is not None:
+                self.check(item)
+        except FileNotFoundError:
+            return  # deleted by another process since the listing
+        except Exception as exc:  # one bad file must not stop the server or hide the others
+            log.error("%s store: cannot use %s: %s", self.kind, path, getattr(exc, "detail", exc))
+            return
+        self.items[name] = item
+
+    def _write(self, item: Stored) -> tuple[int, int, int]:
+        """Under the directory's lock: ``item`` written under a temporary name of this process, flushed and renamed
+        over its file; (mtime_ns, size, inode) of the file."""
         from safetensors.torch import save_file
 
         assert self.directory is not None
-        final = self.directory / f"{item.name}.safetensors"
-        temporary = self.directory / f".{item.name}.{os.getpid()}.tmp"
+        final = self.directory / f"{item.name}{SUFFIX}"
+        temporary = self.directory / f".{item.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             save_file(item.tensors, str(temporary), metadata=item.meta)
             with open(temporary, "rb+") as f:
@@ -145,23 +274,28 @@ class TensorStore:
                 os.close(directory)
         finally:
             temporary.unlink(missing_ok=True)
+        st = os.stat(final)
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def _read_all(self) -> None:
-        from safetensors import safe_open
-
+    def _remove_leftovers(self) -> None:
+        """Temporary files of this host's processes that died mid-write (their old files are intact); another
+        process's write in progress, or another host's, is left alone."""
         assert self.directory is not None
-        for leftover in self.directory.glob(".*.tmp"):  # a write a crash interrupted: its old file is intact
-            leftover.unlink(missing_ok=True)
-        for path in sorted(self.directory.glob("*.safetensors")):
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    tensors = {role: f.get_tensor(role).float() for role in f.keys()}  # noqa: SIM118
-                    item = Stored(path.stem, tensors, dict(f.metadata() or {}))
-            except Exception as exc:  # one unreadable file must not stop the server or hide the others
-                log.error("%s store: cannot read %s: %s", self.kind, path, exc)
+        for leftover in self.directory.glob(".*.tmp"):
+            parts = leftover.name.rsplit(".", 4)  # ".<name>", host, pid, token, "tmp"
+            if len(parts) == 5 and (parts[1] != _HOST or not parts[2].isdigit() or _alive(int(parts[2]))):
                 continue
-            self.items[item.name] = item
-        log.info("%s store: %d read from %s (%d bytes)", self.kind, len(self.items), self.directory, self.used)
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @attrs.define(frozen=True)
@@ -173,8 +307,10 @@ class Stores:
 # A directory keeps a store across restarts (one safetensors file per entry); unset, it lives in memory.
 VECTORS_DIRECTORY = Option("vectors", "directory", None, "where stored steering vectors persist")
 VECTORS_MAX_MB = Option("vectors", "max_mb", 64.0, "MiB all stored vectors may take (beyond: 507)", minimum=0)
+VECTORS_MAX_ENTRIES = Option("vectors", "max_entries", 4096, "vectors the store may hold (beyond: 507)", minimum=1)
 PROBES_DIRECTORY = Option("probes", "directory", None, "where stored probes and sparse autoencoders persist")
 PROBES_MAX_MB = Option("probes", "max_mb", 512.0, "MiB all stored probes may take (beyond: 507)", minimum=0)
+PROBES_MAX_ENTRIES = Option("probes", "max_entries", 1024, "probes the store may hold (beyond: 507)", minimum=1)
 
 _STORES: weakref.WeakKeyDictionary[Any, Stores] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -186,8 +322,18 @@ def stores(manager: Any) -> Stores:
         found = _STORES.get(manager)
         if found is None:
             s = manager.settings
+            from loom_interp.readouts import check_stored_probe
+
             found = _STORES[manager] = Stores(
-                vectors=TensorStore("vector", int(VECTORS_MAX_MB.of(s) * 2**20), VECTORS_DIRECTORY.of(s)),
-                probes=TensorStore("probe", int(PROBES_MAX_MB.of(s) * 2**20), PROBES_DIRECTORY.of(s)),
+                vectors=TensorStore(
+                    "vector", int(VECTORS_MAX_MB.of(s) * 2**20), VECTORS_DIRECTORY.of(s), VECTORS_MAX_ENTRIES.of(s)
+                ),
+                probes=TensorStore(
+                    "probe",
+                    int(PROBES_MAX_MB.of(s) * 2**20),
+                    PROBES_DIRECTORY.of(s),
+                    PROBES_MAX_ENTRIES.of(s),
+                    check=check_stored_probe,
+                ),
             )
         return found

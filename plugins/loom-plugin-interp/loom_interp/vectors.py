@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -86,23 +87,26 @@ class VectorsController(Controller):
     path = "/vectors"
     tags = ["interventions"]
 
-    @post("/", status_code=201)
-    async def put(self, data: JSONBody[VectorRequest], manager: Manager) -> dict[str, Any]:
-        """Store a vector under ``name`` (409 if the name exists unless ``replace``; 507 past the byte budget)."""
+    # Store operations run on request threads: a directory's writes are flushed to disk, and a shared directory's
+    # reads may load what other replicas wrote.
+    @post("/", status_code=201, sync_to_thread=True)
+    def put(self, data: JSONBody[VectorRequest], manager: Manager) -> dict[str, Any]:
+        """Store a vector under ``name`` (409 if the name exists unless ``replace``; 507 past the byte budget or
+        the entry limit)."""
         tensor = read_vector(data.vector, None, "vector")
         return stores(manager).vectors.put(data.name, tensor, _site_meta(data), replace=data.replace).describe()
 
-    @get("/", sync_to_thread=False)
+    @get("/", sync_to_thread=True)
     def list_vectors(self, manager: Manager) -> dict[str, Any]:
         return stores(manager).vectors.listing()
 
-    @get("/{name:str}", sync_to_thread=False)
+    @get("/{name:str}", sync_to_thread=True)
     def get_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
         item = stores(manager).vectors.get(name)
         return {**item.describe(), "vector": encode_tensor(item.tensor, "float32", "list")}
 
-    @delete("/{name:str}", status_code=200)
-    async def delete_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
+    @delete("/{name:str}", status_code=200, sync_to_thread=True)
+    def delete_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
         stores(manager).vectors.delete(name)
         return {"status": "deleted", "name": name}
 
@@ -125,7 +129,8 @@ class VectorsController(Controller):
         vector = result.pop("vector")
         stored = None
         if data.name is not None:
-            stored = stores(manager).vectors.put(data.name, vector, _site_meta(data), replace=data.replace).describe()
+            put = stores(manager).vectors.put
+            stored = (await asyncio.to_thread(put, data.name, vector, _site_meta(data), data.replace)).describe()
         return {
             **result,
             "vector": encode_tensor(vector, "float32", "list"),

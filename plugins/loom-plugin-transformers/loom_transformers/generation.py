@@ -22,10 +22,12 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Batch, Capture, GenerationParams, Intervention, LoadedModel, SequenceOutput
+from loom_kernel import Batch, Capture, GenerationParams, Intervention, LoadedModel, LoomError, SequenceOutput
 from loom_kernel.capture import StateRecorder
+from loom_kernel.errors import InvalidField, Unsupported
 from loom_transformers.attention import AttentionRecorder, eager_attention
 from loom_transformers.running import (
+    NonFiniteLogits,
     _blocks,
     _budget,
     _device,
@@ -65,6 +67,7 @@ class Row:
     logprobs: list[dict[str, Any]] = attrs.field(factory=list)
     logits: list[Any] = attrs.field(factory=list)
     held: tuple[int, str, dict[str, Any]] | None = None
+    error: LoomError | None = None  # what ended the row instead of a finish (its call fails with it)
 
     @property
     def keep_last(self) -> bool:
@@ -311,7 +314,11 @@ class Decoder:
         if row.finish is not None:
             row.complete = True
             return
-        token = choose_token(logits, row.params, row.generator)
+        try:
+            token = choose_token(logits, row.params, row.generator)
+        except NonFiniteLogits as exc:  # this row fails alone; the batch runs on
+            row.error, row.finish, row.complete = non_finite(row, exc), "error", True
+            return
         row.generated.append(token)
         extras: dict[str, Any] = {}
         if row.capture.top_logprobs is not None:
@@ -342,9 +349,11 @@ class Decoder:
         if row.finish is not None and not row.final_pass:
             row.complete = True
 
-    def _output(self, row: Row) -> SequenceOutput:
+    def _output(self, row: Row) -> SequenceOutput | LoomError:
         import torch
 
+        if row.error is not None:
+            return row.error
         total = len(row.prompt) + len(row.generated)
         states = {}
         attentions = {}
@@ -380,7 +389,26 @@ def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> list[S
     ids = decoder.join(batch, capture)
     while decoder.busy:
         decoder.step()
-    return [decoder.done.pop(i) for i in ids]
+    rows = [decoder.done.pop(i) for i in ids]
+    for row in rows:
+        if isinstance(row, LoomError):
+            raise row
+    return rows  # type: ignore[return-value]
+
+
+def non_finite(row: Row, exc: NonFiniteLogits) -> LoomError:
+    """The error a row whose logits are not finite fails with: its edits' fault when it has any."""
+    where = f"the logits of generated token {len(row.generated)} are {exc.args[0]} (not finite)"
+    if row.edits:
+        return InvalidField(
+            f"interventions: {where}: the edits push the model's activations out of floating-point range; "
+            "use a smaller scale or vector",
+            field="interventions",
+            allowed="edits that keep the activations finite",
+        )
+    return Unsupported(
+        f"model: {where}: the model's activations overflow in its dtype; load it as float32", field="model"
+    )
 
 
 def _keys(capture: Capture) -> list[tuple[str, int | str]]:

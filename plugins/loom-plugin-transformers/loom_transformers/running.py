@@ -18,6 +18,7 @@ Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, o
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -216,18 +217,30 @@ def _step_kwargs(net: Any) -> tuple[str, dict[str, Any]]:
     return cache_arg, extra
 
 
+class NonFiniteLogits(ValueError):
+    """A row's logits hold NaN or +inf (or are all -inf): no token can be chosen from them."""
+
+
 def choose_token(logits: Any, params: GenerationParams, generator: Any) -> int:
-    """Greedy at temperature <= 0; else temperature, then top-k, then top-p, sampled with the row's generator."""
+    """Greedy at temperature <= 0; else temperature, then top-k, then top-p, sampled with the row's generator.
+    NonFiniteLogits when the logits' largest value is not finite (max propagates NaN): an edit that scaled the
+    residual stream by 1e38 must not reach the sampler, which would fail the whole running batch."""
     import torch
 
     if params.greedy:
-        return int(torch.argmax(logits))
+        top, index = torch.stack([t.double() for t in logits.max(-1)]).tolist()
+        if not math.isfinite(top):
+            raise NonFiniteLogits(top)
+        return int(index)
     # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
     # (greedy in the limit) instead of overflowing to inf - inf = nan; one below float32's smallest normal value
     # would become 0 (0 / 0 = nan) and divides as that value instead, the same limit.
     logits = logits.float()
+    top = logits.max()
+    if not math.isfinite(float(top)):
+        raise NonFiniteLogits(float(top))
     temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.max()) / temperature
+    logits = (logits - top) / temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
