@@ -90,6 +90,12 @@ def load_options(
 ) -> LoadOptions:
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise InvalidField(f"device_map: unknown placement {device_map!r}", field="device_map", allowed=DEVICE_MAPS)
+    if quantization is not None and not quantization.strip():
+        raise InvalidField(
+            "quantization: an empty method names none; leave the field out (or null) to load without quantization",
+            field="quantization",
+            allowed=sorted(QUANTIZATION_PACKAGES),
+        )
     if trust_remote_code and not settings.allow_remote_code_requests:
         raise Forbidden(
             "trust_remote_code: this server does not let requests ask to run a model's code; its operator can "

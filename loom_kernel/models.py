@@ -1,5 +1,6 @@
-"""The model manager: the registry of models and their lifecycle. Lazy load, preload, one load per model id, LRU
-by count, eviction under the memory budget (``loom_kernel.budget``), idle unload. Which loader and options a load
+"""The model manager: the registry of models and their lifecycle. Lazy load, preload, one loaded copy per model
+whatever name reaches it (the registry is keyed by the model's source, ``resolve.source_key``), LRU by count,
+eviction under the memory budget (``loom_kernel.budget``), idle unload. Which loader and options a load
 gets is ``loom_kernel.choosing``'s; how requests reach a loaded model, ``loom_kernel.admission``'s.
 
 Torch never runs on the event loop: loads and forward passes run on the model's own thread (``loom_kernel.batching``),
@@ -25,12 +26,13 @@ from loom_kernel.admission import Admission
 from loom_kernel.batching import BatchLimits, ModelThread
 from loom_kernel.budget import make_room, memory_report
 from loom_kernel.config import Settings
+from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import Conflict, LoadFailed, LoomError, ModelNotFound, Unsupported, load_error, out_of_memory
 from loom_kernel.inputs import char_limit
 from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
-from loom_kernel.resolve import resolve_model
+from loom_kernel.resolve import resolve_model, source_key
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, Reading
 
 log = logging.getLogger("loom.models")
@@ -39,6 +41,7 @@ log = logging.getLogger("loom.models")
 # above the memory budget that each was checked against alone.
 LOADING = threading.Lock()
 T = TypeVar("T")
+MAX_NAMES = 16  # names (with their revision) an entry remembers; a name past them is resolved again each time
 
 
 class State(enum.StrEnum):
@@ -49,15 +52,29 @@ class State(enum.StrEnum):
 
 @attrs.define(eq=False)
 class ModelEntry:
+    """One model in the registry. ``model_id`` is the first name it was loaded by (the one /models, the log and the
+    metrics show); ``key`` is its source; ``answers`` the (name, revision) pairs requests reached it by."""
+
     model_id: str
     loader: str
     options: LoadOptions
     worker: ModelThread
+    key: str = ""
+    answers: dict[tuple[str, str | None], None] = attrs.field(factory=dict)
     state: State = State.LOADING
     loaded: LoadedModel | None = None
     ready: asyncio.Future | None = None
     last_used: float = attrs.field(factory=time.monotonic)
     in_flight: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        """Every name this model answered to, first the one it was loaded by."""
+        return list(dict.fromkeys([self.model_id, *(name for name, _ in self.answers)]))
+
+    def answer(self, name: str, revision: str | None) -> None:
+        if len(self.answers) < MAX_NAMES:
+            self.answers.setdefault((name, revision), None)
 
     def model(self) -> LoadedModel:
         """The loaded model (ModelNotFound once it is unloaded)."""
@@ -88,6 +105,11 @@ class ModelManager:
             custom_models=self.settings.custom_models,
         )
 
+    def source(self, model_id: str, revision: str | None = None) -> tuple[ModelRef, str]:
+        """The model ``model_id`` names and its registry key (reads the disk: call it off the event loop)."""
+        ref = self.resolve(model_id, revision)
+        return ref, source_key(ref)
+
     def probe_report(self, model_id: str, revision: str | None = None) -> dict[str, Any]:
         return choosing.probe_report(self.pm, self.resolve(model_id, revision))
 
@@ -108,22 +130,24 @@ class ModelManager:
         revision: str | None = None,
         explicit: dict[str, Any] | None = None,
     ) -> ModelEntry:
-        """The ready entry for ``model_id``, loading it first if needed.
+        """The ready entry for the model ``model_id`` names, loading it first if needed.
 
-        ``explicit`` holds the load options the request named; a loaded model whose options or loader differ
-        from them is reloaded rather than silently reused.
+        Every name of one model (an alias, a path with a trailing slash, the embedded model's three names) reaches
+        the same entry: names resolve to the model's source, which keys the registry. ``explicit`` holds the load
+        options the request named; a loaded model whose options or loader differ from them is reloaded rather than
+        silently reused.
         """
         explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
-        entry = self._pending(model_id) or self.entries.get(model_id)
+        entry = self._named(model_id, revision)
         if entry is not None and not self._differs(entry, loader, explicit):
             return await self._wait_ready(entry)
         # Resolution may read the HF cache or ask the hub: keep it off the event loop.
-        ref = await asyncio.to_thread(self.resolve, model_id, revision)
+        ref, key = await asyncio.to_thread(self.source, model_id, revision)
         chosen = choosing.choose_loader(self.pm, ref, loader)
         opts = self.options(**explicit)
-        # Another request may have started a load meanwhile. One load per model id at a time: the same options
-        # wait for it, others are a 409 (ten requests with ten dtypes must not load ten copies at once).
-        if (pending := self._pending(model_id)) is not None:
+        # Another request may have started a load meanwhile. One load per model at a time: the same options wait
+        # for it, others are a 409 (ten requests with ten dtypes must not load ten copies at once).
+        if (pending := self._pending(key)) is not None:
             if self._differs(pending, chosen, explicit):
                 raise Conflict(
                     f"model: {model_id!r} is being loaded with other options (dtype={pending.options.dtype}, "
@@ -131,16 +155,27 @@ class ModelManager:
                     "it has loaded",
                     field="model",
                 )
+            pending.answer(model_id, revision)
             return await self._wait_ready(pending)
-        entry = self.entries.get(model_id)
+        entry = self.entries.get(key)
         if entry is not None and not self._differs(entry, chosen, explicit):
+            entry.answer(model_id, revision)
             return await self._wait_ready(entry)
-        return await self._load(model_id, ref, chosen, opts, replacing=entry)
+        return await self._load(key, (model_id, revision), ref, chosen, opts, replacing=entry)
 
-    def _pending(self, model_id: str) -> ModelEntry | None:
-        """The load of ``model_id`` in progress, first or replacing a loaded one, if any."""
-        for key in (model_id, f"{model_id} (reloading)"):
-            entry = self.entries.get(key)
+    def _named(self, name: str, revision: str | None) -> ModelEntry | None:
+        """The entry a request already reached by ``name`` (and ``revision``): its load in progress first."""
+        hits = [e for e in self.entries.values() if (name, revision) in e.answers and e.state != State.UNLOADED]
+        return next((e for e in hits if e.state == State.LOADING), None) or next(iter(hits), None)
+
+    def find(self, name: str) -> ModelEntry | None:
+        """The ready model that answered to ``name``, if any."""
+        return next((e for e in self.ready() if name in e.names), None)
+
+    def _pending(self, key: str) -> ModelEntry | None:
+        """The load of the model ``key`` in progress, first or replacing a loaded one, if any."""
+        for k in (key, f"{key} (reloading)"):
+            entry = self.entries.get(k)
             if entry is not None and entry.state == State.LOADING:
                 return entry
         return None
@@ -148,14 +183,27 @@ class ModelManager:
     def _differs(self, entry: ModelEntry, loader: str | None, explicit: dict[str, Any]) -> bool:
         """Whether the request names a loader or option the entry was not loaded with.
 
-        Device and dtype also match what the loader resolved: "float32" is the same as an "auto" that became
-        float32, so asking explicitly for what is loaded does not reload it."""
+        Options compare resolved: ``device: auto`` is the device it stands for here, ``dtype: auto`` the dtype it
+        picks on that device, so asking for what is loaded does not reload it; a value no load could take (an
+        empty ``quantization``, CUDA on a machine without it) is refused here (422)."""
         if loader is not None and loader != entry.loader:
             return True
-        current = attrs.asdict(entry.options, recurse=False)
-        for key, value in explicit.items():
-            actual = getattr(entry.loaded, key, None) if key in ("device", "dtype") else None
-            if value not in (current.get(key), actual):
+        if not explicit:
+            return False
+        asked = self.options(**explicit)
+        loaded = entry.options
+        for key in explicit:
+            if key == "device":
+                have = entry.loaded.device if entry.loaded is not None else resolve_device(loaded.device)
+                if resolve_device(asked.device) not in (have, loaded.device):
+                    return True
+            elif key == "dtype":
+                device = resolve_device(asked.device)
+                picked = str(resolve_dtype(asked.dtype, device)).removeprefix("torch.")
+                have = entry.loaded.dtype if entry.loaded is not None else None
+                if asked.dtype != loaded.dtype and picked != have:
+                    return True
+            elif getattr(asked, key) != getattr(loaded, key):
                 return True
         return False
 
@@ -167,8 +215,18 @@ class ModelManager:
         return entry
 
     async def _load(
-        self, model_id: str, ref: ModelRef, loader: str, opts: LoadOptions, *, replacing: ModelEntry | None
+        self,
+        key: str,
+        name: tuple[str, str | None],
+        ref: ModelRef,
+        loader: str,
+        opts: LoadOptions,
+        *,
+        replacing: ModelEntry | None,
     ) -> ModelEntry:
+        """Load the model ``key`` (reached by ``name``, with its revision), or reload ``replacing`` with other
+        options; a reload keeps the names and the id it was listed under."""
+        model_id = replacing.model_id if replacing is not None else name[0]
         if replacing is not None and replacing.in_flight:
             raise Conflict(
                 f"model: {model_id!r} is serving requests with other load options; retry when it is idle",
@@ -176,10 +234,12 @@ class ModelManager:
             )
         victims = make_room(self.ready(), model_id, ref, opts, self.settings.memory_fraction)
         thread = ModelThread(model_id, self.limits(), self.metrics.model(model_id))
-        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=thread)
+        answers = dict(replacing.answers) if replacing is not None else {}
+        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=thread, key=key, answers=answers)
+        entry.answer(*name)
         entry.ready = asyncio.get_running_loop().create_future()
         # The old entry stays listed (and usable) until the new one is in memory.
-        pending_key = model_id if replacing is None else f"{model_id} (reloading)"
+        pending_key = key if replacing is None else f"{key} (reloading)"
         self.entries[pending_key] = entry
         log.info(
             "loading %s with loader %s (device=%s dtype=%s quantization=%s) from %s",
@@ -215,7 +275,7 @@ class ModelManager:
         if replacing is not None:
             self.entries.pop(pending_key, None)
             self._drop(replacing)
-        self.entries[model_id] = entry
+        self.entries[key] = entry
         entry.ready.set_result(entry)
         log.info(
             "loaded %s: %s on %s as %s, %.1f MiB, %.2f s",
@@ -279,8 +339,8 @@ class ModelManager:
 
     def _remove(self, entry: ModelEntry) -> None:
         """Forget ``entry`` (if it is still the one listed under its id) and free its model."""
-        if self.entries.get(entry.model_id) is entry:
-            del self.entries[entry.model_id]
+        if self.entries.get(entry.key) is entry:
+            del self.entries[entry.key]
         self._drop(entry)
 
     def _drop(self, entry: ModelEntry) -> None:
@@ -297,9 +357,11 @@ class ModelManager:
         entry.worker.stop()
 
     async def unload(self, model_id: str) -> None:
-        if self._pending(model_id) is not None:
+        """Unload the model ``model_id`` names: a name it answered to, or any other name of it (resolved)."""
+        key = await self._key_of(model_id)
+        if key is not None and self._pending(key) is not None:
             raise Conflict(f"model: {model_id!r} is loading; unload it once it has loaded", field="model_id")
-        entry = self.entries.get(model_id)
+        entry = self.entries.get(key) if key is not None else None
         if entry is None or entry.state != State.READY:
             raise ModelNotFound(
                 f"model: {model_id!r} is not loaded", field="model_id", allowed=sorted(self.loaded_ids())
@@ -307,7 +369,18 @@ class ModelManager:
         if entry.in_flight:
             raise Conflict(f"model: {model_id!r} has {entry.in_flight} request(s) in flight", field="model_id")
         self._remove(entry)
-        log.info("unloaded %s", model_id)
+        log.info("unloaded %s", entry.model_id)
+
+    async def _key_of(self, name: str) -> str | None:
+        """The key of the model ``name`` reaches: an entry's that answered to it, else what it resolves to (None
+        when it names no model)."""
+        for entry in self.entries.values():
+            if name in entry.names:
+                return entry.key
+        try:
+            return (await asyncio.to_thread(self.source, name))[1]
+        except LoomError:
+            return None
 
     def memory_report(self) -> dict[str, Any]:
         return memory_report(self.ready(), self.settings)

@@ -14,6 +14,7 @@ def describe(entry: ModelEntry, auto_unload_s: float | None) -> dict[str, Any]:
     idle = 0.0 if entry.in_flight else time.monotonic() - entry.last_used
     row: dict[str, Any] = {
         "model_id": entry.model_id,
+        "names": entry.names,  # every name requests reached this one loaded copy by
         "loader": entry.loader,
         "state": entry.state,
         "in_flight": entry.in_flight,

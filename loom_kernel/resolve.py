@@ -183,6 +183,17 @@ def custom_model_ref(
     )
 
 
+def source_key(ref: ModelRef) -> str:
+    """What a model is, whatever name reached it (an alias, the embedded model's three names, a path with a trailing
+    slash or through a symlink): the directory it loads from, fully resolved (a hub snapshot's directory names its
+    revision), or a ``custom_models`` entry's name, its manifest being the config's. Reads the disk."""
+    if ref.source == "config":
+        return f"custom_models:{ref.id}"
+    if ref.path is not None:
+        return str(ref.path.resolve())
+    return f"{ref.hub_id or ref.id}@{ref.revision or ''}"
+
+
 def resolve_model(
     model_id: str,
     revision: str | None = None,

@@ -122,7 +122,7 @@ class Gate:
     """Holds a model's thread until opened, so that requests queue up behind it."""
 
     def __init__(self, app: Any, model: str) -> None:
-        self.entry = app.state.manager.entries[model]
+        self.entry = app.state.manager.find(model)
         self.event = threading.Event()
         self.entry.worker.submit(self.event.wait)
 
@@ -349,7 +349,7 @@ async def test_a_cancelled_request_stops_its_rows_mid_generation(served):
     app, c, model, calls = served
     long = {"max_tokens": 40, "temperature": 0, "stop": []}
     (want,) = await alone(c, "/generate", model, [{"prompt": PROMPTS[2], **long}])
-    entry = app.state.manager.entries[model]
+    entry = app.state.manager.find(model)
     passes, held, resume = 0, threading.Event(), threading.Event()
 
     def hold_the_fourth(module: Any, args: Any) -> None:  # the prefill and three decoding steps have run
@@ -454,7 +454,7 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         single = await alone(c, "/embed", "minilm", [{"text": t} for t in texts])
         calls.seen.clear()
         results = await together(app, c, "minilm", [("/embed", {"text": t}) for t in texts])
-        entry = app.state.manager.entries["minilm"]
+        entry = app.state.manager.find("minilm")
         assert entry.loaded.extra["packing"] is True
     assert [rows for rows, _, _ in calls.seen] == [len(texts)]
     want = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(texts)

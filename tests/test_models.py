@@ -98,7 +98,7 @@ async def test_unload_refused_while_a_request_is_in_flight(tiny_models):
         path = str(tiny_models["llama"])
         await c.post("/models/load", json={"model": path})
         manager = app.state.manager
-        entry = manager.entries[path]
+        entry = manager.find(path)
         held = threading.Event()
         entry.worker.submit(held.wait)  # the model's thread is busy: the next request stays in flight
         request = asyncio.ensure_future(c.post("/extract", json={"model": path, "text": "hi"}))

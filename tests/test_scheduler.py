@@ -87,7 +87,7 @@ async def post(c: Any, path: str, model: str, body: dict[str, Any]) -> Any:
 @pytest.fixture
 async def running(tiny_models):
     async with serving(tiny_models) as (app, c, model, _):
-        entry = app.state.manager.entries[model]
+        entry = app.state.manager.find(model)
         passes = Passes(entry.loaded.model)
         try:
             yield c, model, entry, passes
@@ -131,7 +131,7 @@ async def test_a_short_request_joins_a_long_generation_and_finishes_first(runnin
 @pytest.mark.parametrize("leaves", ["max_tokens", "stop string", "disconnect"])
 async def test_a_row_that_leaves_frees_its_place_for_a_waiting_request(tiny_models, leaves):
     async with serving(tiny_models, max_batch_size=2) as (app, c, model, calls):
-        entry = app.state.manager.entries[model]
+        entry = app.state.manager.find(model)
         passes = Passes(entry.loaded.model)
         try:
             brief = {"prompt": "a b", "max_tokens": 3, "temperature": 0}

@@ -40,7 +40,7 @@ class ModelsController(Controller):
         if not model_id.endswith("/sites"):
             raise NotFoundException(f"no such path: GET /models/{model_id} (did you mean /models/{model_id}/sites?)")
         model_id = model_id.removesuffix("/sites")
-        entry = next((e for e in manager.ready() if e.model_id == model_id), None)
+        entry = manager.find(model_id)
         if entry is None:
             raise ModelNotFound(
                 f"model_id: {model_id!r} is not loaded", field="model_id", allowed=sorted(manager.loaded_ids())

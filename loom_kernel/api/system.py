@@ -67,7 +67,7 @@ class SystemController(Controller):
             "gpu": gpu,
             "memory": manager.memory_report(),
             "loaded_models": manager.loaded_ids(),
-            "loading_models": [k for k, e in manager.entries.items() if e.state == State.LOADING],
+            "loading_models": [e.model_id for e in manager.entries.values() if e.state == State.LOADING],
             "uptime_seconds": round(time.monotonic() - manager.started, 3),
         }
 
