@@ -33,7 +33,7 @@ from loom_kernel.api.schemas import (
     GenerateRequest,
     GenerationFields,
 )
-from loom_kernel.api.streaming import TokenBridge, client_gone
+from loom_kernel.api.streaming import TokenBridge, client_gone, event_stream
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError
@@ -198,7 +198,7 @@ class InferenceController(Controller):
                     index += 1
                 yield ServerSentEventMessage(event=kind, data=msgspec.json.encode(value).decode())
 
-        return ServerSentEvent(events())
+        return event_stream(events())
 
     @post("/generate/batch", status_code=200)
     async def generate_batch(

@@ -498,33 +498,40 @@ def _row_result(
 async def generate_choices(
     session: Session, batch: Batch, req: StateRequest, n: int
 ) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]]:
-    """``n`` choices of ``batch``'s one prompt, as ``n`` rows of one batch, each with its own generator: with a seed
-    ``s``, choice ``i`` uses seed ``s + i`` (choice 0 is what ``n`` = 1 gives); ``on_token`` gets the choice as its
-    row. A loader that cannot give rows their own parameters gets the choices as ``n`` calls (merged when it can)."""
+    """``n`` choices of each of ``batch``'s prompts, as rows of one batch, prompt by prompt: prompt ``p``'s choice
+    ``i`` is row ``p * n + i`` (OpenAI's order), and ``on_token`` gets that row. Each row has its own generator:
+    with a seed ``s``, choice ``i`` uses seed ``s + i``, so every choice is what its prompt alone with that seed
+    gets (choice 0 is what ``n`` = 1 gives). A loader that cannot give rows their own parameters gets one call per
+    choice, each with every prompt (merged when it can). A prompt refused on its own fails the whole call."""
     assert batch.generation is not None
-    if n == 1:
-        return [await generate(session, batch, req)]
     params = tuple(choice_params(batch.generation, i) for i in range(n))
-    if session.model.row_params:
-        many = attrs.evolve(
+    if n == 1 or session.model.row_params:
+        rows = attrs.evolve(
             batch,
-            texts=batch.texts * n,
-            token_ids=batch.token_ids * n if batch.token_ids is not None else None,
-            row_generation=params,
+            texts=tuple(text for text in batch.texts for _ in range(n)),
+            token_ids=tuple(ids for ids in batch.token_ids for _ in range(n)) if batch.token_ids is not None else None,
+            row_generation=params * batch.size if n > 1 else batch.row_generation,
         )
-        results = await generate_rows(session, many, req)
-        for result in results:
-            if isinstance(result, LoomError):
-                raise result
-        return results  # type: ignore[return-value]
-    return list(
-        await asyncio.gather(
-            *(
-                generate(session, attrs.evolve(batch, generation=p, on_token=_renumbered(batch.on_token, [i])), req)
-                for i, p in enumerate(params)
+        return _raising(await generate_rows(session, rows, req))
+    prompts = range(batch.size)
+    per_choice = await asyncio.gather(
+        *(
+            generate_rows(
+                session,
+                attrs.evolve(batch, generation=p, on_token=_renumbered(batch.on_token, [k * n + i for k in prompts])),
+                req,
             )
+            for i, p in enumerate(params)
         )
     )
+    return _raising([per_choice[i][k] for k in prompts for i in range(n)])
+
+
+def _raising(results: list[Any]) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]]:
+    for result in results:
+        if isinstance(result, LoomError):
+            raise result
+    return results
 
 
 def choice_params(params: GenerationParams, i: int) -> GenerationParams:
@@ -536,7 +543,5 @@ async def generate(
     session: Session, batch: Batch, req: StateRequest
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput]:
     """One prompt generated with states: the /generate payload, its tensors by group, and the raw row."""
-    (result,) = await generate_rows(session, batch, req)
-    if isinstance(result, LoomError):
-        raise result
+    (result,) = _raising(await generate_rows(session, batch, req))
     return result

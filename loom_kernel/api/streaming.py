@@ -5,15 +5,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Request
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.types import Receive
 
 from loom_kernel.errors import LoomError
 
 log = logging.getLogger("loom.api")
+EVENT_STREAM = "text/event-stream"
+
+
+def event_stream(events: AsyncIterable[ServerSentEventMessage]) -> ServerSentEvent:
+    """An SSE response that says ``text/event-stream`` whatever its route declares: a route that answers JSON unless
+    the request asks for a stream (OpenAI's ``stream: true``) declares JSON, and Litestar lets the route's media type
+    override the response's own."""
+    response = ServerSentEvent(events)
+    response.headers["content-type"] = f"{EVENT_STREAM}; charset=utf-8"
+    return response
+
+
+@dataclass
+class MayStream(Operation):
+    """The OpenAPI operation of such a route (its ``operation_class``): its 200 answer is JSON, or events."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            events = Schema(type=OpenAPIType.STRING, description="server-sent events, when the request streams")
+            ok.content = {**(ok.content or {}), EVENT_STREAM: OpenAPIMediaType(schema=events)}
 
 
 class TokenBridge:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import attrs
 import msgspec
 from litestar import Controller, Request, get, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from loom_kernel import fit_text
@@ -18,7 +20,8 @@ from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import asked_fields, checked_params
 from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
 from loom_kernel.api.problems import openai_error, request_id
-from loom_kernel.api.streaming import TokenBridge, client_gone
+from loom_kernel.api.streaming import MayStream, TokenBridge, client_gone, event_stream
+from loom_kernel.api.system import path_model_id
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inputs import check_vocabulary, vocabulary_size
@@ -28,6 +31,7 @@ from loom_kernel.types import Batch, GenerationParams, LoadedModel
 from loom_openai.schemas import (
     MAX_CHAT_TOP_LOGPROBS,
     MAX_COMPLETION_LOGPROBS,
+    MAX_PROMPTS,
     MAX_STOP,
     ROLES,
     ChatCompletionRequest,
@@ -41,20 +45,62 @@ DEFAULT_MAX_TOKENS = 256
 
 
 def refuse_unsupported(data: OpenAIFields) -> None:
-    """Fields that would change the answer and are not implemented: refused, never silently ignored."""
+    """OpenAI's fields that would change the answer in a way this server does not implement: refused by name, never
+    silently ignored. Their defaults (and null) are accepted, as clients send them unasked."""
     checks: list[tuple[str, bool, Any]] = [
-        ("presence_penalty", data.presence_penalty != 0.0, [0]),
-        ("frequency_penalty", data.frequency_penalty != 0.0, [0]),
-        ("logit_bias", bool(data.logit_bias), None),
-        ("tools", bool(getattr(data, "tools", None)), None),
-        ("echo", bool(getattr(data, "echo", False)), [False]),
-        ("suffix", getattr(data, "suffix", None) is not None, None),
+        ("presence_penalty", data.presence_penalty not in (None, 0), [0]),
+        ("frequency_penalty", data.frequency_penalty not in (None, 0), [0]),
+        ("logit_bias", bool(data.logit_bias), [{}]),
     ]
-    rf = getattr(data, "response_format", None)
-    checks.append(("response_format", bool(rf) and rf.get("type") != "text", [{"type": "text"}]))
+    if isinstance(data, ChatCompletionRequest):
+        rf = data.response_format
+        checks += [
+            ("tools", bool(data.tools), [[]]),
+            ("functions", bool(data.functions), [[]]),
+            ("tool_choice", data.tool_choice not in (None, "none", "auto"), ["none", "auto"]),
+            ("function_call", data.function_call not in (None, "none", "auto"), ["none", "auto"]),
+            ("response_format", rf is not None and rf.get("type") != "text", [{"type": "text"}]),
+            ("modalities", data.modalities not in (None, ["text"]), [["text"]]),
+            ("audio", data.audio is not None, [None]),
+            ("prediction", data.prediction is not None, [None]),
+            ("store", bool(data.store), [False]),
+            ("reasoning_effort", data.reasoning_effort is not None, [None]),
+            ("verbosity", data.verbosity is not None, [None]),
+            ("web_search_options", data.web_search_options is not None, [None]),
+            ("moderation", data.moderation is not None, [None]),
+        ]
+    if isinstance(data, CompletionRequest):
+        checks += [
+            ("echo", bool(data.echo), [False]),
+            ("suffix", data.suffix is not None, [None]),
+            ("best_of", data.best_of not in (None, 1), [1]),
+        ]
     for field, bad, allowed in checks:
         if bad:
             raise InvalidField(f"{field}: not supported by this server", field=field, allowed=allowed)
+
+
+def refuse_unused(data: OpenAIFields) -> None:
+    """The Loom's capture fields shape what the answer carries; one that would change nothing is refused by name
+    instead of being ignored: the layers without hidden states or attention, the positions without those or a
+    readout that reads there, the wire format without any tensor in the answer."""
+    tensors = data.return_hidden_states or data.return_attention
+    reads = bool(data.probes or data.logit_lens)
+    unused = [
+        ("hidden_state_layers", data.hidden_state_layers is not None and not tensors),
+        ("positions", data.positions is not None and not (tensors or reads)),
+        ("return_full_sequence", data.return_full_sequence and not (tensors or reads)),
+        ("hidden_state_format", data.hidden_state_format is not None and not (tensors or data.return_logits)),
+        ("hidden_state_dtype", data.hidden_state_dtype is not None and not (tensors or data.return_logits)),
+    ]
+    for field, bad in unused:
+        if bad:
+            raise InvalidField(
+                f"{field}: changes nothing without return_hidden_states (or return_attention, return_logits, probes, "
+                "logit_lens where they read it)",
+                field=field,
+                allowed=["return_hidden_states: true"],
+            )
 
 
 def params_for(data: OpenAIFields, settings: Settings) -> GenerationParams:
@@ -98,6 +144,8 @@ def top_logprobs_for(data: OpenAIFields) -> int | None:
 
 
 def states_for(data: OpenAIFields, settings: Settings, manager: Any = None) -> StateRequest:
+    """The request's capture. Unlike /generate, positions alone do not ask for hidden states here: they place the
+    readouts and attention, and the states come with ``return_hidden_states`` only."""
     req = StateRequest.from_fields(
         wanted=data.return_hidden_states,
         layers=data.hidden_state_layers,
@@ -106,12 +154,15 @@ def states_for(data: OpenAIFields, settings: Settings, manager: Any = None) -> S
         fmt=data.hidden_state_format or "list",
         dtype=data.hidden_state_dtype or settings.default_precision,
         default_layers=settings.default_layers,
+        attention=data.return_attention,
         top_logprobs=top_logprobs_for(data),
+        logits=data.return_logits,
         max_response_bytes=int(settings.max_response_mb * 2**20),
         asked=asked_fields(data),
         resolver=manager.reading if manager is not None else None,
-        streaming=data.stream,
+        streaming=bool(data.stream),
     )
+    req = attrs.evolve(req, wanted=data.return_hidden_states)
     if req.fmt == "safetensors":
         raise InvalidField(
             "hidden_state_format: OpenAI endpoints answer in JSON",
@@ -169,7 +220,8 @@ def chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    return None if entries is None else {"content": [chat_logprob(e) for e in entries]}
+    """OpenAI's shape: the content's tokens, and a refusal's (a model here never refuses apart from its text)."""
+    return None if entries is None else {"content": [chat_logprob(e) for e in entries], "refusal": None}
 
 
 def top_by_text(entry: dict[str, Any]) -> dict[str, float]:
@@ -214,20 +266,36 @@ def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
     return [min(decoded_length(tokenizer, ids[:i]), len(text)) for i in range(len(ids))]
 
 
-def readout_fields(source: dict[str, Any]) -> dict[str, Any]:
-    """A choice's (or a token chunk's) logit lens and probe scores, as The Loom's extra fields."""
-    return {key: source[key] for key in ("logit_lens", "probe_scores", "stopped_by") if key in source}
+def finish_reason(payload: dict[str, Any]) -> str:
+    """OpenAI's finish reasons: a stop rule (``stop_when``) is a stop, the rule that fired is in ``stopped_by``."""
+    reason = payload["finish_reason"]
+    return "stop" if reason == "probe" else reason
+
+
+# What The Loom adds to a choice: readouts, the stop rule that ended it, attention, logits, and where they are.
+CHOICE_FIELDS = ("logit_lens", "probe_scores", "stopped_by", "attentions", "logits", "positions", "layer_indices")
+STREAMED_FIELDS = ("logit_lens", "probe_scores")  # a stream's token chunks carry these, one token at a time
+STATE_FIELDS = ("hidden_states", "sequence_hidden_states")
+
+
+def choice_fields(payload: dict[str, Any], several: bool, streamed: bool = False) -> dict[str, Any]:
+    """A choice's extra fields from its payload. With ``several`` choices each also carries its own hidden states
+    (the original project's top-level fields are the first choice's); ``streamed``: those a stream's last chunk of
+    the choice adds to what its token chunks carried."""
+    keys = [k for k in CHOICE_FIELDS if not (streamed and k in STREAMED_FIELDS)] + (list(STATE_FIELDS) * several)
+    return {key: payload[key] for key in keys if key in payload}
 
 
 def with_readouts(chunk: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     """A token chunk whose choice carries that token's readouts."""
-    chunk["choices"][0].update(readout_fields(event))
+    chunk["choices"][0].update({key: event[key] for key in STREAMED_FIELDS if key in event})
     return chunk
 
 
-def usage(payloads: list[dict[str, Any]]) -> dict[str, int]:
-    """The prompt once, every choice's tokens."""
-    prompt, completion = payloads[0]["prompt_tokens"], sum(p["token_count"] for p in payloads)
+def usage(payloads: list[dict[str, Any]], n: int) -> dict[str, int]:
+    """Every prompt once (its first choice's count), every choice's tokens."""
+    prompt = sum(p["prompt_tokens"] for p in payloads[::n])
+    completion = sum(p["token_count"] for p in payloads)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -247,7 +315,7 @@ def seed_extras(payload: dict[str, Any], req: StateRequest, model_id: str) -> di
         },
     }
     states = payload.get("hidden_states")
-    if req.wanted and states:
+    if states:
         key, first = next(iter(states.items()))
         final = first["data"][0] if first.get("encoding") != "base64" else first["data"]
         extras["hidden_state"] = {"final": final, "shape": first["shape"], "layer": int(key), "dtype": first["dtype"]}
@@ -284,26 +352,29 @@ class OpenAIController(Controller):
     tags = ["openai"]
 
     async def _prepare(
-        self, data: OpenAIFields, manager: Manager, settings: Settings, text: str
+        self, data: OpenAIFields, manager: Manager, settings: Settings, batch: Batch
     ) -> tuple[GenerationParams, StateRequest, ModelEntry]:
-        """Checks before any work or stream starts; ``text`` is the prompt (or the chat's texts) for the answer's
-        size estimate."""
+        """Checks before any work or stream starts; ``batch`` holds the prompts (or the chat's texts) for the
+        answer's size estimate."""
         refuse_unsupported(data)
+        refuse_unused(data)
         params = params_for(data, settings)
         req = states_for(data, settings, manager)
-        entry = await manager.get(data.model, loader=data.loader, explicit=data.explicit())
+        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:
             check_generation(entry.loaded, params)
-            await req.resolved(entry.loaded, Batch(texts=(text,), generation=params))
+            await req.resolved(entry.loaded, attrs.evolve(batch, generation=params))
         return params, req, entry
 
-    @post("/chat/completions", status_code=200)
+    @post("/chat/completions", status_code=200, operation_class=MayStream)
     async def chat(self, data: JSONBody[ChatCompletionRequest], request: Request, manager: Manager) -> Any:
+        """OpenAI's chat completion (JSON), or with ``stream: true`` its chunks (server-sent events)."""
         settings = manager.settings
         messages = [message_text(m, i) for i, m in enumerate(data.messages)]
         text = "".join(m["role"] + m["content"] for m in messages)
-        params, req, entry = await self._prepare(data, manager, settings, text)
+        params, req, entry = await self._prepare(data, manager, settings, Batch(texts=(text,)))
         bridge = TokenBridge() if data.stream else None
+        n = data.n or 1
 
         async def work(s: Session) -> list[dict[str, Any]]:
             batch = Batch(
@@ -311,7 +382,7 @@ class OpenAIController(Controller):
                 generation=params,
                 on_token=streamed_token(bridge, req, s.model) if bridge else None,
             )
-            return [payload for payload, _, _ in await generate_choices(s, batch, req, data.n)]
+            return [payload for payload, _, _ in await generate_choices(s, batch, req, n)]
 
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model}
@@ -320,14 +391,14 @@ class OpenAIController(Controller):
             choices = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": payload["text"]},
-                    "finish_reason": payload["finish_reason"],
+                    "message": {"role": "assistant", "content": payload["text"], "refusal": None},
+                    "finish_reason": finish_reason(payload),
                     "logprobs": chat_logprobs(payload.get("logprobs")),
-                    **readout_fields(payload),
+                    **choice_fields(payload, n > 1),
                 }
                 for i, payload in enumerate(payloads)
             ]
-            body = {**head, "object": "chat.completion", "choices": choices, "usage": usage(payloads)}
+            body = {**head, "object": "chat.completion", "choices": choices, "usage": usage(payloads, n)}
             return {**body, **seed_extras(payloads[0], req, data.model)}
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> dict[str, Any]:
@@ -339,40 +410,50 @@ class OpenAIController(Controller):
             logprobs = chat_logprobs(None if entry is None else [entry])
             return with_readouts(chunk(event["row"], {"content": event["text"]}, None, logprobs), event)
 
+        def last_chunk(i: int, payload: dict[str, Any]) -> dict[str, Any]:
+            last = chunk(i, {}, finish_reason(payload))
+            last["choices"][0].update(choice_fields(payload, n > 1, streamed=True))
+            return last
+
         return stream(
             bridge,
             manager.run(entry, work),
             request,
-            [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(data.n)],
+            [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(n)],
             token_chunk,
-            lambda i, p: chunk(i, {}, p["finish_reason"]),
+            last_chunk,
             {**head, "object": "chat.completion.chunk"},
             data,
             lambda p: seed_extras(p, req, data.model),
         )
 
-    @post("/completions", status_code=200)
+    @post("/completions", status_code=200, operation_class=MayStream)
     async def completions(self, data: JSONBody[CompletionRequest], request: Request, manager: Manager) -> Any:
+        """OpenAI's completion of each prompt (``n`` choices each, prompt by prompt, as rows of one batch), or with
+        ``stream: true`` its chunks (server-sent events)."""
         settings = manager.settings
         texts, rows = openai_inputs(data.prompt, "prompt")
-        if len(texts or rows or ()) != 1:
+        n = data.n or 1
+        prompts = len(texts or rows or ())
+        if prompts * n > MAX_PROMPTS:
             raise InvalidField(
-                "prompt: one prompt per request (use /generate/batch for several)",
+                f"prompt: {prompts} prompts times n = {n} is {prompts * n} choices, more than {MAX_PROMPTS}",
                 field="prompt",
-                allowed="a non-empty string, or one list of token ids",
+                allowed=f"up to {MAX_PROMPTS} prompts times n",
             )
-        text = texts[0] if texts else " " * len(rows[0])  # type: ignore[index]  # for the answer's size estimate
-        params, req, entry = await self._prepare(data, manager, settings, text)
+        # The size estimate counts a token id as one character.
+        estimate = Batch(texts=tuple(texts) if rows is None else tuple(" " * len(r) for r in rows))
+        params, req, entry = await self._prepare(data, manager, settings, estimate)
         bridge = TokenBridge() if data.stream else None
 
         async def work(s: Session) -> list[dict[str, Any]]:
             on_token = streamed_token(bridge, req, s.model, offsets=True) if bridge else None
             if rows is None:
-                batch = Batch(texts=(texts[0],), generation=params, on_token=on_token)
+                batch = Batch(texts=tuple(texts), generation=params, on_token=on_token)
             else:  # the model's own token ids, as they are
                 check_vocabulary(rows, vocabulary_size(s.model), "prompt", flat=not isinstance(data.prompt[0], list))
-                batch = Batch(token_ids=(tuple(rows[0]),), generation=params, on_token=on_token)
-            payloads = [payload for payload, _, _ in await generate_choices(s, batch, req, data.n)]
+                batch = Batch(token_ids=tuple(tuple(r) for r in rows), generation=params, on_token=on_token)
+            payloads = [payload for payload, _, _ in await generate_choices(s, batch, req, n)]
             for payload in payloads:
                 if bridge is None and "logprobs" in payload:  # decoded on a request thread
                     payload["text_offset"] = await s.thread(text_offsets, s.model.tokenizer, payload)
@@ -380,19 +461,25 @@ class OpenAIController(Controller):
 
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": data.model, "object": "text_completion"}
+        several = len(texts or rows or ()) * n > 1
         if bridge is None:
             payloads = await manager.run(entry, work, until=client_gone(request))
             choices = [
                 {
                     "index": i,
                     "text": payload["text"],
-                    "finish_reason": payload["finish_reason"],
+                    "finish_reason": finish_reason(payload),
                     "logprobs": completion_logprobs(payload.get("logprobs"), payload.get("text_offset", [])),
-                    **readout_fields(payload),
+                    **choice_fields(payload, several),
                 }
                 for i, payload in enumerate(payloads)
             ]
-            return {**head, "choices": choices, "usage": usage(payloads), **seed_extras(payloads[0], req, data.model)}
+            return {
+                **head,
+                "choices": choices,
+                "usage": usage(payloads, n),
+                **seed_extras(payloads[0], req, data.model),
+            }
 
         def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
             return {**head, "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
@@ -402,13 +489,18 @@ class OpenAIController(Controller):
             logprobs = None if entry is None else completion_logprobs([entry], [event["text_offset"]])
             return with_readouts(chunk(event["row"], event["text"], None, logprobs), event)
 
+        def last_chunk(i: int, payload: dict[str, Any]) -> dict[str, Any]:
+            last = chunk(i, "", finish_reason(payload))
+            last["choices"][0].update(choice_fields(payload, several, streamed=True))
+            return last
+
         return stream(
             bridge,
             manager.run(entry, work),
             request,
             [],
             token_chunk,
-            lambda i, p: chunk(i, "", p["finish_reason"]),
+            last_chunk,
             head,
             data,
             lambda p: seed_extras(p, req, data.model),
@@ -416,12 +508,28 @@ class OpenAIController(Controller):
 
     @get("/models", sync_to_thread=False)
     def models(self, manager: Manager) -> dict[str, Any]:
-        settings = manager.settings
-        names = dict.fromkeys([*manager.loaded_ids(), *settings.aliases, *settings.custom_models, *EMBEDDED])
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loom"} for n in names],
-        }
+        """OpenAI's model list: every name a request may give (the loaded models' names, the configured aliases
+        and custom models, the embedded ones)."""
+        return {"object": "list", "data": [model_object(name) for name in model_names(manager)]}
+
+    @get("/models/{model_id:path}")
+    async def model(self, model_id: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
+        """OpenAI's ``Model`` for a name the list gives, or any other a request could load (a directory, a hub id
+        in the local cache); 404 otherwise."""
+        name = path_model_id(request, "/v1/models/", model_id)
+        if name not in model_names(manager):
+            await asyncio.to_thread(manager.resolve, name)  # ModelNotFound (404) or Forbidden (403) when not
+        return model_object(name)
+
+
+def model_names(manager: Any) -> list[str]:
+    settings = manager.settings
+    loaded = [name for entry in manager.ready() for name in entry.names]
+    return list(dict.fromkeys([*loaded, *settings.aliases, *settings.custom_models, *EMBEDDED]))
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "loom"}
 
 
 def stream(
@@ -437,6 +545,7 @@ def stream(
 ) -> ServerSentEvent:
     """OpenAI's stream: ``data: {chunk}`` lines, an error as ``data: {"error": ...}``, then ``data: [DONE]``."""
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
+    n = data.n or 1
 
     def message(obj: Any) -> ServerSentEventMessage:
         return ServerSentEventMessage(data=obj if isinstance(obj, str) else msgspec.json.encode(obj).decode())
@@ -451,10 +560,10 @@ def stream(
                 for i, payload in enumerate(value):
                     yield message({**last_chunk(i, payload), **(extras(value[0]) if i == len(value) - 1 else {})})
                 if include_usage:
-                    yield message({**usage_head, "choices": [], "usage": usage(value)})
+                    yield message({**usage_head, "choices": [], "usage": usage(value, n)})
             else:
                 error = openai_error(value["status"], value["title"], value["detail"], value.get("field"))
                 yield message({"error": {**error, "request_id": value.get("request_id")}})
         yield message("[DONE]")
 
-    return ServerSentEvent(events())
+    return event_stream(events())
