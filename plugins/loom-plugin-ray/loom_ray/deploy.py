@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -48,15 +51,46 @@ def application(settings: Any) -> Any:
     return router.bind(loom, registry, fields)
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def private_local_cluster() -> None:
+    """Before Ray is imported: the local cluster Loom starts listens on loopback only and requires Ray's token.
+
+    Ray's GCS, raylet, workers, agents and metrics exporter bind the node's address, and Ray on Linux makes a
+    loopback address the machine's outward one; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's single-machine
+    mode, the default on macOS and Windows) it keeps 127.0.0.1, and every one of them listens there alone. Token
+    authentication is required explicitly (``RAY_AUTH_MODE=token``), and the token file is written (or made) mode
+    0600: Ray writes it 0644, readable by every local user."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
 def start(settings: Any) -> None:
     """Ray up (joined or local) and the application deployed, Ray's proxy on ``host``:``port``."""
+    from loom_ray import ADDRESS, REPLICAS
+
+    address = ADDRESS.of(settings)
+    if address is None:
+        private_local_cluster()  # a cluster that --ray-address joins is the operator's network
     import ray
     from ray import serve
 
-    from loom_ray import ADDRESS, REPLICAS
     from loom_ray.router import APP
 
-    ray.init(address=ADDRESS.of(settings), namespace="loom", ignore_reinit_error=True, include_dashboard=False)
+    local = {"_node_ip_address": LOOPBACK} if address is None else {}
+    ray.init(address=address, namespace="loom", ignore_reinit_error=True, include_dashboard=False, **local)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=APP, route_prefix="/")
     log.info("serving on Ray at http://%s:%d (%d replica(s))", settings.host, settings.port, REPLICAS.of(settings))

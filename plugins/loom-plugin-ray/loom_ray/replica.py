@@ -1,9 +1,10 @@
 """A replica: The Loom's whole app (its own plugin manager and model manager) inside a Ray Serve replica.
 
 The router hands each request over as a plain dict (method, path, query, headers, body) with the request's model as
-Ray Serve's multiplexed model id; the replica registers that model with Ray's multiplexing (so later requests for it
-come here), runs the request through its app, and streams the app's ASGI messages back. It tells the registry
-what it holds after every request and every few seconds.
+Ray Serve's multiplexed model id; the replica runs the request through its app, streams the app's ASGI messages
+back, and, once its app has accepted the request (an answer below 400: the app loaded the model itself, after its
+own checks), registers the model with Ray's multiplexing, so that later requests for it come here. Nothing is loaded
+for a request the app refuses. It tells the registry what it holds after every request and every few seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def replica_class(max_models: int) -> type:
             from loom_kernel.api import create_app
             from loom_kernel.config import Settings
             from loom_kernel.logs import configure_logging
+            from loom_ray.loopback import keep_serve_on_loopback
+
+            keep_serve_on_loopback()
 
             mine = Settings(**settings)
             configure_logging(mine.log_level)
@@ -65,13 +69,15 @@ def replica_class(max_models: int) -> type:
         async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             """The answer's ASGI messages as the app sends them (a stream's events one by one)."""
             model_id = serve.get_multiplexed_model_id()
-            if model_id:
-                # Registered with Ray's routing when it loads; a model that fails to load is answered by the app
-                # itself below, with the same problem details as on one process.
+            accepted = False
+            async for message in run_asgi(self.app, request, self.replica):
+                if message["type"] == "http.response.start":
+                    accepted = message["status"] < 400
+                yield message
+            if model_id and accepted and model_id in self.manager.entries:
+                # The app loaded it for this request: registering it with Ray's routing finds it loaded.
                 with contextlib.suppress(Exception):
                     await self.load(model_id)
-            async for message in run_asgi(self.app, request, self.replica):
-                yield message
             self._dirty = True
 
         async def state(self) -> dict[str, Any]:

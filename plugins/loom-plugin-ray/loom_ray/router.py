@@ -1,7 +1,12 @@
 """The ingress: an ASGI app in front of the replicas that reads each request's model (its JSON body's ``model``,
 or the id in ``/models/{id}``) and sends the request to a replica that has that model, through Ray Serve's model
 multiplexing. ``GET /health``, ``GET /models`` and ``GET /metrics`` answer for the whole application from the
-registry the replicas report to. A replica that dies mid-request is a 503 with Retry-After, never a hang."""
+registry the replicas report to. A replica that dies mid-request is a 503 with Retry-After, never a hang.
+
+Nothing reaches a replica that the app would refuse at its door: the router runs the app's own checks first (Host,
+Origin, content type, API key), from the headers alone, then reads the body only up to the limit of the route it
+names (``max_body_mb``, or an upload route's own), in chunks, and stops there. Its refusals are the app's own
+problem responses."""
 
 from __future__ import annotations
 
@@ -15,7 +20,45 @@ from ray import serve
 APP = "loom"
 STALE_S = 10.0  # a replica that has not reported for this long is gone (killed, or replaced by Ray)
 PROBLEM = b"application/problem+json"
-AGGREGATED = {"/health", "/models", "/models/", "/metrics"}
+ROUTER_STATS = "/ray/router"
+AGGREGATED = {"/health", "/models", "/models/", "/metrics", ROUTER_STATS}
+
+
+class RouterStats:
+    """What the router did: bodies read (bytes), requests refused before forwarding, requests forwarded."""
+
+    def __init__(self) -> None:
+        self.body_bytes = 0
+        self.refused = 0
+        self.forwarded = 0
+
+    def asdict(self) -> dict[str, int]:
+        return {"body_bytes": self.body_bytes, "refused": self.refused, "forwarded": self.forwarded}
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its body was being read."""
+
+
+async def read_body(scope: dict[str, Any], receive: Any, limit: int, stats: RouterStats) -> bytes | None:
+    """The request's body, in chunks collected in a list; None, having read no further, once it passes ``limit``
+    (a Content-Length over it is refused before any of the body is read)."""
+    length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if length is not None and length.isdigit() and int(length) > limit:
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        stats.body_bytes += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def model_of(method: str, path: str, body: bytes) -> str:
@@ -50,6 +93,9 @@ class LoomRouter:
     """The ingress deployment: Ray Serve builds its ASGI app after the constructor, on the router's replica."""
 
     def __init__(self, replicas: Any, registry: Any, settings: dict[str, Any]) -> None:
+        from loom_ray.loopback import keep_serve_on_loopback
+
+        keep_serve_on_loopback()
         self.replicas, self.registry, self.settings = replicas, registry, settings
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -58,11 +104,18 @@ class LoomRouter:
 
 def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
     """The ingress ASGI app: ``handle`` reaches the replicas, ``registry`` knows what they hold."""
+    from litestar.exceptions import HTTPException
+
     from loom_kernel import __version__
-    from loom_kernel.api.problems import begin_request
-    from loom_kernel.api.security import Guard
+    from loom_kernel.api import create_app
+    from loom_kernel.api.problems import begin_request, with_request_id
+    from loom_kernel.api.security import Guard, body_limit, key_refusal, refuse, route_of
+    from loom_kernel.config import Settings
 
     guard = Guard.of(settings["host"], settings["allowed_hosts"], settings["cors_origins"])
+    # The app the replicas run, never started here: its routes say how large each one's body may be.
+    routes = create_app(settings=Settings(**settings))
+    stats = RouterStats()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -70,18 +123,25 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
         method, path = scope["method"], scope["path"]
-        if method == "GET" and path in AGGREGATED and authorized(scope, settings):
-            refused = guard.refusal(scope)
-            if refused is not None:
-                problem = {**refused.problem(), "request_id": begin_request(scope), "instance": path}
-                await answer(send, refused.status, problem)
+        handler = route_of(routes, method, path)
+        refused = guard.refusal(scope) or key_refusal(scope, settings.get("api_key"), handler)
+        if refused is None:
+            limit = body_limit(routes, handler)
+            try:
+                body = await read_body(scope, receive, limit, stats)
+            except ClientGone:
+                return
+            if body is None:
+                refused = HTTPException(status_code=413, detail=f"body: more than this route's {limit} bytes")
+        if refused is not None:
+            stats.refused += 1
+            await refuse(scope, receive, with_request_id(send, begin_request(scope)), refused)
+            return
+        assert body is not None
+        if method == "GET" and path in AGGREGATED:
+            if path == ROUTER_STATS:
+                await answer(send, 200, stats.asdict())
                 return
             live = await registry.live.remote()
             await answer(send, 200, aggregate(path, live, __version__), path == "/metrics")
@@ -96,6 +156,7 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
             "server": scope.get("server"),
             "body": body,
         }
+        stats.forwarded += 1
         model = model_of(method, path, body)
         streams = path.endswith("/stream") or b'"stream":true' in body.replace(b" ", b"")
         started = False
@@ -119,17 +180,6 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
     return app
 
 
-def authorized(scope: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """The aggregated views need the API key as the app's own routes do (/health never)."""
-    key = settings.get("api_key")
-    if not key or scope["path"] == "/health":
-        return True
-    import hmac
-
-    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-    return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
-
-
 def aggregate(path: str, live: list[dict[str, Any]], version: str) -> Any:
     rows = [{**row, "replica": s["replica"]} for s in live for row in s["loaded_models"]]
     if path == "/metrics":
@@ -142,6 +192,7 @@ def aggregate(path: str, live: list[dict[str, Any]], version: str) -> Any:
         "replicas": [
             {
                 "replica": s["replica"],
+                "reported": s["time"],
                 "torch_threads": s["torch_threads"],
                 "loaded_models": [r["model_id"] for r in s["loaded_models"]],
             }

@@ -1,17 +1,25 @@
 """`loom serve --transport ray` on a local Ray (this machine's CPUs): two replicas, routing by model, answers equal
-to a single process's, streams, problem details, and a killed replica. One Ray application for the whole module:
-it takes about half a minute to start on 2 cores."""
+to a single process's, streams, problem details, a killed replica, and the red team's findings: the router's checks
+before any work, bodies read no further than their limit, Ray on loopback only, stores shared by the replicas. One
+Ray application for the whole module (with an API key, and vectors and probes in a shared directory): it takes about
+half a minute to start on 2 cores."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import numpy as np
@@ -21,6 +29,8 @@ from test_batching import arrays
 from test_models import app_with, concurrent_client
 
 STARTUP_S = 240  # against a hang only: Ray and two replicas start in about 30 s on 2 idle cores
+KEY = "ray-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def health(base: str) -> dict[str, Any]:
@@ -31,10 +41,15 @@ def health(base: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def ray_server(home: Path, replicas: int = 2) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+def ray_server(
+    home: Path, replicas: int = 2, config: dict[str, Any] | None = None
+) -> Iterator[tuple[str, Path, subprocess.Popen]]:
     port = free_port()
     log = home / "ray-server.log"
     cmd = [sys.executable, "-m", "loom_kernel", "serve", "--transport", "ray", "--replicas", str(replicas)]
+    if config is not None:
+        (home / "config.yaml").write_text(json.dumps(config))
+        cmd += ["--config", str(home / "config.yaml")]
     env = {**server_env(home), **RAY_ENV}
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -57,8 +72,11 @@ def ray_server(home: Path, replicas: int = 2) -> Iterator[tuple[str, Path, subpr
 
 @pytest.fixture(scope="module")
 def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    with ray_server(tmp_path_factory.mktemp("ray")) as (base, log, _):
-        yield base, log
+    home = tmp_path_factory.mktemp("ray")
+    shared = {"directory": str(home / "shared-vectors")}
+    config = {"server": {"api_key": KEY}, "vectors": shared, "probes": {"directory": str(home / "shared-probes")}}
+    with ray_server(home, config=config) as (base, log, proc):
+        yield base, log, proc, home
 
 
 def replica_of(r: httpx.Response) -> str:
@@ -68,11 +86,11 @@ def replica_of(r: httpx.Response) -> str:
 
 @pytest.mark.slow
 async def test_each_models_requests_land_on_one_replica_and_answer_as_one_process(served, tiny_models):
-    base, _ = served
+    base, *_ = served
     llama, gpt2 = str(tiny_models["llama"]), str(tiny_models["gpt2"])
     extract = {"text": "the cat sat on the mat", "hidden_state_layers": "all", "positions": "all"}
     generate = {"prompt": "the cat sat", "max_tokens": 8, "temperature": 0, "return_hidden_states": True}
-    with httpx.Client(base_url=base, timeout=120) as c:
+    with httpx.Client(base_url=base, timeout=120, headers=AUTH) as c:
         seen = {
             m: {replica_of(c.post("/extract", json={"model": m, **extract})) for _ in range(4)} for m in (llama, gpt2)
         }
@@ -111,7 +129,7 @@ async def test_each_models_requests_land_on_one_replica_and_answer_as_one_proces
 
 @pytest.mark.slow
 async def test_bad_input_is_the_same_problem_as_without_ray(served, tiny_models):
-    base, _ = served
+    base, *_ = served
     llama = str(tiny_models["llama"])
     bodies = [
         ("/extract", {"model": llama, "text": "hi", "hidden_state_layers": [99]}),
@@ -120,7 +138,7 @@ async def test_bad_input_is_the_same_problem_as_without_ray(served, tiny_models)
         ("/generate", {"model": llama, "prompt": "hi", "interventions": [{"site": 1, "op": "steer"}]}),
     ]
     async with concurrent_client(app_with()) as one:
-        with httpx.Client(base_url=base, timeout=120) as c:
+        with httpx.Client(base_url=base, timeout=120, headers=AUTH) as c:
             for path, body in bodies:
                 got, want = c.post(path, json=body), await one.post(path, json=body)
                 assert got.status_code == want.status_code, (path, got.text)
@@ -133,11 +151,170 @@ async def test_bad_input_is_the_same_problem_as_without_ray(served, tiny_models)
             assert 'replica="' in metrics and "loom_http_requests_total" in metrics
 
 
+def router(base: str) -> dict[str, int]:
+    """What the router did: body bytes read, requests refused before forwarding, requests forwarded."""
+    return httpx.get(f"{base}/ray/router", headers=AUTH, timeout=60).json()
+
+
+def send(base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+    """One request exactly as written (http.client adds no Host or Content-Type of its own beyond these)."""
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_request_the_app_would_refuse_loads_nothing_on_any_replica(served, tiny_models):
+    """The router runs the app's checks before forwarding: without the key, cross-site, or under a foreign Host, a
+    request names a model and nothing loads it (the replicas' /models stay empty of it)."""
+    base, *_ = served
+    target = tiny_models["mistral"]  # loaded by no other test of this module
+    port = urlparse(base).port
+    own = f"127.0.0.1:{port}"
+    body = json.dumps({"model": str(target), "text": "hi"}).encode()
+    before = router(base)
+    tries = [
+        ("GET", f"/models/{target}", None, {"Host": own}, 401),
+        ("POST", "/models/load", body, {"Host": own, "Content-Type": "application/json"}, 401),
+        ("POST", "/extract", body, {"Host": own, "Content-Type": "text/plain", **AUTH}, 415),
+        (
+            "POST",
+            "/extract",
+            body,
+            {"Host": own, "Origin": "http://evil.example", "Content-Type": "application/json", **AUTH},
+            403,
+        ),
+        ("POST", "/extract", body, {"Host": f"evil.example:{port}", "Content-Type": "application/json", **AUTH}, 403),
+        ("GET", f"/models/{target}", None, {"Host": f"evil.example:{port}", **AUTH}, 403),
+    ]
+    for method, path, data, headers, status in tries:
+        assert send(base, method, path, data, headers) == status, (method, path, headers)
+    refused_at = time.time()
+    after = router(base)
+    assert after["refused"] - before["refused"] == len(tries) and after["forwarded"] == before["forwarded"]
+    assert after["body_bytes"] == before["body_bytes"]  # refused from the headers alone
+    # Every replica reports what it holds after the refusals (its report's time, not a guess at how long to wait).
+    until(
+        lambda: all(r["reported"] > refused_at for r in health(base).get("replicas", [{"reported": 0}])),
+        "fresh reports",
+    )
+    loaded = {row["model_id"] for row in httpx.get(f"{base}/models", headers=AUTH, timeout=60).json()["loaded_models"]}
+    assert str(target) not in loaded, loaded
+
+
+@pytest.mark.slow
+def test_a_body_is_read_no_further_than_its_limit(served):
+    """A chunked body past max_body_mb (10 MiB) is answered 413 once the router has read just past the limit, while
+    the rest is never sent; a Content-Length over it is answered before any of the body is read. So 256 MiB costs
+    what 16 MiB does."""
+    base, *_ = served
+    url = urlparse(base)
+    chunk = b"x" * 2**20
+    for declared in (16, 256):  # MiB
+        before = router(base)["body_bytes"]
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+        conn.putrequest("POST", "/extract", skip_host=True)
+        for name, value in {"Host": f"127.0.0.1:{url.port}", "Content-Type": "application/json", **AUTH}.items():
+            conn.putheader(name, value)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        status = None
+        for _ in range(declared):  # the whole body, unless the answer comes first
+            try:
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the server answered and closed
+                break
+            if router(base)["body_bytes"] - before > 10 * 2**20:
+                break  # past the limit: the answer must come without the rest
+        response = conn.getresponse()
+        status = response.status
+        conn.close()
+        read = router(base)["body_bytes"] - before
+        assert status == 413, status
+        assert 10 * 2**20 < read <= 12 * 2**20, read
+    before = router(base)["body_bytes"]
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    conn.putrequest("POST", "/extract", skip_host=True)
+    for name, value in {"Host": f"127.0.0.1:{url.port}", "Content-Type": "application/json", **AUTH}.items():
+        conn.putheader(name, value)
+    conn.putheader("Content-Length", str(256 * 2**20))
+    conn.endheaders()
+    conn.send(chunk)  # one MiB of the 256 declared, then nothing
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert router(base)["body_bytes"] == before
+
+
+def descendants(root: int) -> set[int]:
+    """``root`` and every process below it, and every process of its session (Ray starts some on their own)."""
+    table = [
+        line.split()
+        for line in subprocess.run(["ps", "-eo", "pid=,ppid=,sid="], capture_output=True, text=True).stdout.splitlines()
+    ]
+    found, grew = {root}, True
+    while grew:
+        more = {int(pid) for pid, ppid, _ in table if int(ppid) in found} - found
+        found |= more
+        grew = bool(more)
+    return found | {int(pid) for pid, _, sid in table if int(sid) == root}
+
+
+@pytest.mark.slow
+def test_no_ray_socket_of_the_application_listens_beyond_loopback(served):
+    _base, _log, proc, home = served
+    mine = descendants(proc.pid)
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+    ours = [line for line in listening if any(int(p) in mine for p in re.findall(r"pid=(\d+)", line))]
+    assert len(ours) >= 8, listening  # the GCS, the raylet, its workers, the agents, the proxy
+    hosts = {line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:") for line in ours}
+    assert hosts == {"127.0.0.1"}, "\n".join(ours)
+    token = home / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) >= 32
+    raylet = next(
+        p for p in mine if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "raylet"
+    )
+    assert b"RAY_AUTH_MODE=token" in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
+
+
+@pytest.mark.slow
+def test_two_replicas_share_their_stores(served, tiny_models):
+    """A vector stored through one replica steers a request another replica serves, as the same numbers sent."""
+    base, *_ = served
+    llama = str(tiny_models["llama"])
+    vector = (np.arange(64, dtype=np.float32) / 64 - 0.5).tolist()
+    ask = {"model": llama, "prompt": "the cat sat", "max_tokens": 6, "temperature": 0}
+    with httpx.Client(base_url=base, timeout=120, headers=AUTH) as c:
+        serving = replica_of(c.post("/generate", json=ask))
+
+        def stored_elsewhere() -> str | None:
+            r = c.post("/vectors", json={"name": "shared", "vector": vector, "replace": True})
+            assert r.status_code == 201, r.text
+            return r.headers["x-loom-replica"] if r.headers["x-loom-replica"] != serving else None
+
+        until(stored_elsewhere, "a store landed on the other replica", STARTUP_S, 0.0)
+        edit = {"site": 2, "op": "add", "scale": 4.0}
+        by_name = c.post("/generate", json={**ask, "interventions": [{**edit, "vector": "shared"}]})
+        by_value = c.post("/generate", json={**ask, "interventions": [{**edit, "vector": vector}]})
+        assert replica_of(by_name) == serving, by_name.text
+        assert by_name.json()["token_ids"] == by_value.json()["token_ids"]
+        assert by_name.json()["token_ids"] != c.post("/generate", json=ask).json()["token_ids"]
+        listed = {r.headers["x-loom-replica"]: r.json() for r in (c.get("/vectors") for _ in range(8))}
+        assert all([v["name"] for v in listing["vectors"]] == ["shared"] for listing in listed.values())
+
+
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_and_no_request_hangs(served, tiny_models):
-    base, _ = served
+    base, *_ = served
     body = {"model": str(tiny_models["llama"]), "text": "the cat sat"}
-    with httpx.Client(base_url=base, timeout=60) as c:  # a request past this timeout fails the test: no hang
+    with httpx.Client(
+        base_url=base, timeout=60, headers=AUTH
+    ) as c:  # a request past this timeout fails the test: no hang
         assert c.post("/extract", json=body).status_code == 200
         before = {s["replica"] for s in health(base)["replicas"]}
         pids = subprocess.run(["pgrep", "-f", "ServeReplica:loom:LoomReplica"], capture_output=True, text=True)
