@@ -28,7 +28,8 @@ SITE_FAMILIES = (
 
 
 def is_site_name(value: Any) -> bool:
-    return isinstance(value, str) and "." in value
+    """A hook-point name: dotted (``blocks.0.hook_z``) or top-level (``hook_embed``), never an index as text."""
+    return isinstance(value, str) and ("." in value or value.startswith("hook_"))
 
 
 def site_names_allowed(model: LoadedModel) -> str:
@@ -106,12 +107,12 @@ def resolve_layers(
 
 
 def split_sites(spec: Any) -> tuple[Any, list[str]]:
-    """(the layer indices of a ``hidden_state_layers`` spec, the hook-point names in it: those with a dot)."""
-    if isinstance(spec, str) and "." in spec:
+    """(the layer indices of a ``hidden_state_layers`` spec, the hook-point names in it)."""
+    if is_site_name(spec):
         return [], [spec]
     if isinstance(spec, list):  # duplicates folded: a site named 10,000 times is read once
-        names = list(dict.fromkeys(s for s in spec if isinstance(s, str) and "." in s))
-        return ([s for s in spec if not (isinstance(s, str) and "." in s)] if names else spec), names
+        names = list(dict.fromkeys(s for s in spec if is_site_name(s)))
+        return ([s for s in spec if not is_site_name(s)] if names else spec), names
     return spec, []
 
 

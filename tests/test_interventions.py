@@ -60,9 +60,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[int | str, tuple[Any, st
         at = f"blocks.{i}."
         points[at + "hook_resid_pre"] = (layer, "in")
         points[at + "hook_resid_post"] = (layer, "out")
-        if arch == "bert":
+        if arch == "bert":  # TransformerLens's BertBlock: resid_mid is resid_pre + attn_out, before the LayerNorm
             attn, mlp, z = layer.attention.output.dense, layer.output.dense, layer.attention.output.dense
-            mid = (layer.intermediate, "in")
+            mid = (layer.attention.output.LayerNorm, "in")
         elif arch == "gpt2":
             attn, mlp, mid, z = layer.attn, layer.mlp, (layer.ln_2, "in"), layer.attn.c_proj
         elif arch == "gpt_neox":
@@ -136,7 +136,7 @@ async def test_every_hook_point_is_the_modules_own_input_or_output(paths, arch):
         for i in range(n):  # hook_resid_pre of block i is hidden-state index i
             np.testing.assert_allclose(got[f"blocks.{i}.hook_resid_pre"], out.hidden_states[i][0].numpy(), atol=1e-5)
         sites = (await c.get(f"/models/{paths[arch]}/sites")).json()
-        assert sorted(sites["sites"]) == sorted(names)
+        assert set(names) <= set(sites["sites"])  # and more: tests/test_architectures.py checks every one
         if arch == "gpt_neox":
             assert "parallel-residual" in sites["unavailable"]["blocks.0.hook_resid_mid"]
             r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_resid_mid"]})

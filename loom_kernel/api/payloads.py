@@ -14,7 +14,14 @@ from typing import Any
 import attrs
 
 from loom_kernel.admission import Session
-from loom_kernel.capture import check_positions, check_site, resolve_layers, resolve_positions, split_sites
+from loom_kernel.capture import (
+    check_positions,
+    check_site,
+    is_site_name,
+    resolve_layers,
+    resolve_positions,
+    split_sites,
+)
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
 from loom_kernel.types import Batch, Capture, GenerationParams, LayerSel, LoadedModel, Reading, SequenceOutput
@@ -344,7 +351,7 @@ def stream_extras(extras: dict[str, Any] | None, req: StateRequest, model: Loade
         states = extras["states"]
         if req.stream:
             asked = set(split_sites(req.layers)[1])
-            shown = {k: v for k, v in states.items() if not k.startswith("~") and ("." not in k or k in asked)}
+            shown = {k: v for k, v in states.items() if not k.startswith("~") and (not is_site_name(k) or k in asked)}
             out["hidden_states"] = encode_states(shown, req.dtype, req.fmt)
         reading = req.reading(model) if req.streaming else None
         if reading is not None and reading.read is not None:

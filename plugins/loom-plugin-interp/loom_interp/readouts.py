@@ -95,7 +95,8 @@ class Plan:
     def add_lens(self, model: LoadedModel, spec: Any) -> None:
         if model.unembed is None:
             raise Unsupported(
-                f"logit_lens: {model.ref.id!r} has no LM head to read states through ({model.kind} model)",
+                f"logit_lens: {model.ref.id!r} has no LM head and final norm the loader knows to read states through "
+                f"({model.kind} model)",
                 field="logit_lens",
             )
         if not 1 <= spec.top_k <= MAX_LENS_TOP_K:

@@ -1,8 +1,13 @@
-"""Attention weights of the requested blocks, by forward hooks on their attention modules.
+"""Attention weights of the requested blocks, by forward hooks on their attention modules, and The Loom's own eager
+attention, which fires the hook points inside attention.
 
 SDPA and flash kernels never materialise the weights, so a request that asks for them runs under eager attention:
 ``eager_attention`` switches the loaded model for the duration of the request and switches it back after, which in
-transformers 5 is a config change (the attention function is looked up per call), not a reload.
+transformers 5 is a config change (the attention function is looked up per call), not a reload. A pass that reads or
+edits ``attn.hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores`` or ``hook_pattern`` runs under ``LOOM``, an eager
+attention registered with transformers that hands those tensors to the pass's ``SiteHooks`` (``sites.py``):
+TransformerLens's computation (scores scaled, soft-capped where the model does, masked; the pattern their softmax in
+float32), which the self-check at load compares with the model's own attention.
 """
 
 from __future__ import annotations
@@ -14,24 +19,90 @@ from typing import Any
 from loom_kernel.errors import Unsupported
 
 FIELD = "return_attention"
+LOOM = "loom_eager"
+MASKED = -3.4028234663852886e38  # float32's most negative value: what a masked score holds
 
 
 @contextmanager
-def eager_attention(net: Any) -> Iterator[None]:
+def eager_attention(net: Any, name: str = "eager", field: str = FIELD) -> Iterator[None]:
+    """The model under attention implementation ``name`` (eager, or ``LOOM``) for the duration."""
     current = getattr(net.config, "_attn_implementation", None)
-    if current == "eager":
+    if current == name:
         yield
         return
+    if name == LOOM:
+        register()
     try:
-        net.set_attn_implementation("eager")
+        net.set_attn_implementation(name)
     except Exception as exc:  # a model without an eager path: say so instead of failing inside the pass
         raise Unsupported(
-            f"{FIELD}: {type(net).__name__} cannot switch to eager attention ({exc})", field=FIELD
+            f"{field}: {type(net).__name__} cannot switch to eager attention ({exc})", field=field
         ) from None
     try:
         yield
     finally:
         net.set_attn_implementation(current)
+
+
+def register() -> None:
+    """``LOOM`` in transformers' attention functions, with eager attention's masks (once)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if LOOM not in AttentionInterface._global_mapping:
+        AttentionInterface.register(LOOM, loom_attention)
+        AttentionMaskInterface.register(LOOM, eager_mask)
+
+
+def loom_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Eager attention that fires the pass's points inside it: q and k after rotary embeddings ([B, heads, T, d_head]
+    and [B, kv heads, keys, d_head]), the scores (scaled, soft-capped where the model does, masked with the most
+    negative float) and the pattern (their softmax in float32, 0 where masked)."""
+    import torch
+
+    hooks, sites = getattr(module, "_loom_sites", (None, ()))
+    if hooks is not None:
+        query = hooks.inside(sites, "rot_q", query)
+        key = hooks.inside(sites, "rot_k", key, queries=query.shape[2])
+    groups = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    values = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = torch.matmul(query.float(), keys.float().transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = None
+    if attention_mask is not None:
+        mask = attention_mask[..., : keys.shape[-2]]
+        if mask.dtype == torch.bool:
+            visible = mask
+        else:  # additive: 0 where seen (or a bias, ALiBi), the dtype's most negative value where masked
+            visible = mask > torch.finfo(mask.dtype).min / 2
+            scores = scores + mask.float()
+        scores = scores.masked_fill(~visible, MASKED)
+    if hooks is not None:
+        scores = hooks.inside(sites, "scores", scores)
+        if visible is not None:  # an edit never unmasks a key the query cannot see
+            scores = scores.masked_fill(~visible, MASKED)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if hooks is not None:
+        pattern = hooks.inside(sites, "pattern", pattern)
+    pattern = pattern.to(values.dtype)
+    if dropout and module.training:
+        pattern = torch.nn.functional.dropout(pattern, p=dropout)
+    out = torch.matmul(pattern, values)
+    return out.transpose(1, 2).contiguous(), pattern
 
 
 def _target(net: Any) -> tuple[Any, int, str | None]:

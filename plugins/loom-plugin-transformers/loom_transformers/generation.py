@@ -23,9 +23,9 @@ from typing import Any
 import attrs
 
 from loom_kernel import Batch, Capture, GenerationParams, Intervention, LoadedModel, LoomError, SequenceOutput
-from loom_kernel.capture import StateRecorder
 from loom_kernel.errors import InvalidField, Unsupported
-from loom_transformers.attention import AttentionRecorder, eager_attention
+from loom_transformers.architectures import recurrent
+from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
 from loom_transformers.running import (
     NonFiniteLogits,
     _blocks,
@@ -38,9 +38,10 @@ from loom_transformers.running import (
     choose_token,
     cut_at_stop,
     eos_ids,
+    recorded,
     streamable,
 )
-from loom_transformers.sites import Layout, SiteHooks
+from loom_transformers.sites import Layout, SiteHooks, keyed_fill
 
 
 @attrs.define(eq=False)
@@ -119,6 +120,7 @@ class Decoder:
             model.extra["step_kwargs"] = _step_kwargs(net)
         if "causal_position_offset" not in model.extra:
             model.extra["causal_position_offset"] = _position_offset(net)
+            model.extra["recurrent"] = recurrent(net.config)
 
     @property
     def busy(self) -> bool:
@@ -195,27 +197,31 @@ class Decoder:
         offset = model.extra["causal_position_offset"]
         kwargs: dict[str, Any] = {cache_arg: cache, **extra}
         if not bool(mask.all()):  # unpadded rows: the model's own causal path is faster than an explicit mask
-            kwargs["attention_mask"] = mask
+            # A recurrent model (Mamba) keeps its pads out of its state; it takes the mask of the new columns only.
+            kwargs["attention_mask"] = mask[:, -ids.shape[1] :] if model.extra["recurrent"] else mask
             if offset is not None:
                 kwargs["position_ids"] = positions + offset
-        # Hooks for this pass only: another decoder of the model (or a forward pass) runs between two steps. Edits and
-        # named sites first, so that the recorders see edited values.
+        # Hooks for this pass only: another decoder of the model (or a forward pass) runs between two steps.
         width = ids.shape[1]
         layout = [Layout(width - fresh[b], r.fed, fresh[b], len(r.prompt)) for b, r in enumerate(rows)]
-        names = list(dict.fromkeys(n for r in rows if r.capture.wants_states for n in r.capture.sites))
+        record = list(dict.fromkeys(k for r in rows for k in recorded(r.capture)))
         sites = (
-            SiteHooks(model, [r.edits for r in rows], layout, names) if names or any(r.edits for r in rows) else None
+            SiteHooks(model, [r.edits for r in rows], layout, record) if record or any(r.edits for r in rows) else None
         )
-        states, attn = self._recorders(rows, width)
-        if sites is not None:
+        attn = self._recorders(rows, width)
+        if sites is not None:  # a long prefill keeps only its last column when no row needs more
             sites.rows = [-1] if width > 1 and all(r.keep_last for r in rows) else None
+        if sites is not None and sites.attention:
+            implementation = eager_attention(model.model, LOOM, "hidden_state_layers")
+        else:
+            implementation = eager_attention(model.model) if self.attention else contextlib.nullcontext()
         try:
-            with eager_attention(model.model) if self.attention else contextlib.nullcontext():
+            with implementation:
                 out = model.model(input_ids=ids, use_cache=True, **kwargs)
-            taken_states = {**(states.taken() if states is not None else {}), **(sites.kept if sites else {})}
+            taken_states = sites.kept if sites is not None else {}
             taken_attn = attn.latest if attn is not None else {}
         finally:
-            for rec in (sites, states, attn):
+            for rec in (sites, attn):
                 if rec is not None:
                     rec.close()
         for b, row in enumerate(rows):
@@ -224,27 +230,23 @@ class Decoder:
             self._advance(row, out.logits[b, -1])
         return getattr(out, cache_arg)
 
-    def _recorders(self, rows: list[Row], width: int) -> tuple[StateRecorder | None, AttentionRecorder | None]:
-        """Hooks on the union of what ``rows`` capture."""
-        indices = sorted({i for r in rows if r.capture.wants_states for i in r.capture.indices})
+    def _recorders(self, rows: list[Row], width: int) -> AttentionRecorder | None:
+        """Hooks on the union of the attention weights ``rows`` capture."""
         attn_indices = sorted({s.index for r in rows for s in r.capture.attention_layers})
-        blocks = _blocks(self.model) if indices or attn_indices else None
-        states = StateRecorder(self.model.extra["base"], blocks, indices) if indices else None
-        attn = AttentionRecorder(self.model.model, blocks, attn_indices) if attn_indices else None
-        if states is not None:
-            states.replace = True  # each pass's rows are filed per row by _keep
-        # A long prefill keeps only its last column when no row needs more.
-        narrow = width > 1 and all(r.keep_last for r in rows)
-        for rec in (states, attn):
-            if rec is not None:
-                rec.rows = [-1] if narrow else None
-        return states, attn
+        if not attn_indices:
+            return None
+        attn = AttentionRecorder(self.model.model, _blocks(self.model), attn_indices)
+        attn.rows = [-1] if width > 1 and all(r.keep_last for r in rows) else None
+        return attn
 
     def _keep(self, row: Row, b: int, fresh: int, states: dict[int, Any], attn: dict[int, Any]) -> None:
         """File this pass's rows of states and attention under ``row`` (its real columns are the rightmost)."""
         for index in [*row.capture.indices, *row.capture.sites] if row.capture.wants_states else ():
             t = states[index]
-            part = t[b, -min(fresh, t.shape[1]) :].clone()
+            part = t[b, -min(fresh, t.shape[1]) :]
+            if keyed_fill(self.model, index) is not None:  # scores, pattern: the row's keys so far
+                part = part[..., t.shape[-1] - row.fed :]
+            part = part.clone()
             row.states[index] = [part] if row.keep_last else [*row.states.get(index, []), part]
         for sel in row.capture.attention_layers:
             a = attn[sel.index]
@@ -359,7 +361,9 @@ class Decoder:
         attentions = {}
         if row.capture.wants_states:
             for key, at in _keys(row.capture):
-                states[key] = torch.cat(row.states[at], dim=0)
+                fill = keyed_fill(self.model, at)
+                chunks = row.states[at] if fill is None else [_pad_keys(c, total, fill) for c in row.states[at]]
+                states[key] = torch.cat(chunks, dim=0)
         for sel in row.capture.attention_layers:
             chunks = row.attn[sel.index]
             heads = chunks[0].shape[0]
@@ -414,6 +418,15 @@ def non_finite(row: Row, exc: NonFiniteLogits) -> LoomError:
 def _keys(capture: Capture) -> list[tuple[str, int | str]]:
     """(answer key, where the row keeps it) for every layer and site ``capture`` asks for."""
     return [(sel.key, sel.index) for sel in capture.layers] + [(name, name) for name in capture.sites]
+
+
+def _pad_keys(t: Any, total: int, fill: float) -> Any:
+    """A keyed point's rows [P, heads, keys so far] to ``total`` key positions; the later ones hold ``fill``."""
+    import torch
+
+    out = torch.full((*t.shape[:-1], total), fill, dtype=t.dtype)
+    out[..., : t.shape[-1]] = t
+    return out
 
 
 def _left_pad(t: Any, width: int, dim: int) -> Any:

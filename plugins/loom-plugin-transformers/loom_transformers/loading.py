@@ -12,6 +12,7 @@ from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import BadModel, LoomError, load_error
 from loom_kernel.loading import count_layers, module_bytes
+from loom_transformers.architectures import NOT_SERVED, arch_of
 from loom_transformers.sites import site_shapes, unembed
 
 log = logging.getLogger("loom.transformers")
@@ -80,7 +81,17 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     start = time.perf_counter()
     small = _only(kwargs, "revision", "trust_remote_code")
     try:
-        config = transformers.AutoConfig.from_pretrained(target, **small)
+        try:
+            config = transformers.AutoConfig.from_pretrained(target, **small)
+        except ValueError as exc:
+            if "model type" in str(exc) or "model_type" in str(exc):
+                raise BadModel(
+                    f"model: {ref.id!r}: transformers does not know its model_type "
+                    f"{(ref.config or {}).get('model_type')!r} ({' '.join(str(exc).split())[:300]})",
+                    field="model",
+                ) from None
+            raise
+        refuse_kind(ref, config)
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model, info = auto.from_pretrained(target, output_loading_info=True, **kwargs)
@@ -112,13 +123,29 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         from loom_transformers.generation import Decoder
 
         loaded.decoder = functools.partial(Decoder, loaded)
-        if model.get_output_embeddings() is not None:
+        # The lens runs the model's own final norm, which only a described architecture names.
+        if model.get_output_embeddings() is not None and arch_of(model.config) is not None:
             loaded.unembed = functools.partial(unembed, loaded)
     try:
         loaded.sites = site_shapes(loaded)
-    except Exception as exc:  # a module tree the discovery does not know: the model serves without hook points
-        log.warning("%s: no hook points (%s: %s)", ref.id, type(exc).__name__, exc)
-        loaded.sites = None
+    except Exception as exc:  # the table's layout does not fit this model's modules
+        raise BadModel(
+            f"model: {ref.id!r} ({type(model).__name__}) does not have the blocks the transformers loader's table "
+            f"describes for model_type {getattr(model.config, 'model_type', None)!r}: {type(exc).__name__}: {exc}",
+            field="model",
+        ) from exc
+    from loom_transformers.selfcheck import check
+
+    try:
+        check(loaded)
+    except LoomError:
+        raise
+    except Exception as exc:  # the check could not even run its probe: as much a refusal as a failed sum
+        raise BadModel(
+            f"model: {ref.id!r} ({type(model).__name__}): the hook-point self-check at load could not run its probe "
+            f"input: {type(exc).__name__}: {exc}",
+            field="model",
+        ) from exc
     log.info(
         "transformers loaded %s (%s, %s, %d layers) from %s: %.1f MiB on %s as %s in %.2f s",
         ref.id,
@@ -163,6 +190,18 @@ def check_weights(model: Any, info: dict[str, Any], what: str) -> None:
             if keys
         ]
         raise BadModel(f"model: {what}: the checkpoint does not match its config: {'; '.join(said)}", field="model")
+
+
+def refuse_kind(ref: ModelRef, config: Any) -> None:
+    """A 422 before any weight loads for a model that is not a decoder-only or encoder-only text model."""
+    kind = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        why = NOT_SERVED["encoder-decoder"]
+    elif not isinstance(getattr(config, "vocab_size", None), int):
+        why = NOT_SERVED["no-text"]
+    else:
+        return
+    raise BadModel(f"model: {ref.id!r} (model_type {kind!r}) {why}", field="model", model_type=kind)
 
 
 def _only(kwargs: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -23,16 +23,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, Intervention, LoadedModel, SequenceOutput
-from loom_kernel.capture import StateRecorder, find_blocks
+from loom_kernel.capture import find_blocks
 from loom_kernel.inputs import batch_inputs
-from loom_transformers.sites import Layout, SiteHooks
+from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
+from loom_transformers.sites import Layout, SiteHooks, keyed_fill
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
     """Rows without generation: one padded forward pass (generations: ``generation.Decoder``)."""
     import torch
-
-    from loom_transformers.attention import eager_attention
 
     inputs, truncated = _inputs(model, batch)
     if capture.wanted:
@@ -79,11 +78,9 @@ def _blocks(model: LoadedModel) -> Any:
     return model.extra["blocks"]
 
 
-def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
-    """Hooks for the requested hidden states; the caller sets ``rows`` / ``replace`` per pass."""
-    if not capture.wants_states:
-        return None
-    return StateRecorder(model.extra["base"], _blocks(model), capture.indices)
+def recorded(capture: Capture) -> list[int | str]:
+    """The layer indices and hook points a capture reads (each index is read at the point it aliases)."""
+    return [*capture.indices, *capture.sites] if capture.wants_states else []
 
 
 def _device(model: LoadedModel) -> Any:
@@ -132,27 +129,22 @@ def forward_many(
     """One pass of the base model (no LM head: its logits are not needed) over one row, or several rows padded on
     the tokenizer's side, each row with its own ``edits``; each row's states and attention are its own tokens
     only."""
-    from loom_transformers.attention import AttentionRecorder
-
     if not capture.wanted:
         return [SequenceOutput(token_ids=list(ids), prompt_tokens=len(ids)) for ids in inputs]
     ids, mask, left = _pad(model, inputs)
     width = ids.shape[1]
     layout = [Layout(col=width - len(row) if left else 0, tok=0, count=len(row), prompt=len(row)) for row in inputs]
-    # Edits and named sites first: the recorders below then see edited values at their points.
-    sites = SiteHooks(model, edits, layout, capture.sites) if any(edits) or capture.sites else None
-    rec = _recorder(model, capture)
+    record = recorded(capture)
+    sites = SiteHooks(model, edits, layout, record) if any(edits) or record else None
     att_idx = sorted({sel.index for sel in capture.attention_layers})
     attn = AttentionRecorder(model.model, _blocks(model), att_idx) if att_idx else None
     try:
         # Every row ends in the last column when there is one row or the padding is on the left: keep that column
         # only for "last". Otherwise rows end at different columns: keep every column, slice per row below.
         narrow = capture.positions == "last" and (left or len(inputs) == 1)
-        for r in (rec, attn, sites):
+        for r in (attn, sites):
             if r is not None:
                 r.rows = [-1] if narrow else None
-        if rec is not None:
-            rec.replace = True
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
         if left:
             # Left padding shifts every real token; without explicit ids the model would number pads first.
@@ -161,12 +153,15 @@ def forward_many(
                 model.extra["position_offset"] = _position_offset(base)
             if (offset := model.extra["position_offset"]) is not None:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) + offset
-        model.extra["base"](input_ids=ids, **kwargs)
-        taken = rec.taken() if rec is not None else {}
-        named = sites.kept if sites is not None else {}
+        if sites is not None and sites.attention:
+            with eager_attention(model.model, LOOM, "hidden_state_layers"):
+                model.extra["base"](input_ids=ids, **kwargs)
+        else:
+            model.extra["base"](input_ids=ids, **kwargs)
+        taken = sites.kept if sites is not None else {}
         weights = attn.latest if attn is not None else {}
     finally:
-        for r in (rec, attn, sites):
+        for r in (attn, sites):
             if r is not None:
                 r.close()
     rows = []
@@ -184,7 +179,7 @@ def forward_many(
                 # A copy per row, so that no row keeps the whole padded batch alive.
                 states={
                     **{sel.key: taken[sel.index][i, queries].clone() for sel in capture.layers if taken},
-                    **{name: named[name][i, queries].clone() for name in capture.sites},
+                    **{name: _row_keys(model, name, taken[name][i, queries], cols) for name in capture.sites},
                 },
                 attentions={
                     sel.key: weights[sel.index][i, :, queries, cols].clone() for sel in capture.attention_layers
@@ -192,6 +187,11 @@ def forward_many(
             )
         )
     return rows
+
+
+def _row_keys(model: LoadedModel, name: str, t: Any, cols: slice) -> Any:
+    """A row's copy of one point's states; a keyed point's (scores, pattern) over the row's own key columns."""
+    return (t[..., cols] if keyed_fill(model, name) is not None else t).clone()
 
 
 def eos_ids(model: LoadedModel) -> set[int]:

@@ -1,46 +1,84 @@
-"""Hook points by TransformerLens's names, and the hooks of one pass that edit them (``Batch.interventions``) and
-record them (``Capture.sites``).
+"""Hook points by TransformerLens's names, derived from the architecture table (``architectures.py``), and the hooks
+of one pass that edit them (``Batch.interventions``) and record them (``Capture.sites`` and layer indices).
 
-A point is a module's input or output. Several names can share one: hidden-state index i (0 < i < N),
-``blocks.{i-1}.hook_resid_post`` and ``blocks.{i}.hook_resid_pre`` are all the output of block i-1; index 0 and
-``blocks.0.hook_resid_pre`` the input of block 0; index N and ``ln_final.hook_normalized`` the final norm's output
-(the last block's, for a model without a final norm). An edit at a name therefore shows in every name at its point,
-and in everything computed after it. The values are the model's own (no LayerNorm folding, no centring).
+Each hook point is its own point, with TransformerLens's semantics: a state is what its hook saw when it fired (after
+the edits at that point, before any later one), edits at different points apply in forward order and edits at one
+point in list order. Hidden-state index ``i`` < N is an alias of ``blocks.{i}.hook_resid_pre`` and index N of
+``ln_final.hook_normalized`` (of the last block's ``hook_resid_post`` where there is no final norm), so
+``blocks.{i-1}.hook_resid_post`` is a point of its own that fires just before index ``i``. The values are the model's
+own (no LayerNorm folding, no centring).
 
-Per block: ``hook_attn_out`` and ``hook_mlp_out`` are what each sublayer adds to the residual stream (for Gemma 2,
-after its post-sublayer norms; for BERT, the output projection before the add and its LayerNorm).
-``hook_resid_mid`` is resid_pre + attn_out; an edit there is carried by the attention output (attn_out becomes
-f(resid_pre + attn_out) - resid_pre), and a parallel-residual block (GPT-NeoX) has none. For BERT's post-LN blocks
-it is the attention sublayer's output after its LayerNorm. ``attn.hook_z`` is the input of the attention's output
-projection, viewed as [heads, d_head].
+A point is a module's input (a forward pre-hook), its output (a forward hook), or a tensor inside transformers'
+attention function (``attention.py``: ``hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, for
+which a pass runs under The Loom's eager attention). Points that fire at one torch hook are taken in
+TransformerLens's order (``RANKS``). Some are computed from what the hook sees: ``hook_resid_mid`` is resid_pre +
+attn_out (an edit there is carried by the attention output: attn_out becomes f(resid_pre + attn_out) - resid_pre),
+``attn.hook_result`` each head's z through its share of the output projection (an edit there makes the projection's
+output the sum of the edited results plus its bias), ``ln_final.hook_scale`` the final norm's sqrt(variance + eps)
+(an edit there rescales the norm's output).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
 from loom_kernel import Intervention, LoadedModel
 from loom_kernel.capture import find_blocks
+from loom_transformers.architectures import Arch, arch_of, part
+from loom_transformers.attention import MASKED
 
-ATTENTION = ("self_attn", "attn", "attention")
-FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
-OUT_PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
+# TransformerLens's order of the points in a block.
+RANKS = {
+    "hook_resid_pre": 0,
+    "ln1.hook_normalized": 2,
+    "attn.hook_q": 3,
+    "attn.hook_k": 4,
+    "attn.hook_v": 5,
+    "attn.hook_rot_q": 6,
+    "attn.hook_rot_k": 7,
+    "attn.hook_attn_scores": 8,
+    "attn.hook_pattern": 9,
+    "attn.hook_z": 10,
+    "attn.hook_result": 11,
+    "hook_attn_out": 12,
+    "hook_resid_mid": 13,
+    "ln2.hook_normalized": 14,
+    "mlp.hook_pre": 15,
+    "mlp.hook_pre_linear": 16,
+    "mlp.hook_post": 17,
+    "hook_mlp_out": 18,
+    "hook_resid_post": 19,
+}
+BLOCK_POINTS = tuple(RANKS)
+GLOBAL_POINTS = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
+PER_HEAD = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z")
+KEYED = ("attn.hook_attn_scores", "attn.hook_pattern")  # one value per key position: [heads, keys]
+ATTENTION_INSIDE = ("attn.hook_rot_q", "attn.hook_rot_k", *KEYED)
+KEYS = -1  # the last dimension of a keyed point's shape: the row's key positions
 
 
-@attrs.define(frozen=True)
+@attrs.define(frozen=True, eq=False)
 class Site:
+    name: str
     module: Any
-    side: str  # "in" or "out"
-    kind: str = "plain"  # plain | z (viewed [heads, d_head]) | mid (resid_pre of ``block`` + the output)
-    block: Any = None
-    heads: int = 0
+    side: str  # "in" (forward pre-hook), "out" (forward hook) or "attn" (inside the attention function)
+    rank: int
+    shape: tuple[int, ...]
+    kind: str = "plain"  # plain | mid | result | scale | broadcast | rot_q | rot_k | scores | pattern
+    view: Callable[[Any], Any] | None = None  # the hooked tensor [B, T, ...] -> a view [B, T, *shape]
+    block: Any = None  # mid: the block whose input is resid_pre
+    extra: Any = None  # result: (the output projection, heads); scale: the norm's kind
 
     @property
-    def point(self) -> tuple[int, str]:
+    def hook(self) -> tuple[int, str]:
         return id(self.module), self.side
+
+    @property
+    def keyed(self) -> bool:
+        return self.kind in ("scores", "pattern")
 
 
 @attrs.define(frozen=True)
@@ -55,117 +93,316 @@ class Layout:
 
 def site_map(model: LoadedModel) -> dict[int | str, Site | str]:
     """Every hook point of ``model`` by index and name; a string says why the model has no such site."""
-    if "site_map" in model.extra:
-        return model.extra["site_map"]
-    net, n = model.model, model.num_layers
-    base, blocks = find_blocks(net, n)
-    final = next((getattr(base, name) for name in FINAL_NORMS if hasattr(base, name)), None)
-    config = net.config
-    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 0)
-    parallel = bool(getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False))
-    sites: dict[int | str, Site | str] = {0: Site(blocks[0], "in")}
-    for i in range(1, n):
-        sites[i] = Site(blocks[i - 1], "out")
-    sites[n] = Site(final, "out") if final is not None else Site(blocks[n - 1], "out")
-    sites["ln_final.hook_normalized"] = sites[n] if final is not None else "this model has no final norm"
+    if "site_map" not in model.extra:
+        model.extra["site_map"] = _derive(model)
+    return model.extra["site_map"]
+
+
+def _derive(model: LoadedModel) -> dict[int | str, Site | str]:
+    net, n, d = model.model, model.num_layers, model.hidden_size
+    arch = arch_of(net.config)
+    if arch is None:
+        return _unknown(model)
+    base = net.base_model
+    blocks = part(base, arch.blocks)
+    sites: dict[int | str, Site | str] = {}
+    embed = part(base, arch.embed)
+    sites["hook_embed"] = Site("hook_embed", embed, "out", -2, (d,))
+    pos = part(base, arch.pos_embed)
+    sites["hook_pos_embed"] = (
+        Site("hook_pos_embed", pos, "out", -1, (d,), kind="broadcast")
+        if pos is not None
+        else f"{arch.name} has no learned position embedding" + (" (rotary embeddings instead)" if arch.rotary else "")
+    )
     for i, block in enumerate(blocks):
-        at = f"blocks.{i}."
-        sites[at + "hook_resid_pre"] = sites[i]
-        sites[at + "hook_resid_post"] = Site(block, "out")
-        attn = next((getattr(block, name) for name in ATTENTION if hasattr(block, name)), None)
-        if attn is None:
-            for name in ("hook_attn_out", "hook_mlp_out", "hook_resid_mid", "attn.hook_z"):
-                sites[at + name] = f"no attention module found in {type(block).__name__}"
-            continue
-        proj = next((m for name, m in attn.named_modules() if name.split(".")[-1] in OUT_PROJECTIONS), None)
-        post_ln = hasattr(block, "intermediate") and hasattr(block, "output") and not hasattr(block, "mlp")
-        if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2: each sublayer's output is normed before the add
-            attn_out, mlp_out = block.post_attention_layernorm, block.post_feedforward_layernorm
-        elif post_ln:  # BERT: the projections before each add-and-LayerNorm
-            attn_out, mlp_out = proj, block.output.dense
-        else:
-            attn_out, mlp_out = attn, getattr(block, "mlp", None)
-        sites[at + "hook_attn_out"] = Site(attn_out, "out")
-        sites[at + "hook_mlp_out"] = Site(mlp_out, "out") if mlp_out is not None else "no MLP module found"
-        if post_ln:
-            sites[at + "hook_resid_mid"] = Site(attn, "out")
-        elif parallel:
-            sites[at + "hook_resid_mid"] = (
-                "a parallel-residual block adds attention and MLP to the same input: there is no stream between them"
-            )
-        else:
-            sites[at + "hook_resid_mid"] = Site(attn_out, "out", kind="mid", block=block)
-        if proj is None or not heads:
-            sites[at + "attn.hook_z"] = "no attention output projection found"
-        else:
-            sites[at + "attn.hook_z"] = Site(proj, "in", kind="z", heads=heads)
-    model.extra["site_map"] = sites
+        for name, site in _block(net, arch, block, i, d).items():
+            sites[f"blocks.{i}.{name}"] = site
+    final = part(base, arch.final_norm)
+    if final is not None:
+        top = 100 * (n + 1)
+        sites["ln_final.hook_scale"] = Site(
+            "ln_final.hook_scale", final, "in", top, (1,), kind="scale", extra=arch.norm
+        )
+        sites["ln_final.hook_normalized"] = Site("ln_final.hook_normalized", final, "out", top + 1, (d,))
+    else:
+        for name in ("ln_final.hook_scale", "ln_final.hook_normalized"):
+            sites[name] = f"{arch.name} has no final norm: index {n} is blocks.{n - 1}.hook_resid_post"
+    for i in range(n):
+        sites[i] = sites[f"blocks.{i}.hook_resid_pre"]
+    sites[n] = sites["ln_final.hook_normalized"] if final is not None else sites[f"blocks.{n - 1}.hook_resid_post"]
     return sites
 
 
+def _unknown(model: LoadedModel) -> dict[int | str, Site | str]:
+    """A model the table does not describe: its hidden-state indices (block inputs, and the base model's output, as
+    ``output_hidden_states`` has them: the self-check at load compares), no named point."""
+    net, n = model.model, model.num_layers
+    base, blocks = find_blocks(net, n)
+    kind = getattr(net.config, "model_type", None)
+    why = (
+        f"the transformers loader has no layout for model_type {kind!r} ({type(net).__name__}), so it offers no "
+        f"hook points rather than guess them (hidden-state indices are served)"
+    )
+    sites: dict[int | str, Site | str] = {i: Site(str(i), blocks[i], "in", 100 * (i + 1), ()) for i in range(n)}
+    sites[n] = Site(str(n), base, "out", 100 * (n + 1), ())
+    for name in GLOBAL_POINTS:
+        sites[name] = why
+    for i in range(n):
+        for name in BLOCK_POINTS:
+            sites[f"blocks.{i}.{name}"] = why
+    model.extra["unknown_architecture"] = why
+    return sites
+
+
+def heads_of(config: Any, d: int) -> tuple[int, int]:
+    """(query heads, d_head) as the config names them."""
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 0)
+    d_head = getattr(config, "head_dim", None)
+    return heads, int(d_head) if isinstance(d_head, int) and d_head else d // max(heads, 1)
+
+
+def width(module: Any) -> int:
+    """A projection's output width: a Linear's (quantized ones keep ``out_features``) or GPT-2's Conv1D's."""
+    for attr in ("out_features", "nf"):
+        if isinstance(getattr(module, attr, None), int):
+            return int(getattr(module, attr))
+    return int(module.weight.shape[0])
+
+
+def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site | str]:
+    """The points of block ``i``, by their name after ``blocks.{i}.``."""
+    config = net.config
+    rank = 100 * (i + 1)
+    out: dict[str, Site | str] = {}
+
+    def site(name: str, module: Any, side: str, shape: tuple[int, ...], **kw: Any) -> Site:
+        return Site(f"blocks.{i}.{name}", module, side, rank + RANKS[name], shape, **kw)
+
+    out["hook_resid_pre"] = site("hook_resid_pre", block, "in", (d,))
+    out["hook_resid_post"] = site("hook_resid_post", block, "out", (d,))
+    if arch.mixer is not None:
+        out["ln1.hook_normalized"] = site("ln1.hook_normalized", part(block, arch.mixer), "in", (d,))
+        why = f"{arch.name}'s blocks hold a state-space mixer: no attention, no MLP"
+        for name in BLOCK_POINTS:
+            out.setdefault(name, why)
+        return out
+    parallel = arch.parallel(config)
+    attn = part(block, arch.attn)
+    heads, d_head = heads_of(config, d)
+    out.update(_attention(net, arch, attn, site, heads, d_head))
+    o = part(attn, arch.o)
+    post_ln = arch.residual == "post_ln"
+    attn_out = o if post_ln else part(block, arch.post_attn_norm) or attn
+    out["hook_attn_out"] = site("hook_attn_out", attn_out, "out", (d,))
+    if post_ln:
+        out["hook_resid_mid"] = site("hook_resid_mid", part(block, arch.ln1), "in", (d,))
+        out["ln1.hook_normalized"] = site("ln1.hook_normalized", part(block, arch.ln1), "out", (d,))
+        out["ln2.hook_normalized"] = site("ln2.hook_normalized", part(block, arch.ln2), "out", (d,))
+    elif parallel:
+        out["hook_resid_mid"] = (
+            f"{arch.name}'s block is parallel-residual (attention and MLP read the same input and add to the stream "
+            "together): there is no stream between them"
+        )
+    else:
+        out["hook_resid_mid"] = site("hook_resid_mid", attn_out, "out", (d,), kind="mid", block=block)
+    mlp = part(block, arch.mlp) if arch.mlp else block
+    if not post_ln:
+        out["ln1.hook_normalized"] = (
+            site("ln1.hook_normalized", attn, "in", (d,))
+            if arch.ln1
+            else f"{arch.name} normalizes each sublayer's output, not its input: attention reads the stream itself"
+        )
+        out["ln2.hook_normalized"] = (
+            site("ln2.hook_normalized", mlp, "in", (d,))
+            if arch.ln2 or (parallel and arch.ln1)
+            else f"{arch.name} normalizes each sublayer's output, not its input: the MLP reads hook_resid_mid itself"
+        )
+    out.update(_mlp(arch, mlp, site))
+    post_mlp = part(block, arch.post_mlp_norm)
+    mlp_out = part(block, arch.down) if post_ln else post_mlp or mlp
+    out["hook_mlp_out"] = site("hook_mlp_out", mlp_out, "out", (d,))
+    return out
+
+
+def _heads_view(count: int, d_head: int, start: int = 0) -> Callable[[Any], Any]:
+    """[.., start : start + count * d_head] of the last dimension, viewed [.., count, d_head]."""
+    stop = start + count * d_head
+    return lambda t: t[..., start:stop].unflatten(-1, (count, d_head))
+
+
+def _interleaved(count: int, d_head: int, j: int, parts: int = 3) -> Callable[[Any], Any]:
+    """Part ``j`` of a projection laid out [count, parts, d_head] (GPT-NeoX's query_key_value, Falcon's)."""
+    return lambda t: t.unflatten(-1, (count, parts, d_head))[..., j, :]
+
+
+def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads: int, d_head: int) -> dict:
+    config = net.config
+    out: dict[str, Site | str] = {}
+    if arch.qkv is not None:
+        mods = [part(attn, name) for name in arch.qkv]
+        kv = width(mods[1]) // d_head
+        for name, mod, count in zip(("attn.hook_q", "attn.hook_k", "attn.hook_v"), mods, (heads, kv, kv), strict=True):
+            out[name] = site(name, mod, "out", (count, d_head), view=_heads_view(count, d_head))
+    else:
+        fused = part(attn, arch.fused_qkv)
+        kv, views = _fused(arch, config, heads, d_head, width(fused))
+        if views is None:
+            for name in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+                out[name] = kv
+            kv = heads
+        else:
+            qkv = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
+            for name, count, view in zip(qkv, (heads, kv, kv), views, strict=True):
+                out[name] = site(name, fused, "out", (count, d_head), view=view)
+    core = part(attn, arch.core) if arch.core else attn
+    if arch.rotary and not getattr(config, "alibi", False):
+        out["attn.hook_rot_q"] = site("attn.hook_rot_q", core, "attn", (heads, d_head), kind="rot_q")
+        out["attn.hook_rot_k"] = site("attn.hook_rot_k", core, "attn", (kv, d_head), kind="rot_k")
+    else:
+        why = f"{arch.name} has no rotary embeddings: hook_q and hook_k are what the scores read"
+        out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
+    if getattr(config, "alibi", False):
+        out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = f"{arch.name} with ALiBi is not described"
+    else:
+        out["attn.hook_attn_scores"] = site("attn.hook_attn_scores", core, "attn", (heads, KEYS), kind="scores")
+        out["attn.hook_pattern"] = site("attn.hook_pattern", core, "attn", (heads, KEYS), kind="pattern")
+    o = part(attn, arch.o)
+    out["attn.hook_z"] = site("attn.hook_z", o, "in", (heads, d_head), view=_heads_view(heads, d_head))
+    weight = getattr(o, "weight", None)
+    dense = weight is not None and weight.is_floating_point() and weight.numel() == heads * d_head * width(o)
+    out["attn.hook_result"] = (
+        site("attn.hook_result", o, "out", (heads, width(o)), kind="result", extra=(o, heads))
+        if dense
+        else f"the output projection's weight is not a dense matrix ({type(o).__name__}: quantized?)"
+    )
+    return out
+
+
+def w_o(o: Any, heads: int) -> Any:
+    """An output projection's weight as TransformerLens's W_O [heads, d_head, d_model] (a view)."""
+    weight = o.weight
+    if type(o).__name__ == "Conv1D":  # GPT-2: [in, out]
+        return weight.unflatten(0, (heads, -1))
+    return weight.T.unflatten(0, (heads, -1))
+
+
+def _fused(arch: Arch, config: Any, heads: int, d_head: int, total: int) -> tuple[Any, Any]:
+    """(key-value heads, the views of q, k and v) of a fused projection; (why not, None) for an undescribed one."""
+    if arch.fused == "gpt2":
+        return heads, [_heads_view(heads, d_head, j * heads * d_head) for j in range(3)]
+    if arch.fused == "neox":
+        return heads, [_interleaved(heads, d_head, j) for j in range(3)]
+    if arch.fused == "phi3":
+        kv = (total - heads * d_head) // (2 * d_head)
+        starts = (0, heads * d_head, (heads + kv) * d_head)
+        return kv, [_heads_view(c, d_head, s) for c, s in zip((heads, kv, kv), starts, strict=True)]
+    if arch.fused == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            return f"{arch.name}'s grouped query_key_value (new_decoder_architecture) is not described", None
+        if getattr(config, "multi_query", False):
+            starts = (0, heads * d_head, (heads + 1) * d_head)
+            return 1, [_heads_view(c, d_head, s) for c, s in zip((heads, 1, 1), starts, strict=True)]
+        return heads, [_interleaved(heads, d_head, j) for j in range(3)]
+    return f"{arch.name}'s fused projection is not described", None
+
+
+def _mlp(arch: Arch, mlp: Any, site: Callable[..., Site]) -> dict[str, Site | str]:
+    out: dict[str, Site | str] = {}
+    gate_name, up_name, down_name = arch.gate, arch.up, arch.down
+    if not (arch.fused_gate_up or gate_name or up_name):  # a mixture of experts: its dense blocks are gated
+        if part(mlp, "gate_proj") is None or part(mlp, "up_proj") is None:
+            why = f"{arch.name}'s MLP is a mixture of experts (one MLP per expert): read hook_mlp_out"
+            return {name: why for name in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")}
+        gate_name, up_name, down_name = "gate_proj", "up_proj", "down_proj"  # Qwen3-MoE's mlp_only_layers
+    if arch.fused_gate_up:
+        fused = part(mlp, arch.fused_gate_up)
+        half = width(fused) // 2
+        out["mlp.hook_pre"] = site("mlp.hook_pre", fused, "out", (half,), view=lambda t: t[..., :half])
+        out["mlp.hook_pre_linear"] = site("mlp.hook_pre_linear", fused, "out", (half,), view=lambda t: t[..., half:])
+    elif gate_name:
+        gate, up = part(mlp, gate_name), part(mlp, up_name)
+        out["mlp.hook_pre"] = site("mlp.hook_pre", gate, "out", (width(gate),))
+        out["mlp.hook_pre_linear"] = site("mlp.hook_pre_linear", up, "out", (width(up),))
+    else:
+        up = part(mlp, up_name)
+        out["mlp.hook_pre"] = site("mlp.hook_pre", up, "out", (width(up),))
+        out["mlp.hook_pre_linear"] = f"{arch.name}'s MLP is not gated: mlp.hook_pre is its only input projection"
+    pre = out["mlp.hook_pre"]
+    out["mlp.hook_post"] = site("mlp.hook_post", part(mlp, down_name), "in", pre.shape)
+    return out
+
+
 def site_shapes(model: LoadedModel) -> dict[str, tuple[int, ...] | str]:
-    """``LoadedModel.sites``: each name's per-token shape, or why the model has none."""
-    shapes: dict[str, tuple[int, ...] | str] = {}
-    for name, site in site_map(model).items():
-        if isinstance(name, int):
-            continue
-        if isinstance(site, str) or site.kind != "z":
-            shapes[name] = site if isinstance(site, str) else (model.hidden_size,)
-            continue
-        shapes[name] = (site.heads, _in_width(site.module, model) // site.heads)
-    return shapes
+    """``LoadedModel.sites``: each name's per-token shape (``KEYS``, -1, for a keyed point's key positions), or why
+    the model has none."""
+    return {
+        name: site.shape if isinstance(site, Site) else site
+        for name, site in site_map(model).items()
+        if isinstance(name, str)
+    }
 
 
-def _in_width(module: Any, model: LoadedModel) -> int:
-    """The output projection's input width: a Linear's (quantized ones keep ``in_features``), GPT-2's Conv1D's
-    (weight [in, out]), else the config's heads x head_dim."""
-    if isinstance(getattr(module, "in_features", None), int):
-        return module.in_features
-    weight = getattr(module, "weight", None)
-    if weight is not None and weight.ndim == 2:
-        return int(weight.shape[0])
-    config = model.model.config
-    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
-    return heads * int(getattr(config, "head_dim", 0) or model.hidden_size // heads)
+def keyed_fill(model: LoadedModel, key: int | str) -> float | None:
+    """For a keyed point (scores, pattern): what its key positions a query cannot see hold (the most negative float,
+    0); None for any other point."""
+    site = site_map(model).get(key)
+    if not isinstance(site, Site) or not site.keyed:
+        return None
+    return MASKED if site.kind == "scores" else 0.0
+
+
+def needs_attention(model: LoadedModel, keys: Sequence[int | str]) -> bool:
+    """Whether any of ``keys`` is a point inside the attention function (the pass then runs The Loom's attention)."""
+    sites = site_map(model)
+    return any(isinstance(s := sites.get(k), Site) and s.side == "attn" for k in keys)
 
 
 class SiteHooks:
-    """The hooks of one pass: each row's edits (in its list order) at their points, then the recording of ``record``
-    (names kept like ``StateRecorder`` keeps indices: ``rows`` None for every column, [-1] for the last)."""
+    """The hooks of one pass: each row's edits at their points, in forward order (in list order at one point), and the
+    recording of ``record`` (layer indices and names), each read when its point fires. ``rows`` selects the columns
+    kept (None: every one, ``[-1]``: the last); ``kept[key]`` is [B, kept, *shape] on CPU ([B, kept, heads, keys of
+    the pass] for a keyed point); ``attention``: whether the pass must run under The Loom's attention."""
 
     def __init__(
         self,
         model: LoadedModel,
         edits: Sequence[Sequence[Intervention]],
         layout: Sequence[Layout],
-        record: Sequence[str] = (),
+        record: Sequence[int | str] = (),
     ) -> None:
         self.rows: list[int] | None = None
-        self.kept: dict[str, Any] = {}
+        self.kept: dict[int | str, Any] = {}
         self._handles: list[Any] = []
+        self._layout = list(layout)
+        self._edits: dict[int, list[tuple[int, Intervention]]] = {}
+        self._names: dict[int, list[int | str]] = {}
+        self._inputs: dict[int, Any] = {}  # each resid_mid block's input, kept by a pre-hook on the block
+        self._ratio: dict[int, Any] = {}  # an edited final-norm scale: old / new, applied to the norm's output
+        self._cores: list[Any] = []
         sites = site_map(model)
-        points: dict[tuple[int, str], tuple[Site, list[tuple[int, Site, Intervention]], list[tuple[str, Site]]]] = {}
+        hooks: dict[tuple[int, str], dict[int, Site]] = {}
+        modules: dict[tuple[int, str], Any] = {}
 
-        def at(site: Site) -> Any:
-            key = site.point if site.kind != "mid" else (id(site.module), "out")
-            return points.setdefault(key, (site, [], []))
+        def use(site: Site | str) -> Site:
+            assert isinstance(site, Site)
+            hooks.setdefault(site.hook, {})[id(site)] = site
+            modules[site.hook] = site.module
+            if site.kind == "scale":  # the norm's output hook carries an edited scale
+                hooks.setdefault((id(site.module), "out"), {})
+                modules[(id(site.module), "out")] = site.module
+            return site
 
         for b, row in enumerate(edits):
             for edit in row:
-                site = sites[edit.site]
-                assert not isinstance(site, str)
-                at(site)[1].append((b, site, edit))
-        for name in record:
-            site = sites[name]
-            assert not isinstance(site, str)
-            at(site)[2].append((name, site))
-        self._layout = list(layout)
-        self._inputs: dict[int, Any] = {}  # each resid_mid block's input, kept by a pre-hook on the block
-        for site, row_edits, names in points.values():
-            self._register(site, row_edits, names)
-        used = [s for _, row_edits, names in points.values() for s in [e[1] for e in row_edits] + [n[1] for n in names]]
-        for block in {id(s.block): s.block for s in used if s.kind == "mid"}.values():
+                self._edits.setdefault(id(use(sites[edit.site])), []).append((b, edit))
+        for key in record:
+            self._names.setdefault(id(use(sites[key])), []).append(key)
+        for key, group in hooks.items():
+            self._register(modules[key], key[1], sorted(group.values(), key=lambda s: s.rank))
+        blocks = {id(s.block): s.block for g in hooks.values() for s in g.values() if s.kind == "mid"}
+        for block in blocks.values():
             self._handles.append(block.register_forward_pre_hook(self._stash(block), with_kwargs=True))
+        self.attention = bool(self._cores)
 
     def _stash(self, block: Any) -> Any:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
@@ -173,44 +410,69 @@ class SiteHooks:
 
         return hook
 
-    def _register(self, site: Site, edits: list[tuple[int, Site, Intervention]], names: list[tuple[str, Site]]) -> None:
-        def run(h: Any) -> Any:
-            if edits:
-                h = h.clone()
-                for b, s, edit in edits:
-                    self._edit(h, b, s, edit)
-            for name, s in names:
-                self._keep(name, self._value(h, s))
-            return h
-
-        if site.side == "in":
+    def _register(self, module: Any, side: str, sites: list[Site]) -> None:
+        if side == "attn":
+            module._loom_sites = (self, sites)
+            self._cores.append(module)
+            return
+        if side == "in":
 
             def pre(module: Any, args: tuple, kwargs: dict) -> Any:
-                if args:
-                    return (run(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": run(kwargs["hidden_states"])}
+                h = args[0] if args else kwargs["hidden_states"]
+                new = self._run(sites, h, args)
+                if new is h:
+                    return None
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-            self._handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            return
 
-            def post(module: Any, args: Any, output: Any) -> Any:
-                if isinstance(output, tuple):
-                    return (run(output[0]), *output[1:])
-                if hasattr(output, "last_hidden_state"):
-                    output.last_hidden_state = run(output.last_hidden_state)
-                    return output
-                return run(output)
+        def post(module: Any, args: Any, output: Any) -> Any:
+            h = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
+            ratio = self._ratio.pop(id(module), None)
+            new = h if ratio is None else _rescaled(module, h, ratio)
+            new = self._run(sites, new, args)
+            if new is h:
+                return None
+            if isinstance(output, tuple):
+                return (new, *output[1:])
+            if hasattr(output, "last_hidden_state"):
+                output.last_hidden_state = new
+                return output
+            return new
 
-            self._handles.append(site.module.register_forward_hook(post))
+        self._handles.append(module.register_forward_hook(post))
 
-    def _value(self, h: Any, site: Site) -> Any:
-        if site.kind == "z":
-            return h.view(*h.shape[:-1], site.heads, h.shape[-1] // site.heads)
-        if site.kind == "mid":
-            return self._inputs[id(site.block)] + h
+    # -- at a torch hook -------------------------------------------------------------------------------------------
+
+    def _run(self, sites: list[Site], h: Any, args: Any) -> Any:
+        """The points at one hook, in order: each one's edits, then its recording. The tensor the model goes on with."""
+        fresh = False  # whether ``h`` is already this hook's own copy
+        for site in sites:
+            edits, names = self._edits.get(id(site), ()), self._names.get(id(site), ())
+            if site.kind == "scale":
+                self._scale(site, h, edits, names)
+                continue
+            if site.kind == "result":
+                h, fresh = self._result(site, h, args[0], edits, names, fresh)
+                continue
+            if site.kind == "broadcast" and h.shape[0] != len(self._layout):
+                h, fresh = h.expand(len(self._layout), *h.shape[1:]).clone(), True
+            if edits and not fresh:
+                h, fresh = h.clone(), True
+            for b, edit in edits:
+                self._edit(site, h, b, edit)
+            for key in names:
+                self._keep(key, self._value(site, h))
         return h
 
-    def _edit(self, h: Any, b: int, site: Site, edit: Intervention) -> None:
+    def _value(self, site: Site, h: Any) -> Any:
+        if site.kind == "mid":
+            return self._inputs[id(site.block)] + h
+        return site.view(h) if site.view is not None else h
+
+    def _edit(self, site: Site, h: Any, b: int, edit: Intervention, keys: int = 0) -> None:
+        """``edit`` of row ``b`` written into ``h`` (the hooked tensor, or a point's view of it)."""
         import torch
 
         place = self._layout[b]
@@ -218,27 +480,126 @@ class SiteHooks:
         if not columns:
             return
         cols = torch.tensor(columns, device=h.device)
-        x = self._value(h, site)[b].index_select(0, cols)
-        if site.kind == "z" and edit.heads is not None:
+        value = self._value(site, h) if site.side != "attn" else h
+        x = value[b].index_select(0, cols)
+        if site.keyed and edit.vector is not None:
+            edit = _over_keys(edit, x.shape[-1], *_key_span(place, keys, value.shape[1]))
+        if edit.heads is not None:
             heads = torch.tensor(edit.heads, device=h.device)
-            x = x.index_copy(1, heads, _apply(x.index_select(1, heads), edit, rows))
+            x = x.index_copy(1, heads, _apply(x.index_select(1, heads), edit, rows).to(x.dtype))
         else:
             x = _apply(x, edit, rows)
         if site.kind == "mid":
-            x = x - self._inputs[id(site.block)][b].index_select(0, cols)
-        target = self._value(h, site) if site.kind == "z" else h
-        target[b, cols] = x.to(h.dtype)
+            h[b, cols] = (x - self._inputs[id(site.block)][b].index_select(0, cols)).to(h.dtype)
+        else:
+            value[b, cols] = x.to(value.dtype)
 
-    def _keep(self, name: str, value: Any) -> None:
+    def _keep(self, key: int | str, value: Any) -> None:
         t = value.detach()
         if self.rows is not None:
             t = t[:, self.rows]
-        self.kept[name] = t.to("cpu", copy=True)
+        self.kept[key] = t.to("cpu", copy=True)
+
+    def _result(self, site: Site, h: Any, z: Any, edits: Any, names: Any, fresh: bool) -> tuple[Any, bool]:
+        """Each head's z through its share of the output projection [B, T, heads, d_model], without the bias."""
+        import torch
+
+        o, heads = site.extra
+        weight = w_o(o, heads)
+        zz = z if edits or self.rows is None else z[:, self.rows]
+        result = torch.einsum("bthd,hdm->bthm", zz.unflatten(-1, (heads, -1)).to(weight.dtype), weight)
+        for b, edit in edits:
+            self._edit(site, result, b, edit)
+        for key in names:
+            t = result.detach()
+            self.kept[key] = (t[:, self.rows] if edits and self.rows is not None else t).to("cpu", copy=True)
+        if not edits:
+            return h, fresh
+        out = result.sum(-2)
+        if getattr(o, "bias", None) is not None:
+            out = out + o.bias
+        return out.to(h.dtype), True
+
+    def _scale(self, site: Site, x: Any, edits: Any, names: Any) -> None:
+        s = norm_scale(site.module, site.extra, x)
+        if edits:
+            new = s.clone()
+            for b, edit in edits:
+                self._edit(site, new, b, edit)
+            self._ratio[id(site.module)] = s / new
+            s = new
+        for key in names:
+            self._keep(key, s)
+
+    # -- inside the attention function (attention.py) ----------------------------------------------------------------
+
+    def inside(self, sites: list[Site], kind: str, t: Any, queries: int = 0) -> Any:
+        """The points of ``kind`` at one attention call: ``t`` is q [B, heads, T, d_head], k [B, kv, keys, d_head]
+        (its last ``queries`` columns are this pass's tokens: edited in place, so that the cache keeps the edit),
+        scores or pattern [B, heads, T, keys]. The tensor the attention goes on with."""
+        fresh = kind == "rot_k"
+        for site in sites:
+            if site.kind != kind:
+                continue
+            edits, names = self._edits.get(id(site), ()), self._names.get(id(site), ())
+            if edits and not fresh:
+                t, fresh = t.clone(), True
+            value = t[:, :, t.shape[2] - queries :] if kind == "rot_k" else t
+            value = value.transpose(1, 2)  # [B, T, heads, ...]
+            for b, edit in edits:
+                self._edit(site, value, b, edit, keys=t.shape[-1])
+            for key in names:
+                self._keep(key, value)
+        return t
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for core in self._cores:
+            core.__dict__.pop("_loom_sites", None)
+        self._cores.clear()
+
+
+def _rescaled(norm: Any, y: Any, ratio: Any) -> Any:
+    """A norm's output for its input divided by an edited scale: (y - bias) * old / new + bias."""
+    bias = getattr(norm, "bias", None)
+    if bias is None:
+        return (y.float() * ratio).to(y.dtype)
+    return ((y.float() - bias.float()) * ratio + bias.float()).to(y.dtype)
+
+
+def norm_eps(norm: Any) -> float:
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        value = getattr(norm, attr, None)
+        if isinstance(value, float | int):
+            return float(value)
+    raise ValueError(f"{type(norm).__name__} names no epsilon")
+
+
+def norm_scale(norm: Any, kind: str, x: Any) -> Any:
+    """A norm's scale for input ``x`` [.., D]: sqrt(variance + eps) [.., 1] in float32, centred for a LayerNorm."""
+    x = x.float()
+    if kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    return (x.pow(2).mean(-1, keepdim=True) + norm_eps(norm)).sqrt()
+
+
+def _key_span(place: Layout, keys: int, width: int) -> tuple[int, int]:
+    """The key columns of a row in an attention call with ``keys`` columns and ``width`` query columns: its queries
+    end at ``col + count``, and its keys are its ``tok + count`` tokens so far."""
+    end = place.col + place.count + keys - width
+    return end - (place.tok + place.count), end
+
+
+def _over_keys(edit: Intervention, keys: int, start: int, end: int) -> Intervention:
+    """``edit`` with its vector over the row's keys placed in the call's key columns (zeros elsewhere: masked)."""
+    import torch
+
+    v = edit.vector
+    full = torch.zeros((*v.shape[:-1], keys), dtype=v.dtype)
+    full[..., start:end] = v[..., : end - start]
+    return attrs.evolve(edit, vector=full)
 
 
 def _selected(edit: Intervention, place: Layout) -> tuple[list[int], list[int] | None]:
@@ -278,9 +639,16 @@ def _apply(x: Any, edit: Intervention, rows: list[int] | None) -> Any:
     return xf.zero_()
 
 
+def logit_scale(model: LoadedModel) -> float:
+    """What the causal LM multiplies its head's logits by (Cohere's ``logit_scale``), else 1."""
+    arch = arch_of(model.model.config)
+    scale = getattr(model.model, arch.logit_scale, None) if arch is not None and arch.logit_scale else None
+    return float(scale) if isinstance(scale, float | int) else 1.0
+
+
 def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:
-    """``LoadedModel.unembed``: the model's own final norm (unless ``normalized``), LM head and final logit
-    soft-capping (Gemma 2) applied to CPU states [P, H]; float32 CPU logits [P, V]."""
+    """``LoadedModel.unembed``: the model's own final norm (unless ``normalized``), LM head, logit scale (Cohere) and
+    final logit soft-capping (Gemma 2) applied to CPU states [P, H]; float32 CPU logits [P, V]."""
     import torch
 
     net = model.model
@@ -288,9 +656,9 @@ def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:
     head = net.get_output_embeddings()
     with torch.inference_mode():
         x = states.to(head.weight.device, net.dtype)  # the model's compute dtype (a quantized head's weight is not)
-        if not normalized and not isinstance(final, str):
+        if not normalized and isinstance(final, Site):
             x = final.module(x)
-        logits = head(x)
+        logits = head(x) * logit_scale(model)
         cap = getattr(net.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -12,8 +12,41 @@ from typing import Any
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms.
-MORE_ARCHITECTURES = ("gpt_neox", "gemma2")
+# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms, and
+# every other architecture of the transformers plugin's table (``architectures.py``).
+MORE_ARCHITECTURES = (
+    "gpt_neox",
+    "gemma2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "stablelm",
+    "starcoder2",
+    "gemma3_text",
+    "olmo2",
+    "gptj",
+    "cohere",
+    "falcon",
+    "mamba",
+)
+# A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
+# heads of which 2 key-value heads where the family has grouped-query attention).
+GQA_FAMILIES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "gemma2": "Gemma2Config",
+    "qwen3": "Qwen3Config",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "mixtral": "MixtralConfig",
+    "phi3": "Phi3Config",
+    "stablelm": "StableLmConfig",
+    "starcoder2": "Starcoder2Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "olmo2": "Olmo2Config",
+    "cohere": "CohereConfig",
+}
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -121,14 +154,32 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
-    else:
-        cls = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-            "gemma2": transformers.Gemma2Config,
-        }
+    elif arch in ("gptj", "falcon", "mamba"):
+        sizes = {
+            "gptj": {"n_embd": 64, "n_layer": 3, "n_head": 4, "rotary_dim": 8, "n_positions": 512},
+            "falcon": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
+            "mamba": {"hidden_size": 64, "num_hidden_layers": 3, "state_size": 8, "expand": 2},
+        }[arch]
+        cls = {"gptj": transformers.GPTJConfig, "falcon": transformers.FalconConfig, "mamba": transformers.MambaConfig}
         cfg = cls[arch](
+            **sizes,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **common,
+        )
+    else:
+        extra: dict[str, Any] = {}
+        if arch in ("qwen3_moe", "mixtral"):
+            extra = {"num_experts_per_tok": 2, "num_local_experts" if arch == "mixtral" else "num_experts": 4}
+            if arch == "qwen3_moe":  # block 1 dense, as mlp_only_layers makes it
+                extra.update(moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1])
+        if arch == "phi3":
+            extra["original_max_position_embeddings"] = 512
+        if arch == "cohere":
+            extra["logit_scale"] = 0.0625
+        cfg = getattr(transformers, GQA_FAMILIES[arch])(
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=3,
@@ -139,17 +190,23 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
+            **extra,
             **common,
         )
-    if arch == "gemma2":
-        cfg.head_dim = 16  # its default (256) would make a tiny model's attention 16 times wider than its stream
+    if arch in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
+        cfg.head_dim = 16  # a default of 128 or 256 would make a tiny model's attention far wider than its stream
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
 
 
-def build_tiny_model(arch: str, root: Path, name: str | None = None, **overrides: Any) -> Path:
-    """Build (once) and save a tiny ``arch`` model under ``root/name``; ``overrides`` set config attributes."""
+def build_tiny_model(
+    arch: str, root: Path, name: str | None = None, perturb_norms: bool = False, **overrides: Any
+) -> Path:
+    """Build (once) and save a tiny ``arch`` model under ``root/name``; ``overrides`` set config attributes.
+
+    ``perturb_norms``: every norm's weight (and bias) moved off its initial ones and zeros, so that a site taken on
+    the wrong side of a norm shows (a freshly initialised norm is the identity)."""
     import torch
     import transformers
 
@@ -163,6 +220,23 @@ def build_tiny_model(arch: str, root: Path, name: str | None = None, **overrides
     torch.manual_seed(0)
     auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
     model = auto.from_config(config).eval()
+    if perturb_norms:
+        perturb(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def perturb(model: Any) -> None:
+    """Every norm's weight and bias moved by seeded noise (0.3 and 0.2 standard deviations)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" not in type(module).__name__.lower():
+                continue
+            for attr, std in (("weight", 0.3), ("bias", 0.2)):
+                p = getattr(module, attr, None)
+                if isinstance(p, torch.nn.Parameter):
+                    p.add_(std * torch.randn(p.shape, generator=gen).to(p.dtype))

@@ -1,0 +1,255 @@
+"""The one place that knows each supported architecture's block: where its blocks, embeddings, attention (and how
+its query, key and value come out of its projections), output projection, MLP, norms and head are; whether its
+sublayers run one after the other, side by side, or with the norm after the add (BERT); and what its norms compute.
+
+Every hook point (``sites.py``) is derived from an ``Arch``; a model whose ``model_type`` is not in ``ARCHITECTURES``
+gets no hook points (a 422 naming its type) instead of points guessed from module names, and a model the table
+describes is checked against it at load (``selfcheck.py``), so a transformers release that changes a block is
+refused by name, never served wrong.
+
+Paths are attribute paths: from the base model (``net.base_model``) for ``blocks``, ``embed``, ``pos_embed`` and
+``final_norm``; from a block for ``attn``, ``mlp`` and the norms; from the attention module for the projections;
+from the MLP for its linears (from the block where there is no MLP module: BERT).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+Residual = Literal["sequential", "parallel", "post_ln", "mixer"]
+Norm = Literal["layer", "rms", "rms1p"]  # (x - mean) / s * w + b; x / s * w; x / s * (1 + w) (Gemma)
+Fused = Literal["gpt2", "neox", "falcon", "phi3"]
+
+
+@attrs.define(frozen=True)
+class Arch:
+    name: str
+    blocks: str = "layers"
+    embed: str = "embed_tokens"
+    pos_embed: str | None = None  # a learned position embedding module, added to the token embeddings
+    final_norm: str | None = "norm"
+    norm: Norm = "rms"
+    residual: Residual = "sequential"
+    # A config flag that makes the block parallel (attention and MLP both read the block's input), or "" for none.
+    parallel_flag: str = ""
+    ln1: str | None = "input_layernorm"  # the norm before attention (None: the block has none)
+    ln2: str | None = "post_attention_layernorm"  # the norm before the MLP (None: none, or ln1's output is shared)
+    attn: str | None = "self_attn"
+    qkv: tuple[str, str, str] | None = ("q_proj", "k_proj", "v_proj")  # separate projections in ``attn``
+    fused_qkv: str | None = None  # one projection holding q, k and v, split as ``fused``
+    fused: Fused | None = None
+    core: str = ""  # the module in ``attn`` that calls transformers' attention function ("": ``attn`` itself)
+    o: str = "o_proj"  # the output projection, in ``attn``
+    rotary: bool = True  # rotary position embeddings: q and k have a before (hook_q) and an after (hook_rot_q)
+    mlp: str | None = "mlp"
+    gate: str | None = "gate_proj"  # a gated MLP's gate (hook_pre); None: not gated
+    up: str | None = "up_proj"  # the linear whose output is hook_pre_linear (gated) or hook_pre (not gated)
+    fused_gate_up: str | None = None  # one linear holding [gate | up]
+    down: str = "down_proj"  # the MLP's output linear: its input is hook_post
+    mixer: str | None = None  # a block's state-space mixer (Mamba), in place of attention and MLP
+    post_attn_norm: str | None = None  # a norm on the attention's output before the add (sandwich or post-norm)
+    post_mlp_norm: str | None = None
+    logit_scale: str | None = None  # an attribute of the causal LM multiplying the logits (Cohere)
+    # transformers' output_hidden_states for this model leaves out the embedding output (Mamba's tuple is the block
+    # outputs, then the final norm's): index i < N is its entry i - 1, index 0 the embedding output.
+    states_skip_embedding: bool = False
+
+    def parallel(self, config: Any) -> bool:
+        if self.residual == "parallel":
+            return True
+        return bool(self.parallel_flag and getattr(config, self.parallel_flag, False))
+
+    def norm_placement(self) -> str:
+        if self.residual == "post_ln":
+            return "post-LN (after each add)"
+        if self.post_attn_norm and self.ln1:
+            return "sandwich (before each sublayer and on its output)"
+        if self.post_attn_norm:
+            return "post-norm (on each sublayer's output, before the add)"
+        return "pre-norm"
+
+
+LLAMA = Arch("Llama")
+GEMMA = attrs.evolve(
+    LLAMA,
+    name="Gemma 2",
+    norm="rms1p",
+    ln2="pre_feedforward_layernorm",
+    post_attn_norm="post_attention_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
+)
+MOE = attrs.evolve(LLAMA, name="Mixtral", gate=None, up=None, down="")
+GPT2 = Arch(
+    "GPT-2",
+    blocks="h",
+    embed="wte",
+    pos_embed="wpe",
+    final_norm="ln_f",
+    norm="layer",
+    ln1="ln_1",
+    ln2="ln_2",
+    attn="attn",
+    qkv=None,
+    fused_qkv="c_attn",
+    fused="gpt2",
+    o="c_proj",
+    rotary=False,
+    gate=None,
+    up="c_fc",
+    down="c_proj",
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": LLAMA,
+    "mistral": attrs.evolve(LLAMA, name="Mistral"),
+    "qwen2": attrs.evolve(LLAMA, name="Qwen2"),
+    "qwen3": attrs.evolve(LLAMA, name="Qwen3"),
+    "qwen3_moe": attrs.evolve(MOE, name="Qwen3-MoE"),  # blocks listed in mlp_only_layers have a gated MLP
+    "mixtral": MOE,
+    "phi3": attrs.evolve(
+        LLAMA,
+        name="Phi-3",
+        qkv=None,
+        fused_qkv="qkv_proj",
+        fused="phi3",
+        gate=None,
+        up=None,
+        fused_gate_up="gate_up_proj",
+    ),
+    "stablelm": attrs.evolve(
+        LLAMA, name="StableLM", norm="layer", parallel_flag="use_parallel_residual"
+    ),  # its parallel form shares input_layernorm's output
+    "starcoder2": attrs.evolve(LLAMA, name="Starcoder2", norm="layer", gate=None, up="c_fc", down="c_proj"),
+    "olmo2": attrs.evolve(
+        LLAMA,
+        name="OLMo 2",
+        ln1=None,
+        ln2=None,
+        post_attn_norm="post_attention_layernorm",
+        post_mlp_norm="post_feedforward_layernorm",
+    ),
+    "cohere": attrs.evolve(
+        LLAMA, name="Cohere", norm="layer", residual="parallel", ln2=None, logit_scale="logit_scale"
+    ),
+    "gemma2": GEMMA,
+    "gemma3_text": attrs.evolve(GEMMA, name="Gemma 3"),
+    "gpt2": GPT2,
+    "gpt_neox": attrs.evolve(
+        GPT2,
+        name="GPT-NeoX",
+        blocks="layers",
+        embed="embed_in",
+        pos_embed=None,
+        final_norm="final_layer_norm",
+        ln1="input_layernorm",
+        ln2="post_attention_layernorm",
+        attn="attention",
+        fused_qkv="query_key_value",
+        fused="neox",
+        o="dense",
+        rotary=True,
+        up="dense_h_to_4h",
+        down="dense_4h_to_h",
+        parallel_flag="use_parallel_residual",
+    ),
+    "gptj": attrs.evolve(
+        GPT2,
+        name="GPT-J",
+        pos_embed=None,
+        residual="parallel",
+        ln2=None,
+        qkv=("q_proj", "k_proj", "v_proj"),
+        fused_qkv=None,
+        fused=None,
+        o="out_proj",
+        rotary=True,
+        up="fc_in",
+        down="fc_out",
+    ),
+    "falcon": attrs.evolve(
+        GPT2,
+        name="Falcon",
+        embed="word_embeddings",
+        pos_embed=None,
+        ln1="input_layernorm",
+        ln2="post_attention_layernorm",  # only in its sequential form; the parallel forms share ln1 or have ln_mlp
+        attn="self_attention",
+        fused_qkv="query_key_value",
+        fused="falcon",
+        o="dense",
+        rotary=True,
+        up="dense_h_to_4h",
+        down="dense_4h_to_h",
+        parallel_flag="parallel_attn",
+    ),
+    "bert": Arch(
+        "BERT",
+        blocks="encoder.layer",
+        embed="embeddings.word_embeddings",
+        pos_embed="embeddings.position_embeddings",
+        final_norm=None,
+        norm="layer",
+        residual="post_ln",
+        ln1="attention.output.LayerNorm",
+        ln2="output.LayerNorm",
+        attn="attention",
+        qkv=("self.query", "self.key", "self.value"),
+        core="self",
+        o="output.dense",
+        rotary=False,
+        mlp=None,
+        gate=None,
+        up="intermediate.dense",
+        down="output.dense",
+    ),
+    "mamba": Arch(
+        "Mamba",
+        embed="embeddings",
+        final_norm="norm_f",
+        residual="mixer",
+        ln1="norm",
+        ln2=None,
+        attn=None,
+        qkv=None,
+        rotary=False,
+        mlp=None,
+        gate=None,
+        up=None,
+        down="",
+        mixer="mixer",
+        states_skip_embedding=True,
+    ),
+}
+
+# What each kind of model that is not served says (a 422 at load, naming the model_type).
+NOT_SERVED = {
+    "encoder-decoder": "is an encoder-decoder model; The Loom serves decoder-only (causal) and encoder-only models",
+    "no-text": "is not a text model (no tokenizer and no token embeddings); The Loom serves text models",
+}
+
+
+def arch_of(config: Any) -> Arch | None:
+    return ARCHITECTURES.get(str(getattr(config, "model_type", "")))
+
+
+def part(root: Any, path: str | None) -> Any:
+    """The submodule (or attribute) at dotted ``path`` under ``root``; None when any step is missing."""
+    if root is None or not path:
+        return None
+    for step in path.split("."):
+        root = getattr(root, step, None)
+        if root is None:
+            return None
+    return root
+
+
+def recurrent(config: Any) -> bool:
+    """Whether the model keeps a state instead of attending to its keys (Mamba): its decoding steps take no mask."""
+    arch = arch_of(config)
+    return arch is not None and arch.mixer is not None
+
+
+def supported() -> list[str]:
+    return sorted(ARCHITECTURES)

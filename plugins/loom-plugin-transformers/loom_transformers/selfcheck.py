@@ -1,0 +1,166 @@
+"""The consistency check every model passes at load: on a short probe input, the sites the plugin offers are
+recorded and must add up, so that a block the table describes wrongly (or that a transformers release changed) is
+refused, naming the site, instead of served wrong.
+
+- every hidden-state index equals transformers' ``output_hidden_states`` (every model, described or not);
+- every offered point fires with its declared shape;
+- ``hook_embed`` (+ ``hook_pos_embed``) is ``blocks.0.hook_resid_pre``;
+- sequential blocks: resid_pre + attn_out = the stream the MLP's side reads (its norm's input, or the MLP's own
+  input where the block normalizes outputs only) = resid_mid, and resid_mid + mlp_out = resid_post; parallel blocks:
+  resid_pre + attn_out + mlp_out = resid_post; post-LN blocks (BERT): resid_pre + attn_out = resid_mid;
+- ``ln_final.hook_scale`` and the norm's weight and bias give its output (the frozen-scale linear map the logit
+  attribution uses);
+- the logit lens of the last block's output is the model's own log-softmax (its head, logit scale and soft-capping);
+- under The Loom's eager attention (the hook points inside attention) the model computes what it computes alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loom_kernel import LoadedModel
+from loom_kernel.errors import BadModel
+from loom_transformers.architectures import Arch, arch_of, part
+from loom_transformers.attention import LOOM, eager_attention
+from loom_transformers.sites import KEYS, Layout, Site, SiteHooks, site_map, unembed
+
+PROBE = (5, 17, 3, 42, 11, 7, 29)
+
+
+def check(model: LoadedModel) -> None:
+    """Raise BadModel (a 422 naming ``model``) at the first site that does not add up."""
+    import torch
+
+    net, n = model.model, model.num_layers
+    vocab = net.get_input_embeddings().num_embeddings
+    ids = [t % vocab for t in PROBE]
+    sites = site_map(model)
+    offered = [k for k, s in sites.items() if isinstance(s, Site)]
+    for key in offered:
+        if sites[key].module is None:
+            _fail(model, str(key), "is at a module the architecture table names and the model lacks")
+    arch = arch_of(net.config)
+    with torch.inference_mode():
+        streams, handles = _mid_streams(model, arch)
+        try:
+            got, out = _run(model, ids, offered)
+        finally:
+            for handle in handles:
+                handle.remove()
+        states = [s[0].float().cpu() for s in out.hidden_states]
+        if arch is not None and arch.states_skip_embedding:
+            states = [got["hook_embed"], *states[: n - 1], states[n]]
+        for i in range(n + 1):
+            _close(model, f"index {i}", got[i], states[i], "output_hidden_states")
+        for key in offered:
+            site = sites[key]
+            want = tuple(len(ids) if d == KEYS else d for d in site.shape)
+            if site.shape and tuple(got[key].shape[1:]) != want:
+                _fail(model, str(key), f"has shape {list(got[key].shape[1:])}, not its declared {list(want)}")
+        if arch is not None:
+            _sums(model, got, arch.parallel(net.config), arch.residual, streams)
+            if isinstance(sites.get("ln_final.hook_scale"), Site):
+                _norm(model, got, sites["ln_final.hook_scale"])
+        if model.unembed is not None:
+            lens = torch.log_softmax(unembed(model, got[f"blocks.{n - 1}.hook_resid_post"], False).double(), -1)
+            own = torch.log_softmax(out.logits[0].double().cpu(), -1)
+            _close(model, "the logit lens", lens, own, "the model's own log-softmax", atol=1e-3)
+        if any(s.side == "attn" for s in sites.values() if isinstance(s, Site)):
+            with eager_attention(net, LOOM, "model"):
+                _, ours = _run(model, ids, [])
+            if hasattr(out, "logits"):
+                ours_t, own_t = ours.logits[0], out.logits[0]
+            else:
+                ours_t, own_t = ours.last_hidden_state[0], out.last_hidden_state[0]
+            _close(model, "attention", ours_t.float().cpu(), own_t.float().cpu(), "the model's own attention")
+
+
+def _run(model: LoadedModel, ids: list[int], record: list[Any]) -> tuple[dict[Any, Any], Any]:
+    import torch
+
+    net = model.model
+    device = net.get_input_embeddings().weight.device
+    hooks = SiteHooks(model, [()], [Layout(0, 0, len(ids), len(ids))], record)
+    try:
+        if hooks.attention:
+            with eager_attention(net, LOOM, "model"):
+                out = net(torch.tensor([ids], device=device), output_hidden_states=True)
+        else:
+            out = net(torch.tensor([ids], device=device), output_hidden_states=True)
+    finally:
+        hooks.close()
+    return {k: v[0].float() for k, v in hooks.kept.items()}, out
+
+
+def _mid_streams(model: LoadedModel, arch: Arch | None) -> tuple[dict[int, Any], list[Any]]:
+    """Pre-hooks keeping, per sequential block, the input of the module that reads the stream between its sublayers
+    (the MLP's norm, or the MLP itself)."""
+    streams: dict[int, Any] = {}
+    handles: list[Any] = []
+    if arch is None or arch.residual != "sequential" or arch.parallel(model.model.config):
+        return streams, handles
+    for i, block in enumerate(part(model.model.base_model, arch.blocks)):
+        reader = part(block, arch.ln2) or part(block, arch.mlp)
+
+        def keep(module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            streams[i] = (args[0] if args else kwargs["hidden_states"])[0].float().cpu()
+
+        handles.append(reader.register_forward_pre_hook(keep, with_kwargs=True))
+    return streams, handles
+
+
+def _sums(model: LoadedModel, got: dict[Any, Any], parallel: bool, residual: str, streams: dict[int, Any]) -> None:
+    n = model.num_layers
+    pos = got.get("hook_pos_embed", 0)
+    if residual != "post_ln" and "hook_embed" in got:
+        _close(model, "hook_embed", got["hook_embed"] + pos, got["blocks.0.hook_resid_pre"], "blocks.0.hook_resid_pre")
+    for i in range(n):
+        at = f"blocks.{i}."
+        pre, post = got[at + "hook_resid_pre"], got[at + "hook_resid_post"]
+        if at + "hook_attn_out" not in got:
+            continue
+        attn = got[at + "hook_attn_out"]
+        if residual == "post_ln":
+            _close(model, at + "hook_attn_out", pre + attn, got[at + "hook_resid_mid"], "hook_resid_mid")
+        elif parallel:
+            total = pre + attn + got[at + "hook_mlp_out"]
+            _close(model, at + "hook_attn_out and hook_mlp_out", total, post, "resid_pre + attn_out + mlp_out")
+        else:
+            mid = got[at + "hook_resid_mid"]
+            _close(model, at + "hook_attn_out", pre + attn, streams[i], "the stream the MLP's side reads")
+            _close(model, at + "hook_resid_mid", mid, streams[i], "the stream the MLP's side reads")
+            _close(model, at + "hook_mlp_out", mid + got[at + "hook_mlp_out"], post, "hook_resid_post")
+
+
+def _norm(model: LoadedModel, got: dict[Any, Any], site: Site) -> None:
+    """The final norm's output is (x - mean) / scale * w + b (LayerNorm), x / scale * w (RMSNorm) or
+    x / scale * (1 + w) (Gemma), with the recorded scale: the map the logit attribution freezes."""
+    x = got[f"blocks.{model.num_layers - 1}.hook_resid_post"]
+    if site.extra == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    weight = site.module.weight.detach().float().cpu()
+    y = x / got["ln_final.hook_scale"] * (1 + weight if site.extra == "rms1p" else weight)
+    if getattr(site.module, "bias", None) is not None:
+        y = y + site.module.bias.detach().float().cpu()
+    _close(model, "ln_final.hook_scale", y, got["ln_final.hook_normalized"], f"the final norm ({site.extra})")
+
+
+def _close(model: LoadedModel, where: str, got: Any, want: Any, what: str, atol: float = 0.0) -> None:
+    import torch
+
+    half = model.model.dtype != torch.float32
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    diff = float((got - want).abs().max()) if want.numel() else 0.0
+    if diff > atol + (3e-2 if half else 1e-4) * max(scale, 1e-6):
+        _fail(model, where, f"differs from {what} by {diff:.3g} (largest value {scale:.3g})")
+
+
+def _fail(model: LoadedModel, where: str, why: str) -> None:
+    net = model.model
+    raise BadModel(
+        f"model: {model.ref.id!r} ({type(net).__name__}, model_type {getattr(net.config, 'model_type', None)!r}) "
+        f"fails the hook-point self-check at load: {where} {why}; The Loom refuses a model whose sites do not add "
+        "up rather than serve wrong numbers (a transformers release may have changed its blocks)",
+        field="model",
+        site=where,
+    )

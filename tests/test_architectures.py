@@ -1,0 +1,445 @@
+"""Every architecture of the transformers loader's table, right at every site, against the model's own modules.
+
+Tiny random-weight models (norms perturbed, so that a site on the wrong side of a norm shows) of each family are
+built offline with ``from_config``. The reference is written here from each family's own module tree (which module's
+input or output each point is, and how a fused projection splits, as the modeling code splits it), not from the
+plugin's table: hidden states against ``output_hidden_states``, every offered point against forward hooks on the
+named modules, the pattern against transformers' own eager ``output_attentions``, greedy tokens against
+``model.generate``, the lens of the last layer against the model's own log-softmax. Models outside the table, an
+encoder-decoder, a vision model and an unknown model_type are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_batching import arrays
+from test_models import app_with, concurrent_client
+
+LLAMA_LIKE = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "phi3",
+    "stablelm",
+    "starcoder2",
+    "olmo2",
+    "cohere",
+    "gemma2",
+    "gemma3_text",
+)
+SURVEY = (*LLAMA_LIKE, "gpt2", "gpt_neox", "gptj", "falcon", "bert", "mamba")
+PARALLEL = ("gpt_neox", "gptj", "cohere", "falcon")
+TEXT = "the cat sat on the mat and looked at the"
+
+
+@pytest.fixture(scope="module")
+def built(tiny_root: Path) -> Any:
+    from loom_transformers.testing import build_tiny_model
+
+    cache: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = str(build_tiny_model(arch, tiny_root, name=f"norms-{arch}", perturb_norms=True))
+        return cache[arch]
+
+    return get
+
+
+def load(path: str, arch: str) -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    auto = AutoModel if arch == "bert" else AutoModelForCausalLM
+    return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# -- the reference: each family's module tree ----------------------------------------------------------------------
+
+
+def heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t.reshape(*t.shape[:-1], n, -1)
+
+
+def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any]], Any, Any, Any]:
+    """(points, blocks, embedding modules, final norm): each point as (module, "in" | "out", per-token view)."""
+    cfg = net.config
+    h = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 1)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or h)
+    same = None  # the tensor as the hook sees it
+    points: dict[str, tuple[Any, str, Any]] = {}
+    if arch in LLAMA_LIKE:
+        base, final = net.model, net.model.norm
+        layers, embeds = base.layers, (base.embed_tokens, None)
+    elif arch in ("gpt2", "gptj"):
+        base, final = net.transformer, net.transformer.ln_f
+        layers, embeds = base.h, (base.wte, base.wpe if arch == "gpt2" else None)
+    elif arch == "gpt_neox":
+        base, final = net.gpt_neox, net.gpt_neox.final_layer_norm
+        layers, embeds = base.layers, (base.embed_in, None)
+    elif arch == "falcon":
+        base, final = net.transformer, net.transformer.ln_f
+        layers, embeds = base.h, (base.word_embeddings, None)
+    elif arch == "bert":
+        base, final = net, None
+        layers, embeds = net.encoder.layer, (net.embeddings.word_embeddings, net.embeddings.position_embeddings)
+    else:  # mamba
+        base, final = net.backbone, net.backbone.norm_f
+        layers, embeds = base.layers, (base.embeddings, None)
+    points["hook_embed"] = (embeds[0], "out", same)
+    if embeds[1] is not None:
+        points["hook_pos_embed"] = (embeds[1], "out", same)
+    if final is not None:
+        points["ln_final.hook_normalized"] = (final, "out", same)
+    for i, layer in enumerate(layers):
+        at = f"blocks.{i}."
+        p = {"hook_resid_pre": (layer, "in", same), "hook_resid_post": (layer, "out", same)}
+        if arch == "mamba":
+            p["ln1.hook_normalized"] = (layer.norm, "out", same)
+        elif arch in LLAMA_LIKE:
+            a, m = layer.self_attn, layer.mlp
+            if arch == "phi3":  # [q | k | v], as Phi3Attention slices qkv_proj's output
+                d_q, d_kv = h * a.head_dim, kv * a.head_dim
+                p["attn.hook_q"] = (a.qkv_proj, "out", lambda t, d_q=d_q: heads(t[..., :d_q], h))
+                p["attn.hook_k"] = (
+                    a.qkv_proj,
+                    "out",
+                    lambda t, d_q=d_q, d_kv=d_kv: heads(t[..., d_q : d_q + d_kv], kv),
+                )
+                p["attn.hook_v"] = (a.qkv_proj, "out", lambda t, d_q=d_q, d_kv=d_kv: heads(t[..., d_q + d_kv :], kv))
+            else:
+                p["attn.hook_q"] = (a.q_proj, "out", lambda t: heads(t, h))
+                p["attn.hook_k"] = (a.k_proj, "out", lambda t: heads(t, kv))
+                p["attn.hook_v"] = (a.v_proj, "out", lambda t: heads(t, kv))
+            p["attn.hook_z"] = (a.o_proj, "in", lambda t: heads(t, h))
+            sandwich = arch in ("gemma2", "gemma3_text", "olmo2")
+            p["hook_attn_out"] = (layer.post_attention_layernorm if sandwich else a, "out", same)
+            p["hook_mlp_out"] = (layer.post_feedforward_layernorm if sandwich else m, "out", same)
+            if arch != "olmo2":
+                p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
+            if arch in ("gemma2", "gemma3_text"):
+                p["ln2.hook_normalized"] = (layer.pre_feedforward_layernorm, "out", same)
+                p["hook_resid_mid"] = (layer.pre_feedforward_layernorm, "in", same)
+            elif arch == "olmo2":
+                p["hook_resid_mid"] = (m, "in", same)
+            elif arch == "cohere":  # parallel: one norm for both sublayers
+                p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
+            else:
+                p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
+                p["hook_resid_mid"] = (layer.post_attention_layernorm, "in", same)
+            if arch == "phi3":
+                p["mlp.hook_pre"] = (m.gate_up_proj, "out", lambda t: t.chunk(2, -1)[0])
+                p["mlp.hook_pre_linear"] = (m.gate_up_proj, "out", lambda t: t.chunk(2, -1)[1])
+                p["mlp.hook_post"] = (m.down_proj, "in", same)
+            elif arch == "starcoder2":
+                p["mlp.hook_pre"] = (m.c_fc, "out", same)
+                p["mlp.hook_post"] = (m.c_proj, "in", same)
+            elif hasattr(m, "gate_proj"):  # dense (Qwen3-MoE's block 1 too); a sparse MoE block has none
+                p["mlp.hook_pre"] = (m.gate_proj, "out", same)
+                p["mlp.hook_pre_linear"] = (m.up_proj, "out", same)
+                p["mlp.hook_post"] = (m.down_proj, "in", same)
+        elif arch == "gpt2":
+            a, m, d = layer.attn, layer.mlp, cfg.n_embd
+            for j, name in enumerate(("attn.hook_q", "attn.hook_k", "attn.hook_v")):
+                p[name] = (a.c_attn, "out", lambda t, j=j, d=d: heads(t.split(d, -1)[j], h))
+            p["attn.hook_z"] = (a.c_proj, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
+            p["hook_resid_mid"] = (layer.ln_2, "in", same)
+            p["ln1.hook_normalized"], p["ln2.hook_normalized"] = (layer.ln_1, "out", same), (layer.ln_2, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.c_fc, "out", same), (m.c_proj, "in", same)
+        elif arch == "gpt_neox":
+            a, m = layer.attention, layer.mlp
+            for j, name in enumerate(("attn.hook_q", "attn.hook_k", "attn.hook_v")):
+                p[name] = (a.query_key_value, "out", lambda t, j=j: t.reshape(*t.shape[:-1], h, -1).chunk(3, -1)[j])
+            p["attn.hook_z"] = (a.dense, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
+            p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
+            p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
+        elif arch == "gptj":
+            a, m = layer.attn, layer.mlp
+            p["attn.hook_q"] = (a.q_proj, "out", lambda t: heads(t, h))
+            p["attn.hook_k"] = (a.k_proj, "out", lambda t: heads(t, h))
+            p["attn.hook_v"] = (a.v_proj, "out", lambda t: heads(t, h))
+            p["attn.hook_z"] = (a.out_proj, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
+            p["ln1.hook_normalized"] = p["ln2.hook_normalized"] = (layer.ln_1, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.fc_in, "out", same), (m.fc_out, "in", same)
+        elif arch == "falcon":  # multi-query: [heads + 2, d_head], the last two k and v
+            a, m = layer.self_attention, layer.mlp
+            p["attn.hook_q"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., :h, :])
+            p["attn.hook_k"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h : h + 1, :])
+            p["attn.hook_v"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h + 1 :, :])
+            p["attn.hook_z"] = (a.dense, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
+            p["ln1.hook_normalized"] = p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
+        else:  # bert: post-LN, TransformerLens's BertBlock
+            a = layer.attention
+            p["attn.hook_q"] = (a.self.query, "out", lambda t: heads(t, h))
+            p["attn.hook_k"] = (a.self.key, "out", lambda t: heads(t, h))
+            p["attn.hook_v"] = (a.self.value, "out", lambda t: heads(t, h))
+            p["attn.hook_z"] = (a.output.dense, "in", lambda t: heads(t, h))
+            p["hook_attn_out"] = (a.output.dense, "out", same)
+            p["hook_resid_mid"] = (a.output.LayerNorm, "in", same)
+            p["ln1.hook_normalized"] = (a.output.LayerNorm, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (
+                (layer.intermediate.dense, "out", same),
+                (layer.output.dense, "in", same),
+            )
+            p["hook_mlp_out"] = (layer.output.dense, "out", same)
+            p["ln2.hook_normalized"] = (layer.output.LayerNorm, "out", same)
+        for name, point in p.items():
+            points[at + name] = point
+    return points, layers, embeds, final
+
+
+def record(points: dict[str, tuple[Any, str, Any]]) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, (module, side, view) in points.items():
+
+        def keep(t: Any, name: str = name, view: Any = view) -> None:
+            t = t.detach()[0].clone()
+            store[name] = view(t) if view is not None else t
+
+        if side == "in":
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, kw, keep=keep: keep(a[0] if a else kw["hidden_states"]), with_kwargs=True
+                )
+            )
+        else:
+            handles.append(
+                module.register_forward_hook(lambda m, a, o, keep=keep: keep(o[0] if isinstance(o, tuple) else o))
+            )
+    return store, handles
+
+
+def eager_patterns(net: Any, enc: Any) -> list[torch.Tensor]:
+    """transformers' own attention weights per block, [heads, T, T], under its eager attention."""
+    current = net.config._attn_implementation
+    net.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = net(**enc, output_attentions=True)
+    finally:
+        net.set_attn_implementation(current)
+    return [a[0] for a in out.attentions]
+
+
+def close(got: np.ndarray, want: Any, name: str, atol: float = 2e-5) -> None:
+    want = want.numpy() if isinstance(want, torch.Tensor) else want
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=atol * scale, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("arch", SURVEY)
+async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
+    path = built(arch)
+    net, tok = load(path, arch)
+    enc = tok(TEXT, return_tensors="pt")
+    points, layers, _, final = reference_points(net, arch)
+    store, handles = record(points)
+    kept_final_input: dict[str, torch.Tensor] = {}
+    if final is not None:
+        handles.append(final.register_forward_pre_hook(lambda m, a: kept_final_input.update(x=a[0][0].clone())))
+    with torch.inference_mode():
+        out = net(**enc, output_hidden_states=True)
+    for handle in handles:
+        handle.remove()
+    n = len(layers)
+    states = [s[0] for s in out.hidden_states]
+    if arch == "mamba":  # its output_hidden_states has no embedding entry: block outputs, then norm_f's
+        states = [store["hook_embed"], *states[: n - 1], states[n]]
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        listing = (await c.get(f"/models/{path}/sites")).json()
+        offered = sorted(listing["sites"])
+        body = {"model": path, "text": TEXT, "positions": "all"}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": [*range(n + 1), *offered]})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        # Hidden states: every index against output_hidden_states.
+        for i in range(n + 1):
+            close(got[str(i)], states[i], f"index {i}")
+        # Every point the reference names is offered, and equals the module's own input or output.
+        assert set(points) <= set(offered), sorted(set(points) - set(offered))
+        for name in points:
+            close(got[name], store[name], name)
+        # The points computed from others: each head's result through its share of W_O, and the final scale.
+        for i in range(n):
+            at = f"blocks.{i}."
+            if at + "attn.hook_result" in offered:
+                o = points[at + "attn.hook_z"][0]
+                z = torch.from_numpy(got[at + "attn.hook_z"])
+                w = o.weight.detach()
+                w_o = (
+                    w.reshape(z.shape[1], -1, w.shape[1])
+                    if type(o).__name__ == "Conv1D"
+                    else w.T.reshape(z.shape[1], -1, w.shape[0])
+                )
+                close(got[at + "attn.hook_result"], torch.einsum("thd,hdm->thm", z, w_o), at + "attn.hook_result")
+        if final is not None:
+            x = kept_final_input["x"]
+            centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(final).__name__.lower() else x
+            eps = next(float(getattr(final, e)) for e in ("eps", "variance_epsilon") if hasattr(final, e))
+            close(got["ln_final.hook_scale"], (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt(), "hook_scale")
+        # Inside attention: the pattern is transformers' own eager attention weights, the scores its logits.
+        if arch != "mamba":
+            for i, pattern in enumerate(eager_patterns(net, enc)):
+                at = f"blocks.{i}.attn."
+                close(got[at + "hook_pattern"].transpose(1, 0, 2), pattern, at + "hook_pattern")
+                scores = torch.from_numpy(got[at + "hook_attn_scores"]).double()
+                if arch != "bert":  # causal: later keys masked with the most negative float, 0 in the pattern
+                    later = torch.ones(scores.shape[0], scores.shape[2], dtype=torch.bool).triu(1)
+                    assert bool((scores.transpose(0, 1)[:, later] == torch.finfo(torch.float32).min).all())
+                    assert float(torch.from_numpy(got[at + "hook_pattern"]).transpose(0, 1)[:, later].abs().max()) == 0
+                close(torch.softmax(scores, -1).float().numpy(), got[at + "hook_pattern"], at + "hook_attn_scores")
+        # What the blocks add: resid_pre + attn_out (+ mlp_out) is the next stream.
+        for i in range(n):
+            at = f"blocks.{i}."
+            pre, post = got[at + "hook_resid_pre"], got[at + "hook_resid_post"]
+            if arch == "mamba" or arch == "bert":
+                continue
+            attn, mlp = got[at + "hook_attn_out"], got[at + "hook_mlp_out"]
+            if arch in PARALLEL:
+                close(pre + attn + mlp, post, at + "sum")
+                assert "parallel" in listing["unavailable"][at + "hook_resid_mid"]
+                refused = await c.post("/extract", json={**body, "hidden_state_layers": [at + "hook_resid_mid"]})
+                assert refused.status_code == 422 and "parallel" in refused.json()["detail"]
+            else:
+                close(pre + attn, got[at + "hook_resid_mid"], at + "mid")
+                close(got[at + "hook_resid_mid"] + mlp, post, at + "sum")
+        if arch == "bert":
+            return
+        # The lens of the last layer is the model's own next-token distribution at every position.
+        own = torch.log_softmax(out.logits[0].double(), -1)
+        top = torch.topk(own, 5)
+        last = f"blocks.{n - 1}.hook_resid_post"  # through the final norm and head, as index -1 is through the head
+        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [-1, last], "top_k": 5}})
+        assert r.status_code == 200, r.text
+        for key in ("-1", last):
+            entry = r.json()["logit_lens"][key]
+            assert [[t["token_id"] for t in row] for row in entry["top_k"]] == top.indices.tolist(), key
+            got_lp = [[t["logprob"] for t in row] for row in entry["top_k"]]
+            np.testing.assert_allclose(got_lp, top.values.numpy(), atol=1e-5, err_msg=key)
+        # Greedy generation is transformers' own.
+        with torch.inference_mode():
+            want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        ask = {"model": path, "max_tokens": 8, "temperature": 0}
+        g = await c.post("/generate", json={**ask, "prompt": TEXT})
+        assert g.status_code == 200, g.text
+        assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
+        # Rows of different lengths, left-padded in one running batch, get what each gets alone.
+        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
+        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
+        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+
+
+async def test_mamba_is_served_with_its_residual_points_only(built):
+    """Mamba's blocks are a norm and a state-space mixer: the residual stream, the mixer's input and the final norm
+    are its points (checked above); attention and MLP points are refused saying why."""
+    path = built("mamba")
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        listing = (await c.get(f"/models/{path}/sites")).json()
+        assert {"hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized", "ln_final.hook_scale"} <= set(
+            listing["sites"]
+        )
+        for name in ("blocks.0.hook_attn_out", "blocks.1.attn.hook_z", "blocks.2.mlp.hook_post"):
+            assert "state-space mixer" in listing["unavailable"][name]
+        edit = {"site": "ln_final.hook_normalized", "op": "zero"}
+        r = await c.post(
+            "/extract", json={"model": path, "text": TEXT, "hidden_state_layers": [-1], "interventions": [edit]}
+        )
+        assert r.status_code == 200 and not arrays(r.json(), "hidden_states")["-1"].any()  # index N is after norm_f
+
+
+async def test_a_model_whose_sites_do_not_add_up_is_refused_naming_the_site(built, monkeypatch):
+    """The self-check at load: a table entry that takes OLMo 2's attention output before its post-norm (what a
+    transformers release moving a norm would do to a right entry) is a 422 naming the site, not a served model."""
+    import attrs
+    from loom_transformers import architectures
+
+    path = built("olmo2")
+    wrong = attrs.evolve(architectures.ARCHITECTURES["olmo2"], post_attn_norm=None)
+    monkeypatch.setitem(architectures.ARCHITECTURES, "olmo2", wrong)
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/extract", json={"model": path, "text": TEXT})
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["field"] == "model" and body["site"] == "blocks.0.hook_attn_out", body
+        assert "self-check" in body["detail"] and "the stream the MLP's side reads" in body["detail"]
+
+
+def save_config(root: Path, name: str, config: dict[str, Any]) -> str:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_hook_points(tmp_path):
+    """GPT-Neo is a transformers model the table does not describe: its hidden-state indices (checked against
+    output_hidden_states at load) and generation are served, its hook points refused naming its model_type."""
+    import transformers
+    from loom_transformers.testing import train_tokenizer
+
+    path = tmp_path / "gpt-neo"
+    tok = train_tokenizer("gpt2")
+    cfg = transformers.GPTNeoConfig(
+        vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]
+    )
+    torch.manual_seed(0)
+    net = transformers.GPTNeoForCausalLM(cfg).eval()
+    net.save_pretrained(path)
+    tok.save_pretrained(path)
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+    async with concurrent_client(app_with()) as c:
+        body = {"model": str(path), "text": TEXT, "positions": "all"}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": [0, 1, 2]})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        for i in range(3):
+            close(got[str(i)], want[i][0], f"index {i}")
+        r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_attn_out"]})
+        assert r.status_code == 422 and "no layout for model_type 'gpt_neo'" in r.json()["detail"], r.text
+        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [1]}})
+        assert r.status_code == 422 and r.json()["field"] == "logit_lens", r.text
+        g = await c.post("/generate", json={"model": str(path), "prompt": TEXT, "max_tokens": 4, "temperature": 0})
+        with torch.inference_mode():
+            ref = net.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
+
+
+async def test_models_outside_the_table_are_refused_by_name(built, tmp_path):
+    import transformers
+    from loom_transformers.testing import train_tokenizer
+
+    t5 = tmp_path / "t5"
+    cfg = transformers.T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(t5)
+    train_tokenizer("gpt2").save_pretrained(t5)
+    vit = tmp_path / "vit"
+    transformers.ViTModel(
+        transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    ).save_pretrained(vit)
+    unknown = save_config(tmp_path, "unknown", {"model_type": "loom-never", "architectures": ["NeverForCausalLM"]})
+    async with concurrent_client(app_with()) as c:
+        for path, words in ((t5, "encoder-decoder"), (vit, "not a text model"), (unknown, "loom-never")):
+            r = await c.post("/extract", json={"model": str(path), "text": TEXT})
+            assert r.status_code == 422, (path, r.text)
+            assert r.json()["field"] == "model" and words in r.json()["detail"], r.json()
+        assert (await c.get("/health")).status_code == 200
