@@ -74,7 +74,7 @@ def replica_class(max_models: int) -> type:
                 if message["type"] == "http.response.start":
                     accepted = message["status"] < 400
                 yield message
-            if model_id and accepted and model_id in self.manager.entries:
+            if model_id and accepted and self.manager.find(model_id) is not None:
                 # The app loaded it for this request: registering it with Ray's routing finds it loaded.
                 with contextlib.suppress(Exception):
                     await self.load(model_id)
