@@ -219,6 +219,10 @@ class Endpoints:
         """GET /v1/models."""
         return self._call(Call("GET", "/v1/models"))
 
+    def openai_model(self, model: str) -> Any:
+        """GET /v1/models/{model}: OpenAI's ``Model`` object (what the SDK's ``models.retrieve`` reads)."""
+        return self._call(Call("GET", model_path("/v1/models/", model)))
+
     # -- models, plugins, server ---------------------------------------------------------------------------------
     def models(self) -> Any:
         """GET /models: loaded (and loading) models with their state, loader, device, queue and batch counters."""

@@ -233,6 +233,7 @@ def test_every_other_endpoint(client: LoomClient, server) -> None:
     assert "loom_http_requests_total" in client.metrics()
     assert "/extract" in client.openapi()["paths"]
     assert llama in {m["id"] for m in client.openai_models()["data"]}
+    assert client.openai_model(llama) == {"id": llama, "object": "model", "created": 0, "owned_by": "loom"}
     chat = client.chat_completions(llama, [{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
     chunks = list(
         client.chat_completions(llama, [{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0, stream=True)
