@@ -1,10 +1,10 @@
 """A replica: The Loom's whole app (its own plugin manager and model manager) inside a Ray Serve replica.
 
 The router hands each request over as a plain dict (method, path, query, headers, body) with the request's model as
-Ray Serve's multiplexed model id; the replica runs the request through its app, streams the app's ASGI messages
-back, and, once its app has accepted the request (an answer below 400: the app loaded the model itself, after its
-own checks), registers the model with Ray's multiplexing, so that later requests for it come here. Nothing is loaded
-for a request the app refuses. It tells the registry what it holds after every request and every few seconds.
+Ray Serve's multiplexed model id; the replica runs the request through its app and streams the app's ASGI messages
+back. Only the app loads models, after its own checks (nothing loads for a request it refuses); the moment it has the
+request's model, the replica registers it with Ray's multiplexing, so that the next requests for it come here. It
+tells the registry what it holds after every request and every few seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def replica_class(max_models: int) -> type:
             self.manager = self.app.state.manager
             self.registry = registry
             self.replica = serve.get_replica_context().replica_id.unique_id
+            self._registering: set[str] = set()
+            self.manager.get = self._registered(self.manager.get)
             await self.manager.start()
             # Every replica loads the preloaded models; Ray learns where they are as requests for them arrive.
             await self.manager.preload(list(self.manager.settings.preload))
@@ -62,22 +64,31 @@ def replica_class(max_models: int) -> type:
             await self.manager.get(model_id)
             return Loaded(model_id)
 
+        def _registered(self, get: Any) -> Any:
+            """The manager's ``get``, which also registers the request's own model with Ray's multiplexing once the
+            app has it (registering finds it loaded)."""
+
+            async def get_and_register(model_id: str, *args: Any, **kwargs: Any) -> Any:
+                entry = await get(model_id, *args, **kwargs)
+                if model_id == serve.get_multiplexed_model_id() and model_id not in self._registering:
+                    self._registering.add(model_id)  # ``load`` comes back here
+                    try:
+                        with contextlib.suppress(Exception):  # routing is an optimisation: serving goes on
+                            await self.load(model_id)
+                    finally:
+                        self._registering.discard(model_id)
+                return entry
+
+            return get_and_register
+
         async def __call__(self, request: dict[str, Any]) -> list[dict[str, Any]]:
             """The whole answer's ASGI messages at once."""
             return [message async for message in self.stream(request)]
 
         async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             """The answer's ASGI messages as the app sends them (a stream's events one by one)."""
-            model_id = serve.get_multiplexed_model_id()
-            accepted = False
             async for message in run_asgi(self.app, request, self.replica):
-                if message["type"] == "http.response.start":
-                    accepted = message["status"] < 400
                 yield message
-            if model_id and accepted and self.manager.find(model_id) is not None:
-                # The app loaded it for this request: registering it with Ray's routing finds it loaded.
-                with contextlib.suppress(Exception):
-                    await self.load(model_id)
             self._dirty = True
 
         async def state(self) -> dict[str, Any]:

@@ -40,6 +40,20 @@ def health(base: str) -> dict[str, Any]:
         return {}
 
 
+def descendants(root: int) -> set[int]:
+    """``root`` and every process below it, and every process of its session (Ray starts some on their own)."""
+    table = [
+        line.split()
+        for line in subprocess.run(["ps", "-eo", "pid=,ppid=,sid="], capture_output=True, text=True).stdout.splitlines()
+    ]
+    found, grew = {root}, True
+    while grew:
+        more = {int(pid) for pid, ppid, _ in table if int(ppid) in found} - found
+        found |= more
+        grew = bool(more)
+    return found | {int(pid) for pid, _, sid in table if int(sid) == root}
+
+
 @contextlib.contextmanager
 def ray_server(
     home: Path, replicas: int = 2, config: dict[str, Any] | None = None
@@ -67,7 +81,10 @@ def ray_server(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=60)
+        # What Ray left of this server (its session's processes): not `ray stop`, which ends every Ray on the machine.
+        for pid in descendants(proc.pid) - {proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -251,20 +268,6 @@ def test_a_body_is_read_no_further_than_its_limit(served):
     assert router(base)["body_bytes"] == before
 
 
-def descendants(root: int) -> set[int]:
-    """``root`` and every process below it, and every process of its session (Ray starts some on their own)."""
-    table = [
-        line.split()
-        for line in subprocess.run(["ps", "-eo", "pid=,ppid=,sid="], capture_output=True, text=True).stdout.splitlines()
-    ]
-    found, grew = {root}, True
-    while grew:
-        more = {int(pid) for pid, ppid, _ in table if int(ppid) in found} - found
-        found |= more
-        grew = bool(more)
-    return found | {int(pid) for pid, _, sid in table if int(sid) == root}
-
-
 @pytest.mark.slow
 def test_no_ray_socket_of_the_application_listens_beyond_loopback(served):
     _base, _log, proc, home = served
@@ -310,7 +313,7 @@ def test_two_replicas_share_their_stores(served, tiny_models):
 
 @pytest.mark.slow
 def test_a_killed_replica_is_replaced_and_no_request_hangs(served, tiny_models):
-    base, *_ = served
+    base, _log, proc, _home = served
     body = {"model": str(tiny_models["llama"]), "text": "the cat sat"}
     with httpx.Client(
         base_url=base, timeout=60, headers=AUTH
@@ -318,7 +321,7 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(served, tiny_models):
         assert c.post("/extract", json=body).status_code == 200
         before = {s["replica"] for s in health(base)["replicas"]}
         pids = subprocess.run(["pgrep", "-f", "ServeReplica:loom:LoomReplica"], capture_output=True, text=True)
-        victims = pids.stdout.split()
+        victims = [pid for pid in pids.stdout.split() if int(pid) in descendants(proc.pid)]  # ours, not another Ray's
         assert len(victims) == 2, pids
         os.kill(int(victims[0]), signal.SIGKILL)
         for _ in range(6):
