@@ -149,7 +149,7 @@ async def test_patch_refusals_name_the_field(tiny_models):
             ({"corrupted": "The dog sat on the mat"}, "corrupted", "tokens"),
             ({}, "sites", "limit of 10"),
             ({"sites": "resid_side"}, "sites", "unknown family"),
-            ({"sites": ["blocks.0.attn.hook_z"]}, "sites[0]", "per head"),
+            ({"sites": "z", "positions": [1, 2]}, "sites", "limit of 10"),  # per head: 3 x 2 x 4 runs + 2
             ({"positions": [99]}, "positions", "distinct tokens"),
             (
                 {"sites": [1], "positions": [1], "metric": {"type": "logprob", "token": "the cat"}},

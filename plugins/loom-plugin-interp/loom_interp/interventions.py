@@ -15,6 +15,8 @@ from loom_kernel.types import Intervention, LoadedModel, PositionSpec
 
 OPS = ("add", "set", "scale", "ablate", "zero")
 NEEDS_VECTOR = ("add", "set", "ablate")
+KEYS = -1  # the last dimension of a keyed site's shape (attn.hook_attn_scores, hook_pattern): its key positions
+KEYED_OPS = ("scale", "zero")
 EDIT_POSITIONS = ("all", "prompt", "generated")
 WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -47,6 +49,13 @@ def _one(spec: Any, model: LoadedModel, lookup: Any, features: Any, at: str) -> 
         raise InvalidField(f"{at}.op: unknown op {echo(spec.op)}", field=f"{at}.op", allowed=list(OPS))
     if not math.isfinite(spec.scale):
         raise InvalidField(f"{at}.scale: must be a finite number", field=f"{at}.scale", allowed="a finite number")
+    if shape and shape[-1] == KEYS and spec.op not in KEYED_OPS:
+        raise InvalidField(
+            f"{at}.op: {site} holds one value per key position, and a query's keys grow with the sequence: "
+            f"edit it with {' or '.join(KEYED_OPS)} (zero is attention knock-out)",
+            field=f"{at}.op",
+            allowed=list(KEYED_OPS),
+        )
     positions = _positions(spec.positions, model.max_context, f"{at}.positions")
     heads = _heads(spec.heads, site, shape, f"{at}.heads")
     vector = None
@@ -89,8 +98,13 @@ def _positions(spec: Any, context: int | None, field: str) -> PositionSpec:
 def _heads(heads: Any, site: int | str, shape: tuple[int, ...], field: str) -> tuple[int, ...] | None:
     if heads is None:
         return None
-    if not (isinstance(site, str) and site.endswith("attn.hook_z")):
-        raise InvalidField(f"{field}: heads apply to attn.hook_z sites only", field=field, allowed=None)
+    if len(shape) < 2:  # a per-head point is [heads, ...]
+        raise InvalidField(
+            f"{field}: heads apply to per-head sites only ([heads, ...]: attn.hook_q/k/v/rot_q/rot_k/z/result/"
+            "attn_scores/pattern); this site's shape is " + str(list(shape)),
+            field=field,
+            allowed=None,
+        )
     count = shape[0]
     bad = [h for h in heads if not 0 <= h < count]
     if not heads or bad or len(set(heads)) < len(heads):

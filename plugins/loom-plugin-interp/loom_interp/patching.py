@@ -3,7 +3,9 @@
 The clean text runs once with its states kept at every site; then the clean run, the corrupted run and one corrupted
 run per (site, position), with the clean state set there, go through the scheduler as rows of a few batched calls
 (one-token generations whose first logits give the metric at the last position), as TransformerLens's ``patching``
-module and the ROME paper compute it.
+module and the ROME paper compute it. At a per-head site (``attn.hook_z``, ``hook_result``, ``hook_pattern``,
+``hook_q``/``k``/``v``) each (position, head) is a run of its own, with the clean value of that head set there, as
+TransformerLens's ``get_act_patch_attn_head_*_by_pos`` do.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ PATCH_MAX_ROWS = Option(
     "interventions", "patch_max_rows", 2048, "runs one POST /patch may ask for (sites x positions + 2)", minimum=1
 )
 FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+HEAD_FAMILIES = ("z", "result", "pattern", "q", "k", "v")  # attn.hook_<name> of every block, per head
 
 
 class Metric(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -51,14 +54,15 @@ class PatchRequest(LoadFields, kw_only=True):
 
 
 def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | str]:
+    allowed = [*FAMILIES, *HEAD_FAMILIES, "a list of sites"]
     if isinstance(sites, list):
         if not sites:
-            raise InvalidField("sites: empty", field="sites", allowed=[*FAMILIES, "a list of sites"])
+            raise InvalidField("sites: empty", field="sites", allowed=allowed)
         return list(dict.fromkeys(sites))
+    if sites in HEAD_FAMILIES:
+        return [f"blocks.{i}.attn.hook_{sites}" for i in range(num_layers)]
     if sites not in FAMILIES:
-        raise InvalidField(
-            f"sites: unknown family {echo(sites)}", field="sites", allowed=[*FAMILIES, "a list of sites"]
-        )
+        raise InvalidField(f"sites: unknown family {echo(sites)}", field="sites", allowed=allowed)
     return [f"blocks.{i}.hook_{sites}" for i in range(num_layers)]
 
 
@@ -79,16 +83,11 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
     one = GenerationParams(max_tokens=1, temperature=0.0)
     check_generation(model, one)
     sites = expand_sites(data.sites, model.num_layers)
-    checked = []
+    checked, heads = [], []  # each site, and its head count (0: not per head)
     for k, site in enumerate(sites):
         at, shape = check_site(site, model, f"sites[{k}]")
-        if len(shape) != 1:
-            raise InvalidField(
-                f"sites[{k}]: {site} holds one vector per head; patch it through its block's hook_attn_out",
-                field=f"sites[{k}]",
-                allowed=list(FAMILIES),
-            )
         checked.append(at)
+        heads.append(shape[0] if len(shape) > 1 else 0)
 
     def tokenized() -> tuple[tuple[int, ...], tuple[int, ...], Any]:
         """Both texts' ids and the metric, on a request thread (texts cut to the model's context first)."""
@@ -115,13 +114,14 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             field="positions",
             allowed=f'"all" or distinct integers from {-total} to {total - 1}',
         )
-    rows = 2 + len(checked) * len(positions)
+    cells = [max(h, 1) * len(positions) for h in heads]  # runs per site
+    rows = 2 + sum(cells)
     if rows > max_rows:
         raise InvalidField(
-            f"sites: {len(checked)} sites x {len(positions)} positions is {rows} runs, more than this server's "
-            f"limit of {max_rows} (interventions.patch_max_rows)",
+            f"sites: {len(checked)} sites x {len(positions)} positions (x heads at per-head sites) is {rows} runs, "
+            f"more than this server's limit of {max_rows} (interventions.patch_max_rows)",
             field="sites",
-            allowed=f"at most {max_rows - 2} sites x positions",
+            allowed=f"at most {max_rows - 2} sites x positions (x heads)",
         )
     layers = [s for s in checked if isinstance(s, int)]
     req = StateRequest.from_fields(
@@ -136,11 +136,16 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
     (kept,) = (await session.forward(Batch(token_ids=(clean,)), req.capture(model))).rows
 
     edits: list[tuple[Intervention, ...]] = [(), ()]
-    for site in checked:
-        states = kept.states[str(site)]
-        edits += [
-            (Intervention(site=site, op="set", vector=states[p : p + 1].float(), positions=[p]),) for p in positions
-        ]
+    for site, count in zip(checked, heads, strict=True):
+        states = kept.states[str(site)].float()
+        for p in positions:
+            if not count:
+                edits.append((Intervention(site=site, op="set", vector=states[p : p + 1], positions=[p]),))
+                continue
+            edits += [
+                (Intervention(site=site, op="set", vector=states[p, h : h + 1], positions=[p], heads=(h,)),)
+                for h in range(count)
+            ]
     inputs = [clean] + [corrupt] * (rows - 1)
     chunks = [range(i, min(i + max_batch, rows)) for i in range(0, rows, max_batch)]
     outputs = await asyncio.gather(
@@ -158,8 +163,19 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
     )
     metrics = [score(row.logits[0]) for out in outputs for row in out.rows]
     clean_m, corrupt_m = metrics[0], metrics[1]
-    matrix = [metrics[2 + s * len(positions) : 2 + (s + 1) * len(positions)] for s in range(len(checked))]
+    matrix: list[list[Any]] = []
+    at = 2
+    for count, n in zip(heads, cells, strict=True):
+        run = metrics[at : at + n]
+        at += n
+        matrix.append([run[i : i + count] for i in range(0, n, count)] if count else run)
     gap = clean_m - corrupt_m
+
+    def norm(m: Any) -> Any:
+        if isinstance(m, list):
+            return [norm(x) for x in m]
+        return (m - corrupt_m) / gap if gap and math.isfinite(gap) else None
+
     return {
         "model": data.model,
         "metric": {"type": data.metric.type, "clean": clean_m, "corrupted": corrupt_m},
@@ -169,8 +185,9 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             "clean": tok.convert_ids_to_tokens(list(clean)),
             "corrupted": tok.convert_ids_to_tokens(list(corrupt)),
         },
+        "heads": [h or None for h in heads],
         "patched": matrix,
-        "normalized": [[(m - corrupt_m) / gap if gap and math.isfinite(gap) else None for m in row] for row in matrix],
+        "normalized": norm(matrix),
         "runs": rows,
         "calls": len(chunks),
         "metadata": model_metadata(model),
@@ -183,7 +200,8 @@ class PatchController(Controller):
     @post("/patch", status_code=200)
     async def patch(self, data: JSONBody[PatchRequest], request: Request, manager: Manager) -> dict[str, Any]:
         """The metric for the clean run, the corrupted run, and each (site, position) of the corrupted run with the
-        clean state patched in, with its normalized form (patched - corrupted) / (clean - corrupted)."""
+        clean state patched in (each (site, position, head) at a per-head site), with its normalized form
+        (patched - corrupted) / (clean - corrupted)."""
         s = manager.settings
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         work = lambda session: patch(session, data, PATCH_MAX_ROWS.of(s), s.max_batch_size)  # noqa: E731

@@ -92,9 +92,7 @@ def loom_attention(
             scores = scores + mask.float()
         scores = scores.masked_fill(~visible, MASKED)
     if hooks is not None:
-        scores = hooks.inside(sites, "scores", scores)
-        if visible is not None:  # an edit never unmasks a key the query cannot see
-            scores = scores.masked_fill(~visible, MASKED)
+        scores = hooks.inside(sites, "scores", scores, visible=visible)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if hooks is not None:
         pattern = hooks.inside(sites, "pattern", pattern)

@@ -533,10 +533,11 @@ class SiteHooks:
 
     # -- inside the attention function (attention.py) ----------------------------------------------------------------
 
-    def inside(self, sites: list[Site], kind: str, t: Any, queries: int = 0) -> Any:
+    def inside(self, sites: list[Site], kind: str, t: Any, queries: int = 0, visible: Any = None) -> Any:
         """The points of ``kind`` at one attention call: ``t`` is q [B, heads, T, d_head], k [B, kv, keys, d_head]
         (its last ``queries`` columns are this pass's tokens: edited in place, so that the cache keeps the edit),
-        scores or pattern [B, heads, T, keys]. The tensor the attention goes on with."""
+        scores or pattern [B, heads, T, keys]; ``visible``: which keys each query sees (an edit of the scores never
+        unmasks one). The tensor the attention goes on with."""
         fresh = kind == "rot_k"
         for site in sites:
             if site.kind != kind:
@@ -544,10 +545,12 @@ class SiteHooks:
             edits, names = self._edits.get(id(site), ()), self._names.get(id(site), ())
             if edits and not fresh:
                 t, fresh = t.clone(), True
-            value = t[:, :, t.shape[2] - queries :] if kind == "rot_k" else t
-            value = value.transpose(1, 2)  # [B, T, heads, ...]
+            value = (t[:, :, t.shape[2] - queries :] if kind == "rot_k" else t).transpose(1, 2)  # [B, T, heads, ..]
             for b, edit in edits:
                 self._edit(site, value, b, edit, keys=t.shape[-1])
+            if edits and visible is not None:
+                t = t.masked_fill(~visible, MASKED)
+                value = t.transpose(1, 2)
             for key in names:
                 self._keep(key, value)
         return t

@@ -1,0 +1,528 @@
+"""TransformerLens's hook-point vocabulary and semantics over HTTP, against the same edits done in-process.
+
+The reference edits the transformers modules with torch hooks (``test_architectures.reference_points`` names each
+point's module and view), and the points inside attention with an attention function written here from transformers'
+own ``eager_attention_forward``, registered with transformers for the reference run. Rotary points are checked
+against the model's own ``apply_rotary_pos_emb``. Then TransformerLens's rules: a state is what its point saw when it
+fired, edits at different points apply in forward order, and per-head patching equals a loop of patched runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_architectures import close, heads, load, record, reference_points
+from test_batching import arrays
+from test_interventions import reference_apply
+from test_models import app_with, concurrent_client
+
+ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2")
+TEXT = "the cat sat on the mat and looked at the"
+REF = "loom_test_reference"
+
+
+@pytest.fixture(scope="module")
+def built(tiny_root: Any) -> Any:
+    from loom_transformers.testing import build_tiny_model
+
+    return lambda arch: str(build_tiny_model(arch, tiny_root, name=f"norms-{arch}", perturb_norms=True))
+
+
+# -- the reference: edits as torch hooks, and an eager attention with edits inside ---------------------------------
+
+
+def picked(item: dict[str, Any], tokens: list[int], prompt: int) -> tuple[list[int], list[int] | None]:
+    """The call's columns ``item`` edits, and the vector row of each (None: one vector for all)."""
+    pos = item.get("positions", "all")
+    if pos == "all":
+        return list(range(len(tokens))), None
+    if pos in ("prompt", "generated"):
+        keep = [j for j, t in enumerate(tokens) if (t < prompt) == (pos == "prompt")]
+        return keep, None
+    wanted = [p if p >= 0 else prompt + p for p in pos]
+    cols = [j for j, t in enumerate(tokens) if t in wanted]
+    vector = item.get("vector")
+    rows = [wanted.index(tokens[j]) for j in cols] if vector is not None and np.ndim(vector) == 2 else None
+    return cols, rows
+
+
+def edit_view(view: torch.Tensor, item: dict[str, Any], tokens: list[int], prompt: int) -> None:
+    """``item`` written into ``view`` [1, T, ...] (batch of one row, this call's tokens)."""
+    cols, rows = picked(item, tokens, prompt)
+    if not cols:
+        return
+    x = view[0, cols]
+    if "heads" in item:
+        x[:, item["heads"]] = reference_apply(x[:, item["heads"]].float(), item, rows).to(x.dtype)
+    else:
+        x = reference_apply(x.float(), item, rows).to(x.dtype)
+    view[0, cols] = x
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def take(self, count: int) -> list[int]:
+        self.seen += count
+        return list(range(self.seen - count, self.seen))
+
+
+def reference_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """transformers' eager attention (``eager_attention_forward``), with the test's edits at rot_q, rot_k, scores
+    (masked keys stay masked) and pattern, and a record of each."""
+    ref = getattr(module, "_reference", None)
+    tokens = ref["counter"].take(query.shape[2]) if ref else []
+    if ref:
+        for kind, item in ref["edits"]:
+            if kind == "rot_q":
+                query = query.clone()
+                edit_view(query.transpose(1, 2), item, tokens, ref["prompt"])
+            elif kind == "rot_k":  # in place: the cache keeps the edited keys
+                edit_view(key[:, :, key.shape[2] - len(tokens) :].transpose(1, 2), item, tokens, ref["prompt"])
+    groups = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query.float(), keys.float().transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    masked = None
+    if attention_mask is not None:
+        masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        scores = (scores + attention_mask).masked_fill(masked, torch.finfo(torch.float32).min)
+    for kind, item in ref["edits"] if ref else ():
+        if kind == "scores":
+            scores = scores.clone()
+            edit_view(scores.transpose(1, 2), item, tokens, ref["prompt"])
+            if masked is not None:
+                scores = scores.masked_fill(masked, torch.finfo(torch.float32).min)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    for kind, item in ref["edits"] if ref else ():
+        if kind == "pattern":
+            pattern = pattern.clone()
+            edit_view(pattern.transpose(1, 2), item, tokens, ref["prompt"])
+    if ref:
+        ref["kept"].update({"rot_q": query.transpose(1, 2)[0], "rot_k": key[:, :, -len(tokens) :].transpose(1, 2)[0]})
+        ref["kept"].update({"scores": scores.transpose(1, 2)[0], "pattern": pattern.transpose(1, 2)[0]})
+    out = torch.matmul(pattern.to(values.dtype), values)
+    return out.transpose(1, 2).contiguous(), pattern
+
+
+def register_reference() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(REF, reference_attention)
+    AttentionMaskInterface.register(REF, eager_mask)
+
+
+class Reference:
+    """The edits of one request as torch hooks (and attention edits) on ``net``; ``kept`` the edited site's value."""
+
+    def __init__(self, net: Any, arch: str, items: list[dict[str, Any]], prompt: int) -> None:
+        self.net, self.kept, self.handles, self.cores = net, {}, [], []
+        self.counters: list[Counter] = []
+        points, layers, _, final = reference_points(net, arch)
+        h = heads_of(net)
+        for item in items:
+            site, counter = item["site"], Counter()
+            self.counters.append(counter)
+            name = site.split(".")[-1]
+            if name in ("hook_rot_q", "hook_rot_k", "hook_attn_scores", "hook_pattern"):
+                block = int(site.split(".")[1])
+                core = attention_core(layers[block], arch)
+                kind = {"hook_rot_q": "rot_q", "hook_rot_k": "rot_k", "hook_attn_scores": "scores"}.get(name, "pattern")
+                ref = core.__dict__.setdefault("_reference", {"counter": counter, "edits": [], "prompt": prompt})
+                ref["edits"].append((kind, item))
+                ref["kept"] = self.kept.setdefault(site, {})
+                self.cores.append(core)
+            elif name == "hook_result":
+                o = points[site.replace("hook_result", "hook_z")][0]
+                self.handles.append(o.register_forward_hook(self._result(o, item, counter, prompt, h)))
+            elif name == "hook_scale":
+                self._scale(final, item, counter, prompt)
+            else:
+                module, side, view = points[site]
+                self.handles += self._module(module, side, view or (lambda t: t), item, counter, prompt)
+
+    def _module(self, module: Any, side: str, view: Any, item: Any, counter: Counter, prompt: int) -> list[Any]:
+        def edit(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[0] != 1:  # a learned position embedding of [1, T, D]: already one row
+                raise AssertionError(t.shape)
+            t = t.clone()
+            edit_view(view(t), item, counter.take(t.shape[1]), prompt)
+            self.kept[item["site"]] = view(t)[0].detach().clone()
+            return t
+
+        if side == "in":
+            return [
+                module.register_forward_pre_hook(
+                    lambda m, a, kw: (
+                        ((edit(a[0]), *a[1:]), kw) if a else (a, {**kw, "hidden_states": edit(kw["hidden_states"])})
+                    ),
+                    with_kwargs=True,
+                )
+            ]
+        return [module.register_forward_hook(lambda m, a, o: (edit(o[0]), *o[1:]) if isinstance(o, tuple) else edit(o))]
+
+    def _result(self, o: Any, item: Any, counter: Counter, prompt: int, h: int) -> Any:
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            z = heads(args[0], h)
+            w = o.weight
+            w_o = w.reshape(h, -1, w.shape[1]) if type(o).__name__ == "Conv1D" else w.T.reshape(h, -1, w.shape[0])
+            result = torch.einsum("bthd,hdm->bthm", z, w_o)
+            edit_view(result, item, counter.take(z.shape[1]), prompt)
+            self.kept[item["site"]] = result[0].detach().clone()
+            return result.sum(2) + (o.bias if o.bias is not None else 0)
+
+        return hook
+
+    def _scale(self, norm: Any, item: Any, counter: Counter, prompt: int) -> None:
+        """The final norm's output for its input divided by an edited sqrt(variance + eps): (y - b) * s / s' + b."""
+        inputs: dict[str, torch.Tensor] = {}
+        self.handles.append(norm.register_forward_pre_hook(lambda m, a: inputs.update(x=a[0])))
+
+        def hook(module: Any, args: Any, y: torch.Tensor) -> torch.Tensor:
+            x = inputs["x"].float()
+            centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(norm).__name__.lower() else x
+            eps = next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
+            s = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            new = s.clone()
+            edit_view(new, item, counter.take(x.shape[1]), prompt)
+            self.kept[item["site"]] = new[0].clone()
+            b = norm.bias.float() if getattr(norm, "bias", None) is not None else 0
+            return ((y.float() - b) * s / new + b).to(y.dtype)
+
+        self.handles.append(norm.register_forward_hook(hook))
+
+    def run(self, fn: Any) -> Any:
+        current = self.net.config._attn_implementation
+        if self.cores:
+            register_reference()
+            self.net.set_attn_implementation(REF)
+        try:
+            with torch.inference_mode():
+                return fn()
+        finally:
+            if self.cores:
+                self.net.set_attn_implementation(current)
+            for counter in self.counters:  # the next run counts its tokens from the first again
+                counter.seen = 0
+            for core in self.cores:
+                core._reference["counter"].seen = 0
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for core in self.cores:
+            core.__dict__.pop("_reference", None)
+
+
+def heads_of(net: Any) -> int:
+    return int(getattr(net.config, "num_attention_heads", 0) or net.config.n_head)
+
+
+def attention_core(layer: Any, arch: str) -> Any:
+    return {"gpt2": lambda: layer.attn, "gpt_neox": lambda: layer.attention}.get(arch, lambda: layer.self_attn)()
+
+
+# -- the new points' values -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma2"])
+async def test_rotary_points_are_the_models_own_rotary_embedding_of_hook_q_and_hook_k(built, arch):
+    path = built(arch)
+    net, tok = load(path, arch)
+    enc = tok(TEXT, return_tensors="pt")
+    points, layers, _, _ = reference_points(net, arch)
+    rotary = importlib.import_module(type(net).__module__).apply_rotary_pos_emb
+    store, handles = record({k: v for k, v in points.items() if k.endswith(("hook_q", "hook_k"))})
+    cos_sin: dict[int, Any] = {}
+    for i, layer in enumerate(layers):
+        core = attention_core(layer, arch)
+        handles.append(
+            core.register_forward_pre_hook(
+                lambda m, a, kw, i=i: cos_sin.update({i: kw["position_embeddings"]}), with_kwargs=True
+            )
+        )
+    with torch.inference_mode():
+        net(**enc)
+    for handle in handles:
+        handle.remove()
+    async with concurrent_client(app_with()) as c:
+        names = [f"blocks.{i}.attn.hook_rot_{x}" for i in range(len(layers)) for x in "qk"]
+        r = await c.post(
+            "/extract", json={"model": path, "text": TEXT, "hidden_state_layers": names, "positions": "all"}
+        )
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+    for i in range(len(layers)):
+        q, k = (store[f"blocks.{i}.attn.hook_{x}"].transpose(0, 1)[None] for x in "qk")  # [1, heads, T, d_head]
+        rot_q, rot_k = rotary(q, k, *cos_sin[i])
+        close(got[f"blocks.{i}.attn.hook_rot_q"], rot_q[0].transpose(0, 1), f"{i} rot_q")
+        close(got[f"blocks.{i}.attn.hook_rot_k"], rot_k[0].transpose(0, 1), f"{i} rot_k")
+
+
+def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, Any]]:
+    """An edit at each kind of new point."""
+    gen = torch.Generator().manual_seed(3)
+
+    def vec(*shape: int) -> list:
+        return torch.randn(*shape, generator=gen).tolist()
+
+    def neuron(j: int, value: float = 1.0) -> list[float]:
+        return [value if i == j else 0.0 for i in range(d_mlp)]
+
+    out = [
+        {"site": "hook_embed", "op": "add", "vector": vec(d), "positions": [1, -1]},
+        {"site": "blocks.1.ln1.hook_normalized", "op": "ablate", "vector": vec(2, d)},
+        {"site": "blocks.0.ln2.hook_normalized", "op": "scale", "scale": 1.5},
+        {"site": "blocks.1.attn.hook_q", "op": "add", "vector": vec(d_head), "heads": [1], "scale": 2.0},
+        {"site": "blocks.0.attn.hook_k", "op": "set", "vector": vec(2, d_head), "positions": [1, -1]},
+        {"site": "blocks.2.attn.hook_v", "op": "zero", "heads": [0]},
+        {"site": "blocks.1.attn.hook_attn_scores", "op": "scale", "scale": 0.25, "heads": [1], "positions": [3, -1]},
+        {"site": "blocks.0.attn.hook_attn_scores", "op": "zero", "heads": [0, 2], "positions": "generated"},
+        {"site": "blocks.0.attn.hook_pattern", "op": "zero", "heads": [2]},
+        {"site": "blocks.2.attn.hook_pattern", "op": "scale", "scale": 2.0, "positions": "generated"},
+        {"site": "blocks.1.attn.hook_result", "op": "zero", "heads": [0]},
+        {"site": "blocks.0.attn.hook_result", "op": "add", "vector": vec(d), "heads": [3], "positions": [2]},
+        {"site": "blocks.1.mlp.hook_pre", "op": "scale", "scale": 0.5},
+        {"site": "blocks.2.mlp.hook_post", "op": "ablate", "vector": neuron(5)},  # neuron 5 zeroed
+        {"site": "blocks.1.mlp.hook_post", "op": "add", "vector": neuron(7), "scale": 4.0, "positions": "all"},
+        {"site": "ln_final.hook_scale", "op": "scale", "scale": 2.0, "positions": "prompt"},
+    ]
+    if arch == "gpt2":
+        out.append({"site": "hook_pos_embed", "op": "scale", "scale": 0.0, "positions": "prompt"})
+    else:
+        out.append({"site": "blocks.1.attn.hook_rot_q", "op": "scale", "scale": 3.0, "heads": [0, 2]})
+        out.append({"site": "blocks.0.attn.hook_rot_k", "op": "add", "vector": vec(d_head), "positions": [2]})
+    if arch in ("llama", "gemma2"):
+        out.append({"site": "blocks.0.mlp.hook_pre_linear", "op": "add", "vector": vec(d_mlp), "scale": 0.5})
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_an_edit_at_each_new_point_matches_the_same_edit_in_process(built, arch):
+    """The edited site's own value and the last layer within 1e-5, and 10 greedy tokens identical."""
+    path = built(arch)
+    net, tok = load(path, arch)
+    enc = tok(TEXT, return_tensors="pt")
+    prompt = enc["input_ids"].shape[1]
+    cfg = net.config
+    d = cfg.hidden_size
+    d_head = getattr(cfg, "head_dim", None) or d // heads_of(net)
+    d_mlp = getattr(cfg, "intermediate_size", None) or 4 * d
+    n = cfg.num_hidden_layers
+    failures = []
+    async with concurrent_client(app_with()) as c:
+        for item in cases(arch, n, d, d_head, d_mlp):
+            ref = Reference(net, arch, [item], prompt)
+            try:
+                out = ref.run(lambda: net(**enc, output_hidden_states=True))
+                kept = {k: dict(v) if isinstance(v, dict) else v for k, v in ref.kept.items()}
+                tokens = ref.run(
+                    lambda: net.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+                )
+            finally:
+                ref.close()
+            body = {"model": path, "interventions": [item]}
+            r = await c.post(
+                "/extract", json={**body, "text": TEXT, "hidden_state_layers": [n, item["site"]], "positions": "all"}
+            )
+            assert r.status_code == 200, (item, r.text)
+            got = arrays(r.json(), "sequence_hidden_states")
+            site_value = kept[item["site"]]
+            if isinstance(site_value, dict):  # inside attention: the reference kept each kind
+                kind = item["site"].split(".hook_")[-1]
+                site_value = site_value[{"attn_scores": "scores"}.get(kind, kind)]
+            for key, want in ((str(n), out.hidden_states[n][0]), (item["site"], site_value)):
+                if not np.allclose(got[key], want.float().numpy(), atol=1e-5, rtol=0):
+                    failures.append((item["site"], item["op"], "states at " + key))
+            g = await c.post("/generate", json={**body, "prompt": TEXT, "max_tokens": 10, "temperature": 0})
+            assert g.status_code == 200, (item, g.text)
+            if g.json()["token_ids"] != tokens[0, prompt:].tolist():
+                failures.append((item["site"], item["op"], "tokens"))
+    assert not failures, "\n".join(map(str, failures))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+async def test_knocking_out_a_heads_pattern_is_zeroing_its_z(built, arch):
+    path = built(arch)
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "hidden_state_layers": [-1, "blocks.1.attn.hook_z"], "positions": "all"}
+        knock = {"site": "blocks.1.attn.hook_pattern", "op": "zero", "heads": [2], "positions": [4, -1]}
+        zero_z = {"site": "blocks.1.attn.hook_z", "op": "zero", "heads": [2], "positions": [4, -1]}
+        a = arrays((await c.post("/extract", json={**body, "interventions": [knock]})).json(), "sequence_hidden_states")
+        b = arrays(
+            (await c.post("/extract", json={**body, "interventions": [zero_z]})).json(), "sequence_hidden_states"
+        )
+        plain = arrays((await c.post("/extract", json=body)).json(), "sequence_hidden_states")
+    np.testing.assert_allclose(a["-1"], b["-1"], atol=1e-5)
+    assert not np.allclose(a["-1"], plain["-1"], atol=1e-3)
+    assert not a["blocks.1.attn.hook_z"][[4, -1], 2].any() and a["blocks.1.attn.hook_z"][[4, -1], 1].any()
+
+
+# -- TransformerLens's rules: read when fired, forward order ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+async def test_each_point_is_read_when_it_fires_and_edits_run_in_forward_order(built, arch):
+    path = built(arch)
+    net, tok = load(path, arch)
+    points, _, _, _ = reference_points(net, arch)
+    store, handles = record(points)
+    with torch.inference_mode():
+        net(**tok(TEXT, return_tensors="pt"))
+    for handle in handles:
+        handle.remove()
+    h = store["blocks.0.hook_resid_post"].numpy()
+    v = np.random.default_rng(0).standard_normal(h.shape[-1]).astype(np.float32)
+    names = [
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_pre",
+        1,
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_resid_mid",
+    ]
+    async with concurrent_client(app_with()) as c:
+
+        async def states(edits: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+            body = {
+                "model": path,
+                "text": TEXT,
+                "hidden_state_layers": names,
+                "positions": "all",
+                "interventions": edits,
+            }
+            r = await c.post("/extract", json=body)
+            assert r.status_code == 200, r.text
+            return arrays(r.json(), "sequence_hidden_states")
+
+        # 1. An edit at blocks.1.hook_resid_pre is not in blocks.0.hook_resid_post, which fired before it; index 1
+        #    reads like blocks.1.hook_resid_pre.
+        got = await states([{"site": "blocks.1.hook_resid_pre", "op": "add", "vector": v.tolist()}])
+        close(got["blocks.0.hook_resid_post"], h, "resid_post before the later edit")
+        close(got["blocks.1.hook_resid_pre"], h + v, "resid_pre with the edit")
+        close(got["1"], h + v, "index 1")
+        # 2. Forward order, whatever the list order: blocks.0.hook_resid_post fires first, so 2h + v, not 2(h + v).
+        edits = [
+            {"site": "blocks.1.hook_resid_pre", "op": "add", "vector": v.tolist()},
+            {"site": "blocks.0.hook_resid_post", "op": "scale", "scale": 2.0},
+        ]
+        got = await states(edits)
+        close(got["blocks.1.hook_resid_pre"], 2 * h + v, "forward order")
+        close(got["blocks.0.hook_resid_post"], 2 * h, "resid_post as its own edit left it")
+        # At one point, list order: (h + v) * 2 one way, 2h + v the other.
+        same = [{"site": 1, "op": "add", "vector": v.tolist()}, {"site": 1, "op": "scale", "scale": 2.0}]
+        close((await states(same))["1"], 2 * (h + v), "list order at one point")
+        close((await states(same[::-1]))["1"], 2 * h + v, "list order at one point, reversed")
+        # 3. An edit at hook_resid_mid is not in hook_attn_out, which fired before it.
+        got = await states([{"site": "blocks.0.hook_resid_mid", "op": "scale", "scale": 2.0}])
+        close(got["blocks.0.hook_attn_out"], store["blocks.0.hook_attn_out"].numpy(), "attn_out before the mid edit")
+        close(got["blocks.0.hook_resid_mid"], 2 * store["blocks.0.hook_resid_mid"].numpy(), "resid_mid edited")
+
+
+# -- per-head patching ----------------------------------------------------------------------------------------------
+
+CLEAN, CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+async def test_per_head_patching_matches_an_in_process_loop(built, arch):
+    path = built(arch)
+    net, tok = load(path, arch)
+    points = reference_points(net, arch)[0]
+    h = heads_of(net)
+    clean, corrupt = (tok(t, return_tensors="pt")["input_ids"] for t in (CLEAN, CORRUPTED))
+    total = clean.shape[1]
+    positions = [2, total - 1]
+    good, bad = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" the", "."))
+    sites = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_result", "blocks.2.attn.hook_pattern"]
+
+    def metric(ids: torch.Tensor, items: list[dict[str, Any]], keep: bool = False) -> Any:
+        ref = Reference(net, arch, items, total)
+        store: dict[str, Any] = {}
+        hooks = []
+        if keep:
+            store, hooks = record({s: points[s] for s in sites if s in points})
+        try:
+            logits = ref.run(lambda: net(ids).logits[0, -1])
+        finally:
+            ref.close()
+            for handle in hooks:
+                handle.remove()
+        return float(logits[good] - logits[bad]), store
+
+    # The clean values of each site (the result and the pattern through a no-op edit that keeps them).
+    clean_m, clean_z = metric(clean, [], keep=True)
+    kept: dict[str, torch.Tensor] = {"blocks.0.attn.hook_z": clean_z["blocks.0.attn.hook_z"]}
+    for site in sites[1:]:
+        ref = Reference(net, arch, [{"site": site, "op": "scale", "scale": 1.0}], total)
+        ref.run(lambda: net(clean))
+        ref.close()
+        value = ref.kept[site]
+        kept[site] = value["pattern"] if isinstance(value, dict) else value
+    corrupt_m, _ = metric(corrupt, [])
+    want = []
+    for site in sites:
+        rows = []
+        for p in positions:
+            rows.append(
+                [
+                    metric(
+                        corrupt,
+                        [
+                            {
+                                "site": site,
+                                "op": "set",
+                                "vector": kept[site][p, j : j + 1].tolist(),
+                                "positions": [p],
+                                "heads": [j],
+                            }
+                        ],
+                    )[0]
+                    for j in range(h)
+                ]
+            )
+        want.append(rows)
+    async with concurrent_client(app_with(max_batch_size=16)) as c:
+        body = {"model": path, "clean": CLEAN, "corrupted": CORRUPTED, "sites": sites, "positions": [2, -1]}
+        r = await c.post("/patch", json={**body, "metric": {"type": "logit_diff", "correct": " the", "incorrect": "."}})
+        assert r.status_code == 200, r.text
+        got = r.json()
+    assert got["heads"] == [h, h, h] and got["runs"] == 2 + 3 * 2 * h
+    assert abs(got["metric"]["clean"] - clean_m) < 1e-5 and abs(got["metric"]["corrupted"] - corrupt_m) < 1e-5
+    np.testing.assert_allclose(np.array(got["patched"]), np.array(want), atol=1e-5)
+    gap = clean_m - corrupt_m
+    np.testing.assert_allclose(np.array(got["normalized"]), (np.array(want) - corrupt_m) / gap, atol=1e-4)
+
+
+BAD_EDITS = [
+    ({"site": "blocks.0.attn.hook_pattern", "op": "add", "vector": [1.0] * 8}, "interventions[0].op", "knock-out"),
+    ({"site": "blocks.0.attn.hook_attn_scores", "op": "set", "vector": [0.0]}, "interventions[0].op", "scale or"),
+    ({"site": "blocks.0.mlp.hook_post", "op": "zero", "heads": [0]}, "interventions[0].heads", "per-head"),
+    ({"site": "blocks.0.attn.hook_k", "op": "zero", "heads": [2]}, "interventions[0].heads", "0 to 1"),  # 2 kv heads
+    ({"site": "blocks.0.attn.hook_rot_q", "op": "add", "vector": [1.0] * 64}, "interventions[0].vector", "[16]"),
+    ({"site": "hook_pos_embed", "op": "zero"}, "interventions[0].site", "rotary"),
+]
+
+
+async def test_bad_edits_at_the_new_points_are_422_naming_the_field(built):
+    async with concurrent_client(app_with()) as c:
+        for item, field, words in BAD_EDITS:
+            r = await c.post("/extract", json={"model": built("llama"), "text": TEXT, "interventions": [item]})
+            assert r.status_code == 422, r.text
+            assert r.json()["field"] == field and words in r.text, r.json()
