@@ -182,7 +182,8 @@ class Capture:
     ``attention``: the attention of the block that produces each layer, for the same query positions; index 0,
     the embedding output, has none). ``top_logprobs``: per generated step, the chosen token's log-probability
     and the ``top_logprobs`` most likely alternatives (None: no log-probabilities). ``logits``: keep each
-    generated step's raw logits. ``stream_states``: pass each generated token's states to ``Batch.on_token``.
+    generated step's raw logits (a forward pass: the logits at ``positions``, where the loader has an LM head).
+    ``stream_states``: pass each generated token's states to ``Batch.on_token``.
     """
 
     layers: tuple[LayerSel, ...] = ()
@@ -302,8 +303,9 @@ class SequenceOutput:
     of the final sequence (prompt + generated); ``attentions[key]`` is [heads, len(positions), len(token_ids)]
     for the same rows (zero above the causal diagonal). ``logprobs``: one entry per generated token,
     ``{"token_id", "logprob", "top": [[id, logprob], ...]}`` (log-softmax of the raw logits, before temperature or
-    top-k/p); ``logits`` a CPU float tensor [generated, vocab]. ``pooled`` is the model's own sentence embedding
-    (a CPU float tensor [D]) when its loader has a pooling pipeline (sentence-transformers), else None.
+    top-k/p); ``logits`` a CPU float tensor [generated, vocab] (a forward pass: [positions, vocab]). ``pooled``
+    is the model's own sentence embedding (a CPU float tensor [D]) when its loader has a pooling pipeline
+    (sentence-transformers), else None.
     ``truncated``: the input was cut to the model's limit (only when ``Batch.truncate`` allowed it).
     """
 

@@ -1,4 +1,5 @@
-"""The Loom's Python client: every endpoint, hidden states as numpy arrays, sync or async, TCP or Unix socket."""
+"""The Loom's Python client: every endpoint, hidden states as numpy arrays, sync or async, TCP or Unix socket; and
+``RemoteModel``, a model on the server that reads like TransformerLens's HookedTransformer."""
 
 from loom_client.client import DEFAULT_URL, AsyncLoomClient, LoomClient
 from loom_client.errors import (
@@ -17,9 +18,11 @@ from loom_client.errors import (
     TooManyRequests,
     Unauthorized,
 )
+from loom_client.remote import ActivationCache, RemoteModel, act_name, ops
 
 __all__ = [
     "DEFAULT_URL",
+    "ActivationCache",
     "AsyncLoomClient",
     "BackendMissing",
     "BadRequest",
@@ -31,9 +34,12 @@ __all__ = [
     "LoomError",
     "NotFound",
     "PayloadTooLarge",
+    "RemoteModel",
     "RequestTimeout",
     "ServerError",
     "ServiceUnavailable",
     "TooManyRequests",
     "Unauthorized",
+    "act_name",
+    "ops",
 ]

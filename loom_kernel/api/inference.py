@@ -36,7 +36,7 @@ from loom_kernel.api.schemas import (
 from loom_kernel.api.streaming import TokenBridge, client_gone, event_stream
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
-from loom_kernel.errors import InvalidField, LoomError
+from loom_kernel.errors import InvalidField, LoomError, Unsupported
 from loom_kernel.models import ModelManager
 from loom_kernel.types import Batch, GenerationParams
 
@@ -231,6 +231,11 @@ class InferenceController(Controller):
 
         async def work(s: Session) -> dict[str, Any] | bytes:
             model = s.model
+            if data.return_logits and model.unembed is None:
+                raise Unsupported(
+                    f"return_logits: {data.model!r} has no LM head the server can read ({model.kind} model)",
+                    field="return_logits",
+                )
             batch = Batch(texts=(data.text,), add_special_tokens=data.add_special_tokens)
             capture = await req.resolved(model, batch, s.thread)
             batch = req.edited(model, batch)

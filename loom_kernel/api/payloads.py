@@ -241,8 +241,8 @@ def answer_bytes(
             parts["states"] += len(capture.layers) * rows * model.hidden_size * per
         if capture.attention_layers:
             parts["attentions"] += len(capture.attention_layers) * heads * max(1, selected) * total * per
-        if capture.logits:
-            parts["logits"] += new * vocab * per
+        if capture.logits:  # a generation's steps, or a forward pass's positions
+            parts["logits"] += (new if batch.generation is not None else max(1, selected)) * vocab * per
         parts["readouts"] += ((selected if positions != "last" else 1) + (new if streamed else 0)) * readout_bytes
         parts["tokens"] += ROW_BYTES + total * TOKEN_BYTES + new * (1 + (capture.top_logprobs or 0)) * LOGPROB_BYTES
     return {k: int(v) for k, v in parts.items()}

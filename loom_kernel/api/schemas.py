@@ -131,6 +131,7 @@ class ExtractRequest(CaptureFields, kw_only=True):
     model: NonEmpty
     text: NonEmpty
     add_special_tokens: bool = True
+    return_logits: bool = False  # the model's own logits at the positions asked for
 
 
 class LoadRequest(LoadFields, kw_only=True):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, Intervention, LoadedModel, SequenceOutput
-from loom_kernel.capture import find_blocks
+from loom_kernel.capture import find_blocks, resolve_positions
 from loom_kernel.inputs import batch_inputs
 from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
 from loom_transformers.sites import Layout, SiteHooks, keyed_fill
@@ -126,15 +126,18 @@ def _position_offset(base: Any) -> int | None:
 def forward_many(
     model: LoadedModel, inputs: list[list[int]], capture: Capture, edits: Sequence[Sequence[Intervention]] = ()
 ) -> list[SequenceOutput]:
-    """One pass of the base model (no LM head: its logits are not needed) over one row, or several rows padded on
-    the tokenizer's side, each row with its own ``edits``; each row's states and attention are its own tokens
-    only."""
-    if not capture.wanted:
+    """One pass of the base model over one row, or several rows padded on the tokenizer's side, each row with its
+    own ``edits``; each row's states and attention are its own tokens only. ``capture.logits``: each row's logits at
+    its positions (``capture.positions``), the LM head (``LoadedModel.unembed``) on index N, so that the head runs
+    on the positions asked for only."""
+    logits = capture.logits and model.unembed is not None
+    if not capture.wanted and not logits:
         return [SequenceOutput(token_ids=list(ids), prompt_tokens=len(ids)) for ids in inputs]
     ids, mask, left = _pad(model, inputs)
     width = ids.shape[1]
     layout = [Layout(col=width - len(row) if left else 0, tok=0, count=len(row), prompt=len(row)) for row in inputs]
-    record = recorded(capture)
+    n = model.num_layers
+    record = list(dict.fromkeys([*recorded(capture), *([n] if logits else [])]))
     sites = SiteHooks(model, edits, layout, record) if any(edits) or record else None
     att_idx = sorted({sel.index for sel in capture.attention_layers})
     attn = AttentionRecorder(model.model, _blocks(model), att_idx) if att_idx else None
@@ -171,10 +174,15 @@ def forward_many(
             queries = slice(0, 1)
         else:
             queries = slice(cols.stop - 1, cols.stop) if capture.positions == "last" else cols
+        head = None
+        if logits:
+            at = [0] if capture.positions == "last" else resolve_positions(capture.positions, len(row), len(row))
+            head = model.unembed(taken[n][i, queries][at], True)
         rows.append(
             SequenceOutput(
                 token_ids=list(row),
                 prompt_tokens=len(row),
+                logits=head,
                 positions=capture.kept_positions(len(row)),
                 # A copy per row, so that no row keeps the whole padded batch alive.
                 states={

@@ -1,0 +1,118 @@
+"""``RemoteModel`` (TransformerLens's HookedTransformer over HTTP) against a real `loom serve`, and against what
+a TransformerLens user would compute in-process: transformers' modules with torch hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from loom_client import InvalidField, RemoteModel, act_name, ops
+from serverutil import loom_server
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytestmark = pytest.mark.slow
+
+TEXT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteModel]:
+    path = str(tiny_models["gpt2"])
+    with loom_server(["--preload", path], tmp_path_factory.mktemp("remote-home")) as (base, _, _):
+        model = RemoteModel(base, path)
+        yield model
+        model.client.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models: dict[str, Path]) -> tuple:
+    path = str(tiny_models["gpt2"])
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_cfg_names_and_short_forms(gpt2: RemoteModel) -> None:
+    assert (gpt2.cfg.n_layers, gpt2.cfg.d_model, gpt2.cfg.n_heads, gpt2.cfg.d_head) == (3, 64, 4, 16)
+    assert gpt2.cfg.d_mlp == 256 and "blocks.2.attn.hook_pattern" in gpt2.hook_points
+    assert act_name("z", 1) == "blocks.1.attn.hook_z" and act_name("embed") == "hook_embed"
+    assert act_name("normalized", 0, "ln2") == "blocks.0.ln2.hook_normalized"
+    assert act_name("scale") == "ln_final.hook_scale" and act_name("pattern", 2) == "blocks.2.attn.hook_pattern"
+
+
+def test_run_with_cache_is_transformers_own(gpt2: RemoteModel, reference: tuple) -> None:
+    net, tok = reference
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    kept: dict[str, torch.Tensor] = {}
+    block = net.transformer.h[1]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a: kept.update(pre=a[0])),
+        block.attn.c_proj.register_forward_pre_hook(lambda m, a: kept.update(z=a[0])),
+        block.mlp.c_proj.register_forward_pre_hook(lambda m, a: kept.update(post=a[0])),
+    ]
+    net.set_attn_implementation("eager")  # transformers' own attention weights
+    with torch.inference_mode():
+        out = net(ids, output_attentions=True)
+    net.set_attn_implementation("sdpa")
+    for h in hooks:
+        h.remove()
+    names = ["blocks.1.hook_resid_pre", act_name("z", 1), act_name("post", 1), act_name("pattern", 1)]
+    logits, cache = gpt2.run_with_cache(TEXT, names_filter=names)
+    assert np.array_equal(gpt2.to_tokens(TEXT), ids.numpy())
+    assert logits.shape == (1, ids.shape[1], net.config.vocab_size)
+    np.testing.assert_allclose(logits, out.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(cache["resid_pre", 1], kept["pre"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["z", 1], kept["z"].view(1, ids.shape[1], 4, 16).numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["post", 1], kept["post"].numpy(), atol=1e-5)
+    # TransformerLens's pattern: [batch, head, query, key]
+    np.testing.assert_allclose(cache["pattern", 1], out.attentions[1].numpy(), atol=1e-5)
+    _, every = gpt2.run_with_cache(TEXT, names_filter=lambda name: name.endswith("hook_attn_out"))
+    assert sorted(every) == [f"blocks.{i}.hook_attn_out" for i in range(3)]
+
+
+def test_run_with_hooks_applies_edits_as_torch_hooks_would(gpt2: RemoteModel, reference: tuple) -> None:
+    net, tok = reference
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    neuron = np.zeros(256, dtype=np.float32)
+    neuron[7] = 1.0
+
+    def knock(m, a):  # head 2's z at block 0 set to zero, neuron 7 of block 2 scaled out
+        z = a[0].clone().view(1, ids.shape[1], 4, 16)
+        z[:, :, 2] = 0
+        return (z.view(1, ids.shape[1], 64),)
+
+    def neuron_out(m, a):
+        x = a[0].clone()
+        x[..., 7] = 0
+        return (x,)
+
+    hooks = [
+        net.transformer.h[0].attn.c_proj.register_forward_pre_hook(knock),
+        net.transformer.h[2].mlp.c_proj.register_forward_pre_hook(neuron_out),
+    ]
+    with torch.inference_mode():
+        want = net(ids).logits.numpy()
+    for h in hooks:
+        h.remove()
+    edits = [(act_name("z", 0), ops.zero(heads=[2])), ("blocks.2.mlp.hook_post", ops.ablate(neuron))]
+    np.testing.assert_allclose(gpt2.run_with_hooks(TEXT, fwd_hooks=edits), want, atol=1e-4)
+    with gpt2.hooks(edits):  # TransformerLens's `with model.hooks(...)`
+        np.testing.assert_allclose(gpt2(TEXT), want, atol=1e-4)
+    assert not np.allclose(gpt2(TEXT), want, atol=1e-3)  # the context ended
+    filtered = [(lambda name: name.endswith("attn.hook_pattern"), ops.zero(heads=[0, 1, 2, 3]))]
+    _, cache = gpt2.run_with_cache(TEXT, names_filter=["blocks.0.attn.hook_z"], fwd_hooks=filtered)
+    assert not cache["z", 0].any()  # every head of every block knocked out
+
+
+def test_generate_and_refusals(gpt2: RemoteModel, reference: tuple) -> None:
+    net, tok = reference
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gpt2.generate(TEXT, max_new_tokens=6) == TEXT + tok.decode(want[0, enc["input_ids"].shape[1] :])
+    with pytest.raises(InvalidField) as err:
+        gpt2.run_with_hooks(TEXT, fwd_hooks=[("blocks.0.attn.hook_pattern", ops.add(np.ones(4)))])
+    assert err.value.problem["field"] == "interventions[0].op"
+    with pytest.raises(TypeError):
+        gpt2.run_with_cache([[1, 2, 3]])
