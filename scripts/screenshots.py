@@ -2,7 +2,7 @@
 server: with `pydoc-gpt2` where the server finds it, else with a tiny GPT-2 built offline (random weights: the
 pictures then show the layout, not a trained model's behaviour). The vector, probe and SAE the views show are made
 here through the API: a contrast vector and a fitted probe as the README's examples make them, and a small sparse
-autoencoder trained for a few seconds on the model's own states.
+autoencoder trained for a minute on the model's own states.
 
     .venv/bin/python scripts/screenshots.py                 # -> docs/img/viewer-{lens,attention,steer,patch,probes}.png
     .venv/bin/python scripts/screenshots.py --out /tmp/shots --model /path/to/a/causal/model
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests"))  # serverutil: the tests' `loom serve` r
 PYDOC = {
     "lens": {"text": "The file object has a", "target": " string"},
     "attention": {"text": "Open the file for reading and return the number of lines", "layer": "2", "head": "1"},
-    "steer": {"prompt": "The function returns", "scale": "4", "max_tokens": "24"},
+    "steer": {"prompt": "The function returns", "scale": "2", "max_tokens": "24"},
     "patch": {"clean": "The file object has a", "corrupted": "The list object has a"}
     | {"correct": " string", "incorrect": " class"},
     "probes": {"text": "Read the data from the file, then return the sum of the numbers."},
@@ -92,9 +92,9 @@ def train_sae(api: httpx.Client, model: str, site: str, texts: list[str], featur
     b_dec = torch.nn.Parameter(x.mean(0))
     opt = torch.optim.Adam([w_enc, w_dec, b_enc, b_dec], lr=3e-3)
     scale = x.norm(dim=1).mean()
-    for _ in range(400):
+    for _ in range(300):
         f = torch.relu((x - b_dec) @ w_enc + b_enc)
-        loss = ((f @ w_dec + b_dec - x) ** 2).sum(1).mean() / scale**2 + 3e-3 * f.sum(1).mean() / scale
+        loss = ((f @ w_dec + b_dec - x) ** 2).sum(1).mean() / scale**2 + 0.1 * f.sum(1).mean() / scale
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -113,8 +113,8 @@ def prepare(api: httpx.Client, model: str, hidden: int, layers: int) -> dict[str
     sae_site = f"blocks.{site - 1}.hook_resid_post"
     from pydoc_data.topics import topics
 
-    texts = [topics[k][:300] for k in sorted(topics)[:80]]  # within pydoc-gpt2's 128 tokens
-    sae = train_sae(api, model, sae_site, texts, features=4 * hidden)
+    texts = [topics[k][:300] for k in sorted(topics)[:30]]  # within pydoc-gpt2's 128 tokens
+    sae = train_sae(api, model, sae_site, texts, features=2 * hidden)
     r = api.post(
         f"/probes/sae?site={sae_site}&activation=relu&top_features=6",
         content=sae,
@@ -167,8 +167,9 @@ def main() -> None:
                 if state != "done":
                     raise SystemExit(f"{name}: {driver.find_element('id', 'status').text}")
                 fit_window(driver, 1280)
-                if name == "lens":  # the tooltip of the last position's last layer: its top-k
-                    cell = driver.find_elements("css selector", ".lens-cell")[-1]
+                if name == "lens":  # the tooltip of the first layer's last position (beside the grid): its top-k
+                    first = driver.find_element("css selector", ".lens-cell").get_attribute("data-layer")
+                    cell = driver.find_elements("css selector", f'.lens-cell[data-layer="{first}"]')[-1]
                     ActionChains(driver).move_to_element(cell).perform()
                 if leaks := foreign(requested_urls(driver), url):
                     raise SystemExit(f"{name}: requests left the origin: {leaks}")

@@ -44,7 +44,8 @@ async function side(name, body, signal) {
     body,
     (event, data) => {
       if (event === "token") {
-        const span = h("span", { class: "tok", data: { index: data.index, tokenId: data.token_id }, text: data.text });
+        const cls = data.text.includes("\n") ? "tok nl" : "tok"; // a line break, marked so that it shows
+        const span = h("span", { class: cls, data: { index: data.index, tokenId: data.token_id }, text: data.text });
         pane.append(tip(span, `token ${data.index}: id ${data.token_id}`));
       } else if (event === "done") {
         pane.dataset.text = data.text;
