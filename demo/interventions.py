@@ -5,7 +5,10 @@
    greedy continuation.
 2. Ablation: the same direction projected out at every block's input (directional ablation) and each attention head
    of every block zeroed in turn (``attn.hook_z``): the same log-probability after a file-related prompt.
-3. Patching: a clean and a corrupted prompt differing in one word, the clean residual stream patched into the
+3. Circuit edits: the head whose zeroing moved that log-probability most, knocked out through its attention pattern
+   (``attn.hook_pattern`` zeroed at the last position: TransformerLens's attention knock-out), with the pattern it
+   had; and the last block's most active MLP neuron (``mlp.hook_post``) zeroed and doubled at the last position.
+4. Patching: a clean and a corrupted prompt differing in one word, the clean residual stream patched into the
    corrupted run at every block's input and position, metric the logit difference between the two prompts'
    preferred next tokens.
 
@@ -114,6 +117,34 @@ def ablation(client: LoomClient, model: str) -> dict[str, Any]:
     }
 
 
+def circuits(client: LoomClient, model: str, ablated: dict[str, Any]) -> dict[str, Any]:
+    """One head knocked out through its pattern, one neuron zeroed and doubled: log p(STEER_TOKEN | FILE_PROMPT)."""
+    n = client.sites(model)["num_layers"]
+    effects = np.abs(np.array(ablated["head_zeroed_change"]))
+    block, head = (int(i) for i in np.unravel_index(np.argmax(effects), effects.shape))
+    pattern_site, neuron_site = f"blocks.{block}.attn.hook_pattern", f"blocks.{n - 1}.mlp.hook_post"
+    seen = client.extract(model, FILE_PROMPT, hidden_state_layers=[pattern_site, neuron_site], positions="all")
+    pattern = seen["sequence_hidden_states"][pattern_site][-1, head]  # the last query's attention over the keys
+    activations = seen["sequence_hidden_states"][neuron_site][-1]
+    neuron = int(np.argmax(np.abs(activations)))
+    one_hot = np.zeros_like(activations)
+    one_hot[neuron] = 1.0
+    knock = [{"site": pattern_site, "op": "zero", "heads": [head], "positions": [-1]}]
+    zero = [{"site": neuron_site, "op": "ablate", "vector": one_hot, "positions": [-1]}]
+    double = [
+        {"site": neuron_site, "op": "add", "vector": one_hot, "scale": float(activations[neuron]), "positions": [-1]}
+    ]
+    return {
+        "baseline_logprob_file": ablated["baseline_logprob_file"],
+        "head": {"block": block, "head": head, "site": pattern_site, "pattern": pattern.tolist()},
+        "tokens": seen["tokens"],
+        "knocked_out_logprob_file": next_logprob(client, model, FILE_PROMPT, STEER_TOKEN, knock),
+        "neuron": {"block": n - 1, "index": neuron, "site": neuron_site, "activation": float(activations[neuron])},
+        "neuron_zeroed_logprob_file": next_logprob(client, model, FILE_PROMPT, STEER_TOKEN, zero),
+        "neuron_doubled_logprob_file": next_logprob(client, model, FILE_PROMPT, STEER_TOKEN, double),
+    }
+
+
 def patching(client: LoomClient, model: str) -> dict[str, Any]:
     return client.patch(model, CLEAN, CORRUPTED, "resid_pre", PATCH_METRIC)
 
@@ -137,7 +168,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def summary(report: dict[str, Any]) -> str:
-    s, a, p = report["steering"], report["ablation"], report["patching"]
+    s, a, p, c = report["steering"], report["ablation"], report["patching"], report["circuits"]
     lines = [
         f"# Interventions on {report['model']}",
         "",
@@ -167,6 +198,22 @@ def summary(report: dict[str, Any]) -> str:
     ]
     lines += [
         f"| {b} | " + " | ".join(f"{v:+.3f}" for v in row) + " |" for b, row in enumerate(a["head_zeroed_change"])
+    ]
+    head, neuron = c["head"], c["neuron"]
+    attended = ", ".join(
+        f"{t.replace(chr(0x120), chr(0xB7))} {w:.2f}" for t, w in zip(c["tokens"], head["pattern"], strict=True)
+    )
+    lines += [
+        "",
+        "## Circuit edits",
+        "",
+        f"Head {head['head']} of block {head['block']} (the largest change above) knocked out at the last position "
+        f"(`{head['site']}` zeroed for that head): log p({STEER_TOKEN!r}) {c['baseline_logprob_file']:.3f} -> "
+        f"{c['knocked_out_logprob_file']:.3f}. The last token's attention it removed: {attended}.",
+        "",
+        f"Neuron {neuron['index']} of block {neuron['block']}'s MLP (`{neuron['site']}`), the most active at the last "
+        f"position ({neuron['activation']:+.3f}): zeroed, log p({STEER_TOKEN!r}) -> "
+        f"{c['neuron_zeroed_logprob_file']:.3f}; doubled, {c['neuron_doubled_logprob_file']:.3f}.",
     ]
     lines += [
         "",
@@ -204,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ablation": ablation(client, args.model),
             "patching": patching(client, args.model),
         }
+        report["circuits"] = circuits(client, args.model, report["ablation"])
         client.delete_vector("file-vs-number")
     (args.out / "interventions.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "interventions.md").write_text(summary(report))

@@ -163,7 +163,7 @@ class Intervention:
     ``vector``, an orthonormal basis [k, D]), zero. ``vector`` is a CPU float32 tensor [D], or [P, D] with one row
     per entry of a list of ``positions``; D is the site's last dimension. ``positions``: "all", "prompt",
     "generated" or token indices of the final sequence (negative: from the end of the prompt). ``heads``: the heads
-    an ``attn.hook_z`` edit touches (None: all).
+    an edit at a per-head point ([heads, ...]: ``attn.hook_z``, ``hook_pattern``, ...) touches (None: all).
     """
 
     site: int | str

@@ -76,7 +76,7 @@ def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_pa
     demo.STEER_TOKEN = " the"  # tokens of the tiny tokenizer
     demo.CLEAN, demo.CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"
     demo.PATCH_METRIC = {"type": "logit_diff", "correct": " the", "incorrect": "."}
-    model = str(tiny_models["llama"])
+    model = str(tiny_models["gpt2"])  # pydoc-gpt2's architecture
     out = tmp_path / "out"
     with loom_server(["--preload", model], tmp_path) as (base, _, _):
         report = demo.main(["--server", base, "--model", model, "--layer", "2", "--out", str(out)])
@@ -90,6 +90,15 @@ def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_pa
     patch = report["patching"]
     assert patch["sites"] == [f"blocks.{i}.hook_resid_pre" for i in range(3)] and patch["calls"] >= 1
     assert json.loads((out / "interventions.json").read_text())["patching"]["runs"] == patch["runs"]
+    circuits = report["circuits"]  # a head knocked out through its pattern, a neuron zeroed and doubled
+    assert abs(sum(circuits["head"]["pattern"]) - 1) < 1e-5 and len(circuits["head"]["pattern"]) == len(
+        circuits["tokens"]
+    )
+    lps = [
+        circuits[k] for k in ("knocked_out_logprob_file", "neuron_zeroed_logprob_file", "neuron_doubled_logprob_file")
+    ]
+    assert all(math.isfinite(v) and v != circuits["baseline_logprob_file"] for v in lps)
+    assert "## Circuit edits" in (out / "interventions.md").read_text()
 
 
 def test_readouts_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
