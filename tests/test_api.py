@@ -116,6 +116,20 @@ async def test_extract_all_layers_and_safetensors(client, tiny_models, reference
         assert rel_err(tensors[f"hidden_states.{k}"].numpy(), ref[k][0, -1:]) < 1e-5
 
 
+async def test_extract_answers_in_the_order_asked_with_text_pieces(client, tiny_models, reference):
+    """Keys in the order asked (layer order for "all"); tokens as text pieces (" fox", not "Ġfox"), ids beside."""
+    path = str(tiny_models["gpt2"])
+    _, tok = reference(tiny_models["gpt2"])
+    for layers, keys in (([-2, -4, -3, -1], ["-2", "-4", "-3", "-1"]), ("all", ["-3", "-2", "-1"])):
+        r = await client.post("/extract", json={"model": path, "text": TEXT, "hidden_state_layers": layers})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert list(body["hidden_states"]) == keys and list(body["layer_indices"]) == keys
+    ids = tok(TEXT)["input_ids"]
+    assert body["token_ids"] == ids and body["tokens"] == [tok.decode([i]) for i in ids]
+    assert body["tokens"][1] == " quick" and not any("Ġ" in t for t in body["tokens"])
+
+
 @pytest.mark.parametrize("arch", CAUSAL)
 async def test_greedy_generate_equals_transformers(client, tiny_models, reference, arch):
     model, tok = reference(tiny_models[arch])
@@ -267,6 +281,24 @@ async def test_bad_input_is_a_named_4xx_and_the_server_keeps_serving(client, tin
     assert r.headers["x-request-id"] == problem["request_id"]
     ok = await client.post("/extract", json={"model": str(tiny_models["gpt2"]), "text": "still serving"})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "hint"),
+    [
+        ("/extract", {"text": "hi", "layers": [1]}, "did you mean `hidden_state_layers`?"),
+        ("/generate", {"prompt": "hi", "max_token": 5}, "did you mean `max_tokens`?"),
+        ("/extract", {"text": "hi", "logit_lens": {"topk": 3}}, "did you mean `top_k`?"),
+        ("/extract", {"text": "hi", "interventions": [{"op": "zero", "sitee": 1}]}, "did you mean `site`?"),
+    ],
+)
+async def test_an_unknown_field_near_a_known_one_gets_a_hint(client, path, body, hint):
+    r = await client.post(path, json={"model": "M", **body})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].endswith(hint), r.json()
+    required = {k: v for k, v in body.items() if k in ("text", "prompt")}
+    far = await client.post(path, json={"model": "M", **required, "zzzzzz": 1})
+    assert far.status_code == 422 and "zzzzzz" in far.json()["detail"] and "did you mean" not in far.json()["detail"]
 
 
 async def test_malformed_json_and_unknown_route(client):

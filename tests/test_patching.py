@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_interventions import first, load, reference_points
 from test_models import app_with, concurrent_client
+from transformers import AutoTokenizer
 
 CLEAN, CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"  # the same token count in both tokenizers
 
@@ -130,6 +131,11 @@ async def test_patch_matrix_matches_an_in_process_loop_and_runs_batched(tiny_mod
     for got_row, want_row in zip(got["normalized"], want["patched"], strict=True):
         for a, b in zip(got_row, want_row, strict=True):
             assert abs(a - (b - want["corrupted"]) / gap) < 1e-4
+    tok = AutoTokenizer.from_pretrained(path)
+    for side, text in (("clean", CLEAN), ("corrupted", CORRUPTED)):
+        ids = tok(text)["input_ids"]
+        assert got["token_ids"][side] == ids  # the pieces' text, as the lens shows tokens; the ids beside them
+        assert got["tokens"][side] == [tok.decode([i]) for i in ids] and not any("Ġ" in t for t in got["tokens"][side])
     runs = 2 + len(net_sites) * len(want["positions"])
     assert got["runs"] == runs and got["calls"] == math.ceil(runs / 8)
     assert after - before == 1 + got["calls"] < runs  # the clean capture, then the runs in batches of 8 rows

@@ -23,6 +23,7 @@ from loom_kernel.api.payloads import (
     state_payload,
     stream_extras,
     timing,
+    token_texts,
 )
 from loom_kernel.api.problems import request_id
 from loom_kernel.api.schemas import (
@@ -244,11 +245,10 @@ class InferenceController(Controller):
 
             def answer() -> dict[str, Any] | bytes:  # tensors encoded on a request thread
                 fields, groups = state_payload(row, req, capture, model)
-                tokens = model.tokenizer.convert_ids_to_tokens(row.token_ids) if model.tokenizer else None
                 payload = {
                     "model": data.model,
                     "token_ids": row.token_ids,
-                    "tokens": tokens,
+                    "tokens": token_texts(model.tokenizer, row.token_ids),
                     "token_count": len(row.token_ids),
                     **fields,
                     "metadata": {**model_metadata(model), **timing(start, 0)},

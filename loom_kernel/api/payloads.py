@@ -140,12 +140,16 @@ class StateRequest:
             self._readings[id(model)] = found
         return self._readings[id(model)]
 
-    def output_keys(self, capture: Capture) -> set[str]:
-        """The states the answer's ``hidden_states`` carry: those asked for, not those only the readouts need."""
+    def output_keys(self, capture: Capture) -> list[str]:
+        """The states the answer's ``hidden_states`` carry, in the order asked for (layer order for "all"): those
+        asked for, not those only the readouts need."""
         if not self.wanted:
-            return set()
-        asked = set(split_sites(self.layers)[1])
-        return {sel.key for sel in capture.layers if not sel.key.startswith("~")} | set(capture.sites) & asked
+            return []
+        names = split_sites(self.layers)[1]
+        keys = [sel.key for sel in capture.layers if not sel.key.startswith("~")]
+        keys += [site for site in capture.sites if site in names]
+        spelled = [str(item) for item in self.layers] if isinstance(self.layers, list) else []
+        return sorted(dict.fromkeys(keys), key=lambda k: spelled.index(k) if k in spelled else -1)
 
     def _resolve(self, model: LoadedModel) -> Capture:
         extras = {"top_logprobs": self.top_logprobs, "logits": self.logits}
@@ -291,11 +295,19 @@ def _attentions(row: SequenceOutput, positions: Any) -> dict[str, Any]:
     return {k: t.index_select(1, rows) for k, t in row.attentions.items()}
 
 
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's own text (" file", not the vocabulary's raw piece "Ġfile"), as TransformerLens's
+    ``to_str_tokens`` gives them: every answer that shows tokens shows these, with the ids beside them."""
+    if tokenizer is None:
+        return ["" for _ in ids]
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
 def logprob_entries(tokenizer: Any, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The plugin's per-step log-probabilities with each token's text."""
 
     def text(token: int) -> str:
-        return tokenizer.decode([token]) if tokenizer is not None else ""
+        return token_texts(tokenizer, [token])[0]
 
     return [
         {
@@ -317,7 +329,7 @@ def state_payload(
     keys = req.output_keys(capture)
     if capture.wanted and (keys or capture.attention_layers):
         indices = {sel.key: sel.index for sel in capture.layers} | {s: s for s in capture.sites}
-        fields["layer_indices"] = {k: v for k, v in indices.items() if k in keys or k in row.attentions}
+        fields["layer_indices"] = {k: indices[k] for k in [*keys, *row.attentions] if k in indices}
     if keys:
         last, seq, positions = split_states(attrs.evolve(row, states={k: row.states[k] for k in keys}), req.positions)
         groups["hidden_states"] = last

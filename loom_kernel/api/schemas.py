@@ -138,6 +138,7 @@ class LoadRequest(LoadFields, kw_only=True):
     model: NonEmpty
 
 
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -155,7 +156,35 @@ async def strict_fields(request: Request) -> None:
         parts = _AT.match(str(exc))
         path = (parts.group("path") or "").lstrip(".") if parts else ""
         message = parts.group("message") if parts else str(exc)
+        if (unknown := _UNKNOWN.match(message)) and (hint := did_you_mean(data.annotation, path, unknown.group(1))):
+            message = f"{message}: did you mean `{hint}`?"
         error = {"message": message, "key": path or "data", "source": "body"}
         raise ValidationException(detail=message, extra=[error]) from None
     except msgspec.DecodeError:
         return
+
+
+def did_you_mean(root: Any, path: str, name: str) -> str | None:
+    """The known field of the object at ``path`` (under Struct ``root``) that an unknown ``name`` most likely meant:
+    a close spelling (``max_token``), or a field that ends in it (``layers`` for ``hidden_state_layers``)."""
+    import difflib
+
+    from msgspec import inspect
+
+    info: Any = inspect.type_info(root)
+    for step in re.findall(r"[A-Za-z_]\w*", path):  # list indices are skipped: a list's items share one type
+        field = next((f for f in getattr(info, "fields", ()) if f.encode_name == step), None)
+        if field is None:
+            return None
+        info = field.type
+        while not isinstance(info, inspect.StructType):
+            inner = [getattr(info, "item_type", None), *getattr(info, "types", ())]
+            info = next((t for t in inner if isinstance(t, inspect.StructType | inspect.ListType)), None)
+            if info is None:
+                return None
+    known = [f.encode_name for f in getattr(info, "fields", ())]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    if close:
+        return close[0]
+    ends = [k for k in known if k.endswith("_" + name) or k.startswith(name + "_")]
+    return min(ends, key=len) if ends else None

@@ -35,8 +35,8 @@ def toy_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
 class ByteTokenizer:
     """Text <-> UTF-8 byte ids, with an optional BOS id in front (the kernel's ``add_special_tokens``).
 
-    It implements the three methods the kernel calls on any tokenizer: ``convert_ids_to_tokens`` (the /extract
-    ``tokens`` field) and ``decode`` (log-probability and offset texts), besides ``encode`` used by the plugin.
+    The kernel calls ``decode`` (each token's text in answers is the decode of its id alone); the plugin calls
+    ``encode``.
     """
 
     bos_token = "<bos>"
@@ -47,11 +47,10 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         # A multi-byte character cut by a slice of ids decodes to U+FFFD rather than failing, like HF tokenizers.
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        # One token per byte: printable ASCII as itself, every other byte as <0xNN> (SentencePiece's spelling).
-        return [self.bos_token if i == BOS_ID else chr(i) if 32 <= i < 127 else f"<0x{i:02X}>" for i in map(int, ids)]
+        text = bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        if ids and ids[0] == BOS_ID and not skip_special_tokens:
+            return self.bos_token + text
+        return text
 
 
 class ToyBlock(nn.Module):

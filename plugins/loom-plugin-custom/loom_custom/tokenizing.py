@@ -1,7 +1,7 @@
 """Tokenizers for custom models, all seen by the kernel through one interface (what transformers' have):
 
 - ``tok(text, add_special_tokens=True, truncation=False, max_length=None)`` -> a mapping with ``input_ids``
-- ``tok.decode(ids)`` -> str, and ``tok.convert_ids_to_tokens(ids)`` -> list[str] (the /extract ``tokens`` field)
+- ``tok.decode(ids)`` -> str (a token's text in answers is the decode of its id alone)
 
 The manifest's ``tokenizer`` may be ``"bytes"`` (UTF-8 bytes as ids 0..255), a ``tokenizer.json`` file of the
 ``tokenizers`` library, a directory or hub name for transformers' AutoTokenizer, or a "module:function" factory
@@ -37,9 +37,6 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [chr(i) if 32 <= i < 127 else f"<0x{i:02X}>" for i in ids]
-
 
 class TokenizersAdapter:
     """A ``tokenizers.Tokenizer`` (a tokenizer.json) behind the interface above."""
@@ -58,27 +55,8 @@ class TokenizersAdapter:
         ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
         return {"input_ids": ids[:max_length] if truncation and max_length else ids}
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self.tokenizer.id_to_token(int(i)) or "" for i in ids]
-
-
-class TokensFromDecode:
-    """A factory's tokenizer that lacks ``convert_ids_to_tokens``: each id's token is its own decode."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._inner = tokenizer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __call__(self, text: str, **kwargs: Any) -> Any:
-        return self._inner(text, **kwargs)
-
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self._inner.decode([int(i)]) for i in ids]
 
 
 def adapt(manifest: Manifest, tokenizer: Any) -> Any:
@@ -96,8 +74,6 @@ def adapt(manifest: Manifest, tokenizer: Any) -> Any:
             f"the factory's tokenizer ({type(tokenizer).__name__}) needs __call__(text, add_special_tokens=...) "
             "returning input_ids, and decode(ids)",
         )
-    if not callable(getattr(tokenizer, "convert_ids_to_tokens", None)):
-        return TokensFromDecode(tokenizer)
     return tokenizer
 
 

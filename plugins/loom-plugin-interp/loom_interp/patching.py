@@ -22,7 +22,7 @@ from loom_interp.readouts import one_token
 from loom_kernel import Option, echo, fit_text
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
-from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata
+from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata, token_texts
 from loom_kernel.api.schemas import LoadFields, NonEmpty, Sites
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import check_site
@@ -181,10 +181,8 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
         "metric": {"type": data.metric.type, "clean": clean_m, "corrupted": corrupt_m},
         "sites": [str(s) for s in sites],
         "positions": positions,
-        "tokens": {
-            "clean": tok.convert_ids_to_tokens(list(clean)),
-            "corrupted": tok.convert_ids_to_tokens(list(corrupt)),
-        },
+        "tokens": {"clean": token_texts(tok, list(clean)), "corrupted": token_texts(tok, list(corrupt))},
+        "token_ids": {"clean": list(clean), "corrupted": list(corrupt)},
         "heads": [h or None for h in heads],
         "patched": matrix,
         "normalized": norm(matrix),

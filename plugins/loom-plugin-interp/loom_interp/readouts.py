@@ -16,6 +16,7 @@ import attrs
 
 from loom_interp.stores import Stored, TensorStore
 from loom_kernel import chars_per_token, echo, fit_text
+from loom_kernel.api.payloads import token_texts
 from loom_kernel.capture import check_site, resolve_layers, split_sites
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.types import LayerSel, LoadedModel
@@ -166,7 +167,7 @@ class Plan:
         tok = model.tokenizer
 
         def text(i: int) -> str:
-            return tok.decode([i]) if tok is not None else ""
+            return token_texts(tok, [i])[0]
 
         answer: dict[str, Any] = {
             "top_k": [
