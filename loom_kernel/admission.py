@@ -45,8 +45,11 @@ class Session:
         future = self.ticket.thread.enqueue(self.ticket, self.pm, self.model, batch, capture, then)
         self.calls.append(future)
         # Shielded: a cancelled request cancels its ticket (its call leaves the queue, its rows stop), never the
-        # future the model's thread answers.
-        return await asyncio.shield(asyncio.wrap_future(future))
+        # future the model's thread answers. Once the request is gone nobody awaits that future, so its error (the
+        # call dropped as cancelled) is marked seen here, not reported by asyncio as "never retrieved".
+        answer = asyncio.wrap_future(future)
+        answer.add_done_callback(_seen)
+        return await asyncio.shield(answer)
 
     async def thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.threads, fn, *args)
@@ -143,6 +146,11 @@ class Admission:
             field="request_timeout",
             allowed=f"up to {timeout:g} s",
         )
+
+
+def _seen(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _release(entry: ModelEntry, task: asyncio.Future, calls: list[concurrent.futures.Future]) -> None:

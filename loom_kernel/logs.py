@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 
 from uvicorn.logging import TRACE_LOG_LEVEL, DefaultFormatter
 
@@ -33,7 +35,13 @@ QUIET = ("torchao", "torch.utils._pytree")
 
 def configure_logging(level: str) -> None:
     """Send ``loom.*`` records to stderr at ``level``, and quiet ``QUIET``'s warnings (errors still show, and
-    ``--log-level debug`` shows them all); idempotent, so serve() may be called more than once."""
+    ``--log-level debug`` shows them all); idempotent, so serve() may be called more than once.
+
+    In a terminal, loads show the libraries' progress bars; in a log file they would be lines of carriage returns
+    and escape codes, and the load line already says what loaded, so they are off there (colours are uvicorn's
+    rule: only on a terminal)."""
+    if not sys.stderr.isatty() and not os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # transformers' and huggingface_hub's bars
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR if level not in ("debug", "trace") else logging.DEBUG)
     logger = logging.getLogger("loom")

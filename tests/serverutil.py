@@ -17,6 +17,11 @@ import pytest
 T = TypeVar("T")
 
 
+# A client's timeout in tests bounds a hang, it makes no claim about speed: generous enough that a machine under
+# load (a 480-token generation at load 13) never meets it.
+HANG_S = 600.0
+
+
 def server_env(home: Path) -> dict[str, str]:
     """The caller's environment without Loom settings, so the server runs with defaults and loads no model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}  # LOOM_LOAD_PLUGINS too: all plugins

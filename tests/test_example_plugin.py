@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 import torch.nn.functional as F
-from serverutil import REPO, loom_server
+from serverutil import HANG_S, REPO, loom_server
 
 DEMO = REPO / "demo" / "loom-plugin-example"
 DIST = "loom-plugin-example"
@@ -72,7 +72,7 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
             capture_output=True,
             text=True,
             cwd=tmp_path,
-            timeout=120,
+            timeout=HANG_S,
         )
         assert made.returncode == 0, made.stderr
         (tmp_path / "on").mkdir()
@@ -91,7 +91,7 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
             want = hand_states(model, ids)
             n = len(want) - 1
             body = {"model": str(model), "text": TEXT, "hidden_state_layers": "all", "positions": "all"}
-            r = httpx.post(f"{base}/extract", json=body, timeout=60)
+            r = httpx.post(f"{base}/extract", json=body, timeout=HANG_S)
             assert r.status_code == 200, r.text
             out = r.json()
             assert out["metadata"]["loader"] == "example" and out["token_ids"] == ids
@@ -103,7 +103,7 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
 
             # Index 0 (the embedding output) and explicit positions, sliced by the kernel from the plugin's rows.
             body = {"model": str(model), "text": TEXT, "hidden_state_layers": [0, 2], "positions": [0, -1]}
-            out = httpx.post(f"{base}/extract", json=body, timeout=60).json()
+            out = httpx.post(f"{base}/extract", json=body, timeout=HANG_S).json()
             for k in (0, 2):
                 close(out["sequence_hidden_states"][str(k)]["data"], want[k][[0, -1]])
 

@@ -17,6 +17,7 @@ a merged call failed and was rerun alone) is far outside it: a plugin that keeps
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from serverutil import REPO, loom_server, server_env, until
+from serverutil import HANG_S, REPO, loom_server, server_env, until
 
 FAULTS = '''\
 """Faults on purpose for tests/test_faults.py: a loader that raises, forward passes that fail or stall."""
@@ -124,7 +125,7 @@ def faults_server(
     env = {"FAULTS_GATES": str(tmp_path / "gates"), **env}
     with (
         loom_server(["--plugins-dir", str(plugins), *args], tmp_path, **env) as (base, log, proc),
-        httpx.Client(base_url=base, timeout=60) as client,
+        httpx.Client(base_url=base, timeout=HANG_S) as client,
     ):
         yield client, log, proc
 
@@ -273,7 +274,7 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(tiny_models, tmp_pat
         steps = models(c)[0]["decode_steps"]
 
         with (
-            httpx.Client(base_url=str(c.base_url), timeout=60) as quitter,
+            httpx.Client(base_url=str(c.base_url), timeout=HANG_S) as quitter,
             quitter.stream("POST", "/generate/stream", json=long) as r,
         ):
             assert r.status_code == 200
@@ -344,6 +345,32 @@ def test_two_concurrent_loads_of_a_model_load_it_once(tiny_models, tmp_path):
 
         assert_same_states(c.post("/extract", json={"model": model, **EXTRACT}).json(), want)
         assert_memory_back(before, settled_rss(c, model, proc.pid))
+
+
+def test_a_client_that_leaves_during_a_load_leaves_no_traceback(tiny_models, tmp_path):
+    """The client gives up while the model loads (its connection closed at the load gate): the load completes for
+    the next request, and the log has no traceback (asyncio's "Future exception was never retrieved" included)."""
+    import socket
+
+    model = str(tiny_models["llama"])
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    # Progress bars as a terminal would get them: the server turns them off itself when its log is a file.
+    with faults_server(tmp_path, [], FAULTS_LOAD_GATE="1", HF_HUB_DISABLE_PROGRESS_BARS="") as (c, log, _):
+        body = json.dumps({"model": model, "text": "leaving"}).encode()
+        host, port = c.base_url.host, c.base_url.port
+        with socket.create_connection((host, port)) as leaving:
+            head = f"POST /extract HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
+            leaving.sendall(head.encode() + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            until(lambda: (gates / "load.waiting").exists(), "the load reached the gate")
+        open_gate(gates, "load")
+        until(lambda: [m["state"] for m in models(c)] == ["ready"], "the load completed")
+        assert c.post("/extract", json={"model": model, "text": "after"}).status_code == 200
+        assert c.post("/extract", json={"model": model, "text": "GC!"}).status_code == 200  # unreachable futures go
+        text = log.read_text()
+        assert "never retrieved" not in text and "Traceback" not in text, text[-3000:]
+        assert "Loading weights" not in text and "\r" not in text and "\x1b[" not in text  # no bars, no colours
+        assert len(re.findall(rf"loading {re.escape(model)} with loader", text)) == 1
 
 
 def idle_checks(c) -> int:

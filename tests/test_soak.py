@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serverutil import loom_server
+from serverutil import HANG_S, loom_server
 
 pytestmark = pytest.mark.slow
 
@@ -83,14 +83,14 @@ def test_soak_mixed_concurrent_requests(tiny_models, tmp_path):
         raise AssertionError(kind)
 
     kinds = ["extract", "generate", "stream", "embed"]
-    with loom_server([], tmp_path) as (base, _log, proc), httpx.Client(base_url=base, timeout=60) as c:
+    with loom_server([], tmp_path) as (base, _log, proc), httpx.Client(base_url=base, timeout=HANG_S) as c:
         alone = {(k, i): call(c, k, i) for k in kinds for i in range(len(PROMPTS))}
 
         rng = random.Random(7)
         plan = [(rng.choice([*kinds, *kinds, "load", "unload"]), rng.randrange(len(PROMPTS))) for _ in range(REQUESTS)]
 
         def run(batch):
-            with ThreadPoolExecutor(THREADS) as pool, httpx.Client(base_url=base, timeout=60) as shared:
+            with ThreadPoolExecutor(THREADS) as pool, httpx.Client(base_url=base, timeout=HANG_S) as shared:
                 return list(pool.map(lambda ki: (ki, call(shared, *ki)), batch))
 
         run(plan[:48])  # warm-up round: every kind, load and unload included
