@@ -71,6 +71,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     layers = json.loads((good / "config.json").read_text())["num_hidden_layers"]
     out["claims_400_layers"] = edited(good, root / "claims_400_layers", num_hidden_layers=400)
     out["claims_fewer_layers"] = edited(good, root / "claims_fewer_layers", num_hidden_layers=layers - 1)
+    # A model directory without tokenizer files: transformers would build an empty tokenizer for it.
+    shutil.copytree(good, root / "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (root / "no_tokenizer" / name).unlink(missing_ok=True)
+    out["no_tokenizer"] = root / "no_tokenizer"
     state = load_file(str(good / "model.safetensors"))
     for name, extra in (("pickled", {}), ("unsafe_pickle", {"x": OpensAFile(root / "pickle_ran")})):
         shutil.copytree(good, root / name)
@@ -150,6 +155,7 @@ def test_loads_that_fail_after_allocating_give_the_memory_back(server, models):
         ("unsafe_pickle", 422, "refused as unsafe"),
         ("claims_400_layers", 422, "weights its config.json describes are missing from the checkpoint"),
         ("claims_fewer_layers", 422, "weights in the checkpoint have no place in the model"),
+        ("no_tokenizer", 422, "no usable tokenizer"),
     ],
 )
 def test_bad_model_ids_and_directories_are_4xx_naming_the_model(server, models, model, status, says):

@@ -92,11 +92,11 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
                 ) from None
             raise
         refuse_kind(ref, config)
+        tokenizer = load_tokenizer(ref, target, small)  # first: it is cheap, and a model without one is refused
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model, info = auto.from_pretrained(target, output_loading_info=True, **kwargs)
         check_weights(model, info, f"transformers could not load {ref.id!r} from {target}")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(target, **small)
     except LoomError:
         raise
     except Exception as exc:  # named, and classified: a 4xx when the model's files are at fault, else a 500
@@ -202,6 +202,32 @@ def refuse_kind(ref: ModelRef, config: Any) -> None:
     else:
         return
     raise BadModel(f"model: {ref.id!r} (model_type {kind!r}) {why}", field="model", model_type=kind)
+# What a directory needs for transformers to build a real tokenizer (any one of these).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(ref: ModelRef, target: str, kwargs: dict[str, Any]) -> Any:
+    """The model's tokenizer; a 422 naming the directory and what it lacks when there is none to build (transformers
+    would raise, or build an empty tokenizer on which every request fails with "tokenizes to no tokens")."""
+    import transformers
+
+    def missing() -> BadModel:
+        return BadModel(
+            f"model: {ref.id!r}: {target} has no usable tokenizer: the directory needs one of "
+            f"{', '.join(TOKENIZER_FILES)} beside its config.json",
+            field="model",
+            allowed=list(TOKENIZER_FILES),
+        )
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(target, **kwargs)
+    except (ValueError, OSError) as exc:
+        if ref.path is not None and not set(ref.files) & {f.split()[0] for f in TOKENIZER_FILES}:
+            raise missing() from exc
+        raise
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise missing()
+    return tokenizer
 
 
 def _only(kwargs: dict[str, Any], *keys: str) -> dict[str, Any]:
