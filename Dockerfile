@@ -1,7 +1,13 @@
 # The Loom on a CUDA GPU: `docker build -t loom . && docker run --gpus all -p 8080:8080 loom`
 # Preload a model: `docker run --gpus all -p 8080:8080 loom loom serve --preload Qwen/Qwen2.5-0.5B`
 # Keep downloaded models between runs: `-v ~/.cache/huggingface:/app/.cache/huggingface`
-FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
+# A CPU-only image (about 1 GB smaller): `docker build --build-arg BASE=ubuntu:24.04 \
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t loom-cpu .`
+ARG BASE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+FROM ${BASE}
+# torch pinned as scripts/dev.sh pins it, from the wheel index of the image's kind (CUDA 12.6 or CPU).
+ARG TORCH=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 
 # Ubuntu 24.04 ships Python 3.12 (the kernel needs >= 3.11; 22.04 only has 3.10).
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -18,11 +24,12 @@ RUN python3 -m venv /opt/loom
 ENV PATH=/opt/loom/bin:$PATH
 
 # torch first, in its own layer: it is most of the image and does not change when the code does.
-RUN pip install "torch>=2.4"
+RUN pip install --index-url "${TORCH_INDEX}" "${TORCH}"
 
-# The kernel and every plugin under plugins/, resolved together in one pip call.
+# The kernel, every plugin under plugins/, the shipped models and the client, resolved together in one pip call
+# (torch named again so that no dependency swaps it for another build).
 COPY . /src
-RUN pip install /src $(ls -d /src/plugins/*/) && rm -rf /src
+RUN pip install "${TORCH}" /src $(ls -d /src/plugins/*/ /src/models/*/) /src/client && rm -rf /src
 
 # Run as an unprivileged user; /app is its home and the Hugging Face cache lives under it (the seed's volume path).
 # UID 1000 matches the usual owner of a mounted ~/.cache/huggingface; the base image's own `ubuntu` user has it.

