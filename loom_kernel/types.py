@@ -222,12 +222,16 @@ class Capture:
 
 @attrs.define(frozen=True)
 class GenerationParams:
+    """``fit_context``: ``max_tokens`` is the default, not the request's: generate up to it or to the end of the
+    model's context, whichever comes first, instead of refusing a model whose context is shorter."""
+
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    fit_context: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -191,6 +191,22 @@ async def test_generate_last_state_and_generated_positions(client, tiny_models, 
     assert rel_err(decode(body["sequence_hidden_states"]["-1"]), ref[-1][0, prompt_len:]) < 1e-4
 
 
+async def test_a_generation_that_names_no_max_tokens_runs_to_the_end_of_a_short_context(client, tiny_models, tmp_path):
+    """Unnamed, max_tokens is 256 or what the context holds; named past the context, it is a 422."""
+    import shutil
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_models["llama"], short)  # rotary positions: a shorter context is the same weights
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 24}))
+    body = {"model": str(short), "prompt": TEXT, "temperature": 1.0, "seed": 3}
+    r = await client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_tokens"] + r.json()["token_count"] == 24 and r.json()["finish_reason"] == "length"
+    r = await client.post("/generate", json={**body, "max_tokens": 30})
+    assert r.status_code == 422 and r.json()["field"] == "max_tokens"
+
+
 async def test_seeded_sampling_repeats(client, tiny_models):
     body = {"model": str(tiny_models["llama"]), "prompt": "Hello", "max_tokens": 10, "temperature": 1.0, "seed": 7}
     a = (await client.post("/generate", json=body)).json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +35,7 @@ from loom_kernel.api.schemas import (
     GenerateRequest,
     GenerationFields,
 )
+from loom_kernel.api.security import caller
 from loom_kernel.api.streaming import TokenBridge, client_gone, event_stream
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
@@ -41,12 +43,15 @@ from loom_kernel.errors import InvalidField, LoomError, Unsupported
 from loom_kernel.models import ModelManager
 from loom_kernel.types import Batch, GenerationParams
 
+DEFAULT_MAX_TOKENS = 256  # what a generation that names no max_tokens may run to (its context permitting)
 READOUT_FIELDS = ("interventions", "logit_lens", "probes", "stop_when")
 
 
-def state_request(data: CaptureFields, manager: ModelManager, wanted: bool, stream: bool = False) -> StateRequest:
+def state_request(
+    data: CaptureFields, manager: ModelManager, wanted: bool, stream: bool = False, caller: str = ""
+) -> StateRequest:
     """``stream``: the endpoint streams, so ``stream_hidden_states`` puts states in token events; elsewhere it
-    asks for the states of the response."""
+    asks for the states of the response. ``caller``: whose stored vectors and probes the request names."""
     settings = manager.settings
     streamed = bool(getattr(data, "stream_hidden_states", False))
     top = getattr(data, "top_logprobs", None)
@@ -66,7 +71,7 @@ def state_request(data: CaptureFields, manager: ModelManager, wanted: bool, stre
         logits=bool(getattr(data, "return_logits", False)),
         max_response_bytes=int(settings.max_response_mb * 2**20),
         asked=asked_fields(data),
-        resolver=manager.reading,
+        resolver=functools.partial(manager.reading, caller=caller),
         streaming=stream,
     )
 
@@ -96,7 +101,7 @@ def respond(body: dict[str, Any] | bytes) -> Response:
 def checked_params(
     settings: Settings,
     *,
-    max_tokens: int,
+    max_tokens: int | None,
     temperature: float,
     top_p: float,
     top_k: int,
@@ -104,7 +109,11 @@ def checked_params(
     stop: str | list[str] | None,
     max_stop: int | None = None,
 ) -> GenerationParams:
-    """Generation parameters after the checks every generating endpoint shares."""
+    """Generation parameters after the checks every generating endpoint shares; ``max_tokens`` None: the default,
+    as many as the model's context holds up to ``DEFAULT_MAX_TOKENS``."""
+    fit_context = max_tokens is None
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_tokens_limit)
     if max_tokens > settings.max_tokens_limit:
         raise InvalidField(
             f"max_tokens: {max_tokens} is over this server's limit",
@@ -117,7 +126,13 @@ def checked_params(
     if any(not s for s in stops):
         raise InvalidField("stop: stop strings must be non-empty", field="stop")
     return GenerationParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stops,
+        fit_context=fit_context,
     )
 
 
@@ -145,7 +160,7 @@ class InferenceController(Controller):
     @post(["/generate", "/v1/generate"], status_code=200)
     async def generate(self, data: JSONBody[GenerateRequest], request: Request, manager: Manager) -> Response:
         settings = manager.settings
-        req = state_request(data, manager, data.return_hidden_states)
+        req = state_request(data, manager, data.return_hidden_states, caller=caller(request))
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
@@ -169,7 +184,8 @@ class InferenceController(Controller):
     ) -> ServerSentEvent:
         """SSE: a ``token`` event per generated token, then ``done`` (the /generate body) or ``error``."""
         settings = manager.settings
-        req = json_formats_only(state_request(data, manager, data.return_hidden_states, stream=True), "a stream")
+        req = state_request(data, manager, data.return_hidden_states, stream=True, caller=caller(request))
+        req = json_formats_only(req, "a stream")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
@@ -208,7 +224,8 @@ class InferenceController(Controller):
         """One batched generation; every prompt gets its own result in input order, and a prompt refused on its
         own (too long, no tokens) is reported in its own slot while the others run."""
         settings = manager.settings
-        req = json_formats_only(state_request(data, manager, data.return_hidden_states), "a batch")
+        req = state_request(data, manager, data.return_hidden_states, caller=caller(request))
+        req = json_formats_only(req, "a batch")
         params = generation_params(data, settings)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         rid = request_id(request)
@@ -227,7 +244,7 @@ class InferenceController(Controller):
 
     @post("/extract", status_code=200)
     async def extract(self, data: JSONBody[ExtractRequest], request: Request, manager: Manager) -> Response:
-        req = state_request(data, manager, True)
+        req = state_request(data, manager, True, caller=caller(request))
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
 
         async def work(s: Session) -> dict[str, Any] | bytes:

@@ -406,7 +406,7 @@ def check_generation(model: LoadedModel, params: GenerationParams) -> None:
             "use /extract or /embed",
             field="model",
         )
-    if model.max_context and params.max_tokens > model.max_context:
+    if model.max_context and params.max_tokens > model.max_context and not params.fit_context:
         raise InvalidField(
             f"max_tokens: {params.max_tokens} exceeds the model's context of {model.max_context} tokens",
             field="max_tokens",

@@ -95,7 +95,7 @@ class CaptureFields(LoadFields, kw_only=True):
 
 
 class GenerationFields(CaptureFields, kw_only=True):
-    max_tokens: Annotated[int, msgspec.Meta(ge=0)] = 256
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None  # None: 256, or the model's context if shorter
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -20,6 +21,7 @@ from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import asked_fields, checked_params
 from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
 from loom_kernel.api.problems import openai_error, request_id
+from loom_kernel.api.security import caller
 from loom_kernel.api.streaming import MayStream, TokenBridge, client_gone, event_stream
 from loom_kernel.api.system import path_model_id
 from loom_kernel.config import Settings
@@ -39,8 +41,6 @@ from loom_openai.schemas import (
     OpenAIFields,
     openai_inputs,
 )
-
-DEFAULT_MAX_TOKENS = 256
 
 
 def refuse_unsupported(data: OpenAIFields) -> None:
@@ -106,7 +106,7 @@ def params_for(data: OpenAIFields, settings: Settings) -> GenerationParams:
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     return checked_params(
         settings,
-        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        max_tokens=max_tokens,
         temperature=data.temperature,
         top_p=data.top_p,
         top_k=data.top_k,
@@ -142,7 +142,7 @@ def top_logprobs_for(data: OpenAIFields) -> int | None:
     return None
 
 
-def states_for(data: OpenAIFields, settings: Settings, manager: Any = None) -> StateRequest:
+def states_for(data: OpenAIFields, settings: Settings, manager: Any = None, caller: str = "") -> StateRequest:
     """The request's capture. Unlike /generate, positions alone do not ask for hidden states here: they place the
     readouts and attention, and the states come with ``return_hidden_states`` only."""
     req = StateRequest.from_fields(
@@ -158,7 +158,7 @@ def states_for(data: OpenAIFields, settings: Settings, manager: Any = None) -> S
         logits=data.return_logits,
         max_response_bytes=int(settings.max_response_mb * 2**20),
         asked=asked_fields(data),
-        resolver=manager.reading if manager is not None else None,
+        resolver=functools.partial(manager.reading, caller=caller) if manager is not None else None,
         streaming=bool(data.stream),
     )
     req = attrs.evolve(req, wanted=data.return_hidden_states)
@@ -351,14 +351,14 @@ class OpenAIController(Controller):
     tags = ["openai"]
 
     async def _prepare(
-        self, data: OpenAIFields, manager: Manager, settings: Settings, batch: Batch
+        self, data: OpenAIFields, manager: Manager, settings: Settings, batch: Batch, caller: str
     ) -> tuple[GenerationParams, StateRequest, ModelEntry]:
         """Checks before any work or stream starts; ``batch`` holds the prompts (or the chat's texts) for the
         answer's size estimate."""
         refuse_unsupported(data)
         refuse_unused(data)
         params = params_for(data, settings)
-        req = states_for(data, settings, manager)
+        req = states_for(data, settings, manager, caller)
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         if entry.loaded is not None:
             check_generation(entry.loaded, params)
@@ -371,7 +371,7 @@ class OpenAIController(Controller):
         settings = manager.settings
         messages = [message_text(m, i) for i, m in enumerate(data.messages)]
         text = "".join(m["role"] + m["content"] for m in messages)
-        params, req, entry = await self._prepare(data, manager, settings, Batch(texts=(text,)))
+        params, req, entry = await self._prepare(data, manager, settings, Batch(texts=(text,)), caller(request))
         bridge = TokenBridge() if data.stream else None
         n = data.n or 1
 
@@ -442,7 +442,7 @@ class OpenAIController(Controller):
             )
         # The size estimate counts a token id as one character.
         estimate = Batch(texts=tuple(texts) if rows is None else tuple(" " * len(r) for r in rows))
-        params, req, entry = await self._prepare(data, manager, settings, estimate)
+        params, req, entry = await self._prepare(data, manager, settings, estimate, caller(request))
         bridge = TokenBridge() if data.stream else None
 
         async def work(s: Session) -> list[dict[str, Any]]:
