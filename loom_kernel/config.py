@@ -50,7 +50,7 @@ class Settings:
     request_timeout: float = 600.0
     # Security: an API key every endpoint but /health needs; origins allowed cross-origin (None: CORS off);
     # the largest request body accepted (413 beyond).
-    api_key: str | None = None
+    api_key: list[str] | None = None  # one key, or several (a lab): each key's stored names are its own
     cors_origins: list[str] | None = None
     max_body_mb: float = 10.0
     # Host names besides loopback and the bound address that requests may be addressed to ("*": any); the largest

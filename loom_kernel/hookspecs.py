@@ -73,5 +73,6 @@ def routes() -> list[Any] | None:
 
 
 @hookspec(firstresult=True)
-def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any) -> Reading | None:
-    """Resolve the ``interventions``, ``logit_lens``, ``probes`` and ``stop_when`` a request gives on ``model``."""
+def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any, caller: str) -> Reading | None:
+    """Resolve the ``interventions``, ``logit_lens``, ``probes`` and ``stop_when`` a request gives on ``model``
+    (``caller``: the owner of the request's API key, whose stored names it uses; "" without keys)."""

@@ -123,9 +123,9 @@ class ModelManager:
     def options(self, **explicit: Any) -> LoadOptions:
         return choosing.load_options(self.pm, self.settings, **explicit)
 
-    def reading(self, model: LoadedModel, fields: dict[str, Any]) -> Reading | None:
+    def reading(self, model: LoadedModel, fields: dict[str, Any], caller: str = "") -> Reading | None:
         """A request's interventions and readouts resolved on ``model`` by the plugin that reads them."""
-        return self.pm.hook.readouts(model=model, fields=fields, manager=self)
+        return self.pm.hook.readouts(model=model, fields=fields, manager=self, caller=caller)
 
     # -- loading -----------------------------------------------------------------------------------------
 

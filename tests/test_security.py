@@ -140,3 +140,56 @@ async def test_metrics_model_labels_are_bounded():
     text = m.exposition([])
     assert len(re.findall(r"^loom_model_loads_total\{", text, re.M)) == MAX_MODELS + 1
     assert 'loom_model_loads_total{model="other"} 10' in text
+
+
+async def test_a_lab_shares_one_server_each_key_with_its_own_store_names(tiny_models):
+    """Several keys: each key's vectors and probes are its own (stored, listed, used and deleted apart), the
+    same content stored again under its name is a 200 (a notebook cell run twice), other content a 409."""
+    model = str(tiny_models["gpt2"])
+    keys = {"alice": "alice-key", "bob": "bob-key"}
+    auth = {who: {"Authorization": f"Bearer {key}"} for who, key in keys.items()}
+    async with AsyncTestClient(app=app_with(api_key=list(keys.values()))) as c:
+        size = (await c.post("/extract", json={"model": model, "text": "hi"}, headers=auth["bob"])).json()
+        width = size["metadata"]["hidden_size"]
+        vectors = {"alice": [0.5] * width, "bob": [-2.0] * width}
+        for who, vector in vectors.items():
+            r = await c.post("/vectors", json={"name": "steer", "vector": vector}, headers=auth[who])
+            assert r.status_code == 201, r.text
+        again = await c.post("/vectors", json={"name": "steer", "vector": vectors["bob"]}, headers=auth["bob"])
+        assert again.status_code == 200 and again.json()["name"] == "steer"
+        other = await c.post("/vectors", json={"name": "steer", "vector": vectors["alice"]}, headers=auth["bob"])
+        assert other.status_code == 409 and other.json()["field"] == "name"
+        for who in keys:
+            listed = (await c.get("/vectors", headers=auth[who])).json()["vectors"]
+            assert [v["name"] for v in listed] == ["steer"]
+            got = (await c.get("/vectors/steer", headers=auth[who])).json()
+            assert got["vector"]["data"] == vectors[who]
+        # A request naming the vector gets its own key's: the same answer as sending those numbers inline.
+        edit = {"site": 1, "op": "add", "positions": "all"}
+        body = {"model": model, "text": "the cat", "hidden_state_layers": [-1]}
+        named = await c.post(
+            "/extract", json={**body, "interventions": [{**edit, "vector": "steer"}]}, headers=auth["bob"]
+        )
+        inline = await c.post(
+            "/extract", json={**body, "interventions": [{**edit, "vector": vectors["bob"]}]}, headers=auth["bob"]
+        )
+        assert named.json()["hidden_states"] == inline.json()["hidden_states"]
+        assert (await c.delete("/vectors/steer", headers=auth["alice"])).status_code == 200
+        assert (await c.get("/vectors/steer", headers=auth["alice"])).status_code == 404
+        assert (await c.get("/vectors/steer", headers=auth["bob"])).status_code == 200
+        probe = {"name": "p", "site": -1, "weight": [[0.1] * width, [0.2] * width], "bias": [0, 0]}
+        r = await c.post("/probes", json={**probe, "labels": ["yes", "no"]}, headers=auth["alice"])
+        assert r.status_code == 201 and r.json()["labels"] == ["yes", "no"]
+        assert (await c.get("/probes/p", headers=auth["alice"])).json()["labels"] == ["yes", "no"]
+        assert (await c.get("/probes/p", headers=auth["bob"])).status_code == 404
+
+
+def test_several_keys_come_from_the_environment_and_the_config_file(tmp_path):
+    from loom_kernel.config import load_settings
+
+    assert load_settings(env={"LOOM_API_KEY": "k1, k2"}).api_key == ["k1", "k2"]
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  api_key: [a, b, c]\n")
+    assert load_settings(str(config), env={}).api_key == ["a", "b", "c"]
+    config.write_text("server:\n  api_key: only\n")
+    assert load_settings(str(config), env={}).api_key == ["only"]

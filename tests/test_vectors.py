@@ -44,7 +44,9 @@ def test_round_trip_listing_and_deletion(tmp_path: Path) -> None:
         for name in ("joy", "wire"):
             got = c.get(f"/vectors/{name}").json()
             np.testing.assert_array_equal(np.asarray(got["vector"]["data"], dtype=np.float32), values)
-        again = c.post("/vectors", json={"name": "joy", "vector": values.tolist()})
+        same = c.post("/vectors", json={"name": "joy", "vector": values.tolist(), "site": 2, "description": "a test"})
+        assert same.status_code == 200 and same.json()["created"] == r.json()["created"]  # the same: no change
+        again = c.post("/vectors", json={"name": "joy", "vector": values.tolist()})  # other fields: a conflict
         assert again.status_code == 409 and again.json()["field"] == "name"
         assert c.post("/vectors", json={"name": "joy", "vector": [1.0], "replace": True}).json()["shape"] == [1]
         assert c.delete("/vectors/joy").status_code == 200

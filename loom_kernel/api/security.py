@@ -22,8 +22,9 @@ sending a key (the page then asks for it and sends it on every request it makes)
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -183,13 +184,29 @@ def public(handler: Any) -> bool:
     return handler is not None and handler.opt.get("public") is True
 
 
-def key_refusal(scope: Scope, key: str | None, handler: Any = None) -> Unauthorized | None:
-    """The 401 for a request without the API key ``key`` (None: no key, nothing refused) to a route that needs it
-    (every one but /health and those ``public``; ``handler``: the route's, where it is known)."""
-    if not key or scope["path"] in OPEN_PATHS or public(handler or scope.get("route_handler")):
+def key_owner(key: str) -> str:
+    """The name a key's stored entries go under: a digest, so that the store never holds the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def caller(request: Any) -> str:
+    """Who sent ``request``: its API key's owner name (``key_owner``), or "" on a server without keys."""
+    return request.scope.get("state", {}).get("caller", "")
+
+
+def key_refusal(scope: Scope, keys: Sequence[str] | str | None, handler: Any = None) -> Unauthorized | None:
+    """The 401 for a request without one of the API ``keys`` (None: no key, nothing refused) to a route that needs
+    it (every one but /health and those ``public``; ``handler``: the route's, where it is known). A request with a
+    key is marked with its owner (``caller``)."""
+    keys = [keys] if isinstance(keys, str) else list(keys or ())
+    if not keys:
         return None
     header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-    if authorized(header, key.encode()):
+    # Every key compared, whichever matches: the time taken says nothing about which one, or how many there are.
+    matched = [key for key in keys if authorized(header, key.encode())]
+    if matched:
+        scope.setdefault("state", {})["caller"] = key_owner(matched[0])  # type: ignore[typeddict-item]
+    if scope["path"] in OPEN_PATHS or public(handler or scope.get("route_handler")) or matched:
         return None
     return Unauthorized(
         "authorization: this server needs an API key: send Authorization: Bearer <key>"
@@ -199,10 +216,10 @@ def key_refusal(scope: Scope, key: str | None, handler: Any = None) -> Unauthori
     )
 
 
-def api_key_middleware(key: str) -> Callable[[ASGIApp], ASGIApp]:
+def api_key_middleware(keys: Sequence[str]) -> Callable[[ASGIApp], ASGIApp]:
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http" and (refused := key_refusal(scope, key)) is not None:
+            if scope["type"] == "http" and (refused := key_refusal(scope, keys)) is not None:
                 raise refused
             await app(scope, receive, send)
 

@@ -45,16 +45,18 @@ def routes() -> list[Any]:
 
 
 @hookimpl
-def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any) -> Reading:
+def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any, caller: str) -> Reading:
     kept = stores(manager)
     plan = Readouts(
         lens=fields.get("logit_lens"),
         probes=tuple(fields.get("probes") or ()),
         stop_when=tuple(fields.get("stop_when") or ()),
         store=kept.probes,
+        owner=caller,
     ).plan(model)
-    features = functools.partial(feature_vector, kept.probes)
-    edits = resolve_interventions(fields.get("interventions") or (), model, kept.vectors.tensor, features)
+    features = functools.partial(feature_vector, kept.probes, caller)
+    vectors = functools.partial(kept.vectors.tensor, owner=caller)
+    edits = resolve_interventions(fields.get("interventions") or (), model, vectors, features)
     return Reading(
         edits=edits,
         layers=tuple(plan.layers),

@@ -14,18 +14,19 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 
 from loom_interp.fitting import fitter, train
 from loom_interp.interventions import read_vector
 from loom_interp.readouts import check_probe, typed_meta
-from loom_interp.stores import PROBES_MAX_MB, stores
+from loom_interp.stores import PROBES_MAX_MB, Stored, stored, stores
 from loom_kernel import echo
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.api.security import caller
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import check_site
 from loom_kernel.errors import InsufficientStorage, InvalidField
@@ -102,11 +103,14 @@ def meta_of(data: Any, kind: str, activation: str) -> dict[str, Any]:
     }
 
 
-def store(manager: Any, name: str, tensors: dict[str, Any], meta: dict[str, Any], replace: bool) -> dict[str, Any]:
-    """Checked and stored (on a request thread: a directory's write is flushed to disk)."""
+def store(
+    manager: Any, name: str, tensors: dict[str, Any], meta: dict[str, Any], replace: bool, owner: str
+) -> tuple[Stored, bool]:
+    """Checked and stored under ``owner``'s ``name`` (on a request thread: a directory's write is flushed to disk);
+    (the entry, whether it is new or changed)."""
     check_probe(tensors, meta)
     meta = {k: v for k, v in meta.items() if v is not None and not isinstance(v, int | list)}
-    return stores(manager).probes.put(name, tensors, meta, replace=replace).describe()
+    return stores(manager).probes.put(name, tensors, meta, replace, owner)
 
 
 def header_of(head: bytes, limit: int) -> tuple[int, dict[str, Any]]:
@@ -242,17 +246,18 @@ class ProbesController(Controller):
     tags = ["readouts"]
 
     @post("/", status_code=201)
-    async def put(self, data: JSONBody[ProbeRequest], manager: Manager) -> dict[str, Any]:
+    async def put(self, data: JSONBody[ProbeRequest], request: Request, manager: Manager) -> Response:
         """A linear probe (``weight`` [C, H], ``bias`` [C], ``labels``, ``activation``) or an SAE (``kind``
         "sae": ``W_enc``, ``b_enc``, ``b_dec``, ``activation`` relu, jumprelu with ``threshold``, or topk with
         ``k``; optional ``W_dec``), as JSON."""
         roles = ("weight", "bias") if data.kind == "linear" else SAE_ROLES
 
-        def put() -> dict[str, Any]:
+        def put() -> tuple[Stored, bool]:
             tensors = {r: read_vector(getattr(data, r), None, r) for r in roles if getattr(data, r) is not None}
-            return store(manager, data.name, tensors, meta_of(data, data.kind, data.activation), data.replace)
+            meta = meta_of(data, data.kind, data.activation)
+            return store(manager, data.name, tensors, meta, data.replace, caller(request))
 
-        return await asyncio.to_thread(put)
+        return stored(*await asyncio.to_thread(put))
 
     @post("/{name:str}", status_code=201, request_max_body_size=None, opt={"raw_body": True, "max_body": upload_limit})
     async def upload(
@@ -267,7 +272,7 @@ class ProbesController(Controller):
         description: FromQuery[str | None] = None,
         top_features: FromQuery[int | None] = None,
         replace: FromQuery[bool] = False,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """An SAE as a safetensors file (``W_enc``, ``b_enc``, ``b_dec``[, ``threshold``][, ``W_dec``], as
         SAELens saves them); ``site``, ``activation`` and ``k`` from the query or the file's metadata."""
         media = request.headers.get("content-type", "").split(";")[0].strip()
@@ -278,7 +283,7 @@ class ProbesController(Controller):
         async with uploads(manager):  # at most MAX_UPLOADS bodies read and parsed at once
             body = await safetensors_body(request, stores(manager).probes.max_bytes)
 
-            def put() -> dict[str, Any]:  # parsing and the flushed write, on a request thread
+            def put() -> tuple[Stored, bool]:  # parsing and the flushed write, on a request thread
                 tensors, file_meta = read_safetensors(body)
                 unknown = sorted(set(tensors) - set(SAE_ROLES))
                 if unknown:
@@ -299,26 +304,26 @@ class ProbesController(Controller):
                 )
                 if isinstance(fields.site, str) and fields.site.lstrip("-").isdigit():
                     fields = msgspec.structs.replace(fields, site=int(fields.site))
-                return store(manager, name, tensors, meta_of(fields, "sae", act), replace)
+                return store(manager, name, tensors, meta_of(fields, "sae", act), replace, caller(request))
 
-            return await asyncio.to_thread(put)
+            return stored(*await asyncio.to_thread(put))
 
     # A store over a shared directory may read what other replicas wrote: on a request thread.
     @get("/", sync_to_thread=True)
-    def list_probes(self, manager: Manager) -> dict[str, Any]:
-        return stores(manager).probes.listing()
+    def list_probes(self, request: Request, manager: Manager) -> dict[str, Any]:
+        return stores(manager).probes.listing(caller(request))
 
     @get("/{name:str}", sync_to_thread=True)
-    def get_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        return stores(manager).probes.get(name).describe()
+    def get_probe(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
+        return stores(manager).probes.get(name, caller(request)).describe()
 
     @delete("/{name:str}", status_code=200, sync_to_thread=True)
-    def delete_probe(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        stores(manager).probes.delete(name)
+    def delete_probe(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
+        stores(manager).probes.delete(name, caller(request))
         return {"status": "deleted", "name": name}
 
     @post("/fit", status_code=201)
-    async def fit(self, data: JSONBody[FitRequest], request: Request, manager: Manager) -> dict[str, Any]:
+    async def fit(self, data: JSONBody[FitRequest], request: Request, manager: Manager) -> Response:
         """Fit scikit-learn's LogisticRegression on the texts' states at ``site`` (each text's last token or token
         mean), report training and 5-fold cross-validated accuracy, and store it as a softmax probe."""
         fit_classes(data)
@@ -335,5 +340,8 @@ class ProbesController(Controller):
         result = await manager.run(entry, lambda s: fit(s, data, req, manager), until=client_gone(request))
         meta = {"kind": "linear", "activation": "softmax", "site": str(data.site), "model": data.model}
         meta |= {"description": data.description, "labels": result["labels"]}
-        stored = await asyncio.to_thread(store, manager, data.name, result.pop("tensors"), meta, data.replace)
-        return {**result, "stored": stored, "metadata": model_metadata(entry.model())}
+        owner = caller(request)
+        item, changed = await asyncio.to_thread(
+            store, manager, data.name, result.pop("tensors"), meta, data.replace, owner
+        )
+        return stored(item, changed, **result, metadata=model_metadata(entry.model()))

@@ -41,6 +41,7 @@ class Readouts:
     probes: tuple[str, ...] = ()
     stop_when: tuple[Any, ...] = ()
     store: TensorStore | None = None
+    owner: str = ""  # whose names these are (an API key's owner; "" without keys)
 
     def __bool__(self) -> bool:
         return self.lens is not None or bool(self.probes) or bool(self.stop_when)
@@ -64,9 +65,9 @@ class Readouts:
         return plan
 
     def find(self, name: str, field: str) -> Stored:
-        item = self.store.find(name) if self.store is not None else None
+        item = self.store.find(name, self.owner) if self.store is not None else None
         if item is None:
-            known = self.store.names() if self.store is not None else []
+            known = self.store.names(self.owner) if self.store is not None else []
             raise InvalidField(f"{field}: no probe named {echo(name)}", field=field, allowed=known)
         return item
 
@@ -413,9 +414,9 @@ def _dim(t: Any, axis: int, want: int, role: str, allowed: str) -> None:
         raise InvalidField(f"{role}: shape {list(t.shape)}", field=role, allowed=allowed)
 
 
-def feature_vector(store: TensorStore | None, probe: str, index: int, field: str) -> tuple[int | str, Any]:
+def feature_vector(store: TensorStore | None, owner: str, probe: str, index: int, field: str) -> tuple[int | str, Any]:
     """(the SAE's site, row ``index`` of its W_dec): what an intervention's ``feature`` adds."""
-    item = Readouts(store=store).find(probe, f"{field}.probe")
+    item = Readouts(store=store, owner=owner).find(probe, f"{field}.probe")
     if item.meta["kind"] != "sae" or "W_dec" not in item.tensors:
         raise InvalidField(
             f"{field}.probe: {probe!r} is not an SAE with a decoder (W_dec)", field=f"{field}.probe", allowed=None

@@ -9,6 +9,7 @@ store of vectors and one of probes, under the settings ``vectors.*`` and ``probe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -29,6 +30,9 @@ from loom_kernel.errors import Conflict, InsufficientStorage, InvalidField, Loom
 log = logging.getLogger("loom")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Between an owner (an API key's digest) and a name in the store's keys and files: never in a name, so one key's
+# entries cannot be named by another's requests.
+OWNED = "~"
 NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 SUFFIX = ".safetensors"
 # What an entry costs beside its numbers and metadata: its file's header and its block on disk.
@@ -57,6 +61,23 @@ class Stored:
         return only
 
     @property
+    def shown(self) -> str:
+        """The name its owner uses (the store keys it with its owner's digest in front)."""
+        return self.name.rpartition(OWNED)[2]
+
+    def same(self, other: Stored) -> bool:
+        """The same numbers and fields (when each was made aside)."""
+        ours, theirs = ({k: v for k, v in s.meta.items() if k != "created"} for s in (self, other))
+        return (
+            ours == theirs
+            and self.tensors.keys() == other.tensors.keys()
+            and all(
+                t.shape == other.tensors[r].shape and bool((t == other.tensors[r]).all())
+                for r, t in self.tensors.items()
+            )
+        )
+
+    @property
     def nbytes(self) -> int:
         """Every byte the entry keeps: its numbers, its metadata, and ``ENTRY_OVERHEAD``."""
         numbers = sum(int(t.numel()) * 4 for t in self.tensors.values())
@@ -65,7 +86,14 @@ class Stored:
 
     def describe(self) -> dict[str, Any]:
         shapes = {role: list(t.shape) for role, t in self.tensors.items()}
-        out: dict[str, Any] = {"name": self.name, "dtype": "float32", "bytes": self.nbytes, **self.meta}
+        out: dict[str, Any] = {"name": self.shown, "dtype": "float32", "bytes": self.nbytes, **self.meta}
+        # The file keeps text; the answer gives the fields their types (a probe's labels a list, its k a number).
+        if "labels" in out:
+            with contextlib.suppress(ValueError):
+                out["labels"] = json.loads(out["labels"])
+        for key in ("k", "top_features"):
+            if key in out and out[key].isdecimal():
+                out[key] = int(out[key])
         if len(self.tensors) == 1:
             out.update(shape=next(iter(shapes.values())), norm=float(self.tensor.double().norm()))
         else:
@@ -110,8 +138,12 @@ class TensorStore:
     def used(self) -> int:
         return sum(item.nbytes for item in self.items.values())
 
-    def put(self, name: str, tensors: Any, meta: dict[str, str | None], replace: bool = False) -> Stored:
-        """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``name``."""
+    def put(
+        self, name: str, tensors: Any, meta: dict[str, str | None], replace: bool = False, owner: str = ""
+    ) -> tuple[Stored, bool]:
+        """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``owner``'s
+        ``name``; (the entry, whether it is new or changed). The same content again under its name is no change
+        (a notebook cell run twice), other content a 409 unless ``replace``."""
         if not NAME.match(name):
             raise InvalidField(f"name: {echo(name)} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
         long = next((k for k, v in meta.items() if v and k != "labels" and len(v) > MAX_META_CHARS), None)
@@ -120,25 +152,30 @@ class TensorStore:
                 f"{long}: {len(str(meta[long]))} characters", field=long, allowed=f"at most {MAX_META_CHARS} characters"
             )
         group = tensors if isinstance(tensors, dict) else {self.kind: tensors}
+        key = _key(owner, name)
         item = Stored(
-            name,
+            key,
             {role: t.detach().float().cpu().contiguous() for role, t in group.items()},
             {k: v for k, v in meta.items() if v},
         )
         item.meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         with self._lock, self._directory_lock():
             self._refresh(force=True)
-            if name in self.items and not replace:
+            if key in self.items and self.items[key].same(item):
+                return self.items[key], False
+            if key in self.items and not replace:
                 raise Conflict(
-                    f"name: a {self.kind} named {name!r} exists; send replace: true to overwrite it", field="name"
+                    f"name: a {self.kind} named {name!r} exists with other content; send replace: true to overwrite "
+                    "it (the same content again is no conflict)",
+                    field="name",
                 )
-            if name not in self.items and len(self.items) >= self.max_entries:
+            if key not in self.items and len(self.items) >= self.max_entries:
                 raise InsufficientStorage(
                     f"{self.kind}s: the store holds its limit of {self.max_entries} entries; delete some or raise "
                     f"the server's {self.kind}s.max_entries",
                     field=self.kind,
                 )
-            freed = self.items[name].nbytes if name in self.items else 0
+            freed = self.items[key].nbytes if key in self.items else 0
             if self.used - freed + item.nbytes > self.max_bytes:
                 raise InsufficientStorage(
                     f"{self.kind}s: storing {name!r} ({item.nbytes} bytes, its metadata included) would pass the "
@@ -147,36 +184,38 @@ class TensorStore:
                     field=self.kind,
                 )
             if self.directory is not None:
-                self._seen[name] = self._write(item)
-            self.items[name] = item
-        return item
+                self._seen[key] = self._write(item)
+            self.items[key] = item
+        return item, True
 
-    def get(self, name: str) -> Stored:
-        item = self.find(name)
+    def get(self, name: str, owner: str = "") -> Stored:
+        item = self.find(name, owner)
         if item is None:
-            raise NotFound(f"name: no {self.kind} named {echo(name)}", field="name", allowed=self.names())
+            raise NotFound(f"name: no {self.kind} named {echo(name)}", field="name", allowed=self.names(owner))
         return item
 
-    def tensor(self, name: str) -> Any | None:
-        item = self.find(name)
+    def tensor(self, name: str, owner: str = "") -> Any | None:
+        item = self.find(name, owner)
         return None if item is None else item.tensor
 
-    def find(self, name: str) -> Stored | None:
+    def find(self, name: str, owner: str = "") -> Stored | None:
         with self._lock:
             self._refresh()
-            return self.items.get(name)
+            return self.items.get(_key(owner, name))
 
-    def names(self) -> list[str]:
+    def names(self, owner: str = "") -> list[str]:
+        """``owner``'s names (an API key's entries; "" those stored without a key)."""
         with self._lock:
             self._refresh()
-            return sorted(self.items)
+            return sorted(item.shown for item in self._owned(owner))
 
-    def listing(self) -> dict[str, Any]:
-        """What ``GET /vectors`` or ``GET /probes`` answers: every item, and the store's bytes."""
+    def listing(self, owner: str = "") -> dict[str, Any]:
+        """What ``GET /vectors`` or ``GET /probes`` answers: ``owner``'s items, and the store's bytes (every
+        owner's: the budget is the server's)."""
         with self._lock:
             self._refresh()
             return {
-                f"{self.kind}s": [item.describe() for item in self.items.values()],
+                f"{self.kind}s": [item.describe() for item in self._owned(owner)],
                 "bytes": self.used,
                 "max_bytes": self.max_bytes,
                 "entries": len(self.items),
@@ -184,14 +223,17 @@ class TensorStore:
                 "persistent": self.directory is not None,
             }
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, owner: str = "") -> None:
         with self._lock, self._directory_lock():
             self._refresh(force=True)
-            self.get(name)
+            key = self.get(name, owner).name
             if self.directory is not None:
-                (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
-                self._seen.pop(name, None)
-            del self.items[name]
+                (self.directory / f"{key}{SUFFIX}").unlink(missing_ok=True)
+                self._seen.pop(key, None)
+            del self.items[key]
+
+    def _owned(self, owner: str) -> list[Stored]:
+        return [item for item in self.items.values() if item.name.rpartition(OWNED)[0] == owner]
 
     # -- the directory ---------------------------------------------------------------------------------------
 
@@ -286,6 +328,18 @@ class TensorStore:
             if len(parts) == 5 and (parts[1] != _HOST or not parts[2].isdigit() or _alive(int(parts[2]))):
                 continue
             leftover.unlink(missing_ok=True)
+
+
+def stored(item: Stored, changed: bool, **more: Any) -> Any:
+    """A store's answer: 201 for a new or replaced entry, 200 for the same one sent again."""
+    from litestar import Response
+
+    content = {**more, "stored": item.describe()} if more else item.describe()
+    return Response(content=content, status_code=201 if changed else 200)
+
+
+def _key(owner: str, name: str) -> str:
+    return f"{owner}{OWNED}{name}" if owner else name
 
 
 def _alive(pid: int) -> bool:

@@ -8,15 +8,16 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
 from loom_interp.interventions import read_vector
-from loom_interp.stores import stores
+from loom_interp.stores import stored, stores
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import StateRequest, model_metadata
 from loom_kernel.api.schemas import LoadFields, NonEmpty
+from loom_kernel.api.security import caller
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import check_site
 from loom_kernel.encoding import encode_tensor
@@ -90,24 +91,25 @@ class VectorsController(Controller):
     # Store operations run on request threads: a directory's writes are flushed to disk, and a shared directory's
     # reads may load what other replicas wrote.
     @post("/", status_code=201, sync_to_thread=True)
-    def put(self, data: JSONBody[VectorRequest], manager: Manager) -> dict[str, Any]:
-        """Store a vector under ``name`` (409 if the name exists unless ``replace``; 507 past the byte budget or
-        the entry limit)."""
+    def put(self, data: JSONBody[VectorRequest], request: Request, manager: Manager) -> Response:
+        """Store a vector under ``name``: 201, or 200 when the same vector is stored under that name already (409
+        for another one unless ``replace``; 507 past the byte budget or the entry limit)."""
         tensor = read_vector(data.vector, None, "vector")
-        return stores(manager).vectors.put(data.name, tensor, _site_meta(data), replace=data.replace).describe()
+        put = stores(manager).vectors.put
+        return stored(*put(data.name, tensor, _site_meta(data), data.replace, caller(request)))
 
     @get("/", sync_to_thread=True)
-    def list_vectors(self, manager: Manager) -> dict[str, Any]:
-        return stores(manager).vectors.listing()
+    def list_vectors(self, request: Request, manager: Manager) -> dict[str, Any]:
+        return stores(manager).vectors.listing(caller(request))
 
     @get("/{name:str}", sync_to_thread=True)
-    def get_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        item = stores(manager).vectors.get(name)
+    def get_vector(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
+        item = stores(manager).vectors.get(name, caller(request))
         return {**item.describe(), "vector": encode_tensor(item.tensor, "float32", "list")}
 
     @delete("/{name:str}", status_code=200, sync_to_thread=True)
-    def delete_vector(self, name: FromPath[str], manager: Manager) -> dict[str, Any]:
-        stores(manager).vectors.delete(name)
+    def delete_vector(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
+        stores(manager).vectors.delete(name, caller(request))
         return {"status": "deleted", "name": name}
 
     @post("/contrast", status_code=200)
@@ -130,7 +132,8 @@ class VectorsController(Controller):
         stored = None
         if data.name is not None:
             put = stores(manager).vectors.put
-            stored = (await asyncio.to_thread(put, data.name, vector, _site_meta(data), data.replace)).describe()
+            item, _ = await asyncio.to_thread(put, data.name, vector, _site_meta(data), data.replace, caller(request))
+            stored = item.describe()
         return {
             **result,
             "vector": encode_tensor(vector, "float32", "list"),

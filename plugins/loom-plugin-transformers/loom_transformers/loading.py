@@ -202,6 +202,8 @@ def refuse_kind(ref: ModelRef, config: Any) -> None:
     else:
         return
     raise BadModel(f"model: {ref.id!r} (model_type {kind!r}) {why}", field="model", model_type=kind)
+
+
 # What a directory needs for transformers to build a real tokenizer (any one of these).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt", "vocab.txt", "spiece.model")
 
