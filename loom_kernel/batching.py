@@ -118,6 +118,7 @@ class Call:
                 b.add_special_tokens,
                 b.truncate,
                 self.capture.attention,
+                self.capture.gradient,  # a pass with gradients merges only with passes taking the same metric
                 None if same_params else params,
             )
         return self._key

@@ -63,6 +63,7 @@ def merge_captures(captures: list[Capture]) -> Capture:
         top_logprobs=max(tops) if tops else None,
         logits=any(c.logits for c in captures),
         stream_states=any(c.stream_states for c in captures),
+        gradient=captures[0].gradient,  # calls of one key share it
     )
 
 
@@ -77,6 +78,7 @@ def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> Sequence
         attentions={s.key: row.attentions[keys[s.index]] for s in capture.attention_layers},
         logprobs=[_top(e, capture.top_logprobs) for e in row.logprobs] if capture.top_logprobs is not None else [],
         logits=row.logits if capture.logits else None,
+        gradients=_states(row.gradients, capture, keys) if capture.gradient is not None else {},
     )
 
 

@@ -5,7 +5,7 @@ Tensors are typed as ``Any`` so that importing this module never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -109,11 +109,37 @@ class LoadedModel:
     # ``unembed(states [P, H], normalized) -> logits [P, V]``: the model's own final norm (skipped when
     # ``normalized``) and LM head, soft-capping included, on CPU float tensors (the logit lens). None: no LM head.
     unembed: Callable[[Any, bool], Any] | None = None
+    # The loader takes ``Capture.gradient`` (gradients of a logit metric at captured states, attribution patching).
+    gradients: bool = False
+    # Direct logit attribution (``Attribution``): the components the stream is the sum of, and the model's frozen
+    # final norm and head as a linear map. None: not offered.
+    attribution: Attribution | None = None
+    # ``weights(names) -> {name: CPU tensor}`` by the model's own parameter names and TransformerLens's names where
+    # the mapping is exact; ``weights(None)`` lists every name with its shape and dtype without materialising any.
+    weights: Callable[[Sequence[str] | None], dict[str, Any]] | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def can_generate(self) -> bool:
         return self.kind == "causal"
+
+
+class Attribution(Protocol):
+    """Direct logit attribution for a loader: ``sites(kind)`` are the points to capture at one position (``kind``
+    "layers" or "heads"); ``decompose(states, kind)`` turns those states [P, ...] into the components the last
+    block's output is the sum of, as ``[(site, head or None, vectors [P, D])]`` (each head's output through any
+    norm the model applies to the attention's output, frozen at its value for the position); ``logit_map(states,
+    tokens)`` gives (directions [P, k, D], constants [P, k]) with the model's logit of each token (before any
+    soft-capping) equal to directions . x + constants for x the last block's output at the position, its final norm
+    frozen (TransformerLens's ``apply_ln_to_stack``); ``softcap``: the soft-capping that follows, or None."""
+
+    softcap: float | None
+
+    def sites(self, kind: str) -> list[str]: ...
+
+    def decompose(self, states: dict[str, Any], kind: str) -> list[tuple[str, int | None, Any]]: ...
+
+    def logit_map(self, states: dict[str, Any], tokens: Sequence[int]) -> tuple[Any, Any]: ...
 
 
 class Decoder(Protocol):
@@ -175,6 +201,16 @@ class Intervention:
 
 
 @attrs.define(frozen=True)
+class Gradient:
+    """A metric of the last position's logits whose gradient a pass takes (``Capture.gradient``): ``"logit_diff"``,
+    logit(tokens[0]) - logit(tokens[1]), or ``"logprob"``, log-softmax(tokens[0]); summed over the batch's rows (which
+    never interact, so each row's gradient is its own)."""
+
+    metric: Literal["logit_diff", "logprob"]
+    tokens: tuple[int, ...]
+
+
+@attrs.define(frozen=True)
 class Capture:
     """What to keep besides the tokens, resolved against the model by the kernel.
 
@@ -194,6 +230,10 @@ class Capture:
     top_logprobs: int | None = None
     logits: bool = False
     stream_states: bool = False
+    # A forward pass with gradients (attribution patching): each row's ``gradients[key]`` is d metric / d state at
+    # every captured layer and site, [T, ...] like its states; the model's parameters stay frozen and no graph
+    # outlives the pass. Only for a loader whose model sets ``LoadedModel.gradients``.
+    gradient: Gradient | None = None
 
     @property
     def indices(self) -> list[int]:
@@ -324,6 +364,7 @@ class SequenceOutput:
     attentions: dict[str, Any] = attrs.field(factory=dict)
     logprobs: list[dict[str, Any]] = attrs.field(factory=list)
     logits: Any = None
+    gradients: dict[str, Any] = attrs.field(factory=dict)  # with ``Capture.gradient``: keyed like ``states``
 
     @property
     def generated_ids(self) -> list[int]:

@@ -151,9 +151,21 @@ class Endpoints:
         return self._call(Call("POST", "/vectors/contrast", body, states_body))
 
     def patch(self, model: str, clean: str, corrupted: str, sites: Any, metric: dict[str, Any], **fields: Any) -> Any:
-        """POST /patch: the metric for clean, corrupted, and each (site, position) patched, raw and normalized."""
+        """POST /patch: the metric for clean, corrupted, and each (site, position) patched, raw and normalized;
+        ``method="attribution"``: every cell estimated from one forward and backward pass (``attribution``)."""
         body = {"model": model, "clean": clean, "corrupted": corrupted, "sites": sites, "metric": metric, **fields}
         return self._call(Call("POST", "/patch", body))
+
+    def logit_attribution(self, model: str, target: dict[str, Any], **fields: Any) -> Any:
+        """POST /logit_attribution: direct logit attribution (``text``, ``texts`` or ``token_ids``; ``target``
+        ``{"tokens": [a, b]}`` and the like; ``components`` "layers" or "heads"; ``position``)."""
+        return self._call(Call("POST", "/logit_attribution", {"model": model, "target": target, **fields}))
+
+    def weights(self, model: str, names: list[str] | None = None, **params: Any) -> Any:
+        """GET /models/{model}/weights: every name with its shape and dtype, or ``names``' tensors as arrays
+        (``format``, ``dtype``)."""
+        query = {"names": ",".join(names) if names else None, **params}
+        return self._call(Call("GET", model_path("/models/", model) + "/weights", read=states_body, params=query))
 
     # -- readouts: logit lens, probes, sparse autoencoders -----------------------------------------------------------
     # ``logit_lens={"layers": "all", "top_k": 5, "tokens": [" Paris"]}``, ``probes=["name"]`` and (generation)

@@ -1,7 +1,9 @@
-"""Loading, listing and unloading models."""
+"""Loading, listing and unloading models; a loaded model's hook points and weights."""
 
 from __future__ import annotations
 
+import asyncio
+import math
 from typing import Any
 
 from litestar import Controller, Request, delete, get, post
@@ -9,9 +11,12 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody
 
 from loom_kernel.api.deps import Manager
+from loom_kernel.api.inference import respond
+from loom_kernel.api.payloads import AnswerTooLarge
 from loom_kernel.api.schemas import LoadRequest
 from loom_kernel.api.system import path_model_id
-from loom_kernel.errors import ModelNotFound
+from loom_kernel.encoding import check_dtype, check_format, encode_states, safetensors_body
+from loom_kernel.errors import InvalidField, ModelNotFound, Unsupported
 from loom_kernel.reports import describe
 
 
@@ -32,20 +37,30 @@ class ModelsController(Controller):
         entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
         return {"status": "loaded", "model": describe(entry, manager.auto_unload_seconds)}
 
-    @get("/{model_id:path}", sync_to_thread=False)
-    def sites(self, model_id: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
+    @get("/{model_id:path}")
+    async def about(self, model_id: FromPath[str], request: Request, manager: Manager) -> Any:
         """``GET /models/{id}/sites``: a loaded model's hook points (hidden-state indices and TransformerLens
-        names) with each one's per-token shape; a name the model lacks says why."""
+        names) with each one's per-token shape; a name the model lacks says why. ``GET /models/{id}/weights``: its
+        parameters' names, shapes and dtypes, or with ``names`` (comma-separated: the model's own parameter names,
+        TransformerLens's where the mapping is exact) the tensors, in ``format`` list, base64 or safetensors (the
+        default when the answer is over 1 MiB, else base64) and ``dtype``."""
         model_id = path_model_id(request, "/models/", model_id)
-        if not model_id.endswith("/sites"):
-            raise NotFoundException(f"no such path: GET /models/{model_id} (did you mean /models/{model_id}/sites?)")
-        model_id = model_id.removesuffix("/sites")
+        what = next((w for w in ("/sites", "/weights") if model_id.endswith(w)), None)
+        if what is None:
+            raise NotFoundException(
+                f"no such path: GET /models/{model_id} (did you mean /models/{model_id}/sites or /weights?)"
+            )
+        model_id = model_id.removesuffix(what)
         entry = manager.find(model_id)
         if entry is None:
             raise ModelNotFound(
                 f"model_id: {model_id!r} is not loaded", field="model_id", allowed=sorted(manager.loaded_ids())
             )
         model = entry.model()
+        if what == "/weights":
+            limit = int(manager.settings.max_response_mb * 2**20)
+            body = await asyncio.to_thread(weights_answer, model, model_id, dict(request.query_params), limit)
+            return respond(body)
         named = model.sites or {}
         return {
             "model_id": model_id,
@@ -61,3 +76,48 @@ class ModelsController(Controller):
         model_id = path_model_id(request, "/models/", model_id)
         await manager.unload(model_id)
         return {"status": "unloaded", "model_id": model_id}
+
+
+def weights_answer(model: Any, model_id: str, query: dict[str, str], limit: int) -> dict[str, Any] | bytes:
+    """GET /models/{id}/weights, off the event loop: the listing, or the named tensors under ``limit`` bytes."""
+    if model.weights is None:
+        raise Unsupported(f"model_id: the {model.loader} loader offers no weights", field="model_id")
+    unknown = sorted(set(query) - {"names", "format", "dtype"})
+    if unknown:
+        raise InvalidField(
+            f"{unknown[0]}: not a query parameter of /weights", field=unknown[0], allowed=["names", "format", "dtype"]
+        )
+    if not query.get("names"):
+        listing = model.weights(None)
+        return {
+            "model_id": model_id,
+            "weights": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in listing.items()},
+        }
+    names = list(dict.fromkeys(n.strip() for n in query["names"].split(",") if n.strip()))
+    dtype = check_dtype(query.get("dtype", "float32"), "dtype")
+    listing = model.weights(None)
+    unknown = [n for n in names if n not in listing]
+    if unknown:
+        raise InvalidField(
+            f"names: {unknown[0]!r} is not a weight of this model",
+            field="names",
+            allowed="the names GET /models/{id}/weights lists",
+        )
+    per = 2 if dtype in ("float16", "bfloat16") else 4
+    total = sum(math.prod(listing[n][0]) * per for n in names)
+    fmt = check_format(query.get("format") or ("safetensors" if total > 2**20 else "base64"), "format")
+    estimate = total * (5 if fmt == "list" else 4 / 3 if fmt == "base64" else 1)
+    if estimate > limit:
+        raise AnswerTooLarge(
+            f"names: the answer would be about {estimate / 2**20:.1f} MiB, over this server's max_response_mb of "
+            f"{limit / 2**20:g}; ask for fewer weights at once"
+            + ("" if fmt == "safetensors" else ", or in safetensors"),
+            field="names",
+            estimate_bytes=int(estimate),
+            limit_bytes=limit,
+        )
+    tensors = {name: t.float() if not t.is_floating_point() else t for name, t in model.weights(names).items()}
+    payload: dict[str, Any] = {"model_id": model_id}
+    if fmt == "safetensors":
+        return safetensors_body(payload, {"weights": tensors}, dtype)
+    return {**payload, "weights": encode_states(tensors, dtype, fmt)}

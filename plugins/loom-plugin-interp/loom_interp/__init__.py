@@ -1,12 +1,13 @@
 """The ``interp`` plugin: interventions and readouts (the logit lens, probes, sparse autoencoders, stop rules) on
 the kernel's requests, the stores of vectors and probes, and the routes /vectors, /vectors/contrast, /patch,
-/probes and /probes/fit."""
+/logit_attribution, /probes and /probes/fit."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+from loom_interp.attribution import AttributionController
 from loom_interp.fitting import FIT_OPTIONS
 from loom_interp.interventions import resolve_interventions
 from loom_interp.patching import PATCH_MAX_ROWS, PatchController
@@ -41,7 +42,7 @@ def options() -> list[Option]:
 
 @hookimpl
 def routes() -> list[Any]:
-    return [VectorsController, PatchController, ProbesController]
+    return [VectorsController, PatchController, ProbesController, AttributionController]
 
 
 @hookimpl

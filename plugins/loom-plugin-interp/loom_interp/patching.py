@@ -3,7 +3,9 @@
 The clean text runs once with its states kept at every site; then the clean run, the corrupted run and one corrupted
 run per (site, position), with the clean state set there, go through the scheduler as rows of a few batched calls
 (one-token generations whose first logits give the metric at the last position), as TransformerLens's ``patching``
-module and the ROME paper compute it. At a per-head site (``attn.hook_z``, ``hook_result``, ``hook_pattern``,
+module and the ROME paper compute it. ``"method": "attribution"`` estimates every cell at once instead, from the
+clean run and one forward and backward pass of the corrupted run: (clean - corrupted) . d metric / d activation
+(Neel Nanda's attribution patching). At a per-head site (``attn.hook_z``, ``hook_result``, ``hook_pattern``,
 ``hook_q``/``k``/``v``) each (position, head) is a run of its own, with the clean value of that head set there, as
 TransformerLens's ``get_act_patch_attn_head_*_by_pos`` do.
 """
@@ -14,6 +16,7 @@ import asyncio
 import math
 from typing import Any, Literal
 
+import attrs
 import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
@@ -26,8 +29,8 @@ from loom_kernel.api.payloads import StateRequest, check_generation, model_metad
 from loom_kernel.api.schemas import LoadFields, NonEmpty, Sites
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.capture import check_site
-from loom_kernel.errors import InvalidField
-from loom_kernel.types import Batch, Capture, GenerationParams, Intervention, LoadedModel
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.types import Batch, Capture, GenerationParams, Gradient, Intervention, LayerSel, LoadedModel
 
 PATCH_MAX_ROWS = Option(
     "interventions", "patch_max_rows", 2048, "runs one POST /patch may ask for (sites x positions + 2)", minimum=1
@@ -51,6 +54,7 @@ class PatchRequest(LoadFields, kw_only=True):
     metric: Metric
     positions: Literal["all"] | list[int] = "all"
     add_special_tokens: bool = True
+    method: Literal["exact", "attribution"] = "exact"
 
 
 def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | str]:
@@ -66,16 +70,24 @@ def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | st
     return [f"blocks.{i}.hook_{sites}" for i in range(num_layers)]
 
 
+def metric_tokens(model: LoadedModel, metric: Metric) -> tuple[int, ...]:
+    if metric.type == "logit_diff":
+        return (
+            one_token(model, metric.correct or "", "metric.correct"),
+            one_token(model, metric.incorrect or "", "metric.incorrect"),
+        )
+    return (one_token(model, metric.token or "", "metric.token"),)
+
+
 def scorer(model: LoadedModel, metric: Metric) -> Any:
     """The metric of one row's logits at the last position."""
     import torch
 
+    tokens = metric_tokens(model, metric)
     if metric.type == "logit_diff":
-        good = one_token(model, metric.correct or "", "metric.correct")
-        bad = one_token(model, metric.incorrect or "", "metric.incorrect")
+        good, bad = tokens
         return lambda logits: float(logits[good] - logits[bad])
-    want = one_token(model, metric.token or "", "metric.token")
-    return lambda logits: float(torch.log_softmax(logits.double(), dim=-1)[want])
+    return lambda logits: float(torch.log_softmax(logits.double(), dim=-1)[tokens[0]])
 
 
 async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: int) -> dict[str, Any]:
@@ -114,6 +126,8 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             field="positions",
             allowed=f'"all" or distinct integers from {-total} to {total - 1}',
         )
+    if data.method == "attribution":
+        return await attribution_patch(session, data, sites, checked, heads, clean, corrupt, positions, score)
     cells = [max(h, 1) * len(positions) for h in heads]  # runs per site
     rows = 2 + sum(cells)
     if rows > max_rows:
@@ -183,6 +197,7 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
         "positions": positions,
         "tokens": {"clean": token_texts(tok, list(clean)), "corrupted": token_texts(tok, list(corrupt))},
         "token_ids": {"clean": list(clean), "corrupted": list(corrupt)},
+        "method": "exact",
         "heads": [h or None for h in heads],
         "patched": matrix,
         "normalized": norm(matrix),
@@ -190,6 +205,83 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
         "calls": len(chunks),
         "metadata": model_metadata(model),
     }
+
+
+async def attribution_patch(
+    session: Session,
+    data: PatchRequest,
+    sites: list[int | str],
+    checked: list[int | str],
+    heads: list[int],
+    clean: tuple[int, ...],
+    corrupt: tuple[int, ...],
+    positions: list[int],
+    score: Any,
+) -> dict[str, Any]:
+    """Every (site, position[, head]) at once: (clean - corrupted) . d metric / d activation, the gradient taken on
+    the corrupted run (one forward and one backward pass, the model's parameters frozen)."""
+    model = session.model
+    if not model.gradients:
+        raise Unsupported(
+            f"method: {data.model!r}'s loader takes no gradients; use the exact method",
+            field="method",
+            allowed=["exact"],
+        )
+    for k, site in enumerate(checked):
+        if isinstance(site, str) and site.endswith("hook_scale"):
+            raise InvalidField(
+                f"sites[{k}]: {site} is computed from the stream, not a tensor of the model's graph: no gradient there",
+                field=f"sites[{k}]",
+                allowed="the other hook points",
+            )
+    layers = tuple(LayerSel(key=str(s), index=s) for s in checked if isinstance(s, int))
+    names = tuple(s for s in checked if isinstance(s, str))
+    capture = Capture(layers=layers, sites=names, positions="all", logits=True)
+    tokens = await session.thread(metric_tokens, model, data.metric)
+    graded = attrs.evolve(capture, gradient=Gradient(metric=data.metric.type, tokens=tokens))
+    (kept,), (run,) = (
+        out.rows
+        for out in await asyncio.gather(
+            session.forward(Batch(token_ids=(clean,)), capture), session.forward(Batch(token_ids=(corrupt,)), graded)
+        )
+    )
+
+    def estimate() -> tuple[list[Any], float, float]:
+        matrix: list[Any] = []
+        for site, count in zip(checked, heads, strict=True):
+            key = str(site)
+            cells = (kept.states[key].double() - run.states[key].double()) * run.gradients[key].double()
+            cells = cells.flatten(2 if count else 1).sum(-1)[positions]  # [positions] or [positions, heads]
+            matrix.append(cells.tolist())
+        return matrix, score(kept.logits[-1]), score(run.logits[-1])
+
+    matrix, clean_m, corrupt_m = await session.thread(estimate)
+    gap = clean_m - corrupt_m
+    tok = model.tokenizer
+    return {
+        "model": data.model,
+        "method": "attribution",
+        "metric": {"type": data.metric.type, "clean": clean_m, "corrupted": corrupt_m},
+        "sites": [str(s) for s in sites],
+        "positions": positions,
+        "tokens": {
+            "clean": tok.convert_ids_to_tokens(list(clean)),
+            "corrupted": tok.convert_ids_to_tokens(list(corrupt)),
+        },
+        "heads": [h or None for h in heads],
+        "attribution": matrix,
+        "normalized": _scaled(matrix, gap),
+        "runs": 2,
+        "calls": 2,
+        "metadata": model_metadata(model),
+    }
+
+
+def _scaled(m: Any, gap: float) -> Any:
+    """An estimate of (patched - corrupted) / (clean - corrupted), cell by cell (None when the gap is 0)."""
+    if isinstance(m, list):
+        return [_scaled(x, gap) for x in m]
+    return m / gap if gap and math.isfinite(gap) else None
 
 
 class PatchController(Controller):

@@ -13,7 +13,9 @@ from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import BadModel, LoomError, load_error
 from loom_kernel.loading import count_layers, module_bytes
 from loom_transformers.architectures import NOT_SERVED, arch_of
+from loom_transformers.attribution import attribution
 from loom_transformers.sites import site_shapes, unembed
+from loom_transformers.weights import weights
 
 log = logging.getLogger("loom.transformers")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -102,6 +104,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     except Exception as exc:  # named, and classified: a 4xx when the model's files are at fault, else a 500
         raise load_error(exc, f"transformers could not load {ref.id!r} from {target}") from exc
     model.eval()
+    model.requires_grad_(False)  # never trained: a pass with gradients (attribution patching) gathers none in them
     size = module_bytes(model)
     loaded = LoadedModel(
         ref=ref,
@@ -118,6 +121,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         max_context=max_context(model.config),
         row_params=causal,
+        gradients=causal,
     )
     if causal:
         from loom_transformers.generation import Decoder
@@ -134,6 +138,9 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
             f"describes for model_type {getattr(model.config, 'model_type', None)!r}: {type(exc).__name__}: {exc}",
             field="model",
         ) from exc
+    loaded.weights = functools.partial(weights, loaded)
+    if causal:
+        loaded.attribution = attribution(loaded)
     from loom_transformers.selfcheck import check
 
     try:

@@ -22,11 +22,20 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from loom_kernel import Batch, Capture, ForwardOutput, GenerationParams, Intervention, LoadedModel, SequenceOutput
+from loom_kernel import (
+    Batch,
+    Capture,
+    ForwardOutput,
+    GenerationParams,
+    Gradient,
+    Intervention,
+    LoadedModel,
+    SequenceOutput,
+)
 from loom_kernel.capture import find_blocks, resolve_positions
 from loom_kernel.inputs import batch_inputs
 from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
-from loom_transformers.sites import Layout, SiteHooks, keyed_fill
+from loom_transformers.sites import Layout, Site, SiteHooks, keyed_fill, site_map
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -36,8 +45,9 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     inputs, truncated = _inputs(model, batch)
     if capture.wanted:
         _blocks(model)
-    with torch.inference_mode():
-        edits = [batch.edits(i) for i in range(len(inputs))]
+    edits = [batch.edits(i) for i in range(len(inputs))]
+    # Gradients (attribution patching) need autograd; every other pass runs without it.
+    with torch.enable_grad() if capture.gradient is not None else torch.inference_mode():
         if capture.attention_layers:
             with eager_attention(model.model):
                 rows = forward_many(model, inputs, capture, edits)
@@ -138,9 +148,14 @@ def forward_many(
     layout = [Layout(col=width - len(row) if left else 0, tok=0, count=len(row), prompt=len(row)) for row in inputs]
     n = model.num_layers
     record = list(dict.fromkeys([*recorded(capture), *([n] if logits else [])]))
-    sites = SiteHooks(model, edits, layout, record) if any(edits) or record else None
+    grad = capture.gradient is not None
+    # With gradients, the embeddings' outputs are the graph's leaves (the parameters are frozen): registered before
+    # the site hooks, so that every point downstream, hook_embed included, is in the graph.
+    roots = _graph_roots(model) if grad else []
+    sites = SiteHooks(model, edits, layout, record, grad=grad) if any(edits) or record else None
     att_idx = sorted({sel.index for sel in capture.attention_layers})
     attn = AttentionRecorder(model.model, _blocks(model), att_idx) if att_idx else None
+    gradients: dict[int | str, Any] = {}
     try:
         # Every row ends in the last column when there is one row or the padding is on the left: keep that column
         # only for "last". Otherwise rows end at different columns: keep every column, slice per row below.
@@ -156,17 +171,25 @@ def forward_many(
                 model.extra["position_offset"] = _position_offset(base)
             if (offset := model.extra["position_offset"]) is not None:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) + offset
+        # With gradients the whole model runs (its head gives the metric); otherwise the base model, without a head.
+        net = model.model if grad else model.extra["base"]
         if sites is not None and sites.attention:
             with eager_attention(model.model, LOOM, "hidden_state_layers"):
-                model.extra["base"](input_ids=ids, **kwargs)
+                out = net(input_ids=ids, **kwargs)
         else:
-            model.extra["base"](input_ids=ids, **kwargs)
+            out = net(input_ids=ids, **kwargs)
+        if grad and sites is not None:
+            last = [width - 1 if left else len(row) - 1 for row in inputs]
+            gradients = sites.gradients(metric(out.logits[range(len(inputs)), last], capture.gradient))
+        del out  # no graph outlives the pass
         taken = sites.kept if sites is not None else {}
         weights = attn.latest if attn is not None else {}
     finally:
         for r in (attn, sites):
             if r is not None:
                 r.close()
+        for handle in roots:
+            handle.remove()
     rows = []
     for i, row in enumerate(inputs):
         cols = slice(width - len(row), width) if left else slice(0, len(row))
@@ -183,6 +206,12 @@ def forward_many(
                 token_ids=list(row),
                 prompt_tokens=len(row),
                 logits=head,
+                gradients={
+                    **{sel.key: gradients[sel.index][i, queries].clone() for sel in capture.layers if gradients},
+                    **{name: _row_keys(model, name, gradients[name][i, queries], cols) for name in capture.sites},
+                }
+                if grad
+                else {},
                 positions=capture.kept_positions(len(row)),
                 # A copy per row, so that no row keeps the whole padded batch alive.
                 states={
@@ -195,6 +224,28 @@ def forward_many(
             )
         )
     return rows
+
+
+def _graph_roots(model: LoadedModel) -> list[Any]:
+    """Forward hooks making the token (and position) embeddings' outputs leaves that require gradients."""
+
+    def root(module: Any, args: Any, output: Any) -> Any:
+        return output.detach().requires_grad_()
+
+    modules = [
+        site.module for key in ("hook_embed", "hook_pos_embed") if isinstance(site := site_map(model).get(key), Site)
+    ]
+    return [m.register_forward_hook(root) for m in modules or [model.model.get_input_embeddings()]]
+
+
+def metric(logits: Any, gradient: Gradient) -> Any:
+    """The metric of each row's last-position logits [B, V], summed over the rows (which do not interact)."""
+    import torch
+
+    if gradient.metric == "logit_diff":
+        good, bad = gradient.tokens
+        return (logits[:, good] - logits[:, bad]).sum()
+    return torch.log_softmax(logits.double(), dim=-1)[:, gradient.tokens[0]].sum()
 
 
 def _row_keys(model: LoadedModel, name: str, t: Any, cols: slice) -> Any:

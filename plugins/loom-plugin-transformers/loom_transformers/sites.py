@@ -369,9 +369,13 @@ class SiteHooks:
         edits: Sequence[Sequence[Intervention]],
         layout: Sequence[Layout],
         record: Sequence[int | str] = (),
+        grad: bool = False,
     ) -> None:
         self.rows: list[int] | None = None
         self.kept: dict[int | str, Any] = {}
+        # With ``grad``: (key, the tensor in the graph, its gradient -> the point's [B, T, ...]) of each recorded key.
+        self.graph: list[tuple[int | str, Any, Callable[[Any], Any]]] = []
+        self._grad = grad
         self._handles: list[Any] = []
         self._layout = list(layout)
         self._edits: dict[int, list[tuple[int, Intervention]]] = {}
@@ -464,6 +468,8 @@ class SiteHooks:
                 self._edit(site, h, b, edit)
             for key in names:
                 self._keep(key, self._value(site, h))
+                if self._grad:  # resid_mid's gradient is attn_out's: the stream is their sum
+                    self.graph.append((key, h, site.view if site.view is not None else _same))
         return h
 
     def _value(self, site: Site, h: Any) -> Any:
@@ -514,6 +520,9 @@ class SiteHooks:
             t = result.detach()
             self.kept[key] = (t[:, self.rows] if edits and self.rows is not None else t).to("cpu", copy=True)
         if not edits:
+            if self._grad:  # the projection's output is the sum of the results: each head's gradient is its own
+                for key in names:
+                    self.graph.append((key, h, lambda g: g.unsqueeze(-2).expand(*g.shape[:-1], heads, g.shape[-1])))
             return h, fresh
         out = result.sum(-2)
         if getattr(o, "bias", None) is not None:
@@ -553,7 +562,24 @@ class SiteHooks:
                 value = t.transpose(1, 2)
             for key in names:
                 self._keep(key, value)
+                if self._grad:
+                    cut = t.shape[2] - queries if kind == "rot_k" else 0
+                    self.graph.append((key, t, lambda g, cut=cut: g[:, :, cut:].transpose(1, 2)))
         return t
+
+    def gradients(self, metric: Any) -> dict[int | str, Any]:
+        """d ``metric`` / d each recorded point, [B, kept, *shape] on CPU, by ``torch.autograd.grad`` (the graph is
+        freed with it, and the parameters, frozen, gather nothing)."""
+        import torch
+
+        graph, self.graph = self.graph, []
+        live = [(key, t, view) for key, t, view in graph if t.requires_grad]
+        found = torch.autograd.grad(metric, [t for _, t, _ in live], allow_unused=True) if live else []
+        out: dict[int | str, Any] = {}
+        for (key, t, view), g in zip(live, found, strict=True):
+            g = view(torch.zeros_like(t) if g is None else g)
+            out[key] = (g[:, self.rows] if self.rows is not None else g).detach().to("cpu", copy=True)
+        return out
 
     def close(self) -> None:
         for handle in self._handles:
@@ -562,6 +588,10 @@ class SiteHooks:
         for core in self._cores:
             core.__dict__.pop("_loom_sites", None)
         self._cores.clear()
+
+
+def _same(t: Any) -> Any:
+    return t
 
 
 def _rescaled(norm: Any, y: Any, ratio: Any) -> Any:

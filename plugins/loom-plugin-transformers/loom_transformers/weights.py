@@ -1,0 +1,133 @@
+"""``LoadedModel.weights``: a model's parameters by its own names (its ``state_dict``) and by TransformerLens's
+names where the mapping is exact, as TransformerLens lays them out (unprocessed: ``from_pretrained_no_processing``).
+
+- ``W_E`` [vocab, d], ``W_pos`` [context, d]: the token and learned position embeddings;
+- ``W_U`` [d, vocab], ``b_U`` [vocab]: the LM head, transposed (without Cohere's logit scale);
+- ``ln_final.w`` / ``.b``, ``blocks.{i}.ln1.w`` / ``.b``, ``ln2.w`` / ``.b``: the norms (Gemma's weight as 1 + w,
+  as TransformerLens stores it; a parallel block's one norm also as ``ln2``, as its conversion copies it);
+- ``blocks.{i}.attn.W_Q`` [heads, d, d_head], ``b_Q`` [heads, d_head], ``W_K``, ``W_V``, ``b_K``, ``b_V`` per
+  query head (grouped-query key-value heads repeated), ``_W_K``, ``_W_V``, ``_b_K``, ``_b_V`` per key-value head;
+- ``blocks.{i}.attn.W_O`` [heads, d_head, d], ``b_O`` [d];
+- ``blocks.{i}.mlp.W_in`` [d, d_mlp] (a gated MLP's up projection), ``W_gate``, ``W_out`` [d_mlp, d], ``b_in``,
+  ``b_gate``, ``b_out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from loom_kernel import LoadedModel
+from loom_kernel.errors import InvalidField
+from loom_transformers.architectures import arch_of, part
+from loom_transformers.sites import Site, site_map, w_o
+
+
+def weights(model: LoadedModel, names: Sequence[str] | None) -> dict[str, Any]:
+    """``names`` None: {name: (shape, dtype)} of every name, nothing copied; else {name: CPU tensor}."""
+    own = model.model.state_dict(keep_vars=True)
+    tl = model.extra.setdefault("tl_weights", transformer_lens_names(model))
+    if names is None:
+        listing = {name: (tuple(t.shape), _dtype(t)) for name, t in own.items()}
+        for name, make in tl.items():
+            t = make()
+            listing[name] = (tuple(t.shape), _dtype(t))
+        return listing
+    unknown = [name for name in names if name not in own and name not in tl]
+    if unknown:
+        raise InvalidField(
+            f"names: {unknown[0]!r} is neither one of the model's parameters nor a TransformerLens name it maps "
+            "exactly",
+            field="names",
+            allowed="GET /models/{id}/weights lists them",
+        )
+    return {name: (own[name] if name in own else tl[name]()).detach().to("cpu") for name in names}
+
+
+def _dtype(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _in_out(module: Any) -> Any:
+    """A projection's weight as [in, out] (GPT-2's Conv1D already is; a Linear's is [out, in])."""
+    return module.weight if type(module).__name__ == "Conv1D" else module.weight.T
+
+
+def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
+    """Each exact TransformerLens name, with how to make its tensor (views where they can be)."""
+    import torch
+
+    net = model.model
+    arch = arch_of(net.config)
+    if arch is None:
+        return {}
+    sites = site_map(model)
+    base = net.base_model
+    out: dict[str, Callable[[], Any]] = {}
+
+    def norm(prefix: str, module: Any) -> None:
+        if module is None or getattr(module, "weight", None) is None:
+            return
+        out[f"{prefix}.w"] = (lambda m=module: 1 + m.weight) if arch.norm == "rms1p" else (lambda m=module: m.weight)
+        if getattr(module, "bias", None) is not None:
+            out[f"{prefix}.b"] = lambda m=module: m.bias
+
+    embed = sites.get("hook_embed")
+    if isinstance(embed, Site):
+        out["W_E"] = lambda: embed.module.weight
+    pos = sites.get("hook_pos_embed")
+    if isinstance(pos, Site):
+        out["W_pos"] = lambda: pos.module.weight
+    head = net.get_output_embeddings()
+    if head is not None and head.weight.is_floating_point():
+        out["W_U"] = lambda: head.weight.T
+        if getattr(head, "bias", None) is not None:
+            out["b_U"] = lambda: head.bias
+    norm("ln_final", part(base, arch.final_norm))
+    for i, block in enumerate(part(base, arch.blocks)):
+        at = f"blocks.{i}."
+        norm(at + "ln1", part(block, arch.ln1))
+        # One norm for both sublayers of a parallel block: TransformerLens's conversion copies it as ln2.
+        norm(at + "ln2", part(block, arch.ln2 or (arch.ln1 if arch.parallel(net.config) else None)))
+        query = sites.get(f"{at}attn.hook_q")
+        query_heads = query.shape[0] if isinstance(query, Site) else 0
+        for letter in "QKV":
+            site = sites.get(f"{at}attn.hook_{letter.lower()}")
+            if not isinstance(site, Site) or not site.module.weight.is_floating_point():
+                continue
+            view = site.view
+            heads = site.shape[0]
+            # [d, out] through the point's view: [d, heads, d_head] -> [heads, d, d_head]
+            make = lambda m=site.module, view=view: view(_in_out(m)).permute(1, 0, 2)  # noqa: E731
+            bias = (lambda m=site.module, view=view: view(m.bias)) if site.module.bias is not None else None
+            if letter != "Q" and heads != query_heads:  # grouped-query attention: TransformerLens repeats them
+                out[f"{at}attn._W_{letter}"] = make
+                out[f"{at}attn.W_{letter}"] = lambda make=make, r=query_heads // heads: make().repeat_interleave(r, 0)
+                if bias is not None:
+                    out[f"{at}attn._b_{letter}"] = bias
+                    out[f"{at}attn.b_{letter}"] = lambda b=bias, r=query_heads // heads: b().repeat_interleave(r, 0)
+                continue
+            out[f"{at}attn.W_{letter}"] = make
+            if bias is not None:
+                out[f"{at}attn.b_{letter}"] = bias
+        result = sites.get(f"{at}attn.hook_result")
+        if isinstance(result, Site):
+            o, heads = result.extra
+            out[f"{at}attn.W_O"] = lambda o=o, heads=heads: w_o(o, heads)
+            d = result.shape[1]
+            out[f"{at}attn.b_O"] = (lambda o=o: o.bias) if o.bias is not None else (lambda d=d: torch.zeros(d))
+        mlp: dict[str, Site | str | None] = {k: sites.get(f"{at}mlp.hook_{k}") for k in ("pre", "pre_linear", "post")}
+        gated = isinstance(mlp["pre_linear"], Site)
+        for name, key in (("W_in", "pre_linear" if gated else "pre"), ("W_gate", "pre" if gated else None)):
+            site = mlp.get(key) if key else None
+            if isinstance(site, Site) and site.module.weight.is_floating_point():
+                view = site.view or (lambda t: t)
+                out[f"{at}mlp.{name}"] = lambda m=site.module, view=view: view(_in_out(m))
+                if site.module.bias is not None:
+                    out[f"{at}mlp.b_{name[2:]}"] = lambda m=site.module, view=view: view(m.bias)
+        post = mlp["post"]
+        if isinstance(post, Site) and post.module.weight.is_floating_point():
+            out[f"{at}mlp.W_out"] = lambda m=post.module: _in_out(m)
+            if post.module.bias is not None:
+                out[f"{at}mlp.b_out"] = lambda m=post.module: m.bias
+    return out
