@@ -264,10 +264,8 @@ async def attribution_patch(
         "metric": {"type": data.metric.type, "clean": clean_m, "corrupted": corrupt_m},
         "sites": [str(s) for s in sites],
         "positions": positions,
-        "tokens": {
-            "clean": tok.convert_ids_to_tokens(list(clean)),
-            "corrupted": tok.convert_ids_to_tokens(list(corrupt)),
-        },
+        "tokens": {"clean": token_texts(tok, list(clean)), "corrupted": token_texts(tok, list(corrupt))},
+        "token_ids": {"clean": list(clean), "corrupted": list(corrupt)},
         "heads": [h or None for h in heads],
         "attribution": matrix,
         "normalized": _scaled(matrix, gap),
