@@ -73,6 +73,9 @@ Rows (benchmark name for ``--only`` in brackets):
 - ``interventions: /patch of N runs vs the same runs one request each`` [interventions]: a ``/patch`` of 4 sites x 8
   positions against the same 34 one-token generations, each with its one ``set`` edit, sent one after another.
   Target <= 0.5.
+- ``interventions: /patch method attribution vs exact`` [interventions]: the same 4 sites at every position of the
+  text, estimated by attribution patching (the clean pass, one forward and one backward pass of the corrupted run)
+  against exact patching (one run per site and position, batched): median latency. Target <= 0.1.
 - ``ray: 16 /embed clients, 2 replicas vs one process`` and ``ray: 8 /generate clients, ...`` [ray]: ``loom serve
   --transport ray --replicas 2`` on the same machine against the batched server, alternating runs: throughput
   ratios. Two replicas on 2 cores cannot be faster; the rows show what Ray's proxy, the router and the hand-off to

@@ -10,11 +10,14 @@
    had; and the last block's most active MLP neuron (``mlp.hook_post``) zeroed and doubled at the last position.
 4. Patching: a clean and a corrupted prompt differing in one word, the clean residual stream patched into the
    corrupted run at every block's input and position, metric the logit difference between the two prompts'
-   preferred next tokens.
+   preferred next tokens; then the same sweep estimated by attribution patching (one forward and backward pass),
+   plotted against the exact effects.
+5. Direct logit attribution: that logit difference on the clean prompt split into the embeddings and each block's
+   attention and MLP outputs (and per head), through the model's own final norm frozen at the last position.
 
     python demo/interventions.py --server http://127.0.0.1:8080 --model pydoc-gpt2 --out demo/outputs/interventions
 
-Writes interventions.json, interventions.md and patching.png to ``--out``.
+Writes interventions.json, interventions.md, patching.png, attribution.png and dla.png to ``--out``.
 """
 
 from __future__ import annotations
@@ -149,6 +152,57 @@ def patching(client: LoomClient, model: str) -> dict[str, Any]:
     return client.patch(model, CLEAN, CORRUPTED, "resid_pre", PATCH_METRIC)
 
 
+def attribution_patching(client: LoomClient, model: str, exact: dict[str, Any]) -> dict[str, Any]:
+    """The exact sweep again, estimated by attribution patching: each cell against its exact effect."""
+    estimate = client.patch(model, CLEAN, CORRUPTED, "resid_pre", PATCH_METRIC, method="attribution")
+    corrupted = exact["metric"]["corrupted"]
+    effects = np.array(exact["patched"], dtype=np.float64) - corrupted
+    estimated = np.array(estimate["attribution"], dtype=np.float64)
+    return {
+        "exact_effect": effects.tolist(),
+        "attribution": estimated.tolist(),
+        "correlation": float(np.corrcoef(effects.ravel(), estimated.ravel())[0, 1]) if effects.std() else None,
+        "runs": {"exact": exact["runs"], "attribution": estimate["runs"]},
+    }
+
+
+def logit_attribution(client: LoomClient, model: str) -> dict[str, Any]:
+    target = {"tokens": [PATCH_METRIC["correct"], PATCH_METRIC["incorrect"]]}
+    layers = client.logit_attribution(model, target, text=CLEAN, components="layers")
+    heads = client.logit_attribution(model, target, text=CLEAN, components="heads")
+    return {"layers": layers, "heads": heads}
+
+
+def plot_attribution(scatter: dict[str, Any], dla: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, y = np.ravel(scatter["exact_effect"]), np.ravel(scatter["attribution"])
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(x, y, s=14)
+    bound = max(np.abs(x).max(), np.abs(y).max(), 1e-9) * 1.1
+    ax.plot([-bound, bound], [-bound, bound], color="grey", linewidth=0.8)
+    ax.set_xlabel("exact: patched - corrupted")
+    ax.set_ylabel("attribution patching estimate")
+    ax.set_title("resid_pre, every block and position")
+    fig.tight_layout()
+    fig.savefig(out / "attribution.png", dpi=120)
+    plt.close(fig)
+    comps = dla["layers"]["components"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(comps), 3.5))
+    values = [c["value"] for c in comps]
+    ax.bar(range(len(comps)), values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
+    ax.set_xticks(range(len(comps)), [c["site"].replace("blocks.", "").replace("hook_", "") for c in comps])
+    ax.tick_params(axis="x", rotation=60)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_title(f"direct logit attribution: sum {dla['layers']['sum']:.3f} = logit diff {dla['layers']['logit']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "dla.png", dpi=120)
+    plt.close(fig)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -231,6 +285,29 @@ def summary(report: dict[str, Any]) -> str:
         f"| {site} | " + " | ".join("" if v is None else f"{v:.2f}" for v in row) + " |"
         for site, row in zip(p["sites"], p["normalized"], strict=True)
     ]
+    d, sc = report["dla"], report["attribution_patching"]
+    top = sorted(d["heads"]["components"], key=lambda c: -abs(c["value"]))[:6]
+    lines += [
+        "",
+        "Attribution patching estimates the same sweep from the clean pass and one forward and backward pass of the "
+        f"corrupted run ({sc['runs']['attribution']} passes against {sc['runs']['exact']} runs; `attribution.png`): "
+        f"correlation with the exact effects {sc['correlation']:.3f}."
+        if sc["correlation"] is not None
+        else "Attribution patching: the exact effects are all zero.",
+        "",
+        f"## Direct logit attribution of logit({PATCH_METRIC['correct']!r}) - logit({PATCH_METRIC['incorrect']!r}) "
+        f"after {CLEAN!r}",
+        "",
+        f"The components sum to {d['layers']['sum']:.4f}; the model's own logit difference is "
+        f"{d['layers']['logit']:.4f} (`dla.png`).",
+        "",
+        "| component | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {c['site']} | {c['value']:+.4f} |" for c in d["layers"]["components"]]
+    lines += ["", "The largest per head (each head's result through the frozen final norm):", ""]
+    lines += ["| component | head | value |", "| --- | --- | --- |"]
+    lines += [f"| {c['site']} | {c.get('head', '')} | {c['value']:+.4f} |" for c in top]
     return "\n".join(lines) + "\n"
 
 
@@ -252,10 +329,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "patching": patching(client, args.model),
         }
         report["circuits"] = circuits(client, args.model, report["ablation"])
+        report["attribution_patching"] = attribution_patching(client, args.model, report["patching"])
+        report["dla"] = logit_attribution(client, args.model)
         client.delete_vector("file-vs-number")
     (args.out / "interventions.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "interventions.md").write_text(summary(report))
     plot(report["patching"], args.out / "patching.png")
+    plot_attribution(report["attribution_patching"], report["dla"], args.out)
     print(summary(report))
     return report
 

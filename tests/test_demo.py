@@ -80,7 +80,8 @@ def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_pa
     out = tmp_path / "out"
     with loom_server(["--preload", model], tmp_path) as (base, _, _):
         report = demo.main(["--server", base, "--model", model, "--layer", "2", "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["interventions.json", "interventions.md", "patching.png"]
+    files = ["attribution.png", "dla.png", "interventions.json", "interventions.md", "patching.png"]
+    assert sorted(p.name for p in out.iterdir()) == files
     assert (out / "patching.png").read_bytes().startswith(PNG_MAGIC)
     rows = report["steering"]["rows"]
     assert [r["scale"] for r in rows] == list(demo.SCALES)
@@ -99,6 +100,13 @@ def test_interventions_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_pa
     ]
     assert all(math.isfinite(v) and v != circuits["baseline_logprob_file"] for v in lps)
     assert "## Circuit edits" in (out / "interventions.md").read_text()
+    dla = report["dla"]  # the components sum to the model's own logit difference
+    assert (
+        abs(dla["layers"]["sum"] - dla["layers"]["logit"]) < 1e-4
+        and abs(dla["heads"]["sum"] - dla["layers"]["sum"]) < 1e-4
+    )
+    scatter = report["attribution_patching"]
+    assert np.shape(scatter["attribution"]) == np.shape(scatter["exact_effect"]) == (3, len(patch["positions"]))
 
 
 def test_readouts_demo_runs_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -226,6 +226,25 @@ class RemoteModel:
         )
         return input + answer["text"]
 
+    def weight(self, name: str) -> np.ndarray:
+        """A weight by TransformerLens's name (``blocks.3.attn.W_O``) or the model's own, as numpy."""
+        return self.client.weights(self.name, [name])["weights"][name]
+
+    @property
+    def W_U(self) -> np.ndarray:
+        return self.weight("W_U")
+
+    @property
+    def W_E(self) -> np.ndarray:
+        return self.weight("W_E")
+
+    def logit_attribution(self, input: str, target: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """POST /logit_attribution of ``input``: TransformerLens's decompose_resid / stack_head_results through
+        apply_ln_to_stack, onto the target's unembedding direction, in one call."""
+        return self.client.logit_attribution(
+            self.name, target, text=input, add_special_tokens=self.add_special_tokens, **fields
+        )
+
     def to_tokens(self, input: str) -> np.ndarray:
         """The token ids [1, pos] the server runs for ``input``."""
         return np.asarray([self._tokenized(input)["token_ids"]])

@@ -116,3 +116,16 @@ def test_generate_and_refusals(gpt2: RemoteModel, reference: tuple) -> None:
     assert err.value.problem["field"] == "interventions[0].op"
     with pytest.raises(TypeError):
         gpt2.run_with_cache([[1, 2, 3]])
+
+
+def test_weights_and_logit_attribution(gpt2: RemoteModel, reference: tuple) -> None:
+    net, tok = reference
+    np.testing.assert_array_equal(gpt2.W_U, net.lm_head.weight.detach().T.numpy())
+    np.testing.assert_array_equal(
+        gpt2.weight("blocks.1.attn.W_O"), net.transformer.h[1].attn.c_proj.weight.detach().view(4, 16, 64).numpy()
+    )
+    answer = gpt2.logit_attribution(TEXT, {"tokens": [" the", "."]}, components="heads")
+    with torch.inference_mode():
+        logits = net(tok(TEXT, return_tensors="pt")["input_ids"]).logits[0, -1]
+    good, bad = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" the", "."))
+    assert abs(answer["sum"] - float(logits[good] - logits[bad])) < 1e-4
