@@ -286,7 +286,7 @@ def summary(report: dict[str, Any]) -> str:
         for site, row in zip(p["sites"], p["normalized"], strict=True)
     ]
     d, sc = report["dla"], report["attribution_patching"]
-    top = sorted(d["heads"]["components"], key=lambda c: -abs(c["value"]))[:6]
+    top = sorted((c for c in d["heads"]["components"] if "head" in c), key=lambda c: -abs(c["value"]))[:6]
     lines += [
         "",
         "Attribution patching estimates the same sweep from the clean pass and one forward and backward pass of the "
@@ -305,7 +305,7 @@ def summary(report: dict[str, Any]) -> str:
         "| --- | --- |",
     ]
     lines += [f"| {c['site']} | {c['value']:+.4f} |" for c in d["layers"]["components"]]
-    lines += ["", "The largest per head (each head's result through the frozen final norm):", ""]
+    lines += ["", "The heads that contribute most (each head's result through the frozen final norm):", ""]
     lines += ["| component | head | value |", "| --- | --- | --- |"]
     lines += [f"| {c['site']} | {c.get('head', '')} | {c['value']:+.4f} |" for c in top]
     return "\n".join(lines) + "\n"
