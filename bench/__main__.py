@@ -82,6 +82,10 @@ Rows (benchmark name for ``--only`` in brackets):
   a replica cost. Target >= 0.75. Each replica reserves half a CPU and runs torch on two threads, as one process does.
 - ``ray: Ray Serve alone ...`` [ray]: a deployment beside The Loom's on the same Ray and proxy that reads each
   ``/embed`` body and answers ``{}``: its throughput over one process's ``/embed``, the ceiling of the ``/embed`` row.
+- ``ray: /embed through Ray vs Ray Serve's floor`` [ray]: the same two, measured alternately in one run: what The
+  Loom's router, replica and work cost beyond Ray Serve's own hand-off. Target >= 0.9 (where The Loom's work per
+  text is small beside Ray's; on 2 CPU cores the model's own work dominates). ``python -m bench.ray_direct`` adds
+  Loom replicas that are Ray Serve's ingress themselves (no router) to the same comparison.
 
 Runs alternate (batched, one at a time, in-process; forward and the three formats) so that a busy moment of a
 shared machine slows every side rather than one. Throughputs are the best of the runs, times the median. Neither

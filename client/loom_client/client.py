@@ -43,7 +43,7 @@ def transport_error(exc: httpx.TransportError, url: str) -> LoomConnectionError:
 
 
 class LoomClient(Endpoints):
-    """A client for a Loom server: ``LoomClient("http://127.0.0.1:8080")`` or ``LoomClient("unix:///tmp/loom.sock")``.
+    """A client for a Loom server: ``LoomClient("http://127.0.0.1:8080")`` or ``LoomClient("unix:///path/loom.sock")``.
 
     ``hidden_state_format`` is what the client asks for when a call names none (base64: exact and compact; every
     format decodes to the same arrays). Use as a context manager, or call ``close()``.

@@ -47,8 +47,8 @@ def replica_class(max_models: int) -> type:
             if threads := THREADS.of(mine):
                 # Before the model threads start: each takes torch's count when it first runs torch.
                 torch.set_num_threads(threads)
-            self.app = create_app(settings=mine)
-            self.manager = self.app.state.manager
+            self.loom_app = create_app(settings=mine)
+            self.manager = self.loom_app.state.manager
             self.registry = registry
             self.replica = serve.get_replica_context().replica_id.unique_id
             self._registering: set[str] = set()
@@ -87,7 +87,7 @@ def replica_class(max_models: int) -> type:
 
         async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
             """The answer's ASGI messages as the app sends them (a stream's events one by one)."""
-            async for message in run_asgi(self.app, request, self.replica):
+            async for message in run_asgi(self.loom_app, request, self.replica):
                 yield message
             self._dirty = True
 
