@@ -65,19 +65,19 @@ def replica_class(max_models: int) -> type:
             return Loaded(model_id)
 
         def _registered(self, get: Any) -> Any:
-            """The manager's ``get``, which also registers the request's own model with Ray's multiplexing once the
-            app has it (registering finds it loaded)."""
+            """The manager's ``get``, which also registers the request's own model with Ray's multiplexing as the
+            app asks for it (after the app's own checks): Ray tells the router within a tenth of a second that the
+            model is loading here, so that the next requests for it come here while it loads."""
 
             async def get_and_register(model_id: str, *args: Any, **kwargs: Any) -> Any:
-                entry = await get(model_id, *args, **kwargs)
                 if model_id == serve.get_multiplexed_model_id() and model_id not in self._registering:
-                    self._registering.add(model_id)  # ``load`` comes back here
-                    try:
-                        with contextlib.suppress(Exception):  # routing is an optimisation: serving goes on
-                            await self.load(model_id)
-                    finally:
-                        self._registering.discard(model_id)
-                return entry
+                    self._registering.add(model_id)  # ``load`` comes back here, and waits for the same load
+                    registering = asyncio.ensure_future(self.load(model_id))
+                    # Routing is an optimisation: a model that fails to load is the request's own error.
+                    registering.add_done_callback(
+                        lambda f: self._registering.discard(model_id) or f.cancelled() or f.exception()
+                    )
+                return await get(model_id, *args, **kwargs)
 
             return get_and_register
 
