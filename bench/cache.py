@@ -41,7 +41,7 @@ def main() -> None:
         path = build(Path(tmp))
         hooks = create_plugin_manager().hook
         model = hooks.load(
-            model=resolve_model(str(path)), loader="transformers", options=LoadOptions(device=args.device)
+            model=resolve_model(str(path)), loader="transformers", options=LoadOptions(device=args.device), kernel=None
         )
     print(f"GPT-2-small-sized, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'rows':<5} | {'roomy':>13} | {'concatenating':>13} | ratio")

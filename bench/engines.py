@@ -39,7 +39,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ref = resolve_model(str(build(Path(tmp))))
-        model = create_plugin_manager().hook.load(model=ref, loader="transformers", options=LoadOptions("cpu"))
+        model = create_plugin_manager().hook.load(
+            model=ref, loader="transformers", options=LoadOptions("cpu"), kernel=None
+        )
         texts = [f"The quick brown fox number {i} jumps over the lazy dog and runs far away" for i in range(args.rows)]
         prompts = [model.tokenizer(t)["input_ids"] for t in texts]
 

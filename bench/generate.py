@@ -50,7 +50,7 @@ else:
     from loom_kernel.plugins import create_plugin_manager
     from loom_kernel.resolve import resolve_model
     pm = create_plugin_manager()
-    loaded = pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions())
+    loaded = pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions(), kernel=None)
     batch = Batch(texts=("Hello",), generation=GenerationParams(max_tokens=n, temperature=0))
     capture = make_capture([-1], "last", loaded.num_layers)
     run = lambda: pm.hook.forward_with_states(model=loaded, batch=batch, capture=capture)

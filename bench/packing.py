@@ -32,7 +32,9 @@ def main() -> None:
     from loom_kernel.resolve import resolve_model
 
     hooks = create_plugin_manager().hook
-    model = hooks.load(model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions())
+    model = hooks.load(
+        model=resolve_model("minilm"), loader="sentence_transformers", options=LoadOptions(), kernel=None
+    )
     print(f"all-MiniLM-L6-v2, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'texts':<12} | {'packed':>13} | {'padded':>13} | ratio")
     for words in ((6, 14), (4, 60)):

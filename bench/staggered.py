@@ -62,7 +62,9 @@ def measure(model_dir: str, repeats: int = 20, device: str = "cpu") -> Bound:
     from loom_kernel.resolve import resolve_model
 
     hooks = create_plugin_manager().hook
-    model = hooks.load(model=resolve_model(model_dir), loader="transformers", options=LoadOptions(device=device))
+    model = hooks.load(
+        model=resolve_model(model_dir), loader="transformers", options=LoadOptions(device=device), kernel=None
+    )
     prompt = tuple(range(3, 19))  # 16 tokens
     params = GenerationParams(max_tokens=10_000, temperature=0)
 

@@ -1,12 +1,12 @@
-"""The hooks a Loom plugin may implement. See DESIGN.md section 2 for the full contracts."""
+"""The hooks a Loom plugin may implement; ``docs/plugins.md`` gives each one's arguments, result and an example."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from loom_kernel.config import Option
+from loom_kernel.config import Option, Settings
 from loom_kernel.types import (
     Batch,
     Capture,
@@ -20,6 +20,9 @@ from loom_kernel.types import (
     Transport,
 )
 
+if TYPE_CHECKING:
+    from loom_kernel.kernel import Kernel
+
 hookspec = pluggy.HookspecMarker("loom")
 hookimpl = pluggy.HookimplMarker("loom")
 
@@ -30,16 +33,15 @@ def probe(model: ModelRef) -> ProbeResult | None:
 
 
 @hookspec(firstresult=True)
-def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | None:
-    """Load ``model`` when ``loader`` names this plugin."""
+def load(model: ModelRef, loader: str, options: LoadOptions, kernel: Kernel | None) -> LoadedModel | None:
+    """Load ``model`` when ``loader`` names this plugin (``kernel``: the server's, None outside a server)."""
 
 
 @hookspec(firstresult=True)
 def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
     """Run a forward pass or a whole generation capturing the requested states, when ``model.loader`` is yours.
 
-    The server's scheduler steps generations through ``LoadedModel.decoder`` when the loader sets one, so that
-    requests join a running batch; a loader without one has its generations run whole through this hook."""
+    The kernel's default (trylast) runs ``model.runner.forward``: a loader that sets a runner needs no hook."""
 
 
 @hookspec(firstresult=True)
@@ -63,16 +65,26 @@ def options() -> list[Option] | None:
 
 
 @hookspec
-def transport(settings: Any) -> Transport | None:
+def transport(settings: Settings) -> Transport | None:
     """Offer a named transport that binds sockets for the server."""
 
 
 @hookspec
-def routes() -> list[Any] | None:
-    """Litestar Controllers or route handlers this plugin adds to the API."""
+def routes(kernel: Kernel) -> list[Any] | None:
+    """Litestar Controllers or route handlers this plugin adds to the server's API."""
+
+
+@hookspec
+def startup(kernel: Kernel) -> None:
+    """The server starts: make what this plugin keeps for it (``kernel.state``); runs before the first request."""
+
+
+@hookspec
+def shutdown(kernel: Kernel) -> None:
+    """The server stops: release what this plugin made for it."""
 
 
 @hookspec(firstresult=True)
-def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any, caller: str) -> Reading | None:
+def readouts(model: LoadedModel, fields: dict[str, Any], kernel: Kernel, caller: str) -> Reading | None:
     """Resolve the ``interventions``, ``logit_lens``, ``probes`` and ``stop_when`` a request gives on ``model``
     (``caller``: the owner of the request's API key, whose stored names it uses; "" without keys)."""

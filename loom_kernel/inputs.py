@@ -176,3 +176,23 @@ def vocabulary_size(model: LoadedModel) -> int | None:
         return len(model.tokenizer)
     except TypeError:
         return None
+
+
+def texts_or_ids(value: Any, field: str) -> tuple[list[str], list[list[int]] | None]:
+    """OpenAI's shapes of ``input`` or ``prompt``: a string, strings, token ids, or lists of token ids. Returns
+    (texts, None) or ([], token id rows); anything else is InvalidField naming ``field``. A flat list of ids is
+    one row."""
+    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str) and value:
+        return [value], None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value), None
+    if isinstance(value, list) and value and all(_is_id(v) for v in value):
+        return [], [list(value)]
+    if isinstance(value, list) and value and all(isinstance(r, list) and r and all(map(_is_id, r)) for r in value):
+        return [], [list(r) for r in value]
+    raise InvalidField(f"{field}: must be {shapes}, none of them empty", field=field, allowed=shapes)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

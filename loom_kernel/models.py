@@ -30,6 +30,7 @@ from loom_kernel.config import Settings
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import Conflict, LoadFailed, LoomError, ModelNotFound, Unsupported, load_error, out_of_memory
 from loom_kernel.inputs import char_limit
+from loom_kernel.kernel import Kernel
 from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
@@ -93,6 +94,7 @@ class ModelManager:
         self.started = time.monotonic()
         self.metrics = Metrics()
         self.admission = Admission(pm, settings)
+        self.kernel = Kernel(pm, settings, self)  # what plugins' hooks and handlers are given
         self.run = self.admission.run  # the one way a request reaches a model: run(entry, work, until)
 
     # -- resolution and ranking -------------------------------------------------------------------------
@@ -125,7 +127,7 @@ class ModelManager:
 
     def reading(self, model: LoadedModel, fields: dict[str, Any], caller: str = "") -> Reading | None:
         """A request's interventions and readouts resolved on ``model`` by the plugin that reads them."""
-        return self.pm.hook.readouts(model=model, fields=fields, manager=self, caller=caller)
+        return self.pm.hook.readouts(model=model, fields=fields, kernel=self.kernel, caller=caller)
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -312,7 +314,7 @@ class ModelManager:
         start = time.perf_counter()
         try:
             with LOADING:
-                loaded = self.pm.hook.load(model=ref, loader=loader, options=opts)
+                loaded = self.pm.hook.load(model=ref, loader=loader, options=opts, kernel=self.kernel)
         except Exception as exc:
             what = f"loader {loader!r} could not load {ref.id!r}"
             error = exc if isinstance(exc, LoomError) else load_error(exc, what)

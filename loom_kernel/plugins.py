@@ -22,7 +22,7 @@ from loom_kernel import hookspecs
 from loom_kernel.config import ConfigError, Option
 
 ENTRY_POINT_GROUP = "loom"
-DEFAULT_PLUGINS = ("loom_kernel.default_plugins.pooling",)
+DEFAULT_PLUGINS = ("loom_kernel.default_plugins.pooling", "loom_kernel.default_plugins.running")
 
 
 def _entry_points() -> list[metadata.EntryPoint]:

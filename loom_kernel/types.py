@@ -99,6 +99,10 @@ class LoadedModel:
     pooled_normalized: bool = False
     # The loader honours ``Batch.row_generation``: the kernel may then batch generations whose parameters differ.
     row_params: bool = False
+    # How the model runs (``Runner``): the kernel's default ``forward_with_states`` calls ``runner.forward``, so a
+    # loader that sets one needs no hook of its own, and one that loads through another's (GPTQ through transformers)
+    # keeps the other's runner.
+    runner: Runner | None = None
     # ``decoder(attention: bool) -> Decoder``: the loader runs generations step by step, and the kernel's scheduler
     # lets requests join a running generation (continuous batching). None: each generation runs whole through
     # ``forward_with_states``, and the model's other requests wait for it.
@@ -140,6 +144,13 @@ class Attribution(Protocol):
     def decompose(self, states: dict[str, Any], kind: str) -> list[tuple[str, int | None, Any]]: ...
 
     def logit_map(self, states: dict[str, Any], tokens: Sequence[int]) -> tuple[Any, Any]: ...
+
+
+class Runner(Protocol):
+    """How a loader runs its model, on the model's thread."""
+
+    def forward(self, batch: Batch, capture: Capture) -> ForwardOutput:
+        """One padded pass of ``batch``'s rows (or their whole generation), capturing what ``capture`` asks."""
 
 
 class Decoder(Protocol):

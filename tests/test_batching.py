@@ -517,7 +517,9 @@ class OnModelThread:
         self.calls = Calls()
         self.pm.register(self.calls)
         path = str(tiny_models["llama"])
-        self.model = self.pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions())
+        self.model = self.pm.hook.load(
+            model=resolve_model(path), loader="transformers", options=LoadOptions(), kernel=None
+        )
         self.thread = batching.ModelThread("tiny")
 
     def send(self, text: str) -> Any:

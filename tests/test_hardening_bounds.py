@@ -448,6 +448,7 @@ def test_a_bad_file_in_the_probes_directory_is_not_served(server, tiny_models):
 
 async def test_sae_files_are_parsed_off_the_event_loop_and_uploads_are_bounded(monkeypatch):
     import loom_interp.probes as probes
+    from loom_interp.state import MAX_UPLOADS
 
     seen: list[bool] = []
     real = probes.read_safetensors
@@ -462,7 +463,7 @@ async def test_sae_files_are_parsed_off_the_event_loop_and_uploads_are_bounded(m
 
     monkeypatch.setattr(probes, "read_safetensors", watched)
     file = safetensors.torch.save(sae(64, 48))
-    gates = [asyncio.Event() for _ in range(probes.MAX_UPLOADS + 1)]
+    gates = [asyncio.Event() for _ in range(MAX_UPLOADS + 1)]
     pulled = [0] * len(gates)
 
     async def body(i: int) -> Any:  # the first bytes, then nothing until the test opens this upload's gate
@@ -479,10 +480,10 @@ async def test_sae_files_are_parsed_off_the_event_loop_and_uploads_are_bounded(m
             )
             for i in range(len(gates))
         ]
-        await asyncio.wait_for(_until(lambda: sum(pulled) == probes.MAX_UPLOADS), 60)
+        await asyncio.wait_for(_until(lambda: sum(pulled) == MAX_UPLOADS), 60)
         for _ in range(20):
             await asyncio.sleep(0)
-        assert sum(pulled) == probes.MAX_UPLOADS  # the next upload's body is not read while the slots are taken
+        assert sum(pulled) == MAX_UPLOADS  # the next upload's body is not read while the slots are taken
         for gate in gates:
             gate.set()
         assert [(await s).status_code for s in sends] == [201] * len(gates)
@@ -498,7 +499,7 @@ async def _until(condition: Any) -> None:
 
 
 async def test_probe_fits_are_capped_stopped_past_their_time_and_when_their_client_leaves(tiny_models):
-    from loom_interp.fitting import fitter
+    from loom_interp.state import interp
 
     path = str(tiny_models["llama"])
     words = ["cat", "dog", "sat", "mat", "the", "on"]
@@ -511,7 +512,7 @@ async def test_probe_fits_are_capped_stopped_past_their_time_and_when_their_clie
         labels = [t.split()[0] for t in texts]
         r = await c.post("/probes/fit", json={**fit, "labels": labels})
         assert r.status_code == 503 and "probes.fit_seconds" in r.json()["detail"], r.text
-        fits = fitter(app.state.manager)
+        fits = interp(app.state.manager.kernel).fitter
         assert fits.stopped == 1 and fits.busy == [] and fits.idle == []
         fits.seconds = 0  # no limit: the next fit is stopped by its client leaving
         leaving = asyncio.ensure_future(c.post("/probes/fit", json={**fit, "labels": labels}))

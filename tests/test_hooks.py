@@ -82,9 +82,9 @@ def test_probe(pm, tiny_models):
 def test_load(pm, tiny_models):
     manager = ModelManager(pm, Settings())
     ref = manager.resolve(str(tiny_models["gpt2"]))
-    loaded = pm.hook.load(model=ref, loader="transformers", options=LoadOptions())
+    loaded = pm.hook.load(model=ref, loader="transformers", options=LoadOptions(), kernel=None)
     assert loaded.loader == "transformers" and loaded.num_layers == loaded.model.config.n_layer
-    assert pm.hook.load(model=ref, loader="nobody", options=LoadOptions()) is None
+    assert pm.hook.load(model=ref, loader="nobody", options=LoadOptions(), kernel=None) is None
 
 
 def test_forward_with_states(pm, tiny_models):
@@ -93,7 +93,7 @@ def test_forward_with_states(pm, tiny_models):
 
     manager = ModelManager(pm, Settings())
     loaded = pm.hook.load(
-        model=manager.resolve(str(tiny_models["llama"])), loader="transformers", options=LoadOptions()
+        model=manager.resolve(str(tiny_models["llama"])), loader="transformers", options=LoadOptions(), kernel=None
     )
     capture = make_capture([0, -1], "all", loaded.num_layers)
     out = pm.hook.forward_with_states(model=loaded, batch=Batch(texts=("hello world",)), capture=capture)

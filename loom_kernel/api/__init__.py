@@ -14,7 +14,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from loom_kernel import __version__
-from loom_kernel.api.deps import provide_manager, provide_pm
+from loom_kernel.api.deps import provide_kernel, provide_manager, provide_pm
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
@@ -33,10 +33,12 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
     pm = pm or create_plugin_manager()
     settings = settings or Settings()
     manager = ModelManager(pm, settings)
+    kernel = manager.kernel
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await manager.start()
+        await asyncio.to_thread(lambda: pm.hook.startup(kernel=kernel))
         preload = asyncio.create_task(manager.preload(list(settings.preload))) if settings.preload else None
         try:
             yield
@@ -44,15 +46,17 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             if preload is not None:
                 preload.cancel()
             await manager.stop()
+            await asyncio.to_thread(lambda: pm.hook.shutdown(kernel=kernel))
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
     controllers = [SystemController, MetricsController, ModelsController, InferenceController]
-    added = [handler for handlers in pm.hook.routes() for handler in handlers or ()]
+    added = [handler for handlers in pm.hook.routes(kernel=kernel) for handler in handlers or ()]
     app = Litestar(
         route_handlers=[*controllers, *added],
         dependencies={
             "manager": Provide(provide_manager, sync_to_thread=False),
             "pm": Provide(provide_pm, sync_to_thread=False),
+            "kernel": Provide(provide_kernel, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_request=strict_fields,
@@ -72,4 +76,5 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
     app.state.pm = pm
     app.state.settings = settings
     app.state.manager = manager
+    kernel.app = app
     return app

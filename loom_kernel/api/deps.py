@@ -12,11 +12,13 @@ import pluggy
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 
+from loom_kernel.kernel import Kernel
 from loom_kernel.models import ModelManager
 
 # Handler parameters are injected by name; the aliases say so explicitly (Litestar 3 requires it).
 Manager = NamedDependency[ModelManager]
 Plugins = NamedDependency[pluggy.PluginManager]
+KernelDep = NamedDependency[Kernel]
 
 
 def provide_manager(state: State) -> ModelManager:
@@ -25,3 +27,7 @@ def provide_manager(state: State) -> ModelManager:
 
 def provide_pm(manager: Manager) -> pluggy.PluginManager:
     return manager.pm
+
+
+def provide_kernel(manager: Manager) -> Kernel:
+    return manager.kernel

@@ -19,7 +19,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_INTERVENTIONS = 32
 # A seed is a non-negative int64: torch reads seeds modulo 2**64, so -1 and 2**64 - 1 would give the same tokens.
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="0 to 2**63 - 1")]
-PositionSpec = str | list[int]
+PositionField = str | list[int]  # a request's positions as sent (checked against the model later)
 
 
 class LoadFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -88,7 +88,7 @@ class CaptureFields(LoadFields, kw_only=True):
     logit_lens: LensFields | None = None
     probes: Probes | None = None
     return_full_sequence: bool = False
-    positions: PositionSpec | None = None
+    positions: PositionField | None = None
     hidden_state_format: str | None = None  # None: the server's hidden_states.default_format
     hidden_state_dtype: str | None = None  # None: the server's hidden_states.precision
     return_attention: bool = False

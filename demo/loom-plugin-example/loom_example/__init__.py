@@ -53,8 +53,7 @@ def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | No
     if loader != NAME:  # firstresult hook: None lets the loader the kernel chose answer
         return None
     from loom_example.toy import WEIGHTS_FILE, ByteTokenizer, load_toy, toy_config
-    from loom_kernel.devices import resolve_device, resolve_dtype
-    from loom_kernel.errors import InvalidField, Unsupported
+    from loom_kernel import InvalidField, Unsupported, resolve_device, resolve_dtype
 
     if model.path is None or not (model.path / WEIGHTS_FILE).is_file():
         raise InvalidField(f"model: {model.id!r} has no local {WEIGHTS_FILE}", field="model")

@@ -15,10 +15,16 @@ from typing import Any
 import torch
 
 from loom_example.toy import VOCAB_SIZE
-from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
-from loom_kernel.capture import StateRecorder
-from loom_kernel.errors import Unsupported
-from loom_kernel.inputs import batch_inputs
+from loom_kernel import (
+    Batch,
+    Capture,
+    ForwardOutput,
+    LoadedModel,
+    SequenceOutput,
+    StateRecorder,
+    Unsupported,
+    batch_inputs,
+)
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:

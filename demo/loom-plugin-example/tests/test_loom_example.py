@@ -38,7 +38,7 @@ def toy(tmp_path: Path) -> ModelRef:
 
 @pytest.fixture
 def loaded(pm: pluggy.PluginManager, toy: ModelRef) -> LoadedModel:
-    return pm.hook.load(model=toy, loader="example", options=LoadOptions())
+    return pm.hook.load(model=toy, loader="example", options=LoadOptions(), kernel=None)
 
 
 def test_the_entry_point_names_the_package() -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from loom_kernel import LoadOptions, QuantizationPlan, hookimpl
-from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import MissingBackend
+from loom_kernel import LoadOptions, MissingBackend, QuantizationPlan, hookimpl, resolve_device, resolve_dtype
 
 METHODS = ("4bit", "8bit")
 

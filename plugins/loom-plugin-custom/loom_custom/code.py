@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from loom_custom.manifest import Manifest
-from loom_kernel.errors import Forbidden
+from loom_kernel import Forbidden
 
 # Modules from a model directory are imported under this prefix plus a hash of the directory: never under their own
 # name, so that a checkpoint's "utils.py" shadows nothing installed and two checkpoints' "modeling.py" do not meet.

@@ -10,10 +10,16 @@ from typing import Any
 from loom_custom.code import load_callable
 from loom_custom.manifest import NAME, Manifest, read_manifest
 from loom_custom.tokenizing import adapt, call_factory, load_tokenizer
-from loom_kernel import LoadedModel, LoadOptions, ModelRef
-from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoomError, Unsupported
-from loom_kernel.loading import module_bytes
+from loom_kernel import (
+    LoadedModel,
+    LoadOptions,
+    LoomError,
+    ModelRef,
+    Unsupported,
+    module_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger("loom.custom")
 

@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 import attrs
 
-from loom_kernel import ModelRef, ProbeResult
-from loom_kernel.errors import BadModel, Unsupported
+from loom_kernel import BadModel, ModelRef, ProbeResult, Unsupported
 
 NAME = "custom"
 FIELDS = (

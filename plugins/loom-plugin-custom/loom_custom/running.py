@@ -12,10 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
-from loom_kernel.capture import StateRecorder
-from loom_kernel.errors import LoomError, Unsupported
-from loom_kernel.inputs import batch_inputs
+from loom_kernel import (
+    Batch,
+    Capture,
+    ForwardOutput,
+    LoadedModel,
+    LoomError,
+    SequenceOutput,
+    StateRecorder,
+    Unsupported,
+    batch_inputs,
+)
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:

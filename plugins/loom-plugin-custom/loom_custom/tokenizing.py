@@ -17,7 +17,7 @@ from typing import Any
 
 from loom_custom.code import load_callable
 from loom_custom.manifest import TARGET, Manifest
-from loom_kernel.errors import MissingBackend
+from loom_kernel import MissingBackend
 
 
 class ByteTokenizer:

@@ -1,14 +1,15 @@
-"""The ``embeddings`` routes: POST /embed and /embed/batch, sentence embeddings pooled on the server (the kernel's
-``pool`` hook), cut to ``dimensions`` and normalized by the model's convention or the request's."""
+"""The ``embeddings`` routes: POST /embed, /embed/batch and OpenAI's /v1/embeddings, sentence embeddings pooled on the
+server (the kernel's ``pool`` hook), cut to ``dimensions`` and normalized by the model's convention or the request's."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from loom_embeddings.openai import EmbeddingsController
 from loom_embeddings.routes import EmbedController
-from loom_kernel import hookimpl
+from loom_kernel import Kernel, hookimpl
 
 
 @hookimpl
-def routes() -> list[Any]:
-    return [EmbedController]
+def routes(kernel: Kernel) -> list[Any]:
+    return [EmbedController, EmbeddingsController]

@@ -29,14 +29,22 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import pluggy
 
-from loom_kernel.capture import resolve_layers
-from loom_kernel.default_plugins.pooling import STRATEGIES
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inputs import check_vocabulary, vocabulary_size
-from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
+from loom_kernel import POOLING_STRATEGIES as STRATEGIES
+from loom_kernel import (
+    Batch,
+    Capture,
+    InvalidField,
+    LayerSel,
+    LoadedModel,
+    SequenceOutput,
+    Unsupported,
+    check_vocabulary,
+    resolve_layers,
+    vocabulary_size,
+)
 
 if TYPE_CHECKING:
-    from loom_kernel.admission import Session
+    from loom_kernel import Session
 
 MAX_BATCH_TEXTS = 256  # texts per /embed/batch or /v1/embeddings request: one forward pass must fit in memory
 MODEL_POOLING = "model"

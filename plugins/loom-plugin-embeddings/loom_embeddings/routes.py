@@ -18,14 +18,19 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
-from loom_kernel import echo
-from loom_kernel.api.deps import Manager, Plugins
-from loom_kernel.api.payloads import model_metadata, timing
-from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.streaming import client_gone
-from loom_kernel.encoding import json_raw
-from loom_kernel.errors import InvalidField
-from loom_kernel.models import ModelManager
+from loom_kernel import (
+    InvalidField,
+    LoadFields,
+    Manager,
+    ModelManager,
+    NonEmpty,
+    Plugins,
+    client_gone,
+    echo,
+    json_raw,
+    model_metadata,
+    timing,
+)
 
 Texts = Annotated[
     list[NonEmpty],

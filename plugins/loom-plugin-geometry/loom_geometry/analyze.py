@@ -16,13 +16,22 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_geometry.metrics import layer_metrics
-from loom_kernel.admission import Session
-from loom_kernel.api.deps import Manager
-from loom_kernel.api.payloads import model_metadata, timing
-from loom_kernel.api.schemas import LayerSpec, LoadFields, NonEmpty
-from loom_kernel.api.streaming import client_gone
-from loom_kernel.capture import resolve_layers
-from loom_kernel.types import Batch, Capture, LayerSel, LoadedModel, SequenceOutput
+from loom_kernel import (
+    Batch,
+    Capture,
+    LayerSel,
+    LayerSpec,
+    LoadedModel,
+    LoadFields,
+    Manager,
+    NonEmpty,
+    SequenceOutput,
+    Session,
+    client_gone,
+    model_metadata,
+    resolve_layers,
+    timing,
+)
 
 MAX_ANALYZE_TEXTS = 256
 

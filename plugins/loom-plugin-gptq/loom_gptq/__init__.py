@@ -1,4 +1,6 @@
-"""The Loom's GPTQ / AWQ loader: probe by quantization_config, load through transformers + gptqmodel + optimum.
+"""The Loom's GPTQ / AWQ loader: probe by quantization_config, load through the transformers loader (asked through the
+kernel's ``load`` hook) with gptqmodel + optimum installed; the model keeps that loader's runner, which captures
+states with hooks on its blocks, QuantLinear modules and all.
 
 No ``quantize`` hook: quantizing a model to GPTQ or AWQ at load time needs calibration data and minutes to hours of
 compute, which a request cannot supply; this plugin serves checkpoints that are already quantized (see README).
@@ -6,7 +8,7 @@ compute, which a request cannot supply; this plugin serves checkpoints that are 
 
 from __future__ import annotations
 
-from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
+from loom_kernel import Kernel, LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
 
 NAME = "gptq"
 
@@ -22,20 +24,9 @@ def probe(model: ModelRef) -> ProbeResult | None:
 
 
 @hookimpl
-def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | None:
+def load(model: ModelRef, loader: str, options: LoadOptions, kernel: Kernel | None) -> LoadedModel | None:
     if loader != NAME:
         return None
     from loom_gptq.loading import load_quantized
 
-    return load_quantized(model, options)
-
-
-@hookimpl
-def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
-    if model.loader != NAME:
-        return None
-    # A quantized checkpoint is the same transformers model with QuantLinear modules in its blocks: the
-    # transformers plugin's hook-based capture finds the blocks and runs it unchanged.
-    from loom_transformers import run
-
-    return run(model, batch, capture)
+    return load_quantized(model, options, kernel)

@@ -13,8 +13,7 @@ import importlib.util
 import logging
 from typing import Any
 
-from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
-from loom_kernel.errors import MissingBackend, Unsupported
+from loom_kernel import Kernel, LoadedModel, LoadOptions, MissingBackend, ModelRef, ProbeResult, Unsupported
 
 log = logging.getLogger("loom.gptq")
 
@@ -81,9 +80,7 @@ def require_backends(method: str) -> None:
         )
 
 
-def load_quantized(ref: ModelRef, options: LoadOptions) -> LoadedModel:
-    from loom_transformers.loading import load_model
-
+def load_quantized(ref: ModelRef, options: LoadOptions, kernel: Kernel | None) -> LoadedModel:
     method = quant_method(ref.config)
     if method is None and ref.config is not None:
         raise Unsupported(
@@ -101,7 +98,11 @@ def load_quantized(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     # Without a parsed config (a hub id not in the cache) the method is unknown until transformers reads it:
     # require everything either method needs.
     require_backends(method or "gptq")
-    loaded = load_model(ref, options)
+    if kernel is None:
+        raise Unsupported("loader: the gptq loader loads through the server's transformers loader", field="loader")
+    loaded = kernel.pm.hook.load(model=ref, loader="transformers", options=options, kernel=kernel)
+    if loaded is None:
+        raise MissingBackend("loader: GPTQ and AWQ checkpoints load through loom-plugin-transformers", field="loader")
     loaded.loader = NAME
     qc = getattr(loaded.model.config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc

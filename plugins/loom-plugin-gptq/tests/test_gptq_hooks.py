@@ -30,7 +30,7 @@ def test_entry_point_and_hooks() -> None:
     rows = {r["name"]: r for r in describe_plugins(create_plugin_manager())}
     assert rows["gptq"]["package"] == "loom-plugin-gptq"
     # No quantize hook: GPTQ/AWQ quantization needs calibration data a load request does not carry.
-    assert rows["gptq"]["hooks"] == ["forward_with_states", "load", "probe"]
+    assert rows["gptq"]["hooks"] == ["load", "probe"]  # it runs on the transformers runner it loads through
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "GPTQ"])
@@ -77,9 +77,9 @@ def test_probe_names_a_missing_backend(hooks: Any, monkeypatch: pytest.MonkeyPat
 
 def test_load(hooks: Any, tiny_models: dict[str, Path]) -> None:
     plain = resolve_model(str(tiny_models["llama"]))
-    assert hooks.load(model=plain, loader="transformers", options=LoadOptions()).loader == "transformers"
+    assert hooks.load(model=plain, loader="transformers", options=LoadOptions(), kernel=None).loader == "transformers"
     with pytest.raises(Unsupported) as err:  # not quantized: says which loader to use instead
-        hooks.load(model=plain, loader="gptq", options=LoadOptions())
+        hooks.load(model=plain, loader="gptq", options=LoadOptions(), kernel=None)
     assert err.value.field == "loader" and "transformers loader" in err.value.detail
 
 
@@ -87,7 +87,9 @@ def test_load_refuses_a_second_quantization(hooks: Any) -> None:
     gptq = ref({**LLAMA, "quantization_config": {"quant_method": "gptq"}})
     plan = QuantizationPlan(method="4bit", load_kwargs={"quantization_config": object()}, provider="bitsandbytes")
     with pytest.raises(Unsupported) as err:
-        hooks.load(model=gptq, loader="gptq", options=LoadOptions(quantization="4bit", quantization_plan=plan))
+        hooks.load(
+            model=gptq, loader="gptq", options=LoadOptions(quantization="4bit", quantization_plan=plan), kernel=None
+        )
     assert err.value.field == "quantization" and "already quantized (gptq)" in err.value.detail
 
 
@@ -102,7 +104,7 @@ def test_load_without_backend_is_424(
     monkeypatch.setattr(loom_gptq.loading, "installed", lambda name: name != absent)
     model = ref({**LLAMA, "quantization_config": {"quant_method": method}})
     with pytest.raises(MissingBackend) as err:
-        hooks.load(model=model, loader="gptq", options=LoadOptions())
+        hooks.load(model=model, loader="gptq", options=LoadOptions(), kernel=None)
     assert err.value.status == 424 and f"pip install {pip}" in err.value.detail
 
 

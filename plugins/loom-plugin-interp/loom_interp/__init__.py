@@ -13,6 +13,7 @@ from loom_interp.interventions import resolve_interventions
 from loom_interp.patching import PATCH_MAX_ROWS, PatchController
 from loom_interp.probes import ProbesController
 from loom_interp.readouts import Readouts, feature_vector
+from loom_interp.state import interp
 from loom_interp.stores import (
     PROBES_DIRECTORY,
     PROBES_MAX_ENTRIES,
@@ -20,10 +21,9 @@ from loom_interp.stores import (
     VECTORS_DIRECTORY,
     VECTORS_MAX_ENTRIES,
     VECTORS_MAX_MB,
-    stores,
 )
 from loom_interp.vectors import VectorsController
-from loom_kernel import LoadedModel, Option, Reading, hookimpl
+from loom_kernel import Kernel, LoadedModel, Option, Reading, hookimpl
 
 
 @hookimpl
@@ -41,13 +41,23 @@ def options() -> list[Option]:
 
 
 @hookimpl
-def routes() -> list[Any]:
+def routes(kernel: Kernel) -> list[Any]:
     return [VectorsController, PatchController, ProbesController, AttributionController]
 
 
 @hookimpl
-def readouts(model: LoadedModel, fields: dict[str, Any], manager: Any, caller: str) -> Reading:
-    kept = stores(manager)
+def startup(kernel: Kernel) -> None:
+    interp(kernel)  # the stores read their directories now, not on the first request
+
+
+@hookimpl
+def shutdown(kernel: Kernel) -> None:
+    interp(kernel).fitter.close()
+
+
+@hookimpl
+def readouts(model: LoadedModel, fields: dict[str, Any], kernel: Kernel, caller: str) -> Reading:
+    kept = interp(kernel)
     plan = Readouts(
         lens=fields.get("logit_lens"),
         probes=tuple(fields.get("probes") or ()),

@@ -18,14 +18,20 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_interp.readouts import one_token
-from loom_kernel import fit_text
-from loom_kernel.admission import Session
-from loom_kernel.api.deps import Manager
-from loom_kernel.api.payloads import model_metadata
-from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.streaming import client_gone
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.types import Batch, Capture, LoadedModel
+from loom_kernel import (
+    Batch,
+    Capture,
+    InvalidField,
+    LoadedModel,
+    LoadFields,
+    Manager,
+    NonEmpty,
+    Session,
+    Unsupported,
+    client_gone,
+    fit_text,
+    model_metadata,
+)
 
 MAX_TEXTS = 64
 

@@ -11,11 +11,9 @@ import contextlib
 import logging
 import multiprocessing
 import threading
-import weakref
 from typing import Any
 
-from loom_kernel import Option
-from loom_kernel.errors import LoomError
+from loom_kernel import LoomError, Option
 
 log = logging.getLogger("loom")
 
@@ -156,18 +154,3 @@ class Fitter:
         for worker in idle:
             with contextlib.suppress(Exception):
                 worker.end()
-
-
-_FITTERS: weakref.WeakKeyDictionary[Any, Fitter] = weakref.WeakKeyDictionary()
-_FITTERS_LOCK = threading.Lock()
-
-
-def fitter(manager: Any) -> Fitter:
-    """The fit workers of the server ``manager`` runs, made from its settings on first use and ended with it."""
-    with _FITTERS_LOCK:
-        found = _FITTERS.get(manager)
-        if found is None:
-            s = manager.settings
-            found = _FITTERS[manager] = Fitter(MAX_FITS.of(s), FIT_SECONDS.of(s))
-            weakref.finalize(manager, found.close)
-        return found

@@ -8,10 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loom_kernel import echo
-from loom_kernel.capture import check_site, site_names_allowed
-from loom_kernel.errors import InvalidField
-from loom_kernel.types import Intervention, LoadedModel, PositionSpec
+from loom_kernel import Intervention, InvalidField, LoadedModel, PositionSpec, check_site, echo, site_names_allowed
 
 OPS = ("add", "set", "scale", "ablate", "zero")
 NEEDS_VECTOR = ("add", "set", "ablate")

@@ -22,15 +22,31 @@ from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
 from loom_interp.readouts import one_token
-from loom_kernel import Option, echo, fit_text
-from loom_kernel.admission import Session
-from loom_kernel.api.deps import Manager
-from loom_kernel.api.payloads import StateRequest, check_generation, model_metadata, token_texts
-from loom_kernel.api.schemas import LoadFields, NonEmpty, Sites
-from loom_kernel.api.streaming import client_gone
-from loom_kernel.capture import check_site
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.types import Batch, Capture, GenerationParams, Gradient, Intervention, LayerSel, LoadedModel
+from loom_kernel import (
+    Batch,
+    Capture,
+    GenerationParams,
+    Gradient,
+    Intervention,
+    InvalidField,
+    LayerSel,
+    LoadedModel,
+    LoadFields,
+    Manager,
+    NonEmpty,
+    Option,
+    Session,
+    Sites,
+    StateRequest,
+    Unsupported,
+    check_generation,
+    check_site,
+    client_gone,
+    echo,
+    fit_text,
+    model_metadata,
+    token_texts,
+)
 
 PATCH_MAX_ROWS = Option(
     "interventions", "patch_max_rows", 2048, "runs one POST /patch may ask for (sites x positions + 2)", minimum=1

@@ -5,39 +5,40 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import threading
-import weakref
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 
-from loom_interp.fitting import fitter, train
+from loom_interp.fitting import train
 from loom_interp.interventions import read_vector
 from loom_interp.readouts import check_probe, typed_meta
-from loom_interp.stores import PROBES_MAX_MB, Stored, stored, stores
-from loom_kernel import echo
-from loom_kernel.admission import Session
-from loom_kernel.api.deps import Manager
-from loom_kernel.api.payloads import StateRequest, model_metadata
-from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.security import caller
-from loom_kernel.api.streaming import client_gone
-from loom_kernel.capture import check_site
-from loom_kernel.errors import InsufficientStorage, InvalidField
-from loom_kernel.types import Batch
+from loom_interp.state import interp
+from loom_interp.stores import PROBES_MAX_MB, Stored, stored
+from loom_kernel import (
+    Batch,
+    InsufficientStorage,
+    InvalidField,
+    LoadFields,
+    Manager,
+    NonEmpty,
+    Session,
+    StateRequest,
+    caller,
+    check_site,
+    client_gone,
+    echo,
+    model_metadata,
+)
 
 SAFETENSORS_TYPES = ("application/vnd.loom.safetensors", "application/octet-stream")
 SAE_ROLES = ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")
 MAX_FIT_TEXTS = 4096
 MAX_FIT_CLASSES = 256
 FIT_BATCH = 32
-MAX_UPLOADS = 2  # SAE files read and parsed at once (the next waits before its body is read)
 # What a safetensors file's tensors may hold: numbers the store keeps as float32 (a BOOL or int tensor is no SAE,
 # and would grow 4 to 8 times as float32).
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -45,18 +46,6 @@ Tensor = list[Any] | dict[str, Any]  # numbers, rows of numbers, or a wire tenso
 
 
 MAX_HEADER_BYTES = 16 * 2**20  # a safetensors header's own limit (100 MB in the library) is far above any SAE's
-
-_UPLOADS: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-_UPLOADS_LOCK = threading.Lock()
-
-
-@contextlib.asynccontextmanager
-async def uploads(manager: Any) -> AsyncIterator[None]:
-    """One of the ``MAX_UPLOADS`` upload slots of the server ``manager`` runs."""
-    with _UPLOADS_LOCK:
-        slots = _UPLOADS.setdefault(manager, asyncio.Semaphore(MAX_UPLOADS))
-    async with slots:
-        yield
 
 
 class ProbeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -110,7 +99,7 @@ def store(
     (the entry, whether it is new or changed)."""
     check_probe(tensors, meta)
     meta = {k: v for k, v in meta.items() if v is not None and not isinstance(v, int | list)}
-    return stores(manager).probes.put(name, tensors, meta, replace, owner)
+    return interp(manager.kernel).probes.put(name, tensors, meta, replace, owner)
 
 
 def header_of(head: bytes, limit: int) -> tuple[int, dict[str, Any]]:
@@ -230,7 +219,7 @@ async def fit(session: Session, data: FitRequest, req: StateRequest, manager: An
         return np.stack([r.states[key].double().mean(0).numpy() for out in outputs for r in out.rows])
 
     x = await session.thread(states)
-    result = await fitter(manager).run(train, x, y, classes, folds)
+    result = await interp(manager.kernel).fitter.run(train, x, y, classes, folds)
     import torch
 
     return {
@@ -280,8 +269,8 @@ class ProbesController(Controller):
             raise InvalidField(
                 f"content-type: {media!r}; send the file's bytes", field="content-type", allowed=list(SAFETENSORS_TYPES)
             )
-        async with uploads(manager):  # at most MAX_UPLOADS bodies read and parsed at once
-            body = await safetensors_body(request, stores(manager).probes.max_bytes)
+        async with interp(manager.kernel).uploads():  # at most MAX_UPLOADS bodies read and parsed at once
+            body = await safetensors_body(request, interp(manager.kernel).probes.max_bytes)
 
             def put() -> tuple[Stored, bool]:  # parsing and the flushed write, on a request thread
                 tensors, file_meta = read_safetensors(body)
@@ -311,15 +300,15 @@ class ProbesController(Controller):
     # A store over a shared directory may read what other replicas wrote: on a request thread.
     @get("/", sync_to_thread=True)
     def list_probes(self, request: Request, manager: Manager) -> dict[str, Any]:
-        return stores(manager).probes.listing(caller(request))
+        return interp(manager.kernel).probes.listing(caller(request))
 
     @get("/{name:str}", sync_to_thread=True)
     def get_probe(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
-        return stores(manager).probes.get(name, caller(request)).describe()
+        return interp(manager.kernel).probes.get(name, caller(request)).describe()
 
     @delete("/{name:str}", status_code=200, sync_to_thread=True)
     def delete_probe(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
-        stores(manager).probes.delete(name, caller(request))
+        interp(manager.kernel).probes.delete(name, caller(request))
         return {"status": "deleted", "name": name}
 
     @post("/fit", status_code=201)

@@ -15,11 +15,19 @@ from typing import Any
 import attrs
 
 from loom_interp.stores import Stored, TensorStore
-from loom_kernel import chars_per_token, echo, fit_text
-from loom_kernel.api.payloads import token_texts
-from loom_kernel.capture import check_site, resolve_layers, split_sites
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.types import LayerSel, LoadedModel
+from loom_kernel import (
+    InvalidField,
+    LayerSel,
+    LoadedModel,
+    Unsupported,
+    chars_per_token,
+    check_site,
+    echo,
+    fit_text,
+    resolve_layers,
+    split_sites,
+    token_texts,
+)
 
 LINEAR_ACTIVATIONS = ("linear", "sigmoid", "softmax")
 SAE_ACTIVATIONS = ("relu", "jumprelu", "topk")

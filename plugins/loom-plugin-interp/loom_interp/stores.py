@@ -17,15 +17,13 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from loom_kernel import Option, echo
-from loom_kernel.errors import Conflict, InsufficientStorage, InvalidField, LoomError
+from loom_kernel import Conflict, InsufficientStorage, InvalidField, LoomError, Option, echo
 
 log = logging.getLogger("loom")
 
@@ -352,12 +350,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@attrs.define(frozen=True)
-class Stores:
-    vectors: TensorStore
-    probes: TensorStore
-
-
 # A directory keeps a store across restarts (one safetensors file per entry); unset, it lives in memory.
 VECTORS_DIRECTORY = Option("vectors", "directory", None, "where stored steering vectors persist")
 VECTORS_MAX_MB = Option("vectors", "max_mb", 64.0, "MiB all stored vectors may take (beyond: 507)", minimum=0)
@@ -365,29 +357,3 @@ VECTORS_MAX_ENTRIES = Option("vectors", "max_entries", 4096, "vectors the store 
 PROBES_DIRECTORY = Option("probes", "directory", None, "where stored probes and sparse autoencoders persist")
 PROBES_MAX_MB = Option("probes", "max_mb", 512.0, "MiB all stored probes may take (beyond: 507)", minimum=0)
 PROBES_MAX_ENTRIES = Option("probes", "max_entries", 1024, "probes the store may hold (beyond: 507)", minimum=1)
-
-_STORES: weakref.WeakKeyDictionary[Any, Stores] = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
-
-
-def stores(manager: Any) -> Stores:
-    """The stores of the server ``manager`` runs (one pair per app), made from its settings on first use."""
-    with _LOCK:
-        found = _STORES.get(manager)
-        if found is None:
-            s = manager.settings
-            from loom_interp.readouts import check_stored_probe
-
-            found = _STORES[manager] = Stores(
-                vectors=TensorStore(
-                    "vector", int(VECTORS_MAX_MB.of(s) * 2**20), VECTORS_DIRECTORY.of(s), VECTORS_MAX_ENTRIES.of(s)
-                ),
-                probes=TensorStore(
-                    "probe",
-                    int(PROBES_MAX_MB.of(s) * 2**20),
-                    PROBES_DIRECTORY.of(s),
-                    PROBES_MAX_ENTRIES.of(s),
-                    check=check_stored_probe,
-                ),
-            )
-        return found

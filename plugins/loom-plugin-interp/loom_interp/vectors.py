@@ -12,16 +12,21 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 
 from loom_interp.interventions import read_vector
-from loom_interp.stores import stored, stores
-from loom_kernel.admission import Session
-from loom_kernel.api.deps import Manager
-from loom_kernel.api.payloads import StateRequest, model_metadata
-from loom_kernel.api.schemas import LoadFields, NonEmpty
-from loom_kernel.api.security import caller
-from loom_kernel.api.streaming import client_gone
-from loom_kernel.capture import check_site
-from loom_kernel.encoding import encode_tensor
-from loom_kernel.types import Batch
+from loom_interp.state import interp
+from loom_interp.stores import stored
+from loom_kernel import (
+    Batch,
+    LoadFields,
+    Manager,
+    NonEmpty,
+    Session,
+    StateRequest,
+    caller,
+    check_site,
+    client_gone,
+    encode_tensor,
+    model_metadata,
+)
 
 MAX_CONTRAST_TEXTS = 256
 ContrastTexts = Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_CONTRAST_TEXTS)]
@@ -95,21 +100,21 @@ class VectorsController(Controller):
         """Store a vector under ``name``: 201, or 200 when the same vector is stored under that name already (409
         for another one unless ``replace``; 507 past the byte budget or the entry limit)."""
         tensor = read_vector(data.vector, None, "vector")
-        put = stores(manager).vectors.put
+        put = interp(manager.kernel).vectors.put
         return stored(*put(data.name, tensor, _site_meta(data), data.replace, caller(request)))
 
     @get("/", sync_to_thread=True)
     def list_vectors(self, request: Request, manager: Manager) -> dict[str, Any]:
-        return stores(manager).vectors.listing(caller(request))
+        return interp(manager.kernel).vectors.listing(caller(request))
 
     @get("/{name:str}", sync_to_thread=True)
     def get_vector(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
-        item = stores(manager).vectors.get(name, caller(request))
+        item = interp(manager.kernel).vectors.get(name, caller(request))
         return {**item.describe(), "vector": encode_tensor(item.tensor, "float32", "list")}
 
     @delete("/{name:str}", status_code=200, sync_to_thread=True)
     def delete_vector(self, name: FromPath[str], request: Request, manager: Manager) -> dict[str, Any]:
-        stores(manager).vectors.delete(name, caller(request))
+        interp(manager.kernel).vectors.delete(name, caller(request))
         return {"status": "deleted", "name": name}
 
     @post("/contrast", status_code=200)
@@ -131,7 +136,7 @@ class VectorsController(Controller):
         vector = result.pop("vector")
         stored = None
         if data.name is not None:
-            put = stores(manager).vectors.put
+            put = interp(manager.kernel).vectors.put
             item, _ = await asyncio.to_thread(put, data.name, vector, _site_meta(data), data.replace, caller(request))
             stored = item.describe()
         return {

@@ -15,20 +15,35 @@ from litestar import Controller, Request, get, post
 from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from loom_kernel import fit_text
-from loom_kernel.admission import Session
-from loom_kernel.api.deps import Manager
-from loom_kernel.api.inference import asked_fields, checked_params
-from loom_kernel.api.payloads import StateRequest, check_generation, generate_choices, stream_extras
-from loom_kernel.api.problems import openai_error, request_id
-from loom_kernel.api.security import caller
-from loom_kernel.api.streaming import MayStream, TokenBridge, client_gone, event_stream
-from loom_kernel.api.system import path_model_id
-from loom_kernel.config import Settings
-from loom_kernel.errors import InvalidField, Unsupported
-from loom_kernel.inputs import check_vocabulary, vocabulary_size
-from loom_kernel.models import ModelEntry
-from loom_kernel.types import Batch, GenerationParams, LoadedModel
+from loom_kernel import (
+    Batch,
+    GenerationParams,
+    InvalidField,
+    LoadedModel,
+    Manager,
+    MayStream,
+    ModelEntry,
+    Session,
+    Settings,
+    StateRequest,
+    TokenBridge,
+    Unsupported,
+    asked_fields,
+    caller,
+    check_generation,
+    check_vocabulary,
+    checked_params,
+    client_gone,
+    event_stream,
+    fit_text,
+    generate_choices,
+    openai_error,
+    path_model_id,
+    request_id,
+    stream_extras,
+    texts_or_ids,
+    vocabulary_size,
+)
 from loom_openai.schemas import (
     MAX_CHAT_TOP_LOGPROBS,
     MAX_COMPLETION_LOGPROBS,
@@ -39,7 +54,6 @@ from loom_openai.schemas import (
     ChatMessage,
     CompletionRequest,
     OpenAIFields,
-    openai_inputs,
 )
 
 
@@ -431,7 +445,7 @@ class OpenAIController(Controller):
         """OpenAI's completion of each prompt (``n`` choices each, prompt by prompt, as rows of one batch), or with
         ``stream: true`` its chunks (server-sent events)."""
         settings = manager.settings
-        texts, rows = openai_inputs(data.prompt, "prompt")
+        texts, rows = texts_or_ids(data.prompt, "prompt")
         n = data.n or 1
         prompts = len(texts or rows or ())
         if prompts * n > MAX_PROMPTS:

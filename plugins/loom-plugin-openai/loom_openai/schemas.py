@@ -12,19 +12,18 @@ from typing import Annotated, Any
 
 import msgspec
 
-from loom_kernel.api.schemas import (
+from loom_kernel import (
     MAX_N,
     Interventions,
     LayerSpec,
     LensFields,
     LoadFields,
     NonEmpty,
-    PositionSpec,
+    PositionField,
     Probes,
     Seed,
     StopRule,
 )
-from loom_kernel.errors import InvalidField
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4  # OpenAI's own limit
@@ -80,7 +79,7 @@ class OpenAIFields(LoadFields, kw_only=True):
     logit_lens: LensFields | None = None
     probes: Probes | None = None
     stop_when: Annotated[list[StopRule], msgspec.Meta(max_length=8)] | None = None
-    positions: PositionSpec | None = None
+    positions: PositionField | None = None
     return_full_sequence: bool = False
     hidden_state_format: str | None = None
     hidden_state_dtype: str | None = None
@@ -123,28 +122,8 @@ class ChatCompletionRequest(OpenAIFields, kw_only=True):
 
 
 class CompletionRequest(OpenAIFields, kw_only=True):
-    prompt: str | list[Any]  # a text, texts, token ids or lists of token ids (openai_inputs): one choice set each
+    prompt: str | list[Any]  # a text, texts, token ids or lists of token ids (texts_or_ids): one choice set each
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None
-
-
-def openai_inputs(value: Any, field: str) -> tuple[list[str], list[list[int]] | None]:
-    """OpenAI's shapes of ``input`` or ``prompt``: a string, strings, token ids, or lists of token ids. Returns
-    (texts, None) or ([], token id rows); anything else is InvalidField naming ``field``. A flat list of ids is
-    one row."""
-    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
-    if isinstance(value, str) and value:
-        return [value], None
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return list(value), None
-    if isinstance(value, list) and value and all(_is_id(v) for v in value):
-        return [], [list(value)]
-    if isinstance(value, list) and value and all(isinstance(r, list) and r and all(map(_is_id, r)) for r in value):
-        return [], [list(r) for r in value]
-    raise InvalidField(f"{field}: must be {shapes}, none of them empty", field=field, allowed=shapes)
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

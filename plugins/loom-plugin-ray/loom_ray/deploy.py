@@ -106,7 +106,7 @@ def stop() -> None:
 
 def run(settings: Any) -> int:
     """The transport's ``serve``: deploy, then hold until SIGTERM or SIGINT."""
-    from loom_kernel.logs import configure_logging
+    from loom_kernel import configure_logging
 
     configure_logging(settings.log_level)
     done = threading.Event()

@@ -35,9 +35,7 @@ def replica_class(max_models: int) -> type:
 
     class LoomReplica:
         async def __init__(self, settings: dict[str, Any], registry: Any) -> None:
-            from loom_kernel.api import create_app
-            from loom_kernel.config import Settings
-            from loom_kernel.logs import configure_logging
+            from loom_kernel import Settings, configure_logging, create_app
             from loom_ray.loopback import keep_serve_on_loopback
 
             keep_serve_on_loopback()
@@ -95,7 +93,7 @@ def replica_class(max_models: int) -> type:
             return self._snapshot()
 
         def _snapshot(self) -> dict[str, Any]:
-            from loom_kernel.reports import gauges
+            from loom_kernel import gauges
 
             manager = self.manager
             return {

@@ -106,11 +106,18 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
     """The ingress ASGI app: ``handle`` reaches the replicas, ``registry`` knows what they hold."""
     from litestar.exceptions import HTTPException
 
-    from loom_kernel import __version__
-    from loom_kernel.api import create_app
-    from loom_kernel.api.problems import begin_request, with_request_id
-    from loom_kernel.api.security import Guard, body_limit, key_refusal, refuse, route_of
-    from loom_kernel.config import Settings
+    from loom_kernel import (
+        Guard,
+        Settings,
+        __version__,
+        begin_request,
+        body_limit,
+        create_app,
+        key_refusal,
+        refuse,
+        route_of,
+        with_request_id,
+    )
 
     guard = Guard.of(settings["host"], settings["allowed_hosts"], settings["cors_origins"])
     # The app the replicas run, never started here: its routes say how large each one's body may be.

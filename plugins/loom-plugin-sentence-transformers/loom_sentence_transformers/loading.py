@@ -6,10 +6,16 @@ import logging
 import time
 from typing import Any
 
-from loom_kernel import LoadedModel, LoadOptions, ModelRef
-from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import LoomError, load_error
-from loom_kernel.loading import count_layers
+from loom_kernel import (
+    LoadedModel,
+    LoadOptions,
+    LoomError,
+    ModelRef,
+    count_layers,
+    load_error,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger("loom.sentence_transformers")
 

@@ -17,9 +17,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
-from loom_kernel.capture import StateRecorder, find_blocks
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel import (
+    Batch,
+    Capture,
+    ForwardOutput,
+    InvalidField,
+    LoadedModel,
+    SequenceOutput,
+    StateRecorder,
+    Unsupported,
+    find_blocks,
+)
 from loom_sentence_transformers.packing import Layout, agrees, packable, run_packed
 
 log = logging.getLogger("loom.sentence_transformers")

@@ -48,7 +48,9 @@ def minilm_path() -> Path:
 
 @pytest.fixture(scope="module")
 def minilm(hooks, minilm_path) -> Any:
-    return hooks.load(model=resolve_model(str(minilm_path)), loader="sentence_transformers", options=LoadOptions())
+    return hooks.load(
+        model=resolve_model(str(minilm_path)), loader="sentence_transformers", options=LoadOptions(), kernel=None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +147,13 @@ def test_load_fields(minilm):
 
 def test_load_declines_other_loaders_and_shares_device_rules(hooks):
     ref = resolve_model(str(get_model_path()))
-    assert hooks.load(model=ref, loader="somebody_else", options=LoadOptions()) is None
+    assert hooks.load(model=ref, loader="somebody_else", options=LoadOptions(), kernel=None) is None
     with pytest.raises(InvalidField) as err:
-        hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(dtype="float8"))
+        hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(dtype="float8"), kernel=None)
     assert err.value.field == "dtype"
     if not torch.cuda.is_available():
         with pytest.raises(InvalidField) as err:
-            hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(device="cuda:0"))
+            hooks.load(model=ref, loader="sentence_transformers", options=LoadOptions(device="cuda:0"), kernel=None)
         assert err.value.field == "device"
 
 
@@ -233,7 +235,10 @@ def test_dense_and_cls_pipeline_and_config_only_model(hooks, tiny_pipelines):
     from sentence_transformers import SentenceTransformer
 
     dense = hooks.load(
-        model=resolve_model(str(tiny_pipelines["dense"])), loader="sentence_transformers", options=LoadOptions()
+        model=resolve_model(str(tiny_pipelines["dense"])),
+        loader="sentence_transformers",
+        options=LoadOptions(),
+        kernel=None,
     )
     assert dense.default_pooling == "cls" and dense.pooled_normalized
     assert dense.extra["pipeline"] == ["Transformer", "Pooling(cls)", "Dense", "Normalize"]
@@ -246,7 +251,10 @@ def test_dense_and_cls_pipeline_and_config_only_model(hooks, tiny_pipelines):
     assert rows[0].states["-1"].shape == (len(rows[0].token_ids), 64)
 
     bare = hooks.load(
-        model=resolve_model(str(tiny_pipelines["config_only"])), loader="sentence_transformers", options=LoadOptions()
+        model=resolve_model(str(tiny_pipelines["config_only"])),
+        loader="sentence_transformers",
+        options=LoadOptions(),
+        kernel=None,
     )
     assert bare.default_pooling == "mean" and not bare.pooled_normalized
     rows = run(hooks, bare, texts)
@@ -259,6 +267,7 @@ def test_bfloat16_load(hooks):
         model=resolve_model(str(get_model_path())),
         loader="sentence_transformers",
         options=LoadOptions(dtype="bfloat16"),
+        kernel=None,
     )
     assert half.dtype == "bfloat16" and half.model.transformers_model.dtype == torch.bfloat16
     (row,) = run(hooks, half, ["hello"], capture=Capture(layers=resolve_layers([-1], 6), positions="last"))
@@ -322,7 +331,10 @@ def test_a_model_whose_rows_cannot_be_packed_runs_padded(hooks, tiny_pipelines):
     from sentence_transformers import SentenceTransformer
 
     causal = hooks.load(
-        model=resolve_model(str(tiny_pipelines["causal"])), loader="sentence_transformers", options=LoadOptions()
+        model=resolve_model(str(tiny_pipelines["causal"])),
+        loader="sentence_transformers",
+        options=LoadOptions(),
+        kernel=None,
     )
     texts = ["hello", "the quick brown fox jumps over the lazy dog and the cat", "a b", "hidden states"]
     rows = run(hooks, causal, texts, capture=Capture(layers=resolve_layers([-1], causal.num_layers), positions="all"))
@@ -337,6 +349,7 @@ def test_half_precision_batches_pack_within_their_precision(hooks, reference):
         model=resolve_model(str(get_model_path())),
         loader="sentence_transformers",
         options=LoadOptions(dtype="bfloat16"),
+        kernel=None,
     )
     packed = torch.stack([r.pooled for r in run(hooks, half, MIXED)])
     assert half.extra["packing"] is True

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from loom_kernel.errors import Unsupported
+from loom_kernel import Unsupported
 
 FIELD = "return_attention"
 LOOM = "loom_eager"

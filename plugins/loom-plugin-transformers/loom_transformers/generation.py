@@ -22,8 +22,17 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Batch, Capture, GenerationParams, Intervention, LoadedModel, LoomError, SequenceOutput
-from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel import (
+    Batch,
+    Capture,
+    GenerationParams,
+    Intervention,
+    InvalidField,
+    LoadedModel,
+    LoomError,
+    SequenceOutput,
+    Unsupported,
+)
 from loom_transformers.architectures import recurrent
 from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
 from loom_transformers.running import (

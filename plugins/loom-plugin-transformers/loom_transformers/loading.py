@@ -8,12 +8,22 @@ import re
 import time
 from typing import Any
 
-from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult
-from loom_kernel.devices import resolve_device, resolve_dtype
-from loom_kernel.errors import BadModel, LoomError, load_error
-from loom_kernel.loading import count_layers, module_bytes
+from loom_kernel import (
+    BadModel,
+    LoadedModel,
+    LoadOptions,
+    LoomError,
+    ModelRef,
+    ProbeResult,
+    count_layers,
+    load_error,
+    module_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from loom_transformers.architectures import NOT_SERVED, arch_of
 from loom_transformers.attribution import attribution
+from loom_transformers.runner import TransformersRunner
 from loom_transformers.sites import site_shapes, unembed
 from loom_transformers.weights import weights
 
@@ -123,6 +133,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         row_params=causal,
         gradients=causal,
     )
+    loaded.runner = TransformersRunner(loaded)
     if causal:
         from loom_transformers.generation import Decoder
 

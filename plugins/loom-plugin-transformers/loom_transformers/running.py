@@ -31,9 +31,10 @@ from loom_kernel import (
     Intervention,
     LoadedModel,
     SequenceOutput,
+    batch_inputs,
+    find_blocks,
+    resolve_positions,
 )
-from loom_kernel.capture import find_blocks, resolve_positions
-from loom_kernel.inputs import batch_inputs
 from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
 from loom_transformers.sites import Layout, Site, SiteHooks, keyed_fill, site_map
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom_kernel import LoadedModel
-from loom_kernel.errors import BadModel
+from loom_kernel import BadModel, LoadedModel
 from loom_transformers.architectures import Arch, arch_of, part
 from loom_transformers.attention import LOOM, eager_attention
 from loom_transformers.sites import KEYS, Layout, Site, SiteHooks, site_map, unembed

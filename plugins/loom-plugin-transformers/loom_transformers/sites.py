@@ -25,8 +25,7 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Intervention, LoadedModel
-from loom_kernel.capture import find_blocks
+from loom_kernel import Intervention, LoadedModel, find_blocks
 from loom_transformers.architectures import Arch, arch_of, part
 from loom_transformers.attention import MASKED
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loom_kernel import LoadedModel
-from loom_kernel.errors import InvalidField
+from loom_kernel import InvalidField, LoadedModel
 from loom_transformers.architectures import arch_of, part
 from loom_transformers.sites import Site, site_map, w_o
 

@@ -37,7 +37,7 @@ def hooks() -> Any:
 @pytest.fixture(scope="module")
 def loaded(hooks: Any, tiny_models: dict[str, Path]) -> dict[str, Any]:
     return {
-        arch: hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+        arch: hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
         for arch, path in tiny_models.items()
     }
 
@@ -117,13 +117,13 @@ def test_load_fields(loaded, arch):
 
 def test_load_declines_other_loaders(hooks, tiny_models):
     ref = resolve_model(str(tiny_models["gpt2"]))
-    assert hooks.load(model=ref, loader="someone-else", options=LoadOptions()) is None
+    assert hooks.load(model=ref, loader="someone-else", options=LoadOptions(), kernel=None) is None
 
 
 def test_load_logs_what_where_size_device_dtype_time(hooks, tiny_models, caplog):
     path = tiny_models["qwen2"]
     with caplog.at_level(logging.INFO, logger="loom.transformers"):
-        hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+        hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
     done = [r.getMessage() for r in caplog.records if r.name == "loom.transformers" and "loaded" in r.getMessage()]
     assert len(done) == 1
     assert str(path) in done[0] and "MiB on cpu as float32 in" in done[0] and "Qwen2ForCausalLM" in done[0]
@@ -132,7 +132,7 @@ def test_load_logs_what_where_size_device_dtype_time(hooks, tiny_models, caplog)
 def test_load_bad_dtype_is_invalid_field(hooks, tiny_models):
     ref = resolve_model(str(tiny_models["llama"]))
     with pytest.raises(InvalidField) as err:
-        hooks.load(model=ref, loader="transformers", options=LoadOptions(dtype="float8"))
+        hooks.load(model=ref, loader="transformers", options=LoadOptions(dtype="float8"), kernel=None)
     assert err.value.field == "dtype" and err.value.status == 422
     assert err.value.allowed == ["auto", "float32", "float16", "bfloat16"]
 
@@ -142,26 +142,34 @@ def test_load_bad_dtype_is_invalid_field(hooks, tiny_models):
 def test_load_cuda_without_cuda_is_invalid_field(hooks, tiny_models, device):
     ref = resolve_model(str(tiny_models["llama"]))
     with pytest.raises(InvalidField) as err:
-        hooks.load(model=ref, loader="transformers", options=LoadOptions(device=device))
+        hooks.load(model=ref, loader="transformers", options=LoadOptions(device=device), kernel=None)
     assert err.value.field == "device" and err.value.allowed == ["cpu"]
 
 
 def test_load_unknown_device_is_invalid_field(hooks, tiny_models):
     with pytest.raises(InvalidField) as err:
-        hooks.load(model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions("tpu"))
+        hooks.load(
+            model=resolve_model(str(tiny_models["llama"])),
+            loader="transformers",
+            options=LoadOptions("tpu"),
+            kernel=None,
+        )
     assert err.value.field == "device"
 
 
 def test_load_without_weights_is_the_models_fault(hooks, tiny_models, tmp_path):
     shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
     with pytest.raises(BadModel) as err:
-        hooks.load(model=resolve_model(str(tmp_path)), loader="transformers", options=LoadOptions())
+        hooks.load(model=resolve_model(str(tmp_path)), loader="transformers", options=LoadOptions(), kernel=None)
     assert err.value.status == 422 and str(tmp_path) in err.value.detail and "no weights file" in err.value.detail
 
 
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_keeps_states_in_model_dtype(hooks, loaded, tiny_models):
     m = hooks.load(
-        model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions(dtype="bfloat16")
+        model=resolve_model(str(tiny_models["llama"])),
+        loader="transformers",
+        options=LoadOptions(dtype="bfloat16"),
+        kernel=None,
     )
     assert loaded["llama"].dtype == "float32"
     assert m.dtype == "bfloat16" and m.model.dtype == torch.bfloat16
@@ -444,7 +452,7 @@ def test_max_tokens_zero_and_encoders(hooks, loaded):
 
 def test_generation_stops_at_the_context_limit(hooks, tiny_root):
     path = build_tiny_model("llama", tiny_root, name="tiny-llama-ctx16", max_position_embeddings=16)
-    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions())
+    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
     assert m.max_context == 16
     capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="all")
     row = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 15)),), generation=gen(50)).rows[0]

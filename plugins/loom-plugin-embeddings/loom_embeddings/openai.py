@@ -1,4 +1,4 @@
-"""POST /v1/embeddings: OpenAI's texts and answer around the embeddings plugin's endpoint (``routes.serve``)."""
+"""POST /v1/embeddings: OpenAI's texts and answer around the same embedding as /embed (``routes.serve``)."""
 
 from __future__ import annotations
 
@@ -9,21 +9,17 @@ import numpy as np
 import pluggy
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
+
 from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, declared_strategies
 from loom_embeddings.routes import EmbedFields, serve
-
-from loom_kernel.api.deps import Manager, Plugins
-from loom_kernel.api.schemas import NonEmpty
-from loom_kernel.encoding import b64_raw, json_raw
-from loom_kernel.errors import InvalidField
-from loom_openai.schemas import openai_inputs
+from loom_kernel import InvalidField, Manager, NonEmpty, Plugins, b64_raw, json_raw, texts_or_ids
 
 
 class OpenAIEmbeddingRequest(EmbedFields, kw_only=True):
     """OpenAI's fields, plus The Loom's embedding and load fields (an OpenAI client passes them in extra_body)."""
 
     model: NonEmpty
-    input: str | list[Any]  # a text, texts, token ids, or lists of token ids (openai_inputs)
+    input: str | list[Any]  # a text, texts, token ids, or lists of token ids (texts_or_ids)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
 
@@ -40,7 +36,7 @@ def openai_texts(data: OpenAIEmbeddingRequest, pm: pluggy.PluginManager) -> tupl
             field="pooling",
             allowed=[p for p in declared_strategies(pm) if p != "none"],
         )
-    texts, rows = openai_inputs(data.input, "input")
+    texts, rows = texts_or_ids(data.input, "input")
     items: list[Any] = texts if rows is None else rows
     if len(items) > MAX_BATCH_TEXTS:
         raise InvalidField(
