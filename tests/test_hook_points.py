@@ -526,3 +526,15 @@ async def test_bad_edits_at_the_new_points_are_422_naming_the_field(built):
             r = await c.post("/extract", json={"model": built("llama"), "text": TEXT, "interventions": [item]})
             assert r.status_code == 422, r.text
             assert r.json()["field"] == field and words in r.text, r.json()
+
+
+async def test_the_answer_size_estimate_counts_a_points_shape(built):
+    """A pattern is [heads, keys] a token: a request for every block's over a long text is refused before the
+    pass (413/422 naming hidden_state_layers), not built; one over a short text is served."""
+    path = built("gpt2")
+    names = [f"blocks.{i}.attn.hook_pattern" for i in range(3)]
+    async with concurrent_client(app_with(max_response_mb=1)) as c:
+        body = {"model": path, "hidden_state_layers": names, "positions": "all", "hidden_state_format": "base64"}
+        assert (await c.post("/extract", json={**body, "text": TEXT})).status_code == 200
+        r = await c.post("/extract", json={**body, "text": " ".join([TEXT] * 40)})
+        assert r.status_code in (413, 422) and r.json()["field"] == "hidden_state_layers", r.text

@@ -7,6 +7,7 @@ Shared by the HTTP endpoints; nothing here knows about Litestar. A request's wor
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -242,7 +243,9 @@ def answer_bytes(
         selected = named[positions] if isinstance(positions, str) else len(positions)
         if capture.wants_states:
             rows = 1 + selected + (new if capture.stream_states else 0)
-            parts["states"] += len(capture.layers) * rows * model.hidden_size * per
+            # A hook point's values per token by its shape; -1 (a query's keys, hook_pattern) is the sequence.
+            widths = [math.prod(total if d == -1 else d for d in (model.sites or {}).get(s, ())) for s in capture.sites]
+            parts["states"] += (len(capture.layers) * model.hidden_size + sum(widths)) * rows * per
         if capture.attention_layers:
             parts["attentions"] += len(capture.attention_layers) * heads * max(1, selected) * total * per
         if capture.logits:  # a generation's steps, or a forward pass's positions

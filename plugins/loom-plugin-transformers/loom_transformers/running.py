@@ -172,15 +172,19 @@ def forward_many(
                 model.extra["position_offset"] = _position_offset(base)
             if (offset := model.extra["position_offset"]) is not None:
                 kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) + offset
-        # With gradients the whole model runs (its head gives the metric); otherwise the base model, without a head.
+        # With gradients the whole model runs (its head gives the metric: at the last column only, where every row
+        # ends there); otherwise the base model, without a head.
         net = model.model if grad else model.extra["base"]
+        ends = left or len({len(row) for row in inputs}) == 1
+        if grad and ends:
+            kwargs.update(_step_kwargs(model.model)[1])
         if sites is not None and sites.attention:
             with eager_attention(model.model, LOOM, "hidden_state_layers"):
                 out = net(input_ids=ids, **kwargs)
         else:
             out = net(input_ids=ids, **kwargs)
         if grad and sites is not None:
-            last = [width - 1 if left else len(row) - 1 for row in inputs]
+            last = [-1] * len(inputs) if ends else [len(row) - 1 for row in inputs]
             gradients = sites.gradients(metric(out.logits[range(len(inputs)), last], capture.gradient))
         del out  # no graph outlives the pass
         taken = sites.kept if sites is not None else {}
