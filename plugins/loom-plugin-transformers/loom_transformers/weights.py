@@ -29,8 +29,10 @@ def weights(model: LoadedModel, names: Sequence[str] | None) -> dict[str, Any]:
     if names is None:
         listing = {name: (tuple(t.shape), _dtype(t)) for name, t in own.items()}
         for name, make in tl.items():
-            t = make()
-            listing[name] = (tuple(t.shape), _dtype(t))
+            repeated = getattr(make, "repeats", None)  # GQA's W_K: its key-value heads' shape, times the groups
+            t = make() if repeated is None else tl[repeated[0]]()
+            shape = tuple(t.shape) if repeated is None else (t.shape[0] * repeated[1], *t.shape[1:])
+            listing[name] = (shape, _dtype(t))
         return listing
     unknown = [name for name in names if name not in own and name not in tl]
     if unknown:
@@ -45,6 +47,16 @@ def weights(model: LoadedModel, names: Sequence[str] | None) -> dict[str, Any]:
 
 def _dtype(t: Any) -> str:
     return str(t.dtype).removeprefix("torch.")
+
+
+def _repeated(make: Callable[[], Any], base: str, groups: int) -> Callable[[], Any]:
+    """``base``'s tensor with each key-value head repeated ``groups`` times (its shape known without making it)."""
+
+    def repeat() -> Any:
+        return make().repeat_interleave(groups, 0)
+
+    repeat.repeats = (base, groups)  # type: ignore[attr-defined]
+    return repeat
 
 
 def _in_out(module: Any) -> Any:
@@ -100,11 +112,12 @@ def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
             make = lambda m=site.module, view=view: view(_in_out(m)).permute(1, 0, 2)  # noqa: E731
             bias = (lambda m=site.module, view=view: view(m.bias)) if site.module.bias is not None else None
             if letter != "Q" and heads != query_heads:  # grouped-query attention: TransformerLens repeats them
+                groups = query_heads // heads
                 out[f"{at}attn._W_{letter}"] = make
-                out[f"{at}attn.W_{letter}"] = lambda make=make, r=query_heads // heads: make().repeat_interleave(r, 0)
+                out[f"{at}attn.W_{letter}"] = _repeated(make, f"{at}attn._W_{letter}", groups)
                 if bias is not None:
                     out[f"{at}attn._b_{letter}"] = bias
-                    out[f"{at}attn.b_{letter}"] = lambda b=bias, r=query_heads // heads: b().repeat_interleave(r, 0)
+                    out[f"{at}attn.b_{letter}"] = _repeated(bias, f"{at}attn._b_{letter}", groups)
                 continue
             out[f"{at}attn.W_{letter}"] = make
             if bias is not None:
