@@ -48,8 +48,10 @@ from loom_kernel.types import (
     ProbeResult,
     QuantizationPlan,
     Reading,
+    RowInput,
     Runner,
     SequenceOutput,
+    StepOutput,
     Transport,
 )
 
@@ -66,6 +68,7 @@ _LAZY = {
     **dict.fromkeys(("count_layers", "module_bytes"), "loom_kernel.loading"),
     **dict.fromkeys(("b64_raw", "encode_tensor", "json_raw", "SAFETENSORS_MEDIA_TYPE"), "loom_kernel.encoding"),
     "Session": "loom_kernel.admission",
+    "generate_whole": "loom_kernel.batching",
     **dict.fromkeys(("ModelEntry", "ModelManager"), "loom_kernel.models"),
     "create_plugin_manager": "loom_kernel.plugins",
     "configure_logging": "loom_kernel.logs",
@@ -155,6 +158,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from loom_kernel.api.security import Guard, body_limit, caller, key_refusal, refuse, route_of
     from loom_kernel.api.streaming import MayStream, TokenBridge, client_gone, event_stream
     from loom_kernel.api.system import path_model_id
+    from loom_kernel.batching import generate_whole
     from loom_kernel.capture import (
         StateRecorder,
         check_site,
@@ -221,6 +225,7 @@ __all__ = [
     "QuantizationPlan",
     "Reading",
     "RequestTimeout",
+    "RowInput",
     "Runner",
     "Seed",
     "SequenceOutput",
@@ -229,6 +234,7 @@ __all__ = [
     "Sites",
     "StateRecorder",
     "StateRequest",
+    "StepOutput",
     "StopRule",
     "TokenBridge",
     "TooManyRequests",
@@ -258,6 +264,7 @@ __all__ = [
     "fit_text",
     "gauges",
     "generate_choices",
+    "generate_whole",
     "hookimpl",
     "json_raw",
     "key_refusal",

@@ -18,6 +18,7 @@ import pluggy
 from loom_kernel.batching import Cancelled, Ticket
 from loom_kernel.config import Settings
 from loom_kernel.errors import LoomError, RequestTimeout, TooManyRequests
+from loom_kernel.inputs import tokenize_rows
 from loom_kernel.openmp import one_torch_thread
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel
 
@@ -41,7 +42,12 @@ class Session:
 
     async def forward(self, batch: Batch, capture: Capture, then: Callable[[ForwardOutput], T] | None = None) -> Any:
         """The call's rows, or ``then(rows)`` computed on the model's thread right after its pass (for a few small
-        tensor operations, which a request thread would otherwise wake up for while the next pass runs)."""
+        tensor operations, which a request thread would otherwise wake up for while the next pass runs). A
+        generation's rows are tokenized and checked here, on a request thread, before they are queued."""
+        if batch.generation is not None and self.model.decoder is not None:
+            batch, refused = await self.thread(tokenize_rows, self.model, batch)
+            if (error := next((r for r in refused if r is not None), None)) is not None:
+                raise error
         future = self.ticket.thread.enqueue(self.ticket, self.pm, self.model, batch, capture, then)
         self.calls.append(future)
         # Shielded: a cancelled request cancels its ticket (its call leaves the queue, its rows stop), never the

@@ -27,21 +27,24 @@ was cancelled (client gone, timeout) is dropped while queued, and its generated 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
 import pluggy
 
 from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
-from loom_kernel.inputs import fit_texts
+from loom_kernel.generating import Engine, Event
+from loom_kernel.inputs import fit_texts, tokenize_rows
 from loom_kernel.merging import merge, restrict
 from loom_kernel.metrics import ModelCounters
-from loom_kernel.types import Batch, Capture, Decoder, ForwardOutput, LoadedModel
+from loom_kernel.output import Expected, Processor
+from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, RowInput
 
 log = logging.getLogger("loom.batching")
 T = TypeVar("T")
@@ -141,32 +144,6 @@ class Call:
         return self._width
 
 
-@attrs.define(eq=False)
-class Joined:
-    """Calls whose rows joined a decoder together, each waiting for all of its rows to finish."""
-
-    decoder: Decoder
-    calls: list[Call]
-    ids: list[list[int]]  # per call, its rows' ids in the decoder
-    merged: Capture
-
-    def deliver(self, counters: ModelCounters) -> bool:
-        """Answer every call whose rows are all done; whether every call is answered."""
-        done = self.decoder.done
-        for call, ids in zip(self.calls, self.ids, strict=True):
-            if call.future.done() or not all(i in done for i in ids):
-                continue
-            rows = [done.pop(i) for i in ids]
-            failed = next((row for row in rows if isinstance(row, BaseException)), None)
-            if failed is not None:  # a row the decoder ended with an error (its logits not finite): its call fails
-                call.future.set_exception(failed)
-                continue
-            counters.prompt_tokens += sum(row.prompt_tokens for row in rows)
-            counters.generated_tokens += sum(len(row.token_ids) - row.prompt_tokens for row in rows)
-            call.answer(ForwardOutput(rows=[restrict(row, call.capture, self.merged) for row in rows]))
-        return all(call.future.done() for call in self.calls)
-
-
 STEP = object()  # what the model's thread takes when nothing is queued but rows are generating
 STOPPED = object()  # ... when it has been idle for IDLE_S: its OS thread ends
 
@@ -199,9 +176,10 @@ class ModelThread:
         self._thread: threading.Thread | None = None  # the OS thread, while it runs (under the lock)
         # Generations, on the model's thread only: one decoder per attention mode, the calls waiting to join one,
         # and the calls whose rows are running.
-        self._decoders: dict[bool, Decoder] = {}
+        self._engines: dict[bool, Engine] = {}
         self._waiting: deque[Call] = deque()
-        self._joined: list[Joined] = []
+        self._output: Processor | None = None  # made with the first generation, ended with the thread's model
+        self._row_ids = itertools.count()
 
     # -- submitting --------------------------------------------------------------------------------------
 
@@ -255,7 +233,7 @@ class ModelThread:
 
     @property
     def running_rows(self) -> int:
-        return sum(d.running for d in list(self._decoders.values()))
+        return sum(e.running for e in list(self._engines.values()))
 
     # -- the thread --------------------------------------------------------------------------------------
 
@@ -295,7 +273,7 @@ class ModelThread:
             idle_until = time.monotonic() + IDLE_S
             while True:
                 self._take_generations()
-                generating = bool(self._waiting) or any(d.busy for d in self._decoders.values())
+                generating = bool(self._waiting) or any(e.busy for e in self._engines.values())
                 if generating and not (self._stepped and self._items):
                     return STEP
                 if self._items:
@@ -321,21 +299,20 @@ class ModelThread:
     def _generate(self) -> None:
         """One step boundary: the waiting generations join, then every running row takes one decoding step."""
         self._join_waiting()
-        for attention, decoder in list(self._decoders.items()):
-            if not decoder.busy:
+        for attention, engine in list(self._engines.items()):
+            if not engine.busy:
                 continue
             start = time.perf_counter()
             try:
-                decoder.step()
+                engine.step()
             except BaseException as exc:
-                self._fail_decoder(attention, exc)
+                self._fail_engine(attention, exc)
                 continue
             self.counters.decode_steps += 1
             self.seconds_per_batch = _average(self.seconds_per_batch, time.perf_counter() - start)
-            self._deliver()
 
     def _join_waiting(self) -> None:
-        """Every waiting call that fits (``max_batch_size`` rows running) joins its decoder, in arrival order."""
+        """Every waiting call that fits (``max_batch_size`` rows running) joins its engine, in arrival order."""
         pending, self._waiting = list(self._waiting), deque()
         groups: dict[tuple[Any, ...], list[Call]] = {}
         for call in pending:
@@ -344,84 +321,58 @@ class ModelThread:
             else:
                 groups.setdefault(call.key(), []).append(call)
         for calls in groups.values():
-            decoder = self._decoder(calls[0])
-            rows, admitted = decoder.running, []
+            engine = self._engine(calls[0])
+            rows, admitted = engine.running, []
             for i, call in enumerate(calls):
                 fits = rows + call.rows <= self.limits.max_batch_size or not (rows or admitted)
-                if not decoder.joinable or not fits:
+                if not engine.joinable or not fits:
                     self._waiting.extend(calls[i:])
                     break
                 admitted.append(call)
                 rows += call.rows
             if admitted:
-                self._join(decoder, admitted)
+                self._join(engine, admitted)
 
-    def _decoder(self, call: Call) -> Decoder:
+    def _engine(self, call: Call) -> Engine:
         attention = call.capture.attention
-        if attention not in self._decoders:
+        if attention not in self._engines:
             assert call.model.decoder is not None
-            self._decoders[attention] = call.model.decoder(attention)
-        return self._decoders[attention]
+            if self._output is None:
+                self._output = Processor(self._name, call.model.tokenizer)
+            decoder = call.model.decoder(attention)
+            self._engines[attention] = Engine(call.model, decoder, self._output.put, self.counters)
+        return self._engines[attention]
 
-    def _join(self, decoder: Decoder, calls: list[Call]) -> None:
-        """``calls`` prefilled into ``decoder`` as one batch; a prompt refused alone fails its own call."""
-        while calls:
-            batch, capture, starts = merge(calls)
-            running = decoder.running
-            try:
-                ids = decoder.join(batch, capture)
-            except InvalidField as exc:
-                if _fail_refused(calls, starts, exc):
-                    continue
-                self._join_alone(decoder, calls, exc)
-                return
-            except BaseException as exc:
-                self._join_alone(decoder, calls, exc)
-                return
-            if running:
-                self.counters.joined_running += len(ids)
-            self.counters.batches += 1
-            self.counters.batched_requests += len(calls)
-            per_call = [ids[s : s + c.rows] for c, s in zip(calls, starts, strict=True)]
-            self._joined.append(Joined(decoder, calls, per_call, capture))
-            self._deliver()
-            return
+    def _join(self, engine: Engine, calls: list[Call]) -> None:
+        """``calls`` (their rows tokenized and checked before they were queued) prefilled as one batch."""
+        assert self._output is not None
+        running = engine.running
+        rows = join(engine, self._output, calls, self._row_ids)
+        if running:
+            self.counters.joined_running += rows
+        self.counters.batches += 1
+        self.counters.batched_requests += len(calls)
 
-    def _join_alone(self, decoder: Decoder, calls: list[Call], exc: BaseException) -> None:
-        if len(calls) == 1:
-            calls[0].future.set_exception(exc)
-            return
-        log.info("%d generations failed to join together (%s); joining each alone", len(calls), exc)
-        for call in calls:
-            self._join(decoder, [call])
-
-    def _deliver(self) -> None:
-        self._joined = [j for j in self._joined if not j.deliver(self.counters)]
-
-    def _fail_decoder(self, attention: bool, exc: BaseException) -> None:
-        """A step failed: every call with rows in that decoder fails with it, and the next join starts afresh."""
-        decoder = self._decoders.pop(attention)
-        log.error("a decoding step failed; %d running row(s) fail with it", decoder.running, exc_info=exc)
-        for joined in [j for j in self._joined if j.decoder is decoder]:
-            for call in joined.calls:
-                if not call.future.done():
-                    call.future.set_exception(exc)
-        self._joined = [j for j in self._joined if j.decoder is not decoder]
-        decoder.close()
+    def _fail_engine(self, attention: bool, exc: BaseException) -> None:
+        """A step failed: every row of that engine fails with it, and the next join starts afresh."""
+        engine = self._engines.pop(attention)
+        log.error("a decoding step failed; %d running row(s) fail with it", engine.running, exc_info=exc)
+        engine.fail(exc)
 
     def _fail_queued(self) -> None:
         with self._cv:
             items, self._items = list(self._items), deque()
-        calls = [item for item in items if isinstance(item, Call)] + list(self._waiting)
-        calls += [call for joined in self._joined for call in joined.calls]
-        for call in calls:
+        gone = ModelNotFound("model: the model was unloaded", field="model")
+        for call in [item for item in items if isinstance(item, Call)] + list(self._waiting):
             if not call.future.done():
-                call.future.set_exception(ModelNotFound("model: the model was unloaded", field="model"))
+                call.future.set_exception(gone)
         self._waiting.clear()
-        self._joined.clear()
-        for decoder in self._decoders.values():
-            decoder.close()
-        self._decoders.clear()
+        for engine in self._engines.values():
+            engine.fail(gone)
+        self._engines.clear()
+        if self._output is not None:
+            self._output.stop()
+            self._output = None
 
     def _record(self, calls: int, seconds: float, plain: bool) -> None:
         log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)
@@ -453,7 +404,7 @@ class ModelThread:
         rows, width = first.rows, first.width(limits)
         when, peak = self._peaks.get(key, (0.0, 1))
         now = time.monotonic()
-        generating = bool(self._waiting) or any(d.busy for d in self._decoders.values())
+        generating = bool(self._waiting) or any(e.busy for e in self._engines.values())
         if first.batch.generation is not None or generating or now - when > RECENT_S:
             peak = 1
         patience = now + self.seconds_per_pass
@@ -514,6 +465,56 @@ class ModelThread:
         log.info("a merged call of %d requests failed (%s); running each alone", len(live), exc)
         for call in live:
             self._execute([call])
+
+
+def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int]) -> int:
+    """``calls`` merged into one batch and prefilled into ``engine``, each row registered with the output
+    processor (which answers each call when its rows are done); the rows joined. A failed prefill fails these rows
+    alone: the running ones run on."""
+    batch, capture, starts = merge(calls)
+    assert batch.token_ids is not None, "generations are tokenized before they are queued"
+    rows = []
+    for call, start in zip(calls, starts, strict=True):
+        expected = {}
+        for slot in range(start, start + call.rows):
+            row = RowInput(next(ids), list(batch.token_ids[slot]), capture, batch.edits(slot))
+            rows.append((row, batch.params(slot)))
+            stops = batch.params(slot).stop
+            expected[row.id] = Expected(row.id, call, slot, batch.on_token, row.prompt, capture, stops, engine)
+        output.expect(call, expected, capture)
+    try:
+        engine.join(rows)
+    except BaseException as exc:
+        output.put([Event(row=r.id, error=exc, done=True) for r, _ in rows])
+        for r, _ in rows:
+            engine.rows.pop(r.id, None)
+        return 0
+    engine.counters.prompt_tokens += sum(len(r.prompt) for r, _ in rows)
+    return len(rows)
+
+
+def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
+    """Every row of ``batch`` generated to its end through the model's decoder, here and now (a runner's
+    ``forward`` of a generation outside the scheduler; tests): the scheduler's engine and output processor, on
+    this thread. A refused row raises its error."""
+    assert model.decoder is not None
+    batch, refused = tokenize_rows(model, batch)
+    if (error := next((r for r in refused if r is not None), None)) is not None:
+        raise error
+    output = Processor("whole", model.tokenizer, thread=False)
+    engine = Engine(model, model.decoder(bool(capture.attention_layers)), output.put)
+    call = Call(pm=None, model=model, batch=batch, capture=capture, ticket=Ticket(None))  # type: ignore[arg-type]
+    try:
+        join(engine, output, [call], itertools.count())
+        while engine.busy:
+            engine.step()
+    finally:
+        engine.close()
+    out = call.future.result()
+    failed = next((row for row in out.rows if isinstance(row, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return out
 
 
 def _fail_refused(calls: list[Call], starts: list[int], exc: InvalidField) -> bool:

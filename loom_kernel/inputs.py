@@ -196,3 +196,58 @@ def texts_or_ids(value: Any, field: str) -> tuple[list[str], list[list[int]] | N
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tokenize_rows(model: LoadedModel, batch: Batch) -> tuple[Batch, list[InvalidField | None]]:
+    """``batch`` with token ids, each row tokenized and checked alone (off the event loop, before it is queued):
+    the rows that pass, and per row of ``batch`` its refusal (the field at fault, as ``batch_inputs`` names it) or
+    None. A refused row is its own result; the others run without it."""
+    tok = model.tokenizer
+    special = batch.add_special_tokens
+
+    def tokenize(text: str) -> list[int]:
+        return tok(text, add_special_tokens=special)["input_ids"]
+
+    def cut(text: str, limit: int) -> list[int]:
+        try:  # the tokenizer cuts, and keeps its closing special tokens ([SEP], ...) where it adds them
+            return tok(text, add_special_tokens=special, truncation=True, max_length=limit)["input_ids"]
+        except TypeError:  # a loader's own tokenizer without those arguments
+            return tokenize(text)[:limit]
+
+    batch = fit_texts(model, batch)
+    vocab = vocabulary_size(model)
+    kept: list[int] = []
+    ids: list[tuple[int, ...]] = []
+    refused: list[InvalidField | None] = []
+    for i in range(batch.size):
+        one = _row(batch, i)
+        try:
+            inputs, _ = batch_inputs(
+                one, tokenize=tokenize, vocab_size=vocab, max_context=model.max_context, cut_text=cut
+            )
+        except InvalidField as exc:
+            refused.append(exc)
+            continue
+        refused.append(None)
+        kept.append(i)
+        ids.append(tuple(inputs[0]))
+    return _rows(batch, kept, ids), refused
+
+
+def _row(batch: Batch, i: int) -> Batch:
+    return _rows(batch, [i], None)
+
+
+def _rows(batch: Batch, keep: list[int], ids: list[tuple[int, ...]] | None) -> Batch:
+    """The rows ``keep`` of ``batch`` (with ``ids`` as their token ids when given)."""
+    if ids is None:
+        ids_of = [batch.token_ids[i] for i in keep] if batch.token_ids is not None else None
+    else:
+        ids_of = ids
+    return attrs.evolve(
+        batch,
+        texts=() if ids_of is not None else tuple(batch.texts[i] for i in keep),
+        token_ids=tuple(ids_of) if ids_of is not None else None,
+        row_generation=tuple(batch.row_generation[i] for i in keep) if batch.row_generation else None,
+        interventions=tuple(batch.edits(i) for i in keep) if batch.interventions else (),
+    )

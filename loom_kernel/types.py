@@ -11,8 +11,6 @@ from typing import Any, Literal, Protocol
 
 import attrs
 
-from loom_kernel.errors import LoomError
-
 PositionSpec = Literal["last", "all", "prompt", "generated"] | list[int]
 
 
@@ -103,6 +101,8 @@ class LoadedModel:
     # loader that sets one needs no hook of its own, and one that loads through another's (GPTQ through transformers)
     # keeps the other's runner.
     runner: Runner | None = None
+    # The token ids that end a generation (EOS): the kernel stops a row that picks one.
+    stop_ids: frozenset[int] = frozenset()
     # ``decoder(attention: bool) -> Decoder``: the loader runs generations step by step, and the kernel's scheduler
     # lets requests join a running generation (continuous batching). None: each generation runs whole through
     # ``forward_with_states``, and the model's other requests wait for it.
@@ -153,31 +153,51 @@ class Runner(Protocol):
         """One padded pass of ``batch``'s rows (or their whole generation), capturing what ``capture`` asks."""
 
 
+@attrs.define(eq=False)
+class RowInput:
+    """A generated row as its loader sees it when it joins the running batch: its id (the kernel's), its prompt's
+    token ids, what to capture of its tokens, and its edits."""
+
+    id: int
+    prompt: list[int]
+    capture: Capture
+    edits: tuple[Intervention, ...] = ()
+
+
+@attrs.define(eq=False)
+class StepOutput:
+    """What one pass of a running batch gives the kernel: for each row of ``ids``, the logits of its last position
+    (``logits`` [len(ids), V], on the model's device, in that order) and, in ``states[id]`` and ``attentions[id]``
+    (CPU tensors), what its capture asks of the tokens this pass fed: ``[fed, ...]`` per layer index or hook point
+    (the last one only for a capture of "last"), and attention ``[heads, fed, keys so far]`` per layer index.
+    ``fills``: for a point whose last dimension grows with the keys (scores, patterns), what a later key holds."""
+
+    ids: list[int]
+    logits: Any
+    states: dict[int, dict[int | str, Any]] = attrs.field(factory=dict)
+    attentions: dict[int, dict[int, Any]] = attrs.field(factory=dict)
+    fills: dict[int | str, float] = attrs.field(factory=dict)
+
+
 class Decoder(Protocol):
-    """A model's running generation, owned by the loader: rows join (``join`` prefills a batch's prompts and returns
-    their row ids) and leave (finished, their ``SequenceOutput`` in ``done`` under their id, or the LoomError that
-    ended that row alone, such as logits that are not finite) at step boundaries; ``step`` runs one decoding step
-    of every running row. Every row gets exactly what it gets alone."""
-
-    done: dict[int, SequenceOutput | LoomError]
-
-    @property
-    def busy(self) -> bool:
-        """Rows are running."""
+    """A model's running batch of generated rows, owned by its loader, on the model's thread. The kernel decides
+    which rows join, step and leave, chooses every token and reads what the passes give; the loader only runs them:
+    ``prefill`` feeds joining rows their prompts (a pass over just those rows) and adds them to the batch, ``step``
+    feeds each running row the token the kernel chose, ``release`` takes rows out. Each row computes exactly what
+    it computes alone."""
 
     @property
     def joinable(self) -> bool:
-        """Rows may join now (some caches let rows join only an empty batch)."""
+        """Rows may join the running ones now (some caches let rows join only an empty batch)."""
 
-    @property
-    def running(self) -> int:
-        """Rows running."""
+    def prefill(self, rows: list[RowInput]) -> StepOutput:
+        """Feed ``rows`` their prompts and add them to the running batch."""
 
-    def join(self, batch: Batch, capture: Capture) -> list[int]:
-        """Prefill ``batch`` into the running rows; InvalidField naming the ``row`` of a refused prompt."""
+    def step(self, feed: dict[int, int]) -> StepOutput:
+        """Feed every running row (row id -> token) its next token."""
 
-    def step(self) -> None:
-        """One decoding step of every running row."""
+    def release(self, ids: list[int]) -> None:
+        """Take rows out of the batch (finished, failed or abandoned)."""
 
     def close(self) -> None:
         """Release hooks and the cache."""

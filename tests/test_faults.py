@@ -76,7 +76,7 @@ def stall(texts):
 
 @hookimpl(wrapper=True, specname="load")
 def slow_generations(model, loader, options):
-    """Generations run through the model's decoder: a prompt with GATE<name> waits at its join until the test
+    """Generations run through the model's decoder: a prompt with GATE<name> waits at its prefill until the test
     opens that gate, as a pass would."""
     loaded = yield
     if loaded is not None and loaded.decoder is not None:
@@ -84,13 +84,13 @@ def slow_generations(model, loader, options):
 
         def decoder(attention):
             real = make(attention)
-            join = real.join
+            prefill = real.prefill
 
-            def slow_join(batch, capture):
-                stall(" ".join(batch.texts))
-                return join(batch, capture)
+            def slow_prefill(rows):
+                stall(" ".join(loaded.tokenizer.decode(row.prompt) for row in rows))
+                return prefill(rows)
 
-            real.join = slow_join
+            real.prefill = slow_prefill
             return real
 
         loaded.decoder = decoder

@@ -84,16 +84,19 @@ class FailsMidStream:
 
     def decoder(self, make: Any, attention: bool) -> Any:
         real, owner = make(attention), self
+        steps = 0
 
         class Failing:
             def __getattr__(self, name: str) -> Any:
                 return getattr(real, name)
 
-            def step(self) -> None:
-                if not owner.failed and real.rows[0].generated and len(real.rows[0].generated) >= 2:
+            def step(self, feed: dict[int, int]) -> Any:
+                nonlocal steps
+                steps += 1
+                if not owner.failed and steps >= 2:
                     owner.failed = True
                     raise RuntimeError("CUDA out of memory (simulated)")
-                real.step()
+                return real.step(feed)
 
         return Failing()
 

@@ -25,6 +25,7 @@ from loom_kernel.capture import (
 )
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
+from loom_kernel.inputs import tokenize_rows
 from loom_kernel.types import Batch, Capture, GenerationParams, LayerSel, LoadedModel, Reading, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
@@ -426,9 +427,9 @@ async def generate_rows(
 ) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], SequenceOutput] | LoomError]:
     """Every prompt of ``batch`` generated in one call: a /generate payload, its tensors and the raw row per prompt.
 
-    A prompt the plugin refuses on its own (InvalidField naming its ``row``: too long, no tokens, ...) gets that
-    error in its slot and the others run without it; any other error fails the whole call. The payloads (tensors
-    encoded) are made on a request thread.
+    A prompt refused on its own (too long, no tokens, ...), or a row that fails alone (its logits not finite), gets
+    its error in its slot and the others run; any other error fails the whole call. The payloads (tensors encoded)
+    are made on a request thread.
     """
     model = session.model
     assert batch.generation is not None
@@ -438,31 +439,17 @@ async def generate_rows(
     stopped: dict[int, dict[str, Any]] = {}  # row -> the stop rule that ended it
     if (reading := req.reading(model)) is not None and reading.stop is not None:
         batch = attrs.evolve(batch, on_token=_stopping(batch.on_token, reading.stop, stopped))
-    n = len(batch.token_ids) if batch.token_ids is not None else len(batch.texts)
-    results: dict[int, Any] = {}
-    todo = list(range(n))
+    n = batch.size
+    # Each prompt tokenized and checked alone, off the event loop, before anything is queued: a refused prompt
+    # (too long, no tokens, ...) is its own result, and the others run without it.
+    tokenized, refused = await session.thread(tokenize_rows, model, batch)
+    todo = [i for i, error in enumerate(refused) if error is None]
+    results: dict[int, Any] = {i: error for i, error in enumerate(refused) if error is not None}
     start = time.perf_counter()
-    while todo:
-        sub = attrs.evolve(
-            batch,
-            texts=tuple(batch.texts[i] for i in todo) if batch.token_ids is None else (),
-            token_ids=tuple(batch.token_ids[i] for i in todo) if batch.token_ids is not None else None,
-            on_token=_renumbered(batch.on_token, todo),
-            row_generation=tuple(batch.row_generation[i] for i in todo) if batch.row_generation else None,
-            interventions=tuple(batch.edits(i) for i in todo) if batch.interventions else (),
-        )
-        try:
-            rows = (await session.forward(sub, capture)).rows
-        except InvalidField as exc:
-            where = exc.extra.get("row", 0 if len(todo) == 1 else None)
-            if where is None:
-                raise
-            exc.extra.pop("row", None)
-            results[todo.pop(where)] = exc
-            continue
-        for i, row in zip(todo, rows, strict=True):
-            results[i] = row
-        break
+    if todo:
+        tokenized = attrs.evolve(tokenized, on_token=_renumbered(batch.on_token, todo))
+        rows = (await session.forward(tokenized, capture)).rows
+        results.update(zip(todo, rows, strict=True))
     timings = timing(start, sum(len(r.generated_ids) for r in results.values() if isinstance(r, SequenceOutput)))
     return await session.thread(
         lambda: [_row_result(model, results[i], req, capture, timings, stopped.get(i)) for i in range(n)]

@@ -104,11 +104,11 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
                 ) from None
             raise
         refuse_kind(ref, config)
-        tokenizer = load_tokenizer(ref, target, small)  # first: it is cheap, and a model without one is refused
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model, info = auto.from_pretrained(target, output_loading_info=True, **kwargs)
         check_weights(model, info, f"transformers could not load {ref.id!r} from {target}")
+        tokenizer = load_tokenizer(ref, target, small)
     except LoomError:
         raise
     except Exception as exc:  # named, and classified: a 4xx when the model's files are at fault, else a 500
@@ -136,7 +136,9 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     loaded.runner = TransformersRunner(loaded)
     if causal:
         from loom_transformers.generation import Decoder
+        from loom_transformers.running import eos_ids
 
+        loaded.stop_ids = frozenset(eos_ids(loaded))
         loaded.decoder = functools.partial(Decoder, loaded)
         # The lens runs the model's own final norm, which only a described architecture names.
         if model.get_output_embeddings() is not None and arch_of(model.config) is not None:

@@ -18,7 +18,6 @@ Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, o
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ from loom_kernel import (
     Batch,
     Capture,
     ForwardOutput,
-    GenerationParams,
     Gradient,
     Intervention,
     LoadedModel,
@@ -73,14 +71,6 @@ def _inputs(model: LoadedModel, batch: Batch) -> tuple[list[list[int]], list[boo
             "input_ids"
         ],
     )
-
-
-def _budget(model: LoadedModel, prompt_len: int, params: GenerationParams) -> int:
-    """How many tokens may be generated: max_tokens, cut to what the model's context still holds."""
-    budget = params.max_tokens
-    if model.max_context:
-        budget = min(budget, model.max_context - prompt_len)
-    return budget
 
 
 def _blocks(model: LoadedModel) -> Any:
@@ -279,64 +269,3 @@ def _step_kwargs(net: Any) -> tuple[str, dict[str, Any]]:
     cache_arg = "cache" if "cache" in params else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     return cache_arg, extra
-
-
-class NonFiniteLogits(ValueError):
-    """A row's logits hold NaN or +inf (or are all -inf): no token can be chosen from them."""
-
-
-def choose_token(logits: Any, params: GenerationParams, generator: Any) -> int:
-    """Greedy at temperature <= 0; else temperature, then top-k, then top-p, sampled with the row's generator.
-    NonFiniteLogits when the logits' largest value is not finite (max propagates NaN): an edit that scaled the
-    residual stream by 1e38 must not reach the sampler, which would fail the whole running batch."""
-    import torch
-
-    if params.greedy:
-        top, index = torch.stack([t.double() for t in logits.max(-1)]).tolist()
-        if not math.isfinite(top):
-            raise NonFiniteLogits(top)
-        return int(index)
-    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf
-    # (greedy in the limit) instead of overflowing to inf - inf = nan; one below float32's smallest normal value
-    # would become 0 (0 / 0 = nan) and divides as that value instead, the same limit.
-    logits = logits.float()
-    top = logits.max()
-    if not math.isfinite(float(top)):
-        raise NonFiniteLogits(float(top))
-    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - top) / temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
-        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
-    # Sampling on the CPU with a per-request generator: a seed gives the same tokens on any device, in any batch.
-    probs = torch.softmax(logits, dim=-1).cpu()
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """The text before the earliest stop string, and whether one occurred."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-def streamable(text: str, stops: Sequence[str]) -> str:
-    """The part of ``text`` safe to stream now.
-
-    Held back: a trailing incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives) and a
-    suffix that may be the start of a stop string (it must never reach the client if the stop completes).
-    """
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), hold, -1):
-            if text[end - k : end] == stop[:k]:
-                hold = k
-                break
-    return text[: end - hold]

@@ -430,13 +430,13 @@ def test_on_token_sees_every_token_and_can_stop_a_row(hooks, loaded):
 def test_eos_token_stops_generation(hooks, loaded):
     m = loaded["llama"]
     first = run(hooks, m, generation=gen(1)).rows[0].generated_ids[0]
-    saved = m.model.generation_config.eos_token_id
-    m.model.generation_config.eos_token_id = [first]
+    saved = m.stop_ids  # the loader's end-of-sequence ids (from the generation config): the kernel stops on them
+    m.stop_ids = frozenset([first])
     try:
         capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="last")
         row = run(hooks, m, capture, generation=gen(10)).rows[0]
     finally:
-        m.model.generation_config.eos_token_id = saved
+        m.stop_ids = saved
     assert row.generated_ids == [first] and row.finish_reason == "stop"
     ref = hidden_states(m, row.token_ids)
     assert rel_err(row.states["-1"], ref[-1][0][-1:]) < 1e-4
@@ -464,17 +464,6 @@ def test_generation_stops_at_the_context_limit(hooks, tiny_root):
         run(hooks, m, texts=(), token_ids=(tuple(range(5, 22)),), generation=gen(5))
 
 
-def test_streaming_holds_back_partial_stops_and_characters():
-    from loom_transformers.running import cut_at_stop, streamable
-
-    assert streamable("hello wo", ["world"]) == "hello "
-    assert streamable("hello w", ["xyz", "wor"]) == "hello "
-    assert streamable("hello", ["world"]) == "hello"
-    assert streamable("caf\ufffd", []) == "caf"
-    assert cut_at_stop("one. two. three", [". t", "two"]) == ("one", True)
-    assert cut_at_stop("abc", ["", "z"]) == ("abc", False)
-
-
 # --- batched generation, streamed states, attention, log-probabilities -----------------------------------------
 
 BATCH_TEXTS = ("Hi", PROMPT, OTHER, "Hidden states are")
@@ -487,13 +476,13 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(hooks, l
     capture = Capture(layers=resolve_layers([0, 1, -1], m.num_layers), positions="all")
     alone = [run(hooks, m, capture, texts=(t,), generation=gen(8)).rows[0] for t in BATCH_TEXTS]
     # An end-of-sequence token that one row meets early: rows of the batch stop at different steps.
-    saved = m.model.generation_config.eos_token_id
-    m.model.generation_config.eos_token_id = alone[1].generated_ids[2]
+    saved = m.stop_ids
+    m.stop_ids = frozenset([alone[1].generated_ids[2]])
     try:
         alone = [run(hooks, m, capture, texts=(t,), generation=gen(8)).rows[0] for t in BATCH_TEXTS]
         batched = run(hooks, m, capture, texts=BATCH_TEXTS, generation=gen(8)).rows
     finally:
-        m.model.generation_config.eos_token_id = saved
+        m.stop_ids = saved
     assert len({len(r.generated_ids) for r in alone}) > 1 and len({r.prompt_tokens for r in alone}) > 1
     for one, row in zip(alone, batched, strict=True):
         assert row.token_ids == one.token_ids and row.finish_reason == one.finish_reason and row.text == one.text

@@ -1,0 +1,103 @@
+"""The kernel's generation engine, piece by piece, without a server: picking tokens (against torch's own argmax,
+log-softmax and a per-row generator), text token by token (against the tokenizer's own ``decode``), stop strings
+and what a stream may show, and the engine with the output processor against transformers' own ``generate``."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loom_kernel import Batch, Capture, GenerationParams, LayerSel, LoadOptions, create_plugin_manager, generate_whole
+from loom_kernel.detokenize import Detokenizer
+from loom_kernel.output import cut_at_stop, stop_hit, streamable
+from loom_kernel.sampling import Choice, generator, pick
+
+
+def test_greedy_picks_are_argmax_with_log_softmax_entries():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [Choice(GenerationParams(temperature=0), None, top_logprobs=k, keep_logits=k == 2) for k in (None, 0, 2)]
+    picks = pick(logits, rows)
+    assert [p.token for p in picks] == logits.argmax(-1).tolist()
+    lp = torch.log_softmax(logits, -1)
+    assert picks[0].logprob is None and picks[1].logprob["top"] == []
+    values, ids = torch.topk(lp[2], 2)
+    assert picks[2].logprob["logprob"] == pytest.approx(float(lp[2].max()))
+    assert picks[2].logprob["top"] == [[int(i), pytest.approx(float(v))] for i, v in zip(ids, values, strict=True)]
+    assert torch.equal(picks[2].logits, logits[2])
+
+
+def test_a_sampled_row_picks_what_it_picks_alone_and_a_seed_repeats():
+    logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(1))
+    params = [
+        GenerationParams(temperature=t, top_k=k, top_p=p, seed=s)
+        for t, k, p, s in [(1.0, 0, 1.0, 3), (0.7, 20, 0.9, 4), (0, 0, 1.0, None), (1.3, 5, 1.0, 5)]
+    ]
+
+    def draw(rows: list[int]) -> list[int]:
+        return [p.token for p in pick(logits[rows], [Choice(params[r], generator(params[r].seed)) for r in rows])]
+
+    together = draw([0, 1, 2, 3])
+    assert together == [draw([r])[0] for r in range(4)] == draw([0, 1, 2, 3])
+    kept = torch.topk(logits[3], 5).indices.tolist()
+    assert all(draw([3])[0] in kept for _ in range(5))  # top-k 5: nothing else can be drawn
+
+
+def test_logits_that_are_not_finite_give_no_token_and_the_others_go_on():
+    logits = torch.randn(2, 10)
+    logits[0, 3] = float("nan")
+    picks = pick(logits, [Choice(GenerationParams(temperature=0), None), Choice(GenerationParams(temperature=0), None)])
+    assert picks[0].token is None and picks[1].token == int(logits[1].argmax())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_text_token_by_token_equals_the_tokenizers_decode(tiny_models, arch, stream):
+    """The concatenated pieces are decode(ids) (an incomplete character at the end waits for its next token)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models[arch])
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        detok = Detokenizer(tok)
+        if not stream:
+            detok._stream = None  # the window fallback, as for a tokenizer that is not a fast one
+        text = "".join(detok.push(i) for i in ids)
+        want = tok.decode(ids, skip_special_tokens=True)
+        assert want.startswith(text) and set(want[len(text) :]) <= {"\ufffd"}
+
+
+def test_stop_strings_and_what_a_stream_may_show():
+    assert streamable("hello wo", ("world",)) == "hello "
+    assert streamable("hello w", ("xyz", "wor")) == "hello "
+    assert streamable("hello", ("world",)) == "hello"
+    assert streamable("caf\ufffd", ()) == "caf"
+    assert cut_at_stop("one. two. three", (". t", "two")) == "one"
+    assert cut_at_stop("abc", ("", "z")) == "abc"
+    assert stop_hit("one. two", 5, (". t", "two")) == 3 and stop_hit("one. tw", 5, ("two",)) is None
+
+
+def test_a_whole_generation_equals_transformers_generate(tiny_models):
+    """The engine and the output processor, here and now, on the transformers loader's decoder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loom_kernel.resolve import resolve_model
+
+    path = str(tiny_models["gpt2"])
+    model = create_plugin_manager().hook.load(
+        model=resolve_model(path), loader="transformers", options=LoadOptions(), kernel=None
+    )
+    tok = AutoTokenizer.from_pretrained(path)
+    net = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tok("Hello world, the", return_tensors="pt")["input_ids"]
+    want = net.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+    capture = Capture(layers=(LayerSel("-1", 3),), positions="all", top_logprobs=2)
+    batch = Batch(texts=("Hello world, the",), generation=GenerationParams(max_tokens=12, temperature=0))
+    (row,) = generate_whole(model, batch, capture).rows
+    assert row.generated_ids == want and row.text == tok.decode(want, skip_special_tokens=True)
+    with torch.no_grad():
+        states = net(torch.tensor([row.token_ids]), output_hidden_states=True).hidden_states[-1][0]
+    assert (row.states["-1"] - states).abs().max() < 1e-5 and row.positions == list(range(len(row.token_ids)))
+    assert len(row.logprobs) == 12
