@@ -1,27 +1,26 @@
-"""The scheduler of one model: its thread runs loads, forward passes and generations, step by step.
+"""A model's thread: the loop that runs what its scheduler decides (``loom_kernel.scheduler``), one item at a time.
 
-Each time round, the model's thread takes what comes next: a queued forward pass (/extract, /embed, /analyze),
-merged with every compatible call queued behind it (up to ``max_batch_size`` rows and ``max_batch_tokens`` padded
-tokens) into one Batch and one Capture; or, while rows are generating, one step boundary: the generations that
-arrived join the running batch (a prefill pass), then every running row takes one decoding step (continuous
-batching, through the loader's ``LoadedModel.decoder``). Queued passes and steps take turns, so a forward pass never
-waits for a generation and a generation never waits for a stream of passes. A generation waits for no company: it
-joins the running batch at the next boundary. A plain pass may wait, up to the time of one pass, for as many calls
-as were recently queued or running at once (``_gather``). A finished row leaves at once and frees its place. A
-model whose loader runs only whole generations gets them through ``forward_with_states``, merged as passes are.
+Loads and releases run in the order they came; a plain pass (/extract, /embed, /analyze) runs merged with the
+compatible calls queued behind it, as one ``forward_with_states`` call whose rows are cut back per call; at a step
+boundary the waiting generations join the running batch (one prefill pass) and every running row takes one
+decoding step (``generating.Engine`` over the loader's ``Decoder``), the answers made by the output processor
+(``output.Processor``) off this thread. A model whose loader runs only whole generations gets them through
+``forward_with_states``, merged as passes are.
 
 Each call gets what it would have alone: rows are padded so that padding changes nothing (the loader's contract),
 every generated row keeps its own parameters and generator, and a merged capture is a superset (the union of
 layers; every position when the specs differ) that is cut back per call.
 
-Compatible: same model, both plain passes or both generations, texts or token ids alike, the same
-``add_special_tokens`` and ``truncate``, and the same ``attention`` (attention weights switch the model to eager
-attention: such generations run in a decoder of their own). Generations with different parameters merge only when
-the loader honours ``Batch.row_generation`` (``LoadedModel.row_params``).
+Compatible: same model, both plain passes or both generations, texts or token ids alike (generations are all
+token ids: they are tokenized before they are queued), the same ``add_special_tokens`` and ``truncate``, and the
+same ``attention`` (attention weights switch the model to eager attention: such generations run in a decoder of
+their own). Generations with different parameters merge only when the loader honours ``Batch.row_generation``
+(``LoadedModel.row_params``).
 
-Failures stay with their request: a row the plugin refuses (InvalidField naming its ``row``) fails its own call
-and the rest run again without it; any other error in a merged call reruns each call alone. A call whose request
-was cancelled (client gone, timeout) is dropped while queued, and its generated rows stop at their next token.
+Failures stay with their request: a generated row refused or failing alone is its own result; in a merged plain
+pass, a row the plugin refuses (InvalidField naming its ``row``) fails its own call and the rest run again without
+it, and any other error reruns each call alone. A call whose request was cancelled (client gone, timeout) is
+dropped while queued, and its generated rows stop at their next token.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from loom_kernel.inputs import fit_texts, tokenize_rows
 from loom_kernel.merging import merge, restrict
 from loom_kernel.metrics import ModelCounters
 from loom_kernel.output import Expected, Processor
+from loom_kernel.scheduler import STEP, BatchLimits, Scheduler
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, RowInput
 
 log = logging.getLogger("loom.batching")
@@ -53,7 +53,6 @@ T = TypeVar("T")
 # it stops letting any worker spin between parallel regions, which slowed the passes of the model in use by
 # 6-14% while a second, idle model's team merely existed (docs/performance.md).
 IDLE_S = 2.0
-RECENT_S = 1.0  # how far back a plain pass looks for the most calls queued or running at once (_gather)
 
 
 class Cancelled(LoomError):
@@ -61,12 +60,6 @@ class Cancelled(LoomError):
 
     status = 499
     title = "Client closed request"
-
-
-@attrs.define(frozen=True)
-class BatchLimits:
-    max_batch_size: int = 32  # rows per merged call
-    max_batch_tokens: int = 16384  # rows x longest row (prompt + max_tokens for a generation)
 
 
 @attrs.define(eq=False)
@@ -99,6 +92,14 @@ class Call:
             self.future.set_result(out if self.then is None else self.then(out))
         except BaseException as exc:  # its own request's error, not the batch's
             self.future.set_exception(exc)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.ticket.cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
 
     @property
     def joins(self) -> bool:
@@ -144,8 +145,8 @@ class Call:
         return self._width
 
 
-STEP = object()  # what the model's thread takes when nothing is queued but rows are generating
-STOPPED = object()  # ... when it has been idle for IDLE_S: its OS thread ends
+STOP = object()  # queued by ``stop``: the thread fails what is left and ends
+STOPPED = object()  # what the model's thread takes when it has been idle for IDLE_S: its OS thread ends
 
 
 def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
@@ -161,23 +162,17 @@ class ModelThread:
     thread behind it ends when idle for ``IDLE_S`` and another starts with the next item, so at most one runs."""
 
     def __init__(self, name: str, limits: BatchLimits | None = None, counters: ModelCounters | None = None) -> None:
-        self.limits = limits or BatchLimits()
+        self.scheduler = Scheduler(limits)
+        self.limits = self.scheduler.limits
         self.counters = counters or ModelCounters()
         self._cv = threading.Condition()
-        self._items: deque[Call | tuple[Callable[[], Any], concurrent.futures.Future] | None] = deque()
         self._stopped = False
-        self._stepped = False  # whether the last thing run was a step boundary: passes and steps take turns
         self.seconds_per_batch = 0.0  # moving average, for Retry-After
-        self.seconds_per_pass = 0.0  # moving average of plain passes: how long _gather may wait for company
-        # Per key of plain passes: (when, the most compatible calls queued or running at once); see _gather.
-        self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}
-        self._running: list[Call] = []  # the calls of the plain pass running
+        self.seconds_per_pass = 0.0  # moving average of plain passes: how long a pass may wait for company
         self._name = f"loom-model:{name}"
         self._thread: threading.Thread | None = None  # the OS thread, while it runs (under the lock)
-        # Generations, on the model's thread only: one decoder per attention mode, the calls waiting to join one,
-        # and the calls whose rows are running.
+        # Generations, on the model's thread only: one engine per attention mode, their output processor.
         self._engines: dict[bool, Engine] = {}
-        self._waiting: deque[Call] = deque()
         self._output: Processor | None = None  # made with the first generation, ended with the thread's model
         self._row_ids = itertools.count()
 
@@ -207,19 +202,17 @@ class ModelThread:
         with self._cv:
             if self._stopped:
                 raise ModelNotFound(f"model: {model.ref.id!r} was unloaded", field="model")
-            if batch.generation is None:
-                self._note_company(call)
             self._append(call)
         return call.future
 
     def stop(self) -> None:
         with self._cv:
             self._stopped = True
-            self._append(None)
+            self._append(STOP)
 
-    def _append(self, item: Call | tuple[Callable[[], Any], concurrent.futures.Future] | None) -> None:
+    def _append(self, item: Any) -> None:
         """Under the lock: queue ``item`` and wake the thread, or start one."""
-        self._items.append(item)
+        self.scheduler.add(item, time.monotonic())
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
@@ -229,7 +222,7 @@ class ModelThread:
     @property
     def queued(self) -> int:
         with self._cv:
-            return sum(isinstance(item, Call) for item in self._items) + len(self._waiting)
+            return self.scheduler.queued
 
     @property
     def running_rows(self) -> int:
@@ -242,11 +235,10 @@ class ModelThread:
             item = self._next()
             if item is STOPPED:
                 return
-            if item is None:
+            if item is STOP:
                 with self._cv:
                     self._thread = None
                 break
-            self._stepped = item is STEP
             if item is STEP:
                 self._generate()
             elif isinstance(item, Call):
@@ -254,7 +246,7 @@ class ModelThread:
                 start = time.perf_counter()
                 self._execute(group)
                 with self._cv:
-                    self._running = []
+                    self.scheduler.ran()
                 self._record(len(group), time.perf_counter() - start, item.batch.generation is None)
             else:
                 fn, fut = item
@@ -266,39 +258,41 @@ class ModelThread:
         self._fail_queued()
 
     def _next(self) -> Any:
-        """STEP while rows are generating (or waiting to) and either nothing is queued or the last item was not a
-        step; else the next queued item; None once stopped; STOPPED after IDLE_S with nothing to do. Queued
-        generations do not wait in the queue behind passes: they wait to join at the next step boundary."""
+        """What the scheduler says runs next; STOPPED after IDLE_S with nothing to do."""
         with self._cv:
             idle_until = time.monotonic() + IDLE_S
             while True:
-                self._take_generations()
-                generating = bool(self._waiting) or any(e.busy for e in self._engines.values())
-                if generating and not (self._stepped and self._items):
-                    return STEP
-                if self._items:
-                    return self._items.popleft()
+                item = self.scheduler.next(any(e.busy for e in self._engines.values()))
+                if item is not None:
+                    return item
                 left = idle_until - time.monotonic()
                 if left <= 0:
                     self._thread = None  # under the lock: the next _append starts another
                     return STOPPED
                 self._cv.wait(left)
 
-    def _take_generations(self) -> None:
-        """Under the lock: the queued generations move to the calls waiting to join, up to the first queued item
-        that is not a call (a load, a release, a stop): what was submitted after one runs after it."""
-        for item in list(self._items):
-            if not isinstance(item, Call):
-                return
-            if item.joins:
-                self._items.remove(item)
-                self._waiting.append(item)
+    def _gather(self, first: Call) -> list[Call]:
+        """``first`` and the compatible calls queued behind it, waiting for company as the scheduler says."""
+        with self._cv:
+            generating = bool(self.scheduler.waiting) or any(e.busy for e in self._engines.values())
+            g = self.scheduler.gathering(first, time.monotonic(), self.seconds_per_pass, generating)
+            while True:
+                self.scheduler.gather(g)
+                now = time.monotonic()
+                if g.ready(now, self.limits):
+                    return g.group
+                self._cv.wait(g.deadline - now)
 
     # -- generations -------------------------------------------------------------------------------------------
 
     def _generate(self) -> None:
         """One step boundary: the waiting generations join, then every running row takes one decoding step."""
-        self._join_waiting()
+        with self._cv:
+            joining, cancelled = self.scheduler.admit(self._room)
+        for call in cancelled:
+            call.future.set_exception(Cancelled("request: cancelled before it ran"))
+        for calls in joining:
+            self._join(self._engine(calls[0]), calls)
         for attention, engine in list(self._engines.items()):
             if not engine.busy:
                 continue
@@ -311,27 +305,9 @@ class ModelThread:
             self.counters.decode_steps += 1
             self.seconds_per_batch = _average(self.seconds_per_batch, time.perf_counter() - start)
 
-    def _join_waiting(self) -> None:
-        """Every waiting call that fits (``max_batch_size`` rows running) joins its engine, in arrival order."""
-        pending, self._waiting = list(self._waiting), deque()
-        groups: dict[tuple[Any, ...], list[Call]] = {}
-        for call in pending:
-            if call.ticket.cancelled.is_set():
-                call.future.set_exception(Cancelled("request: cancelled before it ran"))
-            else:
-                groups.setdefault(call.key(), []).append(call)
-        for calls in groups.values():
-            engine = self._engine(calls[0])
-            rows, admitted = engine.running, []
-            for i, call in enumerate(calls):
-                fits = rows + call.rows <= self.limits.max_batch_size or not (rows or admitted)
-                if not engine.joinable or not fits:
-                    self._waiting.extend(calls[i:])
-                    break
-                admitted.append(call)
-                rows += call.rows
-            if admitted:
-                self._join(engine, admitted)
+    def _room(self, call: Call) -> tuple[int, bool]:
+        engine = self._engines.get(call.capture.attention)
+        return (engine.running, engine.joinable) if engine is not None else (0, True)
 
     def _engine(self, call: Call) -> Engine:
         attention = call.capture.attention
@@ -361,12 +337,12 @@ class ModelThread:
 
     def _fail_queued(self) -> None:
         with self._cv:
-            items, self._items = list(self._items), deque()
+            items, self.scheduler.items = list(self.scheduler.items), deque()
+            waiting, self.scheduler.waiting = list(self.scheduler.waiting), deque()
         gone = ModelNotFound("model: the model was unloaded", field="model")
-        for call in [item for item in items if isinstance(item, Call)] + list(self._waiting):
+        for call in [item for item in items if isinstance(item, Call)] + waiting:
             if not call.future.done():
                 call.future.set_exception(gone)
-        self._waiting.clear()
         for engine in self._engines.values():
             engine.fail(gone)
         self._engines.clear()
@@ -381,53 +357,6 @@ class ModelThread:
         self.seconds_per_batch = _average(self.seconds_per_batch, seconds)
         if plain:
             self.seconds_per_pass = _average(self.seconds_per_pass, seconds)
-
-    def _note_company(self, call: Call) -> None:
-        """Under the lock, as a plain pass is queued: how many compatible calls are queued or running with it (a
-        running call stops counting once answered: its client may be sending again already)."""
-        key = call.key()
-        queued = sum(isinstance(item, Call) and item.key() == key for item in self._items)
-        running = sum(c.key() == key and not c.future.done() for c in self._running)
-        now, company = time.monotonic(), 1 + queued + running
-        when, peak = self._peaks.get(key, (0.0, 0))
-        if company >= peak or now - when > RECENT_S:
-            self._peaks[key] = (now, company)
-
-    def _gather(self, first: Call) -> list[Call]:
-        """``first`` and the compatible calls queued behind it that fit in one batch. A plain pass also waits, up
-        to the time one pass takes, until as many calls have joined as were queued or running at once in the last
-        second: a pass costs nearly as much for one row as for sixteen, and clients that take turns (one group
-        sending while the other's pass runs) would otherwise keep running half batches. A lone client never
-        waits, nor does anything while rows are generating."""
-        limits = self.limits
-        group, key = [first], first.key()
-        rows, width = first.rows, first.width(limits)
-        when, peak = self._peaks.get(key, (0.0, 1))
-        now = time.monotonic()
-        generating = bool(self._waiting) or any(e.busy for e in self._engines.values())
-        if first.batch.generation is not None or generating or now - when > RECENT_S:
-            peak = 1
-        patience = now + self.seconds_per_pass
-        with self._cv:
-            while True:
-                full = rows >= limits.max_batch_size
-                for item in list(self._items):
-                    if full or not isinstance(item, Call) or item.key() != key:
-                        continue
-                    wide = max(width, item.width(limits))
-                    if rows + item.rows > limits.max_batch_size or (rows + item.rows) * wide > limits.max_batch_tokens:
-                        full = True  # a companion waits that does not fit: more waiting cannot grow this batch
-                        continue
-                    self._items.remove(item)
-                    group.append(item)
-                    rows, width = rows + item.rows, wide
-                left = patience - time.monotonic()
-                if full or rows >= limits.max_batch_size or len(group) >= peak or left <= 0:
-                    break
-                self._cv.wait(left)
-            if first.batch.generation is None:
-                self._running = group
-        return group
 
     def _execute(self, calls: list[Call]) -> None:
         live = []

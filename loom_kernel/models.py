@@ -24,7 +24,7 @@ import pluggy
 
 from loom_kernel import choosing
 from loom_kernel.admission import Admission
-from loom_kernel.batching import BatchLimits, ModelThread
+from loom_kernel.batching import ModelThread
 from loom_kernel.budget import make_room, memory_report
 from loom_kernel.config import Settings
 from loom_kernel.devices import resolve_device, resolve_dtype
@@ -35,6 +35,7 @@ from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
 from loom_kernel.resolve import resolve_model, source_key
+from loom_kernel.scheduler import BatchLimits
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, Reading
 
 log = logging.getLogger("loom.models")

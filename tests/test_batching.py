@@ -545,7 +545,7 @@ def test_a_plain_pass_waits_up_to_one_pass_for_the_clients_of_its_recent_peak(ti
     once: a pass here is made to look 60 s long, so waiting for company would outlast the 30 s bound."""
     import concurrent.futures
 
-    from loom_kernel import batching
+    from loom_kernel import scheduler
 
     m = OnModelThread(tiny_models)
     try:
@@ -565,7 +565,7 @@ def test_a_plain_pass_waits_up_to_one_pass_for_the_clients_of_its_recent_peak(ti
         assert m.rows == [4, 4]
         assert all(f.result().rows[0].token_ids for f in together)
 
-        monkeypatch.setattr(batching, "RECENT_S", 0.0)  # the batches of four are in the past now
+        monkeypatch.setattr(scheduler, "RECENT_S", 0.0)  # the batches of four are in the past now
         m.thread.seconds_per_pass = 60.0
         assert m.send("alone again").result(timeout=30).rows[0].token_ids
         assert m.rows == [4, 4, 1]

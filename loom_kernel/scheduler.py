@@ -1,0 +1,162 @@
+"""What a model's thread runs next: the scheduler, pure (no threads, no locks, no torch; the loop in
+``batching.ModelThread`` holds the lock and runs what it decides), as vLLM v1's engine core asks its scheduler.
+
+It holds what is queued for one model: calls (plain passes: /extract, /embed, /analyze; and generations) and tasks
+(loads, releases). Each time round the loop asks ``next``: a step boundary (``STEP``) while rows generate, taking
+turns with the queue, so that a pass never waits for a generation and a generation never waits for a stream of
+passes; else the next queued item. Generations do not wait in the queue: they wait to join the running batch at
+the next boundary (``admit``: in arrival order, up to ``max_batch_size`` rows, grouped by what may share a batch).
+A plain pass is merged with the compatible passes queued behind it (``gathering``), up to ``max_batch_size`` rows
+and ``max_batch_tokens`` padded tokens, and may wait, up to the time of one pass, for as many calls as were queued
+or running at once in the last ``RECENT_S`` (a pass costs nearly as much for one row as for sixteen, and clients
+that take turns would otherwise keep running half batches). A lone client never waits, nor does anything while
+rows are generating.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+
+RECENT_S = 1.0  # how far back a plain pass looks for the most calls queued or running at once
+STEP = "step"  # ``next``: one step boundary of the running generations
+
+
+@attrs.define(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 32  # rows per merged call
+    max_batch_tokens: int = 16384  # rows x longest row (prompt + max_tokens for a generation)
+
+
+class Work(Protocol):
+    """A call as the scheduler sees it (``batching.Call``)."""
+
+    rows: int
+    joins: bool  # a generation that joins the running batch
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def key(self) -> tuple[Any, ...]: ...
+
+    def width(self, limits: BatchLimits) -> int: ...
+
+
+@attrs.define(eq=False)
+class Gathering:
+    """A plain pass's group in the making: the first call and the compatible ones that fit; ``deadline``: until when
+    it may wait for company."""
+
+    group: list[Any]
+    rows: int
+    width: int
+    peak: int
+    deadline: float
+    full: bool = False
+
+    def ready(self, now: float, limits: BatchLimits) -> bool:
+        return self.full or self.rows >= limits.max_batch_size or len(self.group) >= self.peak or now >= self.deadline
+
+
+class Scheduler:
+    def __init__(self, limits: BatchLimits | None = None) -> None:
+        self.limits = limits or BatchLimits()
+        self.items: deque[Any] = deque()  # calls and tasks, in the order they came
+        self.waiting: deque[Any] = deque()  # generations waiting to join the running batch
+        self.running: list[Any] = []  # the calls of the plain pass running (company they keep)
+        self.stepped = False  # whether the last thing run was a step boundary: passes and steps take turns
+        self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}  # per key: (when, most calls at once)
+
+    @property
+    def queued(self) -> int:
+        return sum(_is_call(item) for item in self.items) + len(self.waiting)
+
+    def add(self, item: Any, now: float) -> None:
+        """Queue a call or a task (a plain pass notes the company it keeps: calls of its key queued or running)."""
+        if _is_call(item) and not item.joins:
+            key = item.key()
+            queued = sum(_is_call(other) and other.key() == key for other in self.items)
+            running = sum(other.key() == key and not other.done for other in self.running)
+            company = 1 + queued + running
+            when, peak = self._peaks.get(key, (0.0, 0))
+            if company >= peak or now - when > RECENT_S:
+                self._peaks[key] = (now, company)
+        self.items.append(item)
+
+    def next(self, generating: bool) -> Any:
+        """``STEP`` while rows generate (or wait to join) and either nothing is queued or the last thing run was
+        not a step; else the next queued item; None when there is nothing to do. Queued generations move to the
+        waiting ones first, up to the first queued item that is not a call (what came after a load runs after it)."""
+        for item in list(self.items):
+            if not _is_call(item):
+                break
+            if item.joins:
+                self.items.remove(item)
+                self.waiting.append(item)
+        if (generating or self.waiting) and not (self.stepped and self.items):
+            self.stepped = True
+            return STEP
+        self.stepped = False
+        return self.items.popleft() if self.items else None
+
+    def admit(self, room: Callable[[Any], tuple[int, bool]]) -> tuple[list[list[Any]], list[Any]]:
+        """The waiting generations that join now, grouped by what may share a batch, in arrival order (the rest
+        wait), and the cancelled ones (they leave). ``room(call)`` is (the rows running in the batch the call would
+        join, whether rows may join it now)."""
+        pending, self.waiting = list(self.waiting), deque()
+        cancelled = [call for call in pending if call.cancelled]
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for call in pending:
+            if not call.cancelled:
+                groups.setdefault(call.key(), []).append(call)
+        joining = []
+        for calls in groups.values():
+            rows, joinable = room(calls[0])
+            admitted: list[Any] = []
+            for i, call in enumerate(calls):
+                fits = rows + call.rows <= self.limits.max_batch_size or not (rows or admitted)
+                if not joinable or not fits:
+                    self.waiting.extend(calls[i:])
+                    break
+                admitted.append(call)
+                rows += call.rows
+            if admitted:
+                joining.append(admitted)
+        return joining, cancelled
+
+    def gathering(self, first: Any, now: float, seconds_per_pass: float, generating: bool) -> Gathering:
+        """``first``'s group, to be filled by ``gather``: a generation run whole, a pass while rows generate, or a
+        pass whose key had no company lately does not wait."""
+        when, peak = self._peaks.get(first.key(), (0.0, 1))
+        if first.batch.generation is not None or generating or now - when > RECENT_S:
+            peak = 1
+        group = Gathering([first], first.rows, first.width(self.limits), peak, now + seconds_per_pass)
+        if first.batch.generation is None:
+            self.running = group.group
+        return group
+
+    def gather(self, g: Gathering) -> None:
+        """Move the queued calls compatible with ``g``'s first into it, as long as they fit."""
+        limits, key = self.limits, g.group[0].key()
+        for item in list(self.items):
+            if g.full or not _is_call(item) or item.key() != key:
+                continue
+            wide = max(g.width, item.width(limits))
+            if g.rows + item.rows > limits.max_batch_size or (g.rows + item.rows) * wide > limits.max_batch_tokens:
+                g.full = True  # a companion waits that does not fit: more waiting cannot grow this batch
+                continue
+            self.items.remove(item)
+            g.group.append(item)
+            g.rows, g.width = g.rows + item.rows, wide
+        g.full = g.full or g.rows >= limits.max_batch_size
+
+    def ran(self) -> None:
+        """The plain pass ended: its calls no longer count as company."""
+        self.running = []
+
+
+def _is_call(item: Any) -> bool:
+    return hasattr(item, "key")

@@ -1,0 +1,117 @@
+"""The scheduler's rules on their own: no threads, no models, no clock (``now`` is given), calls as plain records."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import attrs
+
+from loom_kernel.scheduler import STEP, BatchLimits, Scheduler
+
+
+@attrs.define(eq=False)
+class FakeCall:
+    name: str
+    rows: int = 1
+    joins: bool = False
+    group: str = "a"
+    tokens: int = 10
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def batch(self) -> Any:
+        return SimpleNamespace(generation=object() if self.joins else None)
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.group, self.joins)
+
+    def width(self, limits: BatchLimits) -> int:
+        return self.tokens
+
+
+def test_passes_and_steps_take_turns_and_generations_do_not_queue_behind_passes():
+    s = Scheduler()
+    for name in ("p1", "p2"):
+        s.add(FakeCall(name), now=0.0)
+    s.add(FakeCall("g1", joins=True), now=0.0)
+    assert s.next(generating=False) is STEP  # the generation waits to join, not behind the passes
+    assert [c.name for c in s.waiting] == ["g1"] and s.next(generating=True).name == "p1"
+    assert s.next(generating=True) is STEP and s.next(generating=True).name == "p2"
+    assert s.next(generating=True) is STEP and s.next(generating=True) is STEP  # nothing queued: steps only
+    assert s.next(generating=False) is STEP  # g1 still waits to join
+    joining, _ = s.admit(lambda call: (0, True))
+    assert [[c.name for c in group] for group in joining] == [["g1"]]
+    assert s.next(generating=False) is None  # nothing to do
+
+
+def test_what_came_after_a_load_runs_after_it():
+    s = Scheduler()
+    load = ("load", None)
+    s.add(load, now=0.0)
+    s.add(FakeCall("g1", joins=True), now=0.0)
+    assert s.next(generating=False) is load and not s.waiting
+    assert s.next(generating=False) is STEP and [c.name for c in s.waiting] == ["g1"]
+
+
+def test_generations_join_in_arrival_order_up_to_the_batch_size_and_the_cancelled_leave():
+    s = Scheduler(BatchLimits(max_batch_size=4))
+    calls = [
+        FakeCall("a", rows=2, joins=True),
+        FakeCall("gone", joins=True, cancelled=True),
+        FakeCall("b", rows=1, joins=True, group="other"),
+        FakeCall("c", rows=2, joins=True),
+        FakeCall("d", rows=1, joins=True),
+    ]
+    for call in calls:
+        s.add(call, now=0.0)
+    s.next(generating=False)
+    running = {"a": 1, "other": 0}
+    joining, cancelled = s.admit(lambda call: (running[call.group], True))
+    assert [c.name for c in cancelled] == ["gone"]
+    assert [[c.name for c in group] for group in joining] == [["a"], ["b"]]  # c would pass 4 rows: c and d wait
+    assert [c.name for c in s.waiting] == ["c", "d"]
+    joining, _ = s.admit(lambda call: (0, False))  # a cache rows may not join now
+    assert joining == [] and [c.name for c in s.waiting] == ["c", "d"]
+    joining, _ = s.admit(lambda call: (0, True))
+    assert [[c.name for c in group] for group in joining] == [["c", "d"]]
+
+
+def test_a_pass_merges_the_compatible_calls_that_fit():
+    s = Scheduler(BatchLimits(max_batch_size=4, max_batch_tokens=100))
+    first = FakeCall("first", rows=2)
+    for call in (FakeCall("other", group="b"), FakeCall("fits"), FakeCall("wide", tokens=40), FakeCall("late")):
+        s.add(call, now=0.0)
+    g = s.gathering(first, now=0.0, seconds_per_pass=1.0, generating=False)
+    s.gather(g)
+    # "wide" would make 4 rows x 40 tokens > 100: the batch is full, and "late" (behind it) waits its turn too
+    assert [c.name for c in g.group] == ["first", "fits"] and g.full and g.ready(0.0, s.limits)
+    assert [c.name for c in s.items] == ["other", "wide", "late"]
+
+
+def test_a_pass_waits_up_to_one_pass_for_the_company_it_had_lately_and_a_lone_call_never_waits():
+    s = Scheduler()
+    for i in range(3):
+        s.add(FakeCall(f"c{i}"), now=10.0)  # three at once: the key's recent peak
+    first = s.items.popleft()
+    g = s.gathering(first, now=10.1, seconds_per_pass=0.5, generating=False)
+    s.gather(g)
+    assert len(g.group) == 3 and g.ready(10.1, s.limits)
+    s.ran()
+    s.add(FakeCall("again"), now=10.2)
+    g = s.gathering(s.items.popleft(), now=10.2, seconds_per_pass=0.5, generating=False)
+    s.gather(g)
+    assert not g.ready(10.3, s.limits) and g.ready(10.7, s.limits)  # waits for company, at most one pass
+    s.add(FakeCall("company"), now=10.4)
+    s.gather(g)
+    s.add(FakeCall("more"), now=10.4)
+    s.gather(g)
+    assert len(g.group) == 3 and g.ready(10.4, s.limits)
+    s.ran()
+    s.add(FakeCall("lone"), now=20.0)  # the peak is in the past: a lone call runs at once
+    g = s.gathering(s.items.popleft(), now=20.0, seconds_per_pass=0.5, generating=False)
+    assert g.ready(20.0, s.limits)
+    s.add(FakeCall("while generating"), now=10.5)
+    g = s.gathering(s.items.popleft(), now=10.5, seconds_per_pass=0.5, generating=True)
+    assert g.ready(10.5, s.limits)  # nothing waits while rows generate
