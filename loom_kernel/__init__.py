@@ -43,6 +43,7 @@ from loom_kernel.types import (
     LayerSel,
     LoadedModel,
     LoadOptions,
+    ModelParts,
     ModelRef,
     PositionSpec,
     ProbeResult,
@@ -69,6 +70,7 @@ _LAZY = {
     **dict.fromkeys(("b64_raw", "encode_tensor", "json_raw", "SAFETENSORS_MEDIA_TYPE"), "loom_kernel.encoding"),
     "Session": "loom_kernel.admission",
     "generate_whole": "loom_kernel.batching",
+    **dict.fromkeys(("Layout", "apply_edit", "edit_columns"), "loom_kernel.editing"),
     **dict.fromkeys(("ModelEntry", "ModelManager"), "loom_kernel.models"),
     "create_plugin_manager": "loom_kernel.plugins",
     "configure_logging": "loom_kernel.logs",
@@ -170,6 +172,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     )
     from loom_kernel.default_plugins.pooling import STRATEGIES as POOLING_STRATEGIES
     from loom_kernel.devices import resolve_device, resolve_dtype
+    from loom_kernel.editing import Layout, apply_edit, edit_columns
     from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE, b64_raw, encode_tensor, json_raw
     from loom_kernel.loading import count_layers, module_bytes
     from loom_kernel.logs import configure_logging
@@ -202,6 +205,7 @@ __all__ = [
     "KernelDep",
     "LayerSel",
     "LayerSpec",
+    "Layout",
     "LensFields",
     "LoadFailed",
     "LoadFields",
@@ -214,6 +218,7 @@ __all__ = [
     "ModelEntry",
     "ModelManager",
     "ModelNotFound",
+    "ModelParts",
     "ModelRef",
     "NonEmpty",
     "Option",
@@ -241,6 +246,7 @@ __all__ = [
     "Transport",
     "Unsupported",
     "__version__",
+    "apply_edit",
     "asked_fields",
     "b64_raw",
     "batch_inputs",
@@ -258,6 +264,7 @@ __all__ = [
     "create_app",
     "create_plugin_manager",
     "echo",
+    "edit_columns",
     "encode_tensor",
     "event_stream",
     "find_blocks",

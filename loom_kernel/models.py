@@ -29,6 +29,7 @@ from loom_kernel.budget import make_room, memory_report
 from loom_kernel.config import Settings
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.errors import Conflict, LoadFailed, LoomError, ModelNotFound, Unsupported, load_error, out_of_memory
+from loom_kernel.generic import declared
 from loom_kernel.inputs import char_limit
 from loom_kernel.kernel import Kernel
 from loom_kernel.memory import release_memory
@@ -332,6 +333,7 @@ class ModelManager:
         if not loaded.load_seconds:
             loaded.load_seconds = time.perf_counter() - start
         char_limit(loaded)  # read the vocabulary here, once, not on the event loop of the first request
+        declared(loaded)  # a model whose loader declared its parts gets the kernel's runner
         return loaded
 
     def _evict_lru(self, keep: ModelEntry) -> None:

@@ -97,6 +97,8 @@ class LoadedModel:
     pooled_normalized: bool = False
     # The loader honours ``Batch.row_generation``: the kernel may then batch generations whose parameters differ.
     row_params: bool = False
+    # The model's declared parts (``ModelParts``): where a loader sets them and no runner, the kernel runs the model.
+    parts: ModelParts | None = None
     # How the model runs (``Runner``): the kernel's default ``forward_with_states`` calls ``runner.forward``, so a
     # loader that sets one needs no hook of its own, and one that loads through another's (GPTQ through transformers)
     # keeps the other's runner.
@@ -144,6 +146,20 @@ class Attribution(Protocol):
     def decompose(self, states: dict[str, Any], kind: str) -> list[tuple[str, int | None, Any]]: ...
 
     def logit_map(self, states: dict[str, Any], tokens: Sequence[int]) -> tuple[Any, Any]: ...
+
+
+@attrs.define(frozen=True)
+class ModelParts:
+    """What a loader declares of its model so that the kernel runs it (``LoadedModel.parts``): ``blocks``, the list of
+    its blocks in order (a ``torch.nn.ModuleList``: hidden-state index ``i`` is block ``i``'s input, ``N`` the final
+    norm's output); ``final_norm``, the norm after the last block (None: the last block's output is index ``N``);
+    ``lm_head``, states -> logits, of a causal model, whose own call on token ids ``[1, T]`` gives logits
+    ``[1, T, V]``. The kernel then gives the model capture and edits at hidden-state indices, the logit lens, and
+    (causal) generation through the scheduler."""
+
+    blocks: Any
+    final_norm: Any = None
+    lm_head: Any = None
 
 
 class Runner(Protocol):

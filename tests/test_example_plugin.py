@@ -7,6 +7,7 @@ reference states come from running the toy network by hand on the saved weights,
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,9 @@ def pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
 
 
-def hand_states(model_dir: Path, ids: list[int]) -> list[torch.Tensor]:
-    """[T, H] per index 0..N: the embedding output, each block's output, and (index N) the final norm's output."""
+def hand_states(model_dir: Path, ids: list[int], add: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """[T, H] per index 0..N: the embedding output, each block's output, and (index N) the final norm's output;
+    ``add``: a vector added to block 0's output, as a forward hook on it would (index 1 then holds the sum)."""
     w = torch.load(model_dir / "weights.pt", weights_only=True)
     n = len({key.split(".")[1] for key in w if key.startswith("blocks.")})
 
@@ -47,15 +49,55 @@ def hand_states(model_dir: Path, ids: list[int]) -> list[torch.Tensor]:
         h = norm(x, f"{b}.norm")
         prefix_mean = h.cumsum(0) / torch.arange(1, len(ids) + 1, dtype=h.dtype).unsqueeze(1)
         x = x + linear(prefix_mean, f"{b}.mix") + linear(F.gelu(linear(h, f"{b}.up")), f"{b}.down")
+        if i == 0 and add is not None:
+            x = x + add
         states.append(x)
     states[n] = norm(x, "norm")  # index N is what the model returns, after the final norm (as in transformers)
     return states
+
+
+def hand_greedy(model_dir: Path, ids: list[int], steps: int, add: torch.Tensor | None = None) -> list[int]:
+    """The causal toy's greedy tokens, by hand: its LM head on the final norm's output, one token at a time."""
+    w = torch.load(model_dir / "weights.pt", weights_only=True)
+    ids = list(ids)
+    for _ in range(steps):
+        last = hand_states(model_dir, ids, add)[-1][-1]
+        ids.append(int((last @ w["head.weight"].T + w["head.bias"]).argmax()))
+    return ids
 
 
 def close(got: list, want: torch.Tensor) -> None:
     got_t = torch.tensor(got, dtype=torch.float32)
     assert got_t.shape == want.shape, (got_t.shape, want.shape)
     assert float((got_t - want).abs().max()) < 1e-6
+
+
+def check_the_causal_toy(base: str, model: Path) -> None:
+    """The causal toy declares its parts and nothing else: through the server it generates its own greedy tokens,
+    streams them, samples ``n``, takes an ``add`` at index 1 as a forward hook on its first block would, and its
+    lens of the last layer is its own next-token choice."""
+    prompt = [BOS, *b"Hi"]
+    ask = {"model": str(model), "prompt": "Hi", "max_tokens": 8, "temperature": 0}
+    r = httpx.post(f"{base}/generate", json=ask, timeout=HANG_S)
+    assert r.status_code == 200, r.text
+    assert [*prompt, *r.json()["token_ids"]] == hand_greedy(model, prompt, 8)
+    with httpx.stream("POST", f"{base}/generate/stream", json=ask, timeout=HANG_S) as events:
+        streamed = [json.loads(line[6:]) for line in events.iter_lines() if line.startswith("data: ")]
+    assert [e["token_id"] for e in streamed[:-1]] == r.json()["token_ids"] and "token_count" in streamed[-1]
+    sampled = {**ask, "temperature": 1.0, "seed": 5}
+    both = httpx.post(f"{base}/generate", json={**sampled, "n": 2}, timeout=HANG_S).json()["choices"]
+    for i, choice in enumerate(both):
+        alone = httpx.post(f"{base}/generate", json={**sampled, "seed": 5 + i}, timeout=HANG_S).json()
+        assert choice["token_ids"] == alone["token_ids"]
+    vector = torch.linspace(-1, 1, 16)
+    edit = [{"site": 1, "op": "add", "vector": vector.tolist()}]
+    edited = httpx.post(f"{base}/generate", json={**ask, "interventions": edit}, timeout=HANG_S).json()
+    assert [*prompt, *edited["token_ids"]] == hand_greedy(model, prompt, 8, add=vector)
+    assert edited["token_ids"] != r.json()["token_ids"]
+    lens = {"model": str(model), "text": "Hi", "positions": "all", "logit_lens": {"layers": [-1], "top_k": 1}}
+    out = httpx.post(f"{base}/extract", json=lens, timeout=HANG_S).json()
+    tops = [entry[0]["token_id"] for entry in out["logit_lens"]["-1"]["top_k"]]
+    assert tops[-1] == hand_greedy(model, prompt, 1)[-1]
 
 
 @pytest.mark.slow
@@ -67,12 +109,11 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
         done = pip("install", "--no-deps", "--quiet", str(src))
         assert done.returncode == 0, done.stderr
         # A fresh interpreter imports the package from site-packages, as a user of the template would.
+        causal = tmp_path / "causal-toy"
+        make = "import sys, loom_example; loom_example.make_toy_model(sys.argv[1], seed=7)"
+        make += "; loom_example.make_toy_model(sys.argv[2], seed=8, causal=True)"
         made = subprocess.run(
-            [sys.executable, "-c", "import sys, loom_example; loom_example.make_toy_model(sys.argv[1], seed=7)", model],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=HANG_S,
+            [sys.executable, "-c", make, model, causal], capture_output=True, text=True, cwd=tmp_path, timeout=HANG_S
         )
         assert made.returncode == 0, made.stderr
         (tmp_path / "on").mkdir()
@@ -114,6 +155,7 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
 
             r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "no_such_pooling"})
             assert r.status_code == 422 and "first_last_mean" in r.json()["allowed"]
+            check_the_causal_toy(base, causal)
     finally:
         pip("uninstall", "-y", DIST)
     assert pip("show", DIST).returncode != 0

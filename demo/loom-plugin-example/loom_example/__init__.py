@@ -1,8 +1,10 @@
 """A template third-party Loom plugin: a loader for the toy "loom-toy" architecture and one pooling strategy.
 
 The kernel registers this module under its entry point's name (``example`` in the ``loom`` group, see
-pyproject.toml), so that name is also the loader name: ``probe`` results carry it, ``load`` and
-``forward_with_states`` answer only for it, and a request's ``loader`` field can select it.
+pyproject.toml), so that name is also the loader name: ``probe`` results carry it, ``load`` answers only for it,
+and a request's ``loader`` field can select it. The loader declares the model's parts (``ModelParts``: its blocks,
+final norm and LM head) and the kernel does the rest: hidden states and edits at every index, the logit lens,
+and, for the causal toy, generation through the scheduler (streams, ``n``, stop strings, log-probabilities).
 
 Heavy imports (torch, the model code) happen inside the hooks, so that ``loom plugins`` and server start-up
 stay fast however many plugins are installed.
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
+from loom_kernel import LoadedModel, LoadOptions, ModelRef, ProbeResult, hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["NAME", "POOLING_STRATEGIES", "make_toy_model"]
@@ -26,11 +28,12 @@ FIRST_LAST_MEAN = "first_last_mean"
 POOLING_STRATEGIES = (FIRST_LAST_MEAN,)
 
 
-def make_toy_model(path: str | Path, seed: int = 0, **sizes: int) -> Path:
-    """Write a loom-toy model directory (config.json + weights.pt) with random weights from ``seed``."""
+def make_toy_model(path: str | Path, seed: int = 0, causal: bool = False, **sizes: int) -> Path:
+    """Write a loom-toy model directory (config.json + weights.pt) with random weights from ``seed``; ``causal``
+    gives it an LM head, and generation."""
     from loom_example.toy import make_toy_model as make
 
-    return make(path, seed=seed, **sizes)
+    return make(path, seed=seed, causal=causal, **sizes)
 
 
 @hookimpl
@@ -53,11 +56,11 @@ def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | No
     if loader != NAME:  # firstresult hook: None lets the loader the kernel chose answer
         return None
     from loom_example.toy import WEIGHTS_FILE, ByteTokenizer, load_toy, toy_config
-    from loom_kernel import InvalidField, Unsupported, resolve_device, resolve_dtype
+    from loom_kernel import InvalidField, ModelParts, Unsupported, resolve_device, resolve_dtype
 
     if model.path is None or not (model.path / WEIGHTS_FILE).is_file():
         raise InvalidField(f"model: {model.id!r} has no local {WEIGHTS_FILE}", field="model")
-    if toy_config(model.config) is None:
+    if (sizes := toy_config(model.config)) is None:
         raise InvalidField(f"loader: {model.id!r} is not a loom-toy model", field="loader")
     if options.quantization or options.device_map:
         field = "quantization" if options.quantization else "device_map"
@@ -74,22 +77,15 @@ def load(model: ModelRef, loader: str, options: LoadOptions) -> LoadedModel | No
         options=options,
         num_layers=len(toy.blocks),
         hidden_size=toy.embed.embedding_dim,
-        kind="encoder",  # no LM head: /extract and /embed work, /generate is refused
+        kind="causal" if sizes["causal"] else "encoder",  # an encoder has no LM head: /generate is refused
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         size_bytes=sum(p.numel() * p.element_size() for p in toy.parameters()),
         load_seconds=time.perf_counter() - start,
         max_context=toy.max_position_embeddings,
+        # What the kernel needs to run it: capture, edits, the lens and generation come from these.
+        parts=ModelParts(blocks=toy.blocks, final_norm=toy.norm, lm_head=toy.head),
     )
-
-
-@hookimpl
-def forward_with_states(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput | None:
-    if model.loader != NAME:
-        return None
-    from loom_example.running import run_batch
-
-    return run_batch(model, batch, capture)
 
 
 @hookimpl

@@ -1,8 +1,9 @@
 """The toy architecture: a byte-level tokenizer and a tiny residual network, saved as config.json + weights.pt.
 
 A model directory is recognised by ``"model_type": "loom-toy"`` in its config.json; the other keys size the
-network. The module is deliberately small and dependency-free (torch only) so that the template shows the
-plugin contract, not a model zoo.
+network, and ``"causal": true`` gives it an LM head (its call on token ids [1, T] then gives logits [1, T, V]).
+The module is deliberately small and dependency-free (torch only) so that the template shows the plugin contract,
+not a model zoo.
 """
 
 from __future__ import annotations
@@ -23,27 +24,27 @@ DEFAULTS: dict[str, Any] = {"hidden_size": 16, "num_layers": 3, "max_position_em
 
 
 def toy_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The sizes of a loom-toy config.json (defaults filled in), or None when the config is not ours."""
+    """The sizes of a loom-toy config.json (defaults filled in) and whether it is causal, or None when the config
+    is not ours."""
     if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
         return None
     sizes = {key: int(config.get(key, value)) for key, value in DEFAULTS.items()}
     if min(sizes.values()) < 1:
         raise ValueError(f"{MODEL_TYPE}: sizes must be positive, got {sizes}")
-    return sizes
+    return {**sizes, "causal": bool(config.get("causal", False))}
 
 
 class ByteTokenizer:
-    """Text <-> UTF-8 byte ids, with an optional BOS id in front (the kernel's ``add_special_tokens``).
-
-    The kernel calls ``decode`` (each token's text in answers is the decode of its id alone); the plugin calls
-    ``encode``.
-    """
+    """Text <-> UTF-8 byte ids, with an optional BOS id in front (the kernel's ``add_special_tokens``): the two
+    calls the kernel makes of any tokenizer, ``tokenizer(text, ...)["input_ids"]`` and ``decode(ids)``."""
 
     bos_token = "<bos>"
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = list(text.encode("utf-8"))
-        return [BOS_ID, *ids] if add_special_tokens else ids
+    def __call__(
+        self, text: str, add_special_tokens: bool = True, truncation: bool = False, max_length: int | None = None
+    ) -> dict[str, list[int]]:
+        ids = [BOS_ID, *text.encode("utf-8")] if add_special_tokens else list(text.encode("utf-8"))
+        return {"input_ids": ids[:max_length] if truncation and max_length else ids}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         # A multi-byte character cut by a slice of ids decodes to U+FFFD rather than failing, like HF tokenizers.
@@ -72,49 +73,58 @@ class ToyBlock(nn.Module):
 
 
 class ToyModel(nn.Module):
-    """Embedding (token + position) -> ``num_layers`` ToyBlocks in ``blocks`` -> final LayerNorm.
+    """Embedding (token + position) -> ``num_layers`` ToyBlocks in ``blocks`` -> final LayerNorm (-> LM head).
 
-    The block list is one ``nn.ModuleList`` so that ``StateRecorder`` can hook it: index 0 is the embedding
-    output (the input of block 0), index i the output of block i, and index N the final norm's output (what
-    ``forward`` returns), the same index space as transformers' ``output_hidden_states``.
+    The loader declares these parts to the kernel (``ModelParts``): the block list (one ``nn.ModuleList``) gives
+    the hidden-state indices, index i being block i's input and index N the final norm's output, the same index
+    space as transformers' ``output_hidden_states``.
     """
 
-    def __init__(self, hidden_size: int, num_layers: int, max_position_embeddings: int) -> None:
+    def __init__(self, hidden_size: int, num_layers: int, max_position_embeddings: int, causal: bool) -> None:
         super().__init__()
         self.max_position_embeddings = max_position_embeddings
         self.embed = nn.Embedding(VOCAB_SIZE, hidden_size)
         self.positions = nn.Embedding(max_position_embeddings, hidden_size)
         self.blocks = nn.ModuleList(ToyBlock(hidden_size) for _ in range(num_layers))
         self.norm = nn.LayerNorm(hidden_size)
+        self.head = nn.Linear(hidden_size, VOCAB_SIZE) if causal else None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed(input_ids) + self.positions(steps).unsqueeze(0)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        x = self.norm(x)
+        return x if self.head is None else self.head(x)
 
 
 def build(sizes: dict[str, Any]) -> ToyModel:
-    return ToyModel(sizes["hidden_size"], sizes["num_layers"], sizes["max_position_embeddings"])
+    return ToyModel(sizes["hidden_size"], sizes["num_layers"], sizes["max_position_embeddings"], sizes["causal"])
 
 
 def make_toy_model(
-    path: str | Path, seed: int = 0, hidden_size: int = 16, num_layers: int = 3, max_position_embeddings: int = 256
+    path: str | Path,
+    seed: int = 0,
+    causal: bool = False,
+    hidden_size: int = 16,
+    num_layers: int = 3,
+    max_position_embeddings: int = 256,
 ) -> Path:
-    """Write a loom-toy model directory (config.json + weights.pt) with random weights from ``seed``."""
+    """Write a loom-toy model directory (config.json + weights.pt) with random weights from ``seed``; ``causal``
+    gives it an LM head."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     sizes = {"hidden_size": hidden_size, "num_layers": num_layers, "max_position_embeddings": max_position_embeddings}
     torch.manual_seed(seed)
-    model = build(sizes)
+    model = build({**sizes, "causal": causal})
     # Non-default LayerNorm parameters, so that a test that forgets a norm (or applies one twice) fails.
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
-    (out / CONFIG_FILE).write_text(json.dumps({"model_type": MODEL_TYPE, **sizes}, indent=2) + "\n")
+    config = {"model_type": MODEL_TYPE, **sizes, "causal": causal}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     torch.save(model.state_dict(), out / WEIGHTS_FILE)
     return out
 

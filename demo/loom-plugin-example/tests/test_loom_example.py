@@ -93,3 +93,20 @@ def test_first_last_mean_pools_real_tokens_on_either_padding_side(pm: pluggy.Plu
     torch.testing.assert_close(got, want)
     # Other names fall through to the kernel's defaults.
     torch.testing.assert_close(pm.hook.pool(output=states, strategy="max", mask=torch.ones(2, 4)), states.amax(1))
+
+
+def test_the_causal_toy_generates_its_own_greedy_tokens_through_the_kernel(pm: pluggy.PluginManager, tmp_path) -> None:
+    """Declared parts are all the kernel needs: generation (its engine), edits at an index and the lens."""
+    path = loom_example.make_toy_model(tmp_path / "causal", seed=2, causal=True)
+    ref = ModelRef(id=str(path), path=path, config=json.loads((path / "config.json").read_text()))
+    model = pm.hook.load(model=ref, loader="example", options=LoadOptions(), kernel=None)
+    (row,) = pm.hook.forward_with_states(
+        model=model,
+        batch=Batch(texts=("hi",), generation=GenerationParams(max_tokens=6, temperature=0)),
+        capture=make_capture(-1, "last", 3),
+    ).rows
+    ids = [256, *b"hi"]
+    with torch.inference_mode():  # greedy by hand: the module's own next-token choice, one token at a time
+        for _ in range(6):
+            ids.append(int(model.model(torch.tensor([ids]))[0, -1].argmax()))
+    assert row.token_ids == ids

@@ -19,11 +19,11 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Capture, Intervention, LoadedModel, RowInput, StepOutput
+from loom_kernel import Capture, Intervention, Layout, LoadedModel, RowInput, StepOutput
 from loom_transformers.architectures import recurrent
 from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
 from loom_transformers.running import _blocks, _device, _pad, _position_offset, _step_kwargs, recorded
-from loom_transformers.sites import Layout, SiteHooks, keyed_fill
+from loom_transformers.sites import SiteHooks, keyed_fill
 
 
 @attrs.define(eq=False)

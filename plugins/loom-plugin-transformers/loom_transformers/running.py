@@ -27,6 +27,7 @@ from loom_kernel import (
     ForwardOutput,
     Gradient,
     Intervention,
+    Layout,
     LoadedModel,
     SequenceOutput,
     batch_inputs,
@@ -34,7 +35,7 @@ from loom_kernel import (
     resolve_positions,
 )
 from loom_transformers.attention import LOOM, AttentionRecorder, eager_attention
-from loom_transformers.sites import Layout, Site, SiteHooks, keyed_fill, site_map
+from loom_transformers.sites import Site, SiteHooks, keyed_fill, site_map
 
 
 def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom_kernel import BadModel, LoadedModel
+from loom_kernel import BadModel, Layout, LoadedModel
 from loom_transformers.architectures import Arch, arch_of, part
 from loom_transformers.attention import LOOM, eager_attention
-from loom_transformers.sites import KEYS, Layout, Site, SiteHooks, site_map, unembed
+from loom_transformers.sites import KEYS, Site, SiteHooks, site_map, unembed
 
 PROBE = (5, 17, 3, 42, 11, 7, 29)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import Intervention, LoadedModel, find_blocks
+from loom_kernel import Intervention, Layout, LoadedModel, apply_edit, edit_columns, find_blocks
 from loom_transformers.architectures import Arch, arch_of, part
 from loom_transformers.attention import MASKED
 
@@ -78,16 +78,6 @@ class Site:
     @property
     def keyed(self) -> bool:
         return self.kind in ("scores", "pattern")
-
-
-@attrs.define(frozen=True)
-class Layout:
-    """Where a row's new tokens are in a pass: columns ``col``.. of the batch, tokens ``tok``.. of its sequence."""
-
-    col: int
-    tok: int
-    count: int
-    prompt: int
 
 
 def site_map(model: LoadedModel) -> dict[int | str, Site | str]:
@@ -481,7 +471,7 @@ class SiteHooks:
         import torch
 
         place = self._layout[b]
-        columns, rows = _selected(edit, place)
+        columns, rows = edit_columns(edit, place)
         if not columns:
             return
         cols = torch.tensor(columns, device=h.device)
@@ -491,9 +481,9 @@ class SiteHooks:
             edit = _over_keys(edit, x.shape[-1], *_key_span(place, keys, value.shape[1]))
         if edit.heads is not None:
             heads = torch.tensor(edit.heads, device=h.device)
-            x = x.index_copy(1, heads, _apply(x.index_select(1, heads), edit, rows).to(x.dtype))
+            x = x.index_copy(1, heads, apply_edit(x.index_select(1, heads), edit, rows).to(x.dtype))
         else:
-            x = _apply(x, edit, rows)
+            x = apply_edit(x, edit, rows)
         if site.kind == "mid":
             h[b, cols] = (x - self._inputs[id(site.block)][b].index_select(0, cols)).to(h.dtype)
         else:
@@ -632,43 +622,6 @@ def _over_keys(edit: Intervention, keys: int, start: int, end: int) -> Intervent
     full = torch.zeros((*v.shape[:-1], keys), dtype=v.dtype)
     full[..., start:end] = v[..., : end - start]
     return attrs.evolve(edit, vector=full)
-
-
-def _selected(edit: Intervention, place: Layout) -> tuple[list[int], list[int] | None]:
-    """The pass's columns ``edit`` touches for one row, and the vector row for each (None: one vector for all)."""
-    tokens = range(place.tok, place.tok + place.count)
-    if edit.positions == "all":
-        picked = list(tokens)
-    elif edit.positions == "prompt":
-        picked = [t for t in tokens if t < place.prompt]
-    elif edit.positions == "generated":
-        picked = [t for t in tokens if t >= place.prompt]
-    else:
-        wanted = {(p if p >= 0 else place.prompt + p): j for j, p in enumerate(edit.positions)}
-        picked = [t for t in tokens if t in wanted]
-        if edit.vector is not None and edit.vector.ndim == 2 and edit.op != "ablate":
-            return [place.col + t - place.tok for t in picked], [wanted[t] for t in picked]
-    return [place.col + t - place.tok for t in picked], None
-
-
-def _apply(x: Any, edit: Intervention, rows: list[int] | None) -> Any:
-    """``edit`` on ``x`` [m, ..., D], in float32."""
-    xf = x.float()
-    v = None
-    if edit.vector is not None:
-        v = edit.vector.to(xf.device)
-        if rows is not None:
-            v = v[rows]
-            v = v.view(v.shape[0], *([1] * (xf.ndim - 2)), v.shape[-1])
-    if edit.op == "add":
-        return xf + edit.scale * v
-    if edit.op == "set":
-        return (v if v is not None else xf).expand_as(xf).clone()
-    if edit.op == "scale":
-        return edit.scale * xf
-    if edit.op == "ablate":
-        return xf - (xf @ v.T) @ v
-    return xf.zero_()
 
 
 def logit_scale(model: LoadedModel) -> float:
