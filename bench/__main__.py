@@ -76,6 +76,10 @@ Rows (benchmark name for ``--only`` in brackets):
 - ``interventions: /patch method attribution vs exact`` [interventions]: the same 4 sites at every position of the
   text, estimated by attribution patching (the clean pass, one forward and one backward pass of the corrupted run)
   against exact patching (one run per site and position, batched): median latency. Target <= 0.1.
+- ``engine: ...`` [engine]: the engine's own costs in the bench's process (``bench/engine.py``): host reads in a
+  decoding step of 8 rows (target <= 1), the output processor's time a token at 2000 tokens over at 64 (<= 1.1),
+  8 rows x 256 greedy tokens against transformers' batched ``generate`` (>= 1), and a token's time at 1000 tokens
+  over at 64, the engine's growth over ``generate``'s (<= 1).
 - ``ray: 16 /embed clients, 2 replicas vs one process`` and ``ray: 8 /generate clients, ...`` [ray]: ``loom serve
   --transport ray --replicas 2`` on the same machine against the batched server, alternating runs: throughput
   ratios. Two replicas on 2 cores cannot be faster; the rows show what Ray's proxy, the router and the hand-off to
@@ -133,10 +137,11 @@ from bench.common import (
     serve,
     staggered_lengths,
 )
+from bench.engine import bench_engine
 from bench.interventions import bench_interventions
 from bench.ray_serve import bench_ray
 
-BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge", "interventions", "ray")
+BENCHMARKS = ("embed", "health", "generate", "scheduler", "extract", "huge", "interventions", "engine", "ray")
 ONE_AT_A_TIME = {"LOOM_MAX_BATCH_SIZE": "1"}
 DEVICE = "cpu"  # --device: where the servers and the in-process baselines run
 HEALTH_BUDGET_MS = 50.0
@@ -667,7 +672,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         gpt = (
             str(build(Path(tmp)))
-            if {"generate", "scheduler", "extract", "interventions", "ray"} & set(chosen)
+            if {"generate", "scheduler", "extract", "interventions", "engine", "ray"} & set(chosen)
             else None
         )
         models = (["minilm"] if {"embed", "health", "huge", "ray"} & set(chosen) else []) + ([gpt] if gpt else [])
@@ -698,6 +703,8 @@ def main() -> None:
                 rows += bench_extract(batched, gpt, args.quick)
             elif name == "interventions":
                 rows += bench_interventions(batched, gpt, args.quick, row, prompts)
+            elif name == "engine":
+                rows += bench_engine(gpt, args.quick, row, DEVICE)
             elif name == "ray":
                 rows += bench_ray(batched, gpt, args.quick, row, prompts)
             else:

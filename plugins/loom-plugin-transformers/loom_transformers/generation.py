@@ -105,7 +105,7 @@ class Decoder:
         if not self.plain_cache:  # its layers keep columns their own way: only the rows go
             self.cache.batch_select_indices(index)
             return
-        first = int((self.mask.sum(0) > 0).nonzero()[0])  # columns before it are pads of every row left
+        first = self.mask.shape[1] - max(r.fed for r in self.rows)  # columns before it are pads of every row left
         self.mask = self.mask[:, first:]
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[..., first:, :]
@@ -124,7 +124,10 @@ class Decoder:
         cache_arg, extra = model.extra["step_kwargs"]
         offset = model.extra["causal_position_offset"]
         kwargs: dict[str, Any] = {cache_arg: cache, **extra}
-        if not bool(mask.all()):  # unpadded rows: the model's own causal path is faster than an explicit mask
+        # Whether any row has pads, from the rows' own counts (right aligned: a row fills the width or has pads on
+        # its left): reading the mask would make the host wait for the device every step.
+        padded = any(r.fed + fresh[b] != mask.shape[1] for b, r in enumerate(rows))
+        if padded:  # unpadded rows: the model's own causal path is faster than an explicit mask
             # A recurrent model (Mamba) keeps its pads out of its state; it takes the mask of the new columns only.
             kwargs["attention_mask"] = mask[:, -ids.shape[1] :] if model.extra["recurrent"] else mask
             if offset is not None:
