@@ -116,7 +116,7 @@ def output_cost(model: Any, row: Callable[..., dict[str, Any]]) -> dict[str, Any
     import random
 
     from loom_kernel import Capture
-    from loom_kernel.batching import Call, Ticket
+    from loom_kernel.calls import Call, Ticket
     from loom_kernel.generating import Event
     from loom_kernel.output import Expected, Processor
 
@@ -127,7 +127,7 @@ def output_cost(model: Any, row: Callable[..., dict[str, Any]]) -> dict[str, Any
     for _ in range(5):
         processor = Processor("bench", model.tokenizer, thread=False)
         engine = type("NoEngine", (), {"abort": lambda *a: None})()
-        call = Call(pm=None, model=model, batch=None, capture=Capture(), ticket=Ticket(None))  # type: ignore[arg-type]
+        call = Call(pm=None, model=model, batch=None, capture=Capture(), ticket=Ticket())  # type: ignore[arg-type]
         stops = ("<never-1>", "<never-2>")
         spec = Expected(0, call, 0, lambda *a: True, [1, 2, 3], Capture(), stops, engine)  # type: ignore[arg-type]
         processor.expect(call, {0: spec}, Capture())

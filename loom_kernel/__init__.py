@@ -30,7 +30,6 @@ from loom_kernel.errors import (
 )
 from loom_kernel.hookspecs import hookimpl
 from loom_kernel.inputs import batch_inputs, chars_per_token, check_vocabulary, fit_text, texts_or_ids, vocabulary_size
-from loom_kernel.kernel import Kernel
 from loom_kernel.types import (
     Attribution,
     Batch,
@@ -55,8 +54,7 @@ from loom_kernel.types import (
     StepOutput,
     Transport,
 )
-
-__version__ = "0.1.0"
+from loom_kernel.version import __version__
 
 # Imported on first use: name -> the private module that defines it.
 _LAZY = {
@@ -71,7 +69,8 @@ _LAZY = {
     "Session": "loom_kernel.admission",
     "generate_whole": "loom_kernel.batching",
     **dict.fromkeys(("Layout", "apply_edit", "edit_columns"), "loom_kernel.editing"),
-    **dict.fromkeys(("ModelEntry", "ModelManager"), "loom_kernel.models"),
+    **dict.fromkeys(("Kernel", "ModelManager"), "loom_kernel.models"),
+    "ModelEntry": "loom_kernel.entry",
     "create_plugin_manager": "loom_kernel.plugins",
     "configure_logging": "loom_kernel.logs",
     "gauges": "loom_kernel.reports",
@@ -174,9 +173,10 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from loom_kernel.devices import resolve_device, resolve_dtype
     from loom_kernel.editing import Layout, apply_edit, edit_columns
     from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE, b64_raw, encode_tensor, json_raw
+    from loom_kernel.entry import ModelEntry
     from loom_kernel.loading import count_layers, module_bytes
     from loom_kernel.logs import configure_logging
-    from loom_kernel.models import ModelEntry, ModelManager
+    from loom_kernel.models import Kernel, ModelManager
     from loom_kernel.plugins import create_plugin_manager
     from loom_kernel.reports import gauges
     from loom_kernel.serve import serve

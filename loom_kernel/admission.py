@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import pluggy
 
-from loom_kernel.batching import Cancelled, Ticket
+from loom_kernel.batching import ModelThread
+from loom_kernel.calls import Cancelled, Ticket
 from loom_kernel.config import Settings
 from loom_kernel.errors import LoomError, RequestTimeout, TooManyRequests
 from loom_kernel.inputs import tokenize_rows
@@ -23,7 +24,7 @@ from loom_kernel.openmp import one_torch_thread
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel
 
 if TYPE_CHECKING:
-    from loom_kernel.models import ModelEntry
+    from loom_kernel.entry import ModelEntry
 
 log = logging.getLogger("loom.models")
 T = TypeVar("T")
@@ -36,8 +37,9 @@ class Session:
 
     pm: pluggy.PluginManager
     model: LoadedModel
-    ticket: Ticket
+    worker: ModelThread
     threads: concurrent.futures.Executor
+    ticket: Ticket = attrs.field(factory=Ticket)
     calls: list[concurrent.futures.Future] = attrs.field(factory=list)
 
     async def forward(self, batch: Batch, capture: Capture, then: Callable[[ForwardOutput], T] | None = None) -> Any:
@@ -48,7 +50,7 @@ class Session:
             batch, refused = await self.thread(tokenize_rows, self.model, batch)
             if (error := next((r for r in refused if r is not None), None)) is not None:
                 raise error
-        future = self.ticket.thread.enqueue(self.ticket, self.pm, self.model, batch, capture, then)
+        future = self.worker.enqueue(self.ticket, self.pm, self.model, batch, capture, then)
         self.calls.append(future)
         # Shielded: a cancelled request cancels its ticket (its call leaves the queue, its rows stop), never the
         # future the model's thread answers. Once the request is gone nobody awaits that future, so its error (the
@@ -86,7 +88,7 @@ class Admission:
         and when it runs past ``request_timeout`` (a 504). The model stays in flight (never unloaded) until every
         call the request queued is done."""
         loaded = self._admit(entry, until)
-        session = Session(self.pm, loaded, Ticket(entry.worker), self.threads)
+        session = Session(self.pm, loaded, entry.worker, self.threads)
         entry.in_flight += 1
         task = asyncio.ensure_future(work(session))
 

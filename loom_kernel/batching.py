@@ -34,10 +34,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import attrs
 import pluggy
 
-from loom_kernel.errors import InvalidField, LoomError, ModelNotFound, Unsupported
+from loom_kernel.calls import Call, Cancelled, Ticket
+from loom_kernel.errors import InvalidField, ModelNotFound, Unsupported
 from loom_kernel.generating import Engine, Event
 from loom_kernel.inputs import fit_texts, tokenize_rows
 from loom_kernel.merging import merge, restrict
@@ -55,106 +55,8 @@ T = TypeVar("T")
 IDLE_S = 2.0
 
 
-class Cancelled(LoomError):
-    """The request went away before its call ran (never sent: nobody is listening)."""
-
-    status = 499
-    title = "Client closed request"
-
-
-@attrs.define(eq=False)
-class Ticket:
-    """One request on its way through a model: cancelled when its client leaves or its time runs out."""
-
-    thread: ModelThread
-    cancelled: threading.Event = attrs.field(factory=threading.Event)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-@attrs.define(eq=False)
-class Call:
-    """One request's forward_with_states call, waiting for the model thread."""
-
-    pm: pluggy.PluginManager
-    model: LoadedModel
-    batch: Batch
-    capture: Capture
-    ticket: Ticket
-    then: Callable[[ForwardOutput], Any] | None = None
-    future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
-    _width: int | None = None
-    _key: tuple[Any, ...] | None = None
-
-    def answer(self, out: ForwardOutput) -> None:
-        try:
-            self.future.set_result(out if self.then is None else self.then(out))
-        except BaseException as exc:  # its own request's error, not the batch's
-            self.future.set_exception(exc)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.ticket.cancelled.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-    @property
-    def joins(self) -> bool:
-        """A generation that joins the model's running batch (its loader steps generations)."""
-        return self.batch.generation is not None and self.model.decoder is not None
-
-    @property
-    def rows(self) -> int:
-        return len(self.batch.token_ids) if self.batch.token_ids is not None else len(self.batch.texts)
-
-    def key(self) -> tuple[Any, ...]:
-        """Calls with equal keys may be merged (computed once: the model thread compares it on every scan)."""
-        if self._key is None:
-            b, params = self.batch, self.batch.generation
-            same_params = params is None or self.model.row_params
-            self._key = (
-                id(self.model),
-                params is None,
-                b.token_ids is None,
-                b.add_special_tokens,
-                b.truncate,
-                self.capture.attention,
-                self.capture.gradient,  # a pass with gradients merges only with passes taking the same metric
-                None if same_params else params,
-            )
-        return self._key
-
-    def width(self, limits: BatchLimits) -> int:
-        """The longest row in tokens (plus what it may generate): the padded length it brings to a batch."""
-        if self._width is None:
-            b = self.batch
-            if b.token_ids is not None:
-                width = max(map(len, b.token_ids), default=0)
-            else:
-                # Characters (+2 special tokens) bound the tokens of any subword vocabulary: tokenize only when
-                # the bound could break the token budget of a full batch.
-                width = max(map(len, b.texts), default=0) + 2
-                if width * limits.max_batch_size > limits.max_batch_tokens:
-                    width = max(_token_lengths(self.model, b), default=0)
-            if self.model.max_context and b.truncate:
-                width = min(width, self.model.max_context)
-            self._width = width + (b.generation.max_tokens if b.generation is not None else 0)
-        return self._width
-
-
 STOP = object()  # queued by ``stop``: the thread fails what is left and ends
 STOPPED = object()  # what the model's thread takes when it has been idle for IDLE_S: its OS thread ends
-
-
-def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
-    try:
-        ids = model.tokenizer(list(batch.texts), add_special_tokens=batch.add_special_tokens)["input_ids"]
-        return [len(row) for row in ids]
-    except Exception:  # a tokenizer of another shape: characters bound the tokens of any subword vocabulary
-        return [len(text) + 2 for text in batch.texts]
 
 
 class ModelThread:
@@ -432,7 +334,7 @@ def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> Forwar
         raise error
     output = Processor("whole", model.tokenizer, thread=False)
     engine = Engine(model, model.decoder(bool(capture.attention_layers)), output.put)
-    call = Call(pm=None, model=model, batch=batch, capture=capture, ticket=Ticket(None))  # type: ignore[arg-type]
+    call = Call(pm=None, model=model, batch=batch, capture=capture, ticket=Ticket())  # type: ignore[arg-type]
     try:
         join(engine, output, [call], itertools.count())
         while engine.busy:

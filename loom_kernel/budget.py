@@ -13,7 +13,7 @@ from loom_kernel.memory import budget_bytes, device_total_bytes, estimate_bytes
 from loom_kernel.types import LoadOptions, ModelRef
 
 if TYPE_CHECKING:
-    from loom_kernel.models import ModelEntry
+    from loom_kernel.entry import ModelEntry
 
 
 def make_room(

@@ -10,7 +10,7 @@ import pluggy
 from loom_kernel.config import Settings
 from loom_kernel.devices import DEVICE_MAPS
 from loom_kernel.errors import Forbidden, InvalidField, MissingBackend, Unsupported
-from loom_kernel.plugins import describe_plugins, loader_names
+from loom_kernel.installed import describe_plugins, loader_names
 from loom_kernel.types import LoadOptions, ModelRef, ProbeResult
 
 # Which distribution to pip install for a quantization method nobody implements here.

@@ -14,11 +14,11 @@ from typing import Any
 
 from pluggy import PluginManager
 
-from loom_kernel import __version__
 from loom_kernel.config import Option, Settings, load_settings
 from loom_kernel.errors import LoomError
 from loom_kernel.logs import LEVELS
 from loom_kernel.plugins import create_plugin_manager, plugin_options
+from loom_kernel.version import __version__
 
 COMMANDS = ("serve", "plugins", "probe")
 
@@ -118,7 +118,7 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace, pm: PluginManager) -> int:
-    from loom_kernel.plugins import describe_plugins
+    from loom_kernel.installed import describe_plugins
 
     rows = describe_plugins(pm)
     if args.json:

@@ -21,7 +21,7 @@ from loom_kernel.types import (
 )
 
 if TYPE_CHECKING:
-    from loom_kernel.kernel import Kernel
+    from loom_kernel.models import Kernel
 
 hookspec = pluggy.HookspecMarker("loom")
 hookimpl = pluggy.HookimplMarker("loom")

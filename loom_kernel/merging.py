@@ -14,7 +14,7 @@ import attrs
 from loom_kernel.types import Batch, Capture, LayerSel, SequenceOutput
 
 if TYPE_CHECKING:
-    from loom_kernel.batching import Call
+    from loom_kernel.calls import Call
 
 
 def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -28,10 +28,10 @@ from loom_kernel.batching import ModelThread
 from loom_kernel.budget import make_room, memory_report
 from loom_kernel.config import Settings
 from loom_kernel.devices import resolve_device, resolve_dtype
+from loom_kernel.entry import ModelEntry, State
 from loom_kernel.errors import Conflict, LoadFailed, LoomError, ModelNotFound, Unsupported, load_error, out_of_memory
 from loom_kernel.generic import declared
 from loom_kernel.inputs import char_limit
-from loom_kernel.kernel import Kernel
 from loom_kernel.memory import release_memory
 from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
@@ -45,46 +45,32 @@ log = logging.getLogger("loom.models")
 # above the memory budget that each was checked against alone.
 LOADING = threading.Lock()
 T = TypeVar("T")
-MAX_NAMES = 16  # names (with their revision) an entry remembers; a name past them is resolved again each time
-
-
-class State(enum.StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADED = "unloaded"
 
 
 @attrs.define(eq=False)
-class ModelEntry:
-    """One model in the registry. ``model_id`` is the first name it was loaded by (the one /models, the log and the
-    metrics show); ``key`` is its source; ``answers`` the (name, revision) pairs requests reached it by."""
+class Kernel:
+    """One server: its plugin manager, settings, model manager and Litestar app, and a place for each plugin's
+    per-server state (``state(name, make)``), so that a plugin keeps what it builds on the server it serves and two
+    servers in one process (tests, Ray replicas) never share it through module globals."""
 
-    model_id: str
-    loader: str
-    options: LoadOptions
-    worker: ModelThread
-    key: str = ""
-    answers: dict[tuple[str, str | None], None] = attrs.field(factory=dict)
-    state: State = State.LOADING
-    loaded: LoadedModel | None = None
-    ready: asyncio.Future | None = None
-    last_used: float = attrs.field(factory=time.monotonic)
-    in_flight: int = 0
+    pm: pluggy.PluginManager
+    settings: Settings
+    manager: ModelManager
+    app: Any = None
+    _state: dict[str, Any] = attrs.field(factory=dict)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
 
-    @property
-    def names(self) -> list[str]:
-        """Every name this model answered to, first the one it was loaded by."""
-        return list(dict.fromkeys([self.model_id, *(name for name, _ in self.answers)]))
+    def state(self, name: str, make: Callable[[Kernel], T]) -> T:
+        """The plugin state kept under ``name``, made by ``make(kernel)`` on first use (from any thread)."""
+        with self._lock:
+            if name not in self._state:
+                self._state[name] = make(self)
+            return self._state[name]
 
-    def answer(self, name: str, revision: str | None) -> None:
-        if len(self.answers) < MAX_NAMES:
-            self.answers.setdefault((name, revision), None)
-
-    def model(self) -> LoadedModel:
-        """The loaded model (ModelNotFound once it is unloaded)."""
-        if self.loaded is None:
-            raise ModelNotFound(f"model: {self.model_id!r} was unloaded", field="model")
-        return self.loaded
+    def states(self) -> dict[str, Any]:
+        """Every plugin state made so far (a shutdown hook may close its own)."""
+        with self._lock:
+            return dict(self._state)
 
 
 class ModelManager:

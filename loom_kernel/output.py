@@ -23,7 +23,7 @@ from loom_kernel.openmp import one_torch_thread
 from loom_kernel.types import Capture, ForwardOutput, SequenceOutput
 
 if TYPE_CHECKING:
-    from loom_kernel.batching import Call
+    from loom_kernel.calls import Call
     from loom_kernel.generating import Engine, Event
 
 log = logging.getLogger("loom.output")

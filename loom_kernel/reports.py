@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from loom_kernel.models import ModelEntry
+    from loom_kernel.entry import ModelEntry
 
 
 def describe(entry: ModelEntry, auto_unload_s: float | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from serverutil import until
 from test_models import app_with, concurrent_client
 
 from loom_kernel import Batch, Capture, ForwardOutput, LoadedModel, hookimpl
+from loom_kernel.calls import Ticket
 from loom_kernel.errors import ModelNotFound
 from loom_kernel.plugins import create_plugin_manager
 
@@ -527,9 +528,8 @@ class OnModelThread:
 
     def send(self, text: str) -> Any:
         """One request's call queued: a future of its ForwardOutput."""
-        from loom_kernel import batching
 
-        return self.thread.enqueue(batching.Ticket(self.thread), self.pm, self.model, Batch(texts=(text,)), Capture())
+        return self.thread.enqueue(Ticket(), self.pm, self.model, Batch(texts=(text,)), Capture())
 
     @property
     def rows(self) -> list[int]:
@@ -615,6 +615,6 @@ def test_an_idle_model_thread_ends_with_its_openmp_team_and_the_next_call_starts
     worker.stop()
     model = types.SimpleNamespace(ref=types.SimpleNamespace(id="idle-test"), max_context=None)
     with pytest.raises(ModelNotFound, match="unloaded"):
-        ticket = batching.Ticket(worker)
+        ticket = Ticket()
         worker.enqueue(ticket, create_plugin_manager(), model, Batch(texts=("x",)), Capture())  # type: ignore[arg-type]
     assert gone(tids() - again)

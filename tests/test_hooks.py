@@ -11,8 +11,9 @@ import torch
 from loom_kernel import LoadOptions, ModelRef, ProbeResult, QuantizationPlan, choosing, hookimpl
 from loom_kernel.config import Settings
 from loom_kernel.errors import InvalidField, MissingBackend
+from loom_kernel.installed import ENTRY_POINT_GROUP, describe_plugins, loader_names
 from loom_kernel.models import ModelManager
-from loom_kernel.plugins import ENTRY_POINT_GROUP, create_plugin_manager, describe_plugins, loader_names
+from loom_kernel.plugins import create_plugin_manager
 
 
 class ToyPlugin:

@@ -57,3 +57,40 @@ def test_a_plugin_imports_only_the_public_kernel_and_itself(package: str):
 def test_every_public_name_resolves():
     missing = [name for name in loom_kernel.__all__ if getattr(loom_kernel, name, None) is None]
     assert not missing
+
+
+def kernel_imports() -> dict[str, set[str]]:
+    """Each kernel module's imports of other kernel modules: every import, in functions and under
+    ``TYPE_CHECKING`` too (a type-only circle still means two modules that cannot be read apart)."""
+    root = REPO / "loom_kernel"
+    names = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in root.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {name: set() for name in names}
+    for name, path in names.items():
+        for _, module, imported in imports(path):
+            subs = {f"{module}.{n}" for n in imported if f"{module}.{n}" in names}
+            targets = subs | ({module} if len(subs) < len(imported) or not imported else set())
+            graph[name] |= {t for t in targets if t in names and t != name}
+    return graph
+
+
+def test_the_kernel_has_no_import_circle():
+    graph = kernel_imports()
+    assert "loom_kernel.entry" in graph["loom_kernel.admission"]  # it reads type-only imports too
+    circles = []
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            circles.append(" -> ".join(path[path.index(name) :] + [name]))
+            return
+        if name in done:
+            return
+        for other in sorted(graph[name]):
+            visit(other, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert not circles, "\n".join(circles)

@@ -13,7 +13,6 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from loom_kernel import __version__
 from loom_kernel.api.deps import provide_kernel, provide_manager, provide_pm
 from loom_kernel.api.inference import InferenceController
 from loom_kernel.api.metrics import MetricsController, count_response
@@ -25,6 +24,7 @@ from loom_kernel.api.system import SystemController
 from loom_kernel.config import Settings
 from loom_kernel.models import ModelManager
 from loom_kernel.plugins import create_plugin_manager
+from loom_kernel.version import __version__
 
 log = logging.getLogger("loom")
 

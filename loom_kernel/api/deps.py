@@ -12,8 +12,7 @@ import pluggy
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 
-from loom_kernel.kernel import Kernel
-from loom_kernel.models import ModelManager
+from loom_kernel.models import Kernel, ModelManager
 
 # Handler parameters are injected by name; the aliases say so explicitly (Litestar 3 requires it).
 Manager = NamedDependency[ModelManager]

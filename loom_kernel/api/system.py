@@ -9,10 +9,10 @@ from urllib.parse import unquote
 from litestar import Controller, Request, get
 from litestar.params import FromPath
 
-from loom_kernel import __version__
 from loom_kernel.api.deps import Manager, Plugins
-from loom_kernel.models import State
-from loom_kernel.plugins import describe_plugins, loader_names
+from loom_kernel.entry import State
+from loom_kernel.installed import describe_plugins, loader_names
+from loom_kernel.version import __version__
 
 
 def path_model_id(request: Request, prefix: str, model_id: str) -> str:

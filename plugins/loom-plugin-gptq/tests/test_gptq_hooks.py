@@ -9,7 +9,8 @@ import pytest
 
 from loom_kernel import Batch, Capture, LoadedModel, LoadOptions, ModelRef, QuantizationPlan
 from loom_kernel.errors import MissingBackend, Unsupported
-from loom_kernel.plugins import create_plugin_manager, describe_plugins
+from loom_kernel.installed import describe_plugins
+from loom_kernel.plugins import create_plugin_manager
 from loom_kernel.resolve import resolve_model
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
