@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import pluggy
@@ -38,6 +38,9 @@ from loom_kernel.reports import describe
 from loom_kernel.resolve import resolve_model, source_key
 from loom_kernel.scheduler import BatchLimits
 from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, Reading
+
+if TYPE_CHECKING:
+    from loom_kernel.api.schemas import ModelRequest
 
 log = logging.getLogger("loom.models")
 # One load at a time in the process: two model threads importing a library's lazy modules at once race inside it
@@ -118,6 +121,12 @@ class ModelManager:
         return self.pm.hook.readouts(model=model, fields=fields, kernel=self.kernel, caller=caller)
 
     # -- loading -----------------------------------------------------------------------------------------
+
+    async def get_for(self, request: ModelRequest) -> ModelEntry:
+        """``get`` for a request's ``model`` and load fields: the one way a route reaches its model."""
+        return await self.get(
+            request.model, loader=request.loader, revision=request.revision, explicit=request.explicit()
+        )
 
     async def get(
         self,

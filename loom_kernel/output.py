@@ -126,9 +126,11 @@ class Processor:
             self._keep_attention(state, event.at, event.fed, event.attentions)
         if state.held is not None and event.states and event.at <= self._position(state) < event.at + event.fed:
             self._release_held(state)
-        if event.error is not None:
+        if event.error is not None:  # the row's answer, final: its later done event finds it answered
             state.result = event.error
-        elif event.token is not None and state.stopped is None:
+            self._deliver()
+            return
+        if event.token is not None and state.stopped is None:
             self._token(state, event)
         if event.done:
             if state.result is None:

@@ -101,3 +101,46 @@ def test_a_whole_generation_equals_transformers_generate(tiny_models):
         states = net(torch.tensor([row.token_ids]), output_hidden_states=True).hidden_states[-1][0]
     assert (row.states["-1"] - states).abs().max() < 1e-5 and row.positions == list(range(len(row.token_ids)))
     assert len(row.logprobs) == 12
+
+
+def test_a_row_whose_logits_are_not_finite_is_its_own_answer(tiny_models):
+    """One row's edit sends its logits to infinity: that row's answer is the error naming its interventions, and
+    the row beside it generates what it generates alone."""
+    from loom_kernel import Intervention, InvalidField
+    from loom_kernel.resolve import resolve_model
+
+    model = create_plugin_manager().hook.load(
+        model=resolve_model(str(tiny_models["gpt2"])), loader="transformers", options=LoadOptions(), kernel=None
+    )
+    params = GenerationParams(max_tokens=5, temperature=0)
+    blow_up = Intervention(site=model.num_layers, op="add", vector=torch.full((64,), 3e38), scale=10.0)
+    (alone,) = generate_whole(model, Batch(texts=("the cat sat",), generation=params), Capture()).rows
+    both = Batch(texts=("the cat", "the cat sat"), generation=params, interventions=((blow_up,), ()))
+    with pytest.raises(InvalidField):  # generate_whole raises a failed row; the engine's own answer has both
+        generate_whole(model, both, Capture())
+    bad, beside = _answer(model, both)
+    (alone_bad,) = _answer(model, Batch(texts=("the cat",), generation=params, interventions=((blow_up,),)))
+    assert isinstance(alone_bad, InvalidField)
+    assert isinstance(bad, InvalidField) and bad.field == "interventions" and "not finite" in str(bad)
+    assert beside.token_ids == alone.token_ids
+
+
+def _answer(model, batch: Batch) -> list:
+    """The rows the engine and the output processor answer ``batch``'s call with, errors included."""
+    import itertools
+
+    from loom_kernel.batching import join
+    from loom_kernel.calls import Call, Ticket
+    from loom_kernel.generating import Engine
+    from loom_kernel.inputs import tokenize_rows
+    from loom_kernel.output import Processor
+
+    batch, _ = tokenize_rows(model, batch)
+    output = Processor("test", model.tokenizer, thread=False)
+    engine = Engine(model, model.decoder(False), output.put)
+    call = Call(pm=None, model=model, batch=batch, capture=Capture(), ticket=Ticket())
+    join(engine, output, [call], itertools.count())
+    while engine.busy:
+        engine.step()
+    assert call.future.done(), "the engine finished and the call has no answer"
+    return call.future.result().rows

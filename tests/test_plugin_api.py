@@ -83,7 +83,7 @@ def test_the_kernel_has_no_import_circle():
 
     def visit(name: str, path: list[str]) -> None:
         if name in path:
-            circles.append(" -> ".join(path[path.index(name) :] + [name]))
+            circles.append(" -> ".join([*path[path.index(name) :], name]))
             return
         if name in done:
             return

@@ -162,7 +162,7 @@ class InferenceController(Controller):
         settings = manager.settings
         req = state_request(data, manager, data.return_hidden_states, caller=caller(request))
         params = generation_params(data, settings)
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
 
         batch = Batch(texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens)
 
@@ -187,7 +187,7 @@ class InferenceController(Controller):
         req = state_request(data, manager, data.return_hidden_states, stream=True, caller=caller(request))
         req = json_formats_only(req, "a stream")
         params = generation_params(data, settings)
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
             check_generation(entry.loaded, params)
             await req.resolved(entry.loaded, Batch(texts=(data.prompt,), generation=params))
@@ -227,7 +227,7 @@ class InferenceController(Controller):
         req = state_request(data, manager, data.return_hidden_states, caller=caller(request))
         req = json_formats_only(req, "a batch")
         params = generation_params(data, settings)
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         rid = request_id(request)
 
         async def work(s: Session) -> list[dict[str, Any]]:
@@ -245,7 +245,7 @@ class InferenceController(Controller):
     @post("/extract", status_code=200)
     async def extract(self, data: JSONBody[ExtractRequest], request: Request, manager: Manager) -> Response:
         req = state_request(data, manager, True, caller=caller(request))
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
 
         async def work(s: Session) -> dict[str, Any] | bytes:
             model = s.model

@@ -46,6 +46,12 @@ class LoadFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         }
 
 
+class ModelRequest(LoadFields, kw_only=True):
+    """A request for one model: its name, and how to load it (``ModelManager.get_for``)."""
+
+    model: NonEmpty
+
+
 class FeatureRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     probe: str
     index: int
@@ -82,7 +88,7 @@ class StopRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 Probes = Annotated[list[NonEmpty], msgspec.Meta(max_length=16)]
 
 
-class CaptureFields(LoadFields, kw_only=True):
+class CaptureFields(ModelRequest, kw_only=True):
     hidden_state_layers: LayerSpec | None = None
     interventions: Interventions | None = None
     logit_lens: LensFields | None = None
@@ -114,7 +120,6 @@ MAX_N = 16  # choices of one prompt a request may ask for: rows of one batch
 
 
 class GenerateRequest(GenerationFields, kw_only=True):
-    model: NonEmpty
     prompt: NonEmpty
     n: Annotated[int, msgspec.Meta(ge=1, le=MAX_N)] = 1
 
@@ -123,19 +128,17 @@ MAX_BATCH_PROMPTS = 64
 
 
 class BatchGenerateRequest(GenerationFields, kw_only=True):
-    model: NonEmpty
     prompts: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_BATCH_PROMPTS)]
 
 
 class ExtractRequest(CaptureFields, kw_only=True):
-    model: NonEmpty
     text: NonEmpty
     add_special_tokens: bool = True
     return_logits: bool = False  # the model's own logits at the positions asked for
 
 
-class LoadRequest(LoadFields, kw_only=True):
-    model: NonEmpty
+class LoadRequest(ModelRequest, kw_only=True):
+    """POST /models/load."""
 
 
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")

@@ -12,13 +12,12 @@ from litestar.params import JSONBody
 
 from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, declared_strategies
 from loom_embeddings.routes import EmbedFields, serve
-from loom_kernel import InvalidField, Manager, NonEmpty, Plugins, b64_raw, json_raw, texts_or_ids
+from loom_kernel import InvalidField, Manager, Plugins, b64_raw, json_raw, texts_or_ids
 
 
 class OpenAIEmbeddingRequest(EmbedFields, kw_only=True):
     """OpenAI's fields, plus The Loom's embedding and load fields (an OpenAI client passes them in extra_body)."""
 
-    model: NonEmpty
     input: str | list[Any]  # a text, texts, token ids, or lists of token ids (texts_or_ids)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring

@@ -20,9 +20,9 @@ from litestar.params import JSONBody
 from loom_embeddings.embed import MAX_BATCH_TEXTS, Embedded, EmbedSpec, declared_strategies, embed, pool_answers
 from loom_kernel import (
     InvalidField,
-    LoadFields,
     Manager,
     ModelManager,
+    ModelRequest,
     NonEmpty,
     Plugins,
     client_gone,
@@ -39,7 +39,7 @@ Texts = Annotated[
 Dimensions = Annotated[int, msgspec.Meta(ge=1, description="keep the first N dimensions (Matryoshka)")]
 
 
-class EmbedFields(LoadFields, kw_only=True):
+class EmbedFields(ModelRequest, kw_only=True):
     pooling: str | None = None  # None: the model's own pooling (see loom_embeddings.embed)
     normalize: bool | None = None  # None: the model's convention
     layer: int = -1
@@ -59,12 +59,10 @@ class EmbedFields(LoadFields, kw_only=True):
 
 
 class EmbedRequest(EmbedFields, kw_only=True):
-    model: NonEmpty
     text: NonEmpty
 
 
 class EmbedBatchRequest(EmbedFields, kw_only=True):
-    model: NonEmpty
     texts: Texts
 
 
@@ -91,7 +89,7 @@ async def embed_texts(
     (vectors, metadata)."""
     await check_pooling(pm, data.pooling)
     spec = data.spec(field, listed)
-    entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+    entry = await manager.get_for(data)
     start = time.perf_counter()
     result = await manager.run(entry, lambda s: embed(s, texts, spec), until=client_gone(request))
     model = entry.model()

@@ -22,8 +22,8 @@ from loom_kernel import (
     LayerSel,
     LayerSpec,
     LoadedModel,
-    LoadFields,
     Manager,
+    ModelRequest,
     NonEmpty,
     SequenceOutput,
     Session,
@@ -36,8 +36,7 @@ from loom_kernel import (
 MAX_ANALYZE_TEXTS = 256
 
 
-class AnalyzeRequest(LoadFields, kw_only=True):
-    model: NonEmpty
+class AnalyzeRequest(ModelRequest, kw_only=True):
     texts: Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_ANALYZE_TEXTS)]
     hidden_state_layers: LayerSpec | None = "all"
     rows: Literal["last", "mean", "tokens"] = "last"
@@ -85,5 +84,5 @@ class AnalyzeController(Controller):
     @post("/analyze", status_code=200)
     async def analyze(self, data: JSONBody[AnalyzeRequest], request: Request, manager: Manager) -> dict[str, Any]:
         """Per layer: D_eff (entropy and 90%-variance forms), beta and row norms of the texts' states."""
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         return await manager.run(entry, lambda s: analyze(s, data), until=client_gone(request))

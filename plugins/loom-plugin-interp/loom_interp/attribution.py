@@ -23,9 +23,8 @@ from loom_kernel import (
     Capture,
     InvalidField,
     LoadedModel,
-    LoadFields,
     Manager,
-    NonEmpty,
+    ModelRequest,
     Session,
     Unsupported,
     client_gone,
@@ -43,8 +42,7 @@ class Target(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     token_id: int | None = None
 
 
-class AttributionRequest(LoadFields, kw_only=True):
-    model: NonEmpty
+class AttributionRequest(ModelRequest, kw_only=True):
     target: Target
     text: str | None = None
     texts: list[str] | None = None
@@ -193,5 +191,5 @@ class AttributionController(Controller):
     ) -> dict[str, Any]:
         """Direct logit attribution of a text's logit (or logit difference) at a position: each component's share
         through the model's own final norm, frozen at its value there, and head; the values sum to the logit."""
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         return await manager.run(entry, lambda session: attribute(session, data), until=client_gone(request))

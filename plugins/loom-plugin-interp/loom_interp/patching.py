@@ -30,8 +30,8 @@ from loom_kernel import (
     InvalidField,
     LayerSel,
     LoadedModel,
-    LoadFields,
     Manager,
+    ModelRequest,
     NonEmpty,
     Option,
     Session,
@@ -61,8 +61,7 @@ class Metric(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     token: str | None = None
 
 
-class PatchRequest(LoadFields, kw_only=True):
-    model: NonEmpty
+class PatchRequest(ModelRequest, kw_only=True):
     clean: NonEmpty
     corrupted: NonEmpty
     sites: str | Sites  # a family (every block's hook of that name), or sites
@@ -304,6 +303,6 @@ class PatchController(Controller):
         clean state patched in (each (site, position, head) at a per-head site), with its normalized form
         (patched - corrupted) / (clean - corrupted)."""
         s = manager.settings
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         work = lambda session: patch(session, data, PATCH_MAX_ROWS.of(s), s.max_batch_size)  # noqa: E731
         return await manager.run(entry, work, until=client_gone(request))

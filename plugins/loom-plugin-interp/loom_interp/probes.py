@@ -22,8 +22,8 @@ from loom_kernel import (
     Batch,
     InsufficientStorage,
     InvalidField,
-    LoadFields,
     Manager,
+    ModelRequest,
     NonEmpty,
     Session,
     StateRequest,
@@ -68,9 +68,8 @@ class ProbeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     replace: bool = False
 
 
-class FitRequest(LoadFields, kw_only=True):
+class FitRequest(ModelRequest, kw_only=True):
     name: NonEmpty
-    model: NonEmpty
     site: int | str
     texts: Annotated[list[NonEmpty], msgspec.Meta(min_length=2, max_length=MAX_FIT_TEXTS)]
     labels: Annotated[list[NonEmpty], msgspec.Meta(min_length=2, max_length=MAX_FIT_TEXTS)]
@@ -325,7 +324,7 @@ class ProbesController(Controller):
             dtype="float32",
             default_layers=[],
         )
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         result = await manager.run(entry, lambda s: fit(s, data, req, manager), until=client_gone(request))
         meta = {"kind": "linear", "activation": "softmax", "site": str(data.site), "model": data.model}
         meta |= {"description": data.description, "labels": result["labels"]}

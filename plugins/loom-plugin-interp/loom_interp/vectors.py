@@ -16,8 +16,8 @@ from loom_interp.state import interp
 from loom_interp.stores import stored
 from loom_kernel import (
     Batch,
-    LoadFields,
     Manager,
+    ModelRequest,
     NonEmpty,
     Session,
     StateRequest,
@@ -41,8 +41,7 @@ class VectorRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     replace: bool = False
 
 
-class ContrastRequest(LoadFields, kw_only=True):
-    model: NonEmpty
+class ContrastRequest(ModelRequest, kw_only=True):
     site: int | str
     positive: ContrastTexts
     negative: ContrastTexts
@@ -131,7 +130,7 @@ class VectorsController(Controller):
             dtype="float32",
             default_layers=settings.default_layers,
         )
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         result = await manager.run(entry, lambda s: contrast(s, data, req), until=client_gone(request))
         vector = result.pop("vector")
         stored = None

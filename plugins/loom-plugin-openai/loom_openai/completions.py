@@ -373,7 +373,7 @@ class OpenAIController(Controller):
         refuse_unused(data)
         params = params_for(data, settings)
         req = states_for(data, settings, manager, caller)
-        entry = await manager.get(data.model, loader=data.loader, revision=data.revision, explicit=data.explicit())
+        entry = await manager.get_for(data)
         if entry.loaded is not None:
             check_generation(entry.loaded, params)
             await req.resolved(entry.loaded, attrs.evolve(batch, generation=params))

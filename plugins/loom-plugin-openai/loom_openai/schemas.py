@@ -17,8 +17,7 @@ from loom_kernel import (
     Interventions,
     LayerSpec,
     LensFields,
-    LoadFields,
-    NonEmpty,
+    ModelRequest,
     PositionField,
     Probes,
     Seed,
@@ -54,11 +53,10 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class OpenAIFields(LoadFields, kw_only=True):
+class OpenAIFields(ModelRequest, kw_only=True):
     """What chat completions and completions share: OpenAI's fields, then The Loom's (the SDK's ``extra_body``).
     Unknown fields are refused, as ``LoadFields``' are."""
 
-    model: NonEmpty
     max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None  # None: OpenAI's default, 1.0
