@@ -18,7 +18,6 @@ from loom_kernel.admission import Session
 from loom_kernel.capture import (
     check_positions,
     check_site,
-    is_site_name,
     resolve_layers,
     resolve_positions,
     split_sites,
@@ -68,6 +67,7 @@ class StateRequest:
     resolver: Callable[[LoadedModel, dict[str, Any]], Reading | None] | None = None
     streaming: bool = False  # the endpoint streams: readouts also go in each token's event
     _readings: dict[int, Reading] = attrs.field(factory=dict, eq=False, repr=False)
+    _shown: dict[int, list[str]] = attrs.field(factory=dict, eq=False, repr=False)  # output_keys, by model
 
     @classmethod
     def from_fields(
@@ -142,14 +142,14 @@ class StateRequest:
             self._readings[id(model)] = found
         return self._readings[id(model)]
 
-    def output_keys(self, capture: Capture) -> list[str]:
+    def output_keys(self, model: LoadedModel) -> list[str]:
         """The states the answer's ``hidden_states`` carry, in the order asked for (layer order for "all"): those
-        asked for, not those only the readouts need."""
-        if not self.wanted:
-            return []
+        asked for, not those only the readouts need (known once ``capture`` has resolved the request on ``model``)."""
+        return self._shown.get(id(model), []) if self.wanted else []
+
+    def _shown_keys(self, layers: tuple[LayerSel, ...], sites: tuple[str, ...]) -> list[str]:
         names = split_sites(self.layers)[1]
-        keys = [sel.key for sel in capture.layers if not sel.key.startswith("~")]
-        keys += [site for site in capture.sites if site in names]
+        keys = [sel.key for sel in layers] + [site for site in sites if site in names]
         spelled = [str(item) for item in self.layers] if isinstance(self.layers, list) else []
         return sorted(dict.fromkeys(keys), key=lambda k: spelled.index(k) if k in spelled else -1)
 
@@ -172,9 +172,10 @@ class StateRequest:
                 field="hidden_state_layers",
                 allowed=f"layers 1 to {model.num_layers} (or -1 to -{model.num_layers})",
             )
+        self._shown[id(model)] = self._shown_keys(layers, sites)
         stream = self.stream
-        if reading is not None and reads:
-            layers += reading.layers
+        if reading is not None and reads:  # a state both ask for is captured once, under one key
+            layers += tuple(sel for sel in reading.layers if sel.key not in {s.key for s in layers})
             sites = tuple(dict.fromkeys([*sites, *reading.sites]))
             stream = stream or reading.stop is not None or (self.streaming and reading.read is not None)
         return Capture(
@@ -330,7 +331,7 @@ def state_payload(
     """JSON fields for the tensors of one row (and its readouts), and the raw tensors by group (for safetensors)."""
     groups: dict[str, Any] = {}
     fields: dict[str, Any] = {}
-    keys = req.output_keys(capture)
+    keys = req.output_keys(model)
     if capture.wanted and (keys or capture.attention_layers):
         indices = {sel.key: sel.index for sel in capture.layers} | {s: s for s in capture.sites}
         fields["layer_indices"] = {k: indices[k] for k in [*keys, *row.attentions] if k in indices}
@@ -366,8 +367,7 @@ def stream_extras(extras: dict[str, Any] | None, req: StateRequest, model: Loade
     if extras and "states" in extras:
         states = extras["states"]
         if req.stream:
-            asked = set(split_sites(req.layers)[1])
-            shown = {k: v for k, v in states.items() if not k.startswith("~") and (not is_site_name(k) or k in asked)}
+            shown = {k: states[k] for k in req.output_keys(model) if k in states}
             out["hidden_states"] = encode_states(shown, req.dtype, req.fmt)
         reading = req.reading(model) if req.streaming else None
         if reading is not None and reading.read is not None:

@@ -82,7 +82,7 @@ class Readouts:
 
 @attrs.define
 class Plan:
-    layers: list[LayerSel] = attrs.field(factory=list)  # extra layer indices, keyed "~i"
+    layers: list[LayerSel] = attrs.field(factory=list)  # layer indices, keyed by the index
     sites: list[str] = attrs.field(factory=list)  # extra hook points, keyed by name
     lens: list[tuple[str, str, bool]] = attrs.field(factory=list)  # (answer key, state key, already normalized)
     lens_top_k: int = 5
@@ -94,7 +94,7 @@ class Plan:
     def state_for(self, site: int | str) -> str:
         """The key under which the states of ``site`` (an index made non-negative, or a name) are captured."""
         if isinstance(site, int):
-            key = f"~{site}"
+            key = str(site)
             if all(sel.key != key for sel in self.layers):
                 self.layers.append(LayerSel(key=key, index=site))
             return key
