@@ -48,6 +48,7 @@ from loom_kernel.types import (
     ProbeResult,
     QuantizationPlan,
     Reading,
+    RequestField,
     RowInput,
     Runner,
     SequenceOutput,
@@ -78,7 +79,7 @@ _LAZY = {
     "POOLING_STRATEGIES": "loom_kernel.default_plugins.pooling",
     "create_app": "loom_kernel.api",
     **dict.fromkeys(("Manager", "Plugins", "KernelDep"), "loom_kernel.api.deps"),
-    **dict.fromkeys(("asked_fields", "checked_params", "state_request"), "loom_kernel.api.inference"),
+    **dict.fromkeys(("asked_fields", "checked_params", "reading_fields", "state_request"), "loom_kernel.api.inference"),
     **dict.fromkeys(
         (
             "StateRequest",
@@ -94,18 +95,14 @@ _LAZY = {
     **dict.fromkeys(("begin_request", "openai_error", "request_id", "with_request_id"), "loom_kernel.api.problems"),
     **dict.fromkeys(
         (
-            "Interventions",
             "LayerSpec",
-            "LensFields",
             "LoadFields",
             "MAX_N",
             "ModelRequest",
             "NonEmpty",
             "PositionField",
-            "Probes",
             "Seed",
             "Sites",
-            "StopRule",
         ),
         "loom_kernel.api.schemas",
     ),
@@ -133,7 +130,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from loom_kernel.admission import Session
     from loom_kernel.api import create_app
     from loom_kernel.api.deps import KernelDep, Manager, Plugins
-    from loom_kernel.api.inference import asked_fields, checked_params, state_request
+    from loom_kernel.api.inference import asked_fields, checked_params, reading_fields, state_request
     from loom_kernel.api.payloads import (
         StateRequest,
         check_generation,
@@ -146,17 +143,13 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from loom_kernel.api.problems import begin_request, openai_error, request_id, with_request_id
     from loom_kernel.api.schemas import (
         MAX_N,
-        Interventions,
         LayerSpec,
-        LensFields,
         LoadFields,
         ModelRequest,
         NonEmpty,
         PositionField,
-        Probes,
         Seed,
         Sites,
-        StopRule,
     )
     from loom_kernel.api.security import Guard, body_limit, caller, key_refusal, refuse, route_of
     from loom_kernel.api.streaming import MayStream, TokenBridge, client_gone, event_stream
@@ -201,14 +194,12 @@ __all__ = [
     "Guard",
     "InsufficientStorage",
     "Intervention",
-    "Interventions",
     "InvalidField",
     "Kernel",
     "KernelDep",
     "LayerSel",
     "LayerSpec",
     "Layout",
-    "LensFields",
     "LoadFailed",
     "LoadFields",
     "LoadOptions",
@@ -229,9 +220,9 @@ __all__ = [
     "PositionField",
     "PositionSpec",
     "ProbeResult",
-    "Probes",
     "QuantizationPlan",
     "Reading",
+    "RequestField",
     "RequestTimeout",
     "RowInput",
     "Runner",
@@ -243,7 +234,6 @@ __all__ = [
     "StateRecorder",
     "StateRequest",
     "StepOutput",
-    "StopRule",
     "TokenBridge",
     "TooManyRequests",
     "Transport",
@@ -283,6 +273,7 @@ __all__ = [
     "module_bytes",
     "openai_error",
     "path_model_id",
+    "reading_fields",
     "refuse",
     "request_id",
     "resolve_device",

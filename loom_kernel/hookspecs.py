@@ -17,6 +17,7 @@ from loom_kernel.types import (
     ProbeResult,
     QuantizationPlan,
     Reading,
+    RequestField,
     Transport,
 )
 
@@ -84,7 +85,12 @@ def shutdown(kernel: Kernel) -> None:
     """The server stops: release what this plugin made for it."""
 
 
-@hookspec(firstresult=True)
+@hookspec
+def request_fields() -> list[RequestField] | None:
+    """Fields this plugin reads from the capture requests (/extract, /generate and its forms, OpenAI completions)."""
+
+
+@hookspec
 def readouts(model: LoadedModel, fields: dict[str, Any], kernel: Kernel, caller: str) -> Reading | None:
-    """Resolve the ``interventions``, ``logit_lens``, ``probes`` and ``stop_when`` a request gives on ``model``
-    (``caller``: the owner of the request's API key, whose stored names it uses; "" without keys)."""
+    """Resolve on ``model`` this plugin's request fields that a request gives, by name (``caller``: the owner of the
+    request's API key, whose stored names it uses; "" without keys)."""

@@ -30,6 +30,7 @@ from loom_kernel.config import Settings
 from loom_kernel.devices import resolve_device, resolve_dtype
 from loom_kernel.entry import ModelEntry, State
 from loom_kernel.errors import Conflict, LoadFailed, LoomError, ModelNotFound, Unsupported, load_error, out_of_memory
+from loom_kernel.fields import Fields
 from loom_kernel.generic import declared
 from loom_kernel.inputs import char_limit
 from loom_kernel.memory import release_memory
@@ -37,7 +38,7 @@ from loom_kernel.metrics import Metrics
 from loom_kernel.reports import describe
 from loom_kernel.resolve import resolve_model, source_key
 from loom_kernel.scheduler import BatchLimits
-from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, Reading
+from loom_kernel.types import LoadedModel, LoadOptions, ModelRef, Reading, RequestField
 
 if TYPE_CHECKING:
     from loom_kernel.api.schemas import ModelRequest
@@ -74,6 +75,27 @@ class Kernel:
         """Every plugin state made so far (a shutdown hook may close its own)."""
         with self._lock:
             return dict(self._state)
+
+    @property
+    def fields(self) -> Fields:
+        """The plugins' request fields (``request_fields``), and what resolves them (``readouts``)."""
+        return self.state("kernel.fields", lambda kernel: Fields(kernel.pm))
+
+    def request_fields(self) -> list[RequestField]:
+        """The fields plugins add to the capture requests; two may not declare one name."""
+        return self.fields.fields
+
+    def request_type(self, base: type[T], generation: bool) -> type[T]:
+        """``base``, a capture request's Struct, with the plugins' request fields (a handler's ``data`` type:
+        name it in its controller's ``signature_namespace``)."""
+        from loom_kernel.api.schemas import with_fields
+
+        fields = self.request_fields()
+        types = self.state("kernel.request_types", lambda kernel: {})
+        with self._lock:
+            if (base, generation) not in types:
+                types[base, generation] = with_fields(base, fields, generation)
+            return types[base, generation]
 
 
 class ModelManager:
@@ -117,8 +139,8 @@ class ModelManager:
         return choosing.load_options(self.pm, self.settings, **explicit)
 
     def reading(self, model: LoadedModel, fields: dict[str, Any], caller: str = "") -> Reading | None:
-        """A request's interventions and readouts resolved on ``model`` by the plugin that reads them."""
-        return self.pm.hook.readouts(model=model, fields=fields, kernel=self.kernel, caller=caller)
+        """A request's plugin fields resolved on ``model`` by the plugins that declared them."""
+        return self.kernel.fields.reading(model, fields, self.kernel, caller)
 
     # -- loading -----------------------------------------------------------------------------------------
 

@@ -367,7 +367,8 @@ class Batch:
 class Reading:
     """What a request's ``interventions`` and readouts (``logit_lens``, ``probes``, ``stop_when``) ask of one model,
     resolved by the plugin that implements the ``readouts`` hook: the edits for every row, the extra states to
-    capture (layer indices keyed ``~i`` so they never mix with the answer's ``hidden_states``, hook points by name),
+    capture (layer indices keyed by the index, hook points by name: the answer's ``hidden_states`` show only the
+    keys the request asked for),
     ``read(states, positions)``: answer fields from one row's captured states [P, ...] at those positions (a token
     event's one state has no positions; a stream puts them in every token's event), and ``stop(states)``: the stop
     rule a generated token's states fire, or None."""
@@ -384,6 +385,18 @@ class Reading:
     def keys(self) -> list[str]:
         """The keys of the states ``read`` and ``stop`` take."""
         return [*(sel.key for sel in self.layers), *self.sites]
+
+
+@attrs.define(frozen=True)
+class RequestField:
+    """A field a plugin adds to the capture requests (the ``request_fields`` hook): its name and msgspec type; a
+    request's value (None when absent) reaches the plugin's ``readouts`` hook. ``generation``: only generating
+    requests take it; ``reads``: it answers at the request's positions (so ``positions`` shapes its answer)."""
+
+    name: str
+    type: Any
+    generation: bool = False
+    reads: bool = False
 
 
 @attrs.define

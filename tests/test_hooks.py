@@ -229,3 +229,81 @@ def test_routes(monkeypatch):
     with TestClient(create_app(create_plugin_manager(), Settings(default_device="cpu"))) as c:
         assert c.get("/v1/models").status_code == 404
         assert c.get("/health").status_code == 200
+
+
+class NormReadout:
+    """A third-party readout: a request field of its own, read from the states the kernel captures for it."""
+
+    @hookimpl
+    def request_fields(self):
+        from typing import Annotated
+
+        import msgspec
+
+        from loom_kernel import RequestField
+
+        return [RequestField("norm_at", Annotated[int, msgspec.Meta(ge=0)], reads=True)]
+
+    @hookimpl
+    def readouts(self, model, fields):
+        from loom_kernel import LayerSel, Reading
+
+        assert set(fields) == {"norm_at"}  # a plugin is asked about its own fields only
+        key = str(fields["norm_at"])
+
+        def read(states, positions):
+            return {"norms": states[key].norm(dim=-1).tolist()}
+
+        return Reading(layers=(LayerSel(key, fields["norm_at"]),), read=read, bytes_per_position=24)
+
+
+async def test_request_fields_reach_their_plugins_readouts(tiny_models):
+    """A plugin's field is a field of /extract (typed, misspellings hinted), its values reach its own readouts hook,
+    and its answer merges with loom-plugin-interp's lens in one request."""
+    from test_models import app_with, concurrent_client
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(tiny_models["gpt2"])
+    pm = create_plugin_manager()
+    pm.register(NormReadout(), name="norms")
+    text = "the cat sat on the mat"
+    async with concurrent_client(app_with(pm)) as c:
+        body = {
+            "model": path,
+            "text": text,
+            "hidden_state_layers": [-1],
+            "norm_at": 2,
+            "logit_lens": {"layers": [2], "top_k": 1},
+        }
+        r = await c.post("/extract", json=body)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert set(answer["hidden_states"]) == {"-1"} and answer["logit_lens"]  # what the readouts read stays theirs
+        r = await c.post("/extract", json={"model": path, "text": text, "norm_atx": 2})
+        assert r.status_code == 422 and "did you mean `norm_at`" in r.json()["detail"], r.text
+        r = await c.post("/extract", json={"model": path, "text": text, "norm_at": -1})
+        assert r.status_code == 422 and "norm_at" in r.text, r.text
+    tok = AutoTokenizer.from_pretrained(path)
+    net = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        states = net(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states[2][0]
+    assert answer["norms"] == pytest.approx(states[-1:].norm(dim=-1).tolist(), abs=1e-4)
+    async with concurrent_client(app_with()) as c:  # without the plugin the field is unknown
+        r = await c.post("/extract", json={"model": path, "text": text, "norm_at": 2})
+        assert r.status_code == 422 and "norm_at" in r.json()["detail"]
+
+
+def test_two_plugins_may_not_declare_one_request_field():
+    from loom_kernel import RequestField
+    from loom_kernel.api import create_app
+    from loom_kernel.config import ConfigError
+
+    class Clash:
+        @hookimpl
+        def request_fields(self):
+            return [RequestField("probes", list)]
+
+    pm = create_plugin_manager()
+    pm.register(Clash(), name="clash")
+    with pytest.raises(ConfigError, match="probes"):
+        create_app(pm=pm, settings=Settings(default_device="cpu"))

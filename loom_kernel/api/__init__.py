@@ -14,7 +14,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from loom_kernel.api.deps import provide_kernel, provide_manager, provide_pm
-from loom_kernel.api.inference import InferenceController
+from loom_kernel.api.inference import InferenceController, controller_with_fields
 from loom_kernel.api.metrics import MetricsController, count_response
 from loom_kernel.api.models import ModelsController
 from loom_kernel.api.problems import EXCEPTION_HANDLERS, document_problems
@@ -49,7 +49,8 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
             await asyncio.to_thread(lambda: pm.hook.shutdown(kernel=kernel))
 
     middleware = [api_key_middleware(settings.api_key)] if settings.api_key else []
-    controllers = [SystemController, MetricsController, ModelsController, InferenceController]
+    inference = controller_with_fields(InferenceController, kernel)
+    controllers = [SystemController, MetricsController, ModelsController, inference]
     added = [handler for handlers in pm.hook.routes(kernel=kernel) for handler in handlers or ()]
     app = Litestar(
         route_handlers=[*controllers, *added],

@@ -40,11 +40,10 @@ from loom_kernel.api.streaming import TokenBridge, client_gone, event_stream
 from loom_kernel.config import Settings
 from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
-from loom_kernel.models import ModelManager
+from loom_kernel.models import Kernel, ModelManager
 from loom_kernel.types import Batch, GenerationParams
 
 DEFAULT_MAX_TOKENS = 256  # what a generation that names no max_tokens may run to (its context permitting)
-READOUT_FIELDS = ("interventions", "logit_lens", "probes", "stop_when")
 
 
 def state_request(
@@ -70,15 +69,31 @@ def state_request(
         top_logprobs=top,
         logits=bool(getattr(data, "return_logits", False)),
         max_response_bytes=int(settings.max_response_mb * 2**20),
-        asked=asked_fields(data),
+        asked=asked_fields(data, manager.kernel),
+        reading_fields=reading_fields(data, manager.kernel),
         resolver=functools.partial(manager.reading, caller=caller),
         streaming=stream,
     )
 
 
-def asked_fields(data: Any) -> dict[str, Any]:
-    """The interventions and readouts fields a request gives (the ``readouts`` hook resolves them)."""
-    return {name: value for name in READOUT_FIELDS if (value := getattr(data, name, None))}
+def asked_fields(data: Any, kernel: Kernel) -> dict[str, Any]:
+    """The plugins' request fields a request gives (the ``readouts`` hook resolves them)."""
+    return {f.name: value for f in kernel.request_fields() if (value := getattr(data, f.name, None))}
+
+
+def reading_fields(data: Any, kernel: Kernel) -> tuple[str, ...]:
+    """The request fields a request gives that answer at its positions (``RequestField.reads``)."""
+    return tuple(f.name for f in kernel.request_fields() if f.reads and getattr(data, f.name, None))
+
+
+def controller_with_fields(controller: type[Controller], kernel: Kernel) -> type[Controller]:
+    """The kernel's capture routes, their bodies with the plugins' request fields."""
+    types = {
+        "ExtractRequest": kernel.request_type(ExtractRequest, generation=False),
+        "GenerateRequest": kernel.request_type(GenerateRequest, generation=True),
+        "BatchGenerateRequest": kernel.request_type(BatchGenerateRequest, generation=True),
+    }
+    return type(controller.__name__, (controller,), {"signature_namespace": types})
 
 
 def json_formats_only(req: StateRequest, what: str) -> StateRequest:

@@ -64,6 +64,7 @@ class StateRequest:
     # The request's interventions and readouts fields (those given), and what resolves them on a model (the
     # ``readouts`` hook, through ``ModelManager.reading``).
     asked: dict[str, Any] = attrs.field(factory=dict)
+    reading_fields: tuple[str, ...] = ()  # those of ``asked`` that answer at the request's positions
     resolver: Callable[[LoadedModel, dict[str, Any]], Reading | None] | None = None
     streaming: bool = False  # the endpoint streams: readouts also go in each token's event
     _readings: dict[int, Reading] = attrs.field(factory=dict, eq=False, repr=False)
@@ -86,6 +87,7 @@ class StateRequest:
         logits: bool = False,
         max_response_bytes: int | None = None,
         asked: dict[str, Any] | None = None,
+        reading_fields: tuple[str, ...] = (),
         resolver: Callable[[LoadedModel, dict[str, Any]], Reading | None] | None = None,
         streaming: bool = False,
     ) -> StateRequest:
@@ -104,6 +106,7 @@ class StateRequest:
             logits=logits,
             max_response_bytes=max_response_bytes,
             asked=asked or {},
+            reading_fields=reading_fields,
             resolver=resolver,
             streaming=streaming,
         )
@@ -138,7 +141,7 @@ class StateRequest:
             found = self.resolver(model, self.asked) if self.resolver is not None else None
             if found is None:
                 field = next(iter(self.asked))
-                raise Unsupported(f"{field}: no plugin on this server reads it (loom-plugin-interp does)", field=field)
+                raise Unsupported(f"{field}: no plugin on this server resolves it", field=field)
             self._readings[id(model)] = found
         return self._readings[id(model)]
 
@@ -201,7 +204,7 @@ class StateRequest:
             "states": "hidden_state_layers",
             "attentions": "return_attention",
             "logits": "return_logits",
-            "readouts": next((k for k in self.asked if k in ("logit_lens", "probes")), "probes"),
+            "readouts": self.reading_fields[0] if self.reading_fields else "readouts",
         }
         largest = max(parts, key=parts.__getitem__)
         cheaper = "; base64 or safetensors answers are 3-10x smaller than list" if self.fmt == "list" else ""

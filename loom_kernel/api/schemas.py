@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Request
 from litestar.exceptions import ValidationException
+
+from loom_kernel.types import RequestField
+
+T = TypeVar("T")
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, description="a non-empty string")]
 # Entries of a list that names layers or sites: more than any model has (duplicates are folded, so each costs once).
@@ -16,7 +21,6 @@ Sites = Annotated[list[int | str], msgspec.Meta(max_length=MAX_SITES)]
 LayerSpec = int | str | Sites
 MAX_STOPS = 16  # stop strings a generation may have (each is looked for after every token)
 MAX_TOP_LOGPROBS = 20
-MAX_INTERVENTIONS = 32
 # A seed is a non-negative int64: torch reads seeds modulo 2**64, so -1 and 2**64 - 1 would give the same tokens.
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1, description="0 to 2**63 - 1")]
 PositionField = str | list[int]  # a request's positions as sent (checked against the model later)
@@ -52,47 +56,8 @@ class ModelRequest(LoadFields, kw_only=True):
     model: NonEmpty
 
 
-class FeatureRef(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    probe: str
-    index: int
-
-
-class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One edit (the ``readouts`` hook resolves it): ``vector`` is a list, a list of lists, a wire tensor or a stored
-    name; ``feature`` names row ``index`` of a stored SAE's decoder instead (its site unless ``site`` says so)."""
-
-    site: int | str | None = None
-    op: str
-    feature: FeatureRef | None = None
-    vector: list[Any] | dict[str, Any] | str | None = None
-    scale: float = 1.0
-    positions: str | list[int] = "all"
-    heads: list[int] | None = None
-
-
-Interventions = Annotated[list[InterventionSpec], msgspec.Meta(max_length=MAX_INTERVENTIONS)]
-
-
-class LensFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    layers: LayerSpec = "all"
-    top_k: int = 5
-    tokens: Annotated[list[str], msgspec.Meta(max_length=32)] = []
-
-
-class StopRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    probe: str
-    label: str | int
-    above: float
-
-
-Probes = Annotated[list[NonEmpty], msgspec.Meta(max_length=16)]
-
-
 class CaptureFields(ModelRequest, kw_only=True):
     hidden_state_layers: LayerSpec | None = None
-    interventions: Interventions | None = None
-    logit_lens: LensFields | None = None
-    probes: Probes | None = None
     return_full_sequence: bool = False
     positions: PositionField | None = None
     hidden_state_format: str | None = None  # None: the server's hidden_states.default_format
@@ -113,7 +78,6 @@ class GenerationFields(CaptureFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     return_logits: bool = False
-    stop_when: Annotated[list[StopRule], msgspec.Meta(max_length=8)] | None = None
 
 
 MAX_N = 16  # choices of one prompt a request may ask for: rows of one batch
@@ -139,6 +103,17 @@ class ExtractRequest(CaptureFields, kw_only=True):
 
 class LoadRequest(ModelRequest, kw_only=True):
     """POST /models/load."""
+
+
+def with_fields(base: type[T], fields: Sequence[RequestField], generation: bool) -> type[T]:
+    """``base`` with the plugins' request fields (those of generations too when ``generation``), each optional: a
+    Struct of the same name, so that the schema and the error messages read as the base's."""
+    chosen = [(f.name, f.type | None, None) for f in fields if generation or not f.generation]
+    if not chosen:
+        return base
+    return msgspec.defstruct(  # type: ignore[return-value]
+        base.__name__, chosen, bases=(base,), kw_only=True, forbid_unknown_fields=True, module=base.__module__
+    )
 
 
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")

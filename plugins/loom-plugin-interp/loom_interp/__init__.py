@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 from loom_interp.attribution import AttributionController
+from loom_interp.fields import REQUEST_FIELDS
 from loom_interp.fitting import FIT_OPTIONS
 from loom_interp.interventions import resolve_interventions
 from loom_interp.patching import PATCH_MAX_ROWS, PatchController
@@ -23,7 +24,7 @@ from loom_interp.stores import (
     VECTORS_MAX_MB,
 )
 from loom_interp.vectors import VectorsController
-from loom_kernel import Kernel, LoadedModel, Option, Reading, hookimpl
+from loom_kernel import Kernel, LoadedModel, Option, Reading, RequestField, hookimpl
 
 
 @hookimpl
@@ -53,6 +54,11 @@ def startup(kernel: Kernel) -> None:
 @hookimpl
 def shutdown(kernel: Kernel) -> None:
     interp(kernel).fitter.close()
+
+
+@hookimpl
+def request_fields() -> list[RequestField]:
+    return REQUEST_FIELDS
 
 
 @hookimpl

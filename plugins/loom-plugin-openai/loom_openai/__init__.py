@@ -7,8 +7,14 @@ from typing import Any
 
 from loom_kernel import Kernel, hookimpl
 from loom_openai.completions import OpenAIController
+from loom_openai.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @hookimpl
 def routes(kernel: Kernel) -> list[Any]:
-    return [OpenAIController]
+    # The bodies take the plugins' request fields (interventions, readouts) as /generate's do.
+    types = {
+        "ChatCompletionRequest": kernel.request_type(ChatCompletionRequest, generation=True),
+        "CompletionRequest": kernel.request_type(CompletionRequest, generation=True),
+    }
+    return [type("OpenAIController", (OpenAIController,), {"signature_namespace": types})]

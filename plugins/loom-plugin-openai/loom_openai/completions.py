@@ -19,6 +19,7 @@ from loom_kernel import (
     Batch,
     GenerationParams,
     InvalidField,
+    Kernel,
     LoadedModel,
     Manager,
     MayStream,
@@ -39,6 +40,7 @@ from loom_kernel import (
     generate_choices,
     openai_error,
     path_model_id,
+    reading_fields,
     request_id,
     stream_extras,
     texts_or_ids,
@@ -93,12 +95,12 @@ def refuse_unsupported(data: OpenAIFields) -> None:
             raise InvalidField(f"{field}: not supported by this server", field=field, allowed=allowed)
 
 
-def refuse_unused(data: OpenAIFields) -> None:
+def refuse_unused(data: OpenAIFields, kernel: Kernel) -> None:
     """The Loom's capture fields shape what the answer carries; one that would change nothing is refused by name
     instead of being ignored: the layers without hidden states or attention, the positions without those or a
     readout that reads there, the wire format without any tensor in the answer."""
     tensors = data.return_hidden_states or data.return_attention
-    reads = bool(data.probes or data.logit_lens)
+    reads = bool(reading_fields(data, kernel))
     unused = [
         ("hidden_state_layers", data.hidden_state_layers is not None and not tensors),
         ("positions", data.positions is not None and not (tensors or reads)),
@@ -109,8 +111,8 @@ def refuse_unused(data: OpenAIFields) -> None:
     for field, bad in unused:
         if bad:
             raise InvalidField(
-                f"{field}: changes nothing without return_hidden_states (or return_attention, return_logits, probes, "
-                "logit_lens where they read it)",
+                f"{field}: changes nothing without return_hidden_states (or return_attention, return_logits, or a "
+                "readout where it reads it)",
                 field=field,
                 allowed=["return_hidden_states: true"],
             )
@@ -171,7 +173,8 @@ def states_for(data: OpenAIFields, settings: Settings, manager: Any = None, call
         top_logprobs=top_logprobs_for(data),
         logits=data.return_logits,
         max_response_bytes=int(settings.max_response_mb * 2**20),
-        asked=asked_fields(data),
+        asked=asked_fields(data, manager.kernel) if manager is not None else {},
+        reading_fields=reading_fields(data, manager.kernel) if manager is not None else (),
         resolver=functools.partial(manager.reading, caller=caller) if manager is not None else None,
         streaming=bool(data.stream),
     )
@@ -370,7 +373,7 @@ class OpenAIController(Controller):
         """Checks before any work or stream starts; ``batch`` holds the prompts (or the chat's texts) for the
         answer's size estimate."""
         refuse_unsupported(data)
-        refuse_unused(data)
+        refuse_unused(data, manager.kernel)
         params = params_for(data, settings)
         req = states_for(data, settings, manager, caller)
         entry = await manager.get_for(data)

@@ -14,14 +14,10 @@ import msgspec
 
 from loom_kernel import (
     MAX_N,
-    Interventions,
     LayerSpec,
-    LensFields,
     ModelRequest,
     PositionField,
-    Probes,
     Seed,
-    StopRule,
 )
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -70,13 +66,10 @@ class OpenAIFields(ModelRequest, kw_only=True):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # The Loom's own fields, passed with the SDK's extra_body.
+    # The Loom's own fields, passed with the SDK's extra_body (and the plugins' request fields: the kernel's
+    # ``request_type`` adds them).
     return_hidden_states: bool = False
     hidden_state_layers: LayerSpec | None = None
-    interventions: Interventions | None = None
-    logit_lens: LensFields | None = None
-    probes: Probes | None = None
-    stop_when: Annotated[list[StopRule], msgspec.Meta(max_length=8)] | None = None
     positions: PositionField | None = None
     return_full_sequence: bool = False
     hidden_state_format: str | None = None
