@@ -145,11 +145,12 @@ class ModelThread:
                 self._generate()
             elif isinstance(item, Call):
                 group = self._gather(item)
+                self._count(len(group))  # before any answer: a client that reads the counters next sees this batch
                 start = time.perf_counter()
                 self._execute(group)
                 with self._cv:
                     self.scheduler.ran()
-                self._record(len(group), time.perf_counter() - start, item.batch.generation is None)
+                self._record(time.perf_counter() - start, item.batch.generation is None)
             else:
                 fn, fut = item
                 if fut.set_running_or_notify_cancel():
@@ -224,12 +225,10 @@ class ModelThread:
     def _join(self, engine: Engine, calls: list[Call]) -> None:
         """``calls`` (their rows tokenized and checked before they were queued) prefilled as one batch."""
         assert self._output is not None
-        running = engine.running
-        rows = join(engine, self._output, calls, self._row_ids)
-        if running:
-            self.counters.joined_running += rows
-        self.counters.batches += 1
-        self.counters.batched_requests += len(calls)
+        self._count(len(calls))  # before the output processor answers any of them
+        if engine.running:
+            self.counters.joined_running += sum(call.rows for call in calls)
+        join(engine, self._output, calls, self._row_ids)
 
     def _fail_engine(self, attention: bool, exc: BaseException) -> None:
         """A step failed: every row of that engine fails with it, and the next join starts afresh."""
@@ -252,10 +251,12 @@ class ModelThread:
             self._output.stop()
             self._output = None
 
-    def _record(self, calls: int, seconds: float, plain: bool) -> None:
-        log.debug("ran %d call(s) as one in %.1f ms", calls, seconds * 1000)
+    def _count(self, calls: int) -> None:
         self.counters.batches += 1
         self.counters.batched_requests += calls
+
+    def _record(self, seconds: float, plain: bool) -> None:
+        log.debug("ran a batch in %.1f ms", seconds * 1000)
         self.seconds_per_batch = _average(self.seconds_per_batch, seconds)
         if plain:
             self.seconds_per_pass = _average(self.seconds_per_pass, seconds)
@@ -298,10 +299,10 @@ class ModelThread:
             self._execute([call])
 
 
-def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int]) -> int:
+def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int]) -> None:
     """``calls`` merged into one batch and prefilled into ``engine``, each row registered with the output
-    processor (which answers each call when its rows are done); the rows joined. A failed prefill fails these rows
-    alone: the running ones run on."""
+    processor (which answers each call when its rows are done). A failed prefill fails these rows alone: the
+    running ones run on."""
     batch, capture, starts = merge(calls)
     assert batch.token_ids is not None, "generations are tokenized before they are queued"
     rows = []
@@ -313,15 +314,13 @@ def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int
             stops = batch.params(slot).stop
             expected[row.id] = Expected(row.id, call, slot, batch.on_token, row.prompt, capture, stops, engine)
         output.expect(call, expected, capture)
+    engine.counters.prompt_tokens += sum(len(r.prompt) for r, _ in rows)  # before any of them is answered
     try:
         engine.join(rows)
     except BaseException as exc:
         output.put([Event(row=r.id, error=exc, done=True) for r, _ in rows])
         for r, _ in rows:
             engine.rows.pop(r.id, None)
-        return 0
-    engine.counters.prompt_tokens += sum(len(r.prompt) for r, _ in rows)
-    return len(rows)
 
 
 def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
