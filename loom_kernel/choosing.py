@@ -13,21 +13,6 @@ from loom_kernel.errors import Forbidden, InvalidField, MissingBackend, Unsuppor
 from loom_kernel.installed import describe_plugins, loader_names
 from loom_kernel.types import LoadOptions, ModelRef, ProbeResult
 
-# Which distribution to pip install for a quantization method nobody implements here.
-QUANTIZATION_PACKAGES = {
-    "4bit": "loom-plugin-bitsandbytes",
-    "8bit": "loom-plugin-bitsandbytes",
-    "gptq": "loom-plugin-gptq",
-    "awq": "loom-plugin-gptq",
-}
-# Which distribution provides a loader that is not installed.
-LOADER_PACKAGES = {
-    "transformers": "loom-plugin-transformers",
-    "sentence_transformers": "loom-plugin-sentence-transformers",
-    "custom": "loom-plugin-custom",
-    "gptq": "loom-plugin-gptq",
-}
-
 
 def rank(pm: pluggy.PluginManager, ref: ModelRef) -> list[ProbeResult]:
     results = [r for r in pm.hook.probe(model=ref) if r is not None]
@@ -51,20 +36,25 @@ def probe_report(pm: pluggy.PluginManager, ref: ModelRef) -> dict[str, Any]:
     }
 
 
+def install_hints(pm: pluggy.PluginManager, kind: str) -> dict[str, str]:
+    """Name -> distribution to pip install, for ``kind`` "loader" or "quantization" (the ``install_hints`` hook)."""
+    return {name: dist for hints in pm.hook.install_hints() for name, dist in (hints or {}).get(kind, {}).items()}
+
+
 def choose_loader(pm: pluggy.PluginManager, ref: ModelRef, requested: str | None) -> str:
     known = loader_names(pm)
     if requested is not None:
         if requested not in known:
-            if requested in LOADER_PACKAGES:
+            if (package := install_hints(pm, "loader").get(requested)) is not None:
                 raise MissingBackend(
-                    f"loader: {requested!r} is not installed; pip install {LOADER_PACKAGES[requested]}",
+                    f"loader: {requested!r} is not installed; pip install {package}",
                     field="loader",
                     allowed=known,
                 )
             raise InvalidField(f"loader: unknown loader {requested!r}", field="loader", allowed=known)
         return requested
     method = str((ref.quantization_config or {}).get("quant_method", ""))
-    owner = QUANTIZATION_PACKAGES.get(method)
+    owner = install_hints(pm, "quantization").get(method) if method else None
     if owner is not None and owner not in _installed_distributions(pm):
         # The generic loader would take it (any config.json) and fail deep inside transformers: say what to add.
         raise MissingBackend(
@@ -94,7 +84,7 @@ def load_options(
         raise InvalidField(
             "quantization: an empty method names none; leave the field out (or null) to load without quantization",
             field="quantization",
-            allowed=sorted(QUANTIZATION_PACKAGES),
+            allowed=sorted(install_hints(pm, "quantization")),
         )
     if trust_remote_code and not settings.allow_remote_code_requests:
         raise Forbidden(
@@ -114,7 +104,8 @@ def load_options(
     if quantization:
         plan = pm.hook.quantize(method=quantization, options=opts)
         if plan is None:
-            package = QUANTIZATION_PACKAGES.get(quantization)
+            known = install_hints(pm, "quantization")
+            package = known.get(quantization)
             if package is not None and package in _installed_distributions(pm):
                 raise InvalidField(
                     f"quantization: {package} serves {quantization} checkpoints that are already quantized; "
@@ -126,7 +117,7 @@ def load_options(
             raise MissingBackend(
                 f"quantization: no installed plugin handles {quantization!r}{hint}",
                 field="quantization",
-                allowed=sorted(QUANTIZATION_PACKAGES),
+                allowed=sorted(known),
             )
         opts = attrs.evolve(opts, quantization_plan=plan)
     return opts

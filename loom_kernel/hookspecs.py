@@ -61,6 +61,12 @@ def model_sources() -> dict[str, str] | None:
 
 
 @hookspec
+def install_hints() -> dict[str, dict[str, str]] | None:
+    """What to pip install for a ``loader`` or a ``quantization`` method no installed plugin provides: kind -> name ->
+    distribution."""
+
+
+@hookspec
 def options() -> list[Option] | None:
     """The settings this plugin reads: config file section, environment variables, ``loom serve`` flags."""
 

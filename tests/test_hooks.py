@@ -307,3 +307,22 @@ def test_two_plugins_may_not_declare_one_request_field():
     pm.register(Clash(), name="clash")
     with pytest.raises(ConfigError, match="probes"):
         create_app(pm=pm, settings=Settings(default_device="cpu"))
+
+
+def test_install_hints(pm, tiny_models):
+    """A plugin's install hints name what to pip install for a loader nobody provides; the kernel names none."""
+
+    class Hints:
+        @hookimpl
+        def install_hints(self):
+            return {"loader": {"toyx": "loom-plugin-toyx"}}
+
+    pm.register(Hints(), name="hints")
+    ref = ModelRef(id="m", path=tiny_models["llama"])
+    with pytest.raises(MissingBackend, match="pip install loom-plugin-toyx"):
+        choosing.choose_loader(pm, ref, "toyx")
+    for name in ("transformers", "custom"):  # the bundled plugins' hints are the transformers plugin's
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+    with pytest.raises(InvalidField, match="unknown loader 'custom'"):
+        choosing.choose_loader(pm, ref, "custom")
