@@ -34,7 +34,7 @@ def offered_transports(settings: Settings, pm: pluggy.PluginManager) -> dict[str
 def select_transports(settings: Settings, pm: pluggy.PluginManager) -> list[Transport]:
     """The transports named in ``settings.transports``, in that order; an unknown name lists the known ones."""
     offered = offered_transports(settings, pm)
-    known = ", ".join(sorted(offered)) or "none (pip install loom-plugin-http)"
+    known = ", ".join(sorted(offered)) or "none installed (docs/transports.md lists the transport plugins)"
     wanted = list(dict.fromkeys(settings.transports))  # "both" plus "http" must not bind the port twice
     if not wanted:
         raise ConfigError(f"no transport selected; known transports: {known}", field="transports")
