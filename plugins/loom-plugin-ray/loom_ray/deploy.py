@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,11 @@ def run(settings: Any) -> int:
     from loom_kernel import configure_logging
 
     configure_logging(settings.log_level)
+    if not sys.stderr.isatty():
+        # Ray colours what it forwards from the replicas whatever its stream is: each line's prefix (unless
+        # RAY_COLOR_PREFIX is 0) and the note that folds repeated lines (always). A log file gets every line, plain.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     done = threading.Event()
     previous: dict[int, Any] = {}
     try:

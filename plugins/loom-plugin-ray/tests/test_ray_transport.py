@@ -286,6 +286,19 @@ def test_no_ray_socket_of_the_application_listens_beyond_loopback(served):
 
 
 @pytest.mark.slow
+def test_a_log_that_is_a_file_has_no_terminal_codes(served, tiny_models):
+    """The server's log here is a file: the replicas' lines Ray forwards carry their prefix, and no colour codes."""
+    base, log, _proc, _home = served
+    r = httpx.post(
+        f"{base}/extract", json={"model": str(tiny_models["gpt2"]), "text": "a log"}, headers=AUTH, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    until(lambda: "pid=" in log.read_text(), "a replica's line forwarded", STARTUP_S, 0.2)
+    text = log.read_text()
+    assert "\x1b[" not in text, [line for line in text.splitlines() if "\x1b[" in line][:5]
+
+
+@pytest.mark.slow
 def test_two_replicas_share_their_stores(served, tiny_models):
     """A vector stored through one replica steers a request another replica serves, as the same numbers sent."""
     base, *_ = served
