@@ -30,9 +30,8 @@ def main() -> None:
 
     import loom_transformers.cache as cache
     import torch
-    from loom_transformers.generation import generate_whole
 
-    from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
+    from loom_kernel import Batch, Capture, GenerationParams, LoadOptions, generate_whole
     from loom_kernel.plugins import create_plugin_manager
     from loom_kernel.resolve import resolve_model
 
@@ -52,7 +51,7 @@ def main() -> None:
 
         def run(room: bool, batch: Batch = batch, tokens: dict[bool, list[list[int]]] = tokens) -> None:
             cache.roomy = roomy if room else lambda c: c
-            tokens[room] = [row.token_ids for row in generate_whole(model, batch, Capture())]
+            tokens[room] = [row.generated_ids for row in generate_whole(model, batch, Capture()).rows]
 
         run(True), run(False)  # warm-up
         with_room, without = [], []

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -57,7 +58,7 @@ def measure(model_dir: str, repeats: int = 20, device: str = "cpu") -> Bound:
     them."""
     import torch
 
-    from loom_kernel import Batch, Capture, GenerationParams, LoadOptions
+    from loom_kernel import LoadOptions
     from loom_kernel.plugins import create_plugin_manager
     from loom_kernel.resolve import resolve_model
 
@@ -65,21 +66,9 @@ def measure(model_dir: str, repeats: int = 20, device: str = "cpu") -> Bound:
     model = hooks.load(
         model=resolve_model(model_dir), loader="transformers", options=LoadOptions(device=device), kernel=None
     )
-    prompt = tuple(range(3, 19))  # 16 tokens
-    params = GenerationParams(max_tokens=10_000, temperature=0)
-
-    def batch(rows: int) -> Batch:
-        return Batch(texts=(), token_ids=(prompt,) * rows, generation=params)
-
     with torch.inference_mode():
-        prefills = latencies(repeats, lambda: model.decoder(False).join(batch(1), Capture()))
-        steps = {}
-        for rows in range(1, 9):
-            decoder = model.decoder(False)
-            decoder.join(batch(rows), Capture())
-            for _ in range(48):  # to the middle of the contexts the staggered requests reach
-                decoder.step()
-            steps[rows] = statistics.median(latencies(repeats, decoder.step))
+        prefills = latencies(repeats, lambda: _prefill(model))
+        steps = {rows: statistics.median(_steps(model, rows, repeats)) for rows in range(1, 9)}
     prefill, lengths = statistics.median(prefills), staggered_lengths()
     return Bound(
         prefill=prefill,
@@ -88,6 +77,43 @@ def measure(model_dir: str, repeats: int = 20, device: str = "cpu") -> Bound:
         ideal=play(lengths, prefill, lambda n: steps[n]),
         free=play(lengths, prefill, lambda n: steps[1]),
     )
+
+
+PROMPT = list(range(3, 19))  # 16 tokens
+
+
+def _rows(n: int) -> list[Any]:
+    from loom_kernel import Capture, RowInput
+
+    return [RowInput(id=i, prompt=PROMPT, capture=Capture()) for i in range(n)]
+
+
+def _picked(out: Any) -> dict[int, int]:
+    """Each row's greedy token, read on the CPU in one copy (as the kernel's sampler does)."""
+    return dict(zip(out.ids, out.logits.argmax(-1).tolist(), strict=True))
+
+
+def _prefill(model: Any) -> None:
+    decoder = model.decoder(False)
+    _picked(decoder.prefill(_rows(1)))
+    decoder.close()
+
+
+def _steps(model: Any, rows: int, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` steps of ``rows`` running rows, from the middle of the contexts the staggered
+    requests reach (48 steps in)."""
+    decoder = model.decoder(False)
+    feed = _picked(decoder.prefill(_rows(rows)))
+
+    def step() -> None:
+        feed.update(_picked(decoder.step(feed)))
+
+    for _ in range(48):
+        step()
+    try:
+        return latencies(repeats, step)
+    finally:
+        decoder.close()
 
 
 def main() -> None:
