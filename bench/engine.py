@@ -24,16 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-PROMPTS = [
-    "The quick brown fox",
-    "Hidden states are the activations",
-    "Researchers study how representations change from the first layer",
-    "A model reads a prompt",
-    "Embeddings place sentences with similar meaning close together",
-    "Hello world! How are you",
-    "Numbers like 1, 2, 3",
-    "Interpretability and alignment research need access",
-]
+from bench.generate import BATCH_PROMPTS
+
 SCALAR_READ = "aten::_local_scalar_dense"
 
 
@@ -76,7 +68,8 @@ def _running_engine(model: Any, rows: int) -> Any:
     engine = Engine(model, model.decoder(False), lambda events: None)
     params = GenerationParams(max_tokens=64, temperature=0)
     inputs = [
-        (RowInput(i, model.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"], Capture()), params) for i in range(rows)
+        (RowInput(i, model.tokenizer(BATCH_PROMPTS[i % len(BATCH_PROMPTS)])["input_ids"], Capture()), params)
+        for i in range(rows)
     ]
     engine.join(inputs)
     engine.step()  # warm: the first step of a fresh batch allocates the cache's room
@@ -176,16 +169,16 @@ def versus_generate(
         return time.perf_counter() - start
 
     repeats = 1 if quick else 3
-    ours(PROMPTS, 8), theirs(PROMPTS, 8)  # warm-up
-    batched_ours = min(ours(PROMPTS, new) for _ in range(repeats))
-    batched_theirs = min(theirs(PROMPTS, new) for _ in range(repeats))
+    ours(BATCH_PROMPTS, 8), theirs(BATCH_PROMPTS, 8)  # warm-up
+    batched_ours = min(ours(BATCH_PROMPTS, new) for _ in range(repeats))
+    batched_theirs = min(theirs(BATCH_PROMPTS, new) for _ in range(repeats))
     long = 256 if quick else 1000
     growth = []
     for run in (ours, theirs):
-        short = min(run(PROMPTS[:1], 64) for _ in range(repeats)) / 64
-        longer = min(run(PROMPTS[:1], long) for _ in range(repeats)) / long
+        short = min(run(BATCH_PROMPTS[:1], 64) for _ in range(repeats)) / 64
+        longer = min(run(BATCH_PROMPTS[:1], long) for _ in range(repeats)) / long
         growth.append(longer / short)
-    tokens = len(PROMPTS) * new
+    tokens = len(BATCH_PROMPTS) * new
     return [
         row(
             f"engine: 8 rows x {new} tokens vs transformers' batched generate",
