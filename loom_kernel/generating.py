@@ -69,6 +69,7 @@ class Engine:
         self.model, self.decoder, self.send = model, decoder, send
         self.counters = counters or ModelCounters()
         self.rows: dict[int, Row] = {}
+        self._joining = 0  # rows whose prefill is running: not yet running rows to whoever reads ``running``
         self._aborts: list[tuple[int, int, str]] = []
         self._lock = threading.Lock()
 
@@ -78,7 +79,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        return len(self.rows) - self._joining
 
     @property
     def joinable(self) -> bool:
@@ -106,7 +107,12 @@ class Engine:
             )
             if self.rows[spec.id].budget <= 0:  # nothing may be generated: max_tokens 0, or a full context
                 self.rows[spec.id].finish = "length"
-        self._update(self.decoder.prefill([spec for spec, _ in rows]), prefill=True)
+        self._joining = len(rows)
+        try:
+            out = self.decoder.prefill([spec for spec, _ in rows])
+        finally:
+            self._joining = 0
+        self._update(out, prefill=True)
 
     def step(self) -> None:
         """One decoding step: the rows that are done leave, every other row is fed its newest token."""

@@ -125,6 +125,40 @@ def test_a_row_whose_logits_are_not_finite_is_its_own_answer(tiny_models):
     assert beside.token_ids == alone.token_ids
 
 
+def test_rows_are_running_once_their_prefill_has_run(tiny_models):
+    """/models' running_rows (the engine's ``running``) counts a joining row once its prompt has been fed, not
+    while the prefill runs (an /extract sent on seeing a running row then waits for a step, not for a prefill)."""
+    from loom_kernel import RowInput
+    from loom_kernel.generating import Engine
+    from loom_kernel.resolve import resolve_model
+
+    model = create_plugin_manager().hook.load(
+        model=resolve_model(str(tiny_models["gpt2"])), loader="transformers", options=LoadOptions(), kernel=None
+    )
+    seen: list[int] = []
+
+    class Watched:
+        """The loader's own decoder, noting what the engine reports while its prefill runs."""
+
+        def __init__(self, real) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str):
+            return getattr(self.real, name)
+
+        def prefill(self, rows):
+            seen.append(engine.running)
+            return self.real.prefill(rows)
+
+    engine = Engine(model, Watched(model.decoder(False)), lambda events: None)
+    prompt = model.tokenizer("the cat sat")["input_ids"]
+    engine.join([(RowInput(0, prompt, Capture()), GenerationParams(max_tokens=3, temperature=0))])
+    assert seen == [0] and engine.running == 1
+    engine.join([(RowInput(1, prompt, Capture()), GenerationParams(max_tokens=3, temperature=0))])
+    assert seen == [0, 1] and engine.running == 2
+    engine.close()
+
+
 def _answer(model, batch: Batch) -> list:
     """The rows the engine and the output processor answer ``batch``'s call with, errors included."""
     import itertools
