@@ -1,3 +1,3 @@
-"""The kernel's version (pyproject.toml reads it from ``loom_kernel.__version__``)."""
+"""The kernel's version (pyproject.toml reads it here, without importing the package)."""
 
 __version__ = "0.1.0"
