@@ -45,14 +45,13 @@ if mode in ("transformers", "plain"):
     run = lambda: model.generate(**ids, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                                  output_hidden_states=mode == "transformers", return_dict_in_generate=True)
 else:
-    from loom_kernel import Batch, GenerationParams, LoadOptions
-    from loom_kernel.capture import make_capture
+    from loom_kernel import Batch, Capture, GenerationParams, LoadOptions, resolve_layers
     from loom_kernel.plugins import create_plugin_manager
     from loom_kernel.resolve import resolve_model
     pm = create_plugin_manager()
     loaded = pm.hook.load(model=resolve_model(path), loader="transformers", options=LoadOptions(), kernel=None)
     batch = Batch(texts=("Hello",), generation=GenerationParams(max_tokens=n, temperature=0))
-    capture = make_capture([-1], "last", loaded.num_layers)
+    capture = Capture(layers=resolve_layers([-1], loaded.num_layers), positions="last")
     run = lambda: pm.hook.forward_with_states(model=loaded, batch=batch, capture=capture)
 with torch.inference_mode():
     run()  # warm-up: allocator arenas and thread pools are not what is being measured

@@ -10,11 +10,11 @@ says why the model has no such site).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loom_kernel.errors import InvalidField, Unsupported, echo
-from loom_kernel.types import Capture, LayerSel, LoadedModel, PositionSpec
+from loom_kernel.types import LayerSel, LoadedModel, PositionSpec
 
 POSITION_NAMES = ("last", "all", "prompt", "generated")
 SITE_FAMILIES = (
@@ -178,10 +178,6 @@ def _first_repeat(values: Sequence[int]) -> int | None:
     return None
 
 
-def make_capture(layers: Any, positions: Any, num_layers: int) -> Capture:
-    return Capture(layers=resolve_layers(layers, num_layers), positions=check_positions(positions))
-
-
 def find_blocks(model: Any, num_layers: int) -> tuple[Any, Any]:
     """The base model and its ModuleList of ``num_layers`` transformer blocks (the shallowest such list)."""
     import torch
@@ -207,22 +203,35 @@ def _hidden(value: Any) -> Any:
 
 
 class StateRecorder:
-    """Forward hooks on the requested indices only; each call's output rows are kept as the caller selects.
+    """Forward hooks on the requested indices only; each call's output rows are kept as the caller selects. The one
+    recorder of hidden-state indices: every loader that records indices on blocks (and the kernel's runner for
+    declared parts) uses it.
 
     Before each forward the caller sets ``rows``: None keeps every row of that call, a list of offsets keeps
     those (e.g. ``[-1]``). With ``replace=True`` a call's rows replace what was kept (cheap "last" capture).
+    ``edit(index, hidden)``, at the indices of ``edited``, returns the state that goes on in the pass (and is kept).
     ``taken()`` returns index -> tensor [B, kept, H] on CPU.
     """
 
-    def __init__(self, base: Any, blocks: Sequence[Any], indices: Sequence[int], final: Any = None) -> None:
+    def __init__(
+        self,
+        base: Any,
+        blocks: Sequence[Any],
+        indices: Sequence[int],
+        final: Any = None,
+        edit: Callable[[int, Any], Any] | None = None,
+        edited: Sequence[int] = (),
+    ) -> None:
         self.rows: list[int] | None = None
         self.replace = False
         self.enabled = True
         self._kept: dict[int, list[Any]] = {i: [] for i in indices}
+        self._edit = edit
+        self._edited = set(edited) if edit is not None else set()
         self._handles: list[Any] = []
         n = len(blocks)
         final = base if final is None else final
-        for i in indices:
+        for i in sorted({*indices, *self._edited}):
             if i == 0:
                 self._handles.append(blocks[0].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
             elif i == n:
@@ -230,27 +239,40 @@ class StateRecorder:
             else:
                 self._handles.append(blocks[i - 1].register_forward_hook(self._hook(i)))
 
-    def _keep(self, index: int, tensor: Any) -> None:
-        if not self.enabled:
-            return
-        t = tensor.detach()
-        if self.rows is not None:
-            t = t[:, self.rows]
-        t = t.to("cpu", copy=True)
-        if self.replace:
-            self._kept[index] = [t]
-        else:
-            self._kept[index].append(t)
+    def _pass_on(self, index: int, tensor: Any) -> Any:
+        """``tensor`` edited where asked, kept where asked; what goes on in the pass (None: unchanged)."""
+        changed = self._edit(index, tensor) if index in self._edited and self._edit is not None else None
+        if index in self._kept and self.enabled:
+            t = (tensor if changed is None else changed).detach()
+            if self.rows is not None:
+                t = t[:, self.rows]
+            t = t.to("cpu", copy=True)
+            if self.replace:
+                self._kept[index] = [t]
+            else:
+                self._kept[index].append(t)
+        return changed
 
     def _pre_hook(self, index: int) -> Any:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            self._keep(index, args[0] if args else kwargs["hidden_states"])
+        def hook(module: Any, args: tuple, kwargs: dict) -> Any:
+            changed = self._pass_on(index, args[0] if args else kwargs["hidden_states"])
+            if changed is None:
+                return None
+            if args:
+                return (changed, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": changed}
 
         return hook
 
     def _hook(self, index: int) -> Any:
-        def hook(module: Any, args: Any, output: Any) -> None:
-            self._keep(index, _hidden(output))
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            changed = self._pass_on(index, _hidden(output))
+            if changed is None:
+                return None
+            if hasattr(output, "last_hidden_state"):
+                output.last_hidden_state = changed
+                return output
+            return (changed, *output[1:]) if isinstance(output, tuple | list) else changed
 
         return hook
 

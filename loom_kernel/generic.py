@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from loom_kernel.capture import StateRecorder
 from loom_kernel.editing import Layout, apply_edit, edit_columns
 from loom_kernel.errors import Unsupported
 from loom_kernel.inputs import tokenize_rows
@@ -140,44 +141,24 @@ def run(
 
     parts = model.parts
     assert parts is not None
-    blocks, n = list(parts.blocks), len(parts.blocks)
     wanted = sorted({sel.index for sel in capture.layers}) if capture.wants_states else []
-    points = sorted(set(wanted) | {int(e.site) for e in edits})
     place = Layout(col=0, tok=0, count=len(ids), prompt=prompt)
-    kept: dict[int, Any] = {}
-    handles = []
 
-    def at(index: int) -> Any:
-        def change(h: Any) -> Any:
-            mine = [e for e in edits if int(e.site) == index]
-            if mine:
-                h = h.clone()
-                for edit in mine:
-                    columns, rows = edit_columns(edit, place)
-                    if columns:
-                        cols = torch.tensor(columns, device=h.device)
-                        h[0, cols] = apply_edit(h[0].index_select(0, cols), edit, rows).to(h.dtype)
-            if index in wanted:
-                kept[index] = (h[0, -1:] if last_only else h[0]).detach().float().cpu()
-            return h
+    def edit(index: int, h: Any) -> Any:
+        h = h.clone()
+        for change in (e for e in edits if int(e.site) == index):
+            columns, rows = edit_columns(change, place)
+            if columns:
+                cols = torch.tensor(columns, device=h.device)
+                h[0, cols] = apply_edit(h[0].index_select(0, cols), change, rows).to(h.dtype)
+        return h
 
-        return change
-
-    for index in points:
-        change = at(index)
-        if index == 0:
-            hook = lambda m, args, f=change: (f(args[0]), *args[1:])  # noqa: E731
-            handles.append(blocks[0].register_forward_pre_hook(hook))
-        else:
-            module = parts.final_norm if index == n and parts.final_norm is not None else blocks[index - 1]
-            handles.append(module.register_forward_hook(lambda m, args, out, f=change: f(out)))
-    try:
-        with torch.inference_mode():
-            out = model.model(torch.tensor([ids], device=_device(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, kept
+    final = parts.final_norm if parts.final_norm is not None else parts.blocks[-1]
+    recorder = StateRecorder(model.model, parts.blocks, wanted, final, edit, [int(e.site) for e in edits])
+    recorder.rows = [-1] if last_only else None
+    with recorder, torch.inference_mode():
+        out = model.model(torch.tensor([ids], device=_device(model)))
+    return out, {index: t[0].float() for index, t in recorder.taken().items()}
 
 
 def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:

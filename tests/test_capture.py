@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from loom_kernel.capture import check_positions, resolve_layers, resolve_positions
 from loom_kernel.errors import InvalidField
@@ -35,3 +36,67 @@ def test_positions():
     for bad in ("first", [], ["a"], 3):
         with pytest.raises(InvalidField):
             check_positions(bad)
+
+
+class _Block(torch.nn.Module):
+    """A block whose output is a tuple, as transformers' blocks return (hidden, extras)."""
+
+    def __init__(self, width: int, seed: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+        torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, hidden_states):
+        return (hidden_states + self.lin(hidden_states).tanh(), None)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, width: int = 8, n: int = 3) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, width)
+        self.blocks = torch.nn.ModuleList(_Block(width, i) for i in range(n))
+        self.norm = torch.nn.LayerNorm(width)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(hidden_states=x)[0]
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_the_recorder_edits_and_keeps_what_plain_torch_hooks_do(index):
+    """The one recorder's edit at an index (0 the first block's input, a block's output, N the final norm's output)
+    equals the same edit written as plain torch hooks, and the states it keeps are the edited ones downstream."""
+    import torch
+
+    from loom_kernel.capture import StateRecorder
+
+    net, ids = _Net(), torch.tensor([[1, 5, 7, 2]])
+    shift = torch.arange(8, dtype=torch.float32) / 10
+    n = len(net.blocks)
+
+    seen: dict[int, torch.Tensor] = {}
+    if index == 0:
+        handle = net.blocks[0].register_forward_pre_hook(
+            lambda m, args, kwargs: (args, {"hidden_states": kwargs["hidden_states"] + shift}), with_kwargs=True
+        )
+    elif index == n:
+        handle = net.norm.register_forward_hook(lambda m, args, out: out + shift)
+    else:
+        handle = net.blocks[index - 1].register_forward_hook(lambda m, args, out: (out[0] + shift, *out[1:]))
+    keep = [net.blocks[i - 1].register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, o[0])) for i in (1, 2)]
+    with torch.no_grad():
+        expected = net(ids)
+    for h in [handle, *keep]:
+        h.remove()
+
+    recorder = StateRecorder(net, net.blocks, [1, 2, n], final=net.norm, edit=lambda i, h: h + shift, edited=[index])
+    with recorder, torch.no_grad():
+        out = net(ids)
+    taken = recorder.taken()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(taken[n][0], expected[0])
+    for i in (1, 2):
+        torch.testing.assert_close(taken[i][0], seen[i][0])
+    assert not net.blocks[0]._forward_pre_hooks and not net.norm._forward_hooks  # the recorder removed its hooks

@@ -89,14 +89,13 @@ def test_load(pm, tiny_models):
 
 
 def test_forward_with_states(pm, tiny_models):
-    from loom_kernel import Batch
-    from loom_kernel.capture import make_capture
+    from loom_kernel import Batch, Capture, resolve_layers
 
     manager = ModelManager(pm, Settings())
     loaded = pm.hook.load(
         model=manager.resolve(str(tiny_models["llama"])), loader="transformers", options=LoadOptions(), kernel=None
     )
-    capture = make_capture([0, -1], "all", loaded.num_layers)
+    capture = Capture(layers=resolve_layers([0, -1], loaded.num_layers), positions="all")
     out = pm.hook.forward_with_states(model=loaded, batch=Batch(texts=("hello world",)), capture=capture)
     row = out.rows[0]
     ids = torch.tensor([row.token_ids])
