@@ -144,6 +144,8 @@ class Admission:
             if watcher is not None:
                 watcher.cancel()
         if task in finished:
+            if task.cancelled() or task.exception() is not None:
+                cancel()  # what the failed work still has queued or generating (a gather's siblings) stops
             return task.result()
         cancel()
         if watcher is not None and watcher in finished:

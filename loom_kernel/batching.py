@@ -26,6 +26,7 @@ dropped while queued, and its generated rows stop at their next token.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import threading
@@ -141,23 +142,32 @@ class ModelThread:
                 with self._cv:
                     self._thread = None
                 break
-            if item is STEP:
-                self._generate()
-            elif isinstance(item, Call):
-                group = self._gather(item)
-                self._count(len(group))  # before any answer: a client that reads the counters next sees this batch
-                start = time.perf_counter()
-                self._execute(group)
+            group: list[Call] = []
+            try:
+                if item is STEP:
+                    self._generate()
+                elif isinstance(item, Call):
+                    group = self._gather(item)
+                    self._count(len(group))  # before any answer: a client reading the counters next sees it
+                    start = time.perf_counter()
+                    self._execute(group)
+                    with self._cv:
+                        self.scheduler.ran()
+                    self._record(time.perf_counter() - start, item.batch.generation is None)
+                else:
+                    fn, fut = item
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:  # handed to whoever waits on it
+                            fut.set_exception(exc)
+            except BaseException as exc:  # a fault outside any call's own handling: an answer, never a hang
+                log.error("the model's thread failed; the work in hand fails with it", exc_info=exc)
                 with self._cv:
                     self.scheduler.ran()
-                self._record(time.perf_counter() - start, item.batch.generation is None)
-            else:
-                fn, fut = item
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as exc:  # handed to whoever waits on it
-                        fut.set_exception(exc)
+                _fail(group, exc)
+                for attention in list(self._engines):
+                    self._fail_engine(attention, exc)
         self._fail_queued()
 
     def _next(self) -> Any:
@@ -195,7 +205,13 @@ class ModelThread:
         for call in cancelled:
             call.future.set_exception(Cancelled("request: cancelled before it ran"))
         for calls in joining:
-            self._join(self._engine(calls[0]), calls)
+            try:
+                self._join(self._engine(calls[0]), calls)
+            except BaseException as exc:  # no decoder, or one that took the rows and could not let them go
+                log.error("%d generation(s) could not join", len(calls), exc_info=exc)
+                _fail(calls, exc)
+                if calls[0].capture.attention in self._engines:  # its state is no longer known
+                    self._fail_engine(calls[0].capture.attention, exc)
         for attention, engine in list(self._engines.items()):
             if not engine.busy:
                 continue
@@ -208,9 +224,10 @@ class ModelThread:
             self.counters.decode_steps += 1
             self.seconds_per_batch = _average(self.seconds_per_batch, time.perf_counter() - start)
 
-    def _room(self, call: Call) -> tuple[int, bool]:
-        engine = self._engines.get(call.capture.attention)
-        return (engine.running, engine.joinable) if engine is not None else (0, True)
+    def _room(self, call: Call) -> tuple[bool, int, bool]:
+        attention = call.capture.attention
+        engine = self._engines.get(attention)
+        return (attention, engine.running, engine.joinable) if engine is not None else (attention, 0, True)
 
     def _engine(self, call: Call) -> Engine:
         attention = call.capture.attention
@@ -269,8 +286,8 @@ class ModelThread:
             else:
                 live.append(call)
         while live:
-            merged_batch, merged_capture, starts = merge(live)
             try:
+                merged_batch, merged_capture, starts = merge(live)
                 out = call_forward(live[0].pm, live[0].model, merged_batch, merged_capture)
             except InvalidField as exc:
                 if _fail_refused(live, starts, exc):
@@ -283,9 +300,13 @@ class ModelThread:
             self.counters.prompt_tokens += sum(row.prompt_tokens for row in out.rows)
             self.counters.generated_tokens += sum(len(row.token_ids) - row.prompt_tokens for row in out.rows)
             for call, start in zip(live, starts, strict=True):
-                rows = out.rows[start : start + call.rows]
-                if len(live) > 1:
-                    rows = [restrict(row, call.capture, merged_capture) for row in rows]
+                try:
+                    rows = out.rows[start : start + call.rows]
+                    if len(live) > 1:
+                        rows = [restrict(row, call.capture, merged_capture) for row in rows]
+                except BaseException as exc:  # this call's rows could not be cut out: its own answer
+                    call.future.set_exception(exc)
+                    continue
                 call.answer(ForwardOutput(rows=rows))
             return
 
@@ -321,6 +342,7 @@ def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int
         output.put([Event(row=r.id, error=exc, done=True) for r, _ in rows])
         for r, _ in rows:
             engine.rows.pop(r.id, None)
+        engine.decoder.release([r.id for r, _ in rows])  # a decoder that took them before its pass lets them go
 
 
 def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:
@@ -357,6 +379,13 @@ def _fail_refused(calls: list[Call], starts: list[int], exc: InvalidField) -> bo
     extra = {**exc.extra, "row": row - starts[i]}
     calls.pop(i).future.set_exception(InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra))
     return True
+
+
+def _fail(calls: list[Call], exc: BaseException) -> None:
+    """``exc`` for each of ``calls`` not yet answered (the output processor may answer one meanwhile)."""
+    for call in calls:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            call.future.set_exception(exc)
 
 
 def _average(previous: float, seconds: float) -> float:

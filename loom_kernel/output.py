@@ -102,14 +102,26 @@ class Processor:
         try:
             if item[0] == "expect":
                 self._expect(*item[1:])
-            else:
-                for event in item[1]:
+                return
+            for event in item[1]:
+                try:
                     self._event(event)
+                except Exception as exc:  # the row's own fault (its on_token, a stop rule): its answer alone
+                    self._fail(event.row, exc)
         except BaseException as exc:  # a bug here must not leave requests waiting forever
             log.exception("the output processor failed")
-            for state in self._rows.values():
-                state.result = exc
-            self._deliver()
+            for row in list(self._rows):
+                self._fail(row, exc)
+
+    def _fail(self, row: int, exc: BaseException) -> None:
+        """``row`` answers ``exc`` and stops: the engine drops it at the next boundary."""
+        state = self._rows.get(row)
+        if state is None or state.result is not None:
+            return
+        state.result = exc
+        if state.stopped is None:
+            self._stop(state, len(state.tokens) - 1, "error")
+        self._deliver()
 
     def _expect(self, call: Call, rows: dict[int, Expected], merged: Capture) -> None:
         for row_id, spec in rows.items():

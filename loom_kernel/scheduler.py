@@ -16,7 +16,7 @@ rows are generating.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 import attrs
@@ -77,6 +77,8 @@ class Scheduler:
     def add(self, item: Any, now: float) -> None:
         """Queue a call or a task (a plain pass notes the company it keeps: calls of its key queued or running)."""
         if _is_call(item) and not item.joins:
+            for old in [k for k, (when, _) in self._peaks.items() if now - when > RECENT_S]:
+                del self._peaks[old]  # past RECENT_S a peak no longer counts: keys come and go (seeds, metrics)
             key = item.key()
             queued = sum(_is_call(other) and other.key() == key for other in self.items)
             running = sum(other.key() == key and not other.done for other in self.running)
@@ -102,10 +104,12 @@ class Scheduler:
         self.stepped = False
         return self.items.popleft() if self.items else None
 
-    def admit(self, room: Callable[[Any], tuple[int, bool]]) -> tuple[list[list[Any]], list[Any]]:
+    def admit(self, room: Callable[[Any], tuple[Hashable, int, bool]]) -> tuple[list[list[Any]], list[Any]]:
         """The waiting generations that join now, grouped by what may share a batch, in arrival order (the rest
-        wait), and the cancelled ones (they leave). ``room(call)`` is (the rows running in the batch the call would
-        join, whether rows may join it now)."""
+        wait), and the cancelled ones (they leave). ``room(call)`` is (the running batch the call would join, the
+        rows running in it, whether rows may join it now). One group joins a running batch a boundary: groups of
+        other keys may still land in the same batch, and after a prefill its room and whether it takes more are
+        the decoder's to say again."""
         pending, self.waiting = list(self.waiting), deque()
         cancelled = [call for call in pending if call.cancelled]
         groups: dict[tuple[Any, ...], list[Any]] = {}
@@ -113,18 +117,21 @@ class Scheduler:
             if not call.cancelled:
                 groups.setdefault(call.key(), []).append(call)
         joining = []
+        taken: set[Hashable] = set()  # the batches a group joins this boundary
         for calls in groups.values():
-            rows, joinable = room(calls[0])
+            batch, rows, joinable = room(calls[0])
             admitted: list[Any] = []
             for i, call in enumerate(calls):
                 fits = rows + call.rows <= self.limits.max_batch_size or not (rows or admitted)
-                if not joinable or not fits:
+                if not joinable or batch in taken or not fits:
                     self.waiting.extend(calls[i:])
                     break
                 admitted.append(call)
                 rows += call.rows
             if admitted:
                 joining.append(admitted)
+                taken.add(batch)
+        self.waiting = deque(sorted(self.waiting, key=pending.index))  # arrival order, whatever the groups
         return joining, cancelled
 
     def gathering(self, first: Any, now: float, seconds_per_pass: float, generating: bool) -> Gathering:
@@ -142,7 +149,9 @@ class Scheduler:
         """Move the queued calls compatible with ``g``'s first into it, as long as they fit."""
         limits, key = self.limits, g.group[0].key()
         for item in list(self.items):
-            if g.full or not _is_call(item) or item.key() != key:
+            if not _is_call(item):
+                break  # what came after a load or a release runs after it
+            if g.full or item.key() != key:
                 continue
             wide = max(g.width, item.width(limits))
             if g.rows + item.rows > limits.max_batch_size or (g.rows + item.rows) * wide > limits.max_batch_tokens:

@@ -41,7 +41,7 @@ def test_passes_and_steps_take_turns_and_generations_do_not_queue_behind_passes(
     assert s.next(generating=True) is STEP and s.next(generating=True).name == "p2"
     assert s.next(generating=True) is STEP and s.next(generating=True) is STEP  # nothing queued: steps only
     assert s.next(generating=False) is STEP  # g1 still waits to join
-    joining, _ = s.admit(lambda call: (0, True))
+    joining, _ = s.admit(lambda call: (call.group, 0, True))
     assert [[c.name for c in group] for group in joining] == [["g1"]]
     assert s.next(generating=False) is None  # nothing to do
 
@@ -68,13 +68,13 @@ def test_generations_join_in_arrival_order_up_to_the_batch_size_and_the_cancelle
         s.add(call, now=0.0)
     s.next(generating=False)
     running = {"a": 1, "other": 0}
-    joining, cancelled = s.admit(lambda call: (running[call.group], True))
+    joining, cancelled = s.admit(lambda call: (call.group, running[call.group], True))
     assert [c.name for c in cancelled] == ["gone"]
     assert [[c.name for c in group] for group in joining] == [["a"], ["b"]]  # c would pass 4 rows: c and d wait
     assert [c.name for c in s.waiting] == ["c", "d"]
-    joining, _ = s.admit(lambda call: (0, False))  # a cache rows may not join now
+    joining, _ = s.admit(lambda call: (call.group, 0, False))  # a cache rows may not join now
     assert joining == [] and [c.name for c in s.waiting] == ["c", "d"]
-    joining, _ = s.admit(lambda call: (0, True))
+    joining, _ = s.admit(lambda call: (call.group, 0, True))
     assert [[c.name for c in group] for group in joining] == [["c", "d"]]
 
 
@@ -115,3 +115,39 @@ def test_a_pass_waits_up_to_one_pass_for_the_company_it_had_lately_and_a_lone_ca
     s.add(FakeCall("while generating"), now=10.5)
     g = s.gathering(s.items.popleft(), now=10.5, seconds_per_pass=0.5, generating=True)
     assert g.ready(10.5, s.limits)  # nothing waits while rows generate
+
+
+def test_one_group_joins_a_running_batch_a_boundary():
+    """Generations of two keys that land in the same running batch (one decoder) join one boundary apart: each
+    group's room is read from the batch as it stands, and a prefill may change it (a sliding-window cache stops
+    taking rows), so a second group never joins on the first's stale count."""
+    s = Scheduler(BatchLimits(max_batch_size=2))
+    for name, group in (("a", "x"), ("b", "y"), ("c", "x")):
+        s.add(FakeCall(name, joins=True, group=group), now=0.0)
+    s.next(generating=False)
+    running = {"one": 0}
+    joining, _ = s.admit(lambda call: ("one", running["one"], True))
+    assert [[c.name for c in group] for group in joining] == [["a", "c"]]
+    assert [c.name for c in s.waiting] == ["b"]
+    running["one"] = 1  # "a" left, "c" runs: room for "b" at the next boundary
+    joining, _ = s.admit(lambda call: ("one", running["one"], True))
+    assert [[c.name for c in group] for group in joining] == [["b"]] and not s.waiting
+
+
+def test_a_pass_gathers_nothing_queued_behind_a_load():
+    s = Scheduler()
+    first, load, behind = FakeCall("first"), ("load", None), FakeCall("behind")
+    for item in (load, behind):
+        s.add(item, now=0.0)
+    g = s.gathering(first, now=0.0, seconds_per_pass=0.0, generating=False)
+    s.gather(g)
+    assert [c.name for c in g.group] == ["first"] and list(s.items) == [load, behind]
+
+
+def test_the_company_a_key_kept_is_forgotten_once_it_no_longer_counts():
+    """Keys come and go (a seed or an attribution metric is part of one): their peaks do not pile up."""
+    s = Scheduler()
+    for i in range(1000):
+        s.add(FakeCall(f"c{i}", group=f"k{i}"), now=float(i))
+        s.items.clear()
+    assert len(s._peaks) <= 2
