@@ -322,27 +322,43 @@ class ModelThread:
 
 def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int]) -> None:
     """``calls`` merged into one batch and prefilled into ``engine``, each row registered with the output
-    processor (which answers each call when its rows are done). A failed prefill fails these rows alone: the
-    running ones run on."""
+    processor (which answers each call when its rows are done). A failed prefill of several calls prefills each
+    call's rows alone, as a failed merged pass runs each call alone; the rows of a prefill that fails alone fail,
+    and the running ones run on."""
     batch, capture, starts = merge(calls)
     assert batch.token_ids is not None, "generations are tokenized before they are queued"
-    rows = []
+    per_call = []
     for call, start in zip(calls, starts, strict=True):
-        expected = {}
+        expected, rows = {}, []
         for slot in range(start, start + call.rows):
             row = RowInput(next(ids), list(batch.token_ids[slot]), capture, batch.edits(slot))
             rows.append((row, batch.params(slot)))
             stops = batch.params(slot).stop
             expected[row.id] = Expected(row.id, call, slot, batch.on_token, row.prompt, capture, stops, engine)
         output.expect(call, expected, capture)
-    engine.counters.prompt_tokens += sum(len(r.prompt) for r, _ in rows)  # before any of them is answered
+        per_call.append(rows)
+    everyone = [row for rows in per_call for row in rows]
+    engine.counters.prompt_tokens += sum(len(r.prompt) for r, _ in everyone)  # before any of them is answered
+    if not _prefill(engine, output, everyone, alone=len(calls) == 1):
+        for rows in per_call:
+            _prefill(engine, output, rows, alone=True)
+
+
+def _prefill(engine: Engine, output: Processor, rows: list[tuple[RowInput, Any]], alone: bool) -> bool:
+    """Prefill ``rows``; on failure they leave the engine and its decoder (which may have taken them before its
+    pass) and, ``alone``, fail with the error."""
     try:
         engine.join(rows)
+        return True
     except BaseException as exc:
-        output.put([Event(row=r.id, error=exc, done=True) for r, _ in rows])
         for r, _ in rows:
             engine.rows.pop(r.id, None)
-        engine.decoder.release([r.id for r, _ in rows])  # a decoder that took them before its pass lets them go
+        engine.decoder.release([r.id for r, _ in rows])
+        if alone:
+            output.put([Event(row=r.id, error=exc, done=True) for r, _ in rows])
+        else:
+            log.info("a prefill of %d rows failed (%s); each request's rows join alone", len(rows), exc)
+        return False
 
 
 def generate_whole(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutput:

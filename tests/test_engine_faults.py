@@ -187,3 +187,28 @@ async def test_a_failed_request_stops_the_generation_it_left_running(pm: Any, ti
     await asyncio.to_thread(_settle, entry.worker, counted[0])
     assert not counted[0].held and max(counted[0].steps.values()) < 200
     await manager.stop()
+
+
+def test_a_failed_prefill_of_several_requests_prefills_each_alone(gpt2: Any) -> None:
+    """The decoder fails a prefill of two prompts at once (as a device out of memory would): each request's prompt
+    is prefilled alone, and each answers what it gets alone."""
+    thread = ModelThread("gpt2")
+    real = gpt2.decoder
+
+    class Narrow(Counting):
+        def prefill(self, rows: list[Any]) -> Any:
+            if len(rows) > 1:
+                raise RuntimeError("out of memory for two prompts at once")
+            return super().prefill(rows)
+
+    gpt2.decoder = lambda attention: Narrow(real(attention))
+    params = GenerationParams(max_tokens=4, temperature=0)
+    batches = [_tokenized(gpt2, "the cat sat", params), _tokenized(gpt2, "a dog ran far", params)]
+    gate = _held(thread)
+    futures = [thread.enqueue(Ticket(), None, gpt2, batch, Capture()) for batch in batches]
+    gate.set()
+    rows = [future.result(timeout=120).rows[0] for future in futures]
+    gpt2.decoder = real
+    for batch, row in zip(batches, rows, strict=True):
+        assert row.token_ids == generate_whole(gpt2, batch, Capture()).rows[0].token_ids
+    thread.stop()
