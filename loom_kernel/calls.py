@@ -71,6 +71,10 @@ class Call:
 
     def key(self) -> tuple[Any, ...]:
         """Calls with equal keys may be merged (computed once: the model thread compares it on every scan)."""
+        if self._key is None and self.joins:
+            # Tokenized before it was queued, and sampled by the kernel row by row: only the decoder it joins (one
+            # per attention mode) sets a generation apart.
+            self._key = (id(self.model), "joins", self.capture.attention)
         if self._key is None:
             b, params = self.batch, self.batch.generation
             same_params = params is None or self.model.row_params

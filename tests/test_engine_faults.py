@@ -87,9 +87,9 @@ def _settle(thread: ModelThread, decoder: Counting, turns: int = 20) -> None:
         thread.submit(lambda: None).result(timeout=120)
 
 
-def test_a_second_group_never_joins_on_the_first_ones_stale_room(gpt2: Any) -> None:
-    """Two generations of different keys (one with special tokens, one without) land in the same running batch:
-    with room for one row, the second waits for the first to leave instead of joining beside it."""
+def test_generations_join_a_running_batch_only_where_it_has_room(gpt2: Any) -> None:
+    """Two generations meet at one boundary (one with special tokens, one without: once tokenized they join the
+    same decoder): with room for one row, the second waits for the first to leave instead of joining beside it."""
     thread = ModelThread("gpt2", BatchLimits(max_batch_size=1))
     params = GenerationParams(max_tokens=4, temperature=0)
     batches = [
