@@ -11,11 +11,11 @@ Each call gets what it would have alone: rows are padded so that padding changes
 every generated row keeps its own parameters and generator, and a merged capture is a superset (the union of
 layers; every position when the specs differ) that is cut back per call.
 
-Compatible: same model, both plain passes or both generations, texts or token ids alike (generations are all
-token ids: they are tokenized before they are queued), the same ``add_special_tokens`` and ``truncate``, and the
-same ``attention`` (attention weights switch the model to eager attention: such generations run in a decoder of
-their own). Generations with different parameters merge only when the loader honours ``Batch.row_generation``
-(``LoadedModel.row_params``).
+Compatible: plain passes of the same model with texts or token ids alike, the same ``add_special_tokens`` and
+``truncate`` and the same ``attention``; generations joining the same decoder (one per ``attention`` mode:
+attention weights switch the model to eager attention), tokenized before they are queued and sampled by the kernel
+row by row with their own parameters. A loader that runs whole generations gets generations of different
+parameters merged only when it honours ``Batch.row_generation`` (``LoadedModel.row_params``).
 
 Failures stay with their request: a generated row refused or failing alone is its own result; in a merged plain
 pass, a row the plugin refuses (InvalidField naming its ``row``) fails its own call and the rest run again without
