@@ -142,6 +142,17 @@ def check_edit_positions(batch: Batch, inputs: list[list[int]]) -> None:
             if isinstance(edit.positions, str):
                 continue
             outside = [p for p in edit.positions if not -len(ids) <= p < longest]
+            resolved = [p if p >= 0 else len(ids) + p for p in edit.positions]
+            rows = edit.vector is not None and edit.vector.ndim == 2 and edit.op != "ablate"
+            if rows and not outside and len(set(resolved)) < len(resolved):  # 0 and -T: one token, two rows
+                field = f"interventions[{k}].positions"
+                raise InvalidField(
+                    f"{field}: {list(edit.positions)} names one token twice in a prompt of {len(ids)} tokens, "
+                    "each with its own row of the vector",
+                    field=field,
+                    allowed="distinct token positions (a negative index counts from the end of the prompt)",
+                    **({"row": i} if len(inputs) > 1 else {}),
+                )
             if outside:
                 field = f"interventions[{k}].positions"
                 raise InvalidField(

@@ -524,3 +524,54 @@ async def test_probe_fits_are_capped_stopped_past_their_time_and_when_their_clie
         await asyncio.wait_for(_until(lambda: not worker.process.is_alive()), 60)
         assert fits.stopped == 2
         assert (await c.get("/probes")).json()["probes"] == []
+
+
+# -- red-team round 3: what a review found answering 500 or storing what it cannot use --------------------------
+
+
+async def test_odd_vectors_sites_and_aliased_rows_are_422_naming_the_field(tiny_models):
+    path = str(tiny_models["gpt2"])
+    async with concurrent_client(app_with()) as c:
+        for dtype in (["x"], {"a": 1}):  # unhashable: a membership test used to raise
+            wire = {"shape": [2], "data": [1, 2], "dtype": dtype}
+            r = await c.post("/vectors", json={"name": "v", "vector": wire})
+            assert r.status_code == 422 and r.json()["field"] == "vector", r.text
+        texts = {"positive": ["good day", "great day"], "negative": ["bad day", "awful day"]}
+        for site in ("blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"):
+            r = await c.post("/vectors/contrast", json={"model": path, "site": site, **texts})
+            assert r.status_code == 422 and r.json()["field"] == "site" and "per token" in r.json()["detail"], r.text
+            fit = {"model": path, "name": "p", "site": site, "texts": [*texts["positive"], *texts["negative"]]}
+            r = await c.post("/probes/fit", json={**fit, "labels": ["y", "y", "n", "n"]})
+            assert r.status_code == 422 and r.json()["field"] == "site", r.text
+        by_text = await c.post("/vectors/contrast", json={"model": path, "site": "2", **texts})
+        by_int = await c.post("/vectors/contrast", json={"model": path, "site": 2, **texts})
+        assert by_text.status_code == by_int.status_code == 200, by_text.text
+        assert by_text.json()["vector"] == by_int.json()["vector"]
+        tokens = (await c.post("/extract", json={"model": path, "text": "the cat sat"})).json()["token_count"]
+        rows = {"site": 1, "op": "add", "vector": [[0.1] * 64, [0.2] * 64], "positions": [0, -tokens]}
+        r = await c.post("/extract", json={"model": path, "text": "the cat sat", "interventions": [rows]})
+        assert r.status_code == 422 and r.json()["field"] == "interventions[0].positions", r.text
+
+
+async def test_sae_uploads_and_stored_vectors_hold_finite_numbers_and_unreadable_entries_are_kept(tmp_path):
+    options = {"vectors_directory": str(tmp_path / "vectors"), "probes_directory": str(tmp_path / "probes")}
+    (tmp_path / "vectors").mkdir()
+    (tmp_path / "probes").mkdir()
+    two = {"a": torch.ones(4), "b": torch.ones(4)}
+    safetensors.torch.save_file(two, str(tmp_path / "vectors" / "two.safetensors"))
+    safetensors.torch.save_file(
+        {"vector": torch.tensor([1.0, float("nan")])}, str(tmp_path / "vectors" / "nan.safetensors")
+    )
+    async with concurrent_client(app_with(options=options)) as c:
+        listed = {v["name"] for v in (await c.get("/vectors")).json()["vectors"]}
+        assert not listed & {"two", "nan"}
+        for name in ("two", "nan"):
+            r = await c.get(f"/vectors/{name}")
+            assert r.status_code == 404, r.text
+            r = await c.post("/vectors", json={"name": name, "vector": [0.5] * 4})
+            assert r.status_code == 409 and "cannot use" in r.json()["detail"], r.text
+        assert (await c.post("/vectors", json={"name": "two", "vector": [0.5] * 4, "replace": True})).status_code == 201
+        broken = sae(64, 48)
+        broken["W_dec"][0, 0] = float("nan")
+        r = await upload(c, "s", broken, "site=blocks.1.hook_resid_post")
+        assert r.status_code == 422 and r.json()["field"] == "body" and "NaN" in r.json()["detail"], r.text

@@ -140,13 +140,17 @@ def read_vector(value: Any, lookup: Callable[[str], Any] | None, field: str) -> 
     return _finite(t, field)
 
 
+def _named(dtype: Any) -> bool:
+    return isinstance(dtype, str) and dtype in WIRE_DTYPES
+
+
 def _wire(value: dict[str, Any], field: str) -> Any:
     import numpy as np
     import torch
 
     allowed = '{"data", "shape", "dtype": float32|float16|bfloat16, "encoding": "base64" (optional)}'
     shape, dtype, data = value.get("shape"), value.get("dtype", "float32"), value.get("data")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape) or dtype not in WIRE_DTYPES:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape) or not _named(dtype):
         raise InvalidField(f"{field}: not a wire tensor", field=field, allowed=allowed)
     count = math.prod(shape)
     try:

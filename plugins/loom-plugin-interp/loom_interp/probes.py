@@ -9,6 +9,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
+import attrs
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
@@ -18,6 +19,7 @@ from loom_interp.interventions import read_vector
 from loom_interp.readouts import check_probe, typed_meta
 from loom_interp.state import interp
 from loom_interp.stores import PROBES_MAX_MB, Stored, stored
+from loom_interp.vectors import vector_site
 from loom_kernel import (
     Batch,
     InsufficientStorage,
@@ -28,7 +30,6 @@ from loom_kernel import (
     Session,
     StateRequest,
     caller,
-    check_site,
     client_gone,
     echo,
     model_metadata,
@@ -142,7 +143,11 @@ def read_safetensors(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
             field="body",
             allowed="a safetensors file",
         ) from None
-    return {k: v.float() for k, v in tensors.items()}, dict(header.get("__metadata__") or {})
+    tensors = {k: v.float() for k, v in tensors.items()}
+    broken = next((k for k, v in tensors.items() if not bool(v.isfinite().all())), None)
+    if broken is not None:  # a NaN weight would answer null scores for every text
+        raise InvalidField(f"body: tensor {echo(broken)} holds NaN or infinity", field="body", allowed="finite numbers")
+    return tensors, dict(header.get("__metadata__") or {})
 
 
 def upload_limit(settings: Any) -> int:
@@ -206,11 +211,11 @@ async def fit(session: Session, data: FitRequest, req: StateRequest, manager: An
 
     classes, y, folds = fit_classes(data)
     model = session.model
-    check_site(data.site, model, "site")
-    capture = req.capture(model)
+    site = vector_site(data.site, model)
+    capture = attrs.evolve(req, layers=[site]).capture(model)
     chunks = [data.texts[i : i + FIT_BATCH] for i in range(0, len(data.texts), FIT_BATCH)]
     outputs = await asyncio.gather(*(session.forward(Batch(texts=tuple(c)), capture) for c in chunks))
-    key = str(data.site)
+    key = str(site)
 
     def states() -> Any:
         import numpy as np

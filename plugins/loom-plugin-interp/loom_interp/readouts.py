@@ -235,7 +235,7 @@ def probe_site(item: Stored, model: LoadedModel, field: str) -> int | str:
     width = input_width(item)
     if len(shape) != 1 or shape[0] != width:
         raise InvalidField(
-            f"{field}: probe {item.name!r} reads {width} dimensions; {site} of this model has shape {list(shape)}",
+            f"{field}: probe {item.shown!r} reads {width} dimensions; {site} of this model has shape {list(shape)}",
             field=field,
             allowed="a probe made for this model's site",
         )
@@ -259,7 +259,7 @@ def column(item: Stored, label: str | int, field: str) -> int:
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < count:
         return label
     raise InvalidField(
-        f"{field}: {echo(label)} is not a label of probe {item.name!r}",
+        f"{field}: {echo(label)} is not a label of probe {item.shown!r}",
         field=field,
         allowed=labels if labels and item.meta["kind"] != "sae" else f"0 to {count - 1}",
     )

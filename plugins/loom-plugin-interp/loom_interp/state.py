@@ -17,6 +17,7 @@ from loom_interp.stores import (
     VECTORS_DIRECTORY,
     VECTORS_MAX_ENTRIES,
     VECTORS_MAX_MB,
+    Stored,
     TensorStore,
 )
 from loom_kernel import Kernel
@@ -43,13 +44,27 @@ def interp(kernel: Kernel) -> Interp:
     return kernel.state("interp", _make)
 
 
+def check_stored_vector(item: Stored) -> None:
+    """A vector file read back is one finite tensor, [D] or [P, D] (another is logged and left out, as a probe
+    file its store cannot use is)."""
+    if len(item.tensors) != 1:
+        raise ValueError(f"{len(item.tensors)} tensors where a vector has one")
+    (t,) = item.tensors.values()
+    if t.ndim not in (1, 2) or t.numel() == 0 or not bool(t.isfinite().all()):
+        raise ValueError(f"a tensor of shape {list(t.shape)} that is not a finite [D] or [P, D] vector")
+
+
 def _make(kernel: Kernel) -> Interp:
     from loom_interp.readouts import check_stored_probe
 
     s = kernel.settings
     return Interp(
         vectors=TensorStore(
-            "vector", int(VECTORS_MAX_MB.of(s) * 2**20), VECTORS_DIRECTORY.of(s), VECTORS_MAX_ENTRIES.of(s)
+            "vector",
+            int(VECTORS_MAX_MB.of(s) * 2**20),
+            VECTORS_DIRECTORY.of(s),
+            VECTORS_MAX_ENTRIES.of(s),
+            check=check_stored_vector,
         ),
         probes=TensorStore(
             "probe",

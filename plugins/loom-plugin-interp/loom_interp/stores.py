@@ -161,6 +161,12 @@ class TensorStore:
             self._refresh(force=True)
             if key in self.items and self.items[key].same(item):
                 return self.items[key], False
+            if key in self._seen and key not in self.items and not replace:
+                raise Conflict(
+                    f"name: a {self.kind} named {name!r} is in the store's directory but this server cannot use it "
+                    "(the log says why: another version's file?); send replace: true to overwrite it",
+                    field="name",
+                )
             if key in self.items and not replace:
                 raise Conflict(
                     f"name: a {self.kind} named {name!r} exists with other content; send replace: true to overwrite "

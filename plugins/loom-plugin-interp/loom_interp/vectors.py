@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
+import attrs
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
@@ -16,6 +17,8 @@ from loom_interp.state import interp
 from loom_interp.stores import stored
 from loom_kernel import (
     Batch,
+    InvalidField,
+    LoadedModel,
     Manager,
     ModelRequest,
     NonEmpty,
@@ -24,6 +27,7 @@ from loom_kernel import (
     caller,
     check_site,
     client_gone,
+    echo,
     encode_tensor,
     model_metadata,
 )
@@ -51,18 +55,31 @@ class ContrastRequest(ModelRequest, kw_only=True):
     replace: bool = False
 
 
+def vector_site(site: Any, model: LoadedModel) -> int | str:
+    """``site`` as the loader reads it, checked to hold one vector per token ([d]), as a mean of states, a
+    direction and a probe need."""
+    where, shape = check_site(site, model, "site")
+    if len(shape) != 1:
+        raise InvalidField(
+            f"site: {echo(site)} holds {list(shape)} per token; this needs a site with one vector per token",
+            field="site",
+            allowed="hidden-state indices and hook points of shape [d] (GET /models/{id}/sites)",
+        )
+    return where
+
+
 async def contrast(session: Session, data: ContrastRequest, req: StateRequest) -> dict[str, Any]:
     """Every text's state at the site in one batched pass; the difference of the two sets' means."""
     model = session.model
-    check_site(data.site, model, "site")
+    site = vector_site(data.site, model)
     texts = (*data.positive, *data.negative)
-    capture = req.capture(model)
+    capture = attrs.evolve(req, layers=[site]).capture(model)
     rows = (await session.forward(Batch(texts=texts), capture)).rows
 
     def answer() -> dict[str, Any]:
         import torch
 
-        key = str(data.site)
+        key = str(site)
         each = torch.stack([r.states[key].double().mean(0) for r in rows])
         pos, neg = each[: len(data.positive)], each[len(data.positive) :]
         vector = pos.mean(0) - neg.mean(0)
