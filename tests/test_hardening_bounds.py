@@ -575,3 +575,36 @@ async def test_sae_uploads_and_stored_vectors_hold_finite_numbers_and_unreadable
         broken["W_dec"][0, 0] = float("nan")
         r = await upload(c, "s", broken, "site=blocks.1.hook_resid_post")
         assert r.status_code == 422 and r.json()["field"] == "body" and "NaN" in r.json()["detail"], r.text
+
+
+async def test_fields_are_named_as_sent_and_a_fits_name_is_checked_before_its_work(tiny_models):
+    path = str(tiny_models["gpt2"])
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/logit_attribution", json={"model": path, "text": "", "target": {"token": " the"}})
+        assert r.status_code == 422 and r.json()["field"] == "text", r.text
+        context = (await c.post("/models/load", json={"model": path})).json()["model"]["max_context"]
+        long = " ".join(f"w{i}" for i in range(context))  # more tokens than the context, within the characters
+        patch = {
+            "model": path,
+            "clean": long,
+            "corrupted": long,
+            "sites": [1],
+            "metric": {"type": "logprob", "token": " the"},
+        }
+        r = await c.post("/patch", json=patch)
+        assert r.status_code == 422 and r.json()["field"] == "clean", r.text
+        texts = ["good day", "great day", "bad day", "awful day"]
+        fit = {"model": "no/such-model", "name": "p", "site": 1, "texts": texts, "labels": ["y", "y", "n", "n"]}
+        r = await c.post("/probes/fit", json={**fit, "description": "d" * 5000})
+        assert r.status_code == 422 and r.json()["field"] == "description", r.text  # not the model's 404
+        r = await c.post(
+            "/vectors/contrast",
+            json={
+                "model": "no/such-model",
+                "site": 1,
+                "name": "bad name!",
+                "positive": texts[:2],
+                "negative": texts[2:],
+            },
+        )
+        assert r.status_code == 422 and r.json()["field"] == "name", r.text

@@ -97,11 +97,13 @@ def inputs(model: LoadedModel, data: AttributionRequest) -> Batch:
             raise InvalidField("token_ids: empty", field="token_ids", allowed="a non-empty list of token ids")
         return Batch(token_ids=(tuple(data.token_ids),))
     texts = [data.text] if data.text is not None else list(data.texts or ())
+    field = "text" if data.text is not None else "texts"
     if not texts or len(texts) > MAX_TEXTS or any(not t for t in texts):
         raise InvalidField(
-            f"texts: {len(texts)} texts", field="texts", allowed=f"1 to {MAX_TEXTS} non-empty texts, run as one batch"
+            f"{field}: {len(texts)} texts, or an empty one",
+            field=field,
+            allowed=f"1 to {MAX_TEXTS} non-empty texts, run as one batch",
         )
-    field = "text" if data.text is not None else "texts"
     fitted = tuple(fit_text(model, t, field, **({"row": i} if len(texts) > 1 else {})) for i, t in enumerate(texts))
     return Batch(texts=fitted, add_special_tokens=data.add_special_tokens)
 

@@ -124,6 +124,13 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
         return *ids, scorer(model, data.metric)
 
     clean, corrupt, score = await session.thread(tokenized)
+    for field, ids in (("clean", clean), ("corrupted", corrupt)):
+        if model.max_context and len(ids) > model.max_context:  # else the pass would name its token_ids
+            raise InvalidField(
+                f"{field}: {len(ids)} tokens exceed the model's context of {model.max_context}",
+                field=field,
+                allowed=f"at most {model.max_context} tokens",
+            )
     if len(clean) != len(corrupt):
         raise InvalidField(
             f"corrupted: {len(corrupt)} tokens, the clean text {len(clean)}; patching needs the same count",

@@ -329,10 +329,12 @@ class ProbesController(Controller):
             dtype="float32",
             default_layers=[],
         )
+        meta = {"kind": "linear", "activation": "softmax", "site": str(data.site), "model": data.model}
+        meta |= {"description": data.description}
+        interp(manager.kernel).probes.admissible(data.name, meta)  # before the passes and the fit
         entry = await manager.get_for(data)
         result = await manager.run(entry, lambda s: fit(s, data, req, manager), until=client_gone(request))
-        meta = {"kind": "linear", "activation": "softmax", "site": str(data.site), "model": data.model}
-        meta |= {"description": data.description, "labels": result["labels"]}
+        meta |= {"labels": result["labels"]}
         owner = caller(request)
         item, changed = await asyncio.to_thread(
             store, manager, data.name, result.pop("tensors"), meta, data.replace, owner

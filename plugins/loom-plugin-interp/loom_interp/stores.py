@@ -136,12 +136,8 @@ class TensorStore:
     def used(self) -> int:
         return sum(item.nbytes for item in self.items.values())
 
-    def put(
-        self, name: str, tensors: Any, meta: dict[str, str | None], replace: bool = False, owner: str = ""
-    ) -> tuple[Stored, bool]:
-        """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``owner``'s
-        ``name``; (the entry, whether it is new or changed). The same content again under its name is no change
-        (a notebook cell run twice), other content a 409 unless ``replace``."""
+    def admissible(self, name: str, meta: dict[str, str | None]) -> None:
+        """A name and metadata ``put`` takes (a 422 naming the field otherwise): checked before a fit's work too."""
         if not NAME.match(name):
             raise InvalidField(f"name: {echo(name)} is not a valid {self.kind} name", field="name", allowed=NAME_RULE)
         long = next((k for k, v in meta.items() if v and k != "labels" and len(v) > MAX_META_CHARS), None)
@@ -149,6 +145,14 @@ class TensorStore:
             raise InvalidField(
                 f"{long}: {len(str(meta[long]))} characters", field=long, allowed=f"at most {MAX_META_CHARS} characters"
             )
+
+    def put(
+        self, name: str, tensors: Any, meta: dict[str, str | None], replace: bool = False, owner: str = ""
+    ) -> tuple[Stored, bool]:
+        """Store ``tensors`` (a dict of them by role, or one tensor, kept under the store's kind) under ``owner``'s
+        ``name``; (the entry, whether it is new or changed). The same content again under its name is no change
+        (a notebook cell run twice), other content a 409 unless ``replace``."""
+        self.admissible(name, meta)
         group = tensors if isinstance(tensors, dict) else {self.kind: tensors}
         key = _key(owner, name)
         item = Stored(

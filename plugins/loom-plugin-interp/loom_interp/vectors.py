@@ -147,6 +147,8 @@ class VectorsController(Controller):
             dtype="float32",
             default_layers=settings.default_layers,
         )
+        if data.name is not None:  # before the passes
+            interp(manager.kernel).vectors.admissible(data.name, _site_meta(data))
         entry = await manager.get_for(data)
         result = await manager.run(entry, lambda s: contrast(s, data, req), until=client_gone(request))
         vector = result.pop("vector")
