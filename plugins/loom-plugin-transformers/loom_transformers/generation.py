@@ -103,7 +103,7 @@ class Decoder:
         self.rows = [self.rows[i] for i in keep]
         self.mask = self.mask.index_select(0, index)
         if not self.plain_cache:  # its layers keep columns their own way: only the rows go
-            self.cache.batch_select_indices(index)
+            _select_rows(self.cache, index)
             return
         first = self.mask.shape[1] - max(r.fed for r in self.rows)  # columns before it are pads of every row left
         self.mask = self.mask[:, first:]
@@ -206,6 +206,18 @@ class Decoder:
             old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)], dim=0)
             old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)], dim=0)
         self.rows.extend(rows)
+
+
+def _select_rows(cache: Any, index: Any) -> None:
+    """Only the rows ``index`` of every layer of ``cache`` kept. A recurrent layer (Mamba's
+    ``LinearAttentionLayer``) has no ``batch_select_indices``; its ``reorder_cache`` (beam search's row gather)
+    selects the same rows of its conv and recurrent states."""
+    for layer in cache.layers:
+        select = getattr(layer, "batch_select_indices", None)
+        if select is not None:
+            select(index)
+        else:
+            layer.reorder_cache(index)
 
 
 def _left_pad(t: Any, width: int, dim: int) -> Any:

@@ -494,6 +494,38 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(hooks, l
             assert rel_err(row.states[sel.key], ref[sel.index][0]) < 1e-4, sel
 
 
+def test_mamba_rows_leaving_at_different_steps_generate_what_each_generates_alone(hooks, tiny_root):
+    """Mamba's cache layers (recurrent conv and SSM states) have no ``batch_select_indices``: a row that finishes
+    first must leave the running batch without failing the others, each row still what transformers generates."""
+    path = build_tiny_model("mamba", tiny_root)
+    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
+
+    def reference(text: str, stop: int | None) -> list[int]:
+        prompt = m.tokenizer(text)["input_ids"]
+        with torch.inference_mode():
+            return m.model.generate(
+                input_ids=torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=8,
+                eos_token_id=stop,
+                pad_token_id=m.tokenizer.pad_token_id,
+            )[0].tolist()
+
+    free = [reference(t, None) for t in BATCH_TEXTS]
+    # An end-of-sequence token one row meets early, so that rows leave the batch at different steps.
+    stop = free[1][len(m.tokenizer(BATCH_TEXTS[1])["input_ids"]) + 2]
+    want = [reference(t, stop) for t in BATCH_TEXTS]
+    saved = m.stop_ids
+    m.stop_ids = frozenset([stop])
+    try:
+        rows = run(hooks, m, texts=BATCH_TEXTS, generation=gen(8)).rows
+    finally:
+        m.stop_ids = saved
+    assert len({len(w) - r.prompt_tokens for w, r in zip(want, rows, strict=True)}) > 1  # they did leave apart
+    assert [r.token_ids for r in rows] == want
+
+
 def test_a_batch_seeds_one_generator_per_row(hooks, loaded):
     m = loaded["gpt2"]
     params = gen(10, temperature=1.0, seed=11)
