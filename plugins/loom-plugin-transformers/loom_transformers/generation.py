@@ -179,13 +179,14 @@ class Decoder:
         for key in recorded(row.capture):
             t = states[key]
             part = t[b, -min(fresh, t.shape[1]) :]
-            if keyed_fill(self.model, key) is not None:  # scores, pattern: the row's keys so far
-                part = part[..., t.shape[-1] - row.fed :]
-            mine[key] = part.clone()
+            if (fill := keyed_fill(self.model, key)) is not None:  # scores, pattern: the row's keys so far
+                mine[key] = _row_keys(part, row.fed, fill)
+            else:
+                mine[key] = part.clone()
         weights = {}
         for sel in row.capture.attention_layers:
             a = attn[sel.index]
-            weights[sel.index] = a[b, :, -min(fresh, a.shape[2]) :, a.shape[3] - row.fed :].clone()
+            weights[sel.index] = _row_keys(a[b, :, -min(fresh, a.shape[2]) :], row.fed, 0.0)
         return mine, weights
 
     # -- joining -------------------------------------------------------------------------------------------------
@@ -206,6 +207,20 @@ class Decoder:
             old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)], dim=0)
             old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)], dim=0)
         self.rows.extend(rows)
+
+
+def _row_keys(part: Any, fed: int, fill: float) -> Any:
+    """A row's copy of a keyed tensor (scores, pattern, attention weights) over its ``fed`` keys so far.
+
+    The pass's key columns are right aligned, the row's own the last of them; a sliding-window cache holds only the
+    last window of keys, so there may be fewer columns than the row's keys: those are the latest, and the earlier
+    keys (out of the window, which no query sees) hold ``fill``, what a masked key holds in a full pass."""
+    keys = part.shape[-1]
+    if keys >= fed:
+        return part[..., keys - fed :].clone()
+    out = part.new_full((*part.shape[:-1], fed), fill)
+    out[..., fed - keys :] = part
+    return out
 
 
 def _select_rows(cache: Any, index: Any) -> None:

@@ -585,6 +585,31 @@ def test_attention_equals_eager_output_attentions(hooks, loaded, arch, positions
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
+def test_generated_tokens_keys_past_a_sliding_window_are_transformers_own(hooks, tiny_root, arch):
+    """Past a sliding window the cache holds the last window's keys only: a generated token's attention weights,
+    pattern and scores are still over every key of its row, at each key's own position (0, or the masked score,
+    for keys out of the window), as eager ``output_attentions`` over the final sequence has them."""
+    from loom_transformers.attention import MASKED
+
+    path = build_tiny_model(arch, tiny_root, name=f"tiny-{arch}-window4", sliding_window=4)
+    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
+    points = ("blocks.0.attn.hook_pattern", "blocks.0.attn.hook_attn_scores")  # block 0 slides in each family
+    weights = Capture(layers=resolve_layers([1], m.num_layers), positions="all", states=False, attention=True)
+    row = run(hooks, m, weights, generation=gen(5)).rows[0]
+    (sites,) = run(hooks, m, Capture(sites=points, positions="all"), generation=gen(5)).rows
+    assert sites.token_ids == row.token_ids and len(row.generated_ids) == 5 and row.prompt_tokens > 4
+    want = eager_attentions(m, row.token_ids)[0][0]  # [heads, T, T]
+    total = len(row.token_ids)
+    pattern = sites.states[points[0]].transpose(0, 1)  # [T, heads, keys] -> [heads, T, keys]
+    scores = sites.states[points[1]].transpose(0, 1)
+    for got in (row.attentions["1"], pattern):
+        assert got.shape == (want.shape[0], total, total)
+        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(scores == MASKED, want == 0)  # masked: the causal triangle and the keys out of the window
+    torch.testing.assert_close(torch.softmax(scores, dim=-1), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_top_logprobs_and_logits_equal_log_softmax_of_transformers_logits(hooks, loaded, arch):
     m = loaded[arch]
