@@ -43,7 +43,7 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     import torch
 
     inputs, truncated = _inputs(model, batch)
-    if capture.wanted:
+    if capture.wanted or capture.logits:  # logits alone read index N too, on the base model ``_blocks`` finds
         _blocks(model)
     edits = [batch.edits(i) for i in range(len(inputs))]
     # Gradients (attribution patching) need autograd; every other pass runs without it.

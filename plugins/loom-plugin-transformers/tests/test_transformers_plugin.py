@@ -256,6 +256,22 @@ def test_no_layers_means_no_states(hooks, loaded):
     assert row.states == {} and row.positions == [] and row.token_ids
 
 
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_logits_without_layers_on_a_fresh_model_are_transformers_own(hooks, tiny_models, positions):
+    """Logits alone (no layer, no site) as a model's first request: the pass still finds the base model it runs."""
+    m = hooks.load(
+        model=resolve_model(str(tiny_models["llama"])), loader="transformers", options=LoadOptions(), kernel=None
+    )
+    assert "base" not in m.extra  # nothing has looked for the blocks yet
+    rows = run(hooks, m, Capture(positions=positions, logits=True), texts=(PROMPT, OTHER)).rows
+    for row in rows:
+        with torch.inference_mode():
+            want = m.model(input_ids=torch.tensor([row.token_ids])).logits[0]
+        want = want[-1:] if positions == "last" else want
+        assert row.states == {}
+        torch.testing.assert_close(row.logits.float(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_rows_of_a_batch_are_independent(hooks, loaded):
     m = loaded["qwen2"]
     capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="all")
