@@ -424,6 +424,33 @@ async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_
         assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
 
 
+async def test_opt_whose_blocks_sit_below_its_base_model_serves_its_indices_and_generation(built):
+    """OPT is outside the table and its head model calls ``model.decoder`` directly, not the base model: index N is
+    read on the module holding the blocks, so the model loads, its indices are ``output_hidden_states`` and its
+    greedy tokens are ``model.generate``'s, alone and in a batch of rows of different lengths."""
+    path = built("opt")
+    net, tok = load(path, "opt")
+    n = net.config.num_hidden_layers
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all", "hidden_state_layers": list(range(n + 1))}
+        r = await c.post("/extract", json=body)
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        for i in range(n + 1):
+            close(got[str(i)], want[i][0], f"index {i}")
+        ask = {"model": path, "max_tokens": 5, "temperature": 0}
+        g = await c.post("/generate", json={**ask, "prompt": TEXT})
+        assert g.status_code == 200, g.text
+        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
+        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
+        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
+        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+
+
 async def test_models_outside_the_table_are_refused_by_name(built, tmp_path):
     import transformers
     from loom_transformers.testing import train_tokenizer

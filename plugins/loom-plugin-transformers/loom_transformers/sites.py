@@ -133,7 +133,10 @@ def _unknown(model: LoadedModel) -> dict[int | str, Site | str]:
         f"hook points rather than guess them (hidden-state indices are served)"
     )
     sites: dict[int | str, Site | str] = {i: Site(str(i), blocks[i], "in", 100 * (i + 1), ()) for i in range(n)}
-    sites[n] = Site(str(n), base, "out", 100 * (n + 1), ())
+    # Index N is the output of the module holding the blocks, not of the base model: OPT's head model calls
+    # ``model.decoder`` directly, so a hook on the base model (OPTModel) never fires. Where the base model holds
+    # the blocks itself (GPT-Neo, BLOOM, ...) that module is the base model.
+    sites[n] = Site(str(n), _parent(base, blocks), "out", 100 * (n + 1), ())
     for name in GLOBAL_POINTS:
         sites[name] = why
     for i in range(n):
@@ -141,6 +144,12 @@ def _unknown(model: LoadedModel) -> dict[int | str, Site | str]:
             sites[f"blocks.{i}.{name}"] = why
     model.extra["unknown_architecture"] = why
     return sites
+
+
+def _parent(base: Any, child: Any) -> Any:
+    """The module of ``base`` (``base`` itself included) whose direct child is ``child``."""
+    name = next(name for name, module in base.named_modules() if module is child)
+    return base.get_submodule(name.rpartition(".")[0])
 
 
 def heads_of(config: Any, d: int) -> tuple[int, int]:

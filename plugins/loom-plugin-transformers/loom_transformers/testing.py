@@ -12,8 +12,9 @@ from typing import Any
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms, and
-# every other architecture of the transformers plugin's table (``architectures.py``).
+# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms,
+# every other architecture of the transformers plugin's table (``architectures.py``), and OPT, outside the table (its
+# blocks sit one module below the base model: ``model.decoder.layers``).
 MORE_ARCHITECTURES = (
     "gpt_neox",
     "gemma2",
@@ -29,6 +30,7 @@ MORE_ARCHITECTURES = (
     "cohere",
     "falcon",
     "mamba",
+    "opt",
 )
 # A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
 # heads of which 2 key-value heads where the family has grouped-query attention).
@@ -154,13 +156,26 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
-    elif arch in ("gptj", "falcon", "mamba"):
+    elif arch in ("gptj", "falcon", "mamba", "opt"):
         sizes = {
             "gptj": {"n_embd": 64, "n_layer": 3, "n_head": 4, "rotary_dim": 8, "n_positions": 512},
             "falcon": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
             "mamba": {"hidden_size": 64, "num_hidden_layers": 3, "state_size": 8, "expand": 2},
+            "opt": {
+                "hidden_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "ffn_dim": 128,
+                "word_embed_proj_dim": 64,
+                "max_position_embeddings": 512,
+            },
         }[arch]
-        cls = {"gptj": transformers.GPTJConfig, "falcon": transformers.FalconConfig, "mamba": transformers.MambaConfig}
+        cls = {
+            "gptj": transformers.GPTJConfig,
+            "falcon": transformers.FalconConfig,
+            "mamba": transformers.MambaConfig,
+            "opt": transformers.OPTConfig,
+        }
         cfg = cls[arch](
             **sizes,
             bos_token_id=tokenizer.bos_token_id,
