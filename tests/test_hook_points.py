@@ -276,6 +276,55 @@ async def test_rotary_points_are_the_models_own_rotary_embedding_of_hook_q_and_h
         close(got[f"blocks.{i}.attn.hook_rot_k"], rot_k[0].transpose(0, 1), f"{i} rot_k")
 
 
+async def test_grouped_falcon_rotary_keys_have_its_key_value_heads(tiny_root):
+    """Falcon's new_decoder_architecture fuses each group of query heads with its one key and value head (a layout
+    hook_q/k/v do not describe): hook_rot_k still has the config's num_kv_heads heads, and the rotary points and the
+    pattern are the model's own (the grouped split as its attention module does it, its ``apply_rotary_pos_emb``,
+    eager ``output_attentions``)."""
+    from loom_transformers.testing import build_tiny_model
+
+    grouped = {"new_decoder_architecture": True, "num_kv_heads": 2}
+    path = str(build_tiny_model("falcon", tiny_root, name="norms-falcon-grouped", perturb_norms=True, **grouped))
+    net, tok = load(path, "falcon")
+    enc = tok(TEXT, return_tensors="pt")
+    kv, d_head = net.config.num_kv_heads, net.config.hidden_size // net.config.num_attention_heads
+    rotary = importlib.import_module(type(net).__module__).apply_rotary_pos_emb
+    fused: dict[int, Any] = {}
+    cos_sin: dict[int, Any] = {}
+    handles = []
+    for i, layer in enumerate(net.transformer.h):
+        attn = layer.self_attention
+        handles.append(attn.query_key_value.register_forward_hook(lambda m, a, o, i=i: fused.update({i: o})))
+        handles.append(
+            attn.register_forward_pre_hook(
+                lambda m, a, kw, i=i: cos_sin.update({i: kw["position_embeddings"]}), with_kwargs=True
+            )
+        )
+    net.set_attn_implementation("eager")
+    with torch.inference_mode():
+        patterns = net(**enc, output_attentions=True).attentions
+    for handle in handles:
+        handle.remove()
+    n = len(net.transformer.h)
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        listing = (await c.get(f"/models/{path}/sites")).json()
+        assert listing["sites"]["blocks.0.attn.hook_rot_k"] == [kv, d_head], listing["sites"]
+        names = [f"blocks.{i}.attn.{x}" for i in range(n) for x in ("hook_rot_q", "hook_rot_k", "hook_pattern")]
+        r = await c.post(
+            "/extract", json={"model": path, "text": TEXT, "hidden_state_layers": names, "positions": "all"}
+        )
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+    for i in range(n):
+        groups = fused[i].unflatten(-1, (kv, -1, d_head))  # [1, T, kv, heads per kv + 2, d_head]
+        q = groups[..., :-2, :].flatten(-3, -2).transpose(1, 2)  # [1, heads, T, d_head]
+        rot_q, rot_k = rotary(q, groups[..., -2, :].transpose(1, 2), *cos_sin[i])
+        close(got[f"blocks.{i}.attn.hook_rot_q"], rot_q[0].transpose(0, 1), f"{i} rot_q")
+        close(got[f"blocks.{i}.attn.hook_rot_k"], rot_k[0].transpose(0, 1), f"{i} rot_k")
+        close(got[f"blocks.{i}.attn.hook_pattern"], patterns[i][0].transpose(0, 1), f"{i} pattern")
+
+
 def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, Any]]:
     """An edit at each kind of new point."""
     gen = torch.Generator().manual_seed(3)

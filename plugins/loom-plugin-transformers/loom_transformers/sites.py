@@ -247,7 +247,7 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
         if views is None:
             for name in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
                 out[name] = kv
-            kv = heads
+            kv = _kv_heads(config, heads)
         else:
             qkv = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
             for name, count, view in zip(qkv, (heads, kv, kv), views, strict=True):
@@ -302,6 +302,16 @@ def _fused(arch: Arch, config: Any, heads: int, d_head: int, total: int) -> tupl
             return 1, [_heads_view(c, d_head, s) for c, s in zip((heads, 1, 1), starts, strict=True)]
         return heads, [_interleaved(heads, d_head, j) for j in range(3)]
     return f"{arch.name}'s fused projection is not described", None
+
+
+def _kv_heads(config: Any, heads: int) -> int:
+    """The key-value heads of an undescribed fused projection, which ``hook_rot_k`` still has: the config's count
+    where it groups the heads (Falcon's new_decoder_architecture: ``num_kv_heads``), else one per query head."""
+    if getattr(config, "new_decoder_architecture", False):
+        kv = getattr(config, "num_kv_heads", None)
+        if isinstance(kv, int) and kv > 0:
+            return kv
+    return heads
 
 
 def _mlp(arch: Arch, mlp: Any, site: Callable[..., Site]) -> dict[str, Site | str]:
