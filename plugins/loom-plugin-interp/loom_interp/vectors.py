@@ -33,6 +33,7 @@ from loom_kernel import (
 )
 
 MAX_CONTRAST_TEXTS = 256
+CHUNK = 32  # texts per call of a contrast (a fit's are sent the same way)
 ContrastTexts = Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=MAX_CONTRAST_TEXTS)]
 
 
@@ -74,7 +75,10 @@ async def contrast(session: Session, data: ContrastRequest, req: StateRequest) -
     site = vector_site(data.site, model)
     texts = (*data.positive, *data.negative)
     capture = attrs.evolve(req, layers=[site]).capture(model)
-    rows = (await session.forward(Batch(texts=texts), capture)).rows
+    # In chunks, as a fit's texts are: one call of hundreds of rows would be a batch past max_batch_size.
+    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
+    outputs = await asyncio.gather(*(session.forward(Batch(texts=chunk), capture) for chunk in chunks))
+    rows = [row for out in outputs for row in out.rows]
 
     def answer() -> dict[str, Any]:
         import torch
