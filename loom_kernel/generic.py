@@ -17,8 +17,8 @@ import attrs
 
 from loom_kernel.capture import StateRecorder
 from loom_kernel.editing import Layout, apply_edit, edit_columns
-from loom_kernel.errors import Unsupported
-from loom_kernel.inputs import tokenize_rows
+from loom_kernel.errors import InvalidField, Unsupported
+from loom_kernel.inputs import batch_inputs, vocabulary_size
 from loom_kernel.types import (
     Batch,
     Capture,
@@ -59,22 +59,34 @@ class Runner:
 
             return generate_whole(self.model, batch, capture)
         refuse_attention(capture)
-        tokenized, refused = tokenize_rows(self.model, batch)
-        for i, error in enumerate(refused):
-            if error is not None:
-                if batch.size > 1:
-                    error.extra["row"] = i  # a merged call's refused row fails its own request
-                raise error
+        tok, model = self.model.tokenizer, self.model
+        # A refused row names its ``row`` (a merged call's refused row fails its own request); a cut one says so.
+        inputs, truncated = batch_inputs(
+            batch,
+            tokenize=lambda text: tok(text, add_special_tokens=batch.add_special_tokens)["input_ids"],
+            vocab_size=vocabulary_size(model),
+            max_context=model.max_context,
+        )
         rows = []
-        for i, ids in enumerate(tokenized.token_ids or ()):
-            _, states = run(self.model, list(ids), capture, tokenized.edits(i), len(ids), last_only=False)
+        for i, ids in enumerate(inputs):
+            try:
+                _, states = run(model, ids, capture, batch.edits(i), len(ids), last_only=False)
+            except IndexError as exc:  # a lookup past a table: an id its embedding lacks (no vocabulary declared)
+                field = "token_ids" if batch.token_ids is not None else "text"
+                raise InvalidField(
+                    f"{field}: the model's pass indexed past one of its tables ({exc}): an id outside its vocabulary?",
+                    field=field,
+                    allowed="the model's own token ids",
+                    **({"row": i} if len(inputs) > 1 else {}),
+                ) from None
             positions = capture.kept_positions(len(ids))
             rows.append(
                 SequenceOutput(
-                    token_ids=list(ids),
+                    token_ids=ids,
                     prompt_tokens=len(ids),
                     positions=positions,
                     states={sel.key: states[sel.index][positions] for sel in capture.layers if capture.wants_states},
+                    truncated=truncated[i],
                 )
             )
         return ForwardOutput(rows=rows)

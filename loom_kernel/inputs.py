@@ -99,13 +99,14 @@ def batch_inputs(
     if batch.token_ids is not None:
         field = "token_ids"
         inputs = [[int(t) for t in ids] for ids in batch.token_ids]
-        for ids in inputs:
+        for i, ids in enumerate(inputs):
             bad = [t for t in ids if vocab_size is not None and not 0 <= t < vocab_size]
             if bad:
                 raise InvalidField(
                     f"{field}: ids {bad[:5]} are outside the vocabulary",
                     field=field,
                     allowed=f"0 to {(vocab_size or 1) - 1}",
+                    **({"row": i} if len(inputs) > 1 else {}),
                 )
     else:
         field = "prompt" if batch.generation is not None else "text"
@@ -172,21 +173,25 @@ def check_vocabulary(rows: list[list[int]], vocab: int | None, field: str, flat:
             if token < 0 or (vocab is not None and token >= vocab):
                 where = f"{field}[{j}]" if flat else f"{field}[{i}][{j}]"
                 raise InvalidField(
-                    f"{where}: token id {token} is outside the model's vocabulary of {vocab} tokens",
+                    f"{where}: token id {token} is outside the model's vocabulary"
+                    + (f" of {vocab} tokens" if vocab is not None else ""),
                     field=where,
-                    allowed=f"0 to {(vocab or 1) - 1}",
+                    allowed=f"0 to {vocab - 1}" if vocab is not None else "non-negative token ids",
                 )
 
 
 def vocabulary_size(model: LoadedModel) -> int | None:
-    """How many token ids the model reads: its config's ``vocab_size``, else its tokenizer's length."""
+    """How many token ids the model reads: its config's ``vocab_size``, else its tokenizer's length, else the rows
+    of its declared LM head (a loader's own tokenizer may have no length, and its config no ``vocab_size``)."""
     size = (model.ref.config or {}).get("vocab_size")
     if isinstance(size, int) and size > 0:
         return size
     try:
         return len(model.tokenizer)
     except TypeError:
-        return None
+        head = model.parts.lm_head if model.parts is not None else None
+        rows = getattr(head, "out_features", None)
+        return rows if isinstance(rows, int) and rows > 0 else None
 
 
 def texts_or_ids(value: Any, field: str) -> tuple[list[str], list[list[int]] | None]:

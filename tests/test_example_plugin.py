@@ -155,6 +155,13 @@ def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None
 
             r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "no_such_pooling"})
             assert r.status_code == 422 and "first_last_mean" in r.json()["allowed"]
+
+            # The kernel's runner says when it cut a text to the context, and an id past the toy's byte vocabulary
+            # (which neither its config nor its tokenizer states) is the client's 4xx naming the row, not a 500.
+            r = httpx.post(f"{base}/embed", json={"model": str(model), "text": "x" * 300}, timeout=HANG_S)
+            assert r.status_code == 200 and r.json()["truncated"] and r.json()["token_count"] == 256, r.text
+            r = httpx.post(f"{base}/v1/embeddings", json={"model": str(model), "input": [[1, 2], [5, 300]]})
+            assert r.status_code == 400 and r.json()["row"] == 1, r.text
             check_the_causal_toy(base, causal)
     finally:
         pip("uninstall", "-y", DIST)

@@ -25,7 +25,6 @@ log = logging.getLogger("loom.custom")
 
 
 def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
-    import torch
 
     manifest = read_manifest(ref)
     # Quantization and multi-device placement are transformers/accelerate features; a plain nn.Module has neither.
@@ -58,7 +57,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     net.to(device=device, dtype=dtype).eval()
     blocks = _blocks(manifest, net)
     final = _module_at(manifest, net, "final_norm", manifest.final_norm) if manifest.final_norm else blocks[-1]
-    embedding = next((m for m in net.modules() if isinstance(m, torch.nn.Embedding)), None)
+    embedding = _token_embedding(net)
     hidden = manifest.hidden_size or (embedding.embedding_dim if embedding is not None else None)
     if hidden is None:
         raise manifest.error("hidden_size", "is missing and the model has no nn.Embedding to read it from")
@@ -190,3 +189,15 @@ def _blocks(manifest: Manifest, net: Any) -> Any:
             "blocks", f"is missing and the model has {len(lists)} ModuleLists {found}: name the block list"
         )
     return lists[0][1]
+
+
+def _token_embedding(net: Any) -> Any:
+    """The module that embeds token ids: the model's own ``get_input_embeddings()`` where it has one, else its first
+    ``nn.Embedding`` (a factory's plain module, the token table usually declared first)."""
+    import torch
+
+    get = getattr(net, "get_input_embeddings", None)
+    found = get() if callable(get) else None
+    if isinstance(found, torch.nn.Embedding):
+        return found
+    return next((m for m in net.modules() if isinstance(m, torch.nn.Embedding)), None)

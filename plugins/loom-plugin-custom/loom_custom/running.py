@@ -16,6 +16,7 @@ from loom_kernel import (
     Batch,
     Capture,
     ForwardOutput,
+    InvalidField,
     LoadedModel,
     LoomError,
     SequenceOutput,
@@ -69,7 +70,15 @@ def _forward(model: LoadedModel, ids: list[int], capture: Capture) -> SequenceOu
         # "last" keeps one row per layer as the pass runs; anything else keeps every token for the kernel to slice.
         rec.rows = [-1] if capture.positions == "last" else None
         rec.replace = True
-        net(torch.tensor([ids], dtype=torch.long, device=model.extra["input_device"]))
+        try:
+            net(torch.tensor([ids], dtype=torch.long, device=model.extra["input_device"]))
+        except IndexError as exc:  # a table lookup past its end: a position the factory's model cannot embed
+            raise InvalidField(
+                f"text: {len(ids)} tokens index past a table of {model.ref.id!r} ({exc}); its manifest's max_context "
+                "would refuse or cut such a text before the pass",
+                field="text",
+                allowed="texts within the model's positions",
+            ) from None
         taken = rec.taken()
     silent = [i for i in capture.indices if i not in taken]
     if silent:

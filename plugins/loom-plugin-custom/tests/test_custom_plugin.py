@@ -466,3 +466,16 @@ async def test_tokenizer_json_from_the_model_directory(tmp_path: Path, reference
     body = r.json()
     assert body["token_ids"] == ids and body["tokens"] == [tok.decode([i]) for i in ids]
     assert_every_layer_matches(body, reference, ids)
+
+
+async def test_past_its_tables_or_its_vocabulary_is_a_422_naming_the_row(tmp_path: Path, reference) -> None:
+    """A manifest without max_context: a text longer than the factory's position table is a 422, not the
+    IndexError of its lookup; a token id past the vocabulary names its own row of the input."""
+    manifest = {k: v for k, v in MANIFEST.items() if k != "max_context"}
+    path = str(write_model(tmp_path / "no_context", reference, manifest))
+    async with client_for(trust_remote_code=True) as client:
+        r = await client.post("/extract", json={"model": path, "text": "x" * (KWARGS["context"] + 5)})
+        assert r.status_code == 422 and r.json()["field"] == "text", r.text
+        r = await client.post("/v1/embeddings", json={"model": path, "input": [[1, 2], [5, KWARGS["vocab"] + 44]]})
+        assert r.status_code == 400 and r.json()["row"] == 1 and r.json()["error"]["message"].startswith("input[1]")
+        assert (await client.post("/extract", json={"model": path, "text": TEXT})).status_code == 200
