@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -35,6 +36,7 @@ from loom_kernel import (
     check_vocabulary,
     checked_params,
     client_gone,
+    echo,
     event_stream,
     fit_text,
     generate_choices,
@@ -116,6 +118,18 @@ def refuse_unused(data: OpenAIFields, kernel: Kernel) -> None:
                 field=field,
                 allowed=["return_hidden_states: true"],
             )
+
+
+@contextlib.contextmanager
+def named_as_sent(data: OpenAIFields) -> Iterator[None]:
+    """A ``max_tokens`` error named ``max_completion_tokens`` when that is the field the client sent."""
+    try:
+        yield
+    except InvalidField as exc:
+        if exc.field != "max_tokens" or data.max_completion_tokens is None:
+            raise
+        detail = "max_completion_tokens" + exc.detail.removeprefix("max_tokens")
+        raise InvalidField(detail, field="max_completion_tokens", allowed=exc.allowed) from None
 
 
 def params_for(data: OpenAIFields, settings: Settings) -> GenerationParams:
@@ -220,9 +234,38 @@ def chat_token_ids(model: LoadedModel, messages: list[dict[str, str]]) -> tuple[
         )
     # Nothing may be cut from a chat: contents longer than the whole context could hold are refused untokenized.
     fit_text(model, "".join(m["content"] for m in messages), "messages")
-    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = out["input_ids"] if isinstance(out, Mapping) else out
-    return tuple(int(i) for i in ids)
+    try:
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # a template's raise_exception ("roles must alternate"): the messages' fault
+        from jinja2 import TemplateError
+
+        if not isinstance(exc, TemplateError | ValueError):
+            raise
+        raise InvalidField(
+            f"messages: the model's chat template refuses them: {echo(str(exc))}",
+            field="messages",
+            allowed="messages in the order and roles the model's chat template accepts",
+        ) from None
+    ids = tuple(int(i) for i in (out["input_ids"] if isinstance(out, Mapping) else out))
+    if model.max_context and len(ids) > model.max_context:
+        raise InvalidField(
+            f"messages: {len(ids)} tokens with the chat template exceed the model's context of {model.max_context}",
+            field="messages",
+            allowed=f"at most {model.max_context} tokens",
+        )
+    return ids
+
+
+def check_context(rows: list[list[int]], context: int | None, flat: bool) -> None:
+    """Token-id prompts within the model's context (nothing is cut from ids a client chose), named as sent."""
+    for i, row in enumerate(rows):
+        if context and len(row) > context:
+            where = "prompt" if flat else f"prompt[{i}]"
+            raise InvalidField(
+                f"{where}: {len(row)} tokens exceed the model's context of {context}",
+                field=where,
+                allowed=f"at most {context} tokens",
+            )
 
 
 def chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
@@ -374,11 +417,13 @@ class OpenAIController(Controller):
         answer's size estimate."""
         refuse_unsupported(data)
         refuse_unused(data, manager.kernel)
-        params = params_for(data, settings)
+        with named_as_sent(data):
+            params = params_for(data, settings)
         req = states_for(data, settings, manager, caller)
         entry = await manager.get_for(data)
         if entry.loaded is not None:
-            check_generation(entry.loaded, params)
+            with named_as_sent(data):
+                check_generation(entry.loaded, params)
             await req.resolved(entry.loaded, attrs.evolve(batch, generation=params))
         return params, req, entry
 
@@ -389,12 +434,13 @@ class OpenAIController(Controller):
         messages = [message_text(m, i) for i, m in enumerate(data.messages)]
         text = "".join(m["role"] + m["content"] for m in messages)
         params, req, entry = await self._prepare(data, manager, settings, Batch(texts=(text,)), caller(request))
+        ids = await asyncio.to_thread(chat_token_ids, entry.model(), messages)  # refused before a stream starts
         bridge = TokenBridge() if data.stream else None
         n = data.n or 1
 
         async def work(s: Session) -> list[dict[str, Any]]:
             batch = Batch(
-                token_ids=(await s.thread(chat_token_ids, s.model, messages),),
+                token_ids=(ids,),
                 generation=params,
                 on_token=streamed_token(bridge, req, s.model) if bridge else None,
             )
@@ -460,14 +506,17 @@ class OpenAIController(Controller):
         # The size estimate counts a token id as one character.
         estimate = Batch(texts=tuple(texts) if rows is None else tuple(" " * len(r) for r in rows))
         params, req, entry = await self._prepare(data, manager, settings, estimate, caller(request))
+        if rows is not None:  # the model's own token ids, as they are: checked before a stream starts
+            flat = not isinstance(data.prompt[0], list)
+            check_vocabulary(rows, vocabulary_size(entry.model()), "prompt", flat=flat)
+            check_context(rows, entry.model().max_context, flat)
         bridge = TokenBridge() if data.stream else None
 
         async def work(s: Session) -> list[dict[str, Any]]:
             on_token = streamed_token(bridge, req, s.model, offsets=True) if bridge else None
             if rows is None:
                 batch = Batch(texts=tuple(texts), generation=params, on_token=on_token)
-            else:  # the model's own token ids, as they are
-                check_vocabulary(rows, vocabulary_size(s.model), "prompt", flat=not isinstance(data.prompt[0], list))
+            else:
                 batch = Batch(token_ids=tuple(tuple(r) for r in rows), generation=params, on_token=on_token)
             payloads = [payload for payload, _, _ in await generate_choices(s, batch, req, n)]
             for payload in payloads:

@@ -39,7 +39,10 @@ NO_EFFECT = (
 )
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A message's role, content and name; a field the server would drop (``tool_calls``, ``tool_call_id``,
+    ``function_call``: tools are not served) is refused rather than silently lost from the conversation."""
+
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
