@@ -65,4 +65,8 @@ async def test_refusals_name_the_field_sent_before_any_stream(tiny_models: dict[
         ]
         r = await c.post("/v1/chat/completions", json={"model": llama, "messages": tool, "max_tokens": 3})
         assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"], r.text
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        assert (await c.get(f"/v1/models/{empty}")).status_code == 404  # a directory no loader takes is no model
+        assert (await c.get(f"/v1/models/{strict}")).json()["id"] == strict
         assert (await c.get("/health")).status_code == 200

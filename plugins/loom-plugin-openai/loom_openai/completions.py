@@ -25,6 +25,7 @@ from loom_kernel import (
     Manager,
     MayStream,
     ModelEntry,
+    ModelNotFound,
     Session,
     Settings,
     StateRequest,
@@ -583,7 +584,10 @@ class OpenAIController(Controller):
         in the local cache); 404 otherwise."""
         name = path_model_id(request, "/v1/models/", model_id)
         if name not in model_names(manager):
-            await asyncio.to_thread(manager.resolve, name)  # ModelNotFound (404) or Forbidden (403) when not
+            # ModelNotFound (404) or Forbidden (403) when it names no model; a 404 too for what no loader takes
+            report = await asyncio.to_thread(manager.probe_report, name)
+            if report["selected"] is None:
+                raise ModelNotFound(f"model: no installed loader can load {name!r}", field="model")
         return model_object(name)
 
 
