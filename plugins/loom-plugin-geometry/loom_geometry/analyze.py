@@ -19,6 +19,7 @@ from loom_geometry.metrics import layer_metrics
 from loom_kernel import (
     Batch,
     Capture,
+    InvalidField,
     LayerSel,
     LayerSpec,
     LoadedModel,
@@ -48,7 +49,14 @@ async def analyze(session: Session, data: AnalyzeRequest) -> dict[str, Any]:
     layers = resolve_layers(data.hidden_state_layers, session.model.num_layers)
     capture = Capture(layers=layers, positions="last" if data.rows == "last" else "all")
     batch = Batch(texts=tuple(data.texts), add_special_tokens=data.add_special_tokens)
-    out = (await session.forward(batch, capture)).rows
+    try:
+        out = (await session.forward(batch, capture)).rows
+    except InvalidField as exc:  # the loader names a row's "text": the request's field is texts[row]
+        if exc.field != "text":
+            raise
+        row = exc.extra.get("row", 0)
+        detail = exc.detail.split(": ", 1)[-1]
+        raise InvalidField(f"texts[{row}]: {detail}", field="texts", allowed=exc.allowed, row=row) from None
     return await session.thread(metrics, session.model, data, layers, out, start)
 
 

@@ -122,3 +122,8 @@ async def test_analyze_in_bfloat16_and_bad_fields(tiny_models):
         bad = await c.post("/analyze", json={"model": model, "texts": ["x"], "rows": "some"})
         assert bad.status_code == 422 and bad.json()["field"] == "rows"
         assert (await c.post("/analyze", json={"model": model, "texts": []})).status_code == 422
+        context = (await c.post("/models/load", json={"model": model})).json()["model"]["max_context"]
+        long = " ".join(["w"] * (context + 8))  # within the character bound, past the context in tokens
+        bad = await c.post("/analyze", json={"model": model, "texts": ["fine", long]})
+        assert bad.status_code == 422 and bad.json()["field"] == "texts" and bad.json()["row"] == 1, bad.text
+        assert bad.json()["detail"].startswith("texts[1]: ")
