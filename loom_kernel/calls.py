@@ -12,7 +12,7 @@ import pluggy
 
 from loom_kernel.errors import LoomError
 from loom_kernel.scheduler import BatchLimits
-from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel
+from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
 
 
 class Cancelled(LoomError):
@@ -42,11 +42,15 @@ class Call:
     capture: Capture
     ticket: Ticket
     then: Callable[[ForwardOutput], Any] | None = None
+    cut: tuple[int, ...] = ()  # rows whose text was cut to what the model can read before it was queued
     future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
     _width: int | None = None
     _key: tuple[Any, ...] | None = None
 
     def answer(self, out: ForwardOutput) -> None:
+        for i in self.cut:  # cut by characters, a row is truncated even when its tokens fit the context
+            if isinstance(out.rows[i], SequenceOutput):
+                out.rows[i].truncated = True
         try:
             self.future.set_result(out if self.then is None else self.then(out))
         except BaseException as exc:  # its own request's error, not the batch's

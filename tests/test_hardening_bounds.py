@@ -608,3 +608,19 @@ async def test_fields_are_named_as_sent_and_a_fits_name_is_checked_before_its_wo
             },
         )
         assert r.status_code == 422 and r.json()["field"] == "name", r.text
+
+
+async def test_a_text_cut_by_characters_is_reported_truncated(tiny_models):
+    """The character bound (context x the longest token) cuts a text before any tokenizer sees it; a text padded
+    with characters that make no tokens may then fit the context in tokens, and is still reported as cut."""
+    from loom_kernel.inputs import char_limit
+
+    path = str(tiny_models["bert"])
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        model = await loaded(c._transport.app, path)
+        padded = " " * (char_limit(model) + 10) + "hello world"
+        r = await c.post("/embed", json={"model": path, "text": padded})
+        assert r.status_code == 200 and r.json()["truncated"], r.text
+        r = await c.post("/embed", json={"model": path, "text": "hello world"})
+        assert r.status_code == 200 and not r.json()["truncated"], r.text
