@@ -55,6 +55,8 @@ async def test_refusals_name_the_field_sent_before_any_stream(tiny_models: dict[
             body = {"model": llama, "prompt": [[1, 2], [1] * (context + 1)], "max_tokens": 3, "stream": stream}
             refused(await c.post("/v1/completions", json=body), "prompt[1]")
 
+        body = {"model": llama, "messages": user, "stream_options": {"include_usage": True}}
+        refused(await c.post("/v1/chat/completions", json=body), "stream_options")
         body = {"model": llama, "messages": user, "max_completion_tokens": 10**9}
         refused(await c.post("/v1/chat/completions", json=body), "max_completion_tokens")
 

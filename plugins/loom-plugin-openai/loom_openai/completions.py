@@ -65,6 +65,10 @@ from loom_openai.schemas import (
 def refuse_unsupported(data: OpenAIFields) -> None:
     """OpenAI's fields that would change the answer in a way this server does not implement: refused by name, never
     silently ignored. Their defaults (and null) are accepted, as clients send them unasked."""
+    if data.stream_options is not None and not data.stream:  # OpenAI's 400 too: options of a stream not asked for
+        raise InvalidField(
+            "stream_options: only with stream: true", field="stream_options", allowed="stream: true, or no options"
+        )
     checks: list[tuple[str, bool, Any]] = [
         ("presence_penalty", data.presence_penalty not in (None, 0), [0]),
         ("frequency_penalty", data.frequency_penalty not in (None, 0), [0]),
