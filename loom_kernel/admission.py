@@ -76,17 +76,27 @@ class Admission:
             initializer=one_torch_thread,
         )
 
-    async def run(
+    def run(
         self,
         entry: ModelEntry,
         work: Callable[[Session], Awaitable[T]],
         until: Coroutine[Any, Any, None] | None = None,
-    ) -> T:
+    ) -> Coroutine[Any, Any, T]:
         """``work(session)`` for one request, admitted: at most ``max_queue`` requests per model at once (queued or
-        running); the next is a 429 with a Retry-After estimated from recent batches. The request is cancelled
-        (its queued calls dropped, its generated rows stopped) when ``until`` returns first (the client went away)
-        and when it runs past ``request_timeout`` (a 504). The model stays in flight (never unloaded) until every
-        call the request queued is done."""
+        running); the next is a 429 with a Retry-After estimated from recent batches, raised here, when the call is
+        made, so that a stream is refused before its answer starts (and once more when it runs, for those that came
+        meanwhile). The request is cancelled (its queued calls dropped, its generated rows stopped) when ``until``
+        returns first (the client went away) and when it runs past ``request_timeout`` (a 504). The model stays in
+        flight (never unloaded) until every call the request queued is done."""
+        self._admit(entry, until)
+        return self._run(entry, work, until)
+
+    async def _run(
+        self,
+        entry: ModelEntry,
+        work: Callable[[Session], Awaitable[T]],
+        until: Coroutine[Any, Any, None] | None,
+    ) -> T:
         loaded = self._admit(entry, until)
         session = Session(self.pm, loaded, entry.worker, self.threads)
         entry.in_flight += 1

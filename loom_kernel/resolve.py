@@ -82,11 +82,12 @@ def _outside(path: Path | str, allowed: list[str]) -> Forbidden:
     return Forbidden(f"model: {path} is outside models.allowed_paths", field="model", allowed=[str(a) for a in allowed])
 
 
-def check_allowed(path: Path, allowed: list[str] | None) -> None:
-    """403 unless ``path`` lies under one of ``allowed`` (None: anywhere). Callers check this before they look at
-    the disk, so that a caller outside the allowed paths learns nothing about what exists there."""
+def check_allowed(path: Path, allowed: list[str] | None, sent: str) -> None:
+    """403 unless ``path`` lies under one of ``allowed`` (None: anywhere), naming the id as ``sent`` (an expanded
+    ``~user`` would say whose home exists). Callers check this before they look at the disk, so that a caller outside
+    the allowed paths learns nothing about what exists there."""
     if allowed is not None and not _inside(path, allowed):
-        raise _outside(path, allowed)
+        raise _outside(sent, allowed)
 
 
 def _expand(target: str, allowed: list[str] | None) -> Path:
@@ -135,7 +136,7 @@ def custom_model_ref(
     where = manifest.get("path")
     if where is not None:
         path = _expand(str(where), allowed_paths)
-        check_allowed(path, allowed_paths)
+        check_allowed(path, allowed_paths, str(where))
         if not _is_dir(path):
             raise ModelNotFound(f"model: custom_models.{model_id}.path: no directory {where}", field="model")
         found, files = _small_files(path)
@@ -186,7 +187,7 @@ def resolve_model(
     source = "local"
     if Path(target).is_absolute() or target.startswith((".", "~")):
         local = _expand(target, allowed_paths)
-        check_allowed(local, allowed_paths)
+        check_allowed(local, allowed_paths, target)
         if not _is_dir(local):
             raise ModelNotFound(f"model: no directory {target}", field="model")
         path = local

@@ -320,6 +320,13 @@ async def test_queue_overflow_is_a_429_with_retry_after(tiny_models):
         problem = over.json()
         assert problem["field"] == "model" and problem["max_queue"] == 2
         assert over.headers["content-type"].startswith("application/problem+json")
+        # A stream is refused the same way, before its answer starts (not a 200 and an error event).
+        for path, body in (
+            ("/generate/stream", {"prompt": "hi", "max_tokens": 2}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+        ):
+            over = await c.post(path, json={"model": model, **body})
+            assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1, (path, over.text)
         await gate.open_when_queued(2)
         assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
         # Room again: the next request is served.

@@ -292,6 +292,28 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(tiny_models, tmp_pat
         assert_memory_back(before, settled_rss(c, model, proc.pid))
 
 
+def test_a_stream_whose_client_leaves_before_its_first_token_leaves_the_queue(tiny_models, tmp_path):
+    """With room for one row, a stream's request waits to join behind a long generation; its client leaves before
+    any token: the request leaves while the long one still runs (it used to stay in flight until that one ended,
+    and then had its prompt prefilled for nobody)."""
+    model = str(tiny_models["llama"])
+    long = {"model": model, "prompt": "hello", "max_tokens": 500, "temperature": 1.0, "seed": 2}  # 441 tokens
+    with faults_server(tmp_path, ["--preload", model], LOOM_MAX_BATCH_SIZE="1") as (c, _, _proc):
+        warm(c, model)
+        with ThreadPoolExecutor(1) as pool:
+            generation = pool.submit(c.post, "/generate", json=long)
+            until(lambda: models(c)[0]["running_rows"] == 1, "the long generation is decoding")
+            with (
+                httpx.Client(base_url=str(c.base_url), timeout=HANG_S) as quitter,
+                quitter.stream("POST", "/generate/stream", json={**long, "prompt": "leaving early"}) as r,
+            ):
+                assert r.status_code == 200
+                until(lambda: models(c)[0]["in_flight"] == 2, "the stream's request is in flight")
+            until(lambda: models(c)[0]["in_flight"] == 1, "the stream's request left")
+            assert not generation.done(), "the stream's request stayed until the long generation ended"
+            assert generation.result().status_code == 200
+
+
 def test_unloading_a_model_in_flight_is_a_409_and_its_generation_completes(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
     gates = tmp_path / "gates"

@@ -245,8 +245,10 @@ def test_allowed_paths_answer_403_whether_or_not_the_path_exists(models, tmp_pat
     with loom_server(["--config", str(config)], tmp_path, LOOM_DEFAULT_DEVICE="cpu") as (base, _, _):
         relative_outside = os.path.relpath(outside, Path(__file__).resolve().parents[1])  # from the server's cwd
         details = {}
-        for model in (str(outside), str(missing), "./" + relative_outside, "~nosuchuser/x", "custom-outside"):
+        for model in (str(outside), str(missing), "./" + relative_outside, "~nosuchuser/x", "~root", "custom-outside"):
             details[model] = assert_problem(load(base, model), 403, "outside models.allowed_paths")["detail"]
+        # A home is named as sent, as one that does not exist is: which users exist is not for callers to learn.
+        assert details["~root"] == details["~nosuchuser/x"].replace("~nosuchuser/x", "~root")
         assert_problem(load(base, "custom-missing"), 403, "outside models.allowed_paths")
         # The same answer, path aside, for what exists and what does not.
         assert details[str(outside)].replace(str(outside), "P") == details[str(missing)].replace(str(missing), "P")

@@ -44,6 +44,8 @@ def jsonable(value: Any) -> Any:
             "dtype": "float32",
             "encoding": "base64",
         }
+    if isinstance(value, np.generic):  # a numpy scalar (np.float32(2), an element of np.arange): its Python value
+        return value.item()
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -15,7 +15,8 @@ class EventParser:
     """Feed lines; ``feed`` returns a finished event's decoded value, ``DONE``, or None while an event is open.
 
     The Loom's own stream yields ``{"event": "token" | "done", ...}`` with tensors as arrays; an ``error`` event is
-    raised as the LoomError its problem details name. OpenAI streams (no event names) yield each chunk.
+    raised as the LoomError its problem details name. OpenAI streams (no event names) yield each chunk, and raise the
+    one that holds an ``error``.
     """
 
     def __init__(self) -> None:
@@ -45,6 +46,17 @@ class EventParser:
         value = json.loads(data)
         if event == "error":
             raise problem_error(value)
+        if event is None and isinstance(value, dict) and isinstance(value.get("error"), dict):
+            error = value["error"]  # OpenAI's stream reports a failure as a chunk holding only its error
+            raise problem_error(
+                {
+                    "status": error.get("status", 500),
+                    "title": error.get("code") or error.get("type"),
+                    "detail": error.get("message"),
+                    "field": error.get("param"),
+                    "request_id": error.get("request_id"),
+                }
+            )
         if event is None:
             return arrays(value)
         return {"event": event, **arrays(value)}

@@ -212,6 +212,11 @@ def test_errors_are_typed_with_problem_details(client: LoomClient, server) -> No
     assert missing.value.status == 404 and missing.value.problem["instance"] == "/extract"
     with pytest.raises(InvalidField):  # checked before the stream starts: raised when iteration begins
         list(client.stream(server["llama"], "Hi", max_tokens=-1))
+    # A failure once OpenAI's stream has begun comes as a chunk holding only its error: raised, with its status.
+    blow_up = [{"site": -1, "op": "add", "vector": [3e38] * 64, "scale": 10.0}]
+    with pytest.raises(InvalidField) as mid:
+        list(client.completions(server["llama"], "Hi", max_tokens=4, stream=True, interventions=blow_up))
+    assert mid.value.status == 422 and mid.value.field == "interventions"
     assert client.health()["status"] == "ok"
 
 
@@ -306,6 +311,8 @@ def test_interventions_take_numpy_vectors_and_the_new_endpoints_decode(client: L
     as_list = [{**edit[0], "vector": vector.tolist()}]
     steered = client.generate(llama, "The cat", max_tokens=8, interventions=edit)
     assert steered["token_ids"] == client.generate(llama, "The cat", max_tokens=8, interventions=as_list)["token_ids"]
+    scalar = [{**edit[0], "scale": np.float32(6.0)}]  # numpy scalars go as their Python values
+    assert client.generate(llama, "The cat", max_tokens=8, interventions=scalar)["token_ids"] == steered["token_ids"]
     assert steered["token_ids"] != client.generate(llama, "The cat", max_tokens=8)["token_ids"]
     client.put_vector("client-test", vector, site="blocks.1.hook_resid_post", replace=True)
     stored = client.vector("client-test")

@@ -89,6 +89,8 @@ class TokenBridge:
                 return
         finally:
             self._closed.set()
+            if not task.done():  # the client left before the end: its request leaves the queue, its rows stop
+                task.cancel()
 
 
 def client_gone(request: Request) -> Coroutine[Any, Any, None]:

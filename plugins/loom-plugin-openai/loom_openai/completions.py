@@ -636,7 +636,8 @@ def stream(
                     yield message({**usage_head, "choices": [], "usage": usage(value, n)})
             else:
                 error = openai_error(value["status"], value["title"], value["detail"], value.get("field"))
-                yield message({"error": {**error, "request_id": value.get("request_id")}})
+                # The status beside OpenAI's fields: a client can tell a 429 from a 422 once the stream has begun.
+                yield message({"error": {**error, "status": value["status"], "request_id": value.get("request_id")}})
         yield message("[DONE]")
 
     return event_stream(events())
