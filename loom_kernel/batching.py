@@ -40,7 +40,7 @@ import pluggy
 from loom_kernel.calls import Call, Cancelled, Ticket
 from loom_kernel.errors import InvalidField, ModelNotFound, Unsupported
 from loom_kernel.generating import Engine, Event
-from loom_kernel.inputs import char_limit, fit_texts, tokenize_rows
+from loom_kernel.inputs import fit_texts, tokenize_rows
 from loom_kernel.merging import merge, restrict
 from loom_kernel.metrics import ModelCounters
 from loom_kernel.output import Expected, Processor
@@ -100,9 +100,7 @@ class ModelThread:
         """One request's call queued (maybe merged): its future holds the rows, or ``then(rows)`` computed on this
         thread right after the pass. Cancel the ticket, never the future: the call then leaves the queue, or its
         rows stop."""
-        limit = char_limit(model) if batch.truncate and batch.token_ids is None else None
-        cut = tuple(i for i, text in enumerate(batch.texts) if limit is not None and len(text) > limit)
-        batch = fit_texts(model, batch)  # here, before the queue: the model's thread never sees a huge text
+        batch, cut = fit_texts(model, batch)  # here, before the queue: the model's thread never sees a huge text
         call = Call(pm=pm, model=model, batch=batch, capture=capture, ticket=ticket, then=then, cut=cut)
         with self._cv:
             if self._stopped:

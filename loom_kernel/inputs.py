@@ -67,18 +67,21 @@ def fit_text(
     )
 
 
-def fit_texts(model: LoadedModel, batch: Batch) -> Batch:
-    """``batch`` with every text through ``fit_text`` (cut with ``batch.truncate``)."""
+def fit_texts(model: LoadedModel, batch: Batch) -> tuple[Batch, tuple[int, ...]]:
+    """``batch`` with every text through ``fit_text`` (cut with ``batch.truncate``), and the rows it cut."""
     limit = char_limit(model)
-    if limit is None or batch.token_ids is not None or all(len(t) <= limit for t in batch.texts):
-        return batch
+    if limit is None or batch.token_ids is not None:
+        return batch, ()
+    cut = tuple(i for i, t in enumerate(batch.texts) if len(t) > limit)
+    if not cut:
+        return batch, ()
     field = "prompt" if batch.generation is not None else "text"
     several = len(batch.texts) > 1
     texts = tuple(
         fit_text(model, t, field, truncate=batch.truncate, **({"row": i} if several else {}))
         for i, t in enumerate(batch.texts)
     )
-    return attrs.evolve(batch, texts=texts)
+    return attrs.evolve(batch, texts=texts), cut
 
 
 def batch_inputs(
@@ -230,7 +233,7 @@ def tokenize_rows(model: LoadedModel, batch: Batch) -> tuple[Batch, list[Invalid
         except TypeError:  # a loader's own tokenizer without those arguments
             return tokenize(text)[:limit]
 
-    batch = fit_texts(model, batch)
+    batch, _ = fit_texts(model, batch)
     vocab = vocabulary_size(model)
     kept: list[int] = []
     ids: list[tuple[int, ...]] = []

@@ -131,7 +131,9 @@ class Scheduler:
             if admitted:
                 joining.append(admitted)
                 taken.add(batch)
-        self.waiting = deque(sorted(self.waiting, key=pending.index))  # arrival order, whatever the groups
+        if len(self.waiting) > 1:  # arrival order, whatever the groups
+            order = {id(call): i for i, call in enumerate(pending)}
+            self.waiting = deque(sorted(self.waiting, key=lambda call: order[id(call)]))
         return joining, cancelled
 
     def gathering(self, first: Any, now: float, seconds_per_pass: float, generating: bool) -> Gathering:
