@@ -1,5 +1,6 @@
-"""Stored vectors: round trip, persistence across a restart, a crash mid-write, the byte budget, bad vectors, and
-/vectors/contrast against the mean difference computed in-process from transformers' own hidden states."""
+"""Stored vectors: round trip, persistence across a restart, a crash mid-write, durable deletes, the byte budget,
+bad vectors, and /vectors/contrast against the mean difference computed in-process from transformers' own hidden
+states."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from litestar.testing import TestClient
-from loom_interp.stores import TensorStore
+from loom_interp.stores import SUFFIX, TensorStore
 from test_batching import arrays
 from test_models import app_with
 
@@ -121,6 +122,33 @@ def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tm
         np.testing.assert_array_equal(np.asarray(got["data"], dtype=np.float32), values)
     left = {f".steady.{_HOST}.{os.getppid()}.2c3d.tmp", f".steady.otherhost.{dead.pid}.4e5f.tmp"}
     assert {p.name for p in directory.iterdir()} - {".lock"} == {*left, "steady.safetensors"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [("vectors", {"vector": [0.5] * 8}), ("probes", {"site": 2, "weight": [[0.5] * 8] * 2, "bias": [0.0, 0.0]})],
+)
+def test_a_delete_is_on_disk_before_it_is_answered(tmp_path: Path, monkeypatch, kind: str, body: dict) -> None:
+    """A deleted entry's file is gone from its directory's entries on disk (the directory fsynced after the unlink),
+    so a crash after the 200 cannot bring it back, as a write's rename is made durable before its 201."""
+    directory = tmp_path / kind
+    entry = directory / f"gone{SUFFIX}"
+    synced: list[bool] = []  # at each fsync of the directory itself: whether the entry's file was already unlinked
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.samestat(os.fstat(fd), os.stat(directory)):
+            synced.append(not entry.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with TestClient(app_with(options={f"{kind}_directory": str(directory)})) as c:
+        assert c.post(f"/{kind}", json={"name": "gone", **body}).status_code == 201
+        assert entry.exists() and synced == [False]  # the write's rename, made durable
+        r = c.delete(f"/{kind}/gone")
+        assert r.status_code == 200, r.text
+        assert synced == [False, True]
+        assert c.get(f"/{kind}/gone").status_code == 404
 
 
 @pytest.mark.parametrize(("site", "positions"), [(2, "last"), ("blocks.1.hook_mlp_out", "mean")])

@@ -1,9 +1,10 @@
 """Named groups of tensors with metadata (steering vectors, probes, sparse autoencoders), bounded by a byte budget.
 
 With a directory each tensor is one safetensors file, written under a temporary name, flushed to disk and renamed
-over the old one, so that a crash leaves the old file or the new one, never half of one; the store reads them back
-when the server first uses it. Without a directory it lives in memory only. A server (its model manager) has one
-store of vectors and one of probes, under the settings ``vectors.*`` and ``probes.*``.
+over the old one, so that a crash leaves the old file or the new one, never half of one; a write or a delete is
+answered only once the directory is flushed too, so that a crash after the answer does not undo it. The store reads
+them back when the server first uses it. Without a directory it lives in memory only. A server (its model manager)
+has one store of vectors and one of probes, under the settings ``vectors.*`` and ``probes.*``.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ class TensorStore:
             key = self.get(name, owner).name
             if self.directory is not None:
                 (self.directory / f"{key}{SUFFIX}").unlink(missing_ok=True)
+                self._sync_directory()
                 self._seen.pop(key, None)
             del self.items[key]
 
@@ -317,15 +319,20 @@ class TensorStore:
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(temporary, final)
-            directory = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            self._sync_directory()
         finally:
             temporary.unlink(missing_ok=True)
         st = os.stat(final)
         return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _sync_directory(self) -> None:
+        """The directory's own entries flushed to disk: a rename or an unlink survives a crash only once they are."""
+        assert self.directory is not None
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def _remove_leftovers(self) -> None:
         """Temporary files of this host's processes that died mid-write (their old files are intact); another
