@@ -1,12 +1,16 @@
-"""Stored vectors: round trip, persistence across a restart, a crash mid-write, durable deletes, the byte budget,
-bad vectors, and /vectors/contrast against the mean difference computed in-process from transformers' own hidden
-states."""
+"""Stored vectors: round trip, persistence across a restart, a crash mid-write, durable deletes, a full disk, the
+byte budget, bad vectors, and /vectors/contrast against the mean difference computed in-process from transformers'
+own hidden states."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -95,13 +99,15 @@ def test_vectors_persist_across_a_restart_and_a_crash_mid_write_loses_nothing(tm
         assert c.post("/vectors", json={"name": "steady", "vector": values.tolist(), "model": "m"}).status_code == 201
     assert oct(directory.stat().st_mode & 0o777) == "0o700"
 
-    import safetensors.torch
+    real_write = os.write
 
-    def crash(tensors, path, metadata=None):  # the process dies with half a file written under its temporary name
-        Path(path).write_bytes(b"half a file")
+    def crash(fd: int, data: bytes) -> int:  # the process dies with half a file written under its temporary name
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory.resolve())):
+            return real_write(fd, data)
+        real_write(fd, bytes(data[: len(data) // 2]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(os, "write", crash)
     store = TensorStore("vector", 2**20, directory)
     with pytest.raises(KeyboardInterrupt):
         store.put("steady", torch.zeros(64), {}, replace=True)
@@ -149,6 +155,67 @@ def test_a_delete_is_on_disk_before_it_is_answered(tmp_path: Path, monkeypatch, 
         assert r.status_code == 200, r.text
         assert synced == [False, True]
         assert c.get(f"/{kind}/gone").status_code == 404
+
+
+@contextlib.contextmanager
+def full_disk(directory: Path, size: int) -> Iterator[None]:
+    """A real file system of ``size`` bytes mounted on ``directory`` (tmpfs: root with CAP_SYS_ADMIN)."""
+    directory.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield
+    finally:
+        # Lazily: tensors read back from the store's files stay mapped to them while the app lives.
+        subprocess.run(["umount", "--lazy", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("fault", ["tmpfs", errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_a_507_naming_the_entry_and_the_store_is_as_it_was(
+    tmp_path: Path, monkeypatch, fault: str | int
+) -> None:
+    """Over a real tmpfs too small for the entry, and with the store's own writes failing as a full disk or a used
+    up quota makes them fail (the file system is real; only its answer to a write is made up)."""
+    directory = tmp_path / "vectors"
+    old = np.arange(16, dtype=np.float32)
+    big = [0.25] * 100_000  # 400 kB: more than the tmpfs holds
+    with contextlib.ExitStack() as stack:
+        if fault == "tmpfs":
+            stack.enter_context(full_disk(directory, 64 * 1024))
+        with TestClient(app_with(options={"vectors_directory": str(directory)})) as c:
+            assert c.post("/vectors", json={"name": "kept", "vector": old.tolist()}).status_code == 201
+            before = {p.name: p.read_bytes() for p in directory.iterdir()}
+            if fault != "tmpfs":
+                real_write = os.write
+
+                def write(fd: int, data: bytes) -> int:
+                    if os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory.resolve())):
+                        raise OSError(fault, os.strerror(int(fault)))
+                    return real_write(fd, data)
+
+                monkeypatch.setattr(os, "write", write)
+            for name, replace in (("kept", True), ("new", False)):
+                r = c.post("/vectors", json={"name": name, "vector": big, "replace": replace})
+                assert r.status_code == 507, r.text
+                assert r.headers["content-type"].startswith("application/problem+json")
+                problem = r.json()
+                assert problem["title"] == "Insufficient storage" and problem["field"] == "vector"
+                assert repr(name) in problem["detail"] and "disk" in problem["detail"], problem
+                # Nothing half-written is left, and the old entry is the old one, on disk and in the answers.
+                assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+                listed = c.get("/vectors").json()["vectors"]
+                assert [(v["name"], v["shape"]) for v in listed] == [("kept", [16])]
+                got = c.get("/vectors/kept").json()["vector"]
+                np.testing.assert_array_equal(np.asarray(got["data"], dtype=np.float32), old)
+            monkeypatch.undo()
+            assert c.post("/vectors", json={"name": "small", "vector": [1.0, 2.0]}).status_code == 201  # room again
+        with TestClient(app_with(options={"vectors_directory": str(directory)})) as c:  # what a restart reads
+            assert sorted(v["name"] for v in c.get("/vectors").json()["vectors"]) == ["kept", "small"]
 
 
 @pytest.mark.parametrize(("site", "positions"), [(2, "last"), ("blocks.1.hook_mlp_out", "mean")])

@@ -10,6 +10,7 @@ has one store of vectors and one of probes, under the settings ``vectors.*`` and
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ SUFFIX = ".safetensors"
 ENTRY_OVERHEAD = 4096
 DEFAULT_MAX_ENTRIES = 4096
 MAX_META_CHARS = 1024  # a description, a model id, a site: what an entry keeps beside its numbers (labels aside)
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a used-up quota: a 507, not a fault of the server's
 RECENT_NS = 2_000_000_000  # a directory changed this recently is looked at in full on every read
 _HOST = socket.gethostname().replace(".", "_") or "host"
 
@@ -308,16 +310,34 @@ class TensorStore:
 
     def _write(self, item: Stored) -> tuple[int, int, int]:
         """Under the directory's lock: ``item`` written under a temporary name of this process, flushed and renamed
-        over its file; (mtime_ns, size, inode) of the file."""
-        from safetensors.torch import save_file
+        over its file; (mtime_ns, size, inode) of the file. A disk without room for it is a 507, the old file kept."""
+        from safetensors.torch import save
 
         assert self.directory is not None
         final = self.directory / f"{item.name}{SUFFIX}"
         temporary = self.directory / f".{item.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        # Written here, not by safetensors' save_file, whose I/O errors arrive as text without their errno: a full
+        # disk must be told from a fault of the server's.
+        data = memoryview(save(item.tensors, metadata=item.meta))
         try:
-            save_file(item.tensors, str(temporary), metadata=item.meta)
-            with open(temporary, "rb+") as f:
-                os.fsync(f.fileno())
+            try:
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    while data:
+                        data = data[os.write(fd, data) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                if exc.errno not in NO_ROOM:
+                    raise
+                log.error("%s store: cannot write %s: %s", self.kind, final, exc)
+                raise InsufficientStorage(
+                    f"{self.kind}s: {item.shown!r} was not stored: the disk of the store's directory has no room for "
+                    f"it ({os.strerror(exc.errno)}); the store is as it was. Free space on that disk, or delete some "
+                    f"{self.kind}s",
+                    field=self.kind,
+                ) from None
             os.replace(temporary, final)
             self._sync_directory()
         finally:
