@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from serverutil import loom_server, until
+from serverutil import HANG_S, killed_mid_fit, loom_server, until
 from test_models import app_with, concurrent_client
 
 HUGE = "the cat sat on the mat " * 220_000  # 5 MB
@@ -524,6 +524,35 @@ async def test_probe_fits_are_capped_stopped_past_their_time_and_when_their_clie
         await asyncio.wait_for(_until(lambda: not worker.process.is_alive()), 60)
         assert fits.stopped == 2
         assert (await c.get("/probes")).json()["probes"] == []
+
+
+async def test_a_fit_whose_worker_dies_is_a_503_and_the_next_fits_run(tiny_models, monkeypatch):
+    import loom_interp.probes
+    from loom_interp.state import interp
+
+    path = str(tiny_models["llama"])
+    texts = ["the cat sat", "the dog sat", "one two three", "four five six"]
+    fit = {"name": "f", "model": path, "site": 2, "texts": texts, "labels": ["animal", "animal", "count", "count"]}
+    app = app_with()
+    async with concurrent_client(app) as c:
+        fits = interp(app.state.manager.kernel).fitter
+        monkeypatch.setattr(loom_interp.probes, "train", killed_mid_fit)  # sent to the worker by its name
+        r = await asyncio.wait_for(c.post("/probes/fit", json=fit), HANG_S)  # the bound only ends a hang
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["title"] == "Fit stopped" and "signal 9" in r.json()["detail"], r.text
+        assert fits.busy == [] and fits.idle == []
+        assert (await c.get("/probes")).json()["probes"] == []
+        monkeypatch.undo()
+        r = await asyncio.wait_for(c.post("/probes/fit", json=fit), HANG_S)
+        assert r.status_code == 201, r.text
+        (idle,) = fits.idle
+        idle.process.kill()  # between fits: the idle worker is gone too
+        idle.process.join()
+        r = await asyncio.wait_for(c.post("/probes/fit", json={**fit, "name": "g"}), HANG_S)
+        assert r.status_code == 201, r.text
+        assert fits.idle[0].process is not idle.process and idle.conn.closed
+        assert sorted(p["name"] for p in (await c.get("/probes")).json()["probes"]) == ["f", "g"]
 
 
 # -- red-team round 3: what a review found answering 500 or storing what it cannot use --------------------------

@@ -1,7 +1,8 @@
 """``/probes/fit``'s scikit-learn part, in worker processes of its own: a fit is one uninterruptible call into
 scikit-learn, so the only way to stop one that runs past ``probes.fit_seconds``, or whose client left, is to end
 the process it runs in. At most ``probes.max_fits`` fits run at once (the next waits); a worker is spawned on first
-use, kept for the next fit, and ended when a fit is stopped.
+use, kept for the next fit, and ended when a fit is stopped. A worker that dies (killed, or crashed) fails the fit
+it was running with a 503, and the next fit gets a fresh one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import signal
 import threading
 from typing import Any
 
@@ -24,7 +26,9 @@ MAX_FITS = Option("probes", "max_fits", 1, "fits that may run at once (the next 
 FIT_OPTIONS = [FIT_SECONDS, MAX_FITS]
 
 
-class FitTooLong(LoomError):
+class FitStopped(LoomError):
+    """A fit that did not finish: past ``probes.fit_seconds``, or its worker process died."""
+
     status = 503
     title = "Fit stopped"
 
@@ -103,14 +107,18 @@ class Fitter:
         self.busy: list[Worker] = []  # the workers fitting now
 
     async def run(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in a worker: FitTooLong past ``seconds``; a cancelled call ends its worker."""
+        """``fn(*args)`` in a worker: FitStopped past ``seconds`` or when the worker dies; a cancelled call ends its
+        worker."""
         async with self._slots:
             return await self._run(fn, *args)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         with self._lock:
             worker = self.idle.pop() if self.idle else None
-        if worker is None or not worker.process.is_alive():
+        if worker is not None and not worker.process.is_alive():  # died while idle
+            worker.end()
+            worker = None
+        if worker is None:
             spawn = asyncio.ensure_future(asyncio.to_thread(Worker))
             try:
                 worker = await asyncio.shield(spawn)
@@ -126,10 +134,18 @@ class Fitter:
             return result
         except TimeoutError:
             self._stop(worker, call)
-            raise FitTooLong(
+            raise FitStopped(
                 f"fit: took longer than this server's probes.fit_seconds of {self.seconds:g} s and was stopped; "
                 "fit on fewer texts or classes, or raise the limit",
                 field="texts",
+            ) from None
+        except (EOFError, OSError):  # its pipe closed: the worker died (TimeoutError, an OSError, is caught above)
+            worker.end()
+            ended = _ended(worker.process.exitcode)
+            log.error("a probe fit's worker process %s died: %s", worker.process.pid, ended)
+            raise FitStopped(
+                f"fit: its worker process died before the fit finished ({ended}); nothing was stored, and the next "
+                "fit runs in a new worker. Try again, or fit on fewer texts if it dies again"
             ) from None
         except asyncio.CancelledError:  # the client left, or the request ran out of time
             self._stop(worker, call)
@@ -154,3 +170,13 @@ class Fitter:
         for worker in idle:
             with contextlib.suppress(Exception):
                 worker.end()
+
+
+def _ended(code: int | None) -> str:
+    """How a worker process ended, from its exit code (negative: the signal that ended it)."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {-code}, {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
