@@ -104,7 +104,7 @@ def collect(client: Any, model: str, prompts: list[str], rows: str) -> ModelStat
 
 
 def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None  # JSON has no inf/nan; beta is inf only at rank 1
+    return x if math.isfinite(x) else None  # JSON has no nan; beta is nan below rank 2 (no slope)
 
 
 def layer_table(states: ModelStates) -> list[dict[str, Any]]:
@@ -256,7 +256,7 @@ def plot_comparison(reports: list[dict[str, Any]], path: Path) -> None:
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
-    return "inf" if x is None else f"{x:.{digits}f}"
+    return "undefined" if x is None else f"{x:.{digits}f}"
 
 
 def observations(r: dict[str, Any]) -> list[str]:

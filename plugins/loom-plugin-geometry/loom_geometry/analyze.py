@@ -3,7 +3,8 @@
 Which rows make a layer's matrix (``rows``): ``"last"`` (default) one row per text, its last token's state, as the
 original project's demo computes D_eff from one vector per prompt; ``"mean"`` one row per text, the mean over its
 tokens; ``"tokens"`` every token of every text. The metrics are those of ``loom_geometry.metrics``, in float64
-whatever the model's dtype.
+whatever the model's dtype. A layer whose rows span fewer than two directions (identical texts, or one text with a
+row per text) has no beta: a 422 naming ``texts`` and the layer, not a null.
 """
 
 from __future__ import annotations
@@ -75,7 +76,19 @@ def metrics(
             matrix = torch.stack([s.mean(dim=0) for s in per_text])
         else:
             matrix = torch.cat(per_text)
-        metrics[sel.key] = {"layer_index": sel.index, "rows": int(matrix.shape[0]), **layer_metrics(matrix)}
+        found = layer_metrics(matrix)
+        if found["rank"] < 2:  # beta is a slope through the non-zero squared singular values: one point has none
+            rank = found["rank"]
+            raise InvalidField(
+                f"texts: at layer {sel.key} the states' {int(matrix.shape[0])} rows span {rank} "
+                f"direction{'' if rank == 1 else 's'} (rank {rank}), and beta, the slope of the spectrum's decay, "
+                f'needs two; send texts whose states differ there, rows "tokens", or leave layer {sel.key} out of '
+                "hidden_state_layers",
+                field="texts",
+                allowed="texts whose rows span two directions or more at every layer asked for",
+                layer=sel.key,
+            )
+        metrics[sel.key] = {"layer_index": sel.index, "rows": int(matrix.shape[0]), **found}
     return {
         "model": data.model,
         "rows": data.rows,

@@ -9,8 +9,9 @@ or float16 tensor never reaches a linear-algebra routine that does not support i
 - ``deff_90``: the fewest directions holding 90% of sum s_i^2 (the variance form).
 - ``beta``: the power-law decay exponent of the spectrum, the slope of log(s_i^2) against log(i) by least squares
   over the non-zero values, negated: s_i^2 proportional to i^-beta gives beta. 0 for a flat (isotropic) spectrum;
-  larger means faster decay, i.e. more collapse ("lower is better", as the original README reads it); infinite
-  when a single direction holds everything. This is our definition: the original README names beta a collapse
+  larger means faster decay, i.e. more collapse ("lower is better", as the original README reads it). With fewer
+  than two non-zero values (rank 0 or 1) there is no slope: NaN, as scipy's ``linregress`` gives for one point
+  (``POST /analyze`` answers a 422 there). This is our definition: the original README names beta a collapse
   indicator without a formula.
 """
 
@@ -52,10 +53,8 @@ def deff_90(s2: np.ndarray, fraction: float = 0.9) -> int:
 
 
 def beta(s2: np.ndarray) -> float:
-    if s2.size == 0:
+    if s2.size < 2:
         return math.nan
-    if s2.size == 1:
-        return math.inf
     x = np.log(np.arange(1, s2.size + 1, dtype=np.float64))
     y = np.log(s2)
     slope = np.polyfit(x, y, 1)[0]

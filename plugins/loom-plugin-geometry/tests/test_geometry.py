@@ -1,8 +1,10 @@
-"""D_eff (entropy and 90%-variance forms), beta and norms against values worked out by hand on small matrices."""
+"""D_eff (entropy and 90%-variance forms), beta and norms against values worked out by hand on small matrices, and
+/analyze against them on transformers' own states (beta against numpy's rank and scipy's slope)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ def test_rank_one_uses_one_dimension():
     assert m["rank"] == 1
     assert m["deff_entropy"] == pytest.approx(1.0)
     assert m["deff_90"] == 1
-    assert m["beta"] == math.inf
+    assert math.isnan(m["beta"])  # one point: no slope
 
 
 def test_isotropic_uses_every_dimension():
@@ -104,6 +106,63 @@ async def test_analyze_matches_metrics_of_transformers_own_states(tiny_models, r
         assert got["rows"] == matrix.shape[0] and got["layer_index"] == index
         for name, value in want.items():
             assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def reference_beta(matrix: np.ndarray) -> float:
+    """beta as numpy and scipy compute the statistic: minus the least-squares slope of log s_i^2 on log i over the
+    matrix's non-zero singular values (numpy's rank decides which); NaN, no slope, with fewer than two."""
+    import scipy.stats  # scikit-learn's dependency (the interp plugin's), not the geometry plugin's
+
+    x = np.asarray(matrix, dtype=np.float64)
+    s = np.linalg.svd(x, compute_uv=False)[: np.linalg.matrix_rank(x)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns that one point has no slope
+        fit = scipy.stats.linregress(np.log(np.arange(1, s.size + 1)), np.log(s**2))
+    return -float(fit.slope)
+
+
+async def test_beta_where_the_states_span_one_direction_is_a_422_naming_texts(tiny_models):
+    """Identical texts, or one text with a row per text, give every layer a rank-1 matrix: one point, no slope, so
+    no beta (the reference's NaN, which JSON would carry as null); the server says so, naming texts and the layer,
+    and answers the reference's beta as soon as the states span two directions."""
+    from litestar.testing import AsyncTestClient
+    from test_models import app_with
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = str(tiny_models["llama"])
+    net = AutoModelForCausalLM.from_pretrained(model).eval()
+    tok = AutoTokenizer.from_pretrained(model)
+
+    def states(texts: list[str], index: int, rows: str) -> np.ndarray:
+        with torch.inference_mode():
+            per_text = [
+                net(**tok(t, return_tensors="pt"), output_hidden_states=True).hidden_states[index][0] for t in texts
+            ]
+        if rows == "tokens":
+            return torch.cat(per_text).double().numpy()
+        return torch.stack([s[-1] if rows == "last" else s.mean(0) for s in per_text]).double().numpy()
+
+    same = ["the cat sat on the mat"] * 3
+    layers = {"0": 0, "-1": net.config.num_hidden_layers}
+    async with AsyncTestClient(app=app_with()) as c:
+        for texts, rows in ((same, "last"), (same, "mean"), (same[:1], "last")):
+            for index in layers.values():
+                assert np.linalg.matrix_rank(states(texts, index, rows)) == 1
+                assert math.isnan(reference_beta(states(texts, index, rows)))
+            body = {"model": model, "texts": texts, "hidden_state_layers": [0, -1], "rows": rows}
+            r = await c.post("/analyze", json=body)
+            assert r.status_code == 422, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+            problem = r.json()
+            assert problem["field"] == "texts" and problem["layer"] == "0", problem
+            assert "beta" in problem["detail"] and "rank 1" in problem["detail"], problem
+        for texts, rows in ((same[:1], "tokens"), ([*same, "one two three"], "last")):
+            body = {"model": model, "texts": texts, "hidden_state_layers": [0, -1], "rows": rows}
+            r = await c.post("/analyze", json=body)
+            assert r.status_code == 200, r.text
+            for key, index in layers.items():
+                want = reference_beta(states(texts, index, rows))
+                assert math.isfinite(want) and r.json()["layers"][key]["beta"] == pytest.approx(want, rel=1e-4)
 
 
 async def test_analyze_in_bfloat16_and_bad_fields(tiny_models):
