@@ -99,6 +99,48 @@ def test_a_web_page_cannot_make_the_server_run_code(payload, tmp_path):
         assert not marker.exists()
 
 
+def test_a_web_page_cannot_make_the_server_work_with_a_read(tiny_models, tmp_path):
+    """A GET does work too (``/loaders/probe`` reads the disk, and may ask the hub): a page of another site may not
+    send one, whether the browser says its ``Origin`` (a CORS fetch) or only ``Sec-Fetch-Site`` (an image, a
+    script, a frame, a no-cors fetch: no ``Origin`` at all). The headers are those Chromium sends for each
+    (test_viewer.py sends them from a real browser); the server's own pages, what the user opens and clients that
+    are not browsers are let in."""
+    probe = f"/loaders/probe/{tiny_models['llama']}"
+
+    def browser(site: str, mode: str, dest: str, origin: str | None = None) -> dict[str, str]:
+        sent = {"Sec-Fetch-Site": site, "Sec-Fetch-Mode": mode, "Sec-Fetch-Dest": dest}
+        return sent if origin is None else {**sent, "Origin": origin}
+
+    with loom_server([], tmp_path) as (base, _log, _proc):
+        port = urlparse(base).port
+        own = {"Host": f"127.0.0.1:{port}"}
+        refused = {
+            "fetch() from another site": (browser("cross-site", "cors", "empty", "http://evil.example"), "origin"),
+            "fetch() from a sandboxed frame": (browser("cross-site", "cors", "empty", "null"), "origin"),
+            "<img>": (browser("cross-site", "no-cors", "image"), "sec-fetch-site"),
+            "<script>": (browser("cross-site", "no-cors", "script"), "sec-fetch-site"),
+            "fetch(no-cors)": (browser("cross-site", "no-cors", "empty"), "sec-fetch-site"),
+            "<iframe>": (browser("cross-site", "navigate", "iframe"), "sec-fetch-site"),
+            "<img> of another port of this host": (browser("same-site", "no-cors", "image"), "sec-fetch-site"),
+        }
+        for name, (headers, field) in refused.items():
+            for method in ("GET", "HEAD", "OPTIONS"):
+                status, problem = send(base, method, probe, headers={**own, **headers})
+                assert status == 403, (name, method, problem)
+                if method != "HEAD":
+                    assert problem["field"] == field and problem["request_id"], (name, problem)
+        let_in = {
+            "curl": {},
+            "the viewer's fetch()": browser("same-origin", "cors", "empty"),
+            "the viewer's fetch(), with its Origin": browser("same-origin", "cors", "empty", base),
+            "a URL the user types": browser("none", "navigate", "document"),
+            "a link the user follows": browser("cross-site", "navigate", "document"),
+        }
+        for name, headers in let_in.items():
+            status, report = send(base, "GET", probe, headers={**own, **headers})
+            assert status == 200 and report["selected"] == "transformers", (name, report)
+
+
 def test_what_the_server_lets_in(payload, tiny_models, tmp_path):
     """Same-origin pages, the configured origins and host names, and requests that may ask for remote code when
     the operator says so: then the payload does run (so the refusals above refused something real)."""
@@ -118,6 +160,9 @@ def test_what_the_server_lets_in(payload, tiny_models, tmp_path):
         ):
             status, body = send(base, "POST", "/extract", extract, {**headers, **json_type})
             assert status == 200 and body["token_count"] > 0, (headers, body)
+        from_notebook = {"Origin": "http://notebook.lab:8888", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
+        status, body = send(base, "GET", "/models", headers={"Host": f"127.0.0.1:{port}", **from_notebook})
+        assert status == 200 and body["loaded_models"], body
         status, problem = send(base, "GET", "/models", headers={"Host": f"other.lab:{port}"})
         assert status == 403 and problem["allowed"] == sorted(["gpu-box.lab", "localhost", "127.0.0.1", "::1"])
         headers = {"Host": f"127.0.0.1:{port}", "Origin": "http://evil.example", **json_type}

@@ -6,8 +6,12 @@ cross-origin requests (a POST with a ``text/plain`` body, no preflight) and, by 
 
 - a ``Host`` that is not one of the server's own names (loopback names, the address the connection came in on, the
   configured ``host``, ``server.allowed_hosts``): a rebound name is the attacker's, never ours (403, field ``host``);
-- on a state-changing request (POST, PUT, PATCH, DELETE), a browser ``Origin`` that is neither the server's own
-  origin nor one of ``server.cors_origins`` (403, field ``origin``);
+- whatever the method, a browser ``Origin`` that is neither the server's own origin nor one of
+  ``server.cors_origins`` (403, field ``origin``): a GET does work too (``/loaders/probe`` reads the disk and may
+  ask the hub), and a page need not read an answer to make the server do it;
+- without an ``Origin``, a request the browser marks as sent by another site's page (``Sec-Fetch-Site:
+  cross-site`` or ``same-site``), unless it opens a page in the user's window (403, field ``sec-fetch-site``): an
+  image, a script, a frame or a ``no-cors`` fetch sends no ``Origin`` on a GET;
 - a body that is not ``application/json`` (or a safetensors file's type, for ``POST /probes/{name}``): types a
   cross-origin page cannot send without a preflight that CORS then refuses (415, field ``content-type``).
 
@@ -35,10 +39,11 @@ from loom_kernel.api.problems import begin_request, error_response, with_request
 from loom_kernel.errors import Forbidden, LoomError
 
 OPEN_PATHS = frozenset({"/health"})
-STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # None of them is a CORS "simple" type (text/plain, a form): a page must ask first, and CORS refuses it.
 BODY_TYPES = frozenset({b"application/json", b"application/vnd.loom.safetensors", b"application/octet-stream"})
+# Fetch Metadata: the browser's word on whose page sent a request, on every request to a loopback or https address.
+OTHER_SITES = frozenset({b"cross-site", b"same-site"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 
@@ -64,6 +69,7 @@ class Guard:
 
     def refusal(self, scope: Scope) -> LoomError | None:
         host = origin = content_type = None
+        fetch: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value.decode("latin-1")
@@ -71,6 +77,8 @@ class Guard:
                 origin = value.decode("latin-1")
             elif name == b"content-type":
                 content_type = value
+            elif name.startswith(b"sec-fetch-"):
+                fetch[name] = value.lower()
         server = scope.get("server")
         over_socket = server is not None and server[1] is None  # a Unix socket: (path, None)
         if host is not None and not over_socket and not self._own_host(host, server):
@@ -81,12 +89,23 @@ class Guard:
                 allowed=sorted(self.hosts),
             )
         method = scope["method"]
-        if origin is not None and method in STATE_CHANGING and not self._own_origin(origin, host):
+        if origin is not None and not self._own_origin(origin, host):
             return Forbidden(
-                f"origin: requests from {origin!r} may not change anything here; allow the page's origin with "
+                f"origin: requests from {origin!r} are not accepted here; allow the page's origin with "
                 "server.cors_origins (LOOM_CORS_ORIGINS)",
                 field="origin",
                 allowed=sorted(self.origins),
+            )
+        site = fetch.get(b"sec-fetch-site", b"")
+        # A page of server.cors_origins sends its Origin (CORS mode), checked above. A page opened in the user's own
+        # window (a link to /viewer followed from elsewhere) is in plain sight, and the user's to open.
+        opens_a_page = fetch.get(b"sec-fetch-mode") == b"navigate" and fetch.get(b"sec-fetch-dest") == b"document"
+        if origin is None and site in OTHER_SITES and not (opens_a_page and method in ("GET", "HEAD")):
+            return Forbidden(
+                f"sec-fetch-site: {site.decode('latin-1')!r}: the browser says another site's page sent this "
+                "request; a page allowed by server.cors_origins sends its requests with fetch() in CORS mode",
+                field="sec-fetch-site",
+                allowed=["none", "same-origin"],
             )
         if method in WITH_BODY:
             media = (content_type or b"").split(b";")[0].strip().lower()

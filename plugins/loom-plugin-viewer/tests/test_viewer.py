@@ -371,3 +371,79 @@ def test_api_key_is_asked_once(browser: Any, tmp_path: Path) -> None:
         assert browser.find_element("id", "key-dialog").get_attribute("open") is None
         assert console_errors(browser) == []
         browser.execute_script("sessionStorage.clear()")
+
+
+@pytest.fixture
+def other_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Another site's page: a directory served on ``localhost`` (a site other than 127.0.0.1) on a port of its own."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}", tmp_path
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def answers(browser: Any, prefix: str, seen: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What the browser sent to and got from URLs that start with ``prefix``, by the URL's ``via`` query value: the
+    request's ``origin`` and ``sec-fetch-*`` headers (``sent``) and the answer's ``status``. ``seen`` keeps what
+    earlier looks read, by DevTools' request id (whose events may come in any order)."""
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        method, params = message["method"], message["params"]
+        request = seen.setdefault(params.get("requestId", ""), {})
+        if method == "Network.requestWillBeSent":
+            request["url"] = params["request"]["url"]
+        elif method == "Network.requestWillBeSentExtraInfo":
+            headers = {k.lower(): v for k, v in params["headers"].items()}
+            request["sent"] = {k: v for k, v in headers.items() if k == "origin" or k.startswith("sec-fetch-")}
+        elif method == "Network.responseReceivedExtraInfo":
+            request["status"] = params["statusCode"]
+    return {
+        parse_qs(urlsplit(r["url"]).query)["via"][0]: r for r in seen.values() if r.get("url", "").startswith(prefix)
+    }
+
+
+def test_another_sites_page_cannot_make_the_server_work(
+    browser: Any, base: str, model: str, other_site: tuple[str, Path]
+) -> None:
+    """A page of another site asks the server for a loader probe (a GET that reads the disk) in every way a page
+    can without the user: each is refused before the server does anything, whether the browser sent an ``Origin``
+    or only its ``Sec-Fetch-Site``. A link to the viewer that the user follows from that page opens it."""
+    site, root = other_site
+    target = f"{base}/loaders/probe/{model}"
+    (root / "index.html").write_text(
+        "<!doctype html><title>elsewhere</title>"
+        f'<img src="{target}?via=img"><script src="{target}?via=script"></script>'
+        f'<iframe src="{target}?via=iframe"></iframe>'
+        f'<script>fetch("{target}?via=fetch").catch(() => {{}});'
+        f'fetch("{target}?via=no-cors", {{mode: "no-cors"}}).catch(() => {{}});</script>'
+        f'<a id="viewer" href="{base}/viewer">the viewer</a>'
+    )
+    vias = {"img", "script", "iframe", "fetch", "no-cors"}
+    seen: dict[str, dict[str, Any]] = {}
+    browser.get_log("performance")  # empty the log of what came before
+    browser.get(f"{site}/index.html")
+
+    def answered(driver: Any) -> dict[str, dict[str, Any]] | None:
+        got = answers(driver, target, seen)
+        return got if all({"sent", "status"} <= got.get(via, {}).keys() for via in vias) else None
+
+    done = wait_for(browser, answered)
+    assert {via: done[via]["status"] for via in vias} == dict.fromkeys(vias, 403)
+    # only the CORS fetch says its Origin: the Sec-Fetch-Site rule is what refuses the others
+    assert {via for via in vias if "origin" in done[via]["sent"]} == {"fetch"}
+    assert {done[via]["sent"]["sec-fetch-site"] for via in vias} == {"cross-site"}
+    console_errors(browser)
+    browser.find_element("id", "viewer").click()
+    wait_for(
+        browser, lambda d: d.current_url == f"{base}/viewer" and d.execute_script("return document.body.dataset.models")
+    )
+    assert console_errors(browser) == []
