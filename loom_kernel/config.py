@@ -179,6 +179,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if name == "transports" and "both" in value:
                 value = [v for v in value if v != "both"] + ["http", "unix"]
+            # An operator who sets a key means to require one: an empty one (`LOOM_API_KEY=$KEY` with $KEY unset, a
+            # key left blank) would serve every request without a key, or let in one that sends an empty key.
+            if name == "api_key" and (not value or any(not str(v).strip() for v in value)):
+                raise ConfigError(
+                    f"{source}: the API key is empty; set the key (several: a list, or comma-separated), or leave "
+                    "api_key unset (null) to serve without one",
+                    field=name,
+                )
             return [int(v) for v in value] if name == "default_layers" else [str(v) for v in value]
         if kind.startswith("dict"):
             return {str(k): str(v) for k, v in dict(value).items()}
@@ -272,7 +280,7 @@ def load_settings(
         values.update(read_config_file(Path(path), options))
         values["config_file"] = str(path)
     for var, attr in ENV_KEYS.items():
-        if env.get(var) not in (None, ""):
+        if env.get(var) not in (None, "") or (var in env and attr == "api_key"):  # an empty key: refused
             values[attr] = _coerce(attr, env[var], var)
     for option in options:
         if env.get(var := f"LOOM_{option.name.upper()}") not in (None, ""):

@@ -19,9 +19,9 @@ from loom_kernel.plugins import create_plugin_manager
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loom(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def loom(*args: str, home: Path, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
-    env.update(HOME=str(home), HF_HUB_OFFLINE="1")
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1", **extra)
     return subprocess.run(
         [sys.executable, "-m", "loom_kernel", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -139,6 +139,16 @@ def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:
 def test_bad_config_file_exits_2(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("server:\n  prot: 1\n")
     assert_one_line_error(loom("serve", "--config", str(tmp_path / "bad.yaml"), home=tmp_path), "server.prot")
+
+
+def test_serve_refuses_an_empty_api_key(tmp_path: Path) -> None:
+    """An operator who names a key means to require one: an empty one stops the server before it listens, naming
+    where it was set, rather than serving every request without a key."""
+    result = loom("serve", "--port", "0", home=tmp_path, LOOM_API_KEY="")
+    assert_one_line_error(result, "LOOM_API_KEY", "empty")
+    (tmp_path / "keyless.yaml").write_text('server:\n  api_key: ""\n')
+    result = loom("serve", "--port", "0", "--config", str(tmp_path / "keyless.yaml"), home=tmp_path)
+    assert_one_line_error(result, "server.api_key", "empty")
 
 
 def test_serve_is_the_default_command() -> None:

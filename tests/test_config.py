@@ -102,6 +102,27 @@ def test_unknown_section_is_an_error_naming_it(tmp_path: Path) -> None:
         load_settings(config=write(tmp_path, {"severs": {"port": 1}}), env={})
 
 
+@pytest.mark.parametrize("value", ["", "  ", ",", [], [""], ["k1", ""], ["k1", " "]])
+def test_an_empty_api_key_in_the_file_is_an_error_naming_it(tmp_path: Path, value: object) -> None:
+    config = write(tmp_path, {"server": {"api_key": value}})
+    with pytest.raises(ConfigError, match=r"server\.api_key: .*empty") as exc:
+        load_settings(config=config, env={})
+    assert exc.value.field == "api_key"
+
+
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_an_empty_api_key_variable_is_an_error_naming_it(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"LOOM_API_KEY: .*empty") as exc:
+        load_settings(env={"LOOM_API_KEY": value})
+    assert exc.value.field == "api_key"
+
+
+def test_no_api_key_is_null_or_nothing(tmp_path: Path) -> None:
+    assert load_settings(env={}).api_key is None
+    assert load_settings(config=write(tmp_path, {"server": {"api_key": None}}), env={}).api_key is None
+    assert load_settings(env={"LOOM_API_KEY": "k1,,k2,"}).api_key == ["k1", "k2"]  # a stray comma names no key
+
+
 def test_bad_value_and_missing_file_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server\.port"):
         load_settings(config=write(tmp_path, {"server": {"port": "eighty"}}), env={})
