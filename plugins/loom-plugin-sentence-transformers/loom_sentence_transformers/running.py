@@ -8,8 +8,9 @@ Contract of ``run_batch`` (one ``SequenceOutput`` per input row):
 - ``states[key]`` holds the row's own tokens only (either padding side), rows selected as ``capture.positions``
   asks ("last" keeps the last real token, anything else every token), in the index space of transformers'
   ``output_hidden_states``: 0 the embedding output, N the last block's output.
-- Inputs go through the model's own preprocessing (its default prompt, special tokens, and its ``max_seq_length``,
-  which is ``LoadedModel.max_context``); a row longer than that is InvalidField unless ``batch.truncate``.
+- Inputs go through the model's own preprocessing (its default prompt, special tokens, a chat template where the
+  tokenizer has one, and its ``max_seq_length``, which is ``LoadedModel.max_context``); a row whose preprocessed
+  tokens are more than that is InvalidField unless ``batch.truncate``.
 """
 
 from __future__ import annotations
@@ -153,8 +154,11 @@ def _features(model: LoadedModel, batch: Batch) -> tuple[dict[str, Any], list[bo
         lengths = features["attention_mask"].sum(1).tolist()
         truncated = [False] * len(texts)
         for i, n in enumerate(lengths):
-            if limit and n >= limit:  # at the limit: only the untruncated count says whether it was cut
-                full = len(tok((prompt or "") + texts[i], verbose=False)["input_ids"])
+            if limit and n >= limit:  # at the limit: only the uncut count says whether it was cut
+                # Counted by the same preprocessing, uncut: a chat template may wrap the text (and make the prompt a
+                # system message), so the tokenizer on prompt + text counts less than the model reads.
+                uncut = {"text": {"truncation": False, "verbose": False}}
+                full = int(st.preprocess([texts[i]], prompt=prompt, processing_kwargs=uncut)["input_ids"].shape[-1])
                 truncated[i] = full > limit
                 if truncated[i] and not batch.truncate:
                     raise _too_long("text", full, limit, i, len(texts))

@@ -79,6 +79,8 @@ def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
     - "dense": modules.json with Transformer -> Pooling(cls) -> Dense(64 -> 32) -> Normalize
     - "config_only": the BERT directory plus config_sentence_transformers.json, no modules.json
     - "causal": the tiny GPT-2 -> Pooling(mean), right padding (a model whose rows cannot be packed)
+    - "templated": the tiny Llama, whose tokenizer has a chat template (so sentence-transformers renders every text
+      through it), max_seq_length 32 -> Pooling(lasttoken), with a default prompt
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
@@ -95,7 +97,14 @@ def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
     causal = Transformer(str(tiny_models["gpt2"]))
     causal.tokenizer.padding_side = "right"
     SentenceTransformer(modules=[causal, Pooling(64, pooling_mode="mean")], device="cpu").save(str(root / "causal"))
-    return {"dense": root / "dense", "config_only": root / "config_only", "causal": root / "causal"}
+    templated = Transformer(str(tiny_models["llama"]), max_seq_length=32)
+    SentenceTransformer(
+        modules=[templated, Pooling(64, pooling_mode="lasttoken")],
+        prompts={"query": "query: "},
+        default_prompt_name="query",
+        device="cpu",
+    ).save(str(root / "templated"))
+    return {name: root / name for name in ("dense", "config_only", "causal", "templated")}
 
 
 # --- registration and probe -----------------------------------------------------------------------------------
@@ -211,6 +220,36 @@ def test_too_long_is_invalid_unless_truncated(hooks, minilm, reference):
     rows = run(hooks, minilm, ["short", LONG], truncate=True)
     assert [r.truncated for r in rows] == [False, True] and len(rows[1].token_ids) == 256
     assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), reference.encode(["short", LONG]))
+
+
+def test_a_row_is_cut_where_the_models_own_preprocessing_cuts_it(hooks, tiny_pipelines):
+    """A chat template wraps each text, and the default prompt becomes a system message: the model reads more than
+    the prompt and the text. Whether a row was cut (and, without ``truncate``, refused) is what
+    ``SentenceTransformer`` itself does: the reference is the same model with no length limit."""
+    from sentence_transformers import SentenceTransformer
+
+    path = str(tiny_pipelines["templated"])
+    model = hooks.load(model=resolve_model(path), loader="sentence_transformers", options=LoadOptions(), kernel=None)
+    reference = SentenceTransformer(path, device="cpu")
+    unlimited = SentenceTransformer(path, device="cpu")
+    unlimited.max_seq_length = 10_000
+    prompt = reference.prompts["query"]
+    texts = ["hi", "the cat sat on the mat"]
+    limit = model.max_context
+    whole = [len(unlimited.preprocess([t], prompt=prompt)["input_ids"][0]) for t in texts]
+    assert limit == 32 and whole[0] <= limit < whole[1]
+    assert len(reference.tokenizer(prompt + texts[1])["input_ids"]) <= limit  # the prompt and the text alone fit
+
+    rows = run(hooks, model, texts, truncate=True)
+    assert [r.token_ids for r in rows] == [
+        reference.preprocess([t], prompt=prompt)["input_ids"][0].tolist() for t in texts
+    ]
+    assert [r.truncated for r in rows] == [False, True]
+    assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), reference.encode(texts))
+    with pytest.raises(InvalidField) as err:
+        run(hooks, model, texts)
+    assert err.value.field == "text" and err.value.extra == {"row": 1}
+    assert f"{whole[1]} tokens exceed the model's limit of {limit}" in err.value.detail
 
 
 def test_token_ids_and_no_special_tokens(hooks, minilm, reference):
