@@ -74,7 +74,9 @@ case "$cmd" in
   test)
     install
     browsers
-    exec "$venv/bin/python" -m pytest "$@"
+    # Two workers, each given whole files (their module fixtures and their order stay as they are): most tests wait
+    # on a real server, so two keep two cores busy. LOOM_TEST_WORKERS=0 runs in this process alone.
+    exec "$venv/bin/python" -m pytest -n "${LOOM_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   install)
     install

@@ -1,13 +1,15 @@
 """The third-party plugin template (demo/loom-plugin-example), installed for real with pip and served.
 
-The package is installed non-editable from a copy (so its build leaves nothing in the checkout) and uninstalled
-in ``finally``, so the suite passes on a clean clone where it never was installed and leaves none behind. The
+The package is installed by pip, non-editable, from a copy (so its build leaves nothing in the checkout) into a
+directory of the test's own that only the servers started here have on their path: the suite's environment never
+has it, so no other test (nor one running beside it in another worker) sees the plugin, and nothing is left behind. The
 reference states come from running the toy network by hand on the saved weights, not from the plugin's code.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -101,71 +103,73 @@ def check_the_causal_toy(base: str, model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_example_plugin_installed_served_and_uninstalled(tmp_path: Path) -> None:
+def test_example_plugin_installed_served_and_absent_without_it(tmp_path: Path) -> None:
     model = tmp_path / "toy-model"
-    try:
-        src = tmp_path / "src"
-        shutil.copytree(DEMO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-        done = pip("install", "--no-deps", "--quiet", str(src))
-        assert done.returncode == 0, done.stderr
-        # A fresh interpreter imports the package from site-packages, as a user of the template would.
-        causal = tmp_path / "causal-toy"
-        make = "import sys, loom_example; loom_example.make_toy_model(sys.argv[1], seed=7)"
-        make += "; loom_example.make_toy_model(sys.argv[2], seed=8, causal=True)"
-        made = subprocess.run(
-            [sys.executable, "-c", make, model, causal], capture_output=True, text=True, cwd=tmp_path, timeout=HANG_S
-        )
-        assert made.returncode == 0, made.stderr
-        (tmp_path / "on").mkdir()
-        with loom_server([], tmp_path / "on") as (base, _, _):
-            loaders = httpx.get(f"{base}/loaders", timeout=10).json()["loaders"]
-            assert {"name": "example", "package": DIST, "version": "0.1.0"} in loaders
-            plugins = {row["name"]: row for row in httpx.get(f"{base}/plugins", timeout=10).json()["plugins"]}
-            assert plugins["example"]["pooling_strategies"] == ["first_last_mean"]
+    src, site = tmp_path / "src", tmp_path / "site"
+    shutil.copytree(DEMO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    done = pip("install", "--no-deps", "--quiet", "--target", str(site), str(src))
+    assert done.returncode == 0, done.stderr
+    installed = {"PYTHONPATH": str(site)}
+    # A fresh interpreter imports the package from where pip put it, as a user of the template would.
+    causal = tmp_path / "causal-toy"
+    make = "import sys, loom_example; loom_example.make_toy_model(sys.argv[1], seed=7)"
+    make += "; loom_example.make_toy_model(sys.argv[2], seed=8, causal=True)"
+    made = subprocess.run(
+        [sys.executable, "-c", make, model, causal],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=HANG_S,
+        env={**os.environ, **installed},
+    )
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "on").mkdir()
+    with loom_server([], tmp_path / "on", **installed) as (base, _, _):
+        loaders = httpx.get(f"{base}/loaders", timeout=10).json()["loaders"]
+        assert {"name": "example", "package": DIST, "version": "0.1.0"} in loaders
+        plugins = {row["name"]: row for row in httpx.get(f"{base}/plugins", timeout=10).json()["plugins"]}
+        assert plugins["example"]["pooling_strategies"] == ["first_last_mean"]
 
-            report = httpx.get(f"{base}/loaders/probe/{model}", timeout=10).json()  # "//tmp/...": absolute path
-            assert report["selected"] == "example"
-            assert report["ranking"][0]["loader"] == "example" and report["ranking"][0]["score"] == 1.0
-            assert all(r["score"] < 1.0 for r in report["ranking"][1:])
+        report = httpx.get(f"{base}/loaders/probe/{model}", timeout=10).json()  # "//tmp/...": absolute path
+        assert report["selected"] == "example"
+        assert report["ranking"][0]["loader"] == "example" and report["ranking"][0]["score"] == 1.0
+        assert all(r["score"] < 1.0 for r in report["ranking"][1:])
 
-            ids = [BOS, *TEXT.encode("utf-8")]
-            want = hand_states(model, ids)
-            n = len(want) - 1
-            body = {"model": str(model), "text": TEXT, "hidden_state_layers": "all", "positions": "all"}
-            r = httpx.post(f"{base}/extract", json=body, timeout=HANG_S)
-            assert r.status_code == 200, r.text
-            out = r.json()
-            assert out["metadata"]["loader"] == "example" and out["token_ids"] == ids
-            assert out["tokens"][:3] == ["<bos>", "T", "o"]
-            assert sorted(out["sequence_hidden_states"], key=int) == [str(k) for k in range(-n, 0)]
-            for k in range(-n, 0):
-                close(out["sequence_hidden_states"][str(k)]["data"], want[n + 1 + k])
-                close(out["hidden_states"][str(k)]["data"], want[n + 1 + k][-1:])
+        ids = [BOS, *TEXT.encode("utf-8")]
+        want = hand_states(model, ids)
+        n = len(want) - 1
+        body = {"model": str(model), "text": TEXT, "hidden_state_layers": "all", "positions": "all"}
+        r = httpx.post(f"{base}/extract", json=body, timeout=HANG_S)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["metadata"]["loader"] == "example" and out["token_ids"] == ids
+        assert out["tokens"][:3] == ["<bos>", "T", "o"]
+        assert sorted(out["sequence_hidden_states"], key=int) == [str(k) for k in range(-n, 0)]
+        for k in range(-n, 0):
+            close(out["sequence_hidden_states"][str(k)]["data"], want[n + 1 + k])
+            close(out["hidden_states"][str(k)]["data"], want[n + 1 + k][-1:])
 
-            # Index 0 (the embedding output) and explicit positions, sliced by the kernel from the plugin's rows.
-            body = {"model": str(model), "text": TEXT, "hidden_state_layers": [0, 2], "positions": [0, -1]}
-            out = httpx.post(f"{base}/extract", json=body, timeout=HANG_S).json()
-            for k in (0, 2):
-                close(out["sequence_hidden_states"][str(k)]["data"], want[k][[0, -1]])
+        # Index 0 (the embedding output) and explicit positions, sliced by the kernel from the plugin's rows.
+        body = {"model": str(model), "text": TEXT, "hidden_state_layers": [0, 2], "positions": [0, -1]}
+        out = httpx.post(f"{base}/extract", json=body, timeout=HANG_S).json()
+        for k in (0, 2):
+            close(out["sequence_hidden_states"][str(k)]["data"], want[k][[0, -1]])
 
-            r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "first_last_mean"})
-            assert r.status_code == 200, r.text
-            assert r.json()["pooling"] == "first_last_mean"
-            close(r.json()["embedding"], (want[n][0] + want[n][-1]) / 2)
+        r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "first_last_mean"})
+        assert r.status_code == 200, r.text
+        assert r.json()["pooling"] == "first_last_mean"
+        close(r.json()["embedding"], (want[n][0] + want[n][-1]) / 2)
 
-            r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "no_such_pooling"})
-            assert r.status_code == 422 and "first_last_mean" in r.json()["allowed"]
+        r = httpx.post(f"{base}/embed", json={"model": str(model), "text": TEXT, "pooling": "no_such_pooling"})
+        assert r.status_code == 422 and "first_last_mean" in r.json()["allowed"]
 
-            # The kernel's runner says when it cut a text to the context, and an id past the toy's byte vocabulary
-            # (which neither its config nor its tokenizer states) is the client's 4xx naming the row, not a 500.
-            r = httpx.post(f"{base}/embed", json={"model": str(model), "text": "x" * 300}, timeout=HANG_S)
-            assert r.status_code == 200 and r.json()["truncated"] and r.json()["token_count"] == 256, r.text
-            r = httpx.post(f"{base}/v1/embeddings", json={"model": str(model), "input": [[1, 2], [5, 300]]})
-            assert r.status_code == 400 and r.json()["row"] == 1, r.text
-            check_the_causal_toy(base, causal)
-    finally:
-        pip("uninstall", "-y", DIST)
-    assert pip("show", DIST).returncode != 0
+        # The kernel's runner says when it cut a text to the context, and an id past the toy's byte vocabulary
+        # (which neither its config nor its tokenizer states) is the client's 4xx naming the row, not a 500.
+        r = httpx.post(f"{base}/embed", json={"model": str(model), "text": "x" * 300}, timeout=HANG_S)
+        assert r.status_code == 200 and r.json()["truncated"] and r.json()["token_count"] == 256, r.text
+        r = httpx.post(f"{base}/v1/embeddings", json={"model": str(model), "input": [[1, 2], [5, 300]]})
+        assert r.status_code == 400 and r.json()["row"] == 1, r.text
+        check_the_causal_toy(base, causal)
 
     (tmp_path / "off").mkdir()
     with loom_server([], tmp_path / "off") as (base, _, _):
