@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from litestar.testing import AsyncTestClient
+from loom_bitsandbytes import bnb_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loom_kernel import LoadOptions
 from loom_kernel.api import create_app
 from loom_kernel.config import Settings
 from loom_kernel.plugins import create_plugin_manager
@@ -111,6 +113,29 @@ async def test_lazy_generate_8bit_serves_states(client, tiny_models) -> None:
     assert cosines(got, fp32_last_layer(path, final)).min() > MIN_COSINE["8bit"]
     (row,) = (await client.get("/models")).json()["loaded_models"]
     assert row["quantization"] == "8bit"
+
+
+async def test_a_checkpoint_saved_quantized_refuses_another_quantization(client, tiny_models, tmp_path) -> None:
+    """A checkpoint whose config.json has a quantization_config loads as that says: under an 8bit request
+    transformers keeps a saved 4-bit checkpoint 4-bit, so serving it as "8bit" would report what it is not."""
+    saved = tmp_path / "llama-4bit"
+    options = LoadOptions(device="cpu", dtype="float32")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(tiny_models["llama"]), quantization_config=bnb_config("4bit", options), device_map="cpu"
+    )
+    quantized.save_pretrained(saved)
+    AutoTokenizer.from_pretrained(str(tiny_models["llama"])).save_pretrained(saved)
+    again = AutoModelForCausalLM.from_pretrained(
+        str(saved), quantization_config=bnb_config("8bit", options), device_map="cpu"
+    )
+    assert type(again.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # transformers' own answer
+    r = await client.post("/models/load", json={"model": str(saved), "quantization": "8bit"})
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["field"] == "quantization" and "already quantized" in problem["detail"], problem
+    assert (await client.get("/models")).json()["loaded_models"] == []
+    r = await client.post("/extract", json={"model": str(saved), "text": TEXT})  # as saved, it serves
+    assert r.status_code == 200, r.text
 
 
 async def test_without_the_plugin_4bit_is_424(tiny_models) -> None:

@@ -236,6 +236,20 @@ async def test_forcing_gptq_on_a_plain_model_is_422(client: AsyncTestClient, che
     assert r.json()["field"] == "loader" and "transformers loader" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+async def test_quantizing_it_again_is_422_whichever_loader(
+    client: AsyncTestClient, checkpoints: dict[str, Path], method: str
+) -> None:
+    """Its own quantization_config decides: bitsandbytes on top is refused by name through the gptq loader and
+    through the transformers loader named explicitly (where transformers' own ValueError was a 500)."""
+    path = str(checkpoints[method])
+    for loader in ("gptq", "transformers"):
+        r = await client.post("/extract", json={"model": path, "text": "hi", "loader": loader, "quantization": "4bit"})
+        assert r.status_code == 422, (loader, r.text)
+        assert r.json()["field"] == "quantization" and "already quantized" in r.json()["detail"], (loader, r.text)
+    assert (await client.get("/models")).json()["loaded_models"] == []
+
+
 async def test_missing_backend_is_424(
     client: AsyncTestClient, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,7 @@ from loom_kernel import (
     LoomError,
     ModelRef,
     ProbeResult,
+    Unsupported,
     count_layers,
     load_error,
     module_bytes,
@@ -104,6 +105,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
                 ) from None
             raise
         refuse_kind(ref, config)
+        refuse_requantizing(ref, config, options)
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         model, info = auto.from_pretrained(target, output_loading_info=True, **kwargs)
@@ -222,6 +224,26 @@ def refuse_kind(ref: ModelRef, config: Any) -> None:
     else:
         return
     raise BadModel(f"model: {ref.id!r} (model_type {kind!r}) {why}", field="model", model_type=kind)
+
+
+def refuse_requantizing(ref: ModelRef, config: Any, options: LoadOptions) -> None:
+    """A 422 naming ``quantization`` when a request asks to quantize a checkpoint that is quantized already: its
+    config's quantization_config decides how it loads. transformers either refuses a second method (a ValueError,
+    which would be a 500) or keeps the checkpoint's own (a saved 4-bit model stays 4-bit under an 8bit request), and
+    the model would then be listed with a quantization it does not have."""
+    if options.quantization_plan is None:
+        return
+    saved = getattr(config, "quantization_config", None)
+    if saved is None:
+        return
+    saved = saved.to_dict() if hasattr(saved, "to_dict") else saved
+    method = saved.get("quant_method") if isinstance(saved, dict) else None
+    raise Unsupported(
+        f"quantization: {ref.id!r} is already quantized ({method or 'its config.json has a quantization_config'}), "
+        f"and loads as its checkpoint says; leave quantization unset instead of {options.quantization!r}",
+        field="quantization",
+        allowed=[None],
+    )
 
 
 # What a directory needs for transformers to build a real tokenizer (any one of these).
