@@ -74,6 +74,18 @@ def adapt(manifest: Manifest, tokenizer: Any) -> Any:
             f"the factory's tokenizer ({type(tokenizer).__name__}) needs __call__(text, add_special_tokens=...) "
             "returning input_ids, and decode(ids)",
         )
+    # Called once here as every request will call it: a tokenizer off the interface is the manifest's fault, named
+    # at load (422), not a 500 on each request to a model that loaded.
+    try:
+        ids = [int(i) for i in tokenizer("a", add_special_tokens=False)["input_ids"]]
+        tokenizer.decode(ids)
+    except Exception as exc:  # TypeError (no such argument), KeyError/IndexError (no input_ids), ...
+        raise manifest.error(
+            "tokenizer",
+            f"the factory's tokenizer ({type(tokenizer).__name__}) does not follow the interface "
+            f"__call__(text, add_special_tokens=...) returning input_ids, and decode(ids): {type(exc).__name__}: "
+            f"{exc}",
+        ) from exc
     return tokenizer
 
 

@@ -449,6 +449,53 @@ async def test_generation_attention_and_quantization_are_refused_by_name(checkpo
 
 # -- tokenizers ------------------------------------------------------------------------------------------
 
+# Factories whose tokenizer misses the interface the loader documents (__call__(text, add_special_tokens=...) with
+# input_ids, and decode(ids)): the model loads, but no text could ever be tokenized.
+OFF_INTERFACE = f"""
+from {INSTALLED} import ToyNet
+
+
+class NoSpecialTokens:
+    def __call__(self, text):
+        return {{"input_ids": list(text.encode("utf-8"))}}
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class BareList:
+    def __call__(self, text, add_special_tokens=True):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def without_add_special_tokens(**kwargs):
+    return ToyNet(**kwargs), NoSpecialTokens()
+
+
+def returning_a_list(**kwargs):
+    return ToyNet(**kwargs), BareList()
+"""
+
+
+@pytest.mark.parametrize("factory", ["without_add_special_tokens", "returning_a_list"])
+async def test_a_tokenizer_off_the_interface_is_a_422_at_load(tmp_path: Path, installed: str, factory: str) -> None:
+    """Refused when the model loads, naming the tokenizer; not a 500 on every request to a model that did load."""
+    (tmp_path / "site" / "loom_toy_off_interface.py").write_text(OFF_INTERFACE)
+    entry = {"factory": f"loom_toy_off_interface:{factory}", "kwargs": KWARGS, "final_norm": "norm"}
+    try:
+        async with client_for(custom_models={"toy-off": entry}) as client:
+            r = await client.post("/extract", json={"model": "toy-off", "text": TEXT})
+            assert r.status_code == 422, r.text
+            problem = r.json()
+            assert (problem["field"], problem["manifest"]) == ("tokenizer", "custom_models.toy-off"), problem
+            assert "add_special_tokens" in problem["detail"] and "input_ids" in problem["detail"], problem
+            assert (await client.get("/models")).json()["loaded_models"] == []
+    finally:
+        sys.modules.pop("loom_toy_off_interface", None)
+
 
 async def test_tokenizer_json_from_the_model_directory(tmp_path: Path, reference) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
