@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
 
@@ -35,6 +35,12 @@ HEADERS = {
 }
 
 
+# Fetch Metadata of a navigation that another site's page started (a link, or its script setting location): the
+# guard lets it open the page, but the page must then not run what that site's URL describes (see ``page``).
+OTHER_SITES = frozenset({"cross-site", "same-site"})
+FROM_ANOTHER_SITE = b'<body data-opened-from="another-site">'
+
+
 def files() -> dict[str, Path]:
     """Every file the viewer serves, by its path under static/: a fixed list, so no request names anything else."""
     return {p.relative_to(STATIC).as_posix(): p for p in sorted(STATIC.rglob("*")) if p.suffix in MEDIA_TYPES}
@@ -56,9 +62,18 @@ class ViewerController(Controller):
     opt = {"public": True}  # served without the API key (module docstring)
 
     @get("/", sync_to_thread=False)
-    def page(self) -> Response[bytes]:
-        """The page; which view it shows, and on what, is in its query string, read by the page itself."""
-        return serve("index.html")
+    def page(self, request: Request) -> Response[bytes]:
+        """The page; which view it shows, and on what, is in its query string, read by the page itself.
+
+        Opened from another site's page, it says so on its <body>: the page then fills its form from the URL but
+        waits for the user's Run. Otherwise any site could send a tab here and have the page load the model and run
+        the request its URL names (same-origin fetches, with the tab's API key), which the guard refuses that site
+        to do itself."""
+        response = serve("index.html")
+        if request.headers.get("sec-fetch-site", "").lower() in OTHER_SITES:
+            response.content = response.content.replace(b"<body>", FROM_ANOTHER_SITE, 1)
+        response.headers["Vary"] = "Sec-Fetch-Site"  # two pages under one URL: no cache may serve one for the other
+        return response
 
     @get("/static/{name:path}", sync_to_thread=False)
     def static(self, name: FromPath[str]) -> Response[bytes]:

@@ -447,3 +447,29 @@ def test_another_sites_page_cannot_make_the_server_work(
         browser, lambda d: d.current_url == f"{base}/viewer" and d.execute_script("return document.body.dataset.models")
     )
     assert console_errors(browser) == []
+
+
+def test_a_link_from_another_site_fills_the_form_but_runs_nothing(
+    browser: Any, base: str, model: str, other_site: tuple[str, Path]
+) -> None:
+    """Another site's page sends the tab to a viewer URL on its own (no click): the guard lets a top-level navigation
+    open the page, so the page itself must not then load the model and run the request that URL describes, with the
+    tab's API key (same-origin fetches the guard cannot tell from the user's). It fills the form and waits for Run."""
+    site, root = other_site
+    target = f"{base}/viewer?{urlencode({'model': model, 'text': TEXT})}"
+    (root / "go.html").write_text(f"<!doctype html><title>elsewhere</title><script>location = {target!r};</script>")
+    requested_urls(browser)
+    console_errors(browser)
+    browser.get(f"{site}/go.html")
+    wait_for(browser, lambda d: d.current_url == target and d.execute_script("return document.body.dataset.models"))
+    assert settled(browser) == "done"
+    assert "another site" in browser.find_element("id", "status").text
+    assert f"{base}/extract" not in requested_urls(browser)
+    console_errors(browser)  # what the other site's page logged (its missing favicon)
+    form = browser.find_element("id", "form")
+    assert browser.find_element("id", "model").get_attribute("value") == model
+    assert form.find_element("name", "text").get_attribute("value") == TEXT
+    browser.find_element("id", "run").click()  # the user's own Run sends it
+    wait_for(browser, lambda d: d.find_elements("css selector", ".lens-cell"))
+    assert settled(browser) == "done"
+    assert f"{base}/extract" in assert_clean(browser, base)

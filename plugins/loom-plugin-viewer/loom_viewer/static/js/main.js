@@ -175,6 +175,10 @@ async function fillModels() {
   }
 }
 
+// Opened from another site's page (the server marks the page so): that site chose the URL, so its request waits for
+// the user's Run instead of running, with this tab's key, as the page loads.
+const OPENED_ELSEWHERE = "Opened from another site's link: check the fields, then Run.";
+
 function start() {
   ({ view: state.view, params: state.params } = paramsFromUrl());
   document.body.dataset.view = state.view.name;
@@ -184,13 +188,15 @@ function start() {
   clear(ctx.figure);
   clear(ctx.summary);
   showRequests([]);
-  status.done(state.view.ready(state.params) ? "" : state.view.hint);
+  const elsewhere = document.body.dataset.openedFrom === "another-site";
+  status.done(state.view.ready(state.params) ? (elsewhere ? OPENED_ELSEWHERE : "") : state.view.hint);
   if (state.view.prepare) state.view.prepare(ctx).catch((err) => status.error(err)); // pickers: vectors, probes
-  if (state.view.ready(state.params)) ctx.run((signal) => state.view.run(ctx, signal));
+  if (state.view.ready(state.params) && !elsewhere) ctx.run((signal) => state.view.run(ctx, signal));
 }
 
 $("form").addEventListener("submit", (e) => {
   e.preventDefault();
+  delete document.body.dataset.openedFrom; // the user ran it: this tab's own history runs from now on
   state.params = readForm();
   history.pushState(null, "", urlOf(state.view, state.params));
   navigate();
