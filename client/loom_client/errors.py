@@ -69,8 +69,14 @@ class RequestTimeout(LoomError):
     status = 504
 
 
-class InsufficientMemory(LoomError):
+class InsufficientStorage(LoomError):
+    """507: the server has no room for it, in memory (a model over the budget, an answer too large) or on disk (a
+    store's entry). HTTP's own name for the status."""
+
     status = 507
+
+
+InsufficientMemory = InsufficientStorage  # the name this status had before a full disk was one too
 
 
 class LoomConnectionError(LoomError):
@@ -91,7 +97,7 @@ BY_STATUS: dict[int, type[LoomError]] = {
         ServerError,
         ServiceUnavailable,
         RequestTimeout,
-        InsufficientMemory,
+        InsufficientStorage,
     )
     if cls.status is not None
 }

@@ -231,6 +231,7 @@ def test_connection_errors_are_loom_errors(tmp_path: Path) -> None:
 
 def test_every_other_endpoint(client: LoomClient, server) -> None:
     llama = server["llama"]
+    client.load_model(server["bert"])  # whichever test ran before (or none), both are loaded from here
     assert {m["model_id"] for m in client.models()["loaded_models"]} >= {llama, server["bert"]}
     assert "transformers" in {lo["name"] for lo in client.loaders()["loaders"]}
     assert client.probe(llama)["selected"] == "transformers"
