@@ -228,7 +228,18 @@ def read_config_file(path: Path, options: Sequence[Option] = ()) -> dict[str, An
     """The file's settings; plugins' ``options`` land in ``options``, by name."""
     import yaml
 
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        # The operator's to fix, like an unknown key: one line naming the file, not a traceback. A YAML error's
+        # first line says what it met; its "in <unicode string>" lines name a string, not the file.
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None)
+        raise ConfigError(
+            f"config file {path} cannot be read as YAML: {problem or reason}{at}", field="config"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     keys = {section: dict(keys) for section, keys in FILE_KEYS.items()}

@@ -141,6 +141,17 @@ def test_bad_config_file_exits_2(tmp_path: Path) -> None:
     assert_one_line_error(loom("serve", "--config", str(tmp_path / "bad.yaml"), home=tmp_path), "server.prot")
 
 
+@pytest.mark.parametrize(
+    "content", [b"server:\n  port: [8080\n", b"\xff\xfeserver: {}\n"], ids=["not-yaml", "not-utf8"]
+)
+def test_a_config_file_that_cannot_be_read_exits_2_naming_it(tmp_path: Path, content: bytes) -> None:
+    """A YAML syntax error, or bytes that are not text, is the operator's to fix: one line naming the file."""
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(content)
+    assert_one_line_error(loom("serve", "--config", str(path), home=tmp_path), str(path))
+    assert_one_line_error(loom("probe", "gpt2", "--config", str(path), home=tmp_path), str(path))
+
+
 def test_serve_refuses_an_empty_api_key(tmp_path: Path) -> None:
     """An operator who names a key means to require one: an empty one stops the server before it listens, naming
     where it was set, rather than serving every request without a key."""
