@@ -66,7 +66,9 @@ class Settings:
     options: dict[str, Any] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens"):
+        # max_models: the manager keeps the model just loaded whatever the bound, and Ray's multiplexing refuses 0
+        # and reads -1 as no bound: below 1 is a mistake to name, not a value to guess at.
+        for name in ("max_batch_size", "max_batch_tokens", "max_models"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1", field=name)
         for name in ("max_body_mb", "max_response_mb"):

@@ -152,6 +152,14 @@ def test_a_config_file_that_cannot_be_read_exits_2_naming_it(tmp_path: Path, con
     assert_one_line_error(loom("probe", "gpt2", "--config", str(path), home=tmp_path), str(path))
 
 
+def test_serve_refuses_fewer_than_one_model(tmp_path: Path) -> None:
+    """max_models below 1 stops the server before it listens, naming the setting: the manager would keep one model
+    anyway, and Ray's multiplexing refuses 0 (a traceback after Ray started) and takes -1 for no limit at all."""
+    assert_one_line_error(loom("serve", "--port", "0", "--max-models", "0", home=tmp_path), "max_models", "at least 1")
+    result = loom("serve", "--port", "0", home=tmp_path, LOOM_MAX_MODELS="-1")
+    assert_one_line_error(result, "max_models", "at least 1")
+
+
 def test_serve_refuses_an_empty_api_key(tmp_path: Path) -> None:
     """An operator who names a key means to require one: an empty one stops the server before it listens, naming
     where it was set, rather than serving every request without a key."""
