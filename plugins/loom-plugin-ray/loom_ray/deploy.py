@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from loom_kernel.config import ConfigError
+
 log = logging.getLogger("loom")
 
 
@@ -91,7 +93,16 @@ def start(settings: Any) -> None:
     from loom_ray.router import APP
 
     local = {"_node_ip_address": LOOPBACK} if address is None else {}
-    ray.init(address=address, namespace="loom", ignore_reinit_error=True, include_dashboard=False, **local)
+    try:
+        ray.init(address=address, namespace="loom", ignore_reinit_error=True, include_dashboard=False, **local)
+    except (ConnectionError, ValueError) as exc:  # an address Ray cannot parse, or no cluster answering there
+        if address is None:
+            raise
+        raise ConfigError(
+            f"ray.address (--ray-address, LOOM_RAY_ADDRESS): cannot join the Ray cluster at {address!r}: "
+            f"{str(exc).splitlines()[0]}",
+            field="ray_address",
+        ) from None
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings), name=APP, route_prefix="/")
     log.info("serving on Ray at http://%s:%d (%d replica(s))", settings.host, settings.port, REPLICAS.of(settings))
@@ -101,8 +112,11 @@ def stop() -> None:
     import ray
     from ray import serve
 
-    serve.shutdown()
-    ray.shutdown()
+    # Only a Ray this process joined: serve.shutdown() without one would start a local cluster just to stop it (on
+    # the machine's outward address, and for a minute on a busy machine) after a start that failed.
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run(settings: Any) -> int:

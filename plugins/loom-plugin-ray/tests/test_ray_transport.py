@@ -96,6 +96,58 @@ def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         yield base, log, proc, home
 
 
+@contextlib.contextmanager
+def ray_command(home: Path, *args: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``loom serve --transport ray ARGS`` in its own session; whatever it started is ended afterwards."""
+    log = home / "ray-command.log"
+    cmd = [sys.executable, "-m", "loom_kernel", "serve", "--transport", "ray", *args]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**server_env(home), **RAY_ENV},
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        yield proc, log
+    finally:
+        mine = descendants(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for pid in (mine | descendants(proc.pid)) - {proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def exited_or_serving(proc: subprocess.Popen, log: Path) -> bool:
+    return proc.poll() is not None or "serving on Ray at" in log.read_text()
+
+
+def assert_one_line_error(proc: subprocess.Popen, log: Path, *fragments: str) -> None:
+    text = log.read_text()
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text and text.startswith("loom: error: ") and text.count("\n") == 1, text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.mark.slow
+def test_a_bad_ray_address_is_a_one_line_error_and_starts_no_ray(tmp_path: Path) -> None:
+    """An address Ray cannot parse stops the server with one line naming the setting, and no Ray is started on the
+    way out (shutting down Ray Serve without Ray would start a local cluster, on the machine's outward address)."""
+    with ray_command(tmp_path, "--ray-address", "not-an-address") as (proc, log):
+        until(lambda: proc.poll() is not None, "the server exited", STARTUP_S, 0.05)
+        assert "Started a local Ray instance" not in log.read_text()
+        assert_one_line_error(proc, log, "ray.address", "not-an-address")
+
+
 def replica_of(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return r.headers["x-loom-replica"]
