@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from loom_kernel import LoomError
 from loom_kernel.config import ConfigError
 
 log = logging.getLogger("loom")
@@ -80,12 +82,27 @@ def private_local_cluster() -> None:
         f.write(secrets.token_hex(32))
 
 
+def can_listen(host: str, port: int) -> None:
+    """Before Ray starts: whether Ray's proxy can listen on ``host``:``port`` here, as the http transport would (its
+    error, exit 2). Ray's proxy finds out only after Ray has started, and ``serve.start`` then raises the proxy's
+    failure, a traceback."""
+    host = host.strip("[]")
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's own socket: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0..65535
+            raise LoomError(f"ray: cannot listen on {url}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def start(settings: Any) -> None:
     """Ray up (joined or local) and the application deployed, Ray's proxy on ``host``:``port``."""
     from loom_ray import ADDRESS, REPLICAS
 
     address = ADDRESS.of(settings)
     if address is None:
+        can_listen(settings.host, settings.port)  # a joined cluster's proxies listen on its nodes, maybe not here
         private_local_cluster()  # a cluster that --ray-address joins is the operator's network
     import ray
     from ray import serve

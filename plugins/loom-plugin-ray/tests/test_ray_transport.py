@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -146,6 +147,19 @@ def test_a_bad_ray_address_is_a_one_line_error_and_starts_no_ray(tmp_path: Path)
         until(lambda: proc.poll() is not None, "the server exited", STARTUP_S, 0.05)
         assert "Started a local Ray instance" not in log.read_text()
         assert_one_line_error(proc, log, "ray.address", "not-an-address")
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_a_one_line_error_before_ray_starts(tmp_path: Path) -> None:
+    """Ray's proxy cannot listen on a port another process holds: the server says so and exits 2, as the http
+    transport does, rather than claim to serve while the other process answers its clients."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with ray_command(tmp_path, "--port", str(port)) as (proc, log):
+            until(lambda: exited_or_serving(proc, log), "the server exited or said it serves", STARTUP_S, 0.05)
+            assert_one_line_error(proc, log, f"ray: cannot listen on http://127.0.0.1:{port}")
 
 
 def replica_of(r: httpx.Response) -> str:
