@@ -166,25 +166,46 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
         stats.forwarded += 1
         model = model_of(method, path, body)
         streams = path.endswith("/stream") or b'"stream":true' in body.replace(b" ", b"")
-        started = False
+        started: dict[str, Any] | None = None  # the answer's http.response.start, once sent
+        finished = False  # its last body message sent
         try:
             if streams:  # events as the replica makes them
                 call = handle.options(stream=True, multiplexed_model_id=model, method_name="stream")
                 async for message in call.remote(request):
-                    started = True
+                    started = started or message
+                    finished = message["type"] == "http.response.body" and not message.get("more_body", False)
                     await send(message)
             else:  # the whole answer in one hand-off: a streaming call costs Ray a round trip per message
                 for message in await handle.options(multiplexed_model_id=model).remote(request):
-                    started = True
+                    started = started or message
                     await send(message)
         except Exception as exc:  # a replica that died (or is being replaced) under the request
-            if started:
-                raise
             detail = f"the replica serving this request is gone ({type(exc).__name__}); Ray is replacing it: retry"
             problem = {"type": "about:blank", "title": "Service unavailable", "status": 503, "detail": detail}
-            await answer(send, 503, problem, headers=[(b"retry-after", b"1")])
+            if started is None:
+                await answer(send, 503, problem, headers=[(b"retry-after", b"1")])
+                return
+            if finished:  # the whole answer went out: nothing of it was lost
+                return
+            kind = next((bytes(v) for k, v in started.get("headers", []) if bytes(k).lower() == b"content-type"), b"")
+            if not kind.startswith(b"text/event-stream"):
+                raise
+            # Its status is sent: the stream ends as the app ends one it cannot finish, with an error event the client
+            # reads. Cut short without one, a client could not tell what it got from a whole answer.
+            await send({"type": "http.response.body", "body": stream_error(path, problem), "more_body": False})
 
     return app
+
+
+def stream_error(path: str, problem: dict[str, Any]) -> bytes:
+    """The last events of a stream cut short by ``problem``, in the form the app itself ends one: an ``error``
+    event carrying the problem, or on /v1 OpenAI's ``data: {"error": ...}`` and ``[DONE]``."""
+    from loom_kernel import openai_error
+
+    if path.startswith("/v1/"):
+        error = openai_error(problem["status"], problem["title"], problem["detail"])
+        return b"data: %s\n\ndata: [DONE]\n\n" % json.dumps({"error": {**error, "status": problem["status"]}}).encode()
+    return b"event: error\ndata: %s\n\n" % json.dumps(problem).encode()
 
 
 def aggregate(path: str, live: list[dict[str, Any]], version: str) -> Any:

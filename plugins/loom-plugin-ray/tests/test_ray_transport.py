@@ -423,3 +423,49 @@ def test_the_ray_transport_serves_alone(names: list[str]) -> None:
     with pytest.raises(ConfigError, match="ray runs the app on its own") as err:
         serve(Settings(transports=names))
     assert err.value.field == "transports" and err.value.allowed == ["ray"]
+
+
+def our_processes(root: int, title: str) -> list[int]:
+    """This server's processes whose command line has ``title`` (Ray names a worker after its actor)."""
+    found = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found if int(pid) in descendants(root)]
+
+
+@pytest.mark.slow
+def test_replicas_killed_mid_stream_end_it_with_an_error_event(served, tiny_models):
+    """A stream whose replica dies after its first event ends, at once, with an ``error`` event (a 503 problem), as
+    a stream the app itself cannot finish does: never a hang, and never an end a client could take for a whole
+    answer."""
+    base, _log, proc, _home = served
+    ask = {"model": str(tiny_models["llama"]), "prompt": "the cat sat", "max_tokens": 480, "temperature": 0}
+    before = {s["replica"] for s in health(base)["replicas"]}
+    events: list[str] = []
+    data: list[str] = []
+    with (
+        httpx.Client(base_url=base, timeout=120, headers=AUTH) as c,
+        c.stream("POST", "/generate/stream", json=ask) as s,
+    ):
+        assert s.status_code == 200, s.read()
+        lines = s.iter_lines()
+        for line in lines:  # the gate: the replica is streaming
+            if line.startswith("event:"):
+                events.append(line)
+                break
+        for pid in our_processes(proc.pid, "ServeReplica:loom:LoomReplica"):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(httpx.TransportError):  # a connection cut short is recorded as no final event
+            for line in lines:
+                if line.startswith("event:"):
+                    events.append(line)
+                elif line.startswith("data:"):
+                    data.append(line)
+    assert "event: done" not in events, "the stream finished before the replicas were killed"
+    assert events[-1] == "event: error", events[-3:]
+    problem = json.loads(data[-1].removeprefix("data:"))
+    assert problem["status"] == 503 and "replica" in problem["detail"], problem
+    until(
+        lambda: (now := {s["replica"] for s in health(base).get("replicas", [])}).isdisjoint(before) and len(now) == 2,
+        "Ray replaced the killed replicas",
+        STARTUP_S,
+        0.2,
+    )
