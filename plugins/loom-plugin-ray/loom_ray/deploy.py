@@ -29,7 +29,13 @@ def application(settings: Any) -> Any:
     from loom_ray.replica import replica_class
     from loom_ray.router import LoomRouter, Registry
 
-    registry = ray.remote(Registry).options(name="loom-registry", get_if_exists=True, num_cpus=0).remote()
+    # One actor: restarted by Ray when it dies (the replicas report every few seconds, so it refills), else /health,
+    # /models and /metrics would fail for as long as the application runs.
+    registry = (
+        ray.remote(Registry)
+        .options(name="loom-registry", get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1)
+        .remote()
+    )
     fields = attrs.asdict(settings)
     replicas, most = REPLICAS.of(settings), MAX_REPLICAS.of(settings)
     scaling: dict[str, Any] = {"num_replicas": replicas}

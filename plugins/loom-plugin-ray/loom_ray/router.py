@@ -150,7 +150,13 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
             if path == ROUTER_STATS:
                 await answer(send, 200, stats.asdict())
                 return
-            live = await registry.live.remote()
+            try:
+                live = await registry.live.remote()
+            except Exception as exc:  # the registry died: Ray restarts it, and the replicas' next reports refill it
+                detail = f"the replicas' registry is gone ({type(exc).__name__}); Ray is restarting it: retry"
+                problem = {"type": "about:blank", "title": "Service unavailable", "status": 503, "detail": detail}
+                await answer(send, 503, problem, headers=[(b"retry-after", b"1")])
+                return
             await answer(send, 200, aggregate(path, live, __version__), path == "/metrics")
             return
         request = {

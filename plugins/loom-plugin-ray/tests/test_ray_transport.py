@@ -469,3 +469,24 @@ def test_replicas_killed_mid_stream_end_it_with_an_error_event(served, tiny_mode
         STARTUP_S,
         0.2,
     )
+
+
+@pytest.mark.slow
+def test_a_killed_registry_comes_back_and_health_is_never_a_500(served):
+    """The registry the replicas report to is one actor: killed, Ray restarts it and the replicas fill it again;
+    meanwhile /health, /models and /metrics are a 503 problem, never a 500."""
+    base, _log, proc, _home = served
+    (registry,) = our_processes(proc.pid, "ray::Registry")
+    os.kill(registry, signal.SIGKILL)
+
+    def whole_again() -> bool:
+        for path in ("/health", "/models", "/metrics"):
+            r = httpx.get(f"{base}{path}", headers=AUTH, timeout=120)
+            assert r.status_code in (200, 503), (path, r.status_code, r.text)
+            if r.status_code == 503:
+                assert r.headers["content-type"] == "application/problem+json" and r.headers["retry-after"], r.text
+                return False
+        return len(health(base).get("replicas", [])) == 2
+
+    until(whole_again, "the registry restarted and refilled", STARTUP_S, 0.2)
+    assert our_processes(proc.pid, "ray::Registry") != [registry]
