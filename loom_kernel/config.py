@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,36 @@ class Settings:
         for name in ("max_body_mb", "max_response_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be more than 0", field=name)
-        for name in ("max_queue", "request_timeout"):
-            if getattr(self, name) < 0:
+        for name in ("max_queue", "request_timeout", "auto_unload_minutes"):
+            if not getattr(self, name) >= 0:  # NaN too: it compares false with everything, so no timer would fire
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
+        for name in ("request_timeout", "auto_unload_minutes", "max_body_mb", "max_response_mb"):
+            if not math.isfinite(getattr(self, name)):  # 0 turns a limit off; a size of infinity crashed the start
+                raise ConfigError(f"{name}: must be a finite number", field=name)
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError("memory_fraction: must be more than 0 and at most 1", field="memory_fraction")
+        if self.max_tokens_limit < 0:
+            raise ConfigError("max_tokens_limit: must not be negative", field="max_tokens_limit")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.default_device):
+            raise ConfigError(
+                f"default_device: unknown device {self.default_device!r}; one of auto, cpu, cuda, cuda:N (or a GPU "
+                "index N)",
+                field="default_device",
+                allowed=["auto", "cpu", "cuda", "cuda:N"],
+            )
+        # Checked per request as well, but a server whose default no request can use should not start.
+        from loom_kernel.devices import LOAD_DTYPES
+        from loom_kernel.encoding import DTYPES, FORMATS
+
+        for name, value, allowed in (
+            ("default_dtype", self.default_dtype, LOAD_DTYPES),
+            ("default_precision", self.default_precision, DTYPES),
+            ("default_format", self.default_format, FORMATS),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"{name}: unknown value {value!r}; one of {', '.join(allowed)}", field=name, allowed=list(allowed)
+                )
         both = sorted(set(self.aliases) & set(self.custom_models))
         if both:
             raise ConfigError(
@@ -114,7 +143,7 @@ class Option:
             out = _scalar(kind, value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"{source}: bad value {value!r} for {self.name}: must be {kind}", field=self.name
+                f"{source}: bad value {value!r} for {self.name}: must be {KINDS.get(kind, kind)}", field=self.name
             ) from None
         if self.minimum is not None and out is not None and out < self.minimum:
             raise ConfigError(f"{source}: {self.name} must be at least {self.minimum:g}", field=self.name)
@@ -197,14 +226,34 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: bad value {value!r} for {name}: {exc}", field=name) from None
 
 
+TRUE = ("true", "yes", "on", "1")
+FALSE = ("false", "no", "off", "0")
+# What a value of each kind must be, as an error says it.
+KINDS = {
+    "int": "an integer",
+    "float": "a finite number",
+    "bool": "a boolean: true or false (also yes/no, on/off, 1/0)",
+    "str": "text",
+}
+
+
 def _scalar(kind: str, value: Any) -> Any:
     """``value`` (from YAML, the environment or a flag) as an int, float or bool, or as text (None stays None)."""
     if kind == "int":
         return int(value)
     if kind == "float":
-        return float(value)
+        out = float(value)
+        if not math.isfinite(out):  # no setting means anything by NaN or infinity; 0 is how one turns a limit off
+            raise ValueError(f"must be {KINDS[kind]}")
+        return out
     if kind == "bool":
-        return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
+        if isinstance(value, bool):
+            return value
+        # Anything else is a typo ("ture") that must not quietly read as false.
+        text = str(value).strip().lower()
+        if text in TRUE or text in FALSE:
+            return text in TRUE
+        raise ValueError(f"must be {KINDS[kind]}")
     return None if value is None else str(value)
 
 
@@ -288,6 +337,8 @@ def load_settings(
     if path is None and (Path.home() / ".config/loom/config.yaml").exists():
         path = str(Path.home() / ".config/loom/config.yaml")
     if path is not None:
+        if Path(path).is_dir():
+            raise ConfigError(f"config file {path} is a directory, not a file", field="config")
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist", field="config")
         values.update(read_config_file(Path(path), options))

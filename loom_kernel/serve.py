@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pluggy
 
 from loom_kernel.config import ConfigError, Settings
-from loom_kernel.errors import LoomError
+from loom_kernel.errors import InvalidField, LoomError
 from loom_kernel.logs import LEVELS, configure_logging
 from loom_kernel.types import Transport
 
@@ -110,6 +110,20 @@ class _Signals:
                 signal.signal(sig, handler)
 
 
+def check_device(settings: Settings) -> None:
+    """The default device exists on this machine: every load that names none would be a 422 otherwise. Checked
+    here, not in Settings: a config file may be shared by machines with and without GPUs, and a transport that
+    runs the app elsewhere (Ray) checks on its replicas' machines."""
+    from loom_kernel.devices import resolve_device
+
+    try:
+        resolve_device(settings.device())
+    except InvalidField as exc:
+        raise ConfigError(
+            f"default_device: {exc.detail.removeprefix('device: ')}", field="default_device", allowed=exc.allowed
+        ) from None
+
+
 def serve(settings: Settings, pm: pluggy.PluginManager | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; returns the exit status (0 after a graceful shutdown)."""
     import uvicorn
@@ -131,6 +145,7 @@ def serve(settings: Settings, pm: pluggy.PluginManager | None = None) -> int:
                 allowed=elsewhere[:1],
             )
         return int(transports[0].serve() or 0)
+    check_device(settings)
     bound: list[Transport] = []
     with _Signals().installed() as signals:
         try:

@@ -170,6 +170,26 @@ def test_serve_refuses_an_empty_api_key(tmp_path: Path) -> None:
     assert_one_line_error(result, "server.api_key", "empty")
 
 
+def test_serve_refuses_settings_it_cannot_use(tmp_path: Path) -> None:
+    """Each started the server: an unknown device (every load then a 422), NaN or negative idle minutes (the timer
+    never fired), a boolean typo in the file (read as false), and a config path that is a directory (said "does not
+    exist")."""
+    serve = ("serve", "--port", "0")
+    assert_one_line_error(loom(*serve, "--device", "bogus", home=tmp_path, timeout=30), "default_device", "bogus")
+    result = loom(*serve, home=tmp_path, timeout=30, LOOM_DEFAULT_DEVICE="bogus")
+    assert_one_line_error(result, "default_device", "bogus")
+    result = loom(*serve, "--device", "cuda:999", home=tmp_path, timeout=30)  # no machine has this one
+    assert_one_line_error(result, "default_device", "cuda:999")
+    for minutes in ("nan", "-1", "inf"):
+        result = loom(*serve, "--auto-unload-minutes", minutes, home=tmp_path, timeout=30)
+        assert_one_line_error(result, "auto_unload_minutes")
+    (tmp_path / "typo.yaml").write_text('models:\n  trust_remote_code: "ture"\n')
+    result = loom(*serve, "--config", str(tmp_path / "typo.yaml"), home=tmp_path, timeout=30)
+    assert_one_line_error(result, "models.trust_remote_code", "'ture'", "true or false")
+    result = loom(*serve, "--config", str(tmp_path), home=tmp_path, timeout=30)
+    assert_one_line_error(result, str(tmp_path), "is a directory")
+
+
 def test_serve_is_the_default_command() -> None:
     assert normalize_argv([]) == ["serve"]
     assert normalize_argv(["--port", "8080"]) == ["serve", "--port", "8080"]

@@ -185,3 +185,80 @@ def test_two_plugins_may_not_declare_one_setting() -> None:
     pm.register(Knobs(), name="knobs-again")
     with pytest.raises(ConfigError, match="knobs_level"):
         plugin_options(pm)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "field"),
+    [
+        ("LOOM_DEFAULT_DEVICE", "bogus", "default_device"),
+        ("LOOM_DEFAULT_DEVICE", "cuda:one", "default_device"),
+        ("LOOM_AUTO_UNLOAD_MINUTES", "nan", "auto_unload_minutes"),
+        ("LOOM_AUTO_UNLOAD_MINUTES", "-1", "auto_unload_minutes"),
+        ("LOOM_AUTO_UNLOAD_MINUTES", "inf", "auto_unload_minutes"),
+        ("LOOM_REQUEST_TIMEOUT", "nan", "request_timeout"),
+        ("LOOM_REQUEST_TIMEOUT", "inf", "request_timeout"),
+        ("LOOM_MAX_BODY_MB", "inf", "max_body_mb"),
+        ("LOOM_MAX_BODY_MB", "nan", "max_body_mb"),
+        ("LOOM_MAX_RESPONSE_MB", "nan", "max_response_mb"),
+        ("LOOM_MEMORY_FRACTION", "0", "memory_fraction"),
+        ("LOOM_MEMORY_FRACTION", "1.5", "memory_fraction"),
+        ("LOOM_MEMORY_FRACTION", "nan", "memory_fraction"),
+    ],
+)
+def test_a_variable_no_setting_can_use_is_an_error_naming_it(var: str, value: str, field: str) -> None:
+    """Each was accepted: an unknown device failed every load, NaN minutes never unloaded, an infinite body limit
+    crashed the app's start with a traceback, a fraction of 0 refused every model."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(env={var: value})
+    assert exc.value.field == field and field in exc.value.detail
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "field", "says"),
+    [
+        ("models", "trust_remote_code", "ture", "trust_remote_code", "true or false"),
+        ("models", "allow_remote_code_requests", "maybe", "allow_remote_code_requests", "true or false"),
+        ("models", "trust_remote_code", 2, "trust_remote_code", "true or false"),
+        ("models", "default_dtype", "fp16", "default_dtype", "bfloat16"),
+        ("models", "max_tokens_limit", -1, "max_tokens_limit", "negative"),
+        ("models", "auto_unload_minutes", float("nan"), "auto_unload_minutes", "finite"),
+        ("hidden_states", "precision", "fp32", "default_precision", "float16"),
+        ("hidden_states", "default_format", "json", "default_format", "safetensors"),
+        ("gpu", "default_device", "gpu0", "default_device", "cuda:N"),
+    ],
+)
+def test_a_file_value_no_setting_can_use_is_an_error_naming_it(
+    tmp_path: Path, section: str, key: str, value: object, field: str, says: str
+) -> None:
+    """A boolean that is not one ("ture") read as false, quietly turning a setting off; the others were accepted
+    and failed every request that relied on them."""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(config=write(tmp_path, {section: {key: value}}), env={})
+    assert exc.value.field == field and field in exc.value.detail and says in exc.value.detail
+
+
+def test_booleans_take_their_usual_spellings(tmp_path: Path) -> None:
+    for value, expected in [(True, True), ("yes", True), ("On", True), (1, True), ("off", False), (0, False)]:
+        config = write(tmp_path, {"models": {"trust_remote_code": value}})
+        assert load_settings(config=config, env={}).trust_remote_code is expected, value
+
+
+def test_a_plugins_boolean_or_number_must_be_one() -> None:
+    """A plugin's boolean read "ture" as false, and its float settings took NaN (which passes any minimum)."""
+    flag, ratio = Option("knobs", "flag", False, "a flag"), Option("knobs", "ratio", 0.5, "a ratio", minimum=0)
+    assert flag.of(load_settings(env={"LOOM_KNOBS_FLAG": "yes"}, options=[flag])) is True
+    with pytest.raises(ConfigError, match=r"LOOM_KNOBS_FLAG: .*true or false") as bad:
+        load_settings(env={"LOOM_KNOBS_FLAG": "ture"}, options=[flag])
+    assert bad.value.field == "knobs_flag"
+    for value in ("nan", "inf"):
+        with pytest.raises(ConfigError, match="finite") as bad:
+            load_settings(env={"LOOM_KNOBS_RATIO": value}, options=[ratio])
+        assert bad.value.field == "knobs_ratio"
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory") as exc:
+        load_settings(config=str(tmp_path), env={})
+    assert exc.value.field == "config"
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(env={"LOOM_CONFIG": str(tmp_path)})
