@@ -37,6 +37,8 @@ class ModelEntry:
     ready: asyncio.Future | None = None
     last_used: float = attrs.field(factory=time.monotonic)
     in_flight: int = 0
+    # While loading: the bytes its load was estimated to take, held against the memory budget (loom_kernel.budget).
+    reserved: int = 0
 
     @property
     def names(self) -> list[str]:

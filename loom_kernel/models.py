@@ -260,10 +260,12 @@ class ModelManager:
                 f"model: {model_id!r} is serving requests with other load options; retry when it is idle",
                 field="model",
             )
-        victims = make_room(self.ready(), model_id, ref, opts, self.settings.memory_fraction)
+        victims, reserved = make_room(self.entries.values(), model_id, ref, opts, self.settings.memory_fraction)
         thread = ModelThread(model_id, self.limits(), self.metrics.model(model_id))
         answers = dict(replacing.answers) if replacing is not None else {}
-        entry = ModelEntry(model_id=model_id, loader=loader, options=opts, worker=thread, key=key, answers=answers)
+        entry = ModelEntry(
+            model_id=model_id, loader=loader, options=opts, worker=thread, key=key, answers=answers, reserved=reserved
+        )
         entry.answer(*name)
         entry.ready = asyncio.get_running_loop().create_future()
         # The old entry stays listed (and usable) until the new one is in memory.

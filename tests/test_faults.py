@@ -369,6 +369,38 @@ def test_two_concurrent_loads_of_a_model_load_it_once(tiny_models, tmp_path):
         assert_memory_back(before, settled_rss(c, model, proc.pid))
 
 
+def test_two_concurrent_loads_do_not_together_exceed_the_memory_budget(tiny_models, tmp_path):
+    """The budget holds one model and a half. Two models load at once: the second was checked against the loaded
+    models only, the first not yet among them, so both passed and together held twice the budget's one model."""
+    import shutil
+
+    from loom_kernel.memory import device_total_bytes, estimate_bytes
+    from loom_kernel.resolve import resolve_model
+    from loom_kernel.types import LoadOptions
+
+    first, second = str(tiny_models["llama"]), str(tmp_path / "twin")
+    shutil.copytree(first, second)
+    need = estimate_bytes(resolve_model(first), LoadOptions(dtype="float32"), "cpu")
+    fraction = 1.5 * need / device_total_bytes("cpu")
+    gates = tmp_path / "gates"
+    env = {"FAULTS_LOAD_GATE": "1", "LOOM_DEFAULT_DEVICE": "cpu", "LOOM_MEMORY_FRACTION": repr(fraction)}
+    with faults_server(tmp_path, [], **env) as (c, _, _), ThreadPoolExecutor(2) as pool:
+        one = pool.submit(c.post, "/models/load", json={"model": first})
+        until(lambda: (gates / "load.waiting").exists(), "the first load reached the gate")
+        two = pool.submit(c.post, "/models/load", json={"model": second})
+        until(lambda: two.done() or len(models(c)) == 2, "the second load was answered or began")
+        open_gate(gates, "load")
+        answers = [one.result(), two.result()]
+        assert answers[0].status_code == 200, answers[0].text
+        cpu = c.get("/health").json()["memory"]["devices"]["cpu"]
+        assert cpu["used_by_models_bytes"] <= cpu["budget_bytes"], (cpu, [m["model_id"] for m in models(c)])
+        problem = assert_problem(answers[1], 507)
+        assert problem["field"] == "model" and "loading" in problem["detail"], problem
+        # Once the first has loaded and is idle, the second evicts it as any load does.
+        assert c.post("/models/load", json={"model": second}).status_code == 200
+        assert [m["model_id"] for m in models(c)] == [second]
+
+
 def test_a_client_that_leaves_during_a_load_leaves_no_traceback(tiny_models, tmp_path):
     """The client gives up while the model loads (its connection closed at the load gate): the load completes for
     the next request, and the log has no traceback (asyncio's "Future exception was never retrieved" included)."""
