@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from loom_kernel.config import Option, Settings
+from loom_kernel.config import ConfigError, Option, Settings
 from loom_kernel.errors import (
     BadModel,
     BadRequest,
@@ -185,6 +185,7 @@ __all__ = [
     "BadRequest",
     "Batch",
     "Capture",
+    "ConfigError",
     "Conflict",
     "Decoder",
     "Forbidden",

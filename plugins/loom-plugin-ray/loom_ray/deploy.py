@@ -14,8 +14,7 @@ from typing import Any
 
 import attrs
 
-from loom_kernel import LoomError
-from loom_kernel.config import ConfigError
+from loom_kernel import ConfigError, LoomError
 
 log = logging.getLogger("loom")
 
