@@ -197,6 +197,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             )
             p["hook_mlp_out"] = (layer.output.dense, "out", same)
             p["ln2.hook_normalized"] = (layer.output.LayerNorm, "out", same)
+            # TransformerLens's BertBlock: resid_post = ln1's output + mlp_out, before ln2 (the block's output, the
+            # next block's resid_pre, is ln2's).
+            p["hook_resid_post"] = (layer.output.LayerNorm, "in", same)
         for name, point in p.items():
             points[at + name] = point
     return points, layers, embeds, final
@@ -309,7 +312,11 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
         for i in range(n):
             at = f"blocks.{i}."
             pre, post = got[at + "hook_resid_pre"], got[at + "hook_resid_post"]
-            if arch == "mamba" or arch == "bert":
+            if arch == "bert":  # post-LN: each sum is the input of the LayerNorm after it
+                close(pre + got[at + "hook_attn_out"], got[at + "hook_resid_mid"], at + "mid")
+                close(got[at + "ln1.hook_normalized"] + got[at + "hook_mlp_out"], post, at + "sum")
+                continue
+            if arch == "mamba":
                 continue
             attn, mlp = got[at + "hook_attn_out"], got[at + "hook_mlp_out"]
             if arch in PARALLEL:
@@ -344,6 +351,29 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
         short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
         batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
         assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+
+
+async def test_an_edit_at_berts_resid_post_is_an_edit_of_its_second_layernorms_input(built):
+    """TransformerLens's BertBlock: hook_resid_post is ln2's input, and the block's output (index i + 1, the next
+    block's resid_pre) is ln2's output; an edit there equals the same edit done by a pre-hook on the LayerNorm."""
+    path = built("bert")
+    net, tok = load(path, "bert")
+    enc = tok(TEXT, return_tensors="pt")
+    n = net.config.num_hidden_layers
+    v = torch.randn(net.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    handle = net.encoder.layer[0].output.LayerNorm.register_forward_pre_hook(lambda m, a: (a[0] + 2.0 * v,))
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+    handle.remove()
+    edit = {"site": "blocks.0.hook_resid_post", "op": "add", "vector": v.tolist(), "scale": 2.0}
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all", "interventions": [edit]}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": [1, n, "blocks.0.ln2.hook_normalized"]})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+    close(got["1"], want[1][0], "index 1")
+    close(got["blocks.0.ln2.hook_normalized"], want[1][0], "ln2.hook_normalized")
+    close(got[str(n)], want[n][0], f"index {n}")
 
 
 async def test_mamba_is_served_with_its_residual_points_only(built):

@@ -63,6 +63,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[int | str, tuple[Any, st
         if arch == "bert":  # TransformerLens's BertBlock: resid_mid is resid_pre + attn_out, before the LayerNorm
             attn, mlp, z = layer.attention.output.dense, layer.output.dense, layer.attention.output.dense
             mid = (layer.attention.output.LayerNorm, "in")
+            points[at + "hook_resid_post"] = (layer.output.LayerNorm, "in")  # ln1 out + mlp_out, before ln2
         elif arch == "gpt2":
             attn, mlp, mid, z = layer.attn, layer.mlp, (layer.ln_2, "in"), layer.attn.c_proj
         elif arch == "gpt_neox":

@@ -4,9 +4,10 @@ of one pass that edit them (``Batch.interventions``) and record them (``Capture.
 Each hook point is its own point, with TransformerLens's semantics: a state is what its hook saw when it fired (after
 the edits at that point, before any later one), edits at different points apply in forward order and edits at one
 point in list order. Hidden-state index ``i`` < N is an alias of ``blocks.{i}.hook_resid_pre`` and index N of
-``ln_final.hook_normalized`` (of the last block's ``hook_resid_post`` where there is no final norm), so
-``blocks.{i-1}.hook_resid_post`` is a point of its own that fires just before index ``i``. The values are the model's
-own (no LayerNorm folding, no centring).
+``ln_final.hook_normalized`` (of the last block's output where there is no final norm: BERT's last
+``ln2.hook_normalized``), so ``blocks.{i-1}.hook_resid_post`` is a point of its own that fires just before index ``i``
+(BERT's, as TransformerLens's BertBlock has it, is its second LayerNorm's input). The values are the model's own (no
+LayerNorm folding, no centring).
 
 A point is a module's input (a forward pre-hook), its output (a forward hook), or a tensor inside transformers'
 attention function (``attention.py``: ``hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, for
@@ -115,11 +116,17 @@ def _derive(model: LoadedModel) -> dict[int | str, Site | str]:
         sites["ln_final.hook_normalized"] = Site("ln_final.hook_normalized", final, "out", top + 1, (d,))
     else:
         for name in ("ln_final.hook_scale", "ln_final.hook_normalized"):
-            sites[name] = f"{arch.name} has no final norm: index {n} is blocks.{n - 1}.hook_resid_post"
+            sites[name] = f"{arch.name} has no final norm: index {n} is blocks.{n - 1}.{_block_output(arch)}"
     for i in range(n):
         sites[i] = sites[f"blocks.{i}.hook_resid_pre"]
-    sites[n] = sites["ln_final.hook_normalized"] if final is not None else sites[f"blocks.{n - 1}.hook_resid_post"]
+    last = "ln_final.hook_normalized" if final is not None else f"blocks.{n - 1}.{_block_output(arch)}"
+    sites[n] = sites[last]
     return sites
+
+
+def _block_output(arch: Arch) -> str:
+    """The point that is a block's output: hook_resid_post, or ln2.hook_normalized after a post-LN block's add."""
+    return "ln2.hook_normalized" if arch.residual == "post_ln" else "hook_resid_post"
 
 
 def _unknown(model: LoadedModel) -> dict[int | str, Site | str]:
@@ -194,6 +201,9 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     out["hook_attn_out"] = site("hook_attn_out", attn_out, "out", (d,))
     if post_ln:
         out["hook_resid_mid"] = site("hook_resid_mid", part(block, arch.ln1), "in", (d,))
+        # TransformerLens's BertBlock: resid_post is ln1's output + mlp_out, ln2's input; the block's output (the next
+        # block's resid_pre, and index N) is ln2's output, its ln2.hook_normalized.
+        out["hook_resid_post"] = site("hook_resid_post", part(block, arch.ln2), "in", (d,))
         out["ln1.hook_normalized"] = site("ln1.hook_normalized", part(block, arch.ln1), "out", (d,))
         out["ln2.hook_normalized"] = site("ln2.hook_normalized", part(block, arch.ln2), "out", (d,))
     elif parallel:
