@@ -76,16 +76,22 @@ def ray_server(
         until(lambda: len(health(base).get("replicas", [])) == replicas, "every replica reported", STARTUP_S, 0.2)
         yield base, log, proc
     finally:
+        end_session(proc)
+
+
+def end_session(proc: subprocess.Popen, started: set[int] | None = None) -> None:
+    """SIGTERM ``loom serve`` (SIGKILL to its session if it hangs), then kill what Ray left of it: its processes, and
+    ``started`` (those seen before it ended). Not `ray stop`, which ends every Ray on the machine."""
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        # What Ray left of this server (its session's processes): not `ray stop`, which ends every Ray on the machine.
-        for pid in descendants(proc.pid) - {proc.pid}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in ((started or set()) | descendants(proc.pid)) - {proc.pid}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +120,7 @@ def ray_command(home: Path, *args: str) -> Iterator[tuple[subprocess.Popen, Path
     try:
         yield proc, log
     finally:
-        mine = descendants(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        for pid in (mine | descendants(proc.pid)) - {proc.pid}:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        end_session(proc, descendants(proc.pid))
 
 
 def exited_or_serving(proc: subprocess.Popen, log: Path) -> bool:
