@@ -1,6 +1,12 @@
 """Admission: the one way a request reaches its model. At most ``max_queue`` requests per model at once (the next
 is a 429); each gets a ``Session`` through which its forward calls queue on the model's thread and its own CPU
-work runs on a request thread; it is cancelled when its client leaves or its time runs out (a 504)."""
+work runs on a request thread; it is cancelled when its client leaves or its time runs out (a 504).
+
+A request counts in its model's ``in_flight`` (which keeps the model from eviction, idle unload and reload) from the
+moment ``ModelManager.get`` gives it the model until its response has ended and every call it queued is done: its
+``Hold``. ``holding`` scopes the holds to each HTTP request, so that whatever a route awaits between getting its model
+and running on it (resolving plugin fields, tokenizing a chat, starting a stream) happens on a model that stays.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -24,10 +31,77 @@ from loom_kernel.openmp import one_torch_thread
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel
 
 if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Receive, Scope, Send
+
     from loom_kernel.entry import ModelEntry
 
 log = logging.getLogger("loom.models")
 T = TypeVar("T")
+
+
+@attrs.define(eq=False)
+class Hold:
+    """One request's count in its model's ``in_flight``: counted once while anything keeps it (the request itself,
+    and each run of its work until that work and every call it queued are done)."""
+
+    entry: ModelEntry
+    keepers: int = 0
+
+    def keep(self) -> Callable[[], None]:
+        """Keep the model in flight; the function returned lets go (once, however often it is called)."""
+        if not self.keepers:
+            self.entry.in_flight += 1
+        self.keepers += 1
+        kept = True
+
+        def release() -> None:
+            nonlocal kept
+            if not kept:
+                return
+            kept = False
+            self.keepers -= 1
+            if not self.keepers:
+                self.entry.in_flight -= 1
+                self.entry.last_used = time.monotonic()
+
+        return release
+
+
+@attrs.define(eq=False)
+class Holds:
+    """The holds of one HTTP request, by model, each with what lets go of the request's own keep."""
+
+    held: dict[ModelEntry, tuple[Hold, Callable[[], None]]] = attrs.field(factory=dict)
+    ended: bool = False
+
+    def end(self) -> None:
+        self.ended = True
+        for _, release in self.held.values():
+            release()
+
+
+# The HTTP request being served; None outside one (preload, code that calls the manager directly).
+REQUEST: ContextVar[Holds | None] = ContextVar("loom_request_holds", default=None)
+
+
+def holding(handler: ASGIApp) -> ASGIApp:
+    """The app's ASGI handler, every HTTP request of it with its own ``Holds``, let go of when the request ends
+    however it ends (answered, failed, its client gone, cancelled): the end of the whole response, a stream's
+    included."""
+
+    async def holding_handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await handler(scope, receive, send)
+            return
+        holds = Holds()
+        token = REQUEST.set(holds)
+        try:
+            await handler(scope, receive, send)
+        finally:
+            REQUEST.reset(token)
+            holds.end()
+
+    return holding_handler
 
 
 @attrs.define(eq=False)
@@ -76,31 +150,46 @@ class Admission:
             initializer=one_torch_thread,
         )
 
+    def hold(self, entry: ModelEntry) -> Hold | None:
+        """The HTTP request's hold on ``entry``, taken now if it has none: at most ``max_queue`` requests per model
+        at once (queued, running, or between getting the model and running on it); the next is a 429 with a
+        Retry-After estimated from recent batches. None outside a request."""
+        holds = REQUEST.get()
+        if holds is None or holds.ended:
+            return None
+        if entry not in holds.held:
+            self._room(entry)
+            hold = Hold(entry)
+            holds.held[entry] = (hold, hold.keep())
+        return holds.held[entry][0]
+
     def run(
         self,
         entry: ModelEntry,
         work: Callable[[Session], Awaitable[T]],
         until: Coroutine[Any, Any, None] | None = None,
     ) -> Coroutine[Any, Any, T]:
-        """``work(session)`` for one request, admitted: at most ``max_queue`` requests per model at once (queued or
-        running); the next is a 429 with a Retry-After estimated from recent batches, raised here, when the call is
-        made, so that a stream is refused before its answer starts (and once more when it runs, for those that came
-        meanwhile). The request is cancelled (its queued calls dropped, its generated rows stopped) when ``until``
-        returns first (the client went away) and when it runs past ``request_timeout`` (a 504). The model stays in
-        flight (never unloaded) until every call the request queued is done."""
-        self._admit(entry, until)
-        return self._run(entry, work, until)
+        """``work(session)`` for one request, admitted (``hold``): in a request that got ``entry`` from the manager
+        it was admitted then; otherwise it is here, when the call is made, so that a stream is refused before its
+        answer starts, and once more when it runs, for those that came meanwhile. The request is cancelled (its
+        queued calls dropped, its generated rows stopped) when ``until`` returns first (the client went away) and
+        when it runs past ``request_timeout`` (a 504). The model stays in flight (never unloaded) until every call
+        the request queued is done."""
+        hold, _ = self._admit(entry, until, None)
+        return self._run(entry, work, until, hold)
 
     async def _run(
         self,
         entry: ModelEntry,
         work: Callable[[Session], Awaitable[T]],
         until: Coroutine[Any, Any, None] | None,
+        hold: Hold,
     ) -> T:
-        loaded = self._admit(entry, until)
+        # Counted by its request's hold, it needs no second look; counted by nothing yet, it is admitted again.
+        hold, loaded = self._admit(entry, until, hold if hold.keepers else None)
         session = Session(self.pm, loaded, entry.worker, self.threads)
-        entry.in_flight += 1
         task = asyncio.ensure_future(work(session))
+        release = hold.keep()
 
         def cancel() -> None:
             session.ticket.cancel()
@@ -109,28 +198,38 @@ class Admission:
         try:
             return await self._wait(entry, task, cancel, until)
         finally:
-            _release(entry, task, session.calls)
+            _release(release, task, session.calls)
 
-    def _admit(self, entry: ModelEntry, until: Coroutine[Any, Any, None] | None) -> LoadedModel:
-        """The model, if it is loaded and its queue has room (else ModelNotFound, or the 429)."""
+    def _admit(
+        self, entry: ModelEntry, until: Coroutine[Any, Any, None] | None, hold: Hold | None
+    ) -> tuple[Hold, LoadedModel]:
+        """``hold``, else the request's (``hold``), else a new one not yet kept (the queue had room), and the model,
+        if it is loaded (else ModelNotFound, or the 429)."""
         try:
-            loaded = entry.model()
-            limit = self.settings.max_queue
-            if limit and entry.in_flight >= limit:
-                wait = entry.worker.seconds_per_batch * entry.in_flight / max(1, self.settings.max_batch_size)
-                retry = max(1, math.ceil(wait))
-                raise TooManyRequests(
-                    f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "
-                    f"(max_queue {limit}); retry after {retry} s",
-                    field="model",
-                    retry_after=retry,
-                    max_queue=limit,
-                )
+            if hold is None:
+                hold = self.hold(entry)
+            if hold is None:
+                self._room(entry)
+                hold = Hold(entry)
+            return hold, entry.model()
         except LoomError:
             if until is not None:
                 until.close()
             raise
-        return loaded
+
+    def _room(self, entry: ModelEntry) -> None:
+        """The 429 when ``entry`` has ``max_queue`` requests in flight."""
+        limit = self.settings.max_queue
+        if limit and entry.in_flight >= limit:
+            wait = entry.worker.seconds_per_batch * entry.in_flight / max(1, self.settings.max_batch_size)
+            retry = max(1, math.ceil(wait))
+            raise TooManyRequests(
+                f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "
+                f"(max_queue {limit}); retry after {retry} s",
+                field="model",
+                retry_after=retry,
+                max_queue=limit,
+            )
 
     async def _wait(
         self,
@@ -173,9 +272,9 @@ def _seen(future: asyncio.Future) -> None:
         future.exception()
 
 
-def _release(entry: ModelEntry, task: asyncio.Future, calls: list[concurrent.futures.Future]) -> None:
-    """End the request's hold on the model once its work and every call it queued are done (at once when they
-    are: in_flight drops before the answer leaves)."""
+def _release(release: Callable[[], None], task: asyncio.Future, calls: list[concurrent.futures.Future]) -> None:
+    """Let go of the run's keep on the model once its work and every call it queued are done (at once when they
+    are)."""
     loop = asyncio.get_running_loop()
     left = [task, *calls]
 
@@ -183,8 +282,7 @@ def _release(entry: ModelEntry, task: asyncio.Future, calls: list[concurrent.fut
         if item in left:
             left.remove(item)
         if not left:
-            entry.in_flight -= 1
-            entry.last_used = time.monotonic()
+            release()
 
     for item in list(left):
         if item.done():

@@ -5,7 +5,9 @@ gets is ``loom_kernel.choosing``'s; how requests reach a loaded model, ``loom_ke
 
 Torch never runs on the event loop: loads and forward passes run on the model's own thread (``loom_kernel.batching``),
 and the API awaits them. A model with requests in flight is never unloaded, and a failed load evicts nothing (the new
-model is loaded first; eviction happens only once it is in memory).
+model is loaded first; eviction happens only once it is in memory). A request is in flight from the moment ``get``
+gives it its model until it ends (``loom_kernel.admission``): a reload refused for requests in flight when it starts
+finds none on the old model when it ends, since every request that comes meanwhile is given the new one.
 """
 
 from __future__ import annotations
@@ -144,10 +146,10 @@ class ModelManager:
 
     # -- loading -----------------------------------------------------------------------------------------
 
-    async def get_for(self, request: ModelRequest) -> ModelEntry:
+    async def get_for(self, request: ModelRequest, *, hold: bool = True) -> ModelEntry:
         """``get`` for a request's ``model`` and load fields: the one way a route reaches its model."""
         return await self.get(
-            request.model, loader=request.loader, revision=request.revision, explicit=request.explicit()
+            request.model, loader=request.loader, revision=request.revision, explicit=request.explicit(), hold=hold
         )
 
     async def get(
@@ -157,6 +159,7 @@ class ModelManager:
         loader: str | None = None,
         revision: str | None = None,
         explicit: dict[str, Any] | None = None,
+        hold: bool = True,
     ) -> ModelEntry:
         """The ready entry for the model ``model_id`` names, loading it first if needed.
 
@@ -164,11 +167,16 @@ class ModelManager:
         the same entry: names resolve to the model's source, which keys the registry. ``explicit`` holds the load
         options the request named; a loaded model whose options or loader differ from them is reloaded rather than
         silently reused.
+
+        In an HTTP request, ``hold`` admits the request to the model (``Admission.hold``: a 429 when its queue is
+        full) as it is chosen, before any wait for its load: from then until the request ends the model counts it
+        in flight, and is not evicted, unloaded or replaced by a reload under it. A route that only reports on the
+        model passes False.
         """
         explicit = {k: v for k, v in (explicit or {}).items() if v is not None}
         entry = self._named(model_id, revision)
         if entry is not None and not self._differs(entry, loader, explicit):
-            return await self._wait_ready(entry)
+            return await self._wait_ready(self._given(entry, hold))
         # Resolution may read the HF cache or ask the hub: keep it off the event loop.
         ref, key = await asyncio.to_thread(self.source, model_id, revision)
         chosen = choosing.choose_loader(self.pm, ref, loader)
@@ -184,12 +192,17 @@ class ModelManager:
                     field="model",
                 )
             pending.answer(model_id, revision)
-            return await self._wait_ready(pending)
+            return await self._wait_ready(self._given(pending, hold))
         entry = self.entries.get(key)
         if entry is not None and not self._differs(entry, chosen, explicit):
             entry.answer(model_id, revision)
-            return await self._wait_ready(entry)
-        return await self._load(key, (model_id, revision), ref, chosen, opts, replacing=entry)
+            return await self._wait_ready(self._given(entry, hold))
+        return await self._load(key, (model_id, revision), ref, chosen, opts, replacing=entry, hold=hold)
+
+    def _given(self, entry: ModelEntry, hold: bool) -> ModelEntry:
+        if hold:
+            self.admission.hold(entry)
+        return entry
 
     def _named(self, name: str, revision: str | None) -> ModelEntry | None:
         """The entry a request already reached by ``name`` (and ``revision``): its load in progress first."""
@@ -251,9 +264,11 @@ class ModelManager:
         opts: LoadOptions,
         *,
         replacing: ModelEntry | None,
+        hold: bool = False,
     ) -> ModelEntry:
         """Load the model ``key`` (reached by ``name``, with its revision), or reload ``replacing`` with other
-        options; a reload keeps the names and the id it was listed under."""
+        options; a reload keeps the names and the id it was listed under. ``hold``: the request is given the new
+        model (``get``)."""
         model_id = replacing.model_id if replacing is not None else name[0]
         if replacing is not None and replacing.in_flight:
             raise Conflict(
@@ -271,6 +286,7 @@ class ModelManager:
         # The old entry stays listed (and usable) until the new one is in memory.
         pending_key = key if replacing is None else f"{key} (reloading)"
         self.entries[pending_key] = entry
+        self._given(entry, hold)
         log.info(
             "loading %s with loader %s (device=%s dtype=%s quantization=%s) from %s",
             model_id,

@@ -478,3 +478,163 @@ def test_plugins_dir_errors_name_the_path(tmp_path: Path, monkeypatch: pytest.Mo
     )
     with pytest.raises(ConfigError, match=r"odd\.py' is not a valid plugin"):
         create_plugin_manager(plugins_dir=tmp_path)
+
+
+# A plugin request field for the tests below: ``hold_at: NAME`` waits at the faults gate NAME while the request
+# resolves its plugin fields, which a stream (and an OpenAI completion) does after it got its model and before it
+# runs on it; ``hold_at: refuse`` fails the request there instead.
+HOLD = '''\
+"""A request field for tests/test_faults.py that holds a request between getting its model and running on it."""
+import os
+import time
+
+from loom_kernel import InvalidField, Reading, RequestField, hookimpl
+
+
+def gate(name):
+    root = os.environ["FAULTS_GATES"]
+    open(os.path.join(root, name + ".waiting"), "a").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@hookimpl
+def request_fields():
+    return [RequestField("hold_at", str)]
+
+
+@hookimpl
+def readouts(model, fields, kernel, caller):
+    if fields["hold_at"] == "refuse":
+        raise InvalidField("hold_at: refused on purpose", field="hold_at")
+    gate(fields["hold_at"])
+    return Reading()
+'''
+
+
+@contextlib.contextmanager
+def held_server(
+    tmp_path: Path, args: list[str] = (), **env: str
+) -> Iterator[tuple[httpx.Client, Path, subprocess.Popen]]:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    (plugins / "hold.py").write_text(HOLD)
+    with faults_server(tmp_path, args, **env) as served:
+        yield served
+
+
+def stream_events(c: httpx.Client, path: str, body: dict[str, Any]) -> tuple[int, list[str]]:
+    """The status of a stream, and its event names (the problem's detail when it was refused)."""
+    with c.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            return r.status_code, [r.read().decode()]
+        return 200, [line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")]
+
+
+@contextlib.contextmanager
+def opened_at_end(gates: Path, name: str) -> Iterator[None]:
+    """Open gate ``name`` when the block ends, however it ends, so that a failed assertion leaves no request
+    waiting there."""
+    try:
+        yield
+    finally:
+        open_gate(gates, name)
+
+
+def in_flight(c: httpx.Client, model: str) -> int | None:
+    return next((m["in_flight"] for m in models(c) if m["model_id"] == model), None)
+
+
+def ready(c: httpx.Client) -> list[str]:
+    return sorted(m["model_id"] for m in models(c) if m["state"] == "ready")
+
+
+def test_a_model_given_to_a_request_is_not_evicted_before_it_runs(tiny_models, tmp_path):
+    """A request counts in its model's in_flight from the moment it is given the model: a stream and an OpenAI
+    completion resolve their plugin fields between getting the model and running on it, and a load of another
+    model then (max_models 1) kept the model only for requests already running; it evicted this one, which failed
+    with "was unloaded". Once the request has ended, its model is evictable again."""
+    import shutil
+
+    model, twin = str(tiny_models["llama"]), str(tmp_path / "twin")
+    shutil.copytree(model, twin)
+    gates = tmp_path / "gates"
+    stream = {"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    asks = [("/generate/stream", stream, "stream"), ("/v1/chat/completions", chat, "chat")]
+    with held_server(tmp_path, ["--preload", model], LOOM_MAX_MODELS="1") as (c, _, _):
+        until(lambda: ready(c) == [model], "the preload")
+        for path, body, gate in asks:
+            with ThreadPoolExecutor(1) as pool:
+                if path.endswith("stream"):
+                    asked = pool.submit(stream_events, c, path, {**body, "hold_at": gate})
+                else:
+                    asked = pool.submit(c.post, path, json={**body, "hold_at": gate})
+                with opened_at_end(gates, gate):
+                    until(lambda g=gate: (gates / f"{g}.waiting").exists(), f"the {gate} request got its model")
+                    assert c.post("/models/load", json={"model": twin}).status_code == 200
+                    assert ready(c) == sorted([model, twin]), "the model given to a request was evicted"
+                    assert in_flight(c, model) == 1
+                answer = asked.result()
+            if path.endswith("stream"):
+                assert answer[0] == 200 and answer[1][-1] == "done" and "error" not in answer[1], answer
+            else:
+                assert answer.status_code == 200, answer.text
+            until(lambda: in_flight(c, model) == 0, "the request let go of its model")
+            # Evictable again: the next load evicts the least recently used idle model, this one.
+            assert c.delete(f"/models/{twin}").status_code == 200
+            assert c.post("/models/load", json={"model": twin}).status_code == 200
+            assert ready(c) == [twin]
+            assert c.post("/models/load", json={"model": model}).status_code == 200
+            assert ready(c) == [model]
+
+
+def test_a_model_given_to_a_stream_is_not_reloaded_or_idle_unloaded_under_it(tiny_models, tmp_path):
+    """A reload passed its in-flight check while a stream had its model but had not yet run (and then dropped the
+    old model under it), and the idle timer unloaded the model; now the reload is refused as under any request in
+    flight, and the idle timer unloads the model once the stream has ended."""
+    model = str(tiny_models["llama"])
+    gates = tmp_path / "gates"
+    body = {"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    # Unload after 1.2 s idle; the reaper looks every 0.24 s at least (see the idle timer's test above).
+    with held_server(tmp_path, [], LOOM_AUTO_UNLOAD_MINUTES="0.02") as (c, log, _):
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(stream_events, c, "/generate/stream", {**body, "hold_at": "held"})
+            with opened_at_end(gates, "held"):
+                until(lambda: (gates / "held.waiting").exists(), "the stream got its model")
+                reload = c.post("/models/load", json={"model": model, "dtype": "bfloat16"})
+                assert_problem(reload, 409)
+                looked = idle_checks(c)
+                until(lambda: idle_checks(c) >= looked + 8, "the reaper looked 8 times")
+                assert ready(c) == [model] and "auto-unloading" not in log.read_text()
+            status, events = asked.result()
+            assert status == 200 and events[-1] == "done" and "error" not in events, events
+        until(lambda: models(c) == [], "the idle model was unloaded once the stream ended")
+
+
+def test_a_request_lets_go_of_its_model_however_it_ends(tiny_models, tmp_path):
+    """Refused after it got its model, or its client gone while it waits between getting the model and running on
+    it: the request no longer counts in flight, and the model can be unloaded."""
+    import socket
+
+    model = str(tiny_models["llama"])
+    gates = tmp_path / "gates"
+    body = {"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    with held_server(tmp_path, ["--preload", model]) as (c, _, _):
+        until(lambda: ready(c) == [model], "the preload")
+        status, problem = stream_events(c, "/generate/stream", {**body, "hold_at": "refuse"})
+        assert status == 422 and "refused on purpose" in problem[0]
+        until(lambda: in_flight(c, model) == 0, "the refused request let go of its model")
+
+        raw = json.dumps({**body, "hold_at": "leave"}).encode()
+        host, port = c.base_url.host, c.base_url.port
+        with socket.create_connection((host, port)) as leaving:
+            head = f"POST /generate/stream HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
+            leaving.sendall(head.encode() + f"content-length: {len(raw)}\r\n\r\n".encode() + raw)
+            with opened_at_end(gates, "leave"):
+                until(lambda: (gates / "leave.waiting").exists(), "the stream got its model")
+                assert in_flight(c, model) == 1
+                leaving.close()
+        until(lambda: in_flight(c, model) == 0, "the left request let go of its model")
+        assert c.delete(f"/models/{model}").status_code == 200

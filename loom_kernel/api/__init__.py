@@ -13,6 +13,7 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from loom_kernel.admission import holding
 from loom_kernel.api.deps import provide_kernel, provide_manager, provide_pm
 from loom_kernel.api.inference import InferenceController, controller_with_fields
 from loom_kernel.api.metrics import MetricsController, count_response
@@ -73,7 +74,10 @@ def create_app(pm: pluggy.PluginManager | None = None, settings: Settings | None
     )
     document_problems(app, api_key=bool(settings.api_key))
     # The guard sits outside the router: an ASGI wrapper of the app's handler, so that it sees every request.
-    app.asgi_handler = guarded(app.asgi_handler, Guard.of(settings.host, settings.allowed_hosts, settings.cors_origins))
+    # Inside it, each request's hold on its models (loom_kernel.admission), let go of when the request has ended.
+    app.asgi_handler = guarded(
+        holding(app.asgi_handler), Guard.of(settings.host, settings.allowed_hosts, settings.cors_origins)
+    )
     app.state.pm = pm
     app.state.settings = settings
     app.state.manager = manager

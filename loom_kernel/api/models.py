@@ -34,7 +34,7 @@ class ModelsController(Controller):
 
     @post("/load", status_code=200)
     async def load(self, data: JSONBody[LoadRequest], manager: Manager) -> dict[str, Any]:
-        entry = await manager.get_for(data)
+        entry = await manager.get_for(data, hold=False)  # it reports on the model, never runs on it
         return {"status": "loaded", "model": describe(entry, manager.auto_unload_seconds)}
 
     @get("/{model_id:path}")
