@@ -31,7 +31,7 @@ from loom_kernel.openmp import one_torch_thread
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel
 
 if TYPE_CHECKING:
-    from litestar.types import ASGIApp, Receive, Scope, Send
+    from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
     from loom_kernel.entry import ModelEntry
 
@@ -86,17 +86,26 @@ REQUEST: ContextVar[Holds | None] = ContextVar("loom_request_holds", default=Non
 
 def holding(handler: ASGIApp) -> ASGIApp:
     """The app's ASGI handler, every HTTP request of it with its own ``Holds``, let go of when the request ends
-    however it ends (answered, failed, its client gone, cancelled): the end of the whole response, a stream's
-    included."""
+    however it ends (answered, failed, its client gone, cancelled): as the whole response's last message is sent, a
+    stream's included, else when the handler returns."""
 
     async def holding_handler(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await handler(scope, receive, send)
             return
         holds = Holds()
+
+        async def sending(message: Message) -> None:
+            # The client may act on the response's end at once (unload the model): let go before it leaves, not when
+            # the handler returns, which a stream's does some loop turns later (Litestar's waits for its disconnect
+            # listener), when a pipelined DELETE has already run (a 409, "1 request(s) in flight").
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                holds.end()
+            await send(message)
+
         token = REQUEST.set(holds)
         try:
-            await handler(scope, receive, send)
+            await handler(scope, receive, sending)
         finally:
             REQUEST.reset(token)
             holds.end()

@@ -638,3 +638,31 @@ def test_a_request_lets_go_of_its_model_however_it_ends(tiny_models, tmp_path):
                 leaving.close()
         until(lambda: in_flight(c, model) == 0, "the left request let go of its model")
         assert c.delete(f"/models/{model}").status_code == 200
+
+
+def test_a_stream_lets_go_of_its_model_before_its_client_has_its_end(tiny_models, tmp_path):
+    """A client that has read a stream to its end may unload the model at once. The request let go of its model
+    only once the app's handler had returned, and a stream's returns some loop turns after its last bytes are sent
+    (Litestar's stream waits there for its disconnect listener): a DELETE that came then was a 409, "1 request(s) in
+    flight". Staged by HTTP pipelining: the DELETE waits in the server behind the stream on the same connection, and
+    the server starts it the moment the stream's last message is sent."""
+    import socket
+
+    model = str(tiny_models["llama"])
+    body = json.dumps({"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}).encode()
+    with faults_server(tmp_path, ["--preload", model]) as (c, _, _):
+        until(lambda: ready(c) == [model], "the preload")
+        host, port = c.base_url.host, c.base_url.port
+        head = f"Host: {host}:{port}\r\n"
+        stream = f"POST /generate/stream HTTP/1.1\r\n{head}content-type: application/json\r\n"
+        stream += f"content-length: {len(body)}\r\n\r\n"
+        unload = f"DELETE /models/{model} HTTP/1.1\r\n{head}connection: close\r\n\r\n"
+        answer = b""
+        with socket.create_connection((host, port), timeout=HANG_S) as conn:
+            conn.sendall(stream.encode() + body + unload.encode())
+            while chunk := conn.recv(65536):  # until the server closes the connection after the DELETE
+                answer += chunk
+        text = answer.decode()
+        assert re.findall(r"^HTTP/1\.1 (\d{3})", text, re.M) == ["200", "200"], text
+        assert "event: done" in text and "event: error" not in text, text
+        assert models(c) == []
