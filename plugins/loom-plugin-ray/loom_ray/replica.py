@@ -59,7 +59,10 @@ def replica_class(max_models: int) -> type:
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def load(self, model_id: str) -> Loaded:
-            await self.manager.get(model_id)
+            # Registration only: the request's own get holds the model it is given. This runs on a task started in
+            # the request's context, so a get that held would hold the model as loaded for the request, and a reload
+            # the request asks for (other load options) would find it in flight: a 409 from its own hold.
+            await self.manager.get(model_id, hold=False)
             return Loaded(model_id)
 
         def _registered(self, get: Any) -> Any:

@@ -486,3 +486,24 @@ def test_a_killed_registry_comes_back_and_health_is_never_a_500(served):
 
     until(whole_again, "the registry restarted and refilled", STARTUP_S, 0.2)
     assert our_processes(proc.pid, "ray::Registry") != [registry]
+
+
+@pytest.mark.slow
+def test_a_request_may_reload_a_model_its_replica_had_before_ray_knew(tiny_models, tmp_path):
+    """The replica registers a request's model with Ray's multiplexing on a task of its own, whose ``get`` ran in a
+    copy of the request's context and so held the model it found for the request: a preloaded model, which Ray had
+    not yet seen there. A request for it with other load options then found it in flight under its own hold, and
+    its reload was refused (409, "serving requests with other load options")."""
+    llama = str(tiny_models["llama"])
+    with (
+        ray_server(tmp_path, replicas=1, config={"models": {"preload": [llama]}}) as (base, _, _),
+        httpx.Client(base_url=base, timeout=120) as c,
+    ):
+        until(
+            lambda: [m["model_id"] for m in c.get("/models").json()["loaded_models"]] == [llama],
+            "the replica reported its preloaded model",
+            STARTUP_S,
+            0.2,
+        )
+        r = c.post("/extract", json={"model": llama, "text": "the cat", "dtype": "bfloat16"})
+        assert r.status_code == 200, r.text
