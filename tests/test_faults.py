@@ -116,11 +116,13 @@ PROBLEM = "application/problem+json"
 
 @contextlib.contextmanager
 def faults_server(
-    tmp_path: Path, args: list[str] = (), **env: str
+    tmp_path: Path, args: list[str] = (), more: dict[str, str] | None = None, **env: str
 ) -> Iterator[tuple[httpx.Client, Path, subprocess.Popen]]:
+    """A real server with the faults plugin, and ``more`` plugin files (name -> source) beside it."""
     plugins = tmp_path / "plugins"
     plugins.mkdir(exist_ok=True)
-    (plugins / "faults.py").write_text(FAULTS)
+    for name, source in {"faults.py": FAULTS, **(more or {})}.items():
+        (plugins / name).write_text(source)
     (tmp_path / "gates").mkdir(exist_ok=True)
     env = {"FAULTS_GATES": str(tmp_path / "gates"), **env}
     with (
@@ -513,17 +515,6 @@ def readouts(model, fields, kernel, caller):
 '''
 
 
-@contextlib.contextmanager
-def held_server(
-    tmp_path: Path, args: list[str] = (), **env: str
-) -> Iterator[tuple[httpx.Client, Path, subprocess.Popen]]:
-    plugins = tmp_path / "plugins"
-    plugins.mkdir(exist_ok=True)
-    (plugins / "hold.py").write_text(HOLD)
-    with faults_server(tmp_path, args, **env) as served:
-        yield served
-
-
 def stream_events(c: httpx.Client, path: str, body: dict[str, Any]) -> tuple[int, list[str]]:
     """The status of a stream, and its event names (the problem's detail when it was refused)."""
     with c.stream("POST", path, json=body) as r:
@@ -563,7 +554,7 @@ def test_a_model_given_to_a_request_is_not_evicted_before_it_runs(tiny_models, t
     stream = {"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
     asks = [("/generate/stream", stream, "stream"), ("/v1/chat/completions", chat, "chat")]
-    with held_server(tmp_path, ["--preload", model], LOOM_MAX_MODELS="1") as (c, _, _):
+    with faults_server(tmp_path, ["--preload", model], {"hold.py": HOLD}, LOOM_MAX_MODELS="1") as (c, _, _):
         until(lambda: ready(c) == [model], "the preload")
         for path, body, gate in asks:
             with ThreadPoolExecutor(1) as pool:
@@ -598,7 +589,7 @@ def test_a_model_given_to_a_stream_is_not_reloaded_or_idle_unloaded_under_it(tin
     gates = tmp_path / "gates"
     body = {"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
     # Unload after 1.2 s idle; the reaper looks every 0.24 s at least (see the idle timer's test above).
-    with held_server(tmp_path, [], LOOM_AUTO_UNLOAD_MINUTES="0.02") as (c, log, _):
+    with faults_server(tmp_path, [], {"hold.py": HOLD}, LOOM_AUTO_UNLOAD_MINUTES="0.02") as (c, log, _):
         with ThreadPoolExecutor(1) as pool:
             asked = pool.submit(stream_events, c, "/generate/stream", {**body, "hold_at": "held"})
             with opened_at_end(gates, "held"):
@@ -621,7 +612,7 @@ def test_a_request_lets_go_of_its_model_however_it_ends(tiny_models, tmp_path):
     model = str(tiny_models["llama"])
     gates = tmp_path / "gates"
     body = {"model": model, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
-    with held_server(tmp_path, ["--preload", model]) as (c, _, _):
+    with faults_server(tmp_path, ["--preload", model], {"hold.py": HOLD}) as (c, _, _):
         until(lambda: ready(c) == [model], "the preload")
         status, problem = stream_events(c, "/generate/stream", {**body, "hold_at": "refuse"})
         assert status == 422 and "refused on purpose" in problem[0]
