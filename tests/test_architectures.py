@@ -253,9 +253,17 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
     enc = tok(TEXT, return_tensors="pt")
     points, layers, _, final = reference_points(net, arch)
     store, handles = record(points)
-    kept_final_input: dict[str, torch.Tensor] = {}
-    if final is not None:
-        handles.append(final.register_forward_pre_hook(lambda m, a: kept_final_input.update(x=a[0][0].clone())))
+    # Every norm's input, by the name of its scale: the final norm, and each block's norms (the modules whose
+    # output the reference names ln1/ln2.hook_normalized).
+    norms = {"ln_final.hook_scale": final} if final is not None else {}
+    norms |= {
+        name.replace("hook_normalized", "hook_scale"): module
+        for name, (module, side, _) in points.items()
+        if name.endswith("hook_normalized") and side == "out" and module is not final
+    }
+    norm_inputs: dict[str, torch.Tensor] = {}
+    for name, norm in norms.items():
+        handles.append(norm.register_forward_pre_hook(lambda m, a, name=name: norm_inputs.update({name: a[0][0]})))
     with torch.inference_mode():
         out = net(**enc, output_hidden_states=True)
     for handle in handles:
@@ -292,11 +300,12 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                     else w.T.reshape(z.shape[1], -1, w.shape[0])
                 )
                 close(got[at + "attn.hook_result"], torch.einsum("thd,hdm->thm", z, w_o), at + "attn.hook_result")
-        if final is not None:
-            x = kept_final_input["x"]
-            centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(final).__name__.lower() else x
-            eps = next(float(getattr(final, e)) for e in ("eps", "variance_epsilon") if hasattr(final, e))
-            close(got["ln_final.hook_scale"], (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt(), "hook_scale")
+        assert {k for k in offered if k.endswith("hook_scale")} == set(norms), sorted(offered)
+        for name, norm in norms.items():
+            x = norm_inputs[name].float()
+            centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(norm).__name__.lower() else x
+            eps = next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
+            close(got[name], (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt(), name)
         # Inside attention: the pattern is transformers' own eager attention weights, the scores its logits.
         if arch != "mamba":
             for i, pattern in enumerate(eager_patterns(net, enc)):
@@ -373,6 +382,80 @@ async def test_an_edit_at_berts_resid_post_is_an_edit_of_its_second_layernorms_i
         got = arrays(r.json(), "sequence_hidden_states")
     close(got["1"], want[1][0], "index 1")
     close(got["blocks.0.ln2.hook_normalized"], want[1][0], "ln2.hook_normalized")
+    close(got[str(n)], want[n][0], f"index {n}")
+
+
+async def test_berts_ln1_scale_is_read_after_an_edit_of_resid_mid_at_the_same_layernorm(built):
+    """Post-LN (TransformerLens's BertBlock): ``hook_resid_mid`` and ``ln1.hook_scale`` are both the first LayerNorm's
+    input, in that order, so the scale is that of the edited stream, and an edit of the scale rescales the norm's
+    output: the same as a pre-hook adding to the LayerNorm's input and a hook dividing its output's (y - b) by 2."""
+    path = built("bert")
+    net, tok = load(path, "bert")
+    enc = tok(TEXT, return_tensors="pt")
+    n = net.config.num_hidden_layers
+    norm = net.encoder.layer[0].attention.output.LayerNorm
+    v = torch.randn(net.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    seen: dict[str, torch.Tensor] = {}
+
+    def add(module: Any, args: tuple) -> tuple:
+        x = args[0] + v
+        seen["scale"] = 2 * ((x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        return (x,)
+
+    handles = [
+        norm.register_forward_pre_hook(add),
+        norm.register_forward_hook(lambda m, a, y: (y - norm.bias) / 2 + norm.bias),
+    ]
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+    for handle in handles:
+        handle.remove()
+    edits = [  # listed scale first: points apply in forward order, whatever the list's
+        {"site": "blocks.0.ln1.hook_scale", "op": "scale", "scale": 2.0},
+        {"site": "blocks.0.hook_resid_mid", "op": "add", "vector": v.tolist()},
+    ]
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all", "interventions": edits}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": [1, n, "blocks.0.ln1.hook_scale"]})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+    close(got["blocks.0.ln1.hook_scale"], seen["scale"][0], "ln1.hook_scale")
+    close(got["1"], want[1][0], "index 1")
+    close(got[str(n)], want[n][0], f"index {n}")
+
+
+@pytest.mark.parametrize(("ln", "reader"), [("ln1", "attn"), ("ln2", "mlp")])
+async def test_a_scale_edit_in_a_block_with_one_norm_for_both_sublayers_reaches_one_of_them(built, ln, reader):
+    """GPT-J's ``ln_1`` feeds attention and MLP; TransformerLens's conversion gives it a copy as ``ln2``, so ``ln1``'s
+    scale is attention's and ``ln2``'s the MLP's: an edit of one rescales that sublayer's input only, the same as a
+    pre-hook on that sublayer alone mapping the norm's output y to (y - b) / 2 + b."""
+    path = built("gptj")
+    net, tok = load(path, "gptj")
+    enc = tok(TEXT, return_tensors="pt")
+    n = net.config.num_hidden_layers
+    block = net.transformer.h[1]
+    norm = block.ln_1
+
+    def halve(module: Any, args: tuple, kwargs: dict) -> tuple:
+        if args:
+            return ((args[0] - norm.bias) / 2 + norm.bias, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": (kwargs["hidden_states"] - norm.bias) / 2 + norm.bias}
+
+    handle = getattr(block, reader).register_forward_pre_hook(halve, with_kwargs=True)
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+    handle.remove()
+    edit = {"site": f"blocks.1.{ln}.hook_scale", "op": "scale", "scale": 2.0}
+    names = ["blocks.1.ln1.hook_scale", "blocks.1.ln2.hook_scale"]
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all", "hidden_state_layers": [2, n, *names]}
+        plain = arrays((await c.post("/extract", json=body)).json(), "sequence_hidden_states")
+        r = await c.post("/extract", json={**body, "interventions": [edit]})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+    close(plain["blocks.1.ln1.hook_scale"], plain["blocks.1.ln2.hook_scale"], "one norm, one scale")
+    close(got[f"blocks.1.{ln}.hook_scale"], 2 * plain[f"blocks.1.{ln}.hook_scale"], "the edited scale")
+    close(got["2"], want[2][0], "index 2")
     close(got[str(n)], want[n][0], f"index {n}")
 
 

@@ -152,8 +152,9 @@ class Reference:
             elif name == "hook_result":
                 o = points[site.replace("hook_result", "hook_z")][0]
                 self.handles.append(o.register_forward_hook(self._result(o, item, counter, prompt, h)))
-            elif name == "hook_scale":
-                self._scale(final, item, counter, prompt)
+            elif name == "hook_scale":  # the norm whose output the reference names hook_normalized
+                norm = final if site.startswith("ln_final") else points[site.replace("scale", "normalized")][0]
+                self._scale(norm, item, counter, prompt)
             else:
                 module, side, view = points[site]
                 self.handles += self._module(module, side, view or (lambda t: t), item, counter, prompt)
@@ -191,7 +192,7 @@ class Reference:
         return hook
 
     def _scale(self, norm: Any, item: Any, counter: Counter, prompt: int) -> None:
-        """The final norm's output for its input divided by an edited sqrt(variance + eps): (y - b) * s / s' + b."""
+        """A norm's output for its input divided by an edited sqrt(variance + eps): (y - b) * s / s' + b."""
         inputs: dict[str, torch.Tensor] = {}
         self.handles.append(norm.register_forward_pre_hook(lambda m, a: inputs.update(x=a[0])))
 
@@ -352,6 +353,8 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
         {"site": "blocks.2.mlp.hook_post", "op": "ablate", "vector": neuron(5)},  # neuron 5 zeroed
         {"site": "blocks.1.mlp.hook_post", "op": "add", "vector": neuron(7), "scale": 4.0, "positions": "all"},
         {"site": "ln_final.hook_scale", "op": "scale", "scale": 2.0, "positions": "prompt"},
+        {"site": "blocks.1.ln1.hook_scale", "op": "scale", "scale": 0.5, "positions": [2, -1]},
+        {"site": "blocks.2.ln2.hook_scale", "op": "add", "vector": [abs(v) + 0.5 for v in vec(1)]},
     ]
     if arch == "gpt2":
         out.append({"site": "hook_pos_embed", "op": "scale", "scale": 0.0, "positions": "prompt"})

@@ -8,8 +8,8 @@ refused, naming the site, instead of served wrong.
 - sequential blocks: resid_pre + attn_out = the stream the MLP's side reads (its norm's input, or the MLP's own
   input where the block normalizes outputs only) = resid_mid, and resid_mid + mlp_out = resid_post; parallel blocks:
   resid_pre + attn_out + mlp_out = resid_post; post-LN blocks (BERT): resid_pre + attn_out = resid_mid;
-- ``ln_final.hook_scale`` and the norm's weight and bias give its output (the frozen-scale linear map the logit
-  attribution uses);
+- each norm's scale (``ln_final.hook_scale``, ``blocks.{i}.ln1/ln2.hook_scale``) with its weight and bias gives the
+  norm's output from its input (the frozen-scale linear map the logit attribution uses);
 - the logit lens of the last block's output is the model's own log-softmax (its head, logit scale and soft-capping);
 - under The Loom's eager attention (the hook points inside attention) the model computes what it computes alone.
 """
@@ -39,8 +39,11 @@ def check(model: LoadedModel) -> None:
         if sites[key].module is None:
             _fail(model, str(key), "is at a module the architecture table names and the model lacks")
     arch = arch_of(net.config)
+    scales = {k: s for k, s in sites.items() if isinstance(s, Site) and s.kind == "scale"}
     with torch.inference_mode():
         streams, handles = _mid_streams(model, arch)
+        norms, more = _norm_io(scales)
+        handles += more
         try:
             got, out = _run(model, ids, offered)
         finally:
@@ -58,8 +61,9 @@ def check(model: LoadedModel) -> None:
                 _fail(model, str(key), f"has shape {list(got[key].shape[1:])}, not its declared {list(want)}")
         if arch is not None:
             _sums(model, got, arch.parallel(net.config), arch.residual, streams)
-            if isinstance(sites.get("ln_final.hook_scale"), Site):
-                _norm(model, got, sites["ln_final.hook_scale"])
+        for key, site in scales.items():
+            x, y = norms[id(site.module)]
+            _norm(model, str(key), site, x, got[key], y)
         if model.unembed is not None:
             lens = torch.log_softmax(unembed(model, got[f"blocks.{n - 1}.hook_resid_post"], False).double(), -1)
             own = torch.log_softmax(out.logits[0].double().cpu(), -1)
@@ -131,17 +135,34 @@ def _sums(model: LoadedModel, got: dict[Any, Any], parallel: bool, residual: str
             _close(model, at + "hook_mlp_out", mid + got[at + "hook_mlp_out"], post, "hook_resid_post")
 
 
-def _norm(model: LoadedModel, got: dict[Any, Any], site: Site) -> None:
-    """The final norm's output is (x - mean) / scale * w + b (LayerNorm), x / scale * w (RMSNorm) or
-    x / scale * (1 + w) (Gemma), with the recorded scale: the map the logit attribution freezes."""
-    x = got[f"blocks.{model.num_layers - 1}.hook_resid_post"]
+def _norm_io(scales: dict[Any, Site]) -> tuple[dict[int, list[Any]], list[Any]]:
+    """Hooks keeping each scaled norm's input and output, by the norm's id."""
+    io: dict[int, list[Any]] = {}
+    handles: list[Any] = []
+    for norm in {id(s.module): s.module for s in scales.values()}.values():
+        kept = io.setdefault(id(norm), [None, None])
+
+        def before(module: Any, args: tuple, kept: list[Any] = kept) -> None:
+            kept[0] = args[0][0].float().cpu()
+
+        def after(module: Any, args: tuple, output: Any, kept: list[Any] = kept) -> None:
+            kept[1] = (output[0] if isinstance(output, tuple) else output)[0].float().cpu()
+
+        handles += [norm.register_forward_pre_hook(before), norm.register_forward_hook(after)]
+    return io, handles
+
+
+def _norm(model: LoadedModel, key: str, site: Site, x: Any, scale: Any, y: Any) -> None:
+    """A norm's output is (x - mean) / scale * w + b (LayerNorm), x / scale * w (RMSNorm) or x / scale * (1 + w)
+    (Gemma), with the recorded scale: the map the logit attribution freezes."""
     if site.extra == "layer":
         x = x - x.mean(-1, keepdim=True)
-    weight = site.module.weight.detach().float().cpu()
-    y = x / got["ln_final.hook_scale"] * (1 + weight if site.extra == "rms1p" else weight)
+    weight = getattr(site.module, "weight", None)
+    w = weight.detach().float().cpu() if weight is not None else 1.0
+    want = x / scale * (1 + w if site.extra == "rms1p" else w)
     if getattr(site.module, "bias", None) is not None:
-        y = y + site.module.bias.detach().float().cpu()
-    _close(model, "ln_final.hook_scale", y, got["ln_final.hook_normalized"], f"the final norm ({site.extra})")
+        want = want + site.module.bias.detach().float().cpu()
+    _close(model, key, want, y, f"its norm's output ({site.extra})")
 
 
 def _close(model: LoadedModel, where: str, got: Any, want: Any, what: str, atol: float = 0.0) -> None:

@@ -15,8 +15,8 @@ which a pass runs under The Loom's eager attention). Points that fire at one tor
 TransformerLens's order (``RANKS``). Some are computed from what the hook sees: ``hook_resid_mid`` is resid_pre +
 attn_out (an edit there is carried by the attention output: attn_out becomes f(resid_pre + attn_out) - resid_pre),
 ``attn.hook_result`` each head's z through its share of the output projection (an edit there makes the projection's
-output the sum of the edited results plus its bias), ``ln_final.hook_scale`` the final norm's sqrt(variance + eps)
-(an edit there rescales the norm's output).
+output the sum of the edited results plus its bias), ``hook_scale`` a norm's sqrt(variance + eps) (an edit there
+rescales the norm's output where its ``hook_normalized`` reads it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from loom_transformers.attention import MASKED
 # TransformerLens's order of the points in a block.
 RANKS = {
     "hook_resid_pre": 0,
+    "ln1.hook_scale": 1,
     "ln1.hook_normalized": 2,
     "attn.hook_q": 3,
     "attn.hook_k": 4,
@@ -45,12 +46,13 @@ RANKS = {
     "attn.hook_result": 11,
     "hook_attn_out": 12,
     "hook_resid_mid": 13,
-    "ln2.hook_normalized": 14,
-    "mlp.hook_pre": 15,
-    "mlp.hook_pre_linear": 16,
-    "mlp.hook_post": 17,
-    "hook_mlp_out": 18,
-    "hook_resid_post": 19,
+    "ln2.hook_scale": 14,
+    "ln2.hook_normalized": 15,
+    "mlp.hook_pre": 16,
+    "mlp.hook_pre_linear": 17,
+    "mlp.hook_post": 18,
+    "hook_mlp_out": 19,
+    "hook_resid_post": 20,
 }
 BLOCK_POINTS = tuple(RANKS)
 GLOBAL_POINTS = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
@@ -65,12 +67,15 @@ class Site:
     name: str
     module: Any
     side: str  # "in" (forward pre-hook), "out" (forward hook) or "attn" (inside the attention function)
-    rank: int
+    rank: float  # the order of the points at one torch hook
     shape: tuple[int, ...]
     kind: str = "plain"  # plain | mid | result | scale | broadcast | rot_q | rot_k | scores | pattern
     view: Callable[[Any], Any] | None = None  # the hooked tensor [B, T, ...] -> a view [B, T, *shape]
     block: Any = None  # mid: the block whose input is resid_pre
     extra: Any = None  # result: (the output projection, heads); scale: the norm's kind
+    # scale: the point that reads the norm's output (its hook_normalized), where an edited scale rescales it: a norm
+    # that feeds both sublayers of a parallel block is each one's own there, as TransformerLens's copy of it is.
+    reader: Site | None = None
 
     @property
     def hook(self) -> tuple[int, str]:
@@ -110,10 +115,11 @@ def _derive(model: LoadedModel) -> dict[int | str, Site | str]:
     final = part(base, arch.final_norm)
     if final is not None:
         top = 100 * (n + 1)
+        normalized = Site("ln_final.hook_normalized", final, "out", top + 1, (d,))
         sites["ln_final.hook_scale"] = Site(
-            "ln_final.hook_scale", final, "in", top, (1,), kind="scale", extra=arch.norm
+            "ln_final.hook_scale", final, "in", top, (1,), kind="scale", extra=arch.norm, reader=normalized
         )
-        sites["ln_final.hook_normalized"] = Site("ln_final.hook_normalized", final, "out", top + 1, (d,))
+        sites["ln_final.hook_normalized"] = normalized
     else:
         for name in ("ln_final.hook_scale", "ln_final.hook_normalized"):
             sites[name] = f"{arch.name} has no final norm: index {n} is blocks.{n - 1}.{_block_output(arch)}"
@@ -183,10 +189,21 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     def site(name: str, module: Any, side: str, shape: tuple[int, ...], **kw: Any) -> Site:
         return Site(f"blocks.{i}.{name}", module, side, rank + RANKS[name], shape, **kw)
 
+    def scale(name: str, norm: Any, after: str | None = None) -> Site | str:
+        """``ln1.hook_scale`` or ``ln2.hook_scale``: the scale of ``norm``'s input, edited where its ``hook_normalized``
+        reads the norm's output; ``after``: the point the same hook runs first (post-LN: the stream the norm
+        normalizes is itself a point there)."""
+        reader = out[name.replace("scale", "normalized")]
+        if isinstance(reader, str):
+            return reader
+        at = rank + RANKS[after] + 0.5 if after else rank + RANKS[name]
+        return Site(f"blocks.{i}.{name}", norm, "in", at, (1,), kind="scale", extra=arch.norm, reader=reader)
+
     out["hook_resid_pre"] = site("hook_resid_pre", block, "in", (d,))
     out["hook_resid_post"] = site("hook_resid_post", block, "out", (d,))
     if arch.mixer is not None:
         out["ln1.hook_normalized"] = site("ln1.hook_normalized", part(block, arch.mixer), "in", (d,))
+        out["ln1.hook_scale"] = scale("ln1.hook_scale", part(block, arch.ln1))
         why = f"{arch.name}'s blocks hold a state-space mixer: no attention, no MLP"
         for name in BLOCK_POINTS:
             out.setdefault(name, why)
@@ -206,6 +223,8 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
         out["hook_resid_post"] = site("hook_resid_post", part(block, arch.ln2), "in", (d,))
         out["ln1.hook_normalized"] = site("ln1.hook_normalized", part(block, arch.ln1), "out", (d,))
         out["ln2.hook_normalized"] = site("ln2.hook_normalized", part(block, arch.ln2), "out", (d,))
+        out["ln1.hook_scale"] = scale("ln1.hook_scale", part(block, arch.ln1), after="hook_resid_mid")
+        out["ln2.hook_scale"] = scale("ln2.hook_scale", part(block, arch.ln2), after="hook_resid_post")
     elif parallel:
         out["hook_resid_mid"] = (
             f"{arch.name}'s block is parallel-residual (attention and MLP read the same input and add to the stream "
@@ -225,6 +244,16 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
             if arch.ln2 or (parallel and arch.ln1)
             else f"{arch.name} normalizes each sublayer's output, not its input: the MLP reads hook_resid_mid itself"
         )
+        for ln in ("ln1", "ln2"):  # a parallel block's one norm (GPT-J, Cohere, Falcon) is both ln1 and ln2
+            norm = part(block, getattr(arch, ln)) or (part(block, arch.ln1) if parallel else None)
+            why = out[f"{ln}.hook_normalized"]
+            out[f"{ln}.hook_scale"] = (
+                scale(f"{ln}.hook_scale", norm)
+                if norm is not None
+                else why
+                if isinstance(why, str)
+                else f"{arch.name}'s block has no {getattr(arch, ln) or ln} module"
+            )
     out.update(_mlp(arch, mlp, site))
     post_mlp = part(block, arch.post_mlp_norm)
     mlp_out = part(block, arch.down) if post_ln else post_mlp or mlp
@@ -399,7 +428,8 @@ class SiteHooks:
         self._edits: dict[int, list[tuple[int, Intervention]]] = {}
         self._names: dict[int, list[int | str]] = {}
         self._inputs: dict[int, Any] = {}  # each resid_mid block's input, kept by a pre-hook on the block
-        self._ratio: dict[int, Any] = {}  # an edited final-norm scale: old / new, applied to the norm's output
+        # An edited scale, by the hook of the point reading its norm's output: (the norm, old / new), applied there.
+        self._ratio: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._cores: list[Any] = []
         sites = site_map(model)
         hooks: dict[tuple[int, str], dict[int, Site]] = {}
@@ -409,9 +439,10 @@ class SiteHooks:
             assert isinstance(site, Site)
             hooks.setdefault(site.hook, {})[id(site)] = site
             modules[site.hook] = site.module
-            if site.kind == "scale":  # the norm's output hook carries an edited scale
-                hooks.setdefault((id(site.module), "out"), {})
-                modules[(id(site.module), "out")] = site.module
+            if site.kind == "scale":  # the reader's hook carries an edited scale
+                assert site.reader is not None
+                hooks.setdefault(site.reader.hook, {})
+                modules[site.reader.hook] = site.reader.module
             return site
 
         for b, row in enumerate(edits):
@@ -441,7 +472,7 @@ class SiteHooks:
 
             def pre(module: Any, args: tuple, kwargs: dict) -> Any:
                 h = args[0] if args else kwargs["hidden_states"]
-                new = self._run(sites, h, args)
+                new = self._run(sites, self._rescaled(module, side, h), args)
                 if new is h:
                     return None
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
@@ -451,9 +482,7 @@ class SiteHooks:
 
         def post(module: Any, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
-            ratio = self._ratio.pop(id(module), None)
-            new = h if ratio is None else _rescaled(module, h, ratio)
-            new = self._run(sites, new, args)
+            new = self._run(sites, self._rescaled(module, "out", h), args)
             if new is h:
                 return None
             if isinstance(output, tuple):
@@ -553,7 +582,8 @@ class SiteHooks:
             new = s.clone()
             for b, edit in edits:
                 self._edit(site, new, b, edit)
-            self._ratio[id(site.module)] = s / new
+            assert site.reader is not None
+            self._ratio[site.reader.hook] = (site.module, s / new)
             s = new
         for key in names:
             self._keep(key, s)
@@ -606,6 +636,11 @@ class SiteHooks:
         for core in self._cores:
             core.__dict__.pop("_loom_sites", None)
         self._cores.clear()
+
+    def _rescaled(self, module: Any, side: str, h: Any) -> Any:
+        """``h``, a norm's output read at this hook, as the norm gives it for an edited scale."""
+        found = self._ratio.pop((id(module), side), None)
+        return h if found is None else _rescaled(found[0], h, found[1])
 
 
 def _same(t: Any) -> Any:
