@@ -446,7 +446,8 @@ def test_another_sites_page_cannot_make_the_server_work(
     wait_for(
         browser, lambda d: d.current_url == f"{base}/viewer" and d.execute_script("return document.body.dataset.models")
     )
-    assert console_errors(browser) == []
+    # The other site's own errors (its missing favicon, which the browser may ask for late) are not the viewer's.
+    assert [e for e in console_errors(browser) if not e["message"].startswith(site)] == []
 
 
 def test_a_link_from_another_site_fills_the_form_but_runs_nothing(
