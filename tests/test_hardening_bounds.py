@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from serverutil import HANG_S, killed_mid_fit, loom_server, until
+from serverutil import HANG_S, killed_mid_fit, loom_server, refused_by_sklearn, until
 from test_models import app_with, concurrent_client
 
 HUGE = "the cat sat on the mat " * 220_000  # 5 MB
@@ -553,6 +553,76 @@ async def test_a_fit_whose_worker_dies_is_a_503_and_the_next_fits_run(tiny_model
         assert r.status_code == 201, r.text
         assert fits.idle[0].process is not idle.process and idle.conn.closed
         assert sorted(p["name"] for p in (await c.get("/probes")).json()["probes"]) == ["f", "g"]
+
+
+def overflowing_llama(tiny: Any, root: Any, text: str, others: list[str]) -> str:
+    """A copy of the tiny llama whose embedding of one token of ``text`` (in none of ``others`` nor the load's
+    self-check) is infinite: its states are NaN from block 0 on wherever that token is read, its other texts' are
+    finite."""
+    import shutil
+
+    import transformers
+    from loom_transformers.selfcheck import PROBE
+
+    path = root / "overflowing-llama"
+    shutil.copytree(tiny, path)
+    net = transformers.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+
+    def ids(t: str) -> set[int]:
+        return set(tokenizer(t)["input_ids"])
+
+    token = min(ids(text) - set().union(*map(ids, others)) - set(PROBE))
+    with torch.no_grad():
+        net.get_input_embeddings().weight[token] = float("inf")
+    net.save_pretrained(path)
+    return str(path)
+
+
+async def test_a_fit_scikit_learn_would_refuse_is_a_422_naming_the_field_before_the_fit(tiny_models, tmp_path):
+    from loom_interp.state import interp
+    from sklearn.linear_model import LogisticRegression
+
+    texts = ["the cat sat", "the dog sat", "one two three", "four five six", "the dog ran", "seven eight nine", "ten"]
+    path = overflowing_llama(tiny_models["llama"], tmp_path, texts[0], texts[1:])
+    fit = {"name": "f", "model": path, "site": 2, "texts": texts[:6]}
+    app = app_with()
+    async with concurrent_client(app) as c:
+        for labels in (["a"] * 6, ["a", "a", "a", "b", "b", "c"], ["a", "b"] * 2):  # one class, one text, a count
+            r = await c.post("/probes/fit", json={**fit, "labels": labels})
+            assert r.status_code == 422 and r.json()["field"] == "labels", r.text
+        labels = ["a", "a", "a", "b", "b", "b"]
+        states = await c.post("/extract", json={"model": path, "text": texts[0], "hidden_state_layers": [2]})
+        x = np.array(states.json()["hidden_states"]["2"]["data"] + [[0.0] * 64] * 5, dtype=float)  # null: NaN
+        with pytest.raises(ValueError, match="NaN"):  # scikit-learn's own refusal of that text's state
+            LogisticRegression().fit(x, [0, 0, 0, 1, 1, 1])
+        r = await c.post("/probes/fit", json={**fit, "labels": labels})
+        assert r.status_code == 422 and r.json()["field"] == "texts[0]" and "not finite" in r.json()["detail"], r.text
+        assert interp(app.state.manager.kernel).fitter.idle == []  # refused before any worker was asked
+        r = await c.post("/probes/fit", json={**fit, "texts": texts[1:], "labels": labels})
+        assert r.status_code == 201, r.text
+
+
+async def test_a_fit_scikit_learn_refuses_in_its_worker_is_a_422_and_the_worker_is_kept(tiny_models, monkeypatch):
+    import loom_interp.probes
+    from loom_interp.state import interp
+
+    path = str(tiny_models["llama"])
+    texts = ["the cat sat", "the dog sat", "one two three", "four five six"]
+    fit = {"name": "f", "model": path, "site": 2, "texts": texts, "labels": ["animal", "animal", "count", "count"]}
+    app = app_with()
+    async with concurrent_client(app) as c:
+        fits = interp(app.state.manager.kernel).fitter
+        monkeypatch.setattr(loom_interp.probes, "train", refused_by_sklearn)  # sent to the worker by its name
+        r = await asyncio.wait_for(c.post("/probes/fit", json=fit), HANG_S)  # the bound only ends a hang
+        assert r.status_code == 422 and r.json()["field"] == "labels", r.text
+        assert "scikit-learn" in r.json()["detail"] and "n_splits=5" in r.json()["detail"], r.text
+        (kept,) = fits.idle
+        monkeypatch.undo()
+        r = await asyncio.wait_for(c.post("/probes/fit", json=fit), HANG_S)
+        assert r.status_code == 201, r.text
+        assert fits.idle == [kept]
+        assert [p["name"] for p in (await c.get("/probes")).json()["probes"]] == ["f"]
 
 
 # -- red-team round 3: what a review found answering 500 or storing what it cannot use --------------------------

@@ -62,7 +62,8 @@ def train(x: Any, y: Any, classes: list[str], folds: int) -> dict[str, Any]:
 
 
 def _serve(conn: Any) -> None:
-    """A worker's loop: (function, args) in, ("ok", result) or ("error", text) out, until the pipe closes."""
+    """A worker's loop: (function, args) in, ("ok", result), ("refused", text) or ("error", text) out, until the
+    pipe closes."""
     while True:
         try:
             fn, args = conn.recv()
@@ -70,6 +71,8 @@ def _serve(conn: Any) -> None:
             return
         try:
             conn.send(("ok", fn(*args)))
+        except ValueError as exc:  # scikit-learn's word for data it cannot fit: the request's fault, not the server's
+            conn.send(("refused", str(exc)))
         except Exception as exc:  # the fit's own failure, reported to the server
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -85,6 +88,8 @@ class Worker:
     def call(self, fn: Any, *args: Any) -> Any:
         self.conn.send((fn, args))
         kind, value = self.conn.recv()  # EOFError once the process is ended
+        if kind == "refused":
+            raise ValueError(value)
         if kind == "error":
             raise RuntimeError(value)
         return value
@@ -107,8 +112,8 @@ class Fitter:
         self.busy: list[Worker] = []  # the workers fitting now
 
     async def run(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in a worker: FitStopped past ``seconds`` or when the worker dies; a cancelled call ends its
-        worker."""
+        """``fn(*args)`` in a worker: FitStopped past ``seconds`` or when the worker dies, ValueError when ``fn``
+        raised one (its data refused); a cancelled call ends its worker."""
         async with self._slots:
             return await self._run(fn, *args)
 
@@ -147,6 +152,9 @@ class Fitter:
                 f"fit: its worker process died before the fit finished ({ended}); nothing was stored, and the next "
                 "fit runs in a new worker. Try again, or fit on fewer texts if it dies again"
             ) from None
+        except ValueError:  # the data refused, the worker unharmed
+            kept = True
+            raise
         except asyncio.CancelledError:  # the client left, or the request ran out of time
             self._stop(worker, call)
             raise

@@ -220,10 +220,28 @@ async def fit(session: Session, data: FitRequest, req: StateRequest, manager: An
     def states() -> Any:
         import numpy as np
 
-        return np.stack([r.states[key].double().mean(0).numpy() for out in outputs for r in out.rows])
+        x = np.stack([r.states[key].double().mean(0).numpy() for out in outputs for r in out.rows])
+        broken = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if broken.size:  # scikit-learn refuses NaN and infinity; say which text gave them
+            i = int(broken[0])
+            raise InvalidField(
+                f"texts[{i}]: its state at site {echo(data.site)} is not finite (NaN or infinity): the model's "
+                "activations leave floating-point range on this text; leave it out, or load the model as float32",
+                field=f"texts[{i}]",
+                allowed="texts whose states at the site are finite",
+            )
+        return x
 
     x = await session.thread(states)
-    result = await interp(manager.kernel).fitter.run(train, x, y, classes, folds)
+    try:
+        result = await interp(manager.kernel).fitter.run(train, x, y, classes, folds)
+    except ValueError as exc:
+        headline = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise InvalidField(
+            f"labels: scikit-learn refused to fit these texts and labels: {headline}",
+            field="labels",
+            allowed="texts and labels scikit-learn's LogisticRegression can fit",
+        ) from None
     import torch
 
     return {
