@@ -631,6 +631,72 @@ def test_a_request_lets_go_of_its_model_however_it_ends(tiny_models, tmp_path):
         assert c.delete(f"/models/{model}").status_code == 200
 
 
+# A plugin for the test below: a loaded model's named weights are read only once the test opens the gate "weights".
+SLOW_WEIGHTS = '''\
+"""A model whose named weights wait at the faults gate "weights" before they are read, for tests/test_faults.py."""
+import os
+import time
+
+from loom_kernel import hookimpl
+
+
+def gate(name):
+    root = os.environ["FAULTS_GATES"]
+    open(os.path.join(root, name + ".waiting"), "a").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@hookimpl(wrapper=True, specname="load")
+def slow_weights(model, loader, options):
+    loaded = yield
+    if loaded is not None and loaded.weights is not None:
+        read = loaded.weights
+
+        def weights(names):
+            if names is not None:
+                gate("weights")
+            return read(names)
+
+        loaded.weights = weights
+    return loaded
+'''
+
+
+def test_a_weights_answer_holds_its_model_as_an_extract_does(tiny_models, tmp_path):
+    """GET /models/{id}/weights read a model's tensors without counting in its in_flight, so a DELETE while they were
+    read and encoded unloaded the model under them. It now reaches its model as an /extract does: a DELETE meanwhile
+    is the same 409, the answer is the model's own tensor, and then the model is let go of."""
+    import safetensors.torch
+    from loom_client import decode
+
+    model = str(tiny_models["llama"])
+    gates = tmp_path / "gates"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    want = safetensors.torch.load_file(f"{model}/model.safetensors")[name].numpy()
+    extract = {"model": model, "text": "GATEextract the cat"}
+    with faults_server(tmp_path, ["--preload", model], {"weights.py": SLOW_WEIGHTS}) as (c, _, _):
+        until(lambda: ready(c) == [model], "the preload")
+        for gate, ask in [
+            ("extract", lambda: c.post("/extract", json=extract)),
+            ("weights", lambda: c.get(f"/models/{model}/weights", params={"names": name, "format": "list"})),
+        ]:
+            with ThreadPoolExecutor(1) as pool:
+                asked = pool.submit(ask)
+                with opened_at_end(gates, gate):
+                    until(lambda g=gate: (gates / f"{g}.waiting").exists(), f"the {gate} request reached its gate")
+                    assert in_flight(c, model) == 1, gate
+                    problem = assert_problem(c.delete(f"/models/{model}"), 409)
+                    assert "in flight" in problem["detail"] and problem["field"] == "model_id", problem
+                    assert ready(c) == [model]
+                answer = asked.result()
+            assert answer.status_code == 200, answer.text
+            until(lambda: in_flight(c, model) == 0, f"the {gate} request let go of its model")
+        np.testing.assert_array_equal(decode.arrays(answer.json())["weights"][name], want)
+        assert c.delete(f"/models/{model}").status_code == 200
+
+
 def test_a_stream_lets_go_of_its_model_before_its_client_has_its_end(tiny_models, tmp_path):
     """A client that has read a stream to its end may unload the model at once. The request let go of its model
     only once the app's handler had returned, and a stream's returns some loop turns after its last bytes are sent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -10,10 +9,12 @@ from litestar import Controller, Request, delete, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody
 
+from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import respond
 from loom_kernel.api.payloads import AnswerTooLarge
 from loom_kernel.api.schemas import LoadRequest
+from loom_kernel.api.streaming import client_gone
 from loom_kernel.api.system import path_model_id
 from loom_kernel.encoding import check_dtype, check_format, encode_states, safetensors_body
 from loom_kernel.errors import InvalidField, ModelNotFound, Unsupported
@@ -56,11 +57,17 @@ class ModelsController(Controller):
             raise ModelNotFound(
                 f"model_id: {model_id!r} is not loaded", field="model_id", allowed=sorted(manager.loaded_ids())
             )
-        model = entry.model()
         if what == "/weights":
+            # Through the manager's run, as every request that works on a model: held while its tensors are read
+            # and encoded, so that no unload, eviction or reload takes the model from under them.
             limit = int(manager.settings.max_response_mb * 2**20)
-            body = await asyncio.to_thread(weights_answer, model, model_id, dict(request.query_params), limit)
-            return respond(body)
+            query = dict(request.query_params)
+
+            async def work(session: Session) -> dict[str, Any] | bytes:
+                return await session.thread(weights_answer, session.model, model_id, query, limit)
+
+            return respond(await manager.run(entry, work, until=client_gone(request)))
+        model = entry.model()
         named = model.sites or {}
         return {
             "model_id": model_id,
