@@ -36,23 +36,33 @@ LLAMA_LIKE = (
     "gemma2",
     "gemma3_text",
 )
-SURVEY = (*LLAMA_LIKE, "gpt2", "gpt_neox", "gptj", "falcon", "bert", "mamba")
+# A family's other block, built from its tiny config with these attributes and checked as an architecture of its own:
+# Falcon's sequential block (parallel_attn false, as in Falcon-RW) has a post-attention norm and a stream between
+# its sublayers, which the default, parallel one has not.
+VARIANTS = {"falcon_sequential": ("falcon", {"parallel_attn": False})}
+SURVEY = (*LLAMA_LIKE, "gpt2", "gpt_neox", "gptj", "falcon", "falcon_sequential", "bert", "mamba")
 PARALLEL = ("gpt_neox", "gptj", "cohere", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
 
 
 @pytest.fixture(scope="module")
 def built(tiny_root: Path) -> Any:
-    from loom_transformers.testing import build_tiny_model
-
     cache: dict[str, str] = {}
 
     def get(arch: str) -> str:
         if arch not in cache:
-            cache[arch] = str(build_tiny_model(arch, tiny_root, name=f"norms-{arch}", perturb_norms=True))
+            cache[arch] = build(arch, tiny_root)
         return cache[arch]
 
     return get
+
+
+def build(arch: str, root: Path) -> str:
+    """The tiny model of ``arch`` (a family, or one of ``VARIANTS``), its norms perturbed."""
+    from loom_transformers.testing import build_tiny_model
+
+    family, config = VARIANTS.get(arch, (arch, {}))
+    return str(build_tiny_model(family, root, name=f"norms-{arch}", perturb_norms=True, **config))
 
 
 def load(path: str, arch: str) -> tuple[Any, Any]:
@@ -72,6 +82,7 @@ def heads(t: torch.Tensor, n: int) -> torch.Tensor:
 def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any]], Any, Any, Any]:
     """(points, blocks, embedding modules, final norm): each point as (module, "in" | "out", per-token view)."""
     cfg = net.config
+    arch = VARIANTS.get(arch, (arch, {}))[0]
     h = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 1)
     kv = int(getattr(cfg, "num_key_value_heads", None) or h)
     same = None  # the tensor as the hook sees it
@@ -181,6 +192,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             p["attn.hook_z"] = (a.dense, "in", lambda t: heads(t, h))
             p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
             p["ln1.hook_normalized"] = p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
+            if not cfg.parallel_attn:  # sequential: the MLP reads post_attention_layernorm of resid_pre + attn_out
+                p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
+                p["hook_resid_mid"] = (layer.post_attention_layernorm, "in", same)
             p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
         else:  # bert: post-LN, TransformerLens's BertBlock
             a = layer.attention

@@ -15,21 +15,19 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_architectures import close, heads, load, record, reference_points
+from test_architectures import VARIANTS, build, close, heads, load, record, reference_points
 from test_batching import arrays
 from test_interventions import reference_apply
 from test_models import app_with, concurrent_client
 
-ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2")
+ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential")
 TEXT = "the cat sat on the mat and looked at the"
 REF = "loom_test_reference"
 
 
 @pytest.fixture(scope="module")
 def built(tiny_root: Any) -> Any:
-    from loom_transformers.testing import build_tiny_model
-
-    return lambda arch: str(build_tiny_model(arch, tiny_root, name=f"norms-{arch}", perturb_norms=True))
+    return lambda arch: build(arch, tiny_root)
 
 
 # -- the reference: edits as torch hooks, and an eager attention with edits inside ---------------------------------
@@ -237,7 +235,8 @@ def heads_of(net: Any) -> int:
 
 
 def attention_core(layer: Any, arch: str) -> Any:
-    return {"gpt2": lambda: layer.attn, "gpt_neox": lambda: layer.attention}.get(arch, lambda: layer.self_attn)()
+    cores = {"gpt2": lambda: layer.attn, "gpt_neox": lambda: layer.attention, "falcon": lambda: layer.self_attention}
+    return cores.get(VARIANTS.get(arch, (arch, {}))[0], lambda: layer.self_attn)()
 
 
 # -- the new points' values -----------------------------------------------------------------------------------------
