@@ -31,7 +31,19 @@ import numpy as np
 import pytest
 from serverutil import HANG_S, REPO, loom_server, server_env, until
 
-FAULTS = '''\
+# The gate each test plugin here waits at (it needs ``os`` and ``time``): the test opens it by creating the file.
+GATE = '''
+def gate(name):
+    """Wait until the test opens gate ``name`` (creates FAULTS_GATES/name), saying first that it waits there."""
+    root = os.environ["FAULTS_GATES"]
+    open(os.path.join(root, name + ".waiting"), "a").close()
+    deadline = time.monotonic() + 120  # only against a hang: the test opens every gate it closes
+    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+'''
+
+FAULTS = (
+    '''\
 """Faults on purpose for tests/test_faults.py: a loader that raises, forward passes that fail or stall."""
 import ctypes
 import gc
@@ -50,14 +62,9 @@ def ballast():
     return torch.ones(BALLAST_MIB * 2**20 // 4)  # written, so resident until freed
 
 
-def gate(name):
-    """Wait until the test opens gate ``name`` (creates FAULTS_GATES/name), saying first that it waits there."""
-    root = os.environ["FAULTS_GATES"]
-    open(os.path.join(root, name + ".waiting"), "a").close()
-    deadline = time.monotonic() + 120  # only against a hang: the test opens every gate it closes
-    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
+'''
+    + GATE
+    + '''
 
 @hookimpl
 def load(model, loader, options):
@@ -109,6 +116,7 @@ def forward_with_states(model, batch, capture):
     stall(texts)
     return None  # the model's own loader runs the pass
 '''
+)
 
 RSS_TOLERANCE_MIB = 32
 PROBLEM = "application/problem+json"
@@ -485,7 +493,8 @@ def test_plugins_dir_errors_name_the_path(tmp_path: Path, monkeypatch: pytest.Mo
 # A plugin request field for the tests below: ``hold_at: NAME`` waits at the faults gate NAME while the request
 # resolves its plugin fields, which a stream (and an OpenAI completion) does after it got its model and before it
 # runs on it; ``hold_at: refuse`` fails the request there instead.
-HOLD = '''\
+HOLD = (
+    '''\
 """A request field for tests/test_faults.py that holds a request between getting its model and running on it."""
 import os
 import time
@@ -493,13 +502,9 @@ import time
 from loom_kernel import InvalidField, Reading, RequestField, hookimpl
 
 
-def gate(name):
-    root = os.environ["FAULTS_GATES"]
-    open(os.path.join(root, name + ".waiting"), "a").close()
-    deadline = time.monotonic() + 120
-    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
+'''
+    + GATE
+    + """
 
 @hookimpl
 def request_fields():
@@ -512,7 +517,8 @@ def readouts(model, fields, kernel, caller):
         raise InvalidField("hold_at: refused on purpose", field="hold_at")
     gate(fields["hold_at"])
     return Reading()
-'''
+"""
+)
 
 
 def stream_events(c: httpx.Client, path: str, body: dict[str, Any]) -> tuple[int, list[str]]:
@@ -632,7 +638,8 @@ def test_a_request_lets_go_of_its_model_however_it_ends(tiny_models, tmp_path):
 
 
 # A plugin for the test below: a loaded model's named weights are read only once the test opens the gate "weights".
-SLOW_WEIGHTS = '''\
+SLOW_WEIGHTS = (
+    '''\
 """A model whose named weights wait at the faults gate "weights" before they are read, for tests/test_faults.py."""
 import os
 import time
@@ -640,13 +647,9 @@ import time
 from loom_kernel import hookimpl
 
 
-def gate(name):
-    root = os.environ["FAULTS_GATES"]
-    open(os.path.join(root, name + ".waiting"), "a").close()
-    deadline = time.monotonic() + 120
-    while not os.path.exists(os.path.join(root, name)) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
+'''
+    + GATE
+    + """
 
 @hookimpl(wrapper=True, specname="load")
 def slow_weights(model, loader, options):
@@ -661,7 +664,8 @@ def slow_weights(model, loader, options):
 
         loaded.weights = weights
     return loaded
-'''
+"""
+)
 
 
 def test_a_weights_answer_holds_its_model_as_an_extract_does(tiny_models, tmp_path):

@@ -526,13 +526,18 @@ async def test_probe_fits_are_capped_stopped_past_their_time_and_when_their_clie
         assert (await c.get("/probes")).json()["probes"] == []
 
 
+def two_classes(tiny_models: Any) -> dict[str, Any]:
+    """A fit of four texts in two classes on the tiny Llama."""
+    texts = ["the cat sat", "the dog sat", "one two three", "four five six"]
+    labels = ["animal", "animal", "count", "count"]
+    return {"name": "f", "model": str(tiny_models["llama"]), "site": 2, "texts": texts, "labels": labels}
+
+
 async def test_a_fit_whose_worker_dies_is_a_503_and_the_next_fits_run(tiny_models, monkeypatch):
     import loom_interp.probes
     from loom_interp.state import interp
 
-    path = str(tiny_models["llama"])
-    texts = ["the cat sat", "the dog sat", "one two three", "four five six"]
-    fit = {"name": "f", "model": path, "site": 2, "texts": texts, "labels": ["animal", "animal", "count", "count"]}
+    fit = two_classes(tiny_models)
     app = app_with()
     async with concurrent_client(app) as c:
         fits = interp(app.state.manager.kernel).fitter
@@ -607,9 +612,7 @@ async def test_a_fit_scikit_learn_refuses_in_its_worker_is_a_422_and_the_worker_
     import loom_interp.probes
     from loom_interp.state import interp
 
-    path = str(tiny_models["llama"])
-    texts = ["the cat sat", "the dog sat", "one two three", "four five six"]
-    fit = {"name": "f", "model": path, "site": 2, "texts": texts, "labels": ["animal", "animal", "count", "count"]}
+    fit = two_classes(tiny_models)
     app = app_with()
     async with concurrent_client(app) as c:
         fits = interp(app.state.manager.kernel).fitter
