@@ -33,6 +33,8 @@ LLAMA_LIKE = (
     "starcoder2",
     "olmo2",
     "cohere",
+    "phi",
+    "gemma",
     "gemma2",
     "gemma3_text",
 )
@@ -41,7 +43,7 @@ LLAMA_LIKE = (
 # its sublayers, which the default, parallel one has not.
 VARIANTS = {"falcon_sequential": ("falcon", {"parallel_attn": False})}
 SURVEY = (*LLAMA_LIKE, "gpt2", "gpt_neox", "gptj", "falcon", "falcon_sequential", "bert", "mamba")
-PARALLEL = ("gpt_neox", "gptj", "cohere", "falcon")
+PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
 
 
@@ -88,7 +90,8 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     same = None  # the tensor as the hook sees it
     points: dict[str, tuple[Any, str, Any]] = {}
     if arch in LLAMA_LIKE:
-        base, final = net.model, net.model.norm
+        base = net.model
+        final = base.final_layernorm if arch == "phi" else base.norm
         layers, embeds = base.layers, (base.embed_tokens, None)
     elif arch in ("gpt2", "gptj"):
         base, final = net.transformer, net.transformer.ln_f
@@ -130,7 +133,8 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                 p["attn.hook_q"] = (a.q_proj, "out", lambda t: heads(t, h))
                 p["attn.hook_k"] = (a.k_proj, "out", lambda t: heads(t, kv))
                 p["attn.hook_v"] = (a.v_proj, "out", lambda t: heads(t, kv))
-            p["attn.hook_z"] = (a.o_proj, "in", lambda t: heads(t, h))
+            o = a.dense if arch == "phi" else a.o_proj
+            p["attn.hook_z"] = (o, "in", lambda t: heads(t, h))
             sandwich = arch in ("gemma2", "gemma3_text", "olmo2")
             p["hook_attn_out"] = (layer.post_attention_layernorm if sandwich else a, "out", same)
             p["hook_mlp_out"] = (layer.post_feedforward_layernorm if sandwich else m, "out", same)
@@ -141,7 +145,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                 p["hook_resid_mid"] = (layer.pre_feedforward_layernorm, "in", same)
             elif arch == "olmo2":
                 p["hook_resid_mid"] = (m, "in", same)
-            elif arch == "cohere":  # parallel: one norm for both sublayers
+            elif arch in ("cohere", "phi"):  # parallel: one norm for both sublayers
                 p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
             else:
                 p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
@@ -153,6 +157,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             elif arch == "starcoder2":
                 p["mlp.hook_pre"] = (m.c_fc, "out", same)
                 p["mlp.hook_post"] = (m.c_proj, "in", same)
+            elif arch == "phi":
+                p["mlp.hook_pre"] = (m.fc1, "out", same)
+                p["mlp.hook_post"] = (m.fc2, "in", same)
             elif hasattr(m, "gate_proj"):  # dense (Qwen3-MoE's block 1 too); a sparse MoE block has none
                 p["mlp.hook_pre"] = (m.gate_proj, "out", same)
                 p["mlp.hook_pre_linear"] = (m.up_proj, "out", same)

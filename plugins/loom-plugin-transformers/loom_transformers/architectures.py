@@ -118,6 +118,18 @@ ARCHITECTURES: dict[str, Arch] = {
         up=None,
         fused_gate_up="gate_up_proj",
     ),
+    "phi": attrs.evolve(  # Phi-1, 1.5 and 2: one LayerNorm for both sublayers, partial rotary, an MLP not gated
+        LLAMA,
+        name="Phi",
+        norm="layer",
+        residual="parallel",
+        final_norm="final_layernorm",
+        ln2=None,
+        o="dense",
+        gate=None,
+        up="fc1",
+        down="fc2",
+    ),
     "stablelm": attrs.evolve(
         LLAMA, name="StableLM", norm="layer", parallel_flag="use_parallel_residual"
     ),  # its parallel form shares input_layernorm's output
@@ -133,6 +145,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "cohere": attrs.evolve(
         LLAMA, name="Cohere", norm="layer", residual="parallel", ln2=None, logit_scale="logit_scale"
     ),
+    "gemma": attrs.evolve(LLAMA, name="Gemma", norm="rms1p"),  # pre-norm (1 + w), embeddings scaled by sqrt(d)
     "gemma2": GEMMA,
     "gemma3_text": attrs.evolve(GEMMA, name="Gemma 3"),
     "gpt2": GPT2,

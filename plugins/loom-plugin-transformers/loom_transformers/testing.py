@@ -17,6 +17,7 @@ CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 # blocks sit one module below the base model: ``model.decoder.layers``).
 MORE_ARCHITECTURES = (
     "gpt_neox",
+    "gemma",
     "gemma2",
     "qwen3",
     "qwen3_moe",
@@ -28,6 +29,7 @@ MORE_ARCHITECTURES = (
     "olmo2",
     "gptj",
     "cohere",
+    "phi",
     "falcon",
     "mamba",
     "opt",
@@ -38,6 +40,7 @@ GQA_FAMILIES = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
+    "gemma": "GemmaConfig",
     "gemma2": "Gemma2Config",
     "qwen3": "Qwen3Config",
     "qwen3_moe": "Qwen3MoeConfig",
@@ -48,6 +51,7 @@ GQA_FAMILIES = {
     "gemma3_text": "Gemma3TextConfig",
     "olmo2": "Olmo2Config",
     "cohere": "CohereConfig",
+    "phi": "PhiConfig",
 }
 
 CORPUS = [
@@ -208,7 +212,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             **extra,
             **common,
         )
-    if arch in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
+    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
         cfg.head_dim = 16  # a default of 128 or 256 would make a tiny model's attention far wider than its stream
     for key, value in overrides.items():
         setattr(cfg, key, value)
