@@ -43,6 +43,9 @@ class Arch:
     core: str = ""  # the module in ``attn`` that calls transformers' attention function ("": ``attn`` itself)
     o: str = "o_proj"  # the output projection, in ``attn``
     rotary: bool = True  # rotary position embeddings: q and k have a before (hook_q) and an after (hook_rot_q)
+    # Whether attention runs through transformers' attention functions, where the points inside it are read (GPT-Neo
+    # computes its own).
+    attention_function: bool = True
     mlp: str | None = "mlp"
     gate: str | None = "gate_proj"  # a gated MLP's gate (hook_pre); None: not gated
     up: str | None = "up_proj"  # the linear whose output is hook_pre_linear (gated) or hook_pre (not gated)
@@ -149,6 +152,16 @@ ARCHITECTURES: dict[str, Arch] = {
     "gemma2": GEMMA,
     "gemma3_text": attrs.evolve(GEMMA, name="Gemma 3"),
     "gpt2": GPT2,
+    "gpt_neo": attrs.evolve(  # TinyStories' models too; local layers see a window of keys
+        GPT2,
+        name="GPT-Neo",
+        attn="attn.attention",
+        qkv=("q_proj", "k_proj", "v_proj"),
+        fused_qkv=None,
+        fused=None,
+        o="out_proj",
+        attention_function=False,
+    ),
     "gpt_neox": attrs.evolve(
         GPT2,
         name="GPT-NeoX",

@@ -298,7 +298,12 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
     else:
         why = f"{arch.name} has no rotary embeddings: hook_q and hook_k are what the scores read"
         out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
-    if getattr(config, "alibi", False):
+    if not arch.attention_function:
+        out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = (
+            f"{arch.name} computes its attention in its own module, not through transformers' attention functions, "
+            "where The Loom reads these points"
+        )
+    elif getattr(config, "alibi", False):
         out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = f"{arch.name} with ALiBi is not described"
     else:
         out["attn.hook_attn_scores"] = site("attn.hook_attn_scores", core, "attn", (heads, KEYS), kind="scores")

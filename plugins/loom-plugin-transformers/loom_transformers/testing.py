@@ -17,6 +17,7 @@ CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 # blocks sit one module below the base model: ``model.decoder.layers``).
 MORE_ARCHITECTURES = (
     "gpt_neox",
+    "gpt_neo",
     "gemma",
     "gemma2",
     "qwen3",
@@ -160,9 +161,18 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
-    elif arch in ("gptj", "falcon", "mamba", "opt"):
+    elif arch in ("gptj", "falcon", "mamba", "opt", "gpt_neo"):
         sizes = {
             "gptj": {"n_embd": 64, "n_layer": 3, "n_head": 4, "rotary_dim": 8, "n_positions": 512},
+            # A local layer's window shorter than the tests' texts, so that it shows.
+            "gpt_neo": {
+                "hidden_size": 64,
+                "num_layers": 3,
+                "num_heads": 4,
+                "attention_types": [[["global", "local"], 1], [["global"], 1]],
+                "window_size": 4,
+                "max_position_embeddings": 512,
+            },
             "falcon": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
             "mamba": {"hidden_size": 64, "num_hidden_layers": 3, "state_size": 8, "expand": 2},
             "opt": {
@@ -176,6 +186,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
         }[arch]
         cls = {
             "gptj": transformers.GPTJConfig,
+            "gpt_neo": transformers.GPTNeoConfig,
             "falcon": transformers.FalconConfig,
             "mamba": transformers.MambaConfig,
             "opt": transformers.OPTConfig,
