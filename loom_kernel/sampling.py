@@ -126,6 +126,9 @@ def _probabilities(logits: Any, top: Any, params: GenerationParams) -> Any:
     if params.top_p < 1.0:
         ordered, order = torch.sort(scaled, descending=True)
         probs = torch.softmax(ordered, dim=-1)
-        drop = torch.cumsum(probs, dim=-1) - probs > params.top_p  # keep the smallest set reaching top_p
+        # Keep the smallest set reaching top_p: a token goes once the ones before it hold top_p already (ties
+        # included, as transformers' TopPLogitsWarper and vLLM decide); the most likely one always stays.
+        drop = torch.cumsum(probs, dim=-1) - probs >= params.top_p
+        drop[0] = False
         scaled = scaled.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
     return torch.softmax(scaled, dim=-1)

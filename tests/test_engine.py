@@ -178,3 +178,17 @@ def _answer(model, batch: Batch) -> list:
         engine.step()
     assert call.future.done(), "the engine finished and the call has no answer"
     return call.future.result().rows
+
+
+@pytest.mark.parametrize(("logits", "top_p"), [([0.0] * 4, 0.5), ([0.0] * 2, 0.5), ([1.0, 1.0, 0.0, 0.0], 0.5)])
+def test_top_p_keeps_what_transformers_top_p_warper_keeps(logits, top_p):
+    """Once the tokens before one hold exactly top_p, it is not sampled: four equally likely tokens at top_p 0.5
+    leave two, as transformers' ``TopPLogitsWarper`` leaves them."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    row = torch.tensor(logits)
+    kept = int(torch.isfinite(TopPLogitsWarper(top_p)(None, row[None].clone())).sum())
+    params = GenerationParams(temperature=1.0, top_p=top_p, seed=0)
+    choice = Choice(params, generator(params.seed))
+    drawn = {pick(row[None], [choice])[0].token for _ in range(64)}
+    assert len(drawn) == kept
