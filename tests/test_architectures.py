@@ -543,18 +543,17 @@ def save_config(root: Path, name: str, config: dict[str, Any]) -> str:
 
 
 async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_hook_points(tmp_path):
-    """GPT-Neo is a transformers model the table does not describe: its hidden-state indices (checked against
-    output_hidden_states at load) and generation are served, its hook points refused naming its model_type."""
+    """GPT-BigCode (SantaCoder, StarCoder 1) is a transformers model the table does not describe: its hidden-state
+    indices (checked against output_hidden_states at load) and generation are served, its hook points refused naming
+    its model_type."""
     import transformers
     from loom_transformers.testing import train_tokenizer
 
-    path = tmp_path / "gpt-neo"
+    path = tmp_path / "gpt-bigcode"
     tok = train_tokenizer("gpt2")
-    cfg = transformers.GPTNeoConfig(
-        vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]
-    )
+    cfg = transformers.GPTBigCodeConfig(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, multi_query=True)
     torch.manual_seed(0)
-    net = transformers.GPTNeoForCausalLM(cfg).eval()
+    net = transformers.GPTBigCodeForCausalLM(cfg).eval()
     net.save_pretrained(path)
     tok.save_pretrained(path)
     enc = tok(TEXT, return_tensors="pt")
@@ -568,7 +567,7 @@ async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_
         for i in range(3):
             close(got[str(i)], want[i][0], f"index {i}")
         r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_attn_out"]})
-        assert r.status_code == 422 and "no layout for model_type 'gpt_neo'" in r.json()["detail"], r.text
+        assert r.status_code == 422 and "no layout for model_type 'gpt_bigcode'" in r.json()["detail"], r.text
         r = await c.post("/extract", json={**body, "logit_lens": {"layers": [1]}})
         assert r.status_code == 422 and r.json()["field"] == "logit_lens", r.text
         g = await c.post("/generate", json={"model": str(path), "prompt": TEXT, "max_tokens": 4, "temperature": 0})
