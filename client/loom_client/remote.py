@@ -17,6 +17,7 @@ index -1 meaning after the final norm.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,15 +49,30 @@ SHORT = {
     "pre_linear": "mlp.hook_pre_linear",
     "post": "mlp.hook_post",
 }
+# get_act_name's other spellings of a name, and its compact form "k6" / "scale4ln1" (name, layer, kind).
+ALIASES = {
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_post": "post",
+}
+COMPACT = re.compile(r"([a-z]+)(\d+)([a-z]?.*)")
 KEYED = ("attn.hook_attn_scores", "attn.hook_pattern")  # TransformerLens shapes these [batch, head, query, key]
 
 
 def act_name(name: str, layer: int | None = None, kind: str | None = None) -> str:
     """A hook point's full name from TransformerLens's short form (``utils.get_act_name``): ``("z", 3)`` is
     ``blocks.3.attn.hook_z``, ``("normalized", 2, "ln1")`` ``blocks.2.ln1.hook_normalized``, ``("scale", None,
-    "ln_final")`` ``ln_final.hook_scale``; a full name is returned as it is."""
+    "ln_final")`` ``ln_final.hook_scale``, ``"k6"`` ``blocks.6.attn.hook_k``, ``"scale4ln1"``
+    ``blocks.4.ln1.hook_scale``; a full name is returned as it is."""
     if "." in name or (name.startswith("hook_") and layer is None):
         return name
+    compact = COMPACT.fullmatch(name) if layer is None and kind is None else None
+    if compact is not None:
+        name, layer, kind = compact[1], int(compact[2]), compact[3] or None
+    name = ALIASES.get(name, name)
     if name in ("normalized", "scale"):
         where = kind or ("ln_final" if layer is None else "ln1")
         return f"{where}.hook_{name}" if layer is None else f"blocks.{layer}.{where}.hook_{name}"
@@ -112,12 +128,22 @@ class Config:
 
 
 class ActivationCache(dict):
-    """Arrays by hook name; ``cache["resid_pre", 3]`` and ``cache["normalized", 1, "ln2"]`` take
-    TransformerLens's short forms, as its ``ActivationCache`` does."""
+    """Arrays by hook name; ``cache["resid_pre", 3]``, ``cache["resid_post", -1]`` (the last block),
+    ``cache["normalized", 1, "ln2"]``, ``cache["pattern2"]`` and ``cache["embed"]`` take TransformerLens's short
+    forms, as its ``ActivationCache`` does."""
+
+    def __init__(self, *args: Any, n_layers: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n_layers = n_layers
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, tuple):
-            key = act_name(*key)
+        if isinstance(key, str) and key not in self:
+            key = act_name(key)
+        elif isinstance(key, tuple):
+            name, *rest = key
+            if rest and isinstance(rest[0], int) and rest[0] < 0 and self.n_layers is not None:
+                rest[0] += self.n_layers  # TransformerLens counts a negative layer from the last block
+            key = act_name(name, *rest)
         return super().__getitem__(key)
 
 
@@ -177,7 +203,7 @@ class RemoteModel:
         the edits of ``fwd_hooks`` (and of an enclosing ``hooks``) applied."""
         names = self._names(names_filter)
         rows = [self._extract(text, names, fwd_hooks, return_type == "logits") for text in _texts(input)]
-        cache = ActivationCache()
+        cache = ActivationCache(n_layers=self.cfg.n_layers)
         for name in names:
             cache[name] = _stack([_tl_shape(name, r["sequence_hidden_states"][name]) for r in rows], name)
         logits = _stack([r["logits"] for r in rows], "logits") if return_type == "logits" else None

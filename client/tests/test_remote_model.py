@@ -129,3 +129,35 @@ def test_weights_and_logit_attribution(gpt2: RemoteModel, reference: tuple) -> N
         logits = net(tok(TEXT, return_tensors="pt")["input_ids"]).logits[0, -1]
     good, bad = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" the", "."))
     assert abs(answer["sum"] - float(logits[good] - logits[bad])) < 1e-4
+
+
+def test_cache_takes_transformerlens_keys_negative_layers_and_compact_names(
+    gpt2: RemoteModel, reference: tuple
+) -> None:
+    """TransformerLens's ActivationCache counts a negative layer from the last block (``cache["resid_post", -1]``
+    is block N-1's output, before the final norm) and reads a string key through get_act_name (``"pattern2"``,
+    ``"embed"``); get_act_name's own documented examples name the same points."""
+    net, tok = reference
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    kept: dict[str, torch.Tensor] = {}
+    hook = net.transformer.h[-1].register_forward_hook(
+        lambda m, a, out: kept.update(last=out if isinstance(out, torch.Tensor) else out[0])
+    )
+    net.set_attn_implementation("eager")
+    with torch.inference_mode():
+        out = net(ids, output_attentions=True)
+        embed = net.transformer.wte(ids)
+    net.set_attn_implementation("sdpa")
+    hook.remove()
+    names = ["blocks.2.hook_resid_post", "blocks.2.attn.hook_pattern", "hook_embed", "blocks.1.attn.hook_k"]
+    _, cache = gpt2.run_with_cache(TEXT, names_filter=names)
+    np.testing.assert_allclose(cache["resid_post", -1], kept["last"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["pattern", -1], out.attentions[-1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["pattern2"], out.attentions[2].numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache["embed"], embed.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(cache["key1"], cache["k", 1])
+    assert act_name("k6") == "blocks.6.attn.hook_k" and act_name("pre5") == "blocks.5.mlp.hook_pre"
+    assert act_name("scale4ln1") == "blocks.4.ln1.hook_scale" and act_name("k", 6, "a") == "blocks.6.attn.hook_k"
+    assert act_name("attn_logits", 1) == "blocks.1.attn.hook_attn_scores" and act_name("mlp_post", 0) == act_name(
+        "post", 0
+    )
