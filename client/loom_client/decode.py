@@ -20,7 +20,9 @@ SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "
 
 
 def from_bytes(raw: bytes | memoryview, numpy_dtype: str, shape: list[int], bfloat16: bool) -> np.ndarray:
-    arr = np.frombuffer(raw, dtype=numpy_dtype)
+    # A copy in the machine's byte order: an array over the response's bytes would be read-only, where the list
+    # format's array (and a torch tensor from TransformerLens) can be edited in place.
+    arr = np.frombuffer(raw, dtype=numpy_dtype).astype(np.dtype(numpy_dtype).newbyteorder("="))
     if bfloat16:
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return arr.reshape(shape)

@@ -97,6 +97,27 @@ def test_half_precision_wire_dtypes_decode_alike(client: LoomClient, server, ref
     np.testing.assert_array_equal(got["safetensors"], got["base64"])
 
 
+def test_every_format_gives_arrays_like_the_list_formats(client: LoomClient, server) -> None:
+    """numpy's own array from the JSON lists is the reference: the same dtype, native byte order, shape and
+    contents, and writable like it, so that in-place arithmetic works whatever format carried the numbers."""
+    got = {
+        fmt: [
+            client.extract(server["llama"], TEXT, hidden_state_layers=[0], positions="all", hidden_state_format=fmt)[
+                "sequence_hidden_states"
+            ]["0"],
+            client.weights(server["llama"], ["W_U"], format=fmt)["weights"]["W_U"],
+        ]
+        for fmt in FORMATS
+    }
+    centred = [want - want.mean(0) for want in got["list"]]
+    for fmt in FORMATS:
+        for arr, want, ref in zip(got[fmt], got["list"], centred, strict=True):
+            assert (arr.dtype, arr.dtype.isnative, arr.shape) == (want.dtype, True, want.shape), fmt
+            assert arr.flags.writeable and arr.flags.c_contiguous, fmt
+            arr -= arr.mean(0)  # in place, as a notebook centres states
+            np.testing.assert_array_equal(arr, ref)
+
+
 def test_generate_states_attention_and_logits_in_every_format(client: LoomClient, server) -> None:
     fields = {
         "max_tokens": 4,
