@@ -33,6 +33,12 @@ class Unauthorized(LoomError):
     status = 401
 
 
+class Forbidden(LoomError):
+    """403: what the server's policy refuses (remote code, a path outside ``allowed_paths``, a foreign origin)."""
+
+    status = 403
+
+
 class NotFound(LoomError):
     status = 404
 
@@ -88,6 +94,7 @@ BY_STATUS: dict[int, type[LoomError]] = {
     for cls in (
         BadRequest,
         Unauthorized,
+        Forbidden,
         NotFound,
         Conflict,
         PayloadTooLarge,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loom_client import AsyncLoomClient, InvalidField, LoomClient, LoomConnectionError, LoomError, NotFound
+from loom_client import AsyncLoomClient, Forbidden, InvalidField, LoomClient, LoomConnectionError, LoomError, NotFound
 from serverutil import loom_server, wait_for
 from transformers import AutoModelForCausalLM
 
@@ -239,6 +239,14 @@ def test_errors_are_typed_with_problem_details(client: LoomClient, server) -> No
         list(client.completions(server["llama"], "Hi", max_tokens=4, stream=True, interventions=blow_up))
     assert mid.value.status == 422 and mid.value.field == "interventions"
     assert client.health()["status"] == "ok"
+
+
+def test_a_refusal_by_policy_is_forbidden(client: LoomClient, server) -> None:
+    """docs/errors.md: policy refusals are 403 (here remote code on a server that does not trust it)."""
+    with pytest.raises(Forbidden) as refused:
+        client.load_model(server["llama"], trust_remote_code=True)
+    assert refused.value.status == 403 and refused.value.field == "trust_remote_code"
+    assert refused.value.problem["status"] == 403 and refused.value.request_id
 
 
 def test_connection_errors_are_loom_errors(tmp_path: Path) -> None:
