@@ -59,6 +59,7 @@ ALIASES = {
     "mlp_post": "post",
 }
 COMPACT = re.compile(r"([a-z]+)(\d+)([a-z]?.*)")
+RETURN_TYPES = ("logits", "loss", "both", None)  # HookedTransformer.forward's
 KEYED = ("attn.hook_attn_scores", "attn.hook_pattern")  # TransformerLens shapes these [batch, head, query, key]
 
 
@@ -198,28 +199,38 @@ class RemoteModel:
         names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
         fwd_hooks: Sequence[tuple[Any, dict[str, Any]]] = (),
         return_type: str | None = "logits",
-    ) -> tuple[np.ndarray | None, ActivationCache]:
-        """(logits [batch, pos, vocab], the cache of the points ``names_filter`` selects: every point when None),
-        the edits of ``fwd_hooks`` (and of an enclosing ``hooks``) applied."""
+    ) -> tuple[Any, ActivationCache]:
+        """(the forward's answer, the cache of the points ``names_filter`` selects: every point when None), the
+        edits of ``fwd_hooks`` (and of an enclosing ``hooks``) applied. The answer is TransformerLens's for
+        ``return_type``: "logits" [batch, pos, vocab], "loss" (the mean next-token cross-entropy), "both"
+        (logits, loss), or None."""
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type: one of {RETURN_TYPES}, not {return_type!r}")
         names = self._names(names_filter)
-        rows = [self._extract(text, names, fwd_hooks, return_type == "logits") for text in _texts(input)]
+        logits_wanted = return_type is not None
+        rows = [self._extract(text, names, fwd_hooks, logits_wanted) for text in _texts(input)]
         cache = ActivationCache(n_layers=self.cfg.n_layers)
         for name in names:
             cache[name] = _stack([_tl_shape(name, r["sequence_hidden_states"][name]) for r in rows], name)
-        logits = _stack([r["logits"] for r in rows], "logits") if return_type == "logits" else None
-        return logits, cache
+        if not logits_wanted:
+            return None, cache
+        logits = _stack([r["logits"] for r in rows], "logits")
+        if return_type == "logits":
+            return logits, cache
+        loss = _next_token_loss(logits, np.asarray([r["token_ids"] for r in rows]))
+        return (loss if return_type == "loss" else (logits, loss)), cache
 
     def run_with_hooks(
         self,
         input: str | list[str],
         fwd_hooks: Sequence[tuple[Any, dict[str, Any]]] = (),
         return_type: str | None = "logits",
-    ) -> np.ndarray | None:
-        """The logits [batch, pos, vocab] with the edits of ``fwd_hooks``: (a hook name, or a filter on names, and
-        an edit from ``ops``)."""
+    ) -> Any:
+        """The logits [batch, pos, vocab] (or what ``return_type`` asks for, as ``run_with_cache``) with the edits
+        of ``fwd_hooks``: (a hook name, or a filter on names, and an edit from ``ops``)."""
         return self.run_with_cache(input, names_filter=[], fwd_hooks=fwd_hooks, return_type=return_type)[0]
 
-    def __call__(self, input: str | list[str], return_type: str | None = "logits") -> np.ndarray | None:
+    def __call__(self, input: str | list[str], return_type: str | None = "logits") -> Any:
         return self.run_with_hooks(input, (), return_type)
 
     @contextlib.contextmanager
@@ -327,6 +338,16 @@ def _texts(input: Any) -> list[str]:
 def _tl_shape(name: str, value: np.ndarray) -> np.ndarray:
     """A point's rows [pos, ...] as TransformerLens shapes one batch row: pattern and scores [head, query, key]."""
     return np.swapaxes(value, 0, 1) if name.endswith(KEYED) else value
+
+
+def _next_token_loss(logits: np.ndarray, tokens: np.ndarray) -> float:
+    """TransformerLens's ``lm_cross_entropy_loss``: minus the mean log-probability of each next token, over the batch
+    and every position but the last (in float64, from the float32 logits)."""
+    wide = logits[:, :-1].astype(np.float64)
+    top = wide.max(-1, keepdims=True)
+    log_norm = np.log(np.exp(wide - top).sum(-1)) + top[..., 0]
+    picked = np.take_along_axis(wide, tokens[:, 1:, None], axis=-1)[..., 0]
+    return float((log_norm - picked).mean())
 
 
 def _stack(rows: list[np.ndarray], what: str) -> np.ndarray:

@@ -161,3 +161,21 @@ def test_cache_takes_transformerlens_keys_negative_layers_and_compact_names(
     assert act_name("attn_logits", 1) == "blocks.1.attn.hook_attn_scores" and act_name("mlp_post", 0) == act_name(
         "post", 0
     )
+
+
+def test_return_type_loss_is_transformers_own_language_model_loss(gpt2: RemoteModel, reference: tuple) -> None:
+    """TransformerLens's return_type "loss" is the mean next-token cross-entropy, what transformers computes for
+    ``labels=input_ids``; "both" is (logits, loss); an unknown return type is refused, not answered with None."""
+    net, tok = reference
+    texts = [TEXT, "The lazy dog jumps over the quick brown fox"]
+    ids = tok(texts, return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == len(tok(texts[0])["input_ids"])  # one token count: a batch
+    with torch.inference_mode():
+        want = [float(net(row[None], labels=row[None]).loss) for row in ids]
+    assert gpt2(TEXT, return_type="loss") == pytest.approx(want[0], abs=1e-5)
+    assert gpt2.run_with_hooks(texts, return_type="loss") == pytest.approx(sum(want) / 2, abs=1e-5)
+    logits, loss = gpt2.run_with_cache(TEXT, names_filter=[], return_type="both")[0]
+    assert logits.shape == (1, ids.shape[1], net.config.vocab_size) and loss == pytest.approx(want[0], abs=1e-5)
+    assert gpt2.run_with_hooks(TEXT, return_type=None) is None
+    with pytest.raises(ValueError):
+        gpt2(TEXT, return_type="logprobs")
