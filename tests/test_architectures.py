@@ -41,8 +41,23 @@ LLAMA_LIKE = (
 # A family's other block, built from its tiny config with these attributes and checked as an architecture of its own:
 # Falcon's sequential block (parallel_attn false, as in Falcon-RW) has a post-attention norm and a stream between
 # its sublayers, which the default, parallel one has not.
-VARIANTS = {"falcon_sequential": ("falcon", {"parallel_attn": False})}
-SURVEY = (*LLAMA_LIKE, "gpt2", "gpt_neo", "gpt_neox", "gptj", "falcon", "falcon_sequential", "bert", "mamba")
+VARIANTS = {
+    "falcon_sequential": ("falcon", {"parallel_attn": False}),
+    "gpt_bigcode_mha": ("gpt_bigcode", {"multi_query": False}),  # its fused projection as [heads, 3, d_head]
+}
+SURVEY = (
+    *LLAMA_LIKE,
+    "gpt2",
+    "gpt_bigcode",
+    "gpt_bigcode_mha",
+    "gpt_neo",
+    "gpt_neox",
+    "gptj",
+    "falcon",
+    "falcon_sequential",
+    "bert",
+    "mamba",
+)
 PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
 
@@ -93,7 +108,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
         base = net.model
         final = base.final_layernorm if arch == "phi" else base.norm
         layers, embeds = base.layers, (base.embed_tokens, None)
-    elif arch in ("gpt2", "gpt_neo", "gptj"):
+    elif arch in ("gpt2", "gpt_bigcode", "gpt_bigcode_mha", "gpt_neo", "gptj"):
         base, final = net.transformer, net.transformer.ln_f
         layers, embeds = base.h, (base.wte, None if arch == "gptj" else base.wpe)
     elif arch == "gpt_neox":
@@ -168,6 +183,20 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             a, m, d = layer.attn, layer.mlp, cfg.n_embd
             for j, name in enumerate(("attn.hook_q", "attn.hook_k", "attn.hook_v")):
                 p[name] = (a.c_attn, "out", lambda t, j=j, d=d: heads(t.split(d, -1)[j], h))
+            p["attn.hook_z"] = (a.c_proj, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
+            p["hook_resid_mid"] = (layer.ln_2, "in", same)
+            p["ln1.hook_normalized"], p["ln2.hook_normalized"] = (layer.ln_1, "out", same), (layer.ln_2, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.c_fc, "out", same), (m.c_proj, "in", same)
+        elif arch.startswith("gpt_bigcode"):
+            a, m, d = layer.attn, layer.mlp, cfg.n_embd
+            if cfg.multi_query:  # [q | k | v], one key-value head
+                sizes, counts = (d, d // h, d // h), (h, 1, 1)
+                parts = tuple(lambda t, j=j, s=sizes, c=counts: heads(t.split(s, -1)[j], c[j]) for j in range(3))
+            else:  # [heads, 3, d_head], as GPTBigCodeAttention views it
+                parts = tuple(lambda t, j=j: heads(t, h).chunk(3, -1)[j] for j in range(3))
+            for name, view in zip(("attn.hook_q", "attn.hook_k", "attn.hook_v"), parts, strict=True):
+                p[name] = (a.c_attn, "out", view)
             p["attn.hook_z"] = (a.c_proj, "in", lambda t: heads(t, h))
             p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
             p["hook_resid_mid"] = (layer.ln_2, "in", same)
@@ -543,17 +572,16 @@ def save_config(root: Path, name: str, config: dict[str, Any]) -> str:
 
 
 async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_hook_points(tmp_path):
-    """GPT-BigCode (SantaCoder, StarCoder 1) is a transformers model the table does not describe: its hidden-state
-    indices (checked against output_hidden_states at load) and generation are served, its hook points refused naming
-    its model_type."""
+    """BLOOM is a transformers model the table does not describe: its hidden-state indices (checked against
+    output_hidden_states at load) and generation are served, its hook points refused naming its model_type."""
     import transformers
     from loom_transformers.testing import train_tokenizer
 
-    path = tmp_path / "gpt-bigcode"
+    path = tmp_path / "bloom"
     tok = train_tokenizer("gpt2")
-    cfg = transformers.GPTBigCodeConfig(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, multi_query=True)
+    cfg = transformers.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
     torch.manual_seed(0)
-    net = transformers.GPTBigCodeForCausalLM(cfg).eval()
+    net = transformers.BloomForCausalLM(cfg).eval()
     net.save_pretrained(path)
     tok.save_pretrained(path)
     enc = tok(TEXT, return_tensors="pt")
@@ -567,7 +595,7 @@ async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_
         for i in range(3):
             close(got[str(i)], want[i][0], f"index {i}")
         r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_attn_out"]})
-        assert r.status_code == 422 and "no layout for model_type 'gpt_bigcode'" in r.json()["detail"], r.text
+        assert r.status_code == 422 and "no layout for model_type 'bloom'" in r.json()["detail"], r.text
         r = await c.post("/extract", json={**body, "logit_lens": {"layers": [1]}})
         assert r.status_code == 422 and r.json()["field"] == "logit_lens", r.text
         g = await c.post("/generate", json={"model": str(path), "prompt": TEXT, "max_tokens": 4, "temperature": 0})

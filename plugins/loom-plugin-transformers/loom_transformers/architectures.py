@@ -20,7 +20,7 @@ import attrs
 
 Residual = Literal["sequential", "parallel", "post_ln", "mixer"]
 Norm = Literal["layer", "rms", "rms1p"]  # (x - mean) / s * w + b; x / s * w; x / s * (1 + w) (Gemma)
-Fused = Literal["gpt2", "neox", "falcon", "phi3"]
+Fused = Literal["gpt2", "neox", "falcon", "phi3", "bigcode"]
 
 
 @attrs.define(frozen=True)
@@ -152,6 +152,7 @@ ARCHITECTURES: dict[str, Arch] = {
     "gemma2": GEMMA,
     "gemma3_text": attrs.evolve(GEMMA, name="Gemma 3"),
     "gpt2": GPT2,
+    "gpt_bigcode": attrs.evolve(GPT2, name="GPT-BigCode", fused="bigcode"),  # SantaCoder, StarCoder 1
     "gpt_neo": attrs.evolve(  # TinyStories' models too; local layers see a window of keys
         GPT2,
         name="GPT-Neo",

@@ -338,6 +338,9 @@ def _fused(arch: Arch, config: Any, heads: int, d_head: int, total: int) -> tupl
         kv = (total - heads * d_head) // (2 * d_head)
         starts = (0, heads * d_head, (heads + kv) * d_head)
         return kv, [_heads_view(c, d_head, s) for c, s in zip((heads, kv, kv), starts, strict=True)]
+    if arch.fused == "bigcode":  # multi-query: [q | k | v] with one key-value head; else [heads, 3, d_head]
+        layout = "phi3" if getattr(config, "multi_query", True) else "neox"
+        return _fused(attrs.evolve(arch, fused=layout), config, heads, d_head, total)
     if arch.fused == "falcon":
         if getattr(config, "new_decoder_architecture", False):
             return f"{arch.name}'s grouped query_key_value (new_decoder_architecture) is not described", None

@@ -18,6 +18,7 @@ CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
 MORE_ARCHITECTURES = (
     "gpt_neox",
     "gpt_neo",
+    "gpt_bigcode",
     "gemma",
     "gemma2",
     "qwen3",
@@ -161,9 +162,10 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
-    elif arch in ("gptj", "falcon", "mamba", "opt", "gpt_neo"):
+    elif arch in ("gptj", "falcon", "mamba", "opt", "gpt_neo", "gpt_bigcode"):
         sizes = {
             "gptj": {"n_embd": 64, "n_layer": 3, "n_head": 4, "rotary_dim": 8, "n_positions": 512},
+            "gpt_bigcode": {"n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 512, "multi_query": True},
             # A local layer's window shorter than the tests' texts, so that it shows.
             "gpt_neo": {
                 "hidden_size": 64,
@@ -187,6 +189,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
         cls = {
             "gptj": transformers.GPTJConfig,
             "gpt_neo": transformers.GPTNeoConfig,
+            "gpt_bigcode": transformers.GPTBigCodeConfig,
             "falcon": transformers.FalconConfig,
             "mamba": transformers.MambaConfig,
             "opt": transformers.OPTConfig,
