@@ -367,16 +367,7 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
             eps = next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
             close(got[name], (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt(), name)
         # Inside attention: the pattern is transformers' own eager attention weights, the scores its logits.
-        if arch == "gpt_neo":  # its own attention code: nothing inside it is offered, its weights are
-            assert "its own module" in listing["unavailable"]["blocks.0.attn.hook_pattern"]
-            r = await c.post(
-                "/extract", json={**body, "hidden_state_layers": [*range(1, n + 1)], "return_attention": True}
-            )
-            assert r.status_code == 200, r.text
-            weights = arrays(r.json(), "attentions")
-            for i, pattern in enumerate(eager_patterns(net, enc)):
-                close(weights[str(i + 1)], pattern, f"attentions of block {i}")
-        elif arch != "mamba":
+        if arch != "mamba":  # GPT-Neo's from its own ``_attn``, the others' from transformers' attention function
             for i, pattern in enumerate(eager_patterns(net, enc)):
                 at = f"blocks.{i}.attn."
                 close(got[at + "hook_pattern"].transpose(1, 0, 2), pattern, at + "hook_pattern")
@@ -386,6 +377,11 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                     assert bool((scores.transpose(0, 1)[:, later] == torch.finfo(torch.float32).min).all())
                     assert float(torch.from_numpy(got[at + "hook_pattern"]).transpose(0, 1)[:, later].abs().max()) == 0
                 close(torch.softmax(scores, -1).float().numpy(), got[at + "hook_pattern"], at + "hook_attn_scores")
+                if arch == "gpt_neo":  # unscaled q.k where a key is seen (local layers: within the window)
+                    q, k = (torch.from_numpy(got[f"blocks.{i}.attn.hook_{x}"]).double() for x in "qk")
+                    seen = scores != torch.finfo(torch.float32).min
+                    assert bool(seen.diagonal(dim1=0, dim2=2).all())
+                    close(scores[seen].numpy(), torch.einsum("thd,shd->ths", q, k)[seen].numpy(), at + "q.k")
         # What the blocks add: resid_pre + attn_out (+ mlp_out) is the next stream.
         for i in range(n):
             at = f"blocks.{i}."

@@ -1,10 +1,12 @@
 """TransformerLens's hook-point vocabulary and semantics over HTTP, against the same edits done in-process.
 
 The reference edits the transformers modules with torch hooks (``test_architectures.reference_points`` names each
-point's module and view), and the points inside attention with an attention function written here from transformers'
-own ``eager_attention_forward``, registered with transformers for the reference run. Rotary points are checked
-against the model's own ``apply_rotary_pos_emb``. Then TransformerLens's rules: a state is what its point saw when it
-fired, edits at different points apply in forward order, and per-head patching equals a loop of patched runs.
+point's module and view), and the points inside attention with an attention function written here from transformers' own
+``eager_attention_forward``, registered with transformers for the reference run (GPT-Neo's, which computes its own: its
+``_attn`` written here from transformers' ``GPTNeoSelfAttention._attn``, put on its modules for the run). Rotary points
+are checked against the model's own ``apply_rotary_pos_emb``. Then TransformerLens's rules: a state is what its point
+saw when it fired, edits at different points apply in forward order, and per-head patching equals a loop of patched
+runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from test_batching import arrays
 from test_interventions import reference_apply
 from test_models import app_with, concurrent_client
 
-ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential")
+ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential", "gpt_neo")
 TEXT = "the cat sat on the mat and looked at the"
 REF = "loom_test_reference"
 
@@ -101,6 +103,34 @@ def reference_attention(
     if attention_mask is not None:
         masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
         scores = (scores + attention_mask).masked_fill(masked, torch.finfo(torch.float32).min)
+    pattern = edited_inside(ref, tokens, query, key, scores, masked)
+    out = torch.matmul(pattern.to(values.dtype), values)
+    return out.transpose(1, 2).contiguous(), pattern
+
+
+def reference_neo_attn(module: Any, query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
+    """transformers' ``GPTNeoSelfAttention._attn`` (unscaled float32 scores, its causal or local-window mask
+    ``module.bias`` filled with float32's min, plus the attention mask), with the test's edits at scores (masked keys
+    stay masked, at float32's min) and pattern, and a record of each."""
+    ref = getattr(module, "_reference", None)
+    tokens = ref["counter"].take(query.shape[2]) if ref else []
+    scores = torch.matmul(query.to(torch.float32), key.to(torch.float32).transpose(-1, -2))
+    query_length, key_length = query.size(-2), key.size(-2)
+    causal = module.bias[:, :, key_length - query_length : key_length, :key_length]
+    low = torch.finfo(torch.float32).min
+    scores = torch.where(causal, scores, torch.tensor(low, dtype=scores.dtype, device=scores.device))
+    masked = ~causal
+    if attention_mask is not None:
+        scores = scores + attention_mask
+        masked = masked | (attention_mask <= torch.finfo(attention_mask.dtype).min / 2)
+    scores = scores.masked_fill(masked, low)  # GPT-Neo's sum of the two masks may hold -inf: one masked value
+    pattern = edited_inside(ref, tokens, query, key, scores, masked)
+    pattern = module.attn_dropout(pattern.to(value.dtype))
+    return torch.matmul(pattern, value), pattern
+
+
+def edited_inside(ref: Any, tokens: list[int], query: Any, key: Any, scores: Any, masked: Any) -> Any:
+    """The pattern of ``scores`` with the test's edits at the scores and the pattern, each kind recorded."""
     for kind, item in ref["edits"] if ref else ():
         if kind == "scores":
             scores = scores.clone()
@@ -115,8 +145,7 @@ def reference_attention(
     if ref:
         ref["kept"].update({"rot_q": query.transpose(1, 2)[0], "rot_k": key[:, :, -len(tokens) :].transpose(1, 2)[0]})
         ref["kept"].update({"scores": scores.transpose(1, 2)[0], "pattern": pattern.transpose(1, 2)[0]})
-    out = torch.matmul(pattern.to(values.dtype), values)
-    return out.transpose(1, 2).contiguous(), pattern
+    return pattern
 
 
 def register_reference() -> None:
@@ -132,6 +161,7 @@ class Reference:
 
     def __init__(self, net: Any, arch: str, items: list[dict[str, Any]], prompt: int) -> None:
         self.net, self.kept, self.handles, self.cores = net, {}, [], []
+        self.own = VARIANTS.get(arch, (arch, {}))[0] == "gpt_neo"  # its attention is its modules' own ``_attn``
         self.counters: list[Counter] = []
         points, layers, _, final = reference_points(net, arch)
         h = heads_of(net)
@@ -209,14 +239,20 @@ class Reference:
 
     def run(self, fn: Any) -> Any:
         current = self.net.config._attn_implementation
-        if self.cores:
+        if self.cores and self.own:
+            for core in self.cores:
+                core._attn = lambda *a, core=core, **kw: reference_neo_attn(core, *a, **kw)
+        elif self.cores:
             register_reference()
             self.net.set_attn_implementation(REF)
         try:
             with torch.inference_mode():
                 return fn()
         finally:
-            if self.cores:
+            if self.cores and self.own:
+                for core in self.cores:
+                    core.__dict__.pop("_attn", None)
+            elif self.cores:
                 self.net.set_attn_implementation(current)
             for counter in self.counters:  # the next run counts its tokens from the first again
                 counter.seen = 0
@@ -235,7 +271,12 @@ def heads_of(net: Any) -> int:
 
 
 def attention_core(layer: Any, arch: str) -> Any:
-    cores = {"gpt2": lambda: layer.attn, "gpt_neox": lambda: layer.attention, "falcon": lambda: layer.self_attention}
+    cores = {
+        "gpt2": lambda: layer.attn,
+        "gpt_neo": lambda: layer.attn.attention,
+        "gpt_neox": lambda: layer.attention,
+        "falcon": lambda: layer.self_attention,
+    }
     return cores.get(VARIANTS.get(arch, (arch, {}))[0], lambda: layer.self_attn)()
 
 
@@ -355,7 +396,7 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
         {"site": "blocks.1.ln1.hook_scale", "op": "scale", "scale": 0.5, "positions": [2, -1]},
         {"site": "blocks.2.ln2.hook_scale", "op": "add", "vector": [abs(v) + 0.5 for v in vec(1)]},
     ]
-    if arch == "gpt2":
+    if arch in ("gpt2", "gpt_neo"):  # learned positions, no rotary
         out.append({"site": "hook_pos_embed", "op": "scale", "scale": 0.0, "positions": "prompt"})
     else:
         out.append({"site": "blocks.1.attn.hook_rot_q", "op": "scale", "scale": 3.0, "heads": [0, 2]})

@@ -43,8 +43,8 @@ class Arch:
     core: str = ""  # the module in ``attn`` that calls transformers' attention function ("": ``attn`` itself)
     o: str = "o_proj"  # the output projection, in ``attn``
     rotary: bool = True  # rotary position embeddings: q and k have a before (hook_q) and an after (hook_rot_q)
-    # Whether attention runs through transformers' attention functions, where the points inside it are read (GPT-Neo
-    # computes its own).
+    # Whether attention runs through transformers' attention functions, where the points inside it are read (False:
+    # GPT-Neo computes its own in ``_attn``, which ``attention.own_attention`` wraps to read its scores and pattern).
     attention_function: bool = True
     mlp: str | None = "mlp"
     gate: str | None = "gate_proj"  # a gated MLP's gate (hook_pre); None: not gated

@@ -8,6 +8,11 @@ edits ``attn.hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores`` or ``hook_patter
 attention registered with transformers that hands those tensors to the pass's ``SiteHooks`` (``sites.py``):
 TransformerLens's computation (scores scaled, soft-capped where the model does, masked; the pattern their softmax in
 float32), which the self-check at load compares with the model's own attention.
+
+GPT-Neo computes its attention in its own ``_attn`` (unscaled float32 scores, its causal or local-window mask), which
+no attention function reaches: ``own_attention`` wraps that method of each of its attention modules once, when the
+hook points are derived, and the wrapper computes GPT-Neo's attention with the same points whenever a pass carries
+them or runs under ``LOOM`` (which, for such a model, switches nothing: it only turns the wrappers on).
 """
 
 from __future__ import annotations
@@ -21,11 +26,21 @@ from loom_kernel import Unsupported
 FIELD = "return_attention"
 LOOM = "loom_eager"
 MASKED = -3.4028234663852886e38  # float32's most negative value: what a masked score holds
+OWN = "_loom_own_attention"  # on a model whose attention modules are wrapped: {"on": under LOOM}
 
 
 @contextmanager
 def eager_attention(net: Any, name: str = "eager", field: str = FIELD) -> Iterator[None]:
     """The model under attention implementation ``name`` (eager, or ``LOOM``) for the duration."""
+    own = vars(net).get(OWN)
+    if name == LOOM and own is not None:  # the model's own attention code, wrapped: turn the wrappers on
+        before = own["on"]
+        own["on"] = True
+        try:
+            yield
+        finally:
+            own["on"] = before
+        return
     current = getattr(net.config, "_attn_implementation", None)
     if current == name:
         yield
@@ -101,6 +116,55 @@ def loom_attention(
         pattern = torch.nn.functional.dropout(pattern, p=dropout)
     out = torch.matmul(pattern, values)
     return out.transpose(1, 2).contiguous(), pattern
+
+
+def own_attention(net: Any, core: Any) -> bool:
+    """Wraps ``core._attn`` (GPT-Neo's attention module) once so that it computes ``gpt_neo_attention`` when a pass
+    carries hook points or runs under ``LOOM``, and the model's own code otherwise. False where the module's forward
+    does not call ``_attn`` (GPT-Neo under flash attention has a forward of its own), so the points would not fire."""
+    if "_attn" in vars(core):
+        return True
+    owners = [next((c for c in type(core).__mro__ if name in vars(c)), None) for name in ("_attn", "forward")]
+    if owners[0] is None or owners[1] is None or not issubclass(owners[0], owners[1]):
+        return False
+    original = core._attn
+    state = vars(net).setdefault(OWN, {"on": False})
+
+    def _attn(query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
+        if state["on"] or "_loom_sites" in vars(core):
+            return gpt_neo_attention(core, query, key, value, attention_mask)
+        return original(query, key, value, attention_mask)
+
+    core._attn = _attn
+    return True
+
+
+def gpt_neo_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any) -> tuple[Any, Any]:
+    """GPT-Neo's ``_attn`` with the pass's scores and pattern: float32 q.k^T without scaling, masked where its causal
+    or local-window mask (``module.bias``) or the attention mask hides a key (the most negative float there, as
+    ``loom_attention`` has it; GPT-Neo's own sum of the two masks holds that value or less, the same 0 in the pattern),
+    the softmax in float32, dropout, the values."""
+    import torch
+
+    hooks, sites = getattr(module, "_loom_sites", (None, ()))
+    queries, keys = query.shape[-2], key.shape[-2]
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
+    visible = module.bias[:, :, keys - queries : keys, :keys]  # decoding: the last ``queries`` rows
+    if attention_mask is not None:
+        mask = attention_mask[..., :keys]
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            visible = visible & (mask > torch.finfo(mask.dtype).min / 2)
+            scores = scores + mask.float()
+    scores = scores.masked_fill(~visible, MASKED)
+    if hooks is not None:
+        scores = hooks.inside(sites, "scores", scores, visible=visible)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if hooks is not None:
+        pattern = hooks.inside(sites, "pattern", pattern)
+    pattern = module.attn_dropout(pattern.to(value.dtype))
+    return torch.matmul(pattern, value), pattern
 
 
 def _target(net: Any) -> tuple[Any, int, str | None]:

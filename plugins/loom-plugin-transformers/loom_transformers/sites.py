@@ -10,13 +10,13 @@ point in list order. Hidden-state index ``i`` < N is an alias of ``blocks.{i}.ho
 LayerNorm folding, no centring).
 
 A point is a module's input (a forward pre-hook), its output (a forward hook), or a tensor inside transformers'
-attention function (``attention.py``: ``hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, for
-which a pass runs under The Loom's eager attention). Points that fire at one torch hook are taken in
-TransformerLens's order (``RANKS``). Some are computed from what the hook sees: ``hook_resid_mid`` is resid_pre +
-attn_out (an edit there is carried by the attention output: attn_out becomes f(resid_pre + attn_out) - resid_pre),
-``attn.hook_result`` each head's z through its share of the output projection (an edit there makes the projection's
-output the sum of the edited results plus its bias), ``hook_scale`` a norm's sqrt(variance + eps) (an edit there
-rescales the norm's output where its ``hook_normalized`` reads it).
+attention function (``attention.py``: ``hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, for which
+a pass runs under The Loom's eager attention; GPT-Neo's scores and pattern inside its own ``_attn``, wrapped). Points
+that fire at one torch hook are taken in TransformerLens's order (``RANKS``). Some are computed from what the hook sees:
+``hook_resid_mid`` is resid_pre + attn_out (an edit there is carried by the attention output: attn_out becomes
+f(resid_pre + attn_out) - resid_pre), ``attn.hook_result`` each head's z through its share of the output projection (an
+edit there makes the projection's output the sum of the edited results plus its bias), ``hook_scale`` a norm's
+sqrt(variance + eps) (an edit there rescales the norm's output where its ``hook_normalized`` reads it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import attrs
 
 from loom_kernel import Intervention, Layout, LoadedModel, apply_edit, edit_columns, find_blocks
 from loom_transformers.architectures import Arch, arch_of, part
-from loom_transformers.attention import MASKED
+from loom_transformers.attention import MASKED, own_attention
 
 # TransformerLens's order of the points in a block.
 RANKS = {
@@ -298,10 +298,10 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
     else:
         why = f"{arch.name} has no rotary embeddings: hook_q and hook_k are what the scores read"
         out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
-    if not arch.attention_function:
+    if not arch.attention_function and not own_attention(net, core):
         out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = (
-            f"{arch.name} computes its attention in its own module, not through transformers' attention functions, "
-            "where The Loom reads these points"
+            f"{arch.name}'s attention module ({type(core).__name__}) computes its attention without the ``_attn`` "
+            "where The Loom reads these points (flash attention?)"
         )
     elif getattr(config, "alibi", False):
         out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = f"{arch.name} with ALiBi is not described"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from loom_transformers.testing import ARCHITECTURES, CAUSAL_ARCHITECTURES, build_tiny_model
 
-from loom_kernel import Batch, Capture, GenerationParams, LoadOptions, ModelRef
+from loom_kernel import Batch, Capture, GenerationParams, Intervention, LoadOptions, ModelRef
 from loom_kernel.capture import resolve_layers
 from loom_kernel.errors import BadModel, InvalidField, Unsupported
 from loom_kernel.plugins import create_plugin_manager
@@ -624,6 +624,43 @@ def test_generated_tokens_keys_past_a_sliding_window_are_transformers_own(hooks,
         torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-5)
     assert torch.equal(scores == MASKED, want == 0)  # masked: the causal triangle and the keys out of the window
     torch.testing.assert_close(torch.softmax(scores, dim=-1), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt_neo_scores_and_pattern_in_a_left_padded_generating_batch_are_transformers_own(hooks, tiny_root):
+    """GPT-Neo computes its attention in its own ``_attn`` (unscaled scores, a local window at block 1): in one
+    left-padded batch generating with the KV cache (a decoding step's one query over every key so far), each row's
+    pattern at a global and a local block is transformers' eager ``output_attentions`` over the row's final sequence
+    alone, its scores masked (MASKED) exactly where those weights are 0 and their softmax the pattern. Edits there
+    (a head's pattern zeroed, generated tokens' scores scaled) give each row of the batch what it gives alone."""
+    from loom_transformers.attention import MASKED
+
+    path = build_tiny_model("gpt_neo", tiny_root)  # window 4 at block 1, shorter than the rows
+    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
+    points = tuple(f"blocks.{i}.attn.hook_{x}" for i in (0, 1) for x in ("pattern", "attn_scores"))
+    capture = Capture(sites=points, positions="all")
+    rows = run(hooks, m, capture, texts=BATCH_TEXTS, generation=gen(5)).rows
+    assert len({r.prompt_tokens for r in rows}) > 1  # left padding in the batch
+    for row in rows:
+        want = eager_attentions(m, row.token_ids)
+        total = len(row.token_ids)
+        for i in (0, 1):
+            pattern = row.states[f"blocks.{i}.attn.hook_pattern"].transpose(0, 1)  # -> [heads, T, keys]
+            scores = row.states[f"blocks.{i}.attn.hook_attn_scores"].transpose(0, 1)
+            assert pattern.shape == want[i][0].shape == (want[i].shape[1], total, total)
+            torch.testing.assert_close(pattern.float(), want[i][0], rtol=1e-4, atol=1e-5)
+            assert torch.equal(scores == MASKED, want[i][0] == 0)  # later keys, and keys out of block 1's window
+            torch.testing.assert_close(torch.softmax(scores, dim=-1), want[i][0], rtol=1e-4, atol=1e-5)
+    edits = (
+        Intervention(site="blocks.1.attn.hook_pattern", op="zero", heads=(2,)),
+        Intervention(site="blocks.0.attn.hook_attn_scores", op="scale", scale=0.5, positions="generated"),
+    )
+    batched = run(hooks, m, capture, texts=BATCH_TEXTS, generation=gen(5), interventions=(edits,) * 4).rows
+    for text, row in zip(BATCH_TEXTS, batched, strict=True):
+        (one,) = run(hooks, m, capture, texts=(text,), generation=gen(5), interventions=(edits,)).rows
+        assert row.token_ids == one.token_ids
+        for key in points:
+            torch.testing.assert_close(row.states[key], one.states[key], rtol=1e-4, atol=1e-5)
+        assert not row.states["blocks.1.attn.hook_pattern"][:, 2].any()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
