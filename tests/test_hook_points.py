@@ -630,3 +630,32 @@ async def test_the_answer_size_estimate_counts_a_points_shape(built):
         assert (await c.post("/extract", json={**body, "text": TEXT})).status_code == 200
         r = await c.post("/extract", json={**body, "text": " ".join([TEXT] * 40)})
         assert r.status_code in (413, 422) and r.json()["field"] == "hidden_state_layers", r.text
+
+
+def test_a_scale_edit_leaves_the_rows_and_positions_it_does_not_edit_bit_for_bit(built):
+    """An edited norm scale rescales the norm's output where the edit is (old / new); elsewhere the ratio is 1 and
+    the output must be the norm's own, not (y - b) * 1 + b (a LayerNorm's bias rounds there): a row beside an edited
+    one in a batch, and a scale edit by 1, leave every state exactly as the unedited pass has it."""
+    from loom_kernel import Batch, Capture, Intervention, LoadOptions
+    from loom_kernel.capture import resolve_layers
+    from loom_kernel.plugins import create_plugin_manager
+    from loom_kernel.resolve import resolve_model
+
+    pm = create_plugin_manager()
+    pm.check_pending()
+    model = pm.hook.load(model=resolve_model(built("gpt2")), loader="transformers", options=LoadOptions(), kernel=None)
+    texts = (TEXT, "the mat and the")
+    capture = Capture(layers=resolve_layers([-1], model.num_layers), positions="all")
+
+    def states(edits: tuple[tuple[Intervention, ...], ...]) -> list[np.ndarray]:
+        out = pm.hook.forward_with_states(model=model, batch=Batch(texts=texts, interventions=edits), capture=capture)
+        return [np.asarray(next(iter(row.states.values()))) for row in out.rows]
+
+    plain = states(((), ()))
+    for site in ("blocks.1.ln1.hook_scale", "blocks.0.ln2.hook_scale", "ln_final.hook_scale"):
+        edited = states(((Intervention(site=site, op="scale", scale=2.0, positions=[-1]),), ()))
+        assert np.array_equal(edited[1], plain[1]), site  # the other row
+        assert np.array_equal(edited[0][:-1], plain[0][:-1]), site  # the positions before the edited last one
+        assert not np.allclose(edited[0][-1], plain[0][-1]), site
+        same = states(((Intervention(site=site, op="scale", scale=1.0),), ()))
+        assert all(np.array_equal(a, b) for a, b in zip(same, plain, strict=True)), site

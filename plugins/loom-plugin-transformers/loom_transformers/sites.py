@@ -656,11 +656,16 @@ def _same(t: Any) -> Any:
 
 
 def _rescaled(norm: Any, y: Any, ratio: Any) -> Any:
-    """A norm's output for its input divided by an edited scale: (y - bias) * old / new + bias."""
+    """A norm's output for its input divided by an edited scale: (y - bias) * old / new + bias; ``y`` itself where
+    the ratio is 1 (the rows and positions the edit leaves), which (y - bias) + bias would round."""
+    import torch
+
     bias = getattr(norm, "bias", None)
     if bias is None:
-        return (y.float() * ratio).to(y.dtype)
-    return ((y.float() - bias.float()) * ratio + bias.float()).to(y.dtype)
+        new = y.float() * ratio
+    else:
+        new = (y.float() - bias.float()) * ratio + bias.float()
+    return torch.where(ratio == 1, y, new.to(y.dtype))
 
 
 def norm_eps(norm: Any) -> float:
