@@ -659,3 +659,39 @@ def test_a_scale_edit_leaves_the_rows_and_positions_it_does_not_edit_bit_for_bit
         assert not np.allclose(edited[0][-1], plain[0][-1]), site
         same = states(((Intervention(site=site, op="scale", scale=1.0),), ()))
         assert all(np.array_equal(a, b) for a, b in zip(same, plain, strict=True)), site
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo"])
+async def test_a_scale_edit_with_edits_at_resid_pre_and_normalized_applies_them_in_forward_order(built, arch):
+    """TransformerLens's order in a block: resid_pre, then the norm's scale (of the edited stream), then
+    hook_normalized (of the rescaled output); one request with all three equals the three torch hooks in process,
+    in its states and its greedy tokens."""
+    path = built(arch)
+    net, tok = load(path, arch)
+    enc = tok(TEXT, return_tensors="pt")
+    prompt = enc["input_ids"].shape[1]
+    n, d = net.config.num_hidden_layers, net.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    items = [
+        {"site": "blocks.1.hook_resid_pre", "op": "add", "vector": torch.randn(d, generator=gen).tolist()},
+        {"site": "blocks.1.ln1.hook_scale", "op": "scale", "scale": 0.5, "positions": [1, -1]},
+        {"site": "blocks.1.ln1.hook_normalized", "op": "add", "vector": torch.randn(d, generator=gen).tolist()},
+        {"site": "blocks.0.ln2.hook_scale", "op": "scale", "scale": 3.0, "positions": "generated"},
+        {"site": "blocks.0.ln2.hook_normalized", "op": "scale", "scale": 0.5},
+    ]
+    ref = Reference(net, arch, items, prompt)
+    try:
+        out = ref.run(lambda: net(**enc, output_hidden_states=True))
+        tokens = ref.run(lambda: net.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id))
+    finally:
+        ref.close()
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "interventions": items}
+        r = await c.post("/extract", json={**body, "text": TEXT, "hidden_state_layers": [2, n], "positions": "all"})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        g = await c.post("/generate", json={**body, "prompt": TEXT, "max_tokens": 10, "temperature": 0})
+        assert g.status_code == 200, g.text
+    for i in (2, n):
+        np.testing.assert_allclose(got[str(i)], out.hidden_states[i][0].numpy(), atol=1e-5, rtol=0)
+    assert g.json()["token_ids"] == tokens[0, prompt:].tolist()
