@@ -97,25 +97,34 @@ def loom_attention(
     scores = torch.matmul(query.float(), keys.float().transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    visible = None
-    if attention_mask is not None:
-        mask = attention_mask[..., : keys.shape[-2]]
-        if mask.dtype == torch.bool:
-            visible = mask
-        else:  # additive: 0 where seen (or a bias, ALiBi), the dtype's most negative value where masked
-            visible = mask > torch.finfo(mask.dtype).min / 2
-            scores = scores + mask.float()
-        scores = scores.masked_fill(~visible, MASKED)
-    if hooks is not None:
-        scores = hooks.inside(sites, "scores", scores, visible=visible)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if hooks is not None:
-        pattern = hooks.inside(sites, "pattern", pattern)
-    pattern = pattern.to(values.dtype)
+    pattern = masked_pattern(module, scores, attention_mask).to(values.dtype)
     if dropout and module.training:
         pattern = torch.nn.functional.dropout(pattern, p=dropout)
     out = torch.matmul(pattern, values)
     return out.transpose(1, 2).contiguous(), pattern
+
+
+def masked_pattern(module: Any, scores: Any, attention_mask: Any, visible: Any = None) -> Any:
+    """The pattern (float32) of ``scores`` [B, heads, T, keys]: masked where ``visible`` or the attention mask hides a
+    key (the most negative float there), through the pass's scores points (an edit never unmasks a key), their
+    softmax through its pattern points."""
+    import torch
+
+    hooks, sites = getattr(module, "_loom_sites", (None, ()))
+    if attention_mask is not None:
+        mask = attention_mask[..., : scores.shape[-1]]
+        if mask.dtype == torch.bool:
+            seen = mask
+        else:  # additive: 0 where seen (or a bias, ALiBi), the dtype's most negative value where masked
+            seen = mask > torch.finfo(mask.dtype).min / 2
+            scores = scores + mask.float()
+        visible = seen if visible is None else visible & seen
+    if visible is not None:
+        scores = scores.masked_fill(~visible, MASKED)
+    if hooks is not None:
+        scores = hooks.inside(sites, "scores", scores, visible=visible)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return hooks.inside(sites, "pattern", pattern) if hooks is not None else pattern
 
 
 def own_attention(net: Any, core: Any) -> bool:
@@ -146,24 +155,10 @@ def gpt_neo_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     the softmax in float32, dropout, the values."""
     import torch
 
-    hooks, sites = getattr(module, "_loom_sites", (None, ()))
     queries, keys = query.shape[-2], key.shape[-2]
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
-    visible = module.bias[:, :, keys - queries : keys, :keys]  # decoding: the last ``queries`` rows
-    if attention_mask is not None:
-        mask = attention_mask[..., :keys]
-        if mask.dtype == torch.bool:
-            visible = visible & mask
-        else:
-            visible = visible & (mask > torch.finfo(mask.dtype).min / 2)
-            scores = scores + mask.float()
-    scores = scores.masked_fill(~visible, MASKED)
-    if hooks is not None:
-        scores = hooks.inside(sites, "scores", scores, visible=visible)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if hooks is not None:
-        pattern = hooks.inside(sites, "pattern", pattern)
-    pattern = module.attn_dropout(pattern.to(value.dtype))
+    causal = module.bias[:, :, keys - queries : keys, :keys]  # decoding: the last ``queries`` rows
+    pattern = module.attn_dropout(masked_pattern(module, scores, attention_mask, causal).to(value.dtype))
     return torch.matmul(pattern, value), pattern
 
 
