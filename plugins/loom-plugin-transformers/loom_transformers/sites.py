@@ -192,10 +192,12 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     def scale(name: str, norm: Any, after: str | None = None) -> Site | str:
         """``ln1.hook_scale`` or ``ln2.hook_scale``: the scale of ``norm``'s input, edited where its ``hook_normalized``
         reads the norm's output; ``after``: the point the same hook runs first (post-LN: the stream the norm
-        normalizes is itself a point there)."""
+        normalizes is itself a point there). Why not, where the block has no such point or no such norm module."""
         reader = out[name.replace("scale", "normalized")]
         if isinstance(reader, str):
             return reader
+        if norm is None:
+            return f"{arch.name}'s block has no {name.split('.')[0]} module of its own"
         at = rank + RANKS[after] + 0.5 if after else rank + RANKS[name]
         return Site(f"blocks.{i}.{name}", norm, "in", at, (1,), kind="scale", extra=arch.norm, reader=reader)
 
@@ -244,16 +246,9 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
             if arch.ln2 or (parallel and arch.ln1)
             else f"{arch.name} normalizes each sublayer's output, not its input: the MLP reads hook_resid_mid itself"
         )
-        for ln in ("ln1", "ln2"):  # a parallel block's one norm (GPT-J, Cohere, Falcon) is both ln1 and ln2
+        for ln in ("ln1", "ln2"):  # a parallel block's one norm (GPT-J, Phi, Cohere, Falcon) is both ln1 and ln2
             norm = part(block, getattr(arch, ln)) or (part(block, arch.ln1) if parallel else None)
-            why = out[f"{ln}.hook_normalized"]
-            out[f"{ln}.hook_scale"] = (
-                scale(f"{ln}.hook_scale", norm)
-                if norm is not None
-                else why
-                if isinstance(why, str)
-                else f"{arch.name}'s block has no {getattr(arch, ln) or ln} module"
-            )
+            out[f"{ln}.hook_scale"] = scale(f"{ln}.hook_scale", norm)
     out.update(_mlp(arch, mlp, site))
     post_mlp = part(block, arch.post_mlp_norm)
     mlp_out = part(block, arch.down) if post_ln else post_mlp or mlp
