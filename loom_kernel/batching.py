@@ -12,8 +12,9 @@ every generated row keeps its own parameters and generator, and a merged capture
 layers; every position when the specs differ) that is cut back per call.
 
 Compatible: plain passes of the same model with texts or token ids alike, the same ``add_special_tokens`` and
-``truncate`` and the same ``attention``; generations joining the same decoder (one per ``attention`` mode:
-attention weights switch the model to eager attention), tokenized before they are queued and sampled by the kernel
+``truncate`` and the same attention mode (``Call.mode``); generations joining the same decoder (one per attention mode:
+attention weights switch the model to eager attention, a point inside attention to the loader's own), tokenized
+before they are queued and sampled by the kernel
 row by row with their own parameters. A loader that runs whole generations gets generations of different
 parameters merged only when it honours ``Batch.row_generation`` (``LoadedModel.row_params``).
 
@@ -75,7 +76,7 @@ class ModelThread:
         self._name = f"loom-model:{name}"
         self._thread: threading.Thread | None = None  # the OS thread, while it runs (under the lock)
         # Generations, on the model's thread only: one engine per attention mode, their output processor.
-        self._engines: dict[bool, Engine] = {}
+        self._engines: dict[tuple[bool, bool], Engine] = {}
         self._output: Processor | None = None  # made with the first generation, ended with the thread's model
         self._row_ids = itertools.count()
 
@@ -166,8 +167,8 @@ class ModelThread:
                 with self._cv:
                     self.scheduler.ran()
                 _fail(group, exc)
-                for attention in list(self._engines):
-                    self._fail_engine(attention, exc)
+                for mode in list(self._engines):
+                    self._fail_engine(mode, exc)
         self._fail_queued()
 
     def _next(self) -> Any:
@@ -210,34 +211,32 @@ class ModelThread:
             except BaseException as exc:  # no decoder, or one that took the rows and could not let them go
                 log.error("%d generation(s) could not join", len(calls), exc_info=exc)
                 _fail(calls, exc)
-                if calls[0].capture.attention in self._engines:  # its state is no longer known
-                    self._fail_engine(calls[0].capture.attention, exc)
-        for attention, engine in list(self._engines.items()):
+                if calls[0].mode in self._engines:  # its state is no longer known
+                    self._fail_engine(calls[0].mode, exc)
+        for mode, engine in list(self._engines.items()):
             if not engine.busy:
                 continue
             start = time.perf_counter()
             try:
                 engine.step()
             except BaseException as exc:
-                self._fail_engine(attention, exc)
+                self._fail_engine(mode, exc)
                 continue
             self.counters.decode_steps += 1
             self.seconds_per_batch = _average(self.seconds_per_batch, time.perf_counter() - start)
 
-    def _room(self, call: Call) -> tuple[bool, int, bool]:
-        attention = call.capture.attention
-        engine = self._engines.get(attention)
-        return (attention, engine.running, engine.joinable) if engine is not None else (attention, 0, True)
+    def _room(self, call: Call) -> tuple[tuple[bool, bool], int, bool]:
+        engine = self._engines.get(call.mode)
+        return (call.mode, engine.running, engine.joinable) if engine is not None else (call.mode, 0, True)
 
     def _engine(self, call: Call) -> Engine:
-        attention = call.capture.attention
-        if attention not in self._engines:
+        if call.mode not in self._engines:
             assert call.model.decoder is not None
             if self._output is None:
                 self._output = Processor(self._name, call.model.tokenizer)
-            decoder = call.model.decoder(attention)
-            self._engines[attention] = Engine(call.model, decoder, self._output.put, self.counters)
-        return self._engines[attention]
+            decoder = call.model.decoder(call.capture.attention)
+            self._engines[call.mode] = Engine(call.model, decoder, self._output.put, self.counters)
+        return self._engines[call.mode]
 
     def _join(self, engine: Engine, calls: list[Call]) -> None:
         """``calls`` (their rows tokenized and checked before they were queued) prefilled as one batch."""
@@ -247,9 +246,9 @@ class ModelThread:
             self.counters.joined_running += sum(call.rows for call in calls)
         join(engine, self._output, calls, self._row_ids)
 
-    def _fail_engine(self, attention: bool, exc: BaseException) -> None:
+    def _fail_engine(self, mode: tuple[bool, bool], exc: BaseException) -> None:
         """A step failed: every row of that engine fails with it, and the next join starts afresh."""
-        engine = self._engines.pop(attention)
+        engine = self._engines.pop(mode)
         log.error("a decoding step failed; %d running row(s) fail with it", engine.running, exc_info=exc)
         engine.fail(exc)
 

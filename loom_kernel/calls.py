@@ -73,12 +73,19 @@ class Call:
     def rows(self) -> int:
         return len(self.batch.token_ids) if self.batch.token_ids is not None else len(self.batch.texts)
 
+    @property
+    def mode(self) -> tuple[bool, bool]:
+        """How its passes run the model's attention: whether they keep attention weights (eager attention), and
+        whether they read or edit a point inside the attention function (the loader's own attention)."""
+        touched = {*self.capture.sites, *(e.site for row in self.batch.interventions for e in row)}
+        return self.capture.attention, not self.model.attention_sites.isdisjoint(touched)
+
     def key(self) -> tuple[Any, ...]:
         """Calls with equal keys may be merged (computed once: the model thread compares it on every scan)."""
         if self._key is None and self.joins:
             # Tokenized before it was queued, and sampled by the kernel row by row: only the decoder it joins (one
             # per attention mode) sets a generation apart.
-            self._key = (id(self.model), "joins", self.capture.attention)
+            self._key = (id(self.model), "joins", self.mode)
         if self._key is None:
             b, params = self.batch, self.batch.generation
             same_params = params is None or self.model.row_params
@@ -88,7 +95,7 @@ class Call:
                 b.token_ids is None,
                 b.add_special_tokens,
                 b.truncate,
-                self.capture.attention,
+                self.mode,
                 self.capture.gradient,  # a pass with gradients merges only with passes taking the same metric
                 None if same_params else params,
             )

@@ -112,6 +112,10 @@ class LoadedModel:
     # Hook points beyond the hidden-state indices, by TransformerLens's names (``blocks.3.hook_attn_out``), each with
     # its per-token shape; the loader then captures them and applies ``Batch.interventions``. None: neither.
     sites: dict[str, tuple[int, ...]] | None = None
+    # The points of ``sites`` computed inside the attention function (scores, pattern): a pass that reads or edits
+    # one runs another attention implementation, whose low-precision numbers are not the model's own attention's,
+    # so the kernel never merges it with a pass that touches none.
+    attention_sites: frozenset[str] = frozenset()
     # ``unembed(states [P, H], normalized) -> logits [P, V]``: the model's own final norm (skipped when
     # ``normalized``) and LM head, soft-capping included, on CPU float tensors (the logit lens). None: no LM head.
     unembed: Callable[[Any, bool], Any] | None = None

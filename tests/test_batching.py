@@ -158,9 +158,11 @@ GENERATES = [
 
 
 @contextlib.asynccontextmanager
-async def serving(tiny_models: dict[str, Any], *plugins: Any, **settings: Any) -> AsyncIterator[tuple[Any, ...]]:
-    """An app with ``plugins`` and ``settings``, the tiny Llama loaded, and a recorder of the loader's calls:
-    yields (app, client, model, calls)."""
+async def serving(
+    tiny_models: dict[str, Any], *plugins: Any, dtype: str | None = None, **settings: Any
+) -> AsyncIterator[tuple[Any, ...]]:
+    """An app with ``plugins`` and ``settings``, the tiny Llama loaded (in ``dtype``), and a recorder of the
+    loader's calls: yields (app, client, model, calls)."""
     pm = create_plugin_manager()
     for plugin in plugins:
         pm.register(plugin)
@@ -169,7 +171,8 @@ async def serving(tiny_models: dict[str, Any], *plugins: Any, **settings: Any) -
     app = app_with(pm=pm, **settings)
     model = str(tiny_models["llama"])
     async with concurrent_client(app) as c:
-        assert (await c.post("/models/load", json={"model": model})).status_code == 200
+        load = {"model": model} if dtype is None else {"model": model, "dtype": dtype}
+        assert (await c.post("/models/load", json=load)).status_code == 200
         yield app, c, model, calls
 
 
@@ -306,6 +309,31 @@ async def test_a_failing_request_fails_alone(tiny_models):
             assert r.status_code == 200
             assert_same(r.json(), want)
         assert (await c.post("/extract", json={"model": model, **EXTRACTS[0]})).status_code == 200
+
+
+async def test_a_request_inside_attention_is_never_merged_with_one_outside(tiny_models):
+    """Reading or editing a point inside attention (``hook_pattern``) runs the pass under The Loom's attention, whose
+    bfloat16 numbers are not the model's own attention's: a request that does not touch such a point gets, merged
+    with one that does, exactly what it gets alone (it used not to: its generated tokens changed)."""
+    inside_gen = {**GENERATES[0], "hidden_state_layers": ["blocks.0.attn.hook_pattern"], "max_tokens": 8}
+    edit = [{"site": "blocks.1.attn.hook_pattern", "op": "scale", "scale": 1.0}]
+    inside_ext = {**EXTRACTS[1], "interventions": edit}
+    plain_gen = {"prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0, "return_hidden_states": True}
+    plain_ext = {**EXTRACTS[2], "hidden_state_format": "base64"}
+    requests = [("/generate", plain_gen), ("/generate", inside_gen), ("/extract", plain_ext), ("/extract", inside_ext)]
+    async with serving(tiny_models, dtype="bfloat16") as (app, c, model, calls):
+        single = [(await alone(c, path, model, [body]))[0] for path, body in requests]
+        calls.seen.clear()
+        results = await together(app, c, model, requests)
+        assert sorted((rows, gen) for rows, gen, _ in calls.seen) == [(1, False), (1, False), (1, True), (1, True)]
+        for r, want in zip(results, single, strict=True):
+            assert r.status_code == 200, r.text
+            assert_same(r.json(), want)
+        # Requests on the same side of attention still merge.
+        calls.seen.clear()
+        results = await together(app, c, model, [("/generate", plain_gen), ("/generate", GENERATES[2])])
+        assert [(rows, gen) for rows, gen, _ in calls.seen] == [(2, True)]
+        assert_same(results[0].json(), single[0])
 
 
 async def test_queue_overflow_is_a_429_with_retry_after(tiny_models):

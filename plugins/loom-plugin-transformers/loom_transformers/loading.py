@@ -25,7 +25,7 @@ from loom_kernel import (
 from loom_transformers.architectures import NOT_SERVED, arch_of
 from loom_transformers.attribution import attribution
 from loom_transformers.runner import TransformersRunner
-from loom_transformers.sites import site_shapes, unembed
+from loom_transformers.sites import attention_sites, site_shapes, unembed
 from loom_transformers.weights import weights
 
 log = logging.getLogger("loom.transformers")
@@ -147,6 +147,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
             loaded.unembed = functools.partial(unembed, loaded)
     try:
         loaded.sites = site_shapes(loaded)
+        loaded.attention_sites = attention_sites(loaded)
     except Exception as exc:  # the table's layout does not fit this model's modules
         raise BadModel(
             f"model: {ref.id!r} ({type(model).__name__}) does not have the blocks the transformers loader's table "

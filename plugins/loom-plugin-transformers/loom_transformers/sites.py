@@ -392,6 +392,11 @@ def site_shapes(model: LoadedModel) -> dict[str, tuple[int, ...] | str]:
     }
 
 
+def attention_sites(model: LoadedModel) -> frozenset[str]:
+    """``LoadedModel.attention_sites``: the points read inside the attention function."""
+    return frozenset(k for k, s in site_map(model).items() if isinstance(s, Site) and s.side == "attn")
+
+
 def keyed_fill(model: LoadedModel, key: int | str) -> float | None:
     """For a keyed point (scores, pattern): what its key positions a query cannot see hold (the most negative float,
     0); None for any other point."""
@@ -399,12 +404,6 @@ def keyed_fill(model: LoadedModel, key: int | str) -> float | None:
     if not isinstance(site, Site) or not site.keyed:
         return None
     return MASKED if site.kind == "scores" else 0.0
-
-
-def needs_attention(model: LoadedModel, keys: Sequence[int | str]) -> bool:
-    """Whether any of ``keys`` is a point inside the attention function (the pass then runs The Loom's attention)."""
-    sites = site_map(model)
-    return any(isinstance(s := sites.get(k), Site) and s.side == "attn" for k in keys)
 
 
 class SiteHooks:
