@@ -97,11 +97,45 @@ def check_chat_content(content: list[Any], steps: list[Step], reference: Referen
     assert len(content) == len(steps)
     for got, want in zip(content, steps, strict=True):
         assert got.token == reference.text(want.token_id)
-        assert got.bytes == list(got.token.encode("utf-8"))
         assert got.logprob == pytest.approx(want.logprob, abs=TOL)
         assert [t.token for t in got.top_logprobs] == [reference.text(i) for i, _ in want.top]
         assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in want.top], abs=TOL)
-        assert all(t.bytes == list(t.token.encode("utf-8")) for t in got.top_logprobs)
+        for entry in [got, *got.top_logprobs]:  # a token's own bytes, read as its text
+            assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    # Joined, the tokens' bytes are the text transformers decodes from their ids.
+    joined = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    assert joined == reference.tokenizer.decode([s.token_id for s in steps])
+
+
+def byte_fallback_tokenizer() -> Any:
+    """A SentencePiece-style BPE (Llama 2, Gemma): a character outside the vocabulary is spelled in byte pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    pieces = ["<unk>", *(f"<0x{b:02X}>" for b in range(256))]
+    tok.train_from_iterator(["the cat sat on the mat"], trainers.BpeTrainer(vocab_size=300, special_tokens=pieces))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
+def test_a_character_split_across_tokens_is_rebuilt_from_their_bytes(kind: str) -> None:
+    """OpenAI's ``bytes`` "must be combined to generate the correct text representation" of a character that
+    several tokens spell: each token's own bytes, not U+FFFD's (what its text alone decodes to)."""
+    from loom_openai.token_bytes import token_bytes
+    from loom_transformers.testing import train_tokenizer
+
+    tokenizer = train_tokenizer("gpt2") if kind == "byte-level" else byte_fallback_tokenizer()
+    for text in ("\u00e9", "na\u00efve", "\u65e5\u672c\u8a9e\U0001f600", "caf\u00e9\u2014ok"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        pieces = [tokenizer.decode([i]) for i in ids]
+        assert "\ufffd" in pieces  # the text has characters no single token holds
+        assert b"".join(bytes(token_bytes(tokenizer, i, p)) for i, p in zip(ids, pieces, strict=True)) == text.encode()
 
 
 def test_chat_logprobs_match_log_softmax(client: Any, model_path: str, reference: Reference) -> None:

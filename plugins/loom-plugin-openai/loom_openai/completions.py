@@ -60,6 +60,7 @@ from loom_openai.schemas import (
     CompletionRequest,
     OpenAIFields,
 )
+from loom_openai.token_bytes import token_bytes
 
 
 def refuse_unsupported(data: OpenAIFields) -> None:
@@ -273,19 +274,20 @@ def check_context(rows: list[list[int]], context: int | None, flat: bool) -> Non
             )
 
 
-def chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
-    """One token of chat's ``logprobs.content``. ``bytes`` encodes the token's decoded text, so a token that is
-    one byte of a split character carries U+FFFD's bytes, not its own."""
+def chat_logprob(tokenizer: Any, entry: dict[str, Any]) -> dict[str, Any]:
+    """One token of chat's ``logprobs.content``; ``bytes`` are the token's own, so that a character split across
+    tokens is rebuilt by joining them, as OpenAI's are."""
 
     def one(e: dict[str, Any]) -> dict[str, Any]:
-        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+        own = token_bytes(tokenizer, e["token_id"], e["token"])
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": own}
 
     return {**one(entry), "top_logprobs": [one(t) for t in entry["top_logprobs"]]}
 
 
-def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+def chat_logprobs(tokenizer: Any, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     """OpenAI's shape: the content's tokens, and a refusal's (a model here never refuses apart from its text)."""
-    return None if entries is None else {"content": [chat_logprob(e) for e in entries], "refusal": None}
+    return None if entries is None else {"content": [chat_logprob(tokenizer, e) for e in entries], "refusal": None}
 
 
 def top_by_text(entry: dict[str, Any]) -> dict[str, float]:
@@ -440,6 +442,7 @@ class OpenAIController(Controller):
         text = "".join(m["role"] + m["content"] for m in messages)
         params, req, entry = await self._prepare(data, manager, settings, Batch(texts=(text,)), caller(request))
         ids = await asyncio.to_thread(chat_token_ids, entry.model(), messages)  # refused before a stream starts
+        tokenizer = entry.model().tokenizer
         bridge = TokenBridge() if data.stream else None
         n = data.n or 1
 
@@ -460,7 +463,7 @@ class OpenAIController(Controller):
                     "index": i,
                     "message": {"role": "assistant", "content": payload["text"], "refusal": None},
                     "finish_reason": finish_reason(payload),
-                    "logprobs": chat_logprobs(payload.get("logprobs")),
+                    "logprobs": chat_logprobs(tokenizer, payload.get("logprobs")),
                     **choice_fields(payload, n > 1),
                 }
                 for i, payload in enumerate(payloads)
@@ -473,8 +476,8 @@ class OpenAIController(Controller):
             return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
         def token_chunk(event: dict[str, Any]) -> dict[str, Any]:
-            entry = event.get("logprob")
-            logprobs = chat_logprobs(None if entry is None else [entry])
+            step = event.get("logprob")
+            logprobs = chat_logprobs(tokenizer, None if step is None else [step])
             return with_readouts(chunk(event["row"], {"content": event["text"]}, None, logprobs), event)
 
         def last_chunk(i: int, payload: dict[str, Any]) -> dict[str, Any]:
