@@ -83,7 +83,7 @@ def tiny_pipelines(tiny_models, tmp_path_factory) -> dict[str, Path]:
       through it), max_seq_length 32 -> Pooling(lasttoken), with a default prompt
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer  # 5.x and 6.x alike
 
     root = tmp_path_factory.mktemp("st-pipelines")
     torch.manual_seed(0)
