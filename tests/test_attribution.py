@@ -252,3 +252,22 @@ async def test_weights_are_the_models_own_and_refusals_name_the_field(built, tin
         ]:
             r = await c.get(f"/models/{path}/weights", params=params)
             assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
+@pytest.mark.parametrize("arch", ("gemma", "gemma2", "gpt2"))
+async def test_w_e_is_what_the_embedding_module_gives(built, arch):
+    """TransformerLens's ``W_E`` is what its ``hook_embed`` reads, ``W_E[tokens]``: for Gemma, whose embedding module
+    multiplies by sqrt(d_model), its conversion stores the weight times sqrt(d_model)."""
+    path = built(arch)
+    net, tok = load(path, arch)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"][0]
+    with torch.inference_mode():
+        want = net.get_input_embeddings()(ids)  # transformers' own module: what hook_embed is
+    async with concurrent_client(app_with()) as c:
+        await c.post("/models/load", json={"model": path})
+        listing = (await c.get(f"/models/{path}/weights")).json()["weights"]
+        assert listing["W_E"]["shape"] == list(net.get_input_embeddings().weight.shape)
+        r = await c.get(f"/models/{path}/weights", params={"names": "W_E", "format": "base64"})
+        assert r.status_code == 200, r.text
+        w_e = decode.arrays(r.json())["weights"]["W_E"]
+    np.testing.assert_array_equal(w_e[ids.numpy()], want.numpy())

@@ -1,7 +1,9 @@
 """``LoadedModel.weights``: a model's parameters by its own names (its ``state_dict``) and by TransformerLens's
 names where the mapping is exact, as TransformerLens lays them out (unprocessed: ``from_pretrained_no_processing``).
 
-- ``W_E`` [vocab, d], ``W_pos`` [context, d]: the token and learned position embeddings;
+- ``W_E`` [vocab, d], ``W_pos`` [context, d]: the token and learned position embeddings, what their modules give
+  (``W_E[tokens]`` is ``hook_embed``: Gemma's weight times its embedding scale, sqrt(d), as TransformerLens's
+  conversion stores it);
 - ``W_U`` [d, vocab], ``b_U`` [vocab]: the LM head, transposed (without Cohere's logit scale);
 - ``ln_final.w`` / ``.b``, ``blocks.{i}.ln1.w`` / ``.b``, ``ln2.w`` / ``.b``: the norms (Gemma's weight as 1 + w,
   as TransformerLens stores it; a parallel block's one norm also as ``ln2``, as its conversion copies it);
@@ -30,7 +32,8 @@ def weights(model: LoadedModel, names: Sequence[str] | None) -> dict[str, Any]:
         listing = {name: (tuple(t.shape), _dtype(t)) for name, t in own.items()}
         for name, make in tl.items():
             repeated = getattr(make, "repeats", None)  # GQA's W_K: its key-value heads' shape, times the groups
-            t = make() if repeated is None else tl[repeated[0]]()
+            like = getattr(make, "like", None)  # a tensor of the same shape and dtype, made without a copy
+            t = tl[repeated[0]]() if repeated is not None else like() if like is not None else make()
             shape = tuple(t.shape) if repeated is None else (t.shape[0] * repeated[1], *t.shape[1:])
             listing[name] = (shape, _dtype(t))
         return listing
@@ -59,6 +62,20 @@ def _repeated(make: Callable[[], Any], base: str, groups: int) -> Callable[[], A
     return repeat
 
 
+def _embedding(module: Any) -> Callable[[], Any]:
+    """An embedding's weight as its module gives it: times its ``embed_scale`` where it has one (Gemma's scaled
+    embeddings multiply each looked-up row by sqrt(d) in the weight's dtype, as this does)."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return lambda: module.weight
+
+    def scaled() -> Any:
+        return module.weight * (scale.to(module.weight.dtype) if hasattr(scale, "to") else scale)
+
+    scaled.like = lambda: module.weight  # type: ignore[attr-defined]
+    return scaled
+
+
 def _in_out(module: Any) -> Any:
     """A projection's weight as [in, out] (GPT-2's Conv1D already is; a Linear's is [out, in])."""
     return module.weight if type(module).__name__ == "Conv1D" else module.weight.T
@@ -85,7 +102,7 @@ def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
 
     embed = sites.get("hook_embed")
     if isinstance(embed, Site):
-        out["W_E"] = lambda: embed.module.weight
+        out["W_E"] = _embedding(embed.module)
     pos = sites.get("hook_pos_embed")
     if isinstance(pos, Site):
         out["W_pos"] = lambda: pos.module.weight
