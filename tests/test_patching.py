@@ -9,18 +9,25 @@ import pytest
 import torch
 from test_interventions import first, load, reference_points
 from test_models import app_with, concurrent_client
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 CLEAN, CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"  # the same token count in both tokenizers
 
 
-def in_process(path: str, arch: str, sites: list[Any], positions: list[int] | None, metric: dict) -> dict[str, Any]:
+def in_process(
+    path: str,
+    arch: str,
+    sites: list[Any],
+    positions: list[int] | None,
+    metric: dict,
+    texts: tuple[str, str] = (CLEAN, CORRUPTED),
+) -> dict[str, Any]:
     """The clean run with each site's output kept, then one corrupted forward pass per (site, position) with a hook
     that writes the clean value there."""
     net, tok = load(path, arch)
     points, _, _ = reference_points(net, arch)
-    clean = tok(CLEAN, return_tensors="pt")["input_ids"]
-    corrupt = tok(CORRUPTED, return_tensors="pt")["input_ids"]
+    clean = tok(texts[0], return_tensors="pt")["input_ids"]
+    corrupt = tok(texts[1], return_tensors="pt")["input_ids"]
     total = clean.shape[1]
     positions = list(range(total)) if positions is None else [p % total for p in positions]
 
@@ -139,6 +146,28 @@ async def test_patch_matrix_matches_an_in_process_loop_and_runs_batched(tiny_mod
     runs = 2 + len(net_sites) * len(want["positions"])
     assert got["runs"] == runs and got["calls"] == math.ceil(runs / 8)
     assert after - before == 1 + got["calls"] < runs  # the clean capture, then the runs in batches of 8 rows
+
+
+async def test_texts_that_fill_the_models_context_are_patched(tiny_models):
+    """The metric is read off each run's own last logits: a prompt of the model's whole context leaves no room for a
+    token after it, and needs none."""
+    path = str(tiny_models["gpt2"])
+    tok = AutoTokenizer.from_pretrained(path)
+    context = AutoConfig.from_pretrained(path).n_positions
+    texts = (" the" * context, " the" * (context - 1) + " a")
+    assert [len(tok(t)["input_ids"]) for t in texts] == [context, context]
+    metric = {"type": "logit_diff", "correct": " the", "incorrect": "."}
+    sites, positions = ["blocks.1.hook_resid_pre", 3], [3, -1]
+    want = in_process(path, "gpt2", sites, positions, metric, texts=texts)
+    async with concurrent_client(app_with(max_batch_size=8)) as c:
+        body = {"model": path, "clean": texts[0], "corrupted": texts[1], "sites": sites, "positions": positions}
+        r = await c.post("/patch", json={**body, "metric": metric})
+        assert r.status_code == 200, r.text
+        got = r.json()
+    assert abs(got["metric"]["clean"] - want["clean"]) < 1e-5
+    assert abs(got["metric"]["corrupted"] - want["corrupted"]) < 1e-5
+    for got_row, want_row in zip(got["patched"], want["patched"], strict=True):
+        assert max(abs(a - b) for a, b in zip(got_row, want_row, strict=True)) < 1e-5, (got_row, want_row)
 
 
 async def test_patch_refusals_name_the_field(tiny_models):

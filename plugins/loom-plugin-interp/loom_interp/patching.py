@@ -2,12 +2,12 @@
 
 The clean text runs once with its states kept at every site; then the clean run, the corrupted run and one corrupted
 run per (site, position), with the clean state set there, go through the scheduler as rows of a few batched calls
-(one-token generations whose first logits give the metric at the last position), as TransformerLens's ``patching``
-module and the ROME paper compute it. ``"method": "attribution"`` estimates every cell at once instead, from the
-clean run and one forward and backward pass of the corrupted run: (clean - corrupted) . d metric / d activation
-(Neel Nanda's attribution patching). At a per-head site (``attn.hook_z``, ``hook_result``, ``hook_pattern``,
-``hook_q``/``k``/``v``) each (position, head) is a run of its own, with the clean value of that head set there, as
-TransformerLens's ``get_act_patch_attn_head_*_by_pos`` do.
+(forward passes whose last logits give the metric: a text of the model's whole context needs no room for a token
+after it), as TransformerLens's ``patching`` module and the ROME paper compute it. ``"method": "attribution"``
+estimates every cell at once instead, from the clean run and one forward and backward pass of the corrupted run:
+(clean - corrupted) . d metric / d activation (Neel Nanda's attribution patching). At a per-head site
+(``attn.hook_z``, ``hook_result``, ``hook_pattern``, ``hook_q``/``k``/``v``) each (position, head) is a run of its
+own, with the clean value of that head set there, as TransformerLens's ``get_act_patch_attn_head_*_by_pos`` do.
 """
 
 from __future__ import annotations
@@ -106,8 +106,7 @@ def scorer(model: LoadedModel, metric: Metric) -> Any:
 
 async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: int) -> dict[str, Any]:
     model, tok = session.model, session.model.tokenizer
-    one = GenerationParams(max_tokens=1, temperature=0.0)
-    check_generation(model, one)
+    check_generation(model, GenerationParams(max_tokens=1, temperature=0.0))  # a causal LM, with its head
     sites = expand_sites(data.sites, model.num_layers)
     checked, heads = [], []  # each site, and its head count (0: not per head)
     for k, site in enumerate(sites):
@@ -186,17 +185,13 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
     outputs = await asyncio.gather(
         *(
             session.forward(
-                Batch(
-                    token_ids=tuple(inputs[i] for i in chunk),
-                    generation=one,
-                    interventions=tuple(edits[i] for i in chunk),
-                ),
-                Capture(logits=True),
+                Batch(token_ids=tuple(inputs[i] for i in chunk), interventions=tuple(edits[i] for i in chunk)),
+                Capture(logits=True, positions="last"),
             )
             for chunk in chunks
         )
     )
-    metrics = [score(row.logits[0]) for out in outputs for row in out.rows]
+    metrics = [score(row.logits[-1]) for out in outputs for row in out.rows]
     clean_m, corrupt_m = metrics[0], metrics[1]
     matrix: list[list[Any]] = []
     at = 2
