@@ -62,7 +62,8 @@ def check_site(site: Any, model: LoadedModel, field: str) -> tuple[int | str, tu
                 field=field,
                 allowed=site_names_allowed(model),
             )
-        return (site if site >= 0 else n + 1 + site), (model.hidden_size,)
+        index = site if site >= 0 else n + 1 + site
+        return index, (model.final_width if index == n and model.final_width else model.hidden_size,)
     known = model.sites.get(site) if isinstance(site, str) else None
     if isinstance(known, str):
         raise InvalidField(f"{field}: {site}: {known}", field=field, allowed=site_names_allowed(model))

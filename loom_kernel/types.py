@@ -82,13 +82,16 @@ class LoadedModel:
     tokenizer: Any
     options: LoadOptions
     num_layers: int
-    hidden_size: int
+    hidden_size: int  # the width of the residual stream: of every hidden-state index, but N where final_width says
     kind: Literal["causal", "encoder", "embedding", "custom"] = "causal"
     device: str = "cpu"
     dtype: str = "float32"
     size_bytes: int = 0
     load_seconds: float = 0.0
     max_context: int | None = None
+    # The width of hidden-state index N where it is not ``hidden_size``: what the head reads, mapped out of the
+    # stream (OPT-350m's project_out). None: ``hidden_size``.
+    final_width: int | None = None
     # kind "embedding": the loader has the model's own pooling pipeline and fills ``SequenceOutput.pooled``.
     # The pool strategy the model was trained with (a sentence-transformers Pooling module's mode, as a name the
     # pool hook knows); /embed uses it when a request names none. None: the kernel's default for ``kind``.

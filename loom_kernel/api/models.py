@@ -72,7 +72,12 @@ class ModelsController(Controller):
         return {
             "model_id": model_id,
             "num_layers": model.num_layers,
-            "hidden_state_indices": {"from": 0, "to": model.num_layers, "shape": [model.hidden_size]},
+            "hidden_state_indices": {
+                "from": 0,
+                "to": model.num_layers,
+                "shape": [model.hidden_size],
+                **({"last_shape": [model.final_width]} if model.final_width else {}),
+            },
             "sites": {name: list(shape) for name, shape in named.items() if not isinstance(shape, str)},
             "unavailable": {name: why for name, why in named.items() if isinstance(why, str)},
             "interventions": model.sites is not None,

@@ -14,6 +14,7 @@ from the MLP for its linears (from the block where there is no MLP module: BERT)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import attrs
@@ -28,10 +29,24 @@ class Arch:
     name: str
     blocks: str = "layers"
     embed: str = "embed_tokens"
+    # A norm of the token embeddings (BLOOM's word_embeddings_layernorm): hook_embed is its output, as
+    # TransformerLens's Embed has it with post_embedding_ln.
+    embed_norm: str | None = None
+    # Linears between the embedding width and the stream's (OPT where word_embed_proj_dim != hidden_size; the model
+    # has them as None otherwise): hook_embed is project_in's output, and project_out's output is index N, which the
+    # head reads.
+    project_in: str | None = None
+    project_out: str | None = None
     pos_embed: str | None = None  # a learned position embedding module, added to the token embeddings
+    pos_offset: int = 0  # rows of the position embedding before position 0 (OPT's 2), which W_pos leaves out
     final_norm: str | None = "norm"
     norm: Norm = "rms"
     residual: Residual = "sequential"
+    # A config flag that, false, makes the block post-LN (OPT's do_layer_norm_before, false in OPT-350m), or "".
+    pre_norm_flag: str = ""
+    # The attention and MLP modules add the residual themselves (BLOOM): hook_attn_out and hook_mlp_out are their
+    # output projections' outputs, and the attention module's output is the stream between them.
+    sublayers_add: bool = False
     # A config flag that makes the block parallel (attention and MLP both read the block's input), or "" for none.
     parallel_flag: str = ""
     ln1: str | None = "input_layernorm"  # the norm before attention (None: the block has none)
@@ -43,9 +58,10 @@ class Arch:
     core: str = ""  # the module in ``attn`` that calls transformers' attention function ("": ``attn`` itself)
     o: str = "o_proj"  # the output projection, in ``attn``
     rotary: bool = True  # rotary position embeddings: q and k have a before (hook_q) and an after (hook_rot_q)
-    # Whether attention runs through transformers' attention functions, where the points inside it are read (False:
-    # GPT-Neo computes its own in ``_attn``, which ``attention.own_attention`` wraps to read its scores and pattern).
-    attention_function: bool = True
+    # "" where attention runs through transformers' attention functions, where the points inside it are read; else
+    # the model's own attention code, which ``attention.own_attention`` wraps to read its scores and pattern there:
+    # "gpt_neo" (its module's ``_attn``), "bloom" (its module's ``forward``, ALiBi and all).
+    own_attention: str = ""
     mlp: str | None = "mlp"
     gate: str | None = "gate_proj"  # a gated MLP's gate (hook_pre); None: not gated
     up: str | None = "up_proj"  # the linear whose output is hook_pre_linear (gated) or hook_pre (not gated)
@@ -58,6 +74,9 @@ class Arch:
     # transformers' output_hidden_states for this model leaves out the embedding output (Mamba's tuple is the block
     # outputs, then the final norm's): index i < N is its entry i - 1, index 0 the embedding output.
     states_skip_embedding: bool = False
+    # Why a config of this type has blocks the entry does not describe (None: it describes them): such a model is
+    # served as one outside the table, its hidden-state indices only.
+    refuse: Callable[[Any], str | None] | None = None
 
     def parallel(self, config: Any) -> bool:
         if self.residual == "parallel":
@@ -84,6 +103,22 @@ GEMMA = attrs.evolve(
     post_mlp_norm="post_feedforward_layernorm",
 )
 MOE = attrs.evolve(LLAMA, name="Mixtral", gate=None, up=None, down="")
+
+
+def _bloom(config: Any) -> str | None:
+    if getattr(config, "apply_residual_connection_post_layernorm", False):
+        return (
+            "its blocks add the residual after their norms (apply_residual_connection_post_layernorm), a stream "
+            "TransformerLens's points do not describe"
+        )
+    if getattr(config, "slow_but_exact", False) and int(getattr(config, "pretraining_tp", 1) or 1) > 1:
+        return (
+            "its output projections run as pretraining_tp slices (slow_but_exact), so the modules hook_z, "
+            "hook_attn_out and hook_mlp_out are read at never run"
+        )
+    return None
+
+
 GPT2 = Arch(
     "GPT-2",
     blocks="h",
@@ -161,7 +196,47 @@ ARCHITECTURES: dict[str, Arch] = {
         fused_qkv=None,
         fused=None,
         o="out_proj",
-        attention_function=False,
+        own_attention="gpt_neo",
+    ),
+    "bloom": attrs.evolve(  # ALiBi, computed in its attention module's own forward; embeddings normed
+        GPT2,
+        name="BLOOM",
+        embed="word_embeddings",
+        embed_norm="word_embeddings_layernorm",
+        pos_embed=None,
+        ln1="input_layernorm",
+        ln2="post_attention_layernorm",
+        attn="self_attention",
+        fused_qkv="query_key_value",
+        fused="neox",  # [heads, 3, d_head], as BloomAttention._reshape splits it
+        o="dense",
+        up="dense_h_to_4h",
+        down="dense_4h_to_h",
+        sublayers_add=True,
+        own_attention="bloom",
+        refuse=_bloom,
+    ),
+    "opt": attrs.evolve(  # pre-LN, but OPT-350m is post-LN with project_in / project_out
+        GPT2,
+        name="OPT",
+        blocks="decoder.layers",
+        embed="decoder.embed_tokens",
+        project_in="decoder.project_in",
+        project_out="decoder.project_out",
+        pos_embed="decoder.embed_positions",
+        pos_offset=2,
+        final_norm="decoder.final_layer_norm",  # None in the post-LN form
+        pre_norm_flag="do_layer_norm_before",
+        ln1="self_attn_layer_norm",
+        ln2="final_layer_norm",
+        attn="self_attn",
+        qkv=("q_proj", "k_proj", "v_proj"),
+        fused_qkv=None,
+        fused=None,
+        o="out_proj",
+        mlp=None,  # fc1 and fc2 are the block's, which runs them on the batch flattened to [B * T, d]
+        up="fc1",
+        down="fc2",
     ),
     "gpt_neox": attrs.evolve(
         GPT2,
@@ -258,7 +333,19 @@ NOT_SERVED = {
 
 
 def arch_of(config: Any) -> Arch | None:
-    return ARCHITECTURES.get(str(getattr(config, "model_type", "")))
+    """The entry describing ``config``'s blocks, resolved for it (OPT's post-LN form); None where there is none."""
+    arch = ARCHITECTURES.get(str(getattr(config, "model_type", "")))
+    if arch is None or refused(config):
+        return None
+    if arch.pre_norm_flag and not getattr(config, arch.pre_norm_flag, True):
+        arch = attrs.evolve(arch, residual="post_ln")
+    return arch
+
+
+def refused(config: Any) -> str | None:
+    """Why the table's entry for ``config``'s model_type does not describe this config's blocks, or None."""
+    arch = ARCHITECTURES.get(str(getattr(config, "model_type", "")))
+    return arch.refuse(config) if arch is not None and arch.refuse is not None else None
 
 
 def part(root: Any, path: str | None) -> Any:

@@ -9,10 +9,11 @@ attention registered with transformers that hands those tensors to the pass's ``
 TransformerLens's computation (scores scaled, soft-capped where the model does, masked; the pattern their softmax in
 float32), which the self-check at load compares with the model's own attention.
 
-GPT-Neo computes its attention in its own ``_attn`` (unscaled float32 scores, its causal or local-window mask), which
-no attention function reaches: ``own_attention`` wraps that method of each of its attention modules once, when the
-hook points are derived, and the wrapper computes GPT-Neo's attention with the same points whenever a pass carries
-them or runs under ``LOOM`` (which, for such a model, switches nothing: it only turns the wrappers on).
+GPT-Neo computes its attention in its own ``_attn`` (unscaled float32 scores, its causal or local-window mask), and
+BLOOM in its attention module's ``forward`` (ALiBi added by ``baddbmm``), which no attention function reaches:
+``own_attention`` wraps that method of each of their attention modules once, when the hook points are derived, and
+the wrapper computes the model's attention with the same points whenever a pass carries them or runs under ``LOOM``
+(which, for such a model, switches nothing: it only turns the wrappers on).
 """
 
 from __future__ import annotations
@@ -127,28 +128,35 @@ def masked_pattern(module: Any, scores: Any, attention_mask: Any, visible: Any =
     return hooks.inside(sites, "pattern", pattern) if hooks is not None else pattern
 
 
-def own_attention(net: Any, core: Any) -> bool:
-    """Wraps ``core._attn`` (GPT-Neo's attention module) once so that it computes ``gpt_neo_attention`` when a pass
-    carries hook points or runs under ``LOOM``, and the model's own code otherwise. False where the module's forward
-    does not call ``_attn`` (GPT-Neo under flash attention has a forward of its own), so the points would not fire."""
-    if "_attn" in vars(core):
+def own_attention(net: Any, core: Any, kind: str = "gpt_neo") -> bool:
+    """Wraps the model's own attention code in ``core`` once, so that it computes The Loom's version of it (with the
+    pass's scores and pattern points) when a pass carries hook points or runs under ``LOOM``, and the model's own code
+    otherwise: GPT-Neo's ``_attn`` (``gpt_neo_attention``), BLOOM's attention module's ``forward``
+    (``bloom_attention``). False where the module does not run that code (GPT-Neo under flash attention has a
+    forward of its own; a class other than the one written for), so the points would not fire."""
+    method = {"gpt_neo": "_attn", "bloom": "forward"}[kind]
+    if method in vars(core):
         return True
-    owners = [next((c for c in type(core).__mro__ if name in vars(c)), None) for name in ("_attn", "forward")]
-    if owners[0] is None or owners[1] is None or not issubclass(owners[0], owners[1]):
+    if kind == "gpt_neo":
+        owners = [next((c for c in type(core).__mro__ if name in vars(c)), None) for name in ("_attn", "forward")]
+        if owners[0] is None or owners[1] is None or not issubclass(owners[0], owners[1]):
+            return False
+    elif type(core).__name__ != "BloomAttention" or "forward" not in vars(type(core)):
         return False
-    original = core._attn
+    original = getattr(core, method)
     state = vars(net).setdefault(OWN, {"on": False})
+    ours = gpt_neo_attention if kind == "gpt_neo" else bloom_attention
 
-    def _attn(query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         if state["on"] or "_loom_sites" in vars(core):
-            return gpt_neo_attention(core, query, key, value, attention_mask)
-        return original(query, key, value, attention_mask)
+            return ours(core, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    core._attn = _attn
+    setattr(core, method, wrapped)
     return True
 
 
-def gpt_neo_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any) -> tuple[Any, Any]:
+def gpt_neo_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any = None) -> tuple[Any, Any]:
     """GPT-Neo's ``_attn`` with the pass's scores and pattern: float32 q.k^T without scaling, masked where its causal
     or local-window mask (``module.bias``) or the attention mask hides a key (the most negative float there, as
     ``loom_attention`` has it; GPT-Neo's own sum of the two masks holds that value or less, the same 0 in the pattern),
@@ -160,6 +168,39 @@ def gpt_neo_attention(module: Any, query: Any, key: Any, value: Any, attention_m
     causal = module.bias[:, :, keys - queries : keys, :keys]  # decoding: the last ``queries`` rows
     pattern = module.attn_dropout(masked_pattern(module, scores, attention_mask, causal).to(value.dtype))
     return torch.matmul(pattern, value), pattern
+
+
+def bloom_attention(
+    module: Any,
+    hidden_states: Any,
+    residual: Any,
+    alibi: Any,
+    attention_mask: Any,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """``BloomAttention.forward`` with the pass's scores and pattern: its fused projection split [heads, 3, d_head],
+    the cache, the scores in float32 as it computes them (q.k^T / sqrt(d_head) plus its ALiBi bias, the slope times
+    the key's position from the row's first token), masked as ``loom_attention`` masks them, the softmax in float32,
+    dropout, the values, its output projection (a module call: its hooks fire) and the residual it adds itself."""
+    import torch
+
+    batch, queries, _ = hidden_states.shape
+    heads, d_head = module.num_heads, module.head_dim
+    query, key, value = module._reshape(module.query_key_value(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, module.layer_idx)
+    q = query.reshape(batch * heads, -1, d_head).float()
+    k = key.reshape(batch * heads, -1, d_head).transpose(-1, -2).float()
+    scores = alibi.float().baddbmm(batch1=q, batch2=k, beta=module.beta, alpha=module.inv_norm_factor)
+    scores = scores.view(batch, heads, queries, -1)
+    pattern = module.attention_dropout(masked_pattern(module, scores, attention_mask).to(value.dtype))
+    context = torch.matmul(pattern, value.reshape(batch, heads, -1, d_head))  # [B, heads, T, d_head]
+    output = module.dense(context.transpose(1, 2).reshape(batch, queries, heads * d_head))
+    output = torch.nn.functional.dropout(output, p=module.hidden_dropout, training=module.training)
+    return residual + output, pattern
 
 
 def _target(net: Any) -> tuple[Any, int, str | None]:

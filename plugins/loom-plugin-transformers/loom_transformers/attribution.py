@@ -107,11 +107,14 @@ class Attribution:
 
 
 def attribution(model: LoadedModel) -> Attribution | None:
-    """Offered for a described causal LM whose blocks have attention and an MLP, a final norm and a dense head."""
+    """Offered for a described causal LM whose blocks have attention and an MLP, a final norm and a dense head that
+    reads it (not through OPT-350m's project_out)."""
     arch = arch_of(model.model.config)
     sites = site_map(model)
     head = model.model.get_output_embeddings()
     if arch is None or arch.mixer is not None or head is None or not head.weight.is_floating_point():
+        return None
+    if part(model.model.base_model, arch.project_out) is not None:
         return None
     if not isinstance(sites.get("ln_final.hook_scale"), Site):
         return None

@@ -25,7 +25,7 @@ from loom_kernel import (
 from loom_transformers.architectures import NOT_SERVED, arch_of
 from loom_transformers.attribution import attribution
 from loom_transformers.runner import TransformersRunner
-from loom_transformers.sites import attention_sites, site_shapes, unembed
+from loom_transformers.sites import attention_sites, final_width, site_shapes, unembed
 from loom_transformers.weights import weights
 
 log = logging.getLogger("loom.transformers")
@@ -148,6 +148,7 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
     try:
         loaded.sites = site_shapes(loaded)
         loaded.attention_sites = attention_sites(loaded)
+        loaded.final_width = final_width(loaded)
     except Exception as exc:  # the table's layout does not fit this model's modules
         raise BadModel(
             f"model: {ref.id!r} ({type(model).__name__}) does not have the blocks the transformers loader's table "

@@ -21,7 +21,7 @@ from typing import Any
 from loom_kernel import BadModel, Layout, LoadedModel
 from loom_transformers.architectures import Arch, arch_of, part
 from loom_transformers.attention import LOOM, eager_attention
-from loom_transformers.sites import KEYS, Site, SiteHooks, site_map, unembed
+from loom_transformers.sites import KEYS, Site, SiteHooks, block_output, site_map, unembed
 
 PROBE = (5, 17, 3, 42, 11, 7, 29)
 
@@ -65,7 +65,8 @@ def check(model: LoadedModel) -> None:
             x, y = norms[id(site.module)]
             _norm(model, str(key), site, x, got[key], y)
         if model.unembed is not None:
-            lens = torch.log_softmax(unembed(model, got[f"blocks.{n - 1}.hook_resid_post"], False).double(), -1)
+            last = f"blocks.{n - 1}.{block_output(arch) if arch is not None else 'hook_resid_post'}"
+            lens = torch.log_softmax(unembed(model, got[last], False).double(), -1)
             own = torch.log_softmax(out.logits[0].double().cpu(), -1)
             _close(model, "the logit lens", lens, own, "the model's own log-softmax", atol=1e-3)
         if any(s.side == "attn" for s in sites.values() if isinstance(s, Site)):
@@ -106,7 +107,7 @@ def _mid_streams(model: LoadedModel, arch: Arch | None) -> tuple[dict[int, Any],
         reader = part(block, arch.ln2) or part(block, arch.mlp)
 
         def keep(module: Any, args: tuple, kwargs: dict, i: int = i) -> None:
-            streams[i] = (args[0] if args else kwargs["hidden_states"])[0].float().cpu()
+            streams[i] = _tokens(args[0] if args else kwargs["hidden_states"])
 
         handles.append(reader.register_forward_pre_hook(keep, with_kwargs=True))
     return streams, handles
@@ -143,13 +144,18 @@ def _norm_io(scales: dict[Any, Site]) -> tuple[dict[int, list[Any]], list[Any]]:
         kept = io.setdefault(id(norm), [None, None])
 
         def before(module: Any, args: tuple, kept: list[Any] = kept) -> None:
-            kept[0] = args[0][0].float().cpu()
+            kept[0] = _tokens(args[0])
 
         def after(module: Any, args: tuple, output: Any, kept: list[Any] = kept) -> None:
-            kept[1] = (output[0] if isinstance(output, tuple) else output)[0].float().cpu()
+            kept[1] = _tokens(output[0] if isinstance(output, tuple) else output)
 
         handles += [norm.register_forward_pre_hook(before), norm.register_forward_hook(after)]
     return io, handles
+
+
+def _tokens(t: Any) -> Any:
+    """The probe's one row [T, D] of a module's tensor, [1, T, D] or flattened [T, D] (OPT's MLP side)."""
+    return t.reshape(-1, t.shape[-1]).float().cpu()
 
 
 def _norm(model: LoadedModel, key: str, site: Site, x: Any, scale: Any, y: Any) -> None:

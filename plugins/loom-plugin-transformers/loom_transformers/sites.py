@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from loom_kernel import Intervention, Layout, LoadedModel, apply_edit, edit_columns, find_blocks
-from loom_transformers.architectures import Arch, arch_of, part
+from loom_transformers.architectures import Arch, arch_of, part, refused
 from loom_transformers.attention import MASKED, own_attention
 
 # TransformerLens's order of the points in a block.
@@ -101,13 +101,16 @@ def _derive(model: LoadedModel) -> dict[int | str, Site | str]:
     base = net.base_model
     blocks = part(base, arch.blocks)
     sites: dict[int | str, Site | str] = {}
-    embed = part(base, arch.embed)
+    # The token embeddings as the stream gets them: through BLOOM's norm, or OPT's project_in where it has one.
+    embed = part(base, arch.embed_norm) or part(base, arch.project_in) or part(base, arch.embed)
     sites["hook_embed"] = Site("hook_embed", embed, "out", -2, (d,))
     pos = part(base, arch.pos_embed)
+    alibi = arch.own_attention == "bloom" or getattr(net.config, "alibi", False)
+    instead = " (ALiBi instead: a bias on the attention scores)" if alibi else " (rotary embeddings instead)"
     sites["hook_pos_embed"] = (
         Site("hook_pos_embed", pos, "out", -1, (d,), kind="broadcast")
         if pos is not None
-        else f"{arch.name} has no learned position embedding" + (" (rotary embeddings instead)" if arch.rotary else "")
+        else f"{arch.name} has no learned position embedding" + (instead if arch.rotary or alibi else "")
     )
     for i, block in enumerate(blocks):
         for name, site in _block(net, arch, block, i, d).items():
@@ -121,16 +124,20 @@ def _derive(model: LoadedModel) -> dict[int | str, Site | str]:
         )
         sites["ln_final.hook_normalized"] = normalized
     else:
+        through = " through project_out" if part(base, arch.project_out) is not None else ""
         for name in ("ln_final.hook_scale", "ln_final.hook_normalized"):
-            sites[name] = f"{arch.name} has no final norm: index {n} is blocks.{n - 1}.{_block_output(arch)}"
+            sites[name] = f"{arch.name} has no final norm: index {n} is blocks.{n - 1}.{block_output(arch)}{through}"
     for i in range(n):
         sites[i] = sites[f"blocks.{i}.hook_resid_pre"]
-    last = "ln_final.hook_normalized" if final is not None else f"blocks.{n - 1}.{_block_output(arch)}"
+    last = "ln_final.hook_normalized" if final is not None else f"blocks.{n - 1}.{block_output(arch)}"
     sites[n] = sites[last]
+    out = part(base, arch.project_out)
+    if out is not None:  # OPT-350m: index N, what the head reads, is the stream mapped to the embedding width
+        sites[n] = Site(str(n), out, "out", 100 * (n + 1) + 2, (width(out),))
     return sites
 
 
-def _block_output(arch: Arch) -> str:
+def block_output(arch: Arch) -> str:
     """The point that is a block's output: hook_resid_post, or ln2.hook_normalized after a post-LN block's add."""
     return "ln2.hook_normalized" if arch.residual == "post_ln" else "hook_resid_post"
 
@@ -141,14 +148,18 @@ def _unknown(model: LoadedModel) -> dict[int | str, Site | str]:
     net, n = model.model, model.num_layers
     base, blocks = find_blocks(net, n)
     kind = getattr(net.config, "model_type", None)
+    refusal = refused(net.config)
     why = (
-        f"the transformers loader has no layout for model_type {kind!r} ({type(net).__name__}), so it offers no "
+        f"the transformers loader's layout for model_type {kind!r} does not describe this model: {refusal}; it offers "
+        "no hook points rather than guess them (hidden-state indices are served)"
+        if refusal
+        else f"the transformers loader has no layout for model_type {kind!r} ({type(net).__name__}), so it offers no "
         f"hook points rather than guess them (hidden-state indices are served)"
     )
     sites: dict[int | str, Site | str] = {i: Site(str(i), blocks[i], "in", 100 * (i + 1), ()) for i in range(n)}
-    # Index N is the output of the module holding the blocks, not of the base model: OPT's head model calls
-    # ``model.decoder`` directly, so a hook on the base model (OPTModel) never fires. Where the base model holds
-    # the blocks itself (GPT-Neo, BLOOM, ...) that module is the base model.
+    # Index N is the output of the module holding the blocks, not of the base model: a head model may call that
+    # module directly (OPT's calls ``model.decoder``), so that a hook on the base model would never fire. Where the
+    # base model holds the blocks itself that module is the base model.
     sites[n] = Site(str(n), _parent(base, blocks), "out", 100 * (n + 1), ())
     for name in GLOBAL_POINTS:
         sites[name] = why
@@ -216,7 +227,9 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     out.update(_attention(net, arch, attn, site, heads, d_head))
     o = part(attn, arch.o)
     post_ln = arch.residual == "post_ln"
-    attn_out = o if post_ln else part(block, arch.post_attn_norm) or attn
+    # What attention adds to the stream: its output projection's output where its module's output is more (BERT's
+    # holds the LayerNorm, BLOOM's the residual), else the module's output (through a post-attention norm).
+    attn_out = o if post_ln or arch.sublayers_add else part(block, arch.post_attn_norm) or attn
     out["hook_attn_out"] = site("hook_attn_out", attn_out, "out", (d,))
     if post_ln:
         out["hook_resid_mid"] = site("hook_resid_mid", part(block, arch.ln1), "in", (d,))
@@ -234,24 +247,29 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
         )
     else:
         out["hook_resid_mid"] = site("hook_resid_mid", attn_out, "out", (d,), kind="mid", block=block)
-    mlp = part(block, arch.mlp) if arch.mlp else block
+    module = part(block, arch.mlp) if arch.mlp else None
+    mlp = module if module is not None else block  # where the MLP's linears are (the block's own: BERT, OPT)
     if not post_ln:
         out["ln1.hook_normalized"] = (
             site("ln1.hook_normalized", attn, "in", (d,))
             if arch.ln1
             else f"{arch.name} normalizes each sublayer's output, not its input: attention reads the stream itself"
         )
-        out["ln2.hook_normalized"] = (
-            site("ln2.hook_normalized", mlp, "in", (d,))
-            if arch.ln2 or (parallel and arch.ln1)
-            else f"{arch.name} normalizes each sublayer's output, not its input: the MLP reads hook_resid_mid itself"
-        )
+        if module is None and arch.ln2:  # no MLP module to read the input of: the norm's own output (OPT)
+            out["ln2.hook_normalized"] = site("ln2.hook_normalized", part(block, arch.ln2), "out", (d,))
+        else:
+            out["ln2.hook_normalized"] = (
+                site("ln2.hook_normalized", mlp, "in", (d,))
+                if arch.ln2 or (parallel and arch.ln1)
+                else f"{arch.name} normalizes each sublayer's output, not its input: the MLP reads hook_resid_mid "
+                "itself"
+            )
         for ln in ("ln1", "ln2"):  # a parallel block's one norm (GPT-J, Phi, Cohere, Falcon) is both ln1 and ln2
             norm = part(block, getattr(arch, ln)) or (part(block, arch.ln1) if parallel else None)
             out[f"{ln}.hook_scale"] = scale(f"{ln}.hook_scale", norm)
     out.update(_mlp(arch, mlp, site))
     post_mlp = part(block, arch.post_mlp_norm)
-    mlp_out = part(block, arch.down) if post_ln else post_mlp or mlp
+    mlp_out = part(mlp, arch.down) if post_ln or arch.sublayers_add or module is None else post_mlp or mlp
     out["hook_mlp_out"] = site("hook_mlp_out", mlp_out, "out", (d,))
     return out
 
@@ -293,10 +311,10 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
     else:
         why = f"{arch.name} has no rotary embeddings: hook_q and hook_k are what the scores read"
         out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
-    if not arch.attention_function and not own_attention(net, core):
+    if arch.own_attention and not own_attention(net, core, arch.own_attention):
         out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = (
-            f"{arch.name}'s attention module ({type(core).__name__}) computes its attention without the ``_attn`` "
-            "where The Loom reads these points (flash attention?)"
+            f"{arch.name}'s attention module ({type(core).__name__}) does not compute its attention in the code "
+            "where The Loom reads these points (flash attention, or a transformers release that changed it?)"
         )
     elif getattr(config, "alibi", False):
         out["attn.hook_attn_scores"] = out["attn.hook_pattern"] = f"{arch.name} with ALiBi is not described"
@@ -397,6 +415,13 @@ def attention_sites(model: LoadedModel) -> frozenset[str]:
     return frozenset(k for k, s in site_map(model).items() if isinstance(s, Site) and s.side == "attn")
 
 
+def final_width(model: LoadedModel) -> int | None:
+    """``LoadedModel.final_width``: index N's width where it is not the stream's (OPT-350m's project_out)."""
+    site = site_map(model).get(model.num_layers)
+    width = site.shape[0] if isinstance(site, Site) and len(site.shape) == 1 else model.hidden_size
+    return width if width != model.hidden_size else None
+
+
 def keyed_fill(model: LoadedModel, key: int | str) -> float | None:
     """For a keyed point (scores, pattern): what its key positions a query cannot see hold (the most negative float,
     0); None for any other point."""
@@ -474,7 +499,7 @@ class SiteHooks:
 
             def pre(module: Any, args: tuple, kwargs: dict) -> Any:
                 h = args[0] if args else kwargs["hidden_states"]
-                new = self._run(sites, self._rescaled(module, side, h), args)
+                new = self._at(module, side, sites, h, args)
                 if new is h:
                     return None
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
@@ -484,7 +509,7 @@ class SiteHooks:
 
         def post(module: Any, args: Any, output: Any) -> Any:
             h = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", output)
-            new = self._run(sites, self._rescaled(module, "out", h), args)
+            new = self._at(module, "out", sites, h, args)
             if new is h:
                 return None
             if isinstance(output, tuple):
@@ -497,6 +522,17 @@ class SiteHooks:
         self._handles.append(module.register_forward_hook(post))
 
     # -- at a torch hook -------------------------------------------------------------------------------------------
+
+    def _at(self, module: Any, side: str, sites: list[Site], h: Any, args: Any) -> Any:
+        """``_run`` on the tensor a hook sees; one that holds the batch flattened to [B * T, D] (OPT's MLP side)
+        viewed [B, T, D] for it and handed back flat (always, in a pass with gradients: the model then goes on with
+        the tensor the recorded view is part of)."""
+        flat = h.dim() == 2
+        x = h.unflatten(0, (len(self._layout), -1)) if flat else h
+        new = self._run(sites, self._rescaled(module, side, x), args)
+        if not flat:
+            return new
+        return h if new is x and not self._grad else new.flatten(0, 1)
 
     def _run(self, sites: list[Site], h: Any, args: Any) -> Any:
         """The points at one hook, in order: each one's edits, then its recording. The tensor the model goes on with."""
@@ -703,17 +739,22 @@ def logit_scale(model: LoadedModel) -> float:
 
 
 def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:
-    """``LoadedModel.unembed``: the model's own final norm (unless ``normalized``), LM head, logit scale (Cohere) and
+    """``LoadedModel.unembed``: the model's own final norm (unless ``normalized``), OPT's project_out (on a state of
+    the stream's width: index N, of the embedding width, is its output already), LM head, logit scale (Cohere) and
     final logit soft-capping (Gemma 2) applied to CPU states [P, H]; float32 CPU logits [P, V]."""
     import torch
 
     net = model.model
     final = site_map(model).get("ln_final.hook_normalized")
+    arch = arch_of(net.config)
+    project = part(net.base_model, arch.project_out) if arch is not None else None
     head = net.get_output_embeddings()
     with torch.inference_mode():
         x = states.to(head.weight.device, net.dtype)  # the model's compute dtype (a quantized head's weight is not)
         if not normalized and isinstance(final, Site):
             x = final.module(x)
+        if project is not None and x.shape[-1] == model.hidden_size:
+            x = project(x)
         logits = head(x) * logit_scale(model)
         cap = getattr(net.config, "final_logit_softcapping", None)
         if cap:

@@ -12,9 +12,8 @@ from typing import Any
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2")
-# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms,
-# every other architecture of the transformers plugin's table (``architectures.py``), and OPT, outside the table (its
-# blocks sit one module below the base model: ``model.decoder.layers``).
+# Built on request only (not by the shared fixtures): GPT-NeoX's parallel residual, Gemma 2's post-sublayer norms, and
+# every other architecture of the transformers plugin's table (``architectures.py``).
 MORE_ARCHITECTURES = (
     "gpt_neox",
     "gpt_neo",
@@ -35,6 +34,7 @@ MORE_ARCHITECTURES = (
     "falcon",
     "mamba",
     "opt",
+    "bloom",
 )
 # A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
 # heads of which 2 key-value heads where the family has grouped-query attention).
@@ -162,7 +162,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             tie_word_embeddings=False,
             **common,
         )
-    elif arch in ("gptj", "falcon", "mamba", "opt", "gpt_neo", "gpt_bigcode"):
+    elif arch in ("gptj", "falcon", "mamba", "opt", "gpt_neo", "gpt_bigcode", "bloom"):
         sizes = {
             "gptj": {"n_embd": 64, "n_layer": 3, "n_head": 4, "rotary_dim": 8, "n_positions": 512},
             "gpt_bigcode": {"n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 512, "multi_query": True},
@@ -176,6 +176,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
                 "max_position_embeddings": 512,
             },
             "falcon": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
+            "bloom": {"hidden_size": 64, "n_layer": 3, "n_head": 4},
             "mamba": {"hidden_size": 64, "num_hidden_layers": 3, "state_size": 8, "expand": 2},
             "opt": {
                 "hidden_size": 64,
@@ -191,6 +192,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             "gpt_neo": transformers.GPTNeoConfig,
             "gpt_bigcode": transformers.GPTBigCodeConfig,
             "falcon": transformers.FalconConfig,
+            "bloom": transformers.BloomConfig,
             "mamba": transformers.MambaConfig,
             "opt": transformers.OPTConfig,
         }

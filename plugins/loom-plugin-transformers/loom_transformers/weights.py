@@ -2,8 +2,9 @@
 names where the mapping is exact, as TransformerLens lays them out (unprocessed: ``from_pretrained_no_processing``).
 
 - ``W_E`` [vocab, d], ``W_pos`` [context, d]: the token and learned position embeddings, what their modules give
-  (``W_E[tokens]`` is ``hook_embed``: Gemma's weight times its embedding scale, sqrt(d), as TransformerLens's
-  conversion stores it);
+  (``W_E[tokens]`` is the embedding module's output: Gemma's weight times its embedding scale, sqrt(d), as
+  TransformerLens's conversion stores it; OPT's positions from 0, as its conversion drops the first 2 rows);
+  ``embed.ln.w`` / ``.b``: BLOOM's embedding norm;
 - ``W_U`` [d, vocab], ``b_U`` [vocab]: the LM head, transposed (without Cohere's logit scale);
 - ``ln_final.w`` / ``.b``, ``blocks.{i}.ln1.w`` / ``.b``, ``ln2.w`` / ``.b``: the norms (Gemma's weight as 1 + w,
   as TransformerLens stores it; a parallel block's one norm also as ``ln2``, as its conversion copies it);
@@ -100,14 +101,17 @@ def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
         if getattr(module, "bias", None) is not None:
             out[f"{prefix}.b"] = lambda m=module: m.bias
 
-    embed = sites.get("hook_embed")
-    if isinstance(embed, Site):
-        out["W_E"] = _embedding(embed.module)
+    # OPT-350m's project_in / project_out between the embedding width and the stream's: no W_E [vocab, d] or W_U
+    # [d, vocab] is a weight of its (TransformerLens has no such model); its own names serve them.
+    projected = part(base, arch.project_in) is not None or part(base, arch.project_out) is not None
+    if isinstance(sites.get("hook_embed"), Site) and not projected:
+        out["W_E"] = _embedding(part(base, arch.embed))
+    norm("embed.ln", part(base, arch.embed_norm))  # BLOOM's, TransformerLens's Embed.ln
     pos = sites.get("hook_pos_embed")
     if isinstance(pos, Site):
-        out["W_pos"] = lambda: pos.module.weight
+        out["W_pos"] = lambda: pos.module.weight[arch.pos_offset :]  # OPT's first 2 rows are before position 0
     head = net.get_output_embeddings()
-    if head is not None and head.weight.is_floating_point():
+    if head is not None and head.weight.is_floating_point() and not projected:
         out["W_U"] = lambda: head.weight.T
         if getattr(head, "bias", None) is not None:
             out["b_U"] = lambda: head.bias
