@@ -11,6 +11,7 @@ encoder-decoder, a vision model and an unknown model_type are refused by name.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ LLAMA_LIKE = (
 VARIANTS = {
     "falcon_sequential": ("falcon", {"parallel_attn": False}),
     "gpt_bigcode_mha": ("gpt_bigcode", {"multi_query": False}),  # its fused projection as [heads, 3, d_head]
+    # OPT-350m's block: post-LN (its norms after the adds, no final norm), and project_in / project_out between the
+    # embedding width and the stream's.
+    "opt_post_ln": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
 }
 SURVEY = (
     *LLAMA_LIKE,
@@ -55,9 +59,13 @@ SURVEY = (
     "gptj",
     "falcon",
     "falcon_sequential",
+    "opt",
+    "opt_post_ln",
+    "bloom",
     "bert",
     "mamba",
 )
+POST_LN = ("bert", "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
 PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
 
@@ -117,6 +125,13 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     elif arch == "falcon":
         base, final = net.transformer, net.transformer.ln_f
         layers, embeds = base.h, (base.word_embeddings, None)
+    elif arch == "opt":  # the stream gets project_in's output where there is one; post-LN: no final norm
+        base = net.model.decoder
+        final = base.final_layer_norm
+        layers, embeds = base.layers, (base.project_in or base.embed_tokens, base.embed_positions)
+    elif arch == "bloom":  # hook_embed after its embedding LayerNorm, as TransformerLens's Embed (post_embedding_ln)
+        base, final = net.transformer, net.transformer.ln_f
+        layers, embeds = base.h, (base.word_embeddings_layernorm, None)
     elif arch == "bert":
         base, final = net, None
         layers, embeds = net.encoder.layer, (net.embeddings.word_embeddings, net.embeddings.position_embeddings)
@@ -242,6 +257,33 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                 p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
                 p["hook_resid_mid"] = (layer.post_attention_layernorm, "in", same)
             p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
+        elif arch == "opt":  # its MLP side sees the batch flattened to [B * T, d]
+            a = layer.self_attn
+            p["attn.hook_q"] = (a.q_proj, "out", lambda t: heads(t, h))
+            p["attn.hook_k"] = (a.k_proj, "out", lambda t: heads(t, h))
+            p["attn.hook_v"] = (a.v_proj, "out", lambda t: heads(t, h))
+            p["attn.hook_z"] = (a.out_proj, "in", lambda t: heads(t, h))
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (layer.fc1, "out", same), (layer.fc2, "in", same)
+            p["hook_mlp_out"] = (layer.fc2, "out", same)
+            p["ln1.hook_normalized"] = (layer.self_attn_layer_norm, "out", same)
+            p["ln2.hook_normalized"] = (layer.final_layer_norm, "out", same)
+            if cfg.do_layer_norm_before:
+                p["hook_attn_out"] = (a, "out", same)
+                p["hook_resid_mid"] = (layer.final_layer_norm, "in", same)
+            else:  # post-LN (OPT-350m), as TransformerLens's BertBlock: each sum is its LayerNorm's input
+                p["hook_attn_out"] = (a.out_proj, "out", same)
+                p["hook_resid_mid"] = (layer.self_attn_layer_norm, "in", same)
+                p["hook_resid_post"] = (layer.final_layer_norm, "in", same)
+        elif arch == "bloom":  # its attention and MLP modules add the residual themselves
+            a, m = layer.self_attention, layer.mlp
+            for j, name in enumerate(("attn.hook_q", "attn.hook_k", "attn.hook_v")):  # as BloomAttention._reshape
+                p[name] = (a.query_key_value, "out", lambda t, j=j: t.reshape(*t.shape[:-1], h, 3, -1)[..., j, :])
+            p["attn.hook_z"] = (a.dense, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a.dense, "out", same), (m.dense_4h_to_h, "out", same)
+            p["hook_resid_mid"] = (a, "out", same)  # the stream its norm reads and its MLP adds to
+            p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
+            p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
         else:  # bert: post-LN, TransformerLens's BertBlock
             a = layer.attention
             p["attn.hook_q"] = (a.self.query, "out", lambda t: heads(t, h))
@@ -271,7 +313,7 @@ def record(points: dict[str, tuple[Any, str, Any]]) -> tuple[dict[str, torch.Ten
     for name, (module, side, view) in points.items():
 
         def keep(t: Any, name: str = name, view: Any = view) -> None:
-            t = t.detach()[0].clone()
+            t = t.detach().reshape(-1, t.shape[-1]).clone()  # the one row [T, D] (OPT's MLP side: [T, D] already)
             store[name] = view(t) if view is not None else t
 
         if side == "in":
@@ -323,7 +365,11 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
     }
     norm_inputs: dict[str, torch.Tensor] = {}
     for name, norm in norms.items():
-        handles.append(norm.register_forward_pre_hook(lambda m, a, name=name: norm_inputs.update({name: a[0][0]})))
+        handles.append(
+            norm.register_forward_pre_hook(
+                lambda m, a, name=name: norm_inputs.update({name: a[0].reshape(-1, a[0].shape[-1])})
+            )
+        )
     with torch.inference_mode():
         out = net(**enc, output_hidden_states=True)
     for handle in handles:
@@ -382,11 +428,22 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                     seen = scores != torch.finfo(torch.float32).min
                     assert bool(seen.diagonal(dim1=0, dim2=2).all())
                     close(scores[seen].numpy(), torch.einsum("thd,shd->ths", q, k)[seen].numpy(), at + "q.k")
+                elif VARIANTS.get(arch, (arch, {}))[0] in ("opt", "bloom"):
+                    # q.k / sqrt(d_head) where a key is seen (OPT scales its query before the attention function),
+                    # and BLOOM's ALiBi bias as its model builds it: the slope times the key's position.
+                    q, k = (torch.from_numpy(got[f"blocks.{i}.attn.hook_{x}"]).double() for x in "qk")
+                    want_scores = torch.einsum("thd,shd->ths", q, k) / q.shape[-1] ** 0.5
+                    if arch == "bloom":
+                        modeling = importlib.import_module(type(net).__module__)
+                        alibi = modeling.build_alibi_tensor(enc["attention_mask"], q.shape[1], torch.float32)
+                        want_scores = want_scores + alibi.transpose(0, 1).double()
+                    seen = scores != torch.finfo(torch.float32).min
+                    close(scores[seen].numpy(), want_scores[seen].numpy(), at + "scaled q.k")
         # What the blocks add: resid_pre + attn_out (+ mlp_out) is the next stream.
         for i in range(n):
             at = f"blocks.{i}."
             pre, post = got[at + "hook_resid_pre"], got[at + "hook_resid_post"]
-            if arch == "bert":  # post-LN: each sum is the input of the LayerNorm after it
+            if arch in POST_LN:  # each sum is the input of the LayerNorm after it
                 close(pre + got[at + "hook_attn_out"], got[at + "hook_resid_mid"], at + "mid")
                 close(got[at + "ln1.hook_normalized"] + got[at + "hook_mlp_out"], post, at + "sum")
                 continue
@@ -406,7 +463,9 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
         # The lens of the last layer is the model's own next-token distribution at every position.
         own = torch.log_softmax(out.logits[0].double(), -1)
         top = torch.topk(own, 5)
-        last = f"blocks.{n - 1}.hook_resid_post"  # through the final norm and head, as index -1 is through the head
+        # The last block's output through the final norm (OPT-350m: through project_out) and head, as index -1 is
+        # through the head.
+        last = f"blocks.{n - 1}.{'ln2.hook_normalized' if arch in POST_LN else 'hook_resid_post'}"
         r = await c.post("/extract", json={**body, "logit_lens": {"layers": [-1, last], "top_k": 5}})
         assert r.status_code == 200, r.text
         for key in ("-1", last):
@@ -524,6 +583,72 @@ async def test_a_scale_edit_in_a_block_with_one_norm_for_both_sublayers_reaches_
     close(got[str(n)], want[n][0], f"index {n}")
 
 
+async def test_opt_350ms_index_n_is_project_outs_output_of_the_embedding_width(built):
+    """OPT-350m's stream is hidden_size wide and project_out maps it to the embedding width before the head: index N
+    is that output, as output_hidden_states has it (checked in the survey), listed with its own width, and an edit
+    there takes a vector of that width; no W_E or W_U maps it exactly, and W_pos starts at position 0."""
+    from loom_client import decode
+
+    path = built("opt_post_ln")
+    net, tok = load(path, "opt_post_ln")
+    n, d, width = net.config.num_hidden_layers, net.config.hidden_size, net.config.word_embed_proj_dim
+    assert width != d
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states[n][0]
+    v = torch.randn(width, generator=torch.Generator().manual_seed(0))
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        listing = (await c.get(f"/models/{path}/sites")).json()
+        assert listing["hidden_state_indices"] == {"from": 0, "to": n, "shape": [d], "last_shape": [width]}
+        body = {"model": path, "text": TEXT, "positions": "all", "hidden_state_layers": [n]}
+        edit = {"site": -1, "op": "add", "vector": v.tolist()}
+        r = await c.post("/extract", json={**body, "interventions": [edit]})
+        assert r.status_code == 200, r.text
+        close(arrays(r.json(), "sequence_hidden_states")[str(n)], want + v, f"index {n} edited")
+        r = await c.post("/extract", json={**body, "interventions": [{**edit, "vector": [0.0] * d}]})
+        assert r.status_code == 422 and r.json()["field"] == "interventions[0].vector", r.text
+        weights = (await c.get(f"/models/{path}/weights")).json()["weights"]
+        assert "W_E" not in weights and "W_U" not in weights
+        assert weights["W_pos"]["shape"] == [net.config.max_position_embeddings, d]
+        r = await c.get(f"/models/{path}/weights", params={"names": "W_pos", "format": "list"})
+        got = decode.arrays(r.json())["weights"]["W_pos"]
+    np.testing.assert_array_equal(got, net.model.decoder.embed_positions.weight[2:].detach().numpy())
+
+
+async def test_blooms_weights_by_transformerlens_names_are_its_conversions(built):
+    """TransformerLens's BLOOM conversion, written here: W_E before the embedding norm (``embed.ln``), q, k and v
+    per head out of query_key_value as [d, heads, 3, d_head], W_O from dense."""
+    from loom_client import decode
+
+    path = built("bloom")
+    net, _ = load(path, "bloom")
+    d, h = net.config.hidden_size, net.config.n_head
+    block, base = net.transformer.h[1], net.transformer
+    w = block.self_attention.query_key_value.weight.detach().T.reshape(d, h, 3, d // h)
+    b = block.self_attention.query_key_value.bias.detach().reshape(h, 3, d // h)
+    want = {
+        "W_E": base.word_embeddings.weight,
+        "embed.ln.w": base.word_embeddings_layernorm.weight,
+        "embed.ln.b": base.word_embeddings_layernorm.bias,
+        "ln_final.w": base.ln_f.weight,
+        "blocks.1.attn.W_Q": w[..., 0, :].permute(1, 0, 2),
+        "blocks.1.attn.W_K": w[..., 1, :].permute(1, 0, 2),
+        "blocks.1.attn.W_V": w[..., 2, :].permute(1, 0, 2),
+        "blocks.1.attn.b_Q": b[:, 0],
+        "blocks.1.attn.b_V": b[:, 2],
+        "blocks.1.attn.W_O": block.self_attention.dense.weight.T.reshape(h, d // h, d),
+        "blocks.1.mlp.W_in": block.mlp.dense_h_to_4h.weight.T,
+    }
+    async with concurrent_client(app_with()) as c:
+        await c.post("/models/load", json={"model": path})
+        r = await c.get(f"/models/{path}/weights", params={"names": ",".join(want), "format": "list"})
+        assert r.status_code == 200, r.text
+        got = decode.arrays(r.json())["weights"]
+    for name, tensor in want.items():
+        np.testing.assert_array_equal(got[name], tensor.detach().numpy(), err_msg=name)
+
+
 async def test_mamba_is_served_with_its_residual_points_only(built):
     """Mamba's blocks are a norm and a state-space mixer: the residual stream, the mixer's input and the final norm
     are its points (checked above); attention and MLP points are refused saying why."""
@@ -568,16 +693,18 @@ def save_config(root: Path, name: str, config: dict[str, Any]) -> str:
 
 
 async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_hook_points(tmp_path):
-    """BLOOM is a transformers model the table does not describe: its hidden-state indices (checked against
+    """CodeGen is a transformers model the table does not describe: its hidden-state indices (checked against
     output_hidden_states at load) and generation are served, its hook points refused naming its model_type."""
     import transformers
+    from loom_transformers.architectures import ARCHITECTURES
     from loom_transformers.testing import train_tokenizer
 
-    path = tmp_path / "bloom"
+    assert "codegen" not in ARCHITECTURES
+    path = tmp_path / "codegen"
     tok = train_tokenizer("gpt2")
-    cfg = transformers.BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
+    cfg = transformers.CodeGenConfig(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)
     torch.manual_seed(0)
-    net = transformers.BloomForCausalLM(cfg).eval()
+    net = transformers.CodeGenForCausalLM(cfg).eval()
     net.save_pretrained(path)
     tok.save_pretrained(path)
     enc = tok(TEXT, return_tensors="pt")
@@ -591,7 +718,7 @@ async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_
         for i in range(3):
             close(got[str(i)], want[i][0], f"index {i}")
         r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_attn_out"]})
-        assert r.status_code == 422 and "no layout for model_type 'bloom'" in r.json()["detail"], r.text
+        assert r.status_code == 422 and "no layout for model_type 'codegen'" in r.json()["detail"], r.text
         r = await c.post("/extract", json={**body, "logit_lens": {"layers": [1]}})
         assert r.status_code == 422 and r.json()["field"] == "logit_lens", r.text
         g = await c.post("/generate", json={"model": str(path), "prompt": TEXT, "max_tokens": 4, "temperature": 0})
@@ -600,10 +727,14 @@ async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_
         assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
 
 
-async def test_opt_whose_blocks_sit_below_its_base_model_serves_its_indices_and_generation(built):
-    """OPT is outside the table and its head model calls ``model.decoder`` directly, not the base model: index N is
-    read on the module holding the blocks, so the model loads, its indices are ``output_hidden_states`` and its
-    greedy tokens are ``model.generate``'s, alone and in a batch of rows of different lengths."""
+async def test_a_model_whose_blocks_sit_below_its_base_model_is_served_outside_the_table(built, monkeypatch):
+    """Outside the table (OPT with its entry taken out), a head model that calls the module holding the blocks
+    directly (OPT's calls ``model.decoder``, not the base model) has index N read on that module: the model loads,
+    its indices are ``output_hidden_states`` and its greedy tokens ``model.generate``'s, alone and in a batch of rows
+    of different lengths."""
+    from loom_transformers import architectures
+
+    monkeypatch.delitem(architectures.ARCHITECTURES, "opt")
     path = built("opt")
     net, tok = load(path, "opt")
     n = net.config.num_hidden_layers
@@ -618,6 +749,8 @@ async def test_opt_whose_blocks_sit_below_its_base_model_serves_its_indices_and_
         got = arrays(r.json(), "sequence_hidden_states")
         for i in range(n + 1):
             close(got[str(i)], want[i][0], f"index {i}")
+        r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_attn_out"]})
+        assert r.status_code == 422 and "no layout for model_type 'opt'" in r.json()["detail"], r.text
         ask = {"model": path, "max_tokens": 5, "temperature": 0}
         g = await c.post("/generate", json={**ask, "prompt": TEXT})
         assert g.status_code == 200, g.text
@@ -625,6 +758,31 @@ async def test_opt_whose_blocks_sit_below_its_base_model_serves_its_indices_and_
         short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
         batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
         assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+
+
+async def test_a_bloom_adding_the_residual_after_its_norms_is_served_outside_the_table(tiny_root):
+    """BLOOM's apply_residual_connection_post_layernorm (false in its checkpoints) makes the stream a norm's output,
+    which TransformerLens's points do not describe: such a model serves its indices (the self-check at load holds
+    them to output_hidden_states), and each hook point is refused saying why."""
+    from loom_transformers.testing import build_tiny_model
+
+    flag = "apply_residual_connection_post_layernorm"
+    path = str(build_tiny_model("bloom", tiny_root, name="bloom-post-ln-residual", **{flag: True}))
+    net, tok = load(path, "bloom")
+    n = net.config.num_hidden_layers
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all"}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        for i in range(n + 1):
+            close(got[str(i)], want[i][0], f"index {i}")
+        for name in ("hook_embed", "blocks.1.hook_resid_mid", "blocks.0.attn.hook_pattern"):
+            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
+            assert r.status_code == 422 and flag in r.json()["detail"], r.text
 
 
 async def test_models_outside_the_table_are_refused_by_name(built, tmp_path):

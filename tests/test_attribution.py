@@ -13,7 +13,7 @@ from loom_client import decode
 from test_architectures import load, reference_points
 from test_models import app_with, concurrent_client
 
-ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2")
+ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "bloom")
 TEXT = "the cat sat on the mat and looked at the"
 CLEAN, CORRUPTED = "The cat sat on the mat", "The cap sat on the mat"
 

@@ -22,7 +22,8 @@ from test_batching import arrays
 from test_interventions import reference_apply
 from test_models import app_with, concurrent_client
 
-ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential", "gpt_neo")
+ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential", "gpt_neo", "opt", "opt_post_ln", "bloom")
+OWN = {"gpt_neo": "_attn", "bloom": "forward"}  # the attention code of the model's own the reference replaces
 TEXT = "the cat sat on the mat and looked at the"
 REF = "loom_test_reference"
 
@@ -129,6 +130,43 @@ def reference_neo_attn(module: Any, query: Any, key: Any, value: Any, attention_
     return torch.matmul(pattern, value), pattern
 
 
+def reference_bloom_forward(
+    module: Any,
+    hidden_states: Any,
+    residual: Any,
+    alibi: Any,
+    attention_mask: Any,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """transformers' ``BloomAttention.forward`` (its ALiBi bias added to q.k^T / sqrt(d_head) by ``baddbmm``, the
+    causal mask added), with the test's edits at scores (masked keys stay masked, at float32's min) and pattern, and a
+    record of each."""
+    ref = getattr(module, "_reference", None)
+    batch, queries, _ = hidden_states.shape
+    tokens = ref["counter"].take(queries) if ref else []
+    heads, d_head = module.num_heads, module.head_dim
+    query, key, value = module._reshape(module.query_key_value(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, module.layer_idx)
+    scores = alibi.baddbmm(
+        batch1=query.reshape(batch * heads, -1, d_head),
+        batch2=key.reshape(batch * heads, -1, d_head).transpose(-1, -2),
+        beta=module.beta,
+        alpha=module.inv_norm_factor,
+    ).view(batch, heads, queries, -1)
+    masked = None
+    if attention_mask is not None:
+        masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        scores = (scores + attention_mask).masked_fill(masked, torch.finfo(torch.float32).min)
+    pattern = module.attention_dropout(edited_inside(ref, tokens, query, key, scores, masked).to(query.dtype))
+    context = torch.bmm(pattern.view(batch * heads, queries, -1), value.reshape(batch * heads, -1, d_head))
+    output = module.dense(module._merge_heads(context))
+    return residual + torch.nn.functional.dropout(output, module.hidden_dropout, module.training), pattern
+
+
 def edited_inside(ref: Any, tokens: list[int], query: Any, key: Any, scores: Any, masked: Any) -> Any:
     """The pattern of ``scores`` with the test's edits at the scores and the pattern, each kind recorded."""
     for kind, item in ref["edits"] if ref else ():
@@ -161,7 +199,7 @@ class Reference:
 
     def __init__(self, net: Any, arch: str, items: list[dict[str, Any]], prompt: int) -> None:
         self.net, self.kept, self.handles, self.cores = net, {}, [], []
-        self.own = VARIANTS.get(arch, (arch, {}))[0] == "gpt_neo"  # its attention is its modules' own ``_attn``
+        self.own = OWN.get(VARIANTS.get(arch, (arch, {}))[0])  # its attention is its modules' own code
         self.counters: list[Counter] = []
         points, layers, _, final = reference_points(net, arch)
         h = heads_of(net)
@@ -189,12 +227,14 @@ class Reference:
 
     def _module(self, module: Any, side: str, view: Any, item: Any, counter: Counter, prompt: int) -> list[Any]:
         def edit(t: torch.Tensor) -> torch.Tensor:
+            flat = t.dim() == 2  # OPT's MLP side: the batch of one flattened to [T, D]
+            t = t.unsqueeze(0) if flat else t
             if t.shape[0] != 1:  # a learned position embedding of [1, T, D]: already one row
                 raise AssertionError(t.shape)
             t = t.clone()
             edit_view(view(t), item, counter.take(t.shape[1]), prompt)
             self.kept[item["site"]] = view(t)[0].detach().clone()
-            return t
+            return t[0] if flat else t
 
         if side == "in":
             return [
@@ -226,6 +266,7 @@ class Reference:
 
         def hook(module: Any, args: Any, y: torch.Tensor) -> torch.Tensor:
             x = inputs["x"].float()
+            x = x.unsqueeze(0) if x.dim() == 2 else x  # OPT's MLP side: the batch of one flattened to [T, D]
             centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(norm).__name__.lower() else x
             eps = next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
             s = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
@@ -233,15 +274,16 @@ class Reference:
             edit_view(new, item, counter.take(x.shape[1]), prompt)
             self.kept[item["site"]] = new[0].clone()
             b = norm.bias.float() if getattr(norm, "bias", None) is not None else 0
-            return ((y.float() - b) * s / new + b).to(y.dtype)
+            return ((y.float() - b) * (s / new).reshape(*y.shape[:-1], 1) + b).to(y.dtype)
 
         self.handles.append(norm.register_forward_hook(hook))
 
     def run(self, fn: Any) -> Any:
         current = self.net.config._attn_implementation
         if self.cores and self.own:
+            reference = reference_neo_attn if self.own == "_attn" else reference_bloom_forward
             for core in self.cores:
-                core._attn = lambda *a, core=core, **kw: reference_neo_attn(core, *a, **kw)
+                setattr(core, self.own, lambda *a, core=core, reference=reference, **kw: reference(core, *a, **kw))
         elif self.cores:
             register_reference()
             self.net.set_attn_implementation(REF)
@@ -251,7 +293,7 @@ class Reference:
         finally:
             if self.cores and self.own:
                 for core in self.cores:
-                    core.__dict__.pop("_attn", None)
+                    core.__dict__.pop(self.own, None)
             elif self.cores:
                 self.net.set_attn_implementation(current)
             for counter in self.counters:  # the next run counts its tokens from the first again
@@ -276,6 +318,7 @@ def attention_core(layer: Any, arch: str) -> Any:
         "gpt_neo": lambda: layer.attn.attention,
         "gpt_neox": lambda: layer.attention,
         "falcon": lambda: layer.self_attention,
+        "bloom": lambda: layer.self_attention,
     }
     return cores.get(VARIANTS.get(arch, (arch, {}))[0], lambda: layer.self_attn)()
 
@@ -396,8 +439,14 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
         {"site": "blocks.1.ln1.hook_scale", "op": "scale", "scale": 0.5, "positions": [2, -1]},
         {"site": "blocks.2.ln2.hook_scale", "op": "add", "vector": [abs(v) + 0.5 for v in vec(1)]},
     ]
-    if arch in ("gpt2", "gpt_neo"):  # learned positions, no rotary
+    if arch == "opt_post_ln":  # no final norm: index N is the last block's output through project_out
+        out = [item for item in out if not item["site"].startswith("ln_final")]
+        out.append({"site": "blocks.2.hook_resid_post", "op": "add", "vector": vec(d), "positions": [1, -1]})
+        out.append({"site": "blocks.1.hook_resid_mid", "op": "scale", "scale": 0.5})
+    if arch in ("gpt2", "gpt_neo", "opt", "opt_post_ln"):  # learned positions, no rotary
         out.append({"site": "hook_pos_embed", "op": "scale", "scale": 0.0, "positions": "prompt"})
+    elif arch == "bloom":  # ALiBi: neither
+        out.append({"site": "blocks.1.hook_resid_mid", "op": "add", "vector": vec(d), "positions": "generated"})
     else:
         out.append({"site": "blocks.1.attn.hook_rot_q", "op": "scale", "scale": 3.0, "heads": [0, 2]})
         out.append({"site": "blocks.0.attn.hook_rot_k", "op": "add", "vector": vec(d_head), "positions": [2]})
@@ -416,7 +465,7 @@ async def test_an_edit_at_each_new_point_matches_the_same_edit_in_process(built,
     cfg = net.config
     d = cfg.hidden_size
     d_head = getattr(cfg, "head_dim", None) or d // heads_of(net)
-    d_mlp = getattr(cfg, "intermediate_size", None) or 4 * d
+    d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * d
     n = cfg.num_hidden_layers
     failures = []
     async with concurrent_client(app_with()) as c:
@@ -661,7 +710,7 @@ def test_a_scale_edit_leaves_the_rows_and_positions_it_does_not_edit_bit_for_bit
         assert all(np.array_equal(a, b) for a, b in zip(same, plain, strict=True)), site
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "opt", "bloom"])
 async def test_a_scale_edit_with_edits_at_resid_pre_and_normalized_applies_them_in_forward_order(built, arch):
     """TransformerLens's order in a block: resid_pre, then the norm's scale (of the edited stream), then
     hook_normalized (of the rescaled output); one request with all three equals the three torch hooks in process,

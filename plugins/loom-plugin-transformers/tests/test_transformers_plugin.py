@@ -626,15 +626,19 @@ def test_generated_tokens_keys_past_a_sliding_window_are_transformers_own(hooks,
     torch.testing.assert_close(torch.softmax(scores, dim=-1), want, rtol=1e-4, atol=1e-5)
 
 
-def test_gpt_neo_scores_and_pattern_in_a_left_padded_generating_batch_are_transformers_own(hooks, tiny_root):
-    """GPT-Neo computes its attention in its own ``_attn`` (unscaled scores, a local window at block 1): in one
-    left-padded batch generating with the KV cache (a decoding step's one query over every key so far), each row's
-    pattern at a global and a local block is transformers' eager ``output_attentions`` over the row's final sequence
-    alone, its scores masked (MASKED) exactly where those weights are 0 and their softmax the pattern. Edits there
-    (a head's pattern zeroed, generated tokens' scores scaled) give each row of the batch what it gives alone."""
+@pytest.mark.parametrize("arch", ["gpt_neo", "bloom"])
+def test_own_attention_scores_and_pattern_in_a_left_padded_generating_batch_are_transformers_own(
+    hooks, tiny_root, arch
+):
+    """GPT-Neo computes its attention in its own ``_attn`` (unscaled scores, a local window at block 1), BLOOM in its
+    attention module's ``forward`` (ALiBi from each row's first token): in one left-padded batch generating with the
+    KV cache (a decoding step's one query over every key so far), each row's pattern at two blocks is transformers'
+    eager ``output_attentions`` over the row's final sequence alone, its scores masked (MASKED) exactly where those
+    weights are 0 and their softmax the pattern. Edits there (a head's pattern zeroed, generated tokens' scores
+    scaled) give each row of the batch what it gives alone."""
     from loom_transformers.attention import MASKED
 
-    path = build_tiny_model("gpt_neo", tiny_root)  # window 4 at block 1, shorter than the rows
+    path = build_tiny_model(arch, tiny_root)  # GPT-Neo: window 4 at block 1, shorter than the rows
     m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
     points = tuple(f"blocks.{i}.attn.hook_{x}" for i in (0, 1) for x in ("pattern", "attn_scores"))
     capture = Capture(sites=points, positions="all")
