@@ -667,6 +667,33 @@ def test_own_attention_scores_and_pattern_in_a_left_padded_generating_batch_are_
         assert not row.states["blocks.1.attn.hook_pattern"][:, 2].any()
 
 
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_opts_flattened_mlp_side_is_each_rows_own_in_a_left_padded_generating_batch(hooks, tiny_root, post_ln):
+    """OPT's block runs its MLP side (the second norm, fc1, fc2) on the batch flattened to [B * T, d]: the points
+    there, and edits at them, are each row's own in a left-padded batch generating with the KV cache, the same as
+    the row alone (OPT-350m's form too: post-LN, project_out's output at index N)."""
+    form = {"do_layer_norm_before": False, "word_embed_proj_dim": 32} if post_ln else {}
+    path = build_tiny_model("opt", tiny_root, name=f"opt-flat-{post_ln}", perturb_norms=True, **form)
+    m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
+    n = m.num_layers
+    points = tuple(f"blocks.1.{x}" for x in ("ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out"))
+    capture = Capture(layers=resolve_layers([1, n], n), sites=points, positions="all")
+    edits = (
+        Intervention(site="blocks.0.ln2.hook_scale", op="scale", scale=2.0, positions=[1, -1]),
+        Intervention(site="blocks.1.mlp.hook_post", op="scale", scale=0.5, positions="generated"),
+        Intervention(site="blocks.2.ln2.hook_normalized", op="zero", positions=[-1]),
+    )
+    batched = run(hooks, m, capture, texts=BATCH_TEXTS, generation=gen(5), interventions=(edits,) * 4).rows
+    assert len({r.prompt_tokens for r in batched}) > 1  # left padding in the batch
+    for text, row in zip(BATCH_TEXTS, batched, strict=True):
+        (one,) = run(hooks, m, capture, texts=(text,), generation=gen(5), interventions=(edits,)).rows
+        assert row.token_ids == one.token_ids
+        assert set(row.states) == set(one.states) == {"1", str(n), *points}
+        for key in row.states:
+            torch.testing.assert_close(row.states[key], one.states[key], rtol=1e-4, atol=1e-5)
+    assert batched[0].states[str(n)].shape[-1] == (32 if post_ln else m.hidden_size)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_top_logprobs_and_logits_equal_log_softmax_of_transformers_logits(hooks, loaded, arch):
     m = loaded[arch]
