@@ -7,9 +7,10 @@ gets no hook points (a 422 naming its type) instead of points guessed from modul
 describes is checked against it at load (``selfcheck.py``), so a transformers release that changes a block is
 refused by name, never served wrong.
 
-Paths are attribute paths: from the base model (``net.base_model``) for ``blocks``, ``embed``, ``pos_embed`` and
-``final_norm``; from a block for ``attn``, ``mlp`` and the norms; from the attention module for the projections;
-from the MLP for its linears (from the block where there is no MLP module: BERT).
+Paths are attribute paths: from the base model (``net.base_model``) for ``blocks``, ``embed``, ``embed_norm``,
+``project_in``, ``project_out``, ``pos_embed`` and ``final_norm``; from a block for ``attn``, ``mlp`` and the norms;
+from the attention module for the projections; from the MLP for its linears (from the block where there is no MLP
+module: BERT, OPT).
 """
 
 from __future__ import annotations

@@ -5,18 +5,21 @@ Each hook point is its own point, with TransformerLens's semantics: a state is w
 the edits at that point, before any later one), edits at different points apply in forward order and edits at one
 point in list order. Hidden-state index ``i`` < N is an alias of ``blocks.{i}.hook_resid_pre`` and index N of
 ``ln_final.hook_normalized`` (of the last block's output where there is no final norm: BERT's last
-``ln2.hook_normalized``), so ``blocks.{i-1}.hook_resid_post`` is a point of its own that fires just before index ``i``
-(BERT's, as TransformerLens's BertBlock has it, is its second LayerNorm's input). The values are the model's own (no
-LayerNorm folding, no centring).
+``ln2.hook_normalized``; OPT-350m's index N is ``project_out``'s output, of its embedding width), so
+``blocks.{i-1}.hook_resid_post`` is a point of its own that fires just before index ``i`` (BERT's, as
+TransformerLens's BertBlock has it, is its second LayerNorm's input). The values are the model's own (no LayerNorm
+folding, no centring).
 
 A point is a module's input (a forward pre-hook), its output (a forward hook), or a tensor inside transformers'
 attention function (``attention.py``: ``hook_rot_q``, ``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, for which
-a pass runs under The Loom's eager attention; GPT-Neo's scores and pattern inside its own ``_attn``, wrapped). Points
-that fire at one torch hook are taken in TransformerLens's order (``RANKS``). Some are computed from what the hook sees:
-``hook_resid_mid`` is resid_pre + attn_out (an edit there is carried by the attention output: attn_out becomes
-f(resid_pre + attn_out) - resid_pre), ``attn.hook_result`` each head's z through its share of the output projection (an
-edit there makes the projection's output the sum of the edited results plus its bias), ``hook_scale`` a norm's
-sqrt(variance + eps) (an edit there rescales the norm's output where its ``hook_normalized`` reads it).
+a pass runs under The Loom's eager attention; GPT-Neo's scores and pattern inside its own ``_attn``, BLOOM's inside its
+attention module's ``forward``, each wrapped). A module that sees the batch flattened to [B * T, D] (OPT's MLP side) is
+viewed [B, T, D]. Points that fire at one torch hook are taken in TransformerLens's order (``RANKS``). Some are
+computed from what the hook sees: ``hook_resid_mid`` is resid_pre + attn_out (an edit there is carried by the
+attention output: attn_out becomes f(resid_pre + attn_out) - resid_pre), ``attn.hook_result`` each head's z through
+its share of the output projection (an edit there makes the projection's output the sum of the edited results plus
+its bias), ``hook_scale`` a norm's sqrt(variance + eps) (an edit there rescales the norm's output where its
+``hook_normalized`` reads it).
 """
 
 from __future__ import annotations
