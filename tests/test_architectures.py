@@ -63,9 +63,13 @@ SURVEY = (
     "opt_post_ln",
     "bloom",
     "bert",
+    "roberta",
+    "xlm-roberta",
     "mamba",
 )
-POST_LN = ("bert", "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
+# RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
+ENCODERS = ("bert", "roberta", "xlm-roberta")
+POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
 PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
 
@@ -93,7 +97,7 @@ def build(arch: str, root: Path) -> str:
 def load(path: str, arch: str) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    auto = AutoModel if arch == "bert" else AutoModelForCausalLM
+    auto = AutoModel if arch in ENCODERS else AutoModelForCausalLM
     return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -132,7 +136,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     elif arch == "bloom":  # hook_embed after its embedding LayerNorm, as TransformerLens's Embed (post_embedding_ln)
         base, final = net.transformer, net.transformer.ln_f
         layers, embeds = base.h, (base.word_embeddings_layernorm, None)
-    elif arch == "bert":
+    elif arch in ENCODERS:
         base, final = net, None
         layers, embeds = net.encoder.layer, (net.embeddings.word_embeddings, net.embeddings.position_embeddings)
     else:  # mamba
@@ -284,7 +288,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
             p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
             p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
-        else:  # bert: post-LN, TransformerLens's BertBlock
+        else:  # bert, roberta: post-LN, TransformerLens's BertBlock
             a = layer.attention
             p["attn.hook_q"] = (a.self.query, "out", lambda t: heads(t, h))
             p["attn.hook_k"] = (a.self.key, "out", lambda t: heads(t, h))
@@ -418,7 +422,7 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                 at = f"blocks.{i}.attn."
                 close(got[at + "hook_pattern"].transpose(1, 0, 2), pattern, at + "hook_pattern")
                 scores = torch.from_numpy(got[at + "hook_attn_scores"]).double()
-                if arch != "bert":  # causal: later keys masked with the most negative float, 0 in the pattern
+                if arch not in ENCODERS:  # causal: later keys masked with the most negative float, 0 in the pattern
                     later = torch.ones(scores.shape[0], scores.shape[2], dtype=torch.bool).triu(1)
                     assert bool((scores.transpose(0, 1)[:, later] == torch.finfo(torch.float32).min).all())
                     assert float(torch.from_numpy(got[at + "hook_pattern"]).transpose(0, 1)[:, later].abs().max()) == 0
@@ -458,7 +462,7 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
             else:
                 close(pre + attn, got[at + "hook_resid_mid"], at + "mid")
                 close(got[at + "hook_resid_mid"] + mlp, post, at + "sum")
-        if arch == "bert":
+        if arch in ENCODERS:
             return
         # The lens of the last layer is the model's own next-token distribution at every position.
         own = torch.log_softmax(out.logits[0].double(), -1)
@@ -614,6 +618,29 @@ async def test_opt_350ms_index_n_is_project_outs_output_of_the_embedding_width(b
         r = await c.get(f"/models/{path}/weights", params={"names": "W_pos", "format": "list"})
         got = decode.arrays(r.json())["weights"]["W_pos"]
     np.testing.assert_array_equal(got, net.model.decoder.embed_positions.weight[2:].detach().numpy())
+
+
+async def test_robertas_w_pos_row_t_is_what_its_position_embedding_gives_position_t(built):
+    """RoBERTa counts positions from its padding index + 1: W_pos (TransformerLens's layout, position t in row t)
+    leaves those rows out, so W_pos[t] is what the model's own position embedding gives its token t."""
+    from loom_client import decode
+
+    path = built("roberta")
+    net, tok = load(path, "roberta")
+    enc = tok(TEXT, return_tensors="pt")
+    seen: list[torch.Tensor] = []
+    handle = net.embeddings.position_embeddings.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    with torch.inference_mode():
+        net(**enc)
+    handle.remove()
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        r = await c.get(f"/models/{path}/weights", params={"names": "W_pos", "format": "list"})
+        assert r.status_code == 200, r.text
+        w_pos = decode.arrays(r.json())["weights"]["W_pos"]
+    padding = net.config.pad_token_id
+    assert w_pos.shape == (net.config.max_position_embeddings - padding - 1, net.config.hidden_size)
+    np.testing.assert_array_equal(w_pos[: len(seen[0])], seen[0].numpy())
 
 
 async def test_blooms_weights_by_transformerlens_names_are_its_conversions(built):

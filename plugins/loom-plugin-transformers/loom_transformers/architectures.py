@@ -140,6 +140,28 @@ GPT2 = Arch(
     down="c_proj",
 )
 
+BERT = Arch(
+    "BERT",
+    blocks="encoder.layer",
+    embed="embeddings.word_embeddings",
+    pos_embed="embeddings.position_embeddings",
+    final_norm=None,
+    norm="layer",
+    residual="post_ln",
+    ln1="attention.output.LayerNorm",
+    ln2="output.LayerNorm",
+    attn="attention",
+    qkv=("self.query", "self.key", "self.value"),
+    core="self",
+    o="output.dense",
+    rotary=False,
+    mlp=None,
+    gate=None,
+    up="intermediate.dense",
+    down="output.dense",
+)
+
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": LLAMA,
     "mistral": attrs.evolve(LLAMA, name="Mistral"),
@@ -287,26 +309,10 @@ ARCHITECTURES: dict[str, Arch] = {
         down="dense_4h_to_h",
         parallel_flag="parallel_attn",
     ),
-    "bert": Arch(
-        "BERT",
-        blocks="encoder.layer",
-        embed="embeddings.word_embeddings",
-        pos_embed="embeddings.position_embeddings",
-        final_norm=None,
-        norm="layer",
-        residual="post_ln",
-        ln1="attention.output.LayerNorm",
-        ln2="output.LayerNorm",
-        attn="attention",
-        qkv=("self.query", "self.key", "self.value"),
-        core="self",
-        o="output.dense",
-        rotary=False,
-        mlp=None,
-        gate=None,
-        up="intermediate.dense",
-        down="output.dense",
-    ),
+    "bert": BERT,
+    # RoBERTa's blocks are BERT's; its positions count from the padding index + 1 (W_pos leaves those rows out).
+    "roberta": attrs.evolve(BERT, name="RoBERTa"),
+    "xlm-roberta": attrs.evolve(BERT, name="XLM-RoBERTa"),
     "mamba": Arch(
         "Mamba",
         embed="embeddings",

@@ -35,7 +35,10 @@ MORE_ARCHITECTURES = (
     "mamba",
     "opt",
     "bloom",
+    "roberta",
+    "xlm-roberta",
 )
+ENCODERS = ("bert", "roberta", "xlm-roberta")
 # A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
 # heads of which 2 key-value heads where the family has grouped-query attention).
 GQA_FAMILIES = {
@@ -101,7 +104,9 @@ def train_tokenizer(arch: str) -> Any:
             sep_token="[SEP]",
             mask_token="[MASK]",
         )
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    # RoBERTa's order, whose position ids count from the pad id + 1.
+    roberta = arch in ("roberta", "xlm-roberta")
+    specials = ["<s>", "<pad>", "</s>", "<unk>"] if roberta else ["<unk>", "<s>", "</s>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>" if arch in ("llama", "mistral") else None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -113,6 +118,8 @@ def train_tokenizer(arch: str) -> Any:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
         )
+    elif roberta:
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=False)
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = PreTrainedTokenizerFast(
@@ -135,6 +142,19 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             intermediate_size=128,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+    elif arch in ("roberta", "xlm-roberta"):
+        cfg = (transformers.RobertaConfig if arch == "roberta" else transformers.XLMRobertaConfig)(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             **common,
         )
     elif arch == "gpt2":
@@ -253,7 +273,7 @@ def build_tiny_model(
     tokenizer = train_tokenizer(arch)
     config = tiny_config(arch, tokenizer, **overrides)
     torch.manual_seed(0)
-    auto = transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModel if arch in ENCODERS else transformers.AutoModelForCausalLM
     model = auto.from_config(config).eval()
     if perturb_norms:
         perturb(model)

@@ -3,7 +3,8 @@ names where the mapping is exact, as TransformerLens lays them out (unprocessed:
 
 - ``W_E`` [vocab, d], ``W_pos`` [context, d]: the token and learned position embeddings, what their modules give
   (``W_E[tokens]`` is the embedding module's output: Gemma's weight times its embedding scale, sqrt(d), as
-  TransformerLens's conversion stores it; OPT's positions from 0, as its conversion drops the first 2 rows);
+  TransformerLens's conversion stores it; positions from 0: OPT's first 2 rows and RoBERTa's up to its padding
+  index left out, as they come before position 0);
   ``embed.ln.w`` / ``.b``: BLOOM's embedding norm;
 - ``W_U`` [d, vocab], ``b_U`` [vocab]: the LM head, transposed (without Cohere's logit scale);
 - ``ln_final.w`` / ``.b``, ``blocks.{i}.ln1.w`` / ``.b``, ``ln2.w`` / ``.b``: the norms (Gemma's weight as 1 + w,
@@ -109,7 +110,10 @@ def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
     norm("embed.ln", part(base, arch.embed_norm))  # BLOOM's, TransformerLens's Embed.ln
     pos = sites.get("hook_pos_embed")
     if isinstance(pos, Site):
-        out["W_pos"] = lambda: pos.module.weight[arch.pos_offset :]  # OPT's first 2 rows are before position 0
+        # Rows before position 0: OPT's first 2, RoBERTa's up to its padding index.
+        padding = getattr(pos.module, "padding_idx", None)
+        first = padding + 1 if isinstance(padding, int) else arch.pos_offset
+        out["W_pos"] = lambda: pos.module.weight[first:]
     head = net.get_output_embeddings()
     if head is not None and head.weight.is_floating_point() and not projected:
         out["W_U"] = lambda: head.weight.T
