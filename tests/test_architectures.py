@@ -65,10 +65,11 @@ SURVEY = (
     "bert",
     "roberta",
     "xlm-roberta",
+    "distilbert",
     "mamba",
 )
 # RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
-ENCODERS = ("bert", "roberta", "xlm-roberta")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
 PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
@@ -136,6 +137,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     elif arch == "bloom":  # hook_embed after its embedding LayerNorm, as TransformerLens's Embed (post_embedding_ln)
         base, final = net.transformer, net.transformer.ln_f
         layers, embeds = base.h, (base.word_embeddings_layernorm, None)
+    elif arch == "distilbert":
+        base, final = net, None
+        layers, embeds = net.transformer.layer, (net.embeddings.word_embeddings, net.embeddings.position_embeddings)
     elif arch in ENCODERS:
         base, final = net, None
         layers, embeds = net.encoder.layer, (net.embeddings.word_embeddings, net.embeddings.position_embeddings)
@@ -288,6 +292,19 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
             p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
             p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
+        elif arch == "distilbert":  # BERT's post-LN block under its own names
+            a, m = layer.attention, layer.ffn
+            p["attn.hook_q"] = (a.q_lin, "out", lambda t: heads(t, h))
+            p["attn.hook_k"] = (a.k_lin, "out", lambda t: heads(t, h))
+            p["attn.hook_v"] = (a.v_lin, "out", lambda t: heads(t, h))
+            p["attn.hook_z"] = (a.out_lin, "in", lambda t: heads(t, h))
+            p["hook_attn_out"] = (a, "out", same)
+            p["hook_resid_mid"] = (layer.sa_layer_norm, "in", same)
+            p["ln1.hook_normalized"] = (layer.sa_layer_norm, "out", same)
+            p["mlp.hook_pre"], p["mlp.hook_post"] = (m.lin1, "out", same), (m.lin2, "in", same)
+            p["hook_mlp_out"] = (m, "out", same)
+            p["ln2.hook_normalized"] = (layer.output_layer_norm, "out", same)
+            p["hook_resid_post"] = (layer.output_layer_norm, "in", same)
         else:  # bert, roberta: post-LN, TransformerLens's BertBlock
             a = layer.attention
             p["attn.hook_q"] = (a.self.query, "out", lambda t: heads(t, h))

@@ -313,6 +313,26 @@ ARCHITECTURES: dict[str, Arch] = {
     # RoBERTa's blocks are BERT's; its positions count from the padding index + 1 (W_pos leaves those rows out).
     "roberta": attrs.evolve(BERT, name="RoBERTa"),
     "xlm-roberta": attrs.evolve(BERT, name="XLM-RoBERTa"),
+    # BERT's block under other names, its MLP a module of its own (and no token types).
+    "distilbert": Arch(
+        "DistilBERT",
+        blocks="transformer.layer",
+        embed="embeddings.word_embeddings",
+        pos_embed="embeddings.position_embeddings",
+        final_norm=None,
+        norm="layer",
+        residual="post_ln",
+        ln1="sa_layer_norm",
+        ln2="output_layer_norm",
+        attn="attention",
+        qkv=("q_lin", "k_lin", "v_lin"),
+        o="out_lin",
+        rotary=False,
+        mlp="ffn",
+        gate=None,
+        up="lin1",
+        down="lin2",
+    ),
     "mamba": Arch(
         "Mamba",
         embed="embeddings",

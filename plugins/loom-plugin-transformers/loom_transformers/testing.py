@@ -37,8 +37,9 @@ MORE_ARCHITECTURES = (
     "bloom",
     "roberta",
     "xlm-roberta",
+    "distilbert",
 )
-ENCODERS = ("bert", "roberta", "xlm-roberta")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 # A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
 # heads of which 2 key-value heads where the family has grouped-query attention).
 GQA_FAMILIES = {
@@ -83,7 +84,7 @@ def train_tokenizer(arch: str) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if arch == "bert":
+    if arch in ("bert", "distilbert"):
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -103,6 +104,8 @@ def train_tokenizer(arch: str) -> Any:
             cls_token="[CLS]",
             sep_token="[SEP]",
             mask_token="[MASK]",
+            # DistilBERT takes no token types, as its own tokenizer gives none.
+            **({"model_input_names": ["input_ids", "attention_mask"]} if arch == "distilbert" else {}),
         )
     # RoBERTa's order, whose position ids count from the pad id + 1.
     roberta = arch in ("roberta", "xlm-roberta")
@@ -140,6 +143,16 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=128,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+    elif arch == "distilbert":
+        cfg = transformers.DistilBertConfig(
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=128,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
             **common,
