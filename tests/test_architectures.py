@@ -66,10 +66,11 @@ SURVEY = (
     "roberta",
     "xlm-roberta",
     "distilbert",
+    "mpnet",
     "mamba",
 )
 # RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
 PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
 TEXT = "the cat sat on the mat and looked at the"
@@ -305,6 +306,20 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             p["hook_mlp_out"] = (m, "out", same)
             p["ln2.hook_normalized"] = (layer.output_layer_norm, "out", same)
             p["hook_resid_post"] = (layer.output_layer_norm, "in", same)
+        elif arch == "mpnet":  # BERT's post-LN block, its projections in attention.attn
+            a, core = layer.attention, layer.attention.attn
+            p["attn.hook_q"] = (core.q, "out", lambda t: heads(t, h))
+            p["attn.hook_k"] = (core.k, "out", lambda t: heads(t, h))
+            p["attn.hook_v"] = (core.v, "out", lambda t: heads(t, h))
+            p["attn.hook_z"] = (core.o, "in", lambda t: heads(t, h))
+            p["hook_attn_out"] = (core.o, "out", same)
+            p["hook_resid_mid"] = (a.LayerNorm, "in", same)
+            p["ln1.hook_normalized"] = (a.LayerNorm, "out", same)
+            p["mlp.hook_pre"] = (layer.intermediate.dense, "out", same)
+            p["mlp.hook_post"] = (layer.output.dense, "in", same)
+            p["hook_mlp_out"] = (layer.output.dense, "out", same)
+            p["ln2.hook_normalized"] = (layer.output.LayerNorm, "out", same)
+            p["hook_resid_post"] = (layer.output.LayerNorm, "in", same)
         else:  # bert, roberta: post-LN, TransformerLens's BertBlock
             a = layer.attention
             p["attn.hook_q"] = (a.self.query, "out", lambda t: heads(t, h))
@@ -658,6 +673,33 @@ async def test_robertas_w_pos_row_t_is_what_its_position_embedding_gives_positio
     padding = net.config.pad_token_id
     assert w_pos.shape == (net.config.max_position_embeddings - padding - 1, net.config.hidden_size)
     np.testing.assert_array_equal(w_pos[: len(seen[0])], seen[0].numpy())
+
+
+async def test_mpnets_pattern_edit_inside_its_own_attention_is_the_same_edit_in_process(built):
+    """MPNet computes attention in its own code (a relative position bias on the scores): knocking out a head's
+    pattern there is, in the model itself, zeroing that head's slice of its output projection's input."""
+    path = built("mpnet")
+    net, tok = load(path, "mpnet")
+    enc = tok(TEXT, return_tensors="pt")
+    d_head = net.config.hidden_size // net.config.num_attention_heads
+
+    def zero_head_2(module: Any, args: Any) -> Any:
+        z = args[0].clone()
+        z[..., 2 * d_head : 3 * d_head] = 0
+        return (z,)
+
+    handle = net.encoder.layer[1].attention.attn.o.register_forward_pre_hook(zero_head_2)
+    with torch.inference_mode():
+        want = net(**enc).last_hidden_state[0]
+    handle.remove()
+    knock = {"site": "blocks.1.attn.hook_pattern", "op": "zero", "heads": [2]}
+    body = {"model": path, "text": TEXT, "hidden_state_layers": [-1], "positions": "all"}
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/extract", json={**body, "interventions": [knock]})
+        assert r.status_code == 200, r.text
+        plain = await c.post("/extract", json=body)
+    close(arrays(r.json(), "sequence_hidden_states")["-1"], want, "knocked")
+    assert not np.allclose(arrays(plain.json(), "sequence_hidden_states")["-1"], want.numpy(), atol=1e-3)
 
 
 async def test_blooms_weights_by_transformerlens_names_are_its_conversions(built):

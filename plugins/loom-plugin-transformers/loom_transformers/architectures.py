@@ -61,7 +61,8 @@ class Arch:
     rotary: bool = True  # rotary position embeddings: q and k have a before (hook_q) and an after (hook_rot_q)
     # "" where attention runs through transformers' attention functions, where the points inside it are read; else
     # the model's own attention code, which ``attention.own_attention`` wraps to read its scores and pattern there:
-    # "gpt_neo" (its module's ``_attn``), "bloom" (its module's ``forward``, ALiBi and all).
+    # "gpt_neo" (its module's ``_attn``), "bloom" (its module's ``forward``, ALiBi and all), "mpnet" (its
+    # self-attention's ``forward``, with its relative position bias).
     own_attention: str = ""
     mlp: str | None = "mlp"
     gate: str | None = "gate_proj"  # a gated MLP's gate (hook_pre); None: not gated
@@ -313,6 +314,16 @@ ARCHITECTURES: dict[str, Arch] = {
     # RoBERTa's blocks are BERT's; its positions count from the padding index + 1 (W_pos leaves those rows out).
     "roberta": attrs.evolve(BERT, name="RoBERTa"),
     "xlm-roberta": attrs.evolve(BERT, name="XLM-RoBERTa"),
+    # BERT's block with a relative position bias on the scores, which its own attention code adds (all-mpnet-base-v2).
+    "mpnet": attrs.evolve(
+        BERT,
+        name="MPNet",
+        ln1="attention.LayerNorm",
+        qkv=("attn.q", "attn.k", "attn.v"),
+        core="attn",
+        o="attn.o",
+        own_attention="mpnet",
+    ),
     # BERT's block under other names, its MLP a module of its own (and no token types).
     "distilbert": Arch(
         "DistilBERT",

@@ -128,24 +128,29 @@ def masked_pattern(module: Any, scores: Any, attention_mask: Any, visible: Any =
     return hooks.inside(sites, "pattern", pattern) if hooks is not None else pattern
 
 
+# The class each kind of the model's own attention code is written for (GPT-Neo's is checked by its methods).
+OWN_CLASSES = {"bloom": "BloomAttention", "mpnet": "MPNetSelfAttention"}
+
+
 def own_attention(net: Any, core: Any, kind: str = "gpt_neo") -> bool:
     """Wraps the model's own attention code in ``core`` once, so that it computes The Loom's version of it (with the
     pass's scores and pattern points) when a pass carries hook points or runs under ``LOOM``, and the model's own code
     otherwise: GPT-Neo's ``_attn`` (``gpt_neo_attention``), BLOOM's attention module's ``forward``
-    (``bloom_attention``). False where the module does not run that code (GPT-Neo under flash attention has a
-    forward of its own; a class other than the one written for), so the points would not fire."""
-    method = {"gpt_neo": "_attn", "bloom": "forward"}[kind]
+    (``bloom_attention``), MPNet's self-attention's ``forward`` (``mpnet_attention``). False where the module does
+    not run that code (GPT-Neo under flash attention has a forward of its own; a class other than the one written
+    for), so the points would not fire."""
+    method = "_attn" if kind == "gpt_neo" else "forward"
     if method in vars(core):
         return True
     if kind == "gpt_neo":
         owners = [next((c for c in type(core).__mro__ if name in vars(c)), None) for name in ("_attn", "forward")]
         if owners[0] is None or owners[1] is None or not issubclass(owners[0], owners[1]):
             return False
-    elif type(core).__name__ != "BloomAttention" or "forward" not in vars(type(core)):
+    elif type(core).__name__ != OWN_CLASSES[kind] or "forward" not in vars(type(core)):
         return False
     original = getattr(core, method)
     state = vars(net).setdefault(OWN, {"on": False})
-    ours = gpt_neo_attention if kind == "gpt_neo" else bloom_attention
+    ours = {"gpt_neo": gpt_neo_attention, "bloom": bloom_attention, "mpnet": mpnet_attention}[kind]
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         if state["on"] or "_loom_sites" in vars(core):
@@ -201,6 +206,31 @@ def bloom_attention(
     output = module.dense(context.transpose(1, 2).reshape(batch, queries, heads * d_head))
     output = torch.nn.functional.dropout(output, p=module.hidden_dropout, training=module.training)
     return residual + output, pattern
+
+
+def mpnet_attention(
+    module: Any,
+    hidden_states: Any,
+    attention_mask: Any = None,
+    position_bias: Any = None,
+    output_attentions: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
+    """``MPNetSelfAttention.forward`` with the pass's scores and pattern: q, k and v from its projections (module
+    calls: their hooks fire), the scores in float32 as it computes them (q.k^T / sqrt(d_head) plus its relative
+    position bias), masked as ``loom_attention`` masks them, the softmax in float32, dropout, the values and its
+    output projection."""
+    import torch
+
+    shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (module.q, module.k, module.v))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / module.attention_head_size**0.5
+    if position_bias is not None:
+        scores = scores + position_bias.float()
+    pattern = module.dropout(masked_pattern(module, scores, attention_mask).to(v.dtype))
+    context = torch.matmul(pattern, v).transpose(1, 2).reshape(*hidden_states.shape[:-1], module.all_head_size)
+    out = module.o(context)
+    return (out, pattern) if output_attentions else (out,)
 
 
 def _target(net: Any) -> tuple[Any, int, str | None]:

@@ -38,8 +38,9 @@ MORE_ARCHITECTURES = (
     "roberta",
     "xlm-roberta",
     "distilbert",
+    "mpnet",
 )
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
 # heads of which 2 key-value heads where the family has grouped-query attention).
 GQA_FAMILIES = {
@@ -108,7 +109,7 @@ def train_tokenizer(arch: str) -> Any:
             **({"model_input_names": ["input_ids", "attention_mask"]} if arch == "distilbert" else {}),
         )
     # RoBERTa's order, whose position ids count from the pad id + 1.
-    roberta = arch in ("roberta", "xlm-roberta")
+    roberta = arch in ("roberta", "xlm-roberta", "mpnet")  # MPNet's padding index is 1 too
     specials = ["<s>", "<pad>", "</s>", "<unk>"] if roberta else ["<unk>", "<s>", "</s>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>" if arch in ("llama", "mistral") else None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -145,6 +146,19 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             intermediate_size=128,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+    elif arch == "mpnet":
+        cfg = transformers.MPNetConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=514,
+            relative_attention_num_buckets=32,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             **common,
         )
     elif arch == "distilbert":
