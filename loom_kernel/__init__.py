@@ -69,7 +69,7 @@ _LAZY = {
     **dict.fromkeys(("b64_raw", "encode_tensor", "json_raw", "SAFETENSORS_MEDIA_TYPE"), "loom_kernel.encoding"),
     "Session": "loom_kernel.admission",
     "generate_whole": "loom_kernel.batching",
-    **dict.fromkeys(("Layout", "apply_edit", "edit_columns"), "loom_kernel.editing"),
+    **dict.fromkeys(("Layout", "apply_edit", "edit_columns", "row_edits"), "loom_kernel.editing"),
     **dict.fromkeys(("Kernel", "ModelManager"), "loom_kernel.models"),
     "ModelEntry": "loom_kernel.entry",
     "create_plugin_manager": "loom_kernel.plugins",
@@ -166,7 +166,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     )
     from loom_kernel.default_plugins.pooling import STRATEGIES as POOLING_STRATEGIES
     from loom_kernel.devices import resolve_device, resolve_dtype
-    from loom_kernel.editing import Layout, apply_edit, edit_columns
+    from loom_kernel.editing import Layout, apply_edit, edit_columns, row_edits
     from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE, b64_raw, encode_tensor, json_raw
     from loom_kernel.entry import ModelEntry
     from loom_kernel.loading import count_layers, module_bytes
@@ -282,6 +282,7 @@ __all__ = [
     "resolve_layers",
     "resolve_positions",
     "route_of",
+    "row_edits",
     "serve",
     "site_names_allowed",
     "split_sites",

@@ -34,6 +34,8 @@ def is_site_name(value: Any) -> bool:
 
 def site_names_allowed(model: LoadedModel) -> str:
     n = model.num_layers
+    if not model.sites:  # a loader with hidden-state indices only
+        return f"a hidden-state index from {-(n + 1)} to {n} (the {model.loader} loader has no named hook points)"
     return (
         f"a hidden-state index from {-(n + 1)} to {n}, blocks.{{0..{n - 1}}}.{{{','.join(SITE_FAMILIES)}}} "
         "or ln_final.hook_normalized (GET /models/{id}/sites lists them)"

@@ -4,6 +4,7 @@ to them. The kernel's runner for declared parts and every loader's hooks share t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -58,3 +59,22 @@ def apply_edit(x: Any, edit: Intervention, rows: list[int] | None) -> Any:
     if edit.op == "ablate":
         return xf - (xf @ v.T) @ v
     return xf.zero_()
+
+
+def row_edits(edits: Sequence[Sequence[Intervention]], places: Sequence[Layout]) -> Callable[[int, Any], Any]:
+    """``StateRecorder``'s ``edit`` for a pass of rows [B, T, ...]: row b's edits at a hidden-state index, at the
+    columns its ``places[b]`` gives them."""
+
+    def edit(index: int, h: Any) -> Any:
+        import torch
+
+        h = h.clone()
+        for b, (row, place) in enumerate(zip(edits, places, strict=True)):
+            for change in (e for e in row if e.site == index):
+                columns, rows = edit_columns(change, place)
+                if columns:
+                    cols = torch.tensor(columns, device=h.device)
+                    h[b, cols] = apply_edit(h[b].index_select(0, cols), change, rows).to(h.dtype)
+        return h
+
+    return edit

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from loom_kernel.capture import StateRecorder
-from loom_kernel.editing import Layout, apply_edit, edit_columns
+from loom_kernel.editing import Layout, row_edits
 from loom_kernel.errors import InvalidField, Unsupported
 from loom_kernel.inputs import batch_inputs, vocabulary_size
 from loom_kernel.types import (
@@ -154,17 +154,7 @@ def run(
     parts = model.parts
     assert parts is not None
     wanted = sorted({sel.index for sel in capture.layers}) if capture.wants_states else []
-    place = Layout(col=0, tok=0, count=len(ids), prompt=prompt)
-
-    def edit(index: int, h: Any) -> Any:
-        h = h.clone()
-        for change in (e for e in edits if int(e.site) == index):
-            columns, rows = edit_columns(change, place)
-            if columns:
-                cols = torch.tensor(columns, device=h.device)
-                h[0, cols] = apply_edit(h[0].index_select(0, cols), change, rows).to(h.dtype)
-        return h
-
+    edit = row_edits([edits], [Layout(col=0, tok=0, count=len(ids), prompt=prompt)])
     final = parts.final_norm if parts.final_norm is not None else parts.blocks[-1]
     recorder = StateRecorder(model.model, parts.blocks, wanted, final, edit, [int(e.site) for e in edits])
     recorder.rows = [-1] if last_only else None

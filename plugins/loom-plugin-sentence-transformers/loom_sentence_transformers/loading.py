@@ -105,6 +105,9 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         default_pooling=default_pooling(st),
         pooled_normalized=bool(pipeline) and pipeline[-1] == "Normalize",
         extra={"pipeline": pipeline, "embedding_dimension": width},
+        # Edits at hidden-state indices (the pooled embedding then comes from the edited states); no named points:
+        # those are the transformers loader's (``"loader": "transformers"``).
+        sites={} if num_layers else None,
     )
     log.info(
         "sentence-transformers loaded %s (%s, %d layers, max_seq_length %s) from %s: %.1f MiB on %s as %s in %.2f s",

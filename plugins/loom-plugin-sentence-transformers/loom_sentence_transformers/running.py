@@ -16,6 +16,7 @@ Contract of ``run_batch`` (one ``SequenceOutput`` per input row):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from loom_kernel import (
@@ -28,7 +29,9 @@ from loom_kernel import (
     StateRecorder,
     Unsupported,
     find_blocks,
+    row_edits,
 )
+from loom_kernel import Layout as EditLayout
 from loom_sentence_transformers.packing import Layout, agrees, packable, run_packed
 
 log = logging.getLogger("loom.sentence_transformers")
@@ -50,8 +53,17 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
         )
     st = model.model
     features, truncated = _features(model, batch)
-    layout = _layout(model, features)
-    rec = _recorder(model, capture)
+    edit = _edit(batch, features["attention_mask"]) if batch.interventions else None
+    layout = _layout(model, features) if edit is None else None  # edits place their columns in the padded rows
+    edited = {e.site for row in batch.interventions for e in row}
+    rec = _recorder(model, capture, edit, edited)
+    handles = []
+    if model.num_layers in edited:
+        # Index N is the transformer module's token_embeddings, which the pipeline's next modules read.
+        def edit_last(module: Any, args: Any, out: dict[str, Any]) -> None:
+            out["token_embeddings"] = edit(model.num_layers, out["token_embeddings"])
+
+        handles.append(st[0].register_forward_hook(edit_last))
     try:
         with torch.inference_mode():
             out = st(dict(features)) if layout is None else run_packed(st, features, layout)
@@ -59,6 +71,8 @@ def run_batch(model: LoadedModel, batch: Batch, capture: Capture) -> ForwardOutp
     finally:
         if rec is not None:
             rec.close()
+        for handle in handles:
+            handle.remove()
     if layout is not None:
         taken = {index: layout.unpack(states) for index, states in taken.items()}
     if model.num_layers in capture.indices:
@@ -113,8 +127,23 @@ def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
     return layout if model.extra["packing"] else None
 
 
-def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
-    if not capture.wanted:
+def _edit(batch: Batch, mask: Any) -> Callable[[int, Any], Any]:
+    """Each row's edits at the columns of its own tokens (either padding side)."""
+    places = []
+    for row in mask.bool().cpu():
+        real = row.nonzero().flatten()
+        count = len(real)
+        places.append(EditLayout(col=int(real[0]) if count else 0, tok=0, count=count, prompt=count))
+    return row_edits([batch.edits(i) for i in range(len(places))], places)
+
+
+def _recorder(
+    model: LoadedModel, capture: Capture, edit: Callable[[int, Any], Any] | None, edited: set[int | str]
+) -> StateRecorder | None:
+    # Index N comes from (and is edited in) the pipeline's output.
+    inner = [i for i in capture.indices if i != model.num_layers] if capture.wanted else []
+    inner_edits = sorted(int(i) for i in edited if i != model.num_layers)
+    if not inner and not inner_edits:
         return None
     if "blocks" not in model.extra:
         hf = model.model.transformers_model
@@ -124,10 +153,7 @@ def _recorder(model: LoadedModel, capture: Capture) -> StateRecorder | None:
                 field="hidden_state_layers",
             )
         model.extra["base"], model.extra["blocks"] = find_blocks(hf, model.num_layers)
-    inner = [i for i in capture.indices if i != model.num_layers]  # index N comes from the pipeline's output
-    if not inner:
-        return None
-    rec = StateRecorder(model.extra["base"], model.extra["blocks"], inner)
+    rec = StateRecorder(model.extra["base"], model.extra["blocks"], inner, edit=edit, edited=inner_edits)
     rec.rows, rec.replace = None, False  # rows end at different columns: keep every column, slice per row
     return rec
 

@@ -408,3 +408,56 @@ def test_a_truncated_row_packs_with_short_ones(hooks, minilm, reference):
     rows = run(hooks, minilm, texts, truncate=True)
     assert minilm.extra["packing"] is True and rows[0].truncated and len(rows[0].token_ids) == 256
     assert_same_vectors(torch.stack([r.pooled for r in rows]).numpy(), reference.encode(list(texts)))
+
+
+@pytest.mark.parametrize("index", [0, 3, 6])
+def test_an_edit_at_a_hidden_state_index_is_the_same_edit_in_the_pipeline(hooks, minilm, reference, index):
+    """Each row's edit at an index (a block's output; 0 the embedding output, N the transformer's output, which
+    Pooling reads) reaches the pooled embedding as the same edit done with a torch hook on the model itself, in a
+    merged batch of mixed lengths, run padded."""
+    from loom_kernel import Intervention
+
+    v = torch.randn(minilm.hidden_size, generator=torch.Generator().manual_seed(0))
+    edits = (
+        (Intervention(site=index, op="add", vector=v, scale=3.0, positions=(1,)),),
+        (),
+        (Intervention(site=index, op="zero", positions=(0, -1)),),
+        (Intervention(site=index, op="scale", scale=0.5, positions="all"),),
+    )
+    capture = Capture(layers=resolve_layers([index], minilm.num_layers), positions="all")
+    rows = run(hooks, minilm, capture=capture, interventions=edits)
+    hf = reference[0].auto_model
+    for text, row, row_edits in zip(TEXTS, rows, edits, strict=True):
+        want_ids = reference.tokenizer(text)["input_ids"]
+
+        def edit(h: torch.Tensor, row_edits: tuple = row_edits, n: int = len(want_ids)) -> torch.Tensor:
+            h = h.clone()
+            for e in row_edits:
+                cols = list(range(n)) if e.positions == "all" else [p % n for p in e.positions]
+                x = h[0, cols]
+                h[0, cols] = x + e.scale * v if e.op == "add" else x * 0 if e.op == "zero" else x * e.scale
+            return h
+
+        if index == 0:
+            handle = hf.encoder.layer[0].register_forward_pre_hook(lambda m, a: (edit(a[0]), *a[1:]))
+        elif index < minilm.num_layers:
+            handle = hf.encoder.layer[index - 1].register_forward_hook(
+                lambda m, a, o: edit(o) if isinstance(o, torch.Tensor) else (edit(o[0]), *o[1:])
+            )
+        else:
+            handle = reference[0].register_forward_hook(
+                lambda m, a, o: o.update(token_embeddings=edit(o["token_embeddings"]))
+            )
+        try:
+            with torch.inference_mode():
+                want = reference.encode([text], convert_to_tensor=True)[0]
+                states = reference.encode([text], output_value="token_embeddings")[0] if index == 6 else None
+        finally:
+            handle.remove()
+        assert row.token_ids == want_ids
+        assert_same_vectors(row.pooled.numpy(), want.numpy())
+        if states is not None:
+            torch.testing.assert_close(row.states[str(index)], states, rtol=1e-5, atol=1e-5)
+    plain = run(hooks, minilm)
+    assert not np.allclose(plain[0].pooled.numpy(), rows[0].pooled.numpy(), atol=1e-3)
+    assert_same_vectors(plain[1].pooled.numpy(), rows[1].pooled.numpy())  # the row without edits
