@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from loom_kernel.capture import resolve_positions
 from loom_kernel.types import Batch, Capture, LayerSel, SequenceOutput
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> Sequence
         states=_states(row.states, capture, keys) if capture.wants_states else {},
         attentions={s.key: row.attentions[keys[s.index]] for s in capture.attention_layers},
         logprobs=[_top(e, capture.top_logprobs) for e in row.logprobs] if capture.top_logprobs is not None else [],
-        logits=row.logits if capture.logits else None,
+        logits=_logits(row, capture, merged) if capture.logits else None,
         gradients=_states(row.gradients, capture, keys) if capture.gradient is not None else {},
     )
 
@@ -85,6 +86,18 @@ def restrict(row: SequenceOutput, capture: Capture, merged: Capture) -> Sequence
 def _states(states: dict[str, Any], capture: Capture, keys: dict[int, str]) -> dict[str, Any]:
     """``capture``'s states out of a merged capture's (``keys``: the merged key of each layer index)."""
     return {**{s.key: states[keys[s.index]] for s in capture.layers}, **{site: states[site] for site in capture.sites}}
+
+
+def _logits(row: SequenceOutput, capture: Capture, merged: Capture) -> Any:
+    """A forward pass's logits at ``capture``'s positions, out of those at every position (``merged`` asked for
+    "all"); a generation's (one per step) as they are."""
+    total = len(row.token_ids)
+    logits = row.logits
+    if logits is None or merged.positions != "all" or capture.positions == "all" or row.prompt_tokens != total:
+        return logits
+    if logits.shape[0] != total:
+        return logits
+    return logits[resolve_positions(capture.positions, total, total) if capture.positions != "last" else [-1]]
 
 
 def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import attrs
 import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
@@ -27,6 +28,7 @@ from loom_kernel import (
     ModelRequest,
     Session,
     Unsupported,
+    check_capture,
     client_gone,
     fit_text,
     model_metadata,
@@ -84,7 +86,22 @@ def target_ids(model: LoadedModel, target: Target) -> tuple[list[int], list[str]
     return ids, [tok.decode([i]) if tok is not None else str(i) for i in ids]
 
 
-def inputs(model: LoadedModel, data: AttributionRequest) -> Batch:
+def inputs(model: LoadedModel, data: AttributionRequest) -> tuple[Batch, list[int]]:
+    """The batch, and each row's token count (its texts tokenized, to check ``position`` before the pass)."""
+    batch = _batch(model, data)
+    if batch.token_ids is not None:
+        return batch, [len(ids) for ids in batch.token_ids]
+    tok = model.tokenizer
+    return batch, [len(tok(t, add_special_tokens=data.add_special_tokens)["input_ids"]) for t in batch.texts]
+
+
+def _first(batch: Batch, n: int) -> Batch:
+    if batch.token_ids is not None:
+        return attrs.evolve(batch, token_ids=batch.token_ids[:n])
+    return attrs.evolve(batch, texts=batch.texts[:n])
+
+
+def _batch(model: LoadedModel, data: AttributionRequest) -> Batch:
     given = [k for k in ("text", "texts", "token_ids") if getattr(data, k) is not None]
     if len(given) != 1:
         raise InvalidField(
@@ -108,7 +125,7 @@ def inputs(model: LoadedModel, data: AttributionRequest) -> Batch:
     return Batch(texts=fitted, add_special_tokens=data.add_special_tokens)
 
 
-async def attribute(session: Session, data: AttributionRequest) -> dict[str, Any]:
+async def attribute(session: Session, data: AttributionRequest, max_bytes: int = 0) -> dict[str, Any]:
     model = session.model
     found = model.attribution
     if found is None:
@@ -127,19 +144,26 @@ async def attribute(session: Session, data: AttributionRequest) -> dict[str, Any
             allowed=["layers"] if data.components == "heads" else None,
         )
     tokens, texts = target_ids(model, data.target)
-    batch = await session.thread(inputs, model, data)
-    out = await session.forward(batch, Capture(sites=tuple(sites), positions="all", logits=True))
-    results = []
-    for r, row in enumerate(out.rows):
-        total = len(row.token_ids)
-        p = data.position if data.position >= 0 else total + data.position
-        if not 0 <= p < total:
+    batch, lengths = await session.thread(inputs, model, data)
+    for r, total in enumerate(lengths):
+        if model.max_context and total > model.max_context:
+            continue  # the pass refuses it, naming the text
+        if not -total <= data.position < total:
             raise InvalidField(
                 f"position: {data.position} is out of range for a text of {total} tokens",
                 field="position",
                 allowed=f"integers from {-total} to {total - 1}",
                 row=r,
             )
+    # Only the position read is kept, and the logits there.
+    capture = Capture(sites=tuple(sites), positions=[data.position], logits=True)
+    field = "texts" if data.texts is not None else "text" if data.text is not None else "token_ids"
+    check_capture(model, batch, capture, max_bytes, field, len(lengths), lambda n: (_first(batch, n), capture), "texts")
+    out = await session.forward(batch, capture)
+    results = []
+    for row in out.rows:
+        total = len(row.token_ids)
+        p = data.position % total
         results.append(await session.thread(one_row, model, found, row, p, tokens, data.components))
     target = {"token_ids": tokens, "tokens": texts}
     answer: dict[str, Any] = {
@@ -159,7 +183,8 @@ def one_row(model: LoadedModel, found: Any, row: Any, p: int, tokens: list[int],
     """One row's components at position ``p``: each one's value, the constant, their sum and the model's own."""
     import torch
 
-    states = {k: v[p : p + 1] for k, v in row.states.items()}
+    at = row.positions.index(p)  # the row keeps ``p`` and its last position (every one, merged with another call)
+    states = {k: v[at : at + 1] for k, v in row.states.items()}
     directions, constants = found.logit_map(states, tokens)  # [1, k, d], [1, k]
     sign = torch.tensor([1.0, -1.0][: len(tokens)], dtype=torch.float64)
     direction, constant = (directions[0] * sign[:, None]).sum(0), float((constants[0] * sign).sum())
@@ -169,7 +194,8 @@ def one_row(model: LoadedModel, found: Any, row: Any, p: int, tokens: list[int],
     ]
     components.append({"site": "bias", "value": constant})
     total = math.fsum(c["value"] for c in components)
-    own = row.logits[p].double()[tokens]  # the model's own logits (after any soft-capping)
+    # The model's own logits (after any soft-capping), at ``p`` alone (cut to it from every position when merged).
+    own = row.logits[0].double()[tokens]
     answer: dict[str, Any] = {
         "position": p,
         "token": model.tokenizer.decode([row.token_ids[p]]) if model.tokenizer is not None else None,
@@ -194,4 +220,5 @@ class AttributionController(Controller):
         """Direct logit attribution of a text's logit (or logit difference) at a position: each component's share
         through the model's own final norm, frozen at its value there, and head; the values sum to the logit."""
         entry = await manager.get_for(data)
-        return await manager.run(entry, lambda session: attribute(session, data), until=client_gone(request))
+        limit = int(manager.settings.max_capture_mb * 2**20)
+        return await manager.run(entry, lambda session: attribute(session, data, limit), until=client_gone(request))

@@ -16,6 +16,7 @@ import asyncio
 import math
 from typing import Any, Literal
 
+import attrs
 import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
@@ -24,7 +25,6 @@ from loom_interp.readouts import one_token
 from loom_kernel import (
     Batch,
     Capture,
-    GenerationParams,
     Gradient,
     Intervention,
     InvalidField,
@@ -38,7 +38,7 @@ from loom_kernel import (
     Sites,
     StateRequest,
     Unsupported,
-    check_generation,
+    check_capture,
     check_site,
     client_gone,
     echo,
@@ -84,6 +84,11 @@ def expand_sites(sites: str | list[int | str], num_layers: int) -> list[int | st
     return [f"blocks.{i}.hook_{sites}" for i in range(num_layers)]
 
 
+def fewer(batch: Batch, capture: Capture, positions: list[int]) -> Any:
+    """The request with its first n positions (the bound ``check_capture`` names)."""
+    return lambda n: (batch, attrs.evolve(capture, positions=sorted(positions[:n])))
+
+
 def metric_tokens(model: LoadedModel, metric: Metric) -> tuple[int, ...]:
     if metric.type == "logit_diff":
         return (
@@ -104,9 +109,17 @@ def scorer(model: LoadedModel, metric: Metric) -> Any:
     return lambda logits: float(torch.log_softmax(logits.double(), dim=-1)[tokens[0]])
 
 
-async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: int) -> dict[str, Any]:
+async def patch(
+    session: Session, data: PatchRequest, max_rows: int, max_batch: int, max_bytes: int = 0
+) -> dict[str, Any]:
     model, tok = session.model, session.model.tokenizer
-    check_generation(model, GenerationParams(max_tokens=1, temperature=0.0))  # a causal LM, with its head
+    if not model.can_generate or model.unembed is None:  # the metric is read off next-token logits
+        raise Unsupported(
+            f"model: {data.model!r} is {'an' if model.kind[:1] in 'aeiou' else 'a'} {model.kind} model without a "
+            "causal LM head: /patch reads its metric off next-token logits; use a causal language model",
+            field="model",
+            allowed="a causal language model with its LM head",
+        )
     sites = expand_sites(data.sites, model.num_layers)
     checked, heads = [], []  # each site, and its head count (0: not per head)
     for k, site in enumerate(sites):
@@ -146,8 +159,12 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             field="positions",
             allowed=f'"all" or distinct integers from {-total} to {total - 1}',
         )
+    # Only the positions patched are kept from the clean run (and its last, which every row keeps).
+    spec: Any = "all" if len(positions) == total else sorted(positions)
     if data.method == "attribution":
-        return await attribution_patch(session, data, sites, checked, heads, clean, corrupt, positions, score)
+        return await attribution_patch(
+            session, data, sites, checked, heads, clean, corrupt, positions, score, spec, max_bytes
+        )
     cells = [max(h, 1) * len(positions) for h in heads]  # runs per site
     rows = 2 + sum(cells)
     if rows > max_rows:
@@ -161,23 +178,30 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
     req = StateRequest.from_fields(
         wanted=True,
         layers=[*layers, *(s for s in checked if isinstance(s, str))],
-        positions="all",
+        positions=spec,
         return_full_sequence=False,
         fmt="list",
         dtype="float32",
         default_layers=[],
     )
-    (kept,) = (await session.forward(Batch(token_ids=(clean,)), req.capture(model))).rows
+    capture = req.capture(model)
+    first = Batch(token_ids=(clean,))
+    check_capture(
+        model, first, capture, max_bytes, "positions", len(positions), fewer(first, capture, positions), "positions"
+    )
+    (kept,) = (await session.forward(first, capture)).rows
 
     edits: list[tuple[Intervention, ...]] = [(), ()]
+    where = {p: i for i, p in enumerate(kept.positions)}
     for site, count in zip(checked, heads, strict=True):
         states = kept.states[str(site)].float()
         for p in positions:
+            i = where[p]
             if not count:
-                edits.append((Intervention(site=site, op="set", vector=states[p : p + 1], positions=[p]),))
+                edits.append((Intervention(site=site, op="set", vector=states[i : i + 1], positions=[p]),))
                 continue
             edits += [
-                (Intervention(site=site, op="set", vector=states[p, h : h + 1], positions=[p], heads=(h,)),)
+                (Intervention(site=site, op="set", vector=states[i, h : h + 1], positions=[p], heads=(h,)),)
                 for h in range(count)
             ]
     inputs = [clean] + [corrupt] * (rows - 1)
@@ -187,11 +211,13 @@ async def patch(session: Session, data: PatchRequest, max_rows: int, max_batch: 
             session.forward(
                 Batch(token_ids=tuple(inputs[i] for i in chunk), interventions=tuple(edits[i] for i in chunk)),
                 Capture(logits=True, positions="last"),
+                # Scored on the model's thread as each call ends: no run's [vocab] logits wait for the others.
+                lambda out: [score(row.logits[-1]) for row in out.rows],
             )
             for chunk in chunks
         )
     )
-    metrics = [score(row.logits[-1]) for out in outputs for row in out.rows]
+    metrics = [m for out in outputs for m in out]
     clean_m, corrupt_m = metrics[0], metrics[1]
     matrix: list[list[Any]] = []
     at = 2
@@ -233,6 +259,8 @@ async def attribution_patch(
     corrupt: tuple[int, ...],
     positions: list[int],
     score: Any,
+    spec: Any,
+    max_bytes: int,
 ) -> dict[str, Any]:
     """Every (site, position[, head]) at once: (clean - corrupted) . d metric / d activation, the gradient taken on
     the corrupted run: one forward and one backward pass of both texts as one batch, the model's parameters
@@ -255,17 +283,23 @@ async def attribution_patch(
     names = tuple(s for s in checked if isinstance(s, str))
     tokens = await session.thread(metric_tokens, model, data.metric)
     gradient = Gradient(metric=data.metric.type, tokens=tokens)
-    graded = Capture(layers=layers, sites=names, positions="all", logits=True, gradient=gradient)
+    # The states and gradients at the positions asked for only; the logits (the metric's) at the last.
+    graded = Capture(layers=layers, sites=names, positions=spec, logits=True, gradient=gradient)
+    both = Batch(token_ids=(clean, corrupt))
+    check_capture(
+        model, both, graded, max_bytes, "positions", len(positions), fewer(both, graded, positions), "positions"
+    )
     # One batch of both texts: the clean row's states come with the pass (its gradient, unused, costs little in a
     # batch; rows never interact, so the corrupted row's gradient is its own).
-    kept, run = (await session.forward(Batch(token_ids=(clean, corrupt)), graded)).rows
+    kept, run = (await session.forward(both, graded)).rows
 
     def estimate() -> tuple[list[Any], float, float]:
         matrix: list[Any] = []
+        at = [run.positions.index(p) for p in positions]
         for site, count in zip(checked, heads, strict=True):
             key = str(site)
             cells = (kept.states[key].double() - run.states[key].double()) * run.gradients[key].double()
-            cells = cells.flatten(2 if count else 1).sum(-1)[positions]  # [positions] or [positions, heads]
+            cells = cells.flatten(2 if count else 1).sum(-1)[at]  # [positions] or [positions, heads]
             matrix.append(cells.tolist())
         return matrix, score(kept.logits[-1]), score(run.logits[-1])
 
@@ -306,5 +340,6 @@ class PatchController(Controller):
         (patched - corrupted) / (clean - corrupted)."""
         s = manager.settings
         entry = await manager.get_for(data)
-        work = lambda session: patch(session, data, PATCH_MAX_ROWS.of(s), s.max_batch_size)  # noqa: E731
+        limit = int(s.max_capture_mb * 2**20)
+        work = lambda session: patch(session, data, PATCH_MAX_ROWS.of(s), s.max_batch_size, limit)  # noqa: E731
         return await manager.run(entry, work, until=client_gone(request))

@@ -258,15 +258,29 @@ def find_attention(net: Any, block: Any) -> tuple[Any, int]:
     return fallback, 1
 
 
+def take_columns(t: Any, rows: Any, dim: int = 1) -> Any:
+    """``t`` [B, columns, ...] (the columns at ``dim``) cut to ``rows``: None, every column; a list, those columns of
+    every row; a LongTensor [B, k], each row's own k columns (rows of different lengths, padded on the right)."""
+    import torch
+
+    if rows is None:
+        return t
+    if isinstance(rows, list):
+        return t[(slice(None),) * dim + (rows,)]
+    moved = t.movedim(dim, 1)
+    picked = moved[torch.arange(t.shape[0], device=t.device)[:, None], rows.to(t.device)]  # [B, k, ...]
+    return picked.movedim(1, dim)
+
+
 class AttentionRecorder:
     """Keeps the latest call's weights [B, heads, q, k] per requested index, on CPU.
 
-    ``rows`` selects query rows as in StateRecorder (None: all, ``[-1]``: the last). Index i is the attention of
-    block i (1-based), the block whose output is hidden state i.
+    ``rows`` selects query rows as in ``SiteHooks`` (None: all, ``[-1]``: the last, [B, k]: each row's own).
+    Index i is the attention of block i (1-based), the block whose output is hidden state i.
     """
 
     def __init__(self, net: Any, blocks: Sequence[Any], indices: Sequence[int]) -> None:
-        self.rows: list[int] | None = None
+        self.rows: Any = None
         self.latest: dict[int, Any] = {}
         self._handles = []
         for i in indices:
@@ -278,10 +292,7 @@ class AttentionRecorder:
             weights = output[where] if isinstance(output, tuple | list) and len(output) > where else None
             if weights is None:
                 raise Unsupported(f"{FIELD}: {type(module).__name__} returned no attention weights", field=FIELD)
-            w = weights.detach()
-            if self.rows is not None:
-                w = w[:, :, self.rows]
-            self.latest[index] = w.to("cpu", copy=True)
+            self.latest[index] = take_columns(weights.detach(), self.rows, dim=2).to("cpu", copy=True)
 
         return hook
 

@@ -3,10 +3,12 @@
 Contract of ``run_batch`` (what the kernel receives in ``ForwardOutput.rows``, one per input row):
 
 - ``token_ids`` is the final sequence (prompt + generated), ``prompt_tokens`` the prompt's length.
-- ``positions`` is ``[total - 1]`` when ``capture.positions == "last"``, else ``list(range(total))``;
-  empty when no layer is asked for. ``states[key]`` is a CPU tensor [len(positions), H] in the model's dtype,
-  keyed by ``LayerSel.key``; ``attentions[key]`` [heads, len(positions), total] under eager attention for the
-  request (``attention.py``). The kernel slices "prompt", "generated" and index lists from the full rows.
+- ``positions`` is ``[total - 1]`` when ``capture.positions == "last"``, the listed positions and the last (in
+  order) for a list of indices, else ``list(range(total))``; empty when no layer is asked for. Only those columns
+  are kept while the pass runs (``kept_columns``), each row its own. ``states[key]`` is a CPU tensor
+  [len(positions), H] in the model's dtype, keyed by ``LayerSel.key``; ``attentions[key]`` [heads,
+  len(positions), total] under eager attention for the request (``attention.py``). The kernel slices "prompt",
+  "generated" and index lists from the full rows.
 - Generation (``generation.py``) runs rows in one left-padded KV-cached loop that rows join and leave at step
   boundaries; after a row's last token is chosen one more pass feeds it, so that the last token's state exists
   (only when states are asked for).
@@ -139,8 +141,8 @@ def forward_many(
     width = ids.shape[1]
     layout = [Layout(col=width - len(row) if left else 0, tok=0, count=len(row), prompt=len(row)) for row in inputs]
     n = model.num_layers
-    record = list(dict.fromkeys([*recorded(capture), *([n] if logits else [])]))
     grad = capture.gradient is not None
+    record = list(dict.fromkeys([*recorded(capture), *([n] if logits else [])]))
     # With gradients, the embeddings' outputs are the graph's leaves (the parameters are frozen): registered before
     # the site hooks, so that every point downstream, hook_embed included, is in the graph.
     roots = _graph_roots(model) if grad else []
@@ -149,12 +151,10 @@ def forward_many(
     attn = AttentionRecorder(model.model, _blocks(model), att_idx) if att_idx else None
     gradients: dict[int | str, Any] = {}
     try:
-        # Every row ends in the last column when there is one row or the padding is on the left: keep that column
-        # only for "last". Otherwise rows end at different columns: keep every column, slice per row below.
-        narrow = capture.positions == "last" and (left or len(inputs) == 1)
+        kept = kept_columns(capture, inputs, width, left)
         for r in (attn, sites):
             if r is not None:
-                r.rows = [-1] if narrow else None
+                r.rows = kept[1] if kept is not None else None
         kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
         if left:
             # Left padding shifts every real token; without explicit ids the model would number pads first.
@@ -189,13 +189,14 @@ def forward_many(
     rows = []
     for i, row in enumerate(inputs):
         cols = slice(width - len(row), width) if left else slice(0, len(row))
-        if narrow:
-            queries = slice(0, 1)
-        else:
-            queries = slice(cols.stop - 1, cols.stop) if capture.positions == "last" else cols
+        queries = cols if kept is None else slice(0, len(kept[0][i]))
         head = None
         if logits:
-            at = [0] if capture.positions == "last" else resolve_positions(capture.positions, len(row), len(row))
+            # With gradients, the logits the metric reads: the last position's.
+            last = capture.positions == "last" or grad
+            at = [len(row) - 1] if last else resolve_positions(capture.positions, len(row), len(row))
+            if kept is not None:
+                at = [kept[0][i].index(p % len(row)) for p in at]
             head = model.unembed(taken[n][i, queries][at], True)
         rows.append(
             SequenceOutput(
@@ -208,7 +209,9 @@ def forward_many(
                 }
                 if grad
                 else {},
-                positions=capture.kept_positions(len(row)),
+                positions=(kept[0][i] if kept is not None else capture.kept_positions(len(row)))
+                if capture.wanted
+                else [],
                 # A copy per row, so that no row keeps the whole padded batch alive.
                 states={
                     **{sel.key: taken[sel.index][i, queries].clone() for sel in capture.layers if taken},
@@ -220,6 +223,28 @@ def forward_many(
             )
         )
     return rows
+
+
+def kept_columns(
+    capture: Capture, inputs: list[list[int]], width: int, left: bool
+) -> tuple[list[list[int]], Any] | None:
+    """The positions each row keeps ("last": its last; a list: those listed and its last) and their columns in the
+    padded pass, a LongTensor [B, k] (a row with fewer repeats its last); None: every column ("all", "prompt")."""
+    import torch
+
+    spec = capture.positions
+    if spec != "last" and not isinstance(spec, list | tuple):
+        return None
+    kept = [
+        [len(row) - 1] if spec == "last" else sorted({*resolve_positions(spec, len(row), len(row)), len(row) - 1})
+        for row in inputs
+    ]
+    k = max(len(p) for p in kept)
+    starts = [width - len(row) if left else 0 for row in inputs]
+    columns = [[s + p for p in ps] + [s + ps[-1]] * (k - len(ps)) for s, ps in zip(starts, kept, strict=True)]
+    if all(c == columns[0] for c in columns):  # the same columns in every row: plain indexing
+        return kept, [c - width for c in columns[0]]
+    return kept, torch.tensor(columns, dtype=torch.long)
 
 
 def _graph_roots(model: LoadedModel) -> list[Any]:

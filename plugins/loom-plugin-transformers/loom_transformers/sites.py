@@ -31,7 +31,7 @@ import attrs
 
 from loom_kernel import Intervention, Layout, LoadedModel, apply_edit, edit_columns, find_blocks
 from loom_transformers.architectures import Arch, arch_of, part, refused
-from loom_transformers.attention import MASKED, own_attention
+from loom_transformers.attention import MASKED, own_attention, take_columns
 
 # TransformerLens's order of the points in a block.
 RANKS = {
@@ -437,8 +437,9 @@ def keyed_fill(model: LoadedModel, key: int | str) -> float | None:
 class SiteHooks:
     """The hooks of one pass: each row's edits at their points, in forward order (in list order at one point), and the
     recording of ``record`` (layer indices and names), each read when its point fires. ``rows`` selects the columns
-    kept (None: every one, ``[-1]``: the last); ``kept[key]`` is [B, kept, *shape] on CPU ([B, kept, heads, keys of
-    the pass] for a keyed point); ``attention``: whether the pass must run under The Loom's attention."""
+    kept (None: every one, ``[-1]``: the last, a LongTensor [B, k]: each row's own k columns, ``take_columns``);
+    ``kept[key]`` is [B, kept, *shape] on CPU ([B, kept, heads, keys of the pass] for a keyed point); ``attention``:
+    whether the pass must run under The Loom's attention."""
 
     def __init__(
         self,
@@ -448,7 +449,7 @@ class SiteHooks:
         record: Sequence[int | str] = (),
         grad: bool = False,
     ) -> None:
-        self.rows: list[int] | None = None
+        self.rows: Any = None
         self.kept: dict[int | str, Any] = {}
         # With ``grad``: (key, the tensor in the graph, its gradient -> the point's [B, T, ...]) of each recorded key.
         self.graph: list[tuple[int | str, Any, Callable[[Any], Any]]] = []
@@ -589,10 +590,7 @@ class SiteHooks:
             value[b, cols] = x.to(value.dtype)
 
     def _keep(self, key: int | str, value: Any) -> None:
-        t = value.detach()
-        if self.rows is not None:
-            t = t[:, self.rows]
-        self.kept[key] = t.to("cpu", copy=True)
+        self.kept[key] = take_columns(value.detach(), self.rows).to("cpu", copy=True)
 
     def _result(self, site: Site, h: Any, z: Any, edits: Any, names: Any, fresh: bool) -> tuple[Any, bool]:
         """Each head's z through its share of the output projection [B, T, heads, d_model], without the bias."""
@@ -600,13 +598,13 @@ class SiteHooks:
 
         o, heads = site.extra
         weight = w_o(o, heads)
-        zz = z if edits or self.rows is None else z[:, self.rows]
+        zz = z if edits else take_columns(z, self.rows)
         result = torch.einsum("bthd,hdm->bthm", zz.unflatten(-1, (heads, -1)).to(weight.dtype), weight)
         for b, edit in edits:
             self._edit(site, result, b, edit)
         for key in names:
             t = result.detach()
-            self.kept[key] = (t[:, self.rows] if edits and self.rows is not None else t).to("cpu", copy=True)
+            self.kept[key] = (take_columns(t, self.rows) if edits else t).to("cpu", copy=True)
         if not edits:
             if self._grad:  # the projection's output is the sum of the results: each head's gradient is its own
                 for key in names:
@@ -667,7 +665,7 @@ class SiteHooks:
         out: dict[int | str, Any] = {}
         for (key, t, view), g in zip(live, found, strict=True):
             g = view(torch.zeros_like(t) if g is None else g)
-            out[key] = (g[:, self.rows] if self.rows is not None else g).detach().to("cpu", copy=True)
+            out[key] = take_columns(g, self.rows).detach().to("cpu", copy=True)
         return out
 
     def close(self) -> None:
