@@ -97,7 +97,10 @@ def _logits(row: SequenceOutput, capture: Capture, merged: Capture) -> Any:
         return logits
     if logits.shape[0] != total:
         return logits
-    return logits[resolve_positions(capture.positions, total, total) if capture.positions != "last" else [-1]]
+    at = resolve_positions(capture.positions, total, total) if capture.positions != "last" else [total - 1]
+    if capture.gradient is not None:  # at the positions a pass keeps: those asked for and the last
+        at = sorted({*at, total - 1})
+    return logits[at]
 
 
 def _top(entry: dict[str, Any], k: int) -> dict[str, Any]:

@@ -285,8 +285,9 @@ class Capture:
     logits: bool = False
     stream_states: bool = False
     # A forward pass with gradients (attribution patching): each row's ``gradients[key]`` is d metric / d state at
-    # every captured layer and site, [T, ...] like its states; the model's parameters stay frozen and no graph
-    # outlives the pass. Only for a loader whose model sets ``LoadedModel.gradients``.
+    # every captured layer and site, [T, ...] like its states, and ``logits`` are at every position it keeps (the
+    # last, the metric's, among them); the model's parameters stay frozen and no graph outlives the pass. Only for a
+    # loader whose model sets ``LoadedModel.gradients``.
     gradient: Gradient | None = None
 
     @property

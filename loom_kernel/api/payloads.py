@@ -273,9 +273,9 @@ def capture_bytes(model: LoadedModel, batch: Batch, capture: Capture) -> dict[st
     before any work (a text counts as one token per character plus two, at most the model's context). Each row
     keeps its positions (the last for "last"; those listed and the last for a list; every one otherwise) of every
     layer and site; states, gradients and attention weights count twice, since the pass's padded batch and each
-    row's copy of it coexist as the pass ends; logits (float32) once, at the positions read (with ``gradient``, the
-    last), with the final norm's output they are computed from. The model's own activations during the pass (and
-    a backward pass's graph) are not counted."""
+    row's copy of it coexist as the pass ends; logits (float32) once, at the positions read (with ``gradient``, at
+    every position kept), with the final norm's output they are computed from. The model's own activations during
+    the pass (and a backward pass's graph) are not counted."""
     per = DTYPE_BYTES.get(model.dtype, 4)
     config = model.ref.config or {}
     heads = _config_int(config, "num_attention_heads", "n_head", "num_heads") or max(1, model.hidden_size // 64)
@@ -298,7 +298,7 @@ def capture_bytes(model: LoadedModel, batch: Batch, capture: Capture) -> dict[st
 
     own = [kept(n) for n in lengths]
     padded = len(lengths) * (max(own) if spec == "last" or isinstance(spec, list | tuple) else width)
-    logit_rows = 1 if spec == "last" or capture.gradient is not None else len(spec) if isinstance(spec, list) else 0
+    logit_rows = 1 if spec == "last" else len(spec) if isinstance(spec, list | tuple) else 0
     shapes = model.sites or {}
     per_position = len(capture.layers) * model.hidden_size * per
     for site in capture.sites:
@@ -308,7 +308,9 @@ def capture_bytes(model: LoadedModel, batch: Batch, capture: Capture) -> dict[st
     # The logits, and the final norm's output the LM head reads them from (kept in the padded batch only; with a
     # gradient, its gradient too).
     final = padded * model.hidden_size * per * (2 if capture.gradient is not None else 1)
-    logits = sum(logit_rows or n for n in lengths) * vocab * 4 + final if capture.logits else 0
+    # With a gradient, the logits are at every position kept (the metric's, the last, among them).
+    at = own if capture.gradient is not None else [logit_rows or n for n in lengths]
+    logits = sum(at) * vocab * 4 + final if capture.logits else 0
     return {
         "states": states,
         "gradients": states if capture.gradient is not None else 0,

@@ -191,12 +191,14 @@ def forward_many(
         cols = slice(width - len(row), width) if left else slice(0, len(row))
         queries = cols if kept is None else slice(0, len(kept[0][i]))
         head = None
-        if logits:
-            # With gradients, the logits the metric reads: the last position's.
-            last = capture.positions == "last" or grad
-            at = [len(row) - 1] if last else resolve_positions(capture.positions, len(row), len(row))
+        if logits and grad:  # at every position kept (``positions``): the metric's, the last, among them
+            head = model.unembed(taken[n][i, queries], True)
+        elif logits:
+            at = (
+                [len(row) - 1] if capture.positions == "last" else resolve_positions(capture.positions, *[len(row)] * 2)
+            )
             if kept is not None:
-                at = [kept[0][i].index(p % len(row)) for p in at]
+                at = [kept[0][i].index(p) for p in at]
             head = model.unembed(taken[n][i, queries][at], True)
         rows.append(
             SequenceOutput(
