@@ -193,3 +193,25 @@ async def test_patch_on_an_encoder_names_the_missing_lm_head(tiny_models):
             assert r.status_code == 422 and r.json()["field"] == "model", r.text
             detail = r.json()["detail"]
             assert "cannot generate" not in detail and "causal LM head" in detail, detail
+
+
+def test_a_merged_calls_logits_are_cut_back_to_its_positions():
+    """Merged with a call of other positions, a pass keeps every position: each call gets its own logits back."""
+    from loom_kernel.merging import merge_captures, restrict
+    from loom_kernel.types import SequenceOutput
+
+    total, vocab = 6, 5
+    logits = torch.arange(total * vocab, dtype=torch.float32).reshape(total, vocab)
+    states = {"hook_embed": torch.zeros(total, 2)}
+    row = SequenceOutput(
+        token_ids=list(range(total)), prompt_tokens=total, logits=logits, states=states, gradients=states
+    )
+    one = Capture(sites=("hook_embed",), positions=[-2], logits=True)
+    merged = merge_captures([one, Capture(sites=("hook_embed",), positions="all")])
+    assert merged.positions == "all"
+    torch.testing.assert_close(restrict(row, one, merged).logits, logits[[total - 2]])
+    graded = Capture(
+        sites=("hook_embed",), positions=[1], logits=True, gradient=Gradient(metric="logprob", tokens=(0,))
+    )
+    merged = merge_captures([graded, Capture(sites=("hook_embed",), positions=[2], gradient=graded.gradient)])
+    torch.testing.assert_close(restrict(row, graded, merged).logits, logits[[1, total - 1]])
