@@ -87,17 +87,18 @@ class Kernel:
         """The fields plugins add to the capture requests; two may not declare one name."""
         return self.fields.fields
 
-    def request_type(self, base: type[T], generation: bool) -> type[T]:
+    def request_type(self, base: type[T], generation: bool, reads: bool = True) -> type[T]:
         """``base``, a capture request's Struct, with the plugins' request fields (a handler's ``data`` type:
-        name it in its controller's ``signature_namespace``)."""
+        name it in its controller's ``signature_namespace``); ``reads`` False leaves out the fields that answer at
+        positions (a request whose answer has none: ``/embed`` takes edits only)."""
         from loom_kernel.api.schemas import with_fields
 
-        fields = self.request_fields()
+        fields = [f for f in self.request_fields() if reads or not f.reads]
         types = self.state("kernel.request_types", lambda kernel: {})
         with self._lock:
-            if (base, generation) not in types:
-                types[base, generation] = with_fields(base, fields, generation)
-            return types[base, generation]
+            if (base, generation, reads) not in types:
+                types[base, generation, reads] = with_fields(base, fields, generation)
+            return types[base, generation, reads]
 
 
 class ModelManager:

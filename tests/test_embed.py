@@ -77,6 +77,36 @@ def hidden_states(hf: Any, st: Any, text: str) -> tuple[Any, ...]:
 # --- parity with sentence-transformers --------------------------------------------------------------------------
 
 
+def test_an_edit_reaches_the_embedding_as_the_same_edit_in_the_pipeline(client, st):
+    """``interventions`` on /embed and /embed/batch: the model's own pooled vector of the edited states, as a torch
+    hook on block 2's output of sentence-transformers' own model gives it (an edit a stored vector could name too);
+    the fields that answer at positions are not /embed's."""
+    v = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    edit = {"site": 3, "op": "add", "vector": v.tolist(), "scale": 2.0, "positions": [1]}
+
+    def add_at_1(module: Any, args: Any, out: Any) -> Any:
+        h = (out if isinstance(out, torch.Tensor) else out[0]).clone()
+        h[:, 1] += 2.0 * torch.from_numpy(v)
+        return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+
+    handle = st[0].auto_model.encoder.layer[2].register_forward_hook(add_at_1)
+    try:
+        want = st.encode(TEXTS[:3])
+    finally:
+        handle.remove()
+    one = post(client, "/embed", model="minilm", text=TEXTS[1], interventions=[edit])
+    assert_same_vectors(one["embedding"], want[1])
+    batch = post(client, "/embed/batch", model="minilm", texts=TEXTS[:3], interventions=[edit])
+    assert_same_vectors(batch["embeddings"], want)
+    assert not np.allclose(post(client, "/embed", model="minilm", text=TEXTS[1])["embedding"], want[1], atol=1e-3)
+    for body, field in (
+        ({"interventions": [{**edit, "site": "blocks.2.hook_resid_post"}]}, "interventions[0].site"),
+        ({"logit_lens": {"layers": [1]}}, "logit_lens"),
+    ):
+        r = client.post("/embed", json={"model": "minilm", "text": "hi", **body})
+        assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
 def test_embed_equals_encode(client, st):
     want = st.encode(TEXTS)
     for text, vector in zip(TEXTS, want, strict=True):

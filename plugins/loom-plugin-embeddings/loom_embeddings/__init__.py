@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from loom_embeddings.openai import EmbeddingsController
-from loom_embeddings.routes import EmbedController
+from loom_embeddings.routes import EMBED_REQUESTS, EmbedController
 from loom_kernel import Kernel, hookimpl
 
 
 @hookimpl
 def routes(kernel: Kernel) -> list[Any]:
-    return [EmbedController, EmbeddingsController]
+    # /embed and /embed/batch take the plugins' edits (``interventions``): the pooled vector of the edited states.
+    types = {name: kernel.request_type(base, generation=False, reads=False) for name, base in EMBED_REQUESTS.items()}
+    return [type(EmbedController.__name__, (EmbedController,), {"signature_namespace": types}), EmbeddingsController]

@@ -33,6 +33,7 @@ from loom_kernel import POOLING_STRATEGIES as STRATEGIES
 from loom_kernel import (
     Batch,
     Capture,
+    Intervention,
     InvalidField,
     LayerSel,
     LoadedModel,
@@ -177,9 +178,14 @@ def renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
     return _renamed(exc, spec) if exc.field in ("text", "token_ids") else exc
 
 
-async def embed(session: Session, texts: Sequence[str] | Sequence[list[int]], spec: EmbedSpec) -> Embedded:
-    """``texts`` through one forward call, pooled, cut to ``spec.dimensions`` and normalized as asked (a bad layer
-    or pooling is a 4xx before any model work)."""
+async def embed(
+    session: Session,
+    texts: Sequence[str] | Sequence[list[int]],
+    spec: EmbedSpec,
+    edits: Sequence[Intervention] = (),
+) -> Embedded:
+    """``texts`` through one forward call (each with ``edits``), pooled, cut to ``spec.dimensions`` and normalized
+    as asked (a bad layer or pooling is a 4xx before any model work)."""
     pm, model = session.pm, session.model
     n = model.num_layers
     if not -(n + 1) <= spec.layer <= n:
@@ -197,6 +203,8 @@ async def embed(session: Session, texts: Sequence[str] | Sequence[list[int]], sp
         batch = Batch(token_ids=tuple(tuple(row) for row in rows), truncate=spec.truncate)
     else:
         batch = Batch(texts=tuple(texts), truncate=spec.truncate)  # type: ignore[arg-type]
+    if edits:
+        batch = attrs.evolve(batch, interventions=(tuple(edits),) * batch.size)
     try:
         # Pooling runs on the model's thread right after the pass: a few small tensor operations, cheaper there
         # than a request thread's wake-up while the next pass runs.

@@ -25,6 +25,8 @@ from loom_kernel import (
     ModelRequest,
     NonEmpty,
     Plugins,
+    asked_fields,
+    caller,
     client_gone,
     echo,
     json_raw,
@@ -66,6 +68,9 @@ class EmbedBatchRequest(EmbedFields, kw_only=True):
     texts: Texts
 
 
+EMBED_REQUESTS = {"EmbedRequest": EmbedRequest, "EmbedBatchRequest": EmbedBatchRequest}
+
+
 async def check_pooling(pm: pluggy.PluginManager, name: str | None) -> None:
     """An unknown strategy is a 422 before any model loads; an undeclared name is asked of the pool hook."""
     if name is None:
@@ -91,7 +96,11 @@ async def embed_texts(
     spec = data.spec(field, listed)
     entry = await manager.get_for(data)
     start = time.perf_counter()
-    result = await manager.run(entry, lambda s: embed(s, texts, spec), until=client_gone(request))
+    edits = ()
+    if asked := asked_fields(data, manager.kernel):  # the plugins' edits, resolved on the model
+        reading = await asyncio.to_thread(manager.reading, entry.model(), asked, caller(request))
+        edits = reading.edits if reading is not None else ()
+    result = await manager.run(entry, lambda s: embed(s, texts, spec, edits), until=client_gone(request))
     model = entry.model()
     meta = {**model_metadata(model), **timing(start, sum(result.token_counts))}
     if "pipeline" in model.extra:
