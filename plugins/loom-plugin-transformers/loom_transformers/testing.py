@@ -41,6 +41,13 @@ MORE_ARCHITECTURES = (
     "mpnet",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+# BERT's block and config under other names: each one's config class and what it sets besides the sizes.
+BERT_LIKE = {
+    "bert": ("BertConfig", {}),
+    "roberta": ("RobertaConfig", {"type_vocab_size": 1}),
+    "xlm-roberta": ("XLMRobertaConfig", {"type_vocab_size": 1}),
+    "mpnet": ("MPNetConfig", {"relative_attention_num_buckets": 32}),
+}
 # A decoder config of each of these families, with the sizes of the tiny models (a few layers, a 64-wide stream, 4
 # heads of which 2 key-value heads where the family has grouped-query attention).
 GQA_FAMILIES = {
@@ -138,27 +145,18 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
     import transformers
 
     common = {"vocab_size": len(tokenizer)}
-    if arch == "bert":
-        cfg = transformers.BertConfig(
+    if arch in BERT_LIKE:
+        name, extra = BERT_LIKE[arch]
+        cfg = getattr(transformers, name)(
             hidden_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=128,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            **common,
-        )
-    elif arch == "mpnet":
-        cfg = transformers.MPNetConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=514,
-            relative_attention_num_buckets=32,
+            max_position_embeddings=512 if arch == "bert" else 514,  # the others count from the padding index + 1
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **extra,
             **common,
         )
     elif arch == "distilbert":
@@ -169,19 +167,6 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             hidden_dim=128,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
-            **common,
-        )
-    elif arch in ("roberta", "xlm-roberta"):
-        cfg = (transformers.RobertaConfig if arch == "roberta" else transformers.XLMRobertaConfig)(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=514,
-            type_vocab_size=1,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
             **common,
         )
     elif arch == "gpt2":
