@@ -83,8 +83,6 @@ _LAZY = {
     **dict.fromkeys(
         (
             "StateRequest",
-            "capture_bytes",
-            "check_capture",
             "check_generation",
             "generate_choices",
             "model_metadata",
@@ -135,8 +133,6 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from loom_kernel.api.inference import asked_fields, checked_params, reading_fields, state_request
     from loom_kernel.api.payloads import (
         StateRequest,
-        capture_bytes,
-        check_capture,
         check_generation,
         generate_choices,
         model_metadata,
@@ -251,9 +247,7 @@ __all__ = [
     "begin_request",
     "body_limit",
     "caller",
-    "capture_bytes",
     "chars_per_token",
-    "check_capture",
     "check_generation",
     "check_site",
     "check_vocabulary",

@@ -58,12 +58,6 @@ def build_parser(options: Sequence[Option] = ()) -> argparse.ArgumentParser:
     serve.add_argument("--max-models", type=int, help="models kept in memory before LRU eviction (default 3)")
     serve.add_argument("--auto-unload-minutes", type=float, help="unload a model idle this long (default 20; 0 = off)")
     serve.add_argument("--device", dest="default_device", help="default device: cpu, cuda, cuda:N, auto")
-    serve.add_argument(
-        "--max-capture-mb",
-        type=float,
-        help="MiB of tensors one /patch or /logit_attribution pass may capture, estimated before any work "
-        "(default 4096; 0 = no bound; beyond: 422)",
-    )
     serve.add_argument("--log-level", choices=LEVELS, help="default info")
     for option in options:
         if option.flag:
@@ -103,7 +97,6 @@ def build_settings(
         "auto_unload_minutes",
         "default_device",
         "log_level",
-        "max_capture_mb",
     ]
     overrides: dict[str, Any] = {name: getattr(args, name, None) for name in names + [o.name for o in options]}
     settings = load_settings(config=args.config, env=env, options=options, **overrides)

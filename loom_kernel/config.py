@@ -60,9 +60,6 @@ class Settings:
     # trust_remote_code is honoured (otherwise only the server's models.trust_remote_code counts).
     allowed_hosts: list[str] = attrs.field(factory=list)
     max_response_mb: float = 256.0
-    # The tensors one forward pass of a request may capture (states, gradients, attention weights, logits: /patch,
-    # /logit_attribution), estimated from its shapes before any work; 0: no bound.
-    max_capture_mb: float = 4096.0
     allow_remote_code_requests: bool = False
     log_level: str = "info"
     hf_token: str | None = None
@@ -79,12 +76,10 @@ class Settings:
         for name in ("max_body_mb", "max_response_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be more than 0", field=name)
-        if self.max_capture_mb < 0:
-            raise ConfigError("max_capture_mb: must not be negative (0 turns it off)", field="max_capture_mb")
         for name in ("max_queue", "request_timeout", "auto_unload_minutes"):
             if not getattr(self, name) >= 0:  # NaN too: it compares false with everything, so no timer would fire
                 raise ConfigError(f"{name}: must not be negative (0 turns it off)", field=name)
-        for name in ("request_timeout", "auto_unload_minutes", "max_body_mb", "max_response_mb", "max_capture_mb"):
+        for name in ("request_timeout", "auto_unload_minutes", "max_body_mb", "max_response_mb"):
             if not math.isfinite(getattr(self, name)):  # 0 turns a limit off; a size of infinity crashed the start
                 raise ConfigError(f"{name}: must be a finite number", field=name)
         if not 0 < self.memory_fraction <= 1:
@@ -163,7 +158,7 @@ def _same(names: str) -> dict[str, str]:
 FILE_KEYS: dict[str, dict[str, str]] = {
     "server": {
         **_same("host port unix_socket transports log_level request_timeout api_key cors_origins max_body_mb"),
-        **_same("max_response_mb max_capture_mb allowed_hosts"),
+        **_same("max_response_mb allowed_hosts"),
         "http_port": "port",
     },
     "gpu": {**_same("default_device memory_fraction"), "devices": ""},
@@ -188,7 +183,7 @@ ENV_KEYS: dict[str, str] = {
         for name in _same(
             "host port unix_socket max_models auto_unload_minutes default_device memory_fraction preload log_level "
             "max_batch_size max_batch_tokens max_queue request_timeout api_key cors_origins max_body_mb "
-            "max_response_mb max_capture_mb allowed_hosts"
+            "max_response_mb allowed_hosts"
         )
     },
     "LOOM_TRANSPORT": "transports",

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from loom_interp.bounds import CAPTURE_MAX_MB, capture_bytes
 from test_models import app_with, concurrent_client
 
-from loom_kernel import Batch, Capture, Gradient, LoadOptions, capture_bytes, resolve_layers
+from loom_kernel import Batch, Capture, Gradient, LoadOptions, resolve_layers
 from loom_kernel.cli import build_parser, build_settings
 from loom_kernel.config import ConfigError, load_settings
 from loom_kernel.resolve import resolve_model
@@ -124,19 +125,22 @@ def test_listed_positions_keep_those_rows_only_and_equal_transformers(loaded, ar
         torch.testing.assert_close(row.logits, out.logits[0, [0, total - 2]].float(), rtol=1e-4, atol=1e-4)
 
 
-def test_the_bound_is_a_setting():
-    assert load_settings(env={}).max_capture_mb == 4096
-    assert load_settings(env={"LOOM_MAX_CAPTURE_MB": "12.5"}).max_capture_mb == 12.5
-    assert build_settings(build_parser().parse_args(["serve", "--max-capture-mb", "3"]), env={}).max_capture_mb == 3
-    assert "--max-capture-mb" in build_parser().format_help() or "--max-capture-mb" in _serve_help()
+def test_the_bound_is_the_interp_plugins_setting():
+    options = [CAPTURE_MAX_MB]
+    assert CAPTURE_MAX_MB.of(load_settings(env={}, options=options)) == 4096
+    env = {"LOOM_INTERVENTIONS_MAX_CAPTURE_MB": "12.5"}
+    assert CAPTURE_MAX_MB.of(load_settings(env=env, options=options)) == 12.5
+    args = build_parser(options).parse_args(["serve", "--max-capture-mb", "3"])
+    assert CAPTURE_MAX_MB.of(build_settings(args, env={}, options=options)) == 3
+    assert "--max-capture-mb" in _serve_help(options)
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(ConfigError) as e:
-            load_settings(env={"LOOM_MAX_CAPTURE_MB": bad})
-        assert e.value.field == "max_capture_mb"
+            load_settings(env={"LOOM_INTERVENTIONS_MAX_CAPTURE_MB": bad}, options=options)
+        assert e.value.field == "interventions_max_capture_mb"
 
 
-def _serve_help() -> str:
-    parser = build_parser()
+def _serve_help(options: list[Any]) -> str:
+    parser = build_parser(options)
     action = next(a for a in parser._subparsers._group_actions if a.choices)
     return action.choices["serve"].format_help()
 
@@ -159,7 +163,7 @@ async def test_oversized_captures_are_a_422_naming_the_field_and_a_bound_that_pa
         (0.03, "/patch", exact, "positions"),
         (0.25, "/logit_attribution", dla, "texts"),
     ]:
-        async with concurrent_client(app_with(max_capture_mb=limit)) as c:
+        async with concurrent_client(app_with(options={"interventions_max_capture_mb": limit})) as c:
             r = await c.post(route, json=body)
             assert r.status_code == 422, r.text
             got = r.json()
@@ -170,12 +174,12 @@ async def test_oversized_captures_are_a_422_naming_the_field_and_a_bound_that_pa
                 smaller = {**body, "texts": texts[:n]} if field == "texts" else {**body, "positions": list(range(n))}
                 assert (await c.post(route, json=smaller)).status_code == status, (route, n)
     # One position of these sites is already too many: the field to shrink is the sites.
-    async with concurrent_client(app_with(max_capture_mb=0.001)) as tiny:
+    async with concurrent_client(app_with(options={"interventions_max_capture_mb": 0.001})) as tiny:
         r = await tiny.post("/patch", json={**patch, "positions": [0]})
         assert r.status_code == 422 and r.json()["field"] == "sites", r.text
         assert (await tiny.get("/health")).status_code == 200
     # 0 turns the bound off.
-    async with concurrent_client(app_with(max_capture_mb=0)) as free:
+    async with concurrent_client(app_with(options={"interventions_max_capture_mb": 0})) as free:
         assert (await free.post("/patch", json=patch)).status_code == 200
 
 

@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 from loom_interp.attribution import AttributionController
+from loom_interp.bounds import CAPTURE_MAX_MB
 from loom_interp.fields import REQUEST_FIELDS
 from loom_interp.fitting import FIT_OPTIONS
 from loom_interp.interventions import resolve_interventions
@@ -34,6 +35,7 @@ def options() -> list[Option]:
         VECTORS_MAX_MB,
         VECTORS_MAX_ENTRIES,
         PATCH_MAX_ROWS,
+        CAPTURE_MAX_MB,
         PROBES_DIRECTORY,
         PROBES_MAX_MB,
         PROBES_MAX_ENTRIES,

@@ -18,6 +18,7 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from loom_interp.bounds import CAPTURE_MAX_MB, check_capture
 from loom_interp.readouts import one_token
 from loom_kernel import (
     Batch,
@@ -28,7 +29,6 @@ from loom_kernel import (
     ModelRequest,
     Session,
     Unsupported,
-    check_capture,
     client_gone,
     fit_text,
     model_metadata,
@@ -220,5 +220,5 @@ class AttributionController(Controller):
         """Direct logit attribution of a text's logit (or logit difference) at a position: each component's share
         through the model's own final norm, frozen at its value there, and head; the values sum to the logit."""
         entry = await manager.get_for(data)
-        limit = int(manager.settings.max_capture_mb * 2**20)
+        limit = int(CAPTURE_MAX_MB.of(manager.settings) * 2**20)
         return await manager.run(entry, lambda session: attribute(session, data, limit), until=client_gone(request))

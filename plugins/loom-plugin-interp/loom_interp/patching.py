@@ -21,6 +21,7 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.params import JSONBody
 
+from loom_interp.bounds import CAPTURE_MAX_MB, check_capture
 from loom_interp.readouts import one_token
 from loom_kernel import (
     Batch,
@@ -38,7 +39,6 @@ from loom_kernel import (
     Sites,
     StateRequest,
     Unsupported,
-    check_capture,
     check_site,
     client_gone,
     echo,
@@ -340,6 +340,6 @@ class PatchController(Controller):
         (patched - corrupted) / (clean - corrupted)."""
         s = manager.settings
         entry = await manager.get_for(data)
-        limit = int(s.max_capture_mb * 2**20)
+        limit = int(CAPTURE_MAX_MB.of(s) * 2**20)
         work = lambda session: patch(session, data, PATCH_MAX_ROWS.of(s), s.max_batch_size, limit)  # noqa: E731
         return await manager.run(entry, work, until=client_gone(request))
