@@ -49,7 +49,7 @@ def replica_class(max_models: int) -> type:
             self.manager = self.loom_app.state.manager
             self.registry = registry
             self.replica = serve.get_replica_context().replica_id.unique_id
-            self._registering: set[str] = set()
+            self._loading: dict[str, asyncio.Future[None]] = {}  # the request gets that registrations wait for
             self.manager.get = self._registered(self.manager.get)
             await self.manager.start()
             # Every replica loads the preloaded models; Ray learns where they are as requests for them arrive.
@@ -59,26 +59,46 @@ def replica_class(max_models: int) -> type:
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def load(self, model_id: str) -> Loaded:
-            # Registration only: the request's own get holds the model it is given. This runs on a task started in
-            # the request's context, so a get that held would hold the model as loaded for the request, and a reload
-            # the request asks for (other load options) would find it in flight: a 409 from its own hold.
-            await self.manager.get(model_id, hold=False)
+            # Registration only: it loads nothing, it waits for the request's own ``get`` of the model (which holds
+            # it for the request, with the request's load options). A get of its own, with default options, raced
+            # the request's: a revision named by the request loaded beside the repo's main, a dtype was a 409 ("is
+            # being loaded with other options") whenever the registration's load started first.
+            pending = self._loading.get(model_id)
+            if pending is not None:
+                await asyncio.shield(pending)
             return Loaded(model_id)
 
         def _registered(self, get: Any) -> Any:
             """The manager's ``get``, which also registers the request's own model with Ray's multiplexing as the
             app asks for it (after the app's own checks): Ray tells the router within a tenth of a second that the
-            model is loading here, so that the next requests for it come here while it loads."""
+            model is loading here, so that the next requests for it come here while it loads. The registration
+            completes when this ``get`` does, and fails with it."""
 
             async def get_and_register(model_id: str, *args: Any, **kwargs: Any) -> Any:
-                if model_id == serve.get_multiplexed_model_id() and model_id not in self._registering:
-                    self._registering.add(model_id)  # ``load`` comes back here, and waits for the same load
-                    registering = asyncio.ensure_future(self.load(model_id))
-                    # Routing is an optimisation: a model that fails to load is the request's own error.
-                    registering.add_done_callback(
-                        lambda f: self._registering.discard(model_id) or f.cancelled() or f.exception()
-                    )
-                return await get(model_id, *args, **kwargs)
+                if model_id != serve.get_multiplexed_model_id() or model_id in self._loading:
+                    return await get(model_id, *args, **kwargs)
+                loaded = asyncio.get_running_loop().create_future()
+                self._loading[model_id] = loaded
+
+                def registered(f: asyncio.Future[Loaded]) -> None:
+                    # Until now, for a registration that Ray's multiplexing ran after the get had ended (it loads one
+                    # model at a time): it learns how the get ended. Routing is an optimisation: a model that failed
+                    # to load is the request's own error, not the registration's.
+                    if self._loading.get(model_id) is loaded:
+                        del self._loading[model_id]
+                    f.cancelled() or f.exception()
+
+                asyncio.ensure_future(self.load(model_id)).add_done_callback(registered)
+                try:
+                    entry = await get(model_id, *args, **kwargs)
+                except BaseException as exc:
+                    # An Exception: Ray's multiplexing forgets a model whose load raised one, and only then.
+                    failed = exc if isinstance(exc, Exception) else RuntimeError(f"the request for {model_id} ended")
+                    loaded.set_exception(failed)
+                    loaded.exception()  # retrieved: the registration re-raises it
+                    raise
+                loaded.set_result(None)
+                return entry
 
             return get_and_register
 

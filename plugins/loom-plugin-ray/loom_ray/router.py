@@ -130,6 +130,14 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if scope["type"] != "http":
+            # A WebSocket (Ray's proxy passes them on): the app serves none. Closed before it is accepted, which the
+            # server answers with a 403 at the handshake; nothing reaches a replica.
+            if scope["type"] == "websocket":
+                stats.refused += 1
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": "The Loom serves no WebSocket"})
+            return
         method, path = scope["method"], scope["path"]
         handler = route_of(routes, method, path)
         refused = guard.refusal(scope) or key_refusal(scope, settings.get("api_key"), handler)

@@ -514,3 +514,88 @@ def test_a_request_may_reload_a_model_its_replica_had_before_ray_knew(served, ti
         )
         r = c.post("/extract", json={"model": preloaded, "text": "the cat", "dtype": "bfloat16"})
         assert r.status_code == 200, r.text
+
+
+def hub_snapshot(home: Path, repo: str, commit: str, model: Path) -> None:
+    """``model`` as the snapshot ``commit`` of the hub model ``repo`` in the servers' Hugging Face cache (their HOME's),
+    read offline; the first snapshot made is the repo's ``main``."""
+    import shutil
+
+    cache = home / ".cache" / "huggingface" / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model, cache / "snapshots" / commit)
+    (cache / "refs").mkdir(exist_ok=True)
+    if not (cache / "refs" / "main").exists():
+        (cache / "refs" / "main").write_text(commit)
+
+
+def rows_of(base: str, model_id: str, since: float) -> list[dict[str, Any]]:
+    """``/models``' rows for ``model_id`` once every replica has reported after ``since``."""
+    until(
+        lambda: all(r["reported"] > since for r in health(base).get("replicas", [{"reported": 0}])),
+        "fresh reports",
+        STARTUP_S,
+        0.2,
+    )
+    rows = httpx.get(f"{base}/models", headers=AUTH, timeout=60).json()["loaded_models"]
+    return [row for row in rows if row["model_id"] == model_id]
+
+
+@pytest.mark.slow
+def test_a_first_request_with_load_options_loads_only_what_it_asked_for(served, tiny_models):
+    """The replica registers a request's model with Ray's multiplexing as the request's own load starts. The
+    registration loaded the model itself, with no options of its own: for a first request naming a revision it
+    loaded the repo's ``main`` beside the revision asked for (two copies, one nobody asked for), and for a first
+    request naming a dtype it raced the request's own load (a 409, "is being loaded with other options", whenever it
+    won). It now waits for the request's own load: one copy, the one asked for, and Ray routes the model's next
+    requests to it."""
+    base, _log, _proc, home = served
+    repo, main, other = "loom-test/tiny-gpt2", "1" * 40, "2" * 40
+    hub_snapshot(home, repo, main, tiny_models["gpt2"])
+    hub_snapshot(home, repo, other, tiny_models["gpt2"])
+    with httpx.Client(base_url=base, timeout=120, headers=AUTH) as c:
+        r = c.post("/extract", json={"model": repo, "revision": other, "text": "the cat"})
+        serving = replica_of(r)
+        rows = rows_of(base, repo, time.time())
+        assert [(row["replica"], row["path"]) for row in rows] == [
+            (
+                serving,
+                str(
+                    home / ".cache" / "huggingface" / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / other
+                ),
+            )
+        ], rows
+        assert {
+            replica_of(c.post("/extract", json={"model": repo, "revision": other, "text": "hi"})) for _ in range(3)
+        } == {serving}
+        fresh = home / "fresh-llama"  # a model no replica has seen, first asked for in bfloat16
+        import shutil
+
+        shutil.copytree(tiny_models["llama"], fresh)
+        r = c.post("/extract", json={"model": str(fresh), "dtype": "bfloat16", "text": "the cat"})
+        serving = replica_of(r)
+        rows = rows_of(base, str(fresh), time.time())
+        assert [(row["replica"], row["dtype"]) for row in rows] == [(serving, "bfloat16")], rows
+        again = {c.post("/extract", json={"model": str(fresh), "dtype": "bfloat16", "text": "hi"}) for _ in range(3)}
+        assert {replica_of(r) for r in again} == {serving}
+
+
+@pytest.mark.slow
+def test_a_websocket_is_refused_and_the_router_serves_on(served):
+    """The app serves no WebSocket: the router refuses one at the handshake (403, the ASGI close before accept),
+    forwards nothing to a replica, logs no error, and goes on serving."""
+    import websockets.exceptions
+    import websockets.sync.client
+
+    base, log, _proc, _home = served
+    before = router(base)
+    for path in ("/health", "/extract", "/v1/chat/completions"):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            websockets.sync.client.connect(
+                base.replace("http://", "ws://") + path, additional_headers=AUTH, open_timeout=60
+            )
+        assert refused.value.response.status_code == 403, refused.value.response
+    after = router(base)
+    assert after["forwarded"] == before["forwarded"] and after["refused"] - before["refused"] == 3, (before, after)
+    assert health(base)["status"] == "ok"
+    text = log.read_text()
+    assert "KeyError" not in text and "websocket" not in text.lower(), text[-4000:]
