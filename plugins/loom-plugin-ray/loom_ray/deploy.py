@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,27 @@ def application(settings: Any) -> Any:
         # The replica's own admission (max_queue, 429) decides; Ray's default of 5 would queue in front of it.
         max_ongoing_requests=max(settings.max_queue, 1) if settings.max_queue else 1024,
         health_check_period_s=2.0,
+        **GRACE,
     ).bind(fields, registry)
     router = serve.deployment(
-        LoomRouter, name="LoomRouter", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
+        LoomRouter,
+        name="LoomRouter",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4096,
+        **GRACE,
     )
     return router.bind(loom, registry, fields)
 
 
 LOOPBACK = "127.0.0.1"
+# A stopping replica checks for requests in flight this often, the first time only after one period: Ray's 2 s made
+# every idle deployment wait 2 s, one deployment after another. Its timeout stays Ray's (20 s), for a replica that
+# autoscaling retires under a request.
+GRACE = {"graceful_shutdown_wait_loop_s": 0.05}
+# How long ``loom serve`` waits, once told to stop, for the requests in flight to finish (a second signal: no
+# longer) before Ray Serve's shutdown, which ends Ray's proxy and every connection through it at once.
+DRAIN_S = 60.0
 
 
 def private_local_cluster() -> None:
@@ -130,6 +144,27 @@ def start(settings: Any) -> None:
     log.info("serving on Ray at http://%s:%d (%d replica(s))", settings.host, settings.port, REPLICAS.of(settings))
 
 
+def drain(forced: threading.Event) -> None:
+    """The router answers new requests 503 and the requests in flight finish, for up to ``DRAIN_S`` or until
+    ``forced``; then Ray Serve may shut down."""
+    from ray import serve
+
+    from loom_ray.router import APP
+
+    try:
+        router = serve.get_app_handle(APP)
+        left = router.drain.remote().result(timeout_s=DRAIN_S)
+        deadline = time.monotonic() + DRAIN_S
+        if left:
+            log.info("stopping: waiting for %d request(s) in flight (a second signal stops at once)", left)
+        while left and not forced.wait(0.05) and time.monotonic() < deadline:
+            left = router.in_flight.remote().result(timeout_s=DRAIN_S)
+        if left:
+            log.warning("stopping with %d request(s) still in flight", left)
+    except Exception as exc:  # the router gone: nothing of it to wait for
+        log.warning("stopping: the router did not drain (%s)", type(exc).__name__)
+
+
 def stop() -> None:
     import ray
     from ray import serve
@@ -151,13 +186,18 @@ def run(settings: Any) -> int:
         # RAY_COLOR_PREFIX is 0) and the note that folds repeated lines (always). A log file gets every line, plain.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    done = threading.Event()
+    done, forced = threading.Event(), threading.Event()
     previous: dict[int, Any] = {}
+
+    def signalled(*_: Any) -> None:
+        (forced if done.is_set() else done).set()
+
     try:
         start(settings)
         # After ray.init, which installs handlers of its own: these must be the ones that answer.
-        previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGTERM, signal.SIGINT)}
         done.wait()
+        drain(forced)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -177,6 +177,11 @@ async def run_asgi(app: Any, request: dict[str, Any], replica: str) -> AsyncIter
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             message = {**message, "headers": [*message.get("headers", []), (b"x-loom-replica", replica.encode())]}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            # The answer is whole: the app's next receive is a disconnect, as a server's is (uvicorn's). A stream
+            # listens for one until it returns, and waited for it forever: the request, its hold on the model and
+            # Ray's count of its ongoing requests never ended, and the server's stop waited them out.
+            gone.set()
         await messages.put(message)
 
     async def call() -> None:

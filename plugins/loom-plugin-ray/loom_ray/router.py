@@ -25,15 +25,23 @@ AGGREGATED = {"/health", "/models", "/models/", "/metrics", ROUTER_STATS}
 
 
 class RouterStats:
-    """What the router did: bodies read (bytes), requests refused before forwarding, requests forwarded."""
+    """What the router did: bodies read (bytes), requests refused before forwarding, requests forwarded; and what it
+    is doing: HTTP requests in flight, and whether it is draining (the server stops: new requests are a 503)."""
 
     def __init__(self) -> None:
         self.body_bytes = 0
         self.refused = 0
         self.forwarded = 0
+        self.in_flight = 0
+        self.draining = False
 
     def asdict(self) -> dict[str, int]:
-        return {"body_bytes": self.body_bytes, "refused": self.refused, "forwarded": self.forwarded}
+        return {
+            "body_bytes": self.body_bytes,
+            "refused": self.refused,
+            "forwarded": self.forwarded,
+            "in_flight": self.in_flight,
+        }
 
 
 class ClientGone(Exception):
@@ -97,12 +105,23 @@ class LoomRouter:
 
         keep_serve_on_loopback()
         self.replicas, self.registry, self.settings = replicas, registry, settings
+        self.stats = RouterStats()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_router(self.replicas, self.registry, self.settings)
+        return build_router(self.replicas, self.registry, self.settings, self.stats)
+
+    async def drain(self) -> int:
+        """The server stops (``loom serve`` calls this through Ray, before Ray Serve's shutdown, which ends Ray's
+        proxy at once and with it every connection): from now on a request is a 503, and the requests in flight,
+        how many are left, go on to their answers."""
+        self.stats.draining = True
+        return self.stats.in_flight
+
+    async def in_flight(self) -> int:
+        return self.stats.in_flight
 
 
-def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
+def build_router(handle: Any, registry: Any, settings: dict[str, Any], stats: RouterStats | None = None) -> Any:
     """The ingress ASGI app: ``handle`` reaches the replicas, ``registry`` knows what they hold."""
     from litestar.exceptions import HTTPException
 
@@ -122,22 +141,37 @@ def build_router(handle: Any, registry: Any, settings: dict[str, Any]) -> Any:
     guard = Guard.of(settings["host"], settings["allowed_hosts"], settings["cors_origins"])
     # The app the replicas run, never started here: its routes say how large each one's body may be.
     routes = create_app(settings=Settings(**settings))
-    stats = RouterStats()
+    stats = stats or RouterStats()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await other(scope, receive, send)
+            return
+        if stats.draining:
+            stats.refused += 1
+            problem = {"type": "about:blank", "title": "Service unavailable", "status": 503}
+            problem["detail"] = "the server is stopping: retry on another, or once it is back"
+            await answer(send, 503, problem, headers=[(b"retry-after", b"1"), (b"connection", b"close")])
+            return
+        stats.in_flight += 1
+        try:
+            await forward(scope, receive, send)
+        finally:
+            stats.in_flight -= 1
+
+    async def other(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
-            return
-        if scope["type"] != "http":
-            # A WebSocket (Ray's proxy passes them on): the app serves none. Closed before it is accepted, which the
-            # server answers with a 403 at the handshake; nothing reaches a replica.
-            if scope["type"] == "websocket":
-                stats.refused += 1
-                await receive()  # websocket.connect
-                await send({"type": "websocket.close", "code": 1008, "reason": "The Loom serves no WebSocket"})
-            return
+        elif scope["type"] == "websocket":
+            # Ray's proxy passes WebSockets on; the app serves none. Closed before it is accepted, which the server
+            # answers with a 403 at the handshake; nothing reaches a replica.
+            stats.refused += 1
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008, "reason": "The Loom serves no WebSocket"})
+
+    async def forward(scope: dict[str, Any], receive: Any, send: Any) -> None:
         method, path = scope["method"], scope["path"]
         handler = route_of(routes, method, path)
         refused = guard.refusal(scope) or key_refusal(scope, settings.get("api_key"), handler)
