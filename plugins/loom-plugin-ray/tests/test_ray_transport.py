@@ -599,3 +599,87 @@ def test_a_websocket_is_refused_and_the_router_serves_on(served):
     assert health(base)["status"] == "ok"
     text = log.read_text()
     assert "KeyError" not in text and "websocket" not in text.lower(), text[-4000:]
+
+
+async def test_a_replicas_stream_ends_with_its_last_body():
+    """An app that answers in parts and then listens for the client leaving (as a stream does) is told the client
+    left once its answer is whole, as a server tells it: its request ends. It waited forever, holding the request,
+    its model (never idle, so never unloaded) and Ray's count of the replica's ongoing requests."""
+    import asyncio
+
+    from loom_ray.replica import run_asgi
+
+    heard: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        heard.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"event: token\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"event: done\n\n", "more_body": False})
+        heard.append(await receive())
+
+    request = {"method": "POST", "path": "/generate/stream", "raw_path": b"/generate/stream", "query_string": b""}
+    request |= {"headers": [], "client": None, "server": None, "body": b"{}"}
+    async with asyncio.timeout(60):  # against a hang only
+        sent = [message async for message in run_asgi(app, request, "r1")]
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body", "http.response.body"]
+    assert (b"x-loom-replica", b"r1") in sent[0]["headers"]
+    assert heard == [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+
+@pytest.mark.slow
+def test_a_model_streamed_through_ray_is_free_once_the_stream_ends(served, tiny_models):
+    """After a stream through Ray, its request has ended on the replica: the model is idle (no request in flight), so
+    it can be unloaded (it was a 409, "has 1 request(s) in flight", for ever)."""
+    import shutil
+
+    base, _log, _proc, home = served
+    model = home / "stream-gpt2"
+    shutil.copytree(tiny_models["gpt2"], model)
+    ask = {"model": str(model), "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=base, timeout=120, headers=AUTH) as c:
+        with c.stream("POST", "/generate/stream", json=ask) as s:
+            assert s.status_code == 200
+            assert [line for line in s.iter_lines() if line.startswith("event:")][-1] == "event: done"
+        # The client has the whole stream a moment before the replica's request ends: a 409 until then.
+        deleted = until(lambda: (r := c.delete(f"/models/{model}")).status_code != 409 and r, "the model idle", 60, 0.2)
+        assert deleted.status_code == 200, deleted.text
+
+
+# Last in the module: it stops the module's server.
+@pytest.mark.slow
+def test_a_stopping_server_answers_its_requests_in_flight_then_stops(served, tiny_models):
+    """SIGTERM: the router answers new requests 503 (Retry-After) while a request in flight (its body still coming
+    in) goes on to its whole answer; then the server stops, with no replica left waiting on requests. Ray Serve's own
+    shutdown ended Ray's proxy at once, cutting every connection, and waited for its deployments' requests (a
+    stream's never ended) until it gave up after 30 s."""
+    base, log, proc, _home = served
+    url = urlparse(base)
+    body = json.dumps({"model": str(tiny_models["llama"]), "prompt": "the cat", "max_tokens": 8}).encode()
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    conn.putrequest("POST", "/generate/stream", skip_host=True)
+    headers = {"Host": f"127.0.0.1:{url.port}", "Content-Type": "application/json", **AUTH}
+    for name, value in {**headers, "Content-Length": str(len(body))}.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    conn.send(body[:-1])  # the gate: in flight at the router until its last byte comes
+    until(lambda: router(base)["in_flight"] >= 2, "the request in flight at the router", STARTUP_S, 0.05)  # and this
+
+    def refused() -> httpx.Response | None:
+        r = httpx.get(f"{base}/health", timeout=60)
+        return r if r.status_code == 503 else None
+
+    proc.send_signal(signal.SIGTERM)
+    r = until(refused, "the router draining", STARTUP_S, 0.05)
+    assert r.headers["retry-after"] == "1" and r.json()["status"] == 503, r.text
+    conn.send(body[-1:])
+    response = conn.getresponse()
+    assert response.status == 200
+    events = [line for line in response.read().decode().splitlines() if line.startswith("event:")]
+    conn.close()
+    assert events.count("event: token") == 8 and events[-1] == "event: done", events
+    assert proc.wait(timeout=120) == 0  # against a hang only
+    text = log.read_text()
+    assert "waiting for 1 request(s) in flight" in text, text[-4000:]
+    for stuck in ("ongoing requests", "did not shut down after grace period", "failed to shut down"):
+        assert stuck not in text, text[-4000:]
