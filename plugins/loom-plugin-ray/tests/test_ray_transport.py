@@ -381,7 +381,7 @@ def test_two_replicas_share_their_stores(served, tiny_models):
 
         def stored_elsewhere() -> str | None:
             r = c.post("/vectors", json={"name": "shared", "vector": vector, "replace": True})
-            assert r.status_code == 201, r.text
+            assert r.status_code in (201, 200), r.text  # 200: the same vector is stored under that name already
             return r.headers["x-loom-replica"] if r.headers["x-loom-replica"] != serving else None
 
         until(stored_elsewhere, "a store landed on the other replica", STARTUP_S, 0.0)
