@@ -107,6 +107,19 @@ def test_an_edit_reaches_the_embedding_as_the_same_edit_in_the_pipeline(client, 
         assert r.status_code == 422 and r.json()["field"] == field, r.text
 
 
+def test_an_edit_position_outside_a_text_is_a_422_not_a_skipped_edit(client):
+    """An edit's token index past a text's end is a 422 naming ``interventions[k].positions`` (and the row in a
+    batch), as on /extract: the sentence-transformers loader's pass never silently leaves the edit out."""
+    edit = {"site": 3, "op": "zero", "positions": [5]}  # "Hi" is 3 tokens, the fox sentence 12
+    for url, body, row in (
+        ("/embed", {"text": TEXTS[0]}, None),
+        ("/embed/batch", {"texts": TEXTS[1:2] + TEXTS[:1]}, 1),
+    ):
+        r = client.post(url, json={"model": "minilm", **body, "interventions": [edit]})
+        assert r.status_code == 422 and r.json()["field"] == "interventions[0].positions", r.text
+        assert r.json().get("row") == row, r.text
+
+
 def test_embed_equals_encode(client, st):
     want = st.encode(TEXTS)
     for text, vector in zip(TEXTS, want, strict=True):
