@@ -47,12 +47,16 @@ def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
 
 def merge_captures(captures: list[Capture]) -> Capture:
     """A capture that holds every one of ``captures``: the union of their layers (keyed by index), every position
-    when their positions differ, the most alternatives any asks for."""
+    when their positions differ (of those keeping states, attention or logits), the most alternatives any asks
+    for."""
     if all(c == captures[0] for c in captures):
         return captures[0]
     indices = sorted({sel.index for c in captures if c.wanted for sel in c.layers})
-    positions = captures[0].positions
-    if any(c.positions != positions for c in captures if c.wanted):
+    # Positions matter to a capture that keeps states or attention, or logits (read at its positions): a scored
+    # run's last logits are not another call's listed position's.
+    placed = [c for c in captures if c.wanted or c.logits] or captures
+    positions = placed[0].positions
+    if any(c.positions != positions for c in placed):
         positions = "all"
     tops = [c.top_logprobs for c in captures if c.top_logprobs is not None]
     return Capture(

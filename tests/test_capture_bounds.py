@@ -219,3 +219,24 @@ def test_a_merged_calls_logits_are_cut_back_to_its_positions():
     )
     merged = merge_captures([graded, Capture(sites=("hook_embed",), positions=[2], gradient=graded.gradient)])
     torch.testing.assert_close(restrict(row, graded, merged).logits, logits[[1, total - 1]])
+
+
+@pytest.mark.parametrize("first", ["reader", "scorer"])
+def test_a_scored_run_merged_with_a_listed_capture_gets_its_last_logits(loaded, first):
+    """A /patch run (logits at the last position, no states) merged with a call that keeps listed positions only
+    (an /extract or /logit_attribution): in either order each gets its own logits, the scored run's at its last
+    token as transformers' own model gives them, not those at the other call's position."""
+    from loom_kernel.merging import merge_captures, restrict
+
+    hooks, m = loaded["gpt2"]
+    reader = Capture(layers=tuple(resolve_layers([1], m.num_layers)), positions=[1], logits=True)
+    scorer = Capture(logits=True, positions="last")
+    captures = [reader, scorer] if first == "reader" else [scorer, reader]
+    merged = merge_captures(captures)
+    texts = ("hello there friend", "the cat sat on the mat and looked at the")
+    rows = hooks.forward_with_states(model=m, batch=Batch(texts=texts), capture=merged).rows
+    for row, capture in zip(rows, captures, strict=True):
+        with torch.inference_mode():
+            want = m.model(input_ids=torch.tensor([row.token_ids])).logits[0].float()
+        at = [1] if capture is reader else [len(row.token_ids) - 1]
+        torch.testing.assert_close(restrict(row, capture, merged).logits, want[at], rtol=1e-4, atol=1e-4)
