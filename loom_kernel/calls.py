@@ -98,6 +98,9 @@ class Call:
                 self.mode,
                 self.capture.gradient,  # a pass with gradients merges only with passes taking the same metric
                 None if same_params else params,
+                # A pass's logits are kept at its positions only: passes reading them at other positions (a /patch
+                # run's last, /logit_attribution's) or none would make one pass keep [T, vocab] per row.
+                _logit_positions(self.capture) if params is None else None,
             )
         return self._key
 
@@ -125,3 +128,10 @@ def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
         return [len(row) for row in ids]
     except Exception:  # a tokenizer of another shape: characters bound the tokens of any subword vocabulary
         return [len(text) + 2 for text in batch.texts]
+
+
+def _logit_positions(capture: Capture) -> Any:
+    """Where a forward pass keeps its logits (hashable), None when it asks for none."""
+    if not capture.logits:
+        return None
+    return tuple(capture.positions) if isinstance(capture.positions, list | tuple) else capture.positions

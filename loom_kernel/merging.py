@@ -54,8 +54,8 @@ def merge_captures(captures: list[Capture]) -> Capture:
     indices = sorted({sel.index for c in captures if c.wanted for sel in c.layers})
     # Positions matter to a capture that keeps states or attention, or logits (read at its positions): a scored
     # run's last logits are not another call's listed position's.
-    placed = [c for c in captures if c.wanted or c.logits] or captures
-    positions = placed[0].positions
+    placed = [c for c in captures if c.wanted or c.logits]
+    positions = (placed or captures)[0].positions
     if any(c.positions != positions for c in placed):
         positions = "all"
     tops = [c.top_logprobs for c in captures if c.top_logprobs is not None]

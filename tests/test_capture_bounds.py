@@ -240,3 +240,23 @@ def test_a_scored_run_merged_with_a_listed_capture_gets_its_last_logits(loaded, 
             want = m.model(input_ids=torch.tensor([row.token_ids])).logits[0].float()
         at = [1] if capture is reader else [len(row.token_ids) - 1]
         torch.testing.assert_close(restrict(row, capture, merged).logits, want[at], rtol=1e-4, atol=1e-4)
+
+
+def test_passes_reading_logits_at_other_positions_never_merge(loaded):
+    """A pass keeps logits [vocab] at its positions only: merged with one reading them elsewhere (or none, keeping
+    listed states) it would keep them at every position of every row, so such calls are never merged."""
+    from loom_kernel.calls import Call, Ticket
+
+    _, m = loaded["gpt2"]
+    layers = tuple(resolve_layers([1], m.num_layers))
+    captures = {
+        "scored run": Capture(logits=True, positions="last"),
+        "attribution at 1": Capture(sites=("blocks.0.hook_resid_post",), positions=[1], logits=True),
+        "attribution at 2": Capture(sites=("blocks.0.hook_resid_post",), positions=[2], logits=True),
+        "extract at 1": Capture(layers=layers, positions=[1]),
+    }
+    batch = Batch(token_ids=((1, 2, 3, 4),))
+    keys = {name: Call(pm=None, model=m, batch=batch, capture=c, ticket=Ticket()).key() for name, c in captures.items()}
+    assert len(set(keys.values())) == len(keys), keys
+    again = Call(pm=None, model=m, batch=batch, capture=Capture(logits=True, positions="last"), ticket=Ticket())
+    assert again.key() == keys["scored run"]  # /patch's runs still merge with each other
