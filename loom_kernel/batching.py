@@ -331,30 +331,30 @@ def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int
         expected, rows = {}, []
         for slot in range(start, start + call.rows):
             row = RowInput(next(ids), list(batch.token_ids[slot]), capture, batch.edits(slot))
-            rows.append((row, batch.params(slot)))
+            rows.append((row, batch.params(slot), call.ticket.cancelled))
             stops = batch.params(slot).stop
             expected[row.id] = Expected(row.id, call, slot, batch.on_token, row.prompt, capture, stops, engine)
         output.expect(call, expected, capture)
         per_call.append(rows)
     everyone = [row for rows in per_call for row in rows]
-    engine.counters.prompt_tokens += sum(len(r.prompt) for r, _ in everyone)  # before any of them is answered
+    engine.counters.prompt_tokens += sum(len(r.prompt) for r, *_ in everyone)  # before any of them is answered
     if not _prefill(engine, output, everyone, alone=len(calls) == 1):
         for rows in per_call:
             _prefill(engine, output, rows, alone=True)
 
 
-def _prefill(engine: Engine, output: Processor, rows: list[tuple[RowInput, Any]], alone: bool) -> bool:
-    """Prefill ``rows``; on failure they leave the engine and its decoder (which may have taken them before its
-    pass) and, ``alone``, fail with the error."""
+def _prefill(engine: Engine, output: Processor, rows: list[tuple[RowInput, Any, Any]], alone: bool) -> bool:
+    """Prefill ``rows`` (each with its parameters and its request's cancellation); on failure they leave the engine
+    and its decoder (which may have taken them before its pass) and, ``alone``, fail with the error."""
     try:
-        engine.join(rows)
+        engine.join([(r, params) for r, params, _ in rows], [gone for *_, gone in rows])
         return True
     except BaseException as exc:
-        for r, _ in rows:
+        for r, *_ in rows:
             engine.rows.pop(r.id, None)
-        engine.decoder.release([r.id for r, _ in rows])
+        engine.decoder.release([r.id for r, *_ in rows])
         if alone:
-            output.put([Event(row=r.id, error=exc, done=True) for r, _ in rows])
+            output.put([Event(row=r.id, error=exc, done=True) for r, *_ in rows])
         else:
             log.info("a prefill of %d rows failed (%s); each request's rows join alone", len(rows), exc)
         return False

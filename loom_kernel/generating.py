@@ -1,9 +1,10 @@
 """The kernel's side of a running generation, on the model's thread: which rows the loader's ``Decoder`` feeds, the
 token each row takes (``sampling.pick``, one device-to-host copy a step), and when each row is done.
 
-A row is done at EOS, at its budget (``max_tokens``, or what the context still holds), or when the output
-processor stops it (a stop string, a stop rule, a client that left: ``abort``, which takes effect at the next step
-boundary; tokens picked after the stopping one are dropped there). A row whose last token's states or attention
+A row is done at EOS, at its budget (``max_tokens``, or what the context still holds), at the first step boundary
+after its request is cancelled (a client gone, a timeout), or when the output processor stops it (a stop string, a
+stop rule: ``abort``, which takes effect at the next step boundary; tokens picked after the stopping one are dropped
+there). A row whose last token's states or attention
 are kept rides along with one more step that feeds that token, then leaves. Everything a pass gives goes to the
 output processor as it comes (``output.Processor``), which turns it into text, events and answers off this thread.
 """
@@ -11,7 +12,7 @@ output processor as it comes (``output.Processor``), which turns it into text, e
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -31,6 +32,7 @@ class Row:
     choice: Choice
     keeps_last_token: bool  # whether its last token's states or attention are kept (a pass of its own)
     edits: bool
+    gone: threading.Event | None = None  # set when its request is cancelled (a client gone, a timeout)
     generated: list[int] = attrs.field(factory=list)
     fed: int = 0  # generated tokens the model has been fed
     finish: str | None = None
@@ -91,9 +93,10 @@ class Engine:
         with self._lock:
             self._aborts.append((row, through, reason))
 
-    def join(self, rows: list[tuple[RowInput, GenerationParams]]) -> None:
-        """Prefill ``rows`` (tokenized and checked) into the running batch."""
-        for spec, params in rows:
+    def join(self, rows: list[tuple[RowInput, GenerationParams]], gone: Sequence[threading.Event | None] = ()) -> None:
+        """Prefill ``rows`` (tokenized and checked) into the running batch; ``gone[i]``: row i's request's
+        cancellation."""
+        for i, (spec, params) in enumerate(rows):
             self.rows[spec.id] = Row(
                 id=spec.id,
                 prompt=len(spec.prompt),
@@ -104,6 +107,7 @@ class Engine:
                 ),
                 keeps_last_token=keeps_last_token(spec.capture),
                 edits=bool(spec.edits),
+                gone=gone[i] if i < len(gone) else None,
             )
             if self.rows[spec.id].budget <= 0:  # nothing may be generated: max_tokens 0, or a full context
                 self.rows[spec.id].finish = "length"
@@ -117,6 +121,10 @@ class Engine:
     def step(self) -> None:
         """One decoding step: the rows that are done leave, every other row is fed its newest token."""
         self._apply_aborts()
+        for r in self.rows.values():
+            if r.finish is None and r.gone is not None and r.gone.is_set():
+                # Its request left: it stops here, not when the output processor gets to its news and aborts it.
+                r.finish = "stop"
         self._release([r for r in self.rows.values() if self._done(r)])
         if self.rows:
             self._update(self.decoder.step({r.id: r.generated[-1] for r in self.rows.values()}), prefill=False)
