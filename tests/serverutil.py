@@ -26,6 +26,8 @@ def server_env(home: Path) -> dict[str, str]:
     """The caller's environment without Loom settings, so the server runs with defaults and loads no model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}  # LOOM_LOAD_PLUGINS too: all plugins
     env.update(HOME=str(home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")  # HOME: no ~/.config/loom/config.yaml
+    # Its Hugging Face cache is its HOME's whatever the caller's environment says (HF_HOME, XDG_CACHE_HOME).
+    env["HF_HUB_CACHE"] = str(home / ".cache" / "huggingface" / "hub")
     return env
 
 
