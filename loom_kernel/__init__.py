@@ -29,7 +29,15 @@ from loom_kernel.errors import (
     load_error,
 )
 from loom_kernel.hookspecs import hookimpl
-from loom_kernel.inputs import batch_inputs, chars_per_token, check_vocabulary, fit_text, texts_or_ids, vocabulary_size
+from loom_kernel.inputs import (
+    batch_inputs,
+    chars_per_token,
+    check_edit_positions,
+    check_vocabulary,
+    fit_text,
+    texts_or_ids,
+    vocabulary_size,
+)
 from loom_kernel.types import (
     Attribution,
     Batch,
@@ -248,6 +256,7 @@ __all__ = [
     "body_limit",
     "caller",
     "chars_per_token",
+    "check_edit_positions",
     "check_generation",
     "check_site",
     "check_vocabulary",

@@ -28,6 +28,7 @@ from loom_kernel import (
     SequenceOutput,
     StateRecorder,
     Unsupported,
+    check_edit_positions,
     find_blocks,
     row_edits,
 )
@@ -130,8 +131,6 @@ def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
 def _edit(batch: Batch, mask: Any) -> Callable[[int, Any], Any]:
     """Each row's edits at the columns of its own tokens (either padding side); an edit's position outside its row
     is InvalidField (``check_edit_positions``), never an edit silently skipped."""
-    from loom_kernel.inputs import check_edit_positions
-
     check_edit_positions(batch, [[0] * int(n) for n in mask.sum(1).tolist()])
     places = []
     for row in mask.bool().cpu():
