@@ -185,7 +185,8 @@ async def test_a_failed_request_stops_the_generation_it_left_running(pm: Any, ti
     with pytest.raises(InvalidField):
         await manager.run(entry, work)
     await asyncio.to_thread(_settle, entry.worker, counted[0])
-    assert not counted[0].held and max(counted[0].steps.values()) < 200
+    # It may stop before its first step: the engine reads the request's cancellation at every boundary.
+    assert not counted[0].held and max(counted[0].steps.values(), default=0) < 200
     await manager.stop()
 
 
