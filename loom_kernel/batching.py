@@ -9,12 +9,12 @@ decoding step (``generating.Engine`` over the loader's ``Decoder``), the answers
 
 Each call gets what it would have alone: rows are padded so that padding changes nothing (the loader's contract),
 every generated row keeps its own parameters and generator, and a merged capture is a superset (the union of
-layers; every position when the specs differ) that is cut back per call.
+layers) that is cut back per call.
 
 Compatible: plain passes of the same model with texts or token ids alike, the same ``add_special_tokens`` and
-``truncate`` and the same attention mode (``Call.mode``); generations joining the same decoder (one per attention mode:
-attention weights switch the model to eager attention, a point inside attention to the loader's own), tokenized
-before they are queued and sampled by the kernel
+``truncate``, the same attention mode (``Call.mode``) and the same positions kept; generations joining the same
+decoder (one per attention mode: attention weights switch the model to eager attention, a point inside attention to
+the loader's own), tokenized before they are queued and sampled by the kernel
 row by row with their own parameters. A loader that runs whole generations gets generations of different
 parameters merged only when it honours ``Batch.row_generation`` (``LoadedModel.row_params``).
 

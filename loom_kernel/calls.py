@@ -98,9 +98,10 @@ class Call:
                 self.mode,
                 self.capture.gradient,  # a pass with gradients merges only with passes taking the same metric
                 None if same_params else params,
-                # A pass's logits are kept at its positions only: passes reading them at other positions (a /patch
-                # run's last, /logit_attribution's) or none would make one pass keep [T, vocab] per row.
-                _logit_positions(self.capture) if params is None else None,
+                # A pass keeps states, attention and logits at its positions only: merged with a pass keeping them
+                # at other positions (or none), every row would keep every position (a /patch run's last logits
+                # [T, vocab], an extract of one position [T, D] per layer), which no request's bound counted.
+                _kept_positions(self.capture) if params is None else None,
             )
         return self._key
 
@@ -130,8 +131,8 @@ def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:
         return [len(text) + 2 for text in batch.texts]
 
 
-def _logit_positions(capture: Capture) -> Any:
-    """Where a forward pass keeps its logits (hashable), None when it asks for none."""
-    if not capture.logits:
+def _kept_positions(capture: Capture) -> Any:
+    """Where a forward pass keeps per-position tensors or logits (hashable), None when it keeps neither."""
+    if not (capture.wanted or capture.logits):
         return None
     return tuple(capture.positions) if isinstance(capture.positions, list | tuple) else capture.positions

@@ -1,7 +1,8 @@
 """Merging compatible calls into one Batch and one Capture, and cutting each call's rows back out of the result.
 
-A merged capture is a superset: the union of the layers (keyed by index), every position when the specs differ,
-the most ``top_logprobs`` any asks for. Each row (and each streamed token) is cut back to what its call asked for.
+A merged capture is a superset: the union of the layers (keyed by index), every position when the specs differ
+(whole generations only: plain passes merge at the same positions, ``Call.key``), the most ``top_logprobs`` any
+asks for. Each row (and each streamed token) is cut back to what its call asked for.
 """
 
 from __future__ import annotations

@@ -242,9 +242,10 @@ def test_a_scored_run_merged_with_a_listed_capture_gets_its_last_logits(loaded, 
         torch.testing.assert_close(restrict(row, capture, merged).logits, want[at], rtol=1e-4, atol=1e-4)
 
 
-def test_passes_reading_logits_at_other_positions_never_merge(loaded):
-    """A pass keeps logits [vocab] at its positions only: merged with one reading them elsewhere (or none, keeping
-    listed states) it would keep them at every position of every row, so such calls are never merged."""
+def test_passes_keeping_tensors_at_other_positions_never_merge(loaded):
+    """A pass keeps logits [vocab], states and attention at its positions only: merged with one keeping them
+    elsewhere (or none) it would keep them at every position of every row, which neither request's bound counted,
+    so such calls are never merged; calls keeping the same positions still are."""
     from loom_kernel.calls import Call, Ticket
 
     _, m = loaded["gpt2"]
@@ -254,9 +255,29 @@ def test_passes_reading_logits_at_other_positions_never_merge(loaded):
         "attribution at 1": Capture(sites=("blocks.0.hook_resid_post",), positions=[1], logits=True),
         "attribution at 2": Capture(sites=("blocks.0.hook_resid_post",), positions=[2], logits=True),
         "extract at 1": Capture(layers=layers, positions=[1]),
+        "extract at 2": Capture(layers=layers, positions=[2]),
+        "extract of the last": Capture(layers=layers, positions="last"),
+        "extract of all": Capture(layers=layers, positions="all"),
+        "pattern at 1": Capture(layers=layers, positions=[1], states=False, attention=True),
     }
     batch = Batch(token_ids=((1, 2, 3, 4),))
-    keys = {name: Call(pm=None, model=m, batch=batch, capture=c, ticket=Ticket()).key() for name, c in captures.items()}
-    assert len(set(keys.values())) == len(keys), keys
+
+    def key(capture: Capture) -> tuple:
+        return Call(pm=None, model=m, batch=batch, capture=capture, ticket=Ticket()).key()
+
+    keys = {name: key(c) for name, c in captures.items()}
+    # Those keeping the same positions may share a pass (its logits cost a row [vocab] per kept position); attention
+    # weights run under another attention, so the pattern keeps a pass of its own.
+    together = [
+        {"scored run", "extract of the last"},
+        {"attribution at 1", "extract at 1"},
+        {"attribution at 2", "extract at 2"},
+    ]
+    for group in together:
+        assert len({keys[name] for name in group}) == 1, group
+    assert len(set(keys.values())) == len(keys) - len(together), keys
+    other_layer = Capture(layers=tuple(resolve_layers([2], m.num_layers)), positions=[1])
+    assert key(other_layer) == keys["extract at 1"]  # other layers at the same positions merge
+    assert key(Capture(positions=[3])) == key(Capture(positions="last"))  # nothing per position kept: positions moot
     again = Call(pm=None, model=m, batch=batch, capture=Capture(logits=True, positions="last"), ticket=Ticket())
     assert again.key() == keys["scored run"]  # /patch's runs still merge with each other
