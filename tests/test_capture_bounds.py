@@ -90,7 +90,9 @@ def test_capture_bytes_is_what_the_pass_returns(loaded, arch):
             "gradients": 2 * got["gradients"],
             "attentions": 0,
             "logits": got["logits"] + (final if capture.logits else 0),
+            "graph": want["graph"],  # an estimate: test_the_graph_estimate_covers_what_autograd_keeps
         }, name
+        assert (want["graph"] > 0) == (capture.gradient is not None), name
     # Texts of several lengths: the estimate (a text as a token a character, padded) is never below.
     texts = ("hello there", LONG_CLEAN)
     for name, capture in route_captures(m).items():
@@ -98,6 +100,31 @@ def test_capture_bytes_is_what_the_pass_returns(loaded, arch):
             got = held(hooks.forward_with_states(model=m, batch=Batch(texts=texts), capture=capture).rows)
             want = capture_bytes(m, Batch(texts=texts), capture)
             assert all(want[k] >= (2 if k == "states" else 1) * got[k] for k in got), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_graph_estimate_covers_what_autograd_keeps(loaded, arch):
+    """A gradient pass's graph as torch's own saved-tensor hooks count it (each storage once, the frozen weights
+    left out) is within the estimate, and the estimate at most three times it: under SDPA (per-head results read)
+    and under eager attention (patterns read, each head's [T, T] kept)."""
+    hooks, m = loaded[arch]
+    ids = tuple(m.tokenizer(LONG_CLEAN)["input_ids"])
+    batch = Batch(token_ids=(ids, ids))
+    weights = {p.untyped_storage().data_ptr() for p in m.model.parameters()}
+    for name in ("attribution pattern", "attribution result at 2"):
+        capture = route_captures(m)[name]
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = max(kept.get(storage.data_ptr(), 0), storage.nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hooks.forward_with_states(model=m, batch=batch, capture=capture)
+        got, want = sum(kept.values()), capture_bytes(m, batch, capture)["graph"]
+        assert got <= want <= 3 * got, (name, got, want)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -158,8 +185,19 @@ async def test_oversized_captures_are_a_422_naming_the_field_and_a_bound_that_pa
     texts = [f"text number {i} " * (1 + i % 5) for i in range(64)]
     dla = {"model": path, "texts": texts, "target": {"token": " the"}, "components": "heads"}
     exact = {**patch, "method": "exact", "sites": "resid_pre", "positions": list(range(40))}
+    # Attribution patching keeps a graph for its backward pass that grows with the text alone: under a bound below
+    # it the field to shrink is the text (a short one passes); with room for it, the positions.
+    async with concurrent_client(app_with(options={"interventions_max_capture_mb": 0.5})) as c:
+        r = await c.post("/patch", json=patch)
+        got = r.json()
+        assert r.status_code == 422 and got["field"] == "clean" and got["allowed"] == "a shorter text", got
+        graph, total = got["parts"]["graph"], got["estimate_bytes"]
+        assert 0 < graph < total, got
+        short = {**patch, "clean": "The cat sat", "corrupted": "The cap sat"}
+        r = await c.post("/patch", json=short)
+        assert r.status_code == 200, r.text
     for limit, route, body, field in [
-        (0.25, "/patch", patch, "positions"),
+        ((graph + (total - graph) / 2) / 2**20, "/patch", patch, "positions"),
         (0.03, "/patch", exact, "positions"),
         (0.25, "/logit_attribution", dla, "texts"),
     ]:
@@ -169,13 +207,14 @@ async def test_oversized_captures_are_a_422_naming_the_field_and_a_bound_that_pa
             got = r.json()
             assert got["field"] == field and got["title"] == "Capture too large", got
             assert got["estimate_bytes"] > got["limit_bytes"] == int(limit * 2**20), got
+            assert got["parts"]["graph"] == (graph if body is patch else 0), got
             fits = int(got["allowed"].split()[2])  # "at most N <unit> with these sites": N pass, N + 1 do not
             for n, status in ((fits, 200), (fits + 1, 422)):
                 smaller = {**body, "texts": texts[:n]} if field == "texts" else {**body, "positions": list(range(n))}
                 assert (await c.post(route, json=smaller)).status_code == status, (route, n)
     # One position of these sites is already too many: the field to shrink is the sites.
     async with concurrent_client(app_with(options={"interventions_max_capture_mb": 0.001})) as tiny:
-        r = await tiny.post("/patch", json={**patch, "positions": [0]})
+        r = await tiny.post("/patch", json={**exact, "positions": [0]})
         assert r.status_code == 422 and r.json()["field"] == "sites", r.text
         assert (await tiny.get("/health")).status_code == 200
     # 0 turns the bound off.

@@ -158,7 +158,9 @@ async def attribute(session: Session, data: AttributionRequest, max_bytes: int =
     # Only the position read is kept, and the logits there.
     capture = Capture(sites=tuple(sites), positions=[data.position], logits=True)
     field = "texts" if data.texts is not None else "text" if data.text is not None else "token_ids"
-    check_capture(model, batch, capture, max_bytes, field, len(lengths), lambda n: (_first(batch, n), capture), "texts")
+    check_capture(
+        model, batch, capture, max_bytes, field, len(lengths), lambda n: (_first(batch, n), capture), "texts", "texts"
+    )
     out = await session.forward(batch, capture)
     results = []
     for row in out.rows:

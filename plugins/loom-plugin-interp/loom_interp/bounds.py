@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import attrs
+
 from loom_kernel import Batch, Capture, InvalidField, LoadedModel, Option, vocabulary_size
 
 CAPTURE_MAX_MB = Option(
@@ -22,6 +24,14 @@ CAPTURE_MAX_MB = Option(
 # Bytes one number of a captured tensor takes, by the model's dtype (a norm's scale is float32 whatever it is).
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 HEADS = ("num_attention_heads", "n_head", "num_heads")  # the config's count of attention heads, by family
+MLP_WIDTH = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size")  # an MLP's width, by family
+# What autograd keeps for a gradient pass's backward, in numbers per token and block: the inputs of every linear,
+# norm and activation. Measured with torch's saved-tensor hooks at 11.6 d for the tiny Llama (MLP 2 d wide) and 24.5
+# d for GPT-2 (4 d): 6 d + 5 MLP covers both (tests/test_capture_bounds.py checks it against that count).
+GRAPH_PER_D, GRAPH_PER_MLP = 6, 5
+# Under eager attention the graph keeps each head's pattern [T, T] a block (measured one such tensor): twice, for
+# the masks and scores a family keeps beside it.
+GRAPH_PATTERNS = 2
 
 
 class CaptureTooLarge(InvalidField):
@@ -34,8 +44,9 @@ def capture_bytes(model: LoadedModel, batch: Batch, capture: Capture) -> dict[st
     keeps its positions (the last for "last"; those listed and the last for a list; every one otherwise) of every
     layer and site; states, gradients and attention weights count twice, since the pass's padded batch and each
     row's copy of it coexist as the pass ends; logits (float32) once, at the positions read (with ``gradient``, at
-    every position kept), with the final norm's output they are computed from. The model's own activations during
-    the pass (and a backward pass's graph) are not counted."""
+    every position kept), with the final norm's output they are computed from. With a gradient, the graph autograd
+    keeps for the backward pass (``graph``) is counted too; the model's transient activations of a plain pass are
+    not (one block's at a time)."""
     per = DTYPE_BYTES.get(model.dtype, 4)
     config = model.ref.config or {}
     heads = next((v for k in HEADS if isinstance(v := config.get(k), int) and v > 0), max(1, model.hidden_size // 64))
@@ -76,7 +87,28 @@ def capture_bytes(model: LoadedModel, batch: Batch, capture: Capture) -> dict[st
         "gradients": states if capture.gradient is not None else 0,
         "attentions": (padded + sum(own)) * len(capture.attention_layers) * heads * width * per,
         "logits": logits,
+        "graph": graph_bytes(model, capture, len(lengths), width, heads) if capture.gradient is not None else 0,
     }
+
+
+def graph_bytes(model: LoadedModel, capture: Capture, rows: int, width: int, heads: int) -> int:
+    """An upper estimate of what autograd keeps for the backward pass of ``rows`` padded to ``width`` tokens: per
+    token and block, ``GRAPH_PER_D`` numbers per stream dimension and ``GRAPH_PER_MLP`` per MLP unit a token runs
+    through (a mixture of experts': each of the experts it is routed to), and under eager attention (a point inside
+    attention read) each head's pattern."""
+    config = model.ref.config or {}
+    per = DTYPE_BYTES.get(model.dtype, 4)
+    d = model.hidden_size
+    mlp = next((v for k in MLP_WIDTH if isinstance(v := config.get(k), int) and v > 0), 4 * d)
+    routed = config.get("num_experts_per_tok")
+    if isinstance(routed, int) and routed > 0:
+        expert = config.get("moe_intermediate_size")
+        mlp = max(mlp, routed * (expert if isinstance(expert, int) and expert > 0 else mlp))
+    blocks = model.num_layers
+    graph = rows * width * blocks * (GRAPH_PER_D * d + GRAPH_PER_MLP * mlp) * per
+    if not model.attention_sites.isdisjoint(capture.sites):
+        graph += GRAPH_PATTERNS * rows * blocks * heads * width * width * per
+    return graph
 
 
 def check_capture(
@@ -88,10 +120,12 @@ def check_capture(
     count: int,
     smaller: Callable[[int], tuple[Batch, Capture]],
     unit: str,
+    text: str,
 ) -> dict[str, int]:
     """``capture_bytes``, refused (422 ``CaptureTooLarge``) over ``limit`` bytes (0: no bound), naming ``field``, of
     ``count`` ``unit``: ``smaller(n)`` is the request with n of them, and the answer's ``allowed`` the most that fit
-    (``sites`` where even one is too many)."""
+    (``sites`` where even one is too many; ``text``, the field holding the text, where even none is: a gradient's
+    graph grows with the text alone)."""
     parts = capture_bytes(model, batch, capture)
     total = sum(parts.values())
     if not limit or total <= limit:
@@ -103,7 +137,9 @@ def check_capture(
             low = mid
         else:
             high = mid - 1
-    if low < 1:
+    if low < 1 and sum(capture_bytes(model, batch, attrs.evolve(capture, layers=(), sites=())).values()) > limit:
+        field, allowed = text, "a shorter text"
+    elif low < 1:
         field, allowed = "sites", "fewer sites or components, or a shorter text"
     else:
         allowed = f"at most {low} {unit} with these sites"

@@ -187,7 +187,15 @@ async def patch(
     capture = req.capture(model)
     first = Batch(token_ids=(clean,))
     check_capture(
-        model, first, capture, max_bytes, "positions", len(positions), fewer(first, capture, positions), "positions"
+        model,
+        first,
+        capture,
+        max_bytes,
+        "positions",
+        len(positions),
+        fewer(first, capture, positions),
+        "positions",
+        "clean",
     )
     (kept,) = (await session.forward(first, capture)).rows
 
@@ -287,7 +295,15 @@ async def attribution_patch(
     graded = Capture(layers=layers, sites=names, positions=spec, logits=True, gradient=gradient)
     both = Batch(token_ids=(clean, corrupt))
     check_capture(
-        model, both, graded, max_bytes, "positions", len(positions), fewer(both, graded, positions), "positions"
+        model,
+        both,
+        graded,
+        max_bytes,
+        "positions",
+        len(positions),
+        fewer(both, graded, positions),
+        "positions",
+        "clean",
     )
     # One batch of both texts: the clean row's states come with the pass (its gradient, unused, costs little in a
     # batch; rows never interact, so the corrupted row's gradient is its own).
