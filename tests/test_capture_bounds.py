@@ -115,7 +115,7 @@ def test_the_graph_estimate_covers_what_autograd_keeps(loaded, arch):
         capture = route_captures(m)[name]
         kept: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, kept: dict[int, int] = kept) -> torch.Tensor:
             storage = t.untyped_storage()
             if storage.data_ptr() not in weights:
                 kept[storage.data_ptr()] = max(kept.get(storage.data_ptr(), 0), storage.nbytes())
