@@ -77,23 +77,32 @@ def hidden_states(hf: Any, st: Any, text: str) -> tuple[Any, ...]:
 # --- parity with sentence-transformers --------------------------------------------------------------------------
 
 
-def test_an_edit_reaches_the_embedding_as_the_same_edit_in_the_pipeline(client, st):
-    """``interventions`` on /embed and /embed/batch: the model's own pooled vector of the edited states, as a torch
-    hook on block 2's output of sentence-transformers' own model gives it (an edit a stored vector could name too);
-    the fields that answer at positions are not /embed's."""
-    v = np.random.default_rng(0).standard_normal(384).astype(np.float32)
-    edit = {"site": 3, "op": "add", "vector": v.tolist(), "scale": 2.0, "positions": [1]}
+STEER = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+EDIT = {"site": 3, "op": "add", "vector": STEER.tolist(), "scale": 2.0, "positions": [1]}
+
+
+def encode_edited(st: Any, texts: list[str]) -> Any:
+    """``EDIT`` done in-process: a torch hook adding 2 x ``STEER`` at token 1 of block 2's output (hidden-state
+    index 3) of sentence-transformers' own model, then its own ``encode``."""
 
     def add_at_1(module: Any, args: Any, out: Any) -> Any:
         h = (out if isinstance(out, torch.Tensor) else out[0]).clone()
-        h[:, 1] += 2.0 * torch.from_numpy(v)
+        h[:, 1] += 2.0 * torch.from_numpy(STEER)
         return h if isinstance(out, torch.Tensor) else (h, *out[1:])
 
     handle = st[0].auto_model.encoder.layer[2].register_forward_hook(add_at_1)
     try:
-        want = st.encode(TEXTS[:3])
+        return st.encode(texts)
     finally:
         handle.remove()
+
+
+def test_an_edit_reaches_the_embedding_as_the_same_edit_in_the_pipeline(client, st):
+    """``interventions`` on /embed and /embed/batch: the model's own pooled vector of the edited states, as a torch
+    hook on block 2's output of sentence-transformers' own model gives it (an edit a stored vector could name too);
+    the fields that answer at positions are not /embed's."""
+    edit = EDIT
+    want = encode_edited(st, TEXTS[:3])
     one = post(client, "/embed", model="minilm", text=TEXTS[1], interventions=[edit])
     assert_same_vectors(one["embedding"], want[1])
     batch = post(client, "/embed/batch", model="minilm", texts=TEXTS[:3], interventions=[edit])
@@ -421,6 +430,12 @@ def test_openai_client_embeddings_against_a_real_server(tmp_path, st):
         with pytest.raises(openai.BadRequestError) as bad:
             client.embeddings.create(model="minilm", input="")
         assert bad.value.param == "input" and "input" in bad.value.message
+        # The Loom's edits, in the client's extra_body: the embeddings of the edited states.
+        edited = client.embeddings.create(model="minilm", input=TEXTS[:3], extra_body={"interventions": [EDIT]})
+        assert_same_vectors([d.embedding for d in edited.data], encode_edited(st, TEXTS[:3]))
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.embeddings.create(model="minilm", input="a", extra_body={"interventions": [{**EDIT, "site": 9}]})
+        assert bad.value.param == "interventions[0].site", bad.value.message
         assert client.embeddings.create(model="minilm", input="still serving").data[0].embedding
     assert "Traceback" not in log.read_text()
 

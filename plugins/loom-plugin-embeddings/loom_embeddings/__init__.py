@@ -5,13 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom_embeddings.openai import EmbeddingsController
+from loom_embeddings.openai import EmbeddingsController, OpenAIEmbeddingRequest
 from loom_embeddings.routes import EMBED_REQUESTS, EmbedController
 from loom_kernel import Kernel, hookimpl
 
 
 @hookimpl
 def routes(kernel: Kernel) -> list[Any]:
-    # /embed and /embed/batch take the plugins' edits (``interventions``): the pooled vector of the edited states.
-    types = {name: kernel.request_type(base, generation=False, reads=False) for name, base in EMBED_REQUESTS.items()}
-    return [type(EmbedController.__name__, (EmbedController,), {"signature_namespace": types}), EmbeddingsController]
+    # Every embedding route takes the plugins' edits (``interventions``; an OpenAI client sends them in extra_body):
+    # the pooled vector of the edited states.
+    bases = {**EMBED_REQUESTS, "OpenAIEmbeddingRequest": OpenAIEmbeddingRequest}
+    types = {name: kernel.request_type(base, generation=False, reads=False) for name, base in bases.items()}
+    return [
+        type(controller.__name__, (controller,), {"signature_namespace": types})
+        for controller in (EmbedController, EmbeddingsController)
+    ]
