@@ -475,6 +475,23 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                         want_scores = want_scores + alibi.transpose(0, 1).double()
                     seen = scores != torch.finfo(torch.float32).min
                     close(scores[seen].numpy(), want_scores[seen].numpy(), at + "scaled q.k")
+        # The sublayers' own copies of the stream they read (TransformerLens's hook_attn_in, hook_q/k/v_input, one
+        # per head, and hook_mlp_in): the block's input, and what the MLP's side reads.
+        for i in range(n):
+            at = f"blocks.{i}."
+            for name in ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"):
+                if at + name in offered:
+                    copies = got[at + name]
+                    for head in range(copies.shape[1]):
+                        close(copies[:, head], got[at + "hook_resid_pre"], f"{at}{name} head {head}")
+            if arch in POST_LN:
+                reads = "ln1.hook_normalized"
+            else:
+                reads = "hook_resid_pre" if arch in PARALLEL else "hook_resid_mid"
+            if at + "hook_mlp_in" in offered:
+                close(got[at + "hook_mlp_in"], got[at + reads], at + "hook_mlp_in")
+            else:  # no MLP, or one norm read by both sublayers
+                assert arch == "mamba" or arch in PARALLEL, (arch, listing["unavailable"][at + "hook_mlp_in"])
         # What the blocks add: resid_pre + attn_out (+ mlp_out) is the next stream.
         for i in range(n):
             at = f"blocks.{i}."

@@ -39,6 +39,8 @@ def test_cfg_names_and_short_forms(gpt2: RemoteModel) -> None:
     assert act_name("z", 1) == "blocks.1.attn.hook_z" and act_name("embed") == "hook_embed"
     assert act_name("normalized", 0, "ln2") == "blocks.0.ln2.hook_normalized"
     assert act_name("scale") == "ln_final.hook_scale" and act_name("pattern", 2) == "blocks.2.attn.hook_pattern"
+    assert act_name("q_input", 1) == "blocks.1.hook_q_input" and act_name("mlp_in", 0) == "blocks.0.hook_mlp_in"
+    assert {act_name(name, 2) for name in ("attn_in", "k_input", "v_input")} <= set(gpt2.hook_points)
 
 
 def test_run_with_cache_is_transformers_own(gpt2: RemoteModel, reference: tuple) -> None:

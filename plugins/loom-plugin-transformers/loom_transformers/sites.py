@@ -36,6 +36,12 @@ from loom_transformers.attention import MASKED, own_attention, take_columns
 # TransformerLens's order of the points in a block.
 RANKS = {
     "hook_resid_pre": 0,
+    # TransformerLens's per-head copies of the stream attention reads (use_attn_in, use_split_qkv_input): each head's
+    # q, k and v (or only its q, k or v) are computed from its own copy, through the norm before attention.
+    "hook_attn_in": 0.2,
+    "hook_q_input": 0.4,
+    "hook_k_input": 0.6,
+    "hook_v_input": 0.8,
     "ln1.hook_scale": 1,
     "ln1.hook_normalized": 2,
     "attn.hook_q": 3,
@@ -49,6 +55,7 @@ RANKS = {
     "attn.hook_result": 11,
     "hook_attn_out": 12,
     "hook_resid_mid": 13,
+    "hook_mlp_in": 13.5,  # the MLP's own copy of the stream it reads (use_hook_mlp_in), before its norm
     "ln2.hook_scale": 14,
     "ln2.hook_normalized": 15,
     "mlp.hook_pre": 16,
@@ -72,7 +79,9 @@ class Site:
     side: str  # "in" (forward pre-hook), "out" (forward hook) or "attn" (inside the attention function)
     rank: float  # the order of the points at one torch hook
     shape: tuple[int, ...]
-    kind: str = "plain"  # plain | mid | result | scale | broadcast | rot_q | rot_k | scores | pattern
+    # plain | mid | result | scale | broadcast | rot_q | rot_k | scores | pattern | input (a per-head copy of the stream
+    # attention reads) | from_input (a projection's heads recomputed from edited copies)
+    kind: str = "plain"
     view: Callable[[Any], Any] | None = None  # the hooked tensor [B, T, ...] -> a view [B, T, *shape]
     block: Any = None  # mid: the block whose input is resid_pre
     extra: Any = None  # result: (the output projection, heads); scale: the norm's kind
@@ -274,7 +283,72 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     post_mlp = part(block, arch.post_mlp_norm)
     mlp_out = part(mlp, arch.down) if post_ln or arch.sublayers_add or module is None else post_mlp or mlp
     out["hook_mlp_out"] = site("hook_mlp_out", mlp_out, "out", (d,))
+    out["hook_mlp_in"] = _mlp_in(arch, block, module, mlp, parallel, site, d)
+    out.update(_inputs(arch, block, attn, out, site, d))
     return out
+
+
+def _mlp_in(arch: Arch, block: Any, module: Any, mlp: Any, parallel: bool, site: Callable[..., Site], d: int) -> Any:
+    """``hook_mlp_in``: the input of the module that reads the MLP's side of the stream and nothing else (its norm;
+    post-LN: its first linear; without a norm before it: the MLP itself), so that an edit there reaches the MLP only,
+    not the stream that flows past it."""
+    if arch.residual == "post_ln":
+        first = part(mlp, arch.fused_gate_up or arch.gate or arch.up) if module is None else module
+        return site("hook_mlp_in", first, "in", (d,))
+    norm = part(block, arch.ln2)
+    if norm is not None:
+        return site("hook_mlp_in", norm, "in", (d,))
+    if parallel:
+        return (
+            f"{arch.name}'s block reads one norm's output in both sublayers: the MLP has no input of its own before "
+            "it (read hook_resid_pre; ln2.hook_normalized is the MLP's view of the norm)"
+        )
+    return site("hook_mlp_in", module if module is not None else mlp, "in", (d,))
+
+
+def _inputs(arch: Arch, block: Any, attn: Any, out: dict[str, Site | str], site: Callable[..., Site], d: int) -> dict:
+    """``hook_attn_in`` and ``hook_q/k/v_input``: the stream attention reads before its norm, one copy per head
+    ([heads, d_model]; k and v per key-value head). The copies are read at the module whose input that stream is
+    (the norm before attention, else attention itself) and leave it as it is; an edited copy feeds its head's q, k or
+    v, recomputed from it by the norm and projection at the projection's output (``from_input``) before hook_q/k/v."""
+    projections = [out[f"attn.hook_{x}"] for x in "qkv"]
+    if not all(isinstance(p, Site) for p in projections):
+        why = next(p for p in projections if isinstance(p, str))
+        return {name: why for name in ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")}
+    q, k, v = projections
+    pre_norm = arch.residual != "post_ln" and arch.ln1 is not None
+    norm = part(block, arch.ln1) if pre_norm else None
+    reads = norm if norm is not None else attn
+
+    heads, kv = q.shape[0], k.shape[0]
+    mha = kv == heads  # each query head has its own key and value: hook_attn_in's copy feeds all three
+    attn_in = site("hook_attn_in", reads, "in", (heads, d), kind="input")
+    sites: dict[str, Site | str] = {}
+    made = []
+    for x, proj, count in (("q", q, heads), ("k", k, kv), ("v", v, kv)):
+        one = site(f"hook_{x}_input", reads, "in", (count, d), kind="input")
+        # The copies it is computed from, the first one edited: its own, else hook_attn_in's (which it starts from).
+        feeds = (one.name, attn_in.name) if mha else (one.name,)
+        made.append(
+            Site(
+                f"{proj.name}.from_input",
+                proj.module,
+                "out",
+                proj.rank - 0.5,
+                proj.shape,
+                "from_input",
+                proj.view,
+                extra=(norm, feeds),
+            )
+        )
+        sites[f"hook_{x}_input"] = attrs.evolve(one, extra=(made[-1:], attn_in.name if mha else None))
+    sites["hook_attn_in"] = (
+        attrs.evolve(attn_in, extra=(made, None))
+        if mha
+        else f"{arch.name}'s attention groups its {heads} query heads over {kv} key-value heads: a query head has no "
+        "key and value of its own to compute from its copy; edit hook_q_input, hook_k_input or hook_v_input"
+    )
+    return sites
 
 
 def _heads_view(count: int, d_head: int, start: int = 0) -> Callable[[Any], Any]:
@@ -459,6 +533,9 @@ class SiteHooks:
         self._edits: dict[int, list[tuple[int, Intervention]]] = {}
         self._names: dict[int, list[int | str]] = {}
         self._inputs: dict[int, Any] = {}  # each resid_mid block's input, kept by a pre-hook on the block
+        # Edited per-head copies of the stream attention reads, by point name: (copy [B, T, heads, D], the rows and
+        # heads (None: all) edits touched).
+        self._copies: dict[str, tuple[Any, list[int], set[int] | None]] = {}
         # An edited scale, by the hook of the point reading its norm's output: (the norm, old / new), applied there.
         self._ratio: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._cores: list[Any] = []
@@ -478,7 +555,11 @@ class SiteHooks:
 
         for b, row in enumerate(edits):
             for edit in row:
-                self._edits.setdefault(id(use(sites[edit.site])), []).append((b, edit))
+                site = use(sites[edit.site])
+                self._edits.setdefault(id(site), []).append((b, edit))
+                if site.kind == "input":  # the projections its edited copies feed
+                    for companion in site.extra[0]:
+                        use(companion)
         for key in record:
             self._names.setdefault(id(use(sites[key])), []).append(key)
         for key, group in hooks.items():
@@ -549,6 +630,12 @@ class SiteHooks:
             if site.kind == "result":
                 h, fresh = self._result(site, h, args[0], edits, names, fresh)
                 continue
+            if site.kind == "input":
+                self._copy(site, h, edits, names)
+                continue
+            if site.kind == "from_input":
+                h, fresh = self._from_input(site, h, fresh)
+                continue
             if site.kind == "broadcast" and h.shape[0] != len(self._layout):
                 h, fresh = h.expand(len(self._layout), *h.shape[1:]).clone(), True
             if edits and not fresh:
@@ -614,6 +701,57 @@ class SiteHooks:
         if getattr(o, "bias", None) is not None:
             out = out + o.bias
         return out.to(h.dtype), True
+
+    def _copy(self, site: Site, x: Any, edits: Any, names: Any) -> None:
+        """A per-head copy of the stream ``x`` attention reads (from hook_attn_in's edited copy where there is one),
+        edited; kept for the projections it feeds and recorded. ``x`` itself goes on unchanged."""
+        count = site.shape[0]
+        source = self._copies.get(site.extra[1]) if site.extra[1] else None
+        if edits:
+            copy = source[0].clone() if source else x.unsqueeze(-2).expand(*x.shape[:-1], count, x.shape[-1]).clone()
+            touched: set[int] | None = set() if source is None or source[2] is not None else None
+            for b, edit in edits:
+                self._edit(site, copy, b, edit)
+                if touched is not None:
+                    touched = None if edit.heads is None else touched | set(edit.heads)
+            if source is not None and touched is not None:
+                touched |= source[2] or set()
+            rows = sorted({b for b, _ in edits} | set(source[1] if source else ()))
+            self._copies[site.name] = (copy, rows, touched)
+        value = self._copies[site.name][0] if site.name in self._copies else (source[0] if source else None)
+        if value is None:
+            value = x.unsqueeze(-2).expand(*x.shape[:-1], count, x.shape[-1])
+        for key in names:
+            self._keep(key, value)
+
+    def _from_input(self, site: Site, h: Any, fresh: bool) -> tuple[Any, bool]:
+        """A projection's output ``h`` with each head an edited copy touched recomputed from that copy, through the
+        norm before attention and the projection (their ``forward``, so that no hook of this pass fires again)."""
+        norm, feeds = site.extra
+        found = next((self._copies[name] for name in feeds if name in self._copies), None)
+        if found is None:
+            return h, fresh
+        copy, rows, touched = found
+        if not fresh:
+            h, fresh = h.clone(), True
+        out = site.view(h) if site.view is not None else h
+        module = site.module
+        select = rows if len(rows) < copy.shape[0] else slice(None)
+
+        def project(x: Any) -> Any:
+            y = module.forward(norm.forward(x) if norm is not None else x)
+            return site.view(y) if site.view is not None else y
+
+        if touched is None and all(e.heads is None for _, e in self._all_edits(feeds)):
+            new = project(copy[select, :, 0])  # every head's copy is the same: one projection for all
+            out[select] = new.to(out.dtype)
+        else:
+            for head in sorted(touched) if touched is not None else range(copy.shape[2]):
+                out[select, :, head] = project(copy[select, :, head])[:, :, head].to(out.dtype)
+        return h, fresh
+
+    def _all_edits(self, names: Sequence[str]) -> list[tuple[int, Intervention]]:
+        return [pair for site_id, pairs in self._edits.items() for pair in pairs if pair[1].site in names]
 
     def _scale(self, site: Site, x: Any, edits: Any, names: Any) -> None:
         s = norm_scale(site.module, site.extra, x)
