@@ -51,7 +51,13 @@ def _count(config: dict[str, Any], *keys: str) -> int:
 
 
 def _config_params(config: dict[str, Any]) -> int:
-    """A parameter count from the usual config keys: embeddings plus ~12 H^2 per block (attention + 4x MLP)."""
+    """A parameter count from the usual config keys: embeddings plus ~12 H^2 per block (attention + 4x MLP). A
+    multimodal checkpoint (Gemma 3 4B and up, Mistral 3) describes its language model in ``text_config``: the count
+    is that language model's, which is all the transformers loader loads of such a checkpoint (its files hold the
+    vision tower too, so the estimate from them is an upper bound)."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and not _count(config, "hidden_size", "n_embd", "d_model"):
+        config = text
     hidden = _count(config, "hidden_size", "n_embd", "d_model")
     layers = _count(config, "num_hidden_layers", "n_layer", "num_layers")
     vocab = _count(config, "vocab_size")

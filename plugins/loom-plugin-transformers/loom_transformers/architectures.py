@@ -15,6 +15,8 @@ module: BERT, OPT).
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -362,6 +364,53 @@ NOT_SERVED = {
     "encoder-decoder": "is an encoder-decoder model; The Loom serves decoder-only (causal) and encoder-only models",
     "no-text": "is not a text model (no tokenizer and no token embeddings); The Loom serves text models",
 }
+
+
+@attrs.define(frozen=True)
+class Wrapper:
+    """A multimodal model_type whose checkpoints hold a vision tower beside a language model (Gemma 3 4B and up,
+    Mistral Small 3.1, LLaVA). The Loom loads the language model alone, as the causal LM its ``text_config`` names,
+    which the table's entry for that config's model_type describes: images are not part of its API, so the vision
+    tower's weights are never read (docs/decisions.md).
+
+    ``text`` is where the language model sits in the checkpoint: its base model at ``{text}.model.`` and head at
+    ``{text}.lm_head.`` (the hub's checkpoints, and transformers' own ``save_pretrained``), or its base model at
+    ``model.{text}.`` and head at ``lm_head.`` (transformers' module tree, as some tools save it)."""
+
+    name: str
+    text: str = "language_model"
+    # Attributes of the text config that the wrapper's own forward does not apply, unset so that the language model
+    # computes what the wrapper computes (Gemma3ForConditionalGeneration applies no final logit soft-capping, which
+    # Gemma3ForCausalLM would).
+    unused: tuple[str, ...] = ()
+
+    def key_mapping(self) -> dict[str, str]:
+        """transformers' ``key_mapping``: the checkpoint's names of the language model's weights to the causal LM's
+        (the vision tower's match none, and are left unread)."""
+        at = re.escape(self.text)
+        return {rf"^{at}\.model\.": "model.", rf"^model\.{at}\.": "model.", rf"^{at}\.lm_head\.": "lm_head."}
+
+
+WRAPPERS: dict[str, Wrapper] = {
+    "gemma3": Wrapper("Gemma 3 (Gemma3ForConditionalGeneration)", unused=("final_logit_softcapping",)),
+    "mistral3": Wrapper("Mistral 3 (Mistral3ForConditionalGeneration)"),
+    "llava": Wrapper("LLaVA (LlavaForConditionalGeneration)"),
+}
+
+
+def language_model(config: Any) -> tuple[Wrapper, Any] | None:
+    """For a wrapper's config: the wrapper and the config of its language model as The Loom loads it (a copy of
+    ``text_config``, tied as the wrapper ties its head); None for any other config."""
+    wrapper = WRAPPERS.get(str(getattr(config, "model_type", "")))
+    text = getattr(config, "text_config", None) if wrapper is not None else None
+    if wrapper is None or text is None:
+        return None
+    text = copy.deepcopy(text)
+    # transformers ties a model's head by its own config's flag: the wrapper's, not its text_config's.
+    text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+    for attr in wrapper.unused:
+        setattr(text, attr, None)
+    return wrapper, text
 
 
 def arch_of(config: Any) -> Arch | None:

@@ -22,7 +22,7 @@ from loom_kernel import (
     resolve_device,
     resolve_dtype,
 )
-from loom_transformers.architectures import NOT_SERVED, arch_of
+from loom_transformers.architectures import NOT_SERVED, arch_of, language_model
 from loom_transformers.attribution import attribution
 from loom_transformers.runner import TransformersRunner
 from loom_transformers.sites import attention_sites, final_width, site_shapes, unembed
@@ -104,6 +104,11 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
                     field="model",
                 ) from None
             raise
+        wrapped = language_model(config)
+        if wrapped is not None:  # a multimodal checkpoint: its language model alone, the vision tower left unread
+            wrapper, config = wrapped
+            kwargs.update(config=config, key_mapping=wrapper.key_mapping())
+            log.info("transformers loads the language model of %s (%s) alone: no vision tower", ref.id, wrapper.name)
         refuse_kind(ref, config)
         refuse_requantizing(ref, config, options)
         causal = is_causal(config)

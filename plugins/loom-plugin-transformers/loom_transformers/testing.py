@@ -307,3 +307,52 @@ def perturb(model: Any) -> None:
                 p = getattr(module, attr, None)
                 if isinstance(p, torch.nn.Parameter):
                     p.add_(std * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+# Multimodal checkpoints whose language model The Loom serves alone (``architectures.WRAPPERS``): each one's config
+# class, the tiny family of its language model, its vision tower's config class, and what its config sets besides.
+WRAPPED = {
+    # Gemma 3's 4B and larger: a local (sliding-window) block and a global one, the window shorter than the tests'
+    # texts, and a final soft-capping in the text config, which Gemma3ForConditionalGeneration does not apply.
+    "gemma3": (
+        "Gemma3Config",
+        "gemma3_text",
+        "SiglipVisionConfig",
+        {"mm_tokens_per_image": 4},
+        {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4, "final_logit_softcapping": 2.0},
+    ),
+    "mistral3": ("Mistral3Config", "mistral", "PixtralVisionConfig", {"tie_word_embeddings": False}, {}),
+    "llava": ("LlavaConfig", "llama", "CLIPVisionConfig", {"tie_word_embeddings": False}, {}),
+}
+
+
+def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> Path:
+    """Build (once) and save a tiny multimodal checkpoint of ``model_type`` (one of ``WRAPPED``): a 2-block language
+    model of the tiny family's sizes under a 2-block vision tower 32 wide (28-pixel images, 14-pixel patches), its
+    norms perturbed, saved by ``save_pretrained`` as the hub's checkpoints are (``language_model.model.*``)."""
+    import torch
+    import transformers
+
+    config_name, family, vision_name, extra, text_extra = WRAPPED[model_type]
+    out = Path(root) / (name or f"tiny-{model_type}")
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    tokenizer = train_tokenizer(family)
+    text = tiny_config(family, tokenizer).to_dict()
+    text.pop("layer_types", None)  # sized for the tiny family's 3 blocks
+    text.update(num_hidden_layers=2, **text_extra)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision.update(image_size=28, patch_size=14, **({"head_dim": 8} if vision_name == "PixtralVisionConfig" else {}))
+    vocab = len(tokenizer)  # image tokens past the text vocabulary, as no text tokenizes to them
+    tokens = {"image_token_index": vocab + 1}
+    if model_type == "gemma3":
+        tokens.update(boi_token_index=vocab + 2, eoi_token_index=vocab + 3)
+    config = getattr(transformers, config_name)(
+        text_config=text, vision_config=getattr(transformers, vision_name)(**vision).to_dict(), **tokens, **extra
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    perturb(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
