@@ -176,3 +176,30 @@ async def test_minilm_embeddings_through_sentence_transformers(client) -> None:
         assert cosines(got, want).min() > floor, (method, cosines(got, want))
         (row,) = (await client.get("/models")).json()["loaded_models"]
         assert (row["loader"], row["quantization"]) == ("sentence_transformers", method)
+
+
+async def test_a_multimodal_checkpoint_saved_quantized_serves_its_language_model_quantized(client, tmp_path) -> None:
+    """A Gemma 3 4B-style checkpoint saved 4-bit says so in the wrapper's config.json, not in its text_config: the
+    language model The Loom loads alone is quantized as the wrapper is, its states those of transformers' own load
+    of the quantized wrapper (the vision tower's weights left unread)."""
+    from loom_transformers.testing import build_tiny_wrapper
+    from transformers import AutoModelForImageTextToText
+
+    source = build_tiny_wrapper("gemma3", tmp_path)
+    saved = tmp_path / "gemma3-4bit"
+    options = LoadOptions(device="cpu", dtype="float32")
+    AutoModelForImageTextToText.from_pretrained(
+        str(source), quantization_config=bnb_config("4bit", options), device_map="cpu"
+    ).save_pretrained(saved)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(saved)
+    wrapper = AutoModelForImageTextToText.from_pretrained(str(saved), device_map="cpu").eval()
+    assert type(wrapper.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    enc = AutoTokenizer.from_pretrained(str(saved))(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = wrapper(**enc, output_hidden_states=True).hidden_states[-1][0].numpy()
+    r = await client.post(
+        "/extract", json={"model": str(saved), "text": TEXT, "positions": "all", "hidden_state_layers": [-1]}
+    )
+    assert r.status_code == 200, r.text
+    got = np.asarray(r.json()["sequence_hidden_states"]["-1"]["data"], dtype=np.float32)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

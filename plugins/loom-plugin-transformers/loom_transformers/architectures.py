@@ -410,6 +410,9 @@ def language_model(config: Any) -> tuple[Wrapper, Any] | None:
     text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
     for attr in wrapper.unused:
         setattr(text, attr, None)
+    # A quantized checkpoint says so in the wrapper's config, which is how transformers knows to load it quantized.
+    if getattr(config, "quantization_config", None) is not None:
+        text.quantization_config = config.quantization_config
     return wrapper, text
 
 
