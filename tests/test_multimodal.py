@@ -173,3 +173,18 @@ async def test_edits_on_gemma_3s_language_model_are_the_same_edits_in_the_wrappe
         close(got[str(i)], out.hidden_states[i][0], f"index {i}")
     top = torch.topk(torch.log_softmax(out.logits[0].double(), -1), 3)
     assert [[t["token_id"] for t in row] for row in lens] == top.indices.tolist()
+
+
+async def test_a_multimodal_model_outside_the_wrappers_is_refused_as_one(tmp_path):
+    """Qwen2.5-VL's language model is no causal LM of its own in transformers: its checkpoint is a 422 at load, before
+    any weight is read, saying it is multimodal and which model_types serve their language model alone."""
+    import transformers
+
+    path = tmp_path / "qwen2_5_vl"
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text.update(num_key_value_heads=2, vocab_size=512)  # tiny: the default is the 72B's, over the memory budget
+    transformers.Qwen2_5_VLConfig(text_config=text).save_pretrained(path)
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/models/load", json={"model": str(path)})
+    assert r.status_code == 422 and r.json()["field"] == "model", r.text
+    assert "is a multimodal model" in r.json()["detail"] and "gemma3, llava, mistral3" in r.json()["detail"], r.text

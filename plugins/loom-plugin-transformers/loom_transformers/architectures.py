@@ -363,6 +363,8 @@ ARCHITECTURES: dict[str, Arch] = {
 NOT_SERVED = {
     "encoder-decoder": "is an encoder-decoder model; The Loom serves decoder-only (causal) and encoder-only models",
     "no-text": "is not a text model (no tokenizer and no token embeddings); The Loom serves text models",
+    # A text_config beside other towers, of a model_type not in WRAPPERS (which follows the sentence).
+    "multimodal": "is a multimodal model; The Loom serves text models, and the language model alone of model_types",
 }
 
 

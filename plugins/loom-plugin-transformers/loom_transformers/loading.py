@@ -22,7 +22,7 @@ from loom_kernel import (
     resolve_device,
     resolve_dtype,
 )
-from loom_transformers.architectures import NOT_SERVED, arch_of, language_model
+from loom_transformers.architectures import NOT_SERVED, WRAPPERS, arch_of, language_model
 from loom_transformers.attribution import attribution
 from loom_transformers.runner import TransformersRunner
 from loom_transformers.sites import attention_sites, final_width, site_shapes, unembed
@@ -227,7 +227,9 @@ def refuse_kind(ref: ModelRef, config: Any) -> None:
     if getattr(config, "is_encoder_decoder", False):
         why = NOT_SERVED["encoder-decoder"]
     elif not isinstance(getattr(config, "vocab_size", None), int):
-        why = NOT_SERVED["no-text"]
+        # A wrapper's config is its text_config by now: a config still holding a text_config is no wrapper's.
+        multimodal = getattr(config, "text_config", None) is not None
+        why = f"{NOT_SERVED['multimodal']} {', '.join(sorted(WRAPPERS))}" if multimodal else NOT_SERVED["no-text"]
     else:
         return
     raise BadModel(f"model: {ref.id!r} (model_type {kind!r}) {why}", field="model", model_type=kind)
