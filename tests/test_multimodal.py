@@ -188,3 +188,35 @@ async def test_a_multimodal_model_outside_the_wrappers_is_refused_as_one(tmp_pat
         r = await c.post("/models/load", json={"model": str(path)})
     assert r.status_code == 422 and r.json()["field"] == "model", r.text
     assert "is a multimodal model" in r.json()["detail"] and "gemma3, llava, mistral3" in r.json()["detail"], r.text
+
+
+async def test_a_checkpoint_named_as_the_wrappers_module_tree_loads_the_same(wrapped, tmp_path):
+    """Some tools save a wrapper's weights by its module tree (``model.language_model.*``, ``lm_head.*``) rather
+    than the hub's names (``language_model.model.*``, ``language_model.lm_head.*``): the same language model loads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, net, tok = wrapped("mistral3")  # its head is its own weight, not the embedding's
+    renamed = tmp_path / "mistral3-module-names"
+    shutil.copytree(path, renamed)
+    weights = load_file(renamed / "model.safetensors")
+    names = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head."}
+    moved = {}
+    for key, tensor in weights.items():
+        old = next((o for o in names if key.startswith(o)), None)
+        moved[names[old] + key.removeprefix(old) if old else key] = tensor
+    assert "lm_head.weight" in moved and any(k.startswith("model.language_model.") for k in moved)
+    save_file(moved, renamed / "model.safetensors", metadata={"format": "pt"})
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        out = net(**enc, output_hidden_states=True)
+    body = {"model": str(renamed), "text": TEXT, "positions": "all", "hidden_state_layers": [0, 2]}
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [-1], "top_k": 3}})
+        assert r.status_code == 200, r.text
+    got = arrays(r.json(), "sequence_hidden_states")
+    for i in (0, 2):
+        close(got[str(i)], out.hidden_states[i][0], f"index {i}")
+    top = torch.topk(torch.log_softmax(out.logits[0].double(), -1), 3)
+    assert [[t["token_id"] for t in row] for row in r.json()["logit_lens"]["-1"]["top_k"]] == top.indices.tolist()
