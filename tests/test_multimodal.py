@@ -51,6 +51,8 @@ def language_model(net: Any) -> Any:
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY))
 async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_runs_it(wrapped, model_type):
+    """Every hook point of the text family's entry, hidden states, the lens and greedy tokens (alone and in a batch
+    of rows of different lengths) are the wrapper's own on text; only its language model is in memory."""
     from loom_kernel import module_bytes
     from loom_kernel.memory import estimate_bytes
     from loom_kernel.resolve import resolve_model
