@@ -114,9 +114,19 @@ async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_
             z, o = torch.from_numpy(got[at + "hook_z"]), layers[i].self_attn.o_proj.weight.detach()
             result = torch.einsum("thd,hdm->thm", z, o.T.reshape(z.shape[1], -1, o.shape[0]))
             close(got[at + "hook_result"], result, at + "hook_result")
+        # The sublayers' own copies of the stream: each head's is the block's input, the MLP's the stream between.
+        copies = {f"blocks.{i}.hook_{x}" for i in range(n) for x in ("q_input", "k_input", "v_input", "mlp_in")}
+        copies |= {f"blocks.{i}.hook_attn_in" for i in range(n)} & set(offered)
+        for name in copies:
+            at = name.rpartition(".")[0] + "."
+            if name.endswith("mlp_in"):
+                close(got[name], got[at + "hook_resid_mid"], name)
+            else:
+                for head in range(got[name].shape[1]):
+                    close(got[name][:, head], got[at + "hook_resid_pre"], f"{name} head {head}")
         # Left unchecked here: q and k after the rotary embedding (the self-check at load holds the attention they
         # feed to the model's own).
-        inside = {f"blocks.{i}.attn.hook_{x}" for i in range(n) for x in ("pattern", "attn_scores", "result")}
+        inside = copies | {f"blocks.{i}.attn.hook_{x}" for i in range(n) for x in ("pattern", "attn_scores", "result")}
         rotary = {f"blocks.{i}.attn.hook_rot_{x}" for i in range(n) for x in "qk"}
         assert set(offered) - set(points) - set(norms) - inside == rotary
         own = torch.log_softmax(out.logits[0].double(), -1)
