@@ -52,6 +52,11 @@ def choose_loader(pm: pluggy.PluginManager, ref: ModelRef, requested: str | None
                     allowed=known,
                 )
             raise InvalidField(f"loader: unknown loader {requested!r}", field="loader", allowed=known)
+        refused = [r for r in rank(pm, ref) if r.loader == requested and r.score <= 0]
+        if refused:
+            raise Unsupported(
+                f"model: the {requested} loader cannot load {ref.id!r}: {refused[0].reason}", field="model"
+            )
         return requested
     method = str((ref.quantization_config or {}).get("quant_method", ""))
     owner = install_hints(pm, "quantization").get(method) if method else None
@@ -62,9 +67,11 @@ def choose_loader(pm: pluggy.PluginManager, ref: ModelRef, requested: str | None
             field="model",
             allowed=known,
         )
-    ranking = [r for r in rank(pm, ref) if r.score > 0]
-    if not ranking:
-        raise Unsupported(f"model: no installed loader can load {ref.id!r}", field="model", allowed=known)
+    ranking = rank(pm, ref)
+    if not ranking or ranking[0].score <= 0:
+        # A loader that knows the model but refuses it scores 0 and says why.
+        why = "".join(f"; {r.loader}: {r.reason}" for r in ranking)
+        raise Unsupported(f"model: no installed loader can load {ref.id!r}{why}", field="model", allowed=known)
     return ranking[0].loader
 
 

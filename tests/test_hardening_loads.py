@@ -51,6 +51,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # The review's case: a 4M-token vocabulary claimed beside a weights file of a few hundred KB (~2 GB in float32).
     out["claims_4m_vocab"] = edited(good, root / "claims_4m_vocab", vocab_size=4_000_000, hidden_size=128)
     out["claims_exabytes"] = edited(good, root / "claims_exabytes", vocab_size=4 * 10**12)
+    # A kind of model the loader refuses is refused as such, whatever its size.
+    out["huge_encoder_decoder"] = edited(
+        good, root / "huge_encoder_decoder", vocab_size=4 * 10**12, is_encoder_decoder=True
+    )
     # 2 x 256 MiB of embeddings (input and output) that transformers allocates before it finds the weights' shapes.
     out["mismatched"] = edited(good, root / "mismatched", vocab_size=1_000_000)
     out["bad_config"] = edited(good, root / "bad_config", hidden_size="big")
@@ -122,6 +126,7 @@ def test_a_config_claiming_more_than_the_budget_is_refused_before_loading(models
         for name in ("claims_4m_vocab", "claims_exabytes"):
             problem = assert_problem(load(base, str(models[name])), 507, "memory_fraction", "MiB")
             assert problem["needed_bytes"] > problem["budget_bytes"] > 0
+        assert_problem(load(base, str(models["huge_encoder_decoder"])), 422, "encoder-decoder")
         assert rss_bytes(proc.pid) - before < 100 * MiB  # refused before transformers allocated anything
         loaded = [m["model_id"] for m in httpx.get(f"{base}/models").json()["loaded_models"]]
         assert loaded == [str(models["good"])]

@@ -33,16 +33,35 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def probe_config(config: Any) -> ProbeResult | None:
-    """Score from config.json alone; a malformed config is no reason to raise, only a lower score."""
+    """Score from config.json alone; a malformed config is no reason to raise, only a lower score. A kind of model
+    this loader refuses scores 0 with the reason, so that the server refuses it before any other check (its memory
+    budget) and names why."""
     if not isinstance(config, dict) or not config:
         return None
+    model_type = config.get("model_type")
+    if (why := refusal(config)) is not None:
+        return ProbeResult(loader="transformers", score=0.0, reason=f"model_type {model_type!r} {why}")
     archs = config.get("architectures")
     archs = [str(a) for a in archs] if isinstance(archs, list) else []
     if archs:
         return ProbeResult(loader="transformers", score=0.5, reason=f"config.json with architectures {archs}")
-    model_type = config.get("model_type")
     what = f"model_type {model_type!r}" if isinstance(model_type, str) and model_type else "no model_type"
     return ProbeResult(loader="transformers", score=0.1, reason=f"config.json without architectures ({what})")
+
+
+def refusal(config: dict[str, Any]) -> str | None:
+    """Why this loader does not serve a config.json, from its keys alone (an encoder-decoder, or a multimodal model
+    that is not a wrapper it loads the language model of); None where only transformers' reading of it can tell
+    (``refuse_kind``, at load)."""
+    if config.get("is_encoder_decoder") is True:
+        return NOT_SERVED["encoder-decoder"]
+    if (
+        "vocab_size" not in config
+        and isinstance(config.get("text_config"), dict)
+        and config.get("model_type") not in WRAPPERS
+    ):
+        return f"{NOT_SERVED['multimodal']} {', '.join(sorted(WRAPPERS))}"
+    return None
 
 
 def is_causal(config: Any) -> bool:
