@@ -38,7 +38,19 @@ LLAMA_LIKE = (
     "gemma",
     "gemma2",
     "gemma3_text",
+    "olmo",
+    "olmo3",
+    "qwen2_moe",
+    "olmoe",
+    "smollm3",
+    "exaone4",
+    "ministral",
+    "seed_oss",
+    "arcee",
+    "glm4",
 )
+# Each sublayer's output normed before its add, nothing normed before a sublayer (OLMo 2's block).
+POST_NORM = ("olmo2", "olmo3", "exaone4")
 # A family's other block, built from its tiny config with these attributes and checked as an architecture of its own:
 # Falcon's sequential block (parallel_attn false, as in Falcon-RW) has a post-attention norm and a stream between
 # its sublayers, which the default, parallel one has not.
@@ -48,9 +60,13 @@ VARIANTS = {
     # OPT-350m's block: post-LN (its norms after the adds, no final norm), and project_in / project_out between the
     # embedding width and the stream's.
     "opt_post_ln": ("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
+    # Granite with its embedding, residual and logits multipliers 1, the form the table serves (its tiny model has
+    # Granite 3's, which are refused): its attention_multiplier still scales the scores.
+    "granite_unscaled": ("granite", {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0}),
 }
 SURVEY = (
     *LLAMA_LIKE,
+    "granite_unscaled",
     "gpt2",
     "gpt_bigcode",
     "gpt_bigcode_mha",
@@ -118,7 +134,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     kv = int(getattr(cfg, "num_key_value_heads", None) or h)
     same = None  # the tensor as the hook sees it
     points: dict[str, tuple[Any, str, Any]] = {}
-    if arch in LLAMA_LIKE:
+    if arch in (*LLAMA_LIKE, "granite"):
         base = net.model
         final = base.final_layernorm if arch == "phi" else base.norm
         layers, embeds = base.layers, (base.embed_tokens, None)
@@ -157,7 +173,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
         p = {"hook_resid_pre": (layer, "in", same), "hook_resid_post": (layer, "out", same)}
         if arch == "mamba":
             p["ln1.hook_normalized"] = (layer.norm, "out", same)
-        elif arch in LLAMA_LIKE:
+        elif arch in (*LLAMA_LIKE, "granite"):
             a, m = layer.self_attn, layer.mlp
             if arch == "phi3":  # [q | k | v], as Phi3Attention slices qkv_proj's output
                 d_q, d_kv = h * a.head_dim, kv * a.head_dim
@@ -168,30 +184,37 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                     lambda t, d_q=d_q, d_kv=d_kv: heads(t[..., d_q : d_q + d_kv], kv),
                 )
                 p["attn.hook_v"] = (a.qkv_proj, "out", lambda t, d_q=d_q, d_kv=d_kv: heads(t[..., d_q + d_kv :], kv))
-            else:
+            elif getattr(cfg, "clip_qkv", None) is None:  # OLMo's clip_qkv clamps them after: not offered
                 p["attn.hook_q"] = (a.q_proj, "out", lambda t: heads(t, h))
                 p["attn.hook_k"] = (a.k_proj, "out", lambda t: heads(t, kv))
                 p["attn.hook_v"] = (a.v_proj, "out", lambda t: heads(t, kv))
             o = a.dense if arch == "phi" else a.o_proj
             p["attn.hook_z"] = (o, "in", lambda t: heads(t, h))
-            sandwich = arch in ("gemma2", "gemma3_text", "olmo2")
-            p["hook_attn_out"] = (layer.post_attention_layernorm if sandwich else a, "out", same)
-            p["hook_mlp_out"] = (layer.post_feedforward_layernorm if sandwich else m, "out", same)
-            if arch != "olmo2":
+            sandwich = arch in ("gemma2", "gemma3_text", *POST_NORM)
+            if arch == "glm4":  # its sandwich norms under other names; post_attention_layernorm is the MLP's input's
+                p["hook_attn_out"] = (layer.post_self_attn_layernorm, "out", same)
+                p["hook_mlp_out"] = (layer.post_mlp_layernorm, "out", same)
+            else:
+                p["hook_attn_out"] = (layer.post_attention_layernorm if sandwich else a, "out", same)
+                p["hook_mlp_out"] = (layer.post_feedforward_layernorm if sandwich else m, "out", same)
+            if arch not in POST_NORM:
                 p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
             if arch in ("gemma2", "gemma3_text"):
                 p["ln2.hook_normalized"] = (layer.pre_feedforward_layernorm, "out", same)
                 p["hook_resid_mid"] = (layer.pre_feedforward_layernorm, "in", same)
-            elif arch == "olmo2":
+            elif arch in POST_NORM:
                 p["hook_resid_mid"] = (m, "in", same)
             elif arch in ("cohere", "phi"):  # parallel: one norm for both sublayers
                 p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
             else:
                 p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
                 p["hook_resid_mid"] = (layer.post_attention_layernorm, "in", same)
-            if arch == "phi3":
+            if arch in ("phi3", "glm4"):  # [gate | up], as each one's MLP chunks gate_up_proj's output
                 p["mlp.hook_pre"] = (m.gate_up_proj, "out", lambda t: t.chunk(2, -1)[0])
                 p["mlp.hook_pre_linear"] = (m.gate_up_proj, "out", lambda t: t.chunk(2, -1)[1])
+                p["mlp.hook_post"] = (m.down_proj, "in", same)
+            elif arch == "arcee":  # not gated: down_proj(relu(up_proj(x)) ** 2)
+                p["mlp.hook_pre"] = (m.up_proj, "out", same)
                 p["mlp.hook_post"] = (m.down_proj, "in", same)
             elif arch == "starcoder2":
                 p["mlp.hook_pre"] = (m.c_fc, "out", same)
@@ -343,6 +366,24 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     return points, layers, embeds, final
 
 
+def not_offered(net: Any, arch: str) -> dict[str, str]:
+    """The points a block does not compute, each with a word of why: q, k and v where OLMo's attention clamps them
+    after their projections (``clip_qkv``), the rotary points of a block that rotates nothing (SmolLM3's
+    ``no_rope_layers`` 0; EXAONE 4's global layers, where it has sliding ones, as ``Exaone4Attention`` decides)."""
+    cfg = net.config
+    out: dict[str, str] = {}
+    for i in range(cfg.num_hidden_layers):
+        at = f"blocks.{i}.attn."
+        if arch in ("olmo", "olmoe") and cfg.clip_qkv is not None:
+            out |= {at + name: "clamps" for name in ("hook_q", "hook_k", "hook_v")}
+        nope = (arch == "smollm3" and not cfg.no_rope_layers[i]) or (
+            arch == "exaone4" and cfg.sliding_window is not None and cfg.layer_types[i] != "sliding_attention"
+        )
+        if nope:
+            out |= {at + name: "NoPE" for name in ("hook_rot_q", "hook_rot_k")}
+    return out
+
+
 def record(points: dict[str, tuple[Any, str, Any]]) -> tuple[dict[str, torch.Tensor], list[Any]]:
     store: dict[str, torch.Tensor] = {}
     handles = []
@@ -363,6 +404,14 @@ def record(points: dict[str, tuple[Any, str, Any]]) -> tuple[dict[str, torch.Ten
                 module.register_forward_hook(lambda m, a, o, keep=keep: keep(o[0] if isinstance(o, tuple) else o))
             )
     return store, handles
+
+
+def eps_of(norm: Any) -> float:
+    """A norm's epsilon: its attribute, or OLMo's LayerNorm's, which holds none (its forward calls F.layer_norm with
+    eps=1e-5)."""
+    if type(norm).__name__ == "OlmoLayerNorm":
+        return 1e-5
+    return next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
 
 
 def eager_patterns(net: Any, enc: Any) -> list[torch.Tensor]:
@@ -429,6 +478,8 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
         assert set(points) <= set(offered), sorted(set(points) - set(offered))
         for name in points:
             close(got[name], store[name], name)
+        for name, why in not_offered(net, arch).items():
+            assert why in listing["unavailable"][name], (name, listing["unavailable"].get(name))
         # The points computed from others: each head's result through its share of W_O, and the final scale.
         for i in range(n):
             at = f"blocks.{i}."
@@ -446,8 +497,7 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
         for name, norm in norms.items():
             x = norm_inputs[name].float()
             centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(norm).__name__.lower() else x
-            eps = next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
-            close(got[name], (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt(), name)
+            close(got[name], (centred.pow(2).mean(-1, keepdim=True) + eps_of(norm)).sqrt(), name)
         # Inside attention: the pattern is transformers' own eager attention weights, the scores its logits.
         if arch != "mamba":  # GPT-Neo's from its own ``_attn``, the others' from transformers' attention function
             for i, pattern in enumerate(eager_patterns(net, enc)):
@@ -886,6 +936,33 @@ async def test_a_bloom_adding_the_residual_after_its_norms_is_served_outside_the
         for name in ("hook_embed", "blocks.1.hook_resid_mid", "blocks.0.attn.hook_pattern"):
             r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
             assert r.status_code == 422 and flag in r.json()["detail"], r.text
+
+
+async def test_a_granite_with_its_multipliers_is_served_outside_the_table(built):
+    """Granite 3 multiplies its embeddings before block 0, each sublayer's output before its add and divides its
+    logits, none of it a module's output: hook_embed, hook_attn_out, hook_mlp_out and the lens would not be what
+    TransformerLens's names say, so such a model serves its indices (held to output_hidden_states) and generation,
+    and each hook point is refused naming the multipliers."""
+    path = built("granite")
+    net, tok = load(path, "granite")
+    assert net.config.residual_multiplier != 1 and net.config.embedding_multiplier != 1
+    n = net.config.num_hidden_layers
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all"}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        for i in range(n + 1):
+            close(got[str(i)], want[i][0], f"index {i}")
+        for name in ("hook_embed", "blocks.0.hook_attn_out", "blocks.1.mlp.hook_post"):
+            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
+            assert r.status_code == 422 and "residual_multiplier" in r.json()["detail"], r.text
+        g = await c.post("/generate", json={"model": path, "prompt": TEXT, "max_tokens": 5, "temperature": 0})
+        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
 
 
 async def test_models_outside_the_table_are_refused_by_name(built, tmp_path):

@@ -61,6 +61,12 @@ class Arch:
     core: str = ""  # the module in ``attn`` that calls transformers' attention function ("": ``attn`` itself)
     o: str = "o_proj"  # the output projection, in ``attn``
     rotary: bool = True  # rotary position embeddings: q and k have a before (hook_q) and an after (hook_rot_q)
+    # Whether block i rotates its queries and keys, where some blocks do not (NoPE: SmolLM3's no_rope_layers, EXAONE
+    # 4's global layers): such a block offers no hook_rot_q / hook_rot_k. None: every block does.
+    rope_in: Callable[[Any, int], bool] | None = None
+    # A config attribute that, set, clamps q, k and v in place after their projections (OLMo's clip_qkv): the
+    # projections' outputs, which hook_q / hook_k / hook_v would read, are then not what attention reads.
+    clip_qkv: str = ""
     # "" where attention runs through transformers' attention functions, where the points inside it are read; else
     # the model's own attention code, which ``attention.own_attention`` wraps to read its scores and pattern there:
     # "gpt_neo" (its module's ``_attn``), "bloom" (its module's ``forward``, ALiBi and all), "mpnet" (its
@@ -107,6 +113,38 @@ GEMMA = attrs.evolve(
     post_mlp_norm="post_feedforward_layernorm",
 )
 MOE = attrs.evolve(LLAMA, name="Mixtral", gate=None, up=None, down="")
+OLMO2 = attrs.evolve(
+    LLAMA,
+    name="OLMo 2",
+    ln1=None,
+    ln2=None,
+    post_attn_norm="post_attention_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
+)
+
+
+def _smollm3_rope(config: Any, i: int) -> bool:
+    return bool(config.no_rope_layers[i])  # 1: the block rotates q and k; 0: NoPE
+
+
+def _exaone4_rope(config: Any, i: int) -> bool:
+    # Exaone4Attention rotates unless the model has sliding layers and this block is a global one.
+    return config.sliding_window is None or config.layer_types[i] == "sliding_attention"
+
+
+def _granite(config: Any) -> str | None:
+    scaled = [
+        f"{name} {getattr(config, name)}"
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+        if float(getattr(config, name, 1.0)) != 1.0
+    ]
+    if scaled:
+        return (
+            f"it scales what no module outputs ({', '.join(scaled)}): the embeddings entering block 0, each "
+            "sublayer's output before its add and the logits, so hook_embed, hook_attn_out, hook_mlp_out and the "
+            "lens would not keep TransformerLens's meaning"
+        )
+    return None
 
 
 def _bloom(config: Any) -> str | None:
@@ -198,13 +236,28 @@ ARCHITECTURES: dict[str, Arch] = {
         LLAMA, name="StableLM", norm="layer", parallel_flag="use_parallel_residual"
     ),  # its parallel form shares input_layernorm's output
     "starcoder2": attrs.evolve(LLAMA, name="Starcoder2", norm="layer", gate=None, up="c_fc", down="c_proj"),
-    "olmo2": attrs.evolve(
+    "olmo2": OLMO2,
+    "olmo3": attrs.evolve(OLMO2, name="OLMo 3"),  # OLMo 2's block; sliding-window layers are masks only
+    # LayerNorm without weight or bias; clip_qkv clamps q, k and v after their projections.
+    "olmo": attrs.evolve(LLAMA, name="OLMo", norm="layer", clip_qkv="clip_qkv"),
+    "olmoe": attrs.evolve(MOE, name="OLMoE", clip_qkv="clip_qkv"),
+    # Experts plus a shared expert behind a sigmoid gate; blocks listed in mlp_only_layers have a gated MLP.
+    "qwen2_moe": attrs.evolve(MOE, name="Qwen2-MoE"),
+    # Llama's block with multipliers; served only where they are 1 (attention_multiplier is the scores' scaling).
+    "granite": attrs.evolve(LLAMA, name="Granite", refuse=_granite),
+    "smollm3": attrs.evolve(LLAMA, name="SmolLM3", rope_in=_smollm3_rope),
+    "exaone4": attrs.evolve(OLMO2, name="EXAONE 4", rope_in=_exaone4_rope),
+    "ministral": attrs.evolve(LLAMA, name="Ministral"),
+    "seed_oss": attrs.evolve(LLAMA, name="Seed-OSS"),
+    "arcee": attrs.evolve(LLAMA, name="Arcee", gate=None),  # an MLP not gated (ReLU squared)
+    "glm4": attrs.evolve(  # sandwich norms, [gate | up] fused
         LLAMA,
-        name="OLMo 2",
-        ln1=None,
-        ln2=None,
-        post_attn_norm="post_attention_layernorm",
-        post_mlp_norm="post_feedforward_layernorm",
+        name="GLM-4",
+        post_attn_norm="post_self_attn_layernorm",
+        post_mlp_norm="post_mlp_layernorm",
+        gate=None,
+        up=None,
+        fused_gate_up="gate_up_proj",
     ),
     "cohere": attrs.evolve(
         LLAMA, name="Cohere", norm="layer", residual="parallel", ln2=None, logit_scale="logit_scale"

@@ -236,7 +236,7 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     parallel = arch.parallel(config)
     attn = part(block, arch.attn)
     heads, d_head = heads_of(config, d)
-    out.update(_attention(net, arch, attn, site, heads, d_head))
+    out.update(_attention(net, arch, attn, site, heads, d_head, i))
     o = part(attn, arch.o)
     post_ln = arch.residual == "post_ln"
     # What attention adds to the stream: its output projection's output where its module's output is more (BERT's
@@ -362,7 +362,7 @@ def _interleaved(count: int, d_head: int, j: int, parts: int = 3) -> Callable[[A
     return lambda t: t.unflatten(-1, (count, parts, d_head))[..., j, :]
 
 
-def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads: int, d_head: int) -> dict:
+def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads: int, d_head: int, i: int) -> dict:
     config = net.config
     out: dict[str, Site | str] = {}
     if arch.qkv is not None:
@@ -381,8 +381,19 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
             qkv = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
             for name, count, view in zip(qkv, (heads, kv, kv), views, strict=True):
                 out[name] = site(name, fused, "out", (count, d_head), view=view)
+    clip = getattr(config, arch.clip_qkv, None) if arch.clip_qkv else None
+    if clip is not None:
+        for name in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+            out[name] = (
+                f"{arch.name} clamps q, k and v to +-{clip} ({arch.clip_qkv}) in place after their projections, so a "
+                "projection's output is not what attention reads; hook_rot_q and hook_rot_k are the clamped q and k "
+                "after rotary embeddings"
+            )
     core = part(attn, arch.core) if arch.core else attn
-    if arch.rotary and not getattr(config, "alibi", False):
+    if arch.rotary and arch.rope_in is not None and not arch.rope_in(config, i):
+        why = f"{arch.name}'s block {i} has no rotary embeddings (NoPE): nothing rotates its queries and keys"
+        out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
+    elif arch.rotary and not getattr(config, "alibi", False):
         out["attn.hook_rot_q"] = site("attn.hook_rot_q", core, "attn", (heads, d_head), kind="rot_q")
         out["attn.hook_rot_k"] = site("attn.hook_rot_k", core, "attn", (kv, d_head), kind="rot_k")
     else:
@@ -837,11 +848,18 @@ def _rescaled(norm: Any, y: Any, ratio: Any) -> Any:
     return torch.where(ratio == 1, y, new.to(y.dtype))
 
 
+# The epsilon of norms that hold none, fixed in their forward (OLMo's LayerNorm without parameters calls
+# F.layer_norm with eps=1e-5); the self-check at load holds the scale to the norm's output, so a change shows.
+FIXED_EPS = {"OlmoLayerNorm": 1e-5}
+
+
 def norm_eps(norm: Any) -> float:
     for attr in ("eps", "variance_epsilon", "epsilon"):
         value = getattr(norm, attr, None)
         if isinstance(value, float | int):
             return float(value)
+    if type(norm).__name__ in FIXED_EPS:
+        return FIXED_EPS[type(norm).__name__]
     raise ValueError(f"{type(norm).__name__} names no epsilon")
 
 

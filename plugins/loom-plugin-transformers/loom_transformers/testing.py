@@ -39,6 +39,17 @@ MORE_ARCHITECTURES = (
     "xlm-roberta",
     "distilbert",
     "mpnet",
+    "olmo",
+    "olmo3",
+    "qwen2_moe",
+    "olmoe",
+    "granite",
+    "smollm3",
+    "exaone4",
+    "ministral",
+    "seed_oss",
+    "arcee",
+    "glm4",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
@@ -66,6 +77,47 @@ GQA_FAMILIES = {
     "olmo2": "Olmo2Config",
     "cohere": "CohereConfig",
     "phi": "PhiConfig",
+    "olmo": "OlmoConfig",
+    "olmo3": "Olmo3Config",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "olmoe": "OlmoeConfig",
+    "granite": "GraniteConfig",
+    "smollm3": "SmolLM3Config",
+    "exaone4": "Exaone4Config",
+    "ministral": "MinistralConfig",
+    "seed_oss": "SeedOssConfig",
+    "arcee": "ArceeConfig",
+    "glm4": "Glm4Config",
+}
+# What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
+# model's test input (about 10 tokens) shows it.
+SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
+FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
+    "olmo": {"clip_qkv": 0.1},  # below the tiny model's largest q, k and v, so that the clamp clips
+    "olmo3": {"sliding_window": 4, "layer_types": SLIDING},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],  # block 1 dense
+    },
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    # Granite 3's multipliers (granite-3.0-2b's embedding, residual and logits ones; its attention_multiplier is its
+    # head's 1 / d_head, here the tiny model's).
+    "granite": {
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "logits_scaling": 8.0,
+        "attention_multiplier": 0.0625,
+    },
+    "smollm3": {"no_rope_layers": [1, 0, 1]},  # block 1 NoPE
+    "exaone4": {"sliding_window": 4, "layer_types": SLIDING},  # block 1 global: NoPE
+    "ministral": {"sliding_window": 4, "layer_types": SLIDING},
+    "seed_oss": {"attention_out_bias": True},
+    "arcee": {},
+    "glm4": {},
 }
 
 CORPUS = [
@@ -237,7 +289,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             **common,
         )
     else:
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(FAMILY_EXTRAS.get(arch, {}))
         if arch in ("qwen3_moe", "mixtral"):
             extra = {"num_experts_per_tok": 2, "num_local_experts" if arch == "mixtral" else "num_experts": 4}
             if arch == "qwen3_moe":  # block 1 dense, as mlp_only_layers makes it
@@ -260,8 +312,10 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             **extra,
             **common,
         )
-    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
-        cfg.head_dim = 16  # a default of 128 or 256 would make a tiny model's attention far wider than its stream
+    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe", "seed_oss", "glm4", "ministral"):
+        # A default of 128 or 256 would make a tiny model's attention far wider than its stream; Ministral's default,
+        # None, is one its attention cannot compute with.
+        cfg.head_dim = 16
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
