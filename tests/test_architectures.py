@@ -48,6 +48,7 @@ LLAMA_LIKE = (
     "seed_oss",
     "arcee",
     "glm4",
+    "gpt_oss",
 )
 # Each sublayer's output normed before its add, nothing normed before a sublayer (OLMo 2's block).
 POST_NORM = ("olmo2", "olmo3", "exaone4")
@@ -406,6 +407,16 @@ def record(points: dict[str, tuple[Any, str, Any]]) -> tuple[dict[str, torch.Ten
     return store, handles
 
 
+def with_sinks(scores: torch.Tensor, layer: Any) -> torch.Tensor:
+    """The softmax of a block's scores [T, heads, keys], and, where its attention has sinks (GPT-OSS's eager
+    attention: one logit per head appended to each row, its column dropped after the softmax), theirs too."""
+    sinks = getattr(getattr(layer, "self_attn", None), "sinks", None)
+    if sinks is None:
+        return torch.softmax(scores, -1)
+    column = sinks.detach().double().reshape(1, -1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]
+
+
 def eps_of(norm: Any) -> float:
     """A norm's epsilon: its attribute, or OLMo's LayerNorm's, which holds none (its forward calls F.layer_norm with
     eps=1e-5)."""
@@ -508,7 +519,7 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                     later = torch.ones(scores.shape[0], scores.shape[2], dtype=torch.bool).triu(1)
                     assert bool((scores.transpose(0, 1)[:, later] == torch.finfo(torch.float32).min).all())
                     assert float(torch.from_numpy(got[at + "hook_pattern"]).transpose(0, 1)[:, later].abs().max()) == 0
-                close(torch.softmax(scores, -1).float().numpy(), got[at + "hook_pattern"], at + "hook_attn_scores")
+                close(with_sinks(scores, layers[i]).float().numpy(), got[at + "hook_pattern"], at + "hook_attn_scores")
                 if arch == "gpt_neo":  # unscaled q.k where a key is seen (local layers: within the window)
                     q, k = (torch.from_numpy(got[f"blocks.{i}.attn.hook_{x}"]).double() for x in "qk")
                     seen = scores != torch.finfo(torch.float32).min

@@ -26,7 +26,19 @@ ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential", "gpt_neo", 
 # Llama's block with one thing of its own each (OLMo's clamped q/k/v and LayerNorm without parameters, post-norm and
 # sliding windows, experts, NoPE blocks, sandwich norms and a fused gate): the edits of ``SHORT`` that each one's
 # blocks have (the survey in test_architectures.py checks all their points), so that each costs a second or two.
-FAMILIES = ("olmo", "olmo3", "qwen2_moe", "olmoe", "smollm3", "exaone4", "ministral", "seed_oss", "arcee", "glm4")
+FAMILIES = (
+    "olmo",
+    "olmo3",
+    "qwen2_moe",
+    "olmoe",
+    "smollm3",
+    "exaone4",
+    "ministral",
+    "seed_oss",
+    "arcee",
+    "glm4",
+    "gpt_oss",
+)
 SHORT = (
     "blocks.1.attn.hook_rot_q",  # absent in a NoPE block (SmolLM3's and EXAONE 4's block 1)
     "blocks.0.attn.hook_rot_k",
@@ -115,7 +127,7 @@ def reference_attention(
     if attention_mask is not None:
         masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
         scores = (scores + attention_mask).masked_fill(masked, torch.finfo(torch.float32).min)
-    pattern = edited_inside(ref, tokens, query, key, scores, masked)
+    pattern = edited_inside(ref, tokens, query, key, scores, masked, kwargs.get("s_aux"))
     out = torch.matmul(pattern.to(values.dtype), values)
     return out.transpose(1, 2).contiguous(), pattern
 
@@ -178,15 +190,23 @@ def reference_bloom_forward(
     return residual + torch.nn.functional.dropout(output, module.hidden_dropout, module.training), pattern
 
 
-def edited_inside(ref: Any, tokens: list[int], query: Any, key: Any, scores: Any, masked: Any) -> Any:
-    """The pattern of ``scores`` with the test's edits at the scores and the pattern, each kind recorded."""
+def edited_inside(
+    ref: Any, tokens: list[int], query: Any, key: Any, scores: Any, masked: Any, sinks: Any = None
+) -> Any:
+    """The pattern of ``scores`` with the test's edits at the scores and the pattern, each kind recorded; with
+    ``sinks`` (GPT-OSS's eager attention), the softmax over the scores and each head's sink logit, the sink's column
+    dropped."""
     for kind, item in ref["edits"] if ref else ():
         if kind == "scores":
             scores = scores.clone()
             edit_view(scores.transpose(1, 2), item, tokens, ref["prompt"])
             if masked is not None:
                 scores = scores.masked_fill(masked, torch.finfo(torch.float32).min)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is None:
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    else:
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).float()
+        pattern = torch.softmax(torch.cat([scores.float(), sink], -1), dim=-1)[..., :-1]
     for kind, item in ref["edits"] if ref else ():
         if kind == "pattern":
             pattern = pattern.clone()

@@ -248,6 +248,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "smollm3": attrs.evolve(LLAMA, name="SmolLM3", rope_in=_smollm3_rope),
     "exaone4": attrs.evolve(OLMO2, name="EXAONE 4", rope_in=_exaone4_rope),
     "ministral": attrs.evolve(LLAMA, name="Ministral"),
+    # Experts as Mixtral's; a sink logit per head in each softmax (the pattern's rows sum to less than 1); sliding
+    # windows.
+    "gpt_oss": attrs.evolve(MOE, name="GPT-OSS"),
     "seed_oss": attrs.evolve(LLAMA, name="Seed-OSS"),
     "arcee": attrs.evolve(LLAMA, name="Arcee", gate=None),  # an MLP not gated (ReLU squared)
     "glm4": attrs.evolve(  # sandwich norms, [gate | up] fused

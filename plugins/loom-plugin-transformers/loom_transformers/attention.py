@@ -83,7 +83,8 @@ def loom_attention(
 ) -> tuple[Any, Any]:
     """Eager attention that fires the pass's points inside it: q and k after rotary embeddings ([B, heads, T, d_head]
     and [B, kv heads, keys, d_head]), the scores (scaled, soft-capped where the model does, masked with the most
-    negative float) and the pattern (their softmax in float32, 0 where masked)."""
+    negative float) and the pattern (their softmax in float32, 0 where masked; with GPT-OSS's sinks, ``s_aux``, the
+    softmax over the keys and the head's sink, whose column is left out)."""
     import torch
 
     hooks, sites = getattr(module, "_loom_sites", (None, ()))
@@ -98,17 +99,18 @@ def loom_attention(
     scores = torch.matmul(query.float(), keys.float().transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    pattern = masked_pattern(module, scores, attention_mask).to(values.dtype)
+    pattern = masked_pattern(module, scores, attention_mask, sinks=kwargs.get("s_aux")).to(values.dtype)
     if dropout and module.training:
         pattern = torch.nn.functional.dropout(pattern, p=dropout)
     out = torch.matmul(pattern, values)
     return out.transpose(1, 2).contiguous(), pattern
 
 
-def masked_pattern(module: Any, scores: Any, attention_mask: Any, visible: Any = None) -> Any:
+def masked_pattern(module: Any, scores: Any, attention_mask: Any, visible: Any = None, sinks: Any = None) -> Any:
     """The pattern (float32) of ``scores`` [B, heads, T, keys]: masked where ``visible`` or the attention mask hides a
     key (the most negative float there), through the pass's scores points (an edit never unmasks a key), their
-    softmax through its pattern points."""
+    softmax through its pattern points. ``sinks`` [heads]: a logit per head that takes a share of each row's softmax
+    and attends to nothing (GPT-OSS): the pattern is the keys' share, so its rows sum to less than 1."""
     import torch
 
     hooks, sites = getattr(module, "_loom_sites", (None, ()))
@@ -124,7 +126,11 @@ def masked_pattern(module: Any, scores: Any, attention_mask: Any, visible: Any =
         scores = scores.masked_fill(~visible, MASKED)
     if hooks is not None:
         scores = hooks.inside(sites, "scores", scores, visible=visible)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is None:
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    else:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        pattern = torch.softmax(torch.cat([scores.float(), sink], dim=-1), dim=-1)[..., :-1]
     return hooks.inside(sites, "pattern", pattern) if hooks is not None else pattern
 
 

@@ -50,6 +50,7 @@ MORE_ARCHITECTURES = (
     "seed_oss",
     "arcee",
     "glm4",
+    "gpt_oss",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
@@ -88,6 +89,7 @@ GQA_FAMILIES = {
     "seed_oss": "SeedOssConfig",
     "arcee": "ArceeConfig",
     "glm4": "Glm4Config",
+    "gpt_oss": "GptOssConfig",
 }
 # What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
 # model's test input (about 10 tokens) shows it.
@@ -118,6 +120,7 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "seed_oss": {"attention_out_bias": True},
     "arcee": {},
     "glm4": {},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4, "layer_types": SLIDING},
 }
 
 CORPUS = [
@@ -312,7 +315,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             **extra,
             **common,
         )
-    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe", "seed_oss", "glm4", "ministral"):
+    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe", "seed_oss", "glm4", "ministral", "gpt_oss"):
         # A default of 128 or 256 would make a tiny model's attention far wider than its stream; Ministral's default,
         # None, is one its attention cannot compute with.
         cfg.head_dim = 16
