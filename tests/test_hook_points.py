@@ -40,8 +40,7 @@ FAMILIES = (
     "gpt_oss",
 )
 SHORT = (
-    "blocks.1.attn.hook_rot_q",  # absent in a NoPE block (SmolLM3's and EXAONE 4's block 1)
-    "blocks.0.attn.hook_rot_k",
+    "blocks.0.attn.hook_rot_k",  # block 0 rotates in each (SmolLM3's and EXAONE 4's block 1 is NoPE)
     "blocks.0.attn.hook_pattern",
     "blocks.1.mlp.hook_post",  # absent in a sparse block (OLMoE's)
     "blocks.1.ln1.hook_scale",  # absent where nothing norms a sublayer's input (OLMo 3, EXAONE 4)
