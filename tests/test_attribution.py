@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from loom_client import decode
-from test_architectures import load, reference_points
+from test_architectures import eps_of, load, reference_points
 from test_models import app_with, concurrent_client
 
 ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "bloom")
@@ -28,14 +28,13 @@ def built(tiny_root: Any) -> Any:
 def frozen(norm: Any, x: torch.Tensor, gemma: bool) -> Any:
     """``norm`` at input ``x`` [d] as a linear map: its scale fixed at x's (TransformerLens's apply_ln_to_stack)."""
     layer = "layernorm" in type(norm).__name__.lower()
-    eps = next(float(getattr(norm, e)) for e in ("eps", "variance_epsilon") if hasattr(norm, e))
-    w = norm.weight.double() + (1 if gemma else 0)
+    w = norm.weight.double() + (1 if gemma else 0) if getattr(norm, "weight", None) is not None else 1.0  # OLMo's: none
     centre = (lambda v: v - v.mean(-1, keepdim=True)) if layer else (lambda v: v)
-    s = (centre(x).pow(2).mean() + eps).sqrt()
+    s = (centre(x).pow(2).mean() + eps_of(norm)).sqrt()
     return lambda v: centre(v) / s * w
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, "olmo"))  # OLMo: a final LayerNorm without weight or bias
 async def test_direct_logit_attribution_is_the_decomposition_through_the_models_own_weights(built, arch):
     path = built(arch)
     net, tok = load(path, arch)

@@ -70,8 +70,7 @@ class Attribution:
     def _frozen(self, norm: Any, x: Any) -> Any:
         """The norm as a linear map at input ``x`` [P, d]: its scale (and, for a LayerNorm, the centring) fixed; its
         bias, a constant, is left out (the post-norms of the table have none)."""
-        weight = norm.weight.detach().double().cpu()
-        weight = 1 + weight if self.arch.norm == "rms1p" else weight
+        weight = self._weight(norm)
         centred = x - x.mean(-1, keepdim=True) if self.arch.norm == "layer" else x
         scale = (centred.pow(2).mean(-1, keepdim=True) + norm_eps(norm)).sqrt()
 
@@ -81,6 +80,15 @@ class Attribution:
             return v / s * weight
 
         return apply
+
+    def _weight(self, norm: Any) -> Any:
+        """What a norm multiplies its normalized input by: its weight (Gemma's 1 + w), or 1 where it has none (OLMo's
+        LayerNorm without parameters)."""
+        weight = getattr(norm, "weight", None)
+        if weight is None:
+            return 1.0
+        weight = weight.detach().double().cpu()
+        return 1 + weight if self.arch.norm == "rms1p" else weight
 
     def logit_map(self, states: dict[str, Any], tokens: Sequence[int]) -> tuple[Any, Any]:
         """(directions [P, k, d], constants [P, k]) in float64: the final norm frozen at ``ln_final.hook_scale``."""
@@ -92,8 +100,7 @@ class Attribution:
         ids = torch.tensor(list(tokens))
         scale_logits = logit_scale(self.model)
         unembed = head.weight.detach()[ids.to(head.weight.device)].double().cpu() * scale_logits  # [k, d]
-        weight = norm.weight.detach().double().cpu()
-        weight = 1 + weight if self.arch.norm == "rms1p" else weight
+        weight = self._weight(norm)
         scale = states["ln_final.hook_scale"].double()  # [P, 1]
         directions = (unembed * weight).unsqueeze(0) / scale.unsqueeze(-1)  # [P, k, d]
         if self.arch.norm == "layer":  # (x - mean x) . u = x . (u - mean u)
