@@ -849,6 +849,25 @@ async def test_a_model_whose_sites_do_not_add_up_is_refused_naming_the_site(buil
         assert "self-check" in body["detail"] and "the stream the MLP's side reads" in body["detail"]
 
 
+async def test_a_model_whose_attention_the_loom_computes_otherwise_is_refused_at_load(built, monkeypatch):
+    """The self-check at load compares The Loom's eager attention, which every pass reading a point inside attention
+    runs under, with the model's own: an attention function that drops GPT-OSS's sinks (what a model passing its
+    attention something new would meet) is a 422 naming the attention, not a served model."""
+    from loom_transformers.attention import LOOM, loom_attention, register
+    from transformers import AttentionInterface
+
+    def without_sinks(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("s_aux", None)
+        return loom_attention(*args, **kwargs)
+
+    register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, LOOM, without_sinks)
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/extract", json={"model": built("gpt_oss"), "text": TEXT})
+        assert r.status_code == 422, r.text
+        assert r.json()["site"] == "attention" and "the model's own attention" in r.json()["detail"], r.json()
+
+
 def save_config(root: Path, name: str, config: dict[str, Any]) -> str:
     out = root / name
     out.mkdir(parents=True, exist_ok=True)

@@ -70,12 +70,15 @@ def check(model: LoadedModel) -> None:
             own = torch.log_softmax(out.logits[0].double().cpu(), -1)
             _close(model, "the logit lens", lens, own, "the model's own log-softmax", atol=1e-3)
         if any(s.side == "attn" for s in sites.values() if isinstance(s, Site)):
+            # The pass above recorded points inside attention, so it ran under The Loom's attention too: the model's
+            # own is a pass recording nothing, under the attention implementation it was loaded with.
+            _, alone = _run(model, ids, [])
             with eager_attention(net, LOOM, "model"):
                 _, ours = _run(model, ids, [])
-            if hasattr(out, "logits"):
-                ours_t, own_t = ours.logits[0], out.logits[0]
+            if hasattr(alone, "logits"):
+                ours_t, own_t = ours.logits[0], alone.logits[0]
             else:
-                ours_t, own_t = ours.last_hidden_state[0], out.last_hidden_state[0]
+                ours_t, own_t = ours.last_hidden_state[0], alone.last_hidden_state[0]
             _close(model, "attention", ours_t.float().cpu(), own_t.float().cpu(), "the model's own attention")
 
 
