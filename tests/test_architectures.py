@@ -22,6 +22,20 @@ import torch
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
+# The families added with their own short edit lists in test_hook_points.py.
+FAMILIES = (
+    "olmo",
+    "olmo3",
+    "qwen2_moe",
+    "olmoe",
+    "smollm3",
+    "exaone4",
+    "ministral",
+    "seed_oss",
+    "arcee",
+    "glm4",
+    "gpt_oss",
+)
 LLAMA_LIKE = (
     "llama",
     "mistral",
@@ -38,17 +52,7 @@ LLAMA_LIKE = (
     "gemma",
     "gemma2",
     "gemma3_text",
-    "olmo",
-    "olmo3",
-    "qwen2_moe",
-    "olmoe",
-    "smollm3",
-    "exaone4",
-    "ministral",
-    "seed_oss",
-    "arcee",
-    "glm4",
-    "gpt_oss",
+    *FAMILIES,
 )
 # Each sublayer's output normed before its add, nothing normed before a sublayer (OLMo 2's block).
 POST_NORM = ("olmo2", "olmo3", "exaone4")

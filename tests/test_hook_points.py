@@ -17,7 +17,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_architectures import VARIANTS, build, close, eps_of, heads, load, not_offered, record, reference_points
+from test_architectures import (
+    FAMILIES,
+    VARIANTS,
+    build,
+    close,
+    eps_of,
+    heads,
+    load,
+    not_offered,
+    record,
+    reference_points,
+)
 from test_batching import arrays
 from test_interventions import reference_apply
 from test_models import app_with, concurrent_client
@@ -26,19 +37,6 @@ ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential", "gpt_neo", 
 # Llama's block with one thing of its own each (OLMo's clamped q/k/v and LayerNorm without parameters, post-norm and
 # sliding windows, experts, NoPE blocks, sandwich norms and a fused gate): the edits of ``SHORT`` that each one's
 # blocks have (the survey in test_architectures.py checks all their points), so that each costs a second or two.
-FAMILIES = (
-    "olmo",
-    "olmo3",
-    "qwen2_moe",
-    "olmoe",
-    "smollm3",
-    "exaone4",
-    "ministral",
-    "seed_oss",
-    "arcee",
-    "glm4",
-    "gpt_oss",
-)
 SHORT = (
     "blocks.0.attn.hook_rot_k",  # block 0 rotates in each (SmolLM3's and EXAONE 4's block 1 is NoPE)
     "blocks.0.attn.hook_pattern",
