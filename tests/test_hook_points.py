@@ -496,7 +496,12 @@ def in_block(net: Any, arch: str, site: str) -> bool:
     return site.replace("hook_result", "hook_z").replace("hook_scale", "hook_normalized") in points
 
 
-@pytest.mark.parametrize("arch", (*ARCHS, *FAMILIES))
+# Ministral's and Seed-OSS's blocks are Llama's, Arcee's Llama's with Starcoder 2's ungated MLP: the survey checks
+# their points, and their edits would repeat those of ARCHS.
+EDITED_FAMILIES = tuple(f for f in FAMILIES if f not in ("ministral", "seed_oss", "arcee"))
+
+
+@pytest.mark.parametrize("arch", (*ARCHS, *EDITED_FAMILIES))
 async def test_an_edit_at_each_new_point_matches_the_same_edit_in_process(built, arch):
     """The edited site's own value and the last layer within 1e-5, and 10 greedy tokens identical."""
     path = built(arch)
