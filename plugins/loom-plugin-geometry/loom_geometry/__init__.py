@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from loom_geometry.analyze import AnalyzeController
-from loom_kernel import hookimpl
+from loom_geometry.analyze import CAPTURE_MAX_MB, AnalyzeController
+from loom_kernel import Option, hookimpl
 
 
 @hookimpl
 def routes() -> list[Any]:
     return [AnalyzeController]
+
+
+@hookimpl
+def options() -> list[Option]:
+    return [CAPTURE_MAX_MB]

@@ -186,3 +186,35 @@ async def test_analyze_in_bfloat16_and_bad_fields(tiny_models):
         bad = await c.post("/analyze", json={"model": model, "texts": ["fine", long]})
         assert bad.status_code == 422 and bad.json()["field"] == "texts" and bad.json()["row"] == 1, bad.text
         assert bad.json()["detail"].startswith("texts[1]: ")
+
+
+async def test_analyze_keeping_more_than_max_capture_mb_is_a_422_before_any_pass(tiny_models):
+    """Every layer at every token of 256 texts of a long context is tens of GB on a real model: what /analyze keeps is
+    estimated before the pass and refused over geometry.max_capture_mb, naming texts and how many of them fit (which
+    then pass); rows "last" keeps one position a text, and passes."""
+    from litestar.testing import AsyncTestClient
+    from test_models import app_with
+
+    model = str(tiny_models["llama"])
+    texts = [f"text number {i} " * 4 for i in range(8)]
+    async with AsyncTestClient(app=app_with(options={"geometry_max_capture_mb": 0.25})) as c:
+        await c.post("/models/load", json={"model": model})
+
+        async def passes() -> int:
+            listed = (await c.get("/models")).json()["loaded_models"]
+            return next(m["batches"] for m in listed if m["model_id"] == model)
+
+        before = await passes()
+        body = {"model": model, "texts": texts, "hidden_state_layers": "all", "rows": "tokens"}
+        r = await c.post("/analyze", json=body)
+        assert r.status_code == 422, r.text
+        problem = r.json()
+        assert problem["title"] == "Capture too large" and problem["field"] == "texts", problem
+        assert problem["estimate_bytes"] > problem["limit_bytes"] == 2**18
+        assert await passes() == before  # refused before any pass
+        fit = int(problem["allowed"].split()[2])
+        assert 1 <= fit < len(texts), problem
+        r = await c.post("/analyze", json={**body, "texts": texts[:fit]})
+        assert r.status_code == 200, r.text
+        r = await c.post("/analyze", json={**body, "rows": "last"})
+        assert r.status_code == 200, r.text
