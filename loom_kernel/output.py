@@ -167,7 +167,7 @@ class Processor:
         if finished:  # once, at the end: what a piece still held (an incomplete character) is the text's too
             state.text = self._text(state)
         out = ""
-        safe = state.text if finished else streamable(state.text, spec.stops)
+        safe = state.text if finished else streamable(state.text, spec.stops, len(state.emitted))
         if len(safe) > len(state.emitted):
             out, state.emitted = safe[len(state.emitted) :], safe
         extras: dict[str, Any] = {}
@@ -324,17 +324,27 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     return text[: min(hits)] if hits else text
 
 
-def streamable(text: str, stops: tuple[str, ...]) -> str:
+def streamable(text: str, stops: tuple[str, ...], start: int = 0) -> str:
     """The part of ``text`` safe to stream now. Held back: a trailing incomplete UTF-8 character (U+FFFD until its
     last byte arrives) and a suffix that may be the start of a stop string (it must never reach the client if the
-    stop completes)."""
+    stop completes). ``start``: how much of it is streamed already; no held suffix starts before it (text that was
+    no stop's start then never becomes one), so a token costs what its own piece and the held tail cost, not the
+    whole text times a stop's length. Only the lengths whose last character is the text's are compared."""
     end = len(text)
-    while end and text[end - 1] == "\ufffd":
+    while end > start and text[end - 1] == "\ufffd":
         end -= 1
+    if end <= start:
+        return text[:end]
+    last = text[end - 1]
     hold = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, end), hold, -1):
-            if text[end - k : end] == stop[:k]:
-                hold = k
+        k = min(len(stop) - 1, end - start)
+        while k > hold:  # the longest prefix of ``stop`` longer than ``hold`` that the text ends with
+            j = stop.rfind(last, hold, k)
+            if j < 0:
                 break
+            if text.endswith(stop[: j + 1], 0, end):
+                hold = j + 1
+                break
+            k = j
     return text[: end - hold]

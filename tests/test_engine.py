@@ -79,6 +79,43 @@ def test_stop_strings_and_what_a_stream_may_show():
     assert stop_hit("one. two", 5, (". t", "two")) == 3 and stop_hit("one. tw", 5, ("two",)) is None
 
 
+def test_what_a_stream_may_show_costs_its_new_text_not_the_text_times_a_stop():
+    """A stop string may be as long as a body holds (16 of 600 KB each): what a stream may show is worked out after
+    every token, and compared every length of every stop with the text's tail, which for a 4096-token generation was
+    minutes of the output thread, shared by the model's requests. Now only what is not streamed yet can be held back
+    (the answer is the same: text streamed was no stop's start, so it never becomes one), and only the lengths ending
+    in the text's last character are compared; the answer is the longest suffix that starts a stop, by brute force."""
+    import random
+
+    def reference(text: str, stops: tuple[str, ...]) -> str:
+        end = len(text.rstrip("\ufffd"))
+        hold = max((k for s in stops for k in range(1, len(s)) if k <= end and text[:end].endswith(s[:k])), default=0)
+        return text[: end - hold]
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab\ufffd") for _ in range(rng.randrange(0, 12)))
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randrange(1, 6))) for _ in range(rng.randrange(3)))
+        want = reference(text, stops)
+        assert streamable(text, stops) == want, (text, stops)
+        for start in range(len(want) + 1):  # whatever a stream showed before is part of what it may show now
+            assert streamable(text, stops, start) == want, (text, stops, start)
+
+    class Counted(str):
+        cuts = 0
+
+        def __getitem__(self, key: object) -> str:
+            Counted.cuts += 1
+            return str.__getitem__(self, key)  # type: ignore[index]
+
+    text = "The function returns the value of x. " * 400  # 14,800 characters generated so far
+    stops = tuple(Counted("Z" * 600_000 + str(i)) for i in range(16))
+    shown = streamable(text, stops, len(text) - 9)  # the newest token's piece is not streamed yet
+    assert shown == text and Counted.cuts == 0
+    stops = tuple(Counted("a " * 300_000) for _ in range(16))  # a space ends the text: candidates, but few unshown
+    assert streamable(text, stops, len(text) - 9) == text and Counted.cuts <= 16 * 5
+
+
 def test_a_whole_generation_equals_transformers_generate(tiny_models):
     """The engine and the output processor, here and now, on the transformers loader's decoder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
