@@ -726,3 +726,21 @@ async def test_a_text_cut_by_characters_is_reported_truncated(tiny_models):
         assert r.status_code == 200 and r.json()["truncated"], r.text
         r = await c.post("/embed", json={"model": path, "text": "hello world"})
         assert r.status_code == 200 and not r.json()["truncated"], r.text
+
+
+async def test_a_fit_or_contrast_names_a_text_too_long_by_its_place_in_the_request(tiny_models):
+    """Texts are sent to the model in calls of 32: text 40 too long for the context is ``texts[40]`` (a contrast's
+    ``negative[k]``), not the loader's ``text`` at row 8 of its call."""
+    path = str(tiny_models["gpt2"])
+    async with concurrent_client(app_with()) as c:
+        context = (await c.post("/models/load", json={"model": path})).json()["model"]["max_context"]
+        long = " ".join(f"w{i}" for i in range(context))  # more tokens than the context, within the characters
+        texts = [f"text number {i}" for i in range(48)]
+        texts[40] = long
+        labels = ["y", "n"] * 24
+        r = await c.post("/probes/fit", json={"model": path, "name": "p", "site": 1, "texts": texts, "labels": labels})
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "texts[40]" and r.json()["detail"].startswith("texts[40]: "), r.text
+        body = {"model": path, "site": 1, "positive": texts[:8], "negative": texts[8:]}
+        r = await c.post("/vectors/contrast", json=body)
+        assert r.status_code == 422 and r.json()["field"] == "negative[32]", r.text

@@ -19,9 +19,8 @@ from loom_interp.interventions import read_vector
 from loom_interp.readouts import check_probe, typed_meta
 from loom_interp.state import interp
 from loom_interp.stores import PROBES_MAX_MB, Stored, stored
-from loom_interp.vectors import vector_site
+from loom_interp.vectors import text_states, vector_site
 from loom_kernel import (
-    Batch,
     InsufficientStorage,
     InvalidField,
     Manager,
@@ -39,7 +38,6 @@ SAFETENSORS_TYPES = ("application/vnd.loom.safetensors", "application/octet-stre
 SAE_ROLES = ("W_enc", "b_enc", "b_dec", "threshold", "W_dec")
 MAX_FIT_TEXTS = 4096
 MAX_FIT_CLASSES = 256
-FIT_BATCH = 32
 # What a safetensors file's tensors may hold: numbers the store keeps as float32 (a BOOL or int tensor is no SAE,
 # and would grow 4 to 8 times as float32).
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -205,22 +203,19 @@ def fit_classes(data: FitRequest) -> tuple[list[str], list[int], int]:
 
 
 async def fit(session: Session, data: FitRequest, req: StateRequest, manager: Any) -> dict[str, Any]:
-    """States of every text at the site (through the scheduler, ``FIT_BATCH`` texts a call), then the fit, in a
+    """States of every text at the site (``text_states``: through the scheduler, in calls), then the fit, in a
     worker process (``fitting``): stopped past ``probes.fit_seconds``, or when the client leaves."""
-    import asyncio
 
     classes, y, folds = fit_classes(data)
     model = session.model
     site = vector_site(data.site, model)
     capture = attrs.evolve(req, layers=[site]).capture(model)
-    chunks = [data.texts[i : i + FIT_BATCH] for i in range(0, len(data.texts), FIT_BATCH)]
-    outputs = await asyncio.gather(*(session.forward(Batch(texts=tuple(c)), capture) for c in chunks))
-    key = str(site)
+    each = await text_states(session, tuple(data.texts), capture, str(site), lambda i: f"texts[{i}]")
 
     def states() -> Any:
         import numpy as np
 
-        x = np.stack([r.states[key].double().mean(0).numpy() for out in outputs for r in out.rows])
+        x = each.numpy()
         broken = np.flatnonzero(~np.isfinite(x).all(axis=1))
         if broken.size:  # scikit-learn refuses NaN and infinity; say which text gave them
             i = int(broken[0])

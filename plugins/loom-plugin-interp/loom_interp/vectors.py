@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import attrs
@@ -17,6 +18,7 @@ from loom_interp.state import interp
 from loom_interp.stores import stored
 from loom_kernel import (
     Batch,
+    Capture,
     InvalidField,
     LoadedModel,
     Manager,
@@ -69,22 +71,45 @@ def vector_site(site: Any, model: LoadedModel) -> int | str:
     return where
 
 
+async def text_states(
+    session: Session, texts: tuple[str, ...], capture: Capture, key: str, names: Callable[[int], str]
+) -> Any:
+    """Each text's state at ``key`` as a float64 row (the mean of the positions ``capture`` keeps), [len(texts), d].
+
+    In calls of ``CHUNK`` texts, one batch past max_batch_size otherwise; each call's states (every token's, for a
+    mean) are reduced to its rows as soon as it returns, so that only the passes in flight hold [tokens, d] states,
+    not every text's at once (4096 texts of an 8K context at once are hundreds of GB). A text the loader refuses is
+    named by ``names(i)``, its place in the request (``texts[40]``), not by its row in its call."""
+    import torch
+
+    async def chunk(start: int) -> Any:
+        try:
+            out = await session.forward(Batch(texts=texts[start : start + CHUNK]), capture)
+        except InvalidField as exc:  # the loader names a row's "text": the request's field is names(its index)
+            if exc.field != "text":
+                raise
+            name = names(start + int(exc.extra.get("row", 0)))
+            detail = exc.detail.split(": ", 1)[-1]
+            raise InvalidField(f"{name}: {detail}", field=name, allowed=exc.allowed) from None
+        return await session.thread(lambda: torch.stack([r.states[key].double().mean(0) for r in out.rows]))
+
+    return torch.cat(await asyncio.gather(*(chunk(i) for i in range(0, len(texts), CHUNK))))
+
+
 async def contrast(session: Session, data: ContrastRequest, req: StateRequest) -> dict[str, Any]:
-    """Every text's state at the site in one batched pass; the difference of the two sets' means."""
+    """Every text's state at the site (``text_states``); the difference of the two sets' means."""
     model = session.model
     site = vector_site(data.site, model)
     texts = (*data.positive, *data.negative)
     capture = attrs.evolve(req, layers=[site]).capture(model)
-    # In chunks, as a fit's texts are: one call of hundreds of rows would be a batch past max_batch_size.
-    chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
-    outputs = await asyncio.gather(*(session.forward(Batch(texts=chunk), capture) for chunk in chunks))
-    rows = [row for out in outputs for row in out.rows]
+    n = len(data.positive)
+
+    def names(i: int) -> str:
+        return f"positive[{i}]" if i < n else f"negative[{i - n}]"
+
+    each = await text_states(session, texts, capture, str(site), names)
 
     def answer() -> dict[str, Any]:
-        import torch
-
-        key = str(site)
-        each = torch.stack([r.states[key].double().mean(0) for r in rows])
         pos, neg = each[: len(data.positive)], each[len(data.positive) :]
         vector = pos.mean(0) - neg.mean(0)
         norm = float(vector.norm())
