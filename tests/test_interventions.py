@@ -410,6 +410,10 @@ async def test_streams_and_batches_carry_the_same_edits(paths):
         ({"site": "blocks.0.attn.hook_z", "op": "zero", "heads": [4]}, "interventions[0].heads", "0 to 3"),
         ({"site": 1, "op": "zero", "heads": [0]}, "interventions[0].heads", None),
         ({"site": 1, "op": "zero", "positions": "most"}, "interventions[0].positions", "all"),
+        ({"site": 1, "op": "scale"}, "interventions[0].scale", "finite"),  # it would do nothing
+        ({"site": 1, "op": "scale", "scale": 1e300}, "interventions[0].scale", "3.402823e+38"),  # inf in float32
+        ({"site": 1, "op": "set", "vector": [0.0] * 64, "scale": 2.0}, "interventions[0].scale", None),  # ignored
+        ({"site": 1, "op": "zero", "scale": 0.5}, "interventions[0].scale", None),
         ({"site": 1, "op": "ablate", "vector": [[1.0] * 64, [2.0] * 64]}, "interventions[0].vector", "[64]"),
         (
             {

@@ -27,7 +27,7 @@ class InterventionSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     op: str
     feature: FeatureRef | None = None
     vector: list[Any] | dict[str, Any] | str | None = None
-    scale: float = 1.0
+    scale: float | None = None  # add: 1.0; scale: required; the other ops take none
     positions: str | list[int] = "all"
     heads: list[int] | None = None
 

@@ -16,6 +16,8 @@ KEYS = -1  # the last dimension of a keyed site's shape (attn.hook_attn_scores, 
 KEYED_OPS = ("scale", "zero")
 EDIT_POSITIONS = ("all", "prompt", "generated")
 WIRE_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+SCALED_OPS = ("add", "scale")  # the ops that read ``scale``: add (h + scale * v), scale (scale * h)
+FLOAT32_MAX = 3.4028234663852886e38  # an edit runs in float32: a larger scale is infinity there, as a vector's is
 
 
 def resolve_interventions(
@@ -44,8 +46,7 @@ def _one(spec: Any, model: LoadedModel, lookup: Any, features: Any, at: str) -> 
     site, shape = check_site(site_spec, model, f"{at}.site")
     if spec.op not in OPS:
         raise InvalidField(f"{at}.op: unknown op {echo(spec.op)}", field=f"{at}.op", allowed=list(OPS))
-    if not math.isfinite(spec.scale):
-        raise InvalidField(f"{at}.scale: must be a finite number", field=f"{at}.scale", allowed="a finite number")
+    scale = _scale(spec.op, spec.scale, f"{at}.scale")
     if shape and shape[-1] == KEYS and spec.op not in KEYED_OPS:
         raise InvalidField(
             f"{at}.op: {site} holds one value per key position, and a query's keys grow with the sequence: "
@@ -70,7 +71,27 @@ def _one(spec: Any, model: LoadedModel, lookup: Any, features: Any, at: str) -> 
             field=f"{at}.vector",
             allowed="no vector for scale and zero",
         )
-    return Intervention(site=site, op=spec.op, vector=vector, scale=float(spec.scale), positions=positions, heads=heads)
+    return Intervention(site=site, op=spec.op, vector=vector, scale=scale, positions=positions, heads=heads)
+
+
+def _scale(op: str, scale: float | None, field: str) -> float:
+    """The edit's scale: 1.0 for add unless given; required for scale (without it the edit would do nothing); refused
+    for set, ablate and zero, which do not read it (it would be accepted and ignored); finite in float32."""
+    if scale is None:
+        if op == "scale":
+            raise InvalidField(f"{field}: op 'scale' needs a scale", field=field, allowed="a finite number")
+        return 1.0
+    if op not in SCALED_OPS:
+        raise InvalidField(
+            f"{field}: op {echo(op)} takes no scale (only add and scale read it)", field=field, allowed=None
+        )
+    if not (math.isfinite(scale) and abs(scale) <= FLOAT32_MAX):
+        raise InvalidField(
+            f"{field}: {scale!r} is not a finite float32 number (edits run in float32)",
+            field=field,
+            allowed=f"a number from {-FLOAT32_MAX:.7g} to {FLOAT32_MAX:.7g}",
+        )
+    return float(scale)
 
 
 def _positions(spec: Any, context: int | None, field: str) -> PositionSpec:
