@@ -270,6 +270,22 @@ async def test_the_estimate_is_never_below_the_answer(tiny_models):
         ("/generate", {"prompt": "hello", "max_tokens": 8, "return_logits": True, "logprobs": True, "top_logprobs": 5}),
         ("/generate/batch", {"prompts": ["a", "bb", "ccc"], "max_tokens": 6, "return_hidden_states": True}),
         ("/v1/completions", {"prompt": "hello", "max_tokens": 6, "return_hidden_states": True}),
+        # A list writes float16 and bfloat16 numbers with nine significant digits too (their exact decimal forms);
+        # token ids, unlike a text, are counted exactly.
+        *[
+            (
+                "/v1/completions",
+                {
+                    "prompt": list(range(3, 103)),
+                    "max_tokens": 1,
+                    "return_hidden_states": True,
+                    "hidden_state_layers": "all",
+                    "positions": "all",
+                    "hidden_state_dtype": dtype,
+                },
+            )
+            for dtype in ("float16", "bfloat16")
+        ],
     ]
     async with AsyncTestClient(app=app, timeout=120) as c:
         for path, body in requests:
@@ -280,6 +296,15 @@ async def test_the_estimate_is_never_below_the_answer(tiny_models):
             refused = await c.post(path, json={"model": llama, **body})
             invalid = 400 if path.startswith("/v1/") else 422  # OpenAI's status on /v1
             assert refused.status_code == invalid and refused.json()["estimate_bytes"] >= len(r.content), (path, body)
+        weights = f"/models/{llama}/weights"  # an absolute path keeps its slash: /models//tmp/...
+        for dtype in ("float32", "float16", "bfloat16"):
+            app.state.settings.max_response_mb = 256.0
+            query = f"?names=model.embed_tokens.weight&format=list&dtype={dtype}"
+            r = await c.get(weights + query)
+            assert r.status_code == 200, r.text
+            app.state.settings.max_response_mb = (len(r.content) - 1) / 2**20
+            refused = await c.get(weights + query)
+            assert refused.status_code == 422 and refused.json()["estimate_bytes"] >= len(r.content), dtype
 
 
 def test_a_huge_text_is_cut_before_tokenizing(tiny_models, tmp_path):

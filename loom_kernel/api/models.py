@@ -12,7 +12,7 @@ from litestar.params import FromPath, JSONBody
 from loom_kernel.admission import Session
 from loom_kernel.api.deps import Manager
 from loom_kernel.api.inference import respond
-from loom_kernel.api.payloads import AnswerTooLarge
+from loom_kernel.api.payloads import NUMBER_BYTES, AnswerTooLarge
 from loom_kernel.api.schemas import LoadRequest
 from loom_kernel.api.streaming import client_gone
 from loom_kernel.api.system import path_model_id
@@ -116,9 +116,9 @@ def weights_answer(model: Any, model_id: str, query: dict[str, str], limit: int)
             allowed="the names GET /models/{id}/weights lists",
         )
     per = 2 if dtype in ("float16", "bfloat16") else 4
-    total = sum(math.prod(listing[n][0]) * per for n in names)
-    fmt = check_format(query.get("format") or ("safetensors" if total > 2**20 else "base64"), "format")
-    estimate = total * (5 if fmt == "list" else 4 / 3 if fmt == "base64" else 1)
+    numbers = sum(math.prod(listing[n][0]) for n in names)
+    fmt = check_format(query.get("format") or ("safetensors" if numbers * per > 2**20 else "base64"), "format")
+    estimate = numbers * NUMBER_BYTES[fmt][dtype]
     if estimate > limit:
         raise AnswerTooLarge(
             f"names: the answer would be about {estimate / 2**20:.1f} MiB, over this server's max_response_mb of "

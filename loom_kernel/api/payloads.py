@@ -28,8 +28,11 @@ from loom_kernel.inputs import tokenize_rows
 from loom_kernel.types import Batch, Capture, GenerationParams, LayerSel, LoadedModel, Reading, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
+# A list writes every dtype's numbers alike: a large tensor with nine significant digits (``encoding.json_floats``),
+# where a float16 or bfloat16 value's exact decimal form fills them as often as a float32's (-1.31835938e-2); a small
+# one through Python's float repr, up to 17 (-2.0639133283775946e-33, 24 bytes with its comma).
 NUMBER_BYTES = {
-    "list": {"float32": 20.0, "float16": 14.0, "bfloat16": 12.0},
+    "list": {"float32": 24.0, "float16": 24.0, "bfloat16": 24.0},
     "base64": {"float32": 16 / 3, "float16": 8 / 3, "bfloat16": 8 / 3},
     "safetensors": {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0},
 }
