@@ -90,6 +90,8 @@ _LAZY = {
     **dict.fromkeys(("asked_fields", "checked_params", "reading_fields", "state_request"), "loom_kernel.api.inference"),
     **dict.fromkeys(
         (
+            "NUMBER_BYTES",
+            "AnswerTooLarge",
             "StateRequest",
             "check_generation",
             "generate_choices",
@@ -140,6 +142,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from loom_kernel.api.deps import KernelDep, Manager, Plugins
     from loom_kernel.api.inference import asked_fields, checked_params, reading_fields, state_request
     from loom_kernel.api.payloads import (
+        NUMBER_BYTES,
+        AnswerTooLarge,
         StateRequest,
         check_generation,
         generate_choices,
@@ -186,8 +190,10 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
 
 __all__ = [
     "MAX_N",
+    "NUMBER_BYTES",
     "POOLING_STRATEGIES",
     "SAFETENSORS_MEDIA_TYPE",
+    "AnswerTooLarge",
     "Attribution",
     "BadModel",
     "BadRequest",

@@ -458,3 +458,31 @@ def test_v1_embeddings_of_token_ids_equal_those_of_the_texts(client, st):
         assert r.json()["error"]["param"] == where and str(vocab) in r.json()["detail"]
     mixed = client.post("/v1/embeddings", json={"model": "minilm", "input": ["a text", [101, 102]]})
     assert mixed.status_code == 400 and mixed.json()["field"] == "input"
+
+
+def test_an_answer_over_max_response_mb_is_a_422_before_any_pass(client):
+    """Pooling "none" answers every token of every text: 256 texts of the MiniLM's 256 tokens were a 340 MiB answer,
+    served whatever max_response_mb said (an 8K-context embedding model's, hundreds of GB). Estimated before the pass
+    like every answer; measured, it is refused once the budget is just below its size, on /v1/embeddings too."""
+    app = client.app
+    texts = [f"sentence number {i} is here" for i in range(6)]
+    requests = [
+        ("/embed", {"text": texts[0], "pooling": "none"}, "text"),
+        ("/embed/batch", {"texts": texts, "pooling": "none"}, "texts"),
+        ("/embed/batch", {"texts": texts}, "texts"),
+        ("/v1/embeddings", {"input": texts}, "input"),
+    ]
+    try:
+        for url, body, field in requests:
+            app.state.settings.max_response_mb = 256.0
+            r = client.post(url, json={"model": "minilm", **body})
+            assert r.status_code == 200, r.text
+            app.state.settings.max_response_mb = (len(r.content) - 1) / 2**20
+            batches = next(m["batches"] for m in client.get("/models").json()["loaded_models"])
+            refused = client.post(url, json={"model": "minilm", **body})
+            assert refused.status_code == (400 if url.startswith("/v1/") else 422), refused.text
+            problem = refused.json()
+            assert problem["field"] == field and problem["estimate_bytes"] >= len(r.content), (url, problem)
+            assert next(m["batches"] for m in client.get("/models").json()["loaded_models"]) == batches  # no pass
+    finally:
+        app.state.settings.max_response_mb = 256.0

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import pluggy
 
-from loom_kernel import POOLING_STRATEGIES as STRATEGIES
 from loom_kernel import (
+    NUMBER_BYTES,
+    AnswerTooLarge,
     Batch,
     Capture,
     Intervention,
@@ -43,6 +44,7 @@ from loom_kernel import (
     resolve_layers,
     vocabulary_size,
 )
+from loom_kernel import POOLING_STRATEGIES as STRATEGIES
 
 if TYPE_CHECKING:
     from loom_kernel import Session
@@ -82,6 +84,7 @@ class EmbedSpec:
     dimensions: int | None = None
     field: str = "text"
     listed: bool = False  # the texts came as a list (errors name "texts[3]"), not as one string
+    max_answer_bytes: int = 0  # the server's max_response_mb (0: no bound)
 
 
 @attrs.define
@@ -205,6 +208,7 @@ async def embed(
         batch = Batch(texts=tuple(texts), truncate=spec.truncate)  # type: ignore[arg-type]
     if edits:
         batch = attrs.evolve(batch, interventions=(tuple(edits),) * batch.size)
+    check_answer(model, batch, layer, strategy, spec)
     try:
         # Pooling runs on the model's thread right after the pass: a few small tensor operations, cheaper there
         # than a request thread's wake-up while the next pass runs.
@@ -213,6 +217,37 @@ async def embed(
         )
     except InvalidField as exc:
         raise renamed(exc, spec) from None
+
+
+ROW_BYTES = 256  # a row's token count, truncated flag, shape and brackets besides its numbers
+
+
+def check_answer(model: LoadedModel, batch: Batch, layer: LayerSel, strategy: str, spec: EmbedSpec) -> None:
+    """The answer's size estimated before any work, an AnswerTooLarge (422) over ``spec.max_answer_bytes``: a vector
+    and its norm a text, or for pooling "none" one a token (a text counts as one token per character plus two, at
+    most the model's context), each number as a JSON list writes it."""
+    if not spec.max_answer_bytes:
+        return
+    if batch.token_ids is not None:
+        lengths = [len(ids) for ids in batch.token_ids]
+    else:
+        lengths = [len(t) + 2 for t in batch.texts]
+    if model.max_context:
+        lengths = [min(n, model.max_context) for n in lengths]
+    width = model.final_width if layer.index == model.num_layers and model.final_width else model.hidden_size
+    width = min(width, spec.dimensions) if spec.dimensions else width
+    rows = sum(lengths) if strategy == "none" else len(lengths)
+    total = int(rows * (width + 1) * NUMBER_BYTES["list"]["float32"]) + len(lengths) * ROW_BYTES
+    if total > spec.max_answer_bytes:
+        limit = spec.max_answer_bytes
+        raise AnswerTooLarge(
+            f"{spec.field}: the answer would be about {total / 2**20:.1f} MiB, over this server's max_response_mb of "
+            f"{limit / 2**20:g}; send fewer or shorter texts"
+            + (', or pool them (pooling "none" answers every token)' if strategy == "none" else ""),
+            field=spec.field,
+            estimate_bytes=total,
+            limit_bytes=limit,
+        )
 
 
 def _pooled(

@@ -48,7 +48,7 @@ class EmbedFields(ModelRequest, kw_only=True):
     truncate: bool = True
     dimensions: Dimensions | None = None
 
-    def spec(self, field: str, listed: bool) -> EmbedSpec:
+    def spec(self, field: str, listed: bool, max_answer_bytes: int = 0) -> EmbedSpec:
         return EmbedSpec(
             pooling=self.pooling,
             normalize=self.normalize,
@@ -57,6 +57,7 @@ class EmbedFields(ModelRequest, kw_only=True):
             dimensions=self.dimensions,
             field=field,
             listed=listed,
+            max_answer_bytes=max_answer_bytes,
         )
 
 
@@ -93,7 +94,7 @@ async def embed_texts(
     """Check, load (if needed) and embed (one forward call, merged with other requests' on the model's thread):
     (vectors, metadata)."""
     await check_pooling(pm, data.pooling)
-    spec = data.spec(field, listed)
+    spec = data.spec(field, listed, int(manager.settings.max_response_mb * 2**20))
     entry = await manager.get_for(data)
     start = time.perf_counter()
     edits = ()
