@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from loom_kernel import LoomError
@@ -68,6 +70,29 @@ def remove_stale(path: Path) -> None:
         path.unlink()
 
 
+@contextlib.contextmanager
+def start_lock(path: Path) -> Iterator[None]:
+    """Held from the check for a stale socket file until the new socket listens: two servers started at once on one
+    path would both find the file stale, and the second's removal would take away the first's socket. Refused, not
+    waited for, when another server holds it (it is about to listen there). The lock file (mode 0600) stays: a
+    server that removed it would let the next one lock a new file of the same name beside a holder of the old."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LoomError(f"unix: cannot bind {path}: {exc.strerror or exc} (its start lock, {lock.name})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LoomError(
+                f"unix: another server is starting on {path} (it holds {lock}); stop it or choose another --unix-socket"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # which releases the lock
+
+
 def make_private_directory(path: Path) -> None:
     """``path`` as a directory only this user may enter (mode 0700), made if missing; refused when it exists as
     anything else: another local user who made it first could replace the socket in it."""
@@ -91,22 +116,25 @@ class UnixListener:
     def bind(self) -> list[socket.socket]:
         if self.make_directory:
             make_private_directory(self.path.parent)
-        remove_stale(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # bind() creates the file with the umask applied: a 0177 umask means it never exists with looser
-        # permissions, not even between bind and chmod. The umask is process-wide, so keep the window tiny.
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        except OSError as exc:
-            sock.close()
-            raise LoomError(f"unix: cannot bind {self.path}: {exc.strerror or exc}") from None
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)  # explicit too, for filesystems that ignore the umask
-        st = os.stat(self.path)
-        self._identity = (st.st_dev, st.st_ino)
-        sock.listen(BACKLOG)
+        with start_lock(self.path):
+            remove_stale(self.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # bind() creates the file with the umask applied: a 0177 umask means it never exists with looser
+            # permissions, not even between bind and chmod. The umask is process-wide, so keep the window tiny.
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(str(self.path))
+            except OSError as exc:
+                sock.close()
+                raise LoomError(f"unix: cannot bind {self.path}: {exc.strerror or exc}") from None
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.path, 0o600)  # explicit too, for filesystems that ignore the umask
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+            # Listening before the lock is let go: a bound socket that does not listen yet refuses connections,
+            # which the next server's check would take for a stale file.
+            sock.listen(BACKLOG)
         self.sock = sock
         return [sock]
 

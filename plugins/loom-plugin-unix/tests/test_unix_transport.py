@@ -92,6 +92,34 @@ def test_live_server_is_not_replaced(sock_path: Path) -> None:
         first.close()
 
 
+def test_a_server_starting_on_the_same_path_is_refused_and_removes_nothing(sock_path: Path) -> None:
+    """Two servers started at once on one path: while one holds the start lock (from its check for a stale file to
+    its listening socket), the other is refused and leaves the file alone, so neither takes the other's socket; the
+    lock file is 0600 and stays."""
+    import fcntl
+
+    stale_socket(sock_path)
+    inode = os.stat(sock_path).st_ino
+    lock = sock_path.with_name(sock_path.name + ".lock")
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(LoomError, match="another server is starting"):
+            UnixListener(str(sock_path)).bind()
+        assert os.stat(sock_path).st_ino == inode  # the file the other one is replacing is untouched
+    finally:
+        os.close(held)
+    listener = UnixListener(str(sock_path))
+    listener.bind()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(str(sock_path))
+    finally:
+        listener.close()
+    assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+
+
 @pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
 def test_path_that_is_not_a_socket_is_refused(sock_path: Path, kind: str) -> None:
     if kind == "file":
