@@ -35,6 +35,7 @@ from loom_kernel.inputs import (
     check_edit_positions,
     check_vocabulary,
     fit_text,
+    row_lengths,
     texts_or_ids,
     vocabulary_size,
 )
@@ -298,6 +299,7 @@ __all__ = [
     "resolve_positions",
     "route_of",
     "row_edits",
+    "row_lengths",
     "serve",
     "site_names_allowed",
     "split_sites",

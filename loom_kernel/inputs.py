@@ -41,6 +41,17 @@ def _longest_token(tokenizer: Any) -> int:
         return 0
 
 
+def row_lengths(model: LoadedModel, batch: Batch) -> list[int]:
+    """Each row's tokens at most, before any tokenizer runs (for the bounds a request is checked against before any
+    work): its token ids' count, or its characters plus two special tokens (a subword vocabulary's tokens never
+    outnumber the characters they cover), at most the model's context."""
+    if batch.token_ids is not None:
+        lengths = [len(ids) for ids in batch.token_ids]
+    else:
+        lengths = [len(text) + 2 for text in batch.texts]
+    return [min(n, model.max_context) for n in lengths] if model.max_context else lengths
+
+
 def fit_text(
     model: LoadedModel, text: str, field: str, *, truncate: bool = False, tokens: int | None = None, **where: Any
 ) -> str:

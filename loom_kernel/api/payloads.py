@@ -24,7 +24,7 @@ from loom_kernel.capture import (
 )
 from loom_kernel.encoding import check_dtype, check_format, encode_states, encode_tensor, safetensors_body
 from loom_kernel.errors import InvalidField, LoomError, Unsupported
-from loom_kernel.inputs import tokenize_rows
+from loom_kernel.inputs import row_lengths, tokenize_rows
 from loom_kernel.types import Batch, Capture, GenerationParams, LayerSel, LoadedModel, Reading, SequenceOutput
 
 # Bytes one number takes in an answer: JSON text of the float (with its comma), base64 of the binary, the binary.
@@ -240,12 +240,8 @@ def answer_bytes(
     config = model.ref.config or {}
     heads = _config_int(config, "num_attention_heads", "n_head", "num_heads") or max(1, model.hidden_size // 64)
     vocab = _config_int(config, "vocab_size") or _tokenizer_size(model.tokenizer)
-    texts = batch.texts
-    lengths = [len(ids) for ids in batch.token_ids] if batch.token_ids is not None else [len(t) + 2 for t in texts]
     parts = {"states": 0.0, "attentions": 0.0, "logits": 0.0, "readouts": 0.0, "tokens": 0.0}
-    for prompt in lengths:
-        if model.max_context:
-            prompt = min(prompt, model.max_context)
+    for prompt in row_lengths(model, batch):
         total = prompt + new
         named = {"last": 0, "all": total, "prompt": prompt, "generated": new}
         selected = named[positions] if isinstance(positions, str) else len(positions)

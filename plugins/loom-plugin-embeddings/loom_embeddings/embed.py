@@ -42,6 +42,7 @@ from loom_kernel import (
     Unsupported,
     check_vocabulary,
     resolve_layers,
+    row_lengths,
     vocabulary_size,
 )
 from loom_kernel import POOLING_STRATEGIES as STRATEGIES
@@ -228,12 +229,7 @@ def check_answer(model: LoadedModel, batch: Batch, layer: LayerSel, strategy: st
     most the model's context), each number as a JSON list writes it."""
     if not spec.max_answer_bytes:
         return
-    if batch.token_ids is not None:
-        lengths = [len(ids) for ids in batch.token_ids]
-    else:
-        lengths = [len(t) + 2 for t in batch.texts]
-    if model.max_context:
-        lengths = [min(n, model.max_context) for n in lengths]
+    lengths = row_lengths(model, batch)
     width = model.final_width if layer.index == model.num_layers and model.final_width else model.hidden_size
     width = min(width, spec.dimensions) if spec.dimensions else width
     rows = sum(lengths) if strategy == "none" else len(lengths)

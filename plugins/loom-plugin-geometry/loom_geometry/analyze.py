@@ -35,6 +35,7 @@ from loom_kernel import (
     client_gone,
     model_metadata,
     resolve_layers,
+    row_lengths,
     timing,
 )
 
@@ -77,9 +78,7 @@ def capture_bytes(model: LoadedModel, lengths: list[int], rows: str, layers: int
 def check_capture(model: LoadedModel, data: AnalyzeRequest, layers: int, limit: int) -> None:
     """A 422 naming ``texts`` (and how many of them fit) when the analysis would keep over ``limit`` bytes (0: no
     bound); a text counts as one token per character plus two, at most the model's context."""
-    lengths = [len(t) + 2 for t in data.texts]
-    if model.max_context:
-        lengths = [min(n, model.max_context) for n in lengths]
+    lengths = row_lengths(model, Batch(texts=tuple(data.texts)))
     total = capture_bytes(model, lengths, data.rows, layers)
     if not limit or total <= limit:
         return

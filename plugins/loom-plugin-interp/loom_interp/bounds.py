@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import attrs
 
-from loom_kernel import Batch, Capture, InvalidField, LoadedModel, Option, vocabulary_size
+from loom_kernel import Batch, Capture, InvalidField, LoadedModel, Option, row_lengths, vocabulary_size
 
 CAPTURE_MAX_MB = Option(
     "interventions",
@@ -51,12 +51,7 @@ def capture_bytes(model: LoadedModel, batch: Batch, capture: Capture) -> dict[st
     config = model.ref.config or {}
     heads = next((v for k in HEADS if isinstance(v := config.get(k), int) and v > 0), max(1, model.hidden_size // 64))
     vocab = vocabulary_size(model) or 0
-    if batch.token_ids is not None:
-        lengths = [len(ids) for ids in batch.token_ids]
-    else:
-        lengths = [len(t) + 2 for t in batch.texts]
-    if model.max_context:
-        lengths = [min(n, model.max_context) for n in lengths]
+    lengths = row_lengths(model, batch)
     width = max(lengths, default=0)
     spec = capture.positions
 
