@@ -578,30 +578,36 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
                 close(got[at + "hook_resid_mid"] + mlp, post, at + "sum")
         if arch in ENCODERS:
             return
-        # The lens of the last layer is the model's own next-token distribution at every position.
-        own = torch.log_softmax(out.logits[0].double(), -1)
-        top = torch.topk(own, 5)
         # The last block's output through the final norm (OPT-350m: through project_out) and head, as index -1 is
         # through the head.
         last = f"blocks.{n - 1}.{'ln2.hook_normalized' if arch in POST_LN else 'hook_resid_post'}"
-        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [-1, last], "top_k": 5}})
-        assert r.status_code == 200, r.text
-        for key in ("-1", last):
-            entry = r.json()["logit_lens"][key]
-            assert [[t["token_id"] for t in row] for row in entry["top_k"]] == top.indices.tolist(), key
-            got_lp = [[t["logprob"] for t in row] for row in entry["top_k"]]
-            np.testing.assert_allclose(got_lp, top.values.numpy(), atol=1e-5, err_msg=key)
-        # Greedy generation is transformers' own.
-        with torch.inference_mode():
-            want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        ask = {"model": path, "max_tokens": 8, "temperature": 0}
-        g = await c.post("/generate", json={**ask, "prompt": TEXT})
-        assert g.status_code == 200, g.text
-        assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
-        # Rows of different lengths, left-padded in one running batch, get what each gets alone.
-        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
-        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
-        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+        await assert_lens_and_generation(c, path, net, tok, enc, out, [-1, last])
+
+
+async def assert_lens_and_generation(c: Any, path: str, net: Any, tok: Any, enc: Any, out: Any, layers: list) -> None:
+    """The lens of each of ``layers`` is the model's own next-token distribution at every position (``out``, its
+    pass over ``TEXT``); its greedy tokens are transformers' own, alone and left-padded in one batch with a shorter
+    row."""
+    own = torch.log_softmax(out.logits[0].double(), -1)
+    top = torch.topk(own, 5)
+    body = {"model": path, "text": TEXT, "positions": "all", "logit_lens": {"layers": layers, "top_k": 5}}
+    r = await c.post("/extract", json=body)
+    assert r.status_code == 200, r.text
+    for key in map(str, layers):
+        entry = r.json()["logit_lens"][key]
+        assert [[t["token_id"] for t in row] for row in entry["top_k"]] == top.indices.tolist(), key
+        got_lp = [[t["logprob"] for t in row] for row in entry["top_k"]]
+        np.testing.assert_allclose(got_lp, top.values.numpy(), atol=1e-5, err_msg=key)
+    with torch.inference_mode():
+        want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    ask = {"model": path, "max_tokens": 8, "temperature": 0}
+    g = await c.post("/generate", json={**ask, "prompt": TEXT})
+    assert g.status_code == 200, g.text
+    assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
+    # Rows of different lengths, left-padded in one running batch, get what each gets alone.
+    short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
+    batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
+    assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
 
 
 async def test_an_edit_at_berts_resid_post_is_an_edit_of_its_second_layernorms_input(built):

@@ -10,6 +10,7 @@ outputs are kept; then one that splices the edited head's q, k or v from the fir
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,14 @@ def spliced(net: Any, enc: Any, parts: dict[str, Any], which: tuple[str, ...], h
     return run(net, enc, [(parts[x][0], "out", splice(x)) for x in which])
 
 
+async def extract(c: Any, path: str, layers: list[Any], edits: Sequence[dict[str, Any]] = ()) -> dict[str, np.ndarray]:
+    """The server's states of ``layers`` at every position of ``TEXT`` under ``edits``."""
+    body = {"model": path, "text": TEXT, "interventions": list(edits), "hidden_state_layers": layers}
+    r = await c.post("/extract", json={**body, "positions": "all"})
+    assert r.status_code == 200, r.text
+    return arrays(r.json(), "sequence_hidden_states")
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 async def test_an_edited_heads_copy_feeds_only_that_heads_q_k_or_v(built, arch):
     path = built(arch)
@@ -134,18 +143,7 @@ async def test_an_edited_heads_copy_feeds_only_that_heads_q_k_or_v(built, arch):
             want = spliced(net, enc, parts, which, head, vector)
             edit = {"site": at + name, "op": "add", "vector": vector.tolist(), "heads": [head], "positions": POSITIONS}
             layers = [n, at + name, at + "hook_resid_pre", at + "hook_attn_out", at + "hook_resid_post"]
-            r = await c.post(
-                "/extract",
-                json={
-                    "model": path,
-                    "text": TEXT,
-                    "interventions": [edit],
-                    "hidden_state_layers": layers,
-                    "positions": "all",
-                },
-            )
-            assert r.status_code == 200, r.text
-            got = arrays(r.json(), "sequence_hidden_states")
+            got = await extract(c, path, layers, [edit])
             np.testing.assert_allclose(got[str(n)], want.hidden_states[n][0].numpy(), atol=1e-5, rtol=0, err_msg=name)
             assert not np.allclose(got[str(n)], plain.hidden_states[n][0].numpy(), atol=1e-4), name
             # The stream the block reads is untouched; the copy shows the edit at its head and positions only.
@@ -163,21 +161,9 @@ async def test_an_edited_heads_copy_feeds_only_that_heads_q_k_or_v(built, arch):
         edit = {"site": at + "hook_q_input", "op": "add", "vector": vector.tolist(), "positions": POSITIONS}
         both = {**edit, "site": at + "hook_k_input"}
         third = {**edit, "site": at + "hook_v_input"}
-        r = await c.post(
-            "/extract",
-            json={
-                "model": path,
-                "text": TEXT,
-                "interventions": [edit, both, third],
-                "hidden_state_layers": [n],
-                "positions": "all",
-            },
-        )
-        assert r.status_code == 200, r.text
+        got = await extract(c, path, [n], [edit, both, third])
         want = run(net, enc, [(parts["ln1"], "pre", add_at(vector))])
-        np.testing.assert_allclose(
-            arrays(r.json(), "sequence_hidden_states")[str(n)], want.hidden_states[n][0].numpy(), atol=1e-5, rtol=0
-        )
+        np.testing.assert_allclose(got[str(n)], want.hidden_states[n][0].numpy(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -195,32 +181,8 @@ async def test_an_edit_at_hook_mlp_in_reaches_the_mlp_and_not_the_stream(built, 
     at = f"blocks.{BLOCK}."
     edit = {"site": at + "hook_mlp_in", "op": "add", "vector": vector.tolist(), "positions": POSITIONS}
     async with concurrent_client(app_with()) as c:
-        plain = arrays(
-            (
-                await c.post(
-                    "/extract",
-                    json={
-                        "model": path,
-                        "text": TEXT,
-                        "hidden_state_layers": [at + "hook_resid_mid"],
-                        "positions": "all",
-                    },
-                )
-            ).json(),
-            "sequence_hidden_states",
-        )
-        r = await c.post(
-            "/extract",
-            json={
-                "model": path,
-                "text": TEXT,
-                "interventions": [edit],
-                "positions": "all",
-                "hidden_state_layers": [n, at + "hook_resid_mid", at + "hook_mlp_in"],
-            },
-        )
-        assert r.status_code == 200, r.text
-        got = arrays(r.json(), "sequence_hidden_states")
+        plain = await extract(c, path, [at + "hook_resid_mid"])
+        got = await extract(c, path, [n, at + "hook_resid_mid", at + "hook_mlp_in"], [edit])
         np.testing.assert_allclose(got[str(n)], want.hidden_states[n][0].numpy(), atol=1e-5, rtol=0)
         np.testing.assert_allclose(got[at + "hook_resid_mid"], plain[at + "hook_resid_mid"], atol=0, rtol=0)
         mid = plain[at + "hook_resid_mid"].copy()

@@ -15,10 +15,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import attrs
-import numpy as np
 import pytest
 import torch
-from test_architectures import TEXT, close, eager_patterns, record, reference_points
+from test_architectures import TEXT, assert_lens_and_generation, close, eager_patterns, record, reference_points
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
@@ -129,24 +128,7 @@ async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_
         inside = copies | {f"blocks.{i}.attn.hook_{x}" for i in range(n) for x in ("pattern", "attn_scores", "result")}
         rotary = {f"blocks.{i}.attn.hook_rot_{x}" for i in range(n) for x in "qk"}
         assert set(offered) - set(points) - set(norms) - inside == rotary
-        own = torch.log_softmax(out.logits[0].double(), -1)
-        top = torch.topk(own, 5)
-        lens = {"layers": [-1, f"blocks.{n - 1}.hook_resid_post"], "top_k": 5}
-        r = await c.post("/extract", json={**body, "logit_lens": lens})
-        assert r.status_code == 200, r.text
-        for key, entry in r.json()["logit_lens"].items():
-            assert [[t["token_id"] for t in row] for row in entry["top_k"]] == top.indices.tolist(), key
-            got_lp = [[t["logprob"] for t in row] for row in entry["top_k"]]
-            np.testing.assert_allclose(got_lp, top.values.numpy(), atol=1e-5, err_msg=key)
-        with torch.inference_mode():
-            want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        ask = {"model": path, "max_tokens": 8, "temperature": 0}
-        g = await c.post("/generate", json={**ask, "prompt": TEXT})
-        assert g.status_code == 200, g.text
-        assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
-        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
-        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
-        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+        await assert_lens_and_generation(c, path, net, tok, enc, out, [-1, f"blocks.{n - 1}.hook_resid_post"])
 
 
 async def test_edits_on_gemma_3s_language_model_are_the_same_edits_in_the_wrapper(wrapped):
