@@ -545,8 +545,8 @@ class SiteHooks:
         self._names: dict[int, list[int | str]] = {}
         self._inputs: dict[int, Any] = {}  # each resid_mid block's input, kept by a pre-hook on the block
         # Edited per-head copies of the stream attention reads, by point name: (copy [B, T, heads, D], the rows and
-        # heads (None: all) edits touched).
-        self._copies: dict[str, tuple[Any, list[int], set[int] | None]] = {}
+        # heads (None: all) edits touched, whether every head's copy is edited alike).
+        self._copies: dict[str, tuple[Any, list[int], set[int] | None, bool]] = {}
         # An edited scale, by the hook of the point reading its norm's output: (the norm, old / new), applied there.
         self._ratio: dict[tuple[int, str], tuple[Any, Any]] = {}
         self._cores: list[Any] = []
@@ -728,7 +728,8 @@ class SiteHooks:
             if source is not None and touched is not None:
                 touched |= source[2] or set()
             rows = sorted({b for b, _ in edits} | set(source[1] if source else ()))
-            self._copies[site.name] = (copy, rows, touched)
+            alike = all(edit.heads is None for _, edit in edits) and (source is None or source[3])
+            self._copies[site.name] = (copy, rows, touched, alike)
         value = self._copies[site.name][0] if site.name in self._copies else (source[0] if source else None)
         if value is None:
             value = x.unsqueeze(-2).expand(*x.shape[:-1], count, x.shape[-1])
@@ -742,7 +743,7 @@ class SiteHooks:
         found = next((self._copies[name] for name in feeds if name in self._copies), None)
         if found is None:
             return h, fresh
-        copy, rows, touched = found
+        copy, rows, touched, alike = found
         if not fresh:
             h, fresh = h.clone(), True
         out = site.view(h) if site.view is not None else h
@@ -753,16 +754,13 @@ class SiteHooks:
             y = module.forward(norm.forward(x) if norm is not None else x)
             return site.view(y) if site.view is not None else y
 
-        if touched is None and all(e.heads is None for _, e in self._all_edits(feeds)):
+        if alike:
             new = project(copy[select, :, 0])  # every head's copy is the same: one projection for all
             out[select] = new.to(out.dtype)
         else:
             for head in sorted(touched) if touched is not None else range(copy.shape[2]):
                 out[select, :, head] = project(copy[select, :, head])[:, :, head].to(out.dtype)
         return h, fresh
-
-    def _all_edits(self, names: Sequence[str]) -> list[tuple[int, Intervention]]:
-        return [pair for site_id, pairs in self._edits.items() for pair in pairs if pair[1].site in names]
 
     def _scale(self, site: Site, x: Any, edits: Any, names: Any) -> None:
         s = norm_scale(site.module, site.extra, x)
