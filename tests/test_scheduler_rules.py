@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from loom_kernel.scheduler import STEP, BatchLimits, Scheduler
+from loom_kernel.scheduler import STEP, BatchLimits, Scheduler, passes
 
 
 @attrs.define(eq=False)
@@ -88,6 +88,21 @@ def test_a_pass_merges_the_compatible_calls_that_fit():
     # "wide" would make 4 rows x 40 tokens > 100: the batch is full, and "late" (behind it) waits its turn too
     assert [c.name for c in g.group] == ["first", "fits"] and g.full and g.ready(0.0, s.limits)
     assert [c.name for c in s.items] == ["other", "wide", "late"]
+
+
+def test_rows_that_do_not_fit_one_pass_run_as_passes_of_like_widths_within_the_limits():
+    limits = BatchLimits(max_batch_size=2, max_batch_tokens=60)
+    assert passes([20, 5, 10], limits) == [[0, 1, 2]]  # 3 rows x 20 tokens fit: one pass, as they came
+    widths = [10, 30, 5, 25, 10, 70, 5, 12, 5]
+    got = passes(widths, limits)
+    assert sorted(i for part in got for i in part) == list(range(len(widths)))  # every row once
+    for part in got:
+        assert part == sorted(part)
+        assert len(part) == 1 or len(part) * max(widths[i] for i in part) <= 60
+    # Longest first: the 70-token row alone (wider than the budget), then 30 and 25, then the rest by width
+    # (max_batch_size bounds what is merged, not one request's rows: five rows pass it).
+    assert got == [[5], [1, 3], [0, 2, 4, 6, 7], [8]]
+    assert passes([], limits) == [[]]
 
 
 def test_a_pass_waits_up_to_one_pass_for_the_company_it_had_lately_and_a_lone_call_never_waits():
