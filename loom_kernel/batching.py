@@ -244,7 +244,7 @@ class ModelThread:
         self._count(len(calls))  # before the output processor answers any of them
         if engine.running:
             self.counters.joined_running += sum(call.rows for call in calls)
-        join(engine, self._output, calls, self._row_ids)
+        join(engine, self._output, calls, self._row_ids, self.limits)
 
     def _fail_engine(self, mode: tuple[bool, bool], exc: BaseException) -> None:
         """A step failed: every row of that engine fails with it, and the next join starts afresh."""
@@ -346,11 +346,14 @@ class ModelThread:
             self._execute([call])
 
 
-def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int]) -> None:
+def join(
+    engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int], limits: BatchLimits | None = None
+) -> None:
     """``calls`` merged into one batch and prefilled into ``engine``, each row registered with the output
-    processor (which answers each call when its rows are done). A failed prefill of several calls prefills each
-    call's rows alone, as a failed merged pass runs each call alone; the rows of a prefill that fails alone fail,
-    and the running ones run on."""
+    processor (which answers each call when its rows are done). Rows whose prompts pass ``max_batch_tokens`` padded
+    tokens prefill in several passes (``scheduler.passes``), as a plain pass's do. A failed prefill of several
+    calls' rows prefills each call's rows alone, as a failed merged pass runs each call alone; the rows of a prefill
+    that fails alone fail, and the running ones run on."""
     batch, capture, starts = merge(calls)
     assert batch.token_ids is not None, "generations are tokenized before they are queued"
     per_call = []
@@ -364,10 +367,13 @@ def join(engine: Engine, output: Processor, calls: list[Call], ids: Iterator[int
         output.expect(call, expected, capture)
         per_call.append(rows)
     everyone = [row for rows in per_call for row in rows]
+    owner = [c for c, rows in enumerate(per_call) for _ in rows]
     engine.counters.prompt_tokens += sum(len(r.prompt) for r, *_ in everyone)  # before any of them is answered
-    if not _prefill(engine, output, everyone, alone=len(calls) == 1):
-        for rows in per_call:
-            _prefill(engine, output, rows, alone=True)
+    for part in passes([len(r.prompt) for r, *_ in everyone], limits or BatchLimits()):
+        owners = sorted({owner[i] for i in part})
+        if not _prefill(engine, output, [everyone[i] for i in part], alone=len(owners) == 1):
+            for c in owners:
+                _prefill(engine, output, [everyone[i] for i in part if owner[i] == c], alone=True)
 
 
 def _prefill(engine: Engine, output: Processor, rows: list[tuple[RowInput, Any, Any]], alone: bool) -> bool:

@@ -510,6 +510,25 @@ async def test_merged_embeddings_of_the_real_minilm_run_packed_and_match_alone_a
         np.testing.assert_allclose(r.json()["embedding"], ref, atol=1e-5)
 
 
+async def test_prompts_that_pass_max_batch_tokens_prefill_in_several_passes_and_each_generates_as_alone(tiny_models):
+    """One /generate/batch of twelve prompts of mixed lengths prefills in several passes, each at most
+    ``max_batch_tokens`` padded prompt tokens, and every prompt gets the tokens, states and logprobs it gets alone."""
+    prompts = [f"{i}: " + "the cat sat on the mat " * (1 + (5 * i) % 7) for i in range(12)]
+    ask = {"max_tokens": 5, "temperature": 0, "return_hidden_states": True, "hidden_state_layers": [0, -1]}
+    ask |= {"positions": "all", "top_logprobs": 2}
+    async with serving(tiny_models, max_batch_tokens=160) as (_, c, model, calls):
+        single = await alone(c, "/generate", model, [{**ask, "prompt": p} for p in prompts])
+        calls.seen.clear()
+        r = await c.post("/generate/batch", json={"model": model, **ask, "prompts": prompts})
+        assert r.status_code == 200, r.text
+    joins = [out for _, gen, out in calls.seen if isinstance(out, Joined)]
+    assert sum(len(j.ids) for j in joins) == len(prompts) and len(joins) > 2
+    widths = [(len(j.ids), max(j.prompts.values())) for j in joins]
+    assert all(n == 1 or n * width <= 160 for n, width in widths), widths
+    for got, want in zip(r.json()["results"], single, strict=True):
+        assert_same(got, want)
+
+
 class HoldFirstPass:
     """Holds the first forward pass it sees until ``go`` is set, telling ``holding`` that it does."""
 
