@@ -184,6 +184,33 @@ async def test_a_multimodal_model_outside_the_wrappers_is_refused_as_one(tmp_pat
     assert "is a multimodal model" in r.json()["detail"] and "gemma3, llava, mistral3" in r.json()["detail"], r.text
 
 
+async def test_paligemma_is_refused_before_any_weight_is_read(tmp_path):
+    """PaliGemma's config.json has a vocab_size of its own beside its text_config and vision_config: the loader's
+    probe refuses it as multimodal (a 422 before the memory budget and before any weight is read). Its weight file
+    here is not a safetensors file at all, so a load that read it would answer that instead."""
+    import transformers
+    from loom_transformers.testing import train_tokenizer
+
+    path = tmp_path / "paligemma"
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text.update(num_key_value_heads=1, head_dim=16, vocab_size=512)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    vision.update(image_size=28, patch_size=14)
+    config = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, vocab_size=512)
+    config.architectures = ["PaliGemmaForConditionalGeneration"]
+    config.save_pretrained(path)
+    assert "vocab_size" in config.to_diff_dict()  # what let it past the probe's multimodal rule before
+    train_tokenizer("gemma").save_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/models/load", json={"model": str(path)})
+        assert r.status_code == 422 and r.json()["field"] == "model", r.text
+        detail = r.json()["detail"]
+        assert "transformers: model_type 'paligemma' is a multimodal model" in detail, detail
+        assert "gemma3, llava, mistral3" in detail, detail
+        assert (await c.get("/health")).json()["loaded_models"] == []
+
+
 async def test_a_checkpoint_named_as_the_wrappers_module_tree_loads_the_same(wrapped, tmp_path):
     """Some tools save a wrapper's weights by its module tree (``model.language_model.*``, ``lm_head.*``) rather
     than the hub's names (``language_model.model.*``, ``language_model.lm_head.*``): the same language model loads."""

@@ -55,13 +55,24 @@ def refusal(config: dict[str, Any]) -> str | None:
     (``refuse_kind``, at load)."""
     if config.get("is_encoder_decoder") is True:
         return NOT_SERVED["encoder-decoder"]
-    if (
-        "vocab_size" not in config
-        and isinstance(config.get("text_config"), dict)
-        and config.get("model_type") not in WRAPPERS
-    ):
+    if multimodal(config):
         return f"{NOT_SERVED['multimodal']} {', '.join(sorted(WRAPPERS))}"
     return None
+
+
+def multimodal(config: dict[str, Any]) -> bool:
+    """Whether a config.json is a multimodal model's that is not a wrapper this loader serves the language model of:
+    a ``text_config`` beside another tower's config (``vision_config``, ``audio_config``, ``vq_config``...), or a
+    ``text_config`` with no ``vocab_size`` of its own. PaliGemma's config.json has a top-level ``vocab_size`` too,
+    so the tower, not the vocabulary, is what tells."""
+    if not isinstance(config.get("text_config"), dict) or config.get("model_type") in WRAPPERS:
+        return False
+    towers = [
+        key
+        for key, value in config.items()
+        if key.endswith("_config") and key not in ("text_config", "quantization_config") and isinstance(value, dict)
+    ]
+    return bool(towers) or "vocab_size" not in config
 
 
 def is_causal(config: Any) -> bool:
@@ -245,10 +256,10 @@ def refuse_kind(ref: ModelRef, config: Any) -> None:
     kind = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         why = NOT_SERVED["encoder-decoder"]
+    elif multimodal(config.to_dict()):  # the probe's rule again; a wrapper's config is its text_config by now
+        why = f"{NOT_SERVED['multimodal']} {', '.join(sorted(WRAPPERS))}"
     elif not isinstance(getattr(config, "vocab_size", None), int):
-        # A wrapper's config is its text_config by now: a config still holding a text_config is no wrapper's.
-        multimodal = getattr(config, "text_config", None) is not None
-        why = f"{NOT_SERVED['multimodal']} {', '.join(sorted(WRAPPERS))}" if multimodal else NOT_SERVED["no-text"]
+        why = NOT_SERVED["no-text"]
     else:
         return
     raise BadModel(f"model: {ref.id!r} (model_type {kind!r}) {why}", field="model", model_type=kind)
