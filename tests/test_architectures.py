@@ -61,6 +61,9 @@ POST_NORM = ("olmo2", "olmo3", "exaone4")
 # its sublayers, which the default, parallel one has not.
 VARIANTS = {
     "falcon_sequential": ("falcon", {"parallel_attn": False}),
+    # Falcon-40B's and 180B's block (new_decoder_architecture): query_key_value grouped as [kv, heads per kv + 2,
+    # d_head], and a LayerNorm of its own before each sublayer (ln_attn, ln_mlp).
+    "falcon_grouped": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
     "gpt_bigcode_mha": ("gpt_bigcode", {"multi_query": False}),  # its fused projection as [heads, 3, d_head]
     # OPT-350m's block: post-LN (its norms after the adds, no final norm), and project_in / project_out between the
     # embedding width and the stream's.
@@ -80,6 +83,7 @@ SURVEY = (
     "gptj",
     "falcon",
     "falcon_sequential",
+    "falcon_grouped",
     "opt",
     "opt_post_ln",
     "bloom",
@@ -93,7 +97,7 @@ SURVEY = (
 # RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
-PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon")
+PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon", "falcon_grouped")
 TEXT = "the cat sat on the mat and looked at the"
 
 
@@ -129,6 +133,12 @@ def load(path: str, arch: str) -> tuple[Any, Any]:
 
 def heads(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], n, -1)
+
+
+def grouped(t: torch.Tensor, kv: int, h: int) -> torch.Tensor:
+    """Falcon's grouped query_key_value output [.., kv, heads per kv + 2, d_head]: each group's query heads, then its
+    key and its value (``FalconAttention.forward`` with new_decoder_architecture)."""
+    return t.reshape(*t.shape[:-1], kv, h // kv + 2, -1)
 
 
 def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any]], Any, Any, Any]:
@@ -282,14 +292,28 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
             p["ln1.hook_normalized"] = p["ln2.hook_normalized"] = (layer.ln_1, "out", same)
             p["mlp.hook_pre"], p["mlp.hook_post"] = (m.fc_in, "out", same), (m.fc_out, "in", same)
-        elif arch == "falcon":  # multi-query: [heads + 2, d_head], the last two k and v
+        elif arch == "falcon":
             a, m = layer.self_attention, layer.mlp
-            p["attn.hook_q"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., :h, :])
-            p["attn.hook_k"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h : h + 1, :])
-            p["attn.hook_v"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h + 1 :, :])
+            if cfg.new_decoder_architecture:  # [kv, heads per kv + 2, d_head], as FalconAttention.forward groups it
+                g = cfg.num_kv_heads
+                p["attn.hook_q"] = (
+                    a.query_key_value,
+                    "out",
+                    lambda t, g=g: grouped(t, g, h)[..., :-2, :].flatten(-3, -2),
+                )
+                p["attn.hook_k"] = (a.query_key_value, "out", lambda t, g=g: grouped(t, g, h)[..., -2, :])
+                p["attn.hook_v"] = (a.query_key_value, "out", lambda t, g=g: grouped(t, g, h)[..., -1, :])
+            else:  # multi-query: [heads + 2, d_head], the last two k and v
+                p["attn.hook_q"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., :h, :])
+                p["attn.hook_k"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h : h + 1, :])
+                p["attn.hook_v"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h + 1 :, :])
             p["attn.hook_z"] = (a.dense, "in", lambda t: heads(t, h))
             p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
-            p["ln1.hook_normalized"] = p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
+            if hasattr(layer, "ln_attn"):  # new_decoder_architecture's two norms, as FalconDecoderLayer has them
+                p["ln1.hook_normalized"] = (layer.ln_attn, "out", same)
+                p["ln2.hook_normalized"] = (layer.ln_mlp, "out", same)
+            else:
+                p["ln1.hook_normalized"] = p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
             if not cfg.parallel_attn:  # sequential: the MLP reads post_attention_layernorm of resid_pre + attn_out
                 p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
                 p["hook_resid_mid"] = (layer.post_attention_layernorm, "in", same)
@@ -813,6 +837,34 @@ async def test_blooms_weights_by_transformerlens_names_are_its_conversions(built
         "blocks.1.attn.b_V": b[:, 2],
         "blocks.1.attn.W_O": block.self_attention.dense.weight.T.reshape(h, d // h, d),
         "blocks.1.mlp.W_in": block.mlp.dense_h_to_4h.weight.T,
+    }
+    async with concurrent_client(app_with()) as c:
+        await c.post("/models/load", json={"model": path})
+        r = await c.get(f"/models/{path}/weights", params={"names": ",".join(want), "format": "list"})
+        assert r.status_code == 200, r.text
+        got = decode.arrays(r.json())["weights"]
+    for name, tensor in want.items():
+        np.testing.assert_array_equal(got[name], tensor.detach().numpy(), err_msg=name)
+
+
+async def test_grouped_falcons_weights_by_transformerlens_names_are_its_grouped_projection(built):
+    """Falcon-40B's query_key_value as FalconAttention splits its output, [d, kv, heads per kv + 2, d_head]: W_Q each
+    group's query heads in order, _W_K and _W_V each group's key and value, W_K and W_V them repeated for the group's
+    query heads (TransformerLens's grouped-query convention); ln1 and ln2 its ln_attn and ln_mlp."""
+    from loom_client import decode
+
+    path = built("falcon_grouped")
+    net, _ = load(path, "falcon_grouped")
+    h, kv = net.config.num_attention_heads, net.config.num_kv_heads
+    block = net.transformer.h[1]
+    w = grouped(block.self_attention.query_key_value.weight.detach().T, kv, h)  # [d, kv, per + 2, d_head]
+    want = {
+        "blocks.1.attn.W_Q": w[..., :-2, :].flatten(1, 2).permute(1, 0, 2),
+        "blocks.1.attn._W_K": w[..., -2, :].permute(1, 0, 2),
+        "blocks.1.attn.W_K": w[..., -2, :].permute(1, 0, 2).repeat_interleave(h // kv, 0),
+        "blocks.1.attn._W_V": w[..., -1, :].permute(1, 0, 2),
+        "blocks.1.ln1.w": block.ln_attn.weight,
+        "blocks.1.ln2.b": block.ln_mlp.bias,
     }
     async with concurrent_client(app_with()) as c:
         await c.post("/models/load", json={"model": path})

@@ -23,6 +23,7 @@ from test_architectures import (
     build,
     close,
     eps_of,
+    grouped,
     heads,
     load,
     not_offered,
@@ -390,16 +391,12 @@ async def test_rotary_points_are_the_models_own_rotary_embedding_of_hook_q_and_h
         close(got[f"blocks.{i}.attn.hook_rot_k"], rot_k[0].transpose(0, 1), f"{i} rot_k")
 
 
-async def test_grouped_falcon_rotary_keys_have_its_key_value_heads(tiny_root):
-    """Falcon's new_decoder_architecture fuses each group of query heads with its one key and value head (a layout
-    hook_q/k/v do not describe): hook_rot_k still has the config's num_kv_heads heads, and the rotary points and the
-    pattern are the model's own (the grouped split as its attention module does it, its ``apply_rotary_pos_emb``,
-    eager ``output_attentions``)."""
-    from loom_transformers.testing import build_tiny_model
-
-    grouped = {"new_decoder_architecture": True, "num_kv_heads": 2}
-    path = str(build_tiny_model("falcon", tiny_root, name="norms-falcon-grouped", perturb_norms=True, **grouped))
-    net, tok = load(path, "falcon")
+async def test_grouped_falcon_rotary_keys_have_its_key_value_heads(built):
+    """Falcon's new_decoder_architecture fuses each group of query heads with its one key and value head: hook_rot_k
+    has the config's num_kv_heads heads, and the rotary points and the pattern are the model's own (the grouped split
+    as its attention module does it, its ``apply_rotary_pos_emb``, eager ``output_attentions``)."""
+    path = built("falcon_grouped")
+    net, tok = load(path, "falcon_grouped")
     enc = tok(TEXT, return_tensors="pt")
     kv, d_head = net.config.num_kv_heads, net.config.hidden_size // net.config.num_attention_heads
     rotary = importlib.import_module(type(net).__module__).apply_rotary_pos_emb
@@ -437,6 +434,98 @@ async def test_grouped_falcon_rotary_keys_have_its_key_value_heads(tiny_root):
         close(got[f"blocks.{i}.attn.hook_rot_q"], rot_q[0].transpose(0, 1), f"{i} rot_q")
         close(got[f"blocks.{i}.attn.hook_rot_k"], rot_k[0].transpose(0, 1), f"{i} rot_k")
         close(got[f"blocks.{i}.attn.hook_pattern"], patterns[i][0].transpose(0, 1), f"{i} pattern")
+
+
+async def test_edits_at_grouped_falcons_q_k_v_and_their_inputs_are_edits_of_its_own_grouped_projection(built):
+    """Falcon-40B's query_key_value is [kv, heads per kv + 2, d_head] (each group's query heads, then its key and
+    value): query head 3 is group 1's second. An edit at hook_q, hook_k or hook_v is a torch hook writing the same
+    numbers into that slice of the projection's output; one at hook_q_input / hook_k_input is a hook putting in that
+    slice what ln_attn and query_key_value give for the edited block input. The last layer within 1e-5 and greedy
+    tokens alone; in a batch with a shorter, left-padded row, each row's tokens as alone."""
+    path = built("falcon_grouped")
+    net, tok = load(path, "falcon_grouped")
+    enc = tok(TEXT, return_tensors="pt")
+    prompt, cfg = enc["input_ids"].shape[1], net.config
+    h, kv, n = cfg.num_attention_heads, cfg.num_kv_heads, cfg.num_hidden_layers
+    per, d, d_head = h // kv, cfg.hidden_size, cfg.hidden_size // h
+    gen = torch.Generator().manual_seed(5)
+    v_head, v_stream = torch.randn(d_head, generator=gen), torch.randn(d, generator=gen)
+    # (the edit, its block, the (group, slot) of the projection's output it writes, what it writes there from what
+    # is there: "input" recomputes it from the edited block input)
+    cases: list[tuple[dict[str, Any], int, tuple[int, int], Any]] = [
+        (
+            {"site": "blocks.1.attn.hook_q", "op": "add", "vector": v_head.tolist(), "heads": [3], "scale": 2.0},
+            1,
+            (1, 1),
+            lambda s: s + 2.0 * v_head,
+        ),
+        (
+            {"site": "blocks.0.attn.hook_k", "op": "set", "vector": v_head.tolist(), "heads": [1]},
+            0,
+            (1, per),
+            lambda s: v_head.expand_as(s),
+        ),
+        ({"site": "blocks.2.attn.hook_v", "op": "zero", "heads": [0]}, 2, (0, per + 1), lambda s: s * 0),
+        ({"site": "blocks.1.hook_q_input", "op": "add", "vector": v_stream.tolist(), "heads": [2]}, 1, (1, 0), "input"),
+        (
+            {"site": "blocks.2.hook_k_input", "op": "add", "vector": v_stream.tolist(), "heads": [0]},
+            2,
+            (0, per),
+            "input",
+        ),
+    ]
+    failures = []
+    stream: dict[str, torch.Tensor] = {}  # the edited block's input, kept by a pre-hook for the input edits
+
+    def keep(m: Any, a: tuple, kw: dict) -> None:
+        stream["x"] = a[0] if a else kw["hidden_states"]
+
+    with torch.inference_mode():
+        plain = net(**enc, output_hidden_states=True).hidden_states[n]
+    async with concurrent_client(app_with()) as c:
+        for item, i, (group, slot), how in cases:
+            layer = net.transformer.h[i]
+            qkv = layer.self_attention.query_key_value
+
+            def write(m: Any, a: Any, o: torch.Tensor, group=group, slot=slot, how=how, layer=layer) -> torch.Tensor:
+                o = o.clone()
+                at = grouped(o, kv, h)[..., group, slot, :]
+                if how == "input":  # the head's q or k from the edited block input, as the block computes it
+                    y = m.forward(layer.ln_attn(stream["x"] + v_stream))
+                    at[...] = grouped(y, kv, h)[..., group, slot, :]
+                else:
+                    at[...] = how(at)
+                return o
+
+            handles = [layer.register_forward_pre_hook(keep, with_kwargs=True), qkv.register_forward_hook(write)]
+            try:
+                with torch.inference_mode():
+                    out = net(**enc, output_hidden_states=True)
+                    want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            assert not torch.allclose(out.hidden_states[n], plain, atol=1e-3), item  # the edit shows
+            body = {"model": path, "interventions": [item]}
+            r = await c.post("/extract", json={**body, "text": TEXT, "hidden_state_layers": [n], "positions": "all"})
+            assert r.status_code == 200, (item, r.text)
+            if not np.allclose(arrays(r.json(), "sequence_hidden_states")[str(n)], out.hidden_states[n][0], atol=1e-5):
+                failures.append((item["site"], "states"))
+            ask = {"max_tokens": 8, "temperature": 0}
+            g = await c.post("/generate", json={**body, **ask, "prompt": TEXT})
+            assert g.status_code == 200, (item, g.text)
+            if g.json()["token_ids"] != want[0, prompt:].tolist():
+                failures.append((item["site"], "tokens"))
+            # A shorter row left-padded beside it in one batch: each row what it gets alone.
+            short = await c.post("/generate", json={**body, **ask, "prompt": "hello"})
+            batch = await c.post("/generate/batch", json={**body, **ask, "prompts": [TEXT, "hello"]})
+            assert batch.status_code == 200, (item, batch.text)
+            if [row["token_ids"] for row in batch.json()["results"]] != [
+                want[0, prompt:].tolist(),
+                short.json()["token_ids"],
+            ]:
+                failures.append((item["site"], "tokens in a batch"))
+    assert not failures, failures
 
 
 def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, Any]]:

@@ -87,6 +87,9 @@ class Arch:
     # Why a config of this type has blocks the entry does not describe (None: it describes them): such a model is
     # served as one outside the table, its hidden-state indices only.
     refuse: Callable[[Any], str | None] | None = None
+    # The entry as it describes a config's blocks where a config flag changes their modules (Falcon's
+    # new_decoder_architecture: a norm of its own for each sublayer), or None.
+    form: Callable[[Arch, Any], Arch] | None = None
 
     def parallel(self, config: Any) -> bool:
         if self.residual == "parallel":
@@ -159,6 +162,16 @@ def _bloom(config: Any) -> str | None:
             "hook_attn_out and hook_mlp_out are read at never run"
         )
     return None
+
+
+def _falcon(arch: Arch, config: Any) -> Arch:
+    # new_decoder_architecture (Falcon-40B, 180B) makes the block parallel whatever parallel_attn says, and, where
+    # num_ln_in_parallel_attn is 2 (unset means 2: FalconDecoderLayer sets it so), gives each sublayer a LayerNorm
+    # of its own, ln_attn and ln_mlp, in place of input_layernorm (Falcon2-11B sets 1: one norm for both).
+    if not getattr(config, "new_decoder_architecture", False):
+        return arch
+    own = getattr(config, "num_ln_in_parallel_attn", None) in (None, 2)
+    return attrs.evolve(arch, residual="parallel", **({"ln1": "ln_attn", "ln2": "ln_mlp"} if own else {}))
 
 
 GPT2 = Arch(
@@ -367,6 +380,7 @@ ARCHITECTURES: dict[str, Arch] = {
         up="dense_h_to_4h",
         down="dense_4h_to_h",
         parallel_flag="parallel_attn",
+        form=_falcon,
     ),
     "bert": BERT,
     # RoBERTa's blocks are BERT's; its positions count from the padding index + 1 (W_pos leaves those rows out).
@@ -481,7 +495,7 @@ def arch_of(config: Any) -> Arch | None:
         return None
     if arch.pre_norm_flag and not getattr(config, arch.pre_norm_flag, True):
         arch = attrs.evolve(arch, residual="post_ln")
-    return arch
+    return arch.form(arch, config) if arch.form is not None else arch
 
 
 def refused(config: Any) -> str | None:

@@ -83,6 +83,9 @@ class Site:
     # attention reads) | from_input (a projection's heads recomputed from edited copies)
     kind: str = "plain"
     view: Callable[[Any], Any] | None = None  # the hooked tensor [B, T, ...] -> a view [B, T, *shape]
+    # Where ``view`` can only copy (Falcon's grouped queries, each group's heads apart from the next group's):
+    # (the hooked tensor, the point's edited [B, T, *shape]) -> None, written back into the tensor.
+    put: Callable[[Any, Any], None] | None = None
     block: Any = None  # mid: the block whose input is resid_pre
     extra: Any = None  # result: (the output projection, heads); scale: the norm's kind
     # scale: the point that reads the norm's output (its hook_normalized), where an edited scale rescales it: a norm
@@ -338,6 +341,7 @@ def _inputs(arch: Arch, block: Any, attn: Any, out: dict[str, Site | str], site:
                 proj.shape,
                 "from_input",
                 proj.view,
+                put=proj.put,
                 extra=(norm, feeds),
             )
         )
@@ -376,11 +380,11 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
         if views is None:
             for name in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
                 out[name] = kv
-            kv = _kv_heads(config, heads)
+            kv = heads  # hook_rot_k's heads: an undescribed projection is taken to have one per query head
         else:
             qkv = ("attn.hook_q", "attn.hook_k", "attn.hook_v")
             for name, count, view in zip(qkv, (heads, kv, kv), views, strict=True):
-                out[name] = site(name, fused, "out", (count, d_head), view=view)
+                out[name] = site(name, fused, "out", (count, d_head), view=view, put=getattr(view, "put", None))
     clip = getattr(config, arch.clip_qkv, None) if arch.clip_qkv else None
     if clip is not None:
         for name in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
@@ -443,8 +447,13 @@ def _fused(arch: Arch, config: Any, heads: int, d_head: int, total: int) -> tupl
         layout = "phi3" if getattr(config, "multi_query", True) else "neox"
         return _fused(attrs.evolve(arch, fused=layout), config, heads, d_head, total)
     if arch.fused == "falcon":
-        if getattr(config, "new_decoder_architecture", False):
-            return f"{arch.name}'s grouped query_key_value (new_decoder_architecture) is not described", None
+        if getattr(config, "new_decoder_architecture", False):  # [kv, heads per kv + 2, d_head], as FalconAttention
+            kv = (total // d_head - heads) // 2
+            per = heads // kv
+            return kv, [
+                _GroupedQueries(kv, per, d_head),
+                *(_interleaved(kv, d_head, j, per + 2) for j in (per, per + 1)),
+            ]
         if getattr(config, "multi_query", False):
             starts = (0, heads * d_head, (heads + 1) * d_head)
             return 1, [_heads_view(c, d_head, s) for c, s in zip((heads, 1, 1), starts, strict=True)]
@@ -452,14 +461,25 @@ def _fused(arch: Arch, config: Any, heads: int, d_head: int, total: int) -> tupl
     return f"{arch.name}'s fused projection is not described", None
 
 
-def _kv_heads(config: Any, heads: int) -> int:
-    """The key-value heads of an undescribed fused projection, which ``hook_rot_k`` still has: the config's count
-    where it groups the heads (Falcon's new_decoder_architecture: ``num_kv_heads``), else one per query head."""
-    if getattr(config, "new_decoder_architecture", False):
-        kv = getattr(config, "num_kv_heads", None)
-        if isinstance(kv, int) and kv > 0:
-            return kv
-    return heads
+@attrs.define(frozen=True)
+class _GroupedQueries:
+    """The query heads of Falcon's grouped query_key_value (new_decoder_architecture), laid out [kv, per + 2,
+    d_head]: each key-value head's ``per`` query heads, then its key and its value. Query head g * per + j is
+    group g's j-th, as FalconAttention flattens them. No view holds them all (a group's queries are apart from the
+    next group's by its key and value), so this is a copy, and ``put`` writes an edited one back."""
+
+    kv: int
+    per: int
+    d_head: int
+
+    def __call__(self, t: Any) -> Any:
+        return self._groups(t)[..., : self.per, :].flatten(-3, -2)
+
+    def put(self, t: Any, value: Any) -> None:
+        self._groups(t)[..., : self.per, :] = value.unflatten(-2, (self.kv, self.per)).to(t.dtype)
+
+    def _groups(self, t: Any) -> Any:
+        return t.unflatten(-1, (self.kv, self.per + 2, self.d_head))
 
 
 def _mlp(arch: Arch, mlp: Any, site: Callable[..., Site]) -> dict[str, Site | str]:
@@ -686,6 +706,8 @@ class SiteHooks:
             h[b, cols] = (x - self._inputs[id(site.block)][b].index_select(0, cols)).to(h.dtype)
         else:
             value[b, cols] = x.to(value.dtype)
+            if site.put is not None:  # the view was a copy
+                site.put(h, value)
 
     def _keep(self, key: int | str, value: Any) -> None:
         self.kept[key] = take_columns(value.detach(), self.rows).to("cpu", copy=True)
@@ -760,6 +782,8 @@ class SiteHooks:
         else:
             for head in sorted(touched) if touched is not None else range(copy.shape[2]):
                 out[select, :, head] = project(copy[select, :, head])[:, :, head].to(out.dtype)
+        if site.put is not None:  # the view was a copy
+            site.put(h, out)
         return h, fresh
 
     def _scale(self, site: Site, x: Any, edits: Any, names: Any) -> None:
