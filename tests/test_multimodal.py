@@ -1,4 +1,5 @@
-"""The language model of a multimodal checkpoint (Gemma 3 4B and up, Mistral Small 3.1, LLaVA), served alone.
+"""The language model of a multimodal checkpoint (Gemma 3 4B and up, Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL),
+served alone.
 
 Tiny random checkpoints of each wrapper (a 2-block language model under a 2-block vision tower, norms perturbed) are
 saved as the hub's are. The reference is the wrapper itself, loaded here by transformers as its own class
@@ -10,6 +11,7 @@ log-softmax, greedy tokens against its ``generate``, an edit against the same ed
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +24,7 @@ from test_batching import arrays
 from test_models import app_with, concurrent_client
 
 # Each wrapper's language model, as test_architectures' reference names its family.
-FAMILY = {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama"}
+FAMILY = {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2", "qwen2_5_vl": "qwen2"}
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +82,8 @@ async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_
         # Only the language model is in memory (the vision tower's weights are never read); the estimate before the
         # load counts the checkpoint's files, vision tower included, so it is never below that.
         size = r.json()["model"]["size_bytes"]
-        assert size == module_bytes(net) - module_bytes(net.model.vision_tower) - module_bytes(
-            net.model.multi_modal_projector
-        )
+        towers = [m for name, m in net.model.named_children() if name != "language_model"]  # vision, projector
+        assert towers and size == module_bytes(net) - sum(module_bytes(m) for m in towers)
         ref, fp32 = resolve_model(path), LoadOptions(dtype="float32")
         estimate = estimate_bytes(ref, fp32, "cpu")
         assert estimate is not None and size < estimate < 1.6 * size
@@ -169,19 +170,106 @@ async def test_edits_on_gemma_3s_language_model_are_the_same_edits_in_the_wrappe
     assert [[t["token_id"] for t in row] for row in lens] == top.indices.tolist()
 
 
-async def test_a_multimodal_model_outside_the_wrappers_is_refused_as_one(tmp_path):
-    """Qwen2.5-VL's language model is no causal LM of its own in transformers: its checkpoint is a 422 at load, before
-    any weight is read, saying it is multimodal and which model_types serve their language model alone."""
-    import transformers
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+async def test_edits_on_qwen_vls_language_model_are_the_same_edits_in_the_wrapper(wrapped, model_type):
+    """Qwen2-VL's and Qwen2.5-VL's language model, loaded as Qwen2's causal LM: a head knocked out at block 0's
+    ``hook_z`` and a vector added at block 1's ``hook_mlp_out`` give the states, the lens and the greedy tokens of
+    the wrapper itself (its multimodal rotary embeddings, its own text positions) under a pre-hook zeroing that
+    head's slice of o_proj's input and a hook adding to its MLP's output."""
+    path, net, tok = wrapped(model_type)
+    enc = tok(TEXT, return_tensors="pt")
+    lm, cfg = net.model.language_model, net.config.text_config
+    d_head = cfg.hidden_size // cfg.num_attention_heads
+    v = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0))
 
-    path = tmp_path / "qwen2_5_vl"
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text.update(num_key_value_heads=2, vocab_size=512)  # tiny: the default is the 72B's, over the memory budget
-    transformers.Qwen2_5_VLConfig(text_config=text).save_pretrained(path)
+    def knock(module: Any, args: tuple) -> tuple:
+        z = args[0].clone()
+        z[..., d_head : 2 * d_head] = 0
+        return (z,)
+
+    handles = [
+        lm.layers[0].self_attn.o_proj.register_forward_pre_hook(knock),
+        lm.layers[1].mlp.register_forward_hook(lambda m, a, y: y + 2.0 * v),
+    ]
+    try:
+        with torch.inference_mode():
+            out = net(**enc, output_hidden_states=True)
+            want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.inference_mode():
+        plain = net(**enc, output_hidden_states=True).hidden_states[2]
+    assert not torch.allclose(plain, out.hidden_states[2], atol=1e-3)  # the edits show
+    edits = [
+        {"site": "blocks.1.hook_mlp_out", "op": "add", "vector": v.tolist(), "scale": 2.0},
+        {"site": "blocks.0.attn.hook_z", "op": "zero", "heads": [1]},
+    ]
+    body = {"model": path, "interventions": edits}
     async with concurrent_client(app_with()) as c:
-        r = await c.post("/models/load", json={"model": str(path)})
-    assert r.status_code == 422 and r.json()["field"] == "model", r.text
-    assert "is a multimodal model" in r.json()["detail"] and "gemma3, llava, mistral3" in r.json()["detail"], r.text
+        r = await c.post(
+            "/extract",
+            json={
+                **body,
+                "text": TEXT,
+                "positions": "all",
+                "hidden_state_layers": [1, 2],
+                "logit_lens": {"layers": [-1], "top_k": 3},
+            },
+        )
+        assert r.status_code == 200, r.text
+        g = await c.post("/generate", json={**body, "prompt": TEXT, "max_tokens": 8, "temperature": 0})
+        assert g.status_code == 200, g.text
+    got = arrays(r.json(), "sequence_hidden_states")
+    for i in (1, 2):
+        close(got[str(i)], out.hidden_states[i][0], f"index {i}")
+    top = torch.topk(torch.log_softmax(out.logits[0].double(), -1), 3)
+    assert [[t["token_id"] for t in row] for row in r.json()["logit_lens"]["-1"]["top_k"]] == top.indices.tolist()
+    assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+async def test_qwen_vls_multimodal_rotary_on_text_is_the_rotary_the_served_model_applies(wrapped, model_type):
+    """The wrapper's multimodal rotary embedding on text (three position sections, all the token's own position, as
+    its get_rope_index makes them) rotates q and k as the served Qwen2 model does: hook_rot_q and hook_rot_k are the
+    wrapper's own ``apply_rotary_pos_emb`` of its q and k with the cos and sin its rotary embedding handed to each
+    block's attention."""
+    path, net, tok = wrapped(model_type)
+    enc = tok(TEXT, return_tensors="pt")
+    lm, cfg = net.model.language_model, net.config.text_config
+    rotary = importlib.import_module(type(net).__module__).apply_rotary_pos_emb
+    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    seen: dict[str, Any] = {}
+    handles = []
+    for i, layer in enumerate(lm.layers):
+        a = layer.self_attn
+        handles += [
+            a.register_forward_pre_hook(
+                lambda m, a, kw, i=i: seen.update({i: kw["position_embeddings"]}), with_kwargs=True
+            ),
+            a.q_proj.register_forward_hook(lambda m, a, y, i=i: seen.update({f"q{i}": y})),
+            a.k_proj.register_forward_hook(lambda m, a, y, i=i: seen.update({f"k{i}": y})),
+        ]
+    try:
+        with torch.inference_mode():
+            net(**enc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = len(lm.layers)
+    names = [f"blocks.{i}.attn.hook_rot_{x}" for i in range(n) for x in "qk"]
+    async with concurrent_client(app_with()) as c:
+        r = await c.post(
+            "/extract", json={"model": path, "text": TEXT, "positions": "all", "hidden_state_layers": names}
+        )
+        assert r.status_code == 200, r.text
+    got = arrays(r.json(), "sequence_hidden_states")
+    for i in range(n):
+        q = seen[f"q{i}"].unflatten(-1, (h, -1)).transpose(1, 2)  # [1, heads, T, d_head]
+        k = seen[f"k{i}"].unflatten(-1, (kv, -1)).transpose(1, 2)
+        rot_q, rot_k = rotary(q, k, *seen[i])
+        close(got[f"blocks.{i}.attn.hook_rot_q"], rot_q[0].transpose(0, 1), f"{i} rot_q")
+        close(got[f"blocks.{i}.attn.hook_rot_k"], rot_k[0].transpose(0, 1), f"{i} rot_k")
 
 
 async def test_paligemma_is_refused_before_any_weight_is_read(tmp_path):

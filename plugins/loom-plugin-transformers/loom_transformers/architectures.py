@@ -441,9 +441,9 @@ NOT_SERVED = {
 @attrs.define(frozen=True)
 class Wrapper:
     """A multimodal model_type whose checkpoints hold a vision tower beside a language model (Gemma 3 4B and up,
-    Mistral Small 3.1, LLaVA). The Loom loads the language model alone, as the causal LM its ``text_config`` names,
-    which the table's entry for that config's model_type describes: images are not part of its API, so the vision
-    tower's weights are never read (docs/decisions.md).
+    Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL). The Loom loads the language model alone, as the causal LM its
+    ``text_config`` names (or ``family``), which the table's entry for that model_type describes: images are not
+    part of its API, so the vision tower's weights are never read (docs/decisions.md).
 
     ``text`` is where the language model sits in the checkpoint: its base model at ``{text}.model.`` and head at
     ``{text}.lm_head.`` (the hub's checkpoints, and transformers' own ``save_pretrained``), or its base model at
@@ -455,6 +455,11 @@ class Wrapper:
     # computes what the wrapper computes (Gemma3ForConditionalGeneration applies no final logit soft-capping, which
     # Gemma3ForCausalLM would).
     unused: tuple[str, ...] = ()
+    # The model_type the language model loads as where its text_config's own type has no causal LM in transformers
+    # ("": its own). Qwen2-VL's and Qwen2.5-VL's text model is Qwen2's block under multimodal rotary embeddings
+    # (mrope): three position sections, each rotating its share of the frequencies; on text all three positions are
+    # the token's, and the rotation is Qwen2's ordinary one, bit for bit (tests/test_multimodal.py).
+    family: str = ""
 
     def key_mapping(self) -> dict[str, str]:
         """transformers' ``key_mapping``: the checkpoint's names of the language model's weights to the causal LM's
@@ -467,6 +472,10 @@ WRAPPERS: dict[str, Wrapper] = {
     "gemma3": Wrapper("Gemma 3 (Gemma3ForConditionalGeneration)", unused=("final_logit_softcapping",)),
     "mistral3": Wrapper("Mistral 3 (Mistral3ForConditionalGeneration)"),
     "llava": Wrapper("LLaVA (LlavaForConditionalGeneration)"),
+    # The hub's checkpoints name the language model's weights model.* and lm_head.* already (a causal LM's names);
+    # transformers' own module tree, model.language_model.*, is mapped.
+    "qwen2_vl": Wrapper("Qwen2-VL (Qwen2VLForConditionalGeneration)", family="qwen2"),
+    "qwen2_5_vl": Wrapper("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", family="qwen2"),
 }
 
 
@@ -477,7 +486,7 @@ def language_model(config: Any) -> tuple[Wrapper, Any] | None:
     text = getattr(config, "text_config", None) if wrapper is not None else None
     if wrapper is None or text is None:
         return None
-    text = copy.deepcopy(text)
+    text = as_family(text, wrapper.family) if wrapper.family else copy.deepcopy(text)
     # transformers ties a model's head by its own config's flag: the wrapper's, not its text_config's.
     text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
     for attr in wrapper.unused:
@@ -486,6 +495,21 @@ def language_model(config: Any) -> tuple[Wrapper, Any] | None:
     if getattr(config, "quantization_config", None) is not None:
         text.quantization_config = config.quantization_config
     return wrapper, text
+
+
+def as_family(text: Any, family: str) -> Any:
+    """``text`` (a text_config) as a config of model_type ``family``, its multimodal rotary sections left out: they
+    split the rotation among three positions, which on text are all the token's own."""
+    from transformers import AutoConfig
+
+    values = text.to_dict()
+    rope = {k: v for k, v in (values.pop("rope_parameters", None) or {}).items() if k not in ("type", "mrope_section")}
+    if rope.get("rope_type") == "mrope":  # how some configs say "default" with sections
+        rope["rope_type"] = "default"
+    # Its own type and its wrapper's architectures would make transformers build the wrapper's classes.
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path"):
+        values.pop(key, None)
+    return AutoConfig.for_model(family, **values, **({"rope_parameters": rope} if rope else {}))
 
 
 def arch_of(config: Any) -> Arch | None:

@@ -366,6 +366,7 @@ def perturb(model: Any) -> None:
                     p.add_(std * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
+QWEN_VL_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
 # Multimodal checkpoints whose language model The Loom serves alone (``architectures.WRAPPERS``): each one's config
 # class, the tiny family of its language model, its vision tower's config class, and what its config sets besides.
 WRAPPED = {
@@ -380,13 +381,31 @@ WRAPPED = {
     ),
     "mistral3": ("Mistral3Config", "mistral", "PixtralVisionConfig", {"tie_word_embeddings": False}, {}),
     "llava": ("LlavaConfig", "llama", "CLIPVisionConfig", {"tie_word_embeddings": False}, {}),
+    # Qwen2's block under multimodal rotary embeddings: three sections of the 8 frequencies of a 16-wide head.
+    "qwen2_vl": ("Qwen2VLConfig", "qwen2", "Qwen2VLVisionConfig", {"tie_word_embeddings": False}, QWEN_VL_TEXT),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "qwen2", "Qwen2_5_VLVisionConfig", {"tie_word_embeddings": True}, QWEN_VL_TEXT),
+}
+# Each vision tower's tiny sizes under its own config's names (a 2-block tower 32 wide, 14-pixel patches); Qwen's
+# project to the language model's width (``WIDTH``, filled in with it).
+VISION: dict[str, dict[str, Any]] = {
+    "PixtralVisionConfig": {"head_dim": 8},
+    "Qwen2VLVisionConfig": {"depth": 2, "embed_dim": 32, "hidden_size": "WIDTH", "mlp_ratio": 2, "num_heads": 4},
+    "Qwen2_5_VLVisionConfig": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": "WIDTH",
+        "fullatt_block_indexes": [1],
+    },
 }
 
 
 def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> Path:
     """Build (once) and save a tiny multimodal checkpoint of ``model_type`` (one of ``WRAPPED``): a 2-block language
     model of the tiny family's sizes under a 2-block vision tower 32 wide (28-pixel images, 14-pixel patches), its
-    norms perturbed, saved by ``save_pretrained`` as the hub's checkpoints are (``language_model.model.*``)."""
+    norms perturbed, saved by ``save_pretrained`` as the hub's checkpoints are (``language_model.model.*``; Qwen's
+    ``model.*``)."""
     import torch
     import transformers
 
@@ -398,12 +417,18 @@ def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> 
     text = tiny_config(family, tokenizer).to_dict()
     text.pop("layer_types", None)  # sized for the tiny family's 3 blocks
     text.update(num_hidden_layers=2, **text_extra)
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    vision.update(image_size=28, patch_size=14, **({"head_dim": 8} if vision_name == "PixtralVisionConfig" else {}))
+    vision: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    vision.update(num_attention_heads=4, image_size=28, patch_size=14)
+    if vision_name.startswith("Qwen"):  # other names; 4-pixel patches, as 14 makes its 3-D patch embedding the bulk
+        vision = {"patch_size": 4}
+    vision.update({k: text["hidden_size"] if v == "WIDTH" else v for k, v in VISION.get(vision_name, {}).items()})
     vocab = len(tokenizer)  # image tokens past the text vocabulary, as no text tokenizes to them
     tokens = {"image_token_index": vocab + 1}
     if model_type == "gemma3":
         tokens.update(boi_token_index=vocab + 2, eoi_token_index=vocab + 3)
+    if model_type.startswith("qwen"):
+        tokens = {"image_token_id": vocab + 1, "video_token_id": vocab + 2}
+        tokens.update(vision_start_token_id=vocab + 3, vision_end_token_id=vocab + 4)
     config = getattr(transformers, config_name)(
         text_config=text, vision_config=getattr(transformers, vision_name)(**vision).to_dict(), **tokens, **extra
     )
