@@ -513,7 +513,8 @@ def as_family(text: Any, family: str) -> Any:
 
 
 def arch_of(config: Any) -> Arch | None:
-    """The entry describing ``config``'s blocks, resolved for it (OPT's post-LN form); None where there is none."""
+    """The entry describing ``config``'s blocks, resolved for it (OPT's post-LN form, Falcon's
+    new_decoder_architecture); None where there is none."""
     arch = ARCHITECTURES.get(str(getattr(config, "model_type", "")))
     if arch is None or refused(config):
         return None
