@@ -64,6 +64,11 @@ VARIANTS = {
     # Falcon-40B's and 180B's block (new_decoder_architecture): query_key_value grouped as [kv, heads per kv + 2,
     # d_head], and a LayerNorm of its own before each sublayer (ln_attn, ln_mlp).
     "falcon_grouped": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    # Falcon2-11B's: the grouped projection, one LayerNorm for both sublayers (num_ln_in_parallel_attn 1).
+    "falcon_grouped_one_ln": (
+        "falcon",
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
+    ),
     "gpt_bigcode_mha": ("gpt_bigcode", {"multi_query": False}),  # its fused projection as [heads, 3, d_head]
     # OPT-350m's block: post-LN (its norms after the adds, no final norm), and project_in / project_out between the
     # embedding width and the stream's.
@@ -84,6 +89,7 @@ SURVEY = (
     "falcon",
     "falcon_sequential",
     "falcon_grouped",
+    "falcon_grouped_one_ln",
     "opt",
     "opt_post_ln",
     "bloom",
@@ -97,7 +103,7 @@ SURVEY = (
 # RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
-PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon", "falcon_grouped")
+PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon", "falcon_grouped", "falcon_grouped_one_ln")
 TEXT = "the cat sat on the mat and looked at the"
 
 
