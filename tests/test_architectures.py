@@ -478,6 +478,17 @@ def close(got: np.ndarray, want: Any, name: str, atol: float = 2e-5) -> None:
     np.testing.assert_allclose(got, want, atol=atol * scale, rtol=0, err_msg=name)
 
 
+def hooked_run(net: Any, tok: Any, enc: Any, handles: list[Any]) -> tuple[Any, torch.Tensor]:
+    """The model's own outputs (hidden states) and greedy tokens (8) with ``handles``' hooks on, removed after."""
+    try:
+        with torch.inference_mode():
+            out = net(**enc, output_hidden_states=True)
+            return out, net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.parametrize("arch", SURVEY)
 async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
     path = built(arch)

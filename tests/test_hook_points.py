@@ -25,6 +25,7 @@ from test_architectures import (
     eps_of,
     grouped,
     heads,
+    hooked_run,
     load,
     not_offered,
     record,
@@ -498,13 +499,7 @@ async def test_edits_at_grouped_falcons_q_k_v_and_their_inputs_are_edits_of_its_
                 return o
 
             handles = [layer.register_forward_pre_hook(keep, with_kwargs=True), qkv.register_forward_hook(write)]
-            try:
-                with torch.inference_mode():
-                    out = net(**enc, output_hidden_states=True)
-                    want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-            finally:
-                for handle in handles:
-                    handle.remove()
+            out, want = hooked_run(net, tok, enc, handles)
             assert not torch.allclose(out.hidden_states[n], plain, atol=1e-3), item  # the edit shows
             body = {"model": path, "interventions": [item]}
             r = await c.post("/extract", json={**body, "text": TEXT, "hidden_state_layers": [n], "positions": "all"})

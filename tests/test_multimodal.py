@@ -19,7 +19,15 @@ from typing import Any
 import attrs
 import pytest
 import torch
-from test_architectures import TEXT, assert_lens_and_generation, close, eager_patterns, record, reference_points
+from test_architectures import (
+    TEXT,
+    assert_lens_and_generation,
+    close,
+    eager_patterns,
+    hooked_run,
+    record,
+    reference_points,
+)
 from test_batching import arrays
 from test_models import app_with, concurrent_client
 
@@ -132,54 +140,22 @@ async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_
         await assert_lens_and_generation(c, path, net, tok, enc, out, [-1, f"blocks.{n - 1}.hook_resid_post"])
 
 
-async def test_edits_on_gemma_3s_language_model_are_the_same_edits_in_the_wrapper(wrapped):
-    """A head knocked out at ``hook_z`` of the local block and a vector added at the global block's ``hook_mlp_out``:
-    the same as a pre-hook zeroing that head's slice of o_proj's input and a hook adding to the output of the
-    post-feedforward norm, in Gemma3ForConditionalGeneration's own language model."""
-    path, net, tok = wrapped("gemma3")
-    enc = tok(TEXT, return_tensors="pt")
-    lm, cfg = net.model.language_model, net.config.text_config
-    d_head, v = cfg.head_dim, torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-
-    def knock(module: Any, args: tuple) -> tuple:
-        z = args[0].clone()
-        z[..., d_head : 2 * d_head] = 0
-        return (z,)
-
-    handles = [
-        lm.layers[0].self_attn.o_proj.register_forward_pre_hook(knock),
-        lm.layers[1].post_feedforward_layernorm.register_forward_hook(lambda m, a, y: y + 2.0 * v),
-    ]
-    with torch.inference_mode():
-        out = net(**enc, output_hidden_states=True)
-    for handle in handles:
-        handle.remove()
-    edits = [
-        {"site": "blocks.1.hook_mlp_out", "op": "add", "vector": v.tolist(), "scale": 2.0},
-        {"site": "blocks.0.attn.hook_z", "op": "zero", "heads": [1]},
-    ]
-    body = {"model": path, "text": TEXT, "positions": "all", "interventions": edits, "hidden_state_layers": [1, 2]}
-    async with concurrent_client(app_with()) as c:
-        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [-1], "top_k": 3}})
-        assert r.status_code == 200, r.text
-        got = arrays(r.json(), "sequence_hidden_states")
-        lens = r.json()["logit_lens"]["-1"]["top_k"]
-    for i in (1, 2):
-        close(got[str(i)], out.hidden_states[i][0], f"index {i}")
-    top = torch.topk(torch.log_softmax(out.logits[0].double(), -1), 3)
-    assert [[t["token_id"] for t in row] for row in lens] == top.indices.tolist()
-
-
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
-async def test_edits_on_qwen_vls_language_model_are_the_same_edits_in_the_wrapper(wrapped, model_type):
-    """Qwen2-VL's and Qwen2.5-VL's language model, loaded as Qwen2's causal LM: a head knocked out at block 0's
-    ``hook_z`` and a vector added at block 1's ``hook_mlp_out`` give the states, the lens and the greedy tokens of
-    the wrapper itself (its multimodal rotary embeddings, its own text positions) under a pre-hook zeroing that
-    head's slice of o_proj's input and a hook adding to its MLP's output."""
+@pytest.mark.parametrize(
+    ("model_type", "mlp_out"),
+    [("gemma3", "post_feedforward_layernorm"), ("qwen2_vl", "mlp"), ("qwen2_5_vl", "mlp")],
+)
+async def test_edits_on_a_multimodal_checkpoints_language_model_are_the_same_edits_in_the_wrapper(
+    wrapped, model_type, mlp_out
+):
+    """A head knocked out at block 0's ``hook_z`` and a vector added at block 1's ``hook_mlp_out`` (Gemma 3's local
+    and global blocks; Qwen2-VL's and Qwen2.5-VL's language model loaded as Qwen2's causal LM) give the states, the
+    lens and the greedy tokens of the wrapper itself (Qwen's multimodal rotary embeddings and text positions) under a
+    pre-hook zeroing that head's slice of o_proj's input and a hook adding to what its block's MLP output is (the
+    post-feedforward norm's output in Gemma's sandwich)."""
     path, net, tok = wrapped(model_type)
     enc = tok(TEXT, return_tensors="pt")
     lm, cfg = net.model.language_model, net.config.text_config
-    d_head = cfg.hidden_size // cfg.num_attention_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     v = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(0))
 
     def knock(module: Any, args: tuple) -> tuple:
@@ -189,15 +165,9 @@ async def test_edits_on_qwen_vls_language_model_are_the_same_edits_in_the_wrappe
 
     handles = [
         lm.layers[0].self_attn.o_proj.register_forward_pre_hook(knock),
-        lm.layers[1].mlp.register_forward_hook(lambda m, a, y: y + 2.0 * v),
+        getattr(lm.layers[1], mlp_out).register_forward_hook(lambda m, a, y: y + 2.0 * v),
     ]
-    try:
-        with torch.inference_mode():
-            out = net(**enc, output_hidden_states=True)
-            want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    finally:
-        for handle in handles:
-            handle.remove()
+    out, want = hooked_run(net, tok, enc, handles)
     with torch.inference_mode():
         plain = net(**enc, output_hidden_states=True).hidden_states[2]
     assert not torch.allclose(plain, out.hidden_states[2], atol=1e-3)  # the edits show
