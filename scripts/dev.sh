@@ -43,6 +43,9 @@ install() {
     -e plugins/loom-plugin-viewer \
     -e models/loom-model-pydoc-gpt2 \
     -e client
+  # tuned-lens is the tests' reference for a tuned lens, installed alone: what it depends on besides torch and
+  # transformers (wandb, datasets, plotly) is for training one, which nothing here does.
+  "${pip[@]}" --no-deps "tuned-lens==0.2.0"
   echo "$want" > "$stamp"
   echo "dev.sh: installed into $venv" >&2
 }

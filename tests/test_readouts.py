@@ -72,6 +72,72 @@ async def test_logit_lens_is_the_models_own_final_norm_and_head(paths, arch):
     )
 
 
+OCTETS = {"content-type": "application/octet-stream"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+async def test_a_tuned_lens_is_tuned_lenses_own_prediction(paths, arch):
+    """A tuned lens made by the tuned-lens package (``TunedLens.from_model``, its translators set at random as
+    training would move them) and uploaded as the safetensors of its state dict: each layer's top tokens and
+    log-probabilities are ``TunedLens.forward`` of transformers' hidden state at that index, the last layer's the
+    model's own logits, alone and in a generation's stream; a lens of another depth, one named among ``probes``, a
+    tuned lens read at a hook point, and a file that is not a tuned lens are 422s naming the field."""
+    from tuned_lens import TunedLens
+
+    net, tok = load(paths[arch], arch)
+    lens = TunedLens.from_model(net)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in lens.layer_translators.parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    state = {k: v.contiguous() for k, v in lens.state_dict().items()}
+    with torch.inference_mode():
+        out = net(**tok(TEXT, return_tensors="pt"), output_hidden_states=True)
+    n = len(out.hidden_states) - 1
+    ask = {"layers": list(range(n + 1)), "top_k": 5, "tuned": "tuned"}
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/probes/tuned?kind=tuned_lens", content=safetensors.torch.save(state), headers=OCTETS)
+        assert r.status_code == 201, r.text
+        r = await c.post("/extract", json={"model": paths[arch], "text": TEXT, "positions": "all", "logit_lens": ask})
+        assert r.status_code == 200, r.text
+        got = r.json()["logit_lens"]
+        events = await token_events(
+            c, {"model": paths[arch], "prompt": TEXT, "max_tokens": 2, "temperature": 0, "logit_lens": ask}
+        )
+        shallow = {k: v for k, v in state.items() if not k.startswith(f"layer_translators.{n - 1}.")}
+        r = await c.post("/probes/shallow?kind=tuned_lens", content=safetensors.torch.save(shallow), headers=OCTETS)
+        assert r.status_code == 201, r.text
+        broken = {k: v for k, v in state.items() if k != "layer_translators.0.bias"}
+        r = await c.post("/probes/broken?kind=tuned_lens", content=safetensors.torch.save(broken), headers=OCTETS)
+        assert r.status_code == 422 and r.json()["field"] == "body", r.text
+        for change, field in [
+            ({"logit_lens": {**ask, "tuned": "shallow"}}, "logit_lens.tuned"),
+            ({"logit_lens": {**ask, "tuned": "nope"}}, "logit_lens.tuned"),
+            ({"logit_lens": {**ask, "layers": ["blocks.0.hook_resid_post"]}}, "logit_lens.layers"),
+            ({"probes": ["tuned"]}, "probes[0]"),
+        ]:
+            r = await c.post("/extract", json={"model": paths[arch], "text": TEXT, **change})
+            assert r.status_code == 422 and r.json()["field"] == field, r.text
+    for i in range(n + 1):
+        with torch.inference_mode():
+            logits = lens(out.hidden_states[i][0], i) if i < n else out.logits[0]
+        want = torch.log_softmax(logits.double(), -1)
+        values, ids = torch.topk(want, 5, dim=-1)
+        entry = got[str(i)]
+        assert [[t["token_id"] for t in row] for row in entry["top_k"]] == ids.tolist(), i
+        np.testing.assert_allclose([[t["logprob"] for t in row] for row in entry["top_k"]], values.numpy(), atol=1e-4)
+    # A stream's token event reads that token's position: the first generated token's, in the model run on it.
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    fed = torch.cat([ids, torch.tensor([[events[0]["token_id"]]])], dim=1)
+    with torch.inference_mode():
+        run = net(input_ids=fed, output_hidden_states=True)
+    for i in range(n + 1):
+        with torch.inference_mode():
+            logits = lens(run.hidden_states[i][0, -1:], i) if i < n else run.logits[0, -1:]
+        first = events[0]["logit_lens"][str(i)]["top_k"][0]
+        assert [t["token_id"] for t in first] == torch.topk(logits[0], 5).indices.tolist(), i
+
+
 async def test_lens_at_hook_points_and_refusals(paths):
     net, tok = load(paths["llama"], "llama")
     kept = {}

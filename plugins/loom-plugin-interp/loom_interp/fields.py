@@ -36,6 +36,7 @@ class LensFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     layers: LayerSpec = "all"
     top_k: int = 5
     tokens: Annotated[list[str], msgspec.Meta(max_length=32)] = []
+    tuned: str | None = None  # a stored tuned lens (``POST /probes/{name}?kind=tuned_lens``): its translators first
 
 
 class StopRule(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -278,9 +278,13 @@ class ProbesController(Controller):
         description: FromQuery[str | None] = None,
         top_features: FromQuery[int | None] = None,
         replace: FromQuery[bool] = False,
+        kind: FromQuery[str | None] = None,
     ) -> Response:
         """An SAE as a safetensors file (``W_enc``, ``b_enc``, ``b_dec``[, ``threshold``][, ``W_dec``], as
-        SAELens saves them); ``site``, ``activation`` and ``k`` from the query or the file's metadata."""
+        SAELens saves them); ``site``, ``activation`` and ``k`` from the query or the file's metadata. With ``kind``
+        tuned_lens, a tuned lens (tuned-lens's ``TunedLens`` state dict: ``layer_translators.{i}.weight`` and
+        ``.bias``; its copies of the model's final norm and head, ``unembed.*``, are not kept: the lens reads
+        through the model's own)."""
         media = request.headers.get("content-type", "").split(";")[0].strip()
         if media not in SAFETENSORS_TYPES:
             raise InvalidField(
@@ -291,6 +295,18 @@ class ProbesController(Controller):
 
             def put() -> tuple[Stored, bool]:  # parsing and the flushed write, on a request thread
                 tensors, file_meta = read_safetensors(body)
+                what = kind or file_meta.get("kind") or "sae"
+                if what == "tuned_lens":
+                    tensors = {key: t for key, t in tensors.items() if not key.startswith("unembed.")}
+                    meta = {"kind": what, "activation": "identity", "site": "all", "model": model}
+                    meta |= {"description": description}
+                    return store(manager, name, tensors, meta, replace, caller(request))
+                if what != "sae":
+                    raise InvalidField(
+                        f"kind: {echo(what)} is not a kind of file this route takes",
+                        field="kind",
+                        allowed=["sae", "tuned_lens"],
+                    )
                 unknown = sorted(set(tensors) - set(SAE_ROLES))
                 if unknown:
                     raise InvalidField(

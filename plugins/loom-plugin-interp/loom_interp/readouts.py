@@ -31,6 +31,7 @@ from loom_kernel import (
 
 LINEAR_ACTIVATIONS = ("linear", "sigmoid", "softmax")
 SAE_ACTIVATIONS = ("relu", "jumprelu", "topk")
+KINDS = ("linear", "sae", "tuned_lens")
 DEFAULT_TOP_FEATURES = 16
 MAX_LABEL_CHARS = 128
 LABEL_RULE = f"a name of at most {MAX_LABEL_CHARS} characters"
@@ -59,7 +60,8 @@ class Readouts:
         ``stop_when[i].*``."""
         plan = Plan()
         if self.lens is not None:
-            plan.add_lens(model, self.lens)
+            tuned = self.find(self.lens.tuned, "logit_lens.tuned") if self.lens.tuned is not None else None
+            plan.add_lens(model, self.lens, tuned)
         for i, name in enumerate(self.probes):
             if name in plan.items:  # named twice: read once
                 continue
@@ -84,7 +86,8 @@ class Readouts:
 class Plan:
     layers: list[LayerSel] = attrs.field(factory=list)  # layer indices, keyed by the index
     sites: list[str] = attrs.field(factory=list)  # extra hook points, keyed by name
-    lens: list[tuple[str, str, bool]] = attrs.field(factory=list)  # (answer key, state key, already normalized)
+    # (answer key, state key, already normalized, the tuned lens's translator (weight, bias) or None)
+    lens: list[tuple[str, str, bool, Any]] = attrs.field(factory=list)
     lens_top_k: int = 5
     lens_tokens: list[tuple[str, int]] = attrs.field(factory=list)
     probes: list[tuple[str, str]] = attrs.field(factory=list)  # (probe name, state key)
@@ -102,7 +105,7 @@ class Plan:
             self.sites.append(site)
         return site
 
-    def add_lens(self, model: LoadedModel, spec: Any) -> None:
+    def add_lens(self, model: LoadedModel, spec: Any, tuned: Stored | None = None) -> None:
         if model.unembed is None:
             raise Unsupported(
                 f"logit_lens: {model.ref.id!r} has no LM head and final norm the loader knows to read states through "
@@ -118,9 +121,13 @@ class Plan:
         self.lens_top_k = spec.top_k
         indices, names = split_sites(spec.layers)
         n = model.num_layers
+        if tuned is not None:
+            check_tuned_lens(tuned, model, bool(names))
         for sel in resolve_layers(indices, n, field="logit_lens.layers") if indices != [] else ():
             # Index N is the final norm's output already (where the model has one); the LM head reads it as it is.
-            self.lens.append((sel.key, self.state_for(sel.index), sel.index == n and has_final_norm(model)))
+            # A tuned lens has a translator for each index below N; at N it is the model's own logits.
+            translator = translator_of(tuned, sel.index) if tuned is not None and sel.index < n else None
+            self.lens.append((sel.key, self.state_for(sel.index), sel.index == n and has_final_norm(model), translator))
         for name in names:
             site, shape = check_site(name, model, "logit_lens.layers")
             if shape != (model.hidden_size,):
@@ -129,7 +136,7 @@ class Plan:
                     field="logit_lens.layers",
                     allowed="hidden-state indices and hook points of the model's width",
                 )
-            self.lens.append((name, self.state_for(site), name == "ln_final.hook_normalized"))
+            self.lens.append((name, self.state_for(site), name == "ln_final.hook_normalized", None))
         for i, text in enumerate(spec.tokens or ()):
             self.lens_tokens.append((text, one_token(model, text, f"logit_lens.tokens[{i}]")))
 
@@ -159,7 +166,8 @@ class Plan:
         out: dict[str, Any] = {}
         if self.lens:
             out["logit_lens"] = {
-                key: {**where, **self._lens(model, states[state], normalized)} for key, state, normalized in self.lens
+                key: {**where, **self._lens(model, states[state], normalized, translator)}
+                for key, state, normalized, translator in self.lens
             }
         if self.probes:
             out["probe_scores"] = {
@@ -167,10 +175,13 @@ class Plan:
             }
         return out
 
-    def _lens(self, model: LoadedModel, states: Any, normalized: bool) -> dict[str, Any]:
+    def _lens(self, model: LoadedModel, states: Any, normalized: bool, translator: Any) -> dict[str, Any]:
         import torch
 
         assert model.unembed is not None
+        if translator is not None:  # tuned-lens's transform_hidden: the residual plus its affine translation
+            weight, bias = translator
+            states = states + torch.nn.functional.linear(states.float(), weight, bias).to(states.dtype)
         logp = torch.log_softmax(model.unembed(states, normalized).double(), dim=-1)
         values, ids = torch.topk(logp, min(self.lens_top_k, logp.shape[-1]), dim=-1)
         tok = model.tokenizer
@@ -204,6 +215,42 @@ class Plan:
         return None
 
 
+def translator_of(item: Stored, index: int) -> tuple[Any, Any]:
+    return item.tensors[f"layer_translators.{index}.weight"], item.tensors[f"layer_translators.{index}.bias"]
+
+
+def translators(tensors: dict[str, Any]) -> int:
+    """How many layers a tuned lens's tensors translate (``layer_translators.{i}.weight`` and ``.bias``)."""
+    return sum(key.endswith(".weight") for key in tensors)
+
+
+def check_tuned_lens(item: Stored, model: LoadedModel, names: bool) -> None:
+    """A stored tuned lens, as ``logit_lens.tuned`` names it: made for this model's depth and width, read at
+    hidden-state indices only (its translators are per index)."""
+    field = "logit_lens.tuned"
+    if item.meta["kind"] != "tuned_lens":
+        raise InvalidField(
+            f"{field}: {item.shown!r} is a {item.meta['kind']} probe, not a tuned lens",
+            field=field,
+            allowed="a name stored with POST /probes/{name}?kind=tuned_lens",
+        )
+    layers, width = translators(item.tensors), int(item.tensors["layer_translators.0.bias"].shape[0])
+    if (layers, width) != (model.num_layers, model.hidden_size):
+        raise InvalidField(
+            f"{field}: {item.shown!r} translates {layers} layers of width {width}; this model has {model.num_layers} "
+            f"of width {model.hidden_size}",
+            field=field,
+            allowed="a tuned lens trained for this model",
+        )
+    if names:
+        raise InvalidField(
+            "logit_lens.layers: a tuned lens reads hidden-state indices (its translators are per index), not hook "
+            "points",
+            field="logit_lens.layers",
+            allowed="hidden-state indices",
+        )
+
+
 def has_final_norm(model: LoadedModel) -> bool:
     return isinstance((model.sites or {}).get("ln_final.hook_normalized"), tuple)
 
@@ -231,6 +278,12 @@ def site_of(meta: dict[str, str]) -> int | str:
 
 def probe_site(item: Stored, model: LoadedModel, field: str) -> int | str:
     """The probe's site on ``model``, checked: it exists and its width is the probe's input width."""
+    if item.meta["kind"] == "tuned_lens":
+        raise InvalidField(
+            f"{field}: {item.shown!r} is a tuned lens, which logit_lens.tuned reads",
+            field=field,
+            allowed="a linear probe or an SAE",
+        )
     site, shape = check_site(site_of(item.meta), model, field)
     width = input_width(item)
     if len(shape) != 1 or shape[0] != width:
@@ -317,8 +370,13 @@ def check_probe(tensors: dict[str, Any], meta: dict[str, Any], field: str = "") 
     """A probe's tensors and fields against its kind and activation, made ready to store (``labels``, ``k`` and
     ``top_features`` as text); 422s name the tensor or field at fault."""
     kind, act = meta["kind"], meta["activation"]
-    if kind not in ("linear", "sae"):
-        raise InvalidField(f"kind: {echo(kind)} is not a kind of probe", field="kind", allowed=["linear", "sae"])
+    if kind not in KINDS:
+        raise InvalidField(f"kind: {echo(kind)} is not a kind of probe", field="kind", allowed=list(KINDS))
+    if kind == "tuned_lens":
+        check_translators(tensors)
+        for key in ("labels", "k", "top_features"):
+            meta.pop(key, None)
+        return
     if kind == "linear":
         need = {"weight": 2, "bias": 1}
         allowed = list(LINEAR_ACTIVATIONS)
@@ -378,6 +436,26 @@ def check_probe(tensors: dict[str, Any], meta: dict[str, Any], field: str = "") 
             )
         meta["top_features"] = str(top)
     meta.pop("labels", None)
+
+
+def check_translators(tensors: dict[str, Any]) -> None:
+    """A tuned lens's tensors as tuned-lens's ``TunedLens`` names them: ``layer_translators.{i}.weight`` [d, d] and
+    ``.bias`` [d] for every i from 0."""
+    layers = translators(tensors)
+    want = {f"layer_translators.{i}.{part}" for i in range(layers) for part in ("weight", "bias")}
+    allowed = "layer_translators.{i}.weight [d, d] and layer_translators.{i}.bias [d], i from 0"
+    odd = sorted(set(tensors) ^ want)
+    if not layers or odd:
+        what = f"tensor {echo(odd[0])}" if odd else "no translators"
+        raise InvalidField(f"body: {what} does not fit a tuned lens", field="body", allowed=allowed)
+    d = int(tensors["layer_translators.0.bias"].shape[0])
+    for i in range(layers):
+        w, b = tensors[f"layer_translators.{i}.weight"], tensors[f"layer_translators.{i}.bias"]
+        if list(w.shape) != [d, d] or list(b.shape) != [d]:
+            field = f"layer_translators.{i}"
+            raise InvalidField(
+                f"{field}: shapes {list(w.shape)} and {list(b.shape)}", field=field, allowed=f"[{d}, {d}] and [{d}]"
+            )
 
 
 def _count(value: Any, most: int) -> bool:
