@@ -170,8 +170,8 @@ class Endpoints:
         return self._call(Call("GET", model_path("/models/", model) + "/weights", read=states_body, params=query))
 
     # -- readouts: logit lens, probes, sparse autoencoders -----------------------------------------------------------
-    # ``logit_lens={"layers": "all", "top_k": 5, "tokens": [" Paris"]}``, ``probes=["name"]`` and (generation)
-    # ``stop_when=[{"probe", "label", "above"}]`` go with extract, generate, stream and the OpenAI methods.
+    # ``logit_lens={"layers": "all", "top_k": 5, "tokens": [" Paris"], "tuned": "lens"}``, ``probes=["name"]`` and
+    # (generation) ``stop_when=[{"probe", "label", "above"}]`` go with extract, generate, stream and the OpenAI methods.
     def put_probe(self, name: str, site: int | str, **fields: Any) -> Any:
         """POST /probes: a linear probe (``weight``, ``bias``, ``labels``, ``activation``) or, with ``kind="sae"``,
         a sparse autoencoder (``W_enc``, ``b_enc``, ``b_dec``, ...); tensors may be numpy arrays."""
@@ -179,7 +179,7 @@ class Endpoints:
 
     def upload_probe(self, name: str, safetensors: bytes, **params: Any) -> Any:
         """POST /probes/{name}: an SAE as a safetensors file's bytes (``site``, ``activation``, ``k`` as keywords,
-        else from the file's metadata)."""
+        else from the file's metadata), or with ``kind="tuned_lens"`` a tuned lens's state dict."""
         call = Call("POST", "/probes/" + quote(name, safe=""), params=params, content=safetensors)
         return self._call(call)
 
