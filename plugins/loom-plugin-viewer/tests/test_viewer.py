@@ -158,6 +158,40 @@ def test_logit_lens(browser: Any, base: str, api: httpx.Client, model: str) -> N
     assert_clean(browser, base)
 
 
+def test_a_tuned_lens(browser: Any, base: str, api: httpx.Client, model: str) -> None:
+    """A stored tuned lens named in the form: the page asks for it and draws the server's answer through it."""
+    import safetensors.torch
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    config = json.loads((Path(model) / "config.json").read_text())
+    layers, width = config["n_layer"], config["n_embd"]
+    lens = {f"layer_translators.{i}.weight": torch.randn(width, width, generator=g) * 0.3 for i in range(layers)}
+    lens |= {f"layer_translators.{i}.bias": torch.randn(width, generator=g) for i in range(layers)}
+    r = api.post(
+        "/probes/viewer-lens?kind=tuned_lens",
+        content=safetensors.torch.save(lens),
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 201, r.text
+    open_view(browser, base, model=model, text=TEXT, tuned="viewer-lens")
+    body = {
+        "model": model,
+        "text": TEXT,
+        "positions": "all",
+        "hidden_state_layers": [],
+        "logit_lens": {"layers": "all", "top_k": 5, "tuned": "viewer-lens"},
+    }
+    assert shown_requests(browser) == [(f"{base}/extract", body)]
+    lens_answer = post(api, "/extract", body)["logit_lens"]
+    plain = post(api, "/extract", {**body, "logit_lens": {"layers": "all", "top_k": 5}})["logit_lens"]
+    assert lens_answer != plain  # the translators moved the lens
+    cells = drawn(browser, ".lens-cell")
+    for c in cells:
+        top = lens_answer[c["layer"]]["top_k"][lens_answer[c["layer"]]["positions"].index(int(c["position"]))][0]
+        assert (c["token"], int(c["tokenId"]), float(c["logprob"])) == (top["token"], top["token_id"], top["logprob"])
+
+
 def test_attention(browser: Any, base: str, api: httpx.Client, model: str) -> None:
     from selenium.webdriver.support.select import Select
 

@@ -85,6 +85,7 @@ export default {
     { name: "top_k", label: "top-k", kind: "number", default: "5" },
     { name: "target", label: "target token", placeholder: "one token, e.g. \" the\"", help: "its rank and log-probability across layers" },
     { name: "position", label: "curve at position", placeholder: "last", help: "where the target's curve is read (click a token)" },
+    { name: "tuned", label: "tuned lens", placeholder: "a stored tuned lens (optional)", help: "read each layer through its translator first (POST /probes/{name}?kind=tuned_lens)" },
     { name: "interventions", label: "edit (interventions JSON)", kind: "textarea", wide: true, rows: 1, placeholder: '[{"site": "blocks.0.attn.hook_z", "op": "zero", "heads": [1]}]' },
   ],
   ready: (p) => Boolean(p.model && p.text),
@@ -96,7 +97,12 @@ export default {
       text: p.text,
       positions: "all",
       hidden_state_layers: [], // the lens only: no states on the wire
-      logit_lens: P.compact({ layers, top_k: P.integer(p.top_k || "5"), tokens: p.target ? [p.target] : undefined }),
+      logit_lens: P.compact({
+        layers,
+        top_k: P.integer(p.top_k || "5"),
+        tokens: p.target ? [p.target] : undefined,
+        tuned: p.tuned || undefined,
+      }),
       interventions: P.json(p.interventions, "interventions"),
     });
     ctx.showRequests([{ path: "/extract", body }]);
