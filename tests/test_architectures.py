@@ -35,6 +35,9 @@ FAMILIES = (
     "arcee",
     "glm4",
     "gpt_oss",
+    "cohere2",
+    "glm4_moe",
+    "llama4_text",
 )
 LLAMA_LIKE = (
     "llama",
@@ -103,7 +106,7 @@ SURVEY = (
 # RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
-PARALLEL = ("gpt_neox", "gptj", "cohere", "phi", "falcon", "falcon_grouped", "falcon_grouped_one_ln")
+PARALLEL = ("gpt_neox", "gptj", "cohere", "cohere2", "phi", "falcon", "falcon_grouped", "falcon_grouped_one_ln")
 TEXT = "the cat sat on the mat and looked at the"
 
 
@@ -195,7 +198,8 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
         if arch == "mamba":
             p["ln1.hook_normalized"] = (layer.norm, "out", same)
         elif arch in (*LLAMA_LIKE, "granite"):
-            a, m = layer.self_attn, layer.mlp
+            a = layer.self_attn
+            m = layer.feed_forward if arch == "llama4_text" else layer.mlp  # Llama 4's MLP under its own name
             if arch == "phi3":  # [q | k | v], as Phi3Attention slices qkv_proj's output
                 d_q, d_kv = h * a.head_dim, kv * a.head_dim
                 p["attn.hook_q"] = (a.qkv_proj, "out", lambda t, d_q=d_q: heads(t[..., :d_q], h))
@@ -225,7 +229,7 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                 p["hook_resid_mid"] = (layer.pre_feedforward_layernorm, "in", same)
             elif arch in POST_NORM:
                 p["hook_resid_mid"] = (m, "in", same)
-            elif arch in ("cohere", "phi"):  # parallel: one norm for both sublayers
+            elif arch in ("cohere", "cohere2", "phi"):  # parallel: one norm for both sublayers
                 p["ln2.hook_normalized"] = (layer.input_layernorm, "out", same)
             else:
                 p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
@@ -411,8 +415,11 @@ def not_offered(net: Any, arch: str) -> dict[str, str]:
         at = f"blocks.{i}.attn."
         if arch in ("olmo", "olmoe") and cfg.clip_qkv is not None:
             out |= {at + name: "clamps" for name in ("hook_q", "hook_k", "hook_v")}
-        nope = (arch == "smollm3" and not cfg.no_rope_layers[i]) or (
-            arch == "exaone4" and cfg.sliding_window is not None and cfg.layer_types[i] != "sliding_attention"
+        nope = (
+            (arch in ("smollm3", "llama4_text") and not cfg.no_rope_layers[i])
+            or (arch == "exaone4" and cfg.sliding_window is not None and cfg.layer_types[i] != "sliding_attention")
+            # Cohere2Attention rotates only in its sliding-window blocks.
+            or (arch == "cohere2" and (cfg.sliding_window is None or cfg.layer_types[i] != "sliding_attention"))
         )
         if nope:
             out |= {at + name: "NoPE" for name in ("hook_rot_q", "hook_rot_k")}

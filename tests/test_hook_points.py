@@ -569,6 +569,19 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
     return out
 
 
+def own_edits(arch: str, d: int, d_head: int) -> list[dict[str, Any]]:
+    """Edits at what a family has of its own, beyond ``SHORT``: Llama 4's experts (its feed_forward returns the
+    stream flattened to [B * T, d] beside its router logits) and its NoPE block's q_proj, whose output attention
+    reads only after a per-position temperature scales it."""
+    gen = torch.Generator().manual_seed(4)
+    if arch == "llama4_text":
+        return [
+            {"site": "blocks.1.hook_mlp_out", "op": "add", "vector": torch.randn(d, generator=gen).tolist()},
+            {"site": "blocks.1.attn.hook_q", "op": "add", "vector": torch.randn(d_head, generator=gen).tolist()},
+        ]
+    return []
+
+
 def in_block(net: Any, arch: str, site: str) -> bool:
     """Whether the reference's module tree has ``site``: a point it names, one computed from such a point (a head's
     result from its z, a scale from its norm's output), or a point inside an attention that computes it."""
@@ -601,6 +614,10 @@ async def test_an_edit_at_each_new_point_matches_the_same_edit_in_process(built,
     items = cases(arch, n, d, d_head, d_mlp)
     if arch in FAMILIES:
         items = [item for item in items if item["site"] in SHORT and in_block(net, arch, item["site"])]
+        items += own_edits(arch, d, d_head)
+    if arch == "cohere2":  # one norm for both sublayers: ln1's scale is attention's copy of it, which the reference's
+        # hook on the norm's output cannot edit alone (test_architectures.py checks that rule on GPT-J's block)
+        items = [item for item in items if not item["site"].endswith("ln1.hook_scale")]
     async with concurrent_client(app_with()) as c:
         for item in items:
             ref = Reference(net, arch, [item], prompt)

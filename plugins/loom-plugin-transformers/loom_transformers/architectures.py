@@ -116,6 +116,7 @@ GEMMA = attrs.evolve(
     post_mlp_norm="post_feedforward_layernorm",
 )
 MOE = attrs.evolve(LLAMA, name="Mixtral", gate=None, up=None, down="")
+COHERE = attrs.evolve(LLAMA, name="Cohere", norm="layer", residual="parallel", ln2=None, logit_scale="logit_scale")
 OLMO2 = attrs.evolve(
     LLAMA,
     name="OLMo 2",
@@ -133,6 +134,15 @@ def _smollm3_rope(config: Any, i: int) -> bool:
 def _exaone4_rope(config: Any, i: int) -> bool:
     # Exaone4Attention rotates unless the model has sliding layers and this block is a global one.
     return config.sliding_window is None or config.layer_types[i] == "sliding_attention"
+
+
+def _cohere2_rope(config: Any, i: int) -> bool:
+    # Cohere2Attention rotates only where it has a window: its sliding blocks; its global blocks are NoPE.
+    return config.sliding_window is not None and config.layer_types[i] == "sliding_attention"
+
+
+def _llama4_rope(config: Any, i: int) -> bool:
+    return bool(config.no_rope_layers[i])  # 1: the block rotates q and k; 0: NoPE (with attention temperature)
 
 
 def _granite(config: Any) -> str | None:
@@ -275,8 +285,26 @@ ARCHITECTURES: dict[str, Arch] = {
         up=None,
         fused_gate_up="gate_up_proj",
     ),
-    "cohere": attrs.evolve(
-        LLAMA, name="Cohere", norm="layer", residual="parallel", ln2=None, logit_scale="logit_scale"
+    "cohere": COHERE,
+    # Command R7B and Command A: Cohere's parallel block; sliding-window blocks rotate q and k, global ones are NoPE.
+    "cohere2": attrs.evolve(COHERE, name="Cohere 2", rope_in=_cohere2_rope),
+    # GLM-4.5: Llama's block, experts plus shared experts behind a sigmoid router, the first first_k_dense_replace
+    # blocks dense; q_norm / k_norm (use_qk_norm) before partial rotary, as Qwen3's.
+    "glm4_moe": attrs.evolve(MOE, name="GLM-4.5 (GLM-4-MoE)"),
+    # Llama 4's language model: its MLP module is feed_forward, experts (routing weights applied to each expert's
+    # input) plus a shared expert in moe_layers, a gated MLP elsewhere; NoPE blocks (no_rope_layers 0) scale their
+    # queries by a per-position temperature after q_proj; chunked-attention blocks are masks only. Where use_qk_norm,
+    # a rotating block's q and k are L2-normed after rotary, so hook_rot_q / hook_rot_k are the normed q and k
+    # attention reads. Llama4ForCausalLM's base_model_prefix is "language_model" (its multimodal wrapper's attribute,
+    # not its own), so its base_model is the causal LM itself: the paths go through its model.
+    "llama4_text": attrs.evolve(
+        MOE,
+        name="Llama 4",
+        blocks="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        mlp="feed_forward",
+        rope_in=_llama4_rope,
     ),
     "gemma": attrs.evolve(LLAMA, name="Gemma", norm="rms1p"),  # pre-norm (1 + w), embeddings scaled by sqrt(d)
     "gemma2": GEMMA,

@@ -51,6 +51,9 @@ MORE_ARCHITECTURES = (
     "arcee",
     "glm4",
     "gpt_oss",
+    "cohere2",
+    "glm4_moe",
+    "llama4_text",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
@@ -90,6 +93,9 @@ GQA_FAMILIES = {
     "arcee": "ArceeConfig",
     "glm4": "Glm4Config",
     "gpt_oss": "GptOssConfig",
+    "cohere2": "Cohere2Config",
+    "glm4_moe": "Glm4MoeConfig",
+    "llama4_text": "Llama4TextConfig",
 }
 # What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
 # model's test input (about 10 tokens) shows it.
@@ -121,6 +127,38 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "arcee": {},
     "glm4": {},
     "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4, "layer_types": SLIDING},
+    # The newer families are 2 blocks: each one's two kinds of block, no more.
+    # Block 0 sliding (rotary), block 1 global (NoPE), as Command R7B alternates them.
+    "cohere2": {
+        "num_hidden_layers": 2,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "logit_scale": 0.0625,
+    },
+    # Block 0 dense (first_k_dense_replace), block 1 experts plus a shared expert; q_norm / k_norm on.
+    "glm4_moe": {
+        "num_hidden_layers": 2,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "use_qk_norm": True,
+    },
+    # Block 0 rotary with L2-normed q and k and a gated MLP; block 1 NoPE (temperature-tuned queries) with experts
+    # and a shared expert; attention in chunks of 4 tokens, shorter than the tests' texts.
+    "llama4_text": {
+        "num_hidden_layers": 2,
+        "no_rope_layers": [1, 0],
+        "interleave_moe_layer_step": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 1,
+        "intermediate_size_mlp": 128,
+        "attention_chunk_size": 4,
+        "floor_scale": 2,
+        "attn_scale": 0.5,
+    },
 }
 
 CORPUS = [
@@ -304,7 +342,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
         cfg = getattr(transformers, GQA_FAMILIES[arch])(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=3,
+            num_hidden_layers=extra.pop("num_hidden_layers", 3),
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=512,
@@ -315,7 +353,19 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             **extra,
             **common,
         )
-    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3", "qwen3_moe", "seed_oss", "glm4", "ministral", "gpt_oss"):
+    if arch in (
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "qwen3",
+        "qwen3_moe",
+        "seed_oss",
+        "glm4",
+        "ministral",
+        "gpt_oss",
+        "glm4_moe",
+        "llama4_text",
+    ):
         # A default of 128 or 256 would make a tiny model's attention far wider than its stream; Ministral's default,
         # None, is one its attention cannot compute with.
         cfg.head_dim = 16
