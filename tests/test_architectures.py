@@ -38,6 +38,8 @@ FAMILIES = (
     "cohere2",
     "glm4_moe",
     "llama4_text",
+    "deepseek_v3",
+    "deepseek_v2",
 )
 LLAMA_LIKE = (
     "llama",
@@ -209,6 +211,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                     lambda t, d_q=d_q, d_kv=d_kv: heads(t[..., d_q : d_q + d_kv], kv),
                 )
                 p["attn.hook_v"] = (a.qkv_proj, "out", lambda t, d_q=d_q, d_kv=d_kv: heads(t[..., d_q + d_kv :], kv))
+            elif arch in ("deepseek_v3", "deepseek_v2"):  # latent attention: q per head, [no rotary | rotary]
+                q_proj = a.q_b_proj if cfg.q_lora_rank is not None else a.q_proj
+                p["attn.hook_q"] = (q_proj, "out", lambda t: heads(t, h))
             elif getattr(cfg, "clip_qkv", None) is None:  # OLMo's clip_qkv clamps them after: not offered
                 p["attn.hook_q"] = (a.q_proj, "out", lambda t: heads(t, h))
                 p["attn.hook_k"] = (a.k_proj, "out", lambda t: heads(t, kv))
@@ -423,6 +428,8 @@ def not_offered(net: Any, arch: str) -> dict[str, str]:
         )
         if nope:
             out |= {at + name: "NoPE" for name in ("hook_rot_q", "hook_rot_k")}
+        if arch in ("deepseek_v3", "deepseek_v2"):  # no module outputs a head's key or value; the cache holds latents
+            out |= {at + "hook_k": "latent attention", at + "hook_v": "latent attention", at + "hook_rot_k": "rebuilt"}
     return out
 
 
@@ -895,6 +902,33 @@ async def test_grouped_falcons_weights_by_transformerlens_names_are_its_grouped_
         r = await c.get(f"/models/{path}/weights", params={"names": ",".join(want), "format": "list"})
         assert r.status_code == 200, r.text
         got = decode.arrays(r.json())["weights"]
+    for name, tensor in want.items():
+        np.testing.assert_array_equal(got[name], tensor.detach().numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+async def test_deepseeks_weights_by_transformerlens_names_are_those_that_read_the_stream(built, arch):
+    """Latent attention: V2-Lite's q_proj reads the stream, so W_Q is it per head [heads, d, qk_nope + qk_rope];
+    V3's q_b_proj reads a low-rank latent, not the stream, so no W_Q is offered (nor W_K / W_V: no weight maps the
+    stream to a head's key or value); W_O is o_proj per head of v_head_dim."""
+    from loom_client import decode
+
+    path = built(arch)
+    net, _ = load(path, arch)
+    cfg = net.config
+    h, qk, d = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.hidden_size
+    attn = net.model.layers[1].self_attn
+    want = {"blocks.1.attn.W_O": attn.o_proj.weight.T.reshape(h, cfg.v_head_dim, d)}
+    if cfg.q_lora_rank is None:
+        want["blocks.1.attn.W_Q"] = attn.q_proj.weight.T.reshape(d, h, qk).permute(1, 0, 2)
+    async with concurrent_client(app_with()) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        listed = (await c.get(f"/models/{path}/weights")).json()["weights"]
+        r = await c.get(f"/models/{path}/weights", params={"names": ",".join(want), "format": "list"})
+        assert r.status_code == 200, r.text
+        got = decode.arrays(r.json())["weights"]
+    assert ("blocks.1.attn.W_Q" in listed) == (cfg.q_lora_rank is None), sorted(listed)
+    assert not {"blocks.1.attn.W_K", "blocks.1.attn.W_V", "blocks.1.attn._W_K"} & set(listed)
     for name, tensor in want.items():
         np.testing.assert_array_equal(got[name], tensor.detach().numpy(), err_msg=name)
 

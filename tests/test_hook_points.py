@@ -569,15 +569,29 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
     return out
 
 
-def own_edits(arch: str, d: int, d_head: int) -> list[dict[str, Any]]:
+def own_edits(arch: str, cfg: Any) -> list[dict[str, Any]]:
     """Edits at what a family has of its own, beyond ``SHORT``: Llama 4's experts (its feed_forward returns the
     stream flattened to [B * T, d] beside its router logits) and its NoPE block's q_proj, whose output attention
-    reads only after a per-position temperature scales it."""
+    reads only after a per-position temperature scales it; DeepSeek's latent attention, its q per head (q_b_proj's
+    output, or V2-Lite's q_proj's) of qk_nope_head_dim + qk_rope_head_dim, the rotated q attention reads, and z per
+    head of v_head_dim."""
     gen = torch.Generator().manual_seed(4)
+
+    def vec(n: int) -> list[float]:
+        return torch.randn(n, generator=gen).tolist()
+
     if arch == "llama4_text":
         return [
-            {"site": "blocks.1.hook_mlp_out", "op": "add", "vector": torch.randn(d, generator=gen).tolist()},
-            {"site": "blocks.1.attn.hook_q", "op": "add", "vector": torch.randn(d_head, generator=gen).tolist()},
+            {"site": "blocks.1.hook_mlp_out", "op": "add", "vector": vec(cfg.hidden_size)},
+            {"site": "blocks.1.attn.hook_q", "op": "add", "vector": vec(cfg.head_dim)},
+        ]
+    if arch in ("deepseek_v3", "deepseek_v2"):
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        return [
+            {"site": "blocks.1.attn.hook_q", "op": "add", "vector": vec(qk), "heads": [1], "scale": 2.0},
+            {"site": "blocks.0.attn.hook_rot_q", "op": "set", "vector": vec(qk), "heads": [2], "positions": [2]},
+            {"site": "blocks.1.attn.hook_z", "op": "add", "vector": vec(cfg.v_head_dim), "heads": [3]},
+            {"site": "blocks.0.attn.hook_result", "op": "zero", "heads": [0]},
         ]
     return []
 
@@ -614,7 +628,7 @@ async def test_an_edit_at_each_new_point_matches_the_same_edit_in_process(built,
     items = cases(arch, n, d, d_head, d_mlp)
     if arch in FAMILIES:
         items = [item for item in items if item["site"] in SHORT and in_block(net, arch, item["site"])]
-        items += own_edits(arch, d, d_head)
+        items += own_edits(arch, cfg)
     if arch == "cohere2":  # one norm for both sublayers: ln1's scale is attention's copy of it, which the reference's
         # hook on the norm's output cannot edit alone (test_architectures.py checks that rule on GPT-J's block)
         items = [item for item in items if not item["site"].endswith("ln1.hook_scale")]

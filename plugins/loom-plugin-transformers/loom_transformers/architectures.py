@@ -67,6 +67,11 @@ class Arch:
     # A config attribute that, set, clamps q, k and v in place after their projections (OLMo's clip_qkv): the
     # projections' outputs, which hook_q / hook_k / hook_v would read, are then not what attention reads.
     clip_qkv: str = ""
+    # DeepSeek's multi-head latent attention: q from ``q_b_proj`` (through a low-rank q_a_proj and norm) or ``q_proj``,
+    # [heads, qk_nope_head_dim + qk_rope_head_dim]; k and v expanded per head by kv_b_proj from a compressed latent
+    # that the cache holds, so no module outputs hook_k or hook_v per token, and the keys attention reads are rebuilt
+    # from the cache at every step (an edit of hook_rot_k would not reach a later step); z [heads, v_head_dim].
+    latent: bool = False
     # "" where attention runs through transformers' attention functions, where the points inside it are read; else
     # the model's own attention code, which ``attention.own_attention`` wraps to read its scores and pattern there:
     # "gpt_neo" (its module's ``_attn``), "bloom" (its module's ``forward``, ALiBi and all), "mpnet" (its
@@ -285,6 +290,10 @@ ARCHITECTURES: dict[str, Arch] = {
         up=None,
         fused_gate_up="gate_up_proj",
     ),
+    # DeepSeek-V2 / V3 / R1: Llama's block with multi-head latent attention (``latent``), experts plus shared experts
+    # after the first first_k_dense_replace blocks, which have a gated MLP.
+    "deepseek_v2": attrs.evolve(MOE, name="DeepSeek-V2", qkv=None, latent=True),
+    "deepseek_v3": attrs.evolve(MOE, name="DeepSeek-V3", qkv=None, latent=True),
     "cohere": COHERE,
     # Command R7B and Command A: Cohere's parallel block; sliding-window blocks rotate q and k, global ones are NoPE.
     "cohere2": attrs.evolve(COHERE, name="Cohere 2", rope_in=_cohere2_rope),

@@ -35,8 +35,13 @@ class RoomyLayer(DynamicLayer):
         total = held + key_states.shape[-2]
         room = self._room
         if room is None or self.keys is not self._view or total > room[0].shape[-2]:
-            shape = (*key_states.shape[:-2], total + min(MAX_ROOM, max(MIN_ROOM, total // 4)), key_states.shape[-1])
-            room = (key_states.new_empty(shape), value_states.new_empty(shape))
+            columns = total + min(MAX_ROOM, max(MIN_ROOM, total // 4))
+            # Keys and values may differ in width: DeepSeek's latent cache holds the compressed kv as "keys" and the
+            # rotary key as "values".
+            room = (
+                key_states.new_empty((*key_states.shape[:-2], columns, key_states.shape[-1])),
+                value_states.new_empty((*value_states.shape[:-2], columns, value_states.shape[-1])),
+            )
             if held:
                 room[0][..., :held, :] = self.keys
                 room[1][..., :held, :] = self.values

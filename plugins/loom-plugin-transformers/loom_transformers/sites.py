@@ -369,7 +369,25 @@ def _interleaved(count: int, d_head: int, j: int, parts: int = 3) -> Callable[[A
 def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads: int, d_head: int, i: int) -> dict:
     config = net.config
     out: dict[str, Site | str] = {}
-    if arch.qkv is not None:
+    d_z = d_head  # the width of a head's value, and of its slice of hook_z
+    rot_k: str | None = None  # why hook_rot_k is not offered where the block rotates
+    if arch.latent:
+        d_head, d_z = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+        q = part(attn, "q_b_proj") or part(attn, "q_proj")
+        out["attn.hook_q"] = site("attn.hook_q", q, "out", (heads, d_head), view=_heads_view(heads, d_head))
+        why = (
+            f"{arch.name}'s attention is multi-head latent attention: each head's key and value are expanded by "
+            "kv_b_proj from a latent shared by all heads (and the key's rotary part from kv_a_proj_with_mqa), which "
+            "the cache holds; no module outputs them per token (read attn.hook_rot_k for the keys attention reads, "
+            "attn.hook_z for the values' mix)"
+        )
+        out["attn.hook_k"] = out["attn.hook_v"] = why
+        kv = heads
+        rot_k = (
+            f"{arch.name}'s keys are rebuilt from its cache's compressed latent at every step, so an edit of "
+            "hook_rot_k would not reach the keys a later token attends to; no point is offered that an edit cannot keep"
+        )
+    elif arch.qkv is not None:
         mods = [part(attn, name) for name in arch.qkv]
         kv = width(mods[1]) // d_head
         for name, mod, count in zip(("attn.hook_q", "attn.hook_k", "attn.hook_v"), mods, (heads, kv, kv), strict=True):
@@ -399,7 +417,7 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
         out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
     elif arch.rotary and not getattr(config, "alibi", False):
         out["attn.hook_rot_q"] = site("attn.hook_rot_q", core, "attn", (heads, d_head), kind="rot_q")
-        out["attn.hook_rot_k"] = site("attn.hook_rot_k", core, "attn", (kv, d_head), kind="rot_k")
+        out["attn.hook_rot_k"] = rot_k or site("attn.hook_rot_k", core, "attn", (kv, d_head), kind="rot_k")
     else:
         why = f"{arch.name} has no rotary embeddings: hook_q and hook_k are what the scores read"
         out["attn.hook_rot_q"] = out["attn.hook_rot_k"] = why
@@ -414,9 +432,9 @@ def _attention(net: Any, arch: Arch, attn: Any, site: Callable[..., Site], heads
         out["attn.hook_attn_scores"] = site("attn.hook_attn_scores", core, "attn", (heads, KEYS), kind="scores")
         out["attn.hook_pattern"] = site("attn.hook_pattern", core, "attn", (heads, KEYS), kind="pattern")
     o = part(attn, arch.o)
-    out["attn.hook_z"] = site("attn.hook_z", o, "in", (heads, d_head), view=_heads_view(heads, d_head))
+    out["attn.hook_z"] = site("attn.hook_z", o, "in", (heads, d_z), view=_heads_view(heads, d_z))
     weight = getattr(o, "weight", None)
-    dense = weight is not None and weight.is_floating_point() and weight.numel() == heads * d_head * width(o)
+    dense = weight is not None and weight.is_floating_point() and weight.numel() == heads * d_z * width(o)
     out["attn.hook_result"] = (
         site("attn.hook_result", o, "out", (heads, width(o)), kind="result", extra=(o, heads))
         if dense

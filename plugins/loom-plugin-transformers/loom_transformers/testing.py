@@ -54,6 +54,8 @@ MORE_ARCHITECTURES = (
     "cohere2",
     "glm4_moe",
     "llama4_text",
+    "deepseek_v3",
+    "deepseek_v2",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
@@ -96,6 +98,8 @@ GQA_FAMILIES = {
     "cohere2": "Cohere2Config",
     "glm4_moe": "Glm4MoeConfig",
     "llama4_text": "Llama4TextConfig",
+    "deepseek_v3": "DeepseekV3Config",
+    "deepseek_v2": "DeepseekV2Config",
 }
 # What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
 # model's test input (about 10 tokens) shows it.
@@ -158,6 +162,40 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
         "attention_chunk_size": 4,
         "floor_scale": 2,
         "attn_scale": 0.5,
+    },
+    # Multi-head latent attention: q through a rank-24 latent (V3; V2-Lite's q_proj reads the stream), k and v
+    # expanded per head from a rank-16 latent, 8 + 8 query/key dims (no rotary, rotary) and 12 value dims a head;
+    # block 0 dense, block 1 experts plus a shared expert. Every head has its own key and value (its configs' own
+    # num_key_value_heads, which eager attention's repeat reads).
+    "deepseek_v3": {
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 24,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "deepseek_v2": {
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 4,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 12,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
     },
 }
 
@@ -344,7 +382,7 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             intermediate_size=128,
             num_hidden_layers=extra.pop("num_hidden_layers", 3),
             num_attention_heads=4,
-            num_key_value_heads=2,
+            num_key_value_heads=extra.pop("num_key_value_heads", 2),
             max_position_embeddings=512,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

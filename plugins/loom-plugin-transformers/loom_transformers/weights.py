@@ -131,6 +131,8 @@ def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
             site = sites.get(f"{at}attn.hook_{letter.lower()}")
             if not isinstance(site, Site) or not site.module.weight.is_floating_point():
                 continue
+            if _in_out(site.module).shape[0] != model.hidden_size:  # DeepSeek's q_b_proj reads a low-rank latent
+                continue
             view = site.view
             heads = site.shape[0]
             # [d, out] through the point's view: [d, heads, d_head] -> [heads, d, d_head]
