@@ -478,9 +478,9 @@ NOT_SERVED = {
 @attrs.define(frozen=True)
 class Wrapper:
     """A multimodal model_type whose checkpoints hold a vision tower beside a language model (Gemma 3 4B and up,
-    Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL). The Loom loads the language model alone, as the causal LM its
-    ``text_config`` names (or ``family``), which the table's entry for that model_type describes: images are not
-    part of its API, so the vision tower's weights are never read (docs/decisions.md).
+    Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL, Llama 4). The Loom loads the language model alone, as the
+    causal LM its ``text_config`` names (or ``family``), which the table's entry for that model_type describes:
+    images are not part of its API, so the vision tower's weights are never read (docs/decisions.md).
 
     ``text`` is where the language model sits in the checkpoint: its base model at ``{text}.model.`` and head at
     ``{text}.lm_head.`` (the hub's checkpoints, and transformers' own ``save_pretrained``), or its base model at
@@ -513,6 +513,8 @@ WRAPPERS: dict[str, Wrapper] = {
     # transformers' own module tree, model.language_model.*, is mapped.
     "qwen2_vl": Wrapper("Qwen2-VL (Qwen2VLForConditionalGeneration)", family="qwen2"),
     "qwen2_5_vl": Wrapper("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", family="qwen2"),
+    # Its language model is a whole Llama4ForCausalLM, whose forward the wrapper calls as it is on text.
+    "llama4": Wrapper("Llama 4 (Llama4ForConditionalGeneration)"),
 }
 
 

@@ -472,11 +472,20 @@ WRAPPED = {
     # Qwen2's block under multimodal rotary embeddings: three sections of the 8 frequencies of a 16-wide head.
     "qwen2_vl": ("Qwen2VLConfig", "qwen2", "Qwen2VLVisionConfig", {"tie_word_embeddings": False}, QWEN_VL_TEXT),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "qwen2", "Qwen2_5_VLVisionConfig", {"tie_word_embeddings": True}, QWEN_VL_TEXT),
+    # Llama 4 Scout / Maverick: its language model is a whole Llama4ForCausalLM under the wrapper.
+    "llama4": ("Llama4Config", "llama4_text", "Llama4VisionConfig", {"tie_word_embeddings": False}, {}),
 }
 # Each vision tower's tiny sizes under its own config's names (a 2-block tower 32 wide, 14-pixel patches); Qwen's
 # project to the language model's width (``WIDTH``, filled in with it).
 VISION: dict[str, dict[str, Any]] = {
     "PixtralVisionConfig": {"head_dim": 8},
+    # Its pixel-shuffle projector's widths (a 2 x 2 grid of patches shuffled into one token of 4 x 32).
+    "Llama4VisionConfig": {
+        "vision_output_dim": 32,
+        "projector_input_dim": 32,
+        "projector_output_dim": 32,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
     "Qwen2VLVisionConfig": {"depth": 2, "embed_dim": 32, "hidden_size": "WIDTH", "mlp_ratio": 2, "num_heads": 4},
     "Qwen2_5_VLVisionConfig": {
         "depth": 2,
