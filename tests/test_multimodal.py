@@ -39,6 +39,7 @@ FAMILY = {
     "qwen2_vl": "qwen2",
     "qwen2_5_vl": "qwen2",
     "llama4": "llama4_text",
+    "qwen3_vl": "qwen3",
 }
 
 
@@ -160,13 +161,13 @@ async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_
 
 @pytest.mark.parametrize(
     ("model_type", "mlp_out"),
-    [("gemma3", "post_feedforward_layernorm"), ("qwen2_vl", "mlp"), ("qwen2_5_vl", "mlp")],
+    [("gemma3", "post_feedforward_layernorm"), ("qwen2_vl", "mlp"), ("qwen2_5_vl", "mlp"), ("qwen3_vl", "mlp")],
 )
 async def test_edits_on_a_multimodal_checkpoints_language_model_are_the_same_edits_in_the_wrapper(
     wrapped, model_type, mlp_out
 ):
     """A head knocked out at block 0's ``hook_z`` and a vector added at block 1's ``hook_mlp_out`` (Gemma 3's local
-    and global blocks; Qwen2-VL's and Qwen2.5-VL's language model loaded as Qwen2's causal LM) give the states, the
+    and global blocks; Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's language model loaded as Qwen2's or Qwen3's causal LM) give the states, the
     lens and the greedy tokens of the wrapper itself (Qwen's multimodal rotary embeddings and text positions) under a
     pre-hook zeroing that head's slice of o_proj's input and a hook adding to what its block's MLP output is (the
     post-feedforward norm's output in Gemma's sandwich)."""
@@ -216,12 +217,12 @@ async def test_edits_on_a_multimodal_checkpoints_language_model_are_the_same_edi
     assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 async def test_qwen_vls_multimodal_rotary_on_text_is_the_rotary_the_served_model_applies(wrapped, model_type):
     """The wrapper's multimodal rotary embedding on text (three position sections, all the token's own position, as
-    its get_rope_index makes them) rotates q and k as the served Qwen2 model does: hook_rot_q and hook_rot_k are the
-    wrapper's own ``apply_rotary_pos_emb`` of its q and k with the cos and sin its rotary embedding handed to each
-    block's attention."""
+    its get_rope_index makes them; Qwen3-VL's interleaved) rotates q and k as the served Qwen2 (Qwen3) model does:
+    hook_rot_q and hook_rot_k are the wrapper's own ``apply_rotary_pos_emb`` of its q and k (Qwen3-VL's after its
+    q_norm and k_norm) with the cos and sin its rotary embedding handed to each block's attention."""
     path, net, tok = wrapped(model_type)
     enc = tok(TEXT, return_tensors="pt")
     lm, cfg = net.model.language_model, net.config.text_config
@@ -235,9 +236,13 @@ async def test_qwen_vls_multimodal_rotary_on_text_is_the_rotary_the_served_model
             a.register_forward_pre_hook(
                 lambda m, a, kw, i=i: seen.update({i: kw["position_embeddings"]}), with_kwargs=True
             ),
-            a.q_proj.register_forward_hook(lambda m, a, y, i=i: seen.update({f"q{i}": y})),
-            a.k_proj.register_forward_hook(lambda m, a, y, i=i: seen.update({f"k{i}": y})),
         ]
+        # Qwen3-VL norms each head's q and k (q_norm, k_norm) before rotating them: the rotation's input is theirs.
+        for x in "qk":
+            module = getattr(a, f"{x}_norm", None) or getattr(a, f"{x}_proj")
+            handles.append(
+                module.register_forward_hook(lambda m, a, y, i=i, x=x: seen.update({f"{x}{i}": y.flatten(2)}))
+            )
     try:
         with torch.inference_mode():
             net(**enc)
@@ -283,7 +288,7 @@ async def test_paligemma_is_refused_before_any_weight_is_read(tmp_path):
         assert r.status_code == 422 and r.json()["field"] == "model", r.text
         detail = r.json()["detail"]
         assert "transformers: model_type 'paligemma' is a multimodal model" in detail, detail
-        assert "gemma3, llama4, llava, mistral3" in detail, detail
+        assert "gemma3, llama4, llava, mistral3, qwen2_5_vl, qwen2_vl, qwen3_vl" in detail, detail
         assert (await c.get("/health")).json()["loaded_models"] == []
 
 

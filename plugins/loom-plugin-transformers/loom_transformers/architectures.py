@@ -513,6 +513,10 @@ WRAPPERS: dict[str, Wrapper] = {
     # transformers' own module tree, model.language_model.*, is mapped.
     "qwen2_vl": Wrapper("Qwen2-VL (Qwen2VLForConditionalGeneration)", family="qwen2"),
     "qwen2_5_vl": Wrapper("Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)", family="qwen2"),
+    # Qwen3's block under interleaved multimodal rotary sections (each frequency's position taken from time, height
+    # or width in turn), which on text are all the token's position: Qwen3's rotation. Its deepstack visual features
+    # are added to early blocks' outputs only where there are images.
+    "qwen3_vl": Wrapper("Qwen3-VL (Qwen3VLForConditionalGeneration)", family="qwen3"),
     # Its language model is a whole Llama4ForCausalLM, whose forward the wrapper calls as it is on text.
     "llama4": Wrapper("Llama 4 (Llama4ForConditionalGeneration)"),
 }
@@ -542,7 +546,8 @@ def as_family(text: Any, family: str) -> Any:
     from transformers import AutoConfig
 
     values = text.to_dict()
-    rope = {k: v for k, v in (values.pop("rope_parameters", None) or {}).items() if k not in ("type", "mrope_section")}
+    multimodal = ("type", "mrope_section", "mrope_interleaved")  # Qwen3-VL interleaves its sections
+    rope = {k: v for k, v in (values.pop("rope_parameters", None) or {}).items() if k not in multimodal}
     if rope.get("rope_type") == "mrope":  # how some configs say "default" with sections
         rope["rope_type"] = "default"
     # Its own type and its wrapper's architectures would make transformers build the wrapper's classes.

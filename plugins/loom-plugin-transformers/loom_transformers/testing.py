@@ -472,6 +472,21 @@ WRAPPED = {
     # Qwen2's block under multimodal rotary embeddings: three sections of the 8 frequencies of a 16-wide head.
     "qwen2_vl": ("Qwen2VLConfig", "qwen2", "Qwen2VLVisionConfig", {"tie_word_embeddings": False}, QWEN_VL_TEXT),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "qwen2", "Qwen2_5_VLVisionConfig", {"tie_word_embeddings": True}, QWEN_VL_TEXT),
+    # Qwen3's block under interleaved multimodal rotary sections of the 8 frequencies of a 16-wide head.
+    "qwen3_vl": (
+        "Qwen3VLConfig",
+        "qwen3",
+        "Qwen3VLVisionConfig",
+        {"tie_word_embeddings": False},
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            }
+        },
+    ),
     # Llama 4 Scout / Maverick: its language model is a whole Llama4ForCausalLM under the wrapper.
     "llama4": ("Llama4Config", "llama4_text", "Llama4VisionConfig", {"tie_word_embeddings": False}, {}),
 }
@@ -487,6 +502,15 @@ VISION: dict[str, dict[str, Any]] = {
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
     "Qwen2VLVisionConfig": {"depth": 2, "embed_dim": 32, "hidden_size": "WIDTH", "mlp_ratio": 2, "num_heads": 4},
+    "Qwen3VLVisionConfig": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": "WIDTH",
+        "deepstack_visual_indexes": [0],
+        "num_position_embeddings": 16,
+    },
     "Qwen2_5_VLVisionConfig": {
         "depth": 2,
         "hidden_size": 32,
