@@ -40,6 +40,9 @@ FAMILIES = (
     "llama4_text",
     "deepseek_v3",
     "deepseek_v2",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "hunyuan_v1_dense",
 )
 LLAMA_LIKE = (
     "llama",

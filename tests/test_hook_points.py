@@ -572,7 +572,8 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
 def own_edits(arch: str, cfg: Any) -> list[dict[str, Any]]:
     """Edits at what a family has of its own, beyond ``SHORT``: Llama 4's experts (its feed_forward returns the
     stream flattened to [B * T, d] beside its router logits) and its NoPE block's q_proj, whose output attention
-    reads only after a per-position temperature scales it; DeepSeek's latent attention, its q per head (q_b_proj's
+    reads only after a per-position temperature scales it; the output of GLM-4.5's, ERNIE 4.5's and DeepSeek's
+    experts with their shared experts; DeepSeek's latent attention, its q per head (q_b_proj's
     output, or V2-Lite's q_proj's) of qk_nope_head_dim + qk_rope_head_dim, the rotated q attention reads, and z per
     head of v_head_dim."""
     gen = torch.Generator().manual_seed(4)
@@ -585,9 +586,14 @@ def own_edits(arch: str, cfg: Any) -> list[dict[str, Any]]:
             {"site": "blocks.1.hook_mlp_out", "op": "add", "vector": vec(cfg.hidden_size)},
             {"site": "blocks.1.attn.hook_q", "op": "add", "vector": vec(cfg.head_dim)},
         ]
+    # Block 1's experts plus shared experts: what they add together.
+    moe = [{"site": "blocks.1.hook_mlp_out", "op": "add", "vector": vec(cfg.hidden_size), "positions": [2, -1]}]
+    if arch in ("glm4_moe", "ernie4_5_moe"):
+        return moe
     if arch in ("deepseek_v3", "deepseek_v2"):
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         return [
+            *moe,
             {"site": "blocks.1.attn.hook_q", "op": "add", "vector": vec(qk), "heads": [1], "scale": 2.0},
             {"site": "blocks.0.attn.hook_rot_q", "op": "set", "vector": vec(qk), "heads": [2], "positions": [2]},
             {"site": "blocks.1.attn.hook_z", "op": "add", "vector": vec(cfg.v_head_dim), "heads": [3]},

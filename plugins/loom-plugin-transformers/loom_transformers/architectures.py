@@ -294,6 +294,13 @@ ARCHITECTURES: dict[str, Arch] = {
     # after the first first_k_dense_replace blocks, which have a gated MLP.
     "deepseek_v2": attrs.evolve(MOE, name="DeepSeek-V2", qkv=None, latent=True),
     "deepseek_v3": attrs.evolve(MOE, name="DeepSeek-V3", qkv=None, latent=True),
+    # ERNIE 4.5: Llama's block (its rotary interleaved: pairs of adjacent dims, as GPT-J's). Its MoE: experts plus
+    # shared experts from moe_layer_start_index, every moe_layer_interval blocks; the others a gated MLP.
+    "ernie4_5": attrs.evolve(LLAMA, name="ERNIE 4.5"),
+    "ernie4_5_moe": attrs.evolve(MOE, name="ERNIE 4.5 MoE"),
+    # Hunyuan (dense): Llama's block, q and k RMS-normed per head after the rotation (query_layernorm,
+    # key_layernorm), so hook_rot_q / hook_rot_k are the normed q and k attention reads, as Llama 4's.
+    "hunyuan_v1_dense": attrs.evolve(LLAMA, name="Hunyuan (dense)"),
     "cohere": COHERE,
     # Command R7B and Command A: Cohere's parallel block; sliding-window blocks rotate q and k, global ones are NoPE.
     "cohere2": attrs.evolve(COHERE, name="Cohere 2", rope_in=_cohere2_rope),

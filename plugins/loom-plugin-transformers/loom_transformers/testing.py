@@ -56,6 +56,9 @@ MORE_ARCHITECTURES = (
     "llama4_text",
     "deepseek_v3",
     "deepseek_v2",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "hunyuan_v1_dense",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
@@ -100,6 +103,9 @@ GQA_FAMILIES = {
     "llama4_text": "Llama4TextConfig",
     "deepseek_v3": "DeepseekV3Config",
     "deepseek_v2": "DeepseekV2Config",
+    "ernie4_5": "Ernie4_5Config",
+    "ernie4_5_moe": "Ernie4_5_MoeConfig",
+    "hunyuan_v1_dense": "HunYuanDenseV1Config",
 }
 # What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
 # model's test input (about 10 tokens) shows it.
@@ -197,6 +203,17 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
         "moe_intermediate_size": 32,
         "first_k_dense_replace": 1,
     },
+    "ernie4_5": {"num_hidden_layers": 2},
+    # Block 0 dense, block 1 experts plus a shared expert.
+    "ernie4_5_moe": {
+        "num_hidden_layers": 2,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+    },
+    "hunyuan_v1_dense": {"num_hidden_layers": 2, "head_dim": 16},  # its default, None, it cannot compute with
 }
 
 CORPUS = [
