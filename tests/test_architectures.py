@@ -1118,6 +1118,56 @@ async def test_a_granite_with_its_multipliers_is_served_outside_the_table(built)
         assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
 
 
+async def test_qwen3_next_is_served_outside_the_table_saying_why(tiny_root):
+    """Qwen3-Next's blocks alternate gated DeltaNet linear attention (a recurrent state: no pattern, queries or keys
+    as TransformerLens means them) and gated full attention (q_proj holds each head's query and an output gate on its
+    z): its indices are output_hidden_states, its greedy tokens ``generate``'s alone and in a left-padded batch, and
+    every hook point and the lens are refused naming the linear attention."""
+    from loom_transformers.testing import build_tiny_model
+
+    extra = {
+        "num_hidden_layers": 2,
+        "layer_types": ["linear_attention", "full_attention"],
+        "head_dim": 16,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    }
+    path = str(build_tiny_model("qwen3_next", tiny_root, name="qwen3-next", **extra))
+    net, tok = load(path, "qwen3_next")
+    assert [type(layer).__name__ for layer in net.model.layers] == ["Qwen3NextDecoderLayer"] * 2
+    assert hasattr(net.model.layers[0], "linear_attn") and hasattr(net.model.layers[1], "self_attn")
+    n = net.config.num_hidden_layers
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all"}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        for i in range(n + 1):
+            close(got[str(i)], want[i][0], f"index {i}")
+        for name in ("blocks.0.attn.hook_pattern", "blocks.1.attn.hook_q", "blocks.1.hook_resid_mid"):
+            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
+            assert r.status_code == 422 and "linear attention" in r.json()["detail"], r.text
+        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [1]}})
+        assert r.status_code == 422 and r.json()["field"] == "logit_lens", r.text
+        ask = {"model": path, "max_tokens": 5, "temperature": 0}
+        g = await c.post("/generate", json={**ask, "prompt": TEXT})
+        assert g.status_code == 200, g.text
+        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
+        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
+        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
+        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+
+
 async def test_models_outside_the_table_are_refused_by_name(built, tmp_path):
     import transformers
     from loom_transformers.testing import train_tokenizer

@@ -179,6 +179,15 @@ def _bloom(config: Any) -> str | None:
     return None
 
 
+def _qwen3_next(config: Any) -> str:
+    return (
+        "its blocks are of two kinds (layer_types): gated DeltaNet linear attention, a recurrent state with no "
+        "attention pattern, queries or keys in TransformerLens's sense, and gated full attention, whose q_proj "
+        "holds each head's query beside an output gate that multiplies its z (the attention points would need a "
+        "layout of their own per block); its norms are (1 + w)"
+    )
+
+
 def _falcon(arch: Arch, config: Any) -> Arch:
     # new_decoder_architecture (Falcon-40B, 180B) makes the block parallel whatever parallel_attn says, and, where
     # num_ln_in_parallel_attn is 2 (unset means 2: FalconDecoderLayer sets it so), gives each sublayer a LayerNorm
@@ -294,6 +303,8 @@ ARCHITECTURES: dict[str, Arch] = {
     # after the first first_k_dense_replace blocks, which have a gated MLP.
     "deepseek_v2": attrs.evolve(MOE, name="DeepSeek-V2", qkv=None, latent=True),
     "deepseek_v3": attrs.evolve(MOE, name="DeepSeek-V3", qkv=None, latent=True),
+    # Qwen3-Next: refused (``_qwen3_next``), so served outside the table: its indices and generation only.
+    "qwen3_next": attrs.evolve(MOE, name="Qwen3-Next", refuse=_qwen3_next),
     # ERNIE 4.5: Llama's block (its rotary interleaved: pairs of adjacent dims, as GPT-J's). Its MoE: experts plus
     # shared experts from moe_layer_start_index, every moe_layer_interval blocks; the others a gated MLP.
     "ernie4_5": attrs.evolve(LLAMA, name="ERNIE 4.5"),

@@ -59,6 +59,7 @@ MORE_ARCHITECTURES = (
     "ernie4_5",
     "ernie4_5_moe",
     "hunyuan_v1_dense",
+    "qwen3_next",
 )
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
@@ -106,6 +107,7 @@ GQA_FAMILIES = {
     "ernie4_5": "Ernie4_5Config",
     "ernie4_5_moe": "Ernie4_5_MoeConfig",
     "hunyuan_v1_dense": "HunYuanDenseV1Config",
+    "qwen3_next": "Qwen3NextConfig",  # refused by the table: built by its test with its own sizes
 }
 # What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
 # model's test input (about 10 tokens) shows it.
