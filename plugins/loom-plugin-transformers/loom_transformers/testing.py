@@ -175,8 +175,19 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     # expanded per head from a rank-16 latent, 8 + 8 query/key dims (no rotary, rotary) and 12 value dims a head;
     # block 0 dense, block 1 experts plus a shared expert. Every head has its own key and value (its configs' own
     # num_key_value_heads, which eager attention's repeat reads).
+    # V3's YaRN rotary, whose mscale_all_dim also scales the scores (its attention's scaling is not 1/sqrt(d_head)).
     "deepseek_v3": {
         "num_hidden_layers": 2,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
         "num_key_value_heads": 4,
         "q_lora_rank": 24,
         "kv_lora_rank": 16,
