@@ -572,7 +572,8 @@ def cases(arch: str, n: int, d: int, d_head: int, d_mlp: int) -> list[dict[str, 
 def own_edits(arch: str, cfg: Any) -> list[dict[str, Any]]:
     """Edits at what a family has of its own, beyond ``SHORT``: Llama 4's experts (its feed_forward returns the
     stream flattened to [B * T, d] beside its router logits) and its NoPE block's q_proj, whose output attention
-    reads only after a per-position temperature scales it; the output of GLM-4.5's, ERNIE 4.5's and DeepSeek's
+    reads only after a per-position temperature scales it; Cohere 2's NoPE global block's keys and its parallel
+    MLP's output; the output of GLM-4.5's, ERNIE 4.5's and DeepSeek's
     experts with their shared experts; DeepSeek's latent attention, its q per head (q_b_proj's
     output, or V2-Lite's q_proj's) of qk_nope_head_dim + qk_rope_head_dim, the rotated q attention reads, and z per
     head of v_head_dim."""
@@ -590,6 +591,11 @@ def own_edits(arch: str, cfg: Any) -> list[dict[str, Any]]:
     moe = [{"site": "blocks.1.hook_mlp_out", "op": "add", "vector": vec(cfg.hidden_size), "positions": [2, -1]}]
     if arch in ("glm4_moe", "ernie4_5_moe"):
         return moe
+    if arch == "cohere2":  # its global block 1 is NoPE: k_proj's output is the key its scores read
+        return [
+            {"site": "blocks.1.attn.hook_k", "op": "add", "vector": vec(cfg.head_dim), "heads": [1], "scale": 3.0},
+            {"site": "blocks.1.hook_mlp_out", "op": "scale", "scale": 0.5, "positions": "generated"},
+        ]
     if arch in ("deepseek_v3", "deepseek_v2"):
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         return [
