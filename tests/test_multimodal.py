@@ -1,5 +1,5 @@
-"""The language model of a multimodal checkpoint (Gemma 3 4B and up, Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL),
-served alone.
+"""The language model of a multimodal checkpoint (Gemma 3 4B and up, Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Llama 4), served alone.
 
 Tiny random checkpoints of each wrapper (a 2-block language model under a 2-block vision tower, norms perturbed) are
 saved as the hub's are. The reference is the wrapper itself, loaded here by transformers as its own class
