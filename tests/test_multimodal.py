@@ -167,10 +167,10 @@ async def test_edits_on_a_multimodal_checkpoints_language_model_are_the_same_edi
     wrapped, model_type, mlp_out
 ):
     """A head knocked out at block 0's ``hook_z`` and a vector added at block 1's ``hook_mlp_out`` (Gemma 3's local
-    and global blocks; Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's language model loaded as Qwen2's or Qwen3's causal LM) give the states, the
-    lens and the greedy tokens of the wrapper itself (Qwen's multimodal rotary embeddings and text positions) under a
-    pre-hook zeroing that head's slice of o_proj's input and a hook adding to what its block's MLP output is (the
-    post-feedforward norm's output in Gemma's sandwich)."""
+    and global blocks; the language model of Qwen2-VL, Qwen2.5-VL and Qwen3-VL loaded as Qwen2's or Qwen3's causal
+    LM) give the states, the lens and the greedy tokens of the wrapper itself (Qwen's multimodal rotary embeddings
+    and text positions) under a pre-hook zeroing that head's slice of o_proj's input and a hook adding to what its
+    block's MLP output is (the post-feedforward norm's output in Gemma's sandwich)."""
     path, net, tok = wrapped(model_type)
     enc = tok(TEXT, return_tensors="pt")
     lm, cfg = net.model.language_model, net.config.text_config
