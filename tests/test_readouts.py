@@ -4,14 +4,18 @@ scikit-learn fitted in-process."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from serverutil import HANG_S
 from test_batching import arrays, together
 from test_interventions import load
 from test_models import app_with, concurrent_client
@@ -211,6 +215,83 @@ async def test_probe_scores_match_numpy_on_the_served_states_and_streams_agree(p
                 [[t["logprob"] for t in row] for row in want],
                 atol=1e-5,
             )
+
+
+@pytest.mark.parametrize("n, keep", [(1, False), (2, True)])
+async def test_a_streamed_lens_is_the_models_own_norm_and_head_whatever_the_pass_hooks_there(paths, n, keep):
+    """A stream's lens is computed per token on the output processor's thread while the model's thread runs the next
+    pass, whose hooks (here: its states kept, and an edit of the final norm's output) are on the modules the lens
+    runs: the lens must not go through them. Through them, the edit was applied to the lens too, and with two rows
+    the hook's layout refused the lens's tensor, ending the stream in a 500 error event. The overlap is made
+    certain: the pass feeding the second token waits (a forward pre-hook of the served model's first block) until
+    the app sends the first token's event, and that token's lens waits for the pass to be in before its norm runs.
+    Reference: transformers' own norm and head on the states of each choice's final sequence (the edit at index N
+    changes which tokens come, not layer 1's states)."""
+    path = paths["llama"]
+    net, tok = load(path, "llama")
+    norm, head = final_parts(net, "llama")
+    last = net.config.num_hidden_layers
+    push = (np.random.default_rng(2).standard_normal(64) * 4).tolist()
+    body = {
+        "model": path,
+        "prompt": TEXT,
+        "max_tokens": 5,
+        "temperature": 0.9,
+        "seed": 4,
+        "n": n,
+        "logit_lens": {"layers": [1], "top_k": 3},
+        **({"hidden_state_layers": [-1], "stream_hidden_states": True} if keep else {}),
+        "interventions": [{"site": last, "op": "add", "vector": push}],
+    }
+    prompt = tok(TEXT)["input_ids"]
+    app = app_with()
+    passes, inside, seen = itertools.count(), threading.Event(), threading.Event()
+
+    def hold(module: Any, args: Any) -> None:
+        if next(passes) == 2:  # prefill, the pass feeding token 0 (its states), then this one, its hooks on
+            inside.set()
+            seen.wait(HANG_S)
+
+    async def watched(scope: Any, receive: Any, send: Any) -> None:
+        """The app, with ``seen`` set when it sends an event's bytes (the test client hands the body over whole)."""
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and b"event: " in message.get("body", b""):
+                seen.set()
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": path})).status_code == 200
+        served = app.state.manager.find(path).model().model
+        handle = served.model.layers[0].register_forward_pre_hook(hold)
+        norm_forward = served.model.norm.forward
+
+        def lens_norm(x: Any) -> Any:  # the real norm, run once that pass is in: [P, H] is the lens's, not a pass's
+            if x.dim() == 2:
+                inside.wait(HANG_S)
+            return norm_forward(x)
+
+        served.model.norm.forward = lens_norm
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=watched), base_url="http://loom") as w:
+                events = await token_events(w, body)
+        finally:
+            inside.set()
+            seen.set()
+            handle.remove()
+            del served.model.norm.forward
+    for choice in range(n):
+        mine = [e for e in events if e.get("choice", 0) == choice]
+        assert len(mine) == 5, events
+        with torch.inference_mode():
+            ids = torch.tensor([prompt + [e["token_id"] for e in mine]])
+            x = net(ids, output_hidden_states=True).hidden_states[1][0, len(prompt) :]
+            want = torch.topk(torch.log_softmax(head(norm(x)).double(), -1), 3)
+        got = [e["logit_lens"]["1"]["top_k"][0] for e in mine]
+        assert [[t["token_id"] for t in row] for row in got] == want.indices.tolist()
+        np.testing.assert_allclose([[t["logprob"] for t in row] for row in got], want.values.numpy(), atol=1e-5)
 
 
 async def token_events(c: Any, body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -946,13 +946,16 @@ def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:
     arch = arch_of(net.config)
     project = part(net.base_model, arch.project_out) if arch is not None else None
     head = net.get_output_embeddings()
+    # Each module's own ``forward``, not its call: a stream's lens runs on the output processor's thread while the
+    # model's thread runs the next pass, whose hooks (its captures, its edits of the final norm's output, its rows'
+    # layout) are on these modules and would edit or record the lens's states, or refuse them for other rows.
     with torch.inference_mode():
         x = states.to(head.weight.device, net.dtype)  # the model's compute dtype (a quantized head's weight is not)
         if not normalized and isinstance(final, Site):
-            x = final.module(x)
+            x = final.module.forward(x)
         if project is not None and x.shape[-1] == model.hidden_size:
-            x = project(x)
-        logits = head(x) * logit_scale(model)
+            x = project.forward(x)
+        logits = head.forward(x) * logit_scale(model)
         cap = getattr(net.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
