@@ -59,6 +59,31 @@ async def test_stream_tokens_and_done_match_generate(client, tiny_models):
     assert done["finish_reason"] == plain["finish_reason"] == "length"
 
 
+async def test_a_stream_of_n_choices_numbers_each_choices_tokens_as_its_own(client, tiny_models):
+    """With ``n`` > 1 the choices' token events interleave; each carries its ``choice`` and its ``index`` among that
+    choice's tokens (what ``index`` is with one choice), so each choice's events rebuild its answer. Before, ``index``
+    counted the events of every choice, and a client placing tokens by it put them in the wrong slots."""
+    body = {
+        "model": str(tiny_models["llama"]),
+        "prompt": "The quick brown fox",
+        "max_tokens": 6,
+        "temperature": 0.9,
+        "seed": 5,
+        "n": 3,
+        "logprobs": True,
+    }
+    plain = (await client.post("/generate", json=body)).json()
+    r = await client.post("/generate/stream", json=body)
+    tokens = [json.loads(d) for e, d in sse(r.text) if e == "token"]
+    assert {t["choice"] for t in tokens} == {0, 1, 2}
+    for want in plain["choices"]:
+        mine = [t for t in tokens if t["choice"] == want["index"]]
+        assert [t["index"] for t in mine] == list(range(len(want["token_ids"])))
+        assert [t["token_id"] for t in mine] == want["token_ids"]
+        assert "".join(t["text"] for t in mine) == want["text"]
+        assert [t["logprob"] for t in mine] == want["logprobs"]
+
+
 async def test_stream_refuses_bad_fields_before_streaming(client, tiny_models):
     path = str(tiny_models["llama"])
     for extra, field in (

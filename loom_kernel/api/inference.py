@@ -222,12 +222,15 @@ class InferenceController(Controller):
         job = manager.run(entry, work)
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
-            index = 0
+            # A token's index is its place among its own choice's tokens (as with n = 1), not among the events of
+            # every choice: the choices' tokens interleave, and a client places each by (choice, index).
+            counts = [0] * data.n
             async for kind, value in bridge.events(job, request_id(request)):
                 if kind == "token":
-                    choice = {"choice": value["row"]} if data.n > 1 else {}
-                    value = {"index": index, **choice, **{k: v for k, v in value.items() if k != "row"}}
-                    index += 1
+                    row = value["row"]
+                    choice = {"choice": row} if data.n > 1 else {}
+                    value = {"index": counts[row], **choice, **{k: v for k, v in value.items() if k != "row"}}
+                    counts[row] += 1
                 yield ServerSentEventMessage(event=kind, data=msgspec.json.encode(value).decode())
 
         return event_stream(events())
