@@ -243,10 +243,16 @@ async def test_weights_are_the_models_own_and_refusals_name_the_field(built, tin
         k = state["model.layers.0.self_attn.k_proj.weight"]  # [kv * d_head, d]: two key-value heads
         np.testing.assert_array_equal(got["blocks.0.attn._W_K"], k.T.reshape(64, 2, 16).permute(1, 0, 2).numpy())
         np.testing.assert_array_equal(got["blocks.0.attn.W_K"], np.repeat(got["blocks.0.attn._W_K"], 2, axis=0))
+        # A list as HTTP clients send one (names=a&names=b), and as the docs' comma-separated form: the same tensors.
+        r = await c.get(f"/models/{path}/weights", params={"names": names[:2], "format": "list"})
+        assert r.status_code == 200 and set(r.json()["weights"]) == set(names[:2]), r.status_code
+        for name in names[:2]:
+            np.testing.assert_array_equal(decode.arrays(r.json())["weights"][name], state[name].numpy())
         for params, field in [
             ({"names": "nope"}, "names"),
             ({"names": "model.embed_tokens.weight,lm_head.weight", "format": "list"}, "names"),
             ({"names": "W_U", "format": "x"}, "format"),
+            ({"names": "W_U", "format": ["list", "base64"]}, "format"),
             ({"bogus": "1"}, "bogus"),
         ]:
             r = await c.get(f"/models/{path}/weights", params=params)

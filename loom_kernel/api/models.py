@@ -61,7 +61,9 @@ class ModelsController(Controller):
             # Through the manager's run, as every request that works on a model: held while its tensors are read
             # and encoded, so that no unload, eviction or reload takes the model from under them.
             limit = int(manager.settings.max_response_mb * 2**20)
-            query = dict(request.query_params)
+            # Every value of a repeated key: HTTP clients send a list as one (``params={"names": [a, b]}`` is
+            # ``names=a&names=b``), and a plain dict of the query kept the first and dropped the rest unsaid.
+            query = {key: request.query_params.getall(key) for key in request.query_params}
 
             async def work(session: Session) -> dict[str, Any] | bytes:
                 return await session.thread(weights_answer, session.model, model_id, query, limit)
@@ -90,15 +92,20 @@ class ModelsController(Controller):
         return {"status": "unloaded", "model_id": model_id}
 
 
-def weights_answer(model: Any, model_id: str, query: dict[str, str], limit: int) -> dict[str, Any] | bytes:
-    """GET /models/{id}/weights, off the event loop: the listing, or the named tensors under ``limit`` bytes."""
+def weights_answer(model: Any, model_id: str, values: dict[str, list[str]], limit: int) -> dict[str, Any] | bytes:
+    """GET /models/{id}/weights, off the event loop: the listing, or the named tensors under ``limit`` bytes.
+    ``values``: every value of each query key; ``names`` may be repeated (their lists join), the others not."""
     if model.weights is None:
         raise Unsupported(f"model_id: the {model.loader} loader offers no weights", field="model_id")
-    unknown = sorted(set(query) - {"names", "format", "dtype"})
+    unknown = sorted(set(values) - {"names", "format", "dtype"})
     if unknown:
         raise InvalidField(
             f"{unknown[0]}: not a query parameter of /weights", field=unknown[0], allowed=["names", "format", "dtype"]
         )
+    for key in ("format", "dtype"):
+        if len(set(values.get(key, ()))) > 1:
+            raise InvalidField(f"{key}: given more than once ({values[key]})", field=key, allowed="one value")
+    query = {key: ",".join(v) if key == "names" else v[0] for key, v in values.items()}
     if not query.get("names"):
         listing = model.weights(None)
         return {
