@@ -191,6 +191,26 @@ async def test_patch_refusals_name_the_field(tiny_models):
                 "metric.token",
                 "not one",
             ),
+            # A field of the other kind of metric was ignored, and a missing one read as "'' is 0 tokens".
+            (
+                {"sites": [1], "positions": [1], "metric": {"type": "logprob", "token": ".", "correct": " the"}},
+                "metric.correct",
+                "logprob",
+            ),
+            (
+                {"sites": [1], "positions": [1], "metric": {"type": "logit_diff", "token": "."}},
+                "metric.correct",
+                "required",
+            ),
+            (
+                {
+                    "sites": [1],
+                    "positions": [1],
+                    "metric": {"type": "logit_diff", "correct": ".", "incorrect": " the", "token": "."},
+                },
+                "metric.token",
+                "logit_diff",
+            ),
         ]
         for change, field, words in cases:
             r = await c.post("/patch", json={**base, **change})

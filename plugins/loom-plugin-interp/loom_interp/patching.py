@@ -89,7 +89,25 @@ def fewer(batch: Batch, capture: Capture, positions: list[int]) -> Any:
     return lambda n: (batch, attrs.evolve(capture, positions=sorted(positions[:n])))
 
 
+METRIC_FIELDS = {"logit_diff": ("correct", "incorrect"), "logprob": ("token",)}
+
+
 def metric_tokens(model: LoadedModel, metric: Metric) -> tuple[int, ...]:
+    # Each type reads its own fields only: one of the other type's would be ignored (a logprob metric given
+    # ``correct`` is not the logit difference its sender meant), and a missing one is named as missing.
+    wanted = METRIC_FIELDS[metric.type]
+    allowed = ['{"type": "logit_diff", "correct": a, "incorrect": b}', '{"type": "logprob", "token": a}']
+    for key in ("correct", "incorrect", "token"):
+        if key not in wanted and getattr(metric, key) is not None:
+            raise InvalidField(
+                f"metric.{key}: not a field of a {metric.type} metric, which reads {' and '.join(wanted)}",
+                field=f"metric.{key}",
+                allowed=allowed,
+            )
+        if key in wanted and getattr(metric, key) is None:
+            raise InvalidField(
+                f"metric.{key}: required by a {metric.type} metric", field=f"metric.{key}", allowed=allowed
+            )
     if metric.type == "logit_diff":
         return (
             one_token(model, metric.correct or "", "metric.correct"),
