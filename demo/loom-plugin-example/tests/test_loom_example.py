@@ -14,8 +14,7 @@ import pluggy
 import pytest
 import torch
 
-from loom_kernel import Batch, GenerationParams, LoadedModel, LoadOptions, ModelRef
-from loom_kernel.capture import make_capture
+from loom_kernel import Batch, Capture, GenerationParams, LoadedModel, LoadOptions, ModelRef, resolve_layers
 from loom_kernel.errors import Unsupported
 from loom_kernel.plugins import create_plugin_manager
 
@@ -55,7 +54,7 @@ def test_probe_scores_toy_configs_only(pm: pluggy.PluginManager, toy: ModelRef) 
 
 def test_states_of_every_layer_match_the_module(pm: pluggy.PluginManager, loaded: LoadedModel) -> None:
     texts = ("a longer first row", "short")
-    capture = make_capture([0, 1, 2, 3], "all", loaded.num_layers)
+    capture = Capture(layers=resolve_layers([0, 1, 2, 3], loaded.num_layers), positions="all")
     rows = pm.hook.forward_with_states(model=loaded, batch=Batch(texts=texts), capture=capture).rows
     net = loaded.model
     for text, row in zip(texts, rows, strict=True):
@@ -73,7 +72,7 @@ def test_states_of_every_layer_match_the_module(pm: pluggy.PluginManager, loaded
 
 
 def test_last_position_only(pm: pluggy.PluginManager, loaded: LoadedModel) -> None:
-    capture = make_capture(-1, "last", loaded.num_layers)
+    capture = Capture(layers=resolve_layers(-1, loaded.num_layers), positions="last")
     (row,) = pm.hook.forward_with_states(model=loaded, batch=Batch(texts=("hi",)), capture=capture).rows
     assert row.positions == [2] and row.states["-1"].shape == (1, loaded.hidden_size)
 
@@ -81,7 +80,9 @@ def test_last_position_only(pm: pluggy.PluginManager, loaded: LoadedModel) -> No
 def test_generation_is_refused_by_field(pm: pluggy.PluginManager, loaded: LoadedModel) -> None:
     batch = Batch(texts=("hi",), generation=GenerationParams(max_tokens=2))
     with pytest.raises(Unsupported) as err:
-        pm.hook.forward_with_states(model=loaded, batch=batch, capture=make_capture(-1, "last", 3))
+        pm.hook.forward_with_states(
+            model=loaded, batch=batch, capture=Capture(layers=resolve_layers(-1, 3), positions="last")
+        )
     assert err.value.field == "model"
 
 
@@ -103,7 +104,7 @@ def test_the_causal_toy_generates_its_own_greedy_tokens_through_the_kernel(pm: p
     (row,) = pm.hook.forward_with_states(
         model=model,
         batch=Batch(texts=("hi",), generation=GenerationParams(max_tokens=6, temperature=0)),
-        capture=make_capture(-1, "last", 3),
+        capture=Capture(layers=resolve_layers(-1, 3), positions="last"),
     ).rows
     ids = [256, *b"hi"]
     with torch.inference_mode():  # greedy by hand: the module's own next-token choice, one token at a time
