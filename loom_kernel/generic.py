@@ -169,11 +169,13 @@ def unembed(model: LoadedModel, states: Any, normalized: bool) -> Any:
 
     parts = model.parts
     assert parts is not None and parts.lm_head is not None
+    # The modules' own ``forward``, not their call: a stream's lens runs on the output processor's thread while a
+    # pass on the model's thread may have its hooks (edits, recording) on these very modules.
     with torch.inference_mode():
         x = states.to(_device(model), next(parts.lm_head.parameters()).dtype)
         if not normalized and parts.final_norm is not None:
-            x = parts.final_norm(x)
-        return parts.lm_head(x).float().cpu()
+            x = parts.final_norm.forward(x)
+        return parts.lm_head.forward(x).float().cpu()
 
 
 def refuse_attention(capture: Capture) -> None:

@@ -100,3 +100,35 @@ def test_the_recorder_edits_and_keeps_what_plain_torch_hooks_do(index):
     for i in (1, 2):
         torch.testing.assert_close(taken[i][0], seen[i][0])
     assert not net.blocks[0]._forward_pre_hooks and not net.norm._forward_hooks  # the recorder removed its hooks
+
+
+def test_the_kernels_lens_is_the_norm_and_head_alone_while_a_pass_has_its_hooks_on_them():
+    """The kernel's lens for declared parts runs on the output processor's thread while a row's pass on the model's
+    thread has its recorder on the final norm (an edit of index N, its recording): the lens is the norm and the head
+    alone. Through the hooks, the pass's edit reached the lens's states and its recording kept them."""
+    from loom_kernel import LoadedModel, LoadOptions, ModelRef
+    from loom_kernel.capture import StateRecorder
+    from loom_kernel.generic import unembed
+    from loom_kernel.types import ModelParts
+
+    net, head = _Net(), torch.nn.Linear(8, 11)
+    n = len(net.blocks)
+    parts = ModelParts(blocks=net.blocks, final_norm=net.norm, lm_head=head)
+    model = LoadedModel(
+        ref=ModelRef(id="toy"),
+        loader="toy",
+        model=net,
+        tokenizer=None,
+        options=LoadOptions(),
+        num_layers=n,
+        hidden_size=8,
+        parts=parts,
+    )
+    states = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = head(net.norm(states))
+    recorder = StateRecorder(net, net.blocks, [n], final=net.norm, edit=lambda i, h: h + 5.0, edited=[n])
+    with recorder:  # a pass's hooks, on the modules the lens runs
+        got = unembed(model, states, False)
+    torch.testing.assert_close(got, want)
+    assert recorder.taken() == {}  # nothing of the lens's kept as the pass's state

@@ -111,3 +111,30 @@ def test_the_causal_toy_generates_its_own_greedy_tokens_through_the_kernel(pm: p
         for _ in range(6):
             ids.append(int(model.model(torch.tensor([ids]))[0, -1].argmax()))
     assert row.token_ids == ids
+
+
+def test_the_lens_is_the_norm_and_head_alone_while_a_pass_has_its_hooks_on_them(
+    pm: pluggy.PluginManager, tmp_path
+) -> None:
+    """A stream's lens runs on the output processor's thread while the model's thread runs a pass, whose hooks
+    (here: an edit of index N, the final norm's output, and its recording) are on the final norm: the lens is the
+    norm and the head alone. Through the hooks, the pass's edit was applied to the lens's states (or refused them)."""
+    from loom_kernel.capture import StateRecorder
+    from loom_kernel.editing import Layout, row_edits
+    from loom_kernel.generic import declared
+    from loom_kernel.types import Intervention
+
+    path = loom_example.make_toy_model(tmp_path / "causal", seed=2, causal=True)
+    ref = ModelRef(id=str(path), path=path, config=json.loads((path / "config.json").read_text()))
+    model = pm.hook.load(model=ref, loader="example", options=LoadOptions(), kernel=None)
+    declared(model)  # what the kernel does at load: its runner, decoder and lens for declared parts
+    parts, n = model.parts, model.num_layers
+    states = torch.randn(3, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = parts.lm_head(parts.final_norm(states)).float()
+    push = Intervention(site=n, op="add", vector=torch.full((model.hidden_size,), 5.0))
+    edit = row_edits([[push]], [Layout(col=0, tok=0, count=1, prompt=1)])
+    with StateRecorder(model.model, parts.blocks, [n], parts.final_norm, edit, [n]) as recorder:  # a pass's hooks
+        got = model.unembed(states, False)
+        assert recorder.taken() == {}  # nothing of the lens's was recorded as the pass's state
+    torch.testing.assert_close(got, want)
