@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,11 +24,17 @@ class Cancelled(LoomError):
     title = "Client closed request"
 
 
+# Who sent the request being handled: its API key's owner (set by the key check; "" on a server without keys).
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("loom_caller", default="")
+
+
 @attrs.define(eq=False)
 class Ticket:
-    """One request on its way through a model: cancelled when its client leaves or its time runs out."""
+    """One request on its way through a model: cancelled when its client leaves or its time runs out; ``owner``:
+    whose it is (the scheduler gives owners turns)."""
 
     cancelled: threading.Event = attrs.field(factory=threading.Event)
+    owner: str = attrs.field(factory=CALLER.get)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -60,6 +67,10 @@ class Call:
     @property
     def cancelled(self) -> bool:
         return self.ticket.cancelled.is_set()
+
+    @property
+    def owner(self) -> str:
+        return self.ticket.owner
 
     @property
     def done(self) -> bool:

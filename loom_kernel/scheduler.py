@@ -11,6 +11,11 @@ and ``max_batch_tokens`` padded tokens, and may wait, up to the time of one pass
 or running at once in the last ``RECENT_S`` (a pass costs nearly as much for one row as for sixteen, and clients
 that take turns would otherwise keep running half batches). A lone client never waits, nor does anything while
 rows are generating.
+
+Owners (a request's API key, ``Work.owner``; one owner "" on a server without keys) take turns: the next pass is
+the first queued call of the owner served longest ago, and waiting generations join by their place among their
+owner's calls not yet done (running or waiting), so that one member of a lab queuing a hundred requests delays
+another's by one, not a hundred. With one owner the order is arrival order.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Work(Protocol):
 
     rows: int
     joins: bool  # a generation that joins the running batch
+    owner: str  # whose request it is (turns are taken between owners)
 
     @property
     def cancelled(self) -> bool: ...
@@ -69,6 +75,9 @@ class Scheduler:
         self.running: list[Any] = []  # the calls of the plain pass running (company they keep)
         self.stepped = False  # whether the last thing run was a step boundary: passes and steps take turns
         self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}  # per key: (when, most calls at once)
+        self._served: dict[str, int] = {}  # per owner: when (a count of passes started) it was last served
+        self._turn = 0
+        self.joined: list[Any] = []  # generations admitted and not yet done: their owners' share of the batch
 
     @property
     def queued(self) -> int:
@@ -102,7 +111,22 @@ class Scheduler:
             self.stepped = True
             return STEP
         self.stepped = False
-        return self.items.popleft() if self.items else None
+        if not self.items:
+            return None
+        # The owners' turns: the first queued call of the owner served longest ago, among the calls before the first
+        # task (what came after a load runs after it); a task at the head runs first.
+        ahead = next((i for i, item in enumerate(self.items) if not _is_call(item)), len(self.items))
+        if ahead == 0:
+            return self.items.popleft()
+        first = {}
+        for i in range(ahead):
+            first.setdefault(self.items[i].owner, i)
+        pick = min(first.values(), key=lambda i: (self._served.get(self.items[i].owner, -1), i))
+        item = self.items[pick]
+        del self.items[pick]
+        self._turn += 1
+        self._served[item.owner] = self._turn
+        return item
 
     def admit(self, room: Callable[[Any], tuple[Hashable, int, bool]]) -> tuple[list[list[Any]], list[Any]]:
         """The waiting generations that join now, grouped by what may share a batch, in arrival order (the rest
@@ -110,7 +134,7 @@ class Scheduler:
         rows running in it, whether rows may join it now). One group joins a running batch a boundary: groups of
         other keys may still land in the same batch, and after a prefill its room and whether it takes more are
         the decoder's to say again."""
-        pending, self.waiting = list(self.waiting), deque()
+        pending, self.waiting = self._by_turns(list(self.waiting)), deque()
         cancelled = [call for call in pending if call.cancelled]
         groups: dict[tuple[Any, ...], list[Any]] = {}
         for call in pending:
@@ -131,10 +155,26 @@ class Scheduler:
             if admitted:
                 joining.append(admitted)
                 taken.add(batch)
-        if len(self.waiting) > 1:  # arrival order, whatever the groups
+                self.joined.extend(admitted)
+        if len(self.waiting) > 1:  # the owners' turns, whatever the groups
             order = {id(call): i for i, call in enumerate(pending)}
             self.waiting = deque(sorted(self.waiting, key=lambda call: order[id(call)]))
         return joining, cancelled
+
+    def _by_turns(self, waiting: list[Any]) -> list[Any]:
+        """The waiting generations by their place among their owner's calls not yet done (those admitted first),
+        then by arrival: each owner's first waiting call before any owner's second."""
+        self.joined = [call for call in self.joined if not call.done]
+        if len({call.owner for call in waiting}) < 2:
+            return waiting
+        place: dict[str, int] = {}
+        for call in self.joined:
+            place[call.owner] = place.get(call.owner, 0) + 1
+        ranked = []
+        for i, call in enumerate(waiting):
+            ranked.append((place.get(call.owner, 0), i, call))
+            place[call.owner] = place.get(call.owner, 0) + 1
+        return [call for *_, call in sorted(ranked, key=lambda r: (r[0], r[1]))]
 
     def gathering(self, first: Any, now: float, seconds_per_pass: float, generating: bool) -> Gathering:
         """``first``'s group, to be filled by ``gather``: a generation run whole, a pass while rows generate, or a

@@ -529,6 +529,40 @@ async def test_prompts_that_pass_max_batch_tokens_prefill_in_several_passes_and_
         assert_same(got, want)
 
 
+async def test_the_owners_of_api_keys_take_turns_at_a_busy_model(tiny_models):
+    """Three requests of one key queued before one of another's: the other's runs second, not fourth (each a pass
+    of its own: they keep different positions), and each answer is what it is alone."""
+    pm = create_plugin_manager()
+    calls = Calls()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm, api_key=["key-of-a", "key-of-b"])
+    model = str(tiny_models["llama"])
+    a, b = ({"Authorization": f"Bearer key-of-{who}"} for who in "ab")
+    asks = [
+        (a, {"text": "first of a", "positions": "last"}),
+        (a, {"text": "second of a", "positions": "all"}),
+        (a, {"text": "third of a", "positions": [0]}),
+        (b, {"text": "only one of b", "positions": [1]}),
+    ]
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model}, headers=a)).status_code == 200
+        single = [(await c.post("/extract", json={"model": model, **body}, headers=key)).json() for key, body in asks]
+        calls.seen.clear()
+        gate = Gate(app, model)
+        tasks = []
+        for n, (key, body) in enumerate(asks, 1):  # queued in this order
+            tasks.append(asyncio.ensure_future(c.post("/extract", json={"model": model, **body}, headers=key)))
+            while gate.entry.worker.queued < n:
+                await asyncio.sleep(0.01)
+        gate.event.set()
+        results = await asyncio.gather(*tasks)
+    ran = [list(out.rows[0].token_ids) for _, _, out in calls.seen]
+    assert ran == [single[i]["token_ids"] for i in (0, 3, 1, 2)]  # a's first, b's, then a's others
+    for r, want in zip(results, single, strict=True):
+        assert r.status_code == 200, r.text
+        assert_same(r.json(), want)
+
+
 class HoldFirstPass:
     """Holds the first forward pass it sees until ``go`` is set, telling ``holding`` that it does."""
 

@@ -19,6 +19,7 @@ class FakeCall:
     tokens: int = 10
     cancelled: bool = False
     done: bool = False
+    owner: str = ""
 
     @property
     def batch(self) -> Any:
@@ -76,6 +77,40 @@ def test_generations_join_in_arrival_order_up_to_the_batch_size_and_the_cancelle
     assert joining == [] and [c.name for c in s.waiting] == ["c", "d"]
     joining, _ = s.admit(lambda call: (call.group, 0, True))
     assert [[c.name for c in group] for group in joining] == [["c", "d"]]
+
+
+def test_owners_take_turns_at_passes_and_at_joining_a_full_batch():
+    """One owner's queue of many delays another's request by one, not by all of them; with one owner, arrival
+    order; a load still runs where it came."""
+    s = Scheduler()
+    for name in ("a1", "a2", "a3", "a4"):
+        s.add(FakeCall(name, owner="a", group=name), now=0.0)
+    s.add(FakeCall("b1", owner="b", group="b1"), now=0.0)
+    s.add(("load", None), now=0.0)
+    s.add(FakeCall("b2", owner="b"), now=0.0)
+    order = [s.next(generating=False) for _ in range(7)]
+    names = [item.name if hasattr(item, "name") else item[0] for item in order]
+    assert names == ["a1", "b1", "a2", "a3", "a4", "load", "b2"]
+
+    # Generations waiting for a full batch: b's first joins before a's later ones, whatever came first.
+    s = Scheduler(BatchLimits(max_batch_size=4))
+    for name in ("a1", "a2", "a3", "a4", "a5", "a6"):
+        s.add(FakeCall(name, joins=True, owner="a"), now=0.0)
+    s.add(FakeCall("b1", joins=True, owner="b"), now=0.0)
+    s.next(generating=False)
+    joining, _ = s.admit(lambda call: ("one", 0, True))
+    assert [c.name for c in joining[0]] == ["a1", "b1", "a2", "a3"]  # each owner's first, then a's
+    for call in joining[0][:2]:
+        call.done = True  # a1 and b1 finish: two places free, a's calls still running count against it
+    s.add(FakeCall("b2", joins=True, owner="b"), now=0.0)
+    s.next(generating=True)
+    joining, _ = s.admit(lambda call: ("one", 2, True))
+    assert [c.name for c in joining[0]] == ["b2", "a4"]
+
+    s = Scheduler()  # one owner: arrival order, as before owners
+    for name in ("x1", "x2", "x3"):
+        s.add(FakeCall(name, group=name), now=0.0)
+    assert [s.next(generating=False).name for _ in range(3)] == ["x1", "x2", "x3"]
 
 
 def test_a_pass_merges_the_compatible_calls_that_fit():

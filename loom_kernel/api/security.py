@@ -36,6 +36,7 @@ from litestar import Litestar, Request
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from loom_kernel.api.problems import begin_request, error_response, with_request_id
+from loom_kernel.calls import CALLER
 from loom_kernel.errors import Forbidden, LoomError
 
 OPEN_PATHS = frozenset({"/health"})
@@ -224,7 +225,9 @@ def key_refusal(scope: Scope, keys: Sequence[str] | str | None, handler: Any = N
     # Every key compared, whichever matches: the time taken says nothing about which one, or how many there are.
     matched = [key for key in keys if authorized(header, key.encode())]
     if matched:
-        scope.setdefault("state", {})["caller"] = key_owner(matched[0])  # type: ignore[typeddict-item]
+        owner = key_owner(matched[0])
+        scope.setdefault("state", {})["caller"] = owner  # type: ignore[typeddict-item]
+        CALLER.set(owner)  # for the scheduler, which gives owners turns (the request's own task and what it starts)
     if scope["path"] in OPEN_PATHS or public(handler or scope.get("route_handler")) or matched:
         return None
     return Unauthorized(
