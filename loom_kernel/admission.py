@@ -1,6 +1,7 @@
-"""Admission: the one way a request reaches its model. At most ``max_queue`` requests per model at once (the next
-is a 429); each gets a ``Session`` through which its forward calls queue on the model's thread and its own CPU
-work runs on a request thread; it is cancelled when its client leaves or its time runs out (a 504).
+"""Admission: the one way a request reaches its model. At most ``max_queue`` requests per model at once, per API key
+on a server with several (the next is a 429: one key filling its queue leaves the others theirs); each gets a
+``Session`` through which its forward calls queue on the model's thread and its own CPU work runs on a request
+thread; it is cancelled when its client leaves or its time runs out (a 504).
 
 A request counts in its model's ``in_flight`` (which keeps the model from eviction, idle unload and reload) from the
 moment ``ModelManager.get`` gives it the model until its response has ended and every call it queued is done: its
@@ -23,7 +24,7 @@ import attrs
 import pluggy
 
 from loom_kernel.batching import ModelThread
-from loom_kernel.calls import Cancelled, Ticket
+from loom_kernel.calls import CALLER, Cancelled, Ticket
 from loom_kernel.config import Settings
 from loom_kernel.errors import LoomError, RequestTimeout, TooManyRequests
 from loom_kernel.inputs import tokenize_rows
@@ -46,11 +47,13 @@ class Hold:
 
     entry: ModelEntry
     keepers: int = 0
+    owner: str = attrs.field(factory=CALLER.get)
 
     def keep(self) -> Callable[[], None]:
         """Keep the model in flight; the function returned lets go (once, however often it is called)."""
         if not self.keepers:
             self.entry.in_flight += 1
+            self.entry.flights[self.owner] = self.entry.flights.get(self.owner, 0) + 1
         self.keepers += 1
         kept = True
 
@@ -62,6 +65,9 @@ class Hold:
             self.keepers -= 1
             if not self.keepers:
                 self.entry.in_flight -= 1
+                left = self.entry.flights.pop(self.owner) - 1
+                if left:
+                    self.entry.flights[self.owner] = left
                 self.entry.last_used = time.monotonic()
 
         return release
@@ -227,13 +233,16 @@ class Admission:
             raise
 
     def _room(self, entry: ModelEntry) -> None:
-        """The 429 when ``entry`` has ``max_queue`` requests in flight."""
-        limit = self.settings.max_queue
-        if limit and entry.in_flight >= limit:
+        """The 429 when ``entry`` has ``max_queue`` requests in flight of the caller's API key (of anyone's, on a
+        server without keys)."""
+        limit, owner = self.settings.max_queue, CALLER.get()
+        mine = entry.flights.get(owner, 0)
+        if limit and mine >= limit:
             wait = entry.worker.seconds_per_batch * entry.in_flight / max(1, self.settings.max_batch_size)
             retry = max(1, math.ceil(wait))
+            whose = " of this API key" if owner else ""
             raise TooManyRequests(
-                f"model: {entry.model_id!r} has {entry.in_flight} requests in flight, its queue limit "
+                f"model: {entry.model_id!r} has {mine} requests{whose} in flight, its queue limit "
                 f"(max_queue {limit}); retry after {retry} s",
                 field="model",
                 retry_after=retry,

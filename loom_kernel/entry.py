@@ -37,6 +37,7 @@ class ModelEntry:
     ready: asyncio.Future | None = None
     last_used: float = attrs.field(factory=time.monotonic)
     in_flight: int = 0
+    flights: dict[str, int] = attrs.field(factory=dict)  # in_flight by API key owner ("" without keys)
     # While loading: the bytes its load was estimated to take, held against the memory budget (loom_kernel.budget).
     reserved: int = 0
 

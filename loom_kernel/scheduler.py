@@ -20,6 +20,7 @@ another's by one, not a hundred. With one owner the order is arrival order.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, Protocol
@@ -77,7 +78,9 @@ class Scheduler:
         self._peaks: dict[tuple[Any, ...], tuple[float, int]] = {}  # per key: (when, most calls at once)
         self._served: dict[str, int] = {}  # per owner: when (a count of passes started) it was last served
         self._turn = 0
-        self.joined: list[Any] = []  # generations admitted and not yet done: their owners' share of the batch
+        # Generations admitted and not yet done, their owners' share of the batch: weak, so that an answered call
+        # (its future holds its answer) is not kept alive by this count once the model goes idle.
+        self.joined: list[weakref.ref[Any]] = []
 
     @property
     def queued(self) -> int:
@@ -155,7 +158,7 @@ class Scheduler:
             if admitted:
                 joining.append(admitted)
                 taken.add(batch)
-                self.joined.extend(admitted)
+                self.joined.extend(weakref.ref(call) for call in admitted)
         if len(self.waiting) > 1:  # the owners' turns, whatever the groups
             order = {id(call): i for i, call in enumerate(pending)}
             self.waiting = deque(sorted(self.waiting, key=lambda call: order[id(call)]))
@@ -164,11 +167,12 @@ class Scheduler:
     def _by_turns(self, waiting: list[Any]) -> list[Any]:
         """The waiting generations by their place among their owner's calls not yet done (those admitted first),
         then by arrival: each owner's first waiting call before any owner's second."""
-        self.joined = [call for call in self.joined if not call.done]
+        running = [call for ref in self.joined if (call := ref()) is not None and not call.done]
+        self.joined = [weakref.ref(call) for call in running]
         if len({call.owner for call in waiting}) < 2:
             return waiting
         place: dict[str, int] = {}
-        for call in self.joined:
+        for call in running:
             place[call.owner] = place.get(call.owner, 0) + 1
         ranked = []
         for i, call in enumerate(waiting):

@@ -365,6 +365,28 @@ async def test_queue_overflow_is_a_429_with_retry_after(tiny_models):
         assert (await c.post("/extract", json={"model": model, **EXTRACTS[2]})).status_code == 200
 
 
+async def test_each_api_key_has_its_own_queue_limit(tiny_models):
+    """One key holding ``max_queue`` requests is refused its next (429 saying so) while another key's request is
+    admitted and served: a lab member's full queue does not lock the others out."""
+    app = app_with(max_queue=2, api_key=["key-of-a", "key-of-b"])
+    model = str(tiny_models["llama"])
+    a, b = ({"Authorization": f"Bearer key-of-{who}"} for who in "ab")
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model}, headers=a)).status_code == 200
+        gate = Gate(app, model)
+        first = [
+            asyncio.ensure_future(c.post("/extract", json={"model": model, **body}, headers=a)) for body in EXTRACTS[:2]
+        ]
+        while gate.entry.in_flight < 2:
+            await asyncio.sleep(0.01)
+        over = await c.post("/extract", json={"model": model, **EXTRACTS[2]}, headers=a)
+        assert over.status_code == 429 and "of this API key" in over.json()["detail"], over.text
+        other = asyncio.ensure_future(c.post("/extract", json={"model": model, **EXTRACTS[2]}, headers=b))
+        await gate.open_when_queued(3)
+        assert [r.status_code for r in await asyncio.gather(*first, other)] == [200, 200, 200]
+        assert gate.entry.flights == {}  # every key's count went back to nothing
+
+
 async def test_a_cancelled_request_leaves_the_queue(served):
     app, c, model, calls = served
     (want,) = await alone(c, "/generate", model, [GENERATES[1]])
