@@ -51,18 +51,44 @@ def _count(config: dict[str, Any], *keys: str) -> int:
 
 
 def _config_params(config: dict[str, Any]) -> int:
-    """A parameter count from the usual config keys: embeddings plus ~12 H^2 per block (attention + 4x MLP). A
-    multimodal checkpoint (Gemma 3 4B and up, Mistral 3) describes its language model in ``text_config``: the count
-    is that language model's, which is all the transformers loader loads of such a checkpoint (its files hold the
-    vision tower too, so the estimate from them is an upper bound)."""
+    """A parameter count from the usual config keys: the embeddings (and an untied head), ~4 H^2 of attention a
+    block, and a gated MLP (3 H I) a dense block, or in a mixture-of-experts block every routed and shared expert and
+    the router, all of which are in memory although a token runs only a few. A multimodal checkpoint (Gemma 3 4B and
+    up, Mistral 3) describes its language model in ``text_config``: the count is that language model's, which is all
+    the transformers loader loads of such a checkpoint (its files hold the vision tower too, so the estimate from
+    them is an upper bound). Llama 4's shared expert is left out: no key declares it (one of 17 experts in Scout)."""
+    # save_pretrained writes tie_word_embeddings only where it is not the default, True; a multimodal checkpoint's
+    # own, not its text_config's, is the one its language model follows.
+    heads = 2 if config.get("tie_word_embeddings") is False else 1
     text = config.get("text_config")
     if isinstance(text, dict) and not _count(config, "hidden_size", "n_embd", "d_model"):
         config = text
     hidden = _count(config, "hidden_size", "n_embd", "d_model")
     layers = _count(config, "num_hidden_layers", "n_layer", "num_layers")
     vocab = _count(config, "vocab_size")
-    inter = _count(config, "intermediate_size", "n_inner") or 4 * hidden
-    return vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
+    # Llama 4's dense blocks are intermediate_size_mlp wide, its experts intermediate_size.
+    inter = _count(config, "intermediate_size_mlp", "intermediate_size", "n_inner") or 4 * hidden
+    experts = _count(config, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    expert = _count(config, "moe_intermediate_size", "intermediate_size") or inter
+    shared = _count(config, "shared_expert_intermediate_size", "shared_intermediate_size")
+    shared = shared or expert * _count(config, "n_shared_experts", "moe_num_shared_experts")
+    sparse = _sparse_layers(config, layers) if experts else 0
+    moe = 3 * hidden * (experts * expert + shared) + hidden * experts  # the experts and the router
+    return heads * vocab * hidden + layers * 4 * hidden * hidden + (layers - sparse) * 3 * hidden * inter + sparse * moe
+
+
+def _sparse_layers(config: dict[str, Any], layers: int) -> int:
+    """How many blocks hold experts: those a list names, or every ``step``-th from the first one past the dense ones
+    (each family's keys for the same rule), less those ``mlp_only_layers`` keeps dense."""
+    if isinstance(types := config.get("mlp_layer_types"), list):
+        return types.count("sparse")
+    if isinstance(listed := config.get("moe_layers"), list):
+        return len(listed)
+    first = _count(config, "first_k_dense_replace", "moe_layer_start_index")
+    last = _count(config, "moe_layer_end_index") or layers - 1  # ERNIE's -1: the last block
+    step = _count(config, "decoder_sparse_step", "interleave_moe_layer_step", "moe_layer_interval") or 1
+    dense = only if isinstance(only := config.get("mlp_only_layers"), list) else []
+    return sum((i + 1) % step == 0 and i not in dense for i in range(first, min(last + 1, layers)))
 
 
 def estimate_bytes(ref: ModelRef, options: LoadOptions, device: str) -> int | None:
