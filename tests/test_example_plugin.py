@@ -3,7 +3,8 @@
 The package is installed by pip, non-editable, from a copy (so its build leaves nothing in the checkout) into a
 directory of the test's own that only the servers started here have on their path: the suite's environment never
 has it, so no other test (nor one running beside it in another worker) sees the plugin, and nothing is left behind. The
-reference states come from running the toy network by hand on the saved weights, not from the plugin's code.
+template's own tests run against that install in a pytest of their own. The reference states come from running the toy
+network by hand on the saved weights, not from the plugin's code.
 """
 
 from __future__ import annotations
@@ -102,13 +103,41 @@ def check_the_causal_toy(base: str, model: Path) -> None:
     assert tops[-1] == hand_greedy(model, prompt, 1)[-1]
 
 
-@pytest.mark.slow
-def test_example_plugin_installed_served_and_absent_without_it(tmp_path: Path) -> None:
-    model = tmp_path / "toy-model"
-    src, site = tmp_path / "src", tmp_path / "site"
-    shutil.copytree(DEMO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where pip installed the template (once for this file's tests); its sources and its tests, copied, beside it
+    in ``src``."""
+    root = tmp_path_factory.mktemp("example")
+    src, site = root / "src", root / "site"
+    shutil.copytree(DEMO, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"))
     done = pip("install", "--no-deps", "--quiet", "--target", str(site), str(src))
     assert done.returncode == 0, done.stderr
+    return site
+
+
+@pytest.mark.slow
+def test_the_templates_own_tests_pass_against_the_installed_package(site: Path) -> None:
+    """The template's own tests (demo/loom-plugin-example/tests, what a plugin's author runs after installing it)
+    are outside the suite's testpaths, as they need the package installed, which the suite's environment never has:
+    they run here in a fresh pytest that has the package only where pip put it (its entry point included). Run
+    from the copy's parent, so that ``loom_example`` is the installed one, not the source directory beside the
+    tests. Outside the suite they had broken unnoticed once."""
+    tests = site.parent / "src" / "tests"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+        capture_output=True,
+        text=True,
+        cwd=site.parent,
+        timeout=HANG_S,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_example_plugin_installed_served_and_absent_without_it(site: Path, tmp_path: Path) -> None:
+    model = tmp_path / "toy-model"
     installed = {"PYTHONPATH": str(site)}
     # A fresh interpreter imports the package from where pip put it, as a user of the template would.
     causal = tmp_path / "causal-toy"
