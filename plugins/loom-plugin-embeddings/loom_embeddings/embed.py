@@ -144,7 +144,8 @@ def choose_pooling(model: LoadedModel, requested: str | None, layer: LayerSel) -
 
 
 def _renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
-    """A plugin names the input "text"; say which field (and which row of it) the request used."""
+    """A plugin names the input "text"; say which field (and which row of it) the request used: ``field`` is the
+    row's own path, as the detail says it and as a malformed row's 422 names it (``texts[1]``), ``row`` its index."""
     extra = dict(exc.extra)
     row = extra.pop("row", None)
     if row is None and spec.listed:  # a list of one: its plugin named no row
@@ -155,7 +156,7 @@ def _renamed(exc: InvalidField, spec: EmbedSpec) -> InvalidField:
         detail += "; truncate: true cuts it to the model's limit"
     if row is not None:
         extra["row"] = row
-    return InvalidField(f"{where}: {detail}", field=spec.field, allowed=exc.allowed, **extra)
+    return InvalidField(f"{where}: {detail}", field=where, allowed=exc.allowed, **extra)
 
 
 def _pool(pm: pluggy.PluginManager, states: list[Any], strategy: str) -> Any:
