@@ -158,10 +158,20 @@ async def test_extract_attention_and_states_together(client, tiny_models):
 
 async def test_attention_refusals(client, tiny_models):
     path = str(tiny_models["llama"])
-    r = await client.post(
-        "/generate", json={"model": path, "prompt": "Hi", "return_attention": True, "hidden_state_layers": [0]}
-    )
-    assert r.status_code == 422 and r.json()["field"] == "hidden_state_layers"
+    # The 422 names what was asked for that has no attention (layer 0, hook points, both, nothing), and only that:
+    # it said "layer 0 is the embedding output and hook points have no attention" to each.
+    site = "blocks.0.hook_resid_post"
+    for layers, says, not_said in [
+        ([0], "layer 0 is the embedding output", ["hook point"]),
+        ([site], "hook points have no attention", ["layer 0"]),
+        ([0, site], "layer 0 is the embedding output and hook points have no attention", []),
+        ([], "no layer is named", ["layer 0", "hook point"]),
+    ]:
+        body = {"model": path, "prompt": "Hi", "return_attention": True, "hidden_state_layers": layers}
+        r = await client.post("/generate", json=body)
+        assert r.status_code == 422 and r.json()["field"] == "hidden_state_layers", r.text
+        detail = r.json()["detail"]
+        assert says in detail and not any(text in detail for text in not_said), (layers, detail)
     r = await client.post("/extract", json={"model": "minilm", "text": "Hi", "return_attention": True})
     assert r.status_code == 422 and r.json()["field"] == "return_attention"
     assert (await client.post("/generate", json={"model": path, "prompt": "Hi", "max_tokens": 2})).status_code == 200

@@ -173,8 +173,14 @@ class StateRequest:
             layers = resolve_layers(spec, model.num_layers)
             sites = tuple(dict.fromkeys(str(check_site(name, model, "hidden_state_layers")[0]) for name in names))
         if self.attention and all(sel.index == 0 for sel in layers):
+            why = {  # what was asked for (layer 0, hook points, both or nothing), not what was not
+                (True, True): "layer 0 is the embedding output and hook points have no attention",
+                (True, False): "layer 0 is the embedding output, which has no attention",
+                (False, True): "hook points have no attention",
+                (False, False): "no layer is named, and attention is returned for the layers named",
+            }[bool(layers), bool(sites)]
             raise InvalidField(
-                "hidden_state_layers: layer 0 is the embedding output and hook points have no attention",
+                f"hidden_state_layers: {why}",
                 field="hidden_state_layers",
                 allowed=f"layers 1 to {model.num_layers} (or -1 to -{model.num_layers})",
             )
