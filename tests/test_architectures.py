@@ -1033,6 +1033,34 @@ async def test_an_architecture_outside_the_table_serves_its_indices_and_refuses_
         assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
 
 
+async def assert_served_outside_the_table(path: str, arch: str, refused: list[str], why: str) -> None:
+    """A model served by its indices alone: each index is ``output_hidden_states``', each of ``refused`` a 422 whose
+    detail says ``why``, and its greedy tokens ``generate``'s, alone and in a left-padded batch."""
+    net, tok = load(path, arch)
+    n = net.config.num_hidden_layers
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        want = net(**enc, output_hidden_states=True).hidden_states
+        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "text": TEXT, "positions": "all"}
+        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
+        assert r.status_code == 200, r.text
+        got = arrays(r.json(), "sequence_hidden_states")
+        for i in range(n + 1):
+            close(got[str(i)], want[i][0], f"index {i}")
+        for name in refused:
+            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
+            assert r.status_code == 422 and why in r.json()["detail"], r.text
+        ask = {"model": path, "max_tokens": 5, "temperature": 0}
+        g = await c.post("/generate", json={**ask, "prompt": TEXT})
+        assert g.status_code == 200, g.text
+        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
+        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
+        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
+        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+
+
 async def test_a_model_whose_blocks_sit_below_its_base_model_is_served_outside_the_table(built, monkeypatch):
     """Outside the table (OPT with its entry taken out), a head model that calls the module holding the blocks
     directly (OPT's calls ``model.decoder``, not the base model) has index N read on that module: the model loads,
@@ -1041,29 +1069,9 @@ async def test_a_model_whose_blocks_sit_below_its_base_model_is_served_outside_t
     from loom_transformers import architectures
 
     monkeypatch.delitem(architectures.ARCHITECTURES, "opt")
-    path = built("opt")
-    net, tok = load(path, "opt")
-    n = net.config.num_hidden_layers
-    enc = tok(TEXT, return_tensors="pt")
-    with torch.inference_mode():
-        want = net(**enc, output_hidden_states=True).hidden_states
-        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    async with concurrent_client(app_with()) as c:
-        body = {"model": path, "text": TEXT, "positions": "all", "hidden_state_layers": list(range(n + 1))}
-        r = await c.post("/extract", json=body)
-        assert r.status_code == 200, r.text
-        got = arrays(r.json(), "sequence_hidden_states")
-        for i in range(n + 1):
-            close(got[str(i)], want[i][0], f"index {i}")
-        r = await c.post("/extract", json={**body, "hidden_state_layers": ["blocks.0.hook_attn_out"]})
-        assert r.status_code == 422 and "no layout for model_type 'opt'" in r.json()["detail"], r.text
-        ask = {"model": path, "max_tokens": 5, "temperature": 0}
-        g = await c.post("/generate", json={**ask, "prompt": TEXT})
-        assert g.status_code == 200, g.text
-        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
-        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
-        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
-        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+    await assert_served_outside_the_table(
+        built("opt"), "opt", ["blocks.0.hook_attn_out"], "no layout for model_type 'opt'"
+    )
 
 
 async def test_a_bloom_adding_the_residual_after_its_norms_is_served_outside_the_table(tiny_root):
@@ -1074,21 +1082,9 @@ async def test_a_bloom_adding_the_residual_after_its_norms_is_served_outside_the
 
     flag = "apply_residual_connection_post_layernorm"
     path = str(build_tiny_model("bloom", tiny_root, name="bloom-post-ln-residual", **{flag: True}))
-    net, tok = load(path, "bloom")
-    n = net.config.num_hidden_layers
-    enc = tok(TEXT, return_tensors="pt")
-    with torch.inference_mode():
-        want = net(**enc, output_hidden_states=True).hidden_states
-    async with concurrent_client(app_with()) as c:
-        body = {"model": path, "text": TEXT, "positions": "all"}
-        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
-        assert r.status_code == 200, r.text
-        got = arrays(r.json(), "sequence_hidden_states")
-        for i in range(n + 1):
-            close(got[str(i)], want[i][0], f"index {i}")
-        for name in ("hook_embed", "blocks.1.hook_resid_mid", "blocks.0.attn.hook_pattern"):
-            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
-            assert r.status_code == 422 and flag in r.json()["detail"], r.text
+    await assert_served_outside_the_table(
+        path, "bloom", ["hook_embed", "blocks.1.hook_resid_mid", "blocks.0.attn.hook_pattern"], flag
+    )
 
 
 async def test_a_granite_with_its_multipliers_is_served_outside_the_table(built):
@@ -1097,25 +1093,10 @@ async def test_a_granite_with_its_multipliers_is_served_outside_the_table(built)
     TransformerLens's names say, so such a model serves its indices (held to output_hidden_states) and generation,
     and each hook point is refused naming the multipliers."""
     path = built("granite")
-    net, tok = load(path, "granite")
+    net, _ = load(path, "granite")
     assert net.config.residual_multiplier != 1 and net.config.embedding_multiplier != 1
-    n = net.config.num_hidden_layers
-    enc = tok(TEXT, return_tensors="pt")
-    with torch.inference_mode():
-        want = net(**enc, output_hidden_states=True).hidden_states
-        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    async with concurrent_client(app_with()) as c:
-        body = {"model": path, "text": TEXT, "positions": "all"}
-        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
-        assert r.status_code == 200, r.text
-        got = arrays(r.json(), "sequence_hidden_states")
-        for i in range(n + 1):
-            close(got[str(i)], want[i][0], f"index {i}")
-        for name in ("hook_embed", "blocks.0.hook_attn_out", "blocks.1.mlp.hook_post"):
-            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
-            assert r.status_code == 422 and "residual_multiplier" in r.json()["detail"], r.text
-        g = await c.post("/generate", json={"model": path, "prompt": TEXT, "max_tokens": 5, "temperature": 0})
-        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
+    refused = ["hook_embed", "blocks.0.hook_attn_out", "blocks.1.mlp.hook_post"]
+    await assert_served_outside_the_table(path, "granite", refused, "residual_multiplier")
 
 
 async def test_qwen3_next_is_served_outside_the_table_saying_why(tiny_root):
@@ -1139,33 +1120,14 @@ async def test_qwen3_next_is_served_outside_the_table_saying_why(tiny_root):
         "shared_expert_intermediate_size": 32,
     }
     path = str(build_tiny_model("qwen3_next", tiny_root, name="qwen3-next", **extra))
-    net, tok = load(path, "qwen3_next")
+    net, _ = load(path, "qwen3_next")
     assert [type(layer).__name__ for layer in net.model.layers] == ["Qwen3NextDecoderLayer"] * 2
     assert hasattr(net.model.layers[0], "linear_attn") and hasattr(net.model.layers[1], "self_attn")
-    n = net.config.num_hidden_layers
-    enc = tok(TEXT, return_tensors="pt")
-    with torch.inference_mode():
-        want = net(**enc, output_hidden_states=True).hidden_states
-        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    refused = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_q", "blocks.1.hook_resid_mid"]
+    await assert_served_outside_the_table(path, "qwen3_next", refused, "linear attention")
     async with concurrent_client(app_with()) as c:
-        body = {"model": path, "text": TEXT, "positions": "all"}
-        r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
-        assert r.status_code == 200, r.text
-        got = arrays(r.json(), "sequence_hidden_states")
-        for i in range(n + 1):
-            close(got[str(i)], want[i][0], f"index {i}")
-        for name in ("blocks.0.attn.hook_pattern", "blocks.1.attn.hook_q", "blocks.1.hook_resid_mid"):
-            r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
-            assert r.status_code == 422 and "linear attention" in r.json()["detail"], r.text
-        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [1]}})
+        r = await c.post("/extract", json={"model": path, "text": TEXT, "logit_lens": {"layers": [1]}})
         assert r.status_code == 422 and r.json()["field"] == "logit_lens", r.text
-        ask = {"model": path, "max_tokens": 5, "temperature": 0}
-        g = await c.post("/generate", json={**ask, "prompt": TEXT})
-        assert g.status_code == 200, g.text
-        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
-        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
-        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
-        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
 
 
 async def test_models_outside_the_table_are_refused_by_name(built, tmp_path):

@@ -112,6 +112,20 @@ GQA_FAMILIES = {
 # What each of these families sets besides the sizes: the feature that makes it a family of its own, where a tiny
 # model's test input (about 10 tokens) shows it.
 SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
+# DeepSeek-V2/V3's multi-head latent attention, tiny: block 0 dense, block 1 routed experts and a shared one.
+MLA = {
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 12,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,
+}
 FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "olmo": {"clip_qkv": 0.1},  # below the tiny model's largest q, k and v, so that the clamp clips
     "olmo3": {"sliding_window": 4, "layer_types": SLIDING},
@@ -177,7 +191,6 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     # num_key_value_heads, which eager attention's repeat reads).
     # V3's YaRN rotary, whose mscale_all_dim also scales the scores (its attention's scaling is not 1/sqrt(d_head)).
     "deepseek_v3": {
-        "num_hidden_layers": 2,
         "rope_parameters": {
             "rope_type": "yarn",
             "rope_theta": 10000.0,
@@ -188,34 +201,12 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
             "mscale": 1.0,
             "mscale_all_dim": 1.0,
         },
-        "num_key_value_heads": 4,
+        **MLA,
         "q_lora_rank": 24,
-        "kv_lora_rank": 16,
-        "qk_nope_head_dim": 8,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 12,
-        "n_routed_experts": 4,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "first_k_dense_replace": 1,
         "n_group": 1,
         "topk_group": 1,
     },
-    "deepseek_v2": {
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 4,
-        "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_nope_head_dim": 8,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 12,
-        "n_routed_experts": 4,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "first_k_dense_replace": 1,
-    },
+    "deepseek_v2": {**MLA, "q_lora_rank": None},
     "ernie4_5": {"num_hidden_layers": 2},
     # Block 0 dense, block 1 experts plus a shared expert.
     "ernie4_5_moe": {
