@@ -109,7 +109,7 @@ async def analyze(session: Session, data: AnalyzeRequest, limit: int = 0) -> dic
             raise
         row = exc.extra.get("row", 0)
         detail = exc.detail.split(": ", 1)[-1]
-        raise InvalidField(f"texts[{row}]: {detail}", field="texts", allowed=exc.allowed, row=row) from None
+        raise InvalidField(f"texts[{row}]: {detail}", field=f"texts[{row}]", allowed=exc.allowed, row=row) from None
     return await session.thread(metrics, session.model, data, layers, out, start)
 
 

@@ -184,7 +184,8 @@ async def test_analyze_in_bfloat16_and_bad_fields(tiny_models):
         context = (await c.post("/models/load", json={"model": model})).json()["model"]["max_context"]
         long = " ".join(["w"] * (context + 8))  # within the character bound, past the context in tokens
         bad = await c.post("/analyze", json={"model": model, "texts": ["fine", long]})
-        assert bad.status_code == 422 and bad.json()["field"] == "texts" and bad.json()["row"] == 1, bad.text
+        assert bad.status_code == 422 and bad.json()["field"] == "texts[1]" and bad.json()["row"] == 1, bad.text
+        assert bad.json()["detail"].startswith("texts[1]: "), bad.text  # field and detail name the same row
         assert bad.json()["detail"].startswith("texts[1]: ")
 
 
