@@ -656,13 +656,18 @@ async def assert_lens_and_generation(c: Any, path: str, net: Any, tok: Any, enc:
         assert [[t["token_id"] for t in row] for row in entry["top_k"]] == top.indices.tolist(), key
         got_lp = [[t["logprob"] for t in row] for row in entry["top_k"]]
         np.testing.assert_allclose(got_lp, top.values.numpy(), atol=1e-5, err_msg=key)
+    await assert_greedy(c, path, net, tok, enc)
+
+
+async def assert_greedy(c: Any, path: str, net: Any, tok: Any, enc: Any) -> None:
+    """The served greedy tokens of ``TEXT`` are transformers' ``generate``'s, alone and left-padded in one running
+    batch with a shorter row (which gets what it gets alone)."""
     with torch.inference_mode():
         want = net.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     ask = {"model": path, "max_tokens": 8, "temperature": 0}
     g = await c.post("/generate", json={**ask, "prompt": TEXT})
     assert g.status_code == 200, g.text
     assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
-    # Rows of different lengths, left-padded in one running batch, get what each gets alone.
     short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
     batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
     assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
@@ -1041,7 +1046,6 @@ async def assert_served_outside_the_table(path: str, arch: str, refused: list[st
     enc = tok(TEXT, return_tensors="pt")
     with torch.inference_mode():
         want = net(**enc, output_hidden_states=True).hidden_states
-        ref = net.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     async with concurrent_client(app_with()) as c:
         body = {"model": path, "text": TEXT, "positions": "all"}
         r = await c.post("/extract", json={**body, "hidden_state_layers": list(range(n + 1))})
@@ -1052,13 +1056,7 @@ async def assert_served_outside_the_table(path: str, arch: str, refused: list[st
         for name in refused:
             r = await c.post("/extract", json={**body, "hidden_state_layers": [name]})
             assert r.status_code == 422 and why in r.json()["detail"], r.text
-        ask = {"model": path, "max_tokens": 5, "temperature": 0}
-        g = await c.post("/generate", json={**ask, "prompt": TEXT})
-        assert g.status_code == 200, g.text
-        assert g.json()["token_ids"] == ref[0, enc["input_ids"].shape[1] :].tolist()
-        short = (await c.post("/generate", json={**ask, "prompt": "hello"})).json()["token_ids"]
-        batch = (await c.post("/generate/batch", json={**ask, "prompts": [TEXT, "hello"]})).json()["results"]
-        assert [row["token_ids"] for row in batch] == [g.json()["token_ids"], short]
+        await assert_greedy(c, path, net, tok, enc)
 
 
 async def test_a_model_whose_blocks_sit_below_its_base_model_is_served_outside_the_table(built, monkeypatch):

@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -124,12 +124,18 @@ class Gate:
         self.entry.worker.submit(self.event.wait)
 
     async def open_when_queued(self, n: int) -> None:
-        for _ in range(6000):  # a bound against a hang, not a speed claim
-            if self.entry.worker.queued >= n:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.entry.worker.queued >= n)
         assert self.entry.worker.queued == n
         self.event.set()
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait, on the event loop, until ``condition`` holds (bounded, so that a regression fails instead of hanging)."""
+    for _ in range(6000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
 
 
 PROMPTS = ["hello", "the cat sat on the mat and looked at the", "one two three four five six seven", "a b"]
@@ -344,8 +350,7 @@ async def test_queue_overflow_is_a_429_with_retry_after(tiny_models):
     async with serving(tiny_models, max_queue=2) as (app, c, model, _):
         gate = Gate(app, model)
         first = [asyncio.ensure_future(c.post("/extract", json={"model": model, **b})) for b in EXTRACTS[:2]]
-        while gate.entry.in_flight < 2:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: gate.entry.in_flight >= 2)
         over = await c.post("/extract", json={"model": model, **EXTRACTS[2]})
         assert over.status_code == 429
         assert int(over.headers["retry-after"]) >= 1
@@ -377,8 +382,7 @@ async def test_each_api_key_has_its_own_queue_limit(tiny_models):
         first = [
             asyncio.ensure_future(c.post("/extract", json={"model": model, **body}, headers=a)) for body in EXTRACTS[:2]
         ]
-        while gate.entry.in_flight < 2:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: gate.entry.in_flight >= 2)
         over = await c.post("/extract", json={"model": model, **EXTRACTS[2]}, headers=a)
         assert over.status_code == 429 and "of this API key" in over.json()["detail"], over.text
         other = asyncio.ensure_future(c.post("/extract", json={"model": model, **EXTRACTS[2]}, headers=b))
@@ -394,8 +398,7 @@ async def test_a_cancelled_request_leaves_the_queue(served):
     gate = Gate(app, model)
     leaving = asyncio.ensure_future(c.post("/generate", json={"model": model, **GENERATES[0]}))
     staying = asyncio.ensure_future(c.post("/generate", json={"model": model, **GENERATES[1]}))
-    while gate.entry.worker.queued < 2:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: gate.entry.worker.queued >= 2)
     leaving.cancel()
     await asyncio.wait([leaving])  # the request's handler has run its cancellation
     gate.event.set()
@@ -403,8 +406,7 @@ async def test_a_cancelled_request_leaves_the_queue(served):
     assert r.status_code == 200
     assert_same(r.json(), want)
     assert [(rows, gen) for rows, gen, _ in calls.seen] == [(1, True)]  # the cancelled one never ran
-    while gate.entry.in_flight:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: not gate.entry.in_flight)
 
 
 async def test_a_cancelled_request_stops_its_rows_mid_generation(served):
@@ -574,8 +576,7 @@ async def test_the_owners_of_api_keys_take_turns_at_a_busy_model(tiny_models):
         tasks = []
         for n, (key, body) in enumerate(asks, 1):  # queued in this order
             tasks.append(asyncio.ensure_future(c.post("/extract", json={"model": model, **body}, headers=key)))
-            while gate.entry.worker.queued < n:
-                await asyncio.sleep(0.01)
+            await eventually(lambda n=n: gate.entry.worker.queued >= n)
         gate.event.set()
         results = await asyncio.gather(*tasks)
     ran = [list(out.rows[0].token_ids) for _, _, out in calls.seen]
@@ -637,8 +638,7 @@ async def test_one_request_of_many_texts_runs_as_passes_within_the_batch_limits_
         await asyncio.wait([leaving])  # the request's handler has run its cancellation
         hold.go.set()
         entry = app.state.manager.find("minilm")
-        while entry.in_flight:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not entry.in_flight)
         assert hold.passes == 1 and len(calls.seen) == 1  # the pass that ran, and no other
         pm.unregister(name="hold")
         r = await c.post("/embed/batch", json={"model": "minilm", "texts": texts[:3]})
@@ -660,8 +660,7 @@ async def test_embeddings_take_the_one_way_into_a_model_with_its_guarantees():
         gate = Gate(app, "minilm")
         leaving = asyncio.ensure_future(c.post("/embed", json={"model": "minilm", "text": "the one that leaves"}))
         staying = asyncio.ensure_future(c.post("/embed", json={"model": "minilm", "text": "the one that stays"}))
-        while gate.entry.worker.queued < 2:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: gate.entry.worker.queued >= 2)
         over = await c.post("/embed", json={"model": "minilm", "text": "one too many"})
         assert over.status_code == 429 and over.json()["field"] == "model"
         leaving.cancel()
@@ -671,8 +670,7 @@ async def test_embeddings_take_the_one_way_into_a_model_with_its_guarantees():
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["embedding"], want["embedding"], atol=1e-6)
         assert [rows for rows, _, _ in calls.seen] == [1]  # the cancelled one never ran
-        while gate.entry.in_flight:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not gate.entry.in_flight)
 
         app.state.settings.request_timeout = 0.2
         gate = Gate(app, "minilm")
@@ -680,8 +678,7 @@ async def test_embeddings_take_the_one_way_into_a_model_with_its_guarantees():
         assert late.status_code == 504 and late.json()["field"] == "request_timeout"
         gate.event.set()
         assert (await c.post("/embed", json={"model": "minilm", "text": "in time"})).status_code == 200
-        while gate.entry.in_flight:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not gate.entry.in_flight)
 
 
 class OnModelThread:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from serverutil import until
-from test_batching import Gate, assert_same, serving
+from test_batching import Gate, assert_same, eventually, serving
 
 LONG = {"prompt": "one two three four five six seven", "max_tokens": 200, "temperature": 0}
 
@@ -45,15 +45,6 @@ class Passes:
 def arrived(entry: Any, n: int) -> Callable[[], bool]:
     """Whether ``n`` requests have reached the model's scheduler: run (joined, or passed through) or waiting."""
     return lambda: entry.worker.counters.batched_requests + entry.worker.queued >= n
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait, on the event loop, until ``condition`` holds (bounded, so that a regression fails instead of hanging)."""
-    for _ in range(6000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 async def start_long(

@@ -113,6 +113,19 @@ def test_files_are_served_with_their_types_and_a_strict_policy(api: httpx.Client
     assert "/viewer" not in api.get("/schema/openapi.json").json()["paths"]
 
 
+def assert_lens_drawn(browser: Any, base: str, api: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """The page asked for ``body`` and drew a cell for every layer and position of the server's answer to it, with
+    that position's top token; the answer's ``logit_lens``."""
+    assert shown_requests(browser) == [(f"{base}/extract", body)]
+    lens = post(api, "/extract", body)["logit_lens"]
+    cells = drawn(browser, ".lens-cell")
+    assert [(c["layer"], int(c["position"])) for c in cells] == [(k, p) for k in lens for p in lens[k]["positions"]]
+    for c in cells:
+        top = lens[c["layer"]]["top_k"][lens[c["layer"]]["positions"].index(int(c["position"]))][0]
+        assert (c["token"], int(c["tokenId"]), float(c["logprob"])) == (top["token"], top["token_id"], top["logprob"])
+    return lens
+
+
 def test_logit_lens(browser: Any, base: str, api: httpx.Client, model: str) -> None:
     open_view(browser, base, model=model, text=TEXT, target=" fox")
     body = {
@@ -122,13 +135,7 @@ def test_logit_lens(browser: Any, base: str, api: httpx.Client, model: str) -> N
         "hidden_state_layers": [],
         "logit_lens": {"layers": "all", "top_k": 5, "tokens": [" fox"]},
     }
-    assert shown_requests(browser) == [(f"{base}/extract", body)]
-    lens = post(api, "/extract", body)["logit_lens"]
-    cells = drawn(browser, ".lens-cell")
-    assert [(c["layer"], int(c["position"])) for c in cells] == [(k, p) for k in lens for p in lens[k]["positions"]]
-    for c in cells:
-        top = lens[c["layer"]]["top_k"][lens[c["layer"]]["positions"].index(int(c["position"]))][0]
-        assert (c["token"], int(c["tokenId"]), float(c["logprob"])) == (top["token"], top["token_id"], top["logprob"])
+    lens = assert_lens_drawn(browser, base, api, body)
 
     # the target's curve at the last position, then at a position picked by clicking its token
     for pick in (None, 2):
@@ -182,14 +189,9 @@ def test_a_tuned_lens(browser: Any, base: str, api: httpx.Client, model: str) ->
         "hidden_state_layers": [],
         "logit_lens": {"layers": "all", "top_k": 5, "tuned": "viewer-lens"},
     }
-    assert shown_requests(browser) == [(f"{base}/extract", body)]
-    lens_answer = post(api, "/extract", body)["logit_lens"]
+    lens = assert_lens_drawn(browser, base, api, body)
     plain = post(api, "/extract", {**body, "logit_lens": {"layers": "all", "top_k": 5}})["logit_lens"]
-    assert lens_answer != plain  # the translators moved the lens
-    cells = drawn(browser, ".lens-cell")
-    for c in cells:
-        top = lens_answer[c["layer"]]["top_k"][lens_answer[c["layer"]]["positions"].index(int(c["position"]))][0]
-        assert (c["token"], int(c["tokenId"]), float(c["logprob"])) == (top["token"], top["token_id"], top["logprob"])
+    assert lens != plain  # the translators moved the lens
 
 
 def test_attention(browser: Any, base: str, api: httpx.Client, model: str) -> None:
