@@ -314,8 +314,8 @@ class ModelThread:
 
     def _passes(self, calls: list[Call], batch: Batch, capture: Capture) -> ForwardOutput:
         """``batch`` (``calls`` merged) run as the passes the limits allow (``scheduler.passes``), its rows answered
-        in their order; Cancelled when every call was cancelled before its last pass. A row refused in a pass of
-        several is renumbered as the whole batch's."""
+        in their order, the running generations taking a step between two passes; Cancelled when every call was
+        cancelled before its last pass. A row refused in a pass of several is renumbered as the whole batch's."""
         pm, model = calls[0].pm, calls[0].model
         parts = [list(range(batch.size))]
         if batch.generation is None:  # a whole generation's rows run as they were merged
@@ -323,9 +323,11 @@ class ModelThread:
         if len(parts) == 1:
             return call_forward(pm, model, batch, capture)
         rows: list[Any] = [None] * batch.size
-        for part in parts:
+        for k, part in enumerate(parts):
             if all(call.cancelled for call in calls):
                 raise Cancelled("request: cancelled between its passes")
+            if k and any(engine.busy for engine in self._engines.values()):
+                self._generate()  # a step boundary between passes: streams do not wait for a request's every pass
             try:
                 out = call_forward(pm, model, pick(batch, part), capture)
             except InvalidField as exc:

@@ -15,6 +15,8 @@ import pytest
 from serverutil import until
 from test_batching import Gate, assert_same, eventually, serving
 
+from loom_kernel import Batch, Capture, LoadedModel, hookimpl
+
 LONG = {"prompt": "one two three four five six seven", "max_tokens": 200, "temperature": 0}
 
 
@@ -231,6 +233,45 @@ async def test_forward_passes_run_between_decoding_steps(running):
     assert_same(got[0], alone_extract)
     np.testing.assert_allclose(got[1]["embedding"], alone_embed["embedding"], atol=1e-5)
     assert (await long_task).status_code == 200
+
+
+class StepsAtPasses:
+    """Records, at each plain forward pass, how many decoding steps the generating model had taken (``steps``)."""
+
+    def __init__(self) -> None:
+        self.steps: Callable[[], int] = lambda: 0
+        self.seen: list[int] = []
+
+    @hookimpl(tryfirst=True)
+    def forward_with_states(self, model: LoadedModel, batch: Batch, capture: Capture) -> None:
+        if batch.generation is None:
+            self.seen.append(self.steps())
+
+
+async def test_a_generation_steps_between_the_passes_of_a_request_that_runs_as_several(tiny_models):
+    """A request whose rows pass ``max_batch_tokens`` runs as several passes: a running generation takes a
+    decoding step between each two of them, not only after the last, and the answer is what it is alone."""
+    texts = [f"text {i}: " + "the cat sat on the mat " * (1 + i % 3) for i in range(12)]
+    at = StepsAtPasses()
+    async with serving(tiny_models, at, max_batch_tokens=48) as (app, c, model, _):
+        entry = app.state.manager.find(model)
+        passes = Passes(entry.loaded.model)
+        at.steps = lambda: passes.count
+        try:
+            want = await post(c, "/embed/batch", model, {"texts": texts})
+            several = len(at.seen)
+            assert several > 2, at.seen
+            at.seen.clear()
+            # The generation holds at its 150th step until the request is answered: it runs through every pass.
+            long_task, release = await start_long(c, model, entry, passes, wait_at=5, joining=1, hold_at=150)
+            task = asyncio.ensure_future(c.post("/embed/batch", json={"model": model, "texts": texts}))
+            got = (await answered(task, release)).json()
+        finally:
+            passes.close()
+        np.testing.assert_allclose(got["embeddings"], want["embeddings"], atol=1e-5)
+        assert len(at.seen) == several
+        assert at.seen == sorted(set(at.seen)), at.seen  # a step between every two passes
+        assert (await long_task).status_code == 200
 
 
 async def test_a_prompt_refused_while_others_run_fails_alone(running):
