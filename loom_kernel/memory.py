@@ -56,7 +56,7 @@ def _config_params(config: dict[str, Any]) -> int:
     the router, all of which are in memory although a token runs only a few. A multimodal checkpoint (Gemma 3 4B and
     up, Mistral 3) describes its language model in ``text_config``: the count is that language model's, which is all
     the transformers loader loads of such a checkpoint (its files hold the vision tower too, so the estimate from
-    them is an upper bound). Llama 4's shared expert is left out: no key declares it (one of 17 experts in Scout)."""
+    them is an upper bound)."""
     # save_pretrained writes tie_word_embeddings only where it is not the default, True; a multimodal checkpoint's
     # own, not its text_config's, is the one its language model follows.
     heads = 2 if config.get("tie_word_embeddings") is False else 1
@@ -71,7 +71,9 @@ def _config_params(config: dict[str, Any]) -> int:
     experts = _count(config, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
     expert = _count(config, "moe_intermediate_size", "intermediate_size") or inter
     shared = _count(config, "shared_expert_intermediate_size", "shared_intermediate_size")
-    shared = shared or expert * _count(config, "n_shared_experts", "moe_num_shared_experts")
+    # Llama 4's one shared expert a sparse block is declared by no key: its model type says it.
+    llama4 = int(config.get("model_type") == "llama4_text")
+    shared = shared or expert * (_count(config, "n_shared_experts", "moe_num_shared_experts") or llama4)
     sparse = _sparse_layers(config, layers) if experts else 0
     moe = 3 * hidden * (experts * expert + shared) + hidden * experts  # the experts and the router
     return heads * vocab * hidden + layers * 4 * hidden * hidden + (layers - sparse) * 3 * hidden * inter + sparse * moe
