@@ -34,6 +34,7 @@ from test_architectures import (
 from test_batching import arrays
 from test_interventions import reference_apply
 from test_models import app_with, concurrent_client
+from test_patching import assert_normalized
 
 ARCHS = ("gpt2", "llama", "gpt_neox", "gemma2", "falcon_sequential", "gpt_neo", "opt", "opt_post_ln", "bloom")
 # Llama's block with one thing of its own each (OLMo's clamped q/k/v and LayerNorm without parameters, post-norm and
@@ -823,8 +824,7 @@ async def test_per_head_patching_matches_an_in_process_loop(built, arch):
     assert got["heads"] == [h, h, h] and got["runs"] == 2 + 3 * 2 * h
     assert abs(got["metric"]["clean"] - clean_m) < 1e-5 and abs(got["metric"]["corrupted"] - corrupt_m) < 1e-5
     np.testing.assert_allclose(np.array(got["patched"]), np.array(want), atol=1e-5)
-    gap = clean_m - corrupt_m
-    np.testing.assert_allclose(np.array(got["normalized"]), (np.array(want) - corrupt_m) / gap, atol=1e-4)
+    assert_normalized(got)
 
 
 BAD_EDITS = [
