@@ -106,7 +106,8 @@ def batch_inputs(
     """Token ids per row and which rows were cut to ``max_context``.
 
     Ids outside the vocabulary, an empty row, or a row longer than the context (unless ``batch.truncate``) are
-    InvalidField naming ``token_ids``, ``prompt`` (generation) or ``text``, and the ``row`` of a batch of several.
+    InvalidField naming ``token_ids``, ``prompt`` (generation) or ``text``, and the ``row`` of a batch of several;
+    a generation whose named ``max_tokens`` would pass the context after its prompt, naming ``max_tokens``.
     ``cut_text(text, limit)`` tokenizes a text cut to ``limit`` tokens (a tokenizer that keeps its closing special
     tokens); without it the ids are sliced.
     """
@@ -143,6 +144,16 @@ def batch_inputs(
                 inputs[i] = [int(t) for t in cut_text(batch.texts[i], max_context)]
             else:
                 inputs[i] = ids[:max_context]
+        if max_context and batch.generation is not None and not batch.params(i).fit_context:
+            asked, room = batch.params(i).max_tokens, max_context - len(inputs[i])
+            if asked > room:  # vLLM's and OpenAI's refusal: never a generation cut short of what was named
+                raise InvalidField(
+                    f"max_tokens: {asked} after the prompt's {len(inputs[i])} tokens passes the model's context of "
+                    f"{max_context}",
+                    field="max_tokens",
+                    allowed=f"0 to {max(room, 0)}",
+                    **where,
+                )
     check_edit_positions(batch, inputs)
     return inputs, truncated
 

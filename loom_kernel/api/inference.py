@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from loom_kernel.api.deps import Manager
 from loom_kernel.api.payloads import (
     StateRequest,
     check_generation,
+    check_prompts,
     finish,
     generate_choices,
     generate_rows,
@@ -205,7 +207,9 @@ class InferenceController(Controller):
         entry = await manager.get_for(data)
         if entry.loaded is not None:  # refuse now what would otherwise be an error event after a 200
             check_generation(entry.loaded, params)
-            await req.resolved(entry.loaded, Batch(texts=(data.prompt,), generation=params))
+            prompt = Batch(texts=(data.prompt,), generation=params, add_special_tokens=data.add_special_tokens)
+            await asyncio.to_thread(check_prompts, entry.loaded, prompt)
+            await req.resolved(entry.loaded, prompt)
         bridge = TokenBridge()
 
         async def work(s: Session) -> dict[str, Any]:

@@ -426,6 +426,21 @@ def check_generation(model: LoadedModel, params: GenerationParams) -> None:
         )
 
 
+def check_prompts(model: LoadedModel, batch: Batch, name: Callable[[int], str] | None = None) -> None:
+    """Every prompt of ``batch`` tokenized and checked as the scheduler will check it (its length, its ids, the
+    ``max_tokens`` after it), the first refusal raised: a stream calls it (off the event loop) before its 200, so
+    that what would fail its generation is a 4xx, never an error event. ``name(i)``: how prompt ``i`` is named in
+    a refusal of the prompt itself (``prompt[1]``)."""
+    _, refused = tokenize_rows(model, batch)
+    for i, error in enumerate(refused):
+        if error is None:
+            continue
+        if name is None or error.field == "max_tokens":
+            raise error
+        field, (_, _, rest) = name(i), error.detail.partition(": ")
+        raise InvalidField(f"{field}: {rest}", field=field, allowed=error.allowed) from None
+
+
 def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 

@@ -34,6 +34,7 @@ from loom_kernel import (
     asked_fields,
     caller,
     check_generation,
+    check_prompts,
     check_vocabulary,
     checked_params,
     client_gone,
@@ -442,6 +443,8 @@ class OpenAIController(Controller):
         text = "".join(m["role"] + m["content"] for m in messages)
         params, req, entry = await self._prepare(data, manager, settings, Batch(texts=(text,)), caller(request))
         ids = await asyncio.to_thread(chat_token_ids, entry.model(), messages)  # refused before a stream starts
+        with named_as_sent(data):  # max_tokens after the chat's tokens
+            check_prompts(entry.model(), Batch(token_ids=(ids,), generation=params), lambda i: "messages")
         tokenizer = entry.model().tokenizer
         bridge = TokenBridge() if data.stream else None
         n = data.n or 1
@@ -514,10 +517,19 @@ class OpenAIController(Controller):
         # The size estimate counts a token id as one character.
         estimate = Batch(texts=tuple(texts) if rows is None else tuple(" " * len(r) for r in rows))
         params, req, entry = await self._prepare(data, manager, settings, estimate, caller(request))
+        flat = isinstance(data.prompt, str) or not isinstance(data.prompt[0], str | list)  # one prompt
         if rows is not None:  # the model's own token ids, as they are: checked before a stream starts
-            flat = not isinstance(data.prompt[0], list)
             check_vocabulary(rows, vocabulary_size(entry.model()), "prompt", flat=flat)
             check_context(rows, entry.model().max_context, flat)
+        if data.stream or rows is not None:  # what would fail a row is a 400 before the stream, named as sent
+            if rows is None:
+                prompts = Batch(texts=tuple(texts), generation=params)
+            else:
+                prompts = Batch(token_ids=tuple(tuple(r) for r in rows), generation=params)
+            with named_as_sent(data):
+                await asyncio.to_thread(
+                    check_prompts, entry.model(), prompts, lambda i: "prompt" if flat else f"prompt[{i}]"
+                )
         bridge = TokenBridge() if data.stream else None
 
         async def work(s: Session) -> list[dict[str, Any]]:
