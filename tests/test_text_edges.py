@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow  # one real server process for the module
 SCRIPT = "ok \U0001f600 x\u65e5\u672c\u8a9e caf\u00e9!"
 PROMPT = "a b"  # three tokens: the script starts at the third position
 CONTEXT = 64
+SCRIPTED = 24  # the tokens that spell SCRIPT
 
 
 def scripted(out: Path, script: str, prompt: str) -> list[int]:
@@ -69,7 +70,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> str:
     net = AutoModelForCausalLM.from_pretrained(path).eval()
     prompt = tok(PROMPT, return_tensors="pt")["input_ids"]
     generated = net.generate(prompt, max_new_tokens=len(ids), do_sample=False)[0, prompt.shape[1] :].tolist()
-    assert generated == ids and tok.decode(generated) == SCRIPT  # the reference: transformers' own generate
+    assert (
+        len(ids) == SCRIPTED and generated == ids and tok.decode(generated) == SCRIPT
+    )  # the reference: transformers' own generate
     assert all("\ufffd" in tok.decode([i]) for i in ids[3:7])  # the emoji's tokens hold one byte each
     return str(path)
 
@@ -129,3 +132,38 @@ def test_what_does_not_fit_the_context_is_refused_by_name_before_any_stream(
     assert first["token_count"] == body["max_tokens"] and second["error"]["field"] == field, r.text
     fits = httpx.post(base + "/generate", json={**body, "prompt": PROMPT, "max_tokens": CONTEXT - 3}, timeout=120)
     assert fits.json()["token_count"] == CONTEXT - 3 and fits.json()["finish_reason"] == "length", fits.text
+
+
+def streamed(base: str, path: str, body: dict[str, Any]) -> list[str]:
+    """The text pieces a stream sent, on any of the three generating streams."""
+    status, got = events(base, path, body)
+    assert status == 200 and not [e for e, d in got if e == "error"], got
+    if path == "/generate/stream":
+        return [d["text"] for e, d in got if e == "token"]
+    chunks = [d["choices"][0] for _, d in got if d != "[DONE]" and d.get("choices")]
+    return [c["delta"].get("content") or "" if "delta" in c else c["text"] for c in chunks]
+
+
+# Stop strings: a split character alone, one spanning two characters' tokens, one ending in a split character,
+# and none.
+STOPS = [None, "\U0001f600", "\u672c", "\U0001f600 x", "\u8a9e c", "caf\u00e9", "k \U0001f600"]
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_streams_of_split_characters_are_the_decoded_text_cut_at_its_stop(base: str, model: str, stop: str) -> None:
+    """Each stream's pieces join to the answer's text, which is ``tokenizer.decode`` of transformers' tokens cut
+    before the first stop string (matched on the decoded text, whichever tokens spell it), and no piece holds a
+    U+FFFD that the text does not (a byte of a character waits for the rest of it)."""
+    want = SCRIPT[: SCRIPT.index(stop)] if stop else SCRIPT
+    common = {"model": model, "max_tokens": SCRIPTED, "temperature": 0, **({"stop": [stop]} if stop else {})}
+    prompt = {**common, "prompt": PROMPT}
+    chat = {**common, "messages": [{"role": "user", "content": PROMPT}]}
+    whole = httpx.post(base + "/generate", json=prompt, timeout=120).json()
+    assert whole["text"] == want and whole["finish_reason"] == ("stop" if stop else "length"), whole
+    completion = httpx.post(base + "/v1/completions", json=prompt, timeout=120).json()["choices"][0]["text"]
+    message = httpx.post(base + "/v1/chat/completions", json=chat, timeout=120).json()["choices"][0]["message"]
+    assert completion == message["content"] == want
+    for path, body in [("/generate/stream", prompt), ("/v1/completions", prompt), ("/v1/chat/completions", chat)]:
+        pieces = streamed(base, path, {**body, "stream": True} if path.startswith("/v1") else body)
+        assert "".join(pieces) == want and not any("\ufffd" in p for p in pieces), (path, pieces)
+
