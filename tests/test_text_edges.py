@@ -167,3 +167,31 @@ def test_streams_of_split_characters_are_the_decoded_text_cut_at_its_stop(base: 
         pieces = streamed(base, path, {**body, "stream": True} if path.startswith("/v1") else body)
         assert "".join(pieces) == want and not any("\ufffd" in p for p in pieces), (path, pieces)
 
+
+def test_text_offsets_place_each_token_at_the_character_its_first_byte_is_in(base: str, model: str) -> None:
+    """The legacy ``text_offset`` of a token that holds part of a character is where that character starts (all
+    four tokens of the emoji at its one place), so that ``text[offset:]`` begins with the character its bytes
+    belong to; streamed, each chunk's offset is the same. The bytes come from GPT-2's own byte alphabet."""
+    from transformers import AutoTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = AutoTokenizer.from_pretrained(model)
+    byte = {c: b for b, c in bytes_to_unicode().items()}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": SCRIPTED, "temperature": 0, "logprobs": 0}
+    choice = httpx.post(base + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    ids = tok(choice["text"], add_special_tokens=False)["input_ids"]
+    data = b"".join(bytes(byte[c] for c in piece) for piece in tok.convert_ids_to_tokens(ids))
+    starts = [
+        len(b"".join(bytes(byte[c] for c in p) for p in tok.convert_ids_to_tokens(ids[:i]))) for i in range(SCRIPTED)
+    ]
+    want = [len(data[:b].decode("utf-8", errors="ignore")) for b in starts]
+    assert choice["text"] == SCRIPT and choice["logprobs"]["text_offset"] == want, choice["logprobs"]["text_offset"]
+    assert want[3:7] == [3, 3, 3, 3]  # the emoji's four tokens
+    pieces = events(base, "/v1/completions", {**body, "stream": True})[1]
+    offsets = [
+        o
+        for _, d in pieces
+        if d != "[DONE]" and d["choices"][0]["logprobs"]
+        for o in d["choices"][0]["logprobs"]["text_offset"]
+    ]
+    assert offsets == want

@@ -315,15 +315,30 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, offsets: list[int]
 
 
 def decoded_length(tokenizer: Any, token_ids: list[int]) -> int:
-    """Characters of text ``token_ids`` decode to, as the plugin decodes its completion (special tokens skipped).
+    """Characters of text ``token_ids`` decode to, as the plugin decodes its completion (special tokens skipped),
+    not counting a character they end in the middle of: where the next token starts.
 
     A token's own decoded text is not its share of the completion (a byte of a split character decodes alone
-    as U+FFFD), so offsets come from decoding the tokens before it. Without a tokenizer every token's text is
-    empty (see ``logprob_entries``), and so is every prefix.
+    as U+FFFD), so offsets come from decoding the tokens before it; those that end with part of a character
+    decode it as a U+FFFD that the completion does not have, and the next token continues that character, so its
+    offset is the character's own. Without a tokenizer every token's text is empty (see ``logprob_entries``), and
+    so is every prefix.
     """
     if not token_ids or tokenizer is None:
         return 0
-    return len(tokenizer.decode(token_ids, skip_special_tokens=True))
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    return len(text) - 1 if text.endswith("\ufffd") and ends_mid_character(tokenizer, token_ids) else len(text)
+
+
+def ends_mid_character(tokenizer: Any, token_ids: list[int]) -> bool:
+    """Whether the tokens' bytes end with the first bytes of a character (not with bytes that no character has:
+    those are the text's own U+FFFD). A character has at most four bytes, so the last four tokens hold its first."""
+    import codecs
+
+    tail = b"".join(bytes(token_bytes(tokenizer, i, tokenizer.decode([i]))) for i in token_ids[-4:])
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(tail, final=False)
+    return bool(decoder.getstate()[0])
 
 
 def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
