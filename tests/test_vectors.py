@@ -269,3 +269,68 @@ def test_contrast_is_the_in_process_mean_difference(tiny_models, site, positions
             np.testing.assert_array_equal(named[key], valued[key])
         missing = c.post("/generate", json={**ask, "interventions": [{"site": site, "op": "add", "vector": "nope"}]})
         assert missing.status_code == 422 and missing.json()["field"] == "interventions[0].vector"
+
+
+def test_stores_sharing_a_directory_keep_its_budget_and_whole_files_under_concurrent_writes(tmp_path: Path) -> None:
+    """Two stores over one directory (as two processes: each opens the lock file itself, and ``flock`` sets such
+    opens apart as it does processes) write at once: uploads each within the budget but together over it store
+    exactly what the budget holds, and uploads of one name racing its deletion leave it whole or absent, never torn.
+    """
+    import threading
+
+    from loom_interp.stores import NotFound
+
+    from loom_kernel import InsufficientStorage
+
+    def vector(i: int) -> torch.Tensor:
+        return torch.full((256,), float(i))
+
+    cost = TensorStore("vector", 10**6).put("a0", vector(0), {"model": "m"})[0].nbytes
+    stores = [TensorStore("vector", 10 * cost, tmp_path) for _ in range(2)]
+    outcomes: list[str] = []
+
+    def run(*work: tuple[TensorStore, object]) -> None:
+        start = threading.Barrier(len(work))
+
+        def go(store: TensorStore, job: object) -> None:
+            start.wait()
+            job(store)  # type: ignore[operator]
+
+        threads = [threading.Thread(target=go, args=w) for w in work]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def fill(tag: str) -> object:
+        def job(store: TensorStore) -> None:
+            for i in range(8):
+                try:
+                    store.put(f"{tag}{i}", vector(i), {"model": "m"})
+                    outcomes.append("stored")
+                except InsufficientStorage:
+                    outcomes.append("507")
+
+        return job
+
+    def churn(value: float | None) -> object:
+        def job(store: TensorStore) -> None:
+            for _ in range(20):
+                with contextlib.suppress(NotFound):
+                    if value is None:
+                        store.delete("same")
+                    else:
+                        store.put("same", torch.full((64,), value), {}, replace=True)
+
+        return job
+
+    run((stores[0], fill("a")), (stores[1], fill("b")))
+    fresh = TensorStore("vector", 10 * cost, tmp_path)
+    assert outcomes.count("stored") == len(fresh.names()) == 10 and fresh.used == 10 * cost
+    for name in fresh.names()[:2]:
+        fresh.delete(name)
+    run((stores[0], churn(1.0)), (stores[1], churn(2.0)), (stores[0], churn(None)))
+    fresh = TensorStore("vector", 10 * cost, tmp_path)
+    assert fresh.used <= 10 * cost and not list(tmp_path.glob(".*.tmp"))
+    assert len(fresh.items) == len(list(tmp_path.glob(f"*{SUFFIX}")))  # every file there reads whole
+    assert "same" not in fresh.names() or float(fresh.get("same").tensor[0]) in (1.0, 2.0)
