@@ -1,5 +1,5 @@
 """The language model of a multimodal checkpoint (Gemma 3 4B and up, Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, Llama 4), served alone.
+Qwen3-VL, Qwen3-VL-MoE, Llama 4), served alone.
 
 Tiny random checkpoints of each wrapper (a 2-block language model under a 2-block vision tower, norms perturbed) are
 saved as the hub's are. The reference is the wrapper itself, loaded here by transformers as its own class
@@ -40,6 +40,7 @@ FAMILY = {
     "qwen2_5_vl": "qwen2",
     "llama4": "llama4_text",
     "qwen3_vl": "qwen3",
+    "qwen3_vl_moe": "qwen3_moe",
 }
 
 
@@ -159,7 +160,13 @@ async def test_a_multimodal_checkpoint_serves_its_language_model_as_the_wrapper_
 
 @pytest.mark.parametrize(
     ("model_type", "mlp_out"),
-    [("gemma3", "post_feedforward_layernorm"), ("qwen2_vl", "mlp"), ("qwen2_5_vl", "mlp"), ("qwen3_vl", "mlp")],
+    [
+        ("gemma3", "post_feedforward_layernorm"),
+        ("qwen2_vl", "mlp"),
+        ("qwen2_5_vl", "mlp"),
+        ("qwen3_vl", "mlp"),
+        ("qwen3_vl_moe", "mlp"),
+    ],
 )
 async def test_edits_on_a_multimodal_checkpoints_language_model_are_the_same_edits_in_the_wrapper(
     wrapped, model_type, mlp_out
@@ -215,7 +222,7 @@ async def test_edits_on_a_multimodal_checkpoints_language_model_are_the_same_edi
     assert g.json()["token_ids"] == want[0, enc["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 async def test_qwen_vls_multimodal_rotary_on_text_is_the_rotary_the_served_model_applies(wrapped, model_type):
     """The wrapper's multimodal rotary embedding on text (three position sections, all the token's own position, as
     its get_rope_index makes them; Qwen3-VL's interleaved) rotates q and k as the served Qwen2 (Qwen3) model does:
@@ -286,7 +293,7 @@ async def test_paligemma_is_refused_before_any_weight_is_read(tmp_path):
         assert r.status_code == 422 and r.json()["field"] == "model", r.text
         detail = r.json()["detail"]
         assert "transformers: model_type 'paligemma' is a multimodal model" in detail, detail
-        assert "gemma3, llama4, llava, mistral3, qwen2_5_vl, qwen2_vl, qwen3_vl" in detail, detail
+        assert "gemma3, llama4, llava, mistral3, qwen2_5_vl, qwen2_vl, qwen3_vl, qwen3_vl_moe" in detail, detail
         assert (await c.get("/health")).json()["loaded_models"] == []
 
 
@@ -317,6 +324,51 @@ async def test_a_checkpoint_named_as_the_wrappers_module_tree_loads_the_same(wra
         assert r.status_code == 200, r.text
     got = arrays(r.json(), "sequence_hidden_states")
     for i in (0, 2):
+        close(got[str(i)], out.hidden_states[i][0], f"index {i}")
+    top = torch.topk(torch.log_softmax(out.logits[0].double(), -1), 3)
+    assert [[t["token_id"] for t in row] for row in r.json()["logit_lens"]["-1"]["top_k"]] == top.indices.tolist()
+
+
+async def test_qwen3_vl_moes_experts_load_in_either_layout_and_shapes_that_cannot_tell_are_refused(wrapped, tmp_path):
+    """Qwen3-VL-MoE's hub checkpoints store each block's fused experts [experts, d_model, 2 * d_expert] and
+    [experts, d_expert, d_model] (the tiny checkpoint's, which transformers' own conversion for the wrapper
+    transposes); transformers 5's ``save_pretrained`` writes them as its modules hold them. A checkpoint in that
+    layout serves the wrapper's own states and lens too. A config whose hidden_size is twice its
+    moe_intermediate_size is refused before any weight is read: its shapes could not tell the two layouts apart."""
+    import json
+    import shutil
+
+    from loom_transformers.testing import transpose_experts
+    from safetensors import safe_open
+
+    path, net, tok = wrapped("qwen3_vl_moe")
+    modules = tmp_path / "qwen3-vl-moe-module-layout"
+    shutil.copytree(path, modules)
+    transpose_experts(modules)
+    experts = net.model.language_model.layers[1].mlp.experts
+    with safe_open(modules / "model.safetensors", "pt") as f:
+        names = [k for k in f.keys() if ".mlp.experts." in k]  # noqa: SIM118 (safe_open is not iterable)
+        shapes = {k.rpartition(".")[2]: f.get_slice(k).get_shape() for k in names}
+    assert shapes == {"gate_up_proj": list(experts.gate_up_proj.shape), "down_proj": list(experts.down_proj.shape)}
+    enc = tok(TEXT, return_tensors="pt")
+    with torch.inference_mode():
+        out = net(**enc, output_hidden_states=True)
+    square = tmp_path / "qwen3-vl-moe-square"
+    square.mkdir()
+    config = json.loads((Path(path) / "config.json").read_text())
+    config["text_config"]["moe_intermediate_size"] = config["text_config"]["hidden_size"] // 2
+    (square / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(square)
+    (square / "model.safetensors").write_bytes(b"not a safetensors file")
+    body = {"model": str(modules), "text": TEXT, "positions": "all", "hidden_state_layers": [1, 2]}
+    async with concurrent_client(app_with()) as c:
+        r = await c.post("/extract", json={**body, "logit_lens": {"layers": [-1], "top_k": 3}})
+        assert r.status_code == 200, r.text
+        r2 = await c.post("/models/load", json={"model": str(square)})
+        assert r2.status_code == 422 and r2.json()["field"] == "model", r2.text
+        assert "moe_intermediate_size 32 their shapes cannot tell which" in r2.json()["detail"], r2.text
+    got = arrays(r.json(), "sequence_hidden_states")
+    for i in (1, 2):
         close(got[str(i)], out.hidden_states[i][0], f"index {i}")
     top = torch.topk(torch.log_softmax(out.logits[0].double(), -1), 3)
     assert [[t["token_id"] for t in row] for row in r.json()["logit_lens"]["-1"]["top_k"]] == top.indices.tolist()

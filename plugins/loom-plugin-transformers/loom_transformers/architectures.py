@@ -496,9 +496,10 @@ NOT_SERVED = {
 @attrs.define(frozen=True)
 class Wrapper:
     """A multimodal model_type whose checkpoints hold a vision tower beside a language model (Gemma 3 4B and up,
-    Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL, Llama 4). The Loom loads the language model alone, as the
-    causal LM its ``text_config`` names (or ``family``), which the table's entry for that model_type describes:
-    images are not part of its API, so the vision tower's weights are never read (docs/decisions.md).
+    Mistral Small 3.1, LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Llama 4). The Loom loads the language
+    model alone, as the causal LM its ``text_config`` names (or ``family``), which the table's entry for that
+    model_type describes: images are not part of its API, so the vision tower's weights are never read
+    (docs/decisions.md).
 
     ``text`` is where the language model sits in the checkpoint: its base model at ``{text}.model.`` and head at
     ``{text}.lm_head.`` (the hub's checkpoints, and transformers' own ``save_pretrained``), or its base model at
@@ -515,6 +516,16 @@ class Wrapper:
     # (mrope): three position sections, each rotating its share of the frequencies; on text all three positions are
     # the token's, and the rotation is Qwen2's ordinary one, bit for bit (tests/test_multimodal.py).
     family: str = ""
+    # Config attributes the language model is given where the wrapper's code fixes what the family's reads from its
+    # config: Qwen3-VL-MoE's router always renormalises its top-k weights, which Qwen3-MoE's does only under
+    # norm_topk_prob (false by default, and whatever a Qwen3-VL-MoE config.json says, its wrapper ignores it).
+    sets: tuple[tuple[str, Any], ...] = ()
+    # The checkpoint may hold each block's fused experts transposed from the family's modules: Qwen3-VL-MoE's hub
+    # checkpoints (saved by transformers 4.57) store experts.gate_up_proj [experts, d_model, 2 * d_expert] and
+    # experts.down_proj [experts, d_expert, d_model], which transformers' own conversion for the wrapper transposes
+    # where the shapes say so (its 5.x save_pretrained writes them untransposed); the loader does the same for the
+    # family's causal LM, and refuses sizes whose shapes cannot tell the two layouts apart (``ambiguous_experts``).
+    experts_transposed: bool = False
 
     def key_mapping(self) -> dict[str, str]:
         """transformers' ``key_mapping``: the checkpoint's names of the language model's weights to the causal LM's
@@ -535,6 +546,14 @@ WRAPPERS: dict[str, Wrapper] = {
     # or width in turn), which on text are all the token's position: Qwen3's rotation. Its deepstack visual features
     # are added to early blocks' outputs only where there are images.
     "qwen3_vl": Wrapper("Qwen3-VL (Qwen3VLForConditionalGeneration)", family="qwen3"),
+    # Qwen3-VL-MoE (30B-A3B, 235B-A22B): Qwen3-MoE's block under Qwen3-VL's interleaved rotary sections, its router
+    # always renormalising the top-k weights, its fused experts stored transposed by its hub checkpoints.
+    "qwen3_vl_moe": Wrapper(
+        "Qwen3-VL-MoE (Qwen3VLMoeForConditionalGeneration)",
+        family="qwen3_moe",
+        sets=(("norm_topk_prob", True),),
+        experts_transposed=True,
+    ),
     # Its language model is a whole Llama4ForCausalLM, whose forward the wrapper calls as it is on text.
     "llama4": Wrapper("Llama 4 (Llama4ForConditionalGeneration)"),
 }
@@ -548,6 +567,8 @@ def language_model(config: Any) -> tuple[Wrapper, Any] | None:
     if wrapper is None or text is None:
         return None
     text = as_family(text, wrapper.family) if wrapper.family else copy.deepcopy(text)
+    for attr, value in wrapper.sets:
+        setattr(text, attr, value)
     # transformers ties a model's head by its own config's flag: the wrapper's, not its text_config's.
     text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
     for attr in wrapper.unused:
@@ -556,6 +577,22 @@ def language_model(config: Any) -> tuple[Wrapper, Any] | None:
     if getattr(config, "quantization_config", None) is not None:
         text.quantization_config = config.quantization_config
     return wrapper, text
+
+
+def ambiguous_experts(wrapper: Wrapper, text: Any) -> str | None:
+    """Why a checkpoint of ``wrapper`` with language model config ``text`` cannot be loaded right, or None: where its
+    fused experts may be stored transposed and a square shape cannot tell which way they are (d_model equal to
+    2 * d_expert for gate_up_proj, or to d_expert for down_proj), transformers' check of the shapes would keep them
+    as they are, and a transposed checkpoint would compute wrong numbers without an error."""
+    if not wrapper.experts_transposed:
+        return None
+    d_model, d_expert = int(text.hidden_size), int(getattr(text, "moe_intermediate_size", 0) or 0)
+    if d_model not in (d_expert, 2 * d_expert):
+        return None
+    return (
+        f"its fused experts may be stored transposed ([experts, d_model, 2 * d_expert], as its hub checkpoints are) "
+        f"or not, and with hidden_size {d_model} and moe_intermediate_size {d_expert} their shapes cannot tell which"
+    )
 
 
 def as_family(text: Any, family: str) -> Any:

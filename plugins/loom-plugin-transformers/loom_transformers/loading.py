@@ -22,7 +22,7 @@ from loom_kernel import (
     resolve_device,
     resolve_dtype,
 )
-from loom_transformers.architectures import NOT_SERVED, WRAPPERS, arch_of, language_model
+from loom_transformers.architectures import NOT_SERVED, WRAPPERS, ambiguous_experts, arch_of, language_model
 from loom_transformers.attribution import attribution
 from loom_transformers.runner import TransformersRunner
 from loom_transformers.sites import attention_sites, final_width, site_shapes, unembed
@@ -135,14 +135,20 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
                 ) from None
             raise
         wrapped = language_model(config)
+        transposed = False
         if wrapped is not None:  # a multimodal checkpoint: its language model alone, the vision tower left unread
             wrapper, config = wrapped
+            if (why := ambiguous_experts(wrapper, config)) is not None:
+                raise BadModel(f"model: {ref.id!r} ({wrapper.name}): {why}", field="model")
             kwargs.update(config=config, key_mapping=wrapper.key_mapping())
+            transposed = wrapper.experts_transposed
             log.info("transformers loads the language model of %s (%s) alone: no vision tower", ref.id, wrapper.name)
         refuse_kind(ref, config)
         refuse_requantizing(ref, config, options)
         causal = is_causal(config)
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        if transposed:
+            auto = with_transposed_experts(transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
         model, info = auto.from_pretrained(target, output_loading_info=True, **kwargs)
         check_weights(model, info, f"transformers could not load {ref.id!r} from {target}")
         tokenizer = load_tokenizer(ref, target, small)
@@ -218,6 +224,27 @@ def load_model(ref: ModelRef, options: LoadOptions) -> LoadedModel:
         loaded.load_seconds,
     )
     return loaded
+
+
+@functools.cache
+def with_transposed_experts(base: type) -> type:
+    """``base`` (a causal LM class of transformers) loading each block's fused experts (``mlp.experts.gate_up_proj``,
+    ``mlp.experts.down_proj``) stored [experts, in, out] as its modules hold them, [experts, out, in]: a subclass
+    whose own name carries transformers' conversion for it, the transpose transformers applies for the multimodal
+    wrapper (``Transpose(1, 2, check_dims=True)``: a weight already of the module's shape is kept). transformers'
+    ``key_mapping`` only renames, and registering the transpose under ``base``'s own name would change every load of
+    that class in the process; the family's own conversions (per-expert weights merged) stay, found by model_type
+    on its base model."""
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    cls = type(f"{base.__name__}WithTransposedExperts", (base,), {"__module__": __name__, "__doc__": base.__doc__})
+    converters = [
+        WeightConverter(f"mlp.experts.{name}", f"mlp.experts.{name}", operations=[Transpose(1, 2, check_dims=True)])
+        for name in ("gate_up_proj", "down_proj")
+    ]
+    register_checkpoint_conversion_mapping(cls.__name__, converters, overwrite=True)
+    return cls
 
 
 # Weights a checkpoint may lack without changing a state Loom reports: an encoder's pooler (a masked-LM checkpoint has

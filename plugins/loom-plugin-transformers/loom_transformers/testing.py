@@ -476,6 +476,14 @@ def perturb(model: Any) -> None:
 
 
 QWEN_VL_TEXT = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+QWEN3_VL_TEXT = {
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [4, 2, 2],
+        "mrope_interleaved": True,
+    }
+}
 # Multimodal checkpoints whose language model The Loom serves alone (``architectures.WRAPPERS``): each one's config
 # class, the tiny family of its language model, its vision tower's config class, and what its config sets besides.
 WRAPPED = {
@@ -494,19 +502,16 @@ WRAPPED = {
     "qwen2_vl": ("Qwen2VLConfig", "qwen2", "Qwen2VLVisionConfig", {"tie_word_embeddings": False}, QWEN_VL_TEXT),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "qwen2", "Qwen2_5_VLVisionConfig", {"tie_word_embeddings": True}, QWEN_VL_TEXT),
     # Qwen3's block under interleaved multimodal rotary sections of the 8 frequencies of a 16-wide head.
-    "qwen3_vl": (
-        "Qwen3VLConfig",
-        "qwen3",
-        "Qwen3VLVisionConfig",
+    "qwen3_vl": ("Qwen3VLConfig", "qwen3", "Qwen3VLVisionConfig", {"tie_word_embeddings": False}, QWEN3_VL_TEXT),
+    # Qwen3-MoE's block under the same sections: block 0 dense (mlp_only_layers), block 1 four experts 24 wide, so
+    # that no expert weight is square (a 2 * 24 x 64 gate_up_proj shows which way it is stored). Its config keeps
+    # the tiny Qwen3-MoE's norm_topk_prob false, which the wrapper's router ignores: it always renormalises.
+    "qwen3_vl_moe": (
+        "Qwen3VLMoeConfig",
+        "qwen3_moe",
+        "Qwen3VLMoeVisionConfig",
         {"tie_word_embeddings": False},
-        {
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [4, 2, 2],
-                "mrope_interleaved": True,
-            }
-        },
+        {**QWEN3_VL_TEXT, "mlp_only_layers": [0], "moe_intermediate_size": 24},
     ),
     # Llama 4 Scout / Maverick: its language model is a whole Llama4ForCausalLM under the wrapper.
     "llama4": ("Llama4Config", "llama4_text", "Llama4VisionConfig", {"tie_word_embeddings": False}, {}),
@@ -542,6 +547,8 @@ VISION: dict[str, dict[str, Any]] = {
     },
 }
 
+VISION["Qwen3VLMoeVisionConfig"] = VISION["Qwen3VLVisionConfig"]  # Qwen3-VL-MoE's tower is Qwen3-VL's
+
 
 def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> Path:
     """Build (once) and save a tiny multimodal checkpoint of ``model_type`` (one of ``WRAPPED``): a 2-block language
@@ -558,6 +565,9 @@ def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> 
     tokenizer = train_tokenizer(family)
     text = tiny_config(family, tokenizer).to_dict()
     text.pop("layer_types", None)  # sized for the tiny family's 3 blocks
+    # The family's model_type would stay on the wrapper's text config object (not in its config.json), where
+    # transformers' save_pretrained looks up weight conversions by it: Qwen3-MoE's per-expert ones for Qwen3-VL-MoE.
+    text.pop("model_type", None)
     text.update(num_hidden_layers=2, **text_extra)
     vision: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
     vision.update(num_attention_heads=4, image_size=28, patch_size=14)
@@ -578,5 +588,26 @@ def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> 
     model = transformers.AutoModelForImageTextToText.from_config(config).eval()
     perturb(model)
     model.save_pretrained(out)
+    if model_type in HUB_TRANSPOSED_EXPERTS:
+        transpose_experts(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# Wrappers whose hub checkpoints store each block's fused experts transposed from transformers 5's modules, which
+# its save_pretrained writes as the modules hold them: Qwen3-VL-MoE's ([experts, d_model, 2 * d_expert] and
+# [experts, d_expert, d_model], the layout transformers' own conversion mapping for it reads).
+HUB_TRANSPOSED_EXPERTS = ("qwen3_vl_moe",)
+
+
+def transpose_experts(out: Path) -> None:
+    """Every fused expert weight (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) of the checkpoint in
+    ``out`` transposed in place (its last two dimensions): from the layout of transformers 5's modules to the hub's,
+    or back."""
+    from safetensors.torch import load_file, save_file
+
+    for file in out.glob("*.safetensors"):
+        weights = load_file(file)
+        fused = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+        moved = {k: t.transpose(1, 2).contiguous() if k.endswith(fused) else t for k, t in weights.items()}
+        save_file(moved, file, metadata={"format": "pt"})
