@@ -106,11 +106,13 @@ SURVEY = (
     "xlm-roberta",
     "distilbert",
     "mpnet",
+    "modernbert",
     "mamba",
 )
 # RoBERTa's blocks are BERT's (XLM-RoBERTa's too); its positions count from its padding index + 1.
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
-POST_LN = (*ENCODERS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
+BERT_BLOCKS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+ENCODERS = (*BERT_BLOCKS, "modernbert")  # ModernBERT's blocks are pre-norm
+POST_LN = (*BERT_BLOCKS, "opt_post_ln")  # TransformerLens's BertBlock: each norm after its add
 PARALLEL = ("gpt_neox", "gptj", "cohere", "cohere2", "phi", "falcon", "falcon_grouped", "falcon_grouped_one_ln")
 TEXT = "the cat sat on the mat and looked at the"
 
@@ -183,6 +185,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
     elif arch == "bloom":  # hook_embed after its embedding LayerNorm, as TransformerLens's Embed (post_embedding_ln)
         base, final = net.transformer, net.transformer.ln_f
         layers, embeds = base.h, (base.word_embeddings_layernorm, None)
+    elif arch == "modernbert":  # hook_embed after its embedding LayerNorm; a final norm
+        base, final = net, net.final_norm
+        layers, embeds = net.layers, (net.embeddings.norm, None)
     elif arch == "distilbert":
         base, final = net, None
         layers, embeds = net.transformer.layer, (net.embeddings.word_embeddings, net.embeddings.position_embeddings)
@@ -363,6 +368,22 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
             p["ln1.hook_normalized"] = (layer.input_layernorm, "out", same)
             p["ln2.hook_normalized"] = (layer.post_attention_layernorm, "out", same)
             p["mlp.hook_pre"], p["mlp.hook_post"] = (m.dense_h_to_4h, "out", same), (m.dense_4h_to_h, "in", same)
+        elif arch == "modernbert":  # pre-norm; block 0's attn_norm an Identity (no ln1 there)
+            a, m = layer.attn, layer.mlp
+            for j, name in enumerate(
+                ("attn.hook_q", "attn.hook_k", "attn.hook_v")
+            ):  # as ModernBertAttention views Wqkv
+                p[name] = (a.Wqkv, "out", lambda t, j=j: t.reshape(*t.shape[:-1], 3, h, -1)[..., j, :, :])
+            p["attn.hook_z"] = (a.Wo, "in", lambda t: heads(t, h))
+            p["hook_attn_out"], p["hook_mlp_out"] = (a, "out", same), (m, "out", same)
+            if i > 0:
+                p["ln1.hook_normalized"] = (layer.attn_norm, "out", same)
+            p["ln2.hook_normalized"] = (layer.mlp_norm, "out", same)
+            p["hook_resid_mid"] = (layer.mlp_norm, "in", same)
+            # Wi's output is [input | gate], ModernBertMLP's act(input) * gate.
+            p["mlp.hook_pre"] = (m.Wi, "out", lambda t: t.chunk(2, -1)[0])
+            p["mlp.hook_pre_linear"] = (m.Wi, "out", lambda t: t.chunk(2, -1)[1])
+            p["mlp.hook_post"] = (m.Wo, "in", same)
         elif arch == "distilbert":  # BERT's post-LN block under its own names
             a, m = layer.attention, layer.ffn
             p["attn.hook_q"] = (a.q_lin, "out", lambda t: heads(t, h))
@@ -431,6 +452,8 @@ def not_offered(net: Any, arch: str) -> dict[str, str]:
         )
         if nope:
             out |= {at + name: "NoPE" for name in ("hook_rot_q", "hook_rot_k")}
+        if arch == "modernbert" and i == 0:  # its attn_norm is an Identity
+            out |= {f"blocks.0.ln1.hook_{x}": "has no norm before attention" for x in ("normalized", "scale")}
         if arch in ("deepseek_v3", "deepseek_v2"):  # no module outputs a head's key or value; the cache holds latents
             out |= {at + "hook_k": "latent attention", at + "hook_v": "latent attention", at + "hook_rot_k": "rebuilt"}
     return out
@@ -851,6 +874,44 @@ async def test_mpnets_pattern_edit_inside_its_own_attention_is_the_same_edit_in_
         plain = await c.post("/extract", json=body)
     close(arrays(r.json(), "sequence_hidden_states")["-1"], want, "knocked")
     assert not np.allclose(arrays(plain.json(), "sequence_hidden_states")["-1"], want.numpy(), atol=1e-3)
+
+
+async def test_modernberts_embeddings_in_a_batch_are_each_texts_alone_through_either_loader(built, tmp_path):
+    """ModernBERT's local blocks see a window of keys, which its model builds into the mask from the padding mask.
+    /embed/batch through the transformers loader (mean pooling of index N, one right-padded pass) gives each text
+    what transformers' own model gives it alone; through the sentence-transformers loader (a tiny pipeline on it,
+    Transformer -> Pooling(mean), as nomic's modernbert-embed) what ``SentenceTransformer.encode`` gives: first a
+    batch of texts shorter than the window, then one of texts longer. Packing texts into one row with a 4-D mask
+    would replace the mask the model builds, window and all: the first batch would pass packing's check (packed
+    and padded agree within the window) and the second be embedded as if it had none."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer  # 5.x and 6.x alike
+
+    path = built("modernbert")
+    net, tok = load(path, "modernbert")
+    window = net.config.sliding_window  # keys at most this far from the query, either side
+    short = ["the fox", "the", "fox", "dog", "hello", "world", "lazy", "the"]
+    long = [TEXT, "Hidden states are the activations a transformer computes at every layer.", "hello"]
+    lengths = [len(ids) for ids in tok(short + long)["input_ids"]]
+    assert max(lengths[: len(short)]) <= window + 1 < min(lengths[len(short) : -1]), lengths
+    root = tmp_path / "modernbert-st"
+    SentenceTransformer(modules=[Transformer(path), Pooling(64, pooling_mode="mean")], device="cpu").save(str(root))
+    st = SentenceTransformer(str(root), device="cpu")
+
+    def alone(text: str) -> np.ndarray:
+        with torch.inference_mode():
+            return net(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
+
+    async with concurrent_client(app_with()) as c:
+        body = {"model": path, "loader": "transformers", "texts": long}
+        r = await c.post("/embed/batch", json=body)
+        assert r.status_code == 200 and r.json()["pooling"] == "mean", r.text
+        for text, got in zip(long, r.json()["embeddings"], strict=True):
+            close(np.asarray(got, dtype=np.float32), alone(text), text)
+        for texts in (short, long):
+            r = await c.post("/embed/batch", json={"model": str(root), "texts": texts})
+            assert r.status_code == 200 and r.json()["pooling"] == "model", r.text
+            close(np.asarray(r.json()["embeddings"], dtype=np.float32), st.encode(texts), f"{texts[0]!r}...")
 
 
 async def test_blooms_weights_by_transformerlens_names_are_its_conversions(built):

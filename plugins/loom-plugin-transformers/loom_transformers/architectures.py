@@ -465,6 +465,30 @@ ARCHITECTURES: dict[str, Arch] = {
         up="lin1",
         down="lin2",
     ),
+    # ModernBERT (and the embedding models built on it: gte-modernbert, nomic's modernbert-embed): an encoder, but
+    # pre-norm (LayerNorm, no biases by default) with rotary embeddings, as Llama's block; Wqkv fused as
+    # [q | k | v] (each [heads, d_head], as ModernBertAttention views it), Wi fused as [input | gate] with
+    # act(input) * gate (hook_pre the activated half, as [gate | up] elsewhere); its embeddings normed (hook_embed is
+    # that norm's output), block 0's attn_norm an Identity (no ln1 there: ``sites.norm_module``), a final norm.
+    # Sliding-window (local) blocks are masks only, their rotary base another (local_rope_theta).
+    "modernbert": Arch(
+        "ModernBERT",
+        embed="embeddings.tok_embeddings",
+        embed_norm="embeddings.norm",
+        final_norm="final_norm",
+        norm="layer",
+        ln1="attn_norm",
+        ln2="mlp_norm",
+        attn="attn",
+        qkv=None,
+        fused_qkv="Wqkv",
+        fused="gpt2",
+        o="Wo",
+        gate=None,
+        up=None,
+        fused_gate_up="Wi",
+        down="Wo",
+    ),
     "mamba": Arch(
         "Mamba",
         embed="embeddings",

@@ -265,11 +265,17 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     module = part(block, arch.mlp) if arch.mlp else None
     mlp = module if module is not None else block  # where the MLP's linears are (the block's own: BERT, OPT)
     if not post_ln:
-        out["ln1.hook_normalized"] = (
-            site("ln1.hook_normalized", attn, "in", (d,))
-            if arch.ln1
-            else f"{arch.name} normalizes each sublayer's output, not its input: attention reads the stream itself"
-        )
+        if not arch.ln1:
+            out["ln1.hook_normalized"] = (
+                f"{arch.name} normalizes each sublayer's output, not its input: attention reads the stream itself"
+            )
+        elif norm_module(block, arch.ln1) is None:
+            out["ln1.hook_normalized"] = (
+                f"{arch.name}'s block {i} has no norm before attention (its {arch.ln1} is an Identity: the embeddings' "
+                "norm comes just before it), so attention reads hook_resid_pre itself"
+            )
+        else:
+            out["ln1.hook_normalized"] = site("ln1.hook_normalized", attn, "in", (d,))
         if module is None and arch.ln2:  # no MLP module to read the input of: the norm's own output (OPT)
             out["ln2.hook_normalized"] = site("ln2.hook_normalized", part(block, arch.ln2), "out", (d,))
         else:
@@ -289,6 +295,13 @@ def _block(net: Any, arch: Arch, block: Any, i: int, d: int) -> dict[str, Site |
     out["hook_mlp_in"] = _mlp_in(arch, block, module, mlp, parallel, site, d)
     out.update(_inputs(arch, block, attn, out, site, d))
     return out
+
+
+def norm_module(block: Any, path: str | None) -> Any:
+    """The norm module at ``path`` in ``block``; None where there is none, or where it is an ``nn.Identity``
+    (ModernBERT's block 0, whose attention reads the embeddings' normed output as it is): no norm, no scale to read."""
+    module = part(block, path)
+    return None if module is None or type(module).__name__ == "Identity" else module
 
 
 def _mlp_in(arch: Arch, block: Any, module: Any, mlp: Any, parallel: bool, site: Callable[..., Site], d: int) -> Any:
@@ -320,7 +333,7 @@ def _inputs(arch: Arch, block: Any, attn: Any, out: dict[str, Site | str], site:
         return {name: why for name in ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")}
     q, k, v = projections
     pre_norm = arch.residual != "post_ln" and arch.ln1 is not None
-    norm = part(block, arch.ln1) if pre_norm else None
+    norm = norm_module(block, arch.ln1) if pre_norm else None
     reads = norm if norm is not None else attn
 
     heads, kv = q.shape[0], k.shape[0]

@@ -60,8 +60,9 @@ MORE_ARCHITECTURES = (
     "ernie4_5_moe",
     "hunyuan_v1_dense",
     "qwen3_next",
+    "modernbert",
 )
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert")
 # BERT's block and config under other names: each one's config class and what it sets besides the sizes.
 BERT_LIKE = {
     "bert": ("BertConfig", {}),
@@ -244,7 +245,7 @@ def train_tokenizer(arch: str) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if arch in ("bert", "distilbert"):
+    if arch in ("bert", "distilbert", "modernbert"):
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -264,8 +265,8 @@ def train_tokenizer(arch: str) -> Any:
             cls_token="[CLS]",
             sep_token="[SEP]",
             mask_token="[MASK]",
-            # DistilBERT takes no token types, as its own tokenizer gives none.
-            **({"model_input_names": ["input_ids", "attention_mask"]} if arch == "distilbert" else {}),
+            # DistilBERT and ModernBERT take no token types, as their own tokenizers give none.
+            **({"model_input_names": ["input_ids", "attention_mask"]} if arch != "bert" else {}),
         )
     # RoBERTa's order, whose position ids count from the pad id + 1.
     roberta = arch in ("roberta", "xlm-roberta", "mpnet")  # MPNet's padding index is 1 too
@@ -319,6 +320,23 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
             hidden_dim=128,
             max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id,
+            **common,
+        )
+    elif arch == "modernbert":
+        # Block 0 global, 1 and 2 local (every third block global, as its default), the local window 4 tokens each
+        # side (local_attention 8), shorter than the tests' texts; ids from the tiny WordPiece ([CLS] ... [SEP]).
+        cfg = transformers.ModernBertConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            local_attention=8,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
             **common,
         )
     elif arch == "gpt2":
