@@ -883,7 +883,8 @@ async def test_modernberts_embeddings_in_a_batch_are_each_texts_alone_through_ei
     Transformer -> Pooling(mean), as nomic's modernbert-embed) what ``SentenceTransformer.encode`` gives: first a
     batch of texts shorter than the window, then one of texts longer. Packing texts into one row with a 4-D mask
     would replace the mask the model builds, window and all: the first batch would pass packing's check (packed
-    and padded agree within the window) and the second be embedded as if it had none."""
+    and padded agree within the window) and the second be embedded as if it had none. The pipeline's hidden-state
+    indices are the model's ``output_hidden_states``."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling, Transformer  # 5.x and 6.x alike
 
@@ -912,6 +913,16 @@ async def test_modernberts_embeddings_in_a_batch_are_each_texts_alone_through_ei
             r = await c.post("/embed/batch", json={"model": str(root), "texts": texts})
             assert r.status_code == 200 and r.json()["pooling"] == "model", r.text
             close(np.asarray(r.json()["embeddings"], dtype=np.float32), st.encode(texts), f"{texts[0]!r}...")
+        # The pipeline's hidden-state indices are the model's output_hidden_states too (N: its final norm's output).
+        n = net.config.num_hidden_layers
+        body = {"model": str(root), "text": TEXT, "positions": "all", "hidden_state_layers": list(range(n + 1))}
+        r = await c.post("/extract", json=body)
+        assert r.status_code == 200, r.text
+    with torch.inference_mode():
+        want = net(**tok(TEXT, return_tensors="pt"), output_hidden_states=True).hidden_states
+    got = arrays(r.json(), "sequence_hidden_states")
+    for i in range(n + 1):
+        close(got[str(i)], want[i][0], f"index {i} through sentence-transformers")
 
 
 async def test_blooms_weights_by_transformerlens_names_are_its_conversions(built):
