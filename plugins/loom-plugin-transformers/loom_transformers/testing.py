@@ -572,7 +572,8 @@ def build_tiny_wrapper(model_type: str, root: Path, name: str | None = None) -> 
     """Build (once) and save a tiny multimodal checkpoint of ``model_type`` (one of ``WRAPPED``): a 2-block language
     model of the tiny family's sizes under a 2-block vision tower 32 wide (28-pixel images, 14-pixel patches), its
     norms perturbed, saved by ``save_pretrained`` as the hub's checkpoints are (``language_model.model.*``; Qwen's
-    ``model.*``)."""
+    ``model.*``), Qwen3-VL-MoE's fused experts then transposed to its hub checkpoints' layout, which transformers
+    5's ``save_pretrained`` does not write (``HUB_TRANSPOSED_EXPERTS``)."""
     import torch
     import transformers
 
