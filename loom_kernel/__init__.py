@@ -82,6 +82,7 @@ _LAZY = {
     **dict.fromkeys(("Kernel", "ModelManager"), "loom_kernel.models"),
     "ModelEntry": "loom_kernel.entry",
     "create_plugin_manager": "loom_kernel.plugins",
+    "Detokenizer": "loom_kernel.detokenize",
     "configure_logging": "loom_kernel.logs",
     "gauges": "loom_kernel.reports",
     "serve": "loom_kernel.serve",
@@ -180,6 +181,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         split_sites,
     )
     from loom_kernel.default_plugins.pooling import STRATEGIES as POOLING_STRATEGIES
+    from loom_kernel.detokenize import Detokenizer
     from loom_kernel.devices import resolve_device, resolve_dtype
     from loom_kernel.editing import Layout, apply_edit, edit_columns, row_edits
     from loom_kernel.encoding import SAFETENSORS_MEDIA_TYPE, b64_raw, encode_tensor, json_raw
@@ -205,6 +207,7 @@ __all__ = [
     "ConfigError",
     "Conflict",
     "Decoder",
+    "Detokenizer",
     "Forbidden",
     "ForwardOutput",
     "GenerationParams",

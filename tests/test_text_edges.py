@@ -195,3 +195,32 @@ def test_text_offsets_place_each_token_at_the_character_its_first_byte_is_in(bas
         for o in d["choices"][0]["logprobs"]["text_offset"]
     ]
     assert offsets == want
+
+
+class CountingDecodes:
+    """A tokenizer that counts the token ids its ``decode`` is given (every other attribute is the tokenizer's)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_text_offsets_cost_per_token_does_not_grow_with_the_text(tiny_models: dict[str, Path]) -> None:
+    """The legacy ``text_offset`` of each of 400 tokens (split characters among them) is where decoding every
+    token before it puts it, yet decoding them all takes a few ids a token, not every token before it."""
+    from loom_openai.completions import decoded_length, text_offsets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    ids = tok("the cat sat on the mat 😀 猫 é, " * 40, add_special_tokens=False)["input_ids"][:400]
+    text = tok.decode(ids, skip_special_tokens=True)
+    want = [decoded_length(tok, ids[:i]) for i in range(len(ids))]
+    counting = CountingDecodes(tok)
+    assert text_offsets(counting, {"token_ids": ids, "text": text}) == want
+    assert counting.decoded <= 8 * len(ids), counting.decoded  # every prefix decoded would be 80,000

@@ -18,6 +18,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from loom_kernel import (
     Batch,
+    Detokenizer,
     GenerationParams,
     InvalidField,
     Kernel,
@@ -314,6 +315,40 @@ def completion_logprobs(entries: list[dict[str, Any]] | None, offsets: list[int]
     }
 
 
+def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
+    """Where each generated token's text starts in the completion text; a stop string's cut can end the text
+    before the token that completed it starts, so offsets never pass its end."""
+    ids, text = payload["token_ids"], payload["text"]
+    return [min(at, len(text)) for at in Offsets(tokenizer).of(ids)]
+
+
+class Offsets:
+    """Where each next token's text starts in the completion, at a cost per token that does not grow with the text:
+    the kernel's incremental detokenizer's text so far, and the text of the few tokens it holds back (a split
+    character's first bytes, which it gives only with the byte that completes them) as ``decoded_length`` counts
+    it. Without a tokenizer every token's text is empty (see ``logprob_entries``), and so is every offset."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.at = 0  # characters the detokenizer has given
+        self.held: list[int] = []  # the tokens since, whose text it holds back
+
+    def push(self, token: int) -> int:
+        """The token's offset; the text it completes counts from the next one on."""
+        if self.detok is None:
+            return 0
+        at = self.at + decoded_length(self.tokenizer, self.held)
+        if piece := self.detok.push(token):
+            self.at, self.held = self.at + len(piece), []
+        else:
+            self.held.append(token)
+        return at
+
+    def of(self, ids: list[int]) -> list[int]:
+        return [self.push(token) for token in ids]
+
+
 def decoded_length(tokenizer: Any, token_ids: list[int]) -> int:
     """Characters of text ``token_ids`` decode to, as the plugin decodes its completion (special tokens skipped),
     not counting a character they end in the middle of: where the next token starts.
@@ -321,10 +356,9 @@ def decoded_length(tokenizer: Any, token_ids: list[int]) -> int:
     A token's own decoded text is not its share of the completion (a byte of a split character decodes alone
     as U+FFFD), so offsets come from decoding the tokens before it; those that end with part of a character
     decode it as a U+FFFD that the completion does not have, and the next token continues that character, so its
-    offset is the character's own. Without a tokenizer every token's text is empty (see ``logprob_entries``), and
-    so is every prefix.
+    offset is the character's own.
     """
-    if not token_ids or tokenizer is None:
+    if not token_ids:
         return 0
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     return len(text) - 1 if text.endswith("\ufffd") and ends_mid_character(tokenizer, token_ids) else len(text)
@@ -339,13 +373,6 @@ def ends_mid_character(tokenizer: Any, token_ids: list[int]) -> bool:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     decoder.decode(tail, final=False)
     return bool(decoder.getstate()[0])
-
-
-def text_offsets(tokenizer: Any, payload: dict[str, Any]) -> list[int]:
-    """Where each generated token's text starts in the completion text; a stop string's cut can end the text
-    before the token that completed it starts, so offsets never pass its end."""
-    ids, text = payload["token_ids"], payload["text"]
-    return [min(decoded_length(tokenizer, ids[:i]), len(text)) for i in range(len(ids))]
 
 
 def finish_reason(payload: dict[str, Any]) -> str:
@@ -417,13 +444,14 @@ def streamed_token(bridge: TokenBridge, req: StateRequest, model: LoadedModel, o
     The stream cannot know where a stop string will cut the text, so unlike the full response a stream's last
     offset is not clipped to it.
     """
-    ids: dict[int, list[int]] = {}  # per choice
+    placed: dict[int, Offsets] = {}  # per choice
 
     def on_token(row: int, token: int, piece: str, extras: dict[str, Any] | None = None) -> bool:
         out = stream_extras(extras, req, model)
-        if offsets and "logprob" in out:
-            out["text_offset"] = decoded_length(model.tokenizer, ids.setdefault(row, []))
-            ids[row].append(token)
+        if offsets:
+            at = placed.setdefault(row, Offsets(model.tokenizer)).push(token)
+            if "logprob" in out:
+                out["text_offset"] = at
         return bridge.on_token(row, token, piece, out)
 
     return on_token
