@@ -884,7 +884,7 @@ async def test_modernberts_embeddings_in_a_batch_are_each_texts_alone_through_ei
     batch of texts shorter than the window, then one of texts longer. Packing texts into one row with a 4-D mask
     would replace the mask the model builds, window and all: the first batch would pass packing's check (packed
     and padded agree within the window) and the second be embedded as if it had none. The pipeline's hidden-state
-    indices are the model's ``output_hidden_states``."""
+    indices are the model's ``output_hidden_states``. Texts no longer than the window still pack."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling, Transformer  # 5.x and 6.x alike
 
@@ -903,7 +903,8 @@ async def test_modernberts_embeddings_in_a_batch_are_each_texts_alone_through_ei
         with torch.inference_mode():
             return net(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
 
-    async with concurrent_client(app_with()) as c:
+    app = app_with()
+    async with concurrent_client(app) as c:
         body = {"model": path, "loader": "transformers", "texts": long}
         r = await c.post("/embed/batch", json=body)
         assert r.status_code == 200 and r.json()["pooling"] == "mean", r.text
@@ -913,6 +914,8 @@ async def test_modernberts_embeddings_in_a_batch_are_each_texts_alone_through_ei
             r = await c.post("/embed/batch", json={"model": str(root), "texts": texts})
             assert r.status_code == 200 and r.json()["pooling"] == "model", r.text
             close(np.asarray(r.json()["embeddings"], dtype=np.float32), st.encode(texts), f"{texts[0]!r}...")
+            # Texts within the window pack (packed and padded passes agreed); longer ones ran padded.
+            assert app.state.manager.find(str(root)).loaded.extra["packing"] is True
         # The pipeline's hidden-state indices are the model's output_hidden_states too (N: its final norm's output).
         n = net.config.num_hidden_layers
         body = {"model": str(root), "text": TEXT, "positions": "all", "hidden_state_layers": list(range(n + 1))}

@@ -92,25 +92,23 @@ class Layout:
 
 
 def packable(st: Any) -> bool:
-    """A text model whose first module is a plain sentence-transformers Transformer, the rest per-row modules, and
-    whose attention is its mask alone (``windowed``)."""
+    """A text model whose first module is a plain sentence-transformers Transformer, the rest per-row modules."""
     modules = list(st.children())
     names = [type(m).__name__ for m in modules]
-    if not (modules and names[0] == "Transformer" and "Router" not in names and hasattr(modules[0], "model")):
-        return False
-    return not windowed(getattr(modules[0].model, "config", None))
+    return bool(modules) and names[0] == "Transformer" and "Router" not in names and hasattr(modules[0], "model")
 
 
-def windowed(config: Any) -> bool:
-    """Whether some of the model's blocks attend to a window of keys (ModernBERT's local blocks, Mistral's): the
-    model builds that window into the masks it makes from the 2-D padding mask, and a 4-D mask given instead is used
-    as it is, so a packed pass would attend past the window. Packing's check on a first batch cannot tell where that
-    batch's rows fit in the window (the packed and padded passes then agree) and later rows do not."""
-    if config is None:
-        return False
-    return "sliding_attention" in (getattr(config, "layer_types", None) or ()) or bool(
-        getattr(config, "sliding_window", None)
-    )
+def window(config: Any) -> int | None:
+    """How many tokens a text may have and still pack, where some of the model's blocks attend to a window of keys
+    (Mistral's, Gemma's and ModernBERT's local blocks: ``sliding_window``, keys fewer than that many back, or as
+    far either side); None where every block attends to every key. The model builds its window into the masks it
+    makes from the 2-D padding mask, and a 4-D mask given instead is used as it is, so a packed pass would attend
+    past the window for a longer text; packing's check on a first batch of short texts cannot tell."""
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None  # Qwen2's and Qwen3's sliding_window is set but used by no block
+    size = getattr(config, "sliding_window", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
 
 
 def run_packed(st: Any, features: dict[str, Any], layout: Layout) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from loom_kernel import (
     row_edits,
 )
 from loom_kernel import Layout as EditLayout
-from loom_sentence_transformers.packing import Layout, agrees, packable, run_packed
+from loom_sentence_transformers.packing import Layout, agrees, packable, run_packed, window
 
 log = logging.getLogger("loom.sentence_transformers")
 
@@ -114,6 +114,9 @@ def _layout(model: LoadedModel, features: dict[str, Any]) -> Layout | None:
     # from 0, would change what such a batch computes, so only right-padded batches pack.
     if not bool((mask.cumprod(1).sum(1) == mask.sum(1)).all()):
         return None
+    limit = window(getattr(model.model[0].model, "config", None))
+    if limit is not None and int(mask.sum(1).max()) > limit:
+        return None  # a text past the window of the model's local blocks: only its own mask keeps the window
     layout = Layout(mask)
     if not layout.worth_it:
         return None
