@@ -474,13 +474,23 @@ def test_generation_stops_at_the_context_limit(hooks, tiny_root):
     m = hooks.load(model=resolve_model(str(path)), loader="transformers", options=LoadOptions(), kernel=None)
     assert m.max_context == 16
     capture = Capture(layers=resolve_layers([-1], m.num_layers), positions="all")
-    row = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 15)),), generation=gen(50)).rows[0]
+    # A request that names no max_tokens generates to the end of the context (fit_context); one that names more
+    # than fits after its prompt is refused naming it, as vLLM and OpenAI refuse it.
+    fit = gen(50, fit_context=True)
+    row = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 15)),), generation=fit).rows[0]
     assert len(row.token_ids) == 16 and row.finish_reason == "length"
     assert rel_err(row.states["-1"], hidden_states(m, row.token_ids)[-1][0]) < 1e-4
-    full = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 21)),), generation=gen(5)).rows[0]
+    full = run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 21)),), generation=fit).rows[0]
     assert full.generated_ids == [] and full.finish_reason == "length" and full.states["-1"].shape == (16, 64)
+    with pytest.raises(InvalidField) as refused:
+        run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 15)),), generation=gen(7))
+    assert refused.value.field == "max_tokens"
+    assert (
+        len(run(hooks, m, capture, texts=(), token_ids=(tuple(range(5, 15)),), generation=gen(6)).rows[0].token_ids)
+        == 16
+    )
     with pytest.raises(InvalidField):
-        run(hooks, m, texts=(), token_ids=(tuple(range(5, 22)),), generation=gen(5))
+        run(hooks, m, texts=(), token_ids=(tuple(range(5, 22)),), generation=fit)
 
 
 # --- batched generation, streamed states, attention, log-probabilities -----------------------------------------
