@@ -34,6 +34,48 @@ KEY = "ray-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
+# A plugin the replicas load (LOOM_PLUGINS_DIR, in the module's server): a generation whose prompt says "hold the
+# line" stops at its third decoding step and stays there, saying so with a file, until its replica is killed (the
+# bound is only against a hang). Any other generation runs as it would.
+HOLD = """
+import os
+import time
+
+from loom_kernel import hookimpl
+
+
+class Holding:
+    def __init__(self, real, tokenizer):
+        self.real, self.tokenizer, self.held, self.steps = real, tokenizer, set(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def prefill(self, rows):
+        self.held |= {r.id for r in rows if "hold the line" in self.tokenizer.decode(list(r.prompt))}
+        return self.real.prefill(rows)
+
+    def step(self, feed):
+        if self.held & set(feed):
+            self.steps += 1
+            if self.steps == 3:
+                open(os.path.join(os.environ["HOLD_DIR"], "held"), "a").close()
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+        return self.real.step(feed)
+
+
+@hookimpl(wrapper=True)
+def load(model, loader, options):
+    loaded = yield
+    if loaded is not None and loaded.decoder is not None:
+        make = loaded.decoder
+        loaded.decoder = lambda attention: Holding(make(attention), loaded.tokenizer)
+    return loaded
+"""
+
+
 def health(base: str) -> dict[str, Any]:
     try:
         return httpx.get(f"{base}/health", timeout=10).json()
@@ -57,7 +99,7 @@ def descendants(root: int) -> set[int]:
 
 @contextlib.contextmanager
 def ray_server(
-    home: Path, replicas: int = 2, config: dict[str, Any] | None = None
+    home: Path, replicas: int = 2, config: dict[str, Any] | None = None, **more_env: str
 ) -> Iterator[tuple[str, Path, subprocess.Popen]]:
     port = free_port()
     log = home / "ray-server.log"
@@ -65,7 +107,7 @@ def ray_server(
     if config is not None:
         (home / "config.yaml").write_text(json.dumps(config))
         cmd += ["--config", str(home / "config.yaml")]
-    env = {**server_env(home), **RAY_ENV}
+    env = {**server_env(home), **RAY_ENV, **more_env}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [*cmd, "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -101,7 +143,10 @@ def served(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     config = {"server": {"api_key": KEY}, "vectors": shared, "probes": {"directory": str(home / "shared-probes")}}
     # Every replica preloads qwen2, which only the last test asks for (Ray has not seen it on them until then).
     config["models"] = {"preload": [str(tiny_models["qwen2"])]}
-    with ray_server(home, config=config) as (base, log, proc):
+    (home / "plugins").mkdir()
+    (home / "plugins" / "hold.py").write_text(HOLD)
+    hold = {"LOOM_PLUGINS_DIR": str(home / "plugins"), "HOLD_DIR": str(home)}
+    with ray_server(home, config=config, **hold) as (base, log, proc):
         yield base, log, proc, home
 
 
@@ -438,11 +483,11 @@ def our_processes(root: int, title: str) -> list[int]:
 
 @pytest.mark.slow
 def test_replicas_killed_mid_stream_end_it_with_an_error_event(served, tiny_models):
-    """A stream whose replica dies after its first event ends, at once, with an ``error`` event (a 503 problem), as
+    """A stream whose replica dies after its first events ends, at once, with an ``error`` event (a 503 problem), as
     a stream the app itself cannot finish does: never a hang, and never an end a client could take for a whole
-    answer."""
-    base, _log, proc, _home = served
-    ask = {"model": str(tiny_models["llama"]), "prompt": "the cat sat", "max_tokens": 480, "temperature": 0}
+    answer. The replica holds the generation at its third step (``HOLD``), so it cannot end before the kill."""
+    base, _log, proc, home = served
+    ask = {"model": str(tiny_models["llama"]), "prompt": "hold the line", "max_tokens": 480, "temperature": 0}
     before = {s["replica"] for s in health(base)["replicas"]}
     events: list[str] = []
     data: list[str] = []
@@ -452,10 +497,11 @@ def test_replicas_killed_mid_stream_end_it_with_an_error_event(served, tiny_mode
     ):
         assert s.status_code == 200, s.read()
         lines = s.iter_lines()
-        for line in lines:  # the gate: the replica is streaming
+        for line in lines:  # the replica is streaming
             if line.startswith("event:"):
                 events.append(line)
                 break
+        until(lambda: (home / "held").exists(), "a replica holds the generation", STARTUP_S)
         for pid in our_processes(proc.pid, "ServeReplica:loom:LoomReplica"):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(httpx.TransportError):  # a connection cut short is recorded as no final event
