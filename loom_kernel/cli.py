@@ -20,8 +20,6 @@ from loom_kernel.logs import LEVELS
 from loom_kernel.plugins import create_plugin_manager, plugin_options
 from loom_kernel.version import __version__
 
-COMMANDS = ("serve", "plugins", "probe")
-
 
 def build_parser(options: Sequence[Option] = ()) -> argparse.ArgumentParser:
     """``options``: the installed plugins' settings; those with a flag are ``loom serve`` flags too."""

@@ -62,7 +62,6 @@ def b64_raw(arr: np.ndarray) -> msgspec.Raw:
 # Correctly rounded powers of ten, 10**-64 .. 10**64: np.power(10.0, k) is off by an ulp for some k.
 _POW10 = np.array([float(Fraction(10) ** k) for k in range(-64, 65)])
 _E0 = 64  # index of 10**0 in _POW10 and of exponent 0 in _EXPONENT
-_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MAX_NDIM = 7  # a row's brackets, ']' * k + ',' + '[' * k, must fit its 16-byte slot
 
 
