@@ -129,13 +129,10 @@ class Engine:
         if self.rows:
             self._update(self.decoder.step({r.id: r.generated[-1] for r in self.rows.values()}), prefill=False)
 
-    def fail(self, exc: BaseException) -> list[int]:
-        """A pass failed: every row fails with it (the ids), and the decoder is closed."""
-        ids = list(self.rows)
-        self.send([Event(row=i, error=exc, done=True) for i in ids])
-        self.rows.clear()
-        self.decoder.close()
-        return ids
+    def fail(self, exc: BaseException) -> None:
+        """A pass failed: every row fails with it, and the decoder is closed."""
+        self.send([Event(row=i, error=exc, done=True) for i in self.rows])
+        self.close()
 
     def close(self) -> None:
         self.rows.clear()

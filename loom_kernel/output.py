@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from loom_kernel.detokenize import Detokenizer, decode
+from loom_kernel.errors import LoomError
+from loom_kernel.generating import keeps_last_token
 from loom_kernel.merging import restrict
 from loom_kernel.openmp import one_torch_thread
 from loom_kernel.types import Capture, ForwardOutput, SequenceOutput
@@ -181,7 +183,7 @@ class Processor:
     def _release_held(self, state: RowState) -> None:
         token, piece, extras = state.held  # type: ignore[misc]
         state.held = None
-        position = len(state.spec.prompt) + len(state.tokens) - 1
+        position = self._position(state)
         extras["states"] = {
             key: state.chunks[at][position] for key, at in _keys(state.spec.capture) if position in state.chunks[at]
         }
@@ -235,7 +237,7 @@ class Processor:
         n = state.stop_at + 1 if state.stop_at is not None else len(state.tokens)
         generated = state.tokens[:n]
         total = len(spec.prompt) + len(generated)
-        positions = spec.capture.kept_positions(total) if _keeps_last_token(spec.capture) else []
+        positions = spec.capture.kept_positions(total) if keeps_last_token(spec.capture) else []
         states = {}
         for key, at in _keys(spec.capture) if spec.capture.wants_states else ():
             chunks = [state.chunks[at][p] for p in positions]
@@ -288,13 +290,7 @@ class Processor:
 
 def _own(exc: BaseException) -> bool:
     """An error of one row alone (its answer), not of the batch."""
-    from loom_kernel.errors import LoomError
-
     return isinstance(exc, LoomError) and exc.status < 500
-
-
-def _keeps_last_token(capture: Capture) -> bool:
-    return capture.wants_states or bool(capture.attention_layers)
 
 
 def _keys(capture: Capture) -> list[tuple[str, int | str]]:
