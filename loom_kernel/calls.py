@@ -83,7 +83,7 @@ class Call:
 
     @property
     def rows(self) -> int:
-        return len(self.batch.token_ids) if self.batch.token_ids is not None else len(self.batch.texts)
+        return self.batch.size
 
     @property
     def mode(self) -> tuple[bool, bool]:

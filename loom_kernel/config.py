@@ -203,7 +203,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return f"cuda:{value}"
         if name == "custom_models":
             return _manifests(value, source)
-        if kind.startswith("list") or kind.startswith("list[") or "list[" in kind:
+        if "list[" in kind:
             if value is None and "None" in kind:
                 return None
             if isinstance(value, str):

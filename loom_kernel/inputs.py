@@ -261,7 +261,7 @@ def tokenize_rows(model: LoadedModel, batch: Batch) -> tuple[Batch, list[Invalid
     ids: list[tuple[int, ...]] = []
     refused: list[InvalidField | None] = []
     for i in range(batch.size):
-        one = _row(batch, i)
+        one = _rows(batch, [i], None)
         try:
             inputs, _ = batch_inputs(
                 one, tokenize=tokenize, vocab_size=vocab, max_context=model.max_context, cut_text=cut
@@ -273,10 +273,6 @@ def tokenize_rows(model: LoadedModel, batch: Batch) -> tuple[Batch, list[Invalid
         kept.append(i)
         ids.append(tuple(inputs[0]))
     return _rows(batch, kept, ids), refused
-
-
-def _row(batch: Batch, i: int) -> Batch:
-    return _rows(batch, [i], None)
 
 
 def _rows(batch: Batch, keep: list[int], ids: list[tuple[int, ...]] | None) -> Batch:

@@ -73,11 +73,6 @@ class Kernel:
                 self._state[name] = make(self)
             return self._state[name]
 
-    def states(self) -> dict[str, Any]:
-        """Every plugin state made so far (a shutdown hook may close its own)."""
-        with self._lock:
-            return dict(self._state)
-
     @property
     def fields(self) -> Fields:
         """The plugins' request fields (``request_fields``), and what resolves them (``readouts``)."""
