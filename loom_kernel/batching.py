@@ -79,6 +79,7 @@ class ModelThread:
         self._engines: dict[tuple[bool, bool], Engine] = {}
         self._output: Processor | None = None  # made with the first generation, ended with the thread's model
         self._row_ids = itertools.count()
+        self._interjecting = False  # a call runs between two passes of another (on the model's thread only)
 
     # -- submitting --------------------------------------------------------------------------------------
 
@@ -143,18 +144,11 @@ class ModelThread:
                 with self._cv:
                     self._thread = None
                 break
-            group: list[Call] = []
             try:
                 if item is STEP:
                     self._generate()
                 elif isinstance(item, Call):
-                    group = self._gather(item)
-                    self._count(len(group))  # before any answer: a client reading the counters next sees it
-                    start = time.perf_counter()
-                    self._execute(group)
-                    with self._cv:
-                        self.scheduler.ran()
-                    self._record(time.perf_counter() - start, item.batch.generation is None)
+                    self._call(item)
                 else:
                     fn, fut = item
                     if fut.set_running_or_notify_cancel():
@@ -164,9 +158,6 @@ class ModelThread:
                             fut.set_exception(exc)
             except BaseException as exc:  # a fault outside any call's own handling: an answer, never a hang
                 log.error("the model's thread failed; the work in hand fails with it", exc_info=exc)
-                with self._cv:
-                    self.scheduler.ran()
-                _fail(group, exc)
                 for mode in list(self._engines):
                     self._fail_engine(mode, exc)
         self._fail_queued()
@@ -184,6 +175,42 @@ class ModelThread:
                     self._thread = None  # under the lock: the next _append starts another
                     return STOPPED
                 self._cv.wait(left)
+
+    def _call(self, first: Call) -> None:
+        """``first`` and the compatible calls gathered with it, run; a fault outside their own handling fails them
+        (and is raised on)."""
+        group = [first]
+        try:
+            group = self._gather(first)
+            self._count(len(group))  # before any answer: a client reading the counters next sees it
+            start = time.perf_counter()
+            self._execute(group)
+            self._record(time.perf_counter() - start, first.batch.generation is None)
+        except BaseException as exc:
+            _fail(group, exc)
+            raise
+        finally:
+            with self._cv:
+                self.scheduler.ran()
+
+    def _interject(self, calls: list[Call]) -> None:
+        """Between two passes of ``calls``: another owner's queued call whose turn it is runs (once: not between
+        its own passes), and the company the scheduler counts is ``calls`` again after it."""
+        if self._interjecting:
+            return
+        with self._cv:
+            item, running = self.scheduler.interject({call.owner for call in calls}), self.scheduler.running
+        if item is None:
+            return
+        self._interjecting = True
+        try:
+            self._call(item)
+        except BaseException as exc:  # its calls have their answer; the passes in hand go on
+            log.error("a call run between two passes failed outside its own handling", exc_info=exc)
+        finally:
+            self._interjecting = False
+            with self._cv:
+                self.scheduler.running = running
 
     def _gather(self, first: Call) -> list[Call]:
         """``first`` and the compatible calls queued behind it, waiting for company as the scheduler says."""
@@ -314,8 +341,9 @@ class ModelThread:
 
     def _passes(self, calls: list[Call], batch: Batch, capture: Capture) -> ForwardOutput:
         """``batch`` (``calls`` merged) run as the passes the limits allow (``scheduler.passes``), its rows answered
-        in their order, the running generations taking a step between two passes; Cancelled when every call was
-        cancelled before its last pass. A row refused in a pass of several is renumbered as the whole batch's."""
+        in their order, the running generations taking a step and another owner's call running between two passes;
+        Cancelled when every call was cancelled before its last pass. A row refused in a pass of several is
+        renumbered as the whole batch's."""
         pm, model = calls[0].pm, calls[0].model
         parts = [list(range(batch.size))]
         if batch.generation is None:  # a whole generation's rows run as they were merged
@@ -328,6 +356,8 @@ class ModelThread:
                 raise Cancelled("request: cancelled between its passes")
             if k and any(engine.busy for engine in self._engines.values()):
                 self._generate()  # a step boundary between passes: streams do not wait for a request's every pass
+            if k:
+                self._interject(calls)  # nor does another owner's request
             try:
                 out = call_forward(pm, model, pick(batch, part), capture)
             except InvalidField as exc:

@@ -15,7 +15,9 @@ rows are generating.
 Owners (a request's API key, ``Work.owner``; one owner "" on a server without keys) take turns: the next pass is
 the first queued call of the owner served longest ago, and waiting generations join by their place among their
 owner's calls not yet done (running or waiting), so that one member of a lab queuing a hundred requests delays
-another's by one, not a hundred. With one owner the order is arrival order.
+another's by one, not a hundred; a call that runs as several passes lets another owner's queued call run between
+two of them (``interject``), so one request of a thousand texts delays another's by one pass, not all of its. With
+one owner the order is arrival order.
 """
 
 from __future__ import annotations
@@ -116,14 +118,25 @@ class Scheduler:
         self.stepped = False
         if not self.items:
             return None
-        # The owners' turns: the first queued call of the owner served longest ago, among the calls before the first
-        # task (what came after a load runs after it); a task at the head runs first.
+        if not _is_call(self.items[0]):
+            return self.items.popleft()  # a task at the head runs first
+        return self._turn_of(lambda item: True)
+
+    def interject(self, owners: set[str]) -> Any:
+        """Between two passes of one call (``owners``' requests): the queued plain call of another owner whose turn
+        it is, taken from the queue to run there; None when no other owner's call waits."""
+        return self._turn_of(lambda item: not item.joins and item.owner not in owners)
+
+    def _turn_of(self, eligible: Callable[[Any], bool]) -> Any:
+        """The owners' turns: the first ``eligible`` queued call of the owner served longest ago, among the calls
+        before the first task (what came after a load runs after it), taken from the queue; None when there is none."""
         ahead = next((i for i, item in enumerate(self.items) if not _is_call(item)), len(self.items))
-        if ahead == 0:
-            return self.items.popleft()
-        first = {}
+        first: dict[str, int] = {}
         for i in range(ahead):
-            first.setdefault(self.items[i].owner, i)
+            if eligible(self.items[i]):
+                first.setdefault(self.items[i].owner, i)
+        if not first:
+            return None
         pick = min(first.values(), key=lambda i: (self._served.get(self.items[i].owner, -1), i))
         item = self.items[pick]
         del self.items[pick]

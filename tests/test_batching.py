@@ -600,6 +600,35 @@ class HoldFirstPass:
             self.go.wait()
 
 
+async def test_another_keys_request_runs_between_the_passes_of_one_that_runs_as_several(tiny_models):
+    """One key's /embed/batch runs as several passes; another key's /extract, queued while the first of them
+    runs, runs right after it, not after the last, and each answer is what it is alone."""
+    pm = create_plugin_manager()
+    calls, hold = Calls(), HoldFirstPass()
+    pm.register(calls, name="calls")
+    app = app_with(pm=pm, api_key=["key-of-a", "key-of-b"], max_batch_tokens=48)
+    model = str(tiny_models["llama"])
+    a, b = ({"Authorization": f"Bearer key-of-{who}"} for who in "ab")
+    many = {"model": model, "texts": [f"text {i}: " + "the cat sat on the mat " * (1 + i % 3) for i in range(12)]}
+    one = {"model": model, "text": "only one of b", "positions": "all"}
+    async with concurrent_client(app) as c:
+        assert (await c.post("/models/load", json={"model": model}, headers=a)).status_code == 200
+        want_many = (await c.post("/embed/batch", json=many, headers=a)).json()
+        want_one = (await c.post("/extract", json=one, headers=b)).json()
+        calls.seen.clear()
+        pm.register(hold, name="hold")
+        big = asyncio.ensure_future(c.post("/embed/batch", json=many, headers=a))
+        await asyncio.to_thread(hold.holding.wait)  # a's first pass runs
+        small = asyncio.ensure_future(c.post("/extract", json=one, headers=b))
+        await eventually(lambda: app.state.manager.find(model).worker.queued >= 1)
+        hold.go.set()
+        got_many, got_one = await asyncio.gather(big, small)
+    ran = [list(out.rows[0].token_ids) for _, _, out in calls.seen]
+    assert len(ran) > 3 and [i for i, ids in enumerate(ran) if ids == want_one["token_ids"]] == [1], ran
+    np.testing.assert_allclose(got_many.json()["embeddings"], want_many["embeddings"], atol=1e-5)
+    assert_same(got_one.json(), want_one)
+
+
 async def test_one_request_of_many_texts_runs_as_passes_within_the_batch_limits_and_matches_encode():
     """One /embed/batch request of 40 texts of mixed lengths is not one pass: each pass holds at most
     ``max_batch_tokens`` padded tokens, and the answer, in the request's order, equals

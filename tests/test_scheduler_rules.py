@@ -113,6 +113,40 @@ def test_owners_take_turns_at_passes_and_at_joining_a_full_batch():
     assert [s.next(generating=False).name for _ in range(3)] == ["x1", "x2", "x3"]
 
 
+def test_another_owners_call_runs_between_two_passes_of_one_call_in_its_turn():
+    """Between two passes of a's call (a1, just taken), the queued call of another owner served longest ago is
+    taken, never a's own, a generation's (it joins at a step boundary) or one queued after a load; the queue then
+    goes on in the owners' turns as before."""
+    s = Scheduler()
+    for call in (
+        FakeCall("a1", owner="a", group="a1"),
+        FakeCall("a2", owner="a", group="a2"),
+        FakeCall("b1", owner="b", group="b1"),
+        FakeCall("c1", owner="c", group="c1"),
+    ):
+        s.add(call, now=0.0)
+    assert s.next(generating=False).name == "a1"
+    s.add(FakeCall("g", owner="d", joins=True), now=0.0)  # a generation, queued while a1 runs
+    assert s.interject({"a"}).name == "b1"  # b and c never served: the first of them queued
+    assert s.interject({"a"}).name == "c1"
+    assert s.interject({"a"}) is None  # a's own and d's generation wait
+    assert s.next(generating=False) == STEP  # d's generation joins at a step boundary
+    assert s.next(generating=False).name == "a2"
+
+    s = Scheduler()  # a task ahead of the other owner's call: it runs where it came
+    s.add(FakeCall("a1", owner="a"), now=0.0)
+    s.add(("load", None), now=0.0)
+    s.add(FakeCall("b1", owner="b"), now=0.0)
+    s.next(generating=False)
+    assert s.interject({"a"}) is None
+
+    s = Scheduler()  # one owner: nothing runs between its passes
+    s.add(FakeCall("x1", group="x1"), now=0.0)
+    s.add(FakeCall("x2", group="x2"), now=0.0)
+    s.next(generating=False)
+    assert s.interject({""}) is None
+
+
 def test_a_pass_merges_the_compatible_calls_that_fit():
     s = Scheduler(BatchLimits(max_batch_size=4, max_batch_tokens=100))
     first = FakeCall("first", rows=2)
