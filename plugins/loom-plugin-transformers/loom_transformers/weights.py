@@ -6,7 +6,9 @@ names where the mapping is exact, as TransformerLens lays them out (unprocessed:
   TransformerLens's conversion stores it; positions from 0: OPT's first 2 rows and RoBERTa's up to its padding
   index left out, as they come before position 0);
   ``embed.ln.w`` / ``.b``: BLOOM's embedding norm;
-- ``W_U`` [d, vocab], ``b_U`` [vocab]: the LM head, transposed (without Cohere's logit scale);
+- ``W_U`` [d, vocab], ``b_U`` [vocab]: the LM head, transposed, times the logit scale the model multiplies its
+  logits by (Cohere's ``logit_scale``), so that ``ln_final.hook_normalized @ W_U + b_U`` is its logits (Gemma 2's
+  final soft-capping, not linear, comes after);
 - ``ln_final.w`` / ``.b``, ``blocks.{i}.ln1.w`` / ``.b``, ``ln2.w`` / ``.b``: the norms (Gemma's weight as 1 + w,
   as TransformerLens stores it; a parallel block's one norm also as ``ln2``, as its conversion copies it);
 - ``blocks.{i}.attn.W_Q`` [heads, d, d_head], ``b_Q`` [heads, d_head], ``W_K``, ``W_V``, ``b_K``, ``b_V`` per
@@ -23,7 +25,7 @@ from typing import Any
 
 from loom_kernel import InvalidField, LoadedModel
 from loom_transformers.architectures import arch_of, part
-from loom_transformers.sites import Site, site_map, w_o
+from loom_transformers.sites import Site, logit_scale, site_map, w_o
 
 
 def weights(model: LoadedModel, names: Sequence[str] | None) -> dict[str, Any]:
@@ -78,6 +80,16 @@ def _embedding(module: Any) -> Callable[[], Any]:
     return scaled
 
 
+def _scaled(make: Callable[[], Any], scale: float) -> Callable[[], Any]:
+    """``make``'s tensor times ``scale`` in its dtype (the listing takes its shape without the product)."""
+
+    def scaled() -> Any:
+        return make() * scale
+
+    scaled.like = make  # type: ignore[attr-defined]
+    return scaled
+
+
 def _in_out(module: Any) -> Any:
     """A projection's weight as [in, out] (GPT-2's Conv1D already is; a Linear's is [out, in])."""
     return module.weight if type(module).__name__ == "Conv1D" else module.weight.T
@@ -116,9 +128,12 @@ def transformer_lens_names(model: LoadedModel) -> dict[str, Callable[[], Any]]:
         out["W_pos"] = lambda: pos.module.weight[first:]
     head = net.get_output_embeddings()
     if head is not None and head.weight.is_floating_point() and not projected:
-        out["W_U"] = lambda: head.weight.T
+        # Times the logit scale the causal LM multiplies the head's output by (Cohere's), so that
+        # ln_final.hook_normalized @ W_U + b_U is the model's logits, as W_E is what the embedding gives.
+        scale = logit_scale(model)
+        out["W_U"] = (lambda: head.weight.T) if scale == 1.0 else _scaled(lambda: head.weight.T, scale)
         if getattr(head, "bias", None) is not None:
-            out["b_U"] = lambda: head.bias
+            out["b_U"] = (lambda: head.bias) if scale == 1.0 else _scaled(lambda: head.bias, scale)
     norm("ln_final", part(base, arch.final_norm))
     for i, block in enumerate(part(base, arch.blocks)):
         at = f"blocks.{i}."
