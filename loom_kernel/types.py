@@ -128,7 +128,8 @@ class LoadedModel:
     # final norm and head as a linear map. None: not offered.
     attribution: Attribution | None = None
     # ``weights(names) -> {name: CPU tensor}`` by the model's own parameter names and TransformerLens's names where
-    # the mapping is exact; ``weights(None)`` lists every name with its shape and dtype without materialising any.
+    # the mapping is exact; ``weights(None)`` lists every name with its shape and dtype without materialising any,
+    # and each name it does not serve (a TransformerLens name this model has no exact weight for) with why, a string.
     weights: Callable[[Sequence[str] | None], dict[str, Any]] | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 

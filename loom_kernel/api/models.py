@@ -106,22 +106,27 @@ def weights_answer(model: Any, model_id: str, values: dict[str, list[str]], limi
         if len(set(values.get(key, ()))) > 1:
             raise InvalidField(f"{key}: given more than once ({values[key]})", field=key, allowed="one value")
     query = {key: ",".join(v) if key == "names" else v[0] for key, v in values.items()}
+    listing = model.weights(None)
     if not query.get("names"):
-        listing = model.weights(None)
         return {
             "model_id": model_id,
-            "weights": {name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in listing.items()},
+            "weights": {
+                name: {"shape": list(entry[0]), "dtype": entry[1]}
+                for name, entry in listing.items()
+                if not isinstance(entry, str)
+            },
+            "unavailable": {name: why for name, why in listing.items() if isinstance(why, str)},
         }
     names = list(dict.fromkeys(n.strip() for n in query["names"].split(",") if n.strip()))
     dtype = check_dtype(query.get("dtype", "float32"), "dtype")
-    listing = model.weights(None)
-    unknown = [n for n in names if n not in listing]
-    if unknown:
-        raise InvalidField(
-            f"names: {unknown[0]!r} is not a weight of this model",
-            field="names",
-            allowed="the names GET /models/{id}/weights lists",
-        )
+    for name in names:
+        if name not in listing or isinstance(listing[name], str):
+            why = (
+                f"is not served for this model: {listing[name]}" if name in listing else "is not a weight of this model"
+            )
+            raise InvalidField(
+                f"names: {name!r} {why}", field="names", allowed="the names GET /models/{id}/weights lists"
+            )
     per = 2 if dtype in ("float16", "bfloat16") else 4
     numbers = sum(math.prod(listing[n][0]) for n in names)
     fmt = check_format(query.get("format") or ("safetensors" if numbers * per > 2**20 else "base64"), "format")
