@@ -5,14 +5,17 @@ built offline with ``from_config``. The reference is written here from each fami
 input or output each point is, and how a fused projection splits, as the modeling code splits it), not from the
 plugin's table: hidden states against ``output_hidden_states``, every offered point against forward hooks on the
 named modules, the pattern against transformers' own eager ``output_attentions``, greedy tokens against
-``model.generate``, the lens of the last layer against the model's own log-softmax. Models outside the table, an
-encoder-decoder, a vision model and an unknown model_type are refused by name.
+``model.generate``, the lens of the last layer against the model's own log-softmax; every TransformerLens-named
+weight ``/weights`` serves against the identity it must satisfy on those points (the survey's models have every
+bias nonzero, so that one left out shows), and every other name of TransformerLens's model refused saying why.
+Models outside the table, an encoder-decoder, a vision model and an unknown model_type are refused by name.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,10 @@ POST_NORM = ("olmo2", "olmo3", "exaone4")
 # its sublayers, which the default, parallel one has not.
 VARIANTS = {
     "falcon_sequential": ("falcon", {"parallel_attn": False}),
+    # Falcon-RW's (without its ALiBi): sequential, biases, query_key_value as [heads, 3, d_head] (multi_query false).
+    "falcon_rw": ("falcon", {"parallel_attn": False, "bias": True, "multi_query": False}),
+    # Llama with attention_bias and mlp_bias: each projection's bias, the gated MLP's too.
+    "llama_biased": ("llama", {"attention_bias": True, "mlp_bias": True}),
     # Falcon-40B's and 180B's block (new_decoder_architecture): query_key_value grouped as [kv, heads per kv + 2,
     # d_head], and a LayerNorm of its own before each sublayer (ln_attn, ln_mlp).
     "falcon_grouped": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
@@ -87,6 +94,7 @@ VARIANTS = {
 }
 SURVEY = (
     *LLAMA_LIKE,
+    "llama_biased",
     "granite_unscaled",
     "gpt2",
     "gpt_bigcode",
@@ -96,6 +104,7 @@ SURVEY = (
     "gptj",
     "falcon",
     "falcon_sequential",
+    "falcon_rw",
     "falcon_grouped",
     "falcon_grouped_one_ln",
     "opt",
@@ -119,22 +128,25 @@ TEXT = "the cat sat on the mat and looked at the"
 
 @pytest.fixture(scope="module")
 def built(tiny_root: Path) -> Any:
+    """This module's tiny models: norms and every bias perturbed (test_hook_points.py builds its own, norms only)."""
     cache: dict[str, str] = {}
 
     def get(arch: str) -> str:
         if arch not in cache:
-            cache[arch] = build(arch, tiny_root)
+            cache[arch] = build(arch, tiny_root, biases=True)
         return cache[arch]
 
     return get
 
 
-def build(arch: str, root: Path) -> str:
-    """The tiny model of ``arch`` (a family, or one of ``VARIANTS``), its norms perturbed."""
+def build(arch: str, root: Path, biases: bool = False) -> str:
+    """The tiny model of ``arch`` (a family, or one of ``VARIANTS``), its norms perturbed (``biases``: and every
+    bias, which a fresh model has at zero: the survey's, where a weight's bias left out would otherwise not show)."""
     from loom_transformers.testing import build_tiny_model
 
     family, config = VARIANTS.get(arch, (arch, {}))
-    return str(build_tiny_model(family, root, name=f"norms-{arch}", perturb_norms=True, **config))
+    name = f"{'biased' if biases else 'norms'}-{arch}"
+    return str(build_tiny_model(family, root, name=name, perturb_norms=True, perturb_biases=biases, **config))
 
 
 def load(path: str, arch: str) -> tuple[Any, Any]:
@@ -326,6 +338,9 @@ def reference_points(net: Any, arch: str) -> tuple[dict[str, tuple[Any, str, Any
                 )
                 p["attn.hook_k"] = (a.query_key_value, "out", lambda t, g=g: grouped(t, g, h)[..., -2, :])
                 p["attn.hook_v"] = (a.query_key_value, "out", lambda t, g=g: grouped(t, g, h)[..., -1, :])
+            elif not cfg.multi_query:  # [heads, 3, d_head], as FalconAttention._split_heads views it
+                for j, name in enumerate(("attn.hook_q", "attn.hook_k", "attn.hook_v")):
+                    p[name] = (a.query_key_value, "out", lambda t, j=j: t.reshape(*t.shape[:-1], h, 3, -1)[..., j, :])
             else:  # multi-query: [heads + 2, d_head], the last two k and v
                 p["attn.hook_q"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., :h, :])
                 p["attn.hook_k"] = (a.query_key_value, "out", lambda t: heads(t, h + 2)[..., h : h + 1, :])
@@ -657,12 +672,213 @@ async def test_every_site_of_every_architecture_is_the_models_own(built, arch):
             else:
                 close(pre + attn, got[at + "hook_resid_mid"], at + "mid")
                 close(got[at + "hook_resid_mid"] + mlp, post, at + "sum")
+        await assert_weights_satisfy_their_identities(c, path, arch, net, enc, out, got, offered, norms, norm_inputs)
         if arch in ENCODERS:
             return
         # The last block's output through the final norm (OPT-350m: through project_out) and head, as index -1 is
         # through the head.
         last = f"blocks.{n - 1}.{'ln2.hook_normalized' if arch in POST_LN else 'hook_resid_post'}"
         await assert_lens_and_generation(c, path, net, tok, enc, out, [-1, last])
+
+
+# TransformerLens's names of weights (the others /weights lists are the model's own parameter names).
+TL_WEIGHT = re.compile(
+    r"W_E|W_pos|W_U|b_U|(embed\.ln|ln_final)\.[wb]|blocks\.\d+\.(ln[12]\.[wb]|attn\._?[Wb]_[QKVO]|mlp\.[Wb]_(in|gate|out))"
+)
+
+
+def output_norms(layer: Any, arch: str) -> tuple[Any, Any]:
+    """The norms a block applies to its attention's and its MLP's output before the add (sandwich and post-norm
+    blocks: TransformerLens's hook_attn_out and hook_mlp_out are after them), or Nones."""
+    if arch == "glm4":
+        return layer.post_self_attn_layernorm, layer.post_mlp_layernorm
+    if arch in ("gemma2", "gemma3_text", *POST_NORM):
+        return layer.post_attention_layernorm, layer.post_feedforward_layernorm
+    return None, None
+
+
+def transformer_lens_weights(net: Any, arch: str, points: dict[str, Any]) -> set[str]:
+    """The names TransformerLens's model of the family has, each of which /weights serves or refuses saying why:
+    W_E, W_pos, ln_final.w, W_U and b_U (with an LM head); each block's ln1.w and ln2.w, attention's W_Q, W_K, W_V,
+    W_O and their biases, the MLP's W_in, W_out and their biases (W_gate, b_gate where it is gated); Mamba's
+    block norms."""
+    n = net.config.num_hidden_layers
+    out = {"W_E", "W_pos", "ln_final.w"} | ({"W_U", "b_U"} if arch not in ENCODERS else set())
+    for i in range(n):
+        at = f"blocks.{i}."
+        out.add(at + "ln1.w")
+        if arch == "mamba":
+            continue
+        out |= {f"{at}{name}" for name in ("ln2.w", "mlp.W_in", "mlp.b_in", "mlp.W_out", "mlp.b_out")}
+        out |= {f"{at}attn.{w}_{x}" for w in "Wb" for x in "QKVO"}
+        if at + "mlp.hook_pre_linear" in points:
+            out |= {at + "mlp.W_gate", at + "mlp.b_gate"}
+    return out
+
+
+def weight_refusals(net: Any, arch: str, points: dict[str, Any]) -> dict[str, str]:
+    """The TransformerLens names a family's model has no exact weight for, each with a word of why: W_pos without
+    learned positions; OPT-350m's W_E and W_U (project_in / project_out between the widths); OLMo's W_Q, W_K, W_V
+    (clip_qkv clamps their outputs), and its norms' weights (a LayerNorm without parameters); DeepSeek's W_K and W_V
+    (latent attention) and V3's W_Q (q_b_proj reads a latent); the MLP weights of a block of experts; ln1 and ln2
+    where nothing norms a sublayer's input (post-norm, ModernBERT's block 0); ln_final without a final norm; a bias
+    the module lacks."""
+    cfg = net.config
+    family = VARIANTS.get(arch, (arch, {}))[0]
+    out: dict[str, str] = {}
+    if "hook_pos_embed" not in points:
+        out["W_pos"] = "no learned position embedding"
+    if arch == "opt_post_ln":
+        out |= {"W_E": "project_in", "W_U": "project_in", "b_U": "project_in"}
+    if "ln_final.hook_normalized" not in points and arch != "opt_post_ln":
+        out["ln_final.w"] = "no final norm"
+    for name, why in not_offered(net, arch).items():  # the points' reasons are the weights'
+        at, _, point = name.rpartition(".")
+        letter = {"hook_q": "Q", "hook_k": "K", "hook_v": "V"}.get(point)
+        if letter:
+            out[f"{at}.W_{letter}"] = why
+        if name.endswith("ln1.hook_normalized"):
+            out[name.replace("hook_normalized", "w")] = why
+    for i in range(cfg.num_hidden_layers if arch != "mamba" else 0):
+        at = f"blocks.{i}."
+        if family == "olmo":
+            out[at + "ln1.w"] = out[at + "ln2.w"] = "has no weight"
+        if family == "deepseek_v3":
+            out[at + "attn.W_Q"] = out[at + "attn.b_Q"] = "low-rank latent"
+        if at + "mlp.hook_pre" not in points:
+            out[at + "mlp.W_in"] = out[at + "mlp.W_out"] = "mixture of experts"
+        if arch in POST_NORM:
+            out[at + "ln1.w"] = out[at + "ln2.w"] = "normalizes each sublayer's output"
+        modules = {f"attn.b_{x}": points.get(f"{at}attn.hook_{x.lower()}") for x in "QKV"}
+        modules |= {"mlp.b_out": points.get(at + "mlp.hook_post")}
+        modules |= {
+            "mlp.b_in": points.get(
+                at + ("mlp.hook_pre_linear" if at + "mlp.hook_pre_linear" in points else "mlp.hook_pre")
+            )
+        }
+        for name, point in modules.items():
+            module = point[0] if point is not None else None
+            if module is not None and getattr(module, "bias", None) is None and "Conv1D" not in type(module).__name__:
+                out.setdefault(at + name, "has no bias")
+    return out
+
+
+async def assert_weights_satisfy_their_identities(
+    c: Any,
+    path: str,
+    arch: str,
+    net: Any,
+    enc: Any,
+    out: Any,
+    got: dict[str, np.ndarray],
+    offered: list[str],
+    norms: dict[str, Any],
+    norm_inputs: dict[str, torch.Tensor],
+) -> None:
+    """Every TransformerLens-named weight /weights offers, in TransformerLens's layout, computes what the model
+    computes from the served (module-checked) points: W_E[tokens] is hook_embed (through BLOOM's and ModernBERT's
+    embedding norm, embed.ln); W_pos[t] hook_pos_embed; each norm's w and b give its hook_normalized from its input
+    and hook_scale; hook_q/k/v[h] = (what attention reads) @ W_Q/K/V[h] + b (W_K, W_V repeated per query head,
+    _W_K, _W_V per key-value head); sum_h hook_z[h] @ W_O[h] + b_O is hook_attn_out (through a post-attention
+    norm); (what the MLP reads) @ W_in + b_in is hook_pre (gated: hook_pre_linear, and W_gate's hook_pre);
+    hook_post @ W_out + b_out is hook_mlp_out; ln_final.hook_normalized @ W_U + b_U the model's own logits (Gemma 2's
+    soft-capping applied). One listing and one request of every such name."""
+    from loom_client import decode
+
+    listing = (await c.get(f"/models/{path}/weights")).json()
+    names = sorted(n for n in listing["weights"] if TL_WEIGHT.fullmatch(n))
+    # Every name of TransformerLens's model is served or refused saying why, the family's refusals with theirs.
+    refused = listing["unavailable"]
+    assert not set(refused) & set(names), sorted(set(refused) & set(names))
+    points = reference_points(net, arch)[0]
+    missing = transformer_lens_weights(net, arch, points) - set(names) - set(refused)
+    assert not missing, sorted(missing)
+    for name, why in weight_refusals(net, arch, points).items():
+        assert why in refused.get(name, ""), (name, refused.get(name), sorted(names))
+    if refused:  # asked for, a refused name is a 422 saying why
+        first = sorted(refused)[0]
+        r = await c.get(f"/models/{path}/weights", params={"names": first})
+        assert r.status_code == 422 and refused[first] in r.json()["detail"], r.text
+    if not names:
+        return
+    r = await c.get(f"/models/{path}/weights", params={"names": ",".join(names), "format": "base64"})
+    assert r.status_code == 200, r.text
+    w = {k: torch.from_numpy(v.copy()).double() for k, v in decode.arrays(r.json())["weights"].items()}
+    g = {k: torch.from_numpy(got[k]).double() for k in offered if k in got}
+    checked: set[str] = set()
+
+    def check(have: torch.Tensor, want: torch.Tensor, *used: str) -> None:
+        close(have.numpy(), want.numpy(), " ".join(used))
+        checked.update(used)
+
+    def plus(y: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+        return (y + w[name], (name,)) if name in w else (y, ())
+
+    tokens = enc["input_ids"][0]
+    if "W_E" in w:
+        e, used = w["W_E"][tokens], ("W_E",)
+        if "embed.ln.w" in w:  # BLOOM's and ModernBERT's embedding norm: hook_embed is its output
+            eps = reference_points(net, arch)[2][0].eps
+            e = torch.nn.functional.layer_norm(e, e.shape[-1:], eps=eps) * w["embed.ln.w"]
+            e, more = plus(e, "embed.ln.b")
+            used += ("embed.ln.w", *more)
+        check(g["hook_embed"], e, *used)
+    if "W_pos" in w:
+        check(g["hook_pos_embed"], w["W_pos"][: len(tokens)], "W_pos")
+    for name, norm in norms.items():  # each norm's w and b: its output from its input and its scale
+        prefix = name.removesuffix(".hook_scale")
+        if f"{prefix}.w" not in w:
+            continue
+        x = norm_inputs[name].double()
+        centred = x - x.mean(-1, keepdim=True) if "layernorm" in type(norm).__name__.lower() else x
+        y, more = plus(centred / g[name] * w[f"{prefix}.w"], f"{prefix}.b")
+        check(g[f"{prefix}.hook_normalized"], y, f"{prefix}.w", *more)
+    layers = reference_points(net, arch)[1]
+    for i in range(net.config.num_hidden_layers if arch != "mamba" else 0):
+        at = f"blocks.{i}."
+        ln1 = at + "ln1.hook_normalized"
+        reads = g[at + "hook_resid_pre"] if arch in POST_LN or ln1 not in g else g[ln1]  # what attention reads
+        for x in "QKV":
+            for own in ("", "_"):  # W_K per query head (key-value heads repeated), _W_K per key-value head
+                name = f"{at}attn.{own}W_{x}"
+                if name not in w:
+                    continue
+                y, more = plus(torch.einsum("td,hde->the", reads, w[name]), f"{at}attn.{own}b_{x}")
+                have = g[f"{at}attn.hook_{x.lower()}"]
+                have = have.repeat_interleave(y.shape[1] // have.shape[1], 1)
+                check(have, y, name, *more)
+        post_attn, post_mlp = output_norms(layers[i], arch)
+
+        def through(norm: Any, y: torch.Tensor) -> torch.Tensor:
+            if norm is None:
+                return y
+            with torch.inference_mode():
+                return norm(y.float()).double()
+
+        if at + "attn.W_O" in w:
+            y = torch.einsum("thd,hdm->tm", g[at + "attn.hook_z"], w[at + "attn.W_O"])
+            y, more = plus(y, at + "attn.b_O")
+            check(g[at + "hook_attn_out"], through(post_attn, y), at + "attn.W_O", *more)
+        if arch in POST_LN:  # what the MLP reads
+            mlp_reads = g.get(ln1)
+        else:
+            mlp_reads = g.get(at + ("hook_resid_mid" if arch in POST_NORM else "ln2.hook_normalized"))
+        gated = at + "mlp.W_gate" in w
+        for name, point in (("W_in", "hook_pre_linear" if gated else "hook_pre"), ("W_gate", "hook_pre")):
+            if f"{at}mlp.{name}" in w:
+                y = mlp_reads @ w[f"{at}mlp.{name}"]
+                y, more = plus(y, f"{at}mlp.b_{name[2:]}")
+                check(g[f"{at}mlp.{point}"], y, f"{at}mlp.{name}", *more)
+        if at + "mlp.W_out" in w:
+            y, more = plus(g[at + "mlp.hook_post"] @ w[at + "mlp.W_out"], at + "mlp.b_out")
+            check(g[at + "hook_mlp_out"], through(post_mlp, y), at + "mlp.W_out", *more)
+    if "W_U" in w:
+        y, more = plus(g["ln_final.hook_normalized"] @ w["W_U"], "b_U")
+        cap = getattr(net.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2's final soft-capping, not linear: W_U gives the logits before it
+            y = torch.tanh(y / cap) * cap
+        check(torch.from_numpy(out.logits[0].double().numpy()), y, "W_U", *more)
+    assert set(names) == checked, sorted(set(names) - checked)
 
 
 async def assert_lens_and_generation(c: Any, path: str, net: Any, tok: Any, enc: Any, out: Any, layers: list) -> None:

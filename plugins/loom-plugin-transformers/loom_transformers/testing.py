@@ -452,12 +452,18 @@ def tiny_config(arch: str, tokenizer: Any, **overrides: Any) -> Any:
 
 
 def build_tiny_model(
-    arch: str, root: Path, name: str | None = None, perturb_norms: bool = False, **overrides: Any
+    arch: str,
+    root: Path,
+    name: str | None = None,
+    perturb_norms: bool = False,
+    perturb_biases: bool = False,
+    **overrides: Any,
 ) -> Path:
     """Build (once) and save a tiny ``arch`` model under ``root/name``; ``overrides`` set config attributes.
 
     ``perturb_norms``: every norm's weight (and bias) moved off its initial ones and zeros, so that a site taken on
-    the wrong side of a norm shows (a freshly initialised norm is the identity)."""
+    the wrong side of a norm shows (a freshly initialised norm is the identity); ``perturb_biases``: every other
+    bias moved off its initial zeros too, so that a bias left out of a computation shows."""
     import torch
     import transformers
 
@@ -471,23 +477,25 @@ def build_tiny_model(
     torch.manual_seed(0)
     auto = transformers.AutoModel if arch in ENCODERS else transformers.AutoModelForCausalLM
     model = auto.from_config(config).eval()
-    if perturb_norms:
-        perturb(model)
+    if perturb_norms or perturb_biases:
+        perturb(model, biases=perturb_biases)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-def perturb(model: Any) -> None:
-    """Every norm's weight and bias moved by seeded noise (0.3 and 0.2 standard deviations)."""
+def perturb(model: Any, biases: bool = False) -> None:
+    """Every norm's weight and bias moved by seeded noise (0.3 and 0.2 standard deviations); ``biases``: every
+    other module's bias too (0.2)."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in model.modules():
-            if "norm" not in type(module).__name__.lower():
+            norm = "norm" in type(module).__name__.lower()
+            if not (norm or biases):
                 continue
-            for attr, std in (("weight", 0.3), ("bias", 0.2)):
+            for attr, std in (("weight", 0.3), ("bias", 0.2)) if norm else (("bias", 0.2),):
                 p = getattr(module, attr, None)
                 if isinstance(p, torch.nn.Parameter):
                     p.add_(std * torch.randn(p.shape, generator=gen).to(p.dtype))
