@@ -19,7 +19,7 @@ PACKAGES = {
         *REPO.glob("models/*/loom_*"),
         *REPO.glob("demo/loom-plugin-example/loom_*"),
     ]
-    if pkg.is_dir()
+    if (pkg / "__init__.py").is_file()  # not the .egg-info an editable install leaves beside it
 }
 
 
