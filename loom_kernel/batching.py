@@ -354,10 +354,10 @@ class ModelThread:
         for k, part in enumerate(parts):
             if all(call.cancelled for call in calls):
                 raise Cancelled("request: cancelled between its passes")
-            if k and any(engine.busy for engine in self._engines.values()):
-                self._generate()  # a step boundary between passes: streams do not wait for a request's every pass
-            if k:
-                self._interject(calls)  # nor does another owner's request
+            if k:  # between two passes: streams do not wait for a request's every pass, nor another owner's request
+                if any(engine.busy for engine in self._engines.values()):
+                    self._generate()
+                self._interject(calls)
             try:
                 out = call_forward(pm, model, pick(batch, part), capture)
             except InvalidField as exc:
