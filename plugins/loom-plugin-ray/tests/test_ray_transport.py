@@ -34,12 +34,13 @@ KEY = "ray-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-# A plugin the replicas load (LOOM_PLUGINS_DIR, in the module's server): a generation whose prompt says "hold the
-# line" stops at its third decoding step and stays there, saying so with a file, until its replica is killed (the
-# bound is only against a hang). Any other generation runs as it would.
+# A plugin the replicas load (LOOM_PLUGINS_DIR, in the module's server): the first generation whose prompt says "hold
+# the line" stops at its third decoding step and stays there, saying so with a file, until its replica is killed (the
+# bound is only against a hang); the same request retried on a new replica, and any other, runs as it would, so
+# nothing stays in flight for the tests after it.
 HOLD = """
 import os
-import time
+import threading
 
 from loom_kernel import hookimpl
 
@@ -58,11 +59,10 @@ class Holding:
     def step(self, feed):
         if self.held & set(feed):
             self.steps += 1
-            if self.steps == 3:
-                open(os.path.join(os.environ["HOLD_DIR"], "held"), "a").close()
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    time.sleep(0.01)
+            held = os.path.join(os.environ["HOLD_DIR"], "held")
+            if self.steps == 3 and not os.path.exists(held):  # once: Ray may retry it on a new replica
+                open(held, "a").close()
+                threading.Event().wait(120)  # never set: the test kills this replica here
         return self.real.step(feed)
 
 
